@@ -1,0 +1,79 @@
+"""The canonical, unfused form of one recognized MoE block, as a module of moecc ops.
+
+It is both the recognizer's check (run eagerly against the original block) and what the recognize pass
+splices into the graph (traced with FX), so the two can never disagree."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+import moecc.ops  # noqa: F401 - registers torch.ops.moecc
+from moecc.ir import CapacitySpec, ExpertSpec, ExpertWeights, RoutingSpec, SharedExpert
+
+
+@dataclass
+class BlockAnalysis:
+    routing: RoutingSpec
+    router_weight: torch.Tensor
+    router_bias: torch.Tensor | None
+    selection_bias: torch.Tensor | None
+    expert: ExpertSpec
+    weights: ExpertWeights
+    capacity: CapacitySpec = field(default_factory=CapacitySpec)
+    shared: list[SharedExpert] = field(default_factory=list)
+    outputs: tuple[str, ...] = ("y",)  # what each block output is: y | weights | ids | logits
+    output_tuple: bool = False
+
+
+def _maybe(t):
+    return None if t is None else nn.Parameter(t.detach(), requires_grad=False)
+
+
+class CanonicalMoE(nn.Module):
+    def __init__(self, a: BlockAnalysis):
+        super().__init__()
+        self.a = a
+        self.router_weight = _maybe(a.router_weight)
+        self.router_bias = _maybe(a.router_bias)
+        self.selection_bias = _maybe(a.selection_bias)
+        self.w_up = _maybe(a.weights.w_up)
+        self.w_down = _maybe(a.weights.w_down)
+        self.b_up = _maybe(a.weights.b_up)
+        self.b_down = _maybe(a.weights.b_down)
+        for i, s in enumerate(a.shared):
+            self.register_parameter(f"shared{i}_w_up", _maybe(s.weights.w_up))
+            self.register_parameter(f"shared{i}_w_down", _maybe(s.weights.w_down))
+            self.register_parameter(f"shared{i}_b_up", _maybe(s.weights.b_up))
+            self.register_parameter(f"shared{i}_b_down", _maybe(s.weights.b_down))
+            self.register_parameter(f"shared{i}_gate", _maybe(s.gate_weight))
+
+    def forward(self, x):
+        a, r, e, c = self.a, self.a.routing, self.a.expert, self.a.capacity
+        hidden = e.hidden_size
+        x2 = x.reshape(-1, hidden)
+        if r.logits_fp32:
+            logits = torch.nn.functional.linear(x2.float(), self.router_weight.float(),
+                                                None if self.router_bias is None else self.router_bias.float())
+        else:
+            logits = torch.nn.functional.linear(x2, self.router_weight, self.router_bias)
+        weights, ids = torch.ops.moecc.route(logits, self.selection_bias, r.top_k, r.score, r.topk_first,
+                                             r.renormalize, r.n_group, r.topk_group, r.scale)
+        group = x.shape[-2] if c.group == "sequence" else 0
+        xs, order, offsets = torch.ops.moecc.dispatch(x2, ids, r.num_experts, c.capacity, c.capacity_factor,
+                                                      c.capacity_min, group, c.priority)
+        ys = torch.ops.moecc.expert_ffn(xs, offsets, self.w_up, self.w_down, self.b_up, self.b_down,
+                                        e.activation, e.gated, e.alpha, e.limit)
+        y = torch.ops.moecc.combine(ys, order, weights)
+        for i, s in enumerate(a.shared):
+            sy = torch.ops.moecc.shared_ffn(x2, getattr(self, f"shared{i}_w_up"), getattr(self, f"shared{i}_w_down"),
+                                            getattr(self, f"shared{i}_b_up"), getattr(self, f"shared{i}_b_down"),
+                                            getattr(self, f"shared{i}_gate"), s.spec.activation, s.spec.gated,
+                                            s.spec.alpha, s.spec.limit)
+            y = y + sy
+        y = y.to(x.dtype).reshape(x.shape)
+        produced = {"y": y, "weights": weights.to(x.dtype), "ids": ids, "logits": logits}
+        outs = tuple(produced[o] for o in a.outputs)
+        return outs if a.output_tuple else outs[0]

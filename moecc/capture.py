@@ -1,0 +1,204 @@
+"""Capture a whole model as one flat FX graph with ``torch.export``; MoE blocks stay whole, as ``call_module``.
+
+While exporting, each MoE block runs as an opaque leaf op so that ``torch.export`` never traces its
+data-dependent expert loop (which would bake the example's routing into the graph). After export the leaf is
+swapped for a ``call_module`` of the original block, which the recognize pass later lifts into moecc ops."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import math
+import types
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from moecc.discover import find_moe_blocks
+from moecc.errors import CaptureError
+
+log = logging.getLogger("moecc.capture")
+
+_LEAVES: dict[str, list[tuple]] = {}  # key -> output templates, read by the fake function
+_counter = itertools.count()
+
+
+@torch.library.custom_op("moecc::opaque_block", mutates_args=())
+def opaque_block(x: torch.Tensor, key: str) -> list[torch.Tensor]:
+    """Stand-in for a MoE block during export only; never left in a captured graph."""
+    raise CaptureError(f"moecc::opaque_block({key}) ran outside of capture")
+
+
+@opaque_block.register_fake
+def _opaque_block_fake(x, key):
+    outs = []
+    for template, dtype in _LEAVES[key]:
+        shape = []
+        for kind, value in template:
+            if kind == "x":
+                shape.append(x.shape[value])
+            elif kind == "tokens":
+                shape.append(math.prod(x.shape[:-1]))
+            else:
+                shape.append(value)
+        outs.append(x.new_empty(shape, dtype=dtype))
+    return outs
+
+
+def _template(x: torch.Tensor, out: torch.Tensor) -> list[tuple[str, int]]:
+    tokens = math.prod(x.shape[:-1])
+    dims = []
+    for i, size in enumerate(out.shape):
+        if i < x.dim() and size == x.shape[i] and (i == x.dim() - 1 or size > 1):
+            dims.append(("x", i))
+        elif size == tokens and tokens > 1:
+            dims.append(("tokens", 0))
+        else:
+            dims.append(("const", int(size)))
+    return dims
+
+
+@dataclass
+class Captured:
+    gm: torch.fx.GraphModule  # flat: forward(*tensor_inputs) -> tuple(flat_outputs)
+    in_spec: pytree.TreeSpec
+    out_spec: pytree.TreeSpec
+    blocks: dict[str, str] = field(default_factory=dict)  # submodule target -> module path in the model
+    flat_inputs: list = field(default_factory=list)  # all leaves of (args, kwargs), tensors or constants
+    flat_reference: list = field(default_factory=list)
+    tensor_pos: list = field(default_factory=list)  # where the graph's inputs sit among flat_inputs
+
+    @property
+    def tensor_inputs(self) -> list[torch.Tensor]:
+        return [self.flat_inputs[i] for i in self.tensor_pos]
+
+
+class _FlatCall(nn.Module):
+    """Calls the model from its flat tensor inputs; non-tensor inputs are constants of this capture."""
+
+    def __init__(self, model: nn.Module, in_spec: pytree.TreeSpec, flat: list):
+        super().__init__()
+        self.model = model
+        self.in_spec = in_spec
+        self.tensor_pos = [i for i, v in enumerate(flat) if isinstance(v, torch.Tensor)]
+        self.consts = [None if isinstance(v, torch.Tensor) else v for v in flat]
+
+    def forward(self, *tensors):
+        flat = list(self.consts)
+        for i, t in zip(self.tensor_pos, tensors):
+            flat[i] = t
+        args, kwargs = pytree.tree_unflatten(flat, self.in_spec)
+        return tuple(pytree.tree_leaves(self.model(*args, **kwargs)))
+
+
+def _dynamic_shapes(tensors: list[torch.Tensor]):
+    """Every token dim may vary: all dims of integer inputs, all but the last (feature) dim of float inputs."""
+    return tuple({i: torch.export.Dim.AUTO for i in range(t.dim()) if not t.is_floating_point() or i < t.dim() - 1}
+                 for t in tensors)
+
+
+@contextlib.contextmanager
+def _blocks_as_leaves(blocks: list[tuple[str, nn.Module]], examples: dict[str, tuple]):
+    patched = []
+    try:
+        for name, block in blocks:
+            x, out = examples[name]
+            key = f"{name}#{next(_counter)}"
+            leaves, spec = pytree.tree_flatten(out)
+            if not all(isinstance(t, torch.Tensor) for t in leaves):
+                raise CaptureError(f"MoE block {name!r} returns non-tensor outputs; moecc cannot keep it as a leaf")
+            _LEAVES[key] = [(_template(x, t), t.dtype) for t in leaves]
+
+            def forward(self, *args, _key=key, _spec=spec, _name=name, **kwargs):
+                if len(args) != 1 or kwargs or not isinstance(args[0], torch.Tensor):
+                    raise CaptureError(
+                        f"MoE block {_name!r} is called with extra arguments; moecc handles blocks called as "
+                        "block(hidden_states). Try compiling with blocks=[] to capture the model without MoE fusion.")
+                return pytree.tree_unflatten(torch.ops.moecc.opaque_block(args[0], _key), _spec)
+
+            block.forward = types.MethodType(forward, block)
+            patched.append((block, key))
+        yield
+    finally:
+        for block, key in patched:
+            del block.forward
+            _LEAVES.pop(key, None)
+
+
+def _record_examples(model, blocks, args, kwargs):
+    examples, hooks = {}, []
+    for name, block in blocks:
+        def hook(mod, inp, out, _name=name):
+            if _name not in examples and inp:
+                examples[_name] = (inp[0], out)
+        hooks.append(block.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            ref = model(*args, **kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return examples, ref
+
+
+def capture(model: nn.Module, args: tuple, kwargs: dict, fuse: bool = True) -> Captured:
+    blocks = find_moe_blocks(model) if fuse else []
+    log.info("found %d MoE block(s): %s", len(blocks), ", ".join(n for n, _ in blocks) or "-")
+    try:
+        examples, reference = _record_examples(model, blocks, args, kwargs)
+    except Exception as exc:
+        raise CaptureError(f"{type(model).__name__} failed on the example inputs before capture: {exc}") from exc
+    missing = [n for n, _ in blocks if n not in examples]
+    blocks = [(n, b) for n, b in blocks if n in examples]
+    if missing:
+        log.info("MoE blocks not called by this input, left as they are: %s", ", ".join(missing))
+    flat_inputs, in_spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
+    tensors = [v for v in flat_inputs if isinstance(v, torch.Tensor)]
+    wrapper = _FlatCall(model, in_spec, flat_inputs)
+    try:
+        with _blocks_as_leaves(blocks, examples), torch.no_grad():
+            ep = torch.export.export(wrapper, tuple(tensors), dynamic_shapes=(_dynamic_shapes(tensors),),
+                                     strict=False)
+    except CaptureError:
+        raise
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CaptureError(
+            f"torch.export could not capture {type(model).__name__}: {first}\n"
+            "Try: pass plain tensors and Python constants as inputs (for Hugging Face models, use_cache=False), "
+            "put the model in eval() mode, or set MOECC_LOGS=debug for the full trace.") from exc
+    gm = ep.module()
+    gm.graph._codegen = torch.fx.graph.CodeGen()
+    gm._forward_pre_hooks.clear()
+    by_name = dict(blocks)
+    single = {n: not isinstance(examples[n][1], (tuple, list, dict)) for n in by_name}
+    targets = _leaves_to_modules(gm, by_name, single)
+    gm.recompile()
+    flat_ref, out_spec = pytree.tree_flatten(reference)
+    return Captured(gm, in_spec, out_spec, targets, flat_inputs, flat_ref, wrapper.tensor_pos)
+
+
+def _leaves_to_modules(gm: torch.fx.GraphModule, blocks: dict[str, nn.Module],
+                       single: dict[str, bool]) -> dict[str, str]:
+    targets = {}
+    leaves = [n for n in gm.graph.nodes if n.target is torch.ops.moecc.opaque_block.default]
+    for i, node in enumerate(leaves):
+        name = node.args[1].rsplit("#", 1)[0]
+        target = f"moe_block_{i}"
+        gm.add_submodule(target, blocks[name])
+        targets[target] = name
+        with gm.graph.inserting_before(node):
+            call = gm.graph.call_module(target, (node.args[0],))
+        call.meta["moecc_block"] = name
+        for user in list(node.users):  # each user is getitem(leaf, j)
+            if single[name]:
+                user.replace_all_uses_with(call)
+                call.meta["val"] = user.meta.get("val")
+                gm.graph.erase_node(user)
+            else:
+                user.args = (call, user.args[1])
+        gm.graph.erase_node(node)
+    return targets

@@ -1,0 +1,35 @@
+"""Plain-torch reference semantics of one expert's activation, shared by the ops and the recognizer."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "swiglu_oai")
+
+
+def _act(h: Tensor, activation: str) -> Tensor:
+    if activation == "silu":
+        return torch.nn.functional.silu(h)
+    if activation == "gelu":
+        return torch.nn.functional.gelu(h)
+    if activation == "gelu_tanh":
+        return torch.nn.functional.gelu(h, approximate="tanh")
+    if activation == "relu":
+        return torch.relu(h)
+    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+def expert_activation(h: Tensor, activation: str, gated: bool, alpha: float, limit: float) -> Tensor:
+    """``h`` is the up projection ``[n, U]``; gated layouts hold the gate in the first half, up in the second."""
+    if not gated:
+        return _act(h, activation)
+    inter = h.shape[-1] // 2
+    gate, up = h[..., :inter], h[..., inter:]
+    if limit > 0:
+        gate = gate.clamp(max=limit)
+        up = up.clamp(min=-limit, max=limit)
+    if activation == "swiglu_oai":
+        # GPT-OSS: gate * sigmoid(alpha * gate) * (up + 1)
+        return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+    return _act(gate, activation) * up

@@ -1,0 +1,106 @@
+"""What moecc knows about one MoE block: the specs the canonical ops are parameterised by."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+
+@dataclass
+class RoutingSpec:
+    num_experts: int
+    top_k: int
+    score: str = "softmax"  # softmax | sigmoid
+    topk_first: bool = False  # top-k of the logits, then the score over the chosen ones
+    renormalize: bool = False
+    n_group: int = 1
+    topk_group: int = 1
+    scale: float = 1.0
+    logits_fp32: bool = False
+    has_router_bias: bool = False
+    has_selection_bias: bool = False
+
+    def describe(self) -> str:
+        order = f"top{self.top_k}->{self.score}" if self.topk_first else f"{self.score}->top{self.top_k}"
+        parts = [order]
+        if self.renormalize:
+            parts.append("renorm")
+        if self.has_selection_bias:
+            parts.append("selection-bias")
+        if self.n_group > 1:
+            parts.append(f"groups {self.topk_group}/{self.n_group}")
+        if self.scale != 1.0:
+            parts.append(f"x{self.scale:g}")
+        if self.has_router_bias:
+            parts.append("router-bias")
+        return " ".join(parts)
+
+
+@dataclass
+class ExpertSpec:
+    hidden_size: int
+    intermediate_size: int
+    activation: str = "silu"
+    gated: bool = True
+    has_bias: bool = False
+    alpha: float = 1.0
+    limit: float = 0.0
+
+    def describe(self) -> str:
+        kind = f"gated-{self.activation}" if self.gated else self.activation
+        if self.limit > 0:
+            kind += f" clamp {self.limit:g}"
+        return kind + (" +bias" if self.has_bias else "")
+
+
+@dataclass
+class CapacitySpec:
+    capacity: int = -1  # fixed capacity per group, -1: none
+    capacity_factor: float = 0.0  # 0: none
+    capacity_min: int = 0
+    group: str = "all"  # all | sequence: tokens that share one capacity budget
+    priority: str = "token"  # token | slot
+    formula: str = "T*k (dropless)"
+
+    @property
+    def dropless(self) -> bool:
+        return self.capacity < 0 and self.capacity_factor <= 0
+
+
+@dataclass
+class ExpertWeights:
+    """Canonical stacked layout: w_up [E, U, H] (gate rows first when gated), w_down [E, H, I]."""
+
+    w_up: torch.Tensor
+    w_down: torch.Tensor
+    b_up: torch.Tensor | None = None
+    b_down: torch.Tensor | None = None
+
+
+@dataclass
+class SharedExpert:
+    spec: ExpertSpec
+    weights: ExpertWeights  # E == 1
+    gate_weight: torch.Tensor | None = None  # [1, H]: sigmoid(x @ g^T) scales the shared output
+
+
+@dataclass
+class MoELayerInfo:
+    """One entry of ``compiled.moe_layers``."""
+
+    name: str
+    num_experts: int = 0
+    top_k: int = 0
+    hidden_size: int = 0
+    intermediate_size: int = 0
+    routing: str = ""
+    activation: str = ""
+    shared_experts: int = 0
+    fused: bool = False
+    reason: str = ""
+    capacity: str = "dropless"
+    placement: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,37 @@
+"""Small FX helpers shared by the passes."""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+
+def nodes_calling(gm: fx.GraphModule, op) -> list[fx.Node]:
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is op]
+
+
+def getitem_users(node: fx.Node) -> dict[int, fx.Node]:
+    import operator
+
+    return {u.args[1]: u for u in node.users if u.op == "call_function" and u.target is operator.getitem}
+
+
+def inline_module(gm: fx.GraphModule, node: fx.Node, module: torch.nn.Module, prefix: str) -> fx.Node:
+    """Replace ``node`` (a call with the same inputs) by the traced graph of ``module``, registered at ``prefix``."""
+    gm.add_submodule(prefix, module)
+    traced = fx.symbolic_trace(module)
+    placeholders = [n for n in traced.graph.nodes if n.op == "placeholder"]
+    val_map = dict(zip(placeholders, node.args))
+    with gm.graph.inserting_before(node):
+        for sub in traced.graph.nodes:
+            if sub.op in ("placeholder", "output"):
+                continue
+            new = gm.graph.node_copy(sub, lambda n: val_map[n])
+            if sub.op == "get_attr":
+                new.target = f"{prefix}.{sub.target}"
+            if isinstance(new.target, torch._ops.OpOverloadPacket):
+                new.target = new.target.default
+            val_map[sub] = new
+    out = next(n for n in traced.graph.nodes if n.op == "output").args[0]
+    result = torch.fx.node.map_arg(out, lambda n: val_map[n])
+    return result

@@ -1,0 +1,69 @@
+"""recognize: lift each captured MoE block (a ``call_module`` leaf) into canonical moecc ops."""
+
+from __future__ import annotations
+
+import logging
+import operator
+
+import torch
+from torch import fx
+
+from moecc.canonical import CanonicalMoE
+from moecc.ir import MoELayerInfo
+from moecc.passes.base import MoePass, PassResult, layers_of
+from moecc.passes.graph_utils import inline_module
+from moecc.passes.recognize.block import analyze_block
+
+log = logging.getLogger("moecc.passes.recognize")
+
+
+def _example_of(node: fx.Node) -> torch.Tensor:
+    val = node.args[0].meta.get("val")
+    shape = [s if isinstance(s, int) else 2 for s in val.shape]
+    return torch.empty(shape, dtype=val.dtype)
+
+
+class Recognize(MoePass):
+    name = "recognize"
+
+    def run(self, gm: fx.GraphModule) -> PassResult:
+        layers = layers_of(gm)
+        modified = False
+        matched = failed = 0
+        for node in [n for n in gm.graph.nodes if n.op == "call_module" and "moecc_block" in n.meta]:
+            name = node.meta["moecc_block"]
+            block = gm.get_submodule(node.target)
+            info = layers.setdefault(name, MoELayerInfo(name=name))
+            result = analyze_block(block, _example_of(node))
+            if not result:
+                info.reason = result.reason
+                failed += 1
+                log.warning("MoE block %s left as written: %s", name, result.reason)
+                continue
+            a = result.value
+            info.num_experts, info.top_k = a.routing.num_experts, a.routing.top_k
+            info.hidden_size, info.intermediate_size = a.expert.hidden_size, a.expert.intermediate_size
+            info.routing, info.activation = a.routing.describe(), a.expert.describe()
+            info.shared_experts = len(a.shared)
+            info.capacity = "dropless" if a.capacity.dropless else a.capacity.formula
+            out = inline_module(gm, node, CanonicalMoE(a), f"{node.target}_moe")
+            self._replace(gm, node, out, a.output_tuple)
+            gm.delete_submodule(node.target)
+            matched += 1
+            modified = True
+        self.stats = {"matched": matched, "left_as_written": failed}
+        if modified:
+            gm.graph.lint()
+            gm.recompile()
+        return PassResult(gm, modified)
+
+    @staticmethod
+    def _replace(gm: fx.GraphModule, node: fx.Node, out, is_tuple: bool) -> None:
+        if not is_tuple:
+            node.replace_all_uses_with(out)
+        else:
+            for user in list(node.users):
+                assert user.target is operator.getitem, "tuple-returning blocks are only read by getitem"
+                user.replace_all_uses_with(out[user.args[1]])
+                gm.graph.erase_node(user)
+        gm.graph.erase_node(node)

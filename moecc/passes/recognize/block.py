@@ -1,0 +1,268 @@
+"""Recognize one MoE block: find its experts, router and shared experts, then prove the canonical form equal.
+
+Recognition is by structure plus evidence. Candidate meanings are read off the module's parameters and
+sub-modules, and one is accepted only when the canonical block computes the same outputs as the original
+block on fresh random inputs of two shapes. An unproven block is never rewritten."""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+from dataclasses import replace
+
+import torch
+from torch import nn
+
+from moecc.canonical import BlockAnalysis, CanonicalMoE
+from moecc.ir import CapacitySpec, ExpertSpec, ExpertWeights, SharedExpert
+from moecc.match import MatchResult
+from moecc.passes.recognize import stacked
+from moecc.passes.recognize.mlp import analyze_mlp, stack_mlps
+from moecc.passes.recognize.probe import close, tensor_leaves, tolerance
+from moecc.passes.recognize.router import (
+    Observed,
+    capacity_candidates,
+    find_router,
+    fit_capacity,
+    fit_routing,
+    observe,
+    routing_candidates,
+    topk_candidates,
+    group_candidates,
+)
+
+MAX_JOINT_CANDIDATES = 20000
+
+
+def _has_linear(m: nn.Module) -> bool:
+    return any(isinstance(c, nn.Linear) for c in m.modules())
+
+
+def find_expert_list(block: nn.Module) -> tuple[nn.Module, list[nn.Module]] | None:
+    best = None
+    for mod in block.modules():
+        if isinstance(mod, (nn.ModuleList, nn.ModuleDict)):
+            kids = list(mod.children())
+            if len(kids) >= 2 and len({type(k) for k in kids}) == 1 and _has_linear(kids[0]):
+                if best is None or len(kids) > len(best[1]):
+                    best = (mod, kids)
+    return best
+
+
+def find_stacked_bank(block: nn.Module) -> tuple[nn.Module, int] | None:
+    best = None
+    for mod in block.modules():
+        params = stacked.stacked_params(mod)
+        by_e: dict[int, int] = {}
+        for p in params.values():
+            by_e[p.shape[0]] = by_e.get(p.shape[0], 0) + 1
+        for e, count in by_e.items():
+            if count >= 2 and (best is None or count > best[2]):
+                best = (mod, e, count)
+    return None if best is None else (best[0], best[1])
+
+
+def find_bank(block: nn.Module) -> tuple[nn.Module, int, list[nn.Module] | None] | None:
+    """(bank module, E, expert modules or None for stacked weights)."""
+    bank_list = find_expert_list(block)
+    if bank_list is not None:
+        return bank_list[0], len(bank_list[1]), bank_list[1]
+    sb = find_stacked_bank(block)
+    return None if sb is None else (sb[0], sb[1], None)
+
+
+def _bank_skip(block: nn.Module, bank: nn.Module) -> set[int]:
+    return {id(m) for m in bank.modules()} if bank is not block else set()
+
+
+def is_moe_block(module: nn.Module) -> bool:
+    """A module that owns an expert bank and a router for it (checked by structure only)."""
+    bank = find_bank(module)
+    return bank is not None and find_router(module, bank[1], None, _bank_skip(module, bank[0])) is not None
+
+
+def _bank_probe(bank: nn.Module, hidden: int, like: torch.Tensor):
+    """f(e, x): expert e applied to x, by calling the bank with every token routed to e, when the bank allows it."""
+    try:
+        n_params = len([p for p in inspect.signature(bank.forward).parameters.values()
+                        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)])
+    except (TypeError, ValueError):
+        return None
+    if n_params < 3:
+        return None
+
+    def f(e: int, x: torch.Tensor) -> torch.Tensor:
+        ids = torch.full((x.shape[0], 1), e, dtype=torch.long, device=x.device)
+        w = torch.ones((x.shape[0], 1), dtype=x.dtype, device=x.device)
+        with torch.no_grad():
+            return bank(x, ids, w)
+
+    x = torch.randn(4, hidden, dtype=like.dtype, device=like.device)
+    try:
+        y = f(0, x)
+    except Exception:  # noqa: BLE001 - the bank has another calling convention
+        return None
+    return f if isinstance(y, torch.Tensor) and y.shape == x.shape else None
+
+
+def _expert_fn(spec: ExpertSpec, w: ExpertWeights, e: int, x: torch.Tensor) -> torch.Tensor:
+    offsets = torch.tensor([0] * (e + 1) + [x.shape[0]] * (w.w_up.shape[0] + 1 - e), device=x.device)
+    return torch.ops.moecc.expert_ffn(x, offsets, w.w_up, w.w_down, w.b_up, w.b_down, spec.activation, spec.gated,
+                                      spec.alpha, spec.limit)
+
+
+def _shared_experts(block: nn.Module, used: set[int], hidden: int) -> MatchResult[list[SharedExpert]]:
+    shared, gates = [], []
+    for name, child in block.named_children():
+        if id(child) in used:
+            continue
+        if isinstance(child, nn.Linear) and child.out_features == 1 and child.in_features == hidden:
+            gates.append(child.weight)
+            continue
+        if isinstance(child, (nn.Dropout, nn.Identity)) or not _has_linear(child):
+            continue
+        r = analyze_mlp(child, hidden)
+        if not r:
+            return MatchResult.fail(f"sub-module {name!r} is neither router, experts nor a shared MLP: {r.reason}")
+        spec, w = r.value
+        one = ExpertWeights(*(None if t is None else t.detach().unsqueeze(0) for t in (w.w_up, w.w_down, w.b_up,
+                                                                                         w.b_down)))
+        shared.append(SharedExpert(spec, one))
+    if len(gates) > 1 or (gates and len(shared) != 1):
+        return MatchResult.fail("shared-expert gates do not pair with exactly one shared expert")
+    if gates:
+        shared[0].gate_weight = gates[0].detach()
+    return MatchResult.success(shared)
+
+
+def _probe_inputs(example: torch.Tensor, hidden: int, like: torch.Tensor, collide: int) -> list[torch.Tensor]:
+    """Two random inputs, then one whose tokens are all alike, so any capacity limit is sure to overflow."""
+    shapes = [(2, 8, hidden), (3, 5, hidden)] if example.dim() == 3 else [(16, hidden), (7, hidden)]
+    g = torch.Generator().manual_seed(1234)
+    xs = [torch.randn(*s, generator=g) for s in shapes]
+    same = torch.randn(1, 1, hidden, generator=g) + 1e-3 * torch.randn(2, collide, hidden, generator=g)
+    xs.append(same if example.dim() == 3 else same.reshape(-1, hidden))
+    return [x.to(device=like.device, dtype=like.dtype) for x in xs]
+
+
+def _verify(block: nn.Module, a: BlockAnalysis, inputs, refs) -> BlockAnalysis | None:
+    """Same outputs as the block on every probe input; extra block outputs mapped to weights/ids/logits."""
+    canon = CanonicalMoE(replace(a, outputs=("y", "weights", "ids", "logits"), output_tuple=True))
+    names = None
+    for x, ref in zip(inputs, refs):
+        with torch.no_grad():
+            got = dict(zip(("y", "weights", "ids", "logits"), canon(x)))
+        if not close(got["y"], ref[0]):
+            return None
+        mapping = ["y"]
+        for leaf in ref[1:]:
+            hit = next((k for k in ("weights", "ids", "logits") if got[k].numel() == leaf.numel()
+                        and got[k].dtype.is_floating_point == leaf.dtype.is_floating_point
+                        and close(got[k].reshape(leaf.shape).to(leaf.dtype), leaf)), None)
+            if hit is None:
+                return None
+            mapping.append(hit)
+        if names is not None and names != mapping:
+            return None
+        names = mapping
+    return replace(a, outputs=tuple(names))
+
+
+def analyze_block(block: nn.Module, example: torch.Tensor) -> MatchResult[BlockAnalysis]:
+    hidden = int(example.shape[-1])
+    like = next(block.parameters(), None)
+    if like is None:
+        return MatchResult.fail("block has no parameters")
+    rtol = 10 * tolerance(like.dtype)
+
+    bank_list = find_expert_list(block)
+    expert_candidates: list[tuple[ExpertSpec, ExpertWeights]] = []
+    if bank_list is not None:
+        bank_mod, experts = bank_list
+        num_experts = len(experts)
+        r = stack_mlps(experts, hidden)
+        if not r:
+            return MatchResult.fail(f"experts not recognized: {r.reason}")
+        expert_candidates = [r.value]
+    else:
+        sb = find_stacked_bank(block)
+        if sb is None:
+            return MatchResult.fail("no expert bank: neither a ModuleList of MLPs nor stacked [E, ., .] weights")
+        bank_mod, num_experts = sb
+        probe_fn = _bank_probe(bank_mod, hidden, like) if bank_mod is not block else None
+        cands = list(stacked.candidates(bank_mod, hidden, num_experts))
+        if not cands:
+            return MatchResult.fail(f"stacked expert weights of {type(bank_mod).__name__} fit no known layout")
+        if probe_fn is not None:
+            x = torch.randn(5, hidden, dtype=like.dtype, device=like.device)
+            refs = [probe_fn(e, x) for e in range(num_experts)]
+            cands = [c for c in cands if all(close(_expert_fn(*c, e, x), refs[e]) for e in range(num_experts))]
+            if not cands:
+                return MatchResult.fail(f"{type(bank_mod).__name__}: the expert function matches no canonical "
+                                        "expert (layouts, activations and clamps tried)")
+        expert_candidates = cands[:1] if probe_fn is not None else cands
+
+    used = _bank_skip(block, bank_mod)
+    router = find_router(block, num_experts, hidden, used)
+    if router is None:
+        return MatchResult.fail(f"no router: no [E={num_experts}, H={hidden}] weight outside the experts")
+    if router.module is not None:
+        used |= {id(m) for m in router.module.modules()}
+    else:
+        used |= {id(m) for m in block.modules() if any(p is router.weight for p in m.parameters(recurse=False))}
+    shared = _shared_experts(block, used, hidden)
+    if not shared:
+        return MatchResult.fail(shared.reason)
+
+    mods = [block] + ([router.module] if router.module is not None else [])
+    fixed_caps = [c.capacity for c in capacity_candidates(mods) if c.capacity > 0]
+    inputs = _probe_inputs(example, hidden, like, max([16, *(c + 3 for c in fixed_caps)]))
+    try:
+        with torch.no_grad():
+            raw = [block(x) for x in inputs]
+        refs = [tensor_leaves(r) for r in raw]
+    except Exception as exc:  # noqa: BLE001
+        return MatchResult.fail(f"block could not be called on a [.., {hidden}] input: {exc}")
+    if not refs[0] or refs[0][0].shape != inputs[0].shape:
+        return MatchResult.fail("block's first output is not shaped like its input")
+
+    routing_options = []
+    if router.module is not None:
+        x3 = inputs[0]
+        obs = observe(router.module, x3.reshape(-1, hidden), x3, num_experts)
+        if obs is None:
+            return MatchResult.fail(f"router {router.path}: its outputs hold no (ids, weights) pair")
+        fitted = fit_routing(router, obs, x3.reshape(-1, hidden), num_experts, mods, rtol)
+        if fitted is None:
+            return MatchResult.fail(f"router {router.path}: routing matches no known pattern (softmax/sigmoid, "
+                                    "top-k before/after scoring, renormalisation, selection bias, groups, scale)")
+        spec, sel = fitted
+        xc = inputs[-1]
+        obs_c = observe(router.module, xc.reshape(-1, hidden), xc, num_experts)
+        cap = None if obs_c is None else fit_capacity(router, spec, sel, obs_c, xc.reshape(-1, hidden),
+                                                      xc.shape[-2] if xc.dim() == 3 else 0, mods)
+        if cap is None:
+            return MatchResult.fail(f"router {router.path}: tokens it drops match no capacity rule "
+                                    "(fixed or factor capacity, per sequence or per batch, token or slot order)")
+        routing_options = [(spec, sel, cap)]
+    else:
+        caps = capacity_candidates(mods)
+        routing_options = ((spec, sel, cap) for (spec, sel), cap in itertools.product(
+            routing_candidates(num_experts, topk_candidates(mods, num_experts), router.selection_biases,
+                               group_candidates(mods, num_experts), router.bias is not None, False), caps))
+
+    tried = 0
+    for (spec, sel, cap), (espec, ew) in itertools.product(routing_options, expert_candidates):
+        tried += 1
+        if tried > MAX_JOINT_CANDIDATES:
+            break
+        for fp32 in ((spec.logits_fp32, not spec.logits_fp32) if like.dtype != torch.float32 else (spec.logits_fp32,)):
+            a = BlockAnalysis(replace(spec, logits_fp32=fp32), router.weight, router.bias, sel, espec, ew,
+                              cap if isinstance(cap, CapacitySpec) else CapacitySpec(), shared.value,
+                              output_tuple=not isinstance(raw[0], torch.Tensor))
+            ok = _verify(block, a, inputs, refs)
+            if ok is not None:
+                return MatchResult.success(ok)
+    return MatchResult.fail(f"no canonical form reproduces the block's outputs ({tried} candidates tried; "
+                            f"router {router.path}, {num_experts} experts)")
+

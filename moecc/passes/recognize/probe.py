@@ -1,0 +1,38 @@
+"""Helpers to probe modules with random inputs and compare results."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+_TOL = {torch.float32: 1e-5, torch.float64: 1e-9, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    return _TOL.get(dtype, 1e-5)
+
+
+def rel_err(a: Tensor, b: Tensor) -> float:
+    a, b = a.double(), b.double()
+    denom = b.norm().item()
+    diff = (a - b).norm().item()
+    return diff / denom if denom > 0 else diff
+
+
+def close(a: Tensor, b: Tensor, scale: float = 10.0) -> bool:
+    """Same function within a few ulps of the working dtype (``scale`` x the dtype's tolerance)."""
+    if a.shape != b.shape:
+        return False
+    if a.numel() == 0:
+        return True
+    return rel_err(a, b) <= scale * tolerance(b.dtype)
+
+
+def probe_input(n: int, hidden: int, like: Tensor | torch.nn.Parameter, seed: int) -> Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, hidden, generator=g).to(device=like.device, dtype=like.dtype)
+
+
+def tensor_leaves(out) -> list[Tensor]:
+    leaves = torch.utils._pytree.tree_leaves(out)
+    return [t for t in leaves if isinstance(t, torch.Tensor)]

@@ -1,0 +1,200 @@
+"""Find a block's router and fit its routing function to what the router module returns."""
+
+from __future__ import annotations
+
+import itertools
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from moecc.ir import CapacitySpec, RoutingSpec
+from moecc.routing import apply_capacity, route_reference
+
+
+@dataclass
+class Router:
+    weight: torch.Tensor  # [E, H]
+    bias: torch.Tensor | None
+    module: nn.Module | None  # the module that computes routing, when it is its own module
+    selection_biases: list[torch.Tensor]
+    path: str
+
+
+def find_router(block: nn.Module, num_experts: int, hidden: int | None, skip: set[int]) -> Router | None:
+    """The ``[E, H]`` router weight outside the expert bank: a Linear to E outputs first, then a router module's
+    ``weight``, then any other ``[E, H]`` (or ``[H, E]``) parameter of the block."""
+    found: list[tuple[int, Router]] = []
+    for path, mod in block.named_modules():
+        if id(mod) in skip:
+            continue
+        for pname, p in mod.named_parameters(recurse=False):
+            if p.dim() != 2 or "bias" in pname.lower():
+                continue
+            w = None
+            if p.shape[0] == num_experts and (hidden is None or p.shape[1] == hidden):
+                w = p
+            elif (p.shape[1] == num_experts and (hidden is None or p.shape[0] == hidden)
+                  and not isinstance(mod, nn.Linear)):
+                w = p.t()
+            if w is None or w.shape[1] == num_experts and w.shape[0] != num_experts:
+                continue
+            bias = getattr(mod, "bias", None) if pname == "weight" else None
+            bias = bias if isinstance(bias, torch.Tensor) and tuple(bias.shape) == (num_experts,) else None
+            owner = None if mod is block else mod
+            if isinstance(mod, nn.Linear):
+                # a router module wraps its Linear; a bare Linear child means routing is written inline
+                parent = path.rpartition(".")[0]
+                owner = block.get_submodule(parent) if parent else None
+            sel = [t for _, t in itertools.chain(mod.named_buffers(recurse=False), mod.named_parameters(recurse=False))
+                   if tuple(t.shape) == (num_experts,) and t is not bias]
+            rank = 0 if isinstance(mod, nn.Linear) else 1 if pname == "weight" else 2
+            if rank == 2 and not re.search("gate|router|route|gating", pname.lower()):
+                rank = 3
+            found.append((rank, Router(w, bias, owner, sel, f"{path}.{pname}" if path else pname)))
+    return min(found, key=lambda r: r[0])[1] if found else None
+
+
+@dataclass
+class Observed:
+    ids: torch.Tensor  # [n, k], dropped pairs = -1
+    weights: torch.Tensor  # [n, k]
+    dropped: bool
+
+
+def observe(router: nn.Module, x2: torch.Tensor, x3: torch.Tensor, num_experts: int) -> Observed | None:
+    """Call the router and read (ids, weights) off its outputs, whatever order it returns them in."""
+    for inp in (x3, x2):
+        try:
+            with torch.no_grad():
+                out = router(inp)
+        except Exception:  # noqa: BLE001 - try the other input rank
+            continue
+        leaves = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+        n = x2.shape[0]
+        leaves = [t.reshape(n, -1) for t in leaves if t.numel() and t.numel() % n == 0]
+        ints = [t for t in leaves if not t.is_floating_point()]
+        floats = [t for t in leaves if t.is_floating_point()]
+        ids = next((t for t in ints if t.shape[1] < num_experts or (t.max() > 1)), None)
+        mask = next((t for t in ints if t.shape[1] == num_experts and t.max() <= 1), None)
+        if ids is None and mask is not None:
+            keep = mask.sum(-1, keepdim=True) > 0
+            ids = torch.where(keep, mask.argmax(-1, keepdim=True), torch.full_like(keep, -1, dtype=torch.int64))
+        if ids is None:
+            continue
+        weights = next((t for t in floats if t.shape == ids.shape), None)
+        if weights is None:
+            continue
+        return Observed(ids.long(), weights, bool((ids < 0).any()))
+    return None
+
+
+def _int_attrs(mods: list[nn.Module], pattern: str) -> list[int]:
+    found = []
+    for m in mods:
+        for name, v in vars(m).items():
+            if re.search(pattern, name.lower()) and isinstance(v, int) and not isinstance(v, bool) and v > 0:
+                found.append(v)
+    return found
+
+
+def _float_attrs(mods: list[nn.Module], pattern: str) -> list[float]:
+    found = []
+    for m in mods:
+        for name, v in vars(m).items():
+            if re.search(pattern, name.lower()) and isinstance(v, float) and v > 0:
+                found.append(v)
+    return found
+
+
+def topk_candidates(mods: list[nn.Module], num_experts: int) -> list[int]:
+    named = _int_attrs(mods, r"(^|_)(top_?k|k|num_experts_per_tok|experts_per_tok(en)?|num_selected|n_activated)")
+    rest = [k for k in range(1, min(num_experts, 8) + 1) if k not in named]
+    return list(dict.fromkeys(k for k in named if k <= num_experts)) + rest
+
+
+def group_candidates(mods: list[nn.Module], num_experts: int) -> list[tuple[int, int]]:
+    out = [(1, 1)]
+    for g in _int_attrs(mods, r"n_?group|num_groups?$|num_expert_group"):
+        for tg in _int_attrs(mods, r"topk_?group"):
+            if num_experts % g == 0 and tg <= g and (g, tg) not in out:
+                out.append((g, tg))
+    return out
+
+
+def capacity_candidates(mods: list[nn.Module]) -> list[CapacitySpec]:
+    out = [CapacitySpec()]
+    fixed = _int_attrs(mods, r"capacity")
+    factors = _float_attrs(mods, r"capacity_factor")
+    cmins = _int_attrs(mods, r"min_capacity|capacity_min") or [0]
+    for group, priority in itertools.product(("sequence", "all"), ("token", "slot")):
+        for c in fixed:
+            if c not in cmins:
+                out.append(CapacitySpec(capacity=c, group=group, priority=priority, formula=f"{c}"))
+        for cf in factors:
+            out.append(CapacitySpec(capacity_factor=cf, capacity_min=cmins[0], group=group, priority=priority,
+                                    formula=f"max({cmins[0]}, ceiling(k*G*{cf:g}/E))"))
+    return out
+
+
+def routing_candidates(num_experts: int, top_ks: list[int], sel_biases: list, groups, has_bias: bool,
+                       logits_fp32: bool) -> Iterator[tuple[RoutingSpec, torch.Tensor | None]]:
+    for k in top_ks:
+        for sel in [None, *sel_biases]:
+            for (g, tg) in (groups if sel is not None else [(1, 1)]):
+                for score, topk_first, renorm in itertools.product(("softmax", "sigmoid"), (False, True),
+                                                                   (True, False)):
+                    if topk_first and (renorm or sel is not None):
+                        continue
+                    yield RoutingSpec(num_experts, k, score, topk_first, renorm, g, tg, 1.0, logits_fp32, has_bias,
+                                      sel is not None), sel
+
+
+def _router_logits(router: Router, x2: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.linear(x2.float(), router.weight.float(),
+                                      None if router.bias is None else router.bias.float())
+
+
+def fit_routing(router: Router, obs: Observed, x2: torch.Tensor, num_experts: int, mods: list[nn.Module],
+                rtol: float) -> tuple[RoutingSpec, torch.Tensor | None] | None:
+    """The routing spec (and scale) whose output equals the observed (ids, weights) on every routed token."""
+    k = obs.ids.shape[1]
+    logits = _router_logits(router, x2)
+    keep = (obs.ids >= 0).all(-1)
+    obs_ids, obs_w = obs.ids[keep], obs.weights[keep].float()
+    order = obs_ids.argsort(-1)
+    obs_ids, obs_w = obs_ids.gather(1, order), obs_w.gather(1, order)
+    for spec, sel in routing_candidates(num_experts, [k], router.selection_biases, group_candidates(mods, num_experts),
+                                        router.bias is not None, True):
+        w, ids = route_reference(logits, sel, spec.top_k, spec.score, spec.topk_first, spec.renormalize,
+                                 spec.n_group, spec.topk_group, 1.0)
+        ids_k, w_k = ids[keep], w[keep]
+        o = ids_k.argsort(-1)
+        if not torch.equal(ids_k.gather(1, o), obs_ids):
+            continue
+        w_k = w_k.gather(1, o)
+        scale = (obs_w.sum() / w_k.sum()).item() if w_k.sum() != 0 else 1.0
+        if not torch.allclose(w_k * scale, obs_w, rtol=rtol, atol=rtol * 1e-2):
+            continue
+        spec.scale = 1.0 if abs(scale - 1.0) < 1e-6 else scale
+        return spec, sel
+    return None
+
+
+def fit_capacity(router: Router, spec: RoutingSpec, sel, obs: Observed, x2: torch.Tensor, seq_len: int,
+                 mods: list[nn.Module]) -> CapacitySpec | None:
+    """The capacity rule that drops exactly the pairs the router dropped (observed on colliding tokens)."""
+    _, ids = route_reference(_router_logits(router, x2), sel, spec.top_k, spec.score, spec.topk_first,
+                             spec.renormalize, spec.n_group, spec.topk_group, 1.0)
+    for cap in capacity_candidates(mods):
+        if cap.dropless:
+            if not obs.dropped:
+                return cap
+            continue
+        got = apply_capacity(ids, spec.num_experts, cap.capacity, cap.capacity_factor, cap.capacity_min,
+                             0 if cap.group == "all" else seq_len, cap.priority)
+        if torch.equal(torch.where(got >= spec.num_experts, -1, got), obs.ids):
+            return cap
+    return None

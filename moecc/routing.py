@@ -1,0 +1,91 @@
+"""Plain-torch reference semantics of routing and capacity, shared by the ops and the recognizer."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+SCORES = ("softmax", "sigmoid")
+PRIORITIES = ("token", "slot")
+
+
+def route_reference(
+    logits: Tensor,
+    selection_bias: Tensor | None,
+    top_k: int,
+    score: str,
+    topk_first: bool,
+    renormalize: bool,
+    n_group: int,
+    topk_group: int,
+    scale: float,
+) -> tuple[Tensor, Tensor]:
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+    logits = logits.float()
+    t, e = logits.shape
+    k = min(top_k, e)
+    if topk_first:
+        # Top-k of the raw logits, then the score over the chosen ones only (GPT-OSS style).
+        vals, ids = torch.topk(logits, k, dim=-1)
+        weights = torch.softmax(vals, dim=-1) if score == "softmax" else torch.sigmoid(vals)
+    else:
+        probs = torch.softmax(logits, dim=-1) if score == "softmax" else torch.sigmoid(logits)
+        choice = probs if selection_bias is None else probs + selection_bias.float()
+        if n_group > 1 and t > 0:
+            per_group = e // n_group
+            top = min(2, per_group)
+            group_scores = choice.view(t, n_group, per_group).topk(top, dim=-1)[0].sum(-1)
+            group_idx = torch.topk(group_scores, k=topk_group, dim=-1, sorted=False)[1]
+            group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1.0)
+            keep = group_mask.unsqueeze(-1).expand(t, n_group, per_group).reshape(t, e).bool()
+            choice = choice.masked_fill(~keep, float("-inf"))
+        ids = torch.topk(choice, k, dim=-1)[1]
+        weights = probs.gather(1, ids)
+    if renormalize and not topk_first:
+        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+    if scale != 1.0:
+        weights = weights * scale
+    return weights.float().contiguous(), ids.to(torch.int64).contiguous()
+
+
+def effective_capacity(group_tokens: int, top_k: int, num_experts: int, capacity: int,
+                       capacity_factor: float, capacity_min: int) -> int:
+    """Fixed ``capacity`` when >= 0, else ``max(capacity_min, ceil(k * G * cf / E))``, else dropless (-1)."""
+    if capacity >= 0:
+        return capacity
+    if capacity_factor > 0:
+        return max(capacity_min, math.ceil(top_k * group_tokens * capacity_factor / num_experts))
+    return -1
+
+
+def apply_capacity(ids: Tensor, num_experts: int, capacity: int, capacity_factor: float, capacity_min: int,
+                   group_size: int, priority: str) -> Tensor:
+    """Mark the (token, slot) pairs that overflow their expert's capacity as null (id ``num_experts``).
+
+    Tokens are split into consecutive groups of ``group_size`` (0: one group). Within a group, pairs claim
+    capacity in token order (``priority="token"``) or slot-major order, all first choices before any second
+    choice (``priority="slot"``)."""
+    if priority not in PRIORITIES:
+        raise ValueError(f"priority must be one of {PRIORITIES}, got {priority!r}")
+    t, k = ids.shape
+    g = t if group_size <= 0 else group_size
+    if t == 0:
+        return ids
+    if t % g:
+        raise ValueError(f"token count {t} is not a multiple of the capacity group size {g}")
+    cap = effective_capacity(g, k, num_experts, capacity, capacity_factor, capacity_min)
+    if cap < 0:
+        return ids
+    grouped = ids.reshape(t // g, g, k)
+    ordered = grouped if priority == "token" else grouped.transpose(1, 2)
+    flat = ordered.reshape(t // g, g * k)
+    valid = (flat >= 0) & (flat < num_experts)
+    onehot = torch.nn.functional.one_hot(torch.where(valid, flat, num_experts), num_experts + 1)
+    position = (onehot.cumsum(1) * onehot).sum(-1) - 1
+    kept = torch.where(valid & (position < cap), flat, torch.full_like(flat, num_experts))
+    kept = kept.reshape(ordered.shape)
+    kept = kept if priority == "token" else kept.transpose(1, 2)
+    return kept.reshape(t, k)

@@ -1,0 +1,73 @@
+"""Tiny random-weight Hugging Face MoE models built from configs (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import torch
+
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss", "switch_transformers")
+EXPERTS_IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm")
+
+_COMMON = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+               max_position_embeddings=64)
+
+
+def make_config(family: str):
+    import transformers as tf
+
+    if family == "mixtral":
+        return tf.MixtralConfig(**_COMMON, intermediate_size=48, num_local_experts=5, num_experts_per_tok=2)
+    if family == "qwen2_moe":
+        return tf.Qwen2MoeConfig(**_COMMON, intermediate_size=64, moe_intermediate_size=24, num_experts=6,
+                                 num_experts_per_tok=2, shared_expert_intermediate_size=40, norm_topk_prob=False,
+                                 decoder_sparse_step=1, mlp_only_layers=[])
+    if family == "qwen3_moe":
+        return tf.Qwen3MoeConfig(**_COMMON, intermediate_size=64, moe_intermediate_size=24, num_experts=8,
+                                 num_experts_per_tok=3, norm_topk_prob=True, head_dim=8)
+    if family == "olmoe":
+        return tf.OlmoeConfig(**_COMMON, intermediate_size=24, num_experts=7, num_experts_per_tok=2)
+    if family == "deepseek_v3":
+        common = dict(_COMMON, num_key_value_heads=4)
+        return tf.DeepseekV3Config(**common, intermediate_size=64, moe_intermediate_size=16, n_routed_experts=8,
+                                   num_experts_per_tok=3, n_group=4, topk_group=2, n_shared_experts=1,
+                                   routed_scaling_factor=2.5, first_k_dense_replace=1, kv_lora_rank=16,
+                                   q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
+                                   norm_topk_prob=True)
+    if family == "gpt_oss":
+        return tf.GptOssConfig(**_COMMON, intermediate_size=24, num_local_experts=6, num_experts_per_tok=2,
+                               head_dim=8, sliding_window=16, layer_types=["sliding_attention", "full_attention"])
+    if family == "switch_transformers":
+        return tf.SwitchTransformersConfig(vocab_size=97, d_model=32, d_kv=8, d_ff=48, num_layers=2,
+                                           num_decoder_layers=2, num_heads=4, num_experts=4, expert_capacity=6,
+                                           encoder_sparse_step=1, decoder_sparse_step=1)
+    raise ValueError(f"unknown family {family!r}")
+
+
+def make_model(family: str, experts_implementation: str = "eager", seed: int = 0):
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    cfg = make_config(family)
+    cls = {
+        "mixtral": tf.MixtralForCausalLM, "qwen2_moe": tf.Qwen2MoeForCausalLM, "qwen3_moe": tf.Qwen3MoeForCausalLM,
+        "olmoe": tf.OlmoeForCausalLM, "deepseek_v3": tf.DeepseekV3ForCausalLM, "gpt_oss": tf.GptOssForCausalLM,
+        "switch_transformers": tf.SwitchTransformersForConditionalGeneration,
+    }[family]
+    model = cls(cfg)
+    if family == "deepseek_v3":
+        # A zero correction bias would hide a selection bias that is ignored: make it matter.
+        for m in model.modules():
+            if hasattr(m, "e_score_correction_bias"):
+                m.e_score_correction_bias.copy_(torch.randn_like(m.e_score_correction_bias) * 0.1)
+    if experts_implementation != "eager":
+        model.set_experts_implementation(experts_implementation)
+    return model.eval()
+
+
+def make_inputs(family: str, batch: int, seq: int, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 97, (batch, seq), generator=g)
+    if family == "switch_transformers":
+        dec = torch.randint(0, 97, (batch, max(1, seq // 2)), generator=g)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "decoder_input_ids": dec,
+                "use_cache": False}
+    return {"input_ids": ids, "use_cache": False}
