@@ -173,6 +173,9 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, fuse: bool = True) -> C
     gm = ep.module()
     gm.graph._codegen = torch.fx.graph.CodeGen()
     gm._forward_pre_hooks.clear()
+    for node in [n for n in gm.graph.nodes if n.op == "call_module" and n.target == "_guards_fn"]:
+        # export's input-guard check; the runtime matches inputs to a capture itself
+        gm.graph.erase_node(node)
     by_name = dict(blocks)
     single = {n: not isinstance(examples[n][1], (tuple, list, dict)) for n in by_name}
     targets = _leaves_to_modules(gm, by_name, single)

@@ -101,6 +101,7 @@ class MoELayerInfo:
     reason: str = ""
     capacity: str = "dropless"
     placement: dict = field(default_factory=dict)
+    graph_prefix: str = ""  # where the canonical weights of this block live in the graph module
 
     def as_dict(self) -> dict:
         return asdict(self)

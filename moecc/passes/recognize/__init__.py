@@ -46,7 +46,8 @@ class Recognize(MoePass):
             info.routing, info.activation = a.routing.describe(), a.expert.describe()
             info.shared_experts = len(a.shared)
             info.capacity = "dropless" if a.capacity.dropless else a.capacity.formula
-            out = inline_module(gm, node, CanonicalMoE(a), f"{node.target}_moe")
+            info.graph_prefix = f"{node.target}_moe"
+            out = inline_module(gm, node, CanonicalMoE(a), info.graph_prefix)
             self._replace(gm, node, out, a.output_tuple)
             gm.delete_submodule(node.target)
             matched += 1

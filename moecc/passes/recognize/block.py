@@ -25,7 +25,7 @@ from moecc.passes.recognize.router import (
     find_router,
     fit_capacity,
     fit_routing,
-    observe,
+    read_outputs,
     routing_candidates,
     topk_candidates,
     group_candidates,
@@ -217,19 +217,27 @@ def analyze_block(block: nn.Module, example: torch.Tensor) -> MatchResult[BlockA
     mods = [block] + ([router.module] if router.module is not None else [])
     fixed_caps = [c.capacity for c in capacity_candidates(mods) if c.capacity > 0]
     inputs = _probe_inputs(example, hidden, like, max([16, *(c + 3 for c in fixed_caps)]))
+    router_calls: list = []
+    hook = None if router.module is None else router.module.register_forward_hook(
+        lambda m, inp, out: router_calls.append(out))
     try:
         with torch.no_grad():
             raw = [block(x) for x in inputs]
-        refs = [tensor_leaves(r) for r in raw]
     except Exception as exc:  # noqa: BLE001
         return MatchResult.fail(f"block could not be called on a [.., {hidden}] input: {exc}")
+    finally:
+        if hook is not None:
+            hook.remove()
+    refs = [tensor_leaves(r) for r in raw]
     if not refs[0] or refs[0][0].shape != inputs[0].shape:
         return MatchResult.fail("block's first output is not shaped like its input")
 
     routing_options = []
     if router.module is not None:
+        if len(router_calls) != len(inputs):
+            return MatchResult.fail(f"router {router.path} is not called once per block call")
         x3 = inputs[0]
-        obs = observe(router.module, x3.reshape(-1, hidden), x3, num_experts)
+        obs = read_outputs(router_calls[0], x3.reshape(-1, hidden).shape[0], num_experts)
         if obs is None:
             return MatchResult.fail(f"router {router.path}: its outputs hold no (ids, weights) pair")
         fitted = fit_routing(router, obs, x3.reshape(-1, hidden), num_experts, mods, rtol)
@@ -238,7 +246,7 @@ def analyze_block(block: nn.Module, example: torch.Tensor) -> MatchResult[BlockA
                                     "top-k before/after scoring, renormalisation, selection bias, groups, scale)")
         spec, sel = fitted
         xc = inputs[-1]
-        obs_c = observe(router.module, xc.reshape(-1, hidden), xc, num_experts)
+        obs_c = read_outputs(router_calls[-1], xc.reshape(-1, hidden).shape[0], num_experts)
         cap = None if obs_c is None else fit_capacity(router, spec, sel, obs_c, xc.reshape(-1, hidden),
                                                       xc.shape[-2] if xc.dim() == 3 else 0, mods)
         if cap is None:

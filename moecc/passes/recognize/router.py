@@ -64,31 +64,23 @@ class Observed:
     dropped: bool
 
 
-def observe(router: nn.Module, x2: torch.Tensor, x3: torch.Tensor, num_experts: int) -> Observed | None:
-    """Call the router and read (ids, weights) off its outputs, whatever order it returns them in."""
-    for inp in (x3, x2):
-        try:
-            with torch.no_grad():
-                out = router(inp)
-        except Exception:  # noqa: BLE001 - try the other input rank
-            continue
-        leaves = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
-        n = x2.shape[0]
-        leaves = [t.reshape(n, -1) for t in leaves if t.numel() and t.numel() % n == 0]
-        ints = [t for t in leaves if not t.is_floating_point()]
-        floats = [t for t in leaves if t.is_floating_point()]
-        ids = next((t for t in ints if t.shape[1] < num_experts or (t.max() > 1)), None)
-        mask = next((t for t in ints if t.shape[1] == num_experts and t.max() <= 1), None)
-        if ids is None and mask is not None:
-            keep = mask.sum(-1, keepdim=True) > 0
-            ids = torch.where(keep, mask.argmax(-1, keepdim=True), torch.full_like(keep, -1, dtype=torch.int64))
-        if ids is None:
-            continue
-        weights = next((t for t in floats if t.shape == ids.shape), None)
-        if weights is None:
-            continue
-        return Observed(ids.long(), weights, bool((ids < 0).any()))
-    return None
+def read_outputs(out, n: int, num_experts: int) -> Observed | None:
+    """Read (ids, weights) off a router's outputs for ``n`` tokens, whatever order it returns them in."""
+    leaves = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+    leaves = [t.reshape(n, -1) for t in leaves if t.numel() and t.numel() % n == 0]
+    ints = [t for t in leaves if not t.is_floating_point()]
+    floats = [t for t in leaves if t.is_floating_point()]
+    ids = next((t for t in ints if t.shape[1] < num_experts or (t.max() > 1)), None)
+    mask = next((t for t in ints if t.shape[1] == num_experts and t.max() <= 1), None)
+    if ids is None and mask is not None:
+        keep = mask.sum(-1, keepdim=True) > 0
+        ids = torch.where(keep, mask.argmax(-1, keepdim=True), torch.full_like(keep, -1, dtype=torch.int64))
+    if ids is None:
+        return None
+    weights = next((t for t in floats if t.shape == ids.shape), None)
+    if weights is None:
+        return None
+    return Observed(ids.long(), weights, bool((ids < 0).any()))
 
 
 def _int_attrs(mods: list[nn.Module], pattern: str) -> list[int]:

@@ -1,0 +1,9 @@
+"""moecc: a compiler for Mixture-of-Experts inference."""
+
+import moecc.ops  # noqa: F401 - registers the canonical torch.ops.moecc ops
+from moecc.api import compile  # noqa: A004
+from moecc.errors import CaptureError, MoeccError, PassError
+from moecc.ir import MoELayerInfo
+
+__version__ = "0.1.0"
+__all__ = ["CaptureError", "MoELayerInfo", "MoeccError", "PassError", "compile", "__version__"]

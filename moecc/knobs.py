@@ -1,0 +1,39 @@
+"""Typed settings read from ``MOECC_*`` environment variables (read when used, so tests can set them)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Knob:
+    name: str
+    default: object
+    kind: type
+    doc: str
+
+    def get(self):
+        raw = os.environ.get(self.name)
+        if raw is None or raw == "":
+            return self.default
+        if self.kind is bool:
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(f"{self.name} must be a boolean (1/0, true/false), got {raw!r}")
+        if self.kind is int:
+            try:
+                return int(raw)
+            except ValueError:
+                raise ValueError(f"{self.name} must be an integer, got {raw!r}") from None
+        return raw
+
+
+DUMP_DIR = Knob("MOECC_DUMP_DIR", None, str, "folder for numbered pass dumps (off when unset)")
+LOGS = Knob("MOECC_LOGS", "warning", str, "log level of the moecc loggers: debug, info, warning, error")
+VERIFY = Knob("MOECC_VERIFY", True, bool, "after each capture, compare the compiled model with eager on fresh inputs")
+CACHE_DIR = Knob("MOECC_CACHE_DIR", None, str, "folder for persistent caches (tuning); default: user cache dir")
+
+ALL = (DUMP_DIR, LOGS, VERIFY, CACHE_DIR)

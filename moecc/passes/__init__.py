@@ -1,0 +1,17 @@
+"""The moecc pass pipeline (see README.md beside this file for the IR invariants)."""
+
+from moecc.passes.cleanup import Cleanup
+from moecc.passes.fuse_experts import FuseExperts
+from moecc.passes.fuse_gating import FuseGating
+from moecc.passes.manager import DumpIR, PassManager, Timing
+from moecc.passes.place_experts import PlaceExperts
+from moecc.passes.recognize import Recognize
+from moecc.passes.specialize_capacity import SpecializeCapacity
+
+
+def default_pipeline(expert_layout: str = "oi"):
+    return [Recognize(), FuseGating(), FuseExperts(), SpecializeCapacity(), PlaceExperts(expert_layout), Cleanup()]
+
+
+__all__ = ["Cleanup", "DumpIR", "FuseExperts", "FuseGating", "PassManager", "PlaceExperts", "Recognize",
+           "SpecializeCapacity", "Timing", "default_pipeline"]

@@ -1,0 +1,60 @@
+"""fuse_gating: router matmul + ``moecc.route`` (scoring, top-k, renormalisation, scaling) -> ``moecc.fused_route``."""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from moecc.match import MatchResult
+from moecc.passes.base import MoePass, PassResult, layers_of
+from moecc.passes.graph_utils import nodes_calling
+
+_LINEAR = (torch._C._nn.linear, torch.nn.functional.linear, torch.ops.aten.linear.default)
+
+
+def _unwrap_float(node):
+    """(source, cast_to_fp32): ``x.float()`` is how an fp32 router reads its input and weight."""
+    if isinstance(node, fx.Node) and node.op == "call_method" and node.target == "float":
+        return node.args[0], True
+    return node, False
+
+
+def match_gating(route: fx.Node) -> MatchResult[dict]:
+    logits = route.args[0]
+    if not (isinstance(logits, fx.Node) and logits.op == "call_function" and logits.target in _LINEAR):
+        return MatchResult.fail("router logits do not come from a linear layer (router kept as graph ops)")
+    if len(logits.users) != 1:
+        return MatchResult.fail("router logits are also used outside routing (e.g. returned by the block)")
+    x, fp32_x = _unwrap_float(logits.args[0])
+    w, fp32_w = _unwrap_float(logits.args[1])
+    b = logits.args[2] if len(logits.args) > 2 else logits.kwargs.get("bias")
+    b, _ = _unwrap_float(b)
+    if fp32_x != fp32_w:
+        return MatchResult.fail("router reads input and weight in different precisions")
+    return MatchResult.success({"x": x, "w": w, "b": b, "fp32": fp32_x, "logits": logits})
+
+
+class FuseGating(MoePass):
+    name = "fuse_gating"
+
+    def run(self, gm: fx.GraphModule) -> PassResult:
+        fused, reasons = 0, []
+        for route in nodes_calling(gm, torch.ops.moecc.route.default):
+            m = match_gating(route)
+            if not m:
+                reasons.append(m.reason)
+                continue
+            v = m.value
+            _, sel, k, score, topk_first, renorm, n_group, topk_group, scale = route.args
+            with gm.graph.inserting_before(route):
+                new = gm.graph.call_function(torch.ops.moecc.fused_route.default, (
+                    v["x"], v["w"], v["b"], sel, k, score, topk_first, renorm, n_group, topk_group, scale, v["fp32"]))
+            new.meta.update(route.meta)
+            route.replace_all_uses_with(new)
+            gm.graph.erase_node(route)
+            fused += 1
+        self.stats = {"fused": fused, "not_fused": reasons}
+        if fused:
+            gm.graph.eliminate_dead_code()
+            gm.recompile()
+        return PassResult(gm, fused > 0)

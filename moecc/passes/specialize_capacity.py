@@ -1,0 +1,72 @@
+"""specialize_capacity: derive each MoE op's per-expert capacity as a sympy formula of the token count.
+
+The token count stays symbolic. The formula is recorded on the node and the layer; where the token count of a
+capacity group is a known constant, the factor form is folded into a fixed capacity."""
+
+from __future__ import annotations
+
+import sympy
+import torch
+from torch import fx
+
+from moecc.passes.base import MoePass, PassResult, layers_of
+from moecc.passes.graph_utils import nodes_calling
+
+T = sympy.Symbol("T", positive=True, integer=True)  # tokens in the batch
+S = sympy.Symbol("S", positive=True, integer=True)  # tokens in one sequence (a capacity group)
+
+
+def capacity_formula(top_k: int, num_experts: int, capacity: int, capacity_factor: float, capacity_min: int,
+                     per_sequence: bool) -> sympy.Expr:
+    group = S if per_sequence else T
+    if capacity >= 0:
+        return sympy.Integer(capacity)
+    if capacity_factor > 0:
+        cf = sympy.nsimplify(capacity_factor)
+        return sympy.Max(sympy.Integer(capacity_min), sympy.ceiling(top_k * group * cf / num_experts))
+    return top_k * group  # dropless: the bound no expert can exceed
+
+
+class SpecializeCapacity(MoePass):
+    name = "specialize_capacity"
+
+    def run(self, gm: fx.GraphModule) -> PassResult:
+        modified, formulas = False, {}
+        prefixes = {info.graph_prefix: info for info in layers_of(gm).values()}
+        for node in nodes_calling(gm, torch.ops.moecc.fused_moe.default):
+            x, weights = node.args[0], node.args[1]
+            capacity, cf, cmin, group = node.args[11], node.args[12], node.args[13], node.args[14]
+            top_k = _top_k(weights)
+            num_experts = _attr_shape(gm, node)
+            per_seq = not (isinstance(group, int) and group == 0)
+            expr = capacity_formula(int(top_k), int(num_experts), capacity, cf, cmin, per_seq)
+            node.meta["moecc_capacity"] = str(expr)
+            group_tokens = group if per_seq else x.meta["val"].shape[0] if "val" in x.meta else None
+            if capacity < 0 and cf > 0 and isinstance(group_tokens, int):
+                fixed = int(expr.subs({S: group_tokens, T: group_tokens}))
+                node.args = node.args[:11] + (fixed, 0.0) + node.args[13:]
+                modified = True
+            prefix = node.args[3].target.rsplit(".", 1)[0] if node.args[3].op == "get_attr" else ""
+            if prefix in prefixes:
+                prefixes[prefix].capacity = f"C = {expr}"
+            formulas[node.name] = str(expr)
+        self.stats = {"capacity": formulas}
+        if modified:
+            gm.recompile()
+        return PassResult(gm, modified)
+
+
+def _top_k(weights: fx.Node) -> int:
+    """k of the routing that produced ``weights`` (getitem 0 of a route or fused_route)."""
+    if "val" in weights.meta:
+        return int(weights.meta["val"].shape[1])
+    producer = weights.args[0]
+    if producer.target is torch.ops.moecc.fused_route.default:
+        return int(producer.args[4])
+    if producer.target is torch.ops.moecc.route.default:
+        return int(producer.args[2])
+    raise ValueError(f"cannot tell top_k of {weights.name}: it is not produced by a moecc routing op")
+
+
+def _attr_shape(gm: fx.GraphModule, node: fx.Node) -> int:
+    return int(gm.get_parameter(node.args[3].target).shape[0])

@@ -1,0 +1,129 @@
+"""CompiledModule: captures on the first call, then runs the compiled graph; re-captures per shape bucket."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import fx, nn
+from torch.utils import _pytree as pytree
+
+from moecc import knobs
+from moecc.capture import capture
+from moecc.codegen.lower import EXPERT_LAYOUT, lower
+from moecc.errors import MoeccError
+from moecc.ir import MoELayerInfo
+from moecc.passes import DumpIR, PassManager, Timing, default_pipeline
+
+log = logging.getLogger("moecc.runtime")
+
+
+@dataclass
+class _Entry:
+    gm: fx.GraphModule
+    in_spec: pytree.TreeSpec
+    out_spec: pytree.TreeSpec
+    tensor_pos: list[int]
+    consts: list
+    shapes: list[tuple]  # per tensor input: int for a static dim, None for a symbolic one
+    dtypes: list[torch.dtype]
+
+    def matches(self, flat: list, spec: pytree.TreeSpec) -> bool:
+        if spec != self.in_spec or len(flat) != len(self.consts):
+            return False
+        for i, (v, c) in enumerate(zip(flat, self.consts)):
+            if not isinstance(v, torch.Tensor) and (c is None or v != c):
+                return False
+        for i, shape, dtype in zip(self.tensor_pos, self.shapes, self.dtypes):
+            t = flat[i]
+            if not isinstance(t, torch.Tensor) or t.dim() != len(shape) or t.dtype != dtype:
+                return False
+            if any(s is not None and s != d for s, d in zip(shape, t.shape)):
+                return False
+        return True
+
+
+def _fresh_like(inputs: list) -> list:
+    """New inputs of the same shapes whose values (so whose routing) differ from the capture's."""
+    g = torch.Generator().manual_seed(4321)
+    out = []
+    for v in inputs:
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            out.append((torch.randn(v.shape, generator=g) * (v.float().std() if v.numel() > 1 else 1.0)).to(v))
+        elif isinstance(v, torch.Tensor) and v.dtype in (torch.int64, torch.int32) and v.numel() and v.max() > 1:
+            out.append(torch.randint(0, int(v.max()) + 1, v.shape, generator=g).to(v))
+        else:
+            out.append(v)
+    return out
+
+
+class CompiledModule(nn.Module):
+    def __init__(self, model: nn.Module, backend: str, dump_dir: str | None, fuse: bool, verify: bool | None):
+        super().__init__()
+        self.original_model = model
+        self.backend = backend
+        self.dump_dir = dump_dir
+        self.fuse = fuse
+        self.verify = knobs.VERIFY.get() if verify is None else verify
+        self._entries: list[_Entry] = []
+        self.captures = 0
+
+    @property
+    def moe_layers(self) -> list[MoELayerInfo]:
+        if not self._entries:
+            return []
+        return list(self._entries[-1].gm.meta.get("moecc_layers", {}).values())
+
+    def forward(self, *args, **kwargs):
+        flat, spec = pytree.tree_flatten((args, kwargs))
+        entry = next((e for e in self._entries if e.matches(flat, spec)), None)
+        if entry is None:
+            entry = self._compile(args, kwargs)
+        outs = entry.gm(*[flat[i] for i in entry.tensor_pos])
+        return pytree.tree_unflatten(list(outs), entry.out_spec)
+
+    def _compile(self, args, kwargs) -> _Entry:
+        self.captures += 1
+        log.info("capture %d of %s", self.captures, type(self.original_model).__name__)
+        cap = capture(self.original_model, args, kwargs, fuse=self.fuse)
+        instruments: list = [Timing()]
+        folder = None
+        if self.dump_dir:
+            folder = Path(self.dump_dir) if self.captures == 1 else Path(self.dump_dir) / f"capture_{self.captures}"
+            instruments.append(DumpIR(folder, cap.tensor_inputs, cap.flat_reference, instruments[0]))
+        manager = PassManager(default_pipeline(EXPERT_LAYOUT[self.backend]), instruments, repro_dir=folder)
+        gm = manager(cap.gm).graph_module
+        gm = lower(gm, self.backend)
+        for info in gm.meta.get("moecc_layers", {}).values():
+            if not info.fused and not info.reason:
+                info.reason = "experts were recognized but not fused (see the fuse_experts pass summary)"
+        if folder is not None:
+            print(f"moecc: pass dumps in {folder}")
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        shapes = [tuple(d if isinstance(d, int) else None for d in n.meta["val"].shape) if "val" in n.meta else
+                  tuple(None for _ in range(cap.tensor_inputs[i].dim())) for i, n in enumerate(placeholders)]
+        entry = _Entry(gm, cap.in_spec, cap.out_spec, cap.tensor_pos,
+                       [None if isinstance(v, torch.Tensor) else v for v in cap.flat_inputs], shapes,
+                       [t.dtype for t in cap.tensor_inputs])
+        if self.verify:
+            self._check_fresh(entry, cap.flat_inputs)
+        self._entries.append(entry)
+        return entry
+
+    def _check_fresh(self, entry: _Entry, flat_inputs: list) -> None:
+        fresh = _fresh_like(flat_inputs)
+        args, kwargs = pytree.tree_unflatten(fresh, entry.in_spec)
+        with torch.no_grad():
+            ref = pytree.tree_leaves(self.original_model(*args, **kwargs))
+            got = list(entry.gm(*[fresh[i] for i in entry.tensor_pos]))
+        for r, g in zip(ref, got):
+            if isinstance(r, torch.Tensor) and r.is_floating_point():
+                err = ((g.double() - r.double()).norm() / (r.double().norm() + 1e-30)).item()
+                tol = 1e-4 if r.dtype in (torch.float32, torch.float64) else 5e-2
+                if not err <= tol:
+                    raise MoeccError(
+                        f"the compiled {type(self.original_model).__name__} disagrees with eager on fresh inputs "
+                        f"(relative error {err:.2e} > {tol:g}). This is a moecc bug: please report it with "
+                        "MOECC_DUMP_DIR set. Compile with fuse=False to run without MoE fusion.")
