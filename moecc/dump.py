@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import copy
 import json
-import pickle
 import os
+import pickle
 import re
 import textwrap
 from pathlib import Path

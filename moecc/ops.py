@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moecc.routing import apply_capacity, route_reference
 from moecc.experts import expert_activation
+from moecc.routing import apply_capacity, route_reference
 
 LIB = "moecc"
 
@@ -161,7 +161,7 @@ def _combine_reference(y_sorted, order, weights):
     pair_out = y_sorted.new_zeros((t * k, y_sorted.shape[1]))
     pair_out[order] = y_sorted
     w = weights.reshape(t * k, 1).to(torch.float32)
-    return (pair_out.float() * w).reshape(t, k, -1).sum(1).to(y_sorted.dtype)
+    return (pair_out.float() * w).reshape(t, k, y_sorted.shape[1]).sum(1).to(y_sorted.dtype)
 
 
 @torch.library.custom_op(f"{LIB}::combine", mutates_args=())

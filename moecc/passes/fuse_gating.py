@@ -6,7 +6,7 @@ import torch
 from torch import fx
 
 from moecc.match import MatchResult
-from moecc.passes.base import MoePass, PassResult, layers_of
+from moecc.passes.base import MoePass, PassResult
 from moecc.passes.graph_utils import nodes_calling
 
 _LINEAR = (torch._C._nn.linear, torch.nn.functional.linear, torch.ops.aten.linear.default)

@@ -33,7 +33,7 @@ class _Entry:
     def matches(self, flat: list, spec: pytree.TreeSpec) -> bool:
         if spec != self.in_spec or len(flat) != len(self.consts):
             return False
-        for i, (v, c) in enumerate(zip(flat, self.consts)):
+        for v, c in zip(flat, self.consts):
             if not isinstance(v, torch.Tensor) and (c is None or v != c):
                 return False
         for i, shape, dtype in zip(self.tensor_pos, self.shapes, self.dtypes):

@@ -54,8 +54,8 @@ def fused_moe_torch(
         counts, rows = None, order
     else:
         offs = None
-        counts = counts_t.tolist()
-        rows = order[: t * k - counts[num_experts]]
+        all_counts = counts_t.tolist()  # the one host sync of this path
+        counts, rows = all_counts[:num_experts], order[: t * k - all_counts[num_experts]]
     xs = x[torch.div(rows, k, rounding_mode="floor")]
     h = _gemm(xs, w_up.to(x.dtype), counts, offs)
     if b_up is not None:
@@ -70,7 +70,7 @@ def fused_moe_torch(
         y = torch.where((sorted_e < num_experts).unsqueeze(1), y, 0)
     pair = torch.zeros((t * k, x.shape[1]), dtype=torch.float32, device=x.device)
     pair[rows] = y.float() * w.unsqueeze(1)
-    return pair.view(t, k, -1).sum(1).to(x.dtype)
+    return pair.view(t, k, x.shape[1]).sum(1).to(x.dtype)
 
 
 @fused_moe_torch.register_fake

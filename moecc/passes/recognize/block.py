@@ -20,15 +20,14 @@ from moecc.passes.recognize import stacked
 from moecc.passes.recognize.mlp import analyze_mlp, stack_mlps
 from moecc.passes.recognize.probe import close, tensor_leaves, tolerance
 from moecc.passes.recognize.router import (
-    Observed,
     capacity_candidates,
     find_router,
     fit_capacity,
     fit_routing,
+    group_candidates,
     read_outputs,
     routing_candidates,
     topk_candidates,
-    group_candidates,
 )
 
 MAX_JOINT_CANDIDATES = 20000

@@ -1,0 +1,68 @@
+import pytest
+import torch
+from user_modules import BmmMoE, TinyModel
+
+import moecc
+
+
+def test_bad_arguments_are_named():
+    model = TinyModel(BmmMoE())
+    with pytest.raises(TypeError, match="model"):
+        moecc.compile("not a model")
+    with pytest.raises(ValueError, match="backend"):
+        moecc.compile(model, backend="nope")
+    with pytest.raises(TypeError, match="unknown option 'fusee'"):
+        moecc.compile(model, fusee=True)
+    with pytest.raises(TypeError, match="option 'fuse'"):
+        moecc.compile(model, fuse="yes")
+
+
+def test_capture_error_names_model_and_remedy():
+    class Bad(torch.nn.Module):
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent Python control flow
+                return x
+            return -x
+
+    cm = moecc.compile(Bad())
+    with pytest.raises(moecc.CaptureError, match="(?s)Bad.*Try:"):
+        cm(torch.randn(3, 4))
+
+
+def test_recapture_at_most_once_per_bucket_and_reference_backend():
+    torch.manual_seed(0)
+    model = TinyModel(BmmMoE()).eval()
+    cm = moecc.compile(model, backend="reference")
+    for shape in ((2, 8), (3, 9), (4, 16), (2, 31), (5, 3)):
+        x = torch.randint(0, 50, shape)
+        torch.testing.assert_close(cm(x), model(x), rtol=1e-5, atol=1e-6)
+    assert cm.captures == 1
+
+
+def test_fuse_false_runs_as_written():
+    torch.manual_seed(0)
+    model = TinyModel(BmmMoE()).eval()
+    cm = moecc.compile(model, fuse=False)
+    x = torch.randint(0, 50, (2, 8))
+    torch.testing.assert_close(cm(x), model(x))
+    assert cm.moe_layers == []
+
+
+def test_dump_dir_from_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOECC_DUMP_DIR", str(tmp_path))
+    torch.manual_seed(0)
+    cm = moecc.compile(TinyModel(BmmMoE()).eval())
+    cm(torch.randint(0, 50, (2, 8)))
+    assert (tmp_path / "000_capture.py").exists()
+
+
+def test_torch_compile_backend_entry_point():
+    from importlib.metadata import entry_points
+
+    names = [ep.name for ep in entry_points(group="torch_dynamo_backends")]
+    assert "moecc" in names
+    torch.manual_seed(0)
+    model = TinyModel(BmmMoE()).eval()
+    compiled = torch.compile(model, backend="moecc")
+    x = torch.randint(0, 50, (2, 8))
+    torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-6)

@@ -1,0 +1,116 @@
+"""MoE blocks written the way users write them."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden, inter):
+        super().__init__()
+        self.w1 = nn.Linear(hidden, inter, bias=False)
+        self.w3 = nn.Linear(hidden, inter, bias=False)
+        self.w2 = nn.Linear(inter, hidden, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class LoopMoE(nn.Module):
+    """A Linear gate, a ModuleList of MLP experts, the usual loop with torch.where / index_add_."""
+
+    def __init__(self, hidden=24, inter=40, num_experts=6, top_k=2):
+        super().__init__()
+        self.top_k = top_k
+        self.gate = nn.Linear(hidden, num_experts, bias=False)
+        self.experts = nn.ModuleList(MLP(hidden, inter) for _ in range(num_experts))
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        probs = F.softmax(self.gate(x), dim=-1)
+        weights, chosen = torch.topk(probs, self.top_k, dim=-1)
+        weights = weights / weights.sum(-1, keepdim=True)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            token, slot = torch.where(chosen == e)
+            if token.numel() == 0:
+                continue
+            out.index_add_(0, token, expert(x[token]) * weights[token, slot, None])
+        return out.reshape(shape)
+
+
+class GShardMoE(nn.Module):
+    """Dense einsum dispatch/combine with one-hot masks and a capacity factor (top-1, Switch/GShard style)."""
+
+    def __init__(self, hidden=24, inter=32, num_experts=4, capacity_factor=1.0):
+        super().__init__()
+        self.capacity_factor = capacity_factor
+        self.router = nn.Linear(hidden, num_experts, bias=False)
+        self.wi = nn.Parameter(torch.randn(num_experts, hidden, inter) * hidden ** -0.5)
+        self.wo = nn.Parameter(torch.randn(num_experts, inter, hidden) * inter ** -0.5)
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        tokens, num_experts = x.shape[0], self.wi.shape[0]
+        capacity = max(0, -(-int(tokens * self.capacity_factor) // num_experts))
+        probs = F.softmax(self.router(x), dim=-1)
+        gate, index = probs.max(dim=-1)
+        mask = F.one_hot(index, num_experts)
+        position = (torch.cumsum(mask, dim=0) - 1) * mask
+        keep = (position < capacity) & (mask > 0)
+        slot = position.sum(-1).clamp(max=max(capacity, 1) - 1)
+        dispatch = F.one_hot(slot, max(capacity, 1)).unsqueeze(1) * keep.unsqueeze(-1)
+        dispatch = dispatch.to(x.dtype)  # [T, E, C]
+        expert_in = torch.einsum("tec,th->ech", dispatch, x)
+        h = F.gelu(torch.einsum("ech,ehi->eci", expert_in, self.wi))
+        expert_out = torch.einsum("eci,eih->ech", h, self.wo)
+        combine = dispatch * gate[:, None, None]
+        return torch.einsum("tec,ech->th", combine, expert_out).reshape(shape)
+
+
+class BmmMoE(nn.Module):
+    """Stacked 3D expert weights gathered per (token, slot) and applied with torch.bmm."""
+
+    def __init__(self, hidden=24, inter=36, num_experts=5, top_k=2):
+        super().__init__()
+        self.top_k = top_k
+        self.router = nn.Linear(hidden, num_experts, bias=False)
+        self.w_gate = nn.Parameter(torch.randn(num_experts, hidden, inter) * hidden ** -0.5)
+        self.w_up = nn.Parameter(torch.randn(num_experts, hidden, inter) * hidden ** -0.5)
+        self.w_down = nn.Parameter(torch.randn(num_experts, inter, hidden) * inter ** -0.5)
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        logits = self.router(x)
+        top, idx = torch.topk(logits, self.top_k, dim=-1)
+        weights = torch.softmax(top, dim=-1)
+        flat = idx.reshape(-1)
+        xs = x.repeat_interleave(self.top_k, dim=0).unsqueeze(1)
+        h = F.silu(torch.bmm(xs, self.w_gate[flat])) * torch.bmm(xs, self.w_up[flat])
+        y = torch.bmm(h, self.w_down[flat]).squeeze(1)
+        y = (y.view(-1, self.top_k, shape[-1]) * weights.unsqueeze(-1)).sum(1)
+        return y.reshape(shape)
+
+
+class TinyModel(nn.Module):
+    """Embedding, a norm and a residual around a user MoE block: a whole model, not a bare block."""
+
+    def __init__(self, block: nn.Module, hidden=24, vocab=50):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, hidden)
+        self.norm = nn.LayerNorm(hidden)
+        self.moe = block
+        self.head = nn.Linear(hidden, vocab)
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        h = h + self.moe(self.norm(h))
+        return self.head(h)
+
+
+USER_BLOCKS = {"loop": LoopMoE, "gshard": GShardMoE, "bmm": BmmMoE}
