@@ -128,6 +128,23 @@ def _blocks_as_leaves(blocks: list[tuple[str, nn.Module]], examples: dict[str, t
             _LEAVES.pop(key, None)
 
 
+@contextlib.contextmanager
+def _quiet_export():
+    """torch.export warns about every 0/1-specialized dim; moecc handles that by re-capturing per bucket."""
+    if logging.getLogger("moecc").isEnabledFor(logging.DEBUG):
+        yield
+        return
+    names = ("torch._export.non_strict_utils", "torch.fx.experimental.symbolic_shapes", "torch.export")
+    saved = [(n, logging.getLogger(n).level) for n in names]
+    for n in names:
+        logging.getLogger(n).setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for n, level in saved:
+            logging.getLogger(n).setLevel(level)
+
+
 def _record_examples(model, blocks, args, kwargs):
     examples, hooks = {}, []
     for name, block in blocks:
@@ -159,7 +176,7 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, fuse: bool = True) -> C
     tensors = [v for v in flat_inputs if isinstance(v, torch.Tensor)]
     wrapper = _FlatCall(model, in_spec, flat_inputs)
     try:
-        with _blocks_as_leaves(blocks, examples), torch.no_grad():
+        with _blocks_as_leaves(blocks, examples), torch.no_grad(), _quiet_export():
             ep = torch.export.export(wrapper, tuple(tensors), dynamic_shapes=(_dynamic_shapes(tensors),),
                                      strict=False)
     except CaptureError:
