@@ -65,10 +65,10 @@ def main():
             with torch.no_grad():
                 for impl in ("eager", "grouped_mm"):
                     block.experts.config._experts_implementation = impl
-                    times[impl] = timeit(lambda: block(x), device, a.reps)
+                    times[impl] = timeit(lambda b=block, x=x: b(x), device, a.reps)
                 cm = moecc.compile(block, backend="torch", verify=False)
                 cm(x)
-                times["moecc"] = timeit(lambda: cm(x), device, a.reps)
+                times["moecc"] = timeit(lambda c=cm, x=x: c(x), device, a.reps)
             best = min(times["eager"], times["grouped_mm"])
             print(f"{shape:10} {t:6d} {times['eager']:10.3f} {times['grouped_mm']:11.3f} {times['moecc']:9.3f} "
                   f"{best / times['moecc']:10.2f}")
