@@ -11,10 +11,11 @@ from moecc.runtime.compiled import CompiledModule
 OPTIONS = {"fuse": bool, "verify": bool}
 
 
-def compile(model: nn.Module, backend: str = "torch", dump_dir: str | None = None, **options) -> CompiledModule:  # noqa: A001
+def compile(model: nn.Module, backend: str = "auto", dump_dir: str | None = None, **options) -> CompiledModule:  # noqa: A001
     """Compile ``model`` for MoE inference; capture happens on the first call.
 
-    ``backend``: ``"torch"`` (fast plain torch) or ``"reference"`` (the canonical ops' reference code).
+    ``backend``: ``"auto"`` (onnxruntime for CPU inputs, torch on CUDA), ``"onnxruntime"`` (one ONNX model run by
+    ONNX Runtime), ``"torch"`` (fast plain torch) or ``"reference"`` (the canonical ops' reference code).
     ``dump_dir`` (or ``MOECC_DUMP_DIR``): write numbered, runnable pass dumps there.
     Options: ``fuse=False`` captures without MoE fusion; ``verify=False`` skips the check on fresh inputs."""
     if not isinstance(model, nn.Module):

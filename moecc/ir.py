@@ -101,6 +101,7 @@ class MoELayerInfo:
     reason: str = ""
     capacity: str = "dropless"
     placement: dict = field(default_factory=dict)
+    lowering: str = ""  # how the backend ran it, e.g. "com.microsoft.MoE" or "decomposed: <why>"
     graph_prefix: str = ""  # where the canonical weights of this block live in the graph module
 
     def as_dict(self) -> dict:

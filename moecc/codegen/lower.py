@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 import torch
-from torch import fx
+from torch import fx, nn
 
 import moecc.codegen.torch.moe  # noqa: F401 - registers moecc::fused_moe_torch
 
-BACKENDS = ("torch", "reference")
+BACKENDS = ("auto", "torch", "reference", "onnxruntime")
 # The layout each backend's expert kernels read; the place-experts pass is told, it does not know backends.
-EXPERT_LAYOUT = {"torch": "io", "reference": "oi"}
+EXPERT_LAYOUT = {"torch": "io", "reference": "oi", "onnxruntime": "oi"}
 
 
-def lower(gm: fx.GraphModule, backend: str) -> fx.GraphModule:
+def resolve_backend(backend: str, example: list) -> str:
+    """``auto``: onnxruntime for CPU inputs, torch on CUDA."""
+    if backend != "auto":
+        return backend
+    on_cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in example)
+    return "torch" if on_cuda else "onnxruntime"
+
+
+def lower(gm: fx.GraphModule, backend: str, example: list[torch.Tensor] | None = None,
+          folder: str | None = None) -> nn.Module:
     if backend == "reference":
         return gm
     if backend == "torch":
@@ -21,4 +30,8 @@ def lower(gm: fx.GraphModule, backend: str) -> fx.GraphModule:
                 node.target = torch.ops.moecc.fused_moe_torch.default
         gm.recompile()
         return gm
+    if backend == "onnxruntime":
+        from moecc.codegen.onnx.lower import lower_to_ort
+
+        return lower_to_ort(gm, example, folder)
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")

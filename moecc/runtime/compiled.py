@@ -12,7 +12,7 @@ from torch.utils import _pytree as pytree
 
 from moecc import knobs
 from moecc.capture import capture
-from moecc.codegen.lower import EXPERT_LAYOUT, lower
+from moecc.codegen.lower import EXPERT_LAYOUT, lower, resolve_backend
 from moecc.errors import MoeccError
 from moecc.ir import MoELayerInfo
 from moecc.passes import DumpIR, PassManager, Timing, default_pipeline
@@ -22,13 +22,15 @@ log = logging.getLogger("moecc.runtime")
 
 @dataclass
 class _Entry:
-    gm: fx.GraphModule
+    gm: fx.GraphModule | nn.Module  # the lowered program: a GraphModule or a backend's runner
     in_spec: pytree.TreeSpec
     out_spec: pytree.TreeSpec
     tensor_pos: list[int]
     consts: list
     shapes: list[tuple]  # per tensor input: int for a static dim, None for a symbolic one
     dtypes: list[torch.dtype]
+    layers: dict
+    backend: str
 
     def matches(self, flat: list, spec: pytree.TreeSpec) -> bool:
         if spec != self.in_spec or len(flat) != len(self.consts):
@@ -74,7 +76,7 @@ class CompiledModule(nn.Module):
     def moe_layers(self) -> list[MoELayerInfo]:
         if not self._entries:
             return []
-        return list(self._entries[-1].gm.meta.get("moecc_layers", {}).values())
+        return list(self._entries[-1].layers.values())
 
     def forward(self, *args, **kwargs):
         flat, spec = pytree.tree_flatten((args, kwargs))
@@ -93,20 +95,22 @@ class CompiledModule(nn.Module):
         if self.dump_dir:
             folder = Path(self.dump_dir) if self.captures == 1 else Path(self.dump_dir) / f"capture_{self.captures}"
             instruments.append(DumpIR(folder, cap.tensor_inputs, cap.flat_reference, instruments[0]))
-        manager = PassManager(default_pipeline(EXPERT_LAYOUT[self.backend]), instruments, repro_dir=folder)
+        backend = resolve_backend(self.backend, cap.flat_inputs)
+        manager = PassManager(default_pipeline(EXPERT_LAYOUT[backend]), instruments, repro_dir=folder)
         gm = manager(cap.gm).graph_module
-        gm = lower(gm, self.backend)
-        for info in gm.meta.get("moecc_layers", {}).values():
+        layers = gm.meta.get("moecc_layers", {})
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        shapes = [tuple(d if isinstance(d, int) else None for d in n.meta["val"].shape) if "val" in n.meta else
+                  tuple(None for _ in range(cap.tensor_inputs[i].dim())) for i, n in enumerate(placeholders)]
+        program = lower(gm, backend, cap.tensor_inputs)
+        for info in layers.values():
             if not info.fused and not info.reason:
                 info.reason = "experts were recognized but not fused (see the fuse_experts pass summary)"
         if folder is not None:
             print(f"moecc: pass dumps in {folder}")
-        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        shapes = [tuple(d if isinstance(d, int) else None for d in n.meta["val"].shape) if "val" in n.meta else
-                  tuple(None for _ in range(cap.tensor_inputs[i].dim())) for i, n in enumerate(placeholders)]
-        entry = _Entry(gm, cap.in_spec, cap.out_spec, cap.tensor_pos,
+        entry = _Entry(program, cap.in_spec, cap.out_spec, cap.tensor_pos,
                        [None if isinstance(v, torch.Tensor) else v for v in cap.flat_inputs], shapes,
-                       [t.dtype for t in cap.tensor_inputs])
+                       [t.dtype for t in cap.tensor_inputs], layers, backend)
         if self.verify:
             self._check_fresh(entry, cap.flat_inputs)
         self._entries.append(entry)

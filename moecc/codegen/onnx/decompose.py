@@ -1,0 +1,85 @@
+"""Export-friendly plain-torch forms of the moecc ops: no data-dependent shapes, so torch.onnx can translate them
+to standard ONNX ops (MatMul, TopK, ScatterElements, CumSum, ...). Exact for any routing, capacity included."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from moecc.experts import expert_activation
+from moecc.routing import route_reference
+
+
+def fused_route(x, router_weight, router_bias, selection_bias, top_k, score, topk_first, renormalize, n_group,
+                topk_group, scale, logits_fp32):
+    xs, w = (x.float(), router_weight.float()) if logits_fp32 else (x, router_weight)
+    logits = torch.nn.functional.linear(xs, w, None if router_bias is None else router_bias.to(w.dtype))
+    return route_reference(logits, selection_bias, top_k, score, topk_first, renormalize, n_group, topk_group, scale)
+
+
+def route(logits, selection_bias, top_k, score, topk_first, renormalize, n_group, topk_group, scale):
+    return route_reference(logits, selection_bias, top_k, score, topk_first, renormalize, n_group, topk_group, scale)
+
+
+def _kept_pairs(ids: Tensor, num_experts: int, capacity: int, capacity_factor: float, capacity_min: int,
+                group_size, priority: str) -> Tensor:
+    """[T, k] mask of the pairs that do compute: real experts within capacity, as a dense cumsum."""
+    valid = (ids >= 0) & (ids < num_experts)
+    if capacity < 0 and capacity_factor <= 0:
+        return valid
+    t, k = ids.shape
+    g = t if (isinstance(group_size, int) and group_size <= 0) else group_size
+    if capacity >= 0:
+        cap = capacity
+    else:
+        cap = torch.clamp(torch.ceil(torch.tensor(k * capacity_factor / num_experts) * g), min=capacity_min)
+    grouped = ids.reshape(-1, g, k)
+    ordered = grouped if priority == "token" else grouped.transpose(1, 2)
+    flat = ordered.reshape(grouped.shape[0], -1)
+    onehot = torch.nn.functional.one_hot(flat.clamp(0, num_experts), num_experts + 1)
+    position = (onehot.cumsum(1) * onehot).sum(-1) - 1
+    keep = (position < cap).reshape(ordered.shape)
+    keep = keep if priority == "token" else keep.transpose(1, 2)
+    return keep.reshape(t, k) & valid
+
+
+def fused_moe(x, weights, ids, w_up, w_down, b_up, b_down, activation, gated, alpha, limit, capacity,
+              capacity_factor, capacity_min, group_size, priority, weight_layout):
+    """Every expert on every token, then a dense combine: exact, E/k times the FLOPs of the routed form."""
+    if weight_layout == "io":
+        w_up, w_down = w_up.transpose(1, 2), w_down.transpose(1, 2)
+    num_experts = w_up.shape[0]
+    h = torch.matmul(x.unsqueeze(0), w_up.transpose(1, 2).to(x.dtype))
+    if b_up is not None:
+        h = h + b_up.unsqueeze(1).to(h.dtype)
+    h = expert_activation(h, activation, gated, alpha, limit)
+    y = torch.matmul(h, w_down.transpose(1, 2).to(h.dtype))
+    if b_down is not None:
+        y = y + b_down.unsqueeze(1).to(y.dtype)
+    keep = _kept_pairs(ids, num_experts, capacity, capacity_factor, capacity_min, group_size, priority)
+    w = torch.where(keep, weights.float(), 0.0)
+    slot = torch.where(keep, ids, num_experts)
+    dense = torch.zeros(ids.shape[0], num_experts + 1, dtype=torch.float32, device=x.device)
+    dense = dense.scatter_add(1, slot, w)[:, :num_experts]
+    return torch.einsum("te,eth->th", dense, y.float()).to(x.dtype)
+
+
+def shared_ffn(x, w_up, w_down, b_up, b_down, gate, activation, gated, alpha, limit):
+    h = x @ w_up[0].t().to(x.dtype)
+    if b_up is not None:
+        h = h + b_up[0].to(h.dtype)
+    h = expert_activation(h, activation, gated, alpha, limit)
+    y = h @ w_down[0].t().to(h.dtype)
+    if b_down is not None:
+        y = y + b_down[0].to(y.dtype)
+    if gate is not None:
+        y = torch.sigmoid(x @ gate.t().to(x.dtype)) * y
+    return y
+
+
+DECOMPOSITIONS = {
+    torch.ops.moecc.fused_route.default: fused_route,
+    torch.ops.moecc.route.default: route,
+    torch.ops.moecc.fused_moe.default: fused_moe,
+    torch.ops.moecc.shared_ffn.default: shared_ffn,
+}

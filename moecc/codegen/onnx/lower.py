@@ -1,0 +1,174 @@
+"""Lower a pipeline result to one ONNX model and an ONNX Runtime session."""
+
+from __future__ import annotations
+
+import logging
+import operator
+import os
+import tempfile
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+
+from moecc.codegen.onnx.decompose import DECOMPOSITIONS
+from moecc.codegen.onnx.ort_moe import ort_computes_same, ort_moe_onnx
+from moecc.match import MatchResult
+from moecc.passes.base import layers_of
+
+log = logging.getLogger("moecc.codegen.onnx")
+PROVIDER = "CPUExecutionProvider"
+
+
+@dataclass
+class OrtForm:
+    activation_type: str
+    normalize: bool
+    alpha: float = 1.0
+    beta: float = 0.0
+    limit: float = 0.0
+
+
+def ort_form(route: fx.Node, moe: fx.Node) -> MatchResult[OrtForm]:
+    """The com.microsoft.MoE attributes that compute exactly this (route, experts) pair, or why none do."""
+    (_, _, _, sel, _k, score, topk_first, renorm, n_group, _tg, _scale, _fp32) = route.args
+    act, gated, alpha, limit = moe.args[7], moe.args[8], moe.args[9], moe.args[10]
+    capacity, cf = moe.args[11], moe.args[12]
+    if score != "softmax":
+        return MatchResult.fail(f"com.microsoft.MoE routes with softmax, this block with {score}")
+    if sel is not None or n_group > 1:
+        return MatchResult.fail("com.microsoft.MoE has no selection bias or group-limited top-k")
+    if capacity >= 0 or cf > 0:
+        return MatchResult.fail("com.microsoft.MoE is dropless, this block has a capacity")
+    # top-k then softmax over the chosen == softmax, top-k, renormalise
+    normalize = bool(renorm or topk_first)
+    if gated and act == "silu":
+        return MatchResult.success(OrtForm("swiglu", normalize, 1.0, 0.0, limit))
+    if gated and act == "swiglu_oai":
+        return MatchResult.success(OrtForm("swiglu", normalize, alpha, 1.0, limit))
+    if not gated and act in ("silu", "gelu", "relu") and limit <= 0:
+        return MatchResult.success(OrtForm(act, normalize))
+    return MatchResult.fail(f"no com.microsoft.MoE activation computes {'gated ' if gated else ''}{act}")
+
+
+def _param(gm: fx.GraphModule, node) -> torch.Tensor | None:
+    if node is None:
+        return None
+    return gm.get_parameter(node.target) if node.op == "get_attr" else None
+
+
+def _canonical(gm, moe):
+    w_up, w_down = _param(gm, moe.args[3]), _param(gm, moe.args[4])
+    if moe.args[16] == "io":
+        w_up, w_down = w_up.transpose(1, 2), w_down.transpose(1, 2)
+    return w_up, w_down, _param(gm, moe.args[5]), _param(gm, moe.args[6])
+
+
+def use_ort_moe(gm: fx.GraphModule) -> dict[str, str]:
+    """Swap (fused_route, fused_moe) pairs for moecc::ort_moe where ORT computes the same; say why elsewhere."""
+    import moecc.codegen.onnx.ort_moe  # noqa: F401 - registers moecc::ort_moe
+
+    lowering = {}
+    owner = {info.graph_prefix: info for info in layers_of(gm).values()}
+    for moe in [n for n in gm.graph.nodes if n.target is torch.ops.moecc.fused_moe.default]:
+        prefix = moe.args[3].target.rsplit(".", 1)[0] if moe.args[3].op == "get_attr" else ""
+        weights = moe.args[1]
+        route = weights.args[0] if weights.target is operator.getitem else None
+        if route is None or route.target is not torch.ops.moecc.fused_route.default:
+            lowering[prefix] = "decomposed: routing is not a fused moecc route"
+            continue
+        form = ort_form(route, moe)
+        w_up, w_down, b_up, b_down = _canonical(gm, moe)
+        router_b = _param(gm, route.args[2])
+        f = form.value
+        if form and not ort_computes_same(f.activation_type, f.normalize, int(route.args[4]),
+                                          b_up is not None or b_down is not None, f.alpha, f.beta, f.limit):
+            form = MatchResult.fail(f"the installed onnxruntime's com.microsoft.MoE({form.value.activation_type}) "
+                                    "does not match on probe data")
+        if not form or route.args[1].op != "get_attr" or (route.args[2] is not None and router_b is None):
+            lowering[prefix] = f"decomposed: {form.reason or 'router weights are not constants'}"
+            continue
+        f = form.value
+        scale = float(route.args[10])
+        fc1, fc1_b = w_up, b_up
+        if f.activation_type == "swiglu":  # canonical [gate | up] rows -> ORT's interleaved [g0, u0, g1, u1, ...]
+            inter = w_up.shape[1] // 2
+            fc1 = torch.stack([w_up[:, :inter], w_up[:, inter:]], 2).reshape(w_up.shape)
+            fc1_b = None if b_up is None else torch.stack([b_up[:, :inter], b_up[:, inter:]], 2).reshape(b_up.shape)
+        # the routed scaling factor folds into the second projection: sum_j s*w_j*f(x) = sum_j w_j*(s*f(x))
+        fc2, fc2_b = w_down * scale, None if b_down is None else b_down * scale
+        module = gm.get_submodule(prefix)
+        names = {}
+        for name, value in (("ort_router_w_t", gm.get_parameter(route.args[1].target).t()), ("ort_router_b", router_b),
+                            ("ort_fc1", fc1), ("ort_fc1_b", fc1_b), ("ort_fc2", fc2), ("ort_fc2_b", fc2_b)):
+            if value is None:
+                names[name] = None
+                continue
+            module.register_parameter(name, nn.Parameter(value.detach().float().contiguous(), requires_grad=False))
+            with gm.graph.inserting_before(moe):
+                names[name] = gm.graph.get_attr(f"{prefix}.{name}")
+        with gm.graph.inserting_before(moe):
+            new = gm.graph.call_function(torch.ops.moecc.ort_moe.default, (
+                route.args[0], names["ort_router_w_t"], names["ort_router_b"], names["ort_fc1"], names["ort_fc1_b"],
+                names["ort_fc2"], names["ort_fc2_b"], int(route.args[4]), f.activation_type, f.normalize, f.alpha,
+                f.beta, f.limit))
+        moe.replace_all_uses_with(new)
+        gm.graph.erase_node(moe)
+        lowering[prefix] = "com.microsoft.MoE"
+    gm.graph.eliminate_dead_code()
+    for prefix, how in lowering.items():
+        if prefix in owner:
+            owner[prefix].lowering = how
+    return lowering
+
+
+def decompose(gm: fx.GraphModule) -> None:
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in DECOMPOSITIONS:
+            node.target = DECOMPOSITIONS[node.target]
+        elif node.op == "call_function" and str(node.target).startswith("moecc."):
+            if node.target is not torch.ops.moecc.ort_moe.default:
+                raise ValueError(f"the ONNX backend cannot lower {node.target} (node {node.name})")
+        elif node.op == "call_module":
+            raise ValueError(f"MoE block {node.meta.get('moecc_block', node.target)} was not recognized; the ONNX "
+                             "backend cannot export a block as written. Use backend='torch'.")
+    gm.recompile()
+
+
+def to_onnx(gm: fx.GraphModule, example: list[torch.Tensor], path: str) -> str:
+    """Export the lowered graph with dynamic token dims; weights go to external data beside ``path``."""
+    shapes = []
+    for node, t in zip([n for n in gm.graph.nodes if n.op == "placeholder"], example):
+        val = node.meta.get("val")
+        dims = {i: torch.export.Dim.AUTO for i, d in enumerate(val.shape) if not isinstance(d, int)} if val is not None \
+            else {}
+        shapes.append(dims)
+    prog = torch.onnx.export(gm, tuple(example), dynamo=True, dynamic_shapes=tuple(shapes), optimize=True,
+                             custom_translation_table={torch.ops.moecc.ort_moe.default: ort_moe_onnx}, verbose=False)
+    prog.save(path, external_data=True)
+    return path
+
+
+class OrtModule(nn.Module):
+    """Runs an ONNX file with ONNX Runtime; inputs and outputs are torch tensors, in the graph's flat order."""
+
+    def __init__(self, path: str, provider: str = PROVIDER) -> None:
+        super().__init__()
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        self.path = path
+        self.session = ort.InferenceSession(path, options, providers=[provider])
+        self.input_names = [i.name for i in self.session.get_inputs()]
+
+    def forward(self, *tensors):
+        feeds = {n: t.detach().cpu().numpy() for n, t in zip(self.input_names, tensors)}
+        return tuple(torch.from_numpy(o) for o in self.session.run(None, feeds))
+
+
+def lower_to_ort(gm: fx.GraphModule, example: list[torch.Tensor], folder: str | None = None) -> OrtModule:
+    use_ort_moe(gm)
+    decompose(gm)
+    folder = folder or tempfile.mkdtemp(prefix="moecc_onnx_")
+    path = to_onnx(gm, example, os.path.join(folder, "model.onnx"))
+    return OrtModule(path)

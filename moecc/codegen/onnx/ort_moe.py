@@ -1,0 +1,160 @@
+"""``moecc::ort_moe``: a MoE block in the exact form of ONNX Runtime's ``com.microsoft.MoE``.
+
+Its reference is ORT's documented semantics (softmax over all experts, top-k, optional renormalisation; SwiGLU
+``clamp(g, max=limit) * sigmoid(alpha * g) * (clamp(l, -limit, limit) + beta)`` on interleaved gate/up rows).
+Whether the installed ORT really computes that is probed once per configuration, never assumed."""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import numpy as np
+import torch
+from torch import Tensor
+
+log = logging.getLogger("moecc.codegen.onnx")
+
+ORT_ACTIVATIONS = ("relu", "gelu", "silu", "swiglu", "identity")
+
+
+def _act(h: Tensor, activation_type: str, alpha: float, beta: float, limit: float) -> Tensor:
+    if activation_type == "swiglu":
+        g, lin = h[..., 0::2], h[..., 1::2]
+        if limit > 0:
+            g = g.clamp(max=limit)
+            lin = lin.clamp(min=-limit, max=limit)
+        return g * torch.sigmoid(alpha * g) * (lin + beta)
+    if activation_type == "relu":
+        return torch.relu(h)
+    if activation_type == "gelu":
+        return torch.nn.functional.gelu(h)
+    if activation_type == "silu":
+        return torch.nn.functional.silu(h)
+    return h
+
+
+@torch.library.custom_op("moecc::ort_moe", mutates_args=())
+def ort_moe(x: Tensor, router_w_t: Tensor, router_b: Tensor | None, fc1_w: Tensor, fc1_b: Tensor | None,
+            fc2_w: Tensor, fc2_b: Tensor | None, k: int, activation_type: str, normalize: bool, alpha: float,
+            beta: float, limit: float) -> Tensor:
+    """x [T, H]; router_w_t [H, E]; fc1_w [E, F, H] (F = 2I interleaved for swiglu); fc2_w [E, H, I]."""
+    logits = x @ router_w_t
+    if router_b is not None:
+        logits = logits + router_b
+    probs = torch.softmax(logits.float(), -1)
+    w, ids = torch.topk(probs, k, dim=-1)
+    if normalize:
+        w = w / w.sum(-1, keepdim=True)
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for e in range(fc1_w.shape[0]):
+        tok, slot = torch.where(ids == e)
+        if tok.numel() == 0:
+            continue
+        h = x[tok] @ fc1_w[e].t()
+        if fc1_b is not None:
+            h = h + fc1_b[e]
+        y = _act(h, activation_type, alpha, beta, limit) @ fc2_w[e].t()
+        if fc2_b is not None:
+            y = y + fc2_b[e]
+        out.index_add_(0, tok, y.float() * w[tok, slot, None])
+    return out.to(x.dtype)
+
+
+@ort_moe.register_fake
+def _ort_moe_fake(x, *args):
+    return torch.empty_like(x)
+
+
+@functools.lru_cache(maxsize=None)
+def contrib_schema(name: str, domain: str = "com.microsoft"):
+    """ORT's own schema of a contrib op, registered with onnx so onnxscript can emit the op."""
+    import onnx
+    from onnxruntime.capi import onnxruntime_pybind11_state as ort_c
+
+    try:
+        return onnx.defs.get_schema(name, 1, domain)
+    except onnx.defs.SchemaError:
+        pass
+    src = next(s for s in ort_c.get_all_operator_schema() if s.name == name and s.domain == domain)
+    option = {str(o): o for o in onnx.defs.OpSchema.FormalParameterOption.__members__.values()}
+    attr_type = onnx.defs.OpSchema.AttrType.__members__
+
+    def formal(p):
+        return onnx.defs.OpSchema.FormalParameter(
+            p.name, p.typeStr, param_option=option[str(p.option).replace("FormalParameterOption", "FormalParameterOption")])
+
+    schema = onnx.defs.OpSchema(
+        name, domain, src.since_version, inputs=[formal(p) for p in src.inputs],
+        outputs=[formal(p) for p in src.outputs],
+        type_constraints=[(c.type_param_str, list(c.allowed_type_strs), "") for c in src.type_constraints],
+        attributes=[onnx.defs.OpSchema.Attribute(a.name, attr_type[str(a.type).split(".")[-1]], required=False)
+                    for a in src.attributes.values()])
+    onnx.defs.register_schema(schema)
+    return onnx.defs.get_schema(name, src.since_version, domain)
+
+
+def ort_moe_onnx(x, router_w_t, router_b, fc1_w, fc1_b, fc2_w, fc2_b, k, activation_type, normalize, alpha, beta,
+                 limit):
+    """The translation torch.onnx uses for ``moecc::ort_moe``."""
+    import onnxscript
+    from onnxscript import opset18 as op
+
+    moe_op = onnxscript.values.Op(onnxscript.values.Opset("com.microsoft", 1), "MoE", contrib_schema("MoE"))
+    logits = op.MatMul(x, router_w_t)
+    if router_b is not None:
+        logits = op.Add(logits, router_b)
+    attrs = dict(k=k, activation_type=activation_type, normalize_routing_weights=int(normalize))
+    if activation_type == "swiglu":
+        attrs.update(swiglu_fusion=1, activation_alpha=alpha, activation_beta=beta)
+        if limit > 0:
+            attrs["swiglu_limit"] = limit
+    inputs = [x, logits, fc1_w, fc1_b, fc2_w, fc2_b]
+    while inputs[-1] is None:
+        inputs.pop()
+    return moe_op(*inputs, **attrs)
+
+
+@functools.lru_cache(maxsize=None)
+def ort_computes_same(activation_type: str, normalize: bool, k: int, has_bias: bool, alpha: float, beta: float,
+                      limit: float, provider: str = "CPUExecutionProvider") -> bool:
+    """Run one com.microsoft.MoE node on random data and compare it with ``ort_moe``'s reference."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    g = torch.Generator().manual_seed(7)
+    t, h, inter, e = 9, 16, 8, 4
+    fusion = 2 if activation_type == "swiglu" else 1
+    x = torch.randn(t, h, generator=g)
+    router = torch.randn(h, e, generator=g)
+    fc1 = torch.randn(e, fusion * inter, h, generator=g) * 0.3
+    fc2 = torch.randn(e, h, inter, generator=g) * 0.3
+    b1 = torch.randn(e, fusion * inter, generator=g) if has_bias else None
+    b2 = torch.randn(e, h, generator=g) if has_bias else None
+    ref = ort_moe(x, router, None, fc1, b1, fc2, b2, k, activation_type, normalize, alpha, beta, limit)
+    attrs = dict(k=k, activation_type=activation_type, normalize_routing_weights=int(normalize))
+    if activation_type == "swiglu":
+        attrs.update(swiglu_fusion=1, activation_alpha=alpha, activation_beta=beta)
+        if limit > 0:
+            attrs["swiglu_limit"] = limit
+    inputs = ["x", "logits", "fc1", "b1" if has_bias else "", "fc2", "b2" if has_bias else ""]
+    node = helper.make_node("MoE", inputs, ["y"], domain="com.microsoft", **attrs)
+    inits = [numpy_helper.from_array(v.numpy(), n) for n, v in (("fc1", fc1), ("fc2", fc2), ("b1", b1), ("b2", b2))
+             if v is not None]
+    graph = helper.make_graph([node], "probe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [t, h]),
+                                                helper.make_tensor_value_info("logits", TensorProto.FLOAT, [t, e])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [t, h])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+    try:
+        sess = ort.InferenceSession(model.SerializeToString(), providers=[provider])
+        (y,) = sess.run(None, {"x": x.numpy(), "logits": (x @ router).numpy()})
+    except Exception as exc:  # noqa: BLE001 - not implemented on this provider: use the decomposition
+        log.info("com.microsoft.MoE(%s) not usable on %s: %s", activation_type, provider, exc)
+        return False
+    err = float(np.linalg.norm(y - ref.numpy()) / np.linalg.norm(ref.numpy()))
+    same = err < 1e-5
+    log.info("com.microsoft.MoE(%s, normalize=%s, k=%d, bias=%s) on %s: relative error %.1e -> %s", activation_type,
+             normalize, k, has_bias, provider, err, "used" if same else "decomposed")
+    del onnx
+    return same
