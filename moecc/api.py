@@ -8,7 +8,7 @@ from moecc import knobs, logs
 from moecc.codegen.lower import BACKENDS
 from moecc.runtime.compiled import CompiledModule
 
-OPTIONS = {"fuse": bool, "verify": bool}
+OPTIONS = {"fuse": bool, "verify": bool, "quantize": (str, type(None)), "quant_block_size": int}
 
 
 def compile(model: nn.Module, backend: str = "auto", dump_dir: str | None = None, **options) -> CompiledModule:  # noqa: A001
@@ -17,7 +17,16 @@ def compile(model: nn.Module, backend: str = "auto", dump_dir: str | None = None
     ``backend``: ``"auto"`` (onnxruntime for CPU inputs, torch on CUDA), ``"onnxruntime"`` (one ONNX model run by
     ONNX Runtime), ``"torch"`` (fast plain torch) or ``"reference"`` (the canonical ops' reference code).
     ``dump_dir`` (or ``MOECC_DUMP_DIR``): write numbered, runnable pass dumps there.
-    Options: ``fuse=False`` captures without MoE fusion; ``verify=False`` skips the check on fresh inputs."""
+    Options: ``fuse=False`` captures without MoE fusion; ``verify=False`` skips the check on fresh inputs;
+    ``quantize="int8"|"int4"`` (onnxruntime only, opt-in) stores expert weights quantized, per output channel or
+    per ``quant_block_size`` input features."""
+    _check_args(model, backend, dump_dir, options)
+    logs.configure()
+    dump_dir = str(dump_dir) if dump_dir is not None else knobs.DUMP_DIR.get()
+    return CompiledModule(model, backend, dump_dir, options)
+
+
+def _check_args(model, backend, dump_dir, options) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(backend, str) or backend not in BACKENDS:
@@ -27,8 +36,10 @@ def compile(model: nn.Module, backend: str = "auto", dump_dir: str | None = None
     for key, value in options.items():
         if key not in OPTIONS:
             raise TypeError(f"unknown option {key!r}; options are {sorted(OPTIONS)}")
-        if not isinstance(value, OPTIONS[key]):
-            raise TypeError(f"option {key!r} must be {OPTIONS[key].__name__}, got {type(value).__name__}")
-    logs.configure()
-    dump_dir = str(dump_dir) if dump_dir is not None else knobs.DUMP_DIR.get()
-    return CompiledModule(model, backend, dump_dir, fuse=options.get("fuse", True), verify=options.get("verify"))
+        if not isinstance(value, OPTIONS[key]) or (OPTIONS[key] is int and isinstance(value, bool)):
+            kinds = OPTIONS[key] if isinstance(OPTIONS[key], tuple) else (OPTIONS[key],)
+            raise TypeError(f"option {key!r} must be {' or '.join(k.__name__ for k in kinds)}, "
+                            f"got {type(value).__name__}")
+    from moecc.codegen.onnx.quant import quant_spec
+
+    quant_spec(options.get("quantize"), options.get("quant_block_size", 0))  # ValueError names a bad value

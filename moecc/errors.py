@@ -11,3 +11,11 @@ class CaptureError(MoeccError):
 
 class PassError(MoeccError):
     """A pass failed; the message names the pass and where its input graph was saved."""
+
+
+class BackendError(MoeccError):
+    """A backend could not lower the graph; the message says why and which backend to use instead."""
+
+
+class ArtifactError(MoeccError):
+    """An exported artifact is missing, tampered with or from an incompatible version; it is never run."""

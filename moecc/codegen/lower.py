@@ -21,7 +21,9 @@ def resolve_backend(backend: str, example: list) -> str:
 
 
 def lower(gm: fx.GraphModule, backend: str, example: list[torch.Tensor] | None = None,
-          folder: str | None = None) -> nn.Module:
+          folder: str | None = None, quant=None) -> nn.Module:
+    if quant is not None and backend != "onnxruntime":
+        raise ValueError(f"quantize needs the onnxruntime backend (backend={backend!r})")
     if backend == "reference":
         return gm
     if backend == "torch":
@@ -33,5 +35,5 @@ def lower(gm: fx.GraphModule, backend: str, example: list[torch.Tensor] | None =
     if backend == "onnxruntime":
         from moecc.codegen.onnx.lower import lower_to_ort
 
-        return lower_to_ort(gm, example, folder)
+        return lower_to_ort(gm, example, folder, quant)
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")

@@ -12,7 +12,14 @@ import torch
 from torch import fx, nn
 
 from moecc.codegen.onnx.decompose import DECOMPOSITIONS
-from moecc.codegen.onnx.ort_moe import ort_computes_same, ort_moe_onnx
+from moecc.codegen.onnx.ort_moe import (
+    ort_computes_same,
+    ort_moe_onnx,
+    ort_qmoe_computes_same,
+    ort_qmoe_onnx,
+)
+from moecc.codegen.onnx.quant import quantize
+from moecc.errors import BackendError
 from moecc.match import MatchResult
 from moecc.passes.base import layers_of
 
@@ -52,9 +59,10 @@ def ort_form(route: fx.Node, moe: fx.Node) -> MatchResult[OrtForm]:
 
 
 def _param(gm: fx.GraphModule, node) -> torch.Tensor | None:
-    if node is None:
+    if node is None or node.op != "get_attr":
         return None
-    return gm.get_parameter(node.target) if node.op == "get_attr" else None
+    owner, _, name = node.target.rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, name)
 
 
 def _canonical(gm, moe):
@@ -64,8 +72,9 @@ def _canonical(gm, moe):
     return w_up, w_down, _param(gm, moe.args[5]), _param(gm, moe.args[6])
 
 
-def use_ort_moe(gm: fx.GraphModule) -> dict[str, str]:
-    """Swap (fused_route, fused_moe) pairs for moecc::ort_moe where ORT computes the same; say why elsewhere."""
+def use_ort_moe(gm: fx.GraphModule, quant=None) -> dict[str, str]:
+    """Swap (fused_route, fused_moe) pairs for moecc::ort_moe (or ort_qmoe when ``quant`` is a QuantSpec) where
+    ORT computes the same; say why elsewhere."""
     import moecc.codegen.onnx.ort_moe  # noqa: F401 - registers moecc::ort_moe
 
     lowering = {}
@@ -90,6 +99,11 @@ def use_ort_moe(gm: fx.GraphModule) -> dict[str, str]:
             continue
         f = form.value
         scale = float(route.args[10])
+        use_q = quant is not None and ort_qmoe_computes_same(
+            f.activation_type, f.normalize, int(route.args[4]), b_up is not None or b_down is not None, f.alpha,
+            f.beta, f.limit, quant.bits, quant.block_size)
+        if quant is not None and not use_q and prefix in owner:
+            owner[prefix].quantization = f"none: com.microsoft.QMoE({f.activation_type}) does not match on probe data"
         fc1, fc1_b = w_up, b_up
         if f.activation_type == "swiglu":  # canonical [gate | up] rows -> ORT's interleaved [g0, u0, g1, u1, ...]
             inter = w_up.shape[1] // 2
@@ -99,26 +113,44 @@ def use_ort_moe(gm: fx.GraphModule) -> dict[str, str]:
         fc2, fc2_b = w_down * scale, None if b_down is None else b_down * scale
         module = gm.get_submodule(prefix)
         names = {}
-        for name, value in (("ort_router_w_t", gm.get_parameter(route.args[1].target).t()), ("ort_router_b", router_b),
-                            ("ort_fc1", fc1), ("ort_fc1_b", fc1_b), ("ort_fc2", fc2), ("ort_fc2_b", fc2_b)):
+        tensors = [("ort_router_w_t", gm.get_parameter(route.args[1].target).t()), ("ort_router_b", router_b)]
+        if use_q:
+            fc1_q, fc1_s = quantize(fc1.detach(), quant)
+            fc2_q, fc2_s = quantize(fc2.detach(), quant)
+            tensors += [("ort_fc1_q", fc1_q), ("ort_fc1_s", fc1_s), ("ort_fc1_b", fc1_b), ("ort_fc2_q", fc2_q),
+                        ("ort_fc2_s", fc2_s), ("ort_fc2_b", fc2_b)]
+        else:
+            tensors += [("ort_fc1", fc1), ("ort_fc1_b", fc1_b), ("ort_fc2", fc2), ("ort_fc2_b", fc2_b)]
+        for name, value in tensors:
             if value is None:
                 names[name] = None
                 continue
-            module.register_parameter(name, nn.Parameter(value.detach().float().contiguous(), requires_grad=False))
+            value = value.detach().contiguous()
+            module.register_buffer(name, value if value.dtype == torch.uint8 else value.float())
             with gm.graph.inserting_before(moe):
                 names[name] = gm.graph.get_attr(f"{prefix}.{name}")
+        common = (int(route.args[4]), f.activation_type, f.normalize, f.alpha, f.beta, f.limit)
         with gm.graph.inserting_before(moe):
-            new = gm.graph.call_function(torch.ops.moecc.ort_moe.default, (
-                route.args[0], names["ort_router_w_t"], names["ort_router_b"], names["ort_fc1"], names["ort_fc1_b"],
-                names["ort_fc2"], names["ort_fc2_b"], int(route.args[4]), f.activation_type, f.normalize, f.alpha,
-                f.beta, f.limit))
+            if use_q:
+                new = gm.graph.call_function(torch.ops.moecc.ort_qmoe.default, (
+                    route.args[0], names["ort_router_w_t"], names["ort_router_b"], names["ort_fc1_q"],
+                    names["ort_fc1_s"], names["ort_fc1_b"], names["ort_fc2_q"], names["ort_fc2_s"],
+                    names["ort_fc2_b"], *common, quant.bits, quant.block_size))
+            else:
+                new = gm.graph.call_function(torch.ops.moecc.ort_moe.default, (
+                    route.args[0], names["ort_router_w_t"], names["ort_router_b"], names["ort_fc1"],
+                    names["ort_fc1_b"], names["ort_fc2"], names["ort_fc2_b"], *common))
         moe.replace_all_uses_with(new)
         gm.graph.erase_node(moe)
-        lowering[prefix] = "com.microsoft.MoE"
+        lowering[prefix] = "com.microsoft.QMoE" if use_q else "com.microsoft.MoE"
+        if use_q and prefix in owner:
+            owner[prefix].quantization = quant.describe()
     gm.graph.eliminate_dead_code()
     for prefix, how in lowering.items():
         if prefix in owner:
             owner[prefix].lowering = how
+            if quant is not None and not owner[prefix].quantization:
+                owner[prefix].quantization = "none: block is decomposed, weights stay float"
     return lowering
 
 
@@ -127,11 +159,8 @@ def decompose(gm: fx.GraphModule) -> None:
         if node.op == "call_function" and node.target in DECOMPOSITIONS:
             node.target = DECOMPOSITIONS[node.target]
         elif node.op == "call_function" and str(node.target).startswith("moecc."):
-            if node.target is not torch.ops.moecc.ort_moe.default:
+            if node.target not in (torch.ops.moecc.ort_moe.default, torch.ops.moecc.ort_qmoe.default):
                 raise ValueError(f"the ONNX backend cannot lower {node.target} (node {node.name})")
-        elif node.op == "call_module":
-            raise ValueError(f"MoE block {node.meta.get('moecc_block', node.target)} was not recognized; the ONNX "
-                             "backend cannot export a block as written. Use backend='torch'.")
     gm.recompile()
 
 
@@ -144,7 +173,8 @@ def to_onnx(gm: fx.GraphModule, example: list[torch.Tensor], path: str) -> str:
             else {}
         shapes.append(dims)
     prog = torch.onnx.export(gm, tuple(example), dynamo=True, dynamic_shapes=tuple(shapes), optimize=True,
-                             custom_translation_table={torch.ops.moecc.ort_moe.default: ort_moe_onnx}, verbose=False)
+                             custom_translation_table={torch.ops.moecc.ort_moe.default: ort_moe_onnx,
+                                                       torch.ops.moecc.ort_qmoe.default: ort_qmoe_onnx}, verbose=False)
     prog.save(path, external_data=True)
     return path
 
@@ -166,9 +196,17 @@ class OrtModule(nn.Module):
         return tuple(torch.from_numpy(o) for o in self.session.run(None, feeds))
 
 
-def lower_to_ort(gm: fx.GraphModule, example: list[torch.Tensor], folder: str | None = None) -> OrtModule:
-    use_ort_moe(gm)
+def lower_to_ort(gm: fx.GraphModule, example: list[torch.Tensor], folder: str | None = None,
+                 quant=None) -> OrtModule:
+    use_ort_moe(gm, quant)
     decompose(gm)
     folder = folder or tempfile.mkdtemp(prefix="moecc_onnx_")
-    path = to_onnx(gm, example, os.path.join(folder, "model.onnx"))
+    as_written = [n.meta.get("moecc_block", n.target) for n in gm.graph.nodes if n.op == "call_module"]
+    try:
+        path = to_onnx(gm, example, os.path.join(folder, "model.onnx"))
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        hint = (f" MoE blocks left as written ({', '.join(as_written)}) are exported by tracing their Python code, "
+                "which fails for data-dependent expert loops; use backend='torch' for them.") if as_written else ""
+        raise BackendError(f"ONNX export failed: {first}.{hint}") from exc
     return OrtModule(path)

@@ -1,0 +1,202 @@
+"""Ahead-of-time artifacts: ``moecc.export`` writes a self-contained folder (or one ``.moecc`` file);
+``moecc.load`` runs it in a process that never imports the model's code.
+
+Layout of an artifact folder:
+- ``manifest.json``: versions, backend, input/output specs, per-layer MoE specs with capacity formulas and the
+  placement plan, the pass list, and the SHA-256 of every other file;
+- the program: ``model.onnx`` with its weights as ONNX external data (``model.onnx.data``) for ONNX Runtime,
+  or ``program.pt2`` (a ``torch.export`` ExportedProgram) for the torch and reference backends.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from moecc.errors import ArtifactError
+
+log = logging.getLogger("moecc.artifact")
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _paths(tree) -> list[str]:
+    return [pytree.keystr(path) for path, _ in pytree.tree_flatten_with_path(tree)[0]]
+
+
+def export(model: nn.Module, args, path, kwargs: dict | None = None, backend: str = "auto", progress=None,
+           **options) -> Path:
+    """Capture, compile and write ``model`` for the example ``args``/``kwargs`` to ``path`` (a folder, or a single
+    file when ``path`` ends in ``.moecc``). Returns the path written."""
+    from moecc import __version__
+    from moecc.api import OPTIONS, _check_args
+    from moecc.runtime.compiled import build, check_fresh
+
+    _check_args(model, backend, None, options)
+    if not isinstance(args, tuple):
+        args = (args,)
+    kwargs = dict(kwargs or {})
+    path = Path(path)
+    single = path.suffix == ".moecc"
+    folder = Path(tempfile.mkdtemp(prefix="moecc_export_")) if single else path
+    if folder.exists() and any(folder.iterdir()):
+        if not (folder / MANIFEST).exists():
+            raise ArtifactError(f"{folder} exists and is not a moecc artifact; refusing to overwrite it")
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    step = progress or (lambda msg: log.info(msg))
+    step("capturing and compiling")
+    entry, info = build(model, args, kwargs, backend, options, None, str(folder))
+    if options.get("verify", True) and not options.get("quantize"):
+        step("checking against eager on fresh inputs")
+        check_fresh(model, entry)
+    step(f"writing the {entry.backend} program")
+    if entry.backend in ("torch", "reference"):
+        _save_torch_program(entry, folder)
+    with torch.no_grad():
+        reference = model(*args, **kwargs)
+    files = {p.name: _sha256(p) for p in sorted(folder.iterdir()) if p.name != MANIFEST}
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "moecc_version": __version__,
+        "torch_version": torch.__version__.split("+")[0],
+        "backend": entry.backend,
+        "inputs": {
+            "spec": pytree.treespec_dumps(entry.in_spec),
+            "tensors": [{"index": i, "dtype": str(d).replace("torch.", ""), "shape": list(s)}
+                        for i, d, s in zip(entry.tensor_pos, entry.dtypes, entry.shapes)],
+            "constants": {str(i): c for i, c in enumerate(entry.consts) if c is not None},
+        },
+        "outputs": {"paths": _paths(reference)},
+        "moe_layers": [layer.as_dict() for layer in entry.layers.values()],
+        "passes": info.passes,
+        "options": {k: v for k, v in options.items() if k in OPTIONS},
+        "files": files,
+    }
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+    if single:
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+            for p in folder.iterdir():
+                z.write(p, p.name)
+        shutil.rmtree(folder)
+    step(f"wrote {path}")
+    return path
+
+
+def _save_torch_program(entry, folder: Path) -> None:
+    example = [entry.example_inputs[i] for i in entry.tensor_pos]
+    shapes = tuple({i: torch.export.Dim.AUTO for i, d in enumerate(s) if d is None} for s in entry.shapes)
+    ep = torch.export.export(entry.gm, tuple(example), dynamic_shapes=shapes, strict=False)
+    torch.export.save(ep, folder / "program.pt2")
+
+
+class Outputs(dict):
+    """A model's outputs by name, readable as attributes (``out.logits``) or items (``out["logits"]``, ``out[0]``)."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __getitem__(self, key):
+        if isinstance(key, int):
+            return list(self.values())[key]
+        return super().__getitem__(key)
+
+
+def _rebuild(paths: list[str], leaves: list):
+    if paths == [""]:
+        return leaves[0]
+    if all(p.startswith("[") and p.endswith("]") and p[1:-1].isdigit() for p in paths):
+        return tuple(leaves)
+    names = [p.lstrip(".").strip("[]'\"") for p in paths]
+    return Outputs(zip(names, leaves))
+
+
+class LoadedModel:
+    """A loaded artifact: ``m(*args, **kwargs)`` gives the model's outputs."""
+
+    def __init__(self, folder: Path, manifest: dict, program) -> None:
+        self.folder, self.manifest, self.program = folder, manifest, program
+        self.in_spec = pytree.treespec_loads(manifest["inputs"]["spec"])
+        self.tensor_pos = [t["index"] for t in manifest["inputs"]["tensors"]]
+        self.constants = {int(k): v for k, v in manifest["inputs"]["constants"].items()}
+
+    @property
+    def moe_layers(self) -> list[dict]:
+        return self.manifest["moe_layers"]
+
+    def __call__(self, *args, **kwargs):
+        flat, spec = pytree.tree_flatten((args, kwargs))
+        if spec != self.in_spec:
+            raise TypeError(f"inputs do not match the exported signature {self.in_spec}; got {spec}")
+        for i, c in self.constants.items():
+            if flat[i] != c:
+                raise ValueError(f"input #{i} was the constant {c!r} at export, got {flat[i]!r}; re-export for it")
+        outs = self.program(*[flat[i] for i in self.tensor_pos])
+        return _rebuild(self.manifest["outputs"]["paths"], list(outs))
+
+
+def load(path) -> LoadedModel:
+    """Load an artifact written by ``moecc.export``; raises ``moecc.ArtifactError`` when it cannot be trusted."""
+    path = Path(path)
+    if not path.exists():
+        raise ArtifactError(f"no moecc artifact at {path}")
+    folder = path
+    if path.is_file():
+        if not zipfile.is_zipfile(path):
+            raise ArtifactError(f"{path} is neither an artifact folder nor a .moecc file")
+        folder = Path(tempfile.mkdtemp(prefix="moecc_load_"))
+        with zipfile.ZipFile(path) as z:
+            z.extractall(folder)
+    manifest_path = folder / MANIFEST
+    if not manifest_path.exists():
+        raise ArtifactError(f"{path} has no {MANIFEST}: it is not a moecc artifact (re-export it)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{manifest_path} is not valid JSON ({exc}); the artifact is damaged: re-export it") from exc
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ArtifactError(f"{path} has artifact format {version!r} (written by moecc "
+                            f"{manifest.get('moecc_version')}); this moecc reads format {FORMAT_VERSION}. "
+                            "Re-export the model with this moecc version.")
+    for name, digest in manifest.get("files", {}).items():
+        file = folder / name
+        if not file.exists():
+            raise ArtifactError(f"{path} is missing {name}; copy the whole artifact or re-export it")
+        if _sha256(file) != digest:
+            raise ArtifactError(f"{name} in {path} does not match its recorded SHA-256: the file was changed or "
+                                "damaged, so it is not run. Re-export the model or restore the file.")
+    backend = manifest["backend"]
+    if backend == "onnxruntime":
+        from moecc.codegen.onnx.lower import OrtModule
+
+        program = OrtModule(os.fspath(folder / "model.onnx"))
+    elif backend in ("torch", "reference"):
+        import moecc.codegen.torch.moe  # noqa: F401 - registers the ops the program calls
+
+        program = torch.export.load(folder / "program.pt2").module()
+    else:
+        raise ArtifactError(f"{path} was exported for backend {backend!r}, which this moecc cannot run")
+    return LoadedModel(folder, manifest, program)

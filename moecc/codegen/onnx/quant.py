@@ -1,0 +1,56 @@
+"""Weight-only int8/int4 expert quantization for com.microsoft.QMoE (symmetric, per output channel or per block
+of ``block_size`` input features), and its exact dequantized reference."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+BITS = {"int8": 8, "int4": 4}
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    bits: int
+    block_size: int = 0  # 0: one scale per output channel
+
+    @property
+    def zero_point(self) -> int:
+        return 1 << (self.bits - 1)
+
+    def describe(self) -> str:
+        return f"int{self.bits} " + (f"block {self.block_size}" if self.block_size else "per-channel")
+
+
+def quant_spec(quantize: str | None, block_size: int = 0) -> QuantSpec | None:
+    if quantize is None:
+        return None
+    if quantize not in BITS:
+        raise ValueError(f"quantize must be one of {sorted(BITS)}, got {quantize!r}")
+    if block_size and (block_size < 16 or block_size & (block_size - 1)):
+        raise ValueError(f"quant_block_size must be 0 or a power of two >= 16, got {block_size}")
+    return QuantSpec(BITS[quantize], block_size)
+
+
+def quantize(w: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
+    """w [E, N, K] float -> (packed uint8 [E, N, K*bits/8], scales [E, N] or [E, N, K/block])."""
+    e, n, k = w.shape
+    qmax = spec.zero_point - 1
+    blocks = w.float().reshape(e, n, -1, spec.block_size) if spec.block_size else w.float().unsqueeze(2)
+    scale = blocks.abs().amax(-1).clamp(min=1e-12) / qmax
+    q = torch.clamp(torch.round(blocks / scale.unsqueeze(-1)), -qmax - 1, qmax) + spec.zero_point
+    q = q.reshape(e, n, k).to(torch.uint8)
+    if spec.bits == 4:
+        q = q[..., 0::2] | (q[..., 1::2] << 4)  # low nibble first
+    return q.contiguous(), (scale if spec.block_size else scale.squeeze(2)).contiguous()
+
+
+def dequantize(q: Tensor, scale: Tensor, spec: QuantSpec, k: int) -> Tensor:
+    if spec.bits == 4:
+        q = torch.stack([q & 0xF, q >> 4], -1).reshape(*q.shape[:-1], k)
+    w = q.float() - spec.zero_point
+    if spec.block_size:
+        return (w.reshape(*w.shape[:-1], -1, spec.block_size) * scale.unsqueeze(-1)).reshape(w.shape)
+    return w * scale.unsqueeze(-1)
