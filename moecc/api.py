@@ -8,7 +8,8 @@ from moecc import knobs, logs
 from moecc.codegen.lower import BACKENDS
 from moecc.runtime.compiled import CompiledModule
 
-OPTIONS = {"fuse": bool, "verify": bool, "quantize": (str, type(None)), "quant_block_size": int}
+OPTIONS = {"fuse": bool, "verify": bool, "quantize": (str, type(None)), "quant_block_size": int,
+           "quant_int8_activations": bool}
 
 
 def compile(model: nn.Module, backend: str = "auto", dump_dir: str | None = None, **options) -> CompiledModule:  # noqa: A001
@@ -19,7 +20,8 @@ def compile(model: nn.Module, backend: str = "auto", dump_dir: str | None = None
     ``dump_dir`` (or ``MOECC_DUMP_DIR``): write numbered, runnable pass dumps there.
     Options: ``fuse=False`` captures without MoE fusion; ``verify=False`` skips the check on fresh inputs;
     ``quantize="int8"|"int4"`` (onnxruntime only, opt-in) stores expert weights quantized, per output channel or
-    per ``quant_block_size`` input features."""
+    per ``quant_block_size`` input features; ``quant_int8_activations=True`` also rounds activations to int8 (much
+    faster on CPU, less exact)."""
     _check_args(model, backend, dump_dir, options)
     logs.configure()
     dump_dir = str(dump_dir) if dump_dir is not None else knobs.DUMP_DIR.get()
@@ -42,4 +44,6 @@ def _check_args(model, backend, dump_dir, options) -> None:
                             f"got {type(value).__name__}")
     from moecc.codegen.onnx.quant import quant_spec
 
-    quant_spec(options.get("quantize"), options.get("quant_block_size", 0))  # ValueError names a bad value
+    # ValueError names a bad value
+    quant_spec(options.get("quantize"), options.get("quant_block_size", 0),
+               options.get("quant_int8_activations", False))

@@ -89,6 +89,7 @@ def export(model: nn.Module, args, path, kwargs: dict | None = None, backend: st
         "outputs": {"paths": _paths(reference)},
         "moe_layers": [layer.as_dict() for layer in entry.layers.values()],
         "passes": info.passes,
+        "graph": info.graph,
         "options": {k: v for k, v in options.items() if k in OPTIONS},
         "files": files,
     }
@@ -175,7 +176,8 @@ def load(path) -> LoadedModel:
     try:
         manifest = json.loads(manifest_path.read_text())
     except json.JSONDecodeError as exc:
-        raise ArtifactError(f"{manifest_path} is not valid JSON ({exc}); the artifact is damaged: re-export it") from exc
+        raise ArtifactError(f"{manifest_path} is not valid JSON ({exc}); the artifact is damaged: "
+                            "re-export it") from exc
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
         raise ArtifactError(f"{path} has artifact format {version!r} (written by moecc "

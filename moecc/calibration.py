@@ -14,7 +14,8 @@ def expert_load(gm: fx.GraphModule, inputs: list[torch.Tensor]) -> dict[str, lis
     """{graph prefix of the block: counts per expert}, by running the graph and watching its routing ops."""
     prefix_of = {}
     for moe in gm.graph.nodes:
-        if moe.op == "call_function" and moe.target is torch.ops.moecc.fused_moe.default and moe.args[3].op == "get_attr":
+        is_moe = moe.op == "call_function" and moe.target is torch.ops.moecc.fused_moe.default
+        if is_moe and moe.args[3].op == "get_attr":
             ids = moe.args[2]
             if ids.op == "call_function" and ids.target is operator.getitem:
                 prefix_of[ids.args[0]] = (moe.args[3].target.rsplit(".", 1)[0], moe)

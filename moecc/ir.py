@@ -103,7 +103,8 @@ class MoELayerInfo:
     placement: dict = field(default_factory=dict)
     expert_load: list = field(default_factory=list)  # tokens routed to each expert on the capture's sample
     lowering: str = ""
-    quantization: str = ""  # "" (float), "int4 per-channel", ..., or "none: <why>" when asked for but not applied  # how the backend ran it, e.g. "com.microsoft.MoE" or "decomposed: <why>"
+    # "" (float), "int4 per-channel", ..., or "none: <why>" when asked for but not applied
+    quantization: str = ""  # how the backend ran it, e.g. "com.microsoft.MoE" or "decomposed: <why>"
     graph_prefix: str = ""  # where the canonical weights of this block live in the graph module
 
     def as_dict(self) -> dict:

@@ -53,7 +53,10 @@ class DumpIR(Instrument):
     def on_finish(self, gm):
         self.store.save(self.folder)
         layers = {k: v.as_dict() for k, v in gm.meta.get("moecc_layers", {}).items()}
-        summary = {"stages": self.files, "passes": self.timing.records, "moe_layers": layers}
+        from moecc.report import graph_summary
+
+        summary = {"stages": self.files, "passes": self.timing.records, "moe_layers": layers,
+                   "graph": graph_summary(gm)}
         (self.folder / "passes.json").write_text(json.dumps(summary, indent=2))
         log.info("dumps written to %s", self.folder)
 

@@ -16,6 +16,7 @@ from moecc.codegen.lower import EXPERT_LAYOUT, lower, resolve_backend
 from moecc.errors import BackendError, MoeccError
 from moecc.ir import MoELayerInfo
 from moecc.passes import DumpIR, PassManager, Timing, default_pipeline
+from moecc.report import graph_summary
 
 log = logging.getLogger("moecc.runtime")
 
@@ -108,6 +109,7 @@ class BuildInfo:
     captured: object
     passes: list
     backend: str
+    graph: list
 
 
 def build(model: nn.Module, args, kwargs, backend: str, options: dict, dump_folder: Path | None,
@@ -115,7 +117,8 @@ def build(model: nn.Module, args, kwargs, backend: str, options: dict, dump_fold
     """Capture, run the pass pipeline (with dumps when asked) and lower to a backend."""
     from moecc.codegen.onnx.quant import quant_spec
 
-    quant = quant_spec(options.get("quantize"), options.get("quant_block_size", 0))
+    quant = quant_spec(options.get("quantize"), options.get("quant_block_size", 0),
+                       options.get("quant_int8_activations", False))
     cap = capture(model, args, kwargs, fuse=options.get("fuse", True))
     timing = Timing()
     instruments: list = [timing]
@@ -125,6 +128,7 @@ def build(model: nn.Module, args, kwargs, backend: str, options: dict, dump_fold
     manager = PassManager(default_pipeline(EXPERT_LAYOUT[backend]), instruments, repro_dir=dump_folder)
     gm = manager(cap.gm).graph_module
     layers = gm.meta.get("moecc_layers", {})
+    graph = graph_summary(gm)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     shapes = [tuple(d if isinstance(d, int) else None for d in n.meta["val"].shape) if "val" in n.meta else
               tuple(None for _ in range(cap.tensor_inputs[i].dim())) for i, n in enumerate(placeholders)]
@@ -146,7 +150,7 @@ def build(model: nn.Module, args, kwargs, backend: str, options: dict, dump_fold
     entry = _Entry(program, cap.in_spec, cap.out_spec, cap.tensor_pos,
                    [None if isinstance(v, torch.Tensor) else v for v in cap.flat_inputs], shapes,
                    [t.dtype for t in cap.tensor_inputs], layers, backend, cap.flat_inputs)
-    return entry, BuildInfo(cap, timing.records, backend)
+    return entry, BuildInfo(cap, timing.records, backend, graph)
 
 
 def check_fresh(model: nn.Module, entry: _Entry, tolerance: float | None = None) -> None:

@@ -101,7 +101,7 @@ def use_ort_moe(gm: fx.GraphModule, quant=None) -> dict[str, str]:
         scale = float(route.args[10])
         use_q = quant is not None and ort_qmoe_computes_same(
             f.activation_type, f.normalize, int(route.args[4]), b_up is not None or b_down is not None, f.alpha,
-            f.beta, f.limit, quant.bits, quant.block_size)
+            f.beta, f.limit, quant.bits, quant.block_size, quant.int8_activations)
         if quant is not None and not use_q and prefix in owner:
             owner[prefix].quantization = f"none: com.microsoft.QMoE({f.activation_type}) does not match on probe data"
         fc1, fc1_b = w_up, b_up
@@ -135,7 +135,7 @@ def use_ort_moe(gm: fx.GraphModule, quant=None) -> dict[str, str]:
                 new = gm.graph.call_function(torch.ops.moecc.ort_qmoe.default, (
                     route.args[0], names["ort_router_w_t"], names["ort_router_b"], names["ort_fc1_q"],
                     names["ort_fc1_s"], names["ort_fc1_b"], names["ort_fc2_q"], names["ort_fc2_s"],
-                    names["ort_fc2_b"], *common, quant.bits, quant.block_size))
+                    names["ort_fc2_b"], *common, quant.bits, quant.block_size, quant.int8_activations))
             else:
                 new = gm.graph.call_function(torch.ops.moecc.ort_moe.default, (
                     route.args[0], names["ort_router_w_t"], names["ort_router_b"], names["ort_fc1"],
@@ -167,11 +167,10 @@ def decompose(gm: fx.GraphModule) -> None:
 def to_onnx(gm: fx.GraphModule, example: list[torch.Tensor], path: str) -> str:
     """Export the lowered graph with dynamic token dims; weights go to external data beside ``path``."""
     shapes = []
-    for node, t in zip([n for n in gm.graph.nodes if n.op == "placeholder"], example):
+    for node in [n for n in gm.graph.nodes if n.op == "placeholder"]:
         val = node.meta.get("val")
-        dims = {i: torch.export.Dim.AUTO for i, d in enumerate(val.shape) if not isinstance(d, int)} if val is not None \
-            else {}
-        shapes.append(dims)
+        symbolic = [] if val is None else [i for i, d in enumerate(val.shape) if not isinstance(d, int)]
+        shapes.append({i: torch.export.Dim.AUTO for i in symbolic})
     prog = torch.onnx.export(gm, tuple(example), dynamo=True, dynamic_shapes=tuple(shapes), optimize=True,
                              custom_translation_table={torch.ops.moecc.ort_moe.default: ort_moe_onnx,
                                                        torch.ops.moecc.ort_qmoe.default: ort_qmoe_onnx}, verbose=False)

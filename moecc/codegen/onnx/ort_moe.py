@@ -82,7 +82,7 @@ def contrib_schema(name: str, domain: str = "com.microsoft"):
 
     def formal(p):
         return onnx.defs.OpSchema.FormalParameter(
-            p.name, p.typeStr, param_option=option[str(p.option).replace("FormalParameterOption", "FormalParameterOption")])
+            p.name, p.typeStr, param_option=option[str(p.option)])
 
     schema = onnx.defs.OpSchema(
         name, domain, src.since_version, inputs=[formal(p) for p in src.inputs],
@@ -145,7 +145,8 @@ def ort_computes_same(activation_type: str, normalize: bool, k: int, has_bias: b
     graph = helper.make_graph([node], "probe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [t, h]),
                                                 helper.make_tensor_value_info("logits", TensorProto.FLOAT, [t, e])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [t, h])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+    opsets = [helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
     try:
         sess = ort.InferenceSession(model.SerializeToString(), providers=[provider])
         (y,) = sess.run(None, {"x": x.numpy(), "logits": (x @ router).numpy()})
@@ -164,11 +165,12 @@ def ort_computes_same(activation_type: str, normalize: bool, k: int, has_bias: b
 def ort_qmoe(x: Tensor, router_w_t: Tensor, router_b: Tensor | None, fc1_q: Tensor, fc1_scales: Tensor,
              fc1_b: Tensor | None, fc2_q: Tensor, fc2_scales: Tensor, fc2_b: Tensor | None, k: int,
              activation_type: str, normalize: bool, alpha: float, beta: float, limit: float, bits: int,
-             block_size: int) -> Tensor:
-    """``com.microsoft.QMoE``: ``ort_moe`` with weights dequantized from packed uint8."""
+             block_size: int, int8_activations: bool) -> Tensor:
+    """``com.microsoft.QMoE``: ``ort_moe`` with weights dequantized from packed uint8 (with int8 activations ORT
+    also rounds the activations, which this reference does not model)."""
     from moecc.codegen.onnx.quant import QuantSpec, dequantize
 
-    spec = QuantSpec(bits, block_size)
+    spec = QuantSpec(bits, block_size, int8_activations)
     fc1 = dequantize(fc1_q, fc1_scales, spec, x.shape[-1])
     fc2 = dequantize(fc2_q, fc2_scales, spec, fc1.shape[1] // (2 if activation_type == "swiglu" else 1))
     return ort_moe(x, router_w_t, router_b, fc1, fc1_b, fc2, fc2_b, k, activation_type, normalize, alpha, beta, limit)
@@ -179,9 +181,11 @@ def _ort_qmoe_fake(x, *args):
     return torch.empty_like(x)
 
 
-def _qmoe_attrs(k, activation_type, normalize, alpha, beta, limit, bits, block_size):
+def _qmoe_attrs(k, activation_type, normalize, alpha, beta, limit, bits, block_size, int8_activations=False):
     attrs = dict(k=k, activation_type=activation_type, normalize_routing_weights=int(normalize),
                  expert_weight_bits=bits)
+    if int8_activations:
+        attrs["accuracy_level"] = 4
     if block_size:
         attrs["block_size"] = block_size
     if activation_type == "swiglu":
@@ -192,7 +196,7 @@ def _qmoe_attrs(k, activation_type, normalize, alpha, beta, limit, bits, block_s
 
 
 def ort_qmoe_onnx(x, router_w_t, router_b, fc1_q, fc1_scales, fc1_b, fc2_q, fc2_scales, fc2_b, k, activation_type,
-                  normalize, alpha, beta, limit, bits, block_size):
+                  normalize, alpha, beta, limit, bits, block_size, int8_activations):
     import onnxscript
     from onnxscript import opset18 as op
 
@@ -203,19 +207,21 @@ def ort_qmoe_onnx(x, router_w_t, router_b, fc1_q, fc1_scales, fc1_b, fc2_q, fc2_
     inputs = [x, logits, fc1_q, fc1_scales, fc1_b, fc2_q, fc2_scales, fc2_b]
     while inputs[-1] is None:
         inputs.pop()
-    return qmoe(*inputs, **_qmoe_attrs(k, activation_type, normalize, alpha, beta, limit, bits, block_size))
+    return qmoe(*inputs, **_qmoe_attrs(k, activation_type, normalize, alpha, beta, limit, bits, block_size,
+                                       int8_activations))
 
 
 @functools.lru_cache(maxsize=None)
-def ort_qmoe_computes_same(activation_type: str, normalize: bool, k: int, has_bias: bool, alpha: float, beta: float,
-                           limit: float, bits: int, block_size: int, provider: str = "CPUExecutionProvider") -> bool:
+def ort_qmoe_computes_same(activation_type: str, normalize: bool, k: int, has_bias: bool, alpha: float,
+                           beta: float, limit: float, bits: int, block_size: int, int8_activations: bool = False,
+                           provider: str = "CPUExecutionProvider") -> bool:
     """Probe com.microsoft.QMoE against ``ort_qmoe``'s dequantized reference, as for the float op."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
     from moecc.codegen.onnx.quant import QuantSpec, quantize
 
-    spec = QuantSpec(bits, block_size)
+    spec = QuantSpec(bits, block_size, int8_activations)
     g = torch.Generator().manual_seed(9)
     t, h, inter, e = 7, 64, 32, 4
     fusion = 2 if activation_type == "swiglu" else 1
@@ -226,17 +232,19 @@ def ort_qmoe_computes_same(activation_type: str, normalize: bool, k: int, has_bi
     b1 = torch.randn(e, fusion * inter, generator=g) if has_bias else None
     b2 = torch.randn(e, h, generator=g) if has_bias else None
     ref = ort_qmoe(x, router, None, fc1_q, fc1_s, b1, fc2_q, fc2_s, b2, k, activation_type, normalize, alpha, beta,
-                   limit, bits, block_size)
+                   limit, bits, block_size, int8_activations)
     names = ["x", "logits", "fc1", "s1", "b1" if has_bias else "", "fc2", "s2", "b2" if has_bias else ""]
     node = helper.make_node("QMoE", names, ["y"], domain="com.microsoft",
-                            **_qmoe_attrs(k, activation_type, normalize, alpha, beta, limit, bits, block_size))
+                            **_qmoe_attrs(k, activation_type, normalize, alpha, beta, limit, bits, block_size,
+                                          int8_activations))
     inits = [numpy_helper.from_array(v.numpy(), n) for n, v in (("fc1", fc1_q), ("fc2", fc2_q), ("s1", fc1_s),
                                                                  ("s2", fc2_s), ("b1", b1), ("b2", b2))
              if v is not None]
     graph = helper.make_graph([node], "probe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [t, h]),
                                                 helper.make_tensor_value_info("logits", TensorProto.FLOAT, [t, e])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [t, h])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+    opsets = [helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
     try:
         sess = ort.InferenceSession(model.SerializeToString(), providers=[provider])
         (y,) = sess.run(None, {"x": x.numpy(), "logits": (x @ router).numpy()})
@@ -246,4 +254,5 @@ def ort_qmoe_computes_same(activation_type: str, normalize: bool, k: int, has_bi
     err = float(np.linalg.norm(y - ref.numpy()) / np.linalg.norm(ref.numpy()))
     log.info("com.microsoft.QMoE(%s, int%d, block %d) on %s: relative error %.1e", activation_type, bits, block_size,
              provider, err)
-    return err < 1e-4
+    # int8 activations are rounded by ORT only: the probe then checks layout and semantics, not the last digits
+    return err < (3e-2 if int8_activations else 1e-4)

@@ -15,23 +15,27 @@ BITS = {"int8": 8, "int4": 4}
 class QuantSpec:
     bits: int
     block_size: int = 0  # 0: one scale per output channel
+    int8_activations: bool = False  # ORT accuracy_level 4: activations quantized on the fly (faster, less exact)
 
     @property
     def zero_point(self) -> int:
         return 1 << (self.bits - 1)
 
     def describe(self) -> str:
-        return f"int{self.bits} " + (f"block {self.block_size}" if self.block_size else "per-channel")
+        return (f"int{self.bits} " + (f"block {self.block_size}" if self.block_size else "per-channel")
+                + (", int8 activations" if self.int8_activations else ""))
 
 
-def quant_spec(quantize: str | None, block_size: int = 0) -> QuantSpec | None:
+def quant_spec(quantize: str | None, block_size: int = 0, int8_activations: bool = False) -> QuantSpec | None:
     if quantize is None:
+        if block_size or int8_activations:
+            raise ValueError("quant_block_size and quant_int8_activations need quantize='int8' or 'int4'")
         return None
     if quantize not in BITS:
         raise ValueError(f"quantize must be one of {sorted(BITS)}, got {quantize!r}")
     if block_size and (block_size < 16 or block_size & (block_size - 1)):
         raise ValueError(f"quant_block_size must be 0 or a power of two >= 16, got {block_size}")
-    return QuantSpec(BITS[quantize], block_size)
+    return QuantSpec(BITS[quantize], block_size, int8_activations)
 
 
 def quantize(w: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:

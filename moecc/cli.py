@@ -1,0 +1,138 @@
+"""The ``moecc`` command: export, inspect, run, bench."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+
+import torch
+
+
+def _factory(spec: str):
+    """``pkg.module:factory`` or ``path/to/file.py:factory``."""
+    if ":" not in spec:
+        raise SystemExit(f"moecc: expected MODULE:FACTORY, got {spec!r}")
+    module_name, attr = spec.rsplit(":", 1)
+    if module_name.endswith(".py") or "/" in module_name:
+        path = Path(module_name).resolve()
+        sys.path.insert(0, str(path.parent))
+        loader = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(loader)
+        loader.loader.exec_module(module)
+    else:
+        sys.path.insert(0, str(Path.cwd()))
+        module = importlib.import_module(module_name)
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise SystemExit(f"moecc: {module_name} has no {attr!r}") from None
+
+
+def _split_example(example):
+    """A factory's example: a tuple of args, a dict of kwargs, or (args, kwargs)."""
+    if isinstance(example, dict):
+        return (), example
+    if isinstance(example, tuple) and len(example) == 2 and isinstance(example[1], dict) and isinstance(
+            example[0], (tuple, list)):
+        return tuple(example[0]), example[1]
+    if isinstance(example, (tuple, list)):
+        return tuple(example), {}
+    return (example,), {}
+
+
+def cmd_export(a) -> int:
+    from rich.console import Console
+
+    import moecc
+
+    console = Console(stderr=True)
+    model, example = _factory(a.factory)()
+    args, kwargs = _split_example(example)
+    options = {"verify": not a.no_verify}
+    if a.quantize:
+        options.update(quantize=a.quantize, quant_block_size=a.block_size)
+    with console.status("exporting") as status:
+        path = moecc.export(model, args, a.output, kwargs=kwargs, backend=a.backend,
+                            progress=lambda msg: status.update(f"{msg}..."), **options)
+    console.print(f"wrote {path}")
+    return 0
+
+
+def cmd_inspect(a) -> int:
+    from moecc.report import print_tables, read_record, write_html
+
+    record = read_record(a.path)
+    print_tables(record)
+    if a.html:
+        print(f"wrote {write_html(record, a.html)}")
+    return 0
+
+
+def cmd_run(a) -> int:
+    import moecc
+
+    model = moecc.load(a.path)
+    example = torch.load(a.input, weights_only=False)
+    args, kwargs = _split_example(example)
+    out = model(*args, **kwargs)
+    leaves = out.items() if isinstance(out, dict) else enumerate(out if isinstance(out, tuple) else (out,))
+    for name, value in leaves:
+        if isinstance(value, torch.Tensor):
+            print(f"{name}: {tuple(value.shape)} {str(value.dtype).replace('torch.', '')} "
+                  f"mean {value.float().mean().item():.6g} std {value.float().std().item():.6g}")
+    if a.output:
+        torch.save(out if not isinstance(out, dict) else dict(out), a.output)
+        print(f"wrote {a.output}")
+    return 0
+
+
+def cmd_bench(a) -> int:
+    from moecc.bench import run_cpu_bench
+
+    run_cpu_bench(tokens=a.tokens, reps=a.reps, shapes=a.shapes, layers=a.layers)
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="moecc", description="moecc: a compiler for Mixture-of-Experts inference")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    e = sub.add_parser("export", help="compile a model and write an artifact")
+    e.add_argument("factory", help="MODULE:FACTORY; the factory returns (model, example_args)")
+    e.add_argument("-o", "--output", required=True, help="artifact folder, or a file ending in .moecc")
+    e.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "torch", "reference"])
+    e.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantized experts (onnxruntime)")
+    e.add_argument("--block-size", type=int, default=0, help="quantization block size (0: per channel)")
+    e.add_argument("--no-verify", action="store_true", help="skip the check against eager on fresh inputs")
+    e.set_defaults(func=cmd_export)
+    i = sub.add_parser("inspect", help="tables of MoE layers and passes of an artifact or a dump folder")
+    i.add_argument("path")
+    i.add_argument("--html", help="also write an HTML page (graph picture, per-expert load histograms)")
+    i.set_defaults(func=cmd_inspect)
+    r = sub.add_parser("run", help="run an artifact on inputs saved with torch.save")
+    r.add_argument("path")
+    r.add_argument("--input", required=True, help="a .pt file: a tuple of args, a dict of kwargs, or (args, kwargs)")
+    r.add_argument("--output", help="save the outputs here")
+    r.set_defaults(func=cmd_run)
+    b = sub.add_parser("bench", help="CPU benchmark: HF eager and grouped_mm against moecc ORT fp32/int8/int4")
+    b.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 128, 512])
+    b.add_argument("--reps", type=int, default=10)
+    b.add_argument("--shapes", nargs="+", default=["olmoe", "mixtral_small"])
+    b.add_argument("--layers", type=int, default=4, help="layers of the end-to-end model (0: skip it)")
+    b.set_defaults(func=cmd_bench)
+    a = ap.parse_args(argv)
+    try:
+        return a.func(a)
+    except Exception as exc:  # noqa: BLE001 - a CLI reports errors, it does not dump tracebacks
+        from moecc.errors import MoeccError
+
+        if isinstance(exc, (MoeccError, FileNotFoundError, ValueError, TypeError)):
+            print(f"moecc {a.cmd}: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+import os
+import subprocess
+import sys
+
+import torch
+from hf_models import make_inputs
+
+HERE = os.path.dirname(__file__)
+
+
+def moecc_cli(*args, cwd):
+    env = {**os.environ, "PYTHONPATH": HERE}
+    return subprocess.run([sys.executable, "-m", "moecc.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          env=env)
+
+
+def test_cli_export_inspect_run(tmp_path):
+    run = moecc_cli("export", "cli_factory:tiny_mixtral", "-o", str(tmp_path / "art"), cwd=HERE)
+    assert run.returncode == 0, run.stderr
+    assert (tmp_path / "art" / "manifest.json").exists()
+
+    run = moecc_cli("inspect", str(tmp_path / "art"), "--html", str(tmp_path / "page.html"), cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert "model.layers.0.mlp" in run.stdout and "recognize" in run.stdout
+    page = (tmp_path / "page.html").read_text()
+    assert "<svg" in page and "#f4a340" in page and "expert 0" in page
+
+    torch.save(make_inputs("mixtral", 1, 6, seed=5), tmp_path / "in.pt")
+    run = moecc_cli("run", str(tmp_path / "art"), "--input", str(tmp_path / "in.pt"), "--output",
+                    str(tmp_path / "out.pt"), cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert "logits: (1, 6, 97)" in run.stdout
+    assert torch.load(tmp_path / "out.pt")["logits"].shape == (1, 6, 97)
+
+
+def test_cli_inspect_dump_folder_and_errors(tmp_path):
+    import moecc
+    from user_modules import LoopMoE, TinyModel
+
+    torch.manual_seed(0)
+    cm = moecc.compile(TinyModel(LoopMoE()).eval(), backend="torch", dump_dir=tmp_path / "dumps")
+    cm(torch.randint(0, 50, (2, 8)))
+    run = moecc_cli("inspect", str(tmp_path / "dumps"), cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert "fuse_experts" in run.stdout
+    run = moecc_cli("inspect", str(tmp_path / "nowhere"), cwd=tmp_path)
+    assert run.returncode == 2 and "neither a moecc artifact" in run.stderr
+    run = moecc_cli("run", str(tmp_path / "nowhere"), "--input", "x.pt", cwd=tmp_path)
+    assert run.returncode == 2 and "no moecc artifact" in run.stderr

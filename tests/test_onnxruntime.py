@@ -1,0 +1,118 @@
+"""ORT backend and ahead-of-time artifacts: export -> load in a fresh process -> equal to eager."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import onnx
+import pytest
+import torch
+from hf_models import FAMILIES, make_inputs, make_model
+
+import moecc
+
+# Where com.microsoft.MoE computes exactly the block's function on the CPU provider, and where it cannot.
+USES_MOE_OP = {"mixtral": True, "qwen2_moe": True, "qwen3_moe": True, "olmoe": True, "gpt_oss": True,
+               "deepseek_v3": False, "switch_transformers": False}
+
+LOAD_AND_CHECK = textwrap.dedent("""
+    import sys, torch
+    import moecc
+    m = moecc.load(sys.argv[1])
+    kwargs, ref = torch.load(sys.argv[2], weights_only=False)
+    out = m(**kwargs)
+    got = out.logits
+    err = ((got.double() - ref.double()).norm() / ref.double().norm()).item()
+    assert "transformers" not in sys.modules, "loading imported transformers"
+    print("ERR", err)
+""")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_export_then_load_in_fresh_process(family, tmp_path):
+    model = make_model(family)
+    path = moecc.export(model, (), tmp_path / "art", kwargs=make_inputs(family, 2, 8), backend="onnxruntime")
+    fresh = make_inputs(family, 3, 5, seed=7)
+    with torch.no_grad():
+        ref = model(**fresh).logits
+    torch.save((fresh, ref), tmp_path / "check.pt")
+    (tmp_path / "check.py").write_text(LOAD_AND_CHECK)
+    run = subprocess.run([sys.executable, "check.py", str(path), "check.pt"], cwd=tmp_path, capture_output=True,
+                         text=True, env={"PATH": "/usr/bin:/bin"})
+    assert run.returncode == 0, run.stdout + run.stderr
+    err = float(run.stdout.split("ERR")[1])
+    assert err < 1e-4
+
+    graph = onnx.load(str(path / "model.onnx"), load_external_data=False).graph
+    moe_ops = [n for n in graph.node if n.domain == "com.microsoft" and n.op_type == "MoE"]
+    manifest = json.loads((path / "manifest.json").read_text())
+    layers = manifest["moe_layers"]
+    if USES_MOE_OP[family]:
+        assert len(moe_ops) == len(layers) and all(layer["lowering"] == "com.microsoft.MoE" for layer in layers)
+    else:
+        assert not moe_ops and all(layer["lowering"].startswith("decomposed: ") for layer in layers)
+        assert {"TopK", "MatMul"} <= {n.op_type for n in graph.node}
+
+
+def _small_artifact(tmp_path):
+    model = make_model("mixtral")
+    return moecc.export(model, (), tmp_path / "art", kwargs=make_inputs("mixtral", 2, 8), backend="onnxruntime")
+
+
+def test_tampered_weights_are_refused(tmp_path):
+    path = _small_artifact(tmp_path)
+    data = path / "model.onnx.data"
+    raw = bytearray(data.read_bytes())
+    raw[100] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    with pytest.raises(moecc.ArtifactError, match="model.onnx.data.*SHA-256"):
+        moecc.load(path)
+
+
+def test_missing_file_and_version_mismatch_are_refused(tmp_path):
+    path = _small_artifact(tmp_path)
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["format_version"] = 999
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(moecc.ArtifactError, match="format 999.*Re-export"):
+        moecc.load(path)
+    manifest["format_version"] = 1
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    (path / "model.onnx").unlink()
+    with pytest.raises(moecc.ArtifactError, match="missing model.onnx"):
+        moecc.load(path)
+    with pytest.raises(moecc.ArtifactError, match="no moecc artifact"):
+        moecc.load(tmp_path / "nothing")
+
+
+def test_single_file_artifact_and_torch_backend(tmp_path):
+    model = make_model("olmoe")
+    kwargs = make_inputs("olmoe", 2, 8)
+    path = moecc.export(model, (), tmp_path / "m.moecc", kwargs=kwargs, backend="torch")
+    loaded = moecc.load(path)
+    fresh = make_inputs("olmoe", 1, 11, seed=3)
+    torch.testing.assert_close(loaded(**fresh).logits, model(**fresh).logits, rtol=1e-5, atol=1e-5)
+    assert loaded.manifest["backend"] == "torch" and len(loaded.moe_layers) == 2
+
+
+def test_quantization_is_opt_in_and_reported():
+    model = make_model("mixtral")
+    kwargs, fresh = make_inputs("mixtral", 2, 8), make_inputs("mixtral", 3, 5, 1)
+    ref = model(**fresh).logits
+    errors = {}
+    for q in (None, "int8", "int4"):
+        cm = moecc.compile(model, backend="onnxruntime", quantize=q)
+        cm(**kwargs)
+        layers = cm.moe_layers
+        if q is None:
+            assert all(layer.lowering == "com.microsoft.MoE" and layer.quantization == "" for layer in layers)
+        else:
+            assert all(layer.lowering == "com.microsoft.QMoE" and layer.quantization.startswith(q) for layer in layers)
+        got = cm(**fresh).logits
+        errors[q] = ((got - ref).norm() / ref.norm()).item()
+    assert errors[None] < 1e-5 < errors["int8"] < 5e-3 and errors["int8"] < errors["int4"] < 5e-2
+    with pytest.raises(ValueError, match="quantize"):
+        moecc.compile(model, quantize="int3")
+    with pytest.raises(ValueError, match="onnxruntime"):
+        moecc.compile(model, backend="torch", quantize="int8")(**kwargs)
