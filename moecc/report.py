@@ -39,10 +39,10 @@ def read_record(path: Path) -> dict:
 
 
 def print_tables(record: dict, console=None) -> None:
+    import sys
+
     from rich.console import Console
     from rich.table import Table
-
-    import sys
 
     # a pipe or a file gets full rows rather than an 80-column wrap
     console = console or Console(width=None if sys.stdout.isatty() else 220)

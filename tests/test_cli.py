@@ -34,8 +34,9 @@ def test_cli_export_inspect_run(tmp_path):
 
 
 def test_cli_inspect_dump_folder_and_errors(tmp_path):
-    import moecc
     from user_modules import LoopMoE, TinyModel
+
+    import moecc
 
     torch.manual_seed(0)
     cm = moecc.compile(TinyModel(LoopMoE()).eval(), backend="torch", dump_dir=tmp_path / "dumps")
