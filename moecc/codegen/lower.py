@@ -5,19 +5,25 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
+from moecc.errors import BackendError
+
 import moecc.codegen.torch.moe  # noqa: F401 - registers moecc::fused_moe_torch
 
-BACKENDS = ("auto", "torch", "reference", "onnxruntime")
+BACKENDS = ("auto", "torch", "reference", "onnxruntime", "triton")
 # The layout each backend's expert kernels read; the place-experts pass is told, it does not know backends.
-EXPERT_LAYOUT = {"torch": "io", "reference": "oi", "onnxruntime": "oi"}
+EXPERT_LAYOUT = {"torch": "io", "reference": "oi", "onnxruntime": "oi", "triton": "oi"}
 
 
 def resolve_backend(backend: str, example: list) -> str:
-    """``auto``: onnxruntime for CPU inputs, torch on CUDA."""
+    """``auto``: triton on CUDA (torch when Triton is missing), onnxruntime for CPU inputs."""
     if backend != "auto":
         return backend
     on_cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in example)
-    return "torch" if on_cuda else "onnxruntime"
+    if on_cuda:
+        from moecc.codegen.triton import available
+
+        return "triton" if available()[0] else "torch"
+    return "onnxruntime"
 
 
 def lower(gm: fx.GraphModule, backend: str, example: list[torch.Tensor] | None = None,
@@ -30,6 +36,21 @@ def lower(gm: fx.GraphModule, backend: str, example: list[torch.Tensor] | None =
         for node in gm.graph.nodes:
             if node.op == "call_function" and node.target is torch.ops.moecc.fused_moe.default:
                 node.target = torch.ops.moecc.fused_moe_torch.default
+        gm.recompile()
+        return gm
+    if backend == "triton":
+        from moecc.codegen.triton import available
+
+        ok, why = available()
+        if not ok:
+            raise BackendError(f"backend 'triton' is not available: {why}")
+        from moecc.codegen.triton.moe import fused_moe_triton, fused_route_triton
+
+        swap = {torch.ops.moecc.fused_moe.default: fused_moe_triton._opoverload,
+                torch.ops.moecc.fused_route.default: fused_route_triton._opoverload}
+        for node in gm.graph.nodes:
+            if node.op == "call_function" and node.target in swap:
+                node.target = swap[node.target]
         gm.recompile()
         return gm
     if backend == "onnxruntime":

@@ -1,0 +1,135 @@
+"""Grouped expert GEMMs over block-padded, expert-sorted pair rows.
+
+GEMM 1 gathers each row's token straight from ``x`` (no permuted copy), computes the gate and up tiles of the same
+output columns in one program and applies the (gated) activation, biases and GPT-OSS clamp in the epilogue.
+GEMM 2 multiplies by the down projection, adds its bias and the routing weight, and writes each pair's row in pair
+order, so the combine that follows is a plain, deterministic sum over the k slots (no atomics)."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+ACT_IDS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "swiglu_oai": 4}
+
+
+@triton.jit
+def _activate(g, ACT: tl.constexpr, alpha):
+    if ACT == 0:
+        return g / (1.0 + tl.exp(-g))
+    elif ACT == 1:
+        return 0.5 * g * (1.0 + tl.erf(g * 0.7071067811865476))
+    elif ACT == 2:
+        inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+        return 0.5 * g * (1.0 + (2.0 / (1.0 + tl.exp(-2.0 * inner)) - 1.0))
+    elif ACT == 3:
+        return tl.maximum(g, 0.0)
+    else:
+        return g / (1.0 + tl.exp(-alpha * g))
+
+
+@triton.jit
+def _gemm1_kernel(x_ptr, w_ptr, b_ptr, h_ptr, sorted_ptr, block_expert_ptr, total_ptr,
+                  n_pairs, top_k, N, K, stride_xm, stride_we, stride_wn, stride_wk, stride_be, stride_hm,
+                  alpha, limit,
+                  GATED: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, CLAMP: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(tl.load(total_ptr), BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = pid // (GROUP_M * num_n)
+    first_m = group * GROUP_M
+    pid_m = first_m + (pid % GROUP_M)
+    pid_n = (pid % (GROUP_M * num_n)) // GROUP_M
+    if pid_m >= num_m:
+        return
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(sorted_ptr + rows)
+    live = pair < n_pairs
+    tok = (pair // top_k).to(tl.int64)
+    e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    n_ok = offs_n < N
+    a_ptrs = x_ptr + tok[:, None] * stride_xm + offs_k[None, :]
+    g_ptrs = w_ptr + e * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_ok = offs_k < K - k * BLOCK_K
+        a = tl.load(a_ptrs, mask=live[:, None] & k_ok[None, :], other=0.0)
+        wg = tl.load(g_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc_g = tl.dot(a, wg, acc_g)
+        if GATED:
+            wu = tl.load(g_ptrs + N * stride_wn, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            acc_u = tl.dot(a, wu, acc_u)
+        a_ptrs += BLOCK_K
+        g_ptrs += BLOCK_K * stride_wk
+    if HAS_BIAS:
+        acc_g += tl.load(b_ptr + e * stride_be + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        if GATED:
+            acc_u += tl.load(b_ptr + e * stride_be + N + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if GATED:
+        if CLAMP:
+            acc_g = tl.minimum(acc_g, limit)
+            acc_u = tl.minimum(tl.maximum(acc_u, -limit), limit)
+        if ACT == 4:
+            h = _activate(acc_g, ACT, alpha) * (acc_u + 1.0)
+        else:
+            h = _activate(acc_g, ACT, alpha) * acc_u
+    else:
+        h = _activate(acc_g, ACT, alpha)
+    h_ptrs = h_ptr + rows[:, None].to(tl.int64) * stride_hm + offs_n[None, :]
+    tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=live[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _gemm2_kernel(h_ptr, w_ptr, b_ptr, out_ptr, weights_ptr, sorted_ptr, block_expert_ptr, total_ptr,
+                  n_pairs, N, K, stride_hm, stride_we, stride_wn, stride_wk, stride_be, stride_om,
+                  HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  GROUP_M: tl.constexpr):
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(tl.load(total_ptr), BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = pid // (GROUP_M * num_n)
+    pid_m = group * GROUP_M + (pid % GROUP_M)
+    pid_n = (pid % (GROUP_M * num_n)) // GROUP_M
+    if pid_m >= num_m:
+        return
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(sorted_ptr + rows)
+    live = pair < n_pairs
+    e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    n_ok = offs_n < N
+    a_ptrs = h_ptr + rows[:, None].to(tl.int64) * stride_hm + offs_k[None, :]
+    w_ptrs = w_ptr + e * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_ok = offs_k < K - k * BLOCK_K
+        a = tl.load(a_ptrs, mask=live[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = tl.dot(a, w, acc)
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K * stride_wk
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + e * stride_be + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    acc = acc * tl.load(weights_ptr + pair, mask=live, other=0.0).to(tl.float32)[:, None]
+    o_ptrs = out_ptr + pair[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+    tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=live[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _combine_kernel(pairs_ptr, ids_ptr, out_ptr, num_experts, H, K: tl.constexpr, BLOCK_H: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    ok = offs < H
+    acc = tl.zeros([BLOCK_H], tl.float32)
+    for j in tl.static_range(K):
+        e = tl.load(ids_ptr + t * K + j)
+        live = (e >= 0) & (e < num_experts)
+        # null and dropped pairs were never written: their rows are read (in bounds) and discarded
+        row = tl.load(pairs_ptr + (t * K + j) * H + offs, mask=ok, other=0.0).to(tl.float32)
+        acc += tl.where(live, row, 0.0)
+    tl.store(out_ptr + t * H + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)

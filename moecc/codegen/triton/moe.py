@@ -1,0 +1,107 @@
+"""The Triton fused MoE: ``moecc::fused_moe_triton`` and ``moecc::fused_route_triton`` (same contracts as
+``moecc::fused_moe`` and ``moecc::fused_route``)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+from torch import Tensor
+
+from moecc.codegen.triton import configs
+from moecc.codegen.triton.align import align
+from moecc.codegen.triton.gating import gating
+from moecc.codegen.triton.grouped_gemm import ACT_IDS, _combine_kernel, _gemm1_kernel, _gemm2_kernel
+from moecc.routing import apply_capacity
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _device_name(x: Tensor) -> str:
+    return torch.cuda.get_device_name(x.device) if x.is_cuda else "cpu"
+
+
+def pick_config(x: Tensor, num_experts: int, n: int, k: int, pairs: int, which: str) -> configs.TileConfig:
+    bucket = configs.token_bucket(x.shape[0])
+    cfg = None if INTERPRET else configs.lookup(_device_name(x), x.dtype, num_experts, n, k, bucket, which)
+    return cfg or configs.heuristic(pairs / max(num_experts, 1), x.dtype, INTERPRET)
+
+
+def run_experts(x, weights, ids, w_up, w_down, b_up, b_down, activation, gated, alpha, limit, cfg1, cfg2):
+    """The three launches after align: GEMM 1 (+activation), GEMM 2 (+weights), combine."""
+    t, k = ids.shape
+    num_experts, up_rows, hidden = w_up.shape
+    inter = up_rows // 2 if gated else up_rows
+    n_pairs = t * k
+    block_m = cfg1.block_m
+    sorted_ids, block_expert, total = align(ids, num_experts, block_m)
+    max_blocks = block_expert.numel()
+    h = torch.empty((sorted_ids.numel(), inter), dtype=x.dtype, device=x.device)
+    x = x.contiguous()
+    grid1 = (triton.cdiv(max_blocks, cfg1.group_m) * cfg1.group_m * triton.cdiv(inter, cfg1.block_n),)
+    _gemm1_kernel[grid1](
+        x, w_up, b_up if b_up is not None else w_up, h, sorted_ids, block_expert, total, n_pairs, k, inter, hidden,
+        x.stride(0), w_up.stride(0), w_up.stride(1), w_up.stride(2), b_up.stride(0) if b_up is not None else 0,
+        h.stride(0), float(alpha), float(limit), GATED=gated, ACT=ACT_IDS[activation], HAS_BIAS=b_up is not None,
+        CLAMP=limit > 0, BLOCK_M=block_m, BLOCK_N=cfg1.block_n, BLOCK_K=cfg1.block_k, GROUP_M=cfg1.group_m,
+        num_warps=cfg1.num_warps, num_stages=cfg1.num_stages)
+    pairs = torch.empty((n_pairs, hidden), dtype=x.dtype, device=x.device)
+    grid2 = (triton.cdiv(max_blocks, cfg2.group_m) * cfg2.group_m * triton.cdiv(hidden, cfg2.block_n),)
+    _gemm2_kernel[grid2](
+        h, w_down, b_down if b_down is not None else w_down, pairs, weights.reshape(-1), sorted_ids, block_expert,
+        total, n_pairs, hidden, inter, h.stride(0), w_down.stride(0), w_down.stride(1), w_down.stride(2),
+        b_down.stride(0) if b_down is not None else 0, pairs.stride(0), HAS_BIAS=b_down is not None, BLOCK_M=block_m,
+        BLOCK_N=cfg2.block_n, BLOCK_K=cfg2.block_k, GROUP_M=cfg2.group_m, num_warps=cfg2.num_warps,
+        num_stages=cfg2.num_stages)
+    out = torch.empty_like(x)
+    block_h = min(1024, triton.next_power_of_2(hidden))
+    _combine_kernel[(t, triton.cdiv(hidden, block_h))](pairs, ids, out, num_experts, hidden, K=k, BLOCK_H=block_h)
+    return out
+
+
+@torch.library.custom_op("moecc::fused_moe_triton", mutates_args=())
+def fused_moe_triton(
+    x: Tensor, weights: Tensor, ids: Tensor, w_up: Tensor, w_down: Tensor, b_up: Tensor | None,
+    b_down: Tensor | None, activation: str, gated: bool, alpha: float, limit: float, capacity: int,
+    capacity_factor: float, capacity_min: int, group_size: int, priority: str, weight_layout: str,
+) -> Tensor:
+    """Same contract as ``moecc::fused_moe``; weights must be in the ``oi`` layout ([E, out, in], contiguous)."""
+    t, k = ids.shape
+    if t == 0 or k == 0:
+        return torch.zeros_like(x)
+    if weight_layout != "oi":
+        w_up, w_down = w_up.transpose(1, 2).contiguous(), w_down.transpose(1, 2).contiguous()
+    if capacity >= 0 or capacity_factor > 0:
+        ids = apply_capacity(ids, w_up.shape[0], capacity, capacity_factor, capacity_min, group_size, priority)
+    num_experts, up_rows, hidden = w_up.shape
+    inter = up_rows // 2 if gated else up_rows
+    cfg1 = pick_config(x, num_experts, inter, hidden, t * k, "gemm1")
+    cfg2 = pick_config(x, num_experts, hidden, inter, t * k, "gemm2")
+    if cfg2.block_m != cfg1.block_m:  # both GEMMs walk the same aligned rows
+        cfg2 = configs.TileConfig(cfg1.block_m, cfg2.block_n, cfg2.block_k, cfg2.group_m, cfg2.num_warps,
+                                  cfg2.num_stages)
+    return run_experts(x, weights.float().contiguous(), ids.contiguous(), w_up.to(x.dtype), w_down.to(x.dtype),
+                       b_up, b_down, activation, gated, alpha, limit, cfg1, cfg2)
+
+
+@fused_moe_triton.register_fake
+def _fused_moe_triton_fake(x, *args):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("moecc::fused_route_triton", mutates_args=())
+def fused_route_triton(
+    x: Tensor, router_weight: Tensor, router_bias: Tensor | None, selection_bias: Tensor | None, top_k: int,
+    score: str, topk_first: bool, renormalize: bool, n_group: int, topk_group: int, scale: float, logits_fp32: bool,
+) -> tuple[Tensor, Tensor]:
+    """Same contract as ``moecc::fused_route``: the router GEMM, then one gating kernel."""
+    xs, w = (x.float(), router_weight.float()) if logits_fp32 else (x, router_weight)
+    logits = torch.nn.functional.linear(xs, w, None if router_bias is None else router_bias.to(w.dtype))
+    return gating(logits, selection_bias, top_k, score, topk_first, renormalize, n_group, topk_group, scale)
+
+
+@fused_route_triton.register_fake
+def _fused_route_triton_fake(x, router_weight, router_bias, selection_bias, top_k, *args):
+    k = min(top_k, router_weight.shape[0])
+    return x.new_empty((x.shape[0], k), dtype=torch.float32), x.new_empty((x.shape[0], k), dtype=torch.int64)
