@@ -1,13 +1,19 @@
-"""Time one MoE layer: HF eager, HF grouped_mm and moecc (torch backend), per token count.
+"""Time one MoE layer per token count against the baselines, measured in the same run.
 
-    python benchmarks/moe_layer.py [--tokens 1 16 128 512] [--dtype float32]
+    python benchmarks/moe_layer.py                 # CUDA when present (bf16), else CPU (fp32)
+    python benchmarks/moe_layer.py --tokens 1 64 --shapes qwen3_moe
 
-Runs on CUDA when present, else on CPU. Prints a table with moecc's ratio to the best HF baseline."""
+On CUDA it times HF eager, HF grouped_mm, torch.compile of the HF grouped_mm block (and mode="reduce-overhead"
+for T <= 64), and moecc's Triton backend; it measures copy bandwidth and bf16 matmul throughput in the same run
+and prints the roofline floor = max(active-expert bytes / bandwidth, FLOPs / peak). On CPU it times HF eager,
+HF grouped_mm and moecc's torch backend."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
+import statistics
 import time
 
 import torch
@@ -16,62 +22,182 @@ import transformers as tf
 import moecc
 
 SHAPES = {
-    "mixtral": lambda: tf.MixtralConfig(hidden_size=1024, intermediate_size=3584, num_local_experts=8,
-                                        num_experts_per_tok=2),
-    "qwen3_moe": lambda: tf.Qwen3MoeConfig(hidden_size=2048, moe_intermediate_size=768, num_experts=128,
-                                           num_experts_per_tok=8, norm_topk_prob=True),
+    "mixtral": ("mixtral", "MixtralConfig", dict(hidden_size=4096, intermediate_size=14336, num_local_experts=8,
+                                                num_experts_per_tok=2), "MixtralSparseMoeBlock"),
+    "qwen3_moe": ("qwen3_moe", "Qwen3MoeConfig", dict(hidden_size=2048, moe_intermediate_size=768, num_experts=128,
+                                                     num_experts_per_tok=8, norm_topk_prob=True),
+                  "Qwen3MoeSparseMoeBlock"),
+    # smaller CPU-friendly shapes with the same structure
+    "mixtral_cpu": ("mixtral", "MixtralConfig", dict(hidden_size=1024, intermediate_size=3584, num_local_experts=8,
+                                                    num_experts_per_tok=2), "MixtralSparseMoeBlock"),
+    "qwen3_moe_cpu": ("qwen3_moe", "Qwen3MoeConfig", dict(hidden_size=1024, moe_intermediate_size=384, num_experts=64,
+                                                         num_experts_per_tok=8, norm_topk_prob=True),
+                      "Qwen3MoeSparseMoeBlock"),
 }
-BLOCKS = {"mixtral": "MixtralSparseMoeBlock", "qwen3_moe": "Qwen3MoeSparseMoeBlock"}
 
 
-def timeit(fn, device, reps):
-    for _ in range(2):
+def make_block(shape, device, dtype):
+    family, cfg_cls, kwargs, cls = SHAPES[shape]
+    cfg = getattr(tf, cfg_cls)(**kwargs)
+    module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+    torch.manual_seed(0)
+    with torch.device(device):
+        block = getattr(module, cls)(cfg).to(dtype)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.02)
+    return block.eval(), cfg
+
+
+def set_impl(block, impl):
+    block.experts.config._experts_implementation = impl
+
+
+def cuda_time(fn, iters=20):
+    for _ in range(3):
         fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    torch.cuda.synchronize()
     times = []
-    for _ in range(reps):
-        start = time.perf_counter()
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2] * 1e3
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def cpu_time(fn, iters=5):
+    fn()
+    times = []
+    for _ in range(iters):
+        s = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - s) * 1e3)
+    return statistics.median(times)
+
+
+def roofline():
+    """(bytes/ms, flop/ms) measured here: a large device-to-device copy and a large bf16 matmul."""
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = cuda_time(lambda: dst.copy_(src), 10)
+    bw = 2 * src.numel() / ms
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    ms = cuda_time(lambda: a @ b, 10)
+    return bw, 2 * 8192 ** 3 / ms
+
+
+def floor_ms(block, cfg, x, bw, peak):
+    h = x.shape[-1]
+    with torch.no_grad():
+        _, _, ids = block.gate(x.reshape(-1, h))
+    active = ids.unique().numel()
+    inter = block.experts.down_proj.shape[-1]
+    t, k = ids.shape
+    bytes_ = active * 3 * h * inter * 2 + 2 * t * h * 2
+    flops = 6 * t * k * h * inter
+    return max(bytes_ / bw, flops / peak)
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def bench_cuda(shapes, tokens, with_compile):
+    dtype = torch.bfloat16
+    bw, peak = roofline()
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton "
+          f"{importlib.import_module('triton').__version__}; copy {bw / 1e9:.2f} TB/s, bf16 matmul "
+          f"{peak / 1e9:.0f} TFLOP/s (measured here); times in ms, median of 20")
+    cols = ["floor", "hf eager", "hf grouped_mm", "compile", "c+graphs", "moecc"]
+    print(f"{'shape':10} {'T':>6} " + " ".join(f"{c:>13}" for c in cols) + "  x best   % floor  err")
+    rows = []
+    for shape in shapes:
+        block, cfg = make_block(shape, "cuda", dtype)
+        cm = moecc.compile(block, backend="triton", verify=False)
+        compiled, graphs = None, None
+        if with_compile:
+            set_impl(block, "grouped_mm")
+            compiled = torch.compile(block)
+            graphs = torch.compile(block, mode="reduce-overhead")
+        for t in tokens:
+            x = torch.randn(1, t, cfg.hidden_size, device="cuda", dtype=dtype)
+            times = {"floor": floor_ms(block, cfg, x, bw, peak)}
+            with torch.no_grad():
+                for impl in ("eager", "grouped_mm"):
+                    set_impl(block, impl)
+                    try:
+                        times[f"hf {impl}"] = cuda_time(lambda b=block, x=x: b(x))
+                    except Exception as exc:  # noqa: BLE001
+                        times[f"hf {impl}"] = float("nan")
+                        print("  ", impl, "failed:", str(exc)[:100])
+                set_impl(block, "grouped_mm")
+                ref = block(x)
+                if compiled is not None:
+                    try:
+                        times["compile"] = cuda_time(lambda c=compiled, x=x: c(x))
+                    except Exception as exc:  # noqa: BLE001
+                        times["compile"] = float("nan")
+                        print("   compile failed:", str(exc)[:100])
+                    if t <= 64:
+                        try:
+                            times["c+graphs"] = cuda_time(lambda g=graphs, x=x: g(x).clone())
+                        except Exception as exc:  # noqa: BLE001
+                            print("   reduce-overhead failed:", str(exc)[:100])
+                got = cm(x)
+                err = rel(got, ref)
+                times["moecc"] = cuda_time(lambda c=cm, x=x: c(x))
+            base = [v for k, v in times.items() if k not in ("floor", "moecc") and v == v]
+            best = min(base)
+            cells = [f"{times.get(c, float('nan')):13.3f}" for c in cols]
+            print(f"{shape:10} {t:6d} " + " ".join(cells) +
+                  f"  {best / times['moecc']:5.2f}x  {100 * times['floor'] / times['moecc']:5.0f}%  {err:.1e}",
+                  flush=True)
+            rows.append({"shape": shape, "T": t, **times, "err": err})
+        block = cm = compiled = graphs = None
+        torch.cuda.empty_cache()
+    return rows
+
+
+def bench_cpu(shapes, tokens):
+    print(f"# cpu, torch {torch.__version__}, threads {torch.get_num_threads()}, fp32; times in ms")
+    cols = ["hf eager", "hf grouped_mm", "moecc torch"]
+    print(f"{'shape':14} {'T':>5} " + " ".join(f"{c:>13}" for c in cols) + "  x best HF")
+    for shape in shapes:
+        block, cfg = make_block(shape, "cpu", torch.float32)
+        cm = moecc.compile(block, backend="torch", verify=False)
+        for t in tokens:
+            x = torch.randn(1, t, cfg.hidden_size)
+            times = {}
+            with torch.no_grad():
+                for impl in ("eager", "grouped_mm"):
+                    set_impl(block, impl)
+                    times[f"hf {impl}"] = cpu_time(lambda b=block, x=x: b(x))
+                cm(x)
+                times["moecc torch"] = cpu_time(lambda c=cm, x=x: c(x))
+            best = min(times["hf eager"], times["hf grouped_mm"])
+            print(f"{shape:14} {t:5d} " + " ".join(f"{times[c]:13.3f}" for c in cols) +
+                  f"  {best / times['moecc torch']:8.2f}", flush=True)
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 128, 512])
-    ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--reps", type=int, default=10)
-    ap.add_argument("--shapes", nargs="+", default=list(SHAPES))
+    ap.add_argument("--tokens", type=int, nargs="+")
+    ap.add_argument("--shapes", nargs="+")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
+    ap.add_argument("--json", help="write the rows here")
     a = ap.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, a.dtype)
-    print(f"device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, dtype {a.dtype}, "
-          f"torch {torch.__version__}, threads {torch.get_num_threads()}")
-    print(f"{'shape':10} {'T':>6} {'HF eager':>10} {'HF grouped':>11} {'moecc':>9} {'x best HF':>10}")
-    for shape in a.shapes:
-        cfg = SHAPES[shape]()
-        torch.manual_seed(0)
-        module = importlib.import_module(f"transformers.models.{shape}.modeling_{shape}")
-        block = getattr(module, BLOCKS[shape])(cfg)
-        for p in block.parameters():
-            p.data.normal_(0, 0.02)
-        block = block.to(device, dtype).eval()
-        for t in a.tokens:
-            x = torch.randn(1, t, cfg.hidden_size, device=device, dtype=dtype)
-            times = {}
-            with torch.no_grad():
-                for impl in ("eager", "grouped_mm"):
-                    block.experts.config._experts_implementation = impl
-                    times[impl] = timeit(lambda b=block, x=x: b(x), device, a.reps)
-                cm = moecc.compile(block, backend="torch", verify=False)
-                cm(x)
-                times["moecc"] = timeit(lambda c=cm, x=x: c(x), device, a.reps)
-            best = min(times["eager"], times["grouped_mm"])
-            print(f"{shape:10} {t:6d} {times['eager']:10.3f} {times['grouped_mm']:11.3f} {times['moecc']:9.3f} "
-                  f"{best / times['moecc']:10.2f}")
+    if torch.cuda.is_available():
+        rows = bench_cuda(a.shapes or ["mixtral", "qwen3_moe"], a.tokens or [1, 8, 64, 512, 4096, 16384],
+                          not a.no_compile)
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(rows, f, indent=1)
+    else:
+        bench_cpu(a.shapes or ["mixtral_cpu", "qwen3_moe_cpu"], a.tokens or [1, 16, 128, 512])
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from moecc.codegen.lower import BACKENDS
 from moecc.runtime.compiled import CompiledModule
 
 OPTIONS = {"fuse": bool, "verify": bool, "quantize": (str, type(None)), "quant_block_size": int,
-           "quant_int8_activations": bool}
+           "quant_int8_activations": bool, "cuda_graphs": bool}
 
 
 def compile(model: nn.Module, backend: str = "auto", dump_dir: str | None = None, **options) -> CompiledModule:  # noqa: A001
@@ -21,7 +21,8 @@ def compile(model: nn.Module, backend: str = "auto", dump_dir: str | None = None
     Options: ``fuse=False`` captures without MoE fusion; ``verify=False`` skips the check on fresh inputs;
     ``quantize="int8"|"int4"`` (onnxruntime only, opt-in) stores expert weights quantized, per output channel or
     per ``quant_block_size`` input features; ``quant_int8_activations=True`` also rounds activations to int8 (much
-    faster on CPU, less exact)."""
+    faster on CPU, less exact); ``cuda_graphs=False`` turns off the Triton backend's CUDA graphs for small token
+    counts (on by default; they replay under ``torch.no_grad()``)."""
     _check_args(model, backend, dump_dir, options)
     logs.configure()
     dump_dir = str(dump_dir) if dump_dir is not None else knobs.DUMP_DIR.get()

@@ -36,4 +36,8 @@ LOGS = Knob("MOECC_LOGS", "warning", str, "log level of the moecc loggers: debug
 VERIFY = Knob("MOECC_VERIFY", True, bool, "after each capture, compare the compiled model with eager on fresh inputs")
 CACHE_DIR = Knob("MOECC_CACHE_DIR", None, str, "folder for persistent caches (tuning); default: user cache dir")
 
-ALL = (DUMP_DIR, LOGS, VERIFY, CACHE_DIR)
+AUTOTUNE = Knob("MOECC_AUTOTUNE", False, bool, "tune Triton MoE tiles on first use of a shape (cached on disk)")
+CUDA_GRAPHS = Knob("MOECC_CUDA_GRAPHS", True, bool, "replay CUDA graphs for small token counts (Triton backend)")
+CUDA_GRAPH_MAX_TOKENS = Knob("MOECC_CUDA_GRAPH_MAX_TOKENS", 64, int, "largest token count that uses CUDA graphs")
+
+ALL = (DUMP_DIR, LOGS, VERIFY, CACHE_DIR, AUTOTUNE, CUDA_GRAPHS, CUDA_GRAPH_MAX_TOKENS)

@@ -5,9 +5,8 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
-from moecc.errors import BackendError
-
 import moecc.codegen.torch.moe  # noqa: F401 - registers moecc::fused_moe_torch
+from moecc.errors import BackendError
 
 BACKENDS = ("auto", "torch", "reference", "onnxruntime", "triton")
 # The layout each backend's expert kernels read; the place-experts pass is told, it does not know backends.

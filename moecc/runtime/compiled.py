@@ -17,6 +17,7 @@ from moecc.errors import BackendError, MoeccError
 from moecc.ir import MoELayerInfo
 from moecc.passes import DumpIR, PassManager, Timing, default_pipeline
 from moecc.report import graph_summary
+from moecc.runtime.cudagraphs import GraphCache, token_count
 
 log = logging.getLogger("moecc.runtime")
 
@@ -33,6 +34,7 @@ class _Entry:
     layers: dict
     backend: str
     example_inputs: list  # the flat inputs of the capture
+    graphs: GraphCache | None = None  # CUDA graphs per input shape (decode fast path)
 
     def matches(self, flat: list, spec: pytree.TreeSpec) -> bool:
         if spec != self.in_spec or len(flat) != len(self.consts):
@@ -85,8 +87,19 @@ class CompiledModule(nn.Module):
         entry = next((e for e in self._entries if e.matches(flat, spec)), None)
         if entry is None:
             entry = self._compile(args, kwargs)
-        outs = entry.gm(*[flat[i] for i in entry.tensor_pos])
+        tensors = [flat[i] for i in entry.tensor_pos]
+        if self._use_graphs(entry, tensors):
+            if entry.graphs is None:
+                entry.graphs = GraphCache(entry.gm)
+            outs = entry.graphs(tensors)
+        else:
+            outs = entry.gm(*tensors)
         return pytree.tree_unflatten(list(outs), entry.out_spec)
+
+    def _use_graphs(self, entry: _Entry, tensors: list[torch.Tensor]) -> bool:
+        wanted = self.options.get("cuda_graphs", knobs.CUDA_GRAPHS.get())
+        return (wanted and entry.backend == "triton" and bool(tensors) and all(t.is_cuda for t in tensors)
+                and token_count(tensors) <= knobs.CUDA_GRAPH_MAX_TOKENS.get() and not torch.is_grad_enabled())
 
     def _compile(self, args, kwargs) -> _Entry:
         self.captures += 1

@@ -55,7 +55,8 @@ def _cache_dir() -> Path:
 def _key(device_name: str, dtype: torch.dtype, e: int, n: int, k: int, bucket: int, which: str) -> str:
     import triton
 
-    return f"{device_name}|triton {triton.__version__}|{str(dtype).replace('torch.', '')}|E{e}|N{n}|K{k}|T{bucket}|{which}"
+    dt = str(dtype).replace("torch.", "")
+    return f"{device_name}|triton {triton.__version__}|{dt}|E{e}|N{n}|K{k}|T{bucket}|{which}"
 
 
 def _shipped_key(device_name: str, dtype: torch.dtype, e: int, n: int, k: int, bucket: int, which: str) -> str:

@@ -23,9 +23,23 @@ def _device_name(x: Tensor) -> str:
 
 
 def pick_config(x: Tensor, num_experts: int, n: int, k: int, pairs: int, which: str) -> configs.TileConfig:
+    if INTERPRET:
+        return configs.heuristic(0, x.dtype, True)
     bucket = configs.token_bucket(x.shape[0])
-    cfg = None if INTERPRET else configs.lookup(_device_name(x), x.dtype, num_experts, n, k, bucket, which)
-    return cfg or configs.heuristic(pairs / max(num_experts, 1), x.dtype, INTERPRET)
+    cfg = configs.lookup(_device_name(x), x.dtype, num_experts, n, k, bucket, which)
+    return cfg or configs.heuristic(pairs / max(num_experts, 1), x.dtype, False)
+
+
+def _maybe_tune(x: Tensor, num_experts: int, hidden: int, inter: int, top_k: int, gated: bool) -> None:
+    from moecc import knobs
+
+    if INTERPRET or not x.is_cuda or not knobs.AUTOTUNE.get() or torch.cuda.is_current_stream_capturing():
+        return
+    bucket = configs.token_bucket(x.shape[0])
+    if configs.lookup(_device_name(x), x.dtype, num_experts, inter, hidden, bucket, "gemm1") is None:
+        from moecc.codegen.triton.tune import tune
+
+        tune([(num_experts, hidden, inter, top_k)], [bucket], x.dtype)
 
 
 def run_experts(x, weights, ids, w_up, w_down, b_up, b_down, activation, gated, alpha, limit, cfg1, cfg2):
@@ -76,6 +90,7 @@ def fused_moe_triton(
         ids = apply_capacity(ids, w_up.shape[0], capacity, capacity_factor, capacity_min, group_size, priority)
     num_experts, up_rows, hidden = w_up.shape
     inter = up_rows // 2 if gated else up_rows
+    _maybe_tune(x, num_experts, hidden, inter, k, gated)
     cfg1 = pick_config(x, num_experts, inter, hidden, t * k, "gemm1")
     cfg2 = pick_config(x, num_experts, hidden, inter, t * k, "gemm2")
     if cfg2.block_m != cfg1.block_m:  # both GEMMs walk the same aligned rows

@@ -1,0 +1,95 @@
+"""End-to-end and compile-time measurements on Mixtral-shaped models (CUDA, bf16).
+
+    python benchmarks/model_e2e.py e2e               # 4 layers, HF (grouped_mm) against moecc (triton)
+    python benchmarks/model_e2e.py compile-time      # 32 layers: time of the first call (capture .. kernels)
+
+Compile time counts capture, recognition, passes, lowering, the check on fresh inputs and kernel compilation.
+The 32 layers share one set of expert weights so that the model fits one GPU: every block is still captured,
+recognized and checked on its own."""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import transformers as tf
+
+import moecc
+
+H, INTER, E, K = 4096, 14336, 8, 2
+
+
+def mixtral(layers: int, shared_experts: bool):
+    cfg = tf.MixtralConfig(hidden_size=H, intermediate_size=16 if shared_experts else INTER, num_hidden_layers=layers,
+                           num_attention_heads=32, num_key_value_heads=8, num_local_experts=E,
+                           num_experts_per_tok=K, vocab_size=32000, max_position_embeddings=4096)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = tf.MixtralForCausalLM(cfg).to(torch.bfloat16).eval()
+    if shared_experts:
+        gate_up = torch.nn.Parameter(torch.randn(E, 2 * INTER, H, device="cuda", dtype=torch.bfloat16) * 0.02)
+        down = torch.nn.Parameter(torch.randn(E, H, INTER, device="cuda", dtype=torch.bfloat16) * 0.02)
+        for layer in model.model.layers:
+            layer.mlp.experts.gate_up_proj = gate_up
+            layer.mlp.experts.down_proj = down
+            layer.mlp.experts.intermediate_dim = INTER
+    model.set_experts_implementation("grouped_mm")
+    return model
+
+
+def cuda_time(fn, iters=10):
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        torch.cuda.synchronize()
+        times.append(s.elapsed_time(e))
+    return statistics.median(times)
+
+
+def e2e():
+    model = mixtral(4, shared_experts=False)
+    cm = moecc.compile(model, backend="triton")
+    print(f"# {torch.cuda.get_device_name()}: 4-layer Mixtral-shaped model, bf16, ms per forward")
+    print(f"{'batch x seq':>12} {'HF grouped_mm':>14} {'moecc triton':>13} {'speed-up':>9} {'logits err':>11}")
+    with torch.no_grad():
+        for b, s in ((1, 1), (8, 1), (1, 512), (4, 1024)):
+            ids = torch.randint(0, 32000, (b, s), device="cuda")
+            ref = model(input_ids=ids, use_cache=False).logits
+            got = cm(input_ids=ids, use_cache=False).logits
+            err = ((got.float() - ref.float()).norm() / ref.float().norm()).item()
+            hf = cuda_time(lambda ids=ids: model(input_ids=ids, use_cache=False))
+            mc = cuda_time(lambda ids=ids: cm(input_ids=ids, use_cache=False))
+            print(f"{b:>5} x {s:<5} {hf:14.3f} {mc:13.3f} {hf / mc:8.2f}x {err:11.1e}", flush=True)
+
+
+def compile_time(layers: int):
+    model = mixtral(layers, shared_experts=True)
+    ids = torch.randint(0, 32000, (1, 16), device="cuda")
+    start = time.perf_counter()
+    cm = moecc.compile(model, backend="triton")
+    with torch.no_grad():
+        cm(input_ids=ids, use_cache=False)
+    torch.cuda.synchronize()
+    first = time.perf_counter() - start
+    assert len(cm.moe_layers) == layers and all(layer.fused for layer in cm.moe_layers)
+    print(f"compile-time layers={layers} first-call seconds={first:.1f}", flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("what", choices=["e2e", "compile-time"])
+    ap.add_argument("--layers", type=int, default=32)
+    a = ap.parse_args()
+    e2e() if a.what == "e2e" else compile_time(a.layers)
+
+
+if __name__ == "__main__":
+    main()
