@@ -112,12 +112,13 @@ def bench_cuda(shapes, tokens, with_compile):
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton "
           f"{importlib.import_module('triton').__version__}; copy {bw / 1e9:.2f} TB/s, bf16 matmul "
           f"{peak / 1e9:.0f} TFLOP/s (measured here); times in ms, median of 20")
-    cols = ["floor", "hf eager", "hf grouped_mm", "compile", "c+graphs", "moecc"]
+    cols = ["floor", "hf eager", "hf grouped_mm", "compile", "c+graphs", "moecc torch", "moecc"]
     print(f"{'shape':10} {'T':>6} " + " ".join(f"{c:>13}" for c in cols) + "  x best   % floor  err")
     rows = []
     for shape in shapes:
         block, cfg = make_block(shape, "cuda", dtype)
         cm = moecc.compile(block, backend="triton", verify=False)
+        cm_torch = moecc.compile(block, backend="torch", verify=False)
         compiled, graphs = None, None
         if with_compile:
             set_impl(block, "grouped_mm")
@@ -150,14 +151,15 @@ def bench_cuda(shapes, tokens, with_compile):
                 got = cm(x)
                 err = rel(got, ref)
                 times["moecc"] = cuda_time(lambda c=cm, x=x: c(x))
-            base = [v for k, v in times.items() if k not in ("floor", "moecc") and v == v]
+                times["moecc torch"] = cuda_time(lambda c=cm_torch, x=x: c(x))
+            base = [v for k, v in times.items() if k not in ("floor", "moecc", "moecc torch") and v == v]
             best = min(base)
             cells = [f"{times.get(c, float('nan')):13.3f}" for c in cols]
             print(f"{shape:10} {t:6d} " + " ".join(cells) +
                   f"  {best / times['moecc']:5.2f}x  {100 * times['floor'] / times['moecc']:5.0f}%  {err:.1e}",
                   flush=True)
             rows.append({"shape": shape, "T": t, **times, "err": err})
-        block = cm = compiled = graphs = None
+        block = cm = cm_torch = compiled = graphs = None
         torch.cuda.empty_cache()
     return rows
 

@@ -68,30 +68,36 @@ VARIANTS = {
 
 
 def _variants(module, example, t_values, reps):
+    """Times per token count; each moecc variant is compiled, timed and released in turn (large layers)."""
+    import gc
+
     import moecc
 
-    rows = []
-    compiled = {}
-    for name, opts in VARIANTS.items():
-        cm = moecc.compile(module, backend="onnxruntime", verify=False, **opts)
-        start = time.perf_counter()
-        cm(example)
-        compiled[name] = (cm, time.perf_counter() - start)
-    for t in t_values:
-        x = torch.randn(1, t, example.shape[-1])
-        times, errs = {}, {}
-        with torch.no_grad():
-            ref = module(x)
+    inputs = {t: torch.randn(1, t, example.shape[-1], generator=torch.Generator().manual_seed(t)) for t in t_values}
+    times = {t: {} for t in t_values}
+    errs = {t: {} for t in t_values}
+    refs = {}
+    with torch.no_grad():
+        for t, x in inputs.items():
+            refs[t] = module(x)
             for impl in ("eager", "grouped_mm"):
                 for m in module.modules():
                     if hasattr(m, "config") and hasattr(m.config, "_experts_implementation"):
                         m.config._experts_implementation = impl
-                times[f"hf {impl}"] = _time(lambda x=x: module(x), reps)
-            for name, (cm, _) in compiled.items():
-                times[name] = _time(lambda cm=cm, x=x: cm(x), reps)
-                errs[name] = _rel(cm(x), ref)
-        rows.append((t, times, errs))
-    return rows, {k: v[1] for k, v in compiled.items()}
+                times[t][f"hf {impl}"] = _time(lambda x=x: module(x), reps)
+    compile_s = {}
+    for name, opts in VARIANTS.items():
+        cm = moecc.compile(module, backend="onnxruntime", verify=False, **opts)
+        start = time.perf_counter()
+        cm(example)
+        compile_s[name] = time.perf_counter() - start
+        with torch.no_grad():
+            for t, x in inputs.items():
+                times[t][name] = _time(lambda cm=cm, x=x: cm(x), reps)
+                errs[t][name] = _rel(cm(x), refs[t])
+        del cm
+        gc.collect()
+    return [(t, times[t], errs[t]) for t in t_values], compile_s
 
 
 def run_cpu_bench(tokens=(1, 16, 128, 512), reps: int = 10, shapes=("olmoe", "mixtral_small"), layers: int = 4):

@@ -116,3 +116,20 @@ def test_quantization_is_opt_in_and_reported():
         moecc.compile(model, quantize="int3")
     with pytest.raises(ValueError, match="onnxruntime"):
         moecc.compile(model, backend="torch", quantize="int8")(**kwargs)
+
+
+def test_many_experts_top8_uses_the_moe_op():
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.Qwen3MoeConfig(vocab_size=97, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                            num_key_value_heads=2, head_dim=8, intermediate_size=64, moe_intermediate_size=16,
+                            num_experts=16, num_experts_per_tok=8, norm_topk_prob=False)
+    model = tf.Qwen3MoeForCausalLM(cfg).eval()
+    for q in (None, "int4"):
+        cm = moecc.compile(model, backend="onnxruntime", quantize=q, quant_block_size=16 if q else 0)
+        cm(**make_inputs("qwen3_moe", 2, 8))
+        assert cm.moe_layers[0].lowering == ("com.microsoft.QMoE" if q else "com.microsoft.MoE")
+        fresh = make_inputs("qwen3_moe", 3, 5, 1)
+        err = ((cm(**fresh).logits - model(**fresh).logits).norm() / model(**fresh).logits.norm()).item()
+        assert err < (5e-2 if q else 1e-5)

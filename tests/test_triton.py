@@ -127,3 +127,32 @@ def test_bf16_on_gpu():
            a.cuda() if isinstance(a, torch.Tensor) else a for i, a in enumerate(args)]
     got = fused_moe_triton(*dev).float().cpu()
     assert ((got - ref).norm() / ref.norm()).item() < 1e-2
+
+
+def test_shared_chunks_sum_to_the_shared_ffn():
+    from moecc.codegen.triton.fold_shared import chunk_shared
+
+    g = torch.Generator().manual_seed(5)
+    h, i_s, inter = 16, 40, 12  # 40 is not a multiple of 12: the last chunk is zero-padded
+    x = torch.randn(9, h, generator=g)
+    s_up, s_down = torch.randn(1, 2 * i_s, h, generator=g), torch.randn(1, h, i_s, generator=g)
+    ref = torch.ops.moecc.shared_ffn(x, s_up, s_down, None, None, None, "silu", True, 1.0, 0.0)
+    up, down = chunk_shared(s_up, s_down, inter, True)
+    assert up.shape == (4, 2 * inter, h) and down.shape == (4, h, inter)
+    got = sum(torch.ops.moecc.shared_ffn(x, up[j:j + 1], down[j:j + 1], None, None, None, "silu", True, 1.0, 0.0)
+              for j in range(4))
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3"])
+def test_shared_experts_fold_into_the_grouped_gemm(family):
+    model = make_model(family).to(DEVICE)
+    cm = moecc.compile(model, backend="triton")
+    cm(**{k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in make_inputs(family, 2, 8).items()})
+    program = cm._entries[-1].gm
+    targets = [n.target for n in program.graph.nodes if n.op == "call_function"]
+    assert torch.ops.moecc.fused_moe_shared_triton.default in targets
+    assert torch.ops.moecc.shared_ffn.default not in targets
+    fresh = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in make_inputs(family, 3, 5, 1).items()}
+    ref, got = model(**fresh).logits, cm(**fresh).logits
+    assert ((got - ref).norm() / ref.norm()).item() < 1e-4

@@ -43,7 +43,10 @@ def lower(gm: fx.GraphModule, backend: str, example: list[torch.Tensor] | None =
         ok, why = available()
         if not ok:
             raise BackendError(f"backend 'triton' is not available: {why}")
+        from moecc.codegen.triton.fold_shared import fold_shared_experts
         from moecc.codegen.triton.moe import fused_moe_triton, fused_route_triton
+
+        fold_shared_experts(gm)
 
         swap = {torch.ops.moecc.fused_moe.default: fused_moe_triton._opoverload,
                 torch.ops.moecc.fused_route.default: fused_route_triton._opoverload}

@@ -14,11 +14,15 @@ class Cleanup(MoePass):
         before = len(gm.graph.nodes)
         changed = gm.graph.eliminate_dead_code()
         used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+        called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
         removed = 0
         for mod_name, mod in list(gm.named_modules()):
-            for pname, _ in list(mod.named_parameters(recurse=False)):
+            if any(mod_name == c or mod_name.startswith(f"{c}.") for c in called):
+                continue  # a block left as written reads its own weights
+            named = list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False))
+            for pname, _ in named:
                 full = f"{mod_name}.{pname}" if mod_name else pname
-                if full not in used and mod_name.endswith("_moe"):
+                if full not in used:
                     delattr(mod, pname)
                     removed += 1
         changed = gm.delete_all_unused_submodules() or changed or removed > 0

@@ -110,7 +110,7 @@ def use_ort_moe(gm: fx.GraphModule, quant=None) -> dict[str, str]:
             fc1 = torch.stack([w_up[:, :inter], w_up[:, inter:]], 2).reshape(w_up.shape)
             fc1_b = None if b_up is None else torch.stack([b_up[:, :inter], b_up[:, inter:]], 2).reshape(b_up.shape)
         # the routed scaling factor folds into the second projection: sum_j s*w_j*f(x) = sum_j w_j*(s*f(x))
-        fc2, fc2_b = w_down * scale, None if b_down is None else b_down * scale
+        fc2, fc2_b = (w_down, b_down) if scale == 1.0 else (w_down * scale, None if b_down is None else b_down * scale)
         module = gm.get_submodule(prefix)
         names = {}
         tensors = [("ort_router_w_t", gm.get_parameter(route.args[1].target).t()), ("ort_router_b", router_b)]
@@ -197,8 +197,11 @@ class OrtModule(nn.Module):
 
 def lower_to_ort(gm: fx.GraphModule, example: list[torch.Tensor], folder: str | None = None,
                  quant=None) -> OrtModule:
+    from moecc.passes.cleanup import Cleanup
+
     use_ort_moe(gm, quant)
     decompose(gm)
+    Cleanup()(gm)  # the canonical weights ort_moe replaced must not travel into the ONNX export
     folder = folder or tempfile.mkdtemp(prefix="moecc_onnx_")
     as_written = [n.meta.get("moecc_block", n.target) for n in gm.graph.nodes if n.op == "call_module"]
     try:

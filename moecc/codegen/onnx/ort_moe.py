@@ -124,7 +124,7 @@ def ort_computes_same(activation_type: str, normalize: bool, k: int, has_bias: b
     from onnx import TensorProto, helper, numpy_helper
 
     g = torch.Generator().manual_seed(7)
-    t, h, inter, e = 9, 16, 8, 4
+    t, h, inter, e = 9, 16, 8, max(4, 2 * k)
     fusion = 2 if activation_type == "swiglu" else 1
     x = torch.randn(t, h, generator=g)
     router = torch.randn(h, e, generator=g)
@@ -223,7 +223,7 @@ def ort_qmoe_computes_same(activation_type: str, normalize: bool, k: int, has_bi
 
     spec = QuantSpec(bits, block_size, int8_activations)
     g = torch.Generator().manual_seed(9)
-    t, h, inter, e = 7, 64, 32, 4
+    t, h, inter, e = 7, 64, 32, max(4, 2 * k)
     fusion = 2 if activation_type == "swiglu" else 1
     x = torch.randn(t, h, generator=g)
     router = torch.randn(h, e, generator=g)

@@ -29,8 +29,8 @@ def _activate(g, ACT: tl.constexpr, alpha):
 
 
 @triton.jit
-def _gemm1_kernel(x_ptr, w_ptr, b_ptr, h_ptr, sorted_ptr, block_expert_ptr, total_ptr,
-                  n_pairs, top_k, N, K, stride_xm, stride_we, stride_wn, stride_wk, stride_be, stride_hm,
+def _gemm1_kernel(x_ptr, w_ptr, ws_ptr, b_ptr, h_ptr, sorted_ptr, block_expert_ptr, total_ptr,
+                  n_pairs, top_k, num_routed, N, K, stride_xm, stride_we, stride_wn, stride_wk, stride_be, stride_hm,
                   alpha, limit,
                   GATED: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, CLAMP: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
@@ -52,7 +52,12 @@ def _gemm1_kernel(x_ptr, w_ptr, b_ptr, h_ptr, sorted_ptr, block_expert_ptr, tota
     offs_k = tl.arange(0, BLOCK_K)
     n_ok = offs_n < N
     a_ptrs = x_ptr + tok[:, None] * stride_xm + offs_k[None, :]
-    g_ptrs = w_ptr + e * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
+    # shared experts are always-selected experts past the routed ones, with weights of their own
+    if e < num_routed:
+        w_base = w_ptr + e * stride_we
+    else:
+        w_base = ws_ptr + (e - num_routed) * stride_we
+    g_ptrs = w_base + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
@@ -84,8 +89,8 @@ def _gemm1_kernel(x_ptr, w_ptr, b_ptr, h_ptr, sorted_ptr, block_expert_ptr, tota
 
 
 @triton.jit
-def _gemm2_kernel(h_ptr, w_ptr, b_ptr, out_ptr, weights_ptr, sorted_ptr, block_expert_ptr, total_ptr,
-                  n_pairs, N, K, stride_hm, stride_we, stride_wn, stride_wk, stride_be, stride_om,
+def _gemm2_kernel(h_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, weights_ptr, sorted_ptr, block_expert_ptr, total_ptr,
+                  n_pairs, num_routed, N, K, stride_hm, stride_we, stride_wn, stride_wk, stride_be, stride_om,
                   HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                   GROUP_M: tl.constexpr):
     pid = tl.program_id(0)
@@ -104,7 +109,11 @@ def _gemm2_kernel(h_ptr, w_ptr, b_ptr, out_ptr, weights_ptr, sorted_ptr, block_e
     offs_k = tl.arange(0, BLOCK_K)
     n_ok = offs_n < N
     a_ptrs = h_ptr + rows[:, None].to(tl.int64) * stride_hm + offs_k[None, :]
-    w_ptrs = w_ptr + e * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
+    if e < num_routed:
+        w_base = w_ptr + e * stride_we
+    else:
+        w_base = ws_ptr + (e - num_routed) * stride_we
+    w_ptrs = w_base + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         k_ok = offs_k < K - k * BLOCK_K

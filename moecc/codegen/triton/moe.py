@@ -42,10 +42,15 @@ def _maybe_tune(x: Tensor, num_experts: int, hidden: int, inter: int, top_k: int
         tune([(num_experts, hidden, inter, top_k)], [bucket], x.dtype)
 
 
-def run_experts(x, weights, ids, w_up, w_down, b_up, b_down, activation, gated, alpha, limit, cfg1, cfg2):
-    """The three launches after align: GEMM 1 (+activation), GEMM 2 (+weights), combine."""
+def run_experts(x, weights, ids, w_up, w_down, b_up, b_down, activation, gated, alpha, limit, cfg1, cfg2,
+                shared_up=None, shared_down=None):
+    """The three launches after align: GEMM 1 (+activation), GEMM 2 (+weights), combine. Ids ``>= E`` address
+    ``shared_up``/``shared_down`` (same per-expert shapes and strides) when given."""
     t, k = ids.shape
-    num_experts, up_rows, hidden = w_up.shape
+    num_routed, up_rows, hidden = w_up.shape
+    num_experts = num_routed + (0 if shared_up is None else shared_up.shape[0])
+    shared_up = w_up if shared_up is None else shared_up
+    shared_down = w_down if shared_down is None else shared_down
     inter = up_rows // 2 if gated else up_rows
     n_pairs = t * k
     block_m = cfg1.block_m
@@ -55,7 +60,8 @@ def run_experts(x, weights, ids, w_up, w_down, b_up, b_down, activation, gated, 
     x = x.contiguous()
     grid1 = (triton.cdiv(max_blocks, cfg1.group_m) * cfg1.group_m * triton.cdiv(inter, cfg1.block_n),)
     _gemm1_kernel[grid1](
-        x, w_up, b_up if b_up is not None else w_up, h, sorted_ids, block_expert, total, n_pairs, k, inter, hidden,
+        x, w_up, shared_up, b_up if b_up is not None else w_up, h, sorted_ids, block_expert, total, n_pairs, k,
+        num_routed, inter, hidden,
         x.stride(0), w_up.stride(0), w_up.stride(1), w_up.stride(2), b_up.stride(0) if b_up is not None else 0,
         h.stride(0), float(alpha), float(limit), GATED=gated, ACT=ACT_IDS[activation], HAS_BIAS=b_up is not None,
         CLAMP=limit > 0, BLOCK_M=block_m, BLOCK_N=cfg1.block_n, BLOCK_K=cfg1.block_k, GROUP_M=cfg1.group_m,
@@ -63,8 +69,9 @@ def run_experts(x, weights, ids, w_up, w_down, b_up, b_down, activation, gated, 
     pairs = torch.empty((n_pairs, hidden), dtype=x.dtype, device=x.device)
     grid2 = (triton.cdiv(max_blocks, cfg2.group_m) * cfg2.group_m * triton.cdiv(hidden, cfg2.block_n),)
     _gemm2_kernel[grid2](
-        h, w_down, b_down if b_down is not None else w_down, pairs, weights.reshape(-1), sorted_ids, block_expert,
-        total, n_pairs, hidden, inter, h.stride(0), w_down.stride(0), w_down.stride(1), w_down.stride(2),
+        h, w_down, shared_down, b_down if b_down is not None else w_down, pairs, weights.reshape(-1), sorted_ids,
+        block_expert, total, n_pairs, num_routed, hidden, inter, h.stride(0), w_down.stride(0), w_down.stride(1),
+        w_down.stride(2),
         b_down.stride(0) if b_down is not None else 0, pairs.stride(0), HAS_BIAS=b_down is not None, BLOCK_M=block_m,
         BLOCK_N=cfg2.block_n, BLOCK_K=cfg2.block_k, GROUP_M=cfg2.group_m, num_warps=cfg2.num_warps,
         num_stages=cfg2.num_stages)
@@ -120,3 +127,34 @@ def fused_route_triton(
 def _fused_route_triton_fake(x, router_weight, router_bias, selection_bias, top_k, *args):
     k = min(top_k, router_weight.shape[0])
     return x.new_empty((x.shape[0], k), dtype=torch.float32), x.new_empty((x.shape[0], k), dtype=torch.int64)
+
+
+@torch.library.custom_op("moecc::fused_moe_shared_triton", mutates_args=())
+def fused_moe_shared_triton(
+    x: Tensor, weights: Tensor, ids: Tensor, w_up: Tensor, w_down: Tensor, activation: str, gated: bool,
+    alpha: float, limit: float, shared_up: Tensor, shared_down: Tensor, shared_gate: Tensor | None,
+) -> Tensor:
+    """Dropless routed experts plus shared experts in one grouped GEMM: the shared FFN, split into ``m`` chunks of
+    the routed intermediate size (``shared_up [m, U, H]``, ``shared_down [m, H, I]``), joins every token as
+    always-selected experts ``E .. E+m-1`` with weight 1, or ``sigmoid(x @ shared_gate^T)`` when gated."""
+    t, k = ids.shape
+    if t == 0:
+        return torch.zeros_like(x)
+    num_routed, up_rows, hidden = w_up.shape
+    m = shared_up.shape[0]
+    shared_w = torch.ones((t, 1), dtype=torch.float32, device=x.device) if shared_gate is None else torch.sigmoid(
+        (x @ shared_gate.t().to(x.dtype)).float())
+    all_ids = torch.cat([ids, torch.arange(num_routed, num_routed + m, device=x.device).expand(t, m)], 1)
+    all_w = torch.cat([weights.float(), shared_w.expand(t, m)], 1)
+    inter = up_rows // 2 if gated else up_rows
+    cfg1 = pick_config(x, num_routed + m, inter, hidden, t * (k + m), "gemm1")
+    cfg2 = pick_config(x, num_routed + m, hidden, inter, t * (k + m), "gemm2")
+    cfg2 = configs.TileConfig(cfg1.block_m, cfg2.block_n, cfg2.block_k, cfg2.group_m, cfg2.num_warps, cfg2.num_stages)
+    return run_experts(x, all_w.contiguous(), all_ids.contiguous(), w_up.to(x.dtype), w_down.to(x.dtype), None,
+                       None, activation, gated, alpha, limit, cfg1, cfg2, shared_up.to(x.dtype),
+                       shared_down.to(x.dtype))
+
+
+@fused_moe_shared_triton.register_fake
+def _fused_moe_shared_triton_fake(x, *args):
+    return torch.empty_like(x)

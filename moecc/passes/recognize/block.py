@@ -167,6 +167,18 @@ def _verify(block: nn.Module, a: BlockAnalysis, inputs, refs) -> BlockAnalysis |
     return replace(a, outputs=tuple(names))
 
 
+def _pairs(routing_options, expert_candidates):
+    """Every (routing, experts) pair; expert candidates are built lazily, one at a time, outermost."""
+    routing_options = list(routing_options)
+    if isinstance(expert_candidates, list):
+        for r, e in itertools.product(routing_options, expert_candidates):
+            yield r, e
+        return
+    for e in expert_candidates:
+        for r in routing_options:
+            yield r, e
+
+
 def analyze_block(block: nn.Module, example: torch.Tensor) -> MatchResult[BlockAnalysis]:
     hidden = int(example.shape[-1])
     like = next(block.parameters(), None)
@@ -175,7 +187,6 @@ def analyze_block(block: nn.Module, example: torch.Tensor) -> MatchResult[BlockA
     rtol = 10 * tolerance(like.dtype)
 
     bank_list = find_expert_list(block)
-    expert_candidates: list[tuple[ExpertSpec, ExpertWeights]] = []
     if bank_list is not None:
         bank_mod, experts = bank_list
         num_experts = len(experts)
@@ -189,17 +200,20 @@ def analyze_block(block: nn.Module, example: torch.Tensor) -> MatchResult[BlockA
             return MatchResult.fail("no expert bank: neither a ModuleList of MLPs nor stacked [E, ., .] weights")
         bank_mod, num_experts = sb
         probe_fn = _bank_probe(bank_mod, hidden, like) if bank_mod is not block else None
-        cands = list(stacked.candidates(bank_mod, hidden, num_experts))
-        if not cands:
-            return MatchResult.fail(f"stacked expert weights of {type(bank_mod).__name__} fit no known layout")
+        cands = stacked.candidates(bank_mod, hidden, num_experts)
         if probe_fn is not None:
             x = torch.randn(5, hidden, dtype=like.dtype, device=like.device)
             refs = [probe_fn(e, x) for e in range(num_experts)]
-            cands = [c for c in cands if all(close(_expert_fn(*c, e, x), refs[e]) for e in range(num_experts))]
-            if not cands:
+            # each layout is tried on one expert's slices first; only the winner is built for all experts
+            winner = next((c for c in cands if all(
+                close(_expert_fn(c.spec, c.build(slice(e, e + 1)), 0, x), refs[e]) for e in range(num_experts))),
+                None)
+            if winner is None:
                 return MatchResult.fail(f"{type(bank_mod).__name__}: the expert function matches no canonical "
                                         "expert (layouts, activations and clamps tried)")
-        expert_candidates = cands[:1] if probe_fn is not None else cands
+            expert_candidates = [(winner.spec, winner.build(slice(None)))]
+        else:
+            expert_candidates = ((c.spec, c.build(slice(None))) for c in cands)
 
     used = _bank_skip(block, bank_mod)
     router = find_router(block, num_experts, hidden, used)
@@ -259,7 +273,7 @@ def analyze_block(block: nn.Module, example: torch.Tensor) -> MatchResult[BlockA
                                group_candidates(mods, num_experts), router.bias is not None, False), caps))
 
     tried = 0
-    for (spec, sel, cap), (espec, ew) in itertools.product(routing_options, expert_candidates):
+    for (spec, sel, cap), (espec, ew) in _pairs(routing_options, expert_candidates):
         tried += 1
         if tried > MAX_JOINT_CANDIDATES:
             break

@@ -1,12 +1,15 @@
 """Recognize experts stored as stacked 3D weights ``[E, ., .]`` by enumerating the layouts they can mean.
 
-Each candidate is a canonical (spec, weights) pair; the caller keeps the one whose function matches the
-module's own, so an exotic layout is rejected rather than guessed."""
+Each candidate is a spec plus a builder of canonical weights for any subset of experts, so a layout is tried on
+one expert's slices and only the winner is built in full (a copy only where the stored layout differs from the
+canonical one). The caller keeps the candidate whose function matches the module's own; an exotic layout is
+rejected, never guessed."""
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -15,6 +18,12 @@ from moecc.ir import ExpertSpec, ExpertWeights
 
 _ACTS = ("silu", "gelu", "gelu_tanh", "relu")
 _GATED_LAYOUTS = ("concat_gate_first", "concat_up_first", "interleaved_gate_even", "interleaved_up_even")
+
+
+@dataclass
+class Candidate:
+    spec: ExpertSpec
+    build: Callable[[slice], ExpertWeights]  # canonical weights of the experts in the slice
 
 
 def stacked_params(module: nn.Module, num_experts: int | None = None) -> dict[str, torch.Tensor]:
@@ -38,12 +47,18 @@ def _orient_out(w: torch.Tensor, out_dim: int) -> list[torch.Tensor]:
     return out
 
 
-def _split_gated(w: torch.Tensor, layout: str, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _gate_first(w: torch.Tensor, layout: str, dim: int) -> torch.Tensor:
+    """Rows re-ordered to [gate | up] along ``dim``; the stored tensor itself when it already is."""
+    if layout == "concat_gate_first":
+        return w
     half = w.shape[dim] // 2
-    first, second = (w.narrow(dim, 0, half), w.narrow(dim, half, half)) if layout.startswith("concat") else (
-        w.index_select(dim, torch.arange(0, w.shape[dim], 2, device=w.device)),
-        w.index_select(dim, torch.arange(1, w.shape[dim], 2, device=w.device)))
-    return (first, second) if layout.endswith("gate_first") or layout.endswith("gate_even") else (second, first)
+    if layout == "concat_up_first":
+        gate, up = w.narrow(dim, half, half), w.narrow(dim, 0, half)
+    else:
+        even = w.index_select(dim, torch.arange(0, w.shape[dim], 2, device=w.device))
+        odd = w.index_select(dim, torch.arange(1, w.shape[dim], 2, device=w.device))
+        gate, up = (even, odd) if layout == "interleaved_gate_even" else (odd, even)
+    return torch.cat([gate, up], dim)
 
 
 def _float_attr(module: nn.Module, word: str) -> float | None:
@@ -53,51 +68,47 @@ def _float_attr(module: nn.Module, word: str) -> float | None:
     return None
 
 
-def _activations(module: nn.Module) -> Iterator[tuple[str, float, float]]:
+def _activations(module: nn.Module) -> list[tuple[str, float, float]]:
     limit = _float_attr(module, "limit")
     alpha = _float_attr(module, "alpha")
-    for act in _ACTS:
-        yield act, 1.0, 0.0
+    acts = [(act, 1.0, 0.0) for act in _ACTS]
     if limit is not None and limit > 0:
-        yield "swiglu_oai", alpha if alpha is not None else 1.702, limit
-        for act in _ACTS:
-            yield act, 1.0, limit
+        acts.append(("swiglu_oai", alpha if alpha is not None else 1.702, limit))
+        acts += [(act, 1.0, limit) for act in _ACTS]
+    return acts
 
 
-def candidates(module: nn.Module, hidden: int, num_experts: int) -> Iterator[tuple[ExpertSpec, ExpertWeights]]:
+def candidates(module: nn.Module, hidden: int, num_experts: int) -> Iterator[Candidate]:
     params = stacked_params(module, num_experts)
     biases = {n: p for n, p in module.named_parameters(recurse=False) if p.dim() == 2 and p.shape[0] == num_experts}
-    names = list(params)
-    acts = list(_activations(module))
-    for down_name in names:
-        downs = _orient_out(params[down_name], hidden)
-        others = [n for n in names if n != down_name]
-        for down in downs:
-            inter = down.shape[2]
+    acts = _activations(module)
+    for down_name in params:
+        others = [n for n in params if n != down_name]
+        for down in _orient_out(params[down_name], hidden):
             b_down = next((b for b in biases.values() if b.shape[1] == hidden), None)
-            yield from _up_candidates(module, others, params, biases, hidden, inter, down, b_down, acts)
+            yield from _up_candidates(others, params, biases, hidden, down.shape[2], down, b_down, acts)
 
 
-def _up_candidates(module, others, params, biases, hidden, inter, down, b_down, acts):
+def _up_candidates(others, params, biases, hidden, inter, down, b_down, acts):
+    has_bias = lambda b_up: b_up is not None or b_down is not None  # noqa: E731
     if len(others) == 1:
         for up in _orient(params[others[0]], hidden):
             u = up.shape[1]
             b_up = next((b for b in biases.values() if b.shape[1] == u and b is not b_down), None)
             if u == 2 * inter:
                 for layout, (act, alpha, limit) in itertools.product(_GATED_LAYOUTS, acts):
-                    g, v = _split_gated(up, layout, 1)
-                    w_up = torch.cat([g, v], 1)
-                    bu = None
-                    if b_up is not None:
-                        bg, bv = _split_gated(b_up, layout, 1)
-                        bu = torch.cat([bg, bv], 1)
-                    spec = ExpertSpec(hidden, inter, act, True, b_up is not None or b_down is not None, alpha, limit)
-                    yield spec, ExpertWeights(w_up, down, bu, b_down)
+                    def build(sl, up=up, b_up=b_up, layout=layout):
+                        return ExpertWeights(_gate_first(up[sl], layout, 1), down[sl],
+                                             None if b_up is None else _gate_first(b_up[sl], layout, 1),
+                                             None if b_down is None else b_down[sl])
+                    yield Candidate(ExpertSpec(hidden, inter, act, True, has_bias(b_up), alpha, limit), build)
             if u == inter:
                 for act, _, limit in acts:
-                    if limit == 0 and act != "swiglu_oai":
-                        yield (ExpertSpec(hidden, inter, act, False, b_up is not None or b_down is not None),
-                               ExpertWeights(up, down, b_up, b_down))
+                    if limit == 0:
+                        def build(sl, up=up, b_up=b_up):
+                            return ExpertWeights(up[sl], down[sl], None if b_up is None else b_up[sl],
+                                                 None if b_down is None else b_down[sl])
+                        yield Candidate(ExpertSpec(hidden, inter, act, False, has_bias(b_up)), build)
     elif len(others) == 2:
         for gate_name, up_name in itertools.permutations(others):
             for g in _orient(params[gate_name], hidden):
@@ -105,5 +116,7 @@ def _up_candidates(module, others, params, biases, hidden, inter, down, b_down, 
                     if g.shape[1] != inter or v.shape[1] != inter:
                         continue
                     for act, alpha, limit in acts:
-                        yield (ExpertSpec(hidden, inter, act, True, False, alpha, limit),
-                               ExpertWeights(torch.cat([g, v], 1), down, None, b_down))
+                        def build(sl, g=g, v=v):
+                            return ExpertWeights(torch.cat([g[sl], v[sl]], 1), down[sl], None,
+                                                 None if b_down is None else b_down[sl])
+                        yield Candidate(ExpertSpec(hidden, inter, act, True, False, alpha, limit), build)

@@ -1,0 +1,94 @@
+"""Fold a block's shared experts into its routed grouped GEMM (Triton lowering).
+
+``fused_moe(x, ...) + shared_ffn(x, ...)`` becomes one ``fused_moe_shared_triton`` when the shared FFN has the
+routed experts' activation and no biases, and the routing is dropless. The shared intermediate dimension is
+split into chunks of the routed size (zero-padded): an FFN's output is the sum over its intermediate channels,
+so the chunks summed with weight 1 (or the shared gate) give exactly the shared output."""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch import fx
+
+from moecc.match import MatchResult
+
+
+def _attr(gm, node):
+    owner, _, name = node.target.rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, name)
+
+
+def chunk_shared(s_up: torch.Tensor, s_down: torch.Tensor, inter: int, gated: bool):
+    """[1, U_s, H], [1, H, I_s] -> [m, U, H], [m, H, I]: chunks of the routed intermediate size ``inter``."""
+    i_s = s_down.shape[2]
+    m = -(-i_s // inter)
+    pad = m * inter - i_s
+    hidden = s_down.shape[1]
+    if gated:
+        gate, up = s_up[0, :i_s], s_up[0, i_s:]
+        gate = torch.cat([gate, gate.new_zeros(pad, hidden)]).reshape(m, inter, hidden)
+        up = torch.cat([up, up.new_zeros(pad, hidden)]).reshape(m, inter, hidden)
+        w_up = torch.cat([gate, up], 1)
+    else:
+        w_up = torch.cat([s_up[0], s_up.new_zeros(pad, hidden)]).reshape(m, inter, hidden)
+    down = torch.cat([s_down[0], s_down.new_zeros(hidden, pad)], 1)
+    w_down = down.reshape(hidden, m, inter).permute(1, 0, 2)
+    return w_up.contiguous(), w_down.contiguous()
+
+
+def match_fold(add: fx.Node) -> MatchResult[tuple[fx.Node, fx.Node]]:
+    a, b = add.args[:2]
+    nodes = {getattr(n, "target", None): n for n in (a, b) if isinstance(n, fx.Node)}
+    moe = nodes.get(torch.ops.moecc.fused_moe.default)
+    shared = nodes.get(torch.ops.moecc.shared_ffn.default)
+    if moe is None or shared is None:
+        return MatchResult.fail("not routed + shared")
+    if moe.args[0] is not shared.args[0]:
+        return MatchResult.fail("routed and shared experts read different inputs")
+    if len(moe.users) != 1 or len(shared.users) != 1:
+        return MatchResult.fail("routed or shared output is used elsewhere")
+    if moe.args[5] is not None or moe.args[6] is not None or shared.args[3] is not None or shared.args[4] is not None:
+        return MatchResult.fail("expert biases are not folded")
+    if moe.args[11] >= 0 or moe.args[12] > 0:
+        return MatchResult.fail("a capacity could drop shared experts")
+    if tuple(moe.args[7:11]) != tuple(shared.args[6:10]):
+        return MatchResult.fail("shared and routed experts differ in activation")
+    if moe.args[16] != "oi":
+        return MatchResult.fail("expert weights are not in the oi layout")
+    return MatchResult.success((moe, shared))
+
+
+def fold_shared_experts(gm: fx.GraphModule) -> int:
+    from moecc.codegen.triton.moe import fused_moe_shared_triton
+
+    folded = 0
+    for add in [n for n in gm.graph.nodes if n.op == "call_function" and n.target is operator.add]:
+        m = match_fold(add)
+        if not m:
+            continue
+        moe, shared = m.value
+        w_up, w_down = _attr(gm, moe.args[3]), _attr(gm, moe.args[4])
+        gated = moe.args[8]
+        inter = w_down.shape[2]
+        s_up, s_down = chunk_shared(_attr(gm, shared.args[1]), _attr(gm, shared.args[2]), inter, gated)
+        if s_up.shape[1:] != w_up.shape[1:]:
+            continue
+        owner = gm.get_submodule(moe.args[3].target.rpartition(".")[0])
+        owner.register_buffer("shared_chunks_up", s_up)
+        owner.register_buffer("shared_chunks_down", s_down)
+        prefix = moe.args[3].target.rpartition(".")[0]
+        with gm.graph.inserting_before(add):
+            up_node = gm.graph.get_attr(f"{prefix}.shared_chunks_up")
+            down_node = gm.graph.get_attr(f"{prefix}.shared_chunks_down")
+            new = gm.graph.call_function(fused_moe_shared_triton._opoverload, (
+                moe.args[0], moe.args[1], moe.args[2], moe.args[3], moe.args[4], *moe.args[7:11], up_node, down_node,
+                shared.args[5]))
+        add.replace_all_uses_with(new)
+        for n in (add, moe, shared):
+            gm.graph.erase_node(n)
+        folded += 1
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return folded
