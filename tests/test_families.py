@@ -48,3 +48,18 @@ def test_switch_capacity_formula_recorded():
     cm = moecc.compile(model)
     cm(**make_inputs("switch_transformers", 2, 8))
     assert all(layer.capacity == "C = 6" for layer in cm.moe_layers)
+
+
+def test_top_k_equal_to_num_experts():
+    """k == E: the router's logits and weights have the same shape and must not be confused."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.OlmoeConfig(vocab_size=97, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=16, num_experts=4, num_experts_per_tok=4)
+    model = tf.OlmoeForCausalLM(cfg).eval()
+    cm = moecc.compile(model, backend="torch")
+    cm(**make_inputs("olmoe", 2, 8))
+    assert cm.moe_layers[0].fused and cm.moe_layers[0].top_k == 4
+    fresh = make_inputs("olmoe", 3, 5, 1)
+    assert rel(cm(**fresh).logits, model(**fresh).logits) < 1e-5

@@ -90,8 +90,10 @@ def use_ort_moe(gm: fx.GraphModule, quant=None) -> dict[str, str]:
         w_up, w_down, b_up, b_down = _canonical(gm, moe)
         router_b = _param(gm, route.args[2])
         f = form.value
+        num_experts = int(w_up.shape[0])
         if form and not ort_computes_same(f.activation_type, f.normalize, int(route.args[4]),
-                                          b_up is not None or b_down is not None, f.alpha, f.beta, f.limit):
+                                          b_up is not None or b_down is not None, f.alpha, f.beta, f.limit,
+                                          num_experts):
             form = MatchResult.fail(f"the installed onnxruntime's com.microsoft.MoE({form.value.activation_type}) "
                                     "does not match on probe data")
         if not form or route.args[1].op != "get_attr" or (route.args[2] is not None and router_b is None):
@@ -101,7 +103,7 @@ def use_ort_moe(gm: fx.GraphModule, quant=None) -> dict[str, str]:
         scale = float(route.args[10])
         use_q = quant is not None and ort_qmoe_computes_same(
             f.activation_type, f.normalize, int(route.args[4]), b_up is not None or b_down is not None, f.alpha,
-            f.beta, f.limit, quant.bits, quant.block_size, quant.int8_activations)
+            f.beta, f.limit, quant.bits, quant.block_size, quant.int8_activations, num_experts)
         if quant is not None and not use_q and prefix in owner:
             owner[prefix].quantization = f"none: com.microsoft.QMoE({f.activation_type}) does not match on probe data"
         fc1, fc1_b = w_up, b_up

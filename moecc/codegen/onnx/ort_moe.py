@@ -117,17 +117,19 @@ def ort_moe_onnx(x, router_w_t, router_b, fc1_w, fc1_b, fc2_w, fc2_b, k, activat
 
 @functools.lru_cache(maxsize=None)
 def ort_computes_same(activation_type: str, normalize: bool, k: int, has_bias: bool, alpha: float, beta: float,
-                      limit: float, provider: str = "CPUExecutionProvider") -> bool:
+                      limit: float, num_experts: int = 0, provider: str = "CPUExecutionProvider") -> bool:
     """Run one com.microsoft.MoE node on random data and compare it with ``ort_moe``'s reference."""
     import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
     g = torch.Generator().manual_seed(7)
-    t, h, inter, e = 9, 16, 8, max(4, 2 * k)
+    # the block's own E and k, enough tokens, and near-uniform logits (as from a real router), so that a
+    # renormalisation the op does or skips shows in the output
+    t, h, inter, e = 48, 16, 8, max(num_experts, 2 * k, 4)
     fusion = 2 if activation_type == "swiglu" else 1
     x = torch.randn(t, h, generator=g)
-    router = torch.randn(h, e, generator=g)
+    router = torch.randn(h, e, generator=g) * 0.05
     fc1 = torch.randn(e, fusion * inter, h, generator=g) * 0.3
     fc2 = torch.randn(e, h, inter, generator=g) * 0.3
     b1 = torch.randn(e, fusion * inter, generator=g) if has_bias else None
@@ -205,6 +207,10 @@ def ort_qmoe_onnx(x, router_w_t, router_b, fc1_q, fc1_scales, fc1_b, fc2_q, fc2_
     if router_b is not None:
         logits = op.Add(logits, router_b)
     inputs = [x, logits, fc1_q, fc1_scales, fc1_b, fc2_q, fc2_scales, fc2_b]
+    if not normalize:
+        # QMoE renormalises the gathered top-k weights whatever the attribute says (seen on ORT 1.32, CPU); mixing
+        # weights given as router_weights are used as they are
+        inputs += [None] * 6 + [op.Softmax(logits, axis=-1)]
     while inputs[-1] is None:
         inputs.pop()
     return qmoe(*inputs, **_qmoe_attrs(k, activation_type, normalize, alpha, beta, limit, bits, block_size,
@@ -214,7 +220,7 @@ def ort_qmoe_onnx(x, router_w_t, router_b, fc1_q, fc1_scales, fc1_b, fc2_q, fc2_
 @functools.lru_cache(maxsize=None)
 def ort_qmoe_computes_same(activation_type: str, normalize: bool, k: int, has_bias: bool, alpha: float,
                            beta: float, limit: float, bits: int, block_size: int, int8_activations: bool = False,
-                           provider: str = "CPUExecutionProvider") -> bool:
+                           num_experts: int = 0, provider: str = "CPUExecutionProvider") -> bool:
     """Probe com.microsoft.QMoE against ``ort_qmoe``'s dequantized reference, as for the float op."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
@@ -223,10 +229,10 @@ def ort_qmoe_computes_same(activation_type: str, normalize: bool, k: int, has_bi
 
     spec = QuantSpec(bits, block_size, int8_activations)
     g = torch.Generator().manual_seed(9)
-    t, h, inter, e = 7, 64, 32, max(4, 2 * k)
+    t, h, inter, e = 48, 64, 32, max(num_experts, 2 * k, 4)  # as for the float probe
     fusion = 2 if activation_type == "swiglu" else 1
     x = torch.randn(t, h, generator=g)
-    router = torch.randn(h, e, generator=g)
+    router = torch.randn(h, e, generator=g) * 0.05
     fc1_q, fc1_s = quantize(torch.randn(e, fusion * inter, h, generator=g) * 0.2, spec)
     fc2_q, fc2_s = quantize(torch.randn(e, h, inter, generator=g) * 0.2, spec)
     b1 = torch.randn(e, fusion * inter, generator=g) if has_bias else None
@@ -234,20 +240,27 @@ def ort_qmoe_computes_same(activation_type: str, normalize: bool, k: int, has_bi
     ref = ort_qmoe(x, router, None, fc1_q, fc1_s, b1, fc2_q, fc2_s, b2, k, activation_type, normalize, alpha, beta,
                    limit, bits, block_size, int8_activations)
     names = ["x", "logits", "fc1", "s1", "b1" if has_bias else "", "fc2", "s2", "b2" if has_bias else ""]
+    if not normalize:  # as ort_qmoe_onnx emits it
+        names += [""] * 6 + ["rw"]
     node = helper.make_node("QMoE", names, ["y"], domain="com.microsoft",
                             **_qmoe_attrs(k, activation_type, normalize, alpha, beta, limit, bits, block_size,
                                           int8_activations))
     inits = [numpy_helper.from_array(v.numpy(), n) for n, v in (("fc1", fc1_q), ("fc2", fc2_q), ("s1", fc1_s),
                                                                  ("s2", fc2_s), ("b1", b1), ("b2", b2))
              if v is not None]
-    graph = helper.make_graph([node], "probe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [t, h]),
-                                                helper.make_tensor_value_info("logits", TensorProto.FLOAT, [t, e])],
+    graph_inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [t, h]),
+                    helper.make_tensor_value_info("logits", TensorProto.FLOAT, [t, e])]
+    feeds = {"x": x.numpy(), "logits": (x @ router).numpy()}
+    if not normalize:
+        graph_inputs.append(helper.make_tensor_value_info("rw", TensorProto.FLOAT, [t, e]))
+        feeds["rw"] = torch.softmax(x @ router, -1).numpy()
+    graph = helper.make_graph([node], "probe", graph_inputs,
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [t, h])], inits)
     opsets = [helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)]
     model = helper.make_model(graph, opset_imports=opsets)
     try:
         sess = ort.InferenceSession(model.SerializeToString(), providers=[provider])
-        (y,) = sess.run(None, {"x": x.numpy(), "logits": (x @ router).numpy()})
+        (y,) = sess.run(None, feeds)
     except Exception as exc:  # noqa: BLE001 - not implemented on this provider
         log.info("com.microsoft.QMoE(int%d) not usable on %s: %s", bits, provider, exc)
         return False

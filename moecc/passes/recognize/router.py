@@ -62,6 +62,7 @@ class Observed:
     ids: torch.Tensor  # [n, k], dropped pairs = -1
     weights: torch.Tensor  # [n, k]
     dropped: bool
+    alternatives: tuple = ()  # other float outputs shaped like the weights (e.g. logits when k == E)
 
 
 def read_outputs(out, n: int, num_experts: int) -> Observed | None:
@@ -77,10 +78,10 @@ def read_outputs(out, n: int, num_experts: int) -> Observed | None:
         ids = torch.where(keep, mask.argmax(-1, keepdim=True), torch.full_like(keep, -1, dtype=torch.int64))
     if ids is None:
         return None
-    weights = next((t for t in floats if t.shape == ids.shape), None)
-    if weights is None:
+    same_shape = [t for t in floats if t.shape == ids.shape]
+    if not same_shape:
         return None
-    return Observed(ids.long(), weights, bool((ids < 0).any()))
+    return Observed(ids.long(), same_shape[0], bool((ids < 0).any()), tuple(same_shape[1:]))
 
 
 def _int_attrs(mods: list[nn.Module], pattern: str) -> list[int]:
@@ -152,6 +153,15 @@ def _router_logits(router: Router, x2: torch.Tensor) -> torch.Tensor:
 def fit_routing(router: Router, obs: Observed, x2: torch.Tensor, num_experts: int, mods: list[nn.Module],
                 rtol: float) -> tuple[RoutingSpec, torch.Tensor | None] | None:
     """The routing spec (and scale) whose output equals the observed (ids, weights) on every routed token."""
+    for weights in (obs.weights, *obs.alternatives):
+        fitted = _fit_one(router, Observed(obs.ids, weights, obs.dropped), x2, num_experts, mods, rtol)
+        if fitted is not None:
+            return fitted
+    return None
+
+
+def _fit_one(router: Router, obs: Observed, x2: torch.Tensor, num_experts: int, mods: list[nn.Module],
+             rtol: float) -> tuple[RoutingSpec, torch.Tensor | None] | None:
     k = obs.ids.shape[1]
     logits = _router_logits(router, x2)
     keep = (obs.ids >= 0).all(-1)
