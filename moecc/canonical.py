@@ -26,6 +26,7 @@ class BlockAnalysis:
     shared: list[SharedExpert] = field(default_factory=list)
     outputs: tuple[str, ...] = ("y",)  # what each block output is: y | weights | ids | logits
     output_tuple: bool = False
+    router_program: object = None  # a router no pattern matches, as its own exported graph: x -> (weights, ids)
 
 
 def _maybe(t):
@@ -36,6 +37,7 @@ class CanonicalMoE(nn.Module):
     def __init__(self, a: BlockAnalysis):
         super().__init__()
         self.a = a
+        self.router_program = a.router_program
         self.router_weight = _maybe(a.router_weight)
         self.router_bias = _maybe(a.router_bias)
         self.selection_bias = _maybe(a.selection_bias)
@@ -54,13 +56,17 @@ class CanonicalMoE(nn.Module):
         a, r, e, c = self.a, self.a.routing, self.a.expert, self.a.capacity
         hidden = e.hidden_size
         x2 = x.reshape(-1, hidden)
-        if r.logits_fp32:
+        if self.router_program is not None:
+            weights, ids = self.router_program(x2)
+            logits = torch.nn.functional.linear(x2, self.router_weight, self.router_bias)
+        elif r.logits_fp32:
             logits = torch.nn.functional.linear(x2.float(), self.router_weight.float(),
                                                 None if self.router_bias is None else self.router_bias.float())
         else:
             logits = torch.nn.functional.linear(x2, self.router_weight, self.router_bias)
-        weights, ids = torch.ops.moecc.route(logits, self.selection_bias, r.top_k, r.score, r.topk_first,
-                                             r.renormalize, r.n_group, r.topk_group, r.scale)
+        if self.router_program is None:
+            weights, ids = torch.ops.moecc.route(logits, self.selection_bias, r.top_k, r.score, r.topk_first,
+                                                 r.renormalize, r.n_group, r.topk_group, r.scale)
         group = x.shape[-2] if c.group == "sequence" else 0
         xs, order, offsets = torch.ops.moecc.dispatch(x2, ids, r.num_experts, c.capacity, c.capacity_factor,
                                                       c.capacity_min, group, c.priority)

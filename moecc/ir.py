@@ -22,6 +22,8 @@ class RoutingSpec:
     has_selection_bias: bool = False
 
     def describe(self) -> str:
+        if self.score == "as written":
+            return f"top{self.top_k}, router kept as its own graph ops (no known pattern)"
         order = f"top{self.top_k}->{self.score}" if self.topk_first else f"{self.score}->top{self.top_k}"
         parts = [order]
         if self.renormalize:

@@ -63,3 +63,21 @@ def test_top_k_equal_to_num_experts():
     assert cm.moe_layers[0].fused and cm.moe_layers[0].top_k == 4
     fresh = make_inputs("olmoe", 3, 5, 1)
     assert rel(cm(**fresh).logits, model(**fresh).logits) < 1e-5
+
+
+def test_unknown_router_stays_as_graph_ops_and_experts_fuse():
+    """PhiMoE's sparsemixer matches no routing pattern: it runs as written, the experts are still fused."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.PhimoeConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, intermediate_size=24, num_local_experts=4, num_experts_per_tok=2,
+                          max_position_embeddings=64)
+    model = tf.PhimoeForCausalLM(cfg).eval()
+    for backend in ("torch", "onnxruntime"):
+        cm = moecc.compile(model, backend=backend)
+        cm(**make_inputs("mixtral", 2, 8))
+        for layer in cm.moe_layers:
+            assert layer.fused and "kept as its own graph ops" in layer.routing, layer
+        fresh = make_inputs("mixtral", 3, 5, 1)
+        assert rel(cm(**fresh).logits, model(**fresh).logits) < 1e-5

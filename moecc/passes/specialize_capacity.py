@@ -36,7 +36,8 @@ class SpecializeCapacity(MoePass):
         for node in nodes_calling(gm, torch.ops.moecc.fused_moe.default):
             x, weights = node.args[0], node.args[1]
             capacity, cf, cmin, group = node.args[11], node.args[12], node.args[13], node.args[14]
-            top_k = _top_k(weights)
+            prefix = node.args[3].target.rsplit(".", 1)[0] if node.args[3].op == "get_attr" else ""
+            top_k = prefixes[prefix].top_k if prefix in prefixes and prefixes[prefix].top_k else _top_k(weights)
             num_experts = _attr_shape(gm, node)
             per_seq = not (isinstance(group, int) and group == 0)
             expr = capacity_formula(int(top_k), int(num_experts), capacity, cf, cmin, per_seq)
@@ -46,7 +47,6 @@ class SpecializeCapacity(MoePass):
                 fixed = int(expr.subs({S: group_tokens, T: group_tokens}))
                 node.args = node.args[:11] + (fixed, 0.0) + node.args[13:]
                 modified = True
-            prefix = node.args[3].target.rsplit(".", 1)[0] if node.args[3].op == "get_attr" else ""
             if prefix in prefixes:
                 prefixes[prefix].capacity = f"C = {expr}"
             formulas[node.name] = str(expr)

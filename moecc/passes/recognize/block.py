@@ -14,13 +14,14 @@ import torch
 from torch import nn
 
 from moecc.canonical import BlockAnalysis, CanonicalMoE
-from moecc.ir import CapacitySpec, ExpertSpec, ExpertWeights, SharedExpert
+from moecc.ir import CapacitySpec, ExpertSpec, ExpertWeights, RoutingSpec, SharedExpert
 from moecc.match import MatchResult
 from moecc.passes.recognize import stacked
 from moecc.passes.recognize.mlp import analyze_mlp, stack_mlps
 from moecc.passes.recognize.probe import close, tensor_leaves, tolerance
 from moecc.passes.recognize.router import (
     capacity_candidates,
+    export_router,
     find_router,
     fit_capacity,
     fit_routing,
@@ -179,6 +180,31 @@ def _pairs(routing_options, expert_candidates):
             yield r, e
 
 
+UNMATCHED_ROUTING = ("routing matches no known pattern (softmax/sigmoid, top-k before/after scoring, "
+                     "renormalisation, selection bias, groups, scale)")
+
+
+def _with_router_as_written(block, router, obs, x2, num_experts, expert_candidates, shared, inputs, refs, raw):
+    """A router no pattern matches stays as its own graph ops; its (weights, ids) feed the canonical experts."""
+    if obs.dropped:
+        return MatchResult.fail(f"router {router.path}: {UNMATCHED_ROUTING}, and it drops tokens")
+    try:
+        program = export_router(router.module, x2, obs, num_experts)
+    except Exception as exc:  # noqa: BLE001 - a router torch.export cannot capture stays inside the block
+        return MatchResult.fail(f"router {router.path}: {UNMATCHED_ROUTING}; exporting it as written failed: "
+                                f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+    k = obs.ids.shape[1]
+    spec = RoutingSpec(num_experts, k, "as written", has_router_bias=router.bias is not None)
+    for _, (espec, ew) in _pairs([None], expert_candidates):
+        a = BlockAnalysis(spec, router.weight, router.bias, None, espec, ew, CapacitySpec(), shared,
+                          output_tuple=not isinstance(raw[0], torch.Tensor), router_program=program)
+        ok = _verify(block, a, inputs, refs)
+        if ok is not None:
+            return MatchResult.success(ok)
+    return MatchResult.fail(f"router {router.path}: {UNMATCHED_ROUTING}; with its own routing the experts still "
+                            "do not reproduce the block")
+
+
 def analyze_block(block: nn.Module, example: torch.Tensor) -> MatchResult[BlockAnalysis]:
     hidden = int(example.shape[-1])
     like = next(block.parameters(), None)
@@ -255,8 +281,8 @@ def analyze_block(block: nn.Module, example: torch.Tensor) -> MatchResult[BlockA
             return MatchResult.fail(f"router {router.path}: its outputs hold no (ids, weights) pair")
         fitted = fit_routing(router, obs, x3.reshape(-1, hidden), num_experts, mods, rtol)
         if fitted is None:
-            return MatchResult.fail(f"router {router.path}: routing matches no known pattern (softmax/sigmoid, "
-                                    "top-k before/after scoring, renormalisation, selection bias, groups, scale)")
+            return _with_router_as_written(block, router, obs, x3.reshape(-1, hidden), num_experts,
+                                           expert_candidates, shared.value, inputs, refs, raw)
         spec, sel = fitted
         xc = inputs[-1]
         obs_c = read_outputs(router_calls[-1], xc.reshape(-1, hidden).shape[0], num_experts)

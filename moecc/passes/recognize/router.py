@@ -44,13 +44,13 @@ def find_router(block: nn.Module, num_experts: int, hidden: int | None, skip: se
             bias = getattr(mod, "bias", None) if pname == "weight" else None
             bias = bias if isinstance(bias, torch.Tensor) and tuple(bias.shape) == (num_experts,) else None
             owner = None if mod is block else mod
-            if isinstance(mod, nn.Linear):
+            if type(mod) is nn.Linear:
                 # a router module wraps its Linear; a bare Linear child means routing is written inline
                 parent = path.rpartition(".")[0]
                 owner = block.get_submodule(parent) if parent else None
             sel = [t for _, t in itertools.chain(mod.named_buffers(recurse=False), mod.named_parameters(recurse=False))
                    if tuple(t.shape) == (num_experts,) and t is not bias]
-            rank = 0 if isinstance(mod, nn.Linear) else 1 if pname == "weight" else 2
+            rank = 0 if type(mod) is nn.Linear else 1 if pname == "weight" else 2
             if rank == 2 and not re.search("gate|router|route|gating", pname.lower()):
                 rank = 3
             found.append((rank, Router(w, bias, owner, sel, f"{path}.{pname}" if path else pname)))
@@ -200,3 +200,34 @@ def fit_capacity(router: Router, spec: RoutingSpec, sel, obs: Observed, x2: torc
         if torch.equal(torch.where(got >= spec.num_experts, -1, got), obs.ids):
             return cap
     return None
+
+
+def export_router(router: nn.Module, x2: torch.Tensor, obs: Observed, n_out: int):
+    """The router module as an ATen graph (its own code, token dim symbolic) returning (weights, ids): the
+    routing of a router no pattern matches, kept exactly as written."""
+    leaves_of = lambda out: [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]  # noqa: E731
+    with torch.no_grad():
+        leaves = leaves_of(router(x2))
+    n = x2.shape[0]
+    w_pos = next(i for i, t in enumerate(leaves) if t.numel() == obs.weights.numel() and t.is_floating_point()
+                 and torch.equal(t.reshape(n, -1), obs.weights))
+    i_pos = next(i for i, t in enumerate(leaves) if not t.is_floating_point() and t.numel() == obs.ids.numel())
+
+    class RoutingOf(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            out = leaves_of(self.inner(x))
+            return out[w_pos].reshape(x.shape[0], -1).float(), out[i_pos].reshape(x.shape[0], -1).long()
+
+    with torch.no_grad():
+        ep = torch.export.export(RoutingOf(router), (x2,), dynamic_shapes=({0: torch.export.Dim.AUTO},), strict=False)
+    gm = ep.module()
+    gm.graph._codegen = torch.fx.graph.CodeGen()
+    gm._forward_pre_hooks.clear()
+    for node in [nd for nd in gm.graph.nodes if nd.op == "call_module" and nd.target == "_guards_fn"]:
+        gm.graph.erase_node(node)
+    gm.recompile()
+    return gm
