@@ -44,9 +44,10 @@ def _paths(tree) -> list[str]:
 
 
 def export(model: nn.Module, args, path, kwargs: dict | None = None, backend: str = "auto", progress=None,
-           **options) -> Path:
+           calibration: tuple | None = None, **options) -> Path:
     """Capture, compile and write ``model`` for the example ``args``/``kwargs`` to ``path`` (a folder, or a single
-    file when ``path`` ends in ``.moecc``). Returns the path written."""
+    file when ``path`` ends in ``.moecc``). ``calibration=(args, kwargs)``: the batch whose per-expert load the
+    manifest records (default: the example). Returns the path written."""
     from moecc import __version__
     from moecc.api import OPTIONS, _check_args
     from moecc.runtime.compiled import build, check_fresh
@@ -65,7 +66,7 @@ def export(model: nn.Module, args, path, kwargs: dict | None = None, backend: st
     folder.mkdir(parents=True, exist_ok=True)
     step = progress or (lambda msg: log.info(msg))
     step("capturing and compiling")
-    entry, info = build(model, args, kwargs, backend, options, None, str(folder))
+    entry, info = build(model, args, kwargs, backend, options, None, str(folder), calibration)
     if options.get("verify", True) and not options.get("quantize"):
         step("checking against eager on fresh inputs")
         check_fresh(model, entry)
@@ -103,11 +104,48 @@ def export(model: nn.Module, args, path, kwargs: dict | None = None, backend: st
     return path
 
 
+class _WeightsAsInputs(nn.Module):
+    """The program with its weights as leading inputs, so the .pt2 holds code only and weights go to safetensors."""
+
+    def __init__(self, gm: nn.Module, names: list[str]):
+        super().__init__()
+        self.gm, self.names = gm, names
+
+    def forward(self, *args):
+        n = len(self.names)
+        return torch.func.functional_call(self.gm, dict(zip(self.names, args[:n])), args[n:])
+
+
 def _save_torch_program(entry, folder: Path) -> None:
+    from safetensors.torch import save_file
+
+    state = {**dict(entry.gm.named_parameters()), **dict(entry.gm.named_buffers())}
+    names = sorted(state)
+    weights = [state[n].detach() for n in names]
     example = [entry.example_inputs[i] for i in entry.tensor_pos]
-    shapes = tuple({i: torch.export.Dim.AUTO for i, d in enumerate(s) if d is None} for s in entry.shapes)
-    ep = torch.export.export(entry.gm, tuple(example), dynamic_shapes=shapes, strict=False)
+    shapes = tuple([None] * len(weights) + [{i: torch.export.Dim.AUTO for i, d in enumerate(s) if d is None}
+                                            for s in entry.shapes])
+    with torch.no_grad():
+        ep = torch.export.export(_WeightsAsInputs(entry.gm, names), tuple(weights + example),
+                                 dynamic_shapes=(shapes,), strict=False)
+    ep._example_inputs = None  # they would hold a second copy of the weights
     torch.export.save(ep, folder / "program.pt2")
+    save_file({n: w.contiguous() for n, w in zip(names, weights)}, folder / "weights.safetensors",
+              metadata={"order": json.dumps(names)})
+
+
+def _load_torch_program(folder: Path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    import moecc.codegen.torch.moe  # noqa: F401 - registers the ops the program calls
+
+    with safe_open(folder / "weights.safetensors", "pt") as f:
+        names = json.loads(f.metadata()["order"])
+    tensors = load_file(folder / "weights.safetensors")
+    weights = [tensors[n] for n in names]
+    module = torch.export.load(folder / "program.pt2").module()
+    return lambda *inputs: module(*weights, *inputs)
 
 
 class Outputs(dict):
@@ -196,9 +234,7 @@ def load(path) -> LoadedModel:
 
         program = OrtModule(os.fspath(folder / "model.onnx"))
     elif backend in ("torch", "reference"):
-        import moecc.codegen.torch.moe  # noqa: F401 - registers the ops the program calls
-
-        program = torch.export.load(folder / "program.pt2").module()
+        program = _load_torch_program(folder)
     else:
         raise ArtifactError(f"{path} was exported for backend {backend!r}, which this moecc cannot run")
     return LoadedModel(folder, manifest, program)

@@ -54,8 +54,9 @@ def cmd_export(a) -> int:
     options = {"verify": not a.no_verify}
     if a.quantize:
         options.update(quantize=a.quantize, quant_block_size=a.block_size)
+    calibration = _split_example(torch.load(a.calibration, weights_only=False)) if a.calibration else None
     with console.status("exporting") as status:
-        path = moecc.export(model, args, a.output, kwargs=kwargs, backend=a.backend,
+        path = moecc.export(model, args, a.output, kwargs=kwargs, backend=a.backend, calibration=calibration,
                             progress=lambda msg: status.update(f"{msg}..."), **options)
     console.print(f"wrote {path}")
     return 0
@@ -106,6 +107,8 @@ def main(argv=None) -> int:
     e.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantized experts (onnxruntime)")
     e.add_argument("--block-size", type=int, default=0, help="quantization block size (0: per channel)")
     e.add_argument("--no-verify", action="store_true", help="skip the check against eager on fresh inputs")
+    e.add_argument("--calibration", help="a .pt batch (like the example) whose per-expert load `inspect --html` "
+                   "draws; default: the example")
     e.set_defaults(func=cmd_export)
     i = sub.add_parser("inspect", help="tables of MoE layers and passes of an artifact or a dump folder")
     i.add_argument("path")

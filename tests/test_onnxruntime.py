@@ -89,11 +89,16 @@ def test_missing_file_and_version_mismatch_are_refused(tmp_path):
 def test_single_file_artifact_and_torch_backend(tmp_path):
     model = make_model("olmoe")
     kwargs = make_inputs("olmoe", 2, 8)
-    path = moecc.export(model, (), tmp_path / "m.moecc", kwargs=kwargs, backend="torch")
+    calibration = make_inputs("olmoe", 4, 16, seed=9)
+    path = moecc.export(model, (), tmp_path / "m.moecc", kwargs=kwargs, backend="torch",
+                        calibration=((), calibration))
     loaded = moecc.load(path)
     fresh = make_inputs("olmoe", 1, 11, seed=3)
     torch.testing.assert_close(loaded(**fresh).logits, model(**fresh).logits, rtol=1e-5, atol=1e-5)
     assert loaded.manifest["backend"] == "torch" and len(loaded.moe_layers) == 2
+    assert "weights.safetensors" in loaded.manifest["files"]  # the .pt2 holds the program, not the weights
+    top_k = loaded.moe_layers[0]["top_k"]
+    assert all(sum(layer["expert_load"]) == 4 * 16 * top_k for layer in loaded.moe_layers)
 
 
 def test_quantization_is_opt_in_and_reported():

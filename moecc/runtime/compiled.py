@@ -126,7 +126,7 @@ class BuildInfo:
 
 
 def build(model: nn.Module, args, kwargs, backend: str, options: dict, dump_folder: Path | None,
-          program_folder: str | None = None) -> tuple[_Entry, BuildInfo]:
+          program_folder: str | None = None, calibration: tuple | None = None) -> tuple[_Entry, BuildInfo]:
     """Capture, run the pass pipeline (with dumps when asked) and lower to a backend."""
     from moecc.codegen.onnx.quant import quant_spec
 
@@ -147,7 +147,13 @@ def build(model: nn.Module, args, kwargs, backend: str, options: dict, dump_fold
               tuple(None for _ in range(cap.tensor_inputs[i].dim())) for i, n in enumerate(placeholders)]
     from moecc.calibration import expert_load
 
-    load = expert_load(gm, cap.tensor_inputs)
+    batch = cap.tensor_inputs
+    if calibration is not None:
+        flat, spec = pytree.tree_flatten((tuple(calibration[0]), dict(calibration[1])))
+        if spec != cap.in_spec:
+            raise ValueError(f"the calibration batch has another structure than the example: {spec}")
+        batch = [flat[i] for i in cap.tensor_pos]
+    load = expert_load(gm, batch)
     for info in layers.values():
         info.expert_load = load.get(info.graph_prefix, [])
     try:
@@ -156,7 +162,7 @@ def build(model: nn.Module, args, kwargs, backend: str, options: dict, dump_fold
         if requested != "auto" or quant is not None:
             raise
         log.warning("backend %s failed (%s); backend='auto' falls back to torch", backend, exc)
-        return build(model, args, kwargs, "torch", options, None, program_folder)
+        return build(model, args, kwargs, "torch", options, None, program_folder, calibration)
     for info in layers.values():
         if not info.fused and not info.reason:
             info.reason = "experts were recognized but not fused (see the fuse_experts pass summary)"
