@@ -10,11 +10,11 @@ recognized and checked on its own."""
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
 import transformers as tf
+from moe_layer import cuda_time  # the layer benchmark's timer, beside this file
 
 import moecc
 
@@ -37,21 +37,6 @@ def mixtral(layers: int, shared_experts: bool):
             layer.mlp.experts.intermediate_dim = INTER
     model.set_experts_implementation("grouped_mm")
     return model
-
-
-def cuda_time(fn, iters=10):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        torch.cuda.synchronize()
-        times.append(s.elapsed_time(e))
-    return statistics.median(times)
 
 
 def e2e():

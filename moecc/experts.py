@@ -33,3 +33,19 @@ def expert_activation(h: Tensor, activation: str, gated: bool, alpha: float, lim
         # GPT-OSS: gate * sigmoid(alpha * gate) * (up + 1)
         return (up + 1) * (gate * torch.sigmoid(gate * alpha))
     return _act(gate, activation) * up
+
+
+def shared_ffn_reference(x: Tensor, w_up: Tensor, w_down: Tensor, b_up: Tensor | None, b_down: Tensor | None,
+                         gate: Tensor | None, activation: str, gated: bool, alpha: float, limit: float) -> Tensor:
+    """One always-selected expert (``w_up [1, U, H]``), scaled by ``sigmoid(x @ gate^T)`` when gated; plain,
+    export-friendly torch."""
+    h = x @ w_up[0].t().to(x.dtype)
+    if b_up is not None:
+        h = h + b_up[0].to(h.dtype)
+    h = expert_activation(h, activation, gated, alpha, limit)
+    y = h @ w_down[0].t().to(h.dtype)
+    if b_down is not None:
+        y = y + b_down[0].to(y.dtype)
+    if gate is not None:
+        y = torch.sigmoid(x @ gate.t().to(x.dtype)) * y
+    return y

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moecc.experts import expert_activation
+from moecc.experts import expert_activation, shared_ffn_reference
 from moecc.routing import apply_capacity, route_reference
 
 LIB = "moecc"
@@ -236,16 +236,7 @@ def shared_ffn(
     limit: float,
 ) -> Tensor:
     """A shared (always-selected) expert, ``w_up [1, U, H]``, optionally scaled by ``sigmoid(x @ gate^T)``."""
-    h = x @ w_up[0].t().to(x.dtype)
-    if b_up is not None:
-        h = h + b_up[0].to(h.dtype)
-    h = expert_activation(h, activation, gated, alpha, limit)
-    y = h @ w_down[0].t().to(h.dtype)
-    if b_down is not None:
-        y = y + b_down[0].to(y.dtype)
-    if gate is not None:
-        y = torch.sigmoid(x @ gate.t().to(x.dtype)) * y
-    return y
+    return shared_ffn_reference(x, w_up, w_down, b_up, b_down, gate, activation, gated, alpha, limit)
 
 
 @shared_ffn.register_fake

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moecc.experts import expert_activation
+from moecc.experts import expert_activation, shared_ffn_reference
 from moecc.routing import route_reference
 
 
@@ -64,22 +64,9 @@ def fused_moe(x, weights, ids, w_up, w_down, b_up, b_down, activation, gated, al
     return torch.einsum("te,eth->th", dense, y.float()).to(x.dtype)
 
 
-def shared_ffn(x, w_up, w_down, b_up, b_down, gate, activation, gated, alpha, limit):
-    h = x @ w_up[0].t().to(x.dtype)
-    if b_up is not None:
-        h = h + b_up[0].to(h.dtype)
-    h = expert_activation(h, activation, gated, alpha, limit)
-    y = h @ w_down[0].t().to(h.dtype)
-    if b_down is not None:
-        y = y + b_down[0].to(y.dtype)
-    if gate is not None:
-        y = torch.sigmoid(x @ gate.t().to(x.dtype)) * y
-    return y
-
-
 DECOMPOSITIONS = {
     torch.ops.moecc.fused_route.default: fused_route,
     torch.ops.moecc.route.default: route,
     torch.ops.moecc.fused_moe.default: fused_moe,
-    torch.ops.moecc.shared_ffn.default: shared_ffn,
+    torch.ops.moecc.shared_ffn.default: shared_ffn_reference,
 }

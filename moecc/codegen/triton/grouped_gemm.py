@@ -29,19 +29,34 @@ def _activate(g, ACT: tl.constexpr, alpha):
 
 
 @triton.jit
+def _tile(total_ptr, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(row block, column block, live?) of this program: GROUP_M row blocks share each weight tile in L2."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(tl.load(total_ptr), BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    pid_m = pid // (GROUP_M * num_n) * GROUP_M + (pid % GROUP_M)
+    pid_n = (pid % (GROUP_M * num_n)) // GROUP_M
+    return pid_m, pid_n, pid_m < num_m
+
+
+@triton.jit
+def _expert_base(w_ptr, ws_ptr, e, num_routed, stride_we):
+    """Routed expert ``e``'s weights, or shared expert ``e - num_routed``'s (always-selected experts)."""
+    if e < num_routed:
+        base = w_ptr + e * stride_we
+    else:
+        base = ws_ptr + (e - num_routed) * stride_we
+    return base
+
+
+@triton.jit
 def _gemm1_kernel(x_ptr, w_ptr, ws_ptr, b_ptr, h_ptr, sorted_ptr, block_expert_ptr, total_ptr,
                   n_pairs, top_k, num_routed, N, K, stride_xm, stride_we, stride_wn, stride_wk, stride_be, stride_hm,
                   alpha, limit,
                   GATED: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, CLAMP: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(tl.load(total_ptr), BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    group = pid // (GROUP_M * num_n)
-    first_m = group * GROUP_M
-    pid_m = first_m + (pid % GROUP_M)
-    pid_n = (pid % (GROUP_M * num_n)) // GROUP_M
-    if pid_m >= num_m:
+    pid_m, pid_n, live_tile = _tile(total_ptr, N, BLOCK_M, BLOCK_N, GROUP_M)
+    if not live_tile:
         return
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     pair = tl.load(sorted_ptr + rows)
@@ -52,11 +67,7 @@ def _gemm1_kernel(x_ptr, w_ptr, ws_ptr, b_ptr, h_ptr, sorted_ptr, block_expert_p
     offs_k = tl.arange(0, BLOCK_K)
     n_ok = offs_n < N
     a_ptrs = x_ptr + tok[:, None] * stride_xm + offs_k[None, :]
-    # shared experts are always-selected experts past the routed ones, with weights of their own
-    if e < num_routed:
-        w_base = w_ptr + e * stride_we
-    else:
-        w_base = ws_ptr + (e - num_routed) * stride_we
+    w_base = _expert_base(w_ptr, ws_ptr, e, num_routed, stride_we)
     g_ptrs = w_base + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
@@ -93,13 +104,8 @@ def _gemm2_kernel(h_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, weights_ptr, sorted_ptr,
                   n_pairs, num_routed, N, K, stride_hm, stride_we, stride_wn, stride_wk, stride_be, stride_om,
                   HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                   GROUP_M: tl.constexpr):
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(tl.load(total_ptr), BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    group = pid // (GROUP_M * num_n)
-    pid_m = group * GROUP_M + (pid % GROUP_M)
-    pid_n = (pid % (GROUP_M * num_n)) // GROUP_M
-    if pid_m >= num_m:
+    pid_m, pid_n, live_tile = _tile(total_ptr, N, BLOCK_M, BLOCK_N, GROUP_M)
+    if not live_tile:
         return
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     pair = tl.load(sorted_ptr + rows)
@@ -109,10 +115,7 @@ def _gemm2_kernel(h_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, weights_ptr, sorted_ptr,
     offs_k = tl.arange(0, BLOCK_K)
     n_ok = offs_n < N
     a_ptrs = h_ptr + rows[:, None].to(tl.int64) * stride_hm + offs_k[None, :]
-    if e < num_routed:
-        w_base = w_ptr + e * stride_we
-    else:
-        w_base = ws_ptr + (e - num_routed) * stride_we
+    w_base = _expert_base(w_ptr, ws_ptr, e, num_routed, stride_we)
     w_ptrs = w_base + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
