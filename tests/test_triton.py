@@ -156,3 +156,22 @@ def test_shared_experts_fold_into_the_grouped_gemm(family):
     fresh = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in make_inputs(family, 3, 5, 1).items()}
     ref, got = model(**fresh).logits, cm(**fresh).logits
     assert ((got - ref).norm() / ref.norm()).item() < 1e-4
+
+
+@pytest.mark.parametrize("routing", ROUTINGS)
+@pytest.mark.parametrize("t", [1, 7, 64])
+def test_fused_gemv_gating_matches_fused_route(routing, t):
+    from moecc.codegen.triton.gating import fused_gating
+
+    score, topk_first, renorm, n_group, topk_group, with_bias, scale = routing
+    g = torch.Generator().manual_seed(t)
+    e, h = 16, 40  # H not a multiple of the GEMV block
+    x, w = torch.randn(t, h, generator=g).to(DEVICE), torch.randn(e, h, generator=g).to(DEVICE)
+    router_bias = torch.randn(e, generator=g).to(DEVICE)
+    sel = (torch.randn(e, generator=g) * 0.1).to(DEVICE) if with_bias else None
+    rw, ri = torch.ops.moecc.fused_route(x, w, router_bias, sel, 4, score, topk_first, renorm, n_group, topk_group,
+                                         scale, True)
+    gw, gi = fused_gating(x, w, router_bias, sel, 4, score, topk_first, renorm, n_group, topk_group, scale)
+    order_r, order_g = ri.argsort(-1), gi.argsort(-1)
+    assert torch.equal(ri.gather(1, order_r), gi.gather(1, order_g))
+    torch.testing.assert_close(gw.gather(1, order_g), rw.gather(1, order_r), rtol=1e-5, atol=1e-6)

@@ -9,14 +9,14 @@ import triton.language as tl
 
 
 @triton.jit
-def _gating_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, stride_t, num_experts, scale,
-                   K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr, SIGMOID: tl.constexpr,
-                   TOPK_FIRST: tl.constexpr, RENORM: tl.constexpr, HAS_BIAS: tl.constexpr,
-                   N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, G_PAD: tl.constexpr):
-    t = tl.program_id(0).to(tl.int64)
+def _select(logits, bias_ptr, weights_ptr, ids_ptr, t, num_experts, scale,
+            K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr, SIGMOID: tl.constexpr,
+            TOPK_FIRST: tl.constexpr, RENORM: tl.constexpr, HAS_BIAS: tl.constexpr,
+            N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, G_PAD: tl.constexpr):
+    """Scores, selection bias, group-limited top-k, top-k, renormalisation and scaling of one token's logits."""
     offs = tl.arange(0, E_PAD)
     valid = offs < num_experts
-    logits = tl.load(logits_ptr + t * stride_t + offs, mask=valid, other=-float("inf")).to(tl.float32)
+    logits = tl.where(valid, logits, -float("inf"))
     if TOPK_FIRST:
         probs = logits
         choice = logits
@@ -72,6 +72,74 @@ def _gating_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, stride_t, num_exp
     tl.store(ids_ptr + t * K + kk, chosen_i, mask=in_k)
 
 
+
+
+@triton.jit
+def _gating_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, stride_t, num_experts, scale,
+                   K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr, SIGMOID: tl.constexpr,
+                   TOPK_FIRST: tl.constexpr, RENORM: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, G_PAD: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, E_PAD)
+    logits = tl.load(logits_ptr + t * stride_t + offs, mask=offs < num_experts, other=-float("inf")).to(tl.float32)
+    _select(logits, bias_ptr, weights_ptr, ids_ptr, t, num_experts, scale, K, K_PAD, E_PAD, SIGMOID, TOPK_FIRST,
+            RENORM, HAS_BIAS, N_GROUP, TOPK_GROUP, G_PAD)
+
+
+@triton.jit
+def _gemv_gating_kernel(x_ptr, w_ptr, rb_ptr, bias_ptr, weights_ptr, ids_ptr, stride_x, stride_w, hidden,
+                        num_experts, scale, HAS_ROUTER_BIAS: tl.constexpr, BLOCK_H: tl.constexpr,
+                        K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr, SIGMOID: tl.constexpr,
+                        TOPK_FIRST: tl.constexpr, RENORM: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, G_PAD: tl.constexpr):
+    """Small T: the router GEMV of one token in fp32, then the same selection; one launch for all of gating."""
+    t = tl.program_id(0).to(tl.int64)
+    offs_e = tl.arange(0, E_PAD)
+    offs_h = tl.arange(0, BLOCK_H)
+    acc = tl.zeros([E_PAD], tl.float32)
+    for start in range(0, hidden, BLOCK_H):
+        h_ok = start + offs_h < hidden
+        x = tl.load(x_ptr + t * stride_x + start + offs_h, mask=h_ok, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + offs_e[:, None] * stride_w + start + offs_h[None, :],
+                    mask=(offs_e < num_experts)[:, None] & h_ok[None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(w * x[None, :], 1)
+    if HAS_ROUTER_BIAS:
+        acc += tl.load(rb_ptr + offs_e, mask=offs_e < num_experts, other=0.0).to(tl.float32)
+    _select(acc, bias_ptr, weights_ptr, ids_ptr, t, num_experts, scale, K, K_PAD, E_PAD, SIGMOID, TOPK_FIRST,
+            RENORM, HAS_BIAS, N_GROUP, TOPK_GROUP, G_PAD)
+
+
+def _meta(top_k, e, score, topk_first, renormalize, has_bias, n_group, topk_group):
+    k = min(top_k, e)
+    return dict(K=k, K_PAD=triton.next_power_of_2(k), E_PAD=triton.next_power_of_2(e), SIGMOID=score == "sigmoid",
+                TOPK_FIRST=topk_first, RENORM=renormalize and not topk_first, HAS_BIAS=has_bias and not topk_first,
+                N_GROUP=n_group if not topk_first else 1, TOPK_GROUP=topk_group,
+                G_PAD=triton.next_power_of_2(max(n_group, 1)))
+
+
+GEMV_MAX_TOKENS = 64  # up to here one fused launch beats a GEMM plus a gating launch
+
+
+def fused_gating(x: torch.Tensor, router_weight: torch.Tensor, router_bias, selection_bias, top_k: int, score: str,
+                 topk_first: bool, renormalize: bool, n_group: int, topk_group: int, scale: float):
+    """Router GEMV (fp32 accumulation) and gating in one launch, for small token counts."""
+    t, hidden = x.shape
+    e = router_weight.shape[0]
+    k = min(top_k, e)
+    weights = torch.empty((t, k), dtype=torch.float32, device=x.device)
+    ids = torch.empty((t, k), dtype=torch.int64, device=x.device)
+    if t == 0:
+        return weights, ids
+    x, w = x.contiguous(), router_weight.contiguous()
+    bias = selection_bias if selection_bias is not None else w
+    block_h = min(128, triton.next_power_of_2(hidden))
+    _gemv_gating_kernel[(t,)](
+        x, w, router_bias if router_bias is not None else w, bias, weights, ids, x.stride(0), w.stride(0), hidden, e,
+        float(scale), HAS_ROUTER_BIAS=router_bias is not None, BLOCK_H=block_h,
+        **_meta(top_k, e, score, topk_first, renormalize, selection_bias is not None, n_group, topk_group))
+    return weights, ids
+
+
 def gating(logits: torch.Tensor, selection_bias, top_k: int, score: str, topk_first: bool, renormalize: bool,
            n_group: int, topk_group: int, scale: float):
     """logits [T, E] -> (weights [T, k] fp32, ids [T, k] int64); the semantics of ``moecc::route``."""
@@ -83,10 +151,7 @@ def gating(logits: torch.Tensor, selection_bias, top_k: int, score: str, topk_fi
         return weights, ids
     logits = logits.contiguous()
     bias = selection_bias if selection_bias is not None else logits
-    _gating_kernel[(t,)](
-        logits, bias, weights, ids, logits.stride(0), e, float(scale), K=k, K_PAD=triton.next_power_of_2(k),
-        E_PAD=triton.next_power_of_2(e), SIGMOID=score == "sigmoid", TOPK_FIRST=topk_first,
-        RENORM=renormalize and not topk_first, HAS_BIAS=selection_bias is not None and not topk_first,
-        N_GROUP=n_group if not topk_first else 1, TOPK_GROUP=topk_group,
-        G_PAD=triton.next_power_of_2(max(n_group, 1)))
+    _gating_kernel[(t,)](logits, bias, weights, ids, logits.stride(0), e, float(scale),
+                         **_meta(top_k, e, score, topk_first, renormalize, selection_bias is not None, n_group,
+                                 topk_group))
     return weights, ids

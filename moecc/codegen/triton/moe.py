@@ -11,7 +11,7 @@ from torch import Tensor
 
 from moecc.codegen.triton import configs
 from moecc.codegen.triton.align import align
-from moecc.codegen.triton.gating import gating
+from moecc.codegen.triton.gating import GEMV_MAX_TOKENS, fused_gating, gating
 from moecc.codegen.triton.grouped_gemm import ACT_IDS, _combine_kernel, _gemm1_kernel, _gemm2_kernel
 from moecc.routing import apply_capacity
 
@@ -117,7 +117,12 @@ def fused_route_triton(
     x: Tensor, router_weight: Tensor, router_bias: Tensor | None, selection_bias: Tensor | None, top_k: int,
     score: str, topk_first: bool, renormalize: bool, n_group: int, topk_group: int, scale: float, logits_fp32: bool,
 ) -> tuple[Tensor, Tensor]:
-    """Same contract as ``moecc::fused_route``: the router GEMM, then one gating kernel."""
+    """Same contract as ``moecc::fused_route``: one fused GEMV+gating launch for small T (the GEMV accumulates
+    in fp32), else the router GEMM then one gating kernel."""
+    exact_enough = logits_fp32 or x.dtype == torch.float32
+    if x.shape[0] <= GEMV_MAX_TOKENS and exact_enough:
+        return fused_gating(x, router_weight, router_bias, selection_bias, top_k, score, topk_first, renormalize,
+                            n_group, topk_group, scale)
     xs, w = (x.float(), router_weight.float()) if logits_fp32 else (x, router_weight)
     logits = torch.nn.functional.linear(xs, w, None if router_bias is None else router_bias.to(w.dtype))
     return gating(logits, selection_bias, top_k, score, topk_first, renormalize, n_group, topk_group, scale)
