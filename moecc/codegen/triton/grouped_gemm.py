@@ -40,6 +40,14 @@ def _tile(total_ptr, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: t
 
 
 @triton.jit
+def _block_rows(sorted_ptr, block_expert_ptr, pid_m, n_pairs, BLOCK_M: tl.constexpr):
+    """This row block's positions, their pair ids, which are real (not padding) and the block's expert."""
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(sorted_ptr + rows)
+    return rows, pair, pair < n_pairs, tl.load(block_expert_ptr + pid_m).to(tl.int64)
+
+
+@triton.jit
 def _expert_base(w_ptr, ws_ptr, e, num_routed, stride_we):
     """Routed expert ``e``'s weights, or shared expert ``e - num_routed``'s (always-selected experts)."""
     if e < num_routed:
@@ -58,11 +66,8 @@ def _gemm1_kernel(x_ptr, w_ptr, ws_ptr, b_ptr, h_ptr, sorted_ptr, block_expert_p
     pid_m, pid_n, live_tile = _tile(total_ptr, N, BLOCK_M, BLOCK_N, GROUP_M)
     if not live_tile:
         return
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair = tl.load(sorted_ptr + rows)
-    live = pair < n_pairs
+    rows, pair, live, e = _block_rows(sorted_ptr, block_expert_ptr, pid_m, n_pairs, BLOCK_M)
     tok = (pair // top_k).to(tl.int64)
-    e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     n_ok = offs_n < N
@@ -107,10 +112,7 @@ def _gemm2_kernel(h_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, weights_ptr, sorted_ptr,
     pid_m, pid_n, live_tile = _tile(total_ptr, N, BLOCK_M, BLOCK_N, GROUP_M)
     if not live_tile:
         return
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair = tl.load(sorted_ptr + rows)
-    live = pair < n_pairs
-    e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    rows, pair, live, e = _block_rows(sorted_ptr, block_expert_ptr, pid_m, n_pairs, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     n_ok = offs_n < N
