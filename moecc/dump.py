@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import pickle
 import re
 import textwrap
@@ -166,7 +165,3 @@ def write_sample(folder: Path, inputs: list, reference: list) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     torch.save([t.detach().cpu() if isinstance(t, torch.Tensor) else t for t in inputs], folder / INPUTS)
     torch.save([t.detach().cpu() if isinstance(t, torch.Tensor) else t for t in reference], folder / REFERENCE)
-
-
-def default_dump_dir() -> str | None:
-    return os.environ.get("MOECC_DUMP_DIR") or None

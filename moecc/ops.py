@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from moecc.experts import expert_activation, shared_ffn_reference
-from moecc.routing import apply_capacity, route_reference
+from moecc.routing import apply_capacity, fused_route_reference, route_reference
 
 LIB = "moecc"
 
@@ -65,10 +65,8 @@ def fused_route(
     logits_fp32: bool,
 ) -> tuple[Tensor, Tensor]:
     """Router matmul, scoring, top-k, renormalisation and scaling in one op: x [T, H] -> (weights, ids)."""
-    xs, w = (x.float(), router_weight.float()) if logits_fp32 else (x, router_weight)
-    b = None if router_bias is None else router_bias.to(w.dtype)
-    logits = torch.nn.functional.linear(xs, w, b)
-    return route_reference(logits, selection_bias, top_k, score, topk_first, renormalize, n_group, topk_group, scale)
+    return fused_route_reference(x, router_weight, router_bias, selection_bias, top_k, score, topk_first,
+                                 renormalize, n_group, topk_group, scale, logits_fp32)
 
 
 @fused_route.register_fake

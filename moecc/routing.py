@@ -51,6 +51,19 @@ def route_reference(
     return weights.float().contiguous(), ids.to(torch.int64).contiguous()
 
 
+def router_logits(x: Tensor, weight: Tensor, bias: Tensor | None, fp32: bool) -> Tensor:
+    """``x @ weight^T + bias``, in fp32 when the router reads its input in fp32 (DeepSeek, Switch)."""
+    xs, w = (x.float(), weight.float()) if fp32 else (x, weight)
+    return torch.nn.functional.linear(xs, w, None if bias is None else bias.to(w.dtype))
+
+
+def fused_route_reference(x, router_weight, router_bias, selection_bias, top_k, score, topk_first, renormalize,
+                          n_group, topk_group, scale, logits_fp32):
+    """Router matmul then ``route_reference``: the semantics of ``moecc::fused_route``; plain, exportable torch."""
+    logits = router_logits(x, router_weight, router_bias, logits_fp32)
+    return route_reference(logits, selection_bias, top_k, score, topk_first, renormalize, n_group, topk_group, scale)
+
+
 def effective_capacity(group_tokens: int, top_k: int, num_experts: int, capacity: int,
                        capacity_factor: float, capacity_min: int) -> int:
     """Fixed ``capacity`` when >= 0, else ``max(capacity_min, ceil(k * G * cf / E))``, else dropless (-1)."""

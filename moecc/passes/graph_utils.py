@@ -10,12 +10,6 @@ def nodes_calling(gm: fx.GraphModule, op) -> list[fx.Node]:
     return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is op]
 
 
-def getitem_users(node: fx.Node) -> dict[int, fx.Node]:
-    import operator
-
-    return {u.args[1]: u for u in node.users if u.op == "call_function" and u.target is operator.getitem}
-
-
 def inline_module(gm: fx.GraphModule, node: fx.Node, module: torch.nn.Module, prefix: str) -> fx.Node:
     """Replace ``node`` (a call with the same inputs) by the traced graph of ``module``, registered at ``prefix``."""
     gm.add_submodule(prefix, module)

@@ -7,18 +7,7 @@ import torch
 from torch import Tensor
 
 from moecc.experts import expert_activation, shared_ffn_reference
-from moecc.routing import route_reference
-
-
-def fused_route(x, router_weight, router_bias, selection_bias, top_k, score, topk_first, renormalize, n_group,
-                topk_group, scale, logits_fp32):
-    xs, w = (x.float(), router_weight.float()) if logits_fp32 else (x, router_weight)
-    logits = torch.nn.functional.linear(xs, w, None if router_bias is None else router_bias.to(w.dtype))
-    return route_reference(logits, selection_bias, top_k, score, topk_first, renormalize, n_group, topk_group, scale)
-
-
-def route(logits, selection_bias, top_k, score, topk_first, renormalize, n_group, topk_group, scale):
-    return route_reference(logits, selection_bias, top_k, score, topk_first, renormalize, n_group, topk_group, scale)
+from moecc.routing import fused_route_reference, route_reference
 
 
 def _kept_pairs(ids: Tensor, num_experts: int, capacity: int, capacity_factor: float, capacity_min: int,
@@ -65,8 +54,8 @@ def fused_moe(x, weights, ids, w_up, w_down, b_up, b_down, activation, gated, al
 
 
 DECOMPOSITIONS = {
-    torch.ops.moecc.fused_route.default: fused_route,
-    torch.ops.moecc.route.default: route,
+    torch.ops.moecc.fused_route.default: fused_route_reference,
+    torch.ops.moecc.route.default: route_reference,
     torch.ops.moecc.fused_moe.default: fused_moe,
     torch.ops.moecc.shared_ffn.default: shared_ffn_reference,
 }

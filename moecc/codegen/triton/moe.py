@@ -13,7 +13,7 @@ from moecc.codegen.triton import configs
 from moecc.codegen.triton.align import align
 from moecc.codegen.triton.gating import GEMV_MAX_TOKENS, fused_gating, gating
 from moecc.codegen.triton.grouped_gemm import ACT_IDS, _combine_kernel, _gemm1_kernel, _gemm2_kernel
-from moecc.routing import apply_capacity
+from moecc.routing import apply_capacity, router_logits
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -123,8 +123,7 @@ def fused_route_triton(
     if x.shape[0] <= GEMV_MAX_TOKENS and exact_enough:
         return fused_gating(x, router_weight, router_bias, selection_bias, top_k, score, topk_first, renormalize,
                             n_group, topk_group, scale)
-    xs, w = (x.float(), router_weight.float()) if logits_fp32 else (x, router_weight)
-    logits = torch.nn.functional.linear(xs, w, None if router_bias is None else router_bias.to(w.dtype))
+    logits = router_logits(x, router_weight, router_bias, logits_fp32)
     return gating(logits, selection_bias, top_k, score, topk_first, renormalize, n_group, topk_group, scale)
 
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from moecc.ir import CapacitySpec, RoutingSpec
-from moecc.routing import apply_capacity, route_reference
+from moecc.routing import apply_capacity, route_reference, router_logits
 
 
 @dataclass
@@ -145,11 +145,6 @@ def routing_candidates(num_experts: int, top_ks: list[int], sel_biases: list, gr
                                       sel is not None), sel
 
 
-def _router_logits(router: Router, x2: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.linear(x2.float(), router.weight.float(),
-                                      None if router.bias is None else router.bias.float())
-
-
 def fit_routing(router: Router, obs: Observed, x2: torch.Tensor, num_experts: int, mods: list[nn.Module],
                 rtol: float) -> tuple[RoutingSpec, torch.Tensor | None] | None:
     """The routing spec (and scale) whose output equals the observed (ids, weights) on every routed token."""
@@ -163,7 +158,7 @@ def fit_routing(router: Router, obs: Observed, x2: torch.Tensor, num_experts: in
 def _fit_one(router: Router, obs: Observed, x2: torch.Tensor, num_experts: int, mods: list[nn.Module],
              rtol: float) -> tuple[RoutingSpec, torch.Tensor | None] | None:
     k = obs.ids.shape[1]
-    logits = _router_logits(router, x2)
+    logits = router_logits(x2, router.weight, router.bias, True)
     keep = (obs.ids >= 0).all(-1)
     obs_ids, obs_w = obs.ids[keep], obs.weights[keep].float()
     order = obs_ids.argsort(-1)
@@ -188,8 +183,9 @@ def _fit_one(router: Router, obs: Observed, x2: torch.Tensor, num_experts: int, 
 def fit_capacity(router: Router, spec: RoutingSpec, sel, obs: Observed, x2: torch.Tensor, seq_len: int,
                  mods: list[nn.Module]) -> CapacitySpec | None:
     """The capacity rule that drops exactly the pairs the router dropped (observed on colliding tokens)."""
-    _, ids = route_reference(_router_logits(router, x2), sel, spec.top_k, spec.score, spec.topk_first,
-                             spec.renormalize, spec.n_group, spec.topk_group, 1.0)
+    logits = router_logits(x2, router.weight, router.bias, True)
+    _, ids = route_reference(logits, sel, spec.top_k, spec.score, spec.topk_first, spec.renormalize, spec.n_group,
+                             spec.topk_group, 1.0)
     for cap in capacity_candidates(mods):
         if cap.dropless:
             if not obs.dropped:
