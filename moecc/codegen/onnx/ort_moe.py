@@ -104,62 +104,76 @@ def ort_moe_onnx(x, router_w_t, router_b, fc1_w, fc1_b, fc2_w, fc2_b, k, activat
     logits = op.MatMul(x, router_w_t)
     if router_b is not None:
         logits = op.Add(logits, router_b)
+    inputs = [x, logits, fc1_w, fc1_b, fc2_w, fc2_b]
+    while inputs[-1] is None:
+        inputs.pop()
+    return moe_op(*inputs, **_moe_attrs(k, activation_type, normalize, alpha, beta, limit))
+
+
+def _moe_attrs(k, activation_type, normalize, alpha, beta, limit) -> dict:
+    """com.microsoft.MoE/QMoE attributes: routing, activation, and SwiGLU on interleaved gate/up rows."""
     attrs = dict(k=k, activation_type=activation_type, normalize_routing_weights=int(normalize))
     if activation_type == "swiglu":
         attrs.update(swiglu_fusion=1, activation_alpha=alpha, activation_beta=beta)
         if limit > 0:
             attrs["swiglu_limit"] = limit
-    inputs = [x, logits, fc1_w, fc1_b, fc2_w, fc2_b]
-    while inputs[-1] is None:
-        inputs.pop()
-    return moe_op(*inputs, **attrs)
+    return attrs
+
+
+LOGIT_SCALES = (0.05, 1.0)  # near-uniform and peaked router logits: an op must match on both
+
+
+def _run_one_node(op: str, input_names: list[str], attrs: dict, inits: dict, feeds: dict, provider: str):
+    """Run a single com.microsoft node on ``feeds`` (torch tensors); its output, or the exception ORT raised."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    node = helper.make_node(op, input_names, ["y"], domain="com.microsoft", **attrs)
+    graph = helper.make_graph(
+        [node], "probe", [helper.make_tensor_value_info(n, TensorProto.FLOAT, list(v.shape)) for n, v in feeds.items()],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(feeds["x"].shape))],
+        [numpy_helper.from_array(v.numpy(), n) for n, v in inits.items() if v is not None])
+    opsets = [helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)]
+    try:
+        sess = ort.InferenceSession(helper.make_model(graph, opset_imports=opsets).SerializeToString(),
+                                    providers=[provider])
+        return sess.run(None, {n: v.numpy() for n, v in feeds.items()})[0]
+    except Exception as exc:  # noqa: BLE001 - not implemented on this provider: the caller decomposes
+        return exc
+
+
+def _rel_error(y: np.ndarray, ref: Tensor) -> float:
+    return float(np.linalg.norm(y - ref.numpy()) / np.linalg.norm(ref.numpy()))
 
 
 @functools.lru_cache(maxsize=None)
 def ort_computes_same(activation_type: str, normalize: bool, k: int, has_bias: bool, alpha: float, beta: float,
                       limit: float, num_experts: int = 0, provider: str = "CPUExecutionProvider") -> bool:
     """Run one com.microsoft.MoE node on random data and compare it with ``ort_moe``'s reference."""
-    import onnx
-    import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
-
     g = torch.Generator().manual_seed(7)
-    # the block's own E and k, enough tokens, and near-uniform logits (as from a real router), so that a
-    # renormalisation the op does or skips shows in the output
+    # the block's own E and k, enough tokens, and both near-uniform logits (as from a real router, where a
+    # renormalisation the op does or skips shows) and peaked ones
     t, h, inter, e = 48, 16, 8, max(num_experts, 2 * k, 4)
     fusion = 2 if activation_type == "swiglu" else 1
     x = torch.randn(t, h, generator=g)
-    router = torch.randn(h, e, generator=g) * 0.05
+    router = torch.randn(h, e, generator=g)
     fc1 = torch.randn(e, fusion * inter, h, generator=g) * 0.3
     fc2 = torch.randn(e, h, inter, generator=g) * 0.3
     b1 = torch.randn(e, fusion * inter, generator=g) if has_bias else None
     b2 = torch.randn(e, h, generator=g) if has_bias else None
-    ref = ort_moe(x, router, None, fc1, b1, fc2, b2, k, activation_type, normalize, alpha, beta, limit)
-    attrs = dict(k=k, activation_type=activation_type, normalize_routing_weights=int(normalize))
-    if activation_type == "swiglu":
-        attrs.update(swiglu_fusion=1, activation_alpha=alpha, activation_beta=beta)
-        if limit > 0:
-            attrs["swiglu_limit"] = limit
-    inputs = ["x", "logits", "fc1", "b1" if has_bias else "", "fc2", "b2" if has_bias else ""]
-    node = helper.make_node("MoE", inputs, ["y"], domain="com.microsoft", **attrs)
-    inits = [numpy_helper.from_array(v.numpy(), n) for n, v in (("fc1", fc1), ("fc2", fc2), ("b1", b1), ("b2", b2))
-             if v is not None]
-    graph = helper.make_graph([node], "probe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [t, h]),
-                                                helper.make_tensor_value_info("logits", TensorProto.FLOAT, [t, e])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [t, h])], inits)
-    opsets = [helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)]
-    model = helper.make_model(graph, opset_imports=opsets)
-    try:
-        sess = ort.InferenceSession(model.SerializeToString(), providers=[provider])
-        (y,) = sess.run(None, {"x": x.numpy(), "logits": (x @ router).numpy()})
-    except Exception as exc:  # noqa: BLE001 - not implemented on this provider: use the decomposition
-        log.info("com.microsoft.MoE(%s) not usable on %s: %s", activation_type, provider, exc)
-        return False
-    err = float(np.linalg.norm(y - ref.numpy()) / np.linalg.norm(ref.numpy()))
+    names = ["x", "logits", "fc1", "b1" if has_bias else "", "fc2", "b2" if has_bias else ""]
+    err = 0.0
+    for r in (router * LOGIT_SCALES[0], router * LOGIT_SCALES[1]):
+        ref = ort_moe(x, r, None, fc1, b1, fc2, b2, k, activation_type, normalize, alpha, beta, limit)
+        y = _run_one_node("MoE", names, _moe_attrs(k, activation_type, normalize, alpha, beta, limit),
+                          {"fc1": fc1, "fc2": fc2, "b1": b1, "b2": b2}, {"x": x, "logits": x @ r}, provider)
+        if isinstance(y, Exception):
+            log.info("com.microsoft.MoE(%s) not usable on %s: %s", activation_type, provider, y)
+            return False
+        err = max(err, _rel_error(y, ref))
     same = err < 1e-5
     log.info("com.microsoft.MoE(%s, normalize=%s, k=%d, bias=%s) on %s: relative error %.1e -> %s", activation_type,
              normalize, k, has_bias, provider, err, "used" if same else "decomposed")
-    del onnx
     return same
 
 
@@ -184,16 +198,12 @@ def _ort_qmoe_fake(x, *args):
 
 
 def _qmoe_attrs(k, activation_type, normalize, alpha, beta, limit, bits, block_size, int8_activations=False):
-    attrs = dict(k=k, activation_type=activation_type, normalize_routing_weights=int(normalize),
-                 expert_weight_bits=bits)
+    attrs = _moe_attrs(k, activation_type, normalize, alpha, beta, limit)
+    attrs["expert_weight_bits"] = bits
     if int8_activations:
         attrs["accuracy_level"] = 4
     if block_size:
         attrs["block_size"] = block_size
-    if activation_type == "swiglu":
-        attrs.update(swiglu_fusion=1, activation_alpha=alpha, activation_beta=beta)
-        if limit > 0:
-            attrs["swiglu_limit"] = limit
     return attrs
 
 
@@ -222,9 +232,6 @@ def ort_qmoe_computes_same(activation_type: str, normalize: bool, k: int, has_bi
                            beta: float, limit: float, bits: int, block_size: int, int8_activations: bool = False,
                            num_experts: int = 0, provider: str = "CPUExecutionProvider") -> bool:
     """Probe com.microsoft.QMoE against ``ort_qmoe``'s dequantized reference, as for the float op."""
-    import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
-
     from moecc.codegen.onnx.quant import QuantSpec, quantize
 
     spec = QuantSpec(bits, block_size, int8_activations)
@@ -232,39 +239,28 @@ def ort_qmoe_computes_same(activation_type: str, normalize: bool, k: int, has_bi
     t, h, inter, e = 48, 64, 32, max(num_experts, 2 * k, 4)  # as for the float probe
     fusion = 2 if activation_type == "swiglu" else 1
     x = torch.randn(t, h, generator=g)
-    router = torch.randn(h, e, generator=g) * 0.05
+    router = torch.randn(h, e, generator=g)
     fc1_q, fc1_s = quantize(torch.randn(e, fusion * inter, h, generator=g) * 0.2, spec)
     fc2_q, fc2_s = quantize(torch.randn(e, h, inter, generator=g) * 0.2, spec)
     b1 = torch.randn(e, fusion * inter, generator=g) if has_bias else None
     b2 = torch.randn(e, h, generator=g) if has_bias else None
-    ref = ort_qmoe(x, router, None, fc1_q, fc1_s, b1, fc2_q, fc2_s, b2, k, activation_type, normalize, alpha, beta,
-                   limit, bits, block_size, int8_activations)
     names = ["x", "logits", "fc1", "s1", "b1" if has_bias else "", "fc2", "s2", "b2" if has_bias else ""]
     if not normalize:  # as ort_qmoe_onnx emits it
         names += [""] * 6 + ["rw"]
-    node = helper.make_node("QMoE", names, ["y"], domain="com.microsoft",
-                            **_qmoe_attrs(k, activation_type, normalize, alpha, beta, limit, bits, block_size,
-                                          int8_activations))
-    inits = [numpy_helper.from_array(v.numpy(), n) for n, v in (("fc1", fc1_q), ("fc2", fc2_q), ("s1", fc1_s),
-                                                                 ("s2", fc2_s), ("b1", b1), ("b2", b2))
-             if v is not None]
-    graph_inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [t, h]),
-                    helper.make_tensor_value_info("logits", TensorProto.FLOAT, [t, e])]
-    feeds = {"x": x.numpy(), "logits": (x @ router).numpy()}
-    if not normalize:
-        graph_inputs.append(helper.make_tensor_value_info("rw", TensorProto.FLOAT, [t, e]))
-        feeds["rw"] = torch.softmax(x @ router, -1).numpy()
-    graph = helper.make_graph([node], "probe", graph_inputs,
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [t, h])], inits)
-    opsets = [helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)]
-    model = helper.make_model(graph, opset_imports=opsets)
-    try:
-        sess = ort.InferenceSession(model.SerializeToString(), providers=[provider])
-        (y,) = sess.run(None, feeds)
-    except Exception as exc:  # noqa: BLE001 - not implemented on this provider
-        log.info("com.microsoft.QMoE(int%d) not usable on %s: %s", bits, provider, exc)
-        return False
-    err = float(np.linalg.norm(y - ref.numpy()) / np.linalg.norm(ref.numpy()))
+    attrs = _qmoe_attrs(k, activation_type, normalize, alpha, beta, limit, bits, block_size, int8_activations)
+    err = 0.0
+    for r in (router * LOGIT_SCALES[0], router * LOGIT_SCALES[1]):
+        ref = ort_qmoe(x, r, None, fc1_q, fc1_s, b1, fc2_q, fc2_s, b2, k, activation_type, normalize, alpha, beta,
+                       limit, bits, block_size, int8_activations)
+        feeds = {"x": x, "logits": x @ r}
+        if not normalize:
+            feeds["rw"] = torch.softmax(x @ r, -1)
+        y = _run_one_node("QMoE", names, attrs, {"fc1": fc1_q, "fc2": fc2_q, "s1": fc1_s, "s2": fc2_s, "b1": b1,
+                                                  "b2": b2}, feeds, provider)
+        if isinstance(y, Exception):
+            log.info("com.microsoft.QMoE(int%d) not usable on %s: %s", bits, provider, y)
+            return False
+        err = max(err, _rel_error(y, ref))
     log.info("com.microsoft.QMoE(%s, int%d, block %d) on %s: relative error %.1e", activation_type, bits, block_size,
              provider, err)
     # int8 activations are rounded by ORT only: the probe then checks layout and semantics, not the last digits
