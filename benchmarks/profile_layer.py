@@ -1,0 +1,58 @@
+"""Where one moecc Triton MoE layer spends its GPU time: per-kernel device time from torch.profiler.
+
+    python benchmarks/profile_layer.py --shapes mixtral qwen3_moe --tokens 1 512 4096
+
+Prints, per (shape, T), each kernel's mean device time per call, the sum, and the wall time per call with and
+without CUDA graphs, so that launch gaps (wall minus kernel sum) and the slowest kernel are both visible."""
+
+from __future__ import annotations
+
+import argparse
+from collections import defaultdict
+
+import torch
+from moe_layer import cuda_time, make_block  # the layer benchmark's helpers, beside this file
+from torch.profiler import ProfilerActivity, profile
+
+import moecc
+
+
+def kernel_times(fn, calls: int = 10) -> dict[str, float]:
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    per = defaultdict(float)
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            per[ev.name[:60]] += ev.device_time / calls / 1e3
+    return dict(per)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", nargs="+", default=["mixtral", "qwen3_moe"])
+    ap.add_argument("--tokens", type=int, nargs="+", default=[1, 64, 512, 4096])
+    a = ap.parse_args()
+    for shape in a.shapes:
+        block, cfg = make_block(shape, "cuda", torch.bfloat16)
+        plain = moecc.compile(block, backend="triton", verify=False, cuda_graphs=False)
+        graphs = moecc.compile(block, backend="triton", verify=False)
+        for t in a.tokens:
+            x = torch.randn(1, t, cfg.hidden_size, device="cuda", dtype=torch.bfloat16)
+            with torch.no_grad():
+                per = kernel_times(lambda x=x, m=plain: m(x))
+                wall = cuda_time(lambda x=x, m=plain: m(x))
+                wall_g = cuda_time(lambda x=x, m=graphs: m(x))
+            print(f"== {shape} T={t}: kernels {sum(per.values()):.3f} ms, wall {wall:.3f} ms, "
+                  f"with graphs {wall_g:.3f} ms")
+            for name, ms in sorted(per.items(), key=lambda kv: -kv[1]):
+                print(f"   {ms:8.4f}  {name}")
+        block = plain = graphs = None
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
