@@ -12,7 +12,7 @@ for step in $steps; do
     env) nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
          python3 -c "import torch, triton, transformers as t; print(torch.__version__, triton.__version__, t.__version__)";;
     tests) timeout 300 python3 -m pytest -q -x tests/test_triton.py tests/test_ops.py 2>&1 | tee "$OUT/tests.txt" | tail -15;;
-    tune) python3 - <<'PY'
+    tune) timeout 330 python3 - <<'PY'
 from moecc.codegen.triton.tune import tune
 import torch
 tune([(8, 4096, 14336, 2)], [1, 8, 64, 512, 4096, 16384], torch.bfloat16)
@@ -21,7 +21,7 @@ PY
          cp "$MOECC_CACHE_DIR/triton_configs.json" "$OUT/" ;;
     bench) python3 benchmarks/moe_layer.py --json "$OUT/moe_layer.json" 2>&1 | grep -v Warning | tee "$OUT/moe_layer.txt";;
     bench-quick) python3 benchmarks/moe_layer.py --no-compile 2>&1 | grep -v Warning | tee "$OUT/moe_layer_quick.txt";;
-    profile) python3 benchmarks/profile_layer.py --tokens 1 64 512 4096 16384 2>&1 | grep -v Warning | tee "$OUT/profile.txt";;
+    profile) python3 benchmarks/profile_layer.py --tokens 1 64 512 4096 16384 --host 1 512 2>&1 | grep -v Warning | tee "$OUT/profile.txt";;
     e2e) python3 benchmarks/model_e2e.py e2e 2>&1 | grep -v Warning | tee "$OUT/e2e.txt";;
     compile) export TRITON_CACHE_DIR=$OUT/triton_cold; rm -rf "$TRITON_CACHE_DIR" "$MOECC_CACHE_DIR.cold"
              MOECC_CACHE_DIR=$MOECC_CACHE_DIR.cold python3 benchmarks/model_e2e.py compile-time 2>&1 | grep compile-time | sed 's/^/cold: /'

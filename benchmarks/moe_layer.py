@@ -36,6 +36,9 @@ SHAPES = {
 }
 
 
+INPUT_SETS = 4  # inputs cycled through while timing
+
+
 def make_block(shape, device, dtype):
     family, cfg_cls, kwargs, cls = SHAPES[shape]
     cfg = getattr(tf, cfg_cls)(**kwargs)
@@ -53,18 +56,22 @@ def set_impl(block, impl):
     block.experts.config._experts_implementation = impl
 
 
-def cuda_time(fn, iters=20):
-    for _ in range(3):
-        fn()
+def cuda_time(fns, iters: int = 30, batches: int = 3) -> float:
+    """Mean device time per call of back-to-back calls (as layers run in a model: the host may run ahead), cycling
+    through ``fns`` (one per input set, so that routing and cache contents vary); the median of ``batches``."""
+    fns = list(fns) if isinstance(fns, (list, tuple)) else [fns]
+    for f in fns * 2:
+        f()
     torch.cuda.synchronize()
     times = []
-    for _ in range(iters):
+    for _ in range(batches):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        for i in range(iters):
+            fns[i % len(fns)]()
         end.record()
         torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
+        times.append(start.elapsed_time(end) / iters)
     return statistics.median(times)
 
 
@@ -111,7 +118,8 @@ def bench_cuda(shapes, tokens, with_compile):
     bw, peak = roofline()
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton "
           f"{importlib.import_module('triton').__version__}; copy {bw / 1e9:.2f} TB/s, bf16 matmul "
-          f"{peak / 1e9:.0f} TFLOP/s (measured here); times in ms, median of 20")
+          f"{peak / 1e9:.0f} TFLOP/s (measured here); times in ms per call of back-to-back calls "
+          f"cycling {INPUT_SETS} inputs, median of 3 batches")
     cols = ["floor", "hf eager", "hf grouped_mm", "compile", "c+graphs", "moecc torch", "moecc"]
     print(f"{'shape':10} {'T':>6} " + " ".join(f"{c:>13}" for c in cols) + "  x best   % floor  err")
     rows = []
@@ -125,13 +133,14 @@ def bench_cuda(shapes, tokens, with_compile):
             compiled = torch.compile(block)
             graphs = torch.compile(block, mode="reduce-overhead")
         for t in tokens:
-            x = torch.randn(1, t, cfg.hidden_size, device="cuda", dtype=dtype)
+            xs = [torch.randn(1, t, cfg.hidden_size, device="cuda", dtype=dtype) for _ in range(INPUT_SETS)]
+            x = xs[0]
             times = {"floor": floor_ms(block, cfg, x, bw, peak)}
             with torch.no_grad():
                 for impl in ("eager", "grouped_mm"):
                     set_impl(block, impl)
                     try:
-                        times[f"hf {impl}"] = cuda_time(lambda b=block, x=x: b(x))
+                        times[f"hf {impl}"] = cuda_time([lambda b=block, x=x: b(x) for x in xs])
                     except Exception as exc:  # noqa: BLE001
                         times[f"hf {impl}"] = float("nan")
                         print("  ", impl, "failed:", str(exc)[:100])
@@ -139,19 +148,19 @@ def bench_cuda(shapes, tokens, with_compile):
                 ref = block(x)
                 if compiled is not None:
                     try:
-                        times["compile"] = cuda_time(lambda c=compiled, x=x: c(x))
+                        times["compile"] = cuda_time([lambda c=compiled, x=x: c(x) for x in xs])
                     except Exception as exc:  # noqa: BLE001
                         times["compile"] = float("nan")
                         print("   compile failed:", str(exc)[:100])
                     if t <= 64:
                         try:
-                            times["c+graphs"] = cuda_time(lambda g=graphs, x=x: g(x).clone())
+                            times["c+graphs"] = cuda_time([lambda g=graphs, x=x: g(x).clone() for x in xs])
                         except Exception as exc:  # noqa: BLE001
                             print("   reduce-overhead failed:", str(exc)[:100])
                 got = cm(x)
                 err = rel(got, ref)
-                times["moecc"] = cuda_time(lambda c=cm, x=x: c(x))
-                times["moecc torch"] = cuda_time(lambda c=cm_torch, x=x: c(x))
+                times["moecc"] = cuda_time([lambda c=cm, x=x: c(x) for x in xs])
+                times["moecc torch"] = cuda_time([lambda c=cm_torch, x=x: c(x) for x in xs])
             base = [v for k, v in times.items() if k not in ("floor", "moecc", "moecc torch") and v == v]
             best = min(base)
             cells = [f"{times.get(c, float('nan')):13.3f}" for c in cols]

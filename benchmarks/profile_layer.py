@@ -8,6 +8,10 @@ without CUDA graphs, so that launch gaps (wall minus kernel sum) and the slowest
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
+import pstats
+import time
 from collections import defaultdict
 
 import torch
@@ -31,15 +35,40 @@ def kernel_times(fn, calls: int = 10) -> dict[str, float]:
     return dict(per)
 
 
+def host_profile(fn, calls: int = 50) -> float:
+    """Host seconds per call (launches only: the device queue absorbs them), then the top Python costs."""
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    per_call = (time.perf_counter() - start) / calls
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        fn()
+    prof.disable()
+    torch.cuda.synchronize()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(18)
+    print("\n".join(line for line in buf.getvalue().splitlines()[6:] if line.strip()))
+    return per_call
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", nargs="+", default=["mixtral", "qwen3_moe"])
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 64, 512, 4096])
+    ap.add_argument("--host", type=int, nargs="*", default=[], help="also profile host time at these T")
     a = ap.parse_args()
     for shape in a.shapes:
         block, cfg = make_block(shape, "cuda", torch.bfloat16)
         plain = moecc.compile(block, backend="triton", verify=False, cuda_graphs=False)
         graphs = moecc.compile(block, backend="triton", verify=False)
+        graphs(torch.randn(1, 2, cfg.hidden_size, device="cuda", dtype=torch.bfloat16))
+        for layer in graphs.moe_layers:
+            print(f"== {shape}: {layer.routing}; fused={layer.fused} {layer.reason}")
         for t in a.tokens:
             x = torch.randn(1, t, cfg.hidden_size, device="cuda", dtype=torch.bfloat16)
             with torch.no_grad():
@@ -50,6 +79,10 @@ def main():
                   f"with graphs {wall_g:.3f} ms")
             for name, ms in sorted(per.items(), key=lambda kv: -kv[1]):
                 print(f"   {ms:8.4f}  {name}")
+            if t in a.host:
+                with torch.no_grad():
+                    host = host_profile(lambda x=x, m=plain: m(x))
+                print(f"== {shape} T={t}: host {host * 1e3:.3f} ms per call (no CUDA graphs)")
         block = plain = graphs = None
         torch.cuda.empty_cache()
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -63,26 +64,66 @@ def _shipped_key(device_name: str, dtype: torch.dtype, e: int, n: int, k: int, b
     return f"{device_name}|{str(dtype).replace('torch.', '')}|E{e}|N{n}|K{k}|T{bucket}|{which}"
 
 
-_memory: dict[str, TileConfig] = {}
+_memory: dict[str, TileConfig | None] = {}
+_tables: dict[Path, dict] = {}
+_chosen: dict[tuple, tuple[TileConfig, TileConfig]] = {}
+
+
+def _table(path: Path) -> dict:
+    if path not in _tables:
+        _tables[path] = json.loads(path.read_text()) if path.exists() else {}
+    return _tables[path]
 
 
 def lookup(device_name: str, dtype, e, n, k, bucket, which) -> TileConfig | None:
+    """The tuned (user cache) or shipped config for exactly this key, else None; misses are remembered too."""
     key = _key(device_name, dtype, e, n, k, bucket, which)
-    if key in _memory:
-        return _memory[key]
-    for path, k2 in ((_cache_dir() / "triton_configs.json", key),
-                     (SHIPPED, _shipped_key(device_name, dtype, e, n, k, bucket, which))):
-        if path.exists():
-            table = json.loads(path.read_text())
-            if k2 in table:
-                _memory[key] = TileConfig(**table[k2])
-                return _memory[key]
-    return None
+    if key not in _memory:
+        found = _table(_cache_dir() / "triton_configs.json").get(key) or _table(SHIPPED).get(
+            _shipped_key(device_name, dtype, e, n, k, bucket, which))
+        _memory[key] = TileConfig(**found) if found else None
+    return _memory[key]
+
+
+def nearest_shipped(device_name: str, dtype, e, n, k, bucket, which) -> TileConfig | None:
+    """The shipped config of the most similar shape on this device and dtype (rows per expert first, then N and
+    K): an untuned shape starts from what was tuned for its neighbours rather than from a generic heuristic."""
+    prefix = f"{device_name}|{str(dtype).replace('torch.', '')}|"
+    best, best_d = None, float("inf")
+    for key, cfg in _table(SHIPPED).items():
+        if not key.startswith(prefix) or not key.endswith(f"|{which}"):
+            continue
+        e2, n2, k2, t2 = (int(part[1:]) for part in key[len(prefix):].split("|")[:4])
+        d = (abs(math.log2(bucket / e) - math.log2(t2 / e2)) + 0.5 * abs(math.log2(n / n2))
+             + 0.5 * abs(math.log2(k / k2)))
+        if d < best_d:
+            best, best_d = TileConfig(**cfg), d
+    return best
+
+
+def choose(device_name: str, dtype, e: int, hidden: int, inter: int, tokens: int,
+           pairs: int) -> tuple[TileConfig, TileConfig]:
+    """(GEMM 1, GEMM 2) tiles: tuned or shipped for this key, else the nearest shipped shape, else the heuristic.
+    Both GEMMs walk the same aligned rows, so GEMM 2 takes GEMM 1's block_m. Memoized: this runs per call."""
+    bucket = token_bucket(tokens)
+    memo = (device_name, dtype, e, hidden, inter, bucket, token_bucket(pairs))
+    if memo not in _chosen:
+        cfgs = []
+        for which, n, k in (("gemm1", inter, hidden), ("gemm2", hidden, inter)):
+            cfg = lookup(device_name, dtype, e, n, k, bucket, which)
+            cfg = cfg or nearest_shipped(device_name, dtype, e, n, k, bucket, which)
+            cfgs.append(cfg or heuristic(pairs / max(e, 1), dtype, False))
+        c1, c2 = cfgs
+        if c2.block_m != c1.block_m:
+            c2 = replace(c2, block_m=c1.block_m)
+        _chosen[memo] = (c1, c2)
+    return _chosen[memo]
 
 
 def store(device_name: str, dtype, e, n, k, bucket, which, cfg: TileConfig) -> None:
     key = _key(device_name, dtype, e, n, k, bucket, which)
     _memory[key] = cfg
+    _chosen.clear()
     path = _cache_dir() / "triton_configs.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     table = json.loads(path.read_text()) if path.exists() else {}
@@ -90,9 +131,22 @@ def store(device_name: str, dtype, e, n, k, bucket, which, cfg: TileConfig) -> N
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(table, indent=1, sort_keys=True))
     tmp.replace(path)
+    _tables[path] = table
 
 
-CANDIDATES = [TileConfig(m, n, k, g, w, s) for (m, n, k, g, w, s) in (
-    (16, 64, 128, 1, 4, 4), (16, 128, 128, 1, 4, 3), (32, 64, 128, 4, 4, 4), (32, 128, 64, 4, 4, 4),
-    (64, 64, 64, 8, 4, 4), (64, 128, 64, 8, 4, 4), (64, 128, 128, 8, 8, 3), (128, 128, 64, 8, 8, 4),
-    (128, 256, 64, 8, 8, 3), (128, 128, 128, 8, 8, 3))]
+# per block_m, the tiles worth timing on Hopper-class GPUs: narrow row blocks stream weights (decode), wide
+# ones are compute tiles (prefill)
+CANDIDATES: dict[int, list[TileConfig]] = {m: [TileConfig(m, *rest) for rest in tiles] for m, tiles in {
+    16: [(64, 128, 1, 4, 4), (128, 128, 1, 4, 3), (64, 256, 1, 4, 3), (128, 64, 1, 4, 5), (32, 256, 1, 4, 4),
+         (256, 64, 1, 4, 4), (64, 128, 1, 4, 6)],
+    32: [(64, 128, 4, 4, 4), (128, 64, 4, 4, 4), (128, 128, 4, 4, 3), (64, 256, 4, 4, 3), (256, 64, 4, 8, 4)],
+    64: [(64, 64, 8, 4, 4), (128, 64, 8, 4, 4), (128, 128, 8, 8, 3), (256, 64, 8, 8, 3), (128, 64, 16, 4, 5),
+         (256, 64, 16, 8, 4)],
+    128: [(128, 64, 8, 8, 4), (256, 64, 8, 8, 3), (128, 128, 8, 8, 3), (128, 64, 16, 4, 4), (256, 64, 16, 8, 4),
+          (256, 128, 8, 8, 3)],
+}.items()}
+
+
+def block_m_candidates(rows_per_expert: float) -> list[int]:
+    """Row-block heights worth trying: padding an expert's rows to more than twice their count wastes the tile."""
+    return [m for m in sorted(CANDIDATES) if m == 16 or m <= 2 * rows_per_expert]

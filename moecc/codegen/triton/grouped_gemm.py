@@ -3,10 +3,14 @@
 GEMM 1 gathers each row's token straight from ``x`` (no permuted copy), computes the gate and up tiles of the same
 output columns in one program and applies the (gated) activation, biases and GPT-OSS clamp in the epilogue.
 GEMM 2 multiplies by the down projection, adds its bias and the routing weight, and writes each pair's row in pair
-order, so the combine that follows is a plain, deterministic sum over the k slots (no atomics)."""
+order, so the combine that follows is a plain, deterministic sum over the k slots (no atomics).
+
+fp32 inputs multiply in full fp32 unless torch allows TF32 (``torch.set_float32_matmul_precision``), as
+torch's own fp32 matmuls do."""
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -57,12 +61,13 @@ def _expert_base(w_ptr, ws_ptr, e, num_routed, stride_we):
     return base
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_pairs", "top_k", "num_routed"])
 def _gemm1_kernel(x_ptr, w_ptr, ws_ptr, b_ptr, h_ptr, sorted_ptr, block_expert_ptr, total_ptr,
                   n_pairs, top_k, num_routed, N, K, stride_xm, stride_we, stride_wn, stride_wk, stride_be, stride_hm,
                   alpha, limit,
                   GATED: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, CLAMP: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                  PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  GROUP_M: tl.constexpr):
     pid_m, pid_n, live_tile = _tile(total_ptr, N, BLOCK_M, BLOCK_N, GROUP_M)
     if not live_tile:
         return
@@ -80,10 +85,10 @@ def _gemm1_kernel(x_ptr, w_ptr, ws_ptr, b_ptr, h_ptr, sorted_ptr, block_expert_p
         k_ok = offs_k < K - k * BLOCK_K
         a = tl.load(a_ptrs, mask=live[:, None] & k_ok[None, :], other=0.0)
         wg = tl.load(g_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc_g = tl.dot(a, wg, acc_g)
+        acc_g = tl.dot(a, wg, acc_g, input_precision=PRECISION)
         if GATED:
             wu = tl.load(g_ptrs + N * stride_wn, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            acc_u = tl.dot(a, wu, acc_u)
+            acc_u = tl.dot(a, wu, acc_u, input_precision=PRECISION)
         a_ptrs += BLOCK_K
         g_ptrs += BLOCK_K * stride_wk
     if HAS_BIAS:
@@ -104,11 +109,11 @@ def _gemm1_kernel(x_ptr, w_ptr, ws_ptr, b_ptr, h_ptr, sorted_ptr, block_expert_p
     tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=live[:, None] & n_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_pairs", "num_routed"])
 def _gemm2_kernel(h_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, weights_ptr, sorted_ptr, block_expert_ptr, total_ptr,
                   n_pairs, num_routed, N, K, stride_hm, stride_we, stride_wn, stride_wk, stride_be, stride_om,
-                  HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                  GROUP_M: tl.constexpr):
+                  HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     pid_m, pid_n, live_tile = _tile(total_ptr, N, BLOCK_M, BLOCK_N, GROUP_M)
     if not live_tile:
         return
@@ -124,7 +129,7 @@ def _gemm2_kernel(h_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, weights_ptr, sorted_ptr,
         k_ok = offs_k < K - k * BLOCK_K
         a = tl.load(a_ptrs, mask=live[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = tl.dot(a, w, acc)
+        acc = tl.dot(a, w, acc, input_precision=PRECISION)
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K * stride_wk
     if HAS_BIAS:
@@ -147,3 +152,53 @@ def _combine_kernel(pairs_ptr, ids_ptr, out_ptr, num_experts, H, K: tl.constexpr
         row = tl.load(pairs_ptr + (t * K + j) * H + offs, mask=ok, other=0.0).to(tl.float32)
         acc += tl.where(live, row, 0.0)
     tl.store(out_ptr + t * H + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+def _grid(max_blocks: int, n: int, cfg) -> tuple[int]:
+    # sized for the worst-case padded total, so no host sync: programs past the device-side total exit at once
+    return (triton.cdiv(max_blocks, cfg.group_m) * cfg.group_m * triton.cdiv(n, cfg.block_n),)
+
+
+def gemm1(x, w_up, shared_up, b_up, aligned, n_pairs: int, top_k: int, gated: bool, activation: str, alpha: float,
+          limit: float, cfg) -> torch.Tensor:
+    """h [rows, I]: act(x[token] @ gate^T) * (x[token] @ up^T) per aligned row (``aligned`` from ``align``)."""
+    sorted_ids, block_expert, total = aligned
+    num_routed, up_rows, hidden = w_up.shape
+    inter = up_rows // 2 if gated else up_rows
+    h = torch.empty((sorted_ids.numel(), inter), dtype=x.dtype, device=x.device)
+    _gemm1_kernel[_grid(block_expert.numel(), inter, cfg)](
+        x, w_up, shared_up, b_up if b_up is not None else w_up, h, sorted_ids, block_expert, total, n_pairs, top_k,
+        num_routed, inter, hidden, x.stride(0), w_up.stride(0), w_up.stride(1), w_up.stride(2),
+        b_up.stride(0) if b_up is not None else 0, h.stride(0), float(alpha), float(limit), GATED=gated,
+        ACT=ACT_IDS[activation], HAS_BIAS=b_up is not None, CLAMP=limit > 0, PRECISION=_precision(x.dtype),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages)
+    return h
+
+
+def gemm2(h, w_down, shared_down, b_down, weights, aligned, n_pairs: int, cfg) -> torch.Tensor:
+    """pairs [T*k, H]: weight * (h @ down^T + bias), each aligned row written to its pair's row."""
+    sorted_ids, block_expert, total = aligned
+    num_routed, hidden, inter = w_down.shape
+    pairs = torch.empty((n_pairs, hidden), dtype=h.dtype, device=h.device)
+    _gemm2_kernel[_grid(block_expert.numel(), hidden, cfg)](
+        h, w_down, shared_down, b_down if b_down is not None else w_down, pairs, weights, sorted_ids, block_expert,
+        total, n_pairs, num_routed, hidden, inter, h.stride(0), w_down.stride(0), w_down.stride(1),
+        w_down.stride(2), b_down.stride(0) if b_down is not None else 0, pairs.stride(0),
+        HAS_BIAS=b_down is not None, PRECISION=_precision(h.dtype), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return pairs
+
+
+def combine(pairs: torch.Tensor, ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """out [T, H]: the sum over each token's k pair rows, in slot order (deterministic); null/dropped add 0."""
+    t, k = ids.shape
+    hidden = pairs.shape[1]
+    out = torch.empty((t, hidden), dtype=pairs.dtype, device=pairs.device)
+    block_h = min(1024, triton.next_power_of_2(hidden))
+    _combine_kernel[(t, triton.cdiv(hidden, block_h))](pairs, ids, out, num_experts, hidden, K=k, BLOCK_H=block_h)
+    return out

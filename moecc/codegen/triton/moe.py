@@ -3,31 +3,37 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
-import triton
 from torch import Tensor
 
 from moecc.codegen.triton import configs
 from moecc.codegen.triton.align import align
 from moecc.codegen.triton.gating import GEMV_MAX_TOKENS, fused_gating, gating
-from moecc.codegen.triton.grouped_gemm import ACT_IDS, _combine_kernel, _gemm1_kernel, _gemm2_kernel
+from moecc.codegen.triton.grouped_gemm import combine, gemm1, gemm2
 from moecc.routing import apply_capacity, router_logits
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
+@functools.cache
+def _device_name_of(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
 def _device_name(x: Tensor) -> str:
-    return torch.cuda.get_device_name(x.device) if x.is_cuda else "cpu"
+    return _device_name_of(x.device.index if x.device.index is not None else torch.cuda.current_device()) \
+        if x.is_cuda else "cpu"
 
 
-def pick_config(x: Tensor, num_experts: int, n: int, k: int, pairs: int, which: str) -> configs.TileConfig:
+def pick_configs(x: Tensor, num_experts: int, hidden: int, inter: int, pairs: int):
+    """(GEMM 1, GEMM 2) tiles for this call: tuned or shipped for the device, else the heuristic; one block_m."""
     if INTERPRET:
-        return configs.heuristic(0, x.dtype, True)
-    bucket = configs.token_bucket(x.shape[0])
-    cfg = configs.lookup(_device_name(x), x.dtype, num_experts, n, k, bucket, which)
-    return cfg or configs.heuristic(pairs / max(num_experts, 1), x.dtype, False)
+        cfg = configs.heuristic(0, x.dtype, True)
+        return cfg, cfg
+    return configs.choose(_device_name(x), x.dtype, num_experts, hidden, inter, x.shape[0], pairs)
 
 
 def _maybe_tune(x: Tensor, num_experts: int, hidden: int, inter: int, top_k: int, gated: bool) -> None:
@@ -44,41 +50,19 @@ def _maybe_tune(x: Tensor, num_experts: int, hidden: int, inter: int, top_k: int
 
 def run_experts(x, weights, ids, w_up, w_down, b_up, b_down, activation, gated, alpha, limit, cfg1, cfg2,
                 shared_up=None, shared_down=None):
-    """The three launches after align: GEMM 1 (+activation), GEMM 2 (+weights), combine. Ids ``>= E`` address
+    """The launches after gating: align, GEMM 1 (+activation), GEMM 2 (+weights), combine. Ids ``>= E`` address
     ``shared_up``/``shared_down`` (same per-expert shapes and strides) when given."""
     t, k = ids.shape
-    num_routed, up_rows, hidden = w_up.shape
+    num_routed = w_up.shape[0]
     num_experts = num_routed + (0 if shared_up is None else shared_up.shape[0])
-    shared_up = w_up if shared_up is None else shared_up
-    shared_down = w_down if shared_down is None else shared_down
-    inter = up_rows // 2 if gated else up_rows
     n_pairs = t * k
-    block_m = cfg1.block_m
-    sorted_ids, block_expert, total = align(ids, num_experts, block_m)
-    max_blocks = block_expert.numel()
-    h = torch.empty((sorted_ids.numel(), inter), dtype=x.dtype, device=x.device)
+    aligned = align(ids, num_experts, cfg1.block_m)
     x = x.contiguous()
-    grid1 = (triton.cdiv(max_blocks, cfg1.group_m) * cfg1.group_m * triton.cdiv(inter, cfg1.block_n),)
-    _gemm1_kernel[grid1](
-        x, w_up, shared_up, b_up if b_up is not None else w_up, h, sorted_ids, block_expert, total, n_pairs, k,
-        num_routed, inter, hidden,
-        x.stride(0), w_up.stride(0), w_up.stride(1), w_up.stride(2), b_up.stride(0) if b_up is not None else 0,
-        h.stride(0), float(alpha), float(limit), GATED=gated, ACT=ACT_IDS[activation], HAS_BIAS=b_up is not None,
-        CLAMP=limit > 0, BLOCK_M=block_m, BLOCK_N=cfg1.block_n, BLOCK_K=cfg1.block_k, GROUP_M=cfg1.group_m,
-        num_warps=cfg1.num_warps, num_stages=cfg1.num_stages)
-    pairs = torch.empty((n_pairs, hidden), dtype=x.dtype, device=x.device)
-    grid2 = (triton.cdiv(max_blocks, cfg2.group_m) * cfg2.group_m * triton.cdiv(hidden, cfg2.block_n),)
-    _gemm2_kernel[grid2](
-        h, w_down, shared_down, b_down if b_down is not None else w_down, pairs, weights.reshape(-1), sorted_ids,
-        block_expert, total, n_pairs, num_routed, hidden, inter, h.stride(0), w_down.stride(0), w_down.stride(1),
-        w_down.stride(2),
-        b_down.stride(0) if b_down is not None else 0, pairs.stride(0), HAS_BIAS=b_down is not None, BLOCK_M=block_m,
-        BLOCK_N=cfg2.block_n, BLOCK_K=cfg2.block_k, GROUP_M=cfg2.group_m, num_warps=cfg2.num_warps,
-        num_stages=cfg2.num_stages)
-    out = torch.empty_like(x)
-    block_h = min(1024, triton.next_power_of_2(hidden))
-    _combine_kernel[(t, triton.cdiv(hidden, block_h))](pairs, ids, out, num_experts, hidden, K=k, BLOCK_H=block_h)
-    return out
+    h = gemm1(x, w_up, w_up if shared_up is None else shared_up, b_up, aligned, n_pairs, k, gated, activation,
+              alpha, limit, cfg1)
+    pairs = gemm2(h, w_down, w_down if shared_down is None else shared_down, b_down, weights.reshape(-1), aligned,
+                  n_pairs, cfg2)
+    return combine(pairs, ids, num_experts)
 
 
 @torch.library.custom_op("moecc::fused_moe_triton", mutates_args=())
@@ -98,11 +82,7 @@ def fused_moe_triton(
     num_experts, up_rows, hidden = w_up.shape
     inter = up_rows // 2 if gated else up_rows
     _maybe_tune(x, num_experts, hidden, inter, k, gated)
-    cfg1 = pick_config(x, num_experts, inter, hidden, t * k, "gemm1")
-    cfg2 = pick_config(x, num_experts, hidden, inter, t * k, "gemm2")
-    if cfg2.block_m != cfg1.block_m:  # both GEMMs walk the same aligned rows
-        cfg2 = configs.TileConfig(cfg1.block_m, cfg2.block_n, cfg2.block_k, cfg2.group_m, cfg2.num_warps,
-                                  cfg2.num_stages)
+    cfg1, cfg2 = pick_configs(x, num_experts, hidden, inter, t * k)
     return run_experts(x, weights.float().contiguous(), ids.contiguous(), w_up.to(x.dtype), w_down.to(x.dtype),
                        b_up, b_down, activation, gated, alpha, limit, cfg1, cfg2)
 
@@ -151,9 +131,7 @@ def fused_moe_shared_triton(
     all_ids = torch.cat([ids, torch.arange(num_routed, num_routed + m, device=x.device).expand(t, m)], 1)
     all_w = torch.cat([weights.float(), shared_w.expand(t, m)], 1)
     inter = up_rows // 2 if gated else up_rows
-    cfg1 = pick_config(x, num_routed + m, inter, hidden, t * (k + m), "gemm1")
-    cfg2 = pick_config(x, num_routed + m, hidden, inter, t * (k + m), "gemm2")
-    cfg2 = configs.TileConfig(cfg1.block_m, cfg2.block_n, cfg2.block_k, cfg2.group_m, cfg2.num_warps, cfg2.num_stages)
+    cfg1, cfg2 = pick_configs(x, num_routed + m, hidden, inter, t * (k + m))
     return run_experts(x, all_w.contiguous(), all_ids.contiguous(), w_up.to(x.dtype), w_down.to(x.dtype), None,
                        None, activation, gated, alpha, limit, cfg1, cfg2, shared_up.to(x.dtype),
                        shared_down.to(x.dtype))

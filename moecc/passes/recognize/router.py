@@ -158,25 +158,31 @@ def fit_routing(router: Router, obs: Observed, x2: torch.Tensor, num_experts: in
 def _fit_one(router: Router, obs: Observed, x2: torch.Tensor, num_experts: int, mods: list[nn.Module],
              rtol: float) -> tuple[RoutingSpec, torch.Tensor | None] | None:
     k = obs.ids.shape[1]
-    logits = router_logits(x2, router.weight, router.bias, True)
     keep = (obs.ids >= 0).all(-1)
     obs_ids, obs_w = obs.ids[keep], obs.weights[keep].float()
     order = obs_ids.argsort(-1)
     obs_ids, obs_w = obs_ids.gather(1, order), obs_w.gather(1, order)
-    for spec, sel in routing_candidates(num_experts, [k], router.selection_biases, group_candidates(mods, num_experts),
-                                        router.bias is not None, True):
-        w, ids = route_reference(logits, sel, spec.top_k, spec.score, spec.topk_first, spec.renormalize,
-                                 spec.n_group, spec.topk_group, 1.0)
-        ids_k, w_k = ids[keep], w[keep]
-        o = ids_k.argsort(-1)
-        if not torch.equal(ids_k.gather(1, o), obs_ids):
-            continue
-        w_k = w_k.gather(1, o)
-        scale = (obs_w.sum() / w_k.sum()).item() if w_k.sum() != 0 else 1.0
-        if not torch.allclose(w_k * scale, obs_w, rtol=rtol, atol=rtol * 1e-2):
-            continue
-        spec.scale = 1.0 if abs(scale - 1.0) < 1e-6 else scale
-        return spec, sel
+    # a bf16 router picks its experts from bf16 logits: near-ties then split differently than in fp32
+    precisions = (True,) if x2.dtype == torch.float32 and router.weight.dtype == torch.float32 else (True, False)
+    for fp32 in precisions:
+        logits = router_logits(x2, router.weight, router.bias, fp32).float()
+        for spec, sel in routing_candidates(num_experts, [k], router.selection_biases,
+                                            group_candidates(mods, num_experts), router.bias is not None, fp32):
+            w, ids = route_reference(logits, sel, spec.top_k, spec.score, spec.topk_first, spec.renormalize,
+                                     spec.n_group, spec.topk_group, 1.0)
+            ids_k, w_k = ids[keep], w[keep]
+            o = ids_k.argsort(-1)
+            if not torch.equal(ids_k.gather(1, o), obs_ids):
+                continue
+            w_k = w_k.gather(1, o)
+            # a scale of 1 that fits is 1, not the rounding noise of low-precision weights around it
+            scale = 1.0
+            if not torch.allclose(w_k, obs_w, rtol=rtol, atol=rtol * 1e-2):
+                scale = (obs_w.sum() / w_k.sum()).item() if w_k.sum() != 0 else 1.0
+                if not torch.allclose(w_k * scale, obs_w, rtol=rtol, atol=rtol * 1e-2):
+                    continue
+            spec.scale = scale
+            return spec, sel
     return None
 
 
