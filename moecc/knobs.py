@@ -38,6 +38,7 @@ CACHE_DIR = Knob("MOECC_CACHE_DIR", None, str, "folder for persistent caches (tu
 
 AUTOTUNE = Knob("MOECC_AUTOTUNE", False, bool, "tune Triton MoE tiles on first use of a shape (cached on disk)")
 CUDA_GRAPHS = Knob("MOECC_CUDA_GRAPHS", True, bool, "replay CUDA graphs for small token counts (Triton backend)")
-CUDA_GRAPH_MAX_TOKENS = Knob("MOECC_CUDA_GRAPH_MAX_TOKENS", 64, int, "largest token count that uses CUDA graphs")
+CUDA_GRAPH_MAX_TOKENS = Knob("MOECC_CUDA_GRAPH_MAX_TOKENS", 512, int, "largest token count that uses CUDA graphs")
+CUDA_GRAPH_MAX_GRAPHS = Knob("MOECC_CUDA_GRAPH_MAX_GRAPHS", 32, int, "CUDA graphs kept per compiled program (LRU)")
 
-ALL = (DUMP_DIR, LOGS, VERIFY, CACHE_DIR, AUTOTUNE, CUDA_GRAPHS, CUDA_GRAPH_MAX_TOKENS)
+ALL = (DUMP_DIR, LOGS, VERIFY, CACHE_DIR, AUTOTUNE, CUDA_GRAPHS, CUDA_GRAPH_MAX_TOKENS, CUDA_GRAPH_MAX_GRAPHS)

@@ -1,10 +1,18 @@
-"""Decode fast path: one CUDA graph per input shape for small token counts, replayed from static buffers."""
+"""CUDA graphs for small and medium token counts: one graph per input shape, replayed from static buffers.
+
+Host work (Python, operator dispatch, Triton's launcher) costs about a millisecond per MoE layer call, more than
+the GPU needs for a few hundred tokens; a replay costs one copy in and one copy out. Graphs share one memory
+pool, which is safe because replays run one at a time on one stream and outputs are copied out at once; the
+least recently used graph is dropped past ``MOECC_CUDA_GRAPH_MAX_GRAPHS``."""
 
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 
 import torch
+
+from moecc import knobs
 
 log = logging.getLogger("moecc.runtime")
 
@@ -17,8 +25,9 @@ def token_count(tensors: list[torch.Tensor]) -> int:
 class GraphCache:
     def __init__(self, program) -> None:
         self.program = program
-        self.graphs: dict[tuple, tuple] = {}
+        self.graphs: OrderedDict[tuple, tuple] = OrderedDict()
         self.failed: set[tuple] = set()
+        self.pool = None
 
     def __call__(self, tensors: list[torch.Tensor]):
         key = tuple((tuple(t.shape), t.dtype, t.device) for t in tensors)
@@ -31,6 +40,9 @@ class GraphCache:
                 log.warning("CUDA graph capture failed for %s, running without graphs: %s", key, exc)
                 self.failed.add(key)
                 return self.program(*tensors)
+            while len(self.graphs) > max(1, knobs.CUDA_GRAPH_MAX_GRAPHS.get()):
+                self.graphs.popitem(last=False)
+        self.graphs.move_to_end(key)
         graph, static_in, static_out = self.graphs[key]
         for dst, src in zip(static_in, tensors):
             dst.copy_(src)
@@ -45,7 +57,10 @@ class GraphCache:
             for _ in range(2):  # compiles kernels and fills allocator pools outside the capture
                 self.program(*static_in)
         torch.cuda.current_stream().wait_stream(side)
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph), torch.no_grad():
+        with torch.cuda.graph(graph, pool=self.pool), torch.no_grad():
             static_out = self.program(*static_in)
+        log.debug("captured a CUDA graph for %s", [tuple(t.shape) for t in tensors])
         return graph, static_in, tuple(static_out)

@@ -3,6 +3,7 @@ autotuning cache keyed by (GPU, Triton version, dtype, E, N, K, token bucket).""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -25,6 +26,26 @@ class TileConfig:
     group_m: int = 8
     num_warps: int = 4
     num_stages: int = 3
+
+
+@functools.cache
+def shared_memory_limit(device_index: int) -> int:
+    props = torch.cuda.get_device_properties(device_index)
+    return int(getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024)
+
+
+@functools.cache
+def fit_shared_memory(cfg: TileConfig, elt_bytes: int, b_tiles: int, limit: int) -> TileConfig:
+    """``cfg`` with fewer pipeline stages, then a shorter K step, until its tiles fit ``limit`` bytes of shared
+    memory: tiles tuned for 2-byte types need twice the room in fp32."""
+    def need(c: TileConfig) -> int:
+        return c.num_stages * (c.block_m + b_tiles * c.block_n) * c.block_k * elt_bytes
+
+    limit -= 16 * 1024  # the compiler's own scratch (layout conversions in the epilogue)
+    while need(cfg) > limit and (cfg.num_stages > 2 or cfg.block_k > 32):
+        cfg = replace(cfg, num_stages=cfg.num_stages - 1) if cfg.num_stages > 2 else replace(
+            cfg, block_k=cfg.block_k // 2)
+    return cfg
 
 
 def token_bucket(tokens: int) -> int:
@@ -85,15 +106,27 @@ def lookup(device_name: str, dtype, e, n, k, bucket, which) -> TileConfig | None
     return _memory[key]
 
 
+def _family(device_name: str) -> str | None:
+    """GPUs with the same multiprocessor (shared memory, tensor cores), whose tiles transfer."""
+    for family, marks in (("hopper", ("H100", "H200", "H800", "H20", "GH200")), ("ampere", ("A100", "A800"))):
+        if any(m in device_name for m in marks):
+            return family
+    return None
+
+
 def nearest_shipped(device_name: str, dtype, e, n, k, bucket, which) -> TileConfig | None:
     """The shipped config of the most similar shape on this device and dtype (rows per expert first, then N and
-    K): an untuned shape starts from what was tuned for its neighbours rather than from a generic heuristic."""
-    prefix = f"{device_name}|{str(dtype).replace('torch.', '')}|"
+    K), or on a GPU of the same family when this one has none: an untuned shape starts from what was tuned for
+    its neighbours rather than from a generic heuristic."""
+    dt = str(dtype).replace("torch.", "")
+    devices = {key.split("|", 1)[0] for key in _table(SHIPPED)}
+    same = [device_name] if device_name in devices else [d for d in devices if _family(d) == _family(device_name)]
     best, best_d = None, float("inf")
     for key, cfg in _table(SHIPPED).items():
-        if not key.startswith(prefix) or not key.endswith(f"|{which}"):
+        device, key_dt, rest = key.split("|", 2)
+        if device not in same or key_dt != dt or not key.endswith(f"|{which}"):
             continue
-        e2, n2, k2, t2 = (int(part[1:]) for part in key[len(prefix):].split("|")[:4])
+        e2, n2, k2, t2 = (int(part[1:]) for part in rest.split("|")[:4])
         d = (abs(math.log2(bucket / e) - math.log2(t2 / e2)) + 0.5 * abs(math.log2(n / n2))
              + 0.5 * abs(math.log2(k / k2)))
         if d < best_d:

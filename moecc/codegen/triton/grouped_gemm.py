@@ -158,6 +158,15 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
+def _fit(cfg, t: torch.Tensor, b_tiles: int):
+    if not t.is_cuda:  # the interpreter has no shared-memory limit
+        return cfg
+    from moecc.codegen.triton.configs import fit_shared_memory, shared_memory_limit
+
+    index = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    return fit_shared_memory(cfg, t.element_size(), b_tiles, shared_memory_limit(index))
+
+
 def _grid(max_blocks: int, n: int, cfg) -> tuple[int]:
     # sized for the worst-case padded total, so no host sync: programs past the device-side total exit at once
     return (triton.cdiv(max_blocks, cfg.group_m) * cfg.group_m * triton.cdiv(n, cfg.block_n),)
@@ -170,6 +179,7 @@ def gemm1(x, w_up, shared_up, b_up, aligned, n_pairs: int, top_k: int, gated: bo
     num_routed, up_rows, hidden = w_up.shape
     inter = up_rows // 2 if gated else up_rows
     h = torch.empty((sorted_ids.numel(), inter), dtype=x.dtype, device=x.device)
+    cfg = _fit(cfg, x, 2 if gated else 1)
     _gemm1_kernel[_grid(block_expert.numel(), inter, cfg)](
         x, w_up, shared_up, b_up if b_up is not None else w_up, h, sorted_ids, block_expert, total, n_pairs, top_k,
         num_routed, inter, hidden, x.stride(0), w_up.stride(0), w_up.stride(1), w_up.stride(2),
@@ -185,6 +195,7 @@ def gemm2(h, w_down, shared_down, b_down, weights, aligned, n_pairs: int, cfg) -
     sorted_ids, block_expert, total = aligned
     num_routed, hidden, inter = w_down.shape
     pairs = torch.empty((n_pairs, hidden), dtype=h.dtype, device=h.device)
+    cfg = _fit(cfg, h, 1)
     _gemm2_kernel[_grid(block_expert.numel(), hidden, cfg)](
         h, w_down, shared_down, b_down if b_down is not None else w_down, pairs, weights, sorted_ids, block_expert,
         total, n_pairs, num_routed, hidden, inter, h.stride(0), w_down.stride(0), w_down.stride(1),
