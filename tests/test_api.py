@@ -66,3 +66,27 @@ def test_torch_compile_backend_entry_point():
     compiled = torch.compile(model, backend="moecc")
     x = torch.randint(0, 50, (2, 8))
     torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def _bf16_mixtral(layers: int):
+    import transformers as tf
+
+    cfg = tf.MixtralConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=layers, num_attention_heads=4,
+                           num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, vocab_size=500)
+    torch.manual_seed(0)
+    return tf.MixtralForCausalLM(cfg).to(torch.bfloat16).eval()
+
+
+def test_fresh_input_check_allows_bf16_rounding_but_not_wrong_results():
+    from moecc.errors import MoeccError
+    from moecc.runtime.compiled import check_fresh
+
+    model = _bf16_mixtral(4)
+    ids = torch.randint(0, 500, (1, 256))
+    cm = moecc.compile(model, backend="torch")  # verify=True: the check runs here and must pass
+    cm(input_ids=ids, use_cache=False)
+    entry = cm._entries[-1]
+    program = entry.gm
+    entry.gm = lambda *a: tuple(o * 1.5 if o.is_floating_point() else o for o in program(*a))  # a wrong program
+    with pytest.raises(MoeccError, match="rounding sensitivity"):
+        check_fresh(model, entry)
