@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,7 +113,9 @@ class CompiledModule(nn.Module):
             print(f"moecc: pass dumps in {folder}")
         if self.verify:
             # quantized experts are approximate by design: the check then only catches gross errors
+            start = time.perf_counter()
             check_fresh(self.original_model, entry, 0.25 if self.options.get("quantize") else None)
+            log.info("check on fresh inputs: %.2f s", time.perf_counter() - start)
         self._entries.append(entry)
         return entry
 
@@ -132,7 +135,9 @@ def build(model: nn.Module, args, kwargs, backend: str, options: dict, dump_fold
 
     quant = quant_spec(options.get("quantize"), options.get("quant_block_size", 0),
                        options.get("quant_int8_activations", False))
+    start = time.perf_counter()
     cap = capture(model, args, kwargs, fuse=options.get("fuse", True))
+    log.info("capture (torch.export): %.2f s", time.perf_counter() - start)
     timing = Timing()
     instruments: list = [timing]
     if dump_folder is not None:
@@ -157,7 +162,9 @@ def build(model: nn.Module, args, kwargs, backend: str, options: dict, dump_fold
     for info in layers.values():
         info.expert_load = load.get(info.graph_prefix, [])
     try:
+        start = time.perf_counter()
         program = lower(gm, backend, cap.tensor_inputs, program_folder, quant)
+        log.info("lowering to %s: %.2f s", backend, time.perf_counter() - start)
     except BackendError as exc:
         if requested != "auto" or quant is not None:
             raise
