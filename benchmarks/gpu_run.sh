@@ -15,16 +15,17 @@ for step in $steps; do
     tune) timeout 330 python3 - <<'PY'
 from moecc.codegen.triton.tune import tune
 import torch
-tune([(8, 4096, 14336, 2)], [1, 8, 64, 512, 4096, 16384], torch.bfloat16)
-tune([(128, 2048, 768, 8)], [1, 8, 64, 512, 4096, 16384], torch.bfloat16)
+tune([(8, 4096, 14336, 2), (128, 2048, 768, 8)], [1, 8, 64, 512, 4096, 16384], torch.bfloat16)
 PY
          cp "$MOECC_CACHE_DIR/triton_configs.json" "$OUT/" ;;
-    bench) python3 benchmarks/moe_layer.py --json "$OUT/moe_layer.json" 2>&1 | grep -v Warning | tee "$OUT/moe_layer.txt";;
+    bench) timeout 300 python3 benchmarks/moe_layer.py --json "$OUT/moe_layer.json" 2>&1 | grep -v Warning | tee "$OUT/moe_layer.txt";;
     bench-quick) python3 benchmarks/moe_layer.py --no-compile 2>&1 | grep -v Warning | tee "$OUT/moe_layer_quick.txt";;
     profile) python3 benchmarks/profile_layer.py --tokens 1 64 512 4096 16384 --host 1 512 2>&1 | grep -v Warning | tee "$OUT/profile.txt";;
     e2e) python3 benchmarks/model_e2e.py e2e 2>&1 | grep -v Warning | tee "$OUT/e2e.txt";;
-    compile) export TRITON_CACHE_DIR=$OUT/triton_cold; rm -rf "$TRITON_CACHE_DIR" "$MOECC_CACHE_DIR.cold"
-             MOECC_CACHE_DIR=$MOECC_CACHE_DIR.cold python3 benchmarks/model_e2e.py compile-time 2>&1 | grep compile-time | sed 's/^/cold: /'
-             MOECC_CACHE_DIR=$MOECC_CACHE_DIR.cold python3 benchmarks/model_e2e.py compile-time 2>&1 | grep compile-time | sed 's/^/warm: /';;
+    compile) export TRITON_CACHE_DIR=/tmp/moecc_triton_cold; rm -rf "$TRITON_CACHE_DIR"
+             for run in cold warm; do
+               MOECC_LOGS=info timeout 200 python3 benchmarks/model_e2e.py compile-time 2>&1 \
+                 | grep -E "compile-time|capture \(|lowering|check on|recognize" | sed "s/^/$run: /" | tee -a "$OUT/compile.txt"
+             done;;
   esac
 done
