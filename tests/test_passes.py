@@ -103,3 +103,30 @@ def test_dumps_rerun(tmp_path):
         run = subprocess.run([sys.executable, stage.name], cwd=tmp_path, capture_output=True, text=True, env=env)
         assert run.returncode == 0, run.stdout + run.stderr
         assert "OK" in run.stdout
+
+
+def test_bf16_router_is_fitted_on_bf16_logits():
+    """Near-tie experts: bf16 logits round each pair together (the lower index wins), fp32 logits order it; the
+    router must still be recognized (not kept as its own ops), with logits in bf16 and no fitted scale."""
+    import transformers as tf
+    import transformers.models.qwen3_moe.modeling_qwen3_moe as qwen3
+
+    cfg = tf.Qwen3MoeConfig(hidden_size=64, moe_intermediate_size=32, num_experts=16, num_experts_per_tok=3,
+                            norm_topk_prob=True)
+    torch.manual_seed(0)
+    block = qwen3.Qwen3MoeSparseMoeBlock(cfg)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.1)
+    block = block.to(torch.bfloat16).eval()
+    with torch.no_grad():
+        w = block.gate.weight
+        for i in range(0, 16, 2):
+            w[i + 1] = w[i]
+            w[i + 1, i] += 1e-3
+    cm = moecc.compile(block, backend="torch")
+    cm(torch.randn(1, 64, 64, dtype=torch.bfloat16))
+    layer = cm.moe_layers[0]
+    assert layer.fused and layer.routing == "softmax->top3 renorm", layer.routing
+    routes = [n for n in cm._entries[-1].gm.graph.nodes if n.target is torch.ops.moecc.fused_route.default]
+    assert routes and routes[0].args[-1] is False  # logits_fp32

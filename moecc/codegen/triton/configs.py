@@ -37,15 +37,23 @@ def shared_memory_limit(device_index: int) -> int:
 @functools.cache
 def fit_shared_memory(cfg: TileConfig, elt_bytes: int, b_tiles: int, limit: int) -> TileConfig:
     """``cfg`` with fewer pipeline stages, then a shorter K step, until its tiles fit ``limit`` bytes of shared
-    memory: tiles tuned for 2-byte types need twice the room in fp32."""
+    memory: tiles tuned for 2-byte types need twice the room in fp32. The pipeliner keeps ``num_stages - 1`` tiles
+    in flight; the launch still retries smaller tiles if the compiler disagrees (``shrink``)."""
     def need(c: TileConfig) -> int:
-        return c.num_stages * (c.block_m + b_tiles * c.block_n) * c.block_k * elt_bytes
+        return (c.num_stages - 1) * (c.block_m + b_tiles * c.block_n) * c.block_k * elt_bytes
 
-    limit -= 16 * 1024  # the compiler's own scratch (layout conversions in the epilogue)
-    while need(cfg) > limit and (cfg.num_stages > 2 or cfg.block_k > 32):
-        cfg = replace(cfg, num_stages=cfg.num_stages - 1) if cfg.num_stages > 2 else replace(
-            cfg, block_k=cfg.block_k // 2)
+    while need(cfg) > limit - 8 * 1024 and (cfg.num_stages > 2 or cfg.block_k > 16):
+        cfg = shrink(cfg)
     return cfg
+
+
+def shrink(cfg: TileConfig) -> TileConfig | None:
+    """The next smaller tile: one pipeline stage less, then half the K step; None when nothing is left."""
+    if cfg.num_stages > 2:
+        return replace(cfg, num_stages=cfg.num_stages - 1)
+    if cfg.block_k > 16:
+        return replace(cfg, block_k=cfg.block_k // 2)
+    return None
 
 
 def token_bucket(tokens: int) -> int:

@@ -167,6 +167,31 @@ def _fit(cfg, t: torch.Tensor, b_tiles: int):
     return fit_shared_memory(cfg, t.element_size(), b_tiles, shared_memory_limit(index))
 
 
+def _launch(kernel, grid_of, cfg, *args, **meta):
+    """Launch with ``cfg``; a tile the compiler finds too large for shared memory is retried smaller (once per
+    tile: the smaller one is remembered)."""
+    from triton.runtime.errors import OutOfResources
+
+    from moecc.codegen.triton.configs import shrink
+
+    cfg = _SMALLER.get((kernel, cfg), cfg)
+    first = cfg
+    while True:
+        try:
+            kernel[grid_of(cfg)](*args, **meta, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                                 GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            break
+        except OutOfResources:
+            smaller = shrink(cfg)
+            if smaller is None:
+                raise
+            cfg = smaller
+    _SMALLER[(kernel, first)] = cfg
+
+
+_SMALLER: dict = {}
+
+
 def _grid(max_blocks: int, n: int, cfg) -> tuple[int]:
     # sized for the worst-case padded total, so no host sync: programs past the device-side total exit at once
     return (triton.cdiv(max_blocks, cfg.group_m) * cfg.group_m * triton.cdiv(n, cfg.block_n),)
@@ -180,13 +205,12 @@ def gemm1(x, w_up, shared_up, b_up, aligned, n_pairs: int, top_k: int, gated: bo
     inter = up_rows // 2 if gated else up_rows
     h = torch.empty((sorted_ids.numel(), inter), dtype=x.dtype, device=x.device)
     cfg = _fit(cfg, x, 2 if gated else 1)
-    _gemm1_kernel[_grid(block_expert.numel(), inter, cfg)](
+    _launch(
+        _gemm1_kernel, lambda c: _grid(block_expert.numel(), inter, c), cfg,
         x, w_up, shared_up, b_up if b_up is not None else w_up, h, sorted_ids, block_expert, total, n_pairs, top_k,
         num_routed, inter, hidden, x.stride(0), w_up.stride(0), w_up.stride(1), w_up.stride(2),
         b_up.stride(0) if b_up is not None else 0, h.stride(0), float(alpha), float(limit), GATED=gated,
-        ACT=ACT_IDS[activation], HAS_BIAS=b_up is not None, CLAMP=limit > 0, PRECISION=_precision(x.dtype),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages)
+        ACT=ACT_IDS[activation], HAS_BIAS=b_up is not None, CLAMP=limit > 0, PRECISION=_precision(x.dtype))
     return h
 
 
@@ -196,12 +220,12 @@ def gemm2(h, w_down, shared_down, b_down, weights, aligned, n_pairs: int, cfg) -
     num_routed, hidden, inter = w_down.shape
     pairs = torch.empty((n_pairs, hidden), dtype=h.dtype, device=h.device)
     cfg = _fit(cfg, h, 1)
-    _gemm2_kernel[_grid(block_expert.numel(), hidden, cfg)](
+    _launch(
+        _gemm2_kernel, lambda c: _grid(block_expert.numel(), hidden, c), cfg,
         h, w_down, shared_down, b_down if b_down is not None else w_down, pairs, weights, sorted_ids, block_expert,
         total, n_pairs, num_routed, hidden, inter, h.stride(0), w_down.stride(0), w_down.stride(1),
         w_down.stride(2), b_down.stride(0) if b_down is not None else 0, pairs.stride(0),
-        HAS_BIAS=b_down is not None, PRECISION=_precision(h.dtype), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        HAS_BIAS=b_down is not None, PRECISION=_precision(h.dtype))
     return pairs
 
 

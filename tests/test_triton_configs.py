@@ -1,0 +1,61 @@
+"""Tile configs: the tuning cache, shipped defaults, the nearest-shape fallback and the shared-memory fit."""
+
+import json
+
+import pytest
+import torch
+
+from moecc.codegen.triton import configs
+from moecc.codegen.triton.configs import TileConfig
+
+H100_SMEM = 232448  # bytes a block may opt into on an H100
+
+
+def test_token_buckets_are_powers_of_two():
+    assert [configs.token_bucket(t) for t in (0, 1, 2, 3, 64, 65, 4096, 65536)] == [1, 1, 2, 4, 64, 128, 4096,
+                                                                                   65536]
+
+
+def test_fp32_tiles_shrink_to_fit_shared_memory():
+    bf16 = TileConfig(128, 128, 64, 8, 8, 4)
+    assert configs.fit_shared_memory(bf16, 2, 2, H100_SMEM) == bf16
+    fp32 = configs.fit_shared_memory(bf16, 4, 2, H100_SMEM)
+    assert fp32.block_m == bf16.block_m and fp32.block_n == bf16.block_n and fp32 != bf16
+    assert (fp32.num_stages - 1) * (fp32.block_m + 2 * fp32.block_n) * fp32.block_k * 4 <= H100_SMEM
+    assert configs.shrink(TileConfig(16, 16, 16, 1, 1, 2)) is None
+
+
+def test_tuned_config_is_stored_found_and_shares_block_m(tmp_path, monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.setenv("MOECC_CACHE_DIR", str(tmp_path))
+    dev = "Test GPU (store)"
+    assert configs.lookup(dev, torch.float16, 4, 64, 32, 8, "gemm1") is None
+    c1, c2 = TileConfig(32, 64, 64, 4, 4, 3), TileConfig(64, 128, 32, 8, 4, 3)
+    configs.store(dev, torch.float16, 4, 64, 32, 8, "gemm1", c1)
+    configs.store(dev, torch.float16, 4, 32, 64, 8, "gemm2", c2)
+    assert configs.lookup(dev, torch.float16, 4, 64, 32, 8, "gemm1") == c1
+    table = json.loads((tmp_path / "triton_configs.json").read_text())
+    assert any("triton" in key and key.endswith("|gemm1") for key in table)
+    got1, got2 = configs.choose(dev, torch.float16, 4, 32, 64, 5, 10)
+    assert got1 == c1 and got2.block_m == c1.block_m and got2.block_n == c2.block_n
+
+
+def test_shipped_configs_cover_h100_and_h200_and_fit():
+    table = json.loads(configs.SHIPPED.read_text())
+    for device in ("NVIDIA H100 80GB HBM3", "NVIDIA H200"):
+        for shape in ("E8|N14336|K4096", "E128|N768|K2048"):
+            for bucket in (1, 8, 64, 512, 4096, 16384):
+                assert f"{device}|bfloat16|{shape}|T{bucket}|gemm1" in table
+    for key, cfg in table.items():  # tuned tiles ran, so the fit must leave them as they are
+        tile = TileConfig(**cfg)
+        assert configs.fit_shared_memory(tile, 2, 2 if key.endswith("gemm1") else 1, H100_SMEM) == tile, key
+
+
+def test_untuned_shape_takes_the_nearest_shipped_one_then_the_heuristic():
+    near = configs.nearest_shipped("NVIDIA H100 80GB HBM3", torch.bfloat16, 64, 1024, 2048, 256, "gemm1")
+    assert near is not None
+    same_family = configs.nearest_shipped("NVIDIA H800", torch.bfloat16, 64, 1024, 2048, 256, "gemm1")
+    assert same_family is not None
+    assert configs.nearest_shipped("Some Other GPU", torch.bfloat16, 64, 1024, 2048, 256, "gemm1") is None
+    c1, c2 = configs.choose("Some Other GPU", torch.bfloat16, 64, 1024, 2048, 256, 2048)
+    assert c1 == configs.heuristic(2048 / 64, torch.bfloat16, False) and c2.block_m == c1.block_m
