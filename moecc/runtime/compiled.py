@@ -58,7 +58,8 @@ def _fresh_like(inputs: list) -> list:
     out = []
     for v in inputs:
         if isinstance(v, torch.Tensor) and v.is_floating_point():
-            out.append((torch.randn(v.shape, generator=g) * (v.float().std() if v.numel() > 1 else 1.0)).to(v))
+            scale = float(v.float().std()) if v.numel() > 1 else 1.0
+            out.append((torch.randn(v.shape, generator=g) * scale).to(v))
         elif isinstance(v, torch.Tensor) and v.dtype in (torch.int64, torch.int32) and v.numel() and v.max() > 1:
             out.append(torch.randint(0, int(v.max()) + 1, v.shape, generator=g).to(v))
         else:
