@@ -5,7 +5,8 @@ Layout of an artifact folder:
 - ``manifest.json``: versions, backend, input/output specs, per-layer MoE specs with capacity formulas and the
   placement plan, the pass list, and the SHA-256 of every other file;
 - the program: ``model.onnx`` with its weights as ONNX external data (``model.onnx.data``) for ONNX Runtime,
-  or ``program.pt2`` (a ``torch.export`` ExportedProgram) for the torch and reference backends.
+  or ``program.pt2`` (a ``torch.export`` ExportedProgram, code only) with ``weights.safetensors`` for the torch,
+  reference and Triton backends; ``manifest.json`` names the device the weights are loaded to.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def export(model: nn.Module, args, path, kwargs: dict | None = None, backend: st
         step("checking against eager on fresh inputs")
         check_fresh(model, entry)
     step(f"writing the {entry.backend} program")
-    if entry.backend in ("torch", "reference"):
+    if entry.backend in TORCH_PROGRAM_BACKENDS:
         _save_torch_program(entry, folder)
     with torch.no_grad():
         reference = model(*args, **kwargs)
@@ -81,6 +82,7 @@ def export(model: nn.Module, args, path, kwargs: dict | None = None, backend: st
         "moecc_version": __version__,
         "torch_version": torch.__version__.split("+")[0],
         "backend": entry.backend,
+        "device": _device_type(entry),
         "inputs": {
             "spec": pytree.treespec_dumps(entry.in_spec),
             "tensors": [{"index": i, "dtype": str(d).replace("torch.", ""), "shape": list(s)}
@@ -116,6 +118,14 @@ class _WeightsAsInputs(nn.Module):
         return torch.func.functional_call(self.gm, dict(zip(self.names, args[:n])), args[n:])
 
 
+TORCH_PROGRAM_BACKENDS = ("torch", "reference", "triton")  # written as program.pt2 + weights.safetensors
+
+
+def _device_type(entry) -> str:
+    devices = {entry.example_inputs[i].device.type for i in entry.tensor_pos}
+    return "cuda" if "cuda" in devices else "cpu"
+
+
 def _save_torch_program(entry, folder: Path) -> None:
     from safetensors.torch import save_file
 
@@ -134,15 +144,22 @@ def _save_torch_program(entry, folder: Path) -> None:
               metadata={"order": json.dumps(names)})
 
 
-def _load_torch_program(folder: Path):
+def _load_torch_program(folder: Path, backend: str, device: str):
     from safetensors import safe_open
     from safetensors.torch import load_file
 
     import moecc.codegen.torch.moe  # noqa: F401 - registers the ops the program calls
 
+    if backend == "triton":
+        from moecc.codegen.triton import available
+
+        ok, why = available()
+        if not ok:
+            raise ArtifactError(f"{folder} holds a Triton program, which cannot run here: {why}")
+        import moecc.codegen.triton.moe  # noqa: F401
     with safe_open(folder / "weights.safetensors", "pt") as f:
         names = json.loads(f.metadata()["order"])
-    tensors = load_file(folder / "weights.safetensors")
+    tensors = load_file(folder / "weights.safetensors", device=device)
     weights = [tensors[n] for n in names]
     module = torch.export.load(folder / "program.pt2").module()
     return lambda *inputs: module(*weights, *inputs)
@@ -196,8 +213,17 @@ class LoadedModel:
         return _rebuild(self.manifest["outputs"]["paths"], list(outs))
 
 
-def load(path) -> LoadedModel:
-    """Load an artifact written by ``moecc.export``; raises ``moecc.ArtifactError`` when it cannot be trusted."""
+def _load_device(path: Path, exported: str, wanted: str | None) -> str:
+    device = wanted or exported
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        hint = "" if wanted else " (pass device='cpu' to run the torch program on the CPU)"
+        raise ArtifactError(f"{path} was exported on {exported} and this machine has no CUDA device{hint}")
+    return device
+
+
+def load(path, device: str | None = None) -> LoadedModel:
+    """Load an artifact written by ``moecc.export``; raises ``moecc.ArtifactError`` when it cannot be trusted.
+    Weights go to the device the model was exported on, or to ``device`` (torch and Triton programs)."""
     path = Path(path)
     if not path.exists():
         raise ArtifactError(f"no moecc artifact at {path}")
@@ -233,8 +259,8 @@ def load(path) -> LoadedModel:
         from moecc.codegen.onnx.lower import OrtModule
 
         program = OrtModule(os.fspath(folder / "model.onnx"))
-    elif backend in ("torch", "reference"):
-        program = _load_torch_program(folder)
+    elif backend in TORCH_PROGRAM_BACKENDS:
+        program = _load_torch_program(folder, backend, _load_device(path, manifest.get("device", "cpu"), device))
     else:
         raise ArtifactError(f"{path} was exported for backend {backend!r}, which this moecc cannot run")
     return LoadedModel(folder, manifest, program)

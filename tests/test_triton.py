@@ -175,3 +175,38 @@ def test_fused_gemv_gating_matches_fused_route(routing, t):
     order_r, order_g = ri.argsort(-1), gi.argsort(-1)
     assert torch.equal(ri.gather(1, order_r), gi.gather(1, order_g))
     torch.testing.assert_close(gw.gather(1, order_g), rw.gather(1, order_r), rtol=1e-5, atol=1e-6)
+
+
+def test_triton_artifact_loads_in_a_fresh_process(tmp_path):
+    """A Triton program exports like the torch one (program.pt2 + weights) and loads without the model's code."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    model = make_model("mixtral").to(DEVICE)
+    def to_device(kw):
+        return {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+
+    kwargs = to_device(make_inputs("mixtral", 2, 8))
+    path = moecc.export(model, (), tmp_path / "art", kwargs=kwargs, backend="triton")
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["backend"] == "triton" and manifest["device"] == torch.device(DEVICE).type
+    fresh = to_device(make_inputs("mixtral", 3, 5, seed=7))
+    with torch.no_grad():
+        ref = model(**fresh).logits.cpu()
+    torch.save((make_inputs("mixtral", 3, 5, seed=7), ref), tmp_path / "check.pt")
+    (tmp_path / "check.py").write_text(
+        "import sys, torch, moecc\n"
+        "m = moecc.load(sys.argv[1])\n"
+        "kwargs, ref = torch.load(sys.argv[2], weights_only=False)\n"
+        f"kwargs = {{k: v.to('{DEVICE}') if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}}\n"
+        "got = m(**kwargs).logits.cpu()\n"
+        "assert 'transformers' not in sys.modules\n"
+        "print('ERR', ((got.double() - ref.double()).norm() / ref.double().norm()).item())\n")
+    env = {"PATH": "/usr/bin:/bin", **({"TRITON_INTERPRET": "1"} if DEVICE == "cpu" else {})}
+    env.update({k: v for k, v in os.environ.items() if k.startswith(("CUDA", "LD_LIBRARY", "PYTHONPATH"))})
+    run = subprocess.run([sys.executable, "check.py", str(path), "check.pt"], cwd=tmp_path, capture_output=True,
+                         text=True, env=env)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert float(run.stdout.split("ERR")[1]) < 1e-4
