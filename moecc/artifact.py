@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from moecc.errors import ArtifactError
+from moecc.runtime.cudagraphs import GraphCache, token_count
 
 log = logging.getLogger("moecc.artifact")
 
@@ -197,10 +198,18 @@ class LoadedModel:
         self.in_spec = pytree.treespec_loads(manifest["inputs"]["spec"])
         self.tensor_pos = [t["index"] for t in manifest["inputs"]["tensors"]]
         self.constants = {int(k): v for k, v in manifest["inputs"]["constants"].items()}
+        self.graphs = None
 
     @property
     def moe_layers(self) -> list[dict]:
         return self.manifest["moe_layers"]
+
+    def _use_graphs(self, tensors: list) -> bool:
+        from moecc import knobs
+
+        return (self.manifest["backend"] == "triton" and knobs.CUDA_GRAPHS.get() and bool(tensors)
+                and all(t.is_cuda for t in tensors) and not torch.is_grad_enabled()
+                and token_count(tensors) <= knobs.CUDA_GRAPH_MAX_TOKENS.get())
 
     def __call__(self, *args, **kwargs):
         flat, spec = pytree.tree_flatten((args, kwargs))
@@ -209,7 +218,13 @@ class LoadedModel:
         for i, c in self.constants.items():
             if flat[i] != c:
                 raise ValueError(f"input #{i} was the constant {c!r} at export, got {flat[i]!r}; re-export for it")
-        outs = self.program(*[flat[i] for i in self.tensor_pos])
+        tensors = [flat[i] for i in self.tensor_pos]
+        if self._use_graphs(tensors):
+            if self.graphs is None:
+                self.graphs = GraphCache(self.program)
+            outs = self.graphs(tensors)
+        else:
+            outs = self.program(*tensors)
         return _rebuild(self.manifest["outputs"]["paths"], list(outs))
 
 
