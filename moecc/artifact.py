@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from moecc.errors import ArtifactError
-from moecc.runtime.cudagraphs import GraphCache, token_count
+from moecc.runtime.cudagraphs import GraphCache, replays
 
 log = logging.getLogger("moecc.artifact")
 
@@ -204,13 +204,6 @@ class LoadedModel:
     def moe_layers(self) -> list[dict]:
         return self.manifest["moe_layers"]
 
-    def _use_graphs(self, tensors: list) -> bool:
-        from moecc import knobs
-
-        return (self.manifest["backend"] == "triton" and knobs.CUDA_GRAPHS.get() and bool(tensors)
-                and all(t.is_cuda for t in tensors) and not torch.is_grad_enabled()
-                and token_count(tensors) <= knobs.CUDA_GRAPH_MAX_TOKENS.get())
-
     def __call__(self, *args, **kwargs):
         flat, spec = pytree.tree_flatten((args, kwargs))
         if spec != self.in_spec:
@@ -219,7 +212,7 @@ class LoadedModel:
             if flat[i] != c:
                 raise ValueError(f"input #{i} was the constant {c!r} at export, got {flat[i]!r}; re-export for it")
         tensors = [flat[i] for i in self.tensor_pos]
-        if self._use_graphs(tensors):
+        if replays(self.manifest["backend"], tensors):
             if self.graphs is None:
                 self.graphs = GraphCache(self.program)
             outs = self.graphs(tensors)

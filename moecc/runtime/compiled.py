@@ -18,7 +18,7 @@ from moecc.errors import BackendError, MoeccError
 from moecc.ir import MoELayerInfo
 from moecc.passes import DumpIR, PassManager, Timing, default_pipeline
 from moecc.report import graph_summary
-from moecc.runtime.cudagraphs import GraphCache, token_count
+from moecc.runtime.cudagraphs import GraphCache, replays
 
 log = logging.getLogger("moecc.runtime")
 
@@ -90,18 +90,13 @@ class CompiledModule(nn.Module):
         if entry is None:
             entry = self._compile(args, kwargs)
         tensors = [flat[i] for i in entry.tensor_pos]
-        if self._use_graphs(entry, tensors):
+        if replays(entry.backend, tensors, self.options.get("cuda_graphs")):
             if entry.graphs is None:
                 entry.graphs = GraphCache(entry.gm)
             outs = entry.graphs(tensors)
         else:
             outs = entry.gm(*tensors)
         return pytree.tree_unflatten(list(outs), entry.out_spec)
-
-    def _use_graphs(self, entry: _Entry, tensors: list[torch.Tensor]) -> bool:
-        wanted = self.options.get("cuda_graphs", knobs.CUDA_GRAPHS.get())
-        return (wanted and entry.backend == "triton" and bool(tensors) and all(t.is_cuda for t in tensors)
-                and token_count(tensors) <= knobs.CUDA_GRAPH_MAX_TOKENS.get() and not torch.is_grad_enabled())
 
     def _compile(self, args, kwargs) -> _Entry:
         self.captures += 1

@@ -22,6 +22,14 @@ def token_count(tensors: list[torch.Tensor]) -> int:
     return max(counts) if counts else 0
 
 
+def replays(backend: str, tensors: list[torch.Tensor], enabled: bool | None = None) -> bool:
+    """Whether a call replays a CUDA graph: Triton programs on CUDA inputs, inference only, up to
+    ``MOECC_CUDA_GRAPH_MAX_TOKENS`` tokens; ``enabled`` (the ``cuda_graphs`` option) overrides the knob."""
+    wanted = knobs.CUDA_GRAPHS.get() if enabled is None else enabled
+    return (wanted and backend == "triton" and bool(tensors) and all(t.is_cuda for t in tensors)
+            and not torch.is_grad_enabled() and token_count(tensors) <= knobs.CUDA_GRAPH_MAX_TOKENS.get())
+
+
 class GraphCache:
     def __init__(self, program) -> None:
         self.program = program

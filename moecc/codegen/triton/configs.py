@@ -28,6 +28,10 @@ class TileConfig:
     num_stages: int = 3
 
 
+def device_index(t: torch.Tensor) -> int:
+    return t.device.index if t.device.index is not None else torch.cuda.current_device()
+
+
 @functools.cache
 def shared_memory_limit(device_index: int) -> int:
     props = torch.cuda.get_device_properties(device_index)
@@ -42,8 +46,8 @@ def fit_shared_memory(cfg: TileConfig, elt_bytes: int, b_tiles: int, limit: int)
     def need(c: TileConfig) -> int:
         return (c.num_stages - 1) * (c.block_m + b_tiles * c.block_n) * c.block_k * elt_bytes
 
-    while need(cfg) > limit - 8 * 1024 and (cfg.num_stages > 2 or cfg.block_k > 16):
-        cfg = shrink(cfg)
+    while need(cfg) > limit - 8 * 1024 and (smaller := shrink(cfg)) is not None:
+        cfg = smaller
     return cfg
 
 

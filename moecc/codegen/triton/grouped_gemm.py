@@ -13,6 +13,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
+
+from moecc.codegen.triton.configs import device_index, fit_shared_memory, shared_memory_limit, shrink
 
 ACT_IDS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "swiglu_oai": 4}
 
@@ -161,19 +164,12 @@ def _precision(dtype: torch.dtype) -> str:
 def _fit(cfg, t: torch.Tensor, b_tiles: int):
     if not t.is_cuda:  # the interpreter has no shared-memory limit
         return cfg
-    from moecc.codegen.triton.configs import fit_shared_memory, shared_memory_limit
-
-    index = t.device.index if t.device.index is not None else torch.cuda.current_device()
-    return fit_shared_memory(cfg, t.element_size(), b_tiles, shared_memory_limit(index))
+    return fit_shared_memory(cfg, t.element_size(), b_tiles, shared_memory_limit(device_index(t)))
 
 
 def _launch(kernel, grid_of, cfg, *args, **meta):
     """Launch with ``cfg``; a tile the compiler finds too large for shared memory is retried smaller (once per
     tile: the smaller one is remembered)."""
-    from triton.runtime.errors import OutOfResources
-
-    from moecc.codegen.triton.configs import shrink
-
     cfg = _SMALLER.get((kernel, cfg), cfg)
     first = cfg
     while True:

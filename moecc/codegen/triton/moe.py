@@ -24,8 +24,7 @@ def _device_name_of(index: int) -> str:
 
 
 def _device_name(x: Tensor) -> str:
-    return _device_name_of(x.device.index if x.device.index is not None else torch.cuda.current_device()) \
-        if x.is_cuda else "cpu"
+    return _device_name_of(configs.device_index(x)) if x.is_cuda else "cpu"
 
 
 def pick_configs(x: Tensor, num_experts: int, hidden: int, inter: int, pairs: int):
