@@ -49,3 +49,44 @@ def shared_ffn_reference(x: Tensor, w_up: Tensor, w_down: Tensor, b_up: Tensor |
     if gate is not None:
         y = torch.sigmoid(x @ gate.t().to(x.dtype)) * y
     return y
+
+
+# Expert weight layouts (the ``weight_layout`` argument of the fused MoE ops):
+# - ``oi``: canonical, w_up [E, U, H] (gate rows first when gated), w_down [E, H, I], b_up [E, U];
+# - ``io``: both weights transposed, [E, in, out];
+# - ``oi_gu``: ``oi`` with the gate and up rows of w_up (and b_up) interleaved, row 2n = gate n and row 2n+1 =
+#   up n, so that one weight tile holds the gate and up rows of the same output columns.
+WEIGHT_LAYOUTS = ("oi", "io", "oi_gu")
+
+
+def interleave_gate_up(w: Tensor) -> Tensor:
+    """[E, 2I, ...] gate-first rows (a weight or a bias) -> the same rows with gate and up interleaved."""
+    e, up_rows, *rest = w.shape
+    return w.reshape(e, 2, up_rows // 2, *rest).transpose(1, 2).reshape(w.shape).contiguous()
+
+
+def deinterleave_gate_up(w: Tensor) -> Tensor:
+    e, up_rows, *rest = w.shape
+    return w.reshape(e, up_rows // 2, 2, *rest).transpose(1, 2).reshape(w.shape)
+
+
+def to_canonical(w_up: Tensor, w_down: Tensor, b_up: Tensor | None, layout: str):
+    """(w_up, w_down, b_up) of ``layout`` as views or copies in the canonical ``oi`` layout."""
+    if layout == "io":
+        return w_up.transpose(1, 2), w_down.transpose(1, 2), b_up
+    if layout == "oi_gu":
+        return deinterleave_gate_up(w_up), w_down, None if b_up is None else deinterleave_gate_up(b_up)
+    if layout != "oi":
+        raise ValueError(f"weight_layout must be one of {WEIGHT_LAYOUTS}, got {layout!r}")
+    return w_up, w_down, b_up
+
+
+def from_canonical(w_up: Tensor, w_down: Tensor, b_up: Tensor | None, layout: str):
+    """Canonical (w_up, w_down, b_up) laid out as ``layout``, contiguous."""
+    if layout == "io":
+        return w_up.transpose(1, 2).contiguous(), w_down.transpose(1, 2).contiguous(), b_up
+    if layout == "oi_gu":
+        return interleave_gate_up(w_up), w_down, None if b_up is None else interleave_gate_up(b_up)
+    if layout != "oi":
+        raise ValueError(f"weight_layout must be one of {WEIGHT_LAYOUTS}, got {layout!r}")
+    return w_up, w_down, b_up

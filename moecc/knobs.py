@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -40,5 +41,14 @@ AUTOTUNE = Knob("MOECC_AUTOTUNE", False, bool, "tune Triton MoE tiles on first u
 CUDA_GRAPHS = Knob("MOECC_CUDA_GRAPHS", True, bool, "replay CUDA graphs for small token counts (Triton backend)")
 CUDA_GRAPH_MAX_TOKENS = Knob("MOECC_CUDA_GRAPH_MAX_TOKENS", 512, int, "largest token count that uses CUDA graphs")
 CUDA_GRAPH_MAX_GRAPHS = Knob("MOECC_CUDA_GRAPH_MAX_GRAPHS", 32, int, "CUDA graphs kept per compiled program (LRU)")
+TRITON_TMA = Knob("MOECC_TRITON_TMA", "auto", str, "large-tile grouped GEMMs read tiles through TMA descriptors: "
+                  "auto (Hopper or newer), on (wherever the tensors allow, also in the interpreter), off")
 
-ALL = (DUMP_DIR, LOGS, VERIFY, CACHE_DIR, AUTOTUNE, CUDA_GRAPHS, CUDA_GRAPH_MAX_TOKENS, CUDA_GRAPH_MAX_GRAPHS)
+ALL = (DUMP_DIR, LOGS, VERIFY, CACHE_DIR, AUTOTUNE, CUDA_GRAPHS, CUDA_GRAPH_MAX_TOKENS,
+       CUDA_GRAPH_MAX_GRAPHS, TRITON_TMA)
+
+
+def cache_dir() -> Path:
+    """``MOECC_CACHE_DIR``, else ``$XDG_CACHE_HOME/moecc`` (``~/.cache/moecc``)."""
+    root = CACHE_DIR.get() or os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "moecc")
+    return Path(root)

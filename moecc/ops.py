@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moecc.experts import expert_activation, shared_ffn_reference
+from moecc.experts import expert_activation, shared_ffn_reference, to_canonical
 from moecc.routing import apply_capacity, fused_route_reference, route_reference
 
 LIB = "moecc"
@@ -195,10 +195,9 @@ def fused_moe(
 ) -> Tensor:
     """dispatch + expert_ffn + combine in one op: x [T, H] -> y [T, H].
 
-    ``weight_layout`` is ``"oi"`` for the canonical ``[E, out, in]`` weights or ``"io"`` for ``[E, in, out]``
-    (the layout the place-experts pass may choose)."""
-    if weight_layout == "io":
-        w_up, w_down = w_up.transpose(1, 2), w_down.transpose(1, 2)
+    ``weight_layout`` is one of ``moecc.experts.WEIGHT_LAYOUTS``: ``"oi"`` for the canonical ``[E, out, in]``
+    weights, or a layout the place-experts pass may choose."""
+    w_up, w_down, b_up = to_canonical(w_up, w_down, b_up, weight_layout)
     xs, order, offsets = _dispatch_reference(x, ids, w_up.shape[0], capacity, capacity_factor, capacity_min,
                                              group_size, priority)
     ys = _expert_ffn_reference(xs, offsets, w_up, w_down, b_up, b_down, activation, gated, alpha, limit)

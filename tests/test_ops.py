@@ -5,6 +5,7 @@ from hypothesis import strategies as st
 
 import moecc  # noqa: F401
 import moecc.codegen.torch.moe  # noqa: F401
+from moecc.experts import WEIGHT_LAYOUTS, from_canonical, interleave_gate_up, to_canonical
 from moecc.routing import route_reference
 
 
@@ -98,6 +99,21 @@ def test_routing_and_dispatch_fuzz(t, e, k, mode, null, seed, score, topk_first,
     torch.testing.assert_close(torch.ops.moecc.fused_moe_torch(*args, "oi"), ref, rtol=1e-4, atol=1e-4)
     io = (x, w, ids, w_up.transpose(1, 2).contiguous(), w_down.transpose(1, 2).contiguous()) + args[5:]
     torch.testing.assert_close(torch.ops.moecc.fused_moe_torch(*io, "io"), ref, rtol=1e-4, atol=1e-4)
+    gu = (x, w, ids, interleave_gate_up(w_up)) + args[4:]
+    torch.testing.assert_close(torch.ops.moecc.fused_moe(*gu, "oi_gu"), ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(torch.ops.moecc.fused_moe_torch(*gu, "oi_gu"), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_weight_layouts_round_trip():
+    g = torch.Generator().manual_seed(1)
+    w_up, w_down, b_up = torch.randn(3, 8, 5, generator=g), torch.randn(3, 5, 4, generator=g), torch.randn(3, 8)
+    for layout in WEIGHT_LAYOUTS:
+        placed = from_canonical(w_up, w_down, b_up, layout)
+        assert all(t.is_contiguous() for t in placed)
+        for a, b in zip(to_canonical(*placed, layout), (w_up, w_down, b_up)):
+            assert torch.equal(a, b)
+    gu = interleave_gate_up(w_up)
+    assert torch.equal(gu[:, 0], w_up[:, 0]) and torch.equal(gu[:, 1], w_up[:, 4]) and torch.equal(gu[:, 7], w_up[:, 7])
 
 
 @settings(max_examples=40, deadline=None)

@@ -61,6 +61,12 @@ def test_pipeline_passes_one_by_one():
     node = next(n for n in gm.graph.nodes if n.target is OPS.fused_moe.default)
     assert r.modified and node.args[16] == "io"
     _same(model, gm, fresh)
+    r = PlaceExperts("oi_gu")(gm)  # from io: gate/up rows interleaved for one-tile GEMM 1
+    assert r.modified and node.args[16] == "oi_gu"
+    assert gm.get_parameter(node.args[3].target).shape == (6, 2 * 40, 24)  # [E, 2I, H]
+    assert gm.get_parameter(node.args[4].target).shape == (6, 24, 40)  # [E, H, I], oi
+    _same(model, gm, fresh)
+    assert not PlaceExperts("oi_gu")(gm).modified
     r = Cleanup()(gm)
     assert not any(n.op == "call_module" for n in gm.graph.nodes)
     _same(model, gm, fresh)

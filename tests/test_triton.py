@@ -7,6 +7,7 @@ import torch
 from hf_models import make_inputs, make_model
 
 import moecc
+from moecc.experts import from_canonical
 from moecc.routing import route_reference
 
 triton = pytest.importorskip("triton")
@@ -89,6 +90,30 @@ def test_fused_moe_matches_reference(case, dtype):
         assert ((got - ref).norm() / ref.norm()).item() < tol
 
 
+@pytest.mark.parametrize("case", [CASES[2], CASES[4], CASES[5], CASES[6]])
+@pytest.mark.parametrize("tma", ["off", "on"])
+def test_interleaved_layout_and_tma_kernels(case, tma, monkeypatch):
+    """The oi_gu layout (one gate+up tile in GEMM 1) on the pointer kernels, and the TMA kernels that the GPU
+    takes for large row blocks, forced on in the interpreter."""
+    monkeypatch.setenv("MOECC_TRITON_TMA", tma)
+    t, e, k, h, inter, gated, act, bias, limit = case
+    g = torch.Generator().manual_seed(t + e + 1)
+    x = torch.randn(t, h, generator=g)
+    w, ids = route_reference(torch.randn(t, e, generator=g), None, k, "softmax", False, True, 1, 1, 1.0)
+    ids[1, 0] = e  # null expert
+    u = 2 * inter if gated else inter
+    w_up, w_down = torch.randn(e, u, h, generator=g) * 0.2, torch.randn(e, h, inter, generator=g) * 0.2
+    b_up = torch.randn(e, u, generator=g) if bias else None
+    b_down = torch.randn(e, h, generator=g) if bias else None
+    tail = [act, gated, 1.702, limit, -1, 0.0, 0, 0, "token"]
+    ref = torch.ops.moecc.fused_moe(x, w, ids, w_up, w_down, b_up, b_down, *tail, "oi")
+    layout = "oi_gu" if gated else "oi"
+    placed = from_canonical(w_up, w_down, b_up, layout)
+    args = [x, w, ids, placed[0], placed[1], placed[2], b_down, *tail, layout]
+    got = fused_moe_triton(*[a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in args]).cpu()
+    assert ((got - ref).norm() / ref.norm()).item() < 1e-4
+
+
 def test_capacity_mode():
     g = torch.Generator().manual_seed(3)
     t, e, k, h, inter = 12, 4, 2, 16, 8
@@ -144,8 +169,9 @@ def test_shared_chunks_sum_to_the_shared_ffn():
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3"])
-def test_shared_experts_fold_into_the_grouped_gemm(family):
+@pytest.mark.parametrize("family,tma", [("qwen2_moe", "auto"), ("deepseek_v3", "auto"), ("deepseek_v3", "on")])
+def test_shared_experts_fold_into_the_grouped_gemm(family, tma, monkeypatch):
+    monkeypatch.setenv("MOECC_TRITON_TMA", tma)
     model = make_model(family).to(DEVICE)
     cm = moecc.compile(model, backend="triton")
     cm(**{k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in make_inputs(family, 2, 8).items()})

@@ -10,7 +10,7 @@ from moecc.errors import BackendError
 
 BACKENDS = ("auto", "torch", "reference", "onnxruntime", "triton")
 # The layout each backend's expert kernels read; the place-experts pass is told, it does not know backends.
-EXPERT_LAYOUT = {"torch": "io", "reference": "oi", "onnxruntime": "oi", "triton": "oi"}
+EXPERT_LAYOUT = {"torch": "io", "reference": "oi", "onnxruntime": "oi", "triton": "oi_gu"}
 
 
 def resolve_backend(backend: str, example: list) -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moecc.experts import expert_activation, shared_ffn_reference
+from moecc.experts import expert_activation, shared_ffn_reference, to_canonical
 from moecc.routing import fused_route_reference, route_reference
 
 
@@ -35,8 +35,7 @@ def _kept_pairs(ids: Tensor, num_experts: int, capacity: int, capacity_factor: f
 def fused_moe(x, weights, ids, w_up, w_down, b_up, b_down, activation, gated, alpha, limit, capacity,
               capacity_factor, capacity_min, group_size, priority, weight_layout):
     """Every expert on every token, then a dense combine: exact, E/k times the FLOPs of the routed form."""
-    if weight_layout == "io":
-        w_up, w_down = w_up.transpose(1, 2), w_down.transpose(1, 2)
+    w_up, w_down, b_up = to_canonical(w_up, w_down, b_up, weight_layout)
     num_experts = w_up.shape[0]
     h = torch.matmul(x.unsqueeze(0), w_up.transpose(1, 2).to(x.dtype))
     if b_up is not None:

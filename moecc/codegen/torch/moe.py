@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moecc.experts import expert_activation
+from moecc.experts import expert_activation, to_canonical
 from moecc.routing import apply_capacity
 
 
@@ -38,7 +38,8 @@ def fused_moe_torch(
     num_experts = w_up.shape[0]
     if t == 0 or k == 0:
         return torch.zeros_like(x)
-    if weight_layout == "oi":
+    if weight_layout != "io":  # these GEMMs read [E, in, out]
+        w_up, w_down, b_up = to_canonical(w_up, w_down, b_up, weight_layout)
         w_up, w_down = w_up.transpose(1, 2), w_down.transpose(1, 2)
     flat = ids.reshape(-1)
     if capacity >= 0 or capacity_factor > 0:

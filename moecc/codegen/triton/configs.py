@@ -7,7 +7,6 @@ import functools
 import json
 import logging
 import math
-import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -80,12 +79,6 @@ def heuristic(rows_per_expert: float, dtype: torch.dtype, interpret: bool) -> Ti
 SHIPPED = Path(__file__).with_name("configs.json")
 
 
-def _cache_dir() -> Path:
-    root = knobs.CACHE_DIR.get() or os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
-                                                  "moecc")
-    return Path(root)
-
-
 def _key(device_name: str, dtype: torch.dtype, e: int, n: int, k: int, bucket: int, which: str) -> str:
     import triton
 
@@ -112,7 +105,7 @@ def lookup(device_name: str, dtype, e, n, k, bucket, which) -> TileConfig | None
     """The tuned (user cache) or shipped config for exactly this key, else None; misses are remembered too."""
     key = _key(device_name, dtype, e, n, k, bucket, which)
     if key not in _memory:
-        found = _table(_cache_dir() / "triton_configs.json").get(key) or _table(SHIPPED).get(
+        found = _table(knobs.cache_dir() / "triton_configs.json").get(key) or _table(SHIPPED).get(
             _shipped_key(device_name, dtype, e, n, k, bucket, which))
         _memory[key] = TileConfig(**found) if found else None
     return _memory[key]
@@ -169,7 +162,7 @@ def store(device_name: str, dtype, e, n, k, bucket, which, cfg: TileConfig) -> N
     key = _key(device_name, dtype, e, n, k, bucket, which)
     _memory[key] = cfg
     _chosen.clear()
-    path = _cache_dir() / "triton_configs.json"
+    path = knobs.cache_dir() / "triton_configs.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     table = json.loads(path.read_text()) if path.exists() else {}
     table[key] = asdict(cfg)
@@ -188,7 +181,7 @@ CANDIDATES: dict[int, list[TileConfig]] = {m: [TileConfig(m, *rest) for rest in 
     64: [(64, 64, 8, 4, 4), (128, 64, 8, 4, 4), (128, 128, 8, 8, 3), (256, 64, 8, 8, 3), (128, 64, 16, 4, 5),
          (256, 64, 16, 8, 4)],
     128: [(128, 64, 8, 8, 4), (256, 64, 8, 8, 3), (128, 128, 8, 8, 3), (128, 64, 16, 4, 4), (256, 64, 16, 8, 4),
-          (256, 128, 8, 8, 3)],
+          (256, 128, 8, 8, 3), (128, 64, 16, 8, 4), (128, 64, 8, 8, 3)],
 }.items()}
 
 

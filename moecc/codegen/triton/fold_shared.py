@@ -12,6 +12,7 @@ import operator
 import torch
 from torch import fx
 
+from moecc.experts import interleave_gate_up
 from moecc.match import MatchResult
 
 
@@ -55,8 +56,8 @@ def match_fold(add: fx.Node) -> MatchResult[tuple[fx.Node, fx.Node]]:
         return MatchResult.fail("a capacity could drop shared experts")
     if tuple(moe.args[7:11]) != tuple(shared.args[6:10]):
         return MatchResult.fail("shared and routed experts differ in activation")
-    if moe.args[16] != "oi":
-        return MatchResult.fail("expert weights are not in the oi layout")
+    if moe.args[16] not in ("oi", "oi_gu"):
+        return MatchResult.fail(f"expert weights are in the {moe.args[16]} layout; the kernels read oi or oi_gu")
     return MatchResult.success((moe, shared))
 
 
@@ -73,6 +74,9 @@ def fold_shared_experts(gm: fx.GraphModule) -> int:
         gated = moe.args[8]
         inter = w_down.shape[2]
         s_up, s_down = chunk_shared(_attr(gm, shared.args[1]), _attr(gm, shared.args[2]), inter, gated)
+        layout = moe.args[16]
+        if layout == "oi_gu" and gated:
+            s_up = interleave_gate_up(s_up)
         if s_up.shape[1:] != w_up.shape[1:]:
             continue
         owner = gm.get_submodule(moe.args[3].target.rpartition(".")[0])
@@ -84,7 +88,7 @@ def fold_shared_experts(gm: fx.GraphModule) -> int:
             down_node = gm.graph.get_attr(f"{prefix}.shared_chunks_down")
             new = gm.graph.call_function(fused_moe_shared_triton._opoverload, (
                 moe.args[0], moe.args[1], moe.args[2], moe.args[3], moe.args[4], *moe.args[7:11], up_node, down_node,
-                shared.args[5]))
+                shared.args[5], layout))
         add.replace_all_uses_with(new)
         for n in (add, moe, shared):
             gm.graph.erase_node(n)

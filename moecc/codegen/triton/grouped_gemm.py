@@ -5,18 +5,32 @@ output columns in one program and applies the (gated) activation, biases and GPT
 GEMM 2 multiplies by the down projection, adds its bias and the routing weight, and writes each pair's row in pair
 order, so the combine that follows is a plain, deterministic sum over the k slots (no atomics).
 
+Two kernel families share those contracts. The pointer kernels load every tile with masked loads and serve small
+row blocks (decode) and GPUs before Hopper. The TMA kernels (row blocks of 64 and more, Hopper and newer; knob
+``MOECC_TRITON_TMA``) read the weight tiles, and GEMM 2's activation rows, through tensor descriptors, and read
+GEMM 1's token rows unmasked (padding rows read token 0 and are never stored). With the ``oi_gu`` weight layout,
+GEMM 1 takes the gate and up rows of its output columns as one ``[2*BLOCK_N, BLOCK_K]`` tile and one dot, and splits
+the accumulator in the epilogue: measured on an H100, 12 % faster than two dots, and GEMM 2 through TMA 24 % faster
+than through pointers (``benchmarks/gemm_variants.py``).
+
 fp32 inputs multiply in full fp32 unless torch allows TF32 (``torch.set_float32_matmul_precision``), as
 torch's own fp32 matmuls do."""
 
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
 import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
+from triton.tools.tensor_descriptor import TensorDescriptor
 
+from moecc import knobs
 from moecc.codegen.triton.configs import device_index, fit_shared_memory, shared_memory_limit, shrink
 
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 ACT_IDS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "swiglu_oai": 4}
 
 
@@ -64,40 +78,14 @@ def _expert_base(w_ptr, ws_ptr, e, num_routed, stride_we):
     return base
 
 
-@triton.jit(do_not_specialize=["n_pairs", "top_k", "num_routed"])
-def _gemm1_kernel(x_ptr, w_ptr, ws_ptr, b_ptr, h_ptr, sorted_ptr, block_expert_ptr, total_ptr,
-                  n_pairs, top_k, num_routed, N, K, stride_xm, stride_we, stride_wn, stride_wk, stride_be, stride_hm,
-                  alpha, limit,
-                  GATED: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, CLAMP: tl.constexpr,
-                  PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                  GROUP_M: tl.constexpr):
-    pid_m, pid_n, live_tile = _tile(total_ptr, N, BLOCK_M, BLOCK_N, GROUP_M)
-    if not live_tile:
-        return
-    rows, pair, live, e = _block_rows(sorted_ptr, block_expert_ptr, pid_m, n_pairs, BLOCK_M)
-    tok = (pair // top_k).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    n_ok = offs_n < N
-    a_ptrs = x_ptr + tok[:, None] * stride_xm + offs_k[None, :]
-    w_base = _expert_base(w_ptr, ws_ptr, e, num_routed, stride_we)
-    g_ptrs = w_base + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
-    acc_g = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    acc_u = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        k_ok = offs_k < K - k * BLOCK_K
-        a = tl.load(a_ptrs, mask=live[:, None] & k_ok[None, :], other=0.0)
-        wg = tl.load(g_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc_g = tl.dot(a, wg, acc_g, input_precision=PRECISION)
-        if GATED:
-            wu = tl.load(g_ptrs + N * stride_wn, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            acc_u = tl.dot(a, wu, acc_u, input_precision=PRECISION)
-        a_ptrs += BLOCK_K
-        g_ptrs += BLOCK_K * stride_wk
+@triton.jit
+def _epilogue1(acc_g, acc_u, bias_ptr, gate_row, up_offset, n_ok, alpha, limit, GATED: tl.constexpr,
+               ACT: tl.constexpr, HAS_BIAS: tl.constexpr, CLAMP: tl.constexpr):
+    """Bias (read at the weight rows' positions), GPT-OSS clamp and (gated) activation of GEMM 1's tile."""
     if HAS_BIAS:
-        acc_g += tl.load(b_ptr + e * stride_be + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        acc_g += tl.load(bias_ptr + gate_row, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         if GATED:
-            acc_u += tl.load(b_ptr + e * stride_be + N + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            acc_u += tl.load(bias_ptr + gate_row + up_offset, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if GATED:
         if CLAMP:
             acc_g = tl.minimum(acc_g, limit)
@@ -108,6 +96,47 @@ def _gemm1_kernel(x_ptr, w_ptr, ws_ptr, b_ptr, h_ptr, sorted_ptr, block_expert_p
             h = _activate(acc_g, ACT, alpha) * acc_u
     else:
         h = _activate(acc_g, ACT, alpha)
+    return h
+
+
+@triton.jit(do_not_specialize=["n_pairs", "top_k", "num_routed"])
+def _gemm1_kernel(x_ptr, w_ptr, ws_ptr, b_ptr, h_ptr, sorted_ptr, block_expert_ptr, total_ptr,
+                  n_pairs, top_k, num_routed, N, K, stride_xm, stride_we, stride_wn, stride_wk, stride_be, stride_hm,
+                  alpha, limit,
+                  GATED: tl.constexpr, INTERLEAVED: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  CLAMP: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    pid_m, pid_n, live_tile = _tile(total_ptr, N, BLOCK_M, BLOCK_N, GROUP_M)
+    if not live_tile:
+        return
+    rows, pair, live, e = _block_rows(sorted_ptr, block_expert_ptr, pid_m, n_pairs, BLOCK_M)
+    tok = (pair // top_k).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    n_ok = offs_n < N
+    a_ptrs = x_ptr + tok[:, None] * stride_xm + offs_k[None, :]
+    w_base = _expert_base(w_ptr, ws_ptr, e, num_routed, stride_we)
+    if INTERLEAVED:  # oi_gu: gate n at row 2n, up n at row 2n+1
+        gate_row = offs_n * 2
+        up_offset = 1
+    else:
+        gate_row = offs_n
+        up_offset = N
+    g_ptrs = w_base + gate_row[None, :] * stride_wn + offs_k[:, None] * stride_wk
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_ok = offs_k < K - k * BLOCK_K
+        a = tl.load(a_ptrs, mask=live[:, None] & k_ok[None, :], other=0.0)
+        wg = tl.load(g_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc_g = tl.dot(a, wg, acc_g, input_precision=PRECISION)
+        if GATED:
+            wu = tl.load(g_ptrs + up_offset * stride_wn, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            acc_u = tl.dot(a, wu, acc_u, input_precision=PRECISION)
+        a_ptrs += BLOCK_K
+        g_ptrs += BLOCK_K * stride_wk
+    h = _epilogue1(acc_g, acc_u, b_ptr + e * stride_be, gate_row, up_offset, n_ok, alpha, limit, GATED, ACT, HAS_BIAS,
+                   CLAMP)
     h_ptrs = h_ptr + rows[:, None].to(tl.int64) * stride_hm + offs_n[None, :]
     tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=live[:, None] & n_ok[None, :])
 
@@ -143,6 +172,99 @@ def _gemm2_kernel(h_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, weights_ptr, sorted_ptr,
 
 
 @triton.jit
+def _gathered_dot(x_ptr, tok, stride_xm, w_desc, w_row, K, acc, PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
+                  BLOCK_K: tl.constexpr):
+    """acc += x[tok] @ w[w_row : w_row + tile rows]^T over K: token rows gathered by pointer, weights by TMA."""
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = x_ptr + tok[:, None] * stride_xm + offs_k[None, :]
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+        else:
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < K - k * BLOCK_K, other=0.0)
+        w = w_desc.load([w_row, k * BLOCK_K])
+        acc = tl.dot(a, w.T, acc, input_precision=PRECISION)
+        a_ptrs += BLOCK_K
+    return acc
+
+
+@triton.jit(do_not_specialize=["n_pairs", "top_k", "num_routed"])
+def _gemm1_tma_kernel(w_desc, ws_desc, x_ptr, b_ptr, h_ptr, sorted_ptr, block_expert_ptr, total_ptr,
+                      n_pairs, top_k, num_routed, N, K, stride_xm, stride_be, stride_hm, alpha, limit,
+                      GATED: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, CLAMP: tl.constexpr,
+                      HAS_SHARED: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """GEMM 1 with TMA weight tiles; gated weights must be interleaved (``oi_gu``): one [2*BLOCK_N, BLOCK_K]
+    tile holds the gate and up rows of BLOCK_N output columns."""
+    pid_m, pid_n, live_tile = _tile(total_ptr, N, BLOCK_M, BLOCK_N, GROUP_M)
+    if not live_tile:
+        return
+    rows, pair, live, e = _block_rows(sorted_ptr, block_expert_ptr, pid_m, n_pairs, BLOCK_M)
+    tok = tl.where(live, pair // top_k, 0).to(tl.int64)
+    W_ROWS: tl.constexpr = 2 * BLOCK_N if GATED else BLOCK_N
+    rows_per_expert = 2 * N if GATED else N
+    acc = tl.zeros((BLOCK_M, W_ROWS), tl.float32)
+    w_row = (e * rows_per_expert + pid_n * W_ROWS).to(tl.int32)
+    if HAS_SHARED:
+        if e >= num_routed:
+            w_row = ((e - num_routed) * rows_per_expert + pid_n * W_ROWS).to(tl.int32)
+            acc = _gathered_dot(x_ptr, tok, stride_xm, ws_desc, w_row, K, acc, PRECISION, EVEN_K, BLOCK_K)
+        else:
+            acc = _gathered_dot(x_ptr, tok, stride_xm, w_desc, w_row, K, acc, PRECISION, EVEN_K, BLOCK_K)
+    else:
+        acc = _gathered_dot(x_ptr, tok, stride_xm, w_desc, w_row, K, acc, PRECISION, EVEN_K, BLOCK_K)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    if GATED:
+        acc_g, acc_u = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N, 2)))
+        h = _epilogue1(acc_g, acc_u, b_ptr + e * stride_be, offs_n * 2, 1, n_ok, alpha, limit, GATED, ACT, HAS_BIAS,
+                       CLAMP)
+    else:
+        h = _epilogue1(acc, acc, b_ptr + e * stride_be, offs_n, 0, n_ok, alpha, limit, GATED, ACT, HAS_BIAS, CLAMP)
+    h_ptrs = h_ptr + rows[:, None].to(tl.int64) * stride_hm + offs_n[None, :]
+    tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=live[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _tma_dot(a_desc, a_row, w_desc, w_row, K, acc, PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        a = a_desc.load([a_row, k * BLOCK_K])
+        w = w_desc.load([w_row, k * BLOCK_K])
+        acc = tl.dot(a, w.T, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit(do_not_specialize=["n_pairs", "num_routed"])
+def _gemm2_tma_kernel(h_desc, w_desc, ws_desc, b_ptr, out_ptr, weights_ptr, sorted_ptr, block_expert_ptr, total_ptr,
+                      n_pairs, num_routed, N, K, stride_be, stride_om,
+                      HAS_BIAS: tl.constexpr, HAS_SHARED: tl.constexpr, PRECISION: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """GEMM 2 with both operands through TMA: the aligned rows of h are contiguous. Padding rows of h were never
+    written; each only reaches its own output row, which is not stored."""
+    pid_m, pid_n, live_tile = _tile(total_ptr, N, BLOCK_M, BLOCK_N, GROUP_M)
+    if not live_tile:
+        return
+    rows, pair, live, e = _block_rows(sorted_ptr, block_expert_ptr, pid_m, n_pairs, BLOCK_M)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    w_row = (e * N + pid_n * BLOCK_N).to(tl.int32)
+    if HAS_SHARED:
+        if e >= num_routed:
+            w_row = ((e - num_routed) * N + pid_n * BLOCK_N).to(tl.int32)
+            acc = _tma_dot(h_desc, pid_m * BLOCK_M, ws_desc, w_row, K, acc, PRECISION, BLOCK_K)
+        else:
+            acc = _tma_dot(h_desc, pid_m * BLOCK_M, w_desc, w_row, K, acc, PRECISION, BLOCK_K)
+    else:
+        acc = _tma_dot(h_desc, pid_m * BLOCK_M, w_desc, w_row, K, acc, PRECISION, BLOCK_K)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + e * stride_be + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    acc = acc * tl.load(weights_ptr + pair, mask=live, other=0.0).to(tl.float32)[:, None]
+    o_ptrs = out_ptr + pair[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+    tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=live[:, None] & n_ok[None, :])
+
+
+@triton.jit
 def _combine_kernel(pairs_ptr, ids_ptr, out_ptr, num_experts, H, K: tl.constexpr, BLOCK_H: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -167,14 +289,16 @@ def _fit(cfg, t: torch.Tensor, b_tiles: int):
     return fit_shared_memory(cfg, t.element_size(), b_tiles, shared_memory_limit(device_index(t)))
 
 
-def _launch(kernel, grid_of, cfg, *args, **meta):
+def _launch(kernel, grid_of, cfg, descriptors, *args, **meta):
     """Launch with ``cfg``; a tile the compiler finds too large for shared memory is retried smaller (once per
-    tile: the smaller one is remembered)."""
+    tile: the smaller one is remembered). ``descriptors(cfg)``, when given, makes the leading TMA arguments, whose
+    block shapes follow the tile."""
     cfg = _SMALLER.get((kernel, cfg), cfg)
     first = cfg
     while True:
         try:
-            kernel[grid_of(cfg)](*args, **meta, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            lead = descriptors(cfg) if descriptors is not None else ()
+            kernel[grid_of(cfg)](*lead, *args, **meta, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                                  GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
             break
         except OutOfResources:
@@ -193,20 +317,65 @@ def _grid(max_blocks: int, n: int, cfg) -> tuple[int]:
     return (triton.cdiv(max_blocks, cfg.group_m) * cfg.group_m * triton.cdiv(n, cfg.block_n),)
 
 
+TMA_BOX = 256  # the largest tile side a TMA descriptor copies
+
+
+def _tma_ready(t: torch.Tensor) -> bool:
+    """A TMA descriptor over ``t`` viewed as [rows, last]: contiguous, 16-byte aligned base and row stride."""
+    return t.is_contiguous() and t.data_ptr() % 16 == 0 and (t.shape[-1] * t.element_size()) % 16 == 0
+
+
+@functools.cache
+def _has_tma(index: int) -> bool:
+    return torch.cuda.get_device_capability(index) >= (9, 0)
+
+
+def use_tma(cfg, *tensors: torch.Tensor) -> bool:
+    """Whether these tiles go through the TMA kernels (knob ``MOECC_TRITON_TMA``): by default on Hopper or newer
+    for row blocks of 64 and more, where the K loop is long enough to pay for the descriptors."""
+    mode = knobs.TRITON_TMA.get()
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"MOECC_TRITON_TMA must be auto, on or off, got {mode!r}")
+    if mode == "off" or not all(_tma_ready(t) for t in tensors):
+        return False
+    if mode == "on":
+        return True
+    x = tensors[0]
+    return cfg.block_m >= 64 and x.is_cuda and not INTERPRET and _has_tma(device_index(x))
+
+
+def _descriptor(w: torch.Tensor, rows: int, block_k: int) -> TensorDescriptor:
+    return TensorDescriptor.from_tensor(w.reshape(-1, w.shape[-1]), [rows, block_k])
+
+
 def gemm1(x, w_up, shared_up, b_up, aligned, n_pairs: int, top_k: int, gated: bool, activation: str, alpha: float,
-          limit: float, cfg) -> torch.Tensor:
-    """h [rows, I]: act(x[token] @ gate^T) * (x[token] @ up^T) per aligned row (``aligned`` from ``align``)."""
+          limit: float, cfg, interleaved: bool = False) -> torch.Tensor:
+    """h [rows, I]: act(x[token] @ gate^T) * (x[token] @ up^T) per aligned row (``aligned`` from ``align``).
+    ``interleaved``: gated weights (and bias) in the ``oi_gu`` layout, gate and up rows alternating."""
     sorted_ids, block_expert, total = aligned
     num_routed, up_rows, hidden = w_up.shape
     inter = up_rows // 2 if gated else up_rows
     h = torch.empty((sorted_ids.numel(), inter), dtype=x.dtype, device=x.device)
     cfg = _fit(cfg, x, 2 if gated else 1)
+    common = dict(ACT=ACT_IDS[activation], HAS_BIAS=b_up is not None, CLAMP=limit > 0, PRECISION=_precision(x.dtype))
+    bias = b_up if b_up is not None else w_up
+    tile_rows = 2 * cfg.block_n if gated else cfg.block_n
+    if (interleaved or not gated) and tile_rows <= TMA_BOX and use_tma(cfg, x, w_up, shared_up):
+        def launch(c):
+            rows = 2 * c.block_n if gated else c.block_n
+            return (_descriptor(w_up, rows, c.block_k), _descriptor(shared_up, rows, c.block_k))
+
+        _launch(_gemm1_tma_kernel, lambda c: _grid(block_expert.numel(), inter, c), cfg, launch,
+                x, bias, h, sorted_ids, block_expert, total, n_pairs, top_k, num_routed, inter, hidden, x.stride(0),
+                b_up.stride(0) if b_up is not None else 0, h.stride(0), float(alpha), float(limit), GATED=gated,
+                HAS_SHARED=shared_up is not w_up, EVEN_K=hidden % cfg.block_k == 0, **common)
+        return h
     _launch(
-        _gemm1_kernel, lambda c: _grid(block_expert.numel(), inter, c), cfg,
-        x, w_up, shared_up, b_up if b_up is not None else w_up, h, sorted_ids, block_expert, total, n_pairs, top_k,
+        _gemm1_kernel, lambda c: _grid(block_expert.numel(), inter, c), cfg, None,
+        x, w_up, shared_up, bias, h, sorted_ids, block_expert, total, n_pairs, top_k,
         num_routed, inter, hidden, x.stride(0), w_up.stride(0), w_up.stride(1), w_up.stride(2),
         b_up.stride(0) if b_up is not None else 0, h.stride(0), float(alpha), float(limit), GATED=gated,
-        ACT=ACT_IDS[activation], HAS_BIAS=b_up is not None, CLAMP=limit > 0, PRECISION=_precision(x.dtype))
+        INTERLEAVED=interleaved and gated, **common)
     return h
 
 
@@ -216,9 +385,20 @@ def gemm2(h, w_down, shared_down, b_down, weights, aligned, n_pairs: int, cfg) -
     num_routed, hidden, inter = w_down.shape
     pairs = torch.empty((n_pairs, hidden), dtype=h.dtype, device=h.device)
     cfg = _fit(cfg, h, 1)
+    bias = b_down if b_down is not None else w_down
+    if use_tma(cfg, h, w_down, shared_down):
+        def launch(c):
+            return (TensorDescriptor.from_tensor(h, [c.block_m, c.block_k]),
+                    _descriptor(w_down, c.block_n, c.block_k), _descriptor(shared_down, c.block_n, c.block_k))
+
+        _launch(_gemm2_tma_kernel, lambda c: _grid(block_expert.numel(), hidden, c), cfg, launch,
+                bias, pairs, weights, sorted_ids, block_expert, total, n_pairs, num_routed, hidden, inter,
+                b_down.stride(0) if b_down is not None else 0, pairs.stride(0), HAS_BIAS=b_down is not None,
+                HAS_SHARED=shared_down is not w_down, PRECISION=_precision(h.dtype))
+        return pairs
     _launch(
-        _gemm2_kernel, lambda c: _grid(block_expert.numel(), hidden, c), cfg,
-        h, w_down, shared_down, b_down if b_down is not None else w_down, pairs, weights, sorted_ids, block_expert,
+        _gemm2_kernel, lambda c: _grid(block_expert.numel(), hidden, c), cfg, None,
+        h, w_down, shared_down, bias, pairs, weights, sorted_ids, block_expert,
         total, n_pairs, num_routed, hidden, inter, h.stride(0), w_down.stride(0), w_down.stride(1),
         w_down.stride(2), b_down.stride(0) if b_down is not None else 0, pairs.stride(0),
         HAS_BIAS=b_down is not None, PRECISION=_precision(h.dtype))

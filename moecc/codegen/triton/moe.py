@@ -13,6 +13,7 @@ from moecc.codegen.triton import configs
 from moecc.codegen.triton.align import align
 from moecc.codegen.triton.gating import GEMV_MAX_TOKENS, fused_gating, gating
 from moecc.codegen.triton.grouped_gemm import combine, gemm1, gemm2
+from moecc.experts import to_canonical
 from moecc.routing import apply_capacity, router_logits
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -48,9 +49,10 @@ def _maybe_tune(x: Tensor, num_experts: int, hidden: int, inter: int, top_k: int
 
 
 def run_experts(x, weights, ids, w_up, w_down, b_up, b_down, activation, gated, alpha, limit, cfg1, cfg2,
-                shared_up=None, shared_down=None):
+                shared_up=None, shared_down=None, interleaved: bool = False):
     """The launches after gating: align, GEMM 1 (+activation), GEMM 2 (+weights), combine. Ids ``>= E`` address
-    ``shared_up``/``shared_down`` (same per-expert shapes and strides) when given."""
+    ``shared_up``/``shared_down`` (same per-expert shapes, strides and layout) when given. ``interleaved``: gated
+    up weights in the ``oi_gu`` layout."""
     t, k = ids.shape
     num_routed = w_up.shape[0]
     num_experts = num_routed + (0 if shared_up is None else shared_up.shape[0])
@@ -58,7 +60,7 @@ def run_experts(x, weights, ids, w_up, w_down, b_up, b_down, activation, gated, 
     aligned = align(ids, num_experts, cfg1.block_m)
     x = x.contiguous()
     h = gemm1(x, w_up, w_up if shared_up is None else shared_up, b_up, aligned, n_pairs, k, gated, activation,
-              alpha, limit, cfg1)
+              alpha, limit, cfg1, interleaved)
     pairs = gemm2(h, w_down, w_down if shared_down is None else shared_down, b_down, weights.reshape(-1), aligned,
                   n_pairs, cfg2)
     return combine(pairs, ids, num_experts)
@@ -70,12 +72,15 @@ def fused_moe_triton(
     b_down: Tensor | None, activation: str, gated: bool, alpha: float, limit: float, capacity: int,
     capacity_factor: float, capacity_min: int, group_size: int, priority: str, weight_layout: str,
 ) -> Tensor:
-    """Same contract as ``moecc::fused_moe``; weights must be in the ``oi`` layout ([E, out, in], contiguous)."""
+    """Same contract as ``moecc::fused_moe``. The kernels read ``oi`` or ``oi_gu`` weights (contiguous); other
+    layouts are converted on every call, which the place-experts pass avoids."""
     t, k = ids.shape
     if t == 0 or k == 0:
         return torch.zeros_like(x)
-    if weight_layout != "oi":
-        w_up, w_down = w_up.transpose(1, 2).contiguous(), w_down.transpose(1, 2).contiguous()
+    if weight_layout not in ("oi", "oi_gu"):
+        w_up, w_down, b_up = (None if w is None else w.contiguous() for w in to_canonical(w_up, w_down, b_up,
+                                                                                           weight_layout))
+        weight_layout = "oi"
     if capacity >= 0 or capacity_factor > 0:
         ids = apply_capacity(ids, w_up.shape[0], capacity, capacity_factor, capacity_min, group_size, priority)
     num_experts, up_rows, hidden = w_up.shape
@@ -83,7 +88,8 @@ def fused_moe_triton(
     _maybe_tune(x, num_experts, hidden, inter, k, gated)
     cfg1, cfg2 = pick_configs(x, num_experts, hidden, inter, t * k)
     return run_experts(x, weights.float().contiguous(), ids.contiguous(), w_up.to(x.dtype), w_down.to(x.dtype),
-                       b_up, b_down, activation, gated, alpha, limit, cfg1, cfg2)
+                       b_up, b_down, activation, gated, alpha, limit, cfg1, cfg2,
+                       interleaved=weight_layout == "oi_gu")
 
 
 @fused_moe_triton.register_fake
@@ -116,10 +122,12 @@ def _fused_route_triton_fake(x, router_weight, router_bias, selection_bias, top_
 def fused_moe_shared_triton(
     x: Tensor, weights: Tensor, ids: Tensor, w_up: Tensor, w_down: Tensor, activation: str, gated: bool,
     alpha: float, limit: float, shared_up: Tensor, shared_down: Tensor, shared_gate: Tensor | None,
+    weight_layout: str,
 ) -> Tensor:
     """Dropless routed experts plus shared experts in one grouped GEMM: the shared FFN, split into ``m`` chunks of
     the routed intermediate size (``shared_up [m, U, H]``, ``shared_down [m, H, I]``), joins every token as
-    always-selected experts ``E .. E+m-1`` with weight 1, or ``sigmoid(x @ shared_gate^T)`` when gated."""
+    always-selected experts ``E .. E+m-1`` with weight 1, or ``sigmoid(x @ shared_gate^T)`` when gated. Routed and
+    shared weights share ``weight_layout``, ``oi`` or ``oi_gu``."""
     t, k = ids.shape
     if t == 0:
         return torch.zeros_like(x)
@@ -133,7 +141,7 @@ def fused_moe_shared_triton(
     cfg1, cfg2 = pick_configs(x, num_routed + m, hidden, inter, t * (k + m))
     return run_experts(x, all_w.contiguous(), all_ids.contiguous(), w_up.to(x.dtype), w_down.to(x.dtype), None,
                        None, activation, gated, alpha, limit, cfg1, cfg2, shared_up.to(x.dtype),
-                       shared_down.to(x.dtype))
+                       shared_down.to(x.dtype), interleaved=weight_layout == "oi_gu")
 
 
 @fused_moe_shared_triton.register_fake

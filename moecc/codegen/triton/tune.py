@@ -46,6 +46,7 @@ def tune_shape(num_experts: int, hidden: int, inter: int, top_k: int, tokens: in
     x = torch.randn(tokens, hidden, device=dev, dtype=dtype, generator=g)
     w, ids = torch.topk(torch.softmax(torch.randn(tokens, num_experts, device=dev, generator=g), -1), top_k, -1)
     w = (w / w.sum(-1, keepdim=True)).float().reshape(-1)
+    # the layout the triton lowering places (oi_gu when gated), so that the tiles are timed on the kernels they pick
     w_up = torch.randn(num_experts, 2 * inter if gated else inter, hidden, device=dev, dtype=dtype, generator=g) * 0.02
     w_down = torch.randn(num_experts, hidden, inter, device=dev, dtype=dtype, generator=g) * 0.02
     n_pairs = ids.numel()
@@ -53,8 +54,8 @@ def tune_shape(num_experts: int, hidden: int, inter: int, top_k: int, tokens: in
     for block_m in configs.block_m_candidates(n_pairs / num_experts):
         aligned = align(ids, num_experts, block_m)
         c1, ms1 = _fastest(lambda cfg, al=aligned: gemm1(x, w_up, w_up, None, al, n_pairs, top_k, gated, "silu", 1.0,
-                                                         0.0, cfg), configs.CANDIDATES[block_m], progress)
-        h = gemm1(x, w_up, w_up, None, aligned, n_pairs, top_k, gated, "silu", 1.0, 0.0, c1)
+                                                         0.0, cfg, gated), configs.CANDIDATES[block_m], progress)
+        h = gemm1(x, w_up, w_up, None, aligned, n_pairs, top_k, gated, "silu", 1.0, 0.0, c1, gated)
         c2, ms2 = _fastest(lambda cfg, h=h, al=aligned: gemm2(h, w_down, w_down, None, w, al, n_pairs, cfg),
                            configs.CANDIDATES[block_m], progress)
         log.info("E%d H%d I%d T%d block_m %d: %.3f + %.3f ms", num_experts, hidden, inter, tokens, block_m, ms1, ms2)
