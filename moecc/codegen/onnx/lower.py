@@ -20,6 +20,7 @@ from moecc.codegen.onnx.ort_moe import (
 )
 from moecc.codegen.onnx.quant import quantize
 from moecc.errors import BackendError
+from moecc.experts import to_canonical
 from moecc.match import MatchResult
 from moecc.passes.base import layers_of
 
@@ -66,10 +67,9 @@ def _param(gm: fx.GraphModule, node) -> torch.Tensor | None:
 
 
 def _canonical(gm, moe):
-    w_up, w_down = _param(gm, moe.args[3]), _param(gm, moe.args[4])
-    if moe.args[16] == "io":
-        w_up, w_down = w_up.transpose(1, 2), w_down.transpose(1, 2)
-    return w_up, w_down, _param(gm, moe.args[5]), _param(gm, moe.args[6])
+    w_up, w_down, b_up = to_canonical(_param(gm, moe.args[3]), _param(gm, moe.args[4]), _param(gm, moe.args[5]),
+                                      moe.args[16])
+    return w_up, w_down, b_up, _param(gm, moe.args[6])
 
 
 def use_ort_moe(gm: fx.GraphModule, quant=None) -> dict[str, str]:
