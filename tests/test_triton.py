@@ -154,6 +154,22 @@ def test_bf16_on_gpu():
     assert ((got - ref).norm() / ref.norm()).item() < 1e-2
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (8.5 minutes in the interpreter)")
+def test_64k_tokens_on_gpu():
+    """The largest token count the issue names, on the large-tile (TMA on Hopper) kernels, in bf16."""
+    g = torch.Generator().manual_seed(2)
+    t, e, k, h, inter = 65536, 8, 2, 1024, 512
+    x = torch.randn(t, h, generator=g).cuda()
+    w, ids = route_reference(torch.randn(t, e, generator=g).cuda(), None, k, "softmax", False, True, 1, 1, 1.0)
+    w_up = torch.randn(e, 2 * inter, h, generator=g).cuda() * 0.05
+    w_down = torch.randn(e, h, inter, generator=g).cuda() * 0.05
+    tail = [None, None, "silu", True, 1.0, 0.0, -1, 0.0, 0, 0, "token"]
+    ref = torch.ops.moecc.fused_moe_torch(x, w, ids, w_up, w_down, *tail, "oi")
+    placed = from_canonical(w_up.bfloat16(), w_down.bfloat16(), None, "oi_gu")
+    got = fused_moe_triton(x.bfloat16(), w, ids, placed[0], placed[1], *tail, "oi_gu").float()
+    assert ((got - ref).norm() / ref.norm()).item() < 1e-2
+
+
 def test_shared_chunks_sum_to_the_shared_ffn():
     from moecc.codegen.triton.fold_shared import chunk_shared
 
