@@ -113,7 +113,7 @@ def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def bench_cuda(shapes, tokens, with_compile):
+def bench_cuda(shapes, tokens, with_compile, copy_expert_weights=False):
     dtype = torch.bfloat16
     bw, peak = roofline()
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton "
@@ -125,8 +125,8 @@ def bench_cuda(shapes, tokens, with_compile):
     rows = []
     for shape in shapes:
         block, cfg = make_block(shape, "cuda", dtype)
-        cm = moecc.compile(block, backend="triton", verify=False)
-        cm_torch = moecc.compile(block, backend="torch", verify=False)
+        cm = moecc.compile(block, backend="triton", verify=False, copy_expert_weights=copy_expert_weights)
+        cm_torch = moecc.compile(block, backend="torch", verify=False, copy_expert_weights=copy_expert_weights)
         compiled, graphs = None, None
         if with_compile:
             set_impl(block, "grouped_mm")
@@ -200,10 +200,12 @@ def main():
     ap.add_argument("--shapes", nargs="+")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
     ap.add_argument("--json", help="write the rows here")
+    ap.add_argument("--copy-expert-weights", action="store_true",
+                    help="let moecc re-lay out a copy of the block's expert weights (see moecc.compile)")
     a = ap.parse_args()
     if torch.cuda.is_available():
         rows = bench_cuda(a.shapes or ["mixtral", "qwen3_moe"], a.tokens or [1, 8, 64, 512, 4096, 16384],
-                          not a.no_compile)
+                          not a.no_compile, a.copy_expert_weights)
         if a.json:
             with open(a.json, "w") as f:
                 json.dump(rows, f, indent=1)

@@ -9,7 +9,8 @@ from moecc.codegen.lower import BACKENDS
 from moecc.runtime.compiled import CompiledModule
 
 OPTIONS = {"fuse": bool, "verify": bool, "quantize": (str, type(None)), "quant_block_size": int,
-           "quant_int8_activations": bool, "cuda_graphs": bool}
+           "quant_int8_activations": bool, "cuda_graphs": bool,
+           "copy_expert_weights": (bool, type(None))}
 
 
 def compile(model: nn.Module, backend: str = "auto", dump_dir: str | None = None, **options) -> CompiledModule:  # noqa: A001
@@ -22,7 +23,11 @@ def compile(model: nn.Module, backend: str = "auto", dump_dir: str | None = None
     ``quantize="int8"|"int4"`` (onnxruntime only, opt-in) stores expert weights quantized, per output channel or
     per ``quant_block_size`` input features; ``quant_int8_activations=True`` also rounds activations to int8 (much
     faster on CPU, less exact); ``cuda_graphs=False`` turns off the Triton backend's CUDA graphs for small token
-    counts (on by default; they replay under ``torch.no_grad()``)."""
+    counts (on by default; they replay under ``torch.no_grad()``). ``copy_expert_weights``: whether the
+    place-experts pass may re-lay out a copy of expert weights that the model still holds (the Triton backend's
+    interleaved gate/up layout, the torch backend's transposed one; a few percent faster at large token counts),
+    which doubles the experts' memory while the model lives: ``None`` (default) when the copies take at most a
+    quarter of the device's free memory, ``True`` always, ``False`` never."""
     _check_args(model, backend, dump_dir, options)
     logs.configure()
     dump_dir = str(dump_dir) if dump_dir is not None else knobs.DUMP_DIR.get()

@@ -91,10 +91,10 @@ def test_fused_moe_matches_reference(case, dtype):
 
 
 @pytest.mark.parametrize("case", [CASES[2], CASES[4], CASES[5], CASES[6]])
-@pytest.mark.parametrize("tma", ["off", "on"])
-def test_interleaved_layout_and_tma_kernels(case, tma, monkeypatch):
+@pytest.mark.parametrize("tma,layout", [("off", "oi_gu"), ("on", "oi_gu"), ("on", "oi")])
+def test_interleaved_layout_and_tma_kernels(case, tma, layout, monkeypatch):
     """The oi_gu layout (one gate+up tile in GEMM 1) on the pointer kernels, and the TMA kernels that the GPU
-    takes for large row blocks, forced on in the interpreter."""
+    takes for large row blocks (forced on in the interpreter) on both layouts."""
     monkeypatch.setenv("MOECC_TRITON_TMA", tma)
     t, e, k, h, inter, gated, act, bias, limit = case
     g = torch.Generator().manual_seed(t + e + 1)
@@ -107,7 +107,7 @@ def test_interleaved_layout_and_tma_kernels(case, tma, monkeypatch):
     b_down = torch.randn(e, h, generator=g) if bias else None
     tail = [act, gated, 1.702, limit, -1, 0.0, 0, 0, "token"]
     ref = torch.ops.moecc.fused_moe(x, w, ids, w_up, w_down, b_up, b_down, *tail, "oi")
-    layout = "oi_gu" if gated else "oi"
+    layout = layout if gated else "oi"
     placed = from_canonical(w_up, w_down, b_up, layout)
     args = [x, w, ids, placed[0], placed[1], placed[2], b_down, *tail, layout]
     got = fused_moe_triton(*[a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in args]).cpu()
@@ -136,6 +136,23 @@ def test_whole_model_on_triton_backend(family):
     fresh = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in make_inputs(family, 3, 5, 1).items()}
     ref, got = model(**fresh).logits, cm(**fresh).logits
     assert ((got - ref).norm() / ref.norm()).item() < 1e-4
+
+
+def test_model_weights_are_copied_only_when_allowed_and_cheap(monkeypatch):
+    """HF Mixtral's stacked experts are the canonical weights themselves: the interleaved layout is a second copy
+    of them. By default it is made only when it takes at most a quarter of the free memory."""
+    import moecc.passes.place_experts as place
+
+    model = make_model("mixtral").to(DEVICE)
+    inputs = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in make_inputs("mixtral", 2, 8).items()}
+    ref = model(**inputs).logits
+    free = place._free_bytes
+    for copy, free_bytes, layout in ((False, None, "oi"), (True, 0, "oi_gu"), (None, None, "oi_gu"), (None, 1, "oi")):
+        monkeypatch.setattr(place, "_free_bytes", free if free_bytes is None else lambda device, b=free_bytes: b)
+        cm = moecc.compile(model, backend="triton", copy_expert_weights=copy)
+        got = cm(**inputs).logits
+        assert {layer.placement["layout"] for layer in cm.moe_layers} == {layout}
+        assert ((got - ref).norm() / ref.norm()).item() < 1e-4
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -9,8 +9,9 @@ from moecc.passes.recognize import Recognize
 from moecc.passes.specialize_capacity import SpecializeCapacity
 
 
-def default_pipeline(expert_layout: str = "oi"):
-    return [Recognize(), FuseGating(), FuseExperts(), SpecializeCapacity(), PlaceExperts(expert_layout), Cleanup()]
+def default_pipeline(expert_layout: str = "oi", copy_expert_weights: bool | None = None):
+    return [Recognize(), FuseGating(), FuseExperts(), SpecializeCapacity(),
+            PlaceExperts(expert_layout, copy_expert_weights), Cleanup()]
 
 
 __all__ = ["Cleanup", "DumpIR", "FuseExperts", "FuseGating", "PassManager", "PlaceExperts", "Recognize",

@@ -2,12 +2,19 @@
 
 On one device this is a layout transform (``moecc.experts.WEIGHT_LAYOUTS``: ``oi`` ``[E, out, in]``, ``io``
 ``[E, in, out]``, ``oi_gu`` ``oi`` with gate and up rows interleaved, all contiguous); ``oi_gu`` applies to gated
-experts only, others get ``oi``. The plan names the device of every expert so that multi-device placement can
-extend it."""
+experts only, others get ``oi``.
+
+Weights that the model still holds (the canonical weights are often the model's own tensors) are re-laid out only
+as a copy, which doubles their memory while the model lives. ``copy_weights``: True always copies, False never
+does (those blocks keep their layout; every kernel reads every layout), None (default) copies when all such copies
+together take at most ``COPY_BUDGET`` of the memory free on their device, so that a small model gets the faster
+layout and a large one keeps its headroom. The plan names the device of every expert so that multi-device
+placement can extend it."""
 
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 from torch import fx
@@ -25,26 +32,54 @@ GATE_UP = {"oi": "concatenated, gate first", "io": "concatenated, gate first", "
 class PlaceExperts(MoePass):
     name = "place_experts"
 
-    def __init__(self, layout: str = "oi") -> None:
+    def __init__(self, layout: str = "oi", copy_weights: bool | None = None) -> None:
         super().__init__()
         if layout not in LAYOUTS:
             raise ValueError(f"expert_layout must be one of {LAYOUTS}, got {layout!r}")
         self.layout = layout
+        self.copy_weights = copy_weights
+        self._why_not = ""
+
+    def _wanted(self, node: fx.Node) -> str:
+        return self.layout if self.layout != "oi_gu" or node.args[8] else "oi"  # interleaving needs a gate
+
+    def _allow_copies(self, gm: fx.GraphModule) -> bool:
+        if self.copy_weights is not None:
+            self._why_not = "copy_expert_weights=False"
+            return self.copy_weights
+        need: dict[torch.device, int] = {}
+        for node in nodes_calling(gm, torch.ops.moecc.fused_moe.default):
+            attrs = [n for n in node.args[3:7] if isinstance(n, fx.Node) and n.op == "get_attr"]
+            if len(attrs) >= 2 and node.args[16] != self._wanted(node) and _shared(gm, attrs[:2]):
+                for n in attrs:
+                    t = _attr(gm, n)
+                    need[t.device] = need.get(t.device, 0) + t.numel() * t.element_size()
+        short = {d: b for d, b in need.items() if b > COPY_BUDGET * _free_bytes(d)}
+        if short:
+            device, size = next(iter(short.items()))
+            self._why_not = (f"the copies would take {size / 2**30:.1f} GiB, more than {COPY_BUDGET:.0%} of the free "
+                             f"memory on {device}; copy_expert_weights=True forces them")
+        return not short
 
     def run(self, gm: fx.GraphModule) -> PassResult:
         modified, plans, kept = False, {}, []
         prefixes = {info.graph_prefix: info for info in layers_of(gm).values()}
+        copies = self._allow_copies(gm)
         for node in nodes_calling(gm, torch.ops.moecc.fused_moe.default):
             w_up_node, w_down_node, b_up_node, current = node.args[3], node.args[4], node.args[5], node.args[16]
             if w_up_node.op != "get_attr" or w_down_node.op != "get_attr":
                 kept.append(f"{node.name}: expert weights are computed in the graph, not parameters; left as they are")
                 continue
-            wanted = self.layout if self.layout != "oi_gu" or node.args[8] else "oi"
+            wanted = self._wanted(node)
             if wanted == "oi_gu" and b_up_node is not None and b_up_node.op != "get_attr":
                 kept.append(f"{node.name}: the up-projection bias is computed in the graph; gate/up kept apart (oi)")
                 wanted = "oi"
             prefix = w_up_node.target.rsplit(".", 1)[0]
             w_up = gm.get_parameter(w_up_node.target)
+            if current != wanted and not copies and _shared(gm, (w_up_node, w_down_node)):
+                kept.append(f"{node.name}: expert weights are the model's own tensors; kept {current} rather than "
+                            f"a {wanted} copy ({self._why_not})")
+                wanted = current
             if current != wanted:
                 attrs = (w_up_node, w_down_node, b_up_node if wanted == "oi_gu" or current == "oi_gu" else None)
                 tensors = [None if n is None else _attr(gm, n).detach() for n in attrs]
@@ -76,6 +111,27 @@ class PlaceExperts(MoePass):
         if modified:
             gm.recompile()
         return PassResult(gm, modified)
+
+
+COPY_BUDGET = 0.25  # the share of a device's free memory that automatic copies of expert weights may take
+
+
+def _free_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def _shared(gm: fx.GraphModule, nodes) -> bool:
+    """Whether any of these weights shares storage with another tensor of the graph module (the model's own
+    weights, still held by the original block until cleanup)."""
+    targets = {n.target for n in nodes}
+    storages = {_attr(gm, n).untyped_storage().data_ptr() for n in nodes}
+    tensors = list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False))
+    return any(name not in targets and t.untyped_storage().data_ptr() in storages for name, t in tensors)
 
 
 def _attr(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:

@@ -139,7 +139,8 @@ def build(model: nn.Module, args, kwargs, backend: str, options: dict, dump_fold
     if dump_folder is not None:
         instruments.append(DumpIR(dump_folder, cap.tensor_inputs, cap.flat_reference, timing))
     requested, backend = backend, resolve_backend(backend, cap.flat_inputs)
-    manager = PassManager(default_pipeline(EXPERT_LAYOUT[backend]), instruments, repro_dir=dump_folder)
+    pipeline = default_pipeline(EXPERT_LAYOUT[backend], options.get("copy_expert_weights"))
+    manager = PassManager(pipeline, instruments, repro_dir=dump_folder)
     gm = manager(cap.gm).graph_module
     layers = gm.meta.get("moecc_layers", {})
     graph = graph_summary(gm)

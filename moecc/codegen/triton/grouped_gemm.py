@@ -10,8 +10,9 @@ row blocks (decode) and GPUs before Hopper. The TMA kernels (row blocks of 64 an
 ``MOECC_TRITON_TMA``) read the weight tiles, and GEMM 2's activation rows, through tensor descriptors, and read
 GEMM 1's token rows unmasked (padding rows read token 0 and are never stored). With the ``oi_gu`` weight layout,
 GEMM 1 takes the gate and up rows of its output columns as one ``[2*BLOCK_N, BLOCK_K]`` tile and one dot, and splits
-the accumulator in the epilogue: measured on an H100, 12 % faster than two dots, and GEMM 2 through TMA 24 % faster
-than through pointers (``benchmarks/gemm_variants.py``).
+the accumulator in the epilogue; with ``oi`` it takes two tiles and two dots. Measured on an H100 at Mixtral
+T=4096 (``benchmarks/gemm_variants.py``): GEMM 1 3.6 ms through pointers, 3.46 through TMA (``oi``), 3.24 through
+TMA (``oi_gu``); GEMM 2 1.92 through pointers, 1.48–1.60 through TMA.
 
 fp32 inputs multiply in full fp32 unless torch allows TF32 (``torch.set_float32_matmul_precision``), as
 torch's own fp32 matmuls do."""
@@ -188,38 +189,87 @@ def _gathered_dot(x_ptr, tok, stride_xm, w_desc, w_row, K, acc, PRECISION: tl.co
     return acc
 
 
+@triton.jit
+def _gathered_dot_apart(x_ptr, tok, stride_xm, w_desc, gate_row, up_row, K, acc_g, acc_u, PRECISION: tl.constexpr,
+                        EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``_gathered_dot`` for gate and up rows stored apart (``oi``): two weight tiles, two dots per K step."""
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = x_ptr + tok[:, None] * stride_xm + offs_k[None, :]
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+        else:
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < K - k * BLOCK_K, other=0.0)
+        wg = w_desc.load([gate_row, k * BLOCK_K])
+        wu = w_desc.load([up_row, k * BLOCK_K])
+        acc_g = tl.dot(a, wg.T, acc_g, input_precision=PRECISION)
+        acc_u = tl.dot(a, wu.T, acc_u, input_precision=PRECISION)
+        a_ptrs += BLOCK_K
+    return acc_g, acc_u
+
+
+@triton.jit
+def _gate_up_dot(x_ptr, tok, stride_xm, w_desc, expert, pid_n, N, K, INTERLEAVED: tl.constexpr,
+                 PRECISION: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+    """(gate, up) accumulators of expert ``expert`` for BLOCK_N output columns: one [2*BLOCK_N, BLOCK_K] tile and
+    one dot when interleaved (``oi_gu``), two tiles and two dots when stored apart (``oi``)."""
+    if INTERLEAVED:
+        acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), tl.float32)
+        row = (expert * 2 * N + pid_n * 2 * BLOCK_N).to(tl.int32)
+        acc = _gathered_dot(x_ptr, tok, stride_xm, w_desc, row, K, acc, PRECISION, EVEN_K, BLOCK_K)
+        acc_g, acc_u = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N, 2)))
+    else:
+        acc_g = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        acc_u = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        row = (expert * 2 * N + pid_n * BLOCK_N).to(tl.int32)
+        acc_g, acc_u = _gathered_dot_apart(x_ptr, tok, stride_xm, w_desc, row, row + N, K, acc_g, acc_u, PRECISION,
+                                           EVEN_K, BLOCK_K)
+    return acc_g, acc_u
+
+
 @triton.jit(do_not_specialize=["n_pairs", "top_k", "num_routed"])
 def _gemm1_tma_kernel(w_desc, ws_desc, x_ptr, b_ptr, h_ptr, sorted_ptr, block_expert_ptr, total_ptr,
                       n_pairs, top_k, num_routed, N, K, stride_xm, stride_be, stride_hm, alpha, limit,
-                      GATED: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, CLAMP: tl.constexpr,
-                      HAS_SHARED: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
+                      GATED: tl.constexpr, INTERLEAVED: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      CLAMP: tl.constexpr, HAS_SHARED: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    """GEMM 1 with TMA weight tiles; gated weights must be interleaved (``oi_gu``): one [2*BLOCK_N, BLOCK_K]
-    tile holds the gate and up rows of BLOCK_N output columns."""
+    """GEMM 1 with TMA weight tiles (``_gate_up_dot`` for gated experts, in either layout)."""
     pid_m, pid_n, live_tile = _tile(total_ptr, N, BLOCK_M, BLOCK_N, GROUP_M)
     if not live_tile:
         return
     rows, pair, live, e = _block_rows(sorted_ptr, block_expert_ptr, pid_m, n_pairs, BLOCK_M)
     tok = tl.where(live, pair // top_k, 0).to(tl.int64)
-    W_ROWS: tl.constexpr = 2 * BLOCK_N if GATED else BLOCK_N
-    rows_per_expert = 2 * N if GATED else N
-    acc = tl.zeros((BLOCK_M, W_ROWS), tl.float32)
-    w_row = (e * rows_per_expert + pid_n * W_ROWS).to(tl.int32)
-    if HAS_SHARED:
-        if e >= num_routed:
-            w_row = ((e - num_routed) * rows_per_expert + pid_n * W_ROWS).to(tl.int32)
-            acc = _gathered_dot(x_ptr, tok, stride_xm, ws_desc, w_row, K, acc, PRECISION, EVEN_K, BLOCK_K)
-        else:
-            acc = _gathered_dot(x_ptr, tok, stride_xm, w_desc, w_row, K, acc, PRECISION, EVEN_K, BLOCK_K)
-    else:
-        acc = _gathered_dot(x_ptr, tok, stride_xm, w_desc, w_row, K, acc, PRECISION, EVEN_K, BLOCK_K)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     if GATED:
-        acc_g, acc_u = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N, 2)))
-        h = _epilogue1(acc_g, acc_u, b_ptr + e * stride_be, offs_n * 2, 1, n_ok, alpha, limit, GATED, ACT, HAS_BIAS,
-                       CLAMP)
+        if HAS_SHARED:
+            if e >= num_routed:
+                acc_g, acc_u = _gate_up_dot(x_ptr, tok, stride_xm, ws_desc, e - num_routed, pid_n, N, K, INTERLEAVED,
+                                            PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K)
+            else:
+                acc_g, acc_u = _gate_up_dot(x_ptr, tok, stride_xm, w_desc, e, pid_n, N, K, INTERLEAVED, PRECISION,
+                                            EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K)
+        else:
+            acc_g, acc_u = _gate_up_dot(x_ptr, tok, stride_xm, w_desc, e, pid_n, N, K, INTERLEAVED, PRECISION, EVEN_K,
+                                        BLOCK_M, BLOCK_N, BLOCK_K)
+        if INTERLEAVED:
+            h = _epilogue1(acc_g, acc_u, b_ptr + e * stride_be, offs_n * 2, 1, n_ok, alpha, limit, GATED, ACT,
+                           HAS_BIAS, CLAMP)
+        else:
+            h = _epilogue1(acc_g, acc_u, b_ptr + e * stride_be, offs_n, N, n_ok, alpha, limit, GATED, ACT, HAS_BIAS,
+                           CLAMP)
     else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        w_row = (e * N + pid_n * BLOCK_N).to(tl.int32)
+        if HAS_SHARED:
+            if e >= num_routed:
+                w_row = ((e - num_routed) * N + pid_n * BLOCK_N).to(tl.int32)
+                acc = _gathered_dot(x_ptr, tok, stride_xm, ws_desc, w_row, K, acc, PRECISION, EVEN_K, BLOCK_K)
+            else:
+                acc = _gathered_dot(x_ptr, tok, stride_xm, w_desc, w_row, K, acc, PRECISION, EVEN_K, BLOCK_K)
+        else:
+            acc = _gathered_dot(x_ptr, tok, stride_xm, w_desc, w_row, K, acc, PRECISION, EVEN_K, BLOCK_K)
         h = _epilogue1(acc, acc, b_ptr + e * stride_be, offs_n, 0, n_ok, alpha, limit, GATED, ACT, HAS_BIAS, CLAMP)
     h_ptrs = h_ptr + rows[:, None].to(tl.int64) * stride_hm + offs_n[None, :]
     tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=live[:, None] & n_ok[None, :])
@@ -359,23 +409,23 @@ def gemm1(x, w_up, shared_up, b_up, aligned, n_pairs: int, top_k: int, gated: bo
     cfg = _fit(cfg, x, 2 if gated else 1)
     common = dict(ACT=ACT_IDS[activation], HAS_BIAS=b_up is not None, CLAMP=limit > 0, PRECISION=_precision(x.dtype))
     bias = b_up if b_up is not None else w_up
-    tile_rows = 2 * cfg.block_n if gated else cfg.block_n
-    if (interleaved or not gated) and tile_rows <= TMA_BOX and use_tma(cfg, x, w_up, shared_up):
+    interleaved = interleaved and gated
+    if (2 * cfg.block_n if interleaved else cfg.block_n) <= TMA_BOX and use_tma(cfg, x, w_up, shared_up):
         def launch(c):
-            rows = 2 * c.block_n if gated else c.block_n
+            rows = 2 * c.block_n if interleaved else c.block_n
             return (_descriptor(w_up, rows, c.block_k), _descriptor(shared_up, rows, c.block_k))
 
         _launch(_gemm1_tma_kernel, lambda c: _grid(block_expert.numel(), inter, c), cfg, launch,
                 x, bias, h, sorted_ids, block_expert, total, n_pairs, top_k, num_routed, inter, hidden, x.stride(0),
                 b_up.stride(0) if b_up is not None else 0, h.stride(0), float(alpha), float(limit), GATED=gated,
-                HAS_SHARED=shared_up is not w_up, EVEN_K=hidden % cfg.block_k == 0, **common)
+                INTERLEAVED=interleaved, HAS_SHARED=shared_up is not w_up, EVEN_K=hidden % cfg.block_k == 0, **common)
         return h
     _launch(
         _gemm1_kernel, lambda c: _grid(block_expert.numel(), inter, c), cfg, None,
         x, w_up, shared_up, bias, h, sorted_ids, block_expert, total, n_pairs, top_k,
         num_routed, inter, hidden, x.stride(0), w_up.stride(0), w_up.stride(1), w_up.stride(2),
         b_up.stride(0) if b_up is not None else 0, h.stride(0), float(alpha), float(limit), GATED=gated,
-        INTERLEAVED=interleaved and gated, **common)
+        INTERLEAVED=interleaved, **common)
     return h
 
 
