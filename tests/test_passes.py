@@ -72,6 +72,20 @@ def test_pipeline_passes_one_by_one():
     _same(model, gm, fresh)
 
 
+def test_place_experts_keeps_weights_the_model_holds():
+    model, _, cap = _captured()
+    gm = cap.gm
+    for p in (Recognize(), FuseGating(), FuseExperts(), SpecializeCapacity()):
+        p(gm)
+    node = next(n for n in gm.graph.nodes if n.target is OPS.fused_moe.default)
+    gm.register_parameter("held_by_the_model", gm.get_parameter(node.args[3].target))
+    kept = PlaceExperts("io", copy_weights=False)
+    assert not kept(gm).modified and node.args[16] == "oi" and "model's own tensors" in kept.stats["kept"][0]
+    _same(model, gm, torch.randint(0, 50, (3, 5)))
+    assert PlaceExperts("io", copy_weights=True)(gm).modified and node.args[16] == "io"
+    _same(model, gm, torch.randint(0, 50, (3, 5)))
+
+
 def test_fuse_gating_says_why_not():
     _, _, cap = _captured()
     Recognize()(cap.gm)
