@@ -6,6 +6,12 @@ import torch
 from torch import fx
 
 
+def attr_of(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
+    """The tensor a ``get_attr`` node reads."""
+    owner, _, name = node.target.rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, name)
+
+
 def nodes_calling(gm: fx.GraphModule, op) -> list[fx.Node]:
     return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is op]
 

@@ -21,7 +21,7 @@ from torch import fx
 
 from moecc.experts import WEIGHT_LAYOUTS, from_canonical, to_canonical
 from moecc.passes.base import MoePass, PassResult, layers_of
-from moecc.passes.graph_utils import nodes_calling
+from moecc.passes.graph_utils import attr_of, nodes_calling
 
 log = logging.getLogger("moecc.passes")
 
@@ -43,16 +43,16 @@ class PlaceExperts(MoePass):
     def _wanted(self, node: fx.Node) -> str:
         return self.layout if self.layout != "oi_gu" or node.args[8] else "oi"  # interleaving needs a gate
 
-    def _allow_copies(self, gm: fx.GraphModule) -> bool:
+    def _allow_copies(self, gm: fx.GraphModule, storage_names: dict[int, set[str]]) -> bool:
         if self.copy_weights is not None:
             self._why_not = "copy_expert_weights=False"
             return self.copy_weights
         need: dict[torch.device, int] = {}
         for node in nodes_calling(gm, torch.ops.moecc.fused_moe.default):
             attrs = [n for n in node.args[3:7] if isinstance(n, fx.Node) and n.op == "get_attr"]
-            if len(attrs) >= 2 and node.args[16] != self._wanted(node) and _shared(gm, attrs[:2]):
+            if len(attrs) >= 2 and node.args[16] != self._wanted(node) and _shared(gm, attrs[:2], storage_names):
                 for n in attrs:
-                    t = _attr(gm, n)
+                    t = attr_of(gm, n)
                     need[t.device] = need.get(t.device, 0) + t.numel() * t.element_size()
         short = {d: b for d, b in need.items() if b > COPY_BUDGET * _free_bytes(d)}
         if short:
@@ -64,7 +64,8 @@ class PlaceExperts(MoePass):
     def run(self, gm: fx.GraphModule) -> PassResult:
         modified, plans, kept = False, {}, []
         prefixes = {info.graph_prefix: info for info in layers_of(gm).values()}
-        copies = self._allow_copies(gm)
+        storage_names = _storage_names(gm)
+        copies = self._allow_copies(gm, storage_names)
         for node in nodes_calling(gm, torch.ops.moecc.fused_moe.default):
             w_up_node, w_down_node, b_up_node, current = node.args[3], node.args[4], node.args[5], node.args[16]
             if w_up_node.op != "get_attr" or w_down_node.op != "get_attr":
@@ -76,13 +77,13 @@ class PlaceExperts(MoePass):
                 wanted = "oi"
             prefix = w_up_node.target.rsplit(".", 1)[0]
             w_up = gm.get_parameter(w_up_node.target)
-            if current != wanted and not copies and _shared(gm, (w_up_node, w_down_node)):
+            if current != wanted and not copies and _shared(gm, (w_up_node, w_down_node), storage_names):
                 kept.append(f"{node.name}: expert weights are the model's own tensors; kept {current} rather than "
                             f"a {wanted} copy ({self._why_not})")
                 wanted = current
             if current != wanted:
                 attrs = (w_up_node, w_down_node, b_up_node if wanted == "oi_gu" or current == "oi_gu" else None)
-                tensors = [None if n is None else _attr(gm, n).detach() for n in attrs]
+                tensors = [None if n is None else attr_of(gm, n).detach() for n in attrs]
                 canonical = to_canonical(*tensors, current)
                 placed = from_canonical(*canonical, wanted)
                 for attr_node, t in zip(attrs, placed):
@@ -125,15 +126,18 @@ def _free_bytes(device: torch.device) -> int:
         return 0
 
 
-def _shared(gm: fx.GraphModule, nodes) -> bool:
+def _storage_names(gm: fx.GraphModule) -> dict[int, set[str]]:
+    """Every parameter's and buffer's name, by the storage it lives in."""
+    names: dict[int, set[str]] = {}
+    for name, t in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]:
+        names.setdefault(t.untyped_storage().data_ptr(), set()).add(name)
+    return names
+
+
+def _shared(gm: fx.GraphModule, nodes, storage_names: dict[int, set[str]]) -> bool:
     """Whether any of these weights shares storage with another tensor of the graph module (the model's own
     weights, still held by the original block until cleanup)."""
     targets = {n.target for n in nodes}
-    storages = {_attr(gm, n).untyped_storage().data_ptr() for n in nodes}
-    tensors = list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False))
-    return any(name not in targets and t.untyped_storage().data_ptr() in storages for name, t in tensors)
+    return any(storage_names.get(attr_of(gm, n).untyped_storage().data_ptr(), set()) - targets for n in nodes)
 
 
-def _attr(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
-    owner, _, name = node.target.rpartition(".")
-    return getattr(gm.get_submodule(owner) if owner else gm, name)

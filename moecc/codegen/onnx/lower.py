@@ -23,6 +23,7 @@ from moecc.errors import BackendError
 from moecc.experts import to_canonical
 from moecc.match import MatchResult
 from moecc.passes.base import layers_of
+from moecc.passes.graph_utils import attr_of
 
 log = logging.getLogger("moecc.codegen.onnx")
 PROVIDER = "CPUExecutionProvider"
@@ -60,10 +61,7 @@ def ort_form(route: fx.Node, moe: fx.Node) -> MatchResult[OrtForm]:
 
 
 def _param(gm: fx.GraphModule, node) -> torch.Tensor | None:
-    if node is None or node.op != "get_attr":
-        return None
-    owner, _, name = node.target.rpartition(".")
-    return getattr(gm.get_submodule(owner) if owner else gm, name)
+    return None if node is None or node.op != "get_attr" else attr_of(gm, node)
 
 
 def _canonical(gm, moe):

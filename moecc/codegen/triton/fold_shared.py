@@ -14,11 +14,7 @@ from torch import fx
 
 from moecc.experts import interleave_gate_up
 from moecc.match import MatchResult
-
-
-def _attr(gm, node):
-    owner, _, name = node.target.rpartition(".")
-    return getattr(gm.get_submodule(owner) if owner else gm, name)
+from moecc.passes.graph_utils import attr_of
 
 
 def chunk_shared(s_up: torch.Tensor, s_down: torch.Tensor, inter: int, gated: bool):
@@ -70,10 +66,10 @@ def fold_shared_experts(gm: fx.GraphModule) -> int:
         if not m:
             continue
         moe, shared = m.value
-        w_up, w_down = _attr(gm, moe.args[3]), _attr(gm, moe.args[4])
+        w_up, w_down = attr_of(gm, moe.args[3]), attr_of(gm, moe.args[4])
         gated = moe.args[8]
         inter = w_down.shape[2]
-        s_up, s_down = chunk_shared(_attr(gm, shared.args[1]), _attr(gm, shared.args[2]), inter, gated)
+        s_up, s_down = chunk_shared(attr_of(gm, shared.args[1]), attr_of(gm, shared.args[2]), inter, gated)
         layout = moe.args[16]
         if layout == "oi_gu" and gated:
             s_up = interleave_gate_up(s_up)

@@ -173,16 +173,21 @@ def _gemm2_kernel(h_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, weights_ptr, sorted_ptr,
 
 
 @triton.jit
+def _token_tile(a_ptrs, k, K, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The K step ``k`` of gathered token rows; padding rows point at token 0, so only the K tail is masked."""
+    if EVEN_K:
+        return tl.load(a_ptrs)
+    return tl.load(a_ptrs, mask=tl.arange(0, BLOCK_K)[None, :] < K - k * BLOCK_K, other=0.0)
+
+
+@triton.jit
 def _gathered_dot(x_ptr, tok, stride_xm, w_desc, w_row, K, acc, PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
                   BLOCK_K: tl.constexpr):
     """acc += x[tok] @ w[w_row : w_row + tile rows]^T over K: token rows gathered by pointer, weights by TMA."""
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = x_ptr + tok[:, None] * stride_xm + offs_k[None, :]
     for k in range(0, tl.cdiv(K, BLOCK_K)):
-        if EVEN_K:
-            a = tl.load(a_ptrs)
-        else:
-            a = tl.load(a_ptrs, mask=offs_k[None, :] < K - k * BLOCK_K, other=0.0)
+        a = _token_tile(a_ptrs, k, K, EVEN_K, BLOCK_K)
         w = w_desc.load([w_row, k * BLOCK_K])
         acc = tl.dot(a, w.T, acc, input_precision=PRECISION)
         a_ptrs += BLOCK_K
@@ -196,10 +201,7 @@ def _gathered_dot_apart(x_ptr, tok, stride_xm, w_desc, gate_row, up_row, K, acc_
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = x_ptr + tok[:, None] * stride_xm + offs_k[None, :]
     for k in range(0, tl.cdiv(K, BLOCK_K)):
-        if EVEN_K:
-            a = tl.load(a_ptrs)
-        else:
-            a = tl.load(a_ptrs, mask=offs_k[None, :] < K - k * BLOCK_K, other=0.0)
+        a = _token_tile(a_ptrs, k, K, EVEN_K, BLOCK_K)
         wg = w_desc.load([gate_row, k * BLOCK_K])
         wu = w_desc.load([up_row, k * BLOCK_K])
         acc_g = tl.dot(a, wg.T, acc_g, input_precision=PRECISION)
