@@ -46,7 +46,8 @@ def tune_shape(num_experts: int, hidden: int, inter: int, top_k: int, tokens: in
     x = torch.randn(tokens, hidden, device=dev, dtype=dtype, generator=g)
     w, ids = torch.topk(torch.softmax(torch.randn(tokens, num_experts, device=dev, generator=g), -1), top_k, -1)
     w = (w / w.sum(-1, keepdim=True)).float().reshape(-1)
-    # the layout the triton lowering places (oi_gu when gated), so that the tiles are timed on the kernels they pick
+    # GEMM 1 is timed on interleaved (oi_gu) weights when gated, the layout the Triton lowering places when it may
+    # copy the experts; the tiles also serve the gate-first (oi) kernels, which need the same shared memory
     w_up = torch.randn(num_experts, 2 * inter if gated else inter, hidden, device=dev, dtype=dtype, generator=g) * 0.02
     w_down = torch.randn(num_experts, hidden, inter, device=dev, dtype=dtype, generator=g) * 0.02
     n_pairs = ids.numel()
