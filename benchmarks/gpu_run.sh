@@ -22,10 +22,10 @@ PY
     bench-quick) python3 benchmarks/moe_layer.py --no-compile 2>&1 | grep -v Warning | tee "$OUT/moe_layer_quick.txt";;
     profile) python3 benchmarks/profile_layer.py --tokens 1 64 512 4096 16384 --host 1 512 2>&1 | grep -v Warning | tee "$OUT/profile.txt";;
     e2e) python3 benchmarks/model_e2e.py e2e 2>&1 | grep -v Warning | tee "$OUT/e2e.txt";;
-    compile) export TRITON_CACHE_DIR=/tmp/moecc_triton_cold; rm -rf "$TRITON_CACHE_DIR"
+    compile) export TRITON_CACHE_DIR=/tmp/moecc_triton_cold; rm -rf "$TRITON_CACHE_DIR" "$MOECC_CACHE_DIR/captures"
              for run in cold warm; do
                MOECC_LOGS=info timeout 200 python3 benchmarks/model_e2e.py compile-time 2>&1 \
-                 | grep -E "compile-time|capture \(|lowering|check on|recognize" | sed "s/^/$run: /" | tee -a "$OUT/compile.txt"
+                 | grep -E "compile-time|capture|lowering|check on|recognize" | sed "s/^/$run: /" | tee -a "$OUT/compile.txt"
              done;;
   esac
 done

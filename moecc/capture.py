@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from moecc import capture_cache, knobs
+from moecc.capture_key import fingerprint
 from moecc.discover import find_moe_blocks
 from moecc.errors import CaptureError
 
@@ -173,8 +175,22 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, fuse: bool = True) -> C
     if missing:
         log.info("MoE blocks not called by this input, left as they are: %s", ", ".join(missing))
     flat_inputs, in_spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
-    tensors = [v for v in flat_inputs if isinstance(v, torch.Tensor)]
     wrapper = _FlatCall(model, in_spec, flat_inputs)
+    flat_ref, out_spec = pytree.tree_flatten(reference)
+    key = fingerprint(model, flat_inputs, in_spec, [n for n, _ in blocks]) if knobs.CAPTURE_CACHE.get() else None
+    cached = capture_cache.load(key, model) if key else None
+    if cached is not None:
+        log.info("capture from the cache (%s)", key[:12])
+        gm, targets = cached
+    else:
+        gm, targets = _export(model, wrapper, flat_inputs, blocks, examples)
+        if key:
+            capture_cache.save(key, gm, targets, model)
+    return Captured(gm, in_spec, out_spec, targets, flat_inputs, flat_ref, wrapper.tensor_pos)
+
+
+def _export(model, wrapper: _FlatCall, flat_inputs: list, blocks, examples) -> tuple[torch.fx.GraphModule, dict]:
+    tensors = [v for v in flat_inputs if isinstance(v, torch.Tensor)]
     try:
         with _blocks_as_leaves(blocks, examples), torch.no_grad(), _quiet_export():
             ep = torch.export.export(wrapper, tuple(tensors), dynamic_shapes=(_dynamic_shapes(tensors),),
@@ -197,8 +213,7 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, fuse: bool = True) -> C
     single = {n: not isinstance(examples[n][1], (tuple, list, dict)) for n in by_name}
     targets = _leaves_to_modules(gm, by_name, single)
     gm.recompile()
-    flat_ref, out_spec = pytree.tree_flatten(reference)
-    return Captured(gm, in_spec, out_spec, targets, flat_inputs, flat_ref, wrapper.tensor_pos)
+    return gm, targets
 
 
 def _leaves_to_modules(gm: torch.fx.GraphModule, blocks: dict[str, nn.Module],

@@ -35,7 +35,10 @@ class Knob:
 DUMP_DIR = Knob("MOECC_DUMP_DIR", None, str, "folder for numbered pass dumps (off when unset)")
 LOGS = Knob("MOECC_LOGS", "warning", str, "log level of the moecc loggers: debug, info, warning, error")
 VERIFY = Knob("MOECC_VERIFY", True, bool, "after each capture, compare the compiled model with eager on fresh inputs")
-CACHE_DIR = Knob("MOECC_CACHE_DIR", None, str, "folder for persistent caches (tuning); default: user cache dir")
+CACHE_DIR = Knob("MOECC_CACHE_DIR", None, str,
+                 "folder for persistent caches (tuning, captures); default: user cache dir")
+CAPTURE_CACHE = Knob("MOECC_CAPTURE_CACHE", True, bool, "reuse a stored capture of the same model code, structure and "
+                     "example shapes instead of running torch.export again")
 
 AUTOTUNE = Knob("MOECC_AUTOTUNE", False, bool, "tune Triton MoE tiles on first use of a shape (cached on disk)")
 CUDA_GRAPHS = Knob("MOECC_CUDA_GRAPHS", True, bool, "replay CUDA graphs for small token counts (Triton backend)")
@@ -44,7 +47,7 @@ CUDA_GRAPH_MAX_GRAPHS = Knob("MOECC_CUDA_GRAPH_MAX_GRAPHS", 32, int, "CUDA graph
 TRITON_TMA = Knob("MOECC_TRITON_TMA", "auto", str, "large-tile grouped GEMMs read tiles through TMA descriptors: "
                   "auto (Hopper or newer), on (wherever the tensors allow, also in the interpreter), off")
 
-ALL = (DUMP_DIR, LOGS, VERIFY, CACHE_DIR, AUTOTUNE, CUDA_GRAPHS, CUDA_GRAPH_MAX_TOKENS,
+ALL = (DUMP_DIR, LOGS, VERIFY, CACHE_DIR, CAPTURE_CACHE, AUTOTUNE, CUDA_GRAPHS, CUDA_GRAPH_MAX_TOKENS,
        CUDA_GRAPH_MAX_GRAPHS, TRITON_TMA)
 
 

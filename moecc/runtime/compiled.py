@@ -133,7 +133,7 @@ def build(model: nn.Module, args, kwargs, backend: str, options: dict, dump_fold
                        options.get("quant_int8_activations", False))
     start = time.perf_counter()
     cap = capture(model, args, kwargs, fuse=options.get("fuse", True))
-    log.info("capture (torch.export): %.2f s", time.perf_counter() - start)
+    log.info("capture: %.2f s", time.perf_counter() - start)
     timing = Timing()
     instruments: list = [timing]
     if dump_folder is not None:

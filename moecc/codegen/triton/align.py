@@ -53,7 +53,7 @@ def align(ids: torch.Tensor, num_experts: int, block_m: int):
     n_pairs = ids.numel()
     max_rows = n_pairs + num_experts * (block_m - 1)
     dev = ids.device
-    flat = ids.reshape(-1).to(torch.int32)
+    flat = ids.reshape(-1)  # read as stored (int64 from routing): no conversion launch
     counts = torch.empty(num_experts, dtype=torch.int32, device=dev)
     sorted_ids = torch.empty(max_rows, dtype=torch.int32, device=dev)
     block_expert = torch.empty(triton.cdiv(max_rows, block_m), dtype=torch.int32, device=dev)

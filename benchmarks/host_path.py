@@ -1,0 +1,83 @@
+"""Where the host time of one moecc Triton MoE layer goes, without CUDA graphs.
+
+    python benchmarks/host_path.py --shapes qwen3_moe mixtral --tokens 4096
+
+The GPU is kept busy (``torch.cuda._sleep``) while the layer is called, so that no launch waits for the device
+and every number is host work. Prints the host time per call of the compiled layer, then of each step inside it
+(timed by wrapping moecc's own functions), and of one bare Triton launch for scale."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections import defaultdict
+
+import torch
+from moe_layer import make_block  # the layer benchmark's helpers, beside this file
+
+import moecc
+from moecc.codegen.triton import grouped_gemm, moe
+
+CALLS = 40
+SPENT: dict[str, float] = defaultdict(float)
+
+
+def timed(module, name: str) -> None:
+    inner = getattr(module, name)
+
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            SPENT[name] += time.perf_counter() - start
+
+    setattr(module, name, wrapper)
+
+
+def host_ms(fn, calls: int = CALLS) -> float:
+    """Host milliseconds per call of ``fn`` while the GPU is still busy with an earlier sleep."""
+    fn()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(400_000_000)  # ~0.2 s of GPU time at ~2 GHz: longer than the loop
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    ms = (time.perf_counter() - start) / calls * 1e3
+    torch.cuda.synchronize()
+    return ms
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", nargs="+", default=["qwen3_moe", "mixtral"])
+    ap.add_argument("--tokens", type=int, nargs="+", default=[4096])
+    a = ap.parse_args()
+    for name in ("run_experts", "pick_configs", "_maybe_tune", "align", "gemm1", "gemm2", "combine", "gating",
+                 "fused_gating", "router_logits"):
+        timed(moe, name)
+    for name in ("_descriptor", "use_tma", "_fit"):
+        timed(grouped_gemm, name)
+    for shape in a.shapes:
+        block, cfg = make_block(shape, "cuda", torch.bfloat16)
+        cm = moecc.compile(block, backend="triton", verify=False, cuda_graphs=False)
+        for t in a.tokens:
+            x = torch.randn(1, t, cfg.hidden_size, device="cuda", dtype=torch.bfloat16)
+            with torch.no_grad():
+                cm(x)
+                SPENT.clear()
+                total = host_ms(lambda x=x, cm=cm: cm(x))
+                per = {k: v / (CALLS + 1) * 1e3 for k, v in SPENT.items()}
+            print(f"== {shape} T={t}: host {total:.3f} ms per call (no CUDA graphs)")
+            for k, ms in sorted(per.items(), key=lambda kv: -kv[1]):
+                print(f"   {ms:8.4f} ms  {k}")
+        pairs = torch.zeros(t * 2, cfg.hidden_size, device="cuda", dtype=torch.bfloat16)
+        ids = torch.zeros(t, 2, device="cuda", dtype=torch.int64)
+        bare = host_ms(lambda p=pairs, i=ids: grouped_gemm.combine(p, i, 8), 200)
+        print(f"== one bare Triton launch (combine): {bare * 1e3:.1f} us")
+        block = cm = None
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""The fingerprint that keys the capture cache: everything that decides what ``torch.export`` records.
+
+It covers the code (the source files of every class in the model's module tree and of moecc's capture, the
+versions of Python, torch and transformers, functions stored on modules, hooks), the structure (module names
+and types, training flags, plain attributes and configs, parameter and buffer names, shapes, dtypes, devices and
+tying) and the example (its tree structure, tensor shapes, dtypes and devices, constant values). Weight values
+are not in it: the captured graph reads weights through ``get_attr``, and a cache hit binds the model's own."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import inspect
+import marshal
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+FORMAT = 1
+_MODULE_INTERNALS = {"_parameters", "_buffers", "_modules", "_non_persistent_buffers_set", "training"}
+
+
+@functools.cache
+def _file_digest(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _class_sources(cls: type) -> list[str]:
+    """Digests of the files that define ``cls`` and its bases (helpers beside a class live in its file)."""
+    out = []
+    for c in cls.__mro__:
+        if c in (nn.Module, object):
+            break
+        try:
+            path = inspect.getsourcefile(c)
+        except TypeError:
+            path = None
+        out.append(f"{c.__module__}.{c.__qualname__}:{_file_digest(path) if path else 'no source'}")
+    return out
+
+
+def _code_digest(fn) -> str:
+    fn = getattr(fn, "__func__", fn)
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return f"callable {getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', type(fn).__qualname__)}"
+    return "code " + hashlib.sha256(marshal.dumps(code)).hexdigest()
+
+
+def describe(value, depth: int = 0):
+    """A deterministic description of an attribute value (no object addresses)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if depth > 6:
+        return type(value).__qualname__
+    if isinstance(value, (torch.dtype, torch.device, torch.layout, torch.memory_format)):
+        return str(value)
+    if isinstance(value, torch.Tensor) and (value.is_meta or type(value) is not torch.Tensor
+                                            and not isinstance(value, nn.Parameter)):
+        return ("tensor", str(value.dtype), value.dim(), str(value.device.type))  # fake, meta or a subclass
+    if isinstance(value, torch.Tensor):
+        data = value.detach().cpu().contiguous().view(torch.uint8) if value.numel() else value
+        digest = hashlib.sha256(data.numpy().tobytes()).hexdigest() if value.numel() else ""
+        return ("tensor", str(value.dtype), tuple(value.shape), str(value.device), digest)
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, *[describe(v, depth + 1) for v in value])
+    if isinstance(value, (set, frozenset)):
+        return ("set", *sorted(repr(describe(v, depth + 1)) for v in value))
+    if isinstance(value, dict):
+        return ("dict", *sorted((repr(k), repr(describe(v, depth + 1))) for k, v in value.items()))
+    if isinstance(value, functools.partial):
+        return ("partial", _code_digest(value.func), describe(value.args, depth + 1),
+                describe(value.keywords, depth + 1))
+    if callable(value) and not isinstance(value, (type, nn.Module)):
+        return _code_digest(value)
+    if hasattr(value, "to_dict") and hasattr(value, "__dict__"):
+        # configuration objects (Hugging Face's PretrainedConfig and the like): public fields, and private ones
+        # that name a choice (to_dict drops the attention implementation, which changes the traced graph); private
+        # numbers are bookkeeping, some of them per process (GenerationConfig's _original_object_hash)
+        fields = {k: v for k, v in vars(value).items()
+                  if not k.startswith("_") or v is None or isinstance(v, (str, bool))}
+        return (type(value).__qualname__, describe(fields, depth + 1))
+    return type(value).__qualname__
+
+
+def _module_entry(name: str, module: nn.Module) -> tuple:
+    # hook dicts are keyed by handle ids, a per-process counter: their hooks are what counts
+    attrs = tuple(sorted((k, repr(describe(list(v.values()) if k.endswith("hooks") and isinstance(v, dict) else v)))
+                         for k, v in vars(module).items() if k not in _MODULE_INTERNALS))
+    return (name, type(module).__module__, type(module).__qualname__, module.training, attrs)
+
+
+def parts(model: nn.Module, flat_inputs: list, in_spec, block_names: list[str]):
+    """The fingerprint's ingredients, in order (``MOECC_LOGS=debug`` compares them when a key misses)."""
+    import moecc.capture as capture_module
+
+    yield ("moecc capture", FORMAT, sys.version_info[:2], torch.__version__, _file_digest(__file__),
+           _file_digest(capture_module.__file__), str(torch.get_default_dtype()))
+    if "transformers" in sys.modules:
+        yield ("transformers", getattr(sys.modules["transformers"], "__version__", "?"))
+    yield (str(in_spec), tuple(block_names))
+    for v in flat_inputs:
+        if isinstance(v, torch.Tensor):
+            yield ("input", str(v.dtype), tuple(v.shape), str(v.device))
+        else:
+            yield ("constant", type(v).__qualname__, repr(describe(v)))
+    classes = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        yield _module_entry(name, module)
+        classes[type(module)] = None
+    for cls in classes:
+        yield tuple(_class_sources(cls))
+    first_name: dict[int, str] = {}
+    for kind, named in (("param", model.named_parameters(remove_duplicate=False)),
+                        ("buffer", model.named_buffers(remove_duplicate=False))):
+        for name, t in named:
+            tied = first_name.setdefault(id(t), name)
+            yield (kind, name, str(t.dtype), tuple(t.shape), str(t.device), t.requires_grad, tied)
+
+
+def fingerprint(model: nn.Module, flat_inputs: list, in_spec, block_names: list[str]) -> str:
+    h = hashlib.sha256()
+    for part in parts(model, flat_inputs, in_spec, block_names):
+        h.update(repr(part).encode())
+        h.update(b"\0")
+    return h.hexdigest()
