@@ -113,7 +113,7 @@ def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def bench_cuda(shapes, tokens, with_compile, copy_expert_weights=False):
+def bench_cuda(shapes, tokens, with_compile, copy_expert_weights=None):
     dtype = torch.bfloat16
     bw, peak = roofline()
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton "
@@ -127,6 +127,10 @@ def bench_cuda(shapes, tokens, with_compile, copy_expert_weights=False):
         block, cfg = make_block(shape, "cuda", dtype)
         cm = moecc.compile(block, backend="triton", verify=False, copy_expert_weights=copy_expert_weights)
         cm_torch = moecc.compile(block, backend="torch", verify=False, copy_expert_weights=copy_expert_weights)
+        with torch.no_grad():
+            cm(torch.randn(1, 2, cfg.hidden_size, device="cuda", dtype=dtype))
+        layouts = {str(n.args[-1]) for n in cm._entries[-1].gm.graph.nodes if "fused_moe" in str(n.target)}
+        print(f"# {shape}: moecc's expert weight layout {', '.join(sorted(layouts))}")
         compiled, graphs = None, None
         if with_compile:
             set_impl(block, "grouped_mm")
@@ -200,12 +204,13 @@ def main():
     ap.add_argument("--shapes", nargs="+")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
     ap.add_argument("--json", help="write the rows here")
-    ap.add_argument("--copy-expert-weights", action="store_true",
-                    help="let moecc re-lay out a copy of the block's expert weights (see moecc.compile)")
+    ap.add_argument("--copy-expert-weights", choices=["auto", "yes", "no"], default="auto",
+                    help="moecc.compile's copy_expert_weights: auto (moecc's default: copy the block's expert "
+                         "weights into the kernels' layout when the copies fit the memory budget), yes, no")
     a = ap.parse_args()
     if torch.cuda.is_available():
         rows = bench_cuda(a.shapes or ["mixtral", "qwen3_moe"], a.tokens or [1, 8, 64, 512, 4096, 16384],
-                          not a.no_compile, a.copy_expert_weights)
+                          not a.no_compile, {"auto": None, "yes": True, "no": False}[a.copy_expert_weights])
         if a.json:
             with open(a.json, "w") as f:
                 json.dump(rows, f, indent=1)

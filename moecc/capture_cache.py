@@ -7,8 +7,8 @@ MoE blocks by name. What the recognize pass and the runtime read from ``node.met
 device; a symbolic dim is a ``SymbolicDim``, never an int) comes back as a ``ValueInfo``.
 
 A graph that holds something this format does not store (a higher-order op, an unknown argument type) is simply
-not cached; the reason is logged at info level. Knobs: ``MOECC_CAPTURE_CACHE`` (on by default), and
-``MOECC_CACHE_DIR`` for where entries go (``captures/`` under it)."""
+not cached; the reason is logged at info level. The newest ``MAX_ENTRIES`` entries are kept (a hit counts as
+new). Knobs: ``MOECC_CAPTURE_CACHE`` (on by default), and ``MOECC_CACHE_DIR`` (``captures/`` under it)."""
 
 from __future__ import annotations
 
@@ -228,8 +228,20 @@ def save(key: str, gm: fx.GraphModule, blocks: dict[str, str], model: nn.Module)
         tmp = folder / f"{key}.json.{os.getpid()}.tmp"
         tmp.write_text(json.dumps(entry))
         tmp.replace(folder / f"{key}.json")
+        _prune(folder)
     except OSError as exc:
         log.warning("could not write the capture cache in %s: %s", folder, exc)
+
+
+MAX_ENTRIES = 256
+
+
+def _prune(folder: Path) -> None:
+    """Keep the most recently used entries (a hit refreshes an entry's time)."""
+    entries = sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime)
+    for old in entries[:max(0, len(entries) - MAX_ENTRIES)]:
+        old.unlink(missing_ok=True)
+        old.with_suffix(".safetensors").unlink(missing_ok=True)
 
 
 def load(key: str, model: nn.Module) -> tuple[fx.GraphModule, dict[str, str]] | None:
@@ -247,6 +259,7 @@ def load(key: str, model: nn.Module) -> tuple[fx.GraphModule, dict[str, str]] | 
             stored = load_file(str(path.with_suffix(".safetensors")))
             constants = {k: stored[k].to(device) for k, device in entry["constants"].items()}
         gm = _rebuild(entry, model, constants)
+        path.touch()
     except (OSError, ValueError, KeyError, TypeError, AttributeError, Unstorable) as exc:
         log.warning("ignoring the capture cache entry %s: %s", path, exc)
         return None

@@ -28,16 +28,19 @@ def _file_digest(path: str) -> str:
 
 
 def _class_sources(cls: type) -> list[str]:
-    """Digests of the files that define ``cls`` and its bases (helpers beside a class live in its file)."""
+    """Digests of ``cls`` and its bases: the file that defines each (helpers beside a class live in its file)
+    and the code of each method (a class without a readable file, from a notebook or ``exec``, still counts)."""
     out = []
     for c in cls.__mro__:
         if c in (nn.Module, object):
             break
         try:
             path = inspect.getsourcefile(c)
-        except TypeError:
-            path = None
-        out.append(f"{c.__module__}.{c.__qualname__}:{_file_digest(path) if path else 'no source'}")
+            source = _file_digest(path) if path else "no source file"
+        except (TypeError, OSError):
+            source = "no source file"
+        methods = sorted((k, _code_digest(v)) for k, v in vars(c).items() if inspect.isfunction(v))
+        out.append((f"{c.__module__}.{c.__qualname__}", source, tuple(methods)))
     return out
 
 

@@ -127,6 +127,18 @@ def test_key_follows_code_structure_and_example_but_not_weight_values():
     assert _key(model, inputs) != key  # tying
 
 
+def _block_class(body: str) -> type:
+    scope = {"torch": torch}
+    exec(f"class Block(torch.nn.Module):\n    def forward(self, x):\n        return {body}\n", scope)  # no file
+    return scope["Block"]
+
+
+def test_key_follows_methods_of_classes_without_a_source_file():
+    x = {"x": torch.randn(2, 3)}
+    same, again, other = (_key(_block_class(body)(), x) for body in ("x + 1", "x + 1", "x * 2"))
+    assert same == again != other
+
+
 def test_knob_off_stores_nothing(cache_dir, monkeypatch):
     monkeypatch.setenv("MOECC_CAPTURE_CACHE", "0")
     calls = _export_calls(monkeypatch)
@@ -168,6 +180,20 @@ def test_a_graph_the_format_cannot_hold_is_not_cached(cache_dir, caplog):
     with torch.no_grad():
         x = -torch.ones(3, 4)
         torch.testing.assert_close(cap.gm(x)[0], model(x))
+
+
+def test_the_oldest_entries_go_first(cache_dir, monkeypatch):
+    monkeypatch.setattr(capture_cache, "MAX_ENTRIES", 2)
+    model = make_model("olmoe")
+    for seq in (3, 4, 5):
+        capture(model, (), make_inputs("olmoe", 1, seq))
+    capture(model, (), make_inputs("olmoe", 1, 4))  # a hit: now the newest
+    capture(model, (), make_inputs("olmoe", 1, 6))
+    calls = _export_calls(monkeypatch)
+    capture(model, (), make_inputs("olmoe", 1, 4))
+    capture(model, (), make_inputs("olmoe", 1, 6))
+    assert not calls
+    assert len(list((cache_dir / "captures").glob("*.json"))) == 2
 
 
 def test_value_info_reads_like_the_exported_value():
