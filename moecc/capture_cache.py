@@ -50,6 +50,10 @@ class ValueInfo:
         return len(self.shape)
 
 
+MAX_ENTRIES = 256
+MAX_CONSTANT_BYTES = 1 << 24
+
+
 def _folder() -> Path:
     return knobs.cache_dir() / "captures"
 
@@ -212,6 +216,10 @@ def save(key: str, gm: fx.GraphModule, blocks: dict[str, str], model: nn.Module)
             nodes.append({"op": node.op, "name": node.name, "target": _encode_target(node),
                           "args": _encode(node.args), "kwargs": _encode(node.kwargs),
                           "val": _encode_value(node.meta.get("val")), "block": node.meta.get("moecc_block")})
+        constant_bytes = sum(t.numel() * t.element_size() for t in constants.values())
+        if constant_bytes > MAX_CONSTANT_BYTES:
+            # weight-sized constants may be copies of weights, which a hit must not carry over to another model
+            raise Unstorable(f"{constant_bytes / 2**20:.1f} MiB of tensor constants")
     except Unstorable as exc:
         log.info("capture not cached: the graph holds %s", exc)
         return
@@ -221,8 +229,9 @@ def save(key: str, gm: fx.GraphModule, blocks: dict[str, str], model: nn.Module)
         if constants:
             from safetensors.torch import save_file
 
-            save_file({k: v.detach().cpu().contiguous() for k, v in constants.items()},
-                      str(folder / f"{key}.safetensors"))
+            tmp = folder / f"{key}.safetensors.{os.getpid()}.tmp"
+            save_file({k: v.detach().cpu().contiguous() for k, v in constants.items()}, str(tmp))
+            tmp.replace(folder / f"{key}.safetensors")
         entry = {"nodes": nodes, "blocks": blocks, "kinds": kinds,
                  "constants": {k: str(v.device) for k, v in constants.items()}}
         tmp = folder / f"{key}.json.{os.getpid()}.tmp"
@@ -231,9 +240,6 @@ def save(key: str, gm: fx.GraphModule, blocks: dict[str, str], model: nn.Module)
         _prune(folder)
     except OSError as exc:
         log.warning("could not write the capture cache in %s: %s", folder, exc)
-
-
-MAX_ENTRIES = 256
 
 
 def _prune(folder: Path) -> None:
@@ -260,7 +266,7 @@ def load(key: str, model: nn.Module) -> tuple[fx.GraphModule, dict[str, str]] | 
             constants = {k: stored[k].to(device) for k, device in entry["constants"].items()}
         gm = _rebuild(entry, model, constants)
         path.touch()
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, Unstorable) as exc:
+    except Exception as exc:  # noqa: BLE001 - a damaged or foreign entry must never fail a compile
         log.warning("ignoring the capture cache entry %s: %s", path, exc)
         return None
     return gm, entry["blocks"]

@@ -49,7 +49,16 @@ def _code_digest(fn) -> str:
     code = getattr(fn, "__code__", None)
     if code is None:
         return f"callable {getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', type(fn).__qualname__)}"
-    return "code " + hashlib.sha256(marshal.dumps(code)).hexdigest()
+    # without the file name: FX names generated code "<eval_with_key>.N" with a per-process counter
+    return "code " + hashlib.sha256(marshal.dumps(code.replace(co_filename=""))).hexdigest()
+
+
+def _tensor_digest(t: torch.Tensor) -> str:
+    try:
+        data = t.detach().reshape(-1).contiguous().cpu().view(torch.uint8).numpy().tobytes()
+    except (RuntimeError, TypeError):
+        return f"object {id(t)}"  # bytes out of reach (quantized, say): unique to this object, never stale
+    return hashlib.sha256(data).hexdigest()
 
 
 def describe(value, depth: int = 0):
@@ -63,10 +72,8 @@ def describe(value, depth: int = 0):
     if isinstance(value, torch.Tensor) and (value.is_meta or type(value) is not torch.Tensor
                                             and not isinstance(value, nn.Parameter)):
         return ("tensor", str(value.dtype), value.dim(), str(value.device.type))  # fake, meta or a subclass
-    if isinstance(value, torch.Tensor):
-        data = value.detach().cpu().contiguous().view(torch.uint8) if value.numel() else value
-        digest = hashlib.sha256(data.numpy().tobytes()).hexdigest() if value.numel() else ""
-        return ("tensor", str(value.dtype), tuple(value.shape), str(value.device), digest)
+    if isinstance(value, torch.Tensor):  # a plain tensor attribute: export bakes its values in as a constant
+        return ("tensor", str(value.dtype), tuple(value.shape), str(value.device), _tensor_digest(value))
     if isinstance(value, (list, tuple)):
         return (type(value).__name__, *[describe(v, depth + 1) for v in value])
     if isinstance(value, (set, frozenset)):

@@ -139,6 +139,16 @@ def test_key_follows_methods_of_classes_without_a_source_file():
     assert same == again != other
 
 
+def test_key_follows_values_of_plain_tensor_attributes():
+    x = {"x": torch.randn(2, 3)}
+    block = _block_class("x * self.scale")()
+    keys = []
+    for value in (torch.tensor(2.0), torch.tensor(2.0), torch.tensor(3.0)):
+        block.scale = value  # a 0-dim tensor that is no buffer: export bakes its value into the graph
+        keys.append(_key(block, x))
+    assert keys[0] == keys[1] != keys[2]
+
+
 def test_knob_off_stores_nothing(cache_dir, monkeypatch):
     monkeypatch.setenv("MOECC_CAPTURE_CACHE", "0")
     calls = _export_calls(monkeypatch)
@@ -194,6 +204,32 @@ def test_the_oldest_entries_go_first(cache_dir, monkeypatch):
     capture(model, (), make_inputs("olmoe", 1, 6))
     assert not calls
     assert len(list((cache_dir / "captures").glob("*.json"))) == 2
+
+
+class _WithTable(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+        self.table = torch.randn(4)  # a plain attribute (its values are in the key)
+
+    def forward(self, x):
+        # a tensor made from Python data: export lifts it as a constant, which the cache stores
+        return self.lin(x) * self.table + torch.tensor([1.0, 2.0, 3.0, 4.0])
+
+
+def test_tensor_constants_round_trip_and_large_ones_are_not_cached(cache_dir, monkeypatch, caplog):
+    model, x = _WithTable().eval(), torch.randn(3, 4)
+    calls = _export_calls(monkeypatch)
+    capture(model, (x,), {})
+    warm = capture(model, (x,), {})
+    assert len(calls) == 1 and list((cache_dir / "captures").glob("*.safetensors"))
+    with torch.no_grad():
+        torch.testing.assert_close(warm.gm(x)[0], model(x))
+    monkeypatch.setattr(capture_cache, "MAX_CONSTANT_BYTES", 8)
+    model.table = torch.randn(4)  # new values: a new key
+    with caplog.at_level(logging.INFO, logger="moecc.capture"):
+        capture(model, (x,), {})
+    assert "capture not cached: the graph holds 0.0 MiB of tensor constants" in caplog.text
 
 
 def test_value_info_reads_like_the_exported_value():
