@@ -11,6 +11,7 @@ from moecc.experts import from_canonical
 from moecc.routing import route_reference
 
 triton = pytest.importorskip("triton")
+import moecc.codegen.triton.align as align_module  # noqa: E402
 from moecc.codegen.triton.align import align  # noqa: E402
 from moecc.codegen.triton.gating import gating  # noqa: E402
 from moecc.codegen.triton.moe import fused_moe_triton  # noqa: E402
@@ -39,8 +40,10 @@ def test_gating_matches_route(t, e, k, routing):
     torch.testing.assert_close(gw.gather(1, order_g), rw.gather(1, order_r), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("t,e,k", [(0, 8, 2), (1, 3, 1), (7, 8, 2), (300, 64, 8), (300, 3, 2)])
-def test_align_sorts_and_pads(t, e, k):
+@pytest.mark.parametrize("t,e,k", [(0, 8, 2), (1, 3, 1), (7, 8, 2), (300, 64, 8), (300, 3, 2), (2900, 8, 2),
+                                   (300, 128, 8)])
+def test_align_sorts_and_pads(t, e, k, monkeypatch):
+    monkeypatch.setattr(align_module, "MAX_SLICES", 4)  # 2900*2 pairs: slices of two chunks, the last one short
     ids = torch.stack([torch.randperm(e)[:k] for _ in range(t)]) if t else torch.empty(0, k, dtype=torch.long)
     if t > 2:
         ids[0, 0] = e  # a null expert does no compute
