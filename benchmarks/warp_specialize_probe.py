@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from moe_layer import cuda_time  # the layer benchmark's timer, beside this file
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 TILES = [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4), (128, 256, 64, 8, 4)]
@@ -33,21 +34,6 @@ def _matmul(a_desc, b_desc, c_ptr, M, N, K, WS: tl.constexpr, BM: tl.constexpr, 
     tl.store(c_ptr + om[:, None] * N + on[None, :], acc.to(tl.bfloat16), mask=(om < M)[:, None] & (on < N)[None, :])
 
 
-def _ms(fn, iters: int = 20) -> float:
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    best = float("inf")
-    for _ in range(3):
-        start.record()
-        for _ in range(iters):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        best = min(best, start.elapsed_time(end) / iters)
-    return best
-
-
 def main():
     print(f"# triton {triton.__version__}, {torch.cuda.get_device_name()}")
     for m, n, k in ((8192, 28672, 4096), (8192, 4096, 14336)):
@@ -55,7 +41,7 @@ def main():
         b = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
         c = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
         flops = 2 * m * n * k
-        ms = _ms(lambda a=a, b=b: a @ b.T)
+        ms = cuda_time(lambda a=a, b=b: a @ b.T, 20)
         print(f"{m}x{n}x{k} cuBLAS {ms:.3f} ms {flops / ms / 1e9:.0f} TFLOP/s")
         ref = (a @ b.T).float()
         for bm, bn, bk, warps, stages in TILES:
@@ -65,7 +51,7 @@ def main():
                 args = (a_desc, b_desc, c, m, n, k)
                 meta = dict(WS=ws, BM=bm, BN=bn, BK=bk, GM=8, num_warps=warps, num_stages=stages)
                 try:
-                    ms = _ms(lambda args=args, meta=meta, grid=grid: _matmul[grid](*args, **meta))
+                    ms = cuda_time(lambda args=args, meta=meta, grid=grid: _matmul[grid](*args, **meta), 20)
                 except Exception as exc:  # noqa: BLE001 - a probe reports what this Triton refuses
                     print(f"  {bm}x{bn}x{bk} w{warps} s{stages} ws={ws}: failed: {str(exc).splitlines()[0][:200]}")
                     continue

@@ -188,6 +188,12 @@ def _model_tensor(model: nn.Module, target: str):
     return obj if isinstance(obj, torch.Tensor) else None
 
 
+def _owner(gm: fx.GraphModule, target: str) -> tuple[nn.Module, str]:
+    """The module holding a ``get_attr`` target, and the attribute's name there."""
+    owner, _, name = target.rpartition(".")
+    return gm.get_submodule(owner), name
+
+
 def _same_tensor(a, b) -> bool:
     if a is None or b is None:
         return False
@@ -202,8 +208,7 @@ def save(key: str, gm: fx.GraphModule, blocks: dict[str, str], model: nn.Module)
         nodes, constants, kinds = [], {}, {}
         for node in gm.graph.nodes:
             if node.op == "get_attr":
-                owner_name, _, name = node.target.rpartition(".")
-                owner = gm.get_submodule(owner_name)
+                owner, name = _owner(gm, node.target)
                 value = getattr(owner, name)
                 if not _same_tensor(_model_tensor(model, node.target), value):
                     if not isinstance(value, torch.Tensor):
@@ -295,8 +300,7 @@ def _rebuild(entry: dict, model: nn.Module, constants: dict) -> fx.GraphModule:
     graph.lint()
     gm = fx.GraphModule(root, graph)
     for target, kind in entry["kinds"].items():  # as the capture had them (GraphModule makes tensors buffers)
-        owner_name, _, name = target.rpartition(".")
-        owner = gm.get_submodule(owner_name)
+        owner, name = _owner(gm, target)
         if kind == "attribute" and name in owner._buffers:
             setattr(owner, name, owner._buffers.pop(name))
         elif kind == "buffer" and name not in owner._buffers:

@@ -27,7 +27,7 @@ def _file_digest(path: str) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def _class_sources(cls: type) -> list[str]:
+def _class_sources(cls: type) -> list[tuple]:
     """Digests of ``cls`` and its bases: the file that defines each (helpers beside a class live in its file)
     and the code of each method (a class without a readable file, from a notebook or ``exec``, still counts)."""
     out = []
@@ -103,7 +103,7 @@ def _module_entry(name: str, module: nn.Module) -> tuple:
 
 
 def parts(model: nn.Module, flat_inputs: list, in_spec, block_names: list[str]):
-    """The fingerprint's ingredients, in order (``MOECC_LOGS=debug`` compares them when a key misses)."""
+    """The fingerprint's ingredients, in order (readable: tests compare them to find what moved a key)."""
     import moecc.capture as capture_module
 
     yield ("moecc capture", FORMAT, sys.version_info[:2], torch.__version__, _file_digest(__file__),
