@@ -4,8 +4,9 @@ torch._grouped_mm (CUTLASS) on tokens sorted by expert.
     python benchmarks/gemm_variants.py --cases mixtral:4096,mixtral:16384,qwen3:16384
 
 GEMM 1: pointer loads with gate and up rows apart (``oi``, two dots), pointer loads on interleaved rows
-(``oi_gu``), and TMA weight tiles on interleaved rows (one dot; what moecc runs on Hopper). GEMM 2: pointer loads
-against TMA for both operands. TFLOP/s count the useful pairs only."""
+(``oi_gu``), TMA weight tiles on interleaved rows (one ``tl.dot``), and the warp-specialized Gluon kernel (what
+moecc runs on Hopper for 128-row blocks). GEMM 2: pointer loads, TMA for both operands, warp-specialized. TFLOP/s
+count the useful pairs only."""
 
 from __future__ import annotations
 
@@ -24,9 +25,10 @@ from moecc.experts import interleave_gate_up
 SHAPES = {"mixtral": (8, 4096, 14336, 2), "qwen3": (128, 2048, 768, 8)}
 
 
-def _with_tma(mode: str, fn):
+def _with_tma(mode: str, fn, ws: str = "off"):
     def run():
         os.environ["MOECC_TRITON_TMA"] = mode
+        os.environ["MOECC_TRITON_WS"] = ws
         return fn()
     return run
 
@@ -72,8 +74,10 @@ def run_case(name: str, t: int) -> None:
             ("gemm1 pointer, gate|up apart (oi)", _with_tma("off", g1(w_up, False)), flops1, None),
             ("gemm1 pointer, interleaved (oi_gu)", _with_tma("off", g1(w_gu, True)), flops1, "h"),
             ("gemm1 TMA, interleaved (oi_gu)", _with_tma("on", g1(w_gu, True)), flops1, "h"),
+            ("gemm1 warp-specialized (Gluon, oi_gu)", _with_tma("on", g1(w_gu, True), "on"), flops1, "h"),
             ("gemm2 pointer", _with_tma("off", g2), flops2, None),
-            ("gemm2 TMA", _with_tma("on", g2), flops2, "out")):
+            ("gemm2 TMA", _with_tma("on", g2), flops2, "out"),
+            ("gemm2 warp-specialized (Gluon)", _with_tma("on", g2, "on"), flops2, "out")):
         got = fn()
         err = 0.0
         if check == "h":
@@ -85,6 +89,7 @@ def run_case(name: str, t: int) -> None:
                  do_bench(lambda: grouped_mm_pair(x, w_up, w_down, ids, k), warmup=50, rep=200,
                           return_mode="median"), flops1 + flops2, 0.0))
     os.environ.pop("MOECC_TRITON_TMA", None)
+    os.environ.pop("MOECC_TRITON_WS", None)
     print(f"\n## {name} T={t} ({torch.cuda.get_device_name()}): gemm1 {cfg1}, gemm2 {cfg2}")
     print(f"{'variant':<40} {'ms':>8} {'TFLOP/s':>8} {'err':>8}")
     for label, ms, flops, err in rows:

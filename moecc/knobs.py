@@ -46,9 +46,11 @@ CUDA_GRAPH_MAX_TOKENS = Knob("MOECC_CUDA_GRAPH_MAX_TOKENS", 512, int, "largest t
 CUDA_GRAPH_MAX_GRAPHS = Knob("MOECC_CUDA_GRAPH_MAX_GRAPHS", 32, int, "CUDA graphs kept per compiled program (LRU)")
 TRITON_TMA = Knob("MOECC_TRITON_TMA", "auto", str, "large-tile grouped GEMMs read tiles through TMA descriptors: "
                   "auto (Hopper or newer), on (wherever the tensors allow, also in the interpreter), off")
+TRITON_WS = Knob("MOECC_TRITON_WS", "auto", str, "warp-specialized Gluon kernels for 128-row blocks (bf16/fp16, "
+                 "sm_90): auto (GEMM 2 with K >= 4096, where they measured faster), on (both GEMMs), off")
 
 ALL = (DUMP_DIR, LOGS, VERIFY, CACHE_DIR, CAPTURE_CACHE, AUTOTUNE, CUDA_GRAPHS, CUDA_GRAPH_MAX_TOKENS,
-       CUDA_GRAPH_MAX_GRAPHS, TRITON_TMA)
+       CUDA_GRAPH_MAX_GRAPHS, TRITON_TMA, TRITON_WS)
 
 
 def cache_dir() -> Path:

@@ -12,7 +12,9 @@ GEMM 1's token rows unmasked (padding rows read token 0 and are never stored). W
 GEMM 1 takes the gate and up rows of its output columns as one ``[2*BLOCK_N, BLOCK_K]`` tile and one dot, and splits
 the accumulator in the epilogue; with ``oi`` it takes two tiles and two dots. Measured on an H100 at Mixtral
 T=4096 (``benchmarks/gemm_variants.py``): GEMM 1 3.6 ms through pointers, 3.46 through TMA (``oi``), 3.24 through
-TMA (``oi_gu``); GEMM 2 1.92 through pointers, 1.48–1.60 through TMA.
+TMA (``oi_gu``); GEMM 2 1.92 through pointers, 1.48–1.60 through TMA. A third family, persistent and
+warp-specialized, is written in Gluon (``ws_gemm``, knob ``MOECC_TRITON_WS``); by default it takes GEMM 2 with long
+K loops on sm_90.
 
 fp32 inputs multiply in full fp32 unless torch allows TF32 (``torch.set_float32_matmul_precision``), as
 torch's own fp32 matmuls do."""
@@ -396,6 +398,27 @@ def use_tma(cfg, *tensors: torch.Tensor) -> bool:
     return cfg.block_m >= 64 and x.is_cuda and not INTERPRET and _has_tma(device_index(x))
 
 
+WS_AUTO_MIN_K = 4096  # see _warp_specialized
+
+
+def _warp_specialized(cfg, which: int, k: int, a: torch.Tensor, *weights: torch.Tensor, **shape) -> bool:
+    """Whether GEMM ``which`` (1 or 2) over ``k`` goes through the warp-specialized Gluon kernels (``ws_gemm``;
+    knob ``MOECC_TRITON_WS``, 128-row blocks on sm_90 GPUs). ``auto`` takes them for GEMM 2 with K loops of 4096
+    and more only: on an H100 (``benchmarks/ws_ab.py``) that GEMM 2 gained 6 % at Mixtral T=4096 (1.45 against
+    1.54 ms) and tied at 16384, while GEMM 1 tied or lost 3 % and Qwen3's short K loops lost up to 15 %. ``on``
+    takes them for both GEMMs wherever they apply."""
+    mode = knobs.TRITON_WS.get()
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"MOECC_TRITON_WS must be auto, on or off, got {mode!r}")
+    if mode == "off" or INTERPRET or not a.is_cuda or cfg.block_m != 128:
+        return False
+    if mode == "auto" and (which != 2 or k < WS_AUTO_MIN_K):
+        return False
+    from moecc.codegen.triton import ws_gemm
+
+    return ws_gemm.usable(cfg.block_m, a, *weights, **shape)
+
+
 def _descriptor(w: torch.Tensor, rows: int, block_k: int) -> TensorDescriptor:
     return TensorDescriptor.from_tensor(w.reshape(-1, w.shape[-1]), [rows, block_k])
 
@@ -407,11 +430,17 @@ def gemm1(x, w_up, shared_up, b_up, aligned, n_pairs: int, top_k: int, gated: bo
     sorted_ids, block_expert, total = aligned
     num_routed, up_rows, hidden = w_up.shape
     inter = up_rows // 2 if gated else up_rows
+    interleaved = interleaved and gated
+    if (interleaved or not gated) and _warp_specialized(cfg, 1, hidden, x, w_up, shared_up, gathered_k=hidden,
+                                                       row_elems=(hidden, inter)):
+        from moecc.codegen.triton import ws_gemm
+
+        return ws_gemm.gemm1(x, w_up, shared_up, b_up, aligned, n_pairs, top_k, gated, ACT_IDS[activation], alpha,
+                             limit, cfg.group_m)
     h = torch.empty((sorted_ids.numel(), inter), dtype=x.dtype, device=x.device)
     cfg = _fit(cfg, x, 2 if gated else 1)
     common = dict(ACT=ACT_IDS[activation], HAS_BIAS=b_up is not None, CLAMP=limit > 0, PRECISION=_precision(x.dtype))
     bias = b_up if b_up is not None else w_up
-    interleaved = interleaved and gated
     if (2 * cfg.block_n if interleaved else cfg.block_n) <= TMA_BOX and use_tma(cfg, x, w_up, shared_up):
         def launch(c):
             rows = 2 * c.block_n if interleaved else c.block_n
@@ -435,6 +464,10 @@ def gemm2(h, w_down, shared_down, b_down, weights, aligned, n_pairs: int, cfg) -
     """pairs [T*k, H]: weight * (h @ down^T + bias), each aligned row written to its pair's row."""
     sorted_ids, block_expert, total = aligned
     num_routed, hidden, inter = w_down.shape
+    if _warp_specialized(cfg, 2, inter, h, w_down, shared_down, row_elems=(inter,)):
+        from moecc.codegen.triton import ws_gemm
+
+        return ws_gemm.gemm2(h, w_down, shared_down, b_down, weights, aligned, n_pairs, cfg.group_m)
     pairs = torch.empty((n_pairs, hidden), dtype=h.dtype, device=h.device)
     cfg = _fit(cfg, h, 1)
     bias = b_down if b_down is not None else w_down
