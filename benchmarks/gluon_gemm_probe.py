@@ -8,7 +8,8 @@ tiles into a ring of shared-memory stages, the default partition (two warpgroups
 warpgroup MMAs on a 128xBN tile and stores C through TMA, so the loads of the next tile overlap the epilogue of
 this one. It runs on the two GEMM shapes of a Mixtral layer at 4096 tokens next to cuBLAS (``torch.matmul``) and
 Triton's own TMA GEMM (``warp_specialize_probe.py``): the question is whether moecc's grouped GEMMs could get past
-the ~80 % of cuBLAS that Triton's ``tl.dot`` reaches here."""
+the ~80 % of cuBLAS that Triton's ``tl.dot`` reaches here. The tile order and the MMA ring are moecc's
+(``ws_gemm._tile`` and ``ws_gemm._mma_tile``). Run it from the repository root with ``PYTHONPATH=.``."""
 
 from __future__ import annotations
 
@@ -17,26 +18,13 @@ import argparse
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import (
-    fence_async_shared,
-    mbarrier,
-    tma,
-    warpgroup_mma,
-    warpgroup_mma_wait,
-)
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
 
-SHAPES = ((8192, 28672, 4096), (8192, 4096, 14336))
+# moecc's own tile order and MMA ring, so that the probe times the mainloop the grouped GEMMs run
+from moecc.codegen.triton.ws_gemm import _mma_tile, _tile, _tma_load, _tma_store
+
 # (BM, BN, BK, stages, GROUP_M, consumer warps)
 VARIANTS = [(128, 256, 64, 3, 8, 8), (128, 256, 64, 3, 1, 8), (128, 128, 64, 4, 8, 4), (128, 128, 64, 6, 8, 4)]
-
-
-@gluon.jit
-def _tile(tile, num_m, num_n, GROUP_M: gl.constexpr):
-    """Row-block and column-block of a linear tile id, GROUP_M row blocks sharing each B tile in L2."""
-    in_group = GROUP_M * num_n
-    first_m = tile // in_group * GROUP_M
-    rows = gl.minimum(num_m - first_m, GROUP_M)
-    return first_m + tile % rows, (tile % in_group) // rows
 
 
 @gluon.jit
@@ -55,8 +43,8 @@ def _loader(a_desc, b_desc, a_bufs, b_bufs, ready, empty, M, N, K, GROUP_M: gl.c
             # a stage is free once the consumer arrived on it; the first lap waits on the phase before the first
             mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
             mbarrier.expect(ready.index(s), a_desc.block_type.nbytes + b_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(a_desc, [pid_m * BM, k], ready.index(s), a_bufs.index(s))
-            tma.async_copy_global_to_shared(b_desc, [pid_n * BN, k], ready.index(s), b_bufs.index(s))
+            _tma_load(a_desc, [pid_m * BM, k], ready.index(s), a_bufs.index(s))
+            _tma_load(b_desc, [pid_n * BN, k], ready.index(s), b_bufs.index(s))
             it += 1
 
 
@@ -65,8 +53,6 @@ def _consumer(c_desc, a_bufs, b_bufs, ready, empty, c_smem, M, N, K, GROUP_M: gl
               num_warps: gl.constexpr):
     BM: gl.constexpr = c_desc.block_type.shape[0]
     BN: gl.constexpr = c_desc.block_type.shape[1]
-    BK: gl.constexpr = a_bufs.shape[2]
-    STAGES: gl.constexpr = a_bufs.shape[0]
     layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                      instr_shape=[16, BN, 16])
     num_m = gl.cdiv(M, BM)
@@ -75,26 +61,11 @@ def _consumer(c_desc, a_bufs, b_bufs, ready, empty, c_smem, M, N, K, GROUP_M: gl
     it = 0
     for tile in range(gl.program_id(0), num_m * num_n, gl.num_programs(0)):
         pid_m, pid_n = _tile(tile, num_m, num_n, GROUP_M)
-        prev = 0
-        for k in range(0, K, BK):
-            s = it % STAGES
-            mbarrier.wait(ready.index(s), (it // STAGES) & 1)
-            acc = warpgroup_mma(a_bufs.index(s), b_bufs.index(s).permute((1, 0)), acc, use_acc=k > 0,
-                                is_async=True)
-            # one MMA stays in flight; the one before it is done, in both warpgroups after the barrier
-            acc = warpgroup_mma_wait(1, deps=(acc,))
-            if k > 0:
-                gl.thread_barrier()
-                mbarrier.arrive(empty.index(prev), count=1)
-            prev = s
-            it += 1
-        acc = warpgroup_mma_wait(0, deps=(acc,))
-        gl.thread_barrier()
-        mbarrier.arrive(empty.index(prev), count=1)
+        acc, it = _mma_tile(a_bufs, b_bufs, ready, ready, empty, acc, it, K, False)
         tma.store_wait(0)
         c_smem.store(acc.to(c_desc.dtype))
         fence_async_shared()
-        tma.async_copy_shared_to_global(c_desc, [pid_m * BM, pid_n * BN], c_smem)
+        _tma_store(c_desc, [pid_m * BM, pid_n * BN], c_smem)
     tma.store_wait(0)
 
 
@@ -156,17 +127,10 @@ def run(a, b, c, bm, bn, bk, stages, group_m, warps, num_sms):
 def main():
     import torch
     from moe_layer import cuda_time  # the layer benchmark's timer, beside this file
+    from warp_specialize_probe import dense_problems  # the same operands and cuBLAS reference, beside this file
 
-    print(f"# triton {triton.__version__}, {torch.cuda.get_device_name()}")
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
-    for m, n, k in SHAPES:
-        a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-        b = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
-        c = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
-        flops = 2 * m * n * k
-        ms = cuda_time(lambda a=a, b=b: a @ b.T, 20)
-        print(f"{m}x{n}x{k} cuBLAS {ms:.3f} ms {flops / ms / 1e9:.0f} TFLOP/s")
-        ref = (a @ b.T).float()
+    for _m, _n, _k, a, b, c, flops, ref in dense_problems():
         for variant in VARIANTS:
             try:
                 run(a, b, c, *variant, num_sms)

@@ -34,16 +34,25 @@ def _matmul(a_desc, b_desc, c_ptr, M, N, K, WS: tl.constexpr, BM: tl.constexpr, 
     tl.store(c_ptr + om[:, None] * N + on[None, :], acc.to(tl.bfloat16), mask=(om < M)[:, None] & (on < N)[None, :])
 
 
-def main():
+SHAPES = ((8192, 28672, 4096), (8192, 4096, 14336))  # a Mixtral layer's GEMM 1 and GEMM 2 at 4096 tokens
+
+
+def dense_problems(shapes=SHAPES):
+    """Per (M, N, K): bf16 A [M, K], B [N, K], an output C [M, N], the FLOPs and cuBLAS's C in fp32, after
+    printing cuBLAS's time on it (the reference both probes compare against)."""
     print(f"# triton {triton.__version__}, {torch.cuda.get_device_name()}")
-    for m, n, k in ((8192, 28672, 4096), (8192, 4096, 14336)):
+    for m, n, k in shapes:
         a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         b = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
         c = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
         flops = 2 * m * n * k
         ms = cuda_time(lambda a=a, b=b: a @ b.T, 20)
         print(f"{m}x{n}x{k} cuBLAS {ms:.3f} ms {flops / ms / 1e9:.0f} TFLOP/s")
-        ref = (a @ b.T).float()
+        yield m, n, k, a, b, c, flops, (a @ b.T).float()
+
+
+def main():
+    for m, n, k, a, b, c, flops, ref in dense_problems():
         for bm, bn, bk, warps, stages in TILES:
             a_desc, b_desc = TensorDescriptor.from_tensor(a, [bm, bk]), TensorDescriptor.from_tensor(b, [bn, bk])
             grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)

@@ -73,6 +73,13 @@ def _load_weights(w_desc, ws_desc, row, k, shared, bar, buf, HAS_SHARED: gl.cons
 
 
 @gluon.jit
+def _add_expert_bias(y, b_ptr, block_expert_ptr, pid_m, cols, n_cols, stride_be):
+    """y + the bias row of this row block's expert at columns ``cols`` (those from ``n_cols`` on add 0)."""
+    e = gl.load(block_expert_ptr + pid_m).to(gl.int64)
+    return y + gl.load(b_ptr + e * stride_be + cols, mask=cols < n_cols, other=0.0)[None, :]
+
+
+@gluon.jit
 def _mma_tile(a_bufs, b_bufs, a_ready, b_ready, empty, acc, it, K, GATHERED: gl.constexpr):
     """acc = A tile @ B tile^T over K, consuming one ring stage per K step and handing each stage back once both
     warpgroups' MMAs on it are done. Returns (acc, the ring position after this tile)."""
@@ -169,9 +176,8 @@ def _gemm1_consumer(h_desc, b_ptr, block_expert_ptr, total_ptr, a_bufs, b_bufs, 
         y = acc
         if HAS_BIAS:
             # the bias follows the weight rows: interleaved gate/up when gated
-            e = gl.load(block_expert_ptr + pid_m).to(gl.int64)
-            cols = pid_n * B_ROWS + offs
-            y = y + gl.load(b_ptr + e * stride_be + cols, mask=cols < (2 * N if GATED else N), other=0.0)[None, :]
+            y = _add_expert_bias(y, b_ptr, block_expert_ptr, pid_m, pid_n * B_ROWS + offs, 2 * N if GATED else N,
+                                 stride_be)
         if GATED:
             g, u = gl.split(gl.reshape(y, (BM, OUT_N, 2)))
             if CLAMP:
@@ -262,9 +268,7 @@ def _gemm2_consumer(b_ptr, out_ptr, weights_ptr, sorted_ptr, block_expert_ptr, t
         acc, it = _mma_tile(a_bufs, b_bufs, ready, ready, empty, acc, it, K, False)
         y = acc
         if HAS_BIAS:
-            e = gl.load(block_expert_ptr + pid_m).to(gl.int64)
-            cols = pid_n * B_ROWS + offs_n
-            y = y + gl.load(b_ptr + e * stride_be + cols, mask=cols < N, other=0.0)[None, :]
+            y = _add_expert_bias(y, b_ptr, block_expert_ptr, pid_m, pid_n * B_ROWS + offs_n, N, stride_be)
         pair = gl.load(sorted_ptr + pid_m * BM + offs_m)
         y = y * gl.load(weights_ptr + pair, mask=pair < n_pairs, other=0.0)[:, None]
         y = gl.convert_layout(y.to(out_ptr.dtype.element_ty), out_layout)
