@@ -35,6 +35,43 @@ def kernel_times(fn, calls: int = 10) -> dict[str, float]:
     return dict(per)
 
 
+def timeline(fn, calls: int = 30) -> None:
+    """Back-to-back calls under the profiler: the span of the kernels, the time the GPU sat idle between them (and
+    the largest gaps, with the kernels around them) and each kernel's mean time in this sustained run, to tell
+    launch gaps from clocks that drop under sustained load (the kernels then just take longer)."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    kernels = sorted((ev.time_range.start, ev.time_range.end, ev.name[:40]) for ev in prof.events()
+                     if ev.device_type == torch.autograd.DeviceType.CUDA)
+    if not kernels:
+        return
+    gaps, reach = [], kernels[0][1]
+    for (_, _, prev), (start, end, name) in zip(kernels, kernels[1:]):
+        if start > reach:
+            gaps.append((start - reach, prev, name))
+        reach = max(reach, end)
+    span = (kernels[-1][1] - kernels[0][0]) / 1e3 / calls
+    idle = sum(g for g, _, _ in gaps) / 1e3 / calls
+    per = defaultdict(float)
+    for start, end, name in kernels:
+        per[name] += (end - start) / 1e3 / calls
+    clock = ""
+    try:
+        clock = f", SM clock now {torch.cuda.clock_rate()} MHz"
+    except Exception:  # noqa: BLE001 - pynvml may be missing
+        pass
+    print(f"   timeline of {calls} calls: {span:.3f} ms per call, GPU idle {idle:.3f} ms per call{clock}")
+    for g, prev, name in sorted(gaps, reverse=True)[:3]:
+        print(f"     gap {g / 1e3:.3f} ms: {prev} -> {name}")
+    for name, ms in sorted(per.items(), key=lambda kv: -kv[1])[:4]:
+        print(f"     {ms:8.4f}  {name}")
+
+
 def host_profile(fn, calls: int = 50) -> float:
     """Host seconds per call (launches only: the device queue absorbs them), then the top Python costs."""
     fn()
@@ -61,6 +98,7 @@ def main():
     ap.add_argument("--shapes", nargs="+", default=["mixtral", "qwen3_moe"])
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 64, 512, 4096])
     ap.add_argument("--host", type=int, nargs="*", default=[], help="also profile host time at these T")
+    ap.add_argument("--timeline", action="store_true", help="also profile 30 back-to-back calls (gaps, clocks)")
     a = ap.parse_args()
     for shape in a.shapes:
         block, cfg = make_block(shape, "cuda", torch.bfloat16)
@@ -79,6 +117,9 @@ def main():
                   f"with graphs {wall_g:.3f} ms")
             for name, ms in sorted(per.items(), key=lambda kv: -kv[1]):
                 print(f"   {ms:8.4f}  {name}")
+            if a.timeline:
+                with torch.no_grad():
+                    timeline(lambda x=x, m=plain: m(x))
             if t in a.host:
                 with torch.no_grad():
                     host = host_profile(lambda x=x, m=plain: m(x))
