@@ -12,6 +12,7 @@ from moecc.routing import route_reference
 
 triton = pytest.importorskip("triton")
 import moecc.codegen.triton.align as align_module  # noqa: E402
+import moecc.codegen.triton.gating as gating_module  # noqa: E402
 from moecc.codegen.triton.align import align  # noqa: E402
 from moecc.codegen.triton.gating import gating  # noqa: E402
 from moecc.codegen.triton.moe import fused_moe_triton  # noqa: E402
@@ -23,9 +24,7 @@ ROUTINGS = [  # score, topk_first, renorm, n_group, topk_group, selection bias, 
     ("sigmoid", False, False, 1, 1, True, 1.0)]
 
 
-@pytest.mark.parametrize("t,e,k,routing", [(t, e, k, r) for (t, e, k), r in itertools.product(
-    [(0, 8, 2), (1, 3, 1), (7, 8, 2), (300, 64, 8), (7, 64, 8), (300, 3, 2)], ROUTINGS)])
-def test_gating_matches_route(t, e, k, routing):
+def _check_gating(t, e, k, routing):
     score, topk_first, renorm, n_group, topk_group, with_bias, scale = routing
     if e % n_group or (n_group > 1 and e < 4):
         n_group, topk_group = 1, 1
@@ -38,6 +37,22 @@ def test_gating_matches_route(t, e, k, routing):
     order_r, order_g = ri.argsort(-1), gi.argsort(-1)
     assert torch.equal(ri.gather(1, order_r), gi.gather(1, order_g))
     torch.testing.assert_close(gw.gather(1, order_g), rw.gather(1, order_r), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("t,e,k,routing", [(t, e, k, r) for (t, e, k), r in itertools.product(
+    [(0, 8, 2), (1, 3, 1), (7, 8, 2), (300, 64, 8), (7, 64, 8), (300, 3, 2)], ROUTINGS)])
+def test_gating_matches_route(t, e, k, routing):
+    _check_gating(t, e, k, routing)
+
+
+@pytest.mark.parametrize("t,e,k,routing", [(t, e, k, r) for (t, e, k), r in itertools.product(
+    [(300, 64, 8), (37, 8, 2), (300, 3, 2)], ROUTINGS)])
+def test_gating_selects_for_tiles_of_tokens(t, e, k, routing, monkeypatch):
+    """Past ``MIN_PROGRAMS`` tokens a program selects for a tile of them (here from 4 tokens on: tiles of 32, 16
+    and 128 tokens, the last one partial)."""
+    monkeypatch.setattr(gating_module, "MIN_PROGRAMS", 4)
+    assert gating_module.tokens_per_program(t, e) > 1
+    _check_gating(t, e, k, routing)
 
 
 @pytest.mark.parametrize("t,e,k", [(0, 8, 2), (1, 3, 1), (7, 8, 2), (300, 64, 8), (300, 3, 2), (2900, 8, 2),

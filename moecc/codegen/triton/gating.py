@@ -1,5 +1,8 @@
-"""Fused gating: scores, selection bias, group-limited top-k, top-k, renormalisation and scaling in one kernel,
-one program per token."""
+"""Fused gating: scores, selection bias, group-limited top-k, top-k, renormalisation and scaling in one kernel.
+
+Each program selects for a tile of tokens, one token per row, so that the reductions over experts stay inside a
+row and a large T is not one small program per token (on an H100, 16384 Qwen3 tokens took 0.086 ms that way). For
+small T one launch also does the router GEMV, one token per program."""
 
 from __future__ import annotations
 
@@ -9,12 +12,13 @@ import triton.language as tl
 
 
 @triton.jit
-def _select(logits, bias_ptr, weights_ptr, ids_ptr, t, num_experts, scale,
+def _select(logits, bias_ptr, weights_ptr, ids_ptr, t, n_tokens, num_experts, scale,
             K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr, SIGMOID: tl.constexpr,
             TOPK_FIRST: tl.constexpr, RENORM: tl.constexpr, HAS_BIAS: tl.constexpr,
             N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, G_PAD: tl.constexpr):
-    """Scores, selection bias, group-limited top-k, top-k, renormalisation and scaling of one token's logits."""
-    offs = tl.arange(0, E_PAD)
+    """Scores, selection bias, group-limited top-k, top-k, renormalisation and scaling of the logits of tokens
+    ``t`` ([BLOCK_T, E_PAD], one token per row; rows from ``n_tokens`` on are not stored)."""
+    offs = tl.arange(0, E_PAD)[None, :]
     valid = offs < num_experts
     logits = tl.where(valid, logits, -float("inf"))
     if TOPK_FIRST:
@@ -24,8 +28,8 @@ def _select(logits, bias_ptr, weights_ptr, ids_ptr, t, num_experts, scale,
         if SIGMOID:
             probs = 1.0 / (1.0 + tl.exp(-logits))
         else:
-            e = tl.exp(logits - tl.max(logits, 0))
-            probs = e / tl.sum(e, 0)
+            e = tl.exp(logits - tl.max(logits, 1)[:, None])
+            probs = e / tl.sum(e, 1)[:, None]
         choice = probs
         if HAS_BIAS:
             choice = choice + tl.load(bias_ptr + offs, mask=valid, other=0.0).to(tl.float32)
@@ -33,27 +37,27 @@ def _select(logits, bias_ptr, weights_ptr, ids_ptr, t, num_experts, scale,
         if N_GROUP > 1:
             per_group = num_experts // N_GROUP
             group = offs // per_group
-            goffs = tl.arange(0, G_PAD)
-            gscore = tl.full([G_PAD], -float("inf"), tl.float32)
+            goffs = tl.arange(0, G_PAD)[None, :]
+            gscore = tl.full([logits.shape[0], G_PAD], -float("inf"), tl.float32)
             for g in tl.static_range(N_GROUP):
                 vals = tl.where(group == g, choice, -float("inf"))
-                first = tl.max(vals, 0)
-                at = tl.argmax(vals, 0)
-                second = tl.max(tl.where(offs == at, -float("inf"), vals), 0)
+                first = tl.max(vals, 1)
+                at = tl.argmax(vals, 1)
+                second = tl.max(tl.where(offs == at[:, None], -float("inf"), vals), 1)
                 s = tl.where(per_group >= 2, first + second, first)
-                gscore = tl.where(goffs == g, s, gscore)
-            keep = tl.zeros([E_PAD], tl.int1)
+                gscore = tl.where(goffs == g, s[:, None], gscore)
+            keep = tl.zeros(logits.shape, tl.int1)
             for _ in tl.static_range(TOPK_GROUP):
-                best = tl.argmax(gscore, 0)
+                best = tl.argmax(gscore, 1)[:, None]
                 keep = keep | (group == best)
                 gscore = tl.where(goffs == best, -float("inf"), gscore)
             choice = tl.where(keep & valid, choice, -float("inf"))
-    kk = tl.arange(0, K_PAD)
-    chosen_w = tl.zeros([K_PAD], tl.float32)
-    chosen_i = tl.zeros([K_PAD], tl.int64)
+    kk = tl.arange(0, K_PAD)[None, :]
+    chosen_w = tl.zeros([logits.shape[0], K_PAD], tl.float32)
+    chosen_i = tl.zeros([logits.shape[0], K_PAD], tl.int64)
     for j in tl.static_range(K):
-        at = tl.argmax(choice, 0)
-        w = tl.sum(tl.where(offs == at, probs, 0.0), 0)
+        at = tl.argmax(choice, 1)[:, None]
+        w = tl.sum(tl.where(offs == at, probs, 0.0), 1)[:, None]
         chosen_w = tl.where(kk == j, w, chosen_w)
         chosen_i = tl.where(kk == j, at.to(tl.int64), chosen_i)
         choice = tl.where(offs == at, -float("inf"), choice)
@@ -62,28 +66,30 @@ def _select(logits, bias_ptr, weights_ptr, ids_ptr, t, num_experts, scale,
         if SIGMOID:
             chosen_w = 1.0 / (1.0 + tl.exp(-chosen_w))
         else:
-            m = tl.max(tl.where(in_k, chosen_w, -float("inf")), 0)
+            m = tl.max(tl.where(in_k, chosen_w, -float("inf")), 1)[:, None]
             e = tl.where(in_k, tl.exp(chosen_w - m), 0.0)
-            chosen_w = e / tl.sum(e, 0)
+            chosen_w = e / tl.sum(e, 1)[:, None]
     if RENORM:
-        chosen_w = chosen_w / (tl.sum(tl.where(in_k, chosen_w, 0.0), 0) + 1e-20)
+        chosen_w = chosen_w / (tl.sum(tl.where(in_k, chosen_w, 0.0), 1)[:, None] + 1e-20)
     chosen_w = chosen_w * scale
-    tl.store(weights_ptr + t * K + kk, chosen_w, mask=in_k)
-    tl.store(ids_ptr + t * K + kk, chosen_i, mask=in_k)
-
-
+    out = t[:, None] * K + kk
+    store = in_k & (t < n_tokens)[:, None]
+    tl.store(weights_ptr + out, chosen_w, mask=store)
+    tl.store(ids_ptr + out, chosen_i, mask=store)
 
 
 @triton.jit
-def _gating_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, stride_t, num_experts, scale,
-                   K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr, SIGMOID: tl.constexpr,
-                   TOPK_FIRST: tl.constexpr, RENORM: tl.constexpr, HAS_BIAS: tl.constexpr,
+def _gating_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, stride_t, n_tokens, num_experts, scale,
+                   BLOCK_T: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr,
+                   SIGMOID: tl.constexpr, TOPK_FIRST: tl.constexpr, RENORM: tl.constexpr, HAS_BIAS: tl.constexpr,
                    N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, G_PAD: tl.constexpr):
-    t = tl.program_id(0).to(tl.int64)
+    t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs = tl.arange(0, E_PAD)
-    logits = tl.load(logits_ptr + t * stride_t + offs, mask=offs < num_experts, other=-float("inf")).to(tl.float32)
-    _select(logits, bias_ptr, weights_ptr, ids_ptr, t, num_experts, scale, K, K_PAD, E_PAD, SIGMOID, TOPK_FIRST,
-            RENORM, HAS_BIAS, N_GROUP, TOPK_GROUP, G_PAD)
+    # rows past the last token read zeros (not -inf: a row of -inf has NaN scores) and are not stored
+    logits = tl.load(logits_ptr + t[:, None] * stride_t + offs[None, :],
+                     mask=(t < n_tokens)[:, None] & (offs < num_experts)[None, :], other=0.0)
+    _select(logits.to(tl.float32), bias_ptr, weights_ptr, ids_ptr, t, n_tokens, num_experts, scale, K, K_PAD, E_PAD,
+            SIGMOID, TOPK_FIRST, RENORM, HAS_BIAS, N_GROUP, TOPK_GROUP, G_PAD)
 
 
 @triton.jit
@@ -105,8 +111,8 @@ def _gemv_gating_kernel(x_ptr, w_ptr, rb_ptr, bias_ptr, weights_ptr, ids_ptr, st
         acc += tl.sum(w * x[None, :], 1)
     if HAS_ROUTER_BIAS:
         acc += tl.load(rb_ptr + offs_e, mask=offs_e < num_experts, other=0.0).to(tl.float32)
-    _select(acc, bias_ptr, weights_ptr, ids_ptr, t, num_experts, scale, K, K_PAD, E_PAD, SIGMOID, TOPK_FIRST,
-            RENORM, HAS_BIAS, N_GROUP, TOPK_GROUP, G_PAD)
+    _select(acc[None, :], bias_ptr, weights_ptr, ids_ptr, t + tl.arange(0, 1), t + 1, num_experts, scale, K, K_PAD,
+            E_PAD, SIGMOID, TOPK_FIRST, RENORM, HAS_BIAS, N_GROUP, TOPK_GROUP, G_PAD)
 
 
 def _meta(top_k, e, score, topk_first, renormalize, has_bias, n_group, topk_group):
@@ -151,7 +157,19 @@ def gating(logits: torch.Tensor, selection_bias, top_k: int, score: str, topk_fi
         return weights, ids
     logits = logits.contiguous()
     bias = selection_bias if selection_bias is not None else logits
-    _gating_kernel[(t,)](logits, bias, weights, ids, logits.stride(0), e, float(scale),
-                         **_meta(top_k, e, score, topk_first, renormalize, selection_bias is not None, n_group,
-                                 topk_group))
+    block_t = tokens_per_program(t, e)
+    _gating_kernel[(triton.cdiv(t, block_t),)](
+        logits, bias, weights, ids, logits.stride(0), t, e, float(scale), BLOCK_T=block_t,
+        **_meta(top_k, e, score, topk_first, renormalize, selection_bias is not None, n_group, topk_group))
     return weights, ids
+
+
+TILE_ELEMENTS = 2048  # logits per program, at most
+MIN_PROGRAMS = 512  # before tiles grow past one token
+
+
+def tokens_per_program(t: int, num_experts: int) -> int:
+    """A power of two: one token per program up to ``MIN_PROGRAMS`` tokens, then more, up to ``TILE_ELEMENTS``
+    logits a program."""
+    cap = max(1, TILE_ELEMENTS // triton.next_power_of_2(num_experts))
+    return min(cap, triton.next_power_of_2(triton.cdiv(t, MIN_PROGRAMS)))
