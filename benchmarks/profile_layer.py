@@ -123,7 +123,9 @@ def main():
             if t in a.host:
                 with torch.no_grad():
                     host = host_profile(lambda x=x, m=plain: m(x))
-                print(f"== {shape} T={t}: host {host * 1e3:.3f} ms per call (no CUDA graphs)")
+                    print(f"== {shape} T={t}: host {host * 1e3:.3f} ms per call (no CUDA graphs)")
+                    host = host_profile(lambda x=x, m=graphs: m(x))
+                    print(f"== {shape} T={t}: host {host * 1e3:.3f} ms per call (CUDA graphs where they apply)")
         block = plain = graphs = None
         torch.cuda.empty_cache()
 
