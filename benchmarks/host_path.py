@@ -48,6 +48,20 @@ def host_ms(fn, calls: int = CALLS) -> float:
     return ms
 
 
+def dispatch_cost(hidden: int, t: int, e: int = 16, inter: int = 256, k: int = 2) -> None:
+    """Host time of one ``moecc::fused_moe_triton`` call through torch's dispatcher against a direct call of its
+    Python body, same arguments (small experts, so that the kernels stay short)."""
+    x = torch.randn(t, hidden, device="cuda", dtype=torch.bfloat16)
+    weights, ids = torch.randn(t, e, device="cuda").softmax(-1).topk(k, -1)
+    w_up = torch.randn(e, 2 * inter, hidden, device="cuda", dtype=torch.bfloat16) * 0.02
+    w_down = torch.randn(e, hidden, inter, device="cuda", dtype=torch.bfloat16) * 0.02
+    args = (x, weights, ids, w_up, w_down, None, None, "silu", True, 1.0, 0.0, -1, 0.0, 0, 0, "token", "oi_gu")
+    with torch.no_grad():
+        op = host_ms(lambda: torch.ops.moecc.fused_moe_triton(*args), 200)
+        body = host_ms(lambda: moe.fused_moe_triton._init_fn(*args), 200)
+    print(f"== fused_moe_triton through the dispatcher {op * 1e3:.1f} us, its body called directly {body * 1e3:.1f} us")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", nargs="+", default=["qwen3_moe", "mixtral"])
@@ -71,6 +85,7 @@ def main():
             print(f"== {shape} T={t}: host {total:.3f} ms per call (no CUDA graphs)")
             for k, ms in sorted(per.items(), key=lambda kv: -kv[1]):
                 print(f"   {ms:8.4f} ms  {k}")
+        dispatch_cost(cfg.hidden_size, t)
         pairs = torch.zeros(t * 2, cfg.hidden_size, device="cuda", dtype=torch.bfloat16)
         ids = torch.zeros(t, 2, device="cuda", dtype=torch.int64)
         bare = host_ms(lambda p=pairs, i=ids: grouped_gemm.combine(p, i, 8), 200)

@@ -86,7 +86,7 @@ def test_fresh_input_check_allows_bf16_rounding_but_not_wrong_results():
     cm = moecc.compile(model, backend="torch")  # verify=True: the check runs here and must pass
     cm(input_ids=ids, use_cache=False)
     entry = cm._entries[-1]
-    program = entry.gm
-    entry.gm = lambda *a: tuple(o * 1.5 if o.is_floating_point() else o for o in program(*a))  # a wrong program
+    program = entry.runner
+    entry.runner = lambda *a: tuple(o * 1.5 if o.is_floating_point() else o for o in program(*a))  # a wrong program
     with pytest.raises(MoeccError, match="rounding sensitivity"):
         check_fresh(model, entry)

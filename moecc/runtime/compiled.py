@@ -19,6 +19,7 @@ from moecc.ir import MoELayerInfo
 from moecc.passes import DumpIR, PassManager, Timing, default_pipeline
 from moecc.report import graph_summary
 from moecc.runtime.cudagraphs import GraphCache, replays
+from moecc.runtime.direct import direct_calls
 
 log = logging.getLogger("moecc.runtime")
 
@@ -36,6 +37,11 @@ class _Entry:
     backend: str
     example_inputs: list  # the flat inputs of the capture
     graphs: GraphCache | None = None  # CUDA graphs per input shape (decode fast path)
+    runner: object = None  # what calls run: ``gm`` with its moecc ops called directly (``direct_calls``)
+
+    def __post_init__(self) -> None:
+        if self.runner is None:
+            self.runner = direct_calls(self.gm)
 
     def matches(self, flat: list, spec: pytree.TreeSpec) -> bool:
         if spec != self.in_spec or len(flat) != len(self.consts):
@@ -92,10 +98,10 @@ class CompiledModule(nn.Module):
         tensors = [flat[i] for i in entry.tensor_pos]
         if replays(entry.backend, tensors, self.options.get("cuda_graphs")):
             if entry.graphs is None:
-                entry.graphs = GraphCache(entry.gm)
+                entry.graphs = GraphCache(entry.runner)
             outs = entry.graphs(tensors)
         else:
-            outs = entry.gm(*tensors)
+            outs = entry.runner(*tensors)
         return pytree.tree_unflatten(list(outs), entry.out_spec)
 
     def _compile(self, args, kwargs) -> _Entry:
@@ -214,7 +220,7 @@ def check_fresh(model: nn.Module, entry: _Entry, tolerance: float | None = None)
     args, kwargs = pytree.tree_unflatten(fresh, entry.in_spec)
     with torch.no_grad():
         ref = pytree.tree_leaves(model(*args, **kwargs))
-        got = list(entry.gm(*[fresh[i] for i in entry.tensor_pos]))
+        got = list(entry.runner(*[fresh[i] for i in entry.tensor_pos]))
     sensitivity = None
     for r, g in zip(ref, got):
         if isinstance(r, torch.Tensor) and r.is_floating_point():
