@@ -150,6 +150,7 @@ def _load_torch_program(folder: Path, backend: str, device: str):
     from safetensors.torch import load_file
 
     import moecc.codegen.torch.moe  # noqa: F401 - registers the ops the program calls
+    from moecc.runtime.direct import direct_calls
 
     if backend == "triton":
         from moecc.codegen.triton import available
@@ -162,7 +163,7 @@ def _load_torch_program(folder: Path, backend: str, device: str):
         names = json.loads(f.metadata()["order"])
     tensors = load_file(folder / "weights.safetensors", device=device)
     weights = [tensors[n] for n in names]
-    module = torch.export.load(folder / "program.pt2").module()
+    module = direct_calls(torch.export.load(folder / "program.pt2").module(), in_place=True)
     return lambda *inputs: module(*weights, *inputs)
 
 

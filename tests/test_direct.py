@@ -36,3 +36,15 @@ def test_only_moecc_custom_ops_are_swapped():
     assert direct_body(torch.ops.moecc.fused_moe.default) is not None
     gm = torch.fx.symbolic_trace(torch.nn.Linear(3, 4))
     assert direct_calls(gm) is gm  # nothing to swap: the program runs as it is
+
+
+def test_loaded_artifact_calls_moecc_ops_directly(tmp_path):
+    torch.manual_seed(0)
+    model = TinyModel(BmmMoE()).eval()
+    x = torch.randint(0, 50, (2, 8))
+    loaded = moecc.load(moecc.export(model, (x,), tmp_path / "m.moecc", backend="torch"))
+    programs = [c.cell_contents for c in loaded.program.__closure__ or ()
+                if isinstance(c.cell_contents, torch.fx.GraphModule)]  # the loaded program the runner calls
+    assert len(programs) == 1 and not _moecc_ops(programs[0])
+    fresh = torch.randint(0, 50, (3, 5))
+    torch.testing.assert_close(loaded(fresh), model(fresh), rtol=1e-5, atol=1e-6)

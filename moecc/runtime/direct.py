@@ -42,14 +42,23 @@ def _below_autograd(body):
     return call
 
 
-def direct_calls(program):
-    """A GraphModule running ``program``'s moecc ops as direct calls (``program`` itself when it has none, or is
-    not a GraphModule)."""
+def direct_calls(program, in_place: bool = False):
+    """``program`` with its moecc ops called directly: a GraphModule sharing its parameters, or with
+    ``in_place`` the same module, recompiled (for a program that nothing traces or exports again, such as one
+    loaded from an artifact, whose input checks stay as they are). ``program`` itself when it calls none, or is
+    not a GraphModule."""
     if not isinstance(program, fx.GraphModule):
         return program
     swaps = {node.name: body for node in program.graph.nodes
              if node.op == "call_function" and (body := direct_body(node.target)) is not None}
     if not swaps:
+        return program
+    log.debug("%d moecc op calls run without the dispatcher", len(swaps))
+    if in_place:
+        for node in program.graph.nodes:
+            if node.name in swaps:
+                node.target = swaps[node.name]
+        program.recompile()
         return program
     graph = fx.Graph()
     graph.set_codegen(program.graph._codegen)  # e.g. an exported program's pytree handling of its inputs
@@ -58,6 +67,4 @@ def direct_calls(program):
         env[node] = graph.node_copy(node, lambda n: env[n])
         if node.name in swaps:
             env[node].target = swaps[node.name]
-    direct = fx.GraphModule(program, graph, class_name="DirectProgram")
-    log.debug("%d moecc op calls run without the dispatcher", len(swaps))
-    return direct
+    return fx.GraphModule(program, graph, class_name="DirectProgram")
