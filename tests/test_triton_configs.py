@@ -59,3 +59,16 @@ def test_untuned_shape_takes_the_nearest_shipped_one_then_the_heuristic():
     assert configs.nearest_shipped("Some Other GPU", torch.bfloat16, 64, 1024, 2048, 256, "gemm1") is None
     c1, c2 = configs.choose("Some Other GPU", torch.bfloat16, 64, 1024, 2048, 256, 2048)
     assert c1 == configs.heuristic(2048 / 64, torch.bfloat16, False) and c2.block_m == c1.block_m
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="tuning times kernels on a GPU")
+def test_tuning_a_decode_bucket_times_graph_replays_and_stores_tiles(tmp_path, monkeypatch):
+    from moecc.codegen.triton import tune
+
+    monkeypatch.setenv("MOECC_CACHE_DIR", str(tmp_path))
+    timed = []
+    graph_ms = tune._graph_ms
+    monkeypatch.setattr(tune, "_graph_ms", lambda fn: timed.append(graph_ms(fn)) or timed[-1])
+    c1, c2, ms = tune.tune_shape(4, 128, 64, 2, 8, torch.float16)  # 8 tokens: replayed from CUDA graphs
+    assert timed and 0 < ms < float("inf") and c1.block_m == c2.block_m
+    assert configs.lookup(torch.cuda.get_device_name(), torch.float16, 4, 64, 128, 8, "gemm1") == c1
