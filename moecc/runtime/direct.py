@@ -25,10 +25,12 @@ def direct_body(target):
     else None."""
     if not isinstance(target, torch._ops.OpOverload) or target.namespace != "moecc":
         return None
-    opdef = custom_ops.OPDEFS.get(target.name())
-    if opdef is None or set(opdef._backend_fns) != {None} or target._schema.is_mutable:
+    # torch keeps these private: where a release moves them, the op runs through the dispatcher as before
+    opdef = getattr(custom_ops, "OPDEFS", {}).get(target.name())
+    body = getattr(opdef, "_init_fn", None)
+    if body is None or set(getattr(opdef, "_backend_fns", {"?": None})) != {None} or target._schema.is_mutable:
         return None
-    return _below_autograd(opdef._init_fn)
+    return _below_autograd(body)
 
 
 @functools.cache
