@@ -21,17 +21,22 @@ from torch.profiler import ProfilerActivity, profile
 import moecc
 
 
-def kernel_times(fn, calls: int = 10) -> dict[str, float]:
-    fn()
+def device_events(fn, calls: int, warmup: int = 1) -> list:
+    """The profiler's device events (kernels, copies) of ``calls`` back-to-back calls after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(calls):
             fn()
         torch.cuda.synchronize()
+    return [ev for ev in prof.events() if ev.device_type == torch.autograd.DeviceType.CUDA]
+
+
+def kernel_times(fn, calls: int = 10) -> dict[str, float]:
     per = defaultdict(float)
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA:
-            per[ev.name[:60]] += ev.device_time / calls / 1e3
+    for ev in device_events(fn, calls):
+        per[ev.name[:60]] += ev.device_time / calls / 1e3
     return dict(per)
 
 
@@ -39,15 +44,7 @@ def timeline(fn, calls: int = 30) -> None:
     """Back-to-back calls under the profiler: the span of the kernels, the time the GPU sat idle between them (and
     the largest gaps, with the kernels around them) and each kernel's mean time in this sustained run, to tell
     launch gaps from clocks that drop under sustained load (the kernels then just take longer)."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-    kernels = sorted((ev.time_range.start, ev.time_range.end, ev.name[:40]) for ev in prof.events()
-                     if ev.device_type == torch.autograd.DeviceType.CUDA)
+    kernels = sorted((ev.time_range.start, ev.time_range.end, ev.name[:40]) for ev in device_events(fn, calls, 3))
     if not kernels:
         return
     gaps, reach = [], kernels[0][1]
