@@ -67,8 +67,13 @@ def test_tuning_a_decode_bucket_times_graph_replays_and_stores_tiles(tmp_path, m
 
     monkeypatch.setenv("MOECC_CACHE_DIR", str(tmp_path))
     timed = []
-    graph_ms = tune._graph_ms
-    monkeypatch.setattr(tune, "_graph_ms", lambda fn: timed.append(graph_ms(fn)) or timed[-1])
+    graph_timer = tune._graph_timer
+
+    def counting_timer():
+        graph_ms = graph_timer()
+        return lambda fn: timed.append(graph_ms(fn)) or timed[-1]
+
+    monkeypatch.setattr(tune, "_graph_timer", counting_timer)
     c1, c2, ms = tune.tune_shape(4, 128, 64, 2, 8, torch.float16)  # 8 tokens: replayed from CUDA graphs
     assert timed and 0 < ms < float("inf") and c1.block_m == c2.block_m
     assert configs.lookup(torch.cuda.get_device_name(), torch.float16, 4, 64, 128, 8, "gemm1") == c1
