@@ -18,10 +18,10 @@ import argparse
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
 
 # moecc's own tile order and MMA ring, so that the probe times the mainloop the grouped GEMMs run
-from moecc.codegen.triton.ws_gemm import _mma_tile, _tile, _tma_load, _tma_store
+from moecc.codegen.triton.ws_gemm import _mma_tile, _store_tile, _tile, _tma_load
 
 # (BM, BN, BK, stages, GROUP_M, consumer warps)
 VARIANTS = [(128, 256, 64, 3, 8, 8), (128, 256, 64, 3, 1, 8), (128, 128, 64, 4, 8, 4), (128, 128, 64, 6, 8, 4)]
@@ -62,10 +62,7 @@ def _consumer(c_desc, a_bufs, b_bufs, ready, empty, c_smem, M, N, K, GROUP_M: gl
     for tile in range(gl.program_id(0), num_m * num_n, gl.num_programs(0)):
         pid_m, pid_n = _tile(tile, num_m, num_n, GROUP_M)
         acc, it = _mma_tile(a_bufs, b_bufs, ready, ready, empty, acc, it, K, False)
-        tma.store_wait(0)
-        c_smem.store(acc.to(c_desc.dtype))
-        fence_async_shared()
-        _tma_store(c_desc, [pid_m * BM, pid_n * BN], c_smem)
+        _store_tile(c_desc, c_smem, acc, pid_m * BM, pid_n * BN)
     tma.store_wait(0)
 
 

@@ -108,6 +108,15 @@ def _mma_tile(a_bufs, b_bufs, a_ready, b_ready, empty, acc, it, K, GATHERED: gl.
 
 
 @gluon.jit
+def _store_tile(desc, smem, value, row, col):
+    """TMA store of ``value`` at [row, col], through ``smem`` once the previous tile's store has left it."""
+    tma.store_wait(0)
+    smem.store(value.to(desc.dtype))
+    fence_async_shared()
+    _tma_store(desc, [row, col], smem)
+
+
+@gluon.jit
 def _activate(g, ACT: gl.constexpr, alpha):
     if ACT == 0:
         return g / (1.0 + gl.exp(-g))
@@ -189,10 +198,7 @@ def _gemm1_consumer(h_desc, b_ptr, block_expert_ptr, total_ptr, a_bufs, b_bufs, 
                 h = _activate(g, ACT, alpha) * u
         else:
             h = _activate(y, ACT, alpha)
-        tma.store_wait(0)
-        c_smem.store(h.to(h_desc.dtype))
-        fence_async_shared()
-        _tma_store(h_desc, [pid_m * BM, pid_n * OUT_N], c_smem)
+        _store_tile(h_desc, c_smem, h, pid_m * BM, pid_n * OUT_N)
     tma.store_wait(0)
 
 
