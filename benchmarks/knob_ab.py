@@ -33,16 +33,16 @@ def main() -> int:
     print(f"{'shape':<10} {'T':>6} " + " ".join(f"{v:>16}" for v in args.values))
     for shape in args.shapes:
         block, cfg = make_block(shape, "cuda", torch.bfloat16)
-        cm = moecc.compile(block, backend="triton", verify=False)
+        # one program per setting: a CUDA graph captured under one setting would replay it under the others
+        programs = {v: moecc.compile(block, backend="triton", verify=False) for v in args.values}
         for t in args.tokens:
             xs = [torch.randn(1, t, cfg.hidden_size, device="cuda", dtype=torch.bfloat16) for _ in range(INPUT_SETS)]
-            fns = [lambda x=x, m=cm: m(x) for x in xs]
             times: dict[str, list[float]] = {v: [] for v in args.values}
             with torch.no_grad():
                 for _ in range(args.rounds):
                     for value in args.values:
                         os.environ[args.knob] = value
-                        times[value].append(cuda_time(fns))
+                        times[value].append(cuda_time([lambda x=x, m=programs[value]: m(x) for x in xs]))
             first = statistics.median(times[args.values[0]])
             cells = []
             for value in args.values:
@@ -50,7 +50,7 @@ def main() -> int:
                 spread = max(times[value]) / min(times[value])
                 cells.append(f"{med:7.3f} {med / first:4.2f}x ±{(spread - 1) * 50:.0f}%")
             print(f"{shape:<10} {t:>6} " + " ".join(f"{c:>16}" for c in cells), flush=True)
-        block = cm = None
+        block = programs = None
         torch.cuda.empty_cache()
     if before is None:
         os.environ.pop(args.knob, None)

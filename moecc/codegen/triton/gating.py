@@ -2,7 +2,8 @@
 
 Each program selects for a tile of tokens, one token per row, so that the reductions over experts stay inside a
 row and a large T is not one small program per token (on an H100, 16384 Qwen3 tokens took 0.086 ms that way). For
-small T one launch also does the router GEMV, one token per program."""
+small T one launch also does the router GEMV, a few experts of one token per program; the last of a token's programs
+to finish selects for it."""
 
 from __future__ import annotations
 
@@ -93,26 +94,35 @@ def _gating_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, stride_t, n_token
 
 
 @triton.jit
-def _gemv_gating_kernel(x_ptr, w_ptr, rb_ptr, bias_ptr, weights_ptr, ids_ptr, stride_x, stride_w, hidden,
-                        num_experts, scale, HAS_ROUTER_BIAS: tl.constexpr, BLOCK_H: tl.constexpr,
-                        K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr, SIGMOID: tl.constexpr,
-                        TOPK_FIRST: tl.constexpr, RENORM: tl.constexpr, HAS_BIAS: tl.constexpr,
+def _gemv_gating_kernel(x_ptr, w_ptr, rb_ptr, bias_ptr, logits_ptr, arrived_ptr, weights_ptr, ids_ptr, stride_x,
+                        stride_w, hidden, num_experts, scale, HAS_ROUTER_BIAS: tl.constexpr, ROWS: tl.constexpr,
+                        BLOCK_H: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr,
+                        SIGMOID: tl.constexpr, TOPK_FIRST: tl.constexpr, RENORM: tl.constexpr, HAS_BIAS: tl.constexpr,
                         N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, G_PAD: tl.constexpr):
-    """Small T: the router GEMV of one token in fp32, then the same selection; one launch for all of gating."""
+    """Small T: the router GEMV in fp32, ``ROWS`` experts of one token per program, then the same selection, run by
+    the token's last program to finish (it counts arrivals in ``arrived``); one launch for all of gating."""
     t = tl.program_id(0).to(tl.int64)
-    offs_e = tl.arange(0, E_PAD)
+    rows = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
+    rows_ok = rows < num_experts
     offs_h = tl.arange(0, BLOCK_H)
-    acc = tl.zeros([E_PAD], tl.float32)
+    acc = tl.zeros([ROWS, BLOCK_H], tl.float32)
     for start in range(0, hidden, BLOCK_H):
         h_ok = start + offs_h < hidden
         x = tl.load(x_ptr + t * stride_x + start + offs_h, mask=h_ok, other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + offs_e[:, None] * stride_w + start + offs_h[None, :],
-                    mask=(offs_e < num_experts)[:, None] & h_ok[None, :], other=0.0).to(tl.float32)
-        acc += tl.sum(w * x[None, :], 1)
+        w = tl.load(w_ptr + rows[:, None] * stride_w + start + offs_h[None, :], mask=rows_ok[:, None] & h_ok[None, :],
+                    other=0.0).to(tl.float32)
+        acc += w * x[None, :]
+    logits = tl.sum(acc, 1)
     if HAS_ROUTER_BIAS:
-        acc += tl.load(rb_ptr + offs_e, mask=offs_e < num_experts, other=0.0).to(tl.float32)
-    _select(acc[None, :], bias_ptr, weights_ptr, ids_ptr, t + tl.arange(0, 1), t + 1, num_experts, scale, K, K_PAD,
-            E_PAD, SIGMOID, TOPK_FIRST, RENORM, HAS_BIAS, N_GROUP, TOPK_GROUP, G_PAD)
+        logits += tl.load(rb_ptr + rows, mask=rows_ok, other=0.0).to(tl.float32)
+    tl.store(logits_ptr + t * E_PAD + rows, logits, mask=rows_ok)
+    # release: this program's logits are visible to whichever program sees the last arrival (acquire)
+    if tl.atomic_add(arrived_ptr + t, 1, sem="acq_rel") == tl.num_programs(1) - 1:
+        offs_e = tl.arange(0, E_PAD)
+        all_logits = tl.load(logits_ptr + t * E_PAD + offs_e, mask=offs_e < num_experts, other=0.0,
+                             cache_modifier=".cg")
+        _select(all_logits[None, :], bias_ptr, weights_ptr, ids_ptr, t + tl.arange(0, 1), t + 1, num_experts, scale,
+                K, K_PAD, E_PAD, SIGMOID, TOPK_FIRST, RENORM, HAS_BIAS, N_GROUP, TOPK_GROUP, G_PAD)
 
 
 def _meta(top_k, e, score, topk_first, renormalize, has_bias, n_group, topk_group):
@@ -124,6 +134,10 @@ def _meta(top_k, e, score, topk_first, renormalize, has_bias, n_group, topk_grou
 
 
 GEMV_MAX_TOKENS = 64  # up to here one fused launch beats a GEMM plus a gating launch
+# a router GEMV program reads up to this many weights in steps of up to ROUTER_BLOCK_H: a single program per token
+# looping over all experts took 8-9 us on an H100 at T=1 (each step waiting on its load), for 64-512 KB of weights
+ROUTER_TILE_ELEMENTS = 8192
+ROUTER_BLOCK_H = 4096
 
 
 def fused_gating(x: torch.Tensor, router_weight: torch.Tensor, router_bias, selection_bias, top_k: int, score: str,
@@ -138,11 +152,15 @@ def fused_gating(x: torch.Tensor, router_weight: torch.Tensor, router_bias, sele
         return weights, ids
     x, w = x.contiguous(), router_weight.contiguous()
     bias = selection_bias if selection_bias is not None else w
-    block_h = min(128, triton.next_power_of_2(hidden))
-    _gemv_gating_kernel[(t,)](
-        x, w, router_bias if router_bias is not None else w, bias, weights, ids, x.stride(0), w.stride(0), hidden, e,
-        float(scale), HAS_ROUTER_BIAS=router_bias is not None, BLOCK_H=block_h,
-        **_meta(top_k, e, score, topk_first, renormalize, selection_bias is not None, n_group, topk_group))
+    block_h = min(triton.next_power_of_2(hidden), ROUTER_BLOCK_H)
+    rows = min(max(1, ROUTER_TILE_ELEMENTS // block_h), triton.next_power_of_2(e))
+    meta = _meta(top_k, e, score, topk_first, renormalize, selection_bias is not None, n_group, topk_group)
+    logits = torch.empty((t, meta["E_PAD"]), dtype=torch.float32, device=x.device)
+    arrived = torch.zeros(t, dtype=torch.int32, device=x.device)
+    _gemv_gating_kernel[(t, triton.cdiv(e, rows))](
+        x, w, router_bias if router_bias is not None else w, bias, logits, arrived, weights, ids, x.stride(0),
+        w.stride(0), hidden, e, float(scale), HAS_ROUTER_BIAS=router_bias is not None, ROWS=rows, BLOCK_H=block_h,
+        **meta)
     return weights, ids
 
 
@@ -158,14 +176,21 @@ def gating(logits: torch.Tensor, selection_bias, top_k: int, score: str, topk_fi
     logits = logits.contiguous()
     bias = selection_bias if selection_bias is not None else logits
     block_t = tokens_per_program(t, e)
+    meta = _meta(top_k, e, score, topk_first, renormalize, selection_bias is not None, n_group, topk_group)
     _gating_kernel[(triton.cdiv(t, block_t),)](
         logits, bias, weights, ids, logits.stride(0), t, e, float(scale), BLOCK_T=block_t,
-        **_meta(top_k, e, score, topk_first, renormalize, selection_bias is not None, n_group, topk_group))
+        num_warps=_warps(block_t * meta["E_PAD"]), **meta)
     return weights, ids
 
 
 TILE_ELEMENTS = 2048  # logits per program, at most
 MIN_PROGRAMS = 512  # before tiles grow past one token
+
+
+def _warps(elements: int) -> int:
+    """Warps for a selection over ``elements`` logits: one warp reduces a row of up to 256 with shuffles alone, where
+    four also meet in shared memory for each of the k argmaxes (4.1 us for one Qwen3 token on an H100)."""
+    return max(1, min(4, elements // 256))
 
 
 def tokens_per_program(t: int, num_experts: int) -> int:

@@ -9,7 +9,7 @@ import os
 import torch
 from torch import Tensor
 
-from moecc.codegen.triton import configs
+from moecc.codegen.triton import configs, decode
 from moecc.codegen.triton.align import align
 from moecc.codegen.triton.gating import GEMV_MAX_TOKENS, fused_gating, gating
 from moecc.codegen.triton.grouped_gemm import combine, gemm1, gemm2
@@ -50,15 +50,19 @@ def _maybe_tune(x: Tensor, num_experts: int, hidden: int, inter: int, top_k: int
 
 def run_experts(x, weights, ids, w_up, w_down, b_up, b_down, activation, gated, alpha, limit, cfg1, cfg2,
                 shared_up=None, shared_down=None, interleaved: bool = False):
-    """The launches after gating: align, GEMM 1 (+activation), GEMM 2 (+weights), combine. Ids ``>= E`` address
-    ``shared_up``/``shared_down`` (same per-expert shapes, strides and layout) when given. ``interleaved``: gated
-    up weights in the ``oi_gu`` layout."""
+    """The launches after gating: align, GEMM 1 (+activation), GEMM 2 (+weights), combine; for a few tokens the
+    two pair-wise GEMVs of ``decode`` instead. Ids ``>= E`` address ``shared_up``/``shared_down`` (same per-expert
+    shapes, strides and layout) when given. ``interleaved``: gated up weights in the ``oi_gu`` layout."""
     t, k = ids.shape
+    x = x.contiguous()
+    if decode.use_decode(t):
+        return decode.experts(x, weights, ids, w_up, w_down, b_up, b_down, activation, gated, alpha, limit,
+                              w_up if shared_up is None else shared_up, w_down if shared_down is None else shared_down,
+                              interleaved)
     num_routed = w_up.shape[0]
     num_experts = num_routed + (0 if shared_up is None else shared_up.shape[0])
     n_pairs = t * k
     aligned = align(ids, num_experts, cfg1.block_m)
-    x = x.contiguous()
     h = gemm1(x, w_up, w_up if shared_up is None else shared_up, b_up, aligned, n_pairs, k, gated, activation,
               alpha, limit, cfg1, interleaved)
     pairs = gemm2(h, w_down, w_down if shared_down is None else shared_down, b_down, weights.reshape(-1), aligned,

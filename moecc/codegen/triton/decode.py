@@ -1,0 +1,141 @@
+"""Decode experts: two pair-wise GEMV launches, no align, and the combine folded into the second.
+
+At a handful of tokens every pair reads its own expert's weights (the top-k of one token are distinct experts), so
+sorting pairs by expert buys no weight reuse; it costs the two align launches, a combine launch and row blocks of
+which one row in 16 is real. Here GEMM 1 is one program per (pair, column block) that gathers its token's row and
+streams the expert's gate and up rows, and GEMM 2 is one program per (token, column block) that sums the token's
+k pairs, weighted, in slot order (deterministic, accumulated in fp32, no atomics). Both stream the weights with
+plain coalesced loads along K in short steps over many programs (``_blocks``).
+
+Knob ``MOECC_TRITON_DECODE_MAX_TOKENS``: the largest token count that takes this path (0: never)."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from moecc import knobs
+from moecc.codegen.triton.grouped_gemm import ACT_IDS, _epilogue1, _expert_base
+
+
+@triton.jit
+def _rows_dot(x_ptr, w_ptr, rows, rows_ok, stride_wn, K, BLOCK_K: tl.constexpr):
+    """[len(rows)] fp32: the weight rows ``rows`` (from ``w_ptr``) dotted with the vector at ``x_ptr``."""
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((rows.shape[0],), tl.float32)
+    w_ptrs = w_ptr + rows[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
+    for k in range(0, K, BLOCK_K):
+        k_ok = k + offs_k < K
+        x = tl.load(x_ptr + k + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+        w = tl.load(w_ptrs + k, mask=rows_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(w * x[None, :], 1)
+    return acc
+
+
+@triton.jit(do_not_specialize=["top_k", "num_routed", "num_experts"])
+def _up_kernel(x_ptr, ids_ptr, w_ptr, ws_ptr, b_ptr, h_ptr, top_k, num_routed, num_experts, N, K, stride_xm,
+               stride_we, stride_wn, stride_be, stride_hm, alpha, limit, GATED: tl.constexpr,
+               INTERLEAVED: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, CLAMP: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pair = tl.program_id(0).to(tl.int64)
+    e = tl.load(ids_ptr + pair)
+    if (e < 0) | (e >= num_experts):  # null or dropped: GEMM 2 skips the pair
+        return
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    if INTERLEAVED:  # oi_gu: gate n at row 2n, up n at row 2n+1
+        gate_row = offs_n * 2
+        up_offset = 1
+    else:
+        gate_row = offs_n
+        up_offset = N
+    w_base = _expert_base(w_ptr, ws_ptr, e, num_routed, stride_we)
+    x_row = x_ptr + (pair // top_k) * stride_xm
+    g = _rows_dot(x_row, w_base, gate_row, n_ok, stride_wn, K, BLOCK_K)[None, :]
+    u = g
+    if GATED:
+        u = _rows_dot(x_row, w_base, gate_row + up_offset, n_ok, stride_wn, K, BLOCK_K)[None, :]
+    h = _epilogue1(g, u, b_ptr + e * stride_be, gate_row, up_offset, n_ok, alpha, limit, GATED, ACT, HAS_BIAS, CLAMP)
+    tl.store(h_ptr + pair * stride_hm + offs_n[None, :], h.to(h_ptr.dtype.element_ty), mask=n_ok[None, :])
+
+
+@triton.jit(do_not_specialize=["num_routed", "num_experts"])
+def _down_kernel(h_ptr, ids_ptr, weights_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, num_routed, num_experts, N, K,
+                 stride_hm, stride_we, stride_wn, stride_be, stride_om, TOP_K: tl.constexpr, K_PAD: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One token's k pairs at once: a [K_PAD, BLOCK_N, BLOCK_K] tile of their experts' rows per step, so that the
+    loads of all k pairs are in flight together."""
+    t = tl.program_id(0).to(tl.int64)
+    slot = tl.arange(0, K_PAD)
+    pair = t * TOP_K + slot
+    e = tl.load(ids_ptr + pair, mask=slot < TOP_K, other=-1)
+    live = (e >= 0) & (e < num_experts)
+    routed = e < num_routed
+    w_off = tl.where(routed, e, e - num_routed) * stride_we
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    rows = (w_off[:, None] + offs_n[None, :].to(tl.int64) * stride_wn)[:, :, None] + offs_k[None, None, :]
+    w_ptrs = tl.where(routed[:, None, None], w_ptr + rows, ws_ptr + rows)
+    h_ptrs = h_ptr + pair[:, None] * stride_hm + offs_k[None, :]
+    w_ok = (live[:, None] & n_ok[None, :])[:, :, None]
+    y = tl.zeros((K_PAD, BLOCK_N), tl.float32)
+    for k in range(0, K, BLOCK_K):
+        k_ok = k + offs_k < K
+        h = tl.load(h_ptrs + k, mask=live[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        w = tl.load(w_ptrs + k, mask=w_ok & k_ok[None, None, :], other=0.0).to(tl.float32)
+        y += tl.sum(w * h[:, None, :], 2)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + e[:, None] * stride_be + offs_n[None, :], mask=live[:, None] & n_ok[None, :],
+                     other=0.0).to(tl.float32)
+    weight = tl.load(weights_ptr + pair, mask=live, other=0.0)
+    out = tl.sum(tl.where(live[:, None], y * weight[:, None], 0.0), 0)
+    tl.store(out_ptr + t * stride_om + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_ok)
+
+
+def use_decode(tokens: int) -> bool:
+    return 0 < tokens <= knobs.TRITON_DECODE_MAX_TOKENS.get()
+
+
+TILE_ELEMENTS = 8192  # weight elements a program loads per step: 16 KB in 16-bit types
+NUM_WARPS = 4
+BLOCK_K = 0  # a fixed K step (benchmarks/decode_ab.py sweeps it); 0: the rule of ``_blocks``
+
+
+def _blocks(rows_per_column: int, k: int) -> tuple[int, int]:
+    """(columns, K) of a program's step, ``TILE_ELEMENTS`` weights of ``rows_per_column`` rows per column: K in
+    steps of 512 up to K = 2048, of 2048 past it. Short steps over many programs keep the loads of the whole GPU in
+    flight; on an H100 (``benchmarks/decode_ab.py``) Qwen3's K of 2048 and 768 ran best in steps of 512 (42.8–44.4
+    against 47.5–50.3 us for both GEMVs at T=1), Mixtral's 4096 and 14336 in steps of 2048 (243.6 against 264.1)."""
+    block_k = min(triton.next_power_of_2(k), BLOCK_K or (512 if k <= 2048 else 2048))
+    return max(1, TILE_ELEMENTS // (block_k * rows_per_column)), block_k
+
+
+def experts(x, weights, ids, w_up, w_down, b_up, b_down, activation: str, gated: bool, alpha: float, limit: float,
+            shared_up, shared_down, interleaved: bool) -> torch.Tensor:
+    """The experts and the combine of ``run_experts`` for few tokens: out [T, H]. Ids ``>= E`` address
+    ``shared_up``/``shared_down``; ids outside [0, E + shared) do no compute."""
+    t, k = ids.shape
+    num_routed, up_rows, hidden = w_up.shape
+    num_experts = num_routed + (shared_up.shape[0] if shared_up is not w_up else 0)
+    inter = up_rows // 2 if gated else up_rows
+    n_pairs = t * k
+    h = torch.empty((n_pairs, inter), dtype=x.dtype, device=x.device)
+    block_n, block_k = _blocks(2 if gated else 1, hidden)
+    block_n = min(block_n, triton.next_power_of_2(inter))
+    _up_kernel[(n_pairs, triton.cdiv(inter, block_n))](
+        x, ids, w_up, shared_up, b_up if b_up is not None else w_up, h, k, num_routed, num_experts, inter, hidden,
+        x.stride(0), w_up.stride(0), w_up.stride(1), b_up.stride(0) if b_up is not None else 0, h.stride(0),
+        float(alpha), float(limit), GATED=gated, INTERLEAVED=interleaved and gated, ACT=ACT_IDS[activation],
+        HAS_BIAS=b_up is not None, CLAMP=limit > 0, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=NUM_WARPS)
+    out = torch.empty((t, hidden), dtype=x.dtype, device=x.device)
+    k_pad = triton.next_power_of_2(k)
+    block_n, block_k = _blocks(k_pad, inter)
+    block_n = min(block_n, triton.next_power_of_2(hidden))
+    _down_kernel[(t, triton.cdiv(hidden, block_n))](
+        h, ids, weights, w_down, shared_down, b_down if b_down is not None else w_down, out, num_routed, num_experts,
+        hidden, inter, h.stride(0), w_down.stride(0), w_down.stride(1), b_down.stride(0) if b_down is not None else 0,
+        out.stride(0), TOP_K=k, K_PAD=k_pad, HAS_BIAS=b_down is not None, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=NUM_WARPS)
+    return out
