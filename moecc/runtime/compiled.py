@@ -42,6 +42,19 @@ class _Entry:
     def __post_init__(self) -> None:
         if self.runner is None:
             self.runner = direct_calls(self.gm)
+        # positional tensors only: calls are matched without flattening (pytree's flatten took 9 us of a 79 us
+        # decode call on an H100 host)
+        n = len(self.tensor_pos)
+        plain = self.tensor_pos == list(range(n)) and len(self.consts) == n
+        self.plain_arity = n if plain and self.in_spec == pytree.tree_flatten(((0,) * n, {}))[1] else None
+
+    def matches_tensors(self, tensors) -> bool:
+        for t, shape, dtype in zip(tensors, self.shapes, self.dtypes):
+            if not isinstance(t, torch.Tensor) or t.dim() != len(shape) or t.dtype != dtype:
+                return False
+            if any(s is not None and s != d for s, d in zip(shape, t.shape)):
+                return False
+        return True
 
     def matches(self, flat: list, spec: pytree.TreeSpec) -> bool:
         if spec != self.in_spec or len(flat) != len(self.consts):
@@ -49,13 +62,7 @@ class _Entry:
         for v, c in zip(flat, self.consts):
             if not isinstance(v, torch.Tensor) and (c is None or v != c):
                 return False
-        for i, shape, dtype in zip(self.tensor_pos, self.shapes, self.dtypes):
-            t = flat[i]
-            if not isinstance(t, torch.Tensor) or t.dim() != len(shape) or t.dtype != dtype:
-                return False
-            if any(s is not None and s != d for s, d in zip(shape, t.shape)):
-                return False
-        return True
+        return self.matches_tensors([flat[i] for i in self.tensor_pos])
 
 
 def _fresh_like(inputs: list) -> list:
@@ -91,11 +98,17 @@ class CompiledModule(nn.Module):
         return list(self._entries[-1].layers.values())
 
     def forward(self, *args, **kwargs):
-        flat, spec = pytree.tree_flatten((args, kwargs))
-        entry = next((e for e in self._entries if e.matches(flat, spec)), None)
-        if entry is None:
-            entry = self._compile(args, kwargs)
-        tensors = [flat[i] for i in entry.tensor_pos]
+        entry = None
+        if not kwargs:
+            entry = next((e for e in self._entries if e.plain_arity == len(args) and e.matches_tensors(args)), None)
+        if entry is not None:
+            tensors = list(args)
+        else:
+            flat, spec = pytree.tree_flatten((args, kwargs))
+            entry = next((e for e in self._entries if e.matches(flat, spec)), None)
+            if entry is None:
+                entry = self._compile(args, kwargs)
+            tensors = [flat[i] for i in entry.tensor_pos]
         if replays(entry.backend, tensors, self.options.get("cuda_graphs")):
             if entry.graphs is None:
                 entry.graphs = GraphCache(entry.runner)

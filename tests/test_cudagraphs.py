@@ -1,0 +1,62 @@
+"""CUDA graph replay (``moecc/runtime/cudagraphs.py``): outputs are handed out without copies, and never overwritten
+while the caller holds them."""
+
+import pytest
+import torch
+
+from moecc.runtime import cudagraphs
+from moecc.runtime.cudagraphs import GraphCache
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def _program(x):
+    return (torch.relu(x) * 2 + 1,)
+
+
+def _ref(x):
+    return _program(x)[0]
+
+
+def test_replays_hand_out_aliases_and_keep_held_outputs():
+    cache = GraphCache(_program)
+    xs = [torch.randn(4, 8, device="cuda") for _ in range(3)]
+    first = cache([xs[0]])[0]
+    view = first[1:]  # a view of a held output keeps its graph busy too
+    kept = cache([xs[1]])[0]
+    torch.testing.assert_close(first, _ref(xs[0]))
+    torch.testing.assert_close(view, _ref(xs[0])[1:])
+    torch.testing.assert_close(kept, _ref(xs[1]))
+    assert len(cache.graphs[next(iter(cache.graphs))]) == 2  # a second instance served while the first was held
+    del first, view, kept
+    for x in xs:  # nothing held: one instance serves every call
+        torch.testing.assert_close(cache([x])[0], _ref(x))
+    assert len(cache.graphs[next(iter(cache.graphs))]) == 2
+
+
+def test_all_instances_held_runs_without_graphs():
+    cache = GraphCache(_program)
+    xs = [torch.randn(2, 8, device="cuda") for _ in range(cudagraphs.INSTANCES + 2)]
+    held = [cache([x])[0] for x in xs]
+    assert len(cache.graphs[next(iter(cache.graphs))]) == cudagraphs.INSTANCES
+    for x, out in zip(xs, held):
+        torch.testing.assert_close(out, _ref(x))
+
+
+def test_an_output_fed_back_as_input():
+    cache = GraphCache(_program)
+    x = torch.randn(3, 8, device="cuda")
+    y = cache([x])[0]
+    z = cache([y])[0]
+    torch.testing.assert_close(y, _ref(x))
+    torch.testing.assert_close(z, _ref(_ref(x)))
+
+
+def test_without_use_counts_outputs_are_copies(monkeypatch):
+    monkeypatch.setattr(cudagraphs, "_use_count", None)
+    cache = GraphCache(_program)
+    xs = [torch.randn(4, 8, device="cuda") for _ in range(3)]
+    outs = [cache([x])[0] for x in xs]
+    assert len(cache.graphs[next(iter(cache.graphs))]) == 1
+    for x, out in zip(xs, outs):
+        torch.testing.assert_close(out, _ref(x))
