@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from moecc import knobs
-from moecc.codegen.triton.grouped_gemm import ACT_IDS, _epilogue1, _expert_base
+from moecc.codegen.triton.grouped_gemm import ACT_IDS, _epilogue1, _expert_base, _gate_up_rows
 
 
 @triton.jit
@@ -44,12 +44,7 @@ def _up_kernel(x_ptr, ids_ptr, w_ptr, ws_ptr, b_ptr, h_ptr, top_k, num_routed, n
         return
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
-    if INTERLEAVED:  # oi_gu: gate n at row 2n, up n at row 2n+1
-        gate_row = offs_n * 2
-        up_offset = 1
-    else:
-        gate_row = offs_n
-        up_offset = N
+    gate_row, up_offset = _gate_up_rows(offs_n, N, INTERLEAVED)
     w_base = _expert_base(w_ptr, ws_ptr, e, num_routed, stride_we)
     x_row = x_ptr + (pair // top_k) * stride_xm
     g = _rows_dot(x_row, w_base, gate_row, n_ok, stride_wn, K, BLOCK_K)[None, :]
@@ -103,13 +98,15 @@ NUM_WARPS = 4
 BLOCK_K = 0  # a fixed K step (benchmarks/decode_ab.py sweeps it); 0: the rule of ``_blocks``
 
 
-def _blocks(rows_per_column: int, k: int) -> tuple[int, int]:
-    """(columns, K) of a program's step, ``TILE_ELEMENTS`` weights of ``rows_per_column`` rows per column: K in
+def _blocks(rows_per_column: int, k: int, columns: int) -> tuple[int, int]:
+    """(columns, K) of a program's step, ``TILE_ELEMENTS`` weights of ``rows_per_column`` rows per column (no more
+    columns than the power of two above ``columns``): K in
     steps of 512 up to K = 2048, of 2048 past it. Short steps over many programs keep the loads of the whole GPU in
     flight; on an H100 (``benchmarks/decode_ab.py``) Qwen3's K of 2048 and 768 ran best in steps of 512 (42.8–44.4
     against 47.5–50.3 us for both GEMVs at T=1), Mixtral's 4096 and 14336 in steps of 2048 (243.6 against 264.1)."""
     block_k = min(triton.next_power_of_2(k), BLOCK_K or (512 if k <= 2048 else 2048))
-    return max(1, TILE_ELEMENTS // (block_k * rows_per_column)), block_k
+    block_n = max(1, TILE_ELEMENTS // (block_k * rows_per_column))
+    return min(block_n, triton.next_power_of_2(columns)), block_k
 
 
 def experts(x, weights, ids, w_up, w_down, b_up, b_down, activation: str, gated: bool, alpha: float, limit: float,
@@ -122,8 +119,7 @@ def experts(x, weights, ids, w_up, w_down, b_up, b_down, activation: str, gated:
     inter = up_rows // 2 if gated else up_rows
     n_pairs = t * k
     h = torch.empty((n_pairs, inter), dtype=x.dtype, device=x.device)
-    block_n, block_k = _blocks(2 if gated else 1, hidden)
-    block_n = min(block_n, triton.next_power_of_2(inter))
+    block_n, block_k = _blocks(2 if gated else 1, hidden, inter)
     _up_kernel[(n_pairs, triton.cdiv(inter, block_n))](
         x, ids, w_up, shared_up, b_up if b_up is not None else w_up, h, k, num_routed, num_experts, inter, hidden,
         x.stride(0), w_up.stride(0), w_up.stride(1), b_up.stride(0) if b_up is not None else 0, h.stride(0),
@@ -131,8 +127,7 @@ def experts(x, weights, ids, w_up, w_down, b_up, b_down, activation: str, gated:
         HAS_BIAS=b_up is not None, CLAMP=limit > 0, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=NUM_WARPS)
     out = torch.empty((t, hidden), dtype=x.dtype, device=x.device)
     k_pad = triton.next_power_of_2(k)
-    block_n, block_k = _blocks(k_pad, inter)
-    block_n = min(block_n, triton.next_power_of_2(hidden))
+    block_n, block_k = _blocks(k_pad, inter, hidden)
     _down_kernel[(t, triton.cdiv(hidden, block_n))](
         h, ids, weights, w_down, shared_down, b_down if b_down is not None else w_down, out, num_routed, num_experts,
         hidden, inter, h.stride(0), w_down.stride(0), w_down.stride(1), b_down.stride(0) if b_down is not None else 0,

@@ -82,6 +82,15 @@ def _expert_base(w_ptr, ws_ptr, e, num_routed, stride_we):
 
 
 @triton.jit
+def _gate_up_rows(offs_n, N, INTERLEAVED: tl.constexpr):
+    """(gate weight rows of output columns ``offs_n``, offset from a gate row to its up row): ``oi_gu`` has gate n at
+    row 2n and up n at row 2n+1, ``oi`` gate n at row n and up n at row N+n."""
+    if INTERLEAVED:
+        return offs_n * 2, 1
+    return offs_n, N
+
+
+@triton.jit
 def _epilogue1(acc_g, acc_u, bias_ptr, gate_row, up_offset, n_ok, alpha, limit, GATED: tl.constexpr,
                ACT: tl.constexpr, HAS_BIAS: tl.constexpr, CLAMP: tl.constexpr):
     """Bias (read at the weight rows' positions), GPT-OSS clamp and (gated) activation of GEMM 1's tile."""
@@ -119,12 +128,7 @@ def _gemm1_kernel(x_ptr, w_ptr, ws_ptr, b_ptr, h_ptr, sorted_ptr, block_expert_p
     n_ok = offs_n < N
     a_ptrs = x_ptr + tok[:, None] * stride_xm + offs_k[None, :]
     w_base = _expert_base(w_ptr, ws_ptr, e, num_routed, stride_we)
-    if INTERLEAVED:  # oi_gu: gate n at row 2n, up n at row 2n+1
-        gate_row = offs_n * 2
-        up_offset = 1
-    else:
-        gate_row = offs_n
-        up_offset = N
+    gate_row, up_offset = _gate_up_rows(offs_n, N, INTERLEAVED)
     g_ptrs = w_base + gate_row[None, :] * stride_wn + offs_k[:, None] * stride_wk
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
