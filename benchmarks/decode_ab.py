@@ -4,13 +4,15 @@
 
 Times the experts and the combine only (no gating), from CUDA graphs with the L2 flushed before every call (as in
 the tuner: a decode step's weights are not L2-resident in a model), for the grouped path (align, GEMM 1, GEMM 2,
-combine, with the shipped or tuned tiles) and for the GEMVs under a few launch settings. Prints us per call, the
+combine, with the shipped or tuned tiles) and for the GEMVs under a few launch settings (tile size, K step of both
+GEMVs and of GEMV 2 alone, warps, GEMV 2 as a programmatic dependent launch or not). Prints us per call, the
 weight bytes streamed per us (TB/s) and each setting's ratio to the grouped path."""
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import os
 
 import torch
 
@@ -27,11 +29,13 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     ap.add_argument("--tile-elements", type=int, nargs="+", default=[4096, 8192, 16384])
     ap.add_argument("--block-k", type=int, nargs="+", default=[0, 512, 2048], help="0: the shipped rule")
+    ap.add_argument("--down-block-k", type=int, nargs="+", default=[0], help="GEMV 2's K step; 0: as GEMV 1")
     ap.add_argument("--warps", type=int, nargs="+", default=[4, 8])
+    ap.add_argument("--pdl", nargs="+", default=["1", "0"], help="MOECC_TRITON_PDL values")
     ap.add_argument("--every", action="store_true", help="print every setting, not only the default and the best")
     args = ap.parse_args()
     timer = _graph_timer()
-    settings = list(itertools.product(args.tile_elements, args.block_k, args.warps))
+    settings = list(itertools.product(args.tile_elements, args.block_k, args.down_block_k, args.warps, args.pdl))
     print(f"{torch.cuda.get_device_name()}: us per call (TB/s of expert weights), L2 flushed before each call")
     for shape in args.shapes:
         e, hidden, inter, k = SHAPES[shape]
@@ -50,29 +54,32 @@ def main() -> int:
             ref = _grouped(common, cfg1, cfg2).float()
             row = [f"grouped {grouped * 1e3:7.1f} ({weight_bytes / grouped / 1e9:4.2f})"]
             best = None
-            shipped = (decode.TILE_ELEMENTS, decode.BLOCK_K, decode.NUM_WARPS)
-            for tile, block_k, warps in settings:
-                decode.TILE_ELEMENTS, decode.BLOCK_K, decode.NUM_WARPS = tile, block_k, warps
+            shipped = (decode.TILE_ELEMENTS, decode.BLOCK_K, decode.DOWN_BLOCK_K, decode.NUM_WARPS, "1")
+            for setting in settings:
+                tile, block_k, down_block_k, warps, pdl = setting
+                decode.TILE_ELEMENTS, decode.BLOCK_K, decode.DOWN_BLOCK_K, decode.NUM_WARPS = setting[:4]
+                os.environ["MOECC_TRITON_PDL"] = pdl
                 run = lambda c=common: decode.experts(*c, c[3], c[4], True)
                 err = ((run().float() - ref).norm() / ref.norm()).item()
                 ms = timer(run)
                 if best is None or ms < best[0]:
-                    best = (ms, tile, block_k, warps, err)
+                    best = (ms, setting, err)
                 if args.every:
-                    print(f"    {shape} T={t} tile {tile} block_k {block_k} {warps} warps: {ms * 1e3:7.1f} us")
-                if (tile, block_k, warps) == shipped:
+                    print(f"    {shape} T={t} tile {tile} block_k {block_k} down {down_block_k} {warps} warps "
+                          f"pdl {pdl}: {ms * 1e3:7.1f} us")
+                if setting == shipped:
                     row.append(f"gemv default {ms * 1e3:7.1f} ({weight_bytes / ms / 1e9:4.2f}) {grouped / ms:4.2f}x")
-            decode.TILE_ELEMENTS, decode.BLOCK_K, decode.NUM_WARPS = shipped
-            ms, tile, block_k, warps, err = best
+            decode.TILE_ELEMENTS, decode.BLOCK_K, decode.DOWN_BLOCK_K, decode.NUM_WARPS = shipped[:4]
+            os.environ.pop("MOECC_TRITON_PDL")
+            ms, (tile, block_k, down_block_k, warps, pdl), err = best
             row.append(f"gemv best {ms * 1e3:7.1f} ({weight_bytes / ms / 1e9:4.2f}) {grouped / ms:4.2f}x "
-                       f"[tile {tile}, block_k {block_k}, {warps} warps; rel. err vs grouped {err:.1e}]")
+                       f"[tile {tile}, block_k {block_k}, down {down_block_k}, {warps} warps, pdl {pdl}; "
+                       f"rel. err vs grouped {err:.1e}]")
             print(f"{shape:<10} T={t:<3} " + "  ".join(row), flush=True)
     return 0
 
 
 def _grouped(common, cfg1, cfg2):
-    import os
-
     before = os.environ.get("MOECC_TRITON_DECODE_MAX_TOKENS")
     os.environ["MOECC_TRITON_DECODE_MAX_TOKENS"] = "0"
     try:

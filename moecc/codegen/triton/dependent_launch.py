@@ -1,0 +1,34 @@
+"""Programmatic dependent launch (sm_90 and newer; knob ``MOECC_TRITON_PDL``).
+
+A kernel launched with ``launch_pdl=True`` may start before the kernel ahead of it in the stream has finished: as
+soon as every program of that kernel has called ``gdc_launch_dependents`` (or exited). It must call ``gdc_wait``,
+which returns once the kernel ahead has finished and its writes are visible, before it reads anything that kernel
+writes and before it writes anything at all. moecc's chain is gating -> decode GEMV 1 -> decode GEMV 2: gating
+and GEMV 1 let their dependents launch, GEMV 1 waits first thing, and GEMV 2 reads only what was complete before
+GEMV 1 passed its wait (ids, routing weights, its own weights) ahead of its wait."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from moecc import knobs
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def enabled(x: torch.Tensor) -> bool:
+    """On CUDA devices of sm_90 or newer, outside the interpreter, unless the knob turns it off."""
+    return x.is_cuda and not INTERPRET and knobs.TRITON_PDL.get() and _sm_major(x.get_device()) >= 9
+
+
+def launch_options(pdl: bool) -> dict:
+    """Launch keywords of a dependent kernel (none when off: the interpreter knows no ``launch_pdl``)."""
+    return {"launch_pdl": True} if pdl else {}
+
+
+@functools.cache
+def _sm_major(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
