@@ -32,9 +32,10 @@ def token_count(tensors: list[torch.Tensor]) -> int:
 def replays(backend: str, tensors: list[torch.Tensor], enabled: bool | None = None) -> bool:
     """Whether a call replays a CUDA graph: Triton programs on CUDA inputs, inference only, up to
     ``MOECC_CUDA_GRAPH_MAX_TOKENS`` tokens; ``enabled`` (the ``cuda_graphs`` option) overrides the knob."""
+    if backend != "triton" or not tensors or torch.is_grad_enabled() or not all(t.is_cuda for t in tensors):
+        return False
     wanted = knobs.CUDA_GRAPHS.get() if enabled is None else enabled
-    return (wanted and backend == "triton" and bool(tensors) and all(t.is_cuda for t in tensors)
-            and not torch.is_grad_enabled() and token_count(tensors) <= knobs.CUDA_GRAPH_MAX_TOKENS.get())
+    return wanted and token_count(tensors) <= knobs.CUDA_GRAPH_MAX_TOKENS.get()
 
 
 class _Instance:
@@ -42,12 +43,13 @@ class _Instance:
         self.graph = graph
         self.static_in = static_in
         self.outputs = outputs
-        self.base = [_use_count(o.untyped_storage()._cdata) for o in outputs] if _use_count else None
+        # the storages live as long as ``outputs``: their handles are read once (each read builds a Python object)
+        self.storages = [o.untyped_storage()._cdata for o in outputs]
+        self.base = [_use_count(c) for c in self.storages] if _use_count else None
 
     def free(self) -> bool:
         """No alias handed out by ``run`` is alive (always, without use counts: then ``run`` hands out copies)."""
-        return self.base is None or all(
-            _use_count(o.untyped_storage()._cdata) <= b for o, b in zip(self.outputs, self.base))
+        return self.base is None or all(_use_count(c) <= b for c, b in zip(self.storages, self.base))
 
     def run(self, tensors: list[torch.Tensor]) -> tuple:
         for dst, src in zip(self.static_in, tensors):
@@ -66,7 +68,7 @@ class GraphCache:
         self.pool = None
 
     def __call__(self, tensors: list[torch.Tensor]):
-        key = tuple((tuple(t.shape), t.dtype, t.device) for t in tensors)
+        key = tuple((t.shape, t.dtype, t.get_device()) for t in tensors)
         if key in self.failed:
             return self.program(*tensors)
         instances = self.graphs.get(key)
