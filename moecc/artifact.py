@@ -52,7 +52,8 @@ def export(model: nn.Module, args, path, kwargs: dict | None = None, backend: st
     manifest records (default: the example). Returns the path written."""
     from moecc import __version__
     from moecc.api import OPTIONS, _check_args
-    from moecc.runtime.compiled import build, check_fresh
+    from moecc.runtime.compiled import build
+    from moecc.runtime.verify import verify
 
     _check_args(model, backend, None, options)
     if not isinstance(args, tuple):
@@ -71,7 +72,7 @@ def export(model: nn.Module, args, path, kwargs: dict | None = None, backend: st
     entry, info = build(model, args, kwargs, backend, options, None, str(folder), calibration)
     if options.get("verify", True) and not options.get("quantize"):
         step("checking against eager on fresh inputs")
-        check_fresh(model, entry)
+        verify(model, entry)
     step(f"writing the {entry.backend} program")
     if entry.backend in TORCH_PROGRAM_BACKENDS:
         _save_torch_program(entry, folder)

@@ -148,6 +148,14 @@ def _decode_target(target):
     return fn
 
 
+def _decode_dim(d):
+    """An int, or a ``SymbolicDim``; a symbolic size that export specialized to a number ("8") is that int."""
+    if isinstance(d, int):
+        return d
+    expr = d["sym"]
+    return int(expr) if expr.lstrip("-").isdigit() else SymbolicDim(expr)
+
+
 def _encode_dim(d):
     return d if isinstance(d, int) else {"sym": str(d)}
 
@@ -169,8 +177,7 @@ def _decode_value(v):
         return [_decode_value(x) for x in v]
     if isinstance(v, dict) and "tensor" in v:
         shape, dtype, device = v["tensor"]
-        return ValueInfo(tuple(d if isinstance(d, int) else SymbolicDim(d["sym"]) for d in shape), _dtype(dtype),
-                         torch.device(device))
+        return ValueInfo(tuple(_decode_dim(d) for d in shape), _dtype(dtype), torch.device(device))
     if isinstance(v, dict):
         return SymbolicDim(v["sym"])
     return v

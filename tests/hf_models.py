@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss", "switch_transformers")
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss", "afmoe", "switch_transformers")
 EXPERTS_IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm")
 
 _COMMON = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -35,6 +35,10 @@ def make_config(family: str):
     if family == "gpt_oss":
         return tf.GptOssConfig(**_COMMON, intermediate_size=24, num_local_experts=6, num_experts_per_tok=2,
                                head_dim=8, sliding_window=16, layer_types=["sliding_attention", "full_attention"])
+    if family == "afmoe":
+        return tf.AfmoeConfig(**_COMMON, intermediate_size=48, moe_intermediate_size=16, num_experts=6,
+                              num_experts_per_tok=2, num_shared_experts=1, num_dense_layers=1, head_dim=8,
+                              route_scale=2.5, sliding_window=16, layer_types=["sliding_attention", "full_attention"])
     if family == "switch_transformers":
         return tf.SwitchTransformersConfig(vocab_size=97, d_model=32, d_kv=8, d_ff=48, num_layers=2,
                                            num_decoder_layers=2, num_heads=4, num_experts=4, expert_capacity=6,
@@ -50,14 +54,18 @@ def make_model(family: str, experts_implementation: str = "eager", seed: int = 0
     cls = {
         "mixtral": tf.MixtralForCausalLM, "qwen2_moe": tf.Qwen2MoeForCausalLM, "qwen3_moe": tf.Qwen3MoeForCausalLM,
         "olmoe": tf.OlmoeForCausalLM, "deepseek_v3": tf.DeepseekV3ForCausalLM, "gpt_oss": tf.GptOssForCausalLM,
+        "afmoe": tf.AfmoeForCausalLM,
         "switch_transformers": tf.SwitchTransformersForConditionalGeneration,
     }[family]
     model = cls(cfg)
-    if family == "deepseek_v3":
-        # A zero correction bias would hide a selection bias that is ignored: make it matter.
-        for m in model.modules():
-            if hasattr(m, "e_score_correction_bias"):
-                m.e_score_correction_bias.copy_(torch.randn_like(m.e_score_correction_bias) * 0.1)
+    with torch.no_grad():
+        for name, p in [*model.named_parameters(), *model.named_buffers()]:
+            # A zero selection bias would hide one that is ignored, and AFMoE starts its routers at zero (every
+            # score ties, so that any routing function fits): make both matter, as in a trained model.
+            if name.endswith(("e_score_correction_bias", "expert_bias")):
+                p.copy_(torch.randn_like(p) * 0.1)
+            elif family == "afmoe" and name.endswith("router.gate.weight"):
+                p.normal_(0.0, 0.3)
     if experts_implementation != "eager":
         model.set_experts_implementation(experts_implementation)
     return model.eval()

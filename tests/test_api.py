@@ -79,7 +79,7 @@ def _bf16_mixtral(layers: int):
 
 def test_fresh_input_check_allows_bf16_rounding_but_not_wrong_results():
     from moecc.errors import MoeccError
-    from moecc.runtime.compiled import check_fresh
+    from moecc.runtime.verify import check_fresh
 
     model = _bf16_mixtral(4)
     ids = torch.randint(0, 500, (1, 256))

@@ -57,3 +57,27 @@ def test_unknown_router_runs_as_written_and_says_why():
     assert not layer.fused and layer.reason
     x2 = torch.randint(0, 50, (3, 5))
     torch.testing.assert_close(cm(x2), model(x2), rtol=1e-5, atol=1e-6)
+
+
+def test_block_bias_is_found_as_the_selection_bias():
+    torch.manual_seed(0)
+    cm = moecc.compile(TinyModel(USER_BLOCKS["block_bias"]()).eval(), backend="reference")
+    cm(torch.randint(0, 50, (2, 16)))
+    (layer,) = cm.moe_layers
+    assert layer.fused and "sigmoid" in layer.routing and "selection-bias" in layer.routing, layer.routing
+
+
+def test_unknown_router_called_with_block_arguments_runs_as_written():
+    """A router no pattern matches, called on [B, S, H] with the block's bias as an argument: exported with that
+    call's rank and arguments, its (weights, ids) feed the fused experts."""
+    from user_modules import BlockBiasMoE
+
+    torch.manual_seed(0)
+    model = TinyModel(BlockBiasMoE(temperature=0.7)).eval()
+    cm = moecc.compile(model, backend="reference")
+    cm(torch.randint(0, 50, (2, 16)))
+    (layer,) = cm.moe_layers
+    assert layer.fused and "router kept as its own graph ops" in layer.routing, (layer.routing, layer.reason)
+    for shape in ((3, 11), (1, 7)):
+        x = torch.randint(0, 50, shape)
+        torch.testing.assert_close(cm(x), model(x), rtol=1e-5, atol=1e-6)

@@ -97,6 +97,45 @@ class BmmMoE(nn.Module):
         return y.reshape(shape)
 
 
+class BiasArgRouter(nn.Module):
+    """A router module that reads [B, S, H] and takes the selection bias its block holds as an argument (AFMoE's
+    layout): sigmoid scores, top-k of scores plus bias, renormalised scores; ``temperature`` != 1 is no known
+    pattern (its weights are a softmax of the top-k scores over a temperature)."""
+
+    def __init__(self, hidden, num_experts, top_k, temperature=1.0):
+        super().__init__()
+        self.top_k, self.temperature = top_k, temperature
+        self.gate = nn.Linear(hidden, num_experts, bias=False)
+
+    def forward(self, x, expert_bias):
+        _, _, hidden = x.shape
+        scores = torch.sigmoid(self.gate(x.view(-1, hidden)).float())
+        _, chosen = torch.topk(scores + expert_bias, self.top_k, dim=-1)
+        top = scores.gather(1, chosen)
+        if self.temperature != 1.0:
+            return torch.softmax(top / self.temperature, -1), chosen
+        return top / (top.sum(-1, keepdim=True) + 1e-20), chosen
+
+
+class BlockBiasMoE(nn.Module):
+    """The selection bias is the block's parameter, handed to its router module on each call."""
+
+    def __init__(self, hidden=24, inter=40, num_experts=6, top_k=2, temperature=1.0):
+        super().__init__()
+        self.router = BiasArgRouter(hidden, num_experts, top_k, temperature)
+        self.experts = nn.ModuleList(MLP(hidden, inter) for _ in range(num_experts))
+        self.expert_bias = nn.Parameter(torch.randn(num_experts) * 0.1, requires_grad=False)
+
+    def forward(self, x):
+        weights, chosen = self.router(x, self.expert_bias)
+        flat = x.reshape(-1, x.shape[-1])
+        out = torch.zeros_like(flat)
+        for e, expert in enumerate(self.experts):
+            token, slot = torch.where(chosen == e)
+            out.index_add_(0, token, expert(flat[token]) * weights[token, slot, None].to(flat.dtype))
+        return out.reshape(x.shape)
+
+
 class TinyModel(nn.Module):
     """Embedding, a norm and a residual around a user MoE block: a whole model, not a bare block."""
 
@@ -113,4 +152,4 @@ class TinyModel(nn.Module):
         return self.head(h)
 
 
-USER_BLOCKS = {"loop": LoopMoE, "gshard": GShardMoE, "bmm": BmmMoE}
+USER_BLOCKS = {"loop": LoopMoE, "gshard": GShardMoE, "bmm": BmmMoE, "block_bias": BlockBiasMoE}

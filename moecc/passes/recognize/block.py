@@ -184,12 +184,14 @@ UNMATCHED_ROUTING = ("routing matches no known pattern (softmax/sigmoid, top-k b
                      "renormalisation, selection bias, groups, scale)")
 
 
-def _with_router_as_written(block, router, obs, x2, num_experts, expert_candidates, shared, inputs, refs, raw):
-    """A router no pattern matches stays as its own graph ops; its (weights, ids) feed the canonical experts."""
+def _with_router_as_written(block, router, obs, x2, call, num_experts, expert_candidates, shared, inputs, refs,
+                            raw):
+    """A router no pattern matches stays as its own graph ops; its (weights, ids) feed the canonical experts.
+    ``call``: the (args, kwargs) the block called the router with."""
     if obs.dropped:
         return MatchResult.fail(f"router {router.path}: {UNMATCHED_ROUTING}, and it drops tokens")
     try:
-        program = export_router(router.module, x2, obs, num_experts)
+        program = export_router(router.module, x2, obs, *call)
     except Exception as exc:  # noqa: BLE001 - a router torch.export cannot capture stays inside the block
         return MatchResult.fail(f"router {router.path}: {UNMATCHED_ROUTING}; exporting it as written failed: "
                                 f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
@@ -256,9 +258,9 @@ def analyze_block(block: nn.Module, example: torch.Tensor) -> MatchResult[BlockA
     mods = [block] + ([router.module] if router.module is not None else [])
     fixed_caps = [c.capacity for c in capacity_candidates(mods) if c.capacity > 0]
     inputs = _probe_inputs(example, hidden, like, max([16, *(c + 3 for c in fixed_caps)]))
-    router_calls: list = []
+    router_calls: list = []  # (args, kwargs, outputs) of each router call
     hook = None if router.module is None else router.module.register_forward_hook(
-        lambda m, inp, out: router_calls.append(out))
+        lambda m, args, kwargs, out: router_calls.append((args, kwargs, out)), with_kwargs=True)
     try:
         with torch.no_grad():
             raw = [block(x) for x in inputs]
@@ -276,16 +278,16 @@ def analyze_block(block: nn.Module, example: torch.Tensor) -> MatchResult[BlockA
         if len(router_calls) != len(inputs):
             return MatchResult.fail(f"router {router.path} is not called once per block call")
         x3 = inputs[0]
-        obs = read_outputs(router_calls[0], x3.reshape(-1, hidden).shape[0], num_experts)
+        obs = read_outputs(router_calls[0][2], x3.reshape(-1, hidden).shape[0], num_experts)
         if obs is None:
             return MatchResult.fail(f"router {router.path}: its outputs hold no (ids, weights) pair")
         fitted = fit_routing(router, obs, x3.reshape(-1, hidden), num_experts, mods, rtol)
         if fitted is None:
-            return _with_router_as_written(block, router, obs, x3.reshape(-1, hidden), num_experts,
-                                           expert_candidates, shared.value, inputs, refs, raw)
+            return _with_router_as_written(block, router, obs, x3.reshape(-1, hidden), router_calls[0][:2],
+                                           num_experts, expert_candidates, shared.value, inputs, refs, raw)
         spec, sel = fitted
         xc = inputs[-1]
-        obs_c = read_outputs(router_calls[-1], xc.reshape(-1, hidden).shape[0], num_experts)
+        obs_c = read_outputs(router_calls[-1][2], xc.reshape(-1, hidden).shape[0], num_experts)
         cap = None if obs_c is None else fit_capacity(router, spec, sel, obs_c, xc.reshape(-1, hidden),
                                                       xc.shape[-2] if xc.dim() == 3 else 0, mods)
         if cap is None:

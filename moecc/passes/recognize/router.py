@@ -48,13 +48,26 @@ def find_router(block: nn.Module, num_experts: int, hidden: int | None, skip: se
                 # a router module wraps its Linear; a bare Linear child means routing is written inline
                 parent = path.rpartition(".")[0]
                 owner = block.get_submodule(parent) if parent else None
-            sel = [t for _, t in itertools.chain(mod.named_buffers(recurse=False), mod.named_parameters(recurse=False))
-                   if tuple(t.shape) == (num_experts,) and t is not bias]
+            sel = _selection_biases(block, path, num_experts, bias)
             rank = 0 if type(mod) is nn.Linear else 1 if pname == "weight" else 2
             if rank == 2 and not re.search("gate|router|route|gating", pname.lower()):
                 rank = 3
             found.append((rank, Router(w, bias, owner, sel, f"{path}.{pname}" if path else pname)))
     return min(found, key=lambda r: r[0])[1] if found else None
+
+
+def _selection_biases(block: nn.Module, path: str, num_experts: int, bias) -> list[torch.Tensor]:
+    """``[E]`` tensors that may bias expert selection: on the router weight's module first, then on each module
+    above it up to the block (AFMoE's block holds ``expert_bias`` and passes it to its router module)."""
+    found: list[torch.Tensor] = []
+    parts = path.split(".") if path else []
+    for depth in range(len(parts), -1, -1):
+        mod = block.get_submodule(".".join(parts[:depth]))
+        for _, t in itertools.chain(mod.named_buffers(recurse=False), mod.named_parameters(recurse=False)):
+            if tuple(t.shape) == (num_experts,) and t is not bias and t.is_floating_point() \
+                    and not any(t is f for f in found):
+                found.append(t)
+    return found
 
 
 @dataclass
@@ -204,12 +217,20 @@ def fit_capacity(router: Router, spec: RoutingSpec, sel, obs: Observed, x2: torc
     return None
 
 
-def export_router(router: nn.Module, x2: torch.Tensor, obs: Observed, n_out: int):
+def export_router(router: nn.Module, x2: torch.Tensor, obs: Observed, args: tuple, kwargs: dict):
     """The router module as an ATen graph (its own code, token dim symbolic) returning (weights, ids): the
-    routing of a router no pattern matches, kept exactly as written."""
+    routing of a router no pattern matches, kept exactly as written. ``args``/``kwargs``: a call of the router
+    by its block; the hidden states (the first argument) keep that call's rank, with all tokens in one row of a
+    3D input, and the other arguments (an ``expert_bias`` the block passes, say) are bound as they were."""
     leaves_of = lambda out: [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]  # noqa: E731
+    rank = args[0].dim() if args and isinstance(args[0], torch.Tensor) else 2
+    rest = args[1:]
+
+    def call(inner, x):
+        return inner(x.reshape(*([1] * (rank - 2)), *x.shape), *rest, **kwargs)
+
     with torch.no_grad():
-        leaves = leaves_of(router(x2))
+        leaves = leaves_of(call(router, x2))
     n = x2.shape[0]
     w_pos = next(i for i, t in enumerate(leaves) if t.numel() == obs.weights.numel() and t.is_floating_point()
                  and torch.equal(t.reshape(n, -1), obs.weights))
@@ -221,7 +242,7 @@ def export_router(router: nn.Module, x2: torch.Tensor, obs: Observed, n_out: int
             self.inner = inner
 
         def forward(self, x):
-            out = leaves_of(self.inner(x))
+            out = leaves_of(call(self.inner, x))
             return out[w_pos].reshape(x.shape[0], -1).float(), out[i_pos].reshape(x.shape[0], -1).long()
 
     with torch.no_grad():

@@ -1,0 +1,179 @@
+"""The check of a compiled program against eager: on fresh inputs of the captured shapes (routing that differs from
+the capture's), then on inputs of other shapes where the program takes symbolic ones.
+
+A program exported with symbolic dims can still hold one shape's arithmetic (an index into a cache, the k of a
+top-k clamped to the sequence length): ONNX Runtime then fails or, worse, computes other numbers at other shapes.
+Such a program is pinned to the captured shapes (``pin_shapes``), so that every other shape gets its own capture
+and its own check."""
+
+from __future__ import annotations
+
+import logging
+
+import sympy
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from moecc.errors import MoeccError
+
+log = logging.getLogger("moecc.runtime")
+
+# the sizes each symbol takes in the other shapes checked: a little larger (odd: catches even-size assumptions),
+# then about twice as large (a window, a top-k or a chunk that the captured size did not exceed)
+OTHER_SIZES = (lambda n: n + 3, lambda n: 2 * n + 1)
+
+
+def verify(model: nn.Module, entry, tolerance: float | None = None) -> None:
+    """``check_fresh``, then ``check_other_shape``; a program wrong at another shape is pinned to its own."""
+    check_fresh(model, entry, tolerance)
+    why = check_other_shape(model, entry, tolerance)
+    if why is not None:
+        log.warning("the compiled %s is kept for its captured input shapes only: at other shapes %s; each new "
+                    "shape is captured and checked on its own", type(model).__name__, why)
+        pin_shapes(entry)
+
+
+def check_fresh(model: nn.Module, entry, tolerance: float | None = None) -> None:
+    """Compare with eager on fresh inputs whose routing differs from the capture's. In bf16/fp16 the bound also
+    allows for the model's own rounding sensitivity (``rounding_sensitivity``), measured on the same inputs."""
+    why = _disagreement(model, entry, _fresh_like(entry.example_inputs), tolerance)
+    if why is not None:
+        raise MoeccError(f"the compiled {type(model).__name__} disagrees with eager on fresh inputs ({why}). This "
+                         "is a moecc bug: please report it with MOECC_DUMP_DIR set. Compile with fuse=False to run "
+                         "without MoE fusion.")
+
+
+def check_other_shape(model: nn.Module, entry, tolerance: float | None = None) -> str | None:
+    """Why the program is wrong on fresh inputs of other shapes (every symbolic size grown by each rule of
+    ``OTHER_SIZES``), or None: it agrees, it has no symbolic sizes, or eager itself does not run there."""
+    for grow in OTHER_SIZES:
+        flat = _other_shape_like(entry, grow)
+        if flat is None:
+            return None
+        args, kwargs = pytree.tree_unflatten(flat, entry.in_spec)
+        try:
+            with torch.no_grad():
+                model(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - the model's own limits (positions, caches): nothing to compare
+            log.debug("no check at another shape: eager fails there (%s)", exc)
+            continue
+        shape = [tuple(flat[i].shape) for i in entry.tensor_pos]
+        try:
+            why = _disagreement(model, entry, flat, tolerance)
+        except Exception as exc:  # noqa: BLE001 - e.g. ONNX Runtime indexing past a size baked in at export
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            why = f"it fails ({first[:300]})"
+        if why is not None:
+            return f"{why} at input shapes {shape}"
+    return None
+
+
+def pin_shapes(entry) -> None:
+    entry.shapes = [tuple(t.shape) for t in (entry.example_inputs[i] for i in entry.tensor_pos)]
+    entry.symbols = [tuple(None for _ in s) for s in entry.shapes]
+    entry.graphs = None
+
+
+def _disagreement(model: nn.Module, entry, flat: list, tolerance: float | None) -> str | None:
+    args, kwargs = pytree.tree_unflatten(flat, entry.in_spec)
+    with torch.no_grad():
+        ref = pytree.tree_leaves(model(*args, **kwargs))
+        got = list(entry.runner(*[flat[i] for i in entry.tensor_pos]))
+    sensitivity = None
+    for r, g in zip(ref, got):
+        if isinstance(r, torch.Tensor) and r.is_floating_point():
+            err = _rel(g, r)
+            tol = tolerance or (1e-4 if r.dtype in (torch.float32, torch.float64) else 5e-2)
+            if not err <= tol and r.dtype in (torch.bfloat16, torch.float16) and tolerance is None:
+                if sensitivity is None:
+                    names = [info.name for info in entry.layers.values() if info.fused]
+                    sensitivity = rounding_sensitivity(model, names, args, kwargs, ref) if names else 0.0
+                tol = max(tol, 3 * sensitivity)
+            if not err <= tol:
+                return (f"relative error {err:.2e} > {tol:g}"
+                        + (f", 3x the model's own rounding sensitivity {sensitivity:.2e}" if sensitivity else ""))
+    return None
+
+
+def _fresh_like(inputs: list) -> list:
+    """New inputs of the same shapes whose values (so whose routing) differ from the capture's."""
+    g = torch.Generator().manual_seed(4321)
+    return [_fresh(v, tuple(v.shape), g) if isinstance(v, torch.Tensor) else v for v in inputs]
+
+
+def _fresh(v: torch.Tensor, shape: tuple, g: torch.Generator) -> torch.Tensor:
+    """Fresh values of ``v``'s kind at ``shape``: random floats of its scale, random ids below its largest; masks
+    and flags keep their pattern (tiled or cut to the shape)."""
+    if v.is_floating_point():
+        scale = float(v.float().std()) if v.numel() > 1 else 1.0
+        return (torch.randn(shape, generator=g) * scale).to(v)
+    if v.dtype in (torch.int64, torch.int32) and v.numel() and v.max() > 1:
+        return torch.randint(0, int(v.max()) + 1, shape, generator=g).to(v)
+    return _resized(v, shape)
+
+
+def _resized(v: torch.Tensor, shape: tuple) -> torch.Tensor:
+    for dim, size in enumerate(shape):
+        if v.shape[dim] != size and v.shape[dim] > 0:
+            v = torch.cat([v] * -(-size // v.shape[dim]), dim).narrow(dim, 0, size)
+    return v.contiguous()
+
+
+def _other_shape_like(entry, grow) -> list | None:
+    """Fresh inputs with every symbolic size ``grow(size)``, sizes that are expressions of symbols following; None
+    when there is no symbol, or one whose captured size no plain dim gives."""
+    symbols = getattr(entry, "symbols", None)
+    if not symbols or all(s is None for dims in symbols for s in dims):
+        return None
+    tensors = [entry.example_inputs[i] for i in entry.tensor_pos]
+    values: dict = {}
+    for t, dims in zip(tensors, symbols):
+        for size, expr in zip(t.shape, dims):
+            if expr is not None and sympy.sympify(expr).is_Symbol:
+                values[sympy.Symbol(expr)] = grow(int(size))
+    flat = list(entry.example_inputs)
+    g = torch.Generator().manual_seed(4322)
+    for pos, t, dims in zip(entry.tensor_pos, tensors, symbols):
+        shape = []
+        for size, expr in zip(t.shape, dims):
+            if expr is None:
+                shape.append(int(size))
+                continue
+            e = sympy.sympify(expr)
+            if not e.free_symbols <= set(values):
+                return None
+            shape.append(int(e.subs(values)))
+        flat[pos] = _fresh(t, tuple(shape), g)
+    return flat
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / (b.double().norm() + 1e-30)).item()
+
+
+def rounding_sensitivity(model: nn.Module, block_names: list[str], args, kwargs, ref: list) -> float:
+    """How far the model's own outputs move when each MoE block's input carries noise of one rounding step of its
+    dtype: the spread that two correct low-precision implementations may show (a token whose top-k is a near tie
+    can pick other experts, and that difference grows through the layers after it)."""
+    g = torch.Generator().manual_seed(99)
+
+    def jitter(_mod, inputs):
+        out = []
+        for v in inputs:
+            if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dtype in (torch.bfloat16, torch.float16):
+                eps = torch.finfo(v.dtype).eps
+                noise = torch.randn(v.shape, generator=g).to(v.device, torch.float32) * eps
+                v = (v.float() * (1 + noise)).to(v.dtype)
+            out.append(v)
+        return tuple(out)
+
+    hooks = [model.get_submodule(name).register_forward_pre_hook(jitter) for name in block_names]
+    try:
+        with torch.no_grad():
+            moved = pytree.tree_leaves(model(*args, **kwargs))
+    finally:
+        for h in hooks:
+            h.remove()
+    return max((_rel(m, r) for m, r in zip(moved, ref) if isinstance(r, torch.Tensor) and r.is_floating_point()),
+               default=0.0)

@@ -1,0 +1,106 @@
+"""The check against eager: fresh inputs of the captured shapes, then of other shapes where the program takes them."""
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+from user_modules import BmmMoE, TinyModel
+
+import moecc
+from moecc.runtime.verify import check_other_shape, verify
+
+
+class LengthBranch(TinyModel):
+    """A model whose code branches on the sequence length: export fixes that length in the program."""
+
+    def __init__(self):
+        super().__init__(BmmMoE())
+        self.pos = nn.Parameter(torch.randn(8, 24) * 0.1)
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        if ids.shape[1] == 8:
+            h = h + self.pos
+        h = h + self.moe(self.norm(h))
+        return self.head(h)
+
+
+def test_a_size_export_fixed_is_not_taken_as_symbolic():
+    """The captured program only holds the branch of length 8: other lengths get captures of their own, also when
+    the capture comes back from the capture cache (which stores sizes as text)."""
+    torch.manual_seed(0)
+    model = LengthBranch().eval()
+    for _ in range(2):  # the second compile is a capture-cache hit
+        cm = moecc.compile(model, backend="reference")
+        for shape in ((2, 8), (3, 8), (2, 5)):
+            x = torch.randint(0, 50, shape)
+            torch.testing.assert_close(cm(x), model(x), rtol=1e-5, atol=1e-6)
+        assert cm._entries[0].shapes == [(None, 8)]
+        assert cm.captures == 2
+
+
+def test_a_program_wrong_at_other_shapes_is_kept_for_its_own(caplog):
+    torch.manual_seed(0)
+    model = TinyModel(BmmMoE()).eval()
+    cm = moecc.compile(model, backend="reference", verify=False)
+    cm(torch.randint(0, 50, (2, 8)))
+    entry = cm._entries[0]
+    assert entry.shapes == [(None, None)] and check_other_shape(model, entry) is None
+    program = entry.runner
+    entry.runner = lambda x: tuple(o if x.shape == (2, 8) else o * 1.5 for o in program(x))  # right at (2, 8) only
+    assert "input shapes [(5, 11)]" in check_other_shape(model, entry)
+    with caplog.at_level(logging.WARNING, logger="moecc.runtime"):
+        verify(model, entry)
+    assert "kept for its captured input shapes only" in caplog.text
+    assert entry.shapes == [(2, 8)]
+    x = torch.randint(0, 50, (3, 5))
+    torch.testing.assert_close(cm(x), model(x), rtol=1e-5, atol=1e-6)
+    assert cm.captures == 2
+
+
+def test_a_program_that_fails_at_other_shapes_is_kept_for_its_own():
+    torch.manual_seed(0)
+    model = TinyModel(BmmMoE()).eval()
+    cm = moecc.compile(model, backend="reference", verify=False)
+    cm(torch.randint(0, 50, (2, 8)))
+    entry = cm._entries[0]
+    program = entry.runner
+
+    def runner(x):
+        if x.shape != (2, 8):
+            raise IndexError("index 7 is out of bounds for dimension 0 with size 5")
+        return program(x)
+
+    entry.runner = runner
+    assert "it fails (index 7 is out of bounds" in check_other_shape(model, entry)
+    verify(model, entry)
+    assert entry.shapes == [(2, 8)]
+
+
+def test_auto_falls_back_to_torch_when_the_onnx_program_disagrees(monkeypatch):
+    """An exported ONNX graph can differ from eager outside the MoE blocks (ONNX Runtime's top-k breaks ties its
+    own way): ``backend="auto"`` then runs the torch program; an explicit backend says so and stops."""
+    import moecc.runtime.compiled as compiled
+
+    real = compiled.lower
+
+    class Off(nn.Module):
+        def __init__(self, program):
+            super().__init__()
+            self.program = program
+
+        def forward(self, *xs):
+            return tuple(o * 1.5 for o in self.program(*xs))
+
+    monkeypatch.setattr(compiled, "lower", lambda gm, backend, *a: Off(real(gm, "reference")) if
+                        backend == "onnxruntime" else real(gm, backend, *a))
+    torch.manual_seed(0)
+    model = TinyModel(BmmMoE()).eval()
+    x = torch.randint(0, 50, (2, 8))
+    cm = moecc.compile(model)
+    torch.testing.assert_close(cm(x), model(x), rtol=1e-5, atol=1e-6)
+    assert cm._entries[0].backend == "torch"
+
+    with pytest.raises(moecc.MoeccError, match="disagrees with eager"):
+        moecc.compile(model, backend="onnxruntime")(x)
