@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss", "afmoe", "switch_transformers")
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss", "afmoe", "cohere2_moe",
+            "switch_transformers")
 EXPERTS_IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm")
 
 _COMMON = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -39,6 +40,9 @@ def make_config(family: str):
         return tf.AfmoeConfig(**_COMMON, intermediate_size=48, moe_intermediate_size=16, num_experts=6,
                               num_experts_per_tok=2, num_shared_experts=1, num_dense_layers=1, head_dim=8,
                               route_scale=2.5, sliding_window=16, layer_types=["sliding_attention", "full_attention"])
+    if family == "cohere2_moe":  # its shared expert and routed experts are averaged, not summed
+        return tf.Cohere2MoeConfig(**_COMMON, intermediate_size=24, num_experts=6, num_experts_per_tok=2,
+                                   num_shared_experts=1, shared_expert_combination_strategy="average", head_dim=8)
     if family == "switch_transformers":
         return tf.SwitchTransformersConfig(vocab_size=97, d_model=32, d_kv=8, d_ff=48, num_layers=2,
                                            num_decoder_layers=2, num_heads=4, num_experts=4, expert_capacity=6,
@@ -54,7 +58,7 @@ def make_model(family: str, experts_implementation: str = "eager", seed: int = 0
     cls = {
         "mixtral": tf.MixtralForCausalLM, "qwen2_moe": tf.Qwen2MoeForCausalLM, "qwen3_moe": tf.Qwen3MoeForCausalLM,
         "olmoe": tf.OlmoeForCausalLM, "deepseek_v3": tf.DeepseekV3ForCausalLM, "gpt_oss": tf.GptOssForCausalLM,
-        "afmoe": tf.AfmoeForCausalLM,
+        "afmoe": tf.AfmoeForCausalLM, "cohere2_moe": tf.Cohere2MoeForCausalLM,
         "switch_transformers": tf.SwitchTransformersForConditionalGeneration,
     }[family]
     model = cls(cfg)

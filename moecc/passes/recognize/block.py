@@ -168,6 +168,32 @@ def _verify(block: nn.Module, a: BlockAnalysis, inputs, refs) -> BlockAnalysis |
     return replace(a, outputs=tuple(names))
 
 
+def _with_output_scales(block: nn.Module, a: BlockAnalysis, inputs, refs) -> BlockAnalysis | None:
+    """The block's routed and shared outputs summed with constant coefficients (Cohere2-MoE averages the two):
+    fit them on the probes, fold the routed one into the routing scale and the shared one into copies of the
+    shared experts' down projections, then prove the result like any candidate."""
+    if a.router_program is not None:  # its weights come from the router's own code: no scale to fold into
+        return None
+    whole = CanonicalMoE(replace(a, outputs=("y",), output_tuple=False))
+    routed = CanonicalMoE(replace(a, shared=[], outputs=("y",), output_tuple=False))
+    columns, target = [], []
+    with torch.no_grad():
+        for x, ref in zip(inputs, refs):
+            y_routed = routed(x).double().flatten()
+            parts = [y_routed, whole(x).double().flatten() - y_routed] if a.shared else [y_routed]
+            columns.append(torch.stack(parts, 1))
+            target.append(ref[0].double().flatten())
+    fit = torch.linalg.lstsq(torch.cat(columns), torch.cat(target)[:, None]).solution.flatten().tolist()
+    alpha, beta = (round(c, 6) if abs(c - round(c, 6)) < 1e-7 else c for c in (fit + [1.0])[:2])
+    if not all(abs(c) < 1e6 and c == c for c in (alpha, beta)) or (alpha, beta) == (1.0, 1.0):
+        return None
+    scaled = replace(a, routing=replace(a.routing, scale=a.routing.scale * alpha), shared=[replace(
+        sh, weights=replace(sh.weights, w_down=sh.weights.w_down * beta,
+                            b_down=None if sh.weights.b_down is None else sh.weights.b_down * beta))
+        for sh in a.shared])
+    return _verify(block, scaled, inputs, refs)
+
+
 def _pairs(routing_options, expert_candidates):
     """Every (routing, experts) pair; expert candidates are built lazily, one at a time, outermost."""
     routing_options = list(routing_options)
@@ -310,6 +336,8 @@ def analyze_block(block: nn.Module, example: torch.Tensor) -> MatchResult[BlockA
                               cap if isinstance(cap, CapacitySpec) else CapacitySpec(), shared.value,
                               output_tuple=not isinstance(raw[0], torch.Tensor))
             ok = _verify(block, a, inputs, refs)
+            if ok is None and router.module is not None:  # routing observed exactly: one candidate, cheap
+                ok = _with_output_scales(block, a, inputs, refs)
             if ok is not None:
                 return MatchResult.success(ok)
     return MatchResult.fail(f"no canonical form reproduces the block's outputs ({tried} candidates tried; "
