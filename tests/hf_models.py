@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 
-FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss", "afmoe", "cohere2_moe",
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss", "afmoe", "cohere2_moe", "dbrx",
             "switch_transformers")
 EXPERTS_IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm")
+EAGER_EXPERTS_ONLY = ("dbrx", "switch_transformers")  # no experts_implementation to switch
 
 _COMMON = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                max_position_embeddings=64)
@@ -43,6 +44,10 @@ def make_config(family: str):
     if family == "cohere2_moe":  # its shared expert and routed experts are averaged, not summed
         return tf.Cohere2MoeConfig(**_COMMON, intermediate_size=24, num_experts=6, num_experts_per_tok=2,
                                    num_shared_experts=1, shared_expert_combination_strategy="average", head_dim=8)
+    if family == "dbrx":  # experts stored flat, [E * F, H]; a router module that returns logits only
+        return tf.DbrxConfig(vocab_size=97, d_model=32, n_heads=4, n_layers=2, max_seq_len=64,
+                             attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0),
+                             ffn_config=dict(ffn_hidden_size=24, moe_num_experts=5, moe_top_k=2))
     if family == "switch_transformers":
         return tf.SwitchTransformersConfig(vocab_size=97, d_model=32, d_kv=8, d_ff=48, num_layers=2,
                                            num_decoder_layers=2, num_heads=4, num_experts=4, expert_capacity=6,
@@ -58,7 +63,7 @@ def make_model(family: str, experts_implementation: str = "eager", seed: int = 0
     cls = {
         "mixtral": tf.MixtralForCausalLM, "qwen2_moe": tf.Qwen2MoeForCausalLM, "qwen3_moe": tf.Qwen3MoeForCausalLM,
         "olmoe": tf.OlmoeForCausalLM, "deepseek_v3": tf.DeepseekV3ForCausalLM, "gpt_oss": tf.GptOssForCausalLM,
-        "afmoe": tf.AfmoeForCausalLM, "cohere2_moe": tf.Cohere2MoeForCausalLM,
+        "afmoe": tf.AfmoeForCausalLM, "cohere2_moe": tf.Cohere2MoeForCausalLM, "dbrx": tf.DbrxForCausalLM,
         "switch_transformers": tf.SwitchTransformersForConditionalGeneration,
     }[family]
     model = cls(cfg)

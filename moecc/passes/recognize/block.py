@@ -50,6 +50,8 @@ def find_expert_list(block: nn.Module) -> tuple[nn.Module, list[nn.Module]] | No
 
 
 def find_stacked_bank(block: nn.Module) -> tuple[nn.Module, int] | None:
+    """(module, E) of the most ``[E, ., .]`` weights of one E; else of the most flat ``[E*F, H]`` ones, E and H
+    read off a Linear router to E outputs."""
     best = None
     for mod in block.modules():
         params = stacked.stacked_params(mod)
@@ -59,6 +61,15 @@ def find_stacked_bank(block: nn.Module) -> tuple[nn.Module, int] | None:
         for e, count in by_e.items():
             if count >= 2 and (best is None or count > best[2]):
                 best = (mod, e, count)
+    if best is None:
+        routers = {(m.out_features, m.in_features) for m in block.modules()
+                   if isinstance(m, nn.Linear) and m.out_features >= 2}
+        for mod in block.modules():
+            for e, hidden in routers:
+                flat = stacked.flat_params(mod, e, hidden)
+                if len(flat) >= 2 and len({p.shape for p in flat.values()}) == 1 \
+                        and (best is None or len(flat) > best[2]):
+                    best = (mod, e, len(flat))
     return None if best is None else (best[0], best[1])
 
 
@@ -300,13 +311,15 @@ def analyze_block(block: nn.Module, example: torch.Tensor) -> MatchResult[BlockA
         return MatchResult.fail("block's first output is not shaped like its input")
 
     routing_options = []
-    if router.module is not None:
+    observed = router.module is not None
+    if observed:
         if len(router_calls) != len(inputs):
             return MatchResult.fail(f"router {router.path} is not called once per block call")
         x3 = inputs[0]
         obs = read_outputs(router_calls[0][2], x3.reshape(-1, hidden).shape[0], num_experts)
-        if obs is None:
-            return MatchResult.fail(f"router {router.path}: its outputs hold no (ids, weights) pair")
+        # a router module that returns its logits only (DBRX's) leaves the selection to the block's own code
+        observed = obs is not None
+    if observed:
         fitted = fit_routing(router, obs, x3.reshape(-1, hidden), num_experts, mods, rtol)
         if fitted is None:
             return _with_router_as_written(block, router, obs, x3.reshape(-1, hidden), router_calls[0][:2],
@@ -336,7 +349,7 @@ def analyze_block(block: nn.Module, example: torch.Tensor) -> MatchResult[BlockA
                               cap if isinstance(cap, CapacitySpec) else CapacitySpec(), shared.value,
                               output_tuple=not isinstance(raw[0], torch.Tensor))
             ok = _verify(block, a, inputs, refs)
-            if ok is None and router.module is not None:  # routing observed exactly: one candidate, cheap
+            if ok is None and observed:  # the routing was observed exactly: one candidate, so this is cheap
                 ok = _with_output_scales(block, a, inputs, refs)
             if ok is not None:
                 return MatchResult.success(ok)

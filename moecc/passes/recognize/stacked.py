@@ -1,4 +1,5 @@
-"""Recognize experts stored as stacked 3D weights ``[E, ., .]`` by enumerating the layouts they can mean.
+"""Recognize experts stored as stacked 3D weights ``[E, ., .]`` (or flat ``[E*F, .]``) by enumerating the layouts
+they can mean.
 
 Each candidate is a spec plus a builder of canonical weights for any subset of experts, so a layout is tried on
 one expert's slices and only the winner is built in full (a copy only where the stored layout differs from the
@@ -27,8 +28,18 @@ class Candidate:
 
 
 def stacked_params(module: nn.Module, num_experts: int | None = None) -> dict[str, torch.Tensor]:
-    return {n: p for n, p in module.named_parameters(recurse=False)
-            if p.dim() == 3 and p.shape[0] >= 2 and (num_experts is None or p.shape[0] == num_experts)}
+    """The module's ``[E, ., .]`` weights; for a known E without any, its flat ``[E*F, .]`` ones (``flat_params``)."""
+    found = {n: p for n, p in module.named_parameters(recurse=False)
+             if p.dim() == 3 and p.shape[0] >= 2 and (num_experts is None or p.shape[0] == num_experts)}
+    return found if found or num_experts is None else flat_params(module, num_experts)
+
+
+def flat_params(module: nn.Module, num_experts: int, width: int | None = None) -> dict[str, torch.Tensor]:
+    """Weights of ``num_experts`` experts stored flat, ``[E*F, width]`` with F >= 2 (DBRX's), as ``[E, F, width]``
+    views."""
+    return {n: p.view(num_experts, -1, p.shape[1]) for n, p in module.named_parameters(recurse=False)
+            if p.dim() == 2 and p.shape[0] % num_experts == 0 and p.shape[0] >= 2 * num_experts
+            and (width is None or p.shape[1] == width)}
 
 
 def _orient(w: torch.Tensor, in_dim: int) -> list[torch.Tensor]:
