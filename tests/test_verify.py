@@ -49,7 +49,8 @@ def test_a_program_wrong_at_other_shapes_is_kept_for_its_own(caplog):
     assert entry.shapes == [(None, None)] and check_other_shape(model, entry) is None
     program = entry.runner
     entry.runner = lambda x: tuple(o if x.shape == (2, 8) else o * 1.5 for o in program(x))  # right at (2, 8) only
-    assert "input shapes [(5, 11)]" in check_other_shape(model, entry)
+    why, raised = check_other_shape(model, entry)
+    assert "input shapes [(5, 11)]" in why and not raised
     with caplog.at_level(logging.WARNING, logger="moecc.runtime"):
         verify(model, entry)
     assert "kept for its captured input shapes only" in caplog.text
@@ -59,7 +60,27 @@ def test_a_program_wrong_at_other_shapes_is_kept_for_its_own(caplog):
     assert cm.captures == 2
 
 
-def test_a_program_that_fails_at_other_shapes_is_kept_for_its_own():
+def test_a_program_wrong_for_some_values_is_rejected():
+    """Other numbers at another shape may be other numbers for other values (JetMoE's ONNX program agreed with
+    eager on some draws of its own shape): more draws of its own shape decide, and one wrong draw rejects it."""
+    torch.manual_seed(0)
+    model = TinyModel(BmmMoE()).eval()
+    cm = moecc.compile(model, backend="reference", verify=False)
+    cm(torch.randint(0, 50, (2, 8)))
+    entry = cm._entries[0]
+    program = entry.runner
+    seen = []
+
+    def runner(x):  # right on the first two draws of its shape, wrong on every other input
+        seen.append(x)
+        return tuple(o if len(seen) <= 2 else o * 1.5 for o in program(x))
+
+    entry.runner = runner
+    with pytest.raises(moecc.MoeccError, match="disagrees with eager on fresh inputs"):
+        verify(model, entry)
+
+
+def test_a_program_that_fails_at_other_shapes_is_kept_for_its_own(caplog):
     torch.manual_seed(0)
     model = TinyModel(BmmMoE()).eval()
     cm = moecc.compile(model, backend="reference", verify=False)
@@ -73,9 +94,15 @@ def test_a_program_that_fails_at_other_shapes_is_kept_for_its_own():
         return program(x)
 
     entry.runner = runner
-    assert "it fails (index 7 is out of bounds" in check_other_shape(model, entry)
-    verify(model, entry)
+    why, raised = check_other_shape(model, entry)
+    assert "it fails (index 7 is out of bounds" in why and raised
+    with caplog.at_level(logging.WARNING, logger="moecc.runtime"):
+        verify(model, entry)
+    assert "kept for its captured input shapes only" in caplog.text
     assert entry.shapes == [(2, 8)]
+    x = torch.randint(0, 50, (3, 5))
+    torch.testing.assert_close(cm(x), model(x), rtol=1e-5, atol=1e-6)
+    assert cm.captures == 2
 
 
 def test_auto_falls_back_to_torch_when_the_onnx_program_disagrees(monkeypatch):
@@ -104,3 +131,32 @@ def test_auto_falls_back_to_torch_when_the_onnx_program_disagrees(monkeypatch):
 
     with pytest.raises(moecc.MoeccError, match="disagrees with eager"):
         moecc.compile(model, backend="onnxruntime")(x)
+
+
+class EvenTokensDoubled(TinyModel):
+    """Outside its MoE block, a size that depends on values: the rows of even token ids (``nonzero``)."""
+
+    def __init__(self):
+        super().__init__(BmmMoE())
+
+    def forward(self, ids):
+        h = self.embed(ids).reshape(-1, 24)
+        even = torch.nonzero(ids.reshape(-1) % 2 == 0).squeeze(1)
+        h = h.index_add(0, even, h[even]).reshape(*ids.shape, 24)
+        h = h + self.moe(self.norm(h))
+        return self.head(h)
+
+
+def test_auto_keeps_programs_with_value_dependent_sizes_on_torch():
+    """ONNX Runtime ran JetMoE's expert loop (split sizes from ``tolist()``) with other numbers than eager on some
+    inputs: under ``backend="auto"`` a program with sizes that depend on values runs on torch."""
+    from moecc.runtime.compiled import data_dependent_sizes
+
+    torch.manual_seed(0)
+    model = EvenTokensDoubled().eval()
+    cm = moecc.compile(model)
+    x = torch.randint(0, 50, (2, 8))
+    torch.testing.assert_close(cm(x), model(x), rtol=1e-5, atol=1e-6)
+    (layer,) = cm.moe_layers
+    assert layer.fused and cm._entries[0].backend == "torch"
+    assert data_dependent_sizes(cm._entries[0].gm)

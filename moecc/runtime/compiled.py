@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +66,22 @@ class _Entry:
             if not isinstance(v, torch.Tensor) and (c is None or v != c):
                 return False
         return self.matches_tensors([flat[i] for i in self.tensor_pos])
+
+
+def data_dependent_sizes(gm: fx.GraphModule) -> list[str]:
+    """Nodes whose output sizes depend on tensor values (export's unbacked symbols, ``u0``...), as
+    ``node: size``. ONNX Runtime ran JetMoE's expert loop, whose split sizes come from ``tolist()``, with other
+    numbers than eager on some inputs; ``backend="auto"`` keeps such programs on torch."""
+    found = []
+    nodes = [n for m in gm.modules() if isinstance(m, fx.GraphModule) for n in m.graph.nodes]
+    for node in nodes:
+        val = node.meta.get("val")
+        for v in val if isinstance(val, (list, tuple)) else [val]:
+            for d in getattr(v, "shape", ()):
+                if not isinstance(d, int) and any(part.startswith("u") for part in re.findall(r"[a-z]+\d+", str(d))):
+                    found.append(f"{node.name}: {d}")
+                    break
+    return found
 
 
 def _static_size(d) -> int | None:
@@ -164,6 +181,11 @@ def build(model: nn.Module, args, kwargs, backend: str, options: dict, dump_fold
     if dump_folder is not None:
         instruments.append(DumpIR(dump_folder, cap.tensor_inputs, cap.flat_reference, timing))
     requested, backend = backend, resolve_backend(backend, cap.flat_inputs)
+    sizes = data_dependent_sizes(cap.gm)
+    if requested == "auto" and backend == "onnxruntime" and sizes and quant is None:
+        log.info("the captured program has sizes that depend on values (%s): backend='auto' runs it with torch",
+                 ", ".join(sizes[:3]))
+        backend = "torch"
     pipeline = default_pipeline(EXPERT_LAYOUT[backend], options.get("copy_expert_weights"))
     manager = PassManager(pipeline, instruments, repro_dir=dump_folder)
     gm = manager(cap.gm).graph_module
