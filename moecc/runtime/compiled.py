@@ -181,10 +181,10 @@ def build(model: nn.Module, args, kwargs, backend: str, options: dict, dump_fold
     if dump_folder is not None:
         instruments.append(DumpIR(dump_folder, cap.tensor_inputs, cap.flat_reference, timing))
     requested, backend = backend, resolve_backend(backend, cap.flat_inputs)
-    sizes = data_dependent_sizes(cap.gm)
-    if requested == "auto" and backend == "onnxruntime" and sizes and quant is None:
+    value_sized = data_dependent_sizes(cap.gm)
+    if requested == "auto" and backend == "onnxruntime" and value_sized and quant is None:
         log.info("the captured program has sizes that depend on values (%s): backend='auto' runs it with torch",
-                 ", ".join(sizes[:3]))
+                 ", ".join(value_sized[:3]))
         backend = "torch"
     pipeline = default_pipeline(EXPERT_LAYOUT[backend], options.get("copy_expert_weights"))
     manager = PassManager(pipeline, instruments, repro_dir=dump_folder)
