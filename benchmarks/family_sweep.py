@@ -79,6 +79,8 @@ def tiny_model(family: str):
         setattr(cfg, key, value)
     if getattr(cfg, "layer_types", None) and config_name != "JambaConfig":
         cfg.layer_types = (list(cfg.layer_types) * 2)[:2]
+    if getattr(cfg, "mlp_layer_types", None):  # a dense first layer, then MoE (DeepSeek-V3.2's list)
+        cfg.mlp_layer_types = ["dense", "sparse"]
     torch.manual_seed(0)
     model = getattr(tf, model_name)(cfg).eval()
     with torch.no_grad():

@@ -81,3 +81,21 @@ def test_unknown_router_called_with_block_arguments_runs_as_written():
     for shape in ((3, 11), (1, 7)):
         x = torch.randint(0, 50, shape)
         torch.testing.assert_close(cm(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_a_stack_of_layers_is_no_moe_block():
+    """A ModuleList of identical layers looks like an expert list; a weight with one row per layer inside one of
+    the layers (DeepSeek-V3.2's indexer has an [n_heads, H] projection) is no router for it."""
+    from torch import nn
+
+    from moecc.discover import find_moe_blocks
+
+    class Layer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(24, 24)
+            self.heads = nn.Linear(24, 2)
+
+    model = nn.Module()
+    model.layers = nn.ModuleList([Layer(), Layer()])
+    assert find_moe_blocks(model) == []

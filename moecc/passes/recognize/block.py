@@ -82,14 +82,18 @@ def find_bank(block: nn.Module) -> tuple[nn.Module, int, list[nn.Module] | None]
     return None if sb is None else (sb[0], sb[1], None)
 
 
-def _bank_skip(block: nn.Module, bank: nn.Module) -> set[int]:
-    return {id(m) for m in bank.modules()} if bank is not block else set()
+def _bank_skip(block: nn.Module, bank: nn.Module, experts: list[nn.Module] | None = None) -> set[int]:
+    """Modules a router is not looked for in: the bank's, or, when the bank is the block itself, its experts' (a
+    ModuleList of decoder layers is no MoE block because some layer holds an [n_layers, H] weight)."""
+    if bank is not block:
+        return {id(m) for m in bank.modules()}
+    return {id(m) for e in experts or [] for m in e.modules()}
 
 
 def is_moe_block(module: nn.Module) -> bool:
     """A module that owns an expert bank and a router for it (checked by structure only)."""
     bank = find_bank(module)
-    return bank is not None and find_router(module, bank[1], None, _bank_skip(module, bank[0])) is not None
+    return bank is not None and find_router(module, bank[1], None, _bank_skip(module, bank[0], bank[2])) is not None
 
 
 def _bank_probe(bank: nn.Module, hidden: int, like: torch.Tensor):
@@ -280,7 +284,7 @@ def analyze_block(block: nn.Module, example: torch.Tensor) -> MatchResult[BlockA
         else:
             expert_candidates = ((c.spec, c.build(slice(None))) for c in cands)
 
-    used = _bank_skip(block, bank_mod)
+    used = _bank_skip(block, bank_mod, experts if bank_list is not None else None)
     router = find_router(block, num_experts, hidden, used)
     if router is None:
         return MatchResult.fail(f"no router: no [E={num_experts}, H={hidden}] weight outside the experts")
