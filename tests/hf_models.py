@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss", "afmoe", "cohere2_moe", "dbrx",
-            "switch_transformers")
+            "ernie4_5_moe", "switch_transformers")
 EXPERTS_IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm")
 EAGER_EXPERTS_ONLY = ("dbrx", "switch_transformers")  # no experts_implementation to switch
 
@@ -44,6 +44,10 @@ def make_config(family: str):
     if family == "cohere2_moe":  # its shared expert and routed experts are averaged, not summed
         return tf.Cohere2MoeConfig(**_COMMON, intermediate_size=24, num_experts=6, num_experts_per_tok=2,
                                    num_shared_experts=1, shared_expert_combination_strategy="average", head_dim=8)
+    if family == "ernie4_5_moe":  # its selection bias sits in a child of the router module, shaped [1, E]
+        return tf.Ernie4_5_MoeConfig(**_COMMON, intermediate_size=48, moe_intermediate_size=16, moe_num_experts=6,
+                                     moe_k=2, moe_num_shared_experts=1, moe_layer_start_index=1,
+                                     moe_layer_end_index=1)
     if family == "dbrx":  # experts stored flat, [E * F, H]; a router module that returns logits only
         return tf.DbrxConfig(vocab_size=97, d_model=32, n_heads=4, n_layers=2, max_seq_len=64,
                              attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0),
@@ -64,17 +68,18 @@ def make_model(family: str, experts_implementation: str = "eager", seed: int = 0
         "mixtral": tf.MixtralForCausalLM, "qwen2_moe": tf.Qwen2MoeForCausalLM, "qwen3_moe": tf.Qwen3MoeForCausalLM,
         "olmoe": tf.OlmoeForCausalLM, "deepseek_v3": tf.DeepseekV3ForCausalLM, "gpt_oss": tf.GptOssForCausalLM,
         "afmoe": tf.AfmoeForCausalLM, "cohere2_moe": tf.Cohere2MoeForCausalLM, "dbrx": tf.DbrxForCausalLM,
+        "ernie4_5_moe": tf.Ernie4_5_MoeForCausalLM,
         "switch_transformers": tf.SwitchTransformersForConditionalGeneration,
     }[family]
     model = cls(cfg)
     with torch.no_grad():
         for name, p in [*model.named_parameters(), *model.named_buffers()]:
-            # A zero selection bias would hide one that is ignored, and AFMoE starts its routers at zero (every
-            # score ties, so that any routing function fits): make both matter, as in a trained model.
+            # A zero selection bias would hide one that is ignored, and some families start their routers at zero
+            # (every score ties, so that any routing function fits): make both matter, as in a trained model.
             if name.endswith(("e_score_correction_bias", "expert_bias")):
                 p.copy_(torch.randn_like(p) * 0.1)
-            elif family == "afmoe" and name.endswith("router.gate.weight"):
-                p.normal_(0.0, 0.3)
+            elif name.endswith("gate.weight") and not p.any():
+                p.normal_(0.0, 0.3)  # a router that starts at zero (AFMoE's, ERNIE's)
     if experts_implementation != "eager":
         model.set_experts_implementation(experts_implementation)
     return model.eval()

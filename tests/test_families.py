@@ -81,3 +81,12 @@ def test_unknown_router_stays_as_graph_ops_and_experts_fuse():
             assert layer.fused and "kept as its own graph ops" in layer.routing, layer
         fresh = make_inputs("mixtral", 3, 5, 1)
         assert rel(cm(**fresh).logits, model(**fresh).logits) < 1e-5
+
+
+@pytest.mark.parametrize("family,bias_home", [("ernie4_5_moe", "a child of the router module, shaped [1, E]"),
+                                              ("afmoe", "the block, passed to its router module")])
+def test_selection_bias_found_where_the_family_keeps_it(family, bias_home):
+    model = make_model(family)
+    cm = moecc.compile(model, backend="reference")
+    cm(**make_inputs(family, 2, 8))
+    assert all("selection-bias" in layer.routing for layer in cm.moe_layers), (bias_home, cm.moe_layers)

@@ -15,7 +15,7 @@ import moecc
 # Where com.microsoft.MoE computes exactly the block's function on the CPU provider, and where it cannot.
 USES_MOE_OP = {"mixtral": True, "qwen2_moe": True, "qwen3_moe": True, "olmoe": True, "gpt_oss": True,
                "deepseek_v3": False, "switch_transformers": False, "afmoe": False, "cohere2_moe": True,
-               "dbrx": True}
+               "dbrx": True, "ernie4_5_moe": False}
 
 LOAD_AND_CHECK = textwrap.dedent("""
     import sys, torch

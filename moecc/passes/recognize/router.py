@@ -57,16 +57,18 @@ def find_router(block: nn.Module, num_experts: int, hidden: int | None, skip: se
 
 
 def _selection_biases(block: nn.Module, path: str, num_experts: int, bias) -> list[torch.Tensor]:
-    """``[E]`` tensors that may bias expert selection: on the router weight's module first, then on each module
-    above it up to the block (AFMoE's block holds ``expert_bias`` and passes it to its router module)."""
+    """``[E]`` (or ``[1, E]``) tensors that may bias expert selection, as ``[E]``: in the router weight's module
+    and its children first (ERNIE 4.5 keeps it in a ``moe_statics`` child), then on each module above it up to the
+    block (AFMoE's block holds ``expert_bias`` and passes it to its router module)."""
     found: list[torch.Tensor] = []
     parts = path.split(".") if path else []
     for depth in range(len(parts), -1, -1):
         mod = block.get_submodule(".".join(parts[:depth]))
-        for _, t in itertools.chain(mod.named_buffers(recurse=False), mod.named_parameters(recurse=False)):
-            if tuple(t.shape) == (num_experts,) and t is not bias and t.is_floating_point() \
-                    and not any(t is f for f in found):
-                found.append(t)
+        inside = depth == len(parts) and depth > 0
+        for _, t in itertools.chain(mod.named_buffers(recurse=inside), mod.named_parameters(recurse=inside)):
+            if t.dim() in (1, 2) and t.shape[-1] == num_experts and t.numel() == num_experts and t is not bias \
+                    and t.is_floating_point() and not any(t is f or t.data_ptr() == f.data_ptr() for f in found):
+                found.append(t.reshape(num_experts))
     return found
 
 
