@@ -49,13 +49,12 @@ def check_fresh(model: nn.Module, entry, tolerance: float | None = None, draws=r
     """Compare with eager on fresh inputs (``draws``) whose routing differs from the capture's. In bf16/fp16 the
     bound also allows for the model's own rounding sensitivity (``rounding_sensitivity``), measured on the same
     inputs."""
-    why = None
     for draw in draws:
-        why = why or _disagreement(model, entry, _fresh_like(entry.example_inputs, draw), tolerance)
-    if why is not None:
-        raise MoeccError(f"the compiled {type(model).__name__} disagrees with eager on fresh inputs ({why}). This "
-                         "is a moecc bug: please report it with MOECC_DUMP_DIR set. Compile with fuse=False to run "
-                         "without MoE fusion.")
+        why = _disagreement(model, entry, _fresh_like(entry.example_inputs, draw), tolerance)
+        if why is not None:
+            raise MoeccError(f"the compiled {type(model).__name__} disagrees with eager on fresh inputs ({why}). "
+                             "This is a moecc bug: please report it with MOECC_DUMP_DIR set. Compile with fuse=False "
+                             "to run without MoE fusion.")
 
 
 def check_other_shape(model: nn.Module, entry, tolerance: float | None = None) -> tuple[str, bool] | None:
@@ -69,13 +68,13 @@ def check_other_shape(model: nn.Module, entry, tolerance: float | None = None) -
         args, kwargs = pytree.tree_unflatten(flat, entry.in_spec)
         try:
             with torch.no_grad():
-                model(*args, **kwargs)
+                ref = pytree.tree_leaves(model(*args, **kwargs))
         except Exception as exc:  # noqa: BLE001 - the model's own limits (positions, caches): nothing to compare
             log.debug("no check at another shape: eager fails there (%s)", exc)
             continue
         shape = [tuple(flat[i].shape) for i in entry.tensor_pos]
         try:
-            why = _disagreement(model, entry, flat, tolerance)
+            why = _disagreement(model, entry, flat, tolerance, ref)
         except Exception as exc:  # noqa: BLE001 - e.g. ONNX Runtime indexing past a size baked in at export
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             return f"it fails ({first[:300]}) at input shapes {shape}", True
@@ -90,10 +89,12 @@ def pin_shapes(entry) -> None:
     entry.graphs = None
 
 
-def _disagreement(model: nn.Module, entry, flat: list, tolerance: float | None) -> str | None:
+def _disagreement(model: nn.Module, entry, flat: list, tolerance: float | None, ref: list | None = None) -> str | None:
+    """Why the program's outputs on ``flat`` are not eager's (``ref``, computed here when not given), or None."""
     args, kwargs = pytree.tree_unflatten(flat, entry.in_spec)
     with torch.no_grad():
-        ref = pytree.tree_leaves(model(*args, **kwargs))
+        if ref is None:
+            ref = pytree.tree_leaves(model(*args, **kwargs))
         got = list(entry.runner(*[flat[i] for i in entry.tensor_pos]))
     sensitivity = None
     for r, g in zip(ref, got):
