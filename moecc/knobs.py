@@ -50,8 +50,8 @@ TRITON_WS = Knob("MOECC_TRITON_WS", "auto", str, "warp-specialized Gluon kernels
                  "sm_90): auto (GEMM 2 with K >= 4096, where they measured faster), on (both GEMMs), off")
 TRITON_DECODE_MAX_TOKENS = Knob("MOECC_TRITON_DECODE_MAX_TOKENS", 4, int, "up to this many tokens the Triton experts "
                                 "run as two pair-wise GEMV launches, without align or a combine launch (0: never)")
-TRITON_PDL = Knob("MOECC_TRITON_PDL", True, bool, "launch the second decode GEMV as a programmatic dependent of the "
-                  "first (sm_90 or newer): it streams its weights while the first still runs")
+TRITON_PDL = Knob("MOECC_TRITON_PDL", True, bool, "launch the decode GEMVs as programmatic dependents of the kernel "
+                  "before each (sm_90 or newer): the second streams its weights while the first still runs")
 
 ALL = (DUMP_DIR, LOGS, VERIFY, CACHE_DIR, CAPTURE_CACHE, AUTOTUNE, CUDA_GRAPHS, CUDA_GRAPH_MAX_TOKENS,
        CUDA_GRAPH_MAX_GRAPHS, TRITON_TMA, TRITON_WS, TRITON_DECODE_MAX_TOKENS, TRITON_PDL)

@@ -7,12 +7,15 @@ import functools
 import json
 import logging
 import math
+import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
 from moecc import knobs
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's interpreter runs the kernels (CPU tests)
 
 log = logging.getLogger("moecc.codegen.triton")
 
@@ -29,6 +32,12 @@ class TileConfig:
 
 def device_index(t: torch.Tensor) -> int:
     return t.device.index if t.device.index is not None else torch.cuda.current_device()
+
+
+@functools.cache
+def sm90_or_newer(device_index: int) -> bool:
+    """Hopper or newer: TMA descriptors, programmatic dependent launch."""
+    return torch.cuda.get_device_capability(device_index) >= (9, 0)
 
 
 @functools.cache

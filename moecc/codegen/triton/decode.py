@@ -121,8 +121,6 @@ def use_decode(tokens: int) -> bool:
     return 0 < tokens <= knobs.TRITON_DECODE_MAX_TOKENS.get()
 
 
-
-
 TILE_ELEMENTS = 8192  # weight elements a program loads per step: 16 KB in 16-bit types
 NUM_WARPS = 4
 BLOCK_K = 0  # a fixed K step (benchmarks/decode_ab.py sweeps it); 0: the rule of ``_blocks``

@@ -9,26 +9,17 @@ GEMV 1 passed its wait (ids, routing weights, its own weights) ahead of its wait
 
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
 
 from moecc import knobs
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from moecc.codegen.triton.configs import INTERPRET, device_index, sm90_or_newer
 
 
 def enabled(x: torch.Tensor) -> bool:
     """On CUDA devices of sm_90 or newer, outside the interpreter, unless the knob turns it off."""
-    return x.is_cuda and not INTERPRET and knobs.TRITON_PDL.get() and _sm_major(x.get_device()) >= 9
+    return x.is_cuda and not INTERPRET and knobs.TRITON_PDL.get() and sm90_or_newer(device_index(x))
 
 
 def launch_options(pdl: bool) -> dict:
     """Launch keywords of a dependent kernel (none when off: the interpreter knows no ``launch_pdl``)."""
     return {"launch_pdl": True} if pdl else {}
-
-
-@functools.cache
-def _sm_major(index: int) -> int:
-    return torch.cuda.get_device_capability(index)[0]

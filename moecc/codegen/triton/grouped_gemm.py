@@ -21,9 +21,6 @@ torch's own fp32 matmuls do."""
 
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -31,9 +28,15 @@ from triton.runtime.errors import OutOfResources
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from moecc import knobs
-from moecc.codegen.triton.configs import device_index, fit_shared_memory, shared_memory_limit, shrink
+from moecc.codegen.triton.configs import (
+    INTERPRET,
+    device_index,
+    fit_shared_memory,
+    shared_memory_limit,
+    shrink,
+    sm90_or_newer,
+)
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 ACT_IDS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "swiglu_oai": 4}
 
 
@@ -383,11 +386,6 @@ def _tma_ready(t: torch.Tensor) -> bool:
     return t.is_contiguous() and t.data_ptr() % 16 == 0 and (t.shape[-1] * t.element_size()) % 16 == 0
 
 
-@functools.cache
-def _has_tma(index: int) -> bool:
-    return torch.cuda.get_device_capability(index) >= (9, 0)
-
-
 def use_tma(cfg, *tensors: torch.Tensor) -> bool:
     """Whether these tiles go through the TMA kernels (knob ``MOECC_TRITON_TMA``): by default on Hopper or newer
     for row blocks of 64 and more, where the K loop is long enough to pay for the descriptors."""
@@ -399,7 +397,7 @@ def use_tma(cfg, *tensors: torch.Tensor) -> bool:
     if mode == "on":
         return True
     x = tensors[0]
-    return cfg.block_m >= 64 and x.is_cuda and not INTERPRET and _has_tma(device_index(x))
+    return cfg.block_m >= 64 and x.is_cuda and not INTERPRET and sm90_or_newer(device_index(x))
 
 
 WS_AUTO_MIN_K = 4096  # see _warp_specialized

@@ -4,19 +4,17 @@
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 from torch import Tensor
 
 from moecc.codegen.triton import configs, decode
 from moecc.codegen.triton.align import align
+from moecc.codegen.triton.configs import INTERPRET
 from moecc.codegen.triton.gating import GEMV_MAX_TOKENS, fused_gating, gating
 from moecc.codegen.triton.grouped_gemm import combine, gemm1, gemm2
 from moecc.experts import to_canonical
 from moecc.routing import apply_capacity, router_logits
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @functools.cache
