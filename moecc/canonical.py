@@ -26,6 +26,7 @@ class BlockAnalysis:
     shared: list[SharedExpert] = field(default_factory=list)
     outputs: tuple[str, ...] = ("y",)  # what each block output is: y | weights | ids | logits
     output_tuple: bool = False
+    flat_output: bool = False  # the block returns y as [T, H] whatever the rank of its input (Llama 4's)
     router_program: object = None  # a router no pattern matches, as its own exported graph: x -> (weights, ids)
 
 
@@ -68,18 +69,28 @@ class CanonicalMoE(nn.Module):
             weights, ids = torch.ops.moecc.route(logits, self.selection_bias, r.top_k, r.score, r.topk_first,
                                                  r.renormalize, r.n_group, r.topk_group, r.scale)
         group = x.shape[-2] if c.group == "sequence" else 0
-        xs, order, offsets = torch.ops.moecc.dispatch(x2, ids, r.num_experts, c.capacity, c.capacity_factor,
+        k = r.top_k
+        if r.weights_on_inputs:
+            # every (token, slot) pair becomes a row of its own, scaled in the model's dtype as the block scales
+            # it, routed to its one expert with weight 1; the k rows of a token are then summed
+            moe_in = (x2.unsqueeze(1) * weights.to(x2.dtype).unsqueeze(-1)).reshape(-1, hidden)
+            moe_ids, moe_weights = ids.reshape(-1, 1), torch.ones_like(weights).reshape(-1, 1)
+        else:
+            moe_in, moe_ids, moe_weights = x2, ids, weights
+        xs, order, offsets = torch.ops.moecc.dispatch(moe_in, moe_ids, r.num_experts, c.capacity, c.capacity_factor,
                                                       c.capacity_min, group, c.priority)
         ys = torch.ops.moecc.expert_ffn(xs, offsets, self.w_up, self.w_down, self.b_up, self.b_down,
                                         e.activation, e.gated, e.alpha, e.limit)
-        y = torch.ops.moecc.combine(ys, order, weights)
+        y = torch.ops.moecc.combine(ys, order, moe_weights)
+        if r.weights_on_inputs and k > 1:
+            y = y.reshape(-1, k, y.shape[-1]).float().sum(1).to(y.dtype)
         for i, s in enumerate(a.shared):
             sy = torch.ops.moecc.shared_ffn(x2, getattr(self, f"shared{i}_w_up"), getattr(self, f"shared{i}_w_down"),
                                             getattr(self, f"shared{i}_b_up"), getattr(self, f"shared{i}_b_down"),
                                             getattr(self, f"shared{i}_gate"), s.spec.activation, s.spec.gated,
                                             s.spec.alpha, s.spec.limit)
             y = y + sy
-        y = y.to(x.dtype).reshape(x.shape)
+        y = y.to(x.dtype).reshape(x2.shape if a.flat_output else x.shape)
         produced = {"y": y, "weights": weights.to(x.dtype), "ids": ids, "logits": logits}
         outs = tuple(produced[o] for o in a.outputs)
         return outs if a.output_tuple else outs[0]

@@ -20,10 +20,14 @@ class RoutingSpec:
     logits_fp32: bool = False
     has_router_bias: bool = False
     has_selection_bias: bool = False
+    # each routing weight scales its expert's input rather than its output (Llama 4): the same only for a linear
+    # expert, so recognition proves which one a block computes
+    weights_on_inputs: bool = False
 
     def describe(self) -> str:
+        on_inputs = " weights-on-inputs" if self.weights_on_inputs else ""
         if self.score == "as written":
-            return f"top{self.top_k}, router kept as its own graph ops (no known pattern)"
+            return f"top{self.top_k}, router kept as its own graph ops (no known pattern)" + on_inputs
         order = f"top{self.top_k}->{self.score}" if self.topk_first else f"{self.score}->top{self.top_k}"
         parts = [order]
         if self.renormalize:
@@ -36,7 +40,7 @@ class RoutingSpec:
             parts.append(f"x{self.scale:g}")
         if self.has_router_bias:
             parts.append("router-bias")
-        return " ".join(parts)
+        return " ".join(parts) + on_inputs
 
 
 @dataclass

@@ -5,9 +5,11 @@ from __future__ import annotations
 import torch
 
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss", "afmoe", "cohere2_moe", "dbrx",
-            "ernie4_5_moe", "switch_transformers")
+            "ernie4_5_moe", "llama4_text", "switch_transformers")
 EXPERTS_IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm")
-EAGER_EXPERTS_ONLY = ("dbrx", "switch_transformers")  # no experts_implementation to switch
+EAGER_EXPERTS_ONLY = ("dbrx", "llama4_text", "switch_transformers")  # no experts_implementation to switch
+# their attention is more than torch.onnx converts (Llama 4's rotary embedding is complex-valued)
+NOT_ONNX_EXPORTABLE = ("llama4_text",)
 
 _COMMON = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                max_position_embeddings=64)
@@ -52,6 +54,9 @@ def make_config(family: str):
         return tf.DbrxConfig(vocab_size=97, d_model=32, n_heads=4, n_layers=2, max_seq_len=64,
                              attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0),
                              ffn_config=dict(ffn_hidden_size=24, moe_num_experts=5, moe_top_k=2))
+    if family == "llama4_text":  # routing weights scale the experts' inputs; the block returns [T, H]
+        return tf.Llama4TextConfig(**_COMMON, head_dim=8, intermediate_size=24, intermediate_size_mlp=48,
+                                   num_local_experts=5, num_experts_per_tok=1, interleave_moe_layer_step=1)
     if family == "switch_transformers":
         return tf.SwitchTransformersConfig(vocab_size=97, d_model=32, d_kv=8, d_ff=48, num_layers=2,
                                            num_decoder_layers=2, num_heads=4, num_experts=4, expert_capacity=6,
@@ -68,7 +73,7 @@ def make_model(family: str, experts_implementation: str = "eager", seed: int = 0
         "mixtral": tf.MixtralForCausalLM, "qwen2_moe": tf.Qwen2MoeForCausalLM, "qwen3_moe": tf.Qwen3MoeForCausalLM,
         "olmoe": tf.OlmoeForCausalLM, "deepseek_v3": tf.DeepseekV3ForCausalLM, "gpt_oss": tf.GptOssForCausalLM,
         "afmoe": tf.AfmoeForCausalLM, "cohere2_moe": tf.Cohere2MoeForCausalLM, "dbrx": tf.DbrxForCausalLM,
-        "ernie4_5_moe": tf.Ernie4_5_MoeForCausalLM,
+        "ernie4_5_moe": tf.Ernie4_5_MoeForCausalLM, "llama4_text": tf.Llama4ForCausalLM,
         "switch_transformers": tf.SwitchTransformersForConditionalGeneration,
     }[family]
     model = cls(cfg)

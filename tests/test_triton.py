@@ -188,7 +188,8 @@ def test_capacity_mode():
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "gpt_oss", "cohere2_moe", "afmoe", "dbrx"])
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "gpt_oss", "cohere2_moe", "afmoe", "dbrx",
+                                    "llama4_text"])
 def test_whole_model_on_triton_backend(family):
     model = make_model(family).to(DEVICE)
     cm = moecc.compile(model, backend="triton")

@@ -19,6 +19,28 @@ def test_user_block_fused_and_exact_on_fresh_shapes(kind):
         assert ((got - ref).norm() / ref.norm()).item() < 1e-5
 
 
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime", "triton"])
+def test_weights_on_the_experts_inputs_are_told_apart_from_weights_on_outputs(backend):
+    """A gated expert of a scaled input is not the scaled expert of the input: recognition proves which one the
+    block computes, and every backend runs the pairs as rows of their own."""
+    from user_modules import InputScaledMoE, LoopMoE
+
+    device = "cpu"
+    if backend == "triton":
+        pytest.importorskip("triton")
+        device = "cuda" if torch.cuda.is_available() else "cpu"  # else Triton's interpreter
+    torch.manual_seed(0)
+    for block, on_inputs in ((InputScaledMoE(), True), (LoopMoE(), False)):
+        model = TinyModel(block).eval().to(device)
+        cm = moecc.compile(model, backend=backend)
+        cm(torch.randint(0, 50, (2, 16), device=device))
+        (layer,) = cm.moe_layers
+        assert layer.fused and ("weights-on-inputs" in layer.routing) == on_inputs, (layer.routing, layer.reason)
+        for shape in ((3, 11), (1, 7), (2, 300)):
+            x = torch.randint(0, 50, shape, device=device)
+            torch.testing.assert_close(cm(x), model(x), rtol=1e-4, atol=1e-5)
+
+
 def test_gshard_capacity_formula_is_symbolic():
     torch.manual_seed(0)
     cm = moecc.compile(TinyModel(USER_BLOCKS["gshard"]()).eval())
@@ -99,3 +121,26 @@ def test_a_stack_of_layers_is_no_moe_block():
     model = nn.Module()
     model.layers = nn.ModuleList([Layer(), Layer()])
     assert find_moe_blocks(model) == []
+
+
+def test_low_precision_recognition_takes_the_closest_candidate_not_the_first_that_passes():
+    """In bf16 a block's own rounding (and its near-tied experts) needs a loose bound, which weights on the
+    experts' outputs also meet when the block puts them on their inputs and they are near 1 (a sigmoid top-1
+    over large logits, as in Llama 4): about 9 % apart here. The candidate within bf16's rounding must win."""
+    import transformers as tf
+    from transformers.models.llama4.modeling_llama4 import Llama4TextMoe
+
+    from moecc.passes.recognize.block import analyze_block
+
+    torch.manual_seed(0)
+    cfg = tf.Llama4TextConfig(hidden_size=256, intermediate_size=512, num_local_experts=16, num_experts_per_tok=1)
+    block = Llama4TextMoe(cfg).to(torch.bfloat16).eval()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.02)
+        block.router.weight.mul_(4.5)  # logits of std 1.4: the chosen expert's weight is about 0.9
+    result = analyze_block(block, torch.empty(1, 2, 256, dtype=torch.bfloat16))
+    assert result and result.value.routing.weights_on_inputs, result.reason or result.value.routing.describe()
+    cm = moecc.compile(block, backend="reference")
+    x = torch.randn(1, 40, 256, dtype=torch.bfloat16)
+    torch.testing.assert_close(cm(x)[0], block(x)[0], rtol=0, atol=0)

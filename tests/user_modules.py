@@ -136,6 +136,26 @@ class BlockBiasMoE(nn.Module):
         return out.reshape(x.shape)
 
 
+class InputScaledMoE(nn.Module):
+    """Each routing weight scales its expert's input, not its output (Llama 4's way, here with k = 2)."""
+
+    def __init__(self, hidden=24, inter=40, num_experts=6, top_k=2):
+        super().__init__()
+        self.top_k = top_k
+        self.gate = nn.Linear(hidden, num_experts, bias=False)
+        self.experts = nn.ModuleList(MLP(hidden, inter) for _ in range(num_experts))
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        weights, chosen = torch.topk(F.softmax(self.gate(x), dim=-1), self.top_k, dim=-1)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            token, slot = torch.where(chosen == e)
+            out.index_add_(0, token, expert(x[token] * weights[token, slot, None]))
+        return out.reshape(shape)
+
+
 class TinyModel(nn.Module):
     """Embedding, a norm and a residual around a user MoE block: a whole model, not a bare block."""
 
@@ -152,4 +172,5 @@ class TinyModel(nn.Module):
         return self.head(h)
 
 
-USER_BLOCKS = {"loop": LoopMoE, "gshard": GShardMoE, "bmm": BmmMoE, "block_bias": BlockBiasMoE}
+USER_BLOCKS = {"loop": LoopMoE, "gshard": GShardMoE, "bmm": BmmMoE, "block_bias": BlockBiasMoE,
+               "input_scaled": InputScaledMoE}

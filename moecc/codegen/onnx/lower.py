@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import operator
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 
@@ -195,6 +196,15 @@ class OrtModule(nn.Module):
         return tuple(torch.from_numpy(o) for o in self.session.run(None, feeds))
 
 
+def _why(exc: BaseException) -> str:
+    """The first line of the innermost cause (the exporter wraps the op it could not convert in two layers of
+    "next steps"), without the terminal colours torch.onnx puts in it."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return re.sub(r"\x1b\[[0-9;]*m", "", line).rstrip(".")
+
+
 def lower_to_ort(gm: fx.GraphModule, example: list[torch.Tensor], folder: str | None = None,
                  quant=None) -> OrtModule:
     from moecc.passes.cleanup import Cleanup
@@ -207,7 +217,7 @@ def lower_to_ort(gm: fx.GraphModule, example: list[torch.Tensor], folder: str | 
     try:
         path = to_onnx(gm, example, os.path.join(folder, "model.onnx"))
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = _why(exc)
         hint = (f" MoE blocks left as written ({', '.join(as_written)}) are exported by tracing their Python code, "
                 "which fails for data-dependent expert loops; use backend='torch' for them.") if as_written else ""
         raise BackendError(f"ONNX export failed: {first}.{hint}") from exc

@@ -18,7 +18,7 @@ from moecc.ir import CapacitySpec, ExpertSpec, ExpertWeights, RoutingSpec, Share
 from moecc.match import MatchResult
 from moecc.passes.recognize import stacked
 from moecc.passes.recognize.mlp import analyze_mlp, stack_mlps
-from moecc.passes.recognize.probe import close, tensor_leaves, tolerance
+from moecc.passes.recognize.probe import close, rel_err, tensor_leaves, tolerance
 from moecc.passes.recognize.router import (
     capacity_candidates,
     export_router,
@@ -160,15 +160,18 @@ def _probe_inputs(example: torch.Tensor, hidden: int, like: torch.Tensor, collid
     return [x.to(device=like.device, dtype=like.dtype) for x in xs]
 
 
-def _verify(block: nn.Module, a: BlockAnalysis, inputs, refs) -> BlockAnalysis | None:
-    """Same outputs as the block on every probe input; extra block outputs mapped to weights/ids/logits."""
+def _verify(block: nn.Module, a: BlockAnalysis, inputs, refs) -> tuple[BlockAnalysis, float] | None:
+    """Same outputs as the block on every probe input, within the loose bound of ``close``: (the analysis with
+    extra block outputs mapped to weights/ids/logits, the largest relative error of ``y``)."""
     canon = CanonicalMoE(replace(a, outputs=("y", "weights", "ids", "logits"), output_tuple=True))
     names = None
+    worst = 0.0
     for x, ref in zip(inputs, refs):
         with torch.no_grad():
             got = dict(zip(("y", "weights", "ids", "logits"), canon(x)))
         if not close(got["y"], ref[0]):
             return None
+        worst = max(worst, rel_err(got["y"], ref[0]))
         mapping = ["y"]
         for leaf in ref[1:]:
             hit = next((k for k in ("weights", "ids", "logits") if got[k].numel() == leaf.numel()
@@ -180,10 +183,38 @@ def _verify(block: nn.Module, a: BlockAnalysis, inputs, refs) -> BlockAnalysis |
         if names is not None and names != mapping:
             return None
         names = mapping
-    return replace(a, outputs=tuple(names))
+    return replace(a, outputs=tuple(names)), worst
 
 
-def _with_output_scales(block: nn.Module, a: BlockAnalysis, inputs, refs) -> BlockAnalysis | None:
+class _Closest:
+    """The candidate to accept. In fp32 ``close`` separates candidates by orders of magnitude, but its bound for
+    bf16 (16 %, wide enough for a probe token whose near-tied experts flip) also admits a neighbour of the right
+    function: weights on the experts' outputs where the block puts them on their inputs differ by only 1 - w when
+    the routing weight w is near 1 (Llama 4's sigmoid top-1, about 9 % at its size). So a candidate within the
+    dtype's own rounding is taken at once; one that passes only the loose bound is kept while up to ``LOOK_ON``
+    more candidates are tried, and the closest wins."""
+
+    LOOK_ON = 64
+
+    def __init__(self, dtype: torch.dtype):
+        self.tight = tolerance(dtype)
+        self.best: tuple[BlockAnalysis, float] | None = None
+        self.left = self.LOOK_ON
+
+    def offer(self, result: tuple[BlockAnalysis, float] | None) -> bool:
+        """Record a candidate's result; True when the search is over."""
+        if self.best is not None:
+            self.left -= 1
+        if result is not None and (self.best is None or result[1] < self.best[1]):
+            self.best = result
+        return self.best is not None and (self.best[1] <= self.tight or self.left <= 0)
+
+    @property
+    def analysis(self) -> BlockAnalysis | None:
+        return None if self.best is None else self.best[0]
+
+
+def _with_output_scales(block: nn.Module, a: BlockAnalysis, inputs, refs) -> tuple[BlockAnalysis, float] | None:
     """The block's routed and shared outputs summed with constant coefficients (Cohere2-MoE averages the two):
     fit them on the probes, fold the routed one into the routing scale and the shared one into copies of the
     shared experts' down projections, then prove the result like any candidate."""
@@ -226,7 +257,7 @@ UNMATCHED_ROUTING = ("routing matches no known pattern (softmax/sigmoid, top-k b
 
 
 def _with_router_as_written(block, router, obs, x2, call, num_experts, expert_candidates, shared, inputs, refs,
-                            raw):
+                            raw, flat_output):
     """A router no pattern matches stays as its own graph ops; its (weights, ids) feed the canonical experts.
     ``call``: the (args, kwargs) the block called the router with."""
     if obs.dropped:
@@ -238,14 +269,26 @@ def _with_router_as_written(block, router, obs, x2, call, num_experts, expert_ca
                                 f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
     k = obs.ids.shape[1]
     spec = RoutingSpec(num_experts, k, "as written", has_router_bias=router.bias is not None)
-    for _, (espec, ew) in _pairs([None], expert_candidates):
-        a = BlockAnalysis(spec, router.weight, router.bias, None, espec, ew, CapacitySpec(), shared,
-                          output_tuple=not isinstance(raw[0], torch.Tensor), router_program=program)
-        ok = _verify(block, a, inputs, refs)
-        if ok is not None:
-            return MatchResult.success(ok)
+    closest = _Closest(router.weight.dtype)
+    for (_, on_inputs), (espec, ew) in _pairs(_variants(spec, CapacitySpec(), torch.float32), expert_candidates):
+        a = BlockAnalysis(replace(spec, weights_on_inputs=on_inputs), router.weight, router.bias, None, espec, ew,
+                          CapacitySpec(), shared, output_tuple=not isinstance(raw[0], torch.Tensor),
+                          router_program=program, flat_output=flat_output)
+        if closest.offer(_verify(block, a, inputs, refs)):
+            break
+    if closest.analysis is not None:
+        return MatchResult.success(closest.analysis)
     return MatchResult.fail(f"router {router.path}: {UNMATCHED_ROUTING}; with its own routing the experts still "
                             "do not reproduce the block")
+
+
+def _variants(spec: RoutingSpec, cap: CapacitySpec, dtype: torch.dtype):
+    """(logits in fp32, weights on the experts' inputs) to try for one routing candidate: its own precision first,
+    the other one for low-precision routers; weights on the outputs first, on the inputs only when dropless (a
+    capacity counts token slots, which scaled inputs would turn into rows of their own)."""
+    precisions = (spec.logits_fp32, not spec.logits_fp32) if dtype != torch.float32 else (spec.logits_fp32,)
+    places = (False, True) if cap.dropless else (False,)
+    return [(fp32, on_inputs) for on_inputs in places for fp32 in precisions]
 
 
 def analyze_block(block: nn.Module, example: torch.Tensor) -> MatchResult[BlockAnalysis]:
@@ -311,8 +354,9 @@ def analyze_block(block: nn.Module, example: torch.Tensor) -> MatchResult[BlockA
         if hook is not None:
             hook.remove()
     refs = [tensor_leaves(r) for r in raw]
-    if not refs[0] or refs[0][0].shape != inputs[0].shape:
-        return MatchResult.fail("block's first output is not shaped like its input")
+    if not refs[0] or refs[0][0].shape not in (inputs[0].shape, inputs[0].reshape(-1, hidden).shape):
+        return MatchResult.fail("block's first output is shaped neither like its input nor like its tokens [T, H]")
+    flat_output = refs[0][0].shape != inputs[0].shape
 
     routing_options = []
     observed = router.module is not None
@@ -327,7 +371,8 @@ def analyze_block(block: nn.Module, example: torch.Tensor) -> MatchResult[BlockA
         fitted = fit_routing(router, obs, x3.reshape(-1, hidden), num_experts, mods, rtol)
         if fitted is None:
             return _with_router_as_written(block, router, obs, x3.reshape(-1, hidden), router_calls[0][:2],
-                                           num_experts, expert_candidates, shared.value, inputs, refs, raw)
+                                           num_experts, expert_candidates, shared.value, inputs, refs, raw,
+                                           flat_output)
         spec, sel = fitted
         xc = inputs[-1]
         obs_c = read_outputs(router_calls[-1][2], xc.reshape(-1, hidden).shape[0], num_experts)
@@ -344,19 +389,27 @@ def analyze_block(block: nn.Module, example: torch.Tensor) -> MatchResult[BlockA
                                group_candidates(mods, num_experts), router.bias is not None, False), caps))
 
     tried = 0
+    closest = _Closest(like.dtype)
     for (spec, sel, cap), (espec, ew) in _pairs(routing_options, expert_candidates):
         tried += 1
         if tried > MAX_JOINT_CANDIDATES:
             break
-        for fp32 in ((spec.logits_fp32, not spec.logits_fp32) if like.dtype != torch.float32 else (spec.logits_fp32,)):
-            a = BlockAnalysis(replace(spec, logits_fp32=fp32), router.weight, router.bias, sel, espec, ew,
-                              cap if isinstance(cap, CapacitySpec) else CapacitySpec(), shared.value,
-                              output_tuple=not isinstance(raw[0], torch.Tensor))
+        cap = cap if isinstance(cap, CapacitySpec) else CapacitySpec()
+        done = False
+        for fp32, on_inputs in _variants(spec, cap, like.dtype):
+            a = BlockAnalysis(replace(spec, logits_fp32=fp32, weights_on_inputs=on_inputs), router.weight,
+                              router.bias, sel, espec, ew, cap, shared.value,
+                              output_tuple=not isinstance(raw[0], torch.Tensor), flat_output=flat_output)
             ok = _verify(block, a, inputs, refs)
             if ok is None and observed:  # the routing was observed exactly: one candidate, so this is cheap
                 ok = _with_output_scales(block, a, inputs, refs)
-            if ok is not None:
-                return MatchResult.success(ok)
+            done = closest.offer(ok)
+            if done:
+                break
+        if done:
+            break
+    if closest.analysis is not None:
+        return MatchResult.success(closest.analysis)
     return MatchResult.fail(f"no canonical form reproduces the block's outputs ({tried} candidates tried; "
                             f"router {router.path}, {num_experts} experts)")
 
