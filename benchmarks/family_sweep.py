@@ -1,6 +1,7 @@
 """Recognition coverage: Hugging Face MoE families that no test names, built tiny from their configs.
 
     python benchmarks/family_sweep.py [--backend onnxruntime] [--families dbrx jamba ...]
+    python benchmarks/family_sweep.py --compare-dtype bfloat16   # recognition in fp32 against bf16
 
 Each family gets a two-layer model with random weights (nothing is downloaded): routers and selection biases that
 a family initializes to zero are drawn at random instead, as in a trained model (a zero router ties every score,
@@ -130,17 +131,48 @@ def sweep(family: str, backend: str) -> str:
             + (f" | left as written: {reasons}" if reasons else ""))
 
 
+def compare_dtypes(family: str, dtype: torch.dtype) -> str:
+    """Each MoE block recognized in fp32 and in ``dtype``: a low-precision bound that admits a neighbour of the
+    right function shows up as two descriptions (equal forms aside: top-k then softmax is softmax then top-k
+    renormalised)."""
+    import copy
+
+    from moecc.discover import find_moe_blocks
+    from moecc.passes.recognize.block import analyze_block
+
+    try:
+        model = tiny_model(family)
+    except Exception as exc:  # noqa: BLE001 - a config these tiny sizes do not fit
+        return f"{family:<18} config not built: {type(exc).__name__}"
+    hidden = getattr(model.config, "hidden_size", None) or model.config.d_model
+    lines = []
+    for name, block in find_moe_blocks(model)[:1]:
+        found = []
+        for dt in (torch.float32, dtype):
+            r = analyze_block(copy.deepcopy(block).to(dt), torch.empty(1, 2, hidden, dtype=dt))
+            found.append(f"{r.value.routing.describe()} | {r.value.expert.describe()}" if r else
+                         f"left as written: {r.reason[:100]}")
+        lines.append(f"{'same' if found[0] == found[1] else 'DIFF'} {family:<18} {name}: fp32 {found[0]} || "
+                     f"{str(dtype).removeprefix('torch.')} {found[1]}")
+    return "\n".join(lines) or f"{family:<18} no MoE block"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--families", nargs="+", default=list(FAMILIES))
+    ap.add_argument("--compare-dtype", choices=["bfloat16", "float16"],
+                    help="instead of compiling, recognize each family's first MoE block in fp32 and in this dtype")
     args = ap.parse_args()
     os.environ.setdefault("MOECC_LOGS", "error")
     import transformers
 
     print(f"transformers {transformers.__version__}, torch {torch.__version__}, backend {args.backend}")
     for family in args.families:
-        print(sweep(family, args.backend), flush=True)
+        if args.compare_dtype:
+            print(compare_dtypes(family, getattr(torch, args.compare_dtype)), flush=True)
+        else:
+            print(sweep(family, args.backend), flush=True)
     return 0
 
 

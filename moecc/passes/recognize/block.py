@@ -18,7 +18,7 @@ from moecc.ir import CapacitySpec, ExpertSpec, ExpertWeights, RoutingSpec, Share
 from moecc.match import MatchResult
 from moecc.passes.recognize import stacked
 from moecc.passes.recognize.mlp import analyze_mlp, stack_mlps
-from moecc.passes.recognize.probe import close, rel_err, tensor_leaves, tolerance
+from moecc.passes.recognize.probe import close, rel_err, snap, tensor_leaves, tolerance
 from moecc.passes.recognize.router import (
     capacity_candidates,
     export_router,
@@ -192,7 +192,8 @@ class _Closest:
     function: weights on the experts' outputs where the block puts them on their inputs differ by only 1 - w when
     the routing weight w is near 1 (Llama 4's sigmoid top-1, about 9 % at its size). So a candidate within the
     dtype's own rounding is taken at once; one that passes only the loose bound is kept while up to ``LOOK_ON``
-    more candidates are tried, and the closest wins."""
+    more candidates are tried, and the closest wins (a later one must halve the error: equal forms differ by
+    rounding only, and the first of them stays)."""
 
     LOOK_ON = 64
 
@@ -205,7 +206,7 @@ class _Closest:
         """Record a candidate's result; True when the search is over."""
         if self.best is not None:
             self.left -= 1
-        if result is not None and (self.best is None or result[1] < self.best[1]):
+        if result is not None and (self.best is None or result[1] < self.best[1] / 2):
             self.best = result
         return self.best is not None and (self.best[1] <= self.tight or self.left <= 0)
 
@@ -230,14 +231,20 @@ def _with_output_scales(block: nn.Module, a: BlockAnalysis, inputs, refs) -> tup
             columns.append(torch.stack(parts, 1))
             target.append(ref[0].double().flatten())
     fit = torch.linalg.lstsq(torch.cat(columns), torch.cat(target)[:, None]).solution.flatten().tolist()
-    alpha, beta = (round(c, 6) if abs(c - round(c, 6)) < 1e-7 else c for c in (fit + [1.0])[:2])
-    if not all(abs(c) < 1e6 and c == c for c in (alpha, beta)) or (alpha, beta) == (1.0, 1.0):
+    fit = (fit + [1.0])[:2]
+    if not all(abs(c) < 1e6 and c == c for c in fit):
         return None
-    scaled = replace(a, routing=replace(a.routing, scale=a.routing.scale * alpha), shared=[replace(
-        sh, weights=replace(sh.weights, w_down=sh.weights.w_down * beta,
-                            b_down=None if sh.weights.b_down is None else sh.weights.b_down * beta))
-        for sh in a.shared])
-    return _verify(block, scaled, inputs, refs)
+    for alpha, beta in dict.fromkeys([tuple(snap(c, refs[0][0].dtype) for c in fit), tuple(fit)]):
+        if (alpha, beta) == (1.0, 1.0):
+            continue
+        scaled = replace(a, routing=replace(a.routing, scale=a.routing.scale * alpha), shared=[replace(
+            sh, weights=replace(sh.weights, w_down=sh.weights.w_down * beta,
+                                b_down=None if sh.weights.b_down is None else sh.weights.b_down * beta))
+            for sh in a.shared])
+        result = _verify(block, scaled, inputs, refs)
+        if result is not None:
+            return result
+    return None
 
 
 def _pairs(routing_options, expert_candidates):

@@ -12,6 +12,17 @@ def tolerance(dtype: torch.dtype) -> float:
     return _TOL.get(dtype, 1e-5)
 
 
+def snap(c: float, dtype: torch.dtype) -> float:
+    """The shortest decimal within half a unit in the last place of ``dtype`` of ``c``: a coefficient fitted on
+    values rounded to ``dtype`` is 2.5 or 0.5, not 2.49971 or 0.499285."""
+    rel = {torch.bfloat16: 2.0 ** -9, torch.float16: 2.0 ** -12}.get(dtype, 1e-7)
+    for digits in range(1, 8):
+        r = float(f"{c:.{digits}g}")
+        if abs(r - c) <= rel * abs(c):
+            return r
+    return c
+
+
 def rel_err(a: Tensor, b: Tensor) -> float:
     a, b = a.double(), b.double()
     denom = b.norm().item()
