@@ -124,10 +124,11 @@ def floor_ms(block, cfg, x, bw, peak):
         if hasattr(block, "gate"):
             _, _, ids = block.gate(x2)
         else:  # Llama 4: a Linear router, top-k of its logits
-            ids = block.router.weight.matmul(x2.t()).t().topk(cfg.num_experts_per_tok, -1).indices
+            ids = torch.nn.functional.linear(x2, block.router.weight).topk(cfg.num_experts_per_tok, -1).indices
     active = ids.unique().numel()
     inter = getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size
-    shared = cfg.intermediate_size if hasattr(block, "shared_expert") else 0
+    shared = (getattr(cfg, "shared_expert_intermediate_size", None) or cfg.intermediate_size
+              if hasattr(block, "shared_expert") else 0)
     t, k = ids.shape
     bytes_ = (active * inter + shared) * 3 * h * 2 + 2 * t * h * 2
     flops = 6 * t * h * (k * inter + shared)

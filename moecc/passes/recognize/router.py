@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from moecc.ir import CapacitySpec, RoutingSpec
-from moecc.passes.recognize.probe import snap, tolerance
+from moecc.passes.recognize.probe import rel_err, snap, tolerance
 from moecc.routing import apply_capacity, route_reference, router_logits
 
 
@@ -171,10 +171,6 @@ def fit_routing(router: Router, obs: Observed, x2: torch.Tensor, num_experts: in
     return None
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
 def _fit_one(router: Router, obs: Observed, x2: torch.Tensor, num_experts: int, mods: list[nn.Module],
              rtol: float) -> tuple[RoutingSpec, torch.Tensor | None] | None:
     """The candidate that selects the observed experts and whose weights, times a scale, come closest to the
@@ -203,12 +199,12 @@ def _fit_one(router: Router, obs: Observed, x2: torch.Tensor, num_experts: int, 
                 continue
             w_k = w_k.gather(1, o)
             # a scale of 1 that fits is 1, not the rounding noise of low-precision weights around it
-            scale, err = 1.0, _rel(w_k, obs_w)
+            scale, err = 1.0, rel_err(w_k, obs_w)
             if not torch.allclose(w_k, obs_w, rtol=rtol, atol=rtol * 1e-2):
                 scale = snap((obs_w.sum() / w_k.sum()).item(), obs.weights.dtype) if w_k.sum() != 0 else 1.0
                 if not torch.allclose(w_k * scale, obs_w, rtol=rtol, atol=rtol * 1e-2):
                     continue
-                err = _rel(w_k * scale, obs_w)
+                err = rel_err(w_k * scale, obs_w)
             # equal forms (top-k then softmax, softmax then top-k renormalised) differ by rounding: the first stays
             if best is None or (best[0] > exact and err < best[0] / 2):
                 spec.scale = scale
