@@ -21,24 +21,31 @@ class MLP(nn.Module):
 class LoopMoE(nn.Module):
     """A Linear gate, a ModuleList of MLP experts, the usual loop with torch.where / index_add_."""
 
+    renormalize = True
+
     def __init__(self, hidden=24, inter=40, num_experts=6, top_k=2):
         super().__init__()
         self.top_k = top_k
         self.gate = nn.Linear(hidden, num_experts, bias=False)
         self.experts = nn.ModuleList(MLP(hidden, inter) for _ in range(num_experts))
 
+    @staticmethod
+    def apply_expert(expert, x, weight):
+        return expert(x) * weight
+
     def forward(self, x):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         probs = F.softmax(self.gate(x), dim=-1)
         weights, chosen = torch.topk(probs, self.top_k, dim=-1)
-        weights = weights / weights.sum(-1, keepdim=True)
+        if self.renormalize:
+            weights = weights / weights.sum(-1, keepdim=True)
         out = torch.zeros_like(x)
         for e, expert in enumerate(self.experts):
             token, slot = torch.where(chosen == e)
             if token.numel() == 0:
                 continue
-            out.index_add_(0, token, expert(x[token]) * weights[token, slot, None])
+            out.index_add_(0, token, self.apply_expert(expert, x[token], weights[token, slot, None]))
         return out.reshape(shape)
 
 
@@ -136,24 +143,15 @@ class BlockBiasMoE(nn.Module):
         return out.reshape(x.shape)
 
 
-class InputScaledMoE(nn.Module):
-    """Each routing weight scales its expert's input, not its output (Llama 4's way, here with k = 2)."""
+class InputScaledMoE(LoopMoE):
+    """Each routing weight scales its expert's input, not its output (Llama 4's way, here with k = 2), and the
+    top-k scores are not renormalised."""
 
-    def __init__(self, hidden=24, inter=40, num_experts=6, top_k=2):
-        super().__init__()
-        self.top_k = top_k
-        self.gate = nn.Linear(hidden, num_experts, bias=False)
-        self.experts = nn.ModuleList(MLP(hidden, inter) for _ in range(num_experts))
+    renormalize = False
 
-    def forward(self, x):
-        shape = x.shape
-        x = x.reshape(-1, shape[-1])
-        weights, chosen = torch.topk(F.softmax(self.gate(x), dim=-1), self.top_k, dim=-1)
-        out = torch.zeros_like(x)
-        for e, expert in enumerate(self.experts):
-            token, slot = torch.where(chosen == e)
-            out.index_add_(0, token, expert(x[token] * weights[token, slot, None]))
-        return out.reshape(shape)
+    @staticmethod
+    def apply_expert(expert, x, weight):
+        return expert(x * weight)
 
 
 class TinyModel(nn.Module):

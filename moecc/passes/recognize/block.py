@@ -277,7 +277,7 @@ def _with_router_as_written(block, router, obs, x2, call, num_experts, expert_ca
     k = obs.ids.shape[1]
     spec = RoutingSpec(num_experts, k, "as written", has_router_bias=router.bias is not None)
     closest = _Closest(router.weight.dtype)
-    for (_, on_inputs), (espec, ew) in _pairs(_variants(spec, CapacitySpec(), torch.float32), expert_candidates):
+    for on_inputs, (espec, ew) in _pairs((False, True), expert_candidates):
         a = BlockAnalysis(replace(spec, weights_on_inputs=on_inputs), router.weight, router.bias, None, espec, ew,
                           CapacitySpec(), shared, output_tuple=not isinstance(raw[0], torch.Tensor),
                           router_program=program, flat_output=flat_output)
@@ -396,24 +396,24 @@ def analyze_block(block: nn.Module, example: torch.Tensor) -> MatchResult[BlockA
                                group_candidates(mods, num_experts), router.bias is not None, False), caps))
 
     tried = 0
+
+    def candidates():
+        nonlocal tried
+        for (spec, sel, cap), (espec, ew) in itertools.islice(_pairs(routing_options, expert_candidates),
+                                                               MAX_JOINT_CANDIDATES):
+            tried += 1
+            cap = cap if isinstance(cap, CapacitySpec) else CapacitySpec()
+            for fp32, on_inputs in _variants(spec, cap, like.dtype):
+                yield BlockAnalysis(replace(spec, logits_fp32=fp32, weights_on_inputs=on_inputs), router.weight,
+                                    router.bias, sel, espec, ew, cap, shared.value,
+                                    output_tuple=not isinstance(raw[0], torch.Tensor), flat_output=flat_output)
+
     closest = _Closest(like.dtype)
-    for (spec, sel, cap), (espec, ew) in _pairs(routing_options, expert_candidates):
-        tried += 1
-        if tried > MAX_JOINT_CANDIDATES:
-            break
-        cap = cap if isinstance(cap, CapacitySpec) else CapacitySpec()
-        done = False
-        for fp32, on_inputs in _variants(spec, cap, like.dtype):
-            a = BlockAnalysis(replace(spec, logits_fp32=fp32, weights_on_inputs=on_inputs), router.weight,
-                              router.bias, sel, espec, ew, cap, shared.value,
-                              output_tuple=not isinstance(raw[0], torch.Tensor), flat_output=flat_output)
-            ok = _verify(block, a, inputs, refs)
-            if ok is None and observed:  # the routing was observed exactly: one candidate, so this is cheap
-                ok = _with_output_scales(block, a, inputs, refs)
-            done = closest.offer(ok)
-            if done:
-                break
-        if done:
+    for a in candidates():
+        ok = _verify(block, a, inputs, refs)
+        if ok is None and observed:  # the routing was observed exactly: one candidate, so this is cheap
+            ok = _with_output_scales(block, a, inputs, refs)
+        if closest.offer(ok):
             break
     if closest.analysis is not None:
         return MatchResult.success(closest.analysis)
