@@ -4,9 +4,10 @@
     python benchmarks/moe_layer.py --tokens 1 64 --shapes qwen3_moe
 
 On CUDA it times HF eager, HF grouped_mm, torch.compile of the HF grouped_mm block (and mode="reduce-overhead"
-for T <= 64), and moecc's Triton backend; it measures copy bandwidth and bf16 matmul throughput in the same run
-and prints the roofline floor = max(active-expert bytes / bandwidth, FLOPs / peak). On CPU it times HF eager,
-HF grouped_mm and moecc's torch backend."""
+for T <= 64), a vLLM-style Triton fused MoE with vLLM's H100 tile tables (``vllm_style.py``; replayed from a CUDA
+graph for T <= 64, as vLLM serves decode), and moecc's Triton backend; it measures copy bandwidth and bf16 matmul
+throughput in the same run and prints the roofline floor = max(active-expert bytes / bandwidth, FLOPs / peak). On
+CPU it times HF eager, HF grouped_mm and moecc's torch backend."""
 
 from __future__ import annotations
 
@@ -20,6 +21,11 @@ import torch
 import transformers as tf
 
 import moecc
+
+try:  # the vLLM-style baseline needs Triton
+    from vllm_style import VllmStyleMoE  # beside this file
+except ImportError:
+    VllmStyleMoE = None
 
 SHAPES = {
     "mixtral": ("mixtral", "MixtralConfig", dict(hidden_size=4096, intermediate_size=14336, num_local_experts=8,
@@ -152,7 +158,7 @@ def bench_cuda(shapes, tokens, with_compile, copy_expert_weights=None):
           f"{peak / 1e9:.0f} TFLOP/s in a burst, {sustained / 1e9:.0f} after {SUSTAIN_S:g} s (measured here); "
           f"times in ms per call of back-to-back calls cycling {INPUT_SETS} inputs, median of 3 batches; "
           "'% sust.': the floor at the sustained peak")
-    cols = ["floor", "hf eager", "hf grouped_mm", "compile", "c+graphs", "moecc torch", "moecc"]
+    cols = ["floor", "hf eager", "hf grouped_mm", "compile", "c+graphs", "vllm-style", "moecc torch", "moecc"]
     print(f"{'shape':10} {'T':>6} " + " ".join(f"{c:>13}" for c in cols) + "  x best   % floor  % sust.  err")
     rows = []
     for shape in shapes:
@@ -164,6 +170,10 @@ def bench_cuda(shapes, tokens, with_compile, copy_expert_weights=None):
         layouts = {str(n.args[-1]) for n in cm._entries[-1].gm.graph.nodes if "fused_moe" in str(n.target)}
         print(f"# {shape}: moecc's expert weight layout {', '.join(sorted(layouts))}")
         compiled, graphs = None, None
+        # Mixtral-style blocks (a router returning (logits, weights, ids), SiLU experts in gate_up_proj/down_proj)
+        vllm = vllm_graphs = None
+        if VllmStyleMoE is not None and hasattr(block, "gate") and hasattr(block.experts, "gate_up_proj"):
+            vllm, vllm_graphs = VllmStyleMoE(block), VllmStyleMoE(block, graphs=True)
         if with_compile:
             set_impl(block, "grouped_mm")
             compiled = torch.compile(block)
@@ -194,6 +204,12 @@ def bench_cuda(shapes, tokens, with_compile, copy_expert_weights=None):
                             times["c+graphs"] = cuda_time([lambda g=graphs, x=x: first(g(x)).clone() for x in xs])
                         except Exception as exc:  # noqa: BLE001
                             print("   reduce-overhead failed:", str(exc)[:100])
+                if vllm is not None:
+                    runner = vllm_graphs if t <= 64 else vllm
+                    vllm_err = rel(runner(x), ref)
+                    times["vllm-style"] = cuda_time([lambda v=runner, x=x: v(x) for x in xs])
+                    if vllm_err > 2e-2:
+                        print(f"   vllm-style differs from HF by {vllm_err:.1e}")
                 err = rel(first(cm(x)), ref)
                 times["moecc"] = cuda_time([lambda c=cm, x=x: c(x) for x in xs])
                 times["moecc torch"] = cuda_time([lambda c=cm_torch, x=x: c(x) for x in xs])
@@ -204,7 +220,7 @@ def bench_cuda(shapes, tokens, with_compile, copy_expert_weights=None):
                   f"  {best / times['moecc']:5.2f}x  {100 * times['floor'] / times['moecc']:5.0f}%  "
                   f"{100 * floor_sustained / times['moecc']:5.0f}%  {err:.1e}", flush=True)
             rows.append({"shape": shape, "T": t, **times, "floor sustained": floor_sustained, "err": err})
-        block = cm = cm_torch = compiled = graphs = None
+        block = cm = cm_torch = compiled = graphs = vllm = vllm_graphs = None
         torch.cuda.empty_cache()
     return rows
 

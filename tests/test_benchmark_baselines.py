@@ -1,0 +1,34 @@
+"""The vLLM-style baseline of the layer benchmark (``benchmarks/vllm_style.py``) computes what the HF block does,
+so that its times compare like with like (Triton's interpreter on CPU, fp32)."""
+
+import os
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks"))
+from moe_layer import make_block  # noqa: E402
+from vllm_style import VllmStyleMoE  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOLERANCE = 5e-3 if DEVICE == "cuda" else 1e-4  # tl.dot takes fp32 operands as tf32 on the GPU
+
+
+@pytest.mark.parametrize("shape", ["mixtral_tiny", "qwen3_moe_tiny"])
+@pytest.mark.parametrize("tokens", [1, 37])
+def test_vllm_style_matches_the_hf_block(shape, tokens, monkeypatch):
+    import moe_layer
+
+    family, cfg_cls, kwargs, cls = moe_layer.SHAPES[shape.replace("_tiny", "_cpu")]
+    small = {k: (v // 16 if k in ("hidden_size", "intermediate_size", "moe_intermediate_size") else v)
+             for k, v in kwargs.items()}
+    monkeypatch.setitem(moe_layer.SHAPES, shape, (family, cfg_cls, small, cls))
+    block, cfg = make_block(shape, DEVICE, torch.float32)
+    x = torch.randn(1, tokens, cfg.hidden_size, device=DEVICE)
+    with torch.no_grad():
+        want = block(x)
+        got = VllmStyleMoE(block)(x)
+    assert got.shape == want.shape
+    assert ((got - want).norm() / want.norm()).item() < TOLERANCE
