@@ -9,7 +9,7 @@ import torch
 
 pytest.importorskip("triton")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks"))
-from moe_layer import make_block  # noqa: E402
+import moe_layer  # noqa: E402
 from vllm_style import VllmStyleMoE  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -19,13 +19,11 @@ TOLERANCE = 5e-3 if DEVICE == "cuda" else 1e-4  # tl.dot takes fp32 operands as 
 @pytest.mark.parametrize("shape", ["mixtral_tiny", "qwen3_moe_tiny"])
 @pytest.mark.parametrize("tokens", [1, 37])
 def test_vllm_style_matches_the_hf_block(shape, tokens, monkeypatch):
-    import moe_layer
-
     family, cfg_cls, kwargs, cls = moe_layer.SHAPES[shape.replace("_tiny", "_cpu")]
     small = {k: (v // 16 if k in ("hidden_size", "intermediate_size", "moe_intermediate_size") else v)
              for k, v in kwargs.items()}
     monkeypatch.setitem(moe_layer.SHAPES, shape, (family, cfg_cls, small, cls))
-    block, cfg = make_block(shape, DEVICE, torch.float32)
+    block, cfg = moe_layer.make_block(shape, DEVICE, torch.float32)
     x = torch.randn(1, tokens, cfg.hidden_size, device=DEVICE)
     with torch.no_grad():
         want = block(x)
