@@ -171,9 +171,9 @@ def bench_cuda(shapes, tokens, with_compile, copy_expert_weights=None):
         print(f"# {shape}: moecc's expert weight layout {', '.join(sorted(layouts))}")
         compiled, graphs = None, None
         # Mixtral-style blocks (a router returning (logits, weights, ids), SiLU experts in gate_up_proj/down_proj)
-        vllm = vllm_graphs = None
+        vllm = None
         if VllmStyleMoE is not None and hasattr(block, "gate") and hasattr(block.experts, "gate_up_proj"):
-            vllm, vllm_graphs = VllmStyleMoE(block), VllmStyleMoE(block, graphs=True)
+            vllm = VllmStyleMoE(block)
         if with_compile:
             set_impl(block, "grouped_mm")
             compiled = torch.compile(block)
@@ -205,7 +205,7 @@ def bench_cuda(shapes, tokens, with_compile, copy_expert_weights=None):
                         except Exception as exc:  # noqa: BLE001
                             print("   reduce-overhead failed:", str(exc)[:100])
                 if vllm is not None:
-                    runner = vllm_graphs if t <= 64 else vllm
+                    runner = vllm.replayed if t <= 64 else vllm.run
                     vllm_err = rel(runner(x), ref)
                     times["vllm-style"] = cuda_time([lambda v=runner, x=x: v(x) for x in xs])
                     if vllm_err > 2e-2:
@@ -220,7 +220,7 @@ def bench_cuda(shapes, tokens, with_compile, copy_expert_weights=None):
                   f"  {best / times['moecc']:5.2f}x  {100 * times['floor'] / times['moecc']:5.0f}%  "
                   f"{100 * floor_sustained / times['moecc']:5.0f}%  {err:.1e}", flush=True)
             rows.append({"shape": shape, "T": t, **times, "floor sustained": floor_sustained, "err": err})
-        block = cm = cm_torch = compiled = graphs = vllm = vllm_graphs = None
+        block = cm = cm_torch = compiled = graphs = vllm = None
         torch.cuda.empty_cache()
     return rows
 

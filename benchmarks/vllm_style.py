@@ -8,8 +8,8 @@ GEMM over those blocks whose A rows are loaded through the token index, writing 
 in its own kernel; the second grouped GEMM, which multiplies each row by its routing weight and writes
 ``[T*k, H]``; the sum over the k slots of a token. Both GEMMs are one non-persistent launch each, with one
 ``tl.dot`` tile config taken from vLLM's tuning tables for the H100 (``CONFIGS``, keyed like vLLM's by the token
-count, the nearest key wins). Set ``graphs=True`` to replay the whole call from a CUDA graph, as vLLM serves
-decode batches."""
+count, the nearest key wins). ``replayed`` replays the whole call from a CUDA graph, as vLLM serves decode
+batches."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from moecc.codegen.triton.align import align
+from moecc.runtime.cudagraphs import GraphCache
 
 # vLLM's shipped H100 tables (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) for bf16:
 # "E=128,N=768,device_name=NVIDIA_H100_80GB_HBM3.json" (Qwen3-30B-A3B) and, as vLLM ships none for Mixtral's
@@ -113,12 +114,11 @@ class VllmStyleMoE:
     """Runs an HF Mixtral-style sparse MoE block (``gate`` returning (logits, weights, ids), ``experts`` holding
     ``gate_up_proj [E, 2I, H]`` and ``down_proj [E, H, I]``, SiLU) the way vLLM's Triton ``fused_moe`` does."""
 
-    def __init__(self, block, graphs: bool = False):
+    def __init__(self, block):
         self.block = block
         self.w1 = block.experts.gate_up_proj.detach().contiguous()
         self.w2 = block.experts.down_proj.detach().contiguous()
-        self.graphs = graphs
-        self._graphs: dict[tuple, tuple] = {}
+        self._graphs = GraphCache(lambda x: (self.run(x),))
 
     def run(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -138,22 +138,6 @@ class VllmStyleMoE:
         pairs = _grouped_gemm(h, self.w2, weights.reshape(-1).float().contiguous(), aligned, n_pairs, 1, config)
         return pairs.view(t, top_k, -1).sum(1).reshape(shape)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.graphs:
-            return self.run(x)
-        key = (tuple(x.shape), x.dtype)
-        if key not in self._graphs:
-            static_x = x.clone()
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                self.run(static_x)  # compiles the kernels outside the capture
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                static_out = self.run(static_x)
-            self._graphs[key] = (graph, static_x, static_out)
-        graph, static_x, static_out = self._graphs[key]
-        static_x.copy_(x)
-        graph.replay()
-        return static_out
+    def replayed(self, x: torch.Tensor) -> torch.Tensor:
+        """``run`` replayed from a CUDA graph per input shape, through the same graph cache as moecc's runtime."""
+        return self._graphs([x])[0]
