@@ -71,13 +71,22 @@ def set_impl(block, impl):
         block.experts.config._experts_implementation = impl
 
 
+WARMUP_S = 0.25
+
+
 def cuda_time(fns, iters: int = 30, batches: int = 3) -> float:
     """Mean device time per call of back-to-back calls (as layers run in a model: the host may run ahead), cycling
-    through ``fns`` (one per input set, so that routing and cache contents vary); the median of ``batches``."""
+    through ``fns`` (one per input set, so that routing and cache contents vary); the median of ``batches``. The
+    warm-up runs for ``WARMUP_S`` at least: the first cell of a process, right after its compiles, once measured
+    a host-bound layer at twice its time after a few calls of warm-up."""
     fns = list(fns) if isinstance(fns, (list, tuple)) else [fns]
-    for f in fns * 2:
-        f()
-    torch.cuda.synchronize()
+    until = time.perf_counter() + WARMUP_S
+    while True:
+        for f in fns * 2:
+            f()
+        torch.cuda.synchronize()
+        if time.perf_counter() >= until:
+            break
     times = []
     for _ in range(batches):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

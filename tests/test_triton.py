@@ -55,10 +55,15 @@ def test_gating_selects_for_tiles_of_tokens(t, e, k, routing, monkeypatch):
     _check_gating(t, e, k, routing)
 
 
+@pytest.mark.parametrize("placement", ["scan", "rank"])
 @pytest.mark.parametrize("t,e,k", [(0, 8, 2), (1, 3, 1), (7, 8, 2), (300, 64, 8), (300, 3, 2), (2900, 8, 2),
-                                   (300, 128, 8)])
-def test_align_sorts_and_pads(t, e, k, monkeypatch):
-    monkeypatch.setattr(align_module, "MAX_SLICES", 4)  # 2900*2 pairs: slices of two chunks, the last one short
+                                   (300, 128, 8), (700, 256, 8)])
+def test_align_sorts_and_pads(t, e, k, placement, monkeypatch):
+    monkeypatch.setattr(align_module, "RANK_FROM", 0 if placement == "rank" else 1 << 62)
+    monkeypatch.setattr(align_module, "RANK_BINS_OFF", 0)
+    # 2900*2 pairs: scan units of two chunks, rank units of 12 steps; the last one short either way
+    monkeypatch.setattr(align_module, "MAX_SLICES", 4)
+    monkeypatch.setattr(align_module, "MAX_UNITS", 4)
     ids = torch.stack([torch.randperm(e)[:k] for _ in range(t)]) if t else torch.empty(0, k, dtype=torch.long)
     if t > 2:
         ids[0, 0] = e  # a null expert does no compute
