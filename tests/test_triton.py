@@ -67,11 +67,12 @@ def test_align_sorts_and_pads(t, e, k, placement, monkeypatch):
     ids = torch.stack([torch.randperm(e)[:k] for _ in range(t)]) if t else torch.empty(0, k, dtype=torch.long)
     if t > 2:
         ids[0, 0] = e  # a null expert does no compute
+        ids[1, 0] = -1  # nor does any id outside [0, E)
     block_m = 16
     sorted_ids, block_expert, total = align(ids.to(DEVICE), e, block_m)
     sorted_ids, block_expert, total = sorted_ids.cpu(), block_expert.cpu(), int(total.item())
     flat = ids.reshape(-1)
-    counts = torch.bincount(flat[flat < e], minlength=e)
+    counts = torch.bincount(flat[(flat >= 0) & (flat < e)], minlength=e)
     padded = (counts + block_m - 1) // block_m * block_m
     assert total == int(padded.sum())
     start = 0
