@@ -62,8 +62,8 @@ def test_align_sorts_and_pads(t, e, k, placement, monkeypatch):
     monkeypatch.setattr(align_module, "RANK_FROM", 0 if placement == "rank" else 1 << 62)
     monkeypatch.setattr(align_module, "RANK_BINS_OFF", 0)
     # 2900*2 pairs: scan units of two chunks, rank units of 12 steps; the last one short either way
-    monkeypatch.setattr(align_module, "MAX_SLICES", 4)
-    monkeypatch.setattr(align_module, "MAX_UNITS", 4)
+    monkeypatch.setattr(align_module, "MAX_SCAN_UNITS", 4)
+    monkeypatch.setattr(align_module, "MAX_RANK_UNITS", 4)
     ids = torch.stack([torch.randperm(e)[:k] for _ in range(t)]) if t else torch.empty(0, k, dtype=torch.long)
     if t > 2:
         ids[0, 0] = e  # a null expert does no compute

@@ -23,14 +23,14 @@ import triton
 import triton.language as tl
 
 CHUNK = 1024  # pair ids a scan program reads at a time
-MAX_SLICES = 32  # units of the scan
+MAX_SCAN_UNITS = 32  # units of the scan
 # The scan reads every id once per expert, the rank once but at a higher cost per id; on an H100 they tie at
 # 64 experts and 131k pairs, 128 experts and 12k pairs, 256 experts and 6k pairs, and 32 experts still favour the
 # scan at 262k pairs. The rank placement is taken from pairs x (bins - RANK_BINS_OFF) >= RANK_FROM.
 RANK_FROM = 1 << 22
 RANK_BINS_OFF = 64
 SUB = 128  # pairs the rank placement places at a time at most: their ranks come from a SUB x SUB comparison
-MAX_UNITS = 1024  # units of the rank placement
+MAX_RANK_UNITS = 1024  # units of the rank placement
 COUNT_READS = 1 << 23  # counts read by all rank programs together at most (each reads the whole table)
 COUNT_READ = 4096  # counts a rank program reads at a time
 SHARE = 16  # block experts, or experts' padding rows, a rank program writes at a time
@@ -142,10 +142,10 @@ def align(ids: torch.Tensor, num_experts: int, block_m: int):
     if rank:
         # steps as short as keeps 64 programs busy: a step's comparison grows with its square
         chunk = min(SUB, max(16, triton.next_power_of_2(triton.cdiv(n, 64))))
-        max_units = max(1, min(MAX_UNITS, math.isqrt(COUNT_READS // e_pad)))
+        max_units = max(1, min(MAX_RANK_UNITS, math.isqrt(COUNT_READS // e_pad)))
     else:
         chunk = CHUNK if n_pairs > CHUNK else max(16, triton.next_power_of_2(n))
-        max_units = MAX_SLICES
+        max_units = MAX_SCAN_UNITS
     unit = chunk * triton.cdiv(triton.cdiv(n, chunk), max_units)
     num_units = triton.cdiv(n, unit)
     counts = torch.empty((num_units, e_pad), dtype=torch.int32, device=dev)
