@@ -2,6 +2,7 @@ import os
 import sys
 import tempfile
 
+import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -11,3 +12,32 @@ os.environ.setdefault("MOECC_CACHE_DIR", tempfile.mkdtemp(prefix="moecc-tests-")
 if not torch.cuda.is_available():
     # Triton kernels run in the interpreter on CPU; must be set before moecc's Triton modules are imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def _language_snapshot():
+    """triton.language's namespaces as imported: Triton's interpreter patches them while a kernel runs, and a
+    kernel that calls a ``@jit`` library function (``tl.sum``, ``tl.cumsum``) leaves that call's patches in place
+    (3.9: ``InterpretedFunction.__call__`` never restores them), so a real compile later in the session (the
+    Gluon kernels in ``test_ws_gemm``) would build through the interpreter's semantics."""
+    try:
+        import triton.language as tl
+    except ImportError:
+        return []
+    spaces = [tl, tl.core, tl.math, tl.core.tensor, tl.core.dtype, getattr(tl.core, "tensor_descriptor_base", None)]
+    return [(space, dict(vars(space))) for space in spaces if space is not None]
+
+
+_LANGUAGE = _language_snapshot()
+
+
+@pytest.fixture(autouse=True)
+def _pristine_triton_language():
+    """Each test starts from triton.language as imported (see ``_language_snapshot``)."""
+    for space, names in _LANGUAGE:
+        for name, value in names.items():
+            if vars(space).get(name, _MISSING) is not value:
+                setattr(space, name, value)
+    yield
+
+
+_MISSING = object()
