@@ -28,6 +28,7 @@ def _language_snapshot():
 
 
 _LANGUAGE = _language_snapshot()
+_MISSING = object()
 
 
 @pytest.fixture(autouse=True)
@@ -39,5 +40,3 @@ def _pristine_triton_language():
                 setattr(space, name, value)
     yield
 
-
-_MISSING = object()
