@@ -2,8 +2,9 @@
 
     python benchmarks/align_bench.py --tokens 512 4096 16384 65536 --experts 8 128 256
 
-Each call is replayed from a CUDA graph of 20 calls, so the time is the kernels' and not the host's. Prints the
-time of the placement ``align`` picks and of each placement forced, and checks that the two place alike."""
+Each call is replayed from a CUDA graph of 20 calls (the tuner's timer, without its L2 flush: align's ids were just
+written by the gating), so the time is the kernels' and not the host's. Prints the time of the placement ``align``
+picks and of each placement forced, and checks that the two place alike."""
 
 from __future__ import annotations
 
@@ -14,28 +15,7 @@ import torch
 
 import moecc.codegen.triton.align as align_module
 from moecc.codegen.triton.align import align
-
-
-def graph_time(fn, calls: int = 20, rounds: int = 5) -> float:
-    """Median device microseconds per call of ``fn`` replayed from a CUDA graph."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    times = []
-    for _ in range(rounds):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / calls)
-    return sorted(times)[len(times) // 2]
+from moecc.codegen.triton.tune import _graph_timer
 
 
 @contextlib.contextmanager
@@ -57,6 +37,7 @@ def main():
     ap.add_argument("--block-m", type=int, default=128)
     a = ap.parse_args()
     names = ("auto", "scan", "rank")
+    graph_ms = _graph_timer(flush_l2=False)
     print(f"{'T':>6} {'E':>4} {'k':>2} " + " ".join(f"{n + ' us':>8}" for n in names))
     for e in a.experts:
         k = 2 if e <= 16 else 8
@@ -65,7 +46,7 @@ def main():
             times, results = [], []
             for name in names:
                 with placement(name):
-                    times.append(graph_time(lambda ids=ids, e=e: align(ids, e, a.block_m)))
+                    times.append(1e3 * graph_ms(lambda ids=ids, e=e: align(ids, e, a.block_m)))
                     results.append(align(ids, e, a.block_m))
             (s1, b1, n1), (s2, b2, n2) = results[1:]
             n = int(n1.item())

@@ -39,18 +39,21 @@ def _bench(fn, graph_timer=None) -> float:
 GRAPH_CALLS = 20
 
 
-def _graph_timer():
-    """A function giving the median device ms per call of ``fn`` over graph replays of ``GRAPH_CALLS`` calls, each
-    after a write of twice the L2 (a decode step's weights are not L2-resident in a model), less the same replay
-    without ``fn`` (timed once, here)."""
-    l2 = torch.cuda.get_device_properties(torch.cuda.current_device()).L2_cache_size
-    flush = torch.empty(2 * max(l2, 1 << 20), dtype=torch.uint8, device="cuda")
+def _graph_timer(flush_l2: bool = True):
+    """A function giving the median device ms per call of ``fn`` over graph replays of ``GRAPH_CALLS`` calls. With
+    ``flush_l2`` each call follows a write of twice the L2 (a decode step's weights are not L2-resident in a model)
+    and the same replay without ``fn`` (timed once, here) is subtracted."""
+    flush = None
+    if flush_l2:
+        l2 = torch.cuda.get_device_properties(torch.cuda.current_device()).L2_cache_size
+        flush = torch.empty(2 * max(l2, 1 << 20), dtype=torch.uint8, device="cuda")
 
     def replay_ms(fn) -> float:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             for _ in range(GRAPH_CALLS):
-                flush.zero_()
+                if flush is not None:
+                    flush.zero_()
                 if fn is not None:
                     fn()
         times = []
@@ -63,7 +66,7 @@ def _graph_timer():
             times.append(start.elapsed_time(end) / GRAPH_CALLS)
         return sorted(times)[2]
 
-    flush_ms = replay_ms(None)
+    flush_ms = replay_ms(None) if flush_l2 else 0.0
 
     def graph_ms(fn) -> float:
         side = torch.cuda.Stream()
