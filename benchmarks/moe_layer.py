@@ -37,6 +37,19 @@ SHAPES = {
     # on every token (no experts_implementation to switch)
     "llama4": ("llama4", "Llama4TextConfig", dict(hidden_size=5120, intermediate_size=8192, num_local_experts=16,
                                                  num_experts_per_tok=1), "Llama4TextMoe"),
+    # layers of other families at their released sizes, for coverage (no issue names them)
+    "deepseek_v3": ("deepseek_v3", "DeepseekV3Config", dict(hidden_size=7168, moe_intermediate_size=2048,
+                                                           n_routed_experts=256, num_experts_per_tok=8, n_group=8,
+                                                           topk_group=4, n_shared_experts=1,
+                                                           routed_scaling_factor=2.5, norm_topk_prob=True),
+                    "DeepseekV3MoE"),
+    "gpt_oss": ("gpt_oss", "GptOssConfig", dict(hidden_size=2880, intermediate_size=2880, num_local_experts=32,
+                                               num_experts_per_tok=4), "GptOssMLP"),
+    "olmoe": ("olmoe", "OlmoeConfig", dict(hidden_size=2048, intermediate_size=1024, num_experts=64,
+                                          num_experts_per_tok=8), "OlmoeSparseMoeBlock"),
+    "qwen2_moe": ("qwen2_moe", "Qwen2MoeConfig", dict(hidden_size=2048, moe_intermediate_size=1408, num_experts=60,
+                                                     num_experts_per_tok=4, shared_expert_intermediate_size=5632,
+                                                     norm_topk_prob=False), "Qwen2MoeSparseMoeBlock"),
     # smaller CPU-friendly shapes with the same structure
     "mixtral_cpu": ("mixtral", "MixtralConfig", dict(hidden_size=1024, intermediate_size=3584, num_local_experts=8,
                                                     num_experts_per_tok=2), "MixtralSparseMoeBlock"),
@@ -130,23 +143,35 @@ def roofline():
     return bw, peak, flops / cuda_time(lambda: a @ b, 30)
 
 
+def _routed_ids(block, cfg, x2):
+    """The expert ids the block routes ``x2`` [T, H] to: what it hands its experts module, else (Llama 4, whose
+    experts take every token) the top-k of its Linear router's logits."""
+    seen = []
+    hook = block.experts.register_forward_hook(lambda mod, args, out: seen.append(args))
+    try:
+        block(x2[None])
+    finally:
+        hook.remove()
+    if len(seen[0]) >= 2:
+        return seen[0][1]
+    return torch.nn.functional.linear(x2, block.router.weight).topk(cfg.num_experts_per_tok, -1).indices
+
+
 def floor_ms(block, cfg, x, bw, peak):
-    """max(bytes / bandwidth, FLOPs / peak) of the active experts, a shared expert if the block has one, and the
-    input and output."""
+    """max(bytes / bandwidth, FLOPs / peak) of the active experts, the shared experts if the block has them, and
+    the input and output."""
     h = x.shape[-1]
     x2 = x.reshape(-1, h)
     with torch.no_grad():
-        if hasattr(block, "gate"):
-            _, _, ids = block.gate(x2)
-        else:  # Llama 4: a Linear router, top-k of its logits
-            ids = torch.nn.functional.linear(x2, block.router.weight).topk(cfg.num_experts_per_tok, -1).indices
+        ids = _routed_ids(block, cfg, x2)
     active = ids.unique().numel()
-    inter = getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size
-    shared = (getattr(cfg, "shared_expert_intermediate_size", None) or cfg.intermediate_size
-              if hasattr(block, "shared_expert") else 0)
+    experts = list(block.experts.parameters())
+    per_expert = sum(p.numel() for p in experts) // experts[0].shape[0]
+    shared = sum(p.numel() for name in ("shared_expert", "shared_experts") if hasattr(block, name)
+                 for p in getattr(block, name).parameters())
     t, k = ids.shape
-    bytes_ = (active * inter + shared) * 3 * h * 2 + 2 * t * h * 2
-    flops = 6 * t * h * (k * inter + shared)
+    bytes_ = (active * per_expert + shared) * 2 + 2 * t * h * 2
+    flops = 2 * t * (k * per_expert + shared)
     return max(bytes_ / bw, flops / peak)
 
 
@@ -181,7 +206,8 @@ def bench_cuda(shapes, tokens, with_compile, copy_expert_weights=None):
         compiled, graphs = None, None
         # Mixtral-style blocks (a router returning (logits, weights, ids), SiLU experts in gate_up_proj/down_proj)
         vllm = None
-        if VllmStyleMoE is not None and hasattr(block, "gate") and hasattr(block.experts, "gate_up_proj"):
+        if (VllmStyleMoE is not None and hasattr(block, "gate") and hasattr(block.experts, "gate_up_proj")
+                and not any(hasattr(block, n) for n in ("shared_expert", "shared_experts"))):
             vllm = VllmStyleMoE(block)
         if with_compile:
             set_impl(block, "grouped_mm")

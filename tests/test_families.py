@@ -65,6 +65,26 @@ def test_top_k_equal_to_num_experts():
     assert rel(cm(**fresh).logits, model(**fresh).logits) < 1e-5
 
 
+@pytest.mark.parametrize("hidden,inter", [(32, 16), (24, 24), (32, 24)])
+def test_expert_biases_told_apart_when_shapes_agree(hidden, inter):
+    """GPT-OSS experts with H = 2I have an up bias [E, 2I] and a down bias [E, H] of one shape: each assignment
+    is tried (one was taken at random and the block left as written); with H = I the down weight is square."""
+    import transformers as tf
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP
+
+    torch.manual_seed(0)
+    block = GptOssMLP(tf.GptOssConfig(hidden_size=hidden, intermediate_size=inter, num_local_experts=6,
+                                      num_experts_per_tok=2)).eval()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0.0, 0.2)
+    cm = moecc.compile(block, backend="torch")
+    cm(torch.randn(1, 4, hidden))
+    assert cm.moe_layers[0].fused, cm.moe_layers[0].reason
+    x = torch.randn(2, 9, hidden)
+    assert rel(cm(x)[0], block(x)[0]) < 1e-5
+
+
 def test_unknown_router_stays_as_graph_ops_and_experts_fuse():
     """PhiMoE's sparsemixer matches no routing pattern: it runs as written, the experts are still fused."""
     import transformers as tf

@@ -96,16 +96,22 @@ def candidates(module: nn.Module, hidden: int, num_experts: int) -> Iterator[Can
     for down_name in params:
         others = [n for n in params if n != down_name]
         for down in _orient_out(params[down_name], hidden):
-            b_down = next((b for b in biases.values() if b.shape[1] == hidden), None)
-            yield from _up_candidates(others, params, biases, hidden, down.shape[2], down, b_down, acts)
+            # when 2I == H both biases are [E, H]: each may be the down projection's, or neither
+            for b_down in [*(b for b in biases.values() if b.shape[1] == hidden), None]:
+                yield from _up_candidates(others, params, biases, hidden, down.shape[2], down, b_down, acts)
+
+
+def _up_biases(biases: dict[str, torch.Tensor], rows: int, b_down: torch.Tensor | None) -> list:
+    """The biases that may belong to an up projection of ``rows`` outputs (not the down projection's), else None."""
+    return [b for b in biases.values() if b.shape[1] == rows and b is not b_down] or [None]
 
 
 def _up_candidates(others, params, biases, hidden, inter, down, b_down, acts):
     has_bias = lambda b_up: b_up is not None or b_down is not None  # noqa: E731
     if len(others) == 1:
-        for up in _orient(params[others[0]], hidden):
+        for up, b_up in ((w, b) for w in _orient(params[others[0]], hidden)
+                         for b in _up_biases(biases, w.shape[1], b_down)):
             u = up.shape[1]
-            b_up = next((b for b in biases.values() if b.shape[1] == u and b is not b_down), None)
             if u == 2 * inter:
                 for layout, (act, alpha, limit) in itertools.product(_GATED_LAYOUTS, acts):
                     def build(sl, up=up, b_up=b_up, layout=layout):
