@@ -330,6 +330,57 @@ def test_shared_experts_fold_into_the_grouped_gemm(family, tma, monkeypatch):
     assert ((got - ref).norm() / ref.norm()).item() < 1e-4
 
 
+def test_a_shrunk_tile_is_remembered_for_its_own_specialization_only():
+    """A tile that one kernel variant cannot fit (here: the shared-expert one) is retried smaller for that variant;
+    the others keep the tile as chosen. One memo per (kernel, tile) once made the shrink of the shared-expert
+    variant the tile of every later launch in the process."""
+    from triton.runtime.errors import OutOfResources
+
+    from moecc.codegen.triton import grouped_gemm
+    from moecc.codegen.triton.configs import TileConfig
+
+    launched = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            def run(*args, HAS_SHARED, num_stages, **meta):
+                if HAS_SHARED and num_stages > 2:
+                    raise OutOfResources(1, 0, "shared memory")
+                launched.append((HAS_SHARED, num_stages))
+            return run
+
+    kernel, cfg, x = Kernel(), TileConfig(128, 128, 64, 8, 8, 4), torch.empty(2)
+    for shared in (True, False, True):
+        grouped_gemm._launch(kernel, lambda c: (1,), cfg, None, x, HAS_SHARED=shared)
+    assert launched == [(True, 2), (False, 4), (True, 2)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+                    reason="the TMA kernels' shared memory is a Hopper question")
+def test_shared_experts_keep_the_shipped_pipeline():
+    """Folded shared experts run in the same K loop as routed ones: Qwen3-30B-A3B's shipped 4-stage tiles fit, as
+    they do without shared experts (a loop per weight tensor needed two rings of shared memory and ran in 2
+    stages, 1.7x slower at Qwen1.5-MoE's layer)."""
+    from moecc.codegen.triton import grouped_gemm
+    from moecc.codegen.triton.moe import fused_moe_shared_triton
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    t, e, k, h, inter, m = 4096, 128, 8, 2048, 768, 2
+    x = torch.randn(t, h, device="cuda", generator=g, dtype=torch.bfloat16)
+    w, ids = route_reference(torch.randn(t, e, device="cuda", generator=g), None, k, "softmax", False, True, 1, 1,
+                             1.0)
+    up, down, s_up, s_down = (torch.randn(*shape, device="cuda", generator=g, dtype=torch.bfloat16) * 0.05 for shape in
+                              ((e, 2 * inter, h), (e, h, inter), (m, 2 * inter, h), (m, h, inter)))
+    grouped_gemm._SMALLER.clear()
+    got = fused_moe_shared_triton(x, w, ids, up, down, "silu", True, 1.0, 0.0, s_up, s_down, None, "oi")
+    assert all(first == used for (_, first, *_), used in grouped_gemm._SMALLER.items())
+    all_ids = torch.cat([ids, torch.arange(e, e + m, device="cuda").expand(t, m)], 1)
+    all_w = torch.cat([w, torch.ones(t, m, device="cuda")], 1)
+    ref = fused_moe_triton(x, all_w, all_ids, torch.cat([up, s_up]), torch.cat([down, s_down]), None, None, "silu",
+                           True, 1.0, 0.0, -1, 0.0, 0, 0, "token", "oi")
+    assert ((got.float() - ref.float()).norm() / ref.float().norm()).item() < 1e-2
+
+
 @pytest.mark.parametrize("routing", ROUTINGS)
 @pytest.mark.parametrize("t,tile", [(1, None), (7, None), (64, None), (1, 128), (7, 128)])
 def test_fused_gemv_gating_matches_fused_route(routing, t, tile, monkeypatch):

@@ -21,6 +21,8 @@ torch's own fp32 matmuls do."""
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import triton
 import triton.language as tl
@@ -36,6 +38,8 @@ from moecc.codegen.triton.configs import (
     shrink,
     sm90_or_newer,
 )
+
+log = logging.getLogger("moecc.codegen.triton")
 
 ACT_IDS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "swiglu_oai": 4}
 
@@ -253,17 +257,15 @@ def _gemm1_tma_kernel(w_desc, ws_desc, x_ptr, b_ptr, h_ptr, sorted_ptr, block_ex
     tok = tl.where(live, pair // top_k, 0).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
+    # one K loop whichever weights this block reads: a loop per branch would take a ring of shared memory each,
+    # and the launch would then shrink the pipeline until both fit
+    desc, expert = w_desc, e
+    if HAS_SHARED:
+        if e >= num_routed:
+            desc, expert = ws_desc, e - num_routed
     if GATED:
-        if HAS_SHARED:
-            if e >= num_routed:
-                acc_g, acc_u = _gate_up_dot(x_ptr, tok, stride_xm, ws_desc, e - num_routed, pid_n, N, K, INTERLEAVED,
-                                            PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K)
-            else:
-                acc_g, acc_u = _gate_up_dot(x_ptr, tok, stride_xm, w_desc, e, pid_n, N, K, INTERLEAVED, PRECISION,
-                                            EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K)
-        else:
-            acc_g, acc_u = _gate_up_dot(x_ptr, tok, stride_xm, w_desc, e, pid_n, N, K, INTERLEAVED, PRECISION, EVEN_K,
-                                        BLOCK_M, BLOCK_N, BLOCK_K)
+        acc_g, acc_u = _gate_up_dot(x_ptr, tok, stride_xm, desc, expert, pid_n, N, K, INTERLEAVED, PRECISION, EVEN_K,
+                                    BLOCK_M, BLOCK_N, BLOCK_K)
         if INTERLEAVED:
             h = _epilogue1(acc_g, acc_u, b_ptr + e * stride_be, offs_n * 2, 1, n_ok, alpha, limit, GATED, ACT,
                            HAS_BIAS, CLAMP)
@@ -272,15 +274,8 @@ def _gemm1_tma_kernel(w_desc, ws_desc, x_ptr, b_ptr, h_ptr, sorted_ptr, block_ex
                            CLAMP)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        w_row = (e * N + pid_n * BLOCK_N).to(tl.int32)
-        if HAS_SHARED:
-            if e >= num_routed:
-                w_row = ((e - num_routed) * N + pid_n * BLOCK_N).to(tl.int32)
-                acc = _gathered_dot(x_ptr, tok, stride_xm, ws_desc, w_row, K, acc, PRECISION, EVEN_K, BLOCK_K)
-            else:
-                acc = _gathered_dot(x_ptr, tok, stride_xm, w_desc, w_row, K, acc, PRECISION, EVEN_K, BLOCK_K)
-        else:
-            acc = _gathered_dot(x_ptr, tok, stride_xm, w_desc, w_row, K, acc, PRECISION, EVEN_K, BLOCK_K)
+        w_row = (expert * N + pid_n * BLOCK_N).to(tl.int32)
+        acc = _gathered_dot(x_ptr, tok, stride_xm, desc, w_row, K, acc, PRECISION, EVEN_K, BLOCK_K)
         h = _epilogue1(acc, acc, b_ptr + e * stride_be, offs_n, 0, n_ok, alpha, limit, GATED, ACT, HAS_BIAS, CLAMP)
     h_ptrs = h_ptr + rows[:, None].to(tl.int64) * stride_hm + offs_n[None, :]
     tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=live[:, None] & n_ok[None, :])
@@ -307,15 +302,12 @@ def _gemm2_tma_kernel(h_desc, w_desc, ws_desc, b_ptr, out_ptr, weights_ptr, sort
         return
     rows, pair, live, e = _block_rows(sorted_ptr, block_expert_ptr, pid_m, n_pairs, BLOCK_M)
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    w_row = (e * N + pid_n * BLOCK_N).to(tl.int32)
-    if HAS_SHARED:
+    desc, expert = w_desc, e
+    if HAS_SHARED:  # one K loop for both (see _gemm1_tma_kernel)
         if e >= num_routed:
-            w_row = ((e - num_routed) * N + pid_n * BLOCK_N).to(tl.int32)
-            acc = _tma_dot(h_desc, pid_m * BLOCK_M, ws_desc, w_row, K, acc, PRECISION, BLOCK_K)
-        else:
-            acc = _tma_dot(h_desc, pid_m * BLOCK_M, w_desc, w_row, K, acc, PRECISION, BLOCK_K)
-    else:
-        acc = _tma_dot(h_desc, pid_m * BLOCK_M, w_desc, w_row, K, acc, PRECISION, BLOCK_K)
+            desc, expert = ws_desc, e - num_routed
+    acc = _tma_dot(h_desc, pid_m * BLOCK_M, desc, (expert * N + pid_n * BLOCK_N).to(tl.int32), K, acc, PRECISION,
+                   BLOCK_K)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     if HAS_BIAS:
@@ -352,10 +344,12 @@ def _fit(cfg, t: torch.Tensor, b_tiles: int):
 
 def _launch(kernel, grid_of, cfg, descriptors, *args, **meta):
     """Launch with ``cfg``; a tile the compiler finds too large for shared memory is retried smaller (once per
-    tile: the smaller one is remembered). ``descriptors(cfg)``, when given, makes the leading TMA arguments, whose
-    block shapes follow the tile."""
-    cfg = _SMALLER.get((kernel, cfg), cfg)
+    tile and specialization: the smaller one is remembered for the same kernel, tile, constexprs and dtypes only,
+    so that one variant's shrink does not slow the others). ``descriptors(cfg)``, when given, makes the leading TMA
+    arguments, whose block shapes follow the tile."""
+    key = (kernel, cfg, tuple(sorted(meta.items())), tuple(a.dtype for a in args if isinstance(a, torch.Tensor)))
     first = cfg
+    cfg = _SMALLER.get(key, cfg)
     while True:
         try:
             lead = descriptors(cfg) if descriptors is not None else ()
@@ -367,7 +361,9 @@ def _launch(kernel, grid_of, cfg, descriptors, *args, **meta):
             if smaller is None:
                 raise
             cfg = smaller
-    _SMALLER[(kernel, first)] = cfg
+    if cfg != first:
+        log.info("%s: tile %s did not fit in shared memory, launched as %s", kernel, first, cfg)
+    _SMALLER[key] = cfg
 
 
 _SMALLER: dict = {}
