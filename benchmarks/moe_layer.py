@@ -143,6 +143,12 @@ def roofline():
     return bw, peak, flops / cuda_time(lambda: a @ b, 30)
 
 
+def _shared_experts(block) -> list:
+    """The block's shared-expert modules (Qwen2-MoE and Llama 4 name theirs ``shared_expert``, DeepSeek
+    ``shared_experts``)."""
+    return [getattr(block, name) for name in ("shared_expert", "shared_experts") if hasattr(block, name)]
+
+
 def _routed_ids(block, cfg, x2):
     """The expert ids the block routes ``x2`` [T, H] to: what it hands its experts module, else (Llama 4, whose
     experts take every token) the top-k of its Linear router's logits."""
@@ -167,8 +173,7 @@ def floor_ms(block, cfg, x, bw, peak):
     active = ids.unique().numel()
     experts = list(block.experts.parameters())
     per_expert = sum(p.numel() for p in experts) // experts[0].shape[0]
-    shared = sum(p.numel() for name in ("shared_expert", "shared_experts") if hasattr(block, name)
-                 for p in getattr(block, name).parameters())
+    shared = sum(p.numel() for module in _shared_experts(block) for p in module.parameters())
     t, k = ids.shape
     bytes_ = (active * per_expert + shared) * 2 + 2 * t * h * 2
     flops = 2 * t * (k * per_expert + shared)
@@ -207,7 +212,7 @@ def bench_cuda(shapes, tokens, with_compile, copy_expert_weights=None):
         # Mixtral-style blocks (a router returning (logits, weights, ids), SiLU experts in gate_up_proj/down_proj)
         vllm = None
         if (VllmStyleMoE is not None and hasattr(block, "gate") and hasattr(block.experts, "gate_up_proj")
-                and not any(hasattr(block, n) for n in ("shared_expert", "shared_experts"))):
+                and not _shared_experts(block)):
             vllm = VllmStyleMoE(block)
         if with_compile:
             set_impl(block, "grouped_mm")

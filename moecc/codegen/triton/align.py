@@ -37,15 +37,21 @@ SHARE = 16  # block experts, or experts' padding rows, a rank program writes at 
 
 
 @triton.jit
+def _bins(ids, num_experts, E_PAD: tl.constexpr):
+    """Each pair's histogram bin: its expert, or bin E_PAD-1 (>= E) for ids outside [0, E), which do no compute."""
+    return tl.where((ids >= 0) & (ids < num_experts), ids, E_PAD - 1).to(tl.int32)
+
+
+@triton.jit
 def _count_kernel(ids_ptr, counts_ptr, n_pairs, num_experts, UNIT: tl.constexpr, CHUNK: tl.constexpr,
                   E_PAD: tl.constexpr):
-    """counts[u, e]: pairs of unit ``u`` routed to expert ``e``; ids outside [0, E) land in bin E_PAD-1 (>= E)."""
+    """counts[u, e]: pairs of unit ``u`` per bin (``_bins``)."""
     u = tl.program_id(0)
     hist = tl.zeros([E_PAD], tl.int32)
     for base in range(u * UNIT, u * UNIT + UNIT, CHUNK):
         offs = base + tl.arange(0, CHUNK)
         ids = tl.load(ids_ptr + offs, mask=offs < n_pairs, other=-1)
-        bins = tl.where((ids >= 0) & (ids < num_experts), ids, E_PAD - 1).to(tl.int32)
+        bins = _bins(ids, num_experts, E_PAD)
         hist += tl.histogram(bins, E_PAD)
     tl.store(counts_ptr + u * E_PAD + tl.arange(0, E_PAD), hist)
 
@@ -121,7 +127,7 @@ def _rank_kernel(ids_ptr, counts_ptr, sorted_ptr, block_expert_ptr, total_ptr, n
     for base in range(u * UNIT, u * UNIT + UNIT, SUB):
         offs = base + step
         ids = tl.load(ids_ptr + offs, mask=offs < n_pairs, other=-1)
-        bins = tl.where((ids >= 0) & (ids < num_experts), ids, E_PAD - 1).to(tl.int32)
+        bins = _bins(ids, num_experts, E_PAD)
         ahead = (bins[:, None] == bins[None, :]) & (step[None, :] < step[:, None])
         rank = tl.sum(ahead.to(tl.int32), 1)
         tl.store(sorted_ptr + tl.gather(nxt, bins, 0) + rank, offs, mask=bins < num_experts)
