@@ -43,6 +43,31 @@ FAMILIES = {
     "qwen3_next": ("Qwen3NextConfig", "Qwen3NextForCausalLM"),
     "qwen3_5_moe": ("Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM"),
     "jamba": ("JambaConfig", "JambaForCausalLM"),
+    "axk1": ("AXK1Config", "AXK1ForCausalLM"),
+    "axk2": ("AXK2Config", "AXK2ForCausalLM"),
+    "bailing_hybrid": ("BailingHybridConfig", "BailingHybridForCausalLM"),
+    "bamba": ("BambaConfig", "BambaForCausalLM"),
+    "beam": ("BeamConfig", "BeamForCausalLM"),
+    "deepseek_v4": ("DeepseekV4Config", "DeepseekV4ForCausalLM"),
+    "doge": ("DogeConfig", "DogeForCausalLM"),
+    "dots3_note": ("Dots3NoteConfig", "Dots3NoteForCausalLM"),
+    "flint": ("FlintConfig", "FlintForCausalLM"),
+    "glm_moe_dsa": ("GlmMoeDsaConfig", "GlmMoeDsaForCausalLM"),
+    "granitemoe_swa": ("GraniteMoeSWAConfig", "GraniteMoeSWAForCausalLM"),
+    "hy_v3": ("HYV3Config", "HYV3ForCausalLM"),
+    "hy_v4": ("HYV4Config", "HYV4ForCausalLM"),
+    "kimi_linear": ("KimiLinearConfig", "KimiLinearForCausalLM"),
+    "kolibri1": ("Kolibri1Config", "Kolibri1ForCausalLM"),
+    "laguna": ("LagunaConfig", "LagunaForCausalLM"),
+    "lara_mini": ("LaraMiniConfig", "LaraMiniForCausalLM"),
+    "lfm2_moe": ("Lfm2MoeConfig", "Lfm2MoeForCausalLM"),
+    "longcat_flash": ("LongcatFlashConfig", "LongcatFlashForCausalLM"),
+    "mellum": ("MellumConfig", "MellumForCausalLM"),
+    "mimo_v2_flash": ("MiMoV2FlashConfig", "MiMoV2FlashForCausalLM"),
+    "nemotron_h": ("NemotronHConfig", "NemotronHForCausalLM"),
+    "qwen4_exp": ("Qwen4ExpConfig", "Qwen4ExpForCausalLM"),
+    "solar_open": ("SolarOpenConfig", "SolarOpenForCausalLM"),
+    "zaya": ("ZayaConfig", "ZayaForCausalLM"),
 }
 # tiny sizes under every name the families use (a config takes those it has)
 TINY = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -60,8 +85,6 @@ CONSTRUCTOR = {"DbrxConfig": dict(attn_config=dict(kv_n_heads=2, rope_theta=1000
                                   d_model=32, n_heads=4, n_layers=2, max_seq_len=64, vocab_size=97),
                "JambaConfig": dict(attn_layer_offset=1, attn_layer_period=2, expert_layer_offset=0,
                                    expert_layer_period=1)}
-AFTER = {"DeepseekV2Config": dict(num_key_value_heads=4), "DeepseekV32Config": dict(num_key_value_heads=4),
-         "Glm4MoeLiteConfig": dict(num_key_value_heads=4)}
 SHAPES = ((3, 5), (1, 13), (2, 16))
 
 
@@ -76,12 +99,13 @@ def tiny_model(family: str):
                 setattr(cfg, key, value)
             except (AttributeError, TypeError, ValueError):
                 pass
-    for key, value in AFTER.get(config_name, {}).items():
-        setattr(cfg, key, value)
+    if getattr(cfg, "kv_lora_rank", None):  # latent attention (DeepSeek's MLA) has one key/value head per head
+        cfg.num_key_value_heads = cfg.num_attention_heads
     if getattr(cfg, "layer_types", None) and config_name != "JambaConfig":
         cfg.layer_types = (list(cfg.layer_types) * 2)[:2]
-    if getattr(cfg, "mlp_layer_types", None):  # a dense first layer, then MoE (DeepSeek-V3.2's list)
-        cfg.mlp_layer_types = ["dense", "sparse"]
+    if getattr(cfg, "mlp_layer_types", None):  # one layer of each of the first two kinds the family's list names
+        kinds = list(dict.fromkeys(cfg.mlp_layer_types))  # DeepSeek-V3.2's dense then sparse, V4's hash then top-k
+        cfg.mlp_layer_types = (kinds * 2)[:2]
     torch.manual_seed(0)
     model = getattr(tf, model_name)(cfg).eval()
     with torch.no_grad():

@@ -7,10 +7,12 @@ swapped for a ``call_module`` of the original block, which the recognize pass la
 from __future__ import annotations
 
 import contextlib
+import inspect
 import itertools
 import logging
 import math
 import types
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -28,16 +30,24 @@ _LEAVES: dict[str, list[tuple]] = {}  # key -> output templates, read by the fak
 _counter = itertools.count()
 
 
+_CALLS: dict[str, tuple] = {}  # key of one call -> (its (args, kwargs) spec, its leaves, _TENSOR for tensors)
+_TENSOR = object()
+# the (args, kwargs) each MoE block was last called with in eager before a capture, for recognition to read the
+# values of a block's other arguments (the graph holds their shapes only)
+EXAMPLE_CALLS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 @torch.library.custom_op("moecc::opaque_block", mutates_args=())
-def opaque_block(x: torch.Tensor, key: str) -> list[torch.Tensor]:
-    """Stand-in for a MoE block during export only; never left in a captured graph."""
+def opaque_block(x: torch.Tensor, others: list[torch.Tensor], key: str) -> list[torch.Tensor]:
+    """Stand-in for a MoE block during export only; never left in a captured graph. ``others``: the tensors among
+    the block's other arguments."""
     raise CaptureError(f"moecc::opaque_block({key}) ran outside of capture")
 
 
 @opaque_block.register_fake
-def _opaque_block_fake(x, key):
+def _opaque_block_fake(x, others, key):
     outs = []
-    for template, dtype in _LEAVES[key]:
+    for template, dtype in _LEAVES[key.rsplit("@", 1)[0]]:
         shape = []
         for kind, value in template:
             if kind == "x":
@@ -102,6 +112,14 @@ def _dynamic_shapes(tensors: list[torch.Tensor]):
                  for t in tensors)
 
 
+def _first_parameter(block: nn.Module) -> str | None:
+    try:
+        params = list(inspect.signature(block.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    return params[0].name if params and params[0].kind != params[0].VAR_POSITIONAL else None
+
+
 @contextlib.contextmanager
 def _blocks_as_leaves(blocks: list[tuple[str, nn.Module]], examples: dict[str, tuple]):
     patched = []
@@ -114,12 +132,21 @@ def _blocks_as_leaves(blocks: list[tuple[str, nn.Module]], examples: dict[str, t
                 raise CaptureError(f"MoE block {name!r} returns non-tensor outputs; moecc cannot keep it as a leaf")
             _LEAVES[key] = [(_template(x, t), t.dtype) for t in leaves]
 
-            def forward(self, *args, _key=key, _spec=spec, _name=name, **kwargs):
-                if len(args) != 1 or kwargs or not isinstance(args[0], torch.Tensor):
+            first = _first_parameter(block)
+
+            def forward(self, *args, _key=key, _spec=spec, _name=name, _first=first, **kwargs):
+                if not args and _first in kwargs:
+                    args = (kwargs.pop(_first),)
+                if not args or not isinstance(args[0], torch.Tensor):
                     raise CaptureError(
-                        f"MoE block {_name!r} is called with extra arguments; moecc handles blocks called as "
-                        "block(hidden_states). Try compiling with blocks=[] to capture the model without MoE fusion.")
-                return pytree.tree_unflatten(torch.ops.moecc.opaque_block(args[0], _key), _spec)
+                        f"MoE block {_name!r} is called without its hidden states as first positional argument; "
+                        "moecc handles blocks called as block(hidden_states, ...). Try compiling with blocks=[] to "
+                        "capture the model without MoE fusion.")
+                call_key = f"{_key}@{next(_counter)}"
+                leaves, call_spec = pytree.tree_flatten((args[1:], kwargs))
+                _CALLS[call_key] = (call_spec, [_TENSOR if isinstance(v, torch.Tensor) else v for v in leaves])
+                others = [v for v in leaves if isinstance(v, torch.Tensor)]
+                return pytree.tree_unflatten(torch.ops.moecc.opaque_block(args[0], others, call_key), _spec)
 
             block.forward = types.MethodType(forward, block)
             patched.append((block, key))
@@ -150,10 +177,11 @@ def _quiet_export():
 def _record_examples(model, blocks, args, kwargs):
     examples, hooks = {}, []
     for name, block in blocks:
-        def hook(mod, inp, out, _name=name):
+        def hook(mod, inp, kwargs, out, _name=name):
             if _name not in examples and inp:
                 examples[_name] = (inp[0], out)
-        hooks.append(block.register_forward_hook(hook))
+                EXAMPLE_CALLS[mod] = (inp, dict(kwargs))
+        hooks.append(block.register_forward_hook(hook, with_kwargs=True))
     try:
         with torch.no_grad():
             ref = model(*args, **kwargs)
@@ -211,7 +239,10 @@ def _export(model, wrapper: _FlatCall, flat_inputs: list, blocks, examples) -> t
         gm.graph.erase_node(node)
     by_name = dict(blocks)
     single = {n: not isinstance(examples[n][1], (tuple, list, dict)) for n in by_name}
-    targets = _leaves_to_modules(gm, by_name, single)
+    try:
+        targets = _leaves_to_modules(gm, by_name, single)
+    finally:
+        _CALLS.clear()
     gm.recompile()
     return gm, targets
 
@@ -221,12 +252,15 @@ def _leaves_to_modules(gm: torch.fx.GraphModule, blocks: dict[str, nn.Module],
     targets = {}
     leaves = [n for n in gm.graph.nodes if n.target is torch.ops.moecc.opaque_block.default]
     for i, node in enumerate(leaves):
-        name = node.args[1].rsplit("#", 1)[0]
+        name = node.args[2].rsplit("#", 1)[0]
         target = f"moe_block_{i}"
         gm.add_submodule(target, blocks[name])
         targets[target] = name
+        spec, consts = _CALLS[node.args[2]]
+        others = iter(node.args[1])
+        args, kwargs = pytree.tree_unflatten([next(others) if v is _TENSOR else v for v in consts], spec)
         with gm.graph.inserting_before(node):
-            call = gm.graph.call_module(target, (node.args[0],))
+            call = gm.graph.call_module(target, (node.args[0], *args), kwargs)
         call.meta["moecc_block"] = name
         for user in list(node.users):  # each user is getitem(leaf, j)
             if single[name]:

@@ -11,7 +11,7 @@ import torch
 class RoutingSpec:
     num_experts: int
     top_k: int
-    score: str = "softmax"  # softmax | sigmoid
+    score: str = "softmax"  # moecc.routing.SCORES: softmax | sigmoid | sqrtsoftplus
     topk_first: bool = False  # top-k of the logits, then the score over the chosen ones
     renormalize: bool = False
     n_group: int = 1

@@ -7,7 +7,8 @@ import math
 import torch
 from torch import Tensor
 
-SCORES = ("softmax", "sigmoid")
+# sqrtsoftplus: sqrt(softplus(logit)), DeepSeek-V4's
+SCORES = ("softmax", "sigmoid", "sqrtsoftplus")
 PRIORITIES = ("token", "slot")
 
 
@@ -28,11 +29,13 @@ def route_reference(
     t, e = logits.shape
     k = min(top_k, e)
     if topk_first:
-        # Top-k of the raw logits, then the score over the chosen ones only (GPT-OSS style).
-        vals, ids = torch.topk(logits, k, dim=-1)
-        weights = torch.softmax(vals, dim=-1) if score == "softmax" else torch.sigmoid(vals)
+        # Top-k of the raw logits (plus the selection bias), then the score of the chosen ones only (GPT-OSS's
+        # softmax over them; Kolibri's sigmoid of each)
+        choice = logits if selection_bias is None else logits + selection_bias.float()
+        ids = torch.topk(choice, k, dim=-1)[1]
+        weights = scores(logits.gather(1, ids), score)
     else:
-        probs = torch.softmax(logits, dim=-1) if score == "softmax" else torch.sigmoid(logits)
+        probs = scores(logits, score)
         choice = probs if selection_bias is None else probs + selection_bias.float()
         if n_group > 1 and t > 0:
             per_group = e // n_group
@@ -44,11 +47,20 @@ def route_reference(
             choice = choice.masked_fill(~keep, float("-inf"))
         ids = torch.topk(choice, k, dim=-1)[1]
         weights = probs.gather(1, ids)
-    if renormalize and not topk_first:
+    if renormalize and not (topk_first and score == "softmax"):  # a softmax over the chosen ones sums to 1
         weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
     if scale != 1.0:
         weights = weights * scale
     return weights.float().contiguous(), ids.to(torch.int64).contiguous()
+
+
+def scores(logits: Tensor, score: str) -> Tensor:
+    """Softmax over the last dim, or an elementwise score of each logit."""
+    if score == "softmax":
+        return torch.softmax(logits, dim=-1)
+    if score == "sigmoid":
+        return torch.sigmoid(logits)
+    return torch.sqrt(torch.nn.functional.softplus(logits))
 
 
 def router_logits(x: Tensor, weight: Tensor, bias: Tensor | None, fp32: bool) -> Tensor:

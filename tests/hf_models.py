@@ -57,6 +57,15 @@ def make_config(family: str):
     if family == "llama4_text":  # routing weights scale the experts' inputs; the block returns [T, H]
         return tf.Llama4TextConfig(**_COMMON, head_dim=8, intermediate_size=24, intermediate_size_mlp=48,
                                    num_local_experts=5, num_experts_per_tok=1, interleave_moe_layer_step=1)
+    if family == "kolibri1":  # top-k of the logits plus a selection bias, then sigmoid of the chosen ones
+        return tf.Kolibri1Config(**_COMMON, head_dim=8, moe_intermediate_size=24, num_experts=6,
+                                 num_experts_per_tok=2, norm_topk_prob=True, shared_expert_intermediate_size=40)
+    if family == "deepseek_v4":  # a hash-routed layer (experts from the token ids), then sqrt-softplus scores
+        return tf.DeepseekV4Config(**_COMMON, head_dim=8, moe_intermediate_size=24, q_lora_rank=24,
+                                   n_routed_experts=6, n_shared_experts=1, num_experts_per_tok=2,
+                                   routed_scaling_factor=1.5, mlp_layer_types=["hash_moe", "moe"],
+                                   layer_types=["heavily_compressed_attention"] * 2, o_lora_rank=16,
+                                   index_n_heads=2, index_head_dim=8, index_topk=8)
     if family == "switch_transformers":
         return tf.SwitchTransformersConfig(vocab_size=97, d_model=32, d_kv=8, d_ff=48, num_layers=2,
                                            num_decoder_layers=2, num_heads=4, num_experts=4, expert_capacity=6,
@@ -74,7 +83,8 @@ def make_model(family: str, experts_implementation: str = "eager", seed: int = 0
         "olmoe": tf.OlmoeForCausalLM, "deepseek_v3": tf.DeepseekV3ForCausalLM, "gpt_oss": tf.GptOssForCausalLM,
         "afmoe": tf.AfmoeForCausalLM, "cohere2_moe": tf.Cohere2MoeForCausalLM, "dbrx": tf.DbrxForCausalLM,
         "ernie4_5_moe": tf.Ernie4_5_MoeForCausalLM, "llama4_text": tf.Llama4ForCausalLM,
-        "switch_transformers": tf.SwitchTransformersForConditionalGeneration,
+        "switch_transformers": tf.SwitchTransformersForConditionalGeneration, "kolibri1": tf.Kolibri1ForCausalLM,
+        "deepseek_v4": tf.DeepseekV4ForCausalLM,
     }[family]
     model = cls(cfg)
     with torch.no_grad():
@@ -85,6 +95,8 @@ def make_model(family: str, experts_implementation: str = "eager", seed: int = 0
                 p.copy_(torch.randn_like(p) * 0.1)
             elif name.endswith("gate.weight") and not p.any():
                 p.normal_(0.0, 0.3)  # a router that starts at zero (AFMoE's, ERNIE's)
+            elif name.endswith("tid2eid"):  # DeepSeek-V4's token id -> experts table
+                p.copy_(torch.stack([torch.randperm(cfg.n_routed_experts)[:p.shape[1]] for _ in range(p.shape[0])]))
     if experts_implementation != "eager":
         model.set_experts_implementation(experts_implementation)
     return model.eval()

@@ -43,6 +43,35 @@ def test_layer_records_describe_the_block():
     assert layer.activation == "gated-silu" and layer.shared_experts == 1 and layer.reason == ""
 
 
+def _matches_eager_on_fresh_shapes(family, model, cm):
+    for batch, seq, seed in ((3, 5, 1), (1, 13, 2)):
+        kwargs = make_inputs(family, batch, seq, seed)
+        ref = [t for t in pytree.tree_leaves(model(**kwargs)) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        got = [t for t in pytree.tree_leaves(cm(**kwargs)) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        assert len(ref) == len(got) and all(rel(g, r) < 1e-5 for g, r in zip(got, ref))
+
+
+def test_deepseek_v4_hash_layer_runs_as_written_and_its_top_k_layer_is_fused():
+    """Every MoE block is handed the token ids: the hash-routed one reads them (its experts come from a table of
+    them), the top-k one does not, and its sqrt(softplus) scores are a canonical routing."""
+    model = make_model("deepseek_v4")
+    cm = moecc.compile(model)
+    cm(**make_inputs("deepseek_v4", 2, 8))
+    hashed, top_k = cm.moe_layers
+    assert not hashed.fused and "input_ids" in hashed.reason, hashed.reason
+    assert top_k.fused and top_k.routing == "sqrtsoftplus->top2 renorm selection-bias x1.5", top_k.routing
+    _matches_eager_on_fresh_shapes("deepseek_v4", model, cm)
+
+
+def test_selection_bias_on_the_logits_before_the_scores_of_the_chosen_ones():
+    model = make_model("kolibri1")
+    cm = moecc.compile(model)
+    cm(**make_inputs("kolibri1", 2, 8))
+    assert all(layer.fused and layer.routing == "top2->sigmoid renorm selection-bias" for layer in cm.moe_layers), \
+        [(layer.routing, layer.reason) for layer in cm.moe_layers]
+    _matches_eager_on_fresh_shapes("kolibri1", model, cm)
+
+
 def test_switch_capacity_formula_recorded():
     model = make_model("switch_transformers")
     cm = moecc.compile(model)

@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 import moecc  # noqa: F401
 import moecc.codegen.torch.moe  # noqa: F401
 from moecc.experts import WEIGHT_LAYOUTS, from_canonical, interleave_gate_up, to_canonical
-from moecc.routing import route_reference
+from moecc.routing import SCORES, route_reference
 
 
 def _moe_args(t=6, h=8, inter=5, e=4, k=2, seed=0):
@@ -69,7 +69,7 @@ def test_fused_equals_naive_and_unfused():
 @settings(max_examples=60, deadline=None)
 @given(t=st.integers(0, 9), e=st.sampled_from([1, 3, 5, 7, 8]), k=st.integers(1, 8), mode=st.sampled_from(
     ["random", "ties", "negative", "one_expert"]), null=st.booleans(), seed=st.integers(0, 2**16),
-    score=st.sampled_from(["softmax", "sigmoid"]), topk_first=st.booleans(), renorm=st.booleans())
+    score=st.sampled_from(SCORES), topk_first=st.booleans(), renorm=st.booleans())
 def test_routing_and_dispatch_fuzz(t, e, k, mode, null, seed, score, topk_first, renorm):
     k = min(k, e)
     g = torch.Generator().manual_seed(seed)

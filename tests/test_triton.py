@@ -21,7 +21,9 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ROUTINGS = [  # score, topk_first, renorm, n_group, topk_group, selection bias, scale
     ("softmax", False, True, 1, 1, False, 1.0), ("softmax", False, False, 1, 1, False, 1.0),
     ("softmax", True, False, 1, 1, False, 1.0), ("sigmoid", False, True, 4, 2, True, 2.5),
-    ("sigmoid", False, False, 1, 1, True, 1.0)]
+    ("sigmoid", False, False, 1, 1, True, 1.0), ("sqrtsoftplus", False, True, 1, 1, True, 1.5),
+    ("sqrtsoftplus", True, False, 1, 1, False, 1.0), ("sigmoid", True, True, 1, 1, True, 1.0),
+    ("softmax", True, False, 1, 1, True, 1.0)]
 
 
 def _check_gating(t, e, k, routing):
@@ -43,6 +45,18 @@ def _check_gating(t, e, k, routing):
     [(0, 8, 2), (1, 3, 1), (7, 8, 2), (300, 64, 8), (7, 64, 8), (300, 3, 2)], ROUTINGS)])
 def test_gating_matches_route(t, e, k, routing):
     _check_gating(t, e, k, routing)
+
+
+@pytest.mark.parametrize("topk_first", [False, True])
+def test_sqrtsoftplus_scores_keep_their_precision_far_from_zero(topk_first):
+    """Logits of -30 to 30: softplus through log(1 + exp(v)) would give 0 below about -17 in fp32."""
+    logits = torch.linspace(-30, 30, 8 * 16).reshape(16, 8)[:, torch.randperm(8)].contiguous().to(DEVICE)
+    logits[:, :3] -= 40  # every token also chooses among scores of 1e-9 .. 1e-13
+    rw, ri = route_reference(logits, None, 6, "sqrtsoftplus", topk_first, False, 1, 1, 1.0)
+    gw, gi = gating(logits, None, 6, "sqrtsoftplus", topk_first, False, 1, 1, 1.0)
+    order_r, order_g = ri.argsort(-1), gi.argsort(-1)
+    assert torch.equal(ri.gather(1, order_r), gi.gather(1, order_g))
+    torch.testing.assert_close(gw.gather(1, order_g), rw.gather(1, order_r), rtol=1e-5, atol=0)
 
 
 @pytest.mark.parametrize("t,e,k,routing", [(t, e, k, r) for (t, e, k), r in itertools.product(

@@ -144,3 +144,22 @@ def test_low_precision_recognition_takes_the_closest_candidate_not_the_first_tha
     cm = moecc.compile(block, backend="reference")
     x = torch.randn(1, 40, 256, dtype=torch.bfloat16)
     torch.testing.assert_close(cm(x)[0], block(x)[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind,fused", [("ignores_ids", True), ("pad_masked", False), ("hash_routed", False)])
+def test_a_block_handed_other_arguments_is_lifted_only_when_it_ignores_them(kind, fused):
+    from user_modules import HashRoutedMoE, IdsModel, IgnoresIdsMoE, PadMaskedMoE
+
+    block = {"ignores_ids": IgnoresIdsMoE, "pad_masked": PadMaskedMoE, "hash_routed": HashRoutedMoE}[kind]
+    torch.manual_seed(0)
+    model = IdsModel(block()).eval()
+    cm = moecc.compile(model)
+    cm(torch.randint(1, 50, (2, 16)))
+    (layer,) = cm.moe_layers
+    assert layer.fused == fused, layer.reason
+    if not fused:
+        assert "input_ids" in layer.reason, layer.reason
+    for shape in ((3, 11), (1, 7), (4, 32)):
+        x = torch.randint(0, 50, shape)
+        ref, got = model(x), cm(x)
+        assert ((got - ref).norm() / ref.norm()).item() < 1e-5

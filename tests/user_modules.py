@@ -170,5 +170,53 @@ class TinyModel(nn.Module):
         return self.head(h)
 
 
+class IdsModel(nn.Module):
+    """``TinyModel`` whose MoE block is also handed the token ids (as DeepSeek-V4's decoder hands them)."""
+
+    def __init__(self, block: nn.Module, hidden=24, vocab=50):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, hidden)
+        self.moe = block
+        self.head = nn.Linear(hidden, vocab)
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        h = h + self.moe(h, input_ids=ids)
+        return self.head(h)
+
+
+class IgnoresIdsMoE(LoopMoE):
+    def forward(self, x, input_ids=None):
+        return super().forward(x)
+
+
+class PadMaskedMoE(LoopMoE):
+    """Token id 0 is padding: its output is zero. The example ids hold no 0, so the example call alone would not
+    show that the block reads them."""
+
+    def forward(self, x, input_ids=None):
+        out = super().forward(x)
+        return out if input_ids is None else out * (input_ids != 0).unsqueeze(-1).to(out.dtype)
+
+
+class HashRoutedMoE(LoopMoE):
+    """Experts chosen by a fixed table of token ids (DeepSeek-V4's hash layers), weighted by the router."""
+
+    def __init__(self, vocab=50, **kw):
+        super().__init__(**kw)
+        self.register_buffer("table", torch.randint(0, len(self.experts), (vocab, self.top_k)))
+
+    def forward(self, x, input_ids=None):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        chosen = self.table[input_ids.reshape(-1)]
+        weights = F.softmax(self.gate(x), dim=-1).gather(1, chosen)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            token, slot = torch.where(chosen == e)
+            out.index_add_(0, token, self.apply_expert(expert, x[token], weights[token, slot, None]))
+        return out.reshape(shape)
+
+
 USER_BLOCKS = {"loop": LoopMoE, "gshard": GShardMoE, "bmm": BmmMoE, "block_bias": BlockBiasMoE,
                "input_scaled": InputScaledMoE}

@@ -15,10 +15,26 @@ from triton.language.extra.cuda import gdc_launch_dependents
 
 from moecc.codegen.triton import dependent_launch
 
+SCORE_IDS = {"softmax": 0, "sigmoid": 1, "sqrtsoftplus": 2}
+
+
+@triton.jit
+def _elementwise_score(v, SCORE: tl.constexpr):
+    """sigmoid (1) or sqrt(softplus) (2) of each logit. softplus(v) = max(v, 0) + log1p(exp(-|v|)), log1p(y) by
+    Kahan's log(u) * y / (u - 1) with u = 1 + y: log(1 + y) alone keeps only the bits of y that survive the
+    rounding of 1 + y, 4e-4 off at a logit of -9 and 0 below -17 in fp32."""
+    if SCORE == 1:
+        return 1.0 / (1.0 + tl.exp(-v))
+    else:
+        y = tl.exp(-tl.abs(v))
+        u = 1.0 + y
+        log1p = tl.where(u == 1.0, y, tl.log(u) * (y / (u - 1.0)))
+        return tl.sqrt(tl.maximum(v, 0.0) + log1p)
+
 
 @triton.jit
 def _select(logits, bias_ptr, weights_ptr, ids_ptr, t, n_tokens, num_experts, scale,
-            K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr, SIGMOID: tl.constexpr,
+            K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr, SCORE: tl.constexpr,
             TOPK_FIRST: tl.constexpr, RENORM: tl.constexpr, HAS_BIAS: tl.constexpr,
             N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, G_PAD: tl.constexpr):
     """Scores, selection bias, group-limited top-k, top-k, renormalisation and scaling of the logits of tokens
@@ -29,12 +45,15 @@ def _select(logits, bias_ptr, weights_ptr, ids_ptr, t, n_tokens, num_experts, sc
     if TOPK_FIRST:
         probs = logits
         choice = logits
+        if HAS_BIAS:
+            choice = tl.where(valid, logits + tl.load(bias_ptr + offs, mask=valid, other=0.0).to(tl.float32),
+                              -float("inf"))
     else:
-        if SIGMOID:
-            probs = 1.0 / (1.0 + tl.exp(-logits))
-        else:
+        if SCORE == 0:
             e = tl.exp(logits - tl.max(logits, 1)[:, None])
             probs = e / tl.sum(e, 1)[:, None]
+        else:
+            probs = _elementwise_score(logits, SCORE)
         choice = probs
         if HAS_BIAS:
             choice = choice + tl.load(bias_ptr + offs, mask=valid, other=0.0).to(tl.float32)
@@ -68,12 +87,12 @@ def _select(logits, bias_ptr, weights_ptr, ids_ptr, t, n_tokens, num_experts, sc
         choice = tl.where(offs == at, -float("inf"), choice)
     in_k = kk < K
     if TOPK_FIRST:
-        if SIGMOID:
-            chosen_w = 1.0 / (1.0 + tl.exp(-chosen_w))
-        else:
+        if SCORE == 0:
             m = tl.max(tl.where(in_k, chosen_w, -float("inf")), 1)[:, None]
             e = tl.where(in_k, tl.exp(chosen_w - m), 0.0)
             chosen_w = e / tl.sum(e, 1)[:, None]
+        else:
+            chosen_w = _elementwise_score(chosen_w, SCORE)
     if RENORM:
         chosen_w = chosen_w / (tl.sum(tl.where(in_k, chosen_w, 0.0), 1)[:, None] + 1e-20)
     chosen_w = chosen_w * scale
@@ -86,7 +105,7 @@ def _select(logits, bias_ptr, weights_ptr, ids_ptr, t, n_tokens, num_experts, sc
 @triton.jit
 def _gating_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, stride_t, n_tokens, num_experts, scale,
                    BLOCK_T: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr,
-                   SIGMOID: tl.constexpr, TOPK_FIRST: tl.constexpr, RENORM: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   SCORE: tl.constexpr, TOPK_FIRST: tl.constexpr, RENORM: tl.constexpr, HAS_BIAS: tl.constexpr,
                    N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, G_PAD: tl.constexpr, PDL: tl.constexpr):
     if PDL:  # the decode GEMV 1 waits for this kernel to finish before it reads anything
         gdc_launch_dependents()
@@ -96,14 +115,14 @@ def _gating_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, stride_t, n_token
     logits = tl.load(logits_ptr + t[:, None] * stride_t + offs[None, :],
                      mask=(t < n_tokens)[:, None] & (offs < num_experts)[None, :], other=0.0)
     _select(logits.to(tl.float32), bias_ptr, weights_ptr, ids_ptr, t, n_tokens, num_experts, scale, K, K_PAD, E_PAD,
-            SIGMOID, TOPK_FIRST, RENORM, HAS_BIAS, N_GROUP, TOPK_GROUP, G_PAD)
+            SCORE, TOPK_FIRST, RENORM, HAS_BIAS, N_GROUP, TOPK_GROUP, G_PAD)
 
 
 @triton.jit
 def _gemv_gating_kernel(x_ptr, w_ptr, rb_ptr, bias_ptr, logits_ptr, arrived_ptr, weights_ptr, ids_ptr, stride_x,
                         stride_w, hidden, num_experts, scale, HAS_ROUTER_BIAS: tl.constexpr, ROWS: tl.constexpr,
                         BLOCK_H: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr,
-                        SIGMOID: tl.constexpr, TOPK_FIRST: tl.constexpr, RENORM: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        SCORE: tl.constexpr, TOPK_FIRST: tl.constexpr, RENORM: tl.constexpr, HAS_BIAS: tl.constexpr,
                         N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, G_PAD: tl.constexpr, PDL: tl.constexpr):
     """Small T: the router GEMV in fp32, ``ROWS`` experts of one token per program, then the same selection, run by
     the token's last program to finish (it counts arrivals in ``arrived``); one launch for all of gating."""
@@ -130,13 +149,14 @@ def _gemv_gating_kernel(x_ptr, w_ptr, rb_ptr, bias_ptr, logits_ptr, arrived_ptr,
         all_logits = tl.load(logits_ptr + t * E_PAD + offs_e, mask=offs_e < num_experts, other=0.0,
                              cache_modifier=".cg")
         _select(all_logits[None, :], bias_ptr, weights_ptr, ids_ptr, t + tl.arange(0, 1), t + 1, num_experts, scale,
-                K, K_PAD, E_PAD, SIGMOID, TOPK_FIRST, RENORM, HAS_BIAS, N_GROUP, TOPK_GROUP, G_PAD)
+                K, K_PAD, E_PAD, SCORE, TOPK_FIRST, RENORM, HAS_BIAS, N_GROUP, TOPK_GROUP, G_PAD)
 
 
 def _meta(top_k, e, score, topk_first, renormalize, has_bias, n_group, topk_group):
     k = min(top_k, e)
-    return dict(K=k, K_PAD=triton.next_power_of_2(k), E_PAD=triton.next_power_of_2(e), SIGMOID=score == "sigmoid",
-                TOPK_FIRST=topk_first, RENORM=renormalize and not topk_first, HAS_BIAS=has_bias and not topk_first,
+    return dict(K=k, K_PAD=triton.next_power_of_2(k), E_PAD=triton.next_power_of_2(e), SCORE=SCORE_IDS[score],
+                TOPK_FIRST=topk_first, RENORM=renormalize and not (topk_first and score == "softmax"),
+                HAS_BIAS=has_bias,
                 N_GROUP=n_group if not topk_first else 1, TOPK_GROUP=topk_group,
                 G_PAD=triton.next_power_of_2(max(n_group, 1)))
 

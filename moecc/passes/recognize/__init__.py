@@ -13,6 +13,7 @@ from moecc.ir import MoELayerInfo
 from moecc.passes.base import MoePass, PassResult, layers_of
 from moecc.passes.graph_utils import inline_module
 from moecc.passes.recognize.block import analyze_block
+from moecc.passes.recognize.other_args import independent_of_other_args
 
 log = logging.getLogger("moecc.passes.recognize")
 
@@ -21,6 +22,24 @@ def _example_of(node: fx.Node) -> torch.Tensor:
     val = node.args[0].meta.get("val")
     shape = [s if isinstance(s, int) else 2 for s in val.shape]
     return torch.empty(shape, dtype=val.dtype)
+
+
+def _other_args(node: fx.Node) -> str:
+    """The block's arguments besides its hidden states, as a reason names them; empty when there are none."""
+    parts = [f"argument {i + 1}" for i, a in enumerate(node.args[1:]) if a is not None]
+    parts += [k for k, v in node.kwargs.items() if v is not None]
+    return ", ".join(parts)
+
+
+def _analyze(block: torch.nn.Module, node: fx.Node):
+    others = _other_args(node)
+    if others:
+        from moecc.capture import EXAMPLE_CALLS
+
+        r = independent_of_other_args(block, EXAMPLE_CALLS.get(block), others)
+        if not r:
+            return r
+    return analyze_block(block, _example_of(node))
 
 
 class Recognize(MoePass):
@@ -34,7 +53,7 @@ class Recognize(MoePass):
             name = node.meta["moecc_block"]
             block = gm.get_submodule(node.target)
             info = layers.setdefault(name, MoELayerInfo(name=name))
-            result = analyze_block(block, _example_of(node))
+            result = _analyze(block, node)
             if not result:
                 info.reason = result.reason
                 failed += 1

@@ -259,8 +259,8 @@ def _pairs(routing_options, expert_candidates):
             yield r, e
 
 
-UNMATCHED_ROUTING = ("routing matches no known pattern (softmax/sigmoid, top-k before/after scoring, "
-                     "renormalisation, selection bias, groups, scale)")
+UNMATCHED_ROUTING = ("routing matches no known pattern (softmax, sigmoid or sqrt-softplus scores, top-k before/after "
+                     "scoring, renormalisation, selection bias, groups, scale)")
 
 
 def _with_router_as_written(block, router, obs, x2, call, num_experts, expert_candidates, shared, inputs, refs,

@@ -12,7 +12,7 @@ from torch import nn
 
 from moecc.ir import CapacitySpec, RoutingSpec
 from moecc.passes.recognize.probe import rel_err, snap, tolerance
-from moecc.routing import apply_capacity, route_reference, router_logits
+from moecc.routing import SCORES, apply_capacity, route_reference, router_logits
 
 
 @dataclass
@@ -153,9 +153,10 @@ def routing_candidates(num_experts: int, top_ks: list[int], sel_biases: list, gr
     for k in top_ks:
         for sel in [None, *sel_biases]:
             for (g, tg) in (groups if sel is not None else [(1, 1)]):
-                for score, topk_first, renorm in itertools.product(("softmax", "sigmoid"), (False, True),
+                for score, topk_first, renorm in itertools.product(SCORES, (False, True),
                                                                    (True, False)):
-                    if topk_first and (renorm or sel is not None):
+                    # a softmax over the chosen ones needs no renormalisation; groups select on scores
+                    if topk_first and ((renorm and score == "softmax") or g > 1):
                         continue
                     yield RoutingSpec(num_experts, k, score, topk_first, renorm, g, tg, 1.0, logits_fp32, has_bias,
                                       sel is not None), sel

@@ -1,0 +1,52 @@
+"""A block called with arguments besides its hidden states (DeepSeek-V4 hands every MoE block the token ids):
+the canonical form depends on the hidden states only, so such a block is lifted only when its outputs are shown
+not to depend on the others.
+
+The evidence is the block's own example call, recorded at capture: the block called with its hidden states alone
+must give the outputs it gives with each of three versions of the other arguments (as they were, all zeros, and
+their values shuffled). A mask or a padding flag shows itself through the zeros, token ids through the shuffle. A
+block that cannot be called without them (a hash router that reads the token ids) is left as written."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from moecc.match import MatchResult
+from moecc.passes.recognize.probe import close, tensor_leaves
+
+
+def _variants(others: list, generator: torch.Generator):
+    yield "as called", others
+    yield "zeros", [torch.zeros_like(t) if isinstance(t, torch.Tensor) else t for t in others]
+    yield "shuffled", [t.flatten()[torch.randperm(t.numel(), generator=generator).to(t.device)].reshape(t.shape)
+                       if isinstance(t, torch.Tensor) and t.numel() > 1 else t for t in others]
+
+
+def independent_of_other_args(block: nn.Module, call: tuple | None, names: str) -> MatchResult[None]:
+    """Success when ``block(x)`` equals ``block(*args, **kwargs)`` of its example ``call`` (x its first positional
+    argument), however the other arguments are varied; ``names`` describes them in a reason."""
+    if call is None:
+        return MatchResult.fail(f"block is called with other arguments ({names}) whose example values moecc did not "
+                                "record")
+    args, kwargs = call
+    leaves, spec = pytree.tree_flatten((args[1:], kwargs))
+    g = torch.Generator().manual_seed(7)
+    x = args[0]
+    fresh = (torch.randn(x.shape, generator=g) * x.float().std().clamp_min(1e-3)).to(x)
+    with torch.no_grad():
+        for hidden in (x, fresh):
+            try:
+                alone = tensor_leaves(block(hidden))
+            except Exception as exc:  # noqa: BLE001 - the block needs its other arguments
+                why = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+                return MatchResult.fail(f"block's outputs need its other arguments ({names}): called without them "
+                                        f"it fails ({why})")
+            for what, values in _variants(leaves, g):
+                other_args, other_kwargs = pytree.tree_unflatten(values, spec)
+                full = tensor_leaves(block(hidden, *other_args, **other_kwargs))
+                if len(full) != len(alone) or not all(close(a, b) for a, b in zip(alone, full)):
+                    return MatchResult.fail(f"block's outputs depend on its other arguments ({names}; seen with "
+                                            f"them {what}); the canonical form reads the hidden states only")
+    return MatchResult.success(None)
