@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "swiglu_oai")
+# relu2: relu(h)^2 (Nemotron-H's squared ReLU)
+PLAIN_ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "relu2")
+ACTIVATIONS = (*PLAIN_ACTIVATIONS, "swiglu_oai")
 
 
 def _act(h: Tensor, activation: str) -> Tensor:
@@ -17,6 +19,8 @@ def _act(h: Tensor, activation: str) -> Tensor:
         return torch.nn.functional.gelu(h, approximate="tanh")
     if activation == "relu":
         return torch.relu(h)
+    if activation == "relu2":
+        return torch.relu(h).square()
     raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
 
 

@@ -74,6 +74,7 @@ CASES = [  # T, E, k, H, I, gated, activation, bias, limit, shared experts, dtyp
     (513, 16, 4, 320, 96, False, "gelu", True, 0.0, 0, torch.bfloat16),
     (1, 4, 2, 128, 64, True, "silu", False, 0.0, 0, torch.bfloat16),
     (400, 16, 2, 256, 128, True, "silu", False, 0.0, 2, torch.bfloat16),
+    (300, 8, 2, 256, 128, False, "relu2", False, 0.0, 0, torch.bfloat16),
 ]
 
 

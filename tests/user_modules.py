@@ -170,6 +170,24 @@ class TinyModel(nn.Module):
         return self.head(h)
 
 
+class SquaredReluMLP(nn.Module):
+    def __init__(self, hidden, inter):
+        super().__init__()
+        self.up = nn.Linear(hidden, inter, bias=False)
+        self.down = nn.Linear(inter, hidden, bias=False)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)) ** 2)
+
+
+class SquaredReluMoE(LoopMoE):
+    """Experts of squared ReLU (Nemotron-H's), not gated."""
+
+    def __init__(self, hidden=24, inter=40, num_experts=6, top_k=2):
+        super().__init__(hidden, inter, num_experts, top_k)
+        self.experts = nn.ModuleList(SquaredReluMLP(hidden, inter) for _ in range(num_experts))
+
+
 class IdsModel(nn.Module):
     """``TinyModel`` whose MoE block is also handed the token ids (as DeepSeek-V4's decoder hands them)."""
 
@@ -219,4 +237,4 @@ class HashRoutedMoE(LoopMoE):
 
 
 USER_BLOCKS = {"loop": LoopMoE, "gshard": GShardMoE, "bmm": BmmMoE, "block_bias": BlockBiasMoE,
-               "input_scaled": InputScaledMoE}
+               "input_scaled": InputScaledMoE, "squared_relu": SquaredReluMoE}

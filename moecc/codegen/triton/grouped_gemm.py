@@ -41,7 +41,7 @@ from moecc.codegen.triton.configs import (
 
 log = logging.getLogger("moecc.codegen.triton")
 
-ACT_IDS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "swiglu_oai": 4}
+ACT_IDS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "swiglu_oai": 4, "relu2": 5}
 
 
 @triton.jit
@@ -55,8 +55,11 @@ def _activate(g, ACT: tl.constexpr, alpha):
         return 0.5 * g * (1.0 + (2.0 / (1.0 + tl.exp(-2.0 * inner)) - 1.0))
     elif ACT == 3:
         return tl.maximum(g, 0.0)
-    else:
+    elif ACT == 4:
         return g / (1.0 + tl.exp(-alpha * g))
+    else:
+        r = tl.maximum(g, 0.0)
+        return r * r
 
 
 @triton.jit

@@ -127,8 +127,11 @@ def _activate(g, ACT: gl.constexpr, alpha):
         return 0.5 * g * (2.0 / (1.0 + gl.exp(-2.0 * inner)))
     elif ACT == 3:
         return gl.maximum(g, 0.0)
-    else:
+    elif ACT == 4:
         return g / (1.0 + gl.exp(-alpha * g))
+    else:
+        r = gl.maximum(g, 0.0)
+        return r * r
 
 
 # ----------------------------------------------------------------------------------------------------- GEMM 1

@@ -7,12 +7,10 @@ import itertools
 import torch
 from torch import nn
 
-from moecc.experts import expert_activation
+from moecc.experts import PLAIN_ACTIVATIONS, expert_activation
 from moecc.ir import ExpertSpec, ExpertWeights
 from moecc.match import MatchResult
 from moecc.passes.recognize.probe import close, probe_input
-
-_ACTS = ("silu", "gelu", "gelu_tanh", "relu")
 
 
 def _record_linear_calls(module: nn.Module, x: torch.Tensor):
@@ -50,21 +48,21 @@ def analyze_mlp(module: nn.Module, hidden: int) -> MatchResult[tuple[ExpertSpec,
     down, down_in, _ = rest[0]
     ups = [c for c in first]
     if len(ups) == 2:
-        for (g, u), act in itertools.product(itertools.permutations(ups), _ACTS):
+        for (g, u), act in itertools.product(itertools.permutations(ups), PLAIN_ACTIVATIONS):
             h = torch.cat([g[2], u[2]], -1)
             if close(expert_activation(h, act, True, 1.0, 0.0), down_in):
                 spec = ExpertSpec(hidden, g[0].out_features, act, True, g[0].bias is not None)
                 w_up = torch.cat([g[0].weight, u[0].weight], 0)
                 b_up = torch.cat([g[0].bias, u[0].bias], 0) if spec.has_bias else None
                 return MatchResult.success((spec, ExpertWeights(w_up, down.weight, b_up, down.bias)))
-        return MatchResult.fail(f"{type(module).__name__}: gated activation is none of {_ACTS}")
+        return MatchResult.fail(f"{type(module).__name__}: gated activation is none of {PLAIN_ACTIVATIONS}")
     if len(ups) == 1:
         u = ups[0]
-        for act in _ACTS:
+        for act in PLAIN_ACTIVATIONS:
             if close(expert_activation(u[2], act, False, 1.0, 0.0), down_in):
                 spec = ExpertSpec(hidden, u[0].out_features, act, False, u[0].bias is not None)
                 return MatchResult.success((spec, ExpertWeights(u[0].weight, down.weight, u[0].bias, down.bias)))
-        return MatchResult.fail(f"{type(module).__name__}: activation is none of {_ACTS}")
+        return MatchResult.fail(f"{type(module).__name__}: activation is none of {PLAIN_ACTIVATIONS}")
     return MatchResult.fail(f"{type(module).__name__}: {len(ups)} projections read the input, expected 1 or 2")
 
 

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from moecc.experts import PLAIN_ACTIVATIONS
 from moecc.ir import ExpertSpec, ExpertWeights
 
-_ACTS = ("silu", "gelu", "gelu_tanh", "relu")
 _GATED_LAYOUTS = ("concat_gate_first", "concat_up_first", "interleaved_gate_even", "interleaved_up_even")
 
 
@@ -82,10 +82,10 @@ def _float_attr(module: nn.Module, word: str) -> float | None:
 def _activations(module: nn.Module) -> list[tuple[str, float, float]]:
     limit = _float_attr(module, "limit")
     alpha = _float_attr(module, "alpha")
-    acts = [(act, 1.0, 0.0) for act in _ACTS]
+    acts = [(act, 1.0, 0.0) for act in PLAIN_ACTIVATIONS]
     if limit is not None and limit > 0:
         acts.append(("swiglu_oai", alpha if alpha is not None else 1.702, limit))
-        acts += [(act, 1.0, limit) for act in _ACTS]
+        acts += [(act, 1.0, limit) for act in PLAIN_ACTIVATIONS]
     return acts
 
 
