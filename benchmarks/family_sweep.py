@@ -79,7 +79,7 @@ TINY = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_he
             num_shared_experts=1, shared_intermediate_size=40, moe_intermediate_size_shared=40, num_dense_layers=1,
             linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=8,
             expert_ffn_hidden_size=24, mamba_d_state=8, mamba_expand=2, mamba_n_heads=4, mamba_d_head=16,
-            index_head_dim=8, index_n_heads=2, index_topk=8, pad_token_id=0)
+            index_head_dim=8, index_n_heads=2, index_topk=8, pad_token_id=0, num_layers=2, zero_expert_num=2)
 CONSTRUCTOR = {"DbrxConfig": dict(attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0),
                                   ffn_config=dict(ffn_hidden_size=48, moe_num_experts=6, moe_top_k=2),
                                   d_model=32, n_heads=4, n_layers=2, max_seq_len=64, vocab_size=97),
@@ -92,7 +92,9 @@ def tiny_model(family: str):
     import transformers as tf
 
     config_name, model_name = FAMILIES[family]
-    cfg = getattr(tf, config_name)(**CONSTRUCTOR.get(config_name, {}))
+    outer = getattr(tf, config_name)(**CONSTRUCTOR.get(config_name, {}))
+    # a composite config (a text model inside a multimodal family's) is made tiny where its text model reads it
+    cfg = getattr(outer, "text_config", None) or outer
     for key, value in TINY.items():
         if hasattr(cfg, key) and key not in CONSTRUCTOR.get(config_name, {}):
             try:
@@ -101,13 +103,20 @@ def tiny_model(family: str):
                 pass
     if getattr(cfg, "kv_lora_rank", None):  # latent attention (DeepSeek's MLA) has one key/value head per head
         cfg.num_key_value_heads = cfg.num_attention_heads
+        if hasattr(cfg, "qk_head_dim"):
+            cfg.qk_head_dim = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
     if getattr(cfg, "layer_types", None) and config_name != "JambaConfig":
         cfg.layer_types = (list(cfg.layer_types) * 2)[:2]
     if getattr(cfg, "mlp_layer_types", None):  # one layer of each of the first two kinds the family's list names
         kinds = list(dict.fromkeys(cfg.mlp_layer_types))  # DeepSeek-V3.2's dense then sparse, V4's hash then top-k
         cfg.mlp_layer_types = (kinds * 2)[:2]
+    if hasattr(cfg, "per_layer_config"):  # layer overrides at full size
+        cfg.per_layer_config = {}
     torch.manual_seed(0)
-    model = getattr(tf, model_name)(cfg).eval()
+    try:
+        model = getattr(tf, model_name)(outer).eval()
+    except AttributeError:  # a causal LM of the text model alone
+        model = getattr(tf, model_name)(cfg).eval()
     with torch.no_grad():
         for name, t in [*model.named_parameters(), *model.named_buffers()]:
             if not t.is_floating_point() or t.numel() == 0 or t.abs().max() != 0:

@@ -28,6 +28,7 @@ class BlockAnalysis:
     output_tuple: bool = False
     flat_output: bool = False  # the block returns y as [T, H] whatever the rank of its input (Llama 4's)
     router_program: object = None  # a router no pattern matches, as its own exported graph: x -> (weights, ids)
+    post: nn.Module | None = None  # a module without Linear layers the block applies to its output (A.X-K1's norm)
 
 
 def _maybe(t):
@@ -39,6 +40,7 @@ class CanonicalMoE(nn.Module):
         super().__init__()
         self.a = a
         self.router_program = a.router_program
+        self.post = a.post
         self.router_weight = _maybe(a.router_weight)
         self.router_bias = _maybe(a.router_bias)
         self.selection_bias = _maybe(a.selection_bias)
@@ -91,6 +93,8 @@ class CanonicalMoE(nn.Module):
                                             s.spec.alpha, s.spec.limit)
             y = y + sy
         y = y.to(x.dtype).reshape(x2.shape if a.flat_output else x.shape)
+        if self.post is not None:
+            y = self.post(y)
         produced = {"y": y, "weights": weights.to(x.dtype), "ids": ids, "logits": logits}
         outs = tuple(produced[o] for o in a.outputs)
         return outs if a.output_tuple else outs[0]

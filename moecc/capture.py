@@ -21,7 +21,7 @@ from torch.utils import _pytree as pytree
 
 from moecc import capture_cache, knobs
 from moecc.capture_key import fingerprint
-from moecc.discover import find_moe_blocks
+from moecc.discover import expert_owners, find_moe_blocks
 from moecc.errors import CaptureError
 
 log = logging.getLogger("moecc.capture")
@@ -194,6 +194,10 @@ def _record_examples(model, blocks, args, kwargs):
 def capture(model: nn.Module, args: tuple, kwargs: dict, fuse: bool = True) -> Captured:
     blocks = find_moe_blocks(model) if fuse else []
     log.info("found %d MoE block(s): %s", len(blocks), ", ".join(n for n, _ in blocks) or "-")
+    owners = expert_owners(model, [n for n, _ in blocks]) if fuse else []
+    if owners:
+        log.info("expert banks without a router found beside them, kept whole: %s", ", ".join(n for n, _ in owners))
+    blocks += owners
     try:
         examples, reference = _record_examples(model, blocks, args, kwargs)
     except Exception as exc:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from torch import nn
 
 from moecc.passes.recognize.block import is_moe_block
+from moecc.passes.recognize.mlp import analyze_mlp
+from moecc.passes.recognize.stacked import stacked_params
 
 
 def find_moe_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -15,3 +17,36 @@ def find_moe_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
         if not any(other != name and other.startswith(prefix) for other in candidates):
             inner.append((name, mod))
     return inner
+
+
+MIN_LISTED_EXPERTS = 4  # fewer MLPs in a list are sub-layers (LongCat-Flash's decoder layer holds two), not experts
+
+
+def _bank_size(module: nn.Module) -> int:
+    """E when ``module`` holds experts: two or more stacked ``[E, ., .]`` weights (the smallest E when they differ:
+    LongCat-Flash's up projections also count its identity experts), or a list of E >= ``MIN_LISTED_EXPERTS``
+    modules of one type whose first is a dense MLP; else 0."""
+    stacked_sizes = [p.shape[0] for p in stacked_params(module).values()]
+    stacked = min(stacked_sizes) if len(stacked_sizes) >= 2 else 0
+    if stacked or not isinstance(module, (nn.ModuleList, nn.ModuleDict)):
+        return stacked
+    kids = list(module.children())
+    if len(kids) < MIN_LISTED_EXPERTS or len({type(k) for k in kids}) != 1:
+        return 0
+    first = next((m for m in kids[0].modules() if isinstance(m, nn.Linear)), None)
+    return len(kids) if first is not None and analyze_mlp(kids[0], first.in_features) else 0
+
+
+def expert_owners(model: nn.Module, blocks: list[str]) -> list[tuple[str, nn.Module]]:
+    """The modules that hold an expert bank outside ``blocks`` (no router was found beside it): capture keeps them
+    whole too, so that no example's routing is traced into the graph, and recognition says why they run as
+    written. The model itself is never one, nor a module that holds one of ``blocks``."""
+    inside = lambda name, outer: name == outer or name.startswith(f"{outer}.")  # noqa: E731
+    owners: dict[str, nn.Module] = {}
+    for name, mod in model.named_modules():
+        if not name or "." not in name or any(inside(name, b) for b in blocks) or not _bank_size(mod):
+            continue
+        owner = name.rsplit(".", 1)[0]
+        if not any(inside(b, owner) for b in blocks) and not any(inside(owner, o) for o in owners):
+            owners[owner] = model.get_submodule(owner)
+    return list(owners.items())

@@ -103,6 +103,7 @@ class MoELayerInfo:
     routing: str = ""
     activation: str = ""
     shared_experts: int = 0
+    output_module: str = ""  # the type of a module the block applies to its output last (a norm), if any
     fused: bool = False
     reason: str = ""
     capacity: str = "dropless"

@@ -72,6 +72,21 @@ def test_selection_bias_on_the_logits_before_the_scores_of_the_chosen_ones():
     _matches_eager_on_fresh_shapes("kolibri1", model, cm)
 
 
+def test_experts_split_over_two_modules_with_one_output_bias():
+    """JetMoE: ``input_linear`` and ``output_linear`` hold one [E, ., .] weight each, its router returns pairs
+    sorted by expert (not the tokens' weights and ids), and the block adds one [H] bias to its output."""
+    model = make_model("jetmoe")
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.bias.normal_()  # zero at init: make it count
+    cm = moecc.compile(model)
+    cm(**make_inputs("jetmoe", 2, 8))
+    assert len(cm.moe_layers) == 2
+    assert all(layer.fused and layer.routing == "softmax->top2 renorm" for layer in cm.moe_layers), \
+        [(layer.routing, layer.reason) for layer in cm.moe_layers]
+    _matches_eager_on_fresh_shapes("jetmoe", model, cm)
+
+
 def test_switch_capacity_formula_recorded():
     model = make_model("switch_transformers")
     cm = moecc.compile(model)

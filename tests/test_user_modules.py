@@ -163,3 +163,27 @@ def test_a_block_handed_other_arguments_is_lifted_only_when_it_ignores_them(kind
         x = torch.randint(0, 50, shape)
         ref, got = model(x), cm(x)
         assert ((got - ref).norm() / ref.norm()).item() < 1e-5
+
+
+def test_experts_without_a_router_run_as_written_and_say_why():
+    from user_modules import MLPRoutedMoE
+
+    torch.manual_seed(0)
+    model = TinyModel(MLPRoutedMoE()).eval()
+    cm = moecc.compile(model)
+    cm(torch.randint(0, 50, (2, 16)))
+    (layer,) = cm.moe_layers
+    assert layer.name == "moe" and not layer.fused
+    assert layer.reason == "no router: no [E=6, H=24] weight outside the experts", layer.reason
+    x = torch.randint(0, 50, (3, 11))
+    torch.testing.assert_close(cm(x), model(x))
+
+
+def test_a_norm_of_the_blocks_output_is_recorded_and_inlined():
+    from user_modules import PostNormMoE
+
+    torch.manual_seed(0)
+    cm = moecc.compile(TinyModel(PostNormMoE()).eval())
+    cm(torch.randint(0, 50, (2, 16)))
+    (layer,) = cm.moe_layers
+    assert layer.fused and layer.output_module == "LayerNorm", (layer.output_module, layer.reason)

@@ -188,6 +188,29 @@ class SquaredReluMoE(LoopMoE):
         self.experts = nn.ModuleList(SquaredReluMLP(hidden, inter) for _ in range(num_experts))
 
 
+class MLPRoutedMoE(LoopMoE):
+    """A router that is a small MLP of its own width scoring the experts and a skip class (ZAYA's): no Linear to E
+    outputs, no [E, H] weight of the hidden states. A token's slot on the skip class adds nothing."""
+
+    def __init__(self, hidden=24, inter=40, num_experts=6, top_k=2):
+        super().__init__(hidden, inter, num_experts, top_k)
+        self.gate = nn.Sequential(nn.Linear(hidden, 16), nn.GELU(), nn.Linear(16, num_experts + 1))
+
+
+class PostNormMoE(LoopMoE):
+    """The block normalizes its own output (A.X-K1's post-MLP norm inside its MoE block)."""
+
+    def __init__(self, hidden=24, inter=40, num_experts=6, top_k=2):
+        super().__init__(hidden, inter, num_experts, top_k)
+        self.out_norm = nn.LayerNorm(hidden)
+        with torch.no_grad():
+            self.out_norm.weight.uniform_(0.5, 1.5)
+            self.out_norm.bias.normal_()
+
+    def forward(self, x):
+        return self.out_norm(super().forward(x))
+
+
 class IdsModel(nn.Module):
     """``TinyModel`` whose MoE block is also handed the token ids (as DeepSeek-V4's decoder hands them)."""
 
@@ -237,4 +260,4 @@ class HashRoutedMoE(LoopMoE):
 
 
 USER_BLOCKS = {"loop": LoopMoE, "gshard": GShardMoE, "bmm": BmmMoE, "block_bias": BlockBiasMoE,
-               "input_scaled": InputScaledMoE, "squared_relu": SquaredReluMoE}
+               "input_scaled": InputScaledMoE, "squared_relu": SquaredReluMoE, "post_norm": PostNormMoE}

@@ -16,10 +16,17 @@ def nodes_calling(gm: fx.GraphModule, op) -> list[fx.Node]:
     return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is op]
 
 
+class _Inlining(fx.Tracer):
+    """Traces into every sub-module (torch.nn's own too), so an inlined module leaves ATen and moecc calls only."""
+
+    def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
+        return False
+
+
 def inline_module(gm: fx.GraphModule, node: fx.Node, module: torch.nn.Module, prefix: str) -> fx.Node:
     """Replace ``node`` (a call with the same inputs) by the traced graph of ``module``, registered at ``prefix``."""
     gm.add_submodule(prefix, module)
-    traced = fx.symbolic_trace(module)
+    traced = fx.GraphModule(module, _Inlining().trace(module))
     placeholders = [n for n in traced.graph.nodes if n.op == "placeholder"]
     val_map = dict(zip(placeholders, node.args))
     with gm.graph.inserting_before(node):

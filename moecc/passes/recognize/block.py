@@ -150,6 +150,13 @@ def _shared_experts(block: nn.Module, used: set[int], hidden: int) -> MatchResul
     return MatchResult.success(shared)
 
 
+def _output_modules(block: nn.Module, used: set[int]) -> list[nn.Module]:
+    """Children left over once router, experts and shared experts are found that hold weights but no Linear (a
+    norm): each may be applied to the block's output, which the block check decides."""
+    return [child for child in block.children() if id(child) not in used and not _has_linear(child)
+            and any(True for _ in child.parameters()) and all(p.dim() < 3 for p in child.parameters())]
+
+
 def _probe_inputs(example: torch.Tensor, hidden: int, like: torch.Tensor, collide: int) -> list[torch.Tensor]:
     """Two random inputs, then one whose tokens are all alike, so any capacity limit is sure to overflow."""
     shapes = [(2, 8, hidden), (3, 5, hidden)] if example.dim() == 3 else [(16, hidden), (7, hidden)]
@@ -167,8 +174,13 @@ def _verify(block: nn.Module, a: BlockAnalysis, inputs, refs) -> tuple[BlockAnal
     names = None
     worst = 0.0
     for x, ref in zip(inputs, refs):
-        with torch.no_grad():
-            got = dict(zip(("y", "weights", "ids", "logits"), canon(x)))
+        try:
+            with torch.no_grad():
+                got = dict(zip(("y", "weights", "ids", "logits"), canon(x)))
+        except Exception:  # noqa: BLE001 - an output module candidate that does not take the block's output
+            if a.post is None:
+                raise
+            return None
         if not close(got["y"], ref[0]):
             return None
         worst = max(worst, rel_err(got["y"], ref[0]))
@@ -316,6 +328,11 @@ def analyze_block(block: nn.Module, example: torch.Tensor) -> MatchResult[BlockA
     else:
         sb = find_stacked_bank(block)
         if sb is None:
+            uneven = next((params for m in block.modules() if len(params := stacked.stacked_params(m)) >= 2), None)
+            if uneven:
+                shapes = ", ".join(f"{n} {list(p.shape)}" for n, p in uneven.items())
+                return MatchResult.fail(f"stacked expert weights of different expert counts ({shapes}): experts that "
+                                        "some weights leave out (identity or zero-compute experts) are not canonical")
             return MatchResult.fail("no expert bank: neither a ModuleList of MLPs nor stacked [E, ., .] weights")
         bank_mod, num_experts = sb
         probe_fn = _bank_probe(bank_mod, hidden, like) if bank_mod is not block else None
@@ -332,7 +349,9 @@ def analyze_block(block: nn.Module, example: torch.Tensor) -> MatchResult[BlockA
                                         "expert (layouts, activations and clamps tried)")
             expert_candidates = [(winner.spec, winner.build(slice(None)))]
         else:
-            expert_candidates = ((c.spec, c.build(slice(None))) for c in cands)
+            def all_candidates():  # built one at a time: each is a copy of the bank in some layout
+                return ((c.spec, c.build(slice(None))) for c in stacked.candidates(bank_mod, hidden, num_experts))
+            expert_candidates = all_candidates()
 
     used = _bank_skip(block, bank_mod, experts if bank_list is not None else None)
     router = find_router(block, num_experts, hidden, used)
@@ -346,6 +365,7 @@ def analyze_block(block: nn.Module, example: torch.Tensor) -> MatchResult[BlockA
     if not shared:
         return MatchResult.fail(shared.reason)
 
+    posts = [None, *_output_modules(block, used)]
     mods = [block] + ([router.module] if router.module is not None else [])
     fixed_caps = [c.capacity for c in capacity_candidates(mods) if c.capacity > 0]
     inputs = _probe_inputs(example, hidden, like, max([16, *(c + 3 for c in fixed_caps)]))
@@ -374,12 +394,21 @@ def analyze_block(block: nn.Module, example: torch.Tensor) -> MatchResult[BlockA
         obs = read_outputs(router_calls[0][2], x3.reshape(-1, hidden).shape[0], num_experts)
         # a router module that returns its logits only (DBRX's) leaves the selection to the block's own code
         observed = obs is not None
+    as_written = None
     if observed:
         fitted = fit_routing(router, obs, x3.reshape(-1, hidden), num_experts, mods, rtol)
         if fitted is None:
-            return _with_router_as_written(block, router, obs, x3.reshape(-1, hidden), router_calls[0][:2],
-                                           num_experts, expert_candidates, shared.value, inputs, refs, raw,
-                                           flat_output)
+            as_written = _with_router_as_written(block, router, obs, x3.reshape(-1, hidden), router_calls[0][:2],
+                                                 num_experts, expert_candidates, shared.value, inputs, refs, raw,
+                                                 flat_output)
+            if as_written:
+                return as_written
+            # what the router returns may not be (weights, ids) of the tokens at all (JetMoE's are pairs sorted by
+            # expert): the routing is then searched for as for a router whose outputs were not read
+            observed = False
+            if not isinstance(expert_candidates, list):  # that search needs a generator of its own
+                expert_candidates = all_candidates()
+    if observed:
         spec, sel = fitted
         xc = inputs[-1]
         obs_c = read_outputs(router_calls[-1][2], xc.reshape(-1, hidden).shape[0], num_experts)
@@ -403,10 +432,11 @@ def analyze_block(block: nn.Module, example: torch.Tensor) -> MatchResult[BlockA
                                                                MAX_JOINT_CANDIDATES):
             tried += 1
             cap = cap if isinstance(cap, CapacitySpec) else CapacitySpec()
-            for fp32, on_inputs in _variants(spec, cap, like.dtype):
+            for (fp32, on_inputs), post in itertools.product(_variants(spec, cap, like.dtype), posts):
                 yield BlockAnalysis(replace(spec, logits_fp32=fp32, weights_on_inputs=on_inputs), router.weight,
                                     router.bias, sel, espec, ew, cap, shared.value,
-                                    output_tuple=not isinstance(raw[0], torch.Tensor), flat_output=flat_output)
+                                    output_tuple=not isinstance(raw[0], torch.Tensor), flat_output=flat_output,
+                                    post=post)
 
     closest = _Closest(like.dtype)
     for a in candidates():
@@ -417,6 +447,8 @@ def analyze_block(block: nn.Module, example: torch.Tensor) -> MatchResult[BlockA
             break
     if closest.analysis is not None:
         return MatchResult.success(closest.analysis)
+    if as_written is not None:
+        return as_written
     return MatchResult.fail(f"no canonical form reproduces the block's outputs ({tried} candidates tried; "
                             f"router {router.path}, {num_experts} experts)")
 

@@ -27,10 +27,24 @@ class Candidate:
     build: Callable[[slice], ExpertWeights]  # canonical weights of the experts in the slice
 
 
+def _stacked(named, num_experts: int | None) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in named if p.dim() == 3 and p.shape[0] >= 2
+            and (num_experts is None or p.shape[0] == num_experts)}
+
+
 def stacked_params(module: nn.Module, num_experts: int | None = None) -> dict[str, torch.Tensor]:
-    """The module's ``[E, ., .]`` weights; for a known E without any, its flat ``[E*F, .]`` ones (``flat_params``)."""
-    found = {n: p for n, p in module.named_parameters(recurse=False)
-             if p.dim() == 3 and p.shape[0] >= 2 and (num_experts is None or p.shape[0] == num_experts)}
+    """The module's ``[E, ., .]`` weights; without any, those of its children that hold one each (JetMoE keeps
+    its up and down projections in two sub-modules); for a known E without either, its flat ``[E*F, .]`` ones
+    (``flat_params``)."""
+    found = _stacked(module.named_parameters(recurse=False), num_experts)
+    if not found:
+        singles = {}
+        for name, child in module.named_children():
+            own = _stacked(child.named_parameters(recurse=False), num_experts)
+            if len(own) == 1:
+                ((n, p),) = own.items()
+                singles[f"{name}.{n}"] = p
+        found = singles if len(singles) >= 2 else {}
     return found if found or num_experts is None else flat_params(module, num_experts)
 
 
@@ -93,11 +107,15 @@ def candidates(module: nn.Module, hidden: int, num_experts: int) -> Iterator[Can
     params = stacked_params(module, num_experts)
     biases = {n: p for n, p in module.named_parameters(recurse=False) if p.dim() == 2 and p.shape[0] == num_experts}
     acts = _activations(module)
+    # a bias added to the block's output once (JetMoE's [H]) is every expert's down bias when the routing weights
+    # sum to 1; the block check decides
+    shared_bias = [p.expand(num_experts, hidden) for p in module.parameters(recurse=False)
+                   if p.dim() == 1 and p.shape[0] == hidden]
     for down_name in params:
         others = [n for n in params if n != down_name]
         for down in _orient_out(params[down_name], hidden):
             # when 2I == H both biases are [E, H]: each may be the down projection's, or neither
-            for b_down in [*(b for b in biases.values() if b.shape[1] == hidden), None]:
+            for b_down in [*(b for b in biases.values() if b.shape[1] == hidden), *shared_bias, None]:
                 yield from _up_candidates(others, params, biases, hidden, down.shape[2], down, b_down, acts)
 
 
