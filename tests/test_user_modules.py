@@ -146,21 +146,23 @@ def test_low_precision_recognition_takes_the_closest_candidate_not_the_first_tha
     torch.testing.assert_close(cm(x)[0], block(x)[0], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
 @pytest.mark.parametrize("kind,fused", [("ignores_ids", True), ("pad_masked", False), ("hash_routed", False)])
-def test_a_block_handed_other_arguments_is_lifted_only_when_it_ignores_them(kind, fused):
+def test_a_block_handed_other_arguments_is_lifted_only_when_it_ignores_them(kind, fused, device):
     from user_modules import HashRoutedMoE, IdsModel, IgnoresIdsMoE, PadMaskedMoE
 
     block = {"ignores_ids": IgnoresIdsMoE, "pad_masked": PadMaskedMoE, "hash_routed": HashRoutedMoE}[kind]
     torch.manual_seed(0)
-    model = IdsModel(block()).eval()
+    model = IdsModel(block()).eval().to(device)
     cm = moecc.compile(model)
-    cm(torch.randint(1, 50, (2, 16)))
+    cm(torch.randint(1, 50, (2, 16), device=device))
     (layer,) = cm.moe_layers
     assert layer.fused == fused, layer.reason
     if not fused:
         assert "input_ids" in layer.reason, layer.reason
     for shape in ((3, 11), (1, 7), (4, 32)):
-        x = torch.randint(0, 50, shape)
+        x = torch.randint(0, 50, shape, device=device)
         ref, got = model(x), cm(x)
         assert ((got - ref).norm() / ref.norm()).item() < 1e-5
 

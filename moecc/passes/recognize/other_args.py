@@ -34,7 +34,8 @@ def independent_of_other_args(block: nn.Module, call: tuple | None, names: str) 
     leaves, spec = pytree.tree_flatten((args[1:], kwargs))
     g = torch.Generator().manual_seed(7)
     x = args[0]
-    fresh = (torch.randn(x.shape, generator=g) * x.float().std().clamp_min(1e-3)).to(x)
+    scale = max(float(x.float().std()), 1e-3) if x.numel() > 1 else 1.0
+    fresh = (torch.randn(x.shape, generator=g) * scale).to(x)
     with torch.no_grad():
         for hidden in (x, fresh):
             try:
