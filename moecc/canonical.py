@@ -29,6 +29,10 @@ class BlockAnalysis:
     flat_output: bool = False  # the block returns y as [T, H] whatever the rank of its input (Llama 4's)
     router_program: object = None  # a router no pattern matches, as its own exported graph: x -> (weights, ids)
     post: nn.Module | None = None  # a module without Linear layers the block applies to its output (A.X-K1's norm)
+    # the router program also reads these of the block's other arguments (DeepSeek-V4's token ids for its hash
+    # layers): their places among the flat leaves of the call's (args[1:], kwargs), and how many token dims lead
+    other_positions: tuple[int, ...] = ()
+    token_dims: int = 1
 
 
 def _maybe(t):
@@ -55,12 +59,13 @@ class CanonicalMoE(nn.Module):
             self.register_parameter(f"shared{i}_b_down", _maybe(s.weights.b_down))
             self.register_parameter(f"shared{i}_gate", _maybe(s.gate_weight))
 
-    def forward(self, x):
+    def forward(self, x, other0=None, other1=None, other2=None, other3=None):
         a, r, e, c = self.a, self.a.routing, self.a.expert, self.a.capacity
         hidden = e.hidden_size
         x2 = x.reshape(-1, hidden)
         if self.router_program is not None:
-            weights, ids = self.router_program(x2)
+            others = (other0, other1, other2, other3)[:len(a.other_positions)]  # MAX_ROUTER_INPUTS slots
+            weights, ids = self.router_program(x2, *(o.flatten(0, a.token_dims - 1) for o in others))
             logits = torch.nn.functional.linear(x2, self.router_weight, self.router_bias)
         elif r.logits_fp32:
             logits = torch.nn.functional.linear(x2.float(), self.router_weight.float(),

@@ -51,14 +51,15 @@ def _matches_eager_on_fresh_shapes(family, model, cm):
         assert len(ref) == len(got) and all(rel(g, r) < 1e-5 for g, r in zip(got, ref))
 
 
-def test_deepseek_v4_hash_layer_runs_as_written_and_its_top_k_layer_is_fused():
-    """Every MoE block is handed the token ids: the hash-routed one reads them (its experts come from a table of
-    them), the top-k one does not, and its sqrt(softplus) scores are a canonical routing."""
+def test_deepseek_v4_hash_and_top_k_layers_are_fused():
+    """Every MoE block is handed the token ids: the hash-routed one's router reads them (its experts come from a
+    table of them) and is kept as its own graph ops, reading them in the graph; the top-k one does not read them,
+    and its sqrt(softplus) scores are a canonical routing."""
     model = make_model("deepseek_v4")
     cm = moecc.compile(model)
     cm(**make_inputs("deepseek_v4", 2, 8))
     hashed, top_k = cm.moe_layers
-    assert not hashed.fused and "input_ids" in hashed.reason, hashed.reason
+    assert hashed.fused and "router kept as its own graph ops" in hashed.routing, (hashed.routing, hashed.reason)
     assert top_k.fused and top_k.routing == "sqrtsoftplus->top2 renorm selection-bias x1.5", top_k.routing
     _matches_eager_on_fresh_shapes("deepseek_v4", model, cm)
 

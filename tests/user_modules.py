@@ -240,18 +240,32 @@ class PadMaskedMoE(LoopMoE):
         return out if input_ids is None else out * (input_ids != 0).unsqueeze(-1).to(out.dtype)
 
 
-class HashRoutedMoE(LoopMoE):
-    """Experts chosen by a fixed table of token ids (DeepSeek-V4's hash layers), weighted by the router."""
+class HashRouter(nn.Module):
+    """Experts from a fixed table of token ids, weighted by the renormalised router scores of those experts."""
 
-    def __init__(self, vocab=50, **kw):
-        super().__init__(**kw)
-        self.register_buffer("table", torch.randint(0, len(self.experts), (vocab, self.top_k)))
+    def __init__(self, hidden, num_experts, top_k, vocab):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(num_experts, hidden) * hidden ** -0.5)
+        self.register_buffer("table", torch.stack([torch.randperm(num_experts)[:top_k] for _ in range(vocab)]))
+
+    def forward(self, x, input_ids):
+        chosen = self.table[input_ids.reshape(-1)]
+        weights = F.softmax(F.linear(x.reshape(-1, x.shape[-1]), self.weight), dim=-1).gather(1, chosen)
+        return weights / weights.sum(-1, keepdim=True), chosen
+
+
+class HashRoutedMoE(LoopMoE):
+    """DeepSeek-V4's hash layers: the router module reads the token ids the decoder hands the block."""
+
+    def __init__(self, hidden=24, inter=40, num_experts=6, top_k=2, vocab=50):
+        super().__init__(hidden, inter, num_experts, top_k)
+        del self.gate
+        self.router = HashRouter(hidden, num_experts, top_k, vocab)
 
     def forward(self, x, input_ids=None):
         shape = x.shape
+        weights, chosen = self.router(x, input_ids)
         x = x.reshape(-1, shape[-1])
-        chosen = self.table[input_ids.reshape(-1)]
-        weights = F.softmax(self.gate(x), dim=-1).gather(1, chosen)
         out = torch.zeros_like(x)
         for e, expert in enumerate(self.experts):
             token, slot = torch.where(chosen == e)

@@ -23,12 +23,14 @@ class _Inlining(fx.Tracer):
         return False
 
 
-def inline_module(gm: fx.GraphModule, node: fx.Node, module: torch.nn.Module, prefix: str) -> fx.Node:
-    """Replace ``node`` (a call with the same inputs) by the traced graph of ``module``, registered at ``prefix``."""
+def inline_module(gm: fx.GraphModule, node: fx.Node, module: torch.nn.Module, prefix: str,
+                  inputs: list | None = None) -> fx.Node:
+    """Replace ``node`` by the traced graph of ``module``, registered at ``prefix``, whose inputs are ``inputs``
+    (default: ``node``'s positional arguments); inputs it has no value for must be unused."""
     gm.add_submodule(prefix, module)
     traced = fx.GraphModule(module, _Inlining().trace(module))
     placeholders = [n for n in traced.graph.nodes if n.op == "placeholder"]
-    val_map = dict(zip(placeholders, node.args))
+    val_map = dict(zip(placeholders, node.args if inputs is None else inputs))
     with gm.graph.inserting_before(node):
         for sub in traced.graph.nodes:
             if sub.op in ("placeholder", "output"):

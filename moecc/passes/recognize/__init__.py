@@ -7,13 +7,15 @@ import operator
 
 import torch
 from torch import fx
+from torch.utils import _pytree as pytree
 
 from moecc.canonical import CanonicalMoE
 from moecc.ir import MoELayerInfo
+from moecc.match import MatchResult
 from moecc.passes.base import MoePass, PassResult, layers_of
 from moecc.passes.graph_utils import inline_module
 from moecc.passes.recognize.block import analyze_block
-from moecc.passes.recognize.other_args import independent_of_other_args
+from moecc.passes.recognize.other_args import MAX_ROUTER_INPUTS, OtherArgs, independent_of_other_args
 
 log = logging.getLogger("moecc.passes.recognize")
 
@@ -32,14 +34,32 @@ def _other_args(node: fx.Node) -> str:
 
 
 def _analyze(block: torch.nn.Module, node: fx.Node):
-    others = _other_args(node)
-    if others:
-        from moecc.capture import EXAMPLE_CALLS
+    """The block's analysis; for a block whose outputs depend on its other arguments, one whose router, kept as
+    written, reads them (DeepSeek-V4's hash layers pick experts by token id)."""
+    names = _other_args(node)
+    if not names:
+        return analyze_block(block, _example_of(node))
+    from moecc.capture import EXAMPLE_CALLS
 
-        r = independent_of_other_args(block, EXAMPLE_CALLS.get(block), others)
-        if not r:
-            return r
-    return analyze_block(block, _example_of(node))
+    call = EXAMPLE_CALLS.get(block)
+    r = independent_of_other_args(block, call, names)
+    if r:
+        return analyze_block(block, _example_of(node))
+    if call is None:
+        return r
+    others = OtherArgs(call)
+    if not others.positions or len(others.positions) > MAX_ROUTER_INPUTS:
+        return r
+    with_others = analyze_block(block, _example_of(node), others)
+    if with_others and with_others.value.router_program is None:
+        return r  # a canonical routing cannot read them: the block's dependence on them is somewhere else
+    return with_others if with_others else MatchResult.fail(f"{r.reason}; with them, {with_others.reason}")
+
+
+def _inputs(node: fx.Node, a) -> list[fx.Node]:
+    """The hidden states, then the other arguments the canonical block reads."""
+    leaves = pytree.tree_flatten((tuple(node.args[1:]), dict(node.kwargs)))[0]
+    return [node.args[0], *(leaves[i] for i in a.other_positions)]
 
 
 class Recognize(MoePass):
@@ -67,7 +87,7 @@ class Recognize(MoePass):
             info.output_module = "" if a.post is None else type(a.post).__name__
             info.capacity = "dropless" if a.capacity.dropless else a.capacity.formula
             info.graph_prefix = f"{node.target}_moe"
-            out = inline_module(gm, node, CanonicalMoE(a), info.graph_prefix)
+            out = inline_module(gm, node, CanonicalMoE(a), info.graph_prefix, _inputs(node, a))
             self._replace(gm, node, out, a.output_tuple)
             gm.delete_submodule(node.target)
             matched += 1

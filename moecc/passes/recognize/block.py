@@ -18,6 +18,7 @@ from moecc.ir import CapacitySpec, ExpertSpec, ExpertWeights, RoutingSpec, Share
 from moecc.match import MatchResult
 from moecc.passes.recognize import stacked
 from moecc.passes.recognize.mlp import analyze_mlp, stack_mlps
+from moecc.passes.recognize.other_args import OtherArgs
 from moecc.passes.recognize.probe import close, rel_err, snap, tensor_leaves, tolerance
 from moecc.passes.recognize.router import (
     capacity_candidates,
@@ -167,16 +168,17 @@ def _probe_inputs(example: torch.Tensor, hidden: int, like: torch.Tensor, collid
     return [x.to(device=like.device, dtype=like.dtype) for x in xs]
 
 
-def _verify(block: nn.Module, a: BlockAnalysis, inputs, refs) -> tuple[BlockAnalysis, float] | None:
+def _verify(block: nn.Module, a: BlockAnalysis, inputs, refs, router_inputs=None) -> tuple[BlockAnalysis, float] | None:
     """Same outputs as the block on every probe input, within the loose bound of ``close``: (the analysis with
-    extra block outputs mapped to weights/ids/logits, the largest relative error of ``y``)."""
+    extra block outputs mapped to weights/ids/logits, the largest relative error of ``y``). ``router_inputs``:
+    per probe input, the block's token-shaped other arguments it was called with."""
     canon = CanonicalMoE(replace(a, outputs=("y", "weights", "ids", "logits"), output_tuple=True))
     names = None
     worst = 0.0
-    for x, ref in zip(inputs, refs):
+    for x, ref, others in zip(inputs, refs, router_inputs or [()] * len(inputs)):
         try:
             with torch.no_grad():
-                got = dict(zip(("y", "weights", "ids", "logits"), canon(x)))
+                got = dict(zip(("y", "weights", "ids", "logits"), canon(x, *others)))
         except Exception:  # noqa: BLE001 - an output module candidate that does not take the block's output
             if a.post is None:
                 raise
@@ -276,13 +278,16 @@ UNMATCHED_ROUTING = ("routing matches no known pattern (softmax, sigmoid or sqrt
 
 
 def _with_router_as_written(block, router, obs, x2, call, num_experts, expert_candidates, shared, inputs, refs,
-                            raw, flat_output):
+                            raw, flat_output, others: OtherArgs | None = None, router_inputs=None):
     """A router no pattern matches stays as its own graph ops; its (weights, ids) feed the canonical experts.
-    ``call``: the (args, kwargs) the block called the router with."""
+    ``call``: the (args, kwargs) the block called the router with; ``others``/``router_inputs``: the block's
+    other arguments, which the router may read too (token ids)."""
     if obs.dropped:
         return MatchResult.fail(f"router {router.path}: {UNMATCHED_ROUTING}, and it drops tokens")
+    token_dims = inputs[0].dim() - 1
     try:
-        program = export_router(router.module, x2, obs, *call)
+        program = export_router(router.module, x2, obs, *call, others=tuple(router_inputs[0]) if others else (),
+                                token_dims=token_dims)
     except Exception as exc:  # noqa: BLE001 - a router torch.export cannot capture stays inside the block
         return MatchResult.fail(f"router {router.path}: {UNMATCHED_ROUTING}; exporting it as written failed: "
                                 f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
@@ -292,8 +297,9 @@ def _with_router_as_written(block, router, obs, x2, call, num_experts, expert_ca
     for on_inputs, (espec, ew) in _pairs((False, True), expert_candidates):
         a = BlockAnalysis(replace(spec, weights_on_inputs=on_inputs), router.weight, router.bias, None, espec, ew,
                           CapacitySpec(), shared, output_tuple=not isinstance(raw[0], torch.Tensor),
-                          router_program=program, flat_output=flat_output)
-        if closest.offer(_verify(block, a, inputs, refs)):
+                          router_program=program, flat_output=flat_output,
+                          other_positions=others.positions if others else (), token_dims=token_dims)
+        if closest.offer(_verify(block, a, inputs, refs, router_inputs)):
             break
     if closest.analysis is not None:
         return MatchResult.success(closest.analysis)
@@ -310,7 +316,10 @@ def _variants(spec: RoutingSpec, cap: CapacitySpec, dtype: torch.dtype):
     return [(fp32, on_inputs) for on_inputs in places for fp32 in precisions]
 
 
-def analyze_block(block: nn.Module, example: torch.Tensor) -> MatchResult[BlockAnalysis]:
+def analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | None = None
+                  ) -> MatchResult[BlockAnalysis]:
+    """``others``: the block's arguments besides its hidden states, when its outputs depend on them (only a router
+    kept as written may read them)."""
     hidden = int(example.shape[-1])
     like = next(block.parameters(), None)
     if like is None:
@@ -372,9 +381,11 @@ def analyze_block(block: nn.Module, example: torch.Tensor) -> MatchResult[BlockA
     router_calls: list = []  # (args, kwargs, outputs) of each router call
     hook = None if router.module is None else router.module.register_forward_hook(
         lambda m, args, kwargs, out: router_calls.append((args, kwargs, out)), with_kwargs=True)
+    calls = [others.for_input(x, 100 + i) if others else ((), {}, []) for i, x in enumerate(inputs)]
+    router_inputs = [c[2] for c in calls] if others else None
     try:
         with torch.no_grad():
-            raw = [block(x) for x in inputs]
+            raw = [block(x, *c[0], **c[1]) for x, c in zip(inputs, calls)]
     except Exception as exc:  # noqa: BLE001
         return MatchResult.fail(f"block could not be called on a [.., {hidden}] input: {exc}")
     finally:
@@ -400,7 +411,7 @@ def analyze_block(block: nn.Module, example: torch.Tensor) -> MatchResult[BlockA
         if fitted is None:
             as_written = _with_router_as_written(block, router, obs, x3.reshape(-1, hidden), router_calls[0][:2],
                                                  num_experts, expert_candidates, shared.value, inputs, refs, raw,
-                                                 flat_output)
+                                                 flat_output, others, router_inputs)
             if as_written:
                 return as_written
             # what the router returns may not be (weights, ids) of the tokens at all (JetMoE's are pairs sorted by
@@ -440,7 +451,7 @@ def analyze_block(block: nn.Module, example: torch.Tensor) -> MatchResult[BlockA
 
     closest = _Closest(like.dtype)
     for a in candidates():
-        ok = _verify(block, a, inputs, refs)
+        ok = _verify(block, a, inputs, refs, router_inputs)
         if ok is None and observed:  # the routing was observed exactly: one candidate, so this is cheap
             ok = _with_output_scales(block, a, inputs, refs)
         if closest.offer(ok):

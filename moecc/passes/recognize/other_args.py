@@ -51,3 +51,40 @@ def independent_of_other_args(block: nn.Module, call: tuple | None, names: str) 
                     return MatchResult.fail(f"block's outputs depend on its other arguments ({names}; seen with "
                                             f"them {what}); the canonical form reads the hidden states only")
     return MatchResult.success(None)
+
+
+MAX_ROUTER_INPUTS = 4  # token-shaped other arguments a router kept as written may read (CanonicalMoE's slots)
+
+
+class OtherArgs:
+    """A block's arguments besides its hidden states, from its example call, redrawn for probe inputs of other
+    shapes: a tensor whose leading dims are the hidden states' token dims (token ids, say) gets fresh values of
+    its kind at the probe's token dims (ids below the example's largest), any other argument stays as it was.
+    ``positions``: where the token-shaped tensors sit among the flat leaves of ``(args[1:], kwargs)``, in the
+    example call as in the captured call node."""
+
+    def __init__(self, call: tuple):
+        args, kwargs = call
+        self.x = args[0]
+        self.leaves, self.spec = pytree.tree_flatten((args[1:], kwargs))
+        lead = tuple(self.x.shape[:-1])
+        self.positions = tuple(i for i, v in enumerate(self.leaves) if isinstance(v, torch.Tensor)
+                               and tuple(v.shape[:len(lead)]) == lead and v.dim() >= len(lead))
+
+    def for_input(self, x: torch.Tensor, seed: int) -> tuple[tuple, dict, list[torch.Tensor]]:
+        """(args after x, kwargs, the token-shaped tensors among them) to call the block with on ``x``."""
+        g = torch.Generator().manual_seed(seed)
+        leaves = list(self.leaves)
+        lead = self.x.dim() - 1
+        for i in self.positions:
+            v = leaves[i]
+            shape = (*x.shape[:-1], *v.shape[lead:])
+            if v.is_floating_point():
+                new = torch.randn(shape, generator=g) * (float(v.float().std()) if v.numel() > 1 else 1.0)
+            elif v.numel() and v.max() > 1:
+                new = torch.randint(0, int(v.max()) + 1, shape, generator=g)
+            else:  # a mask or flag: its first value everywhere
+                new = torch.full(shape, v.flatten()[0].item() if v.numel() else 0)
+            leaves[i] = new.to(device=v.device, dtype=v.dtype)
+        rest, kwargs = pytree.tree_unflatten(leaves, self.spec)
+        return tuple(rest), kwargs, [leaves[i] for i in self.positions]

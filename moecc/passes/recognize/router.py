@@ -231,20 +231,30 @@ def fit_capacity(router: Router, spec: RoutingSpec, sel, obs: Observed, x2: torc
     return None
 
 
-def export_router(router: nn.Module, x2: torch.Tensor, obs: Observed, args: tuple, kwargs: dict):
+def export_router(router: nn.Module, x2: torch.Tensor, obs: Observed, args: tuple, kwargs: dict,
+                  others: tuple = (), token_dims: int = 1):
     """The router module as an ATen graph (its own code, token dim symbolic) returning (weights, ids): the
     routing of a router no pattern matches, kept exactly as written. ``args``/``kwargs``: a call of the router
     by its block; the hidden states (the first argument) keep that call's rank, with all tokens in one row of a
-    3D input, and the other arguments (an ``expert_bias`` the block passes, say) are bound as they were."""
+    3D input, and the other arguments (an ``expert_bias`` the block passes, say) are bound as they were, except
+    ``others``: token-shaped arguments of the block (``token_dims`` leading token dims), which the program takes
+    as inputs of their own, flat over the tokens, after ``x``, wherever the router reads them."""
     leaves_of = lambda out: [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]  # noqa: E731
     rank = args[0].dim() if args and isinstance(args[0], torch.Tensor) else 2
-    rest = args[1:]
+    bound, spec = torch.utils._pytree.tree_flatten((args[1:], kwargs))
+    slots = [next((j for j, o in enumerate(others) if v is o), None) if isinstance(v, torch.Tensor) else None
+             for v in bound]
+    lead = [1] * (rank - 2)
 
-    def call(inner, x):
-        return inner(x.reshape(*([1] * (rank - 2)), *x.shape), *rest, **kwargs)
+    def call(inner, x, *flat_others):
+        values = [v if s is None else flat_others[s].reshape(*lead, *flat_others[s].shape)
+                  for v, s in zip(bound, slots)]
+        rest, kw = torch.utils._pytree.tree_unflatten(values, spec)
+        return inner(x.reshape(*lead, *x.shape), *rest, **kw)
 
+    flat_others = [o.flatten(0, token_dims - 1) for o in others]
     with torch.no_grad():
-        leaves = leaves_of(call(router, x2))
+        leaves = leaves_of(call(router, x2, *flat_others))
     n = x2.shape[0]
     w_pos = next(i for i, t in enumerate(leaves) if t.numel() == obs.weights.numel() and t.is_floating_point()
                  and torch.equal(t.reshape(n, -1), obs.weights))
@@ -255,12 +265,14 @@ def export_router(router: nn.Module, x2: torch.Tensor, obs: Observed, args: tupl
             super().__init__()
             self.inner = inner
 
-        def forward(self, x):
-            out = leaves_of(call(self.inner, x))
+        def forward(self, x, *flat):
+            out = leaves_of(call(self.inner, x, *flat))
             return out[w_pos].reshape(x.shape[0], -1).float(), out[i_pos].reshape(x.shape[0], -1).long()
 
+    tokens = torch.export.Dim.AUTO if not others else torch.export.Dim("tokens")
     with torch.no_grad():
-        ep = torch.export.export(RoutingOf(router), (x2,), dynamic_shapes=({0: torch.export.Dim.AUTO},), strict=False)
+        ep = torch.export.export(RoutingOf(router), (x2, *flat_others),
+                                 dynamic_shapes=({0: tokens}, tuple({0: tokens} for _ in flat_others)), strict=False)
     gm = ep.module()
     gm.graph._codegen = torch.fx.graph.CodeGen()
     gm._forward_pre_hooks.clear()
