@@ -271,8 +271,9 @@ def export_router(router: nn.Module, x2: torch.Tensor, obs: Observed, args: tupl
 
     tokens = torch.export.Dim.AUTO if not others else torch.export.Dim("tokens")
     with torch.no_grad():
-        ep = torch.export.export(RoutingOf(router), (x2, *flat_others),
-                                 dynamic_shapes=({0: tokens}, tuple({0: tokens} for _ in flat_others)), strict=False)
+        # export nests the *flat of forward in a tuple of its own, and leaves it out when it is empty
+        shapes = ({0: tokens}, tuple({0: tokens} for _ in flat_others)) if flat_others else ({0: tokens},)
+        ep = torch.export.export(RoutingOf(router), (x2, *flat_others), dynamic_shapes=shapes, strict=False)
     gm = ep.module()
     gm.graph._codegen = torch.fx.graph.CodeGen()
     gm._forward_pre_hooks.clear()
