@@ -177,10 +177,15 @@ def _quiet_export():
 def _record_examples(model, blocks, args, kwargs):
     examples, hooks = {}, []
     for name, block in blocks:
-        def hook(mod, inp, kwargs, out, _name=name):
+        first = _first_parameter(block)
+
+        def hook(mod, inp, kwargs, out, _name=name, _first=first):
+            if not inp and _first in kwargs:  # block(hidden_states=h, ...)
+                inp, kwargs = (kwargs[_first],), {k: v for k, v in kwargs.items() if k != _first}
             if _name not in examples and inp:
                 examples[_name] = (inp[0], out)
-                EXAMPLE_CALLS[mod] = (inp, dict(kwargs))
+                if len(inp) > 1 or kwargs:  # kept until the compile has recognized the block (forget_calls)
+                    EXAMPLE_CALLS[mod] = (inp, dict(kwargs))
         hooks.append(block.register_forward_hook(hook, with_kwargs=True))
     try:
         with torch.no_grad():
@@ -189,6 +194,11 @@ def _record_examples(model, blocks, args, kwargs):
         for h in hooks:
             h.remove()
     return examples, ref
+
+
+def forget_calls() -> None:
+    """Drop the example calls kept for recognition (they hold activations)."""
+    EXAMPLE_CALLS.clear()
 
 
 def capture(model: nn.Module, args: tuple, kwargs: dict, fuse: bool = True) -> Captured:

@@ -193,3 +193,16 @@ def test_a_norm_of_the_blocks_output_is_recorded_and_inlined():
     cm(torch.randint(0, 50, (2, 16)))
     (layer,) = cm.moe_layers
     assert layer.fused and layer.output_module == "LayerNorm", (layer.output_module, layer.reason)
+
+
+def test_a_block_handed_its_hidden_states_by_keyword():
+    from user_modules import HashRoutedMoE, KeywordIdsModel
+
+    torch.manual_seed(0)
+    model = KeywordIdsModel(HashRoutedMoE()).eval()
+    cm = moecc.compile(model)
+    cm(torch.randint(1, 50, (2, 16)))
+    (layer,) = cm.moe_layers
+    assert layer.fused, layer.reason
+    x = torch.randint(0, 50, (3, 11))
+    torch.testing.assert_close(cm(x), model(x))

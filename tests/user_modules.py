@@ -226,6 +226,15 @@ class IdsModel(nn.Module):
         return self.head(h)
 
 
+class KeywordIdsModel(IdsModel):
+    """Hands the block its hidden states by keyword as well."""
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        h = h + self.moe(x=h, input_ids=ids)
+        return self.head(h)
+
+
 class IgnoresIdsMoE(LoopMoE):
     def forward(self, x, input_ids=None):
         return super().forward(x)

@@ -13,7 +13,7 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from moecc import knobs
-from moecc.capture import capture
+from moecc.capture import capture, forget_calls
 from moecc.codegen.lower import EXPERT_LAYOUT, lower, resolve_backend
 from moecc.errors import BackendError, MoeccError
 from moecc.ir import MoELayerInfo
@@ -188,7 +188,10 @@ def build(model: nn.Module, args, kwargs, backend: str, options: dict, dump_fold
         backend = "torch"
     pipeline = default_pipeline(EXPERT_LAYOUT[backend], options.get("copy_expert_weights"))
     manager = PassManager(pipeline, instruments, repro_dir=dump_folder)
-    gm = manager(cap.gm).graph_module
+    try:
+        gm = manager(cap.gm).graph_module
+    finally:
+        forget_calls()
     layers = gm.meta.get("moecc_layers", {})
     graph = graph_summary(gm)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]

@@ -1,11 +1,11 @@
 """A block called with arguments besides its hidden states (DeepSeek-V4 hands every MoE block the token ids):
-the canonical form depends on the hidden states only, so such a block is lifted only when its outputs are shown
-not to depend on the others.
+the canonical ops read the hidden states only, so such a block is lifted when its outputs are shown not to depend
+on the others, or when only a router module kept as written reads them (``OtherArgs`` feeds them to it).
 
-The evidence is the block's own example call, recorded at capture: the block called with its hidden states alone
-must give the outputs it gives with each of three versions of the other arguments (as they were, all zeros, and
-their values shuffled). A mask or a padding flag shows itself through the zeros, token ids through the shuffle. A
-block that cannot be called without them (a hash router that reads the token ids) is left as written."""
+The evidence of independence is the block's own example call, recorded at capture: the block called with its
+hidden states alone must give the outputs it gives with each of three versions of the other arguments (as they
+were, all zeros, and their values shuffled). A mask or a padding flag shows itself through the zeros, token ids
+through the shuffle."""
 
 from __future__ import annotations
 
