@@ -157,3 +157,28 @@ def test_many_experts_top8_uses_the_moe_op():
         fresh = make_inputs("qwen3_moe", 3, 5, 1)
         err = ((cm(**fresh).logits - model(**fresh).logits).norm() / model(**fresh).logits.norm()).item()
         assert err < (5e-2 if q else 1e-5)
+
+
+def test_a_graph_onnx_runtime_cannot_load_falls_back_to_torch_under_auto():
+    """ONNX Runtime's CPU kernels have no bf16 Softplus: the export succeeds and the session does not load. `auto`
+    then runs torch; an explicit backend says why it cannot."""
+    from user_modules import LoopMoE
+
+    class SoftplusThenMoE(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(50, 24)
+            self.moe = LoopMoE()
+
+        def forward(self, ids):
+            h = torch.nn.functional.softplus(self.embed(ids))
+            return h + self.moe(h)
+
+    torch.manual_seed(0)
+    model = SoftplusThenMoE().eval().to(torch.bfloat16)
+    ids = torch.randint(0, 50, (2, 16))
+    cm = moecc.compile(model)
+    cm(ids)
+    assert [e.backend for e in cm._entries] == ["torch"] and cm.moe_layers[0].fused
+    with pytest.raises(moecc.BackendError, match="ONNX Runtime cannot load the exported graph"):
+        moecc.compile(model, backend="onnxruntime")(ids)

@@ -221,4 +221,7 @@ def lower_to_ort(gm: fx.GraphModule, example: list[torch.Tensor], folder: str | 
         hint = (f" MoE blocks left as written ({', '.join(as_written)}) are exported by tracing their Python code, "
                 "which fails for data-dependent expert loops; use backend='torch' for them.") if as_written else ""
         raise BackendError(f"ONNX export failed: {first}.{hint}") from exc
-    return OrtModule(path)
+    try:
+        return OrtModule(path)
+    except Exception as exc:  # an op ONNX Runtime has no kernel for in this dtype (Softplus in bf16 on the CPU)
+        raise BackendError(f"ONNX Runtime cannot load the exported graph: {_why(exc)}") from exc
