@@ -35,6 +35,9 @@ class BlockAnalysis:
     token_dims: int = 1
 
 
+ROUTER_INPUT_SLOTS = 4  # the block's other arguments a router program may read: CanonicalMoE.forward's other0..3
+
+
 def _maybe(t):
     return None if t is None else nn.Parameter(t.detach(), requires_grad=False)
 
@@ -64,7 +67,7 @@ class CanonicalMoE(nn.Module):
         hidden = e.hidden_size
         x2 = x.reshape(-1, hidden)
         if self.router_program is not None:
-            others = (other0, other1, other2, other3)[:len(a.other_positions)]  # MAX_ROUTER_INPUTS slots
+            others = (other0, other1, other2, other3)[:len(a.other_positions)]  # ROUTER_INPUT_SLOTS
             weights, ids = self.router_program(x2, *(o.flatten(0, a.token_dims - 1) for o in others))
             logits = torch.nn.functional.linear(x2, self.router_weight, self.router_bias)
         elif r.logits_fp32:

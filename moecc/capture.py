@@ -120,6 +120,14 @@ def _first_parameter(block: nn.Module) -> str | None:
     return params[0].name if params and params[0].kind != params[0].VAR_POSITIONAL else None
 
 
+def _hidden_states_first(args: tuple, kwargs: dict, first: str | None) -> tuple[tuple, dict]:
+    """A block's call with its hidden states positional, also when they were passed by keyword (``first``: the
+    name of the block's first parameter)."""
+    if not args and first in kwargs:
+        return (kwargs[first],), {k: v for k, v in kwargs.items() if k != first}
+    return tuple(args), dict(kwargs)
+
+
 @contextlib.contextmanager
 def _blocks_as_leaves(blocks: list[tuple[str, nn.Module]], examples: dict[str, tuple]):
     patched = []
@@ -135,8 +143,7 @@ def _blocks_as_leaves(blocks: list[tuple[str, nn.Module]], examples: dict[str, t
             first = _first_parameter(block)
 
             def forward(self, *args, _key=key, _spec=spec, _name=name, _first=first, **kwargs):
-                if not args and _first in kwargs:
-                    args = (kwargs.pop(_first),)
+                args, kwargs = _hidden_states_first(args, kwargs, _first)
                 if not args or not isinstance(args[0], torch.Tensor):
                     raise CaptureError(
                         f"MoE block {_name!r} is called without its hidden states as first positional argument; "
@@ -180,12 +187,11 @@ def _record_examples(model, blocks, args, kwargs):
         first = _first_parameter(block)
 
         def hook(mod, inp, kwargs, out, _name=name, _first=first):
-            if not inp and _first in kwargs:  # block(hidden_states=h, ...)
-                inp, kwargs = (kwargs[_first],), {k: v for k, v in kwargs.items() if k != _first}
+            inp, kwargs = _hidden_states_first(inp, kwargs, _first)
             if _name not in examples and inp:
                 examples[_name] = (inp[0], out)
                 if len(inp) > 1 or kwargs:  # kept until the compile has recognized the block (forget_calls)
-                    EXAMPLE_CALLS[mod] = (inp, dict(kwargs))
+                    EXAMPLE_CALLS[mod] = (inp, kwargs)
         hooks.append(block.register_forward_hook(hook, with_kwargs=True))
     try:
         with torch.no_grad():

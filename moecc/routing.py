@@ -47,11 +47,17 @@ def route_reference(
             choice = choice.masked_fill(~keep, float("-inf"))
         ids = torch.topk(choice, k, dim=-1)[1]
         weights = probs.gather(1, ids)
-    if renormalize and not (topk_first and score == "softmax"):  # a softmax over the chosen ones sums to 1
+    if renormalizes(score, topk_first, renormalize):
         weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
     if scale != 1.0:
         weights = weights * scale
     return weights.float().contiguous(), ids.to(torch.int64).contiguous()
+
+
+def renormalizes(score: str, topk_first: bool, renormalize: bool) -> bool:
+    """Whether the chosen weights are divided by their sum: not after a softmax over the chosen ones, which sums
+    to 1 already."""
+    return renormalize and not (topk_first and score == "softmax")
 
 
 def scores(logits: Tensor, score: str) -> Tensor:

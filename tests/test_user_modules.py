@@ -5,13 +5,19 @@ from user_modules import USER_BLOCKS, TinyModel
 import moecc
 
 
+def compile_on_ids(model, low=0, device="cpu", **options):
+    """(compiled model, its one MoE layer) after a first call on token ids from ``low`` up."""
+    cm = moecc.compile(model, **options)
+    cm(torch.randint(low, 50, (2, 16), device=device))
+    (layer,) = cm.moe_layers
+    return cm, layer
+
+
 @pytest.mark.parametrize("kind", sorted(USER_BLOCKS))
 def test_user_block_fused_and_exact_on_fresh_shapes(kind):
     torch.manual_seed(0)
     model = TinyModel(USER_BLOCKS[kind]()).eval()
-    cm = moecc.compile(model)
-    cm(torch.randint(0, 50, (2, 16)))
-    (layer,) = cm.moe_layers
+    cm, layer = compile_on_ids(model)
     assert layer.fused, layer.reason
     for shape in ((3, 11), (1, 7), (4, 32)):
         x = torch.randint(0, 50, shape)
@@ -83,9 +89,7 @@ def test_unknown_router_runs_as_written_and_says_why():
 
 def test_block_bias_is_found_as_the_selection_bias():
     torch.manual_seed(0)
-    cm = moecc.compile(TinyModel(USER_BLOCKS["block_bias"]()).eval(), backend="reference")
-    cm(torch.randint(0, 50, (2, 16)))
-    (layer,) = cm.moe_layers
+    _, layer = compile_on_ids(TinyModel(USER_BLOCKS["block_bias"]()).eval(), backend="reference")
     assert layer.fused and "sigmoid" in layer.routing and "selection-bias" in layer.routing, layer.routing
 
 
@@ -96,9 +100,7 @@ def test_unknown_router_called_with_block_arguments_runs_as_written():
 
     torch.manual_seed(0)
     model = TinyModel(BlockBiasMoE(temperature=0.7)).eval()
-    cm = moecc.compile(model, backend="reference")
-    cm(torch.randint(0, 50, (2, 16)))
-    (layer,) = cm.moe_layers
+    cm, layer = compile_on_ids(model, backend="reference")
     assert layer.fused and "router kept as its own graph ops" in layer.routing, (layer.routing, layer.reason)
     for shape in ((3, 11), (1, 7)):
         x = torch.randint(0, 50, shape)
@@ -157,9 +159,7 @@ def test_a_block_handed_other_arguments_is_lifted_when_it_ignores_them_or_its_ro
     block = {"ignores_ids": IgnoresIdsMoE, "pad_masked": PadMaskedMoE, "hash_routed": HashRoutedMoE}[kind]
     torch.manual_seed(0)
     model = IdsModel(block()).eval().to(device)
-    cm = moecc.compile(model)
-    cm(torch.randint(1, 50, (2, 16), device=device))
-    (layer,) = cm.moe_layers
+    cm, layer = compile_on_ids(model, low=1, device=device)
     assert layer.fused == fused, layer.reason
     if not fused:
         assert "input_ids" in layer.reason, layer.reason
@@ -176,9 +176,7 @@ def test_experts_without_a_router_run_as_written_and_say_why():
 
     torch.manual_seed(0)
     model = TinyModel(MLPRoutedMoE()).eval()
-    cm = moecc.compile(model)
-    cm(torch.randint(0, 50, (2, 16)))
-    (layer,) = cm.moe_layers
+    cm, layer = compile_on_ids(model)
     assert layer.name == "moe" and not layer.fused
     assert layer.reason == "no router: no [E=6, H=24] weight outside the experts", layer.reason
     x = torch.randint(0, 50, (3, 11))
@@ -189,9 +187,7 @@ def test_a_norm_of_the_blocks_output_is_recorded_and_inlined():
     from user_modules import PostNormMoE
 
     torch.manual_seed(0)
-    cm = moecc.compile(TinyModel(PostNormMoE()).eval())
-    cm(torch.randint(0, 50, (2, 16)))
-    (layer,) = cm.moe_layers
+    _, layer = compile_on_ids(TinyModel(PostNormMoE()).eval())
     assert layer.fused and layer.output_module == "LayerNorm", (layer.output_module, layer.reason)
 
 
@@ -200,9 +196,7 @@ def test_a_block_handed_its_hidden_states_by_keyword():
 
     torch.manual_seed(0)
     model = KeywordIdsModel(HashRoutedMoE()).eval()
-    cm = moecc.compile(model)
-    cm(torch.randint(1, 50, (2, 16)))
-    (layer,) = cm.moe_layers
+    cm, layer = compile_on_ids(model, low=1)
     assert layer.fused, layer.reason
     x = torch.randint(0, 50, (3, 11))
     torch.testing.assert_close(cm(x), model(x))

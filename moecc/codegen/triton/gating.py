@@ -14,6 +14,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents
 
 from moecc.codegen.triton import dependent_launch
+from moecc.routing import renormalizes
 
 SCORE_IDS = {"softmax": 0, "sigmoid": 1, "sqrtsoftplus": 2}
 
@@ -155,7 +156,7 @@ def _gemv_gating_kernel(x_ptr, w_ptr, rb_ptr, bias_ptr, logits_ptr, arrived_ptr,
 def _meta(top_k, e, score, topk_first, renormalize, has_bias, n_group, topk_group):
     k = min(top_k, e)
     return dict(K=k, K_PAD=triton.next_power_of_2(k), E_PAD=triton.next_power_of_2(e), SCORE=SCORE_IDS[score],
-                TOPK_FIRST=topk_first, RENORM=renormalize and not (topk_first and score == "softmax"),
+                TOPK_FIRST=topk_first, RENORM=renormalizes(score, topk_first, renormalize),
                 HAS_BIAS=has_bias,
                 N_GROUP=n_group if not topk_first else 1, TOPK_GROUP=topk_group,
                 G_PAD=triton.next_power_of_2(max(n_group, 1)))

@@ -9,13 +9,13 @@ import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 
-from moecc.canonical import CanonicalMoE
+from moecc.canonical import ROUTER_INPUT_SLOTS, CanonicalMoE
 from moecc.ir import MoELayerInfo
 from moecc.match import MatchResult
 from moecc.passes.base import MoePass, PassResult, layers_of
 from moecc.passes.graph_utils import inline_module
 from moecc.passes.recognize.block import analyze_block
-from moecc.passes.recognize.other_args import MAX_ROUTER_INPUTS, OtherArgs, independent_of_other_args
+from moecc.passes.recognize.other_args import OtherArgs, independent_of_other_args
 
 log = logging.getLogger("moecc.passes.recognize")
 
@@ -48,7 +48,7 @@ def _analyze(block: torch.nn.Module, node: fx.Node):
     if call is None:
         return r
     others = OtherArgs(call)
-    if not others.positions or len(others.positions) > MAX_ROUTER_INPUTS:
+    if not others.positions or len(others.positions) > ROUTER_INPUT_SLOTS:
         return r
     with_others = analyze_block(block, _example_of(node), others)
     if with_others and with_others.value.router_program is None:

@@ -53,9 +53,6 @@ def independent_of_other_args(block: nn.Module, call: tuple | None, names: str) 
     return MatchResult.success(None)
 
 
-MAX_ROUTER_INPUTS = 4  # token-shaped other arguments a router kept as written may read (CanonicalMoE's slots)
-
-
 class OtherArgs:
     """A block's arguments besides its hidden states, from its example call, redrawn for probe inputs of other
     shapes: a tensor whose leading dims are the hidden states' token dims (token ids, say) gets fresh values of
