@@ -160,6 +160,26 @@ def _check_layout(args: list, layout: str, dtype=torch.float32) -> None:
     assert ((got.float().cpu() - ref).norm() / ref.norm()).item() < tol
 
 
+@pytest.mark.parametrize("tma", ["off", "on"])
+def test_groups_of_row_blocks_cover_every_tile(tma, monkeypatch):
+    """Groups of 3 row blocks share each weight tile, whatever their experts (the expert most tokens pick spans
+    several groups, an expert without rows none, the last group is short): every tile is computed once."""
+    from moecc.codegen.triton import moe as moe_module
+    from moecc.codegen.triton.configs import TileConfig
+
+    monkeypatch.setenv("MOECC_TRITON_TMA", tma)
+    monkeypatch.setenv("MOECC_TRITON_DECODE_MAX_TOKENS", "0")
+    monkeypatch.setattr(moe_module, "pick_configs", lambda *a: (TileConfig(16, 32, 32, 3, 1, 1),) * 2)
+    t, e, k = 150, 8, 2
+    args = _moe_args((t, e, k, 40, 24, True, "silu", False, 0.0), 5)
+    g = torch.Generator().manual_seed(6)
+    logits = torch.randn(t, e, generator=g)
+    logits[:, 0] += 4.0  # about ten blocks of 16 rows
+    logits[:, 5] -= 20.0  # an expert with no rows
+    args[1], args[2] = route_reference(logits, None, k, "softmax", False, True, 1, 1, 1.0)
+    _check_layout(args, "oi_gu")
+
+
 DECODE_CASES = [c for c in CASES if 0 < c[0] <= 33] + [(4, 64, 8, 40, 24, True, "silu", True, 0.0)]
 
 
