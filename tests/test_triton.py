@@ -180,6 +180,27 @@ def test_groups_of_row_blocks_cover_every_tile(tma, monkeypatch):
     _check_layout(args, "oi_gu")
 
 
+def test_gemm1_stores_zeros_in_padding_rows(monkeypatch):
+    """GEMM 1's TMA kernel reads zeros for padding rows and stores them, so both GEMMs multiply zero rows there:
+    at large T on an H100, where the power limit sets the clock, that was 2-7 % faster than multiplying copies of
+    token 0 (benchmarks/RESULTS.md, session 14)."""
+    from moecc.codegen.triton.configs import TileConfig
+    from moecc.codegen.triton.grouped_gemm import gemm1
+
+    monkeypatch.setenv("MOECC_TRITON_TMA", "on")
+    t, e, k, hidden, inter = 20, 4, 2, 32, 24
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(t, hidden, generator=g) + 3.0).to(DEVICE)
+    ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)]).to(DEVICE)
+    w_up = torch.randn(e, 2 * inter, hidden, generator=g).to(DEVICE)
+    aligned = align(ids, e, 16)
+    h = gemm1(x, w_up, w_up, None, aligned, t * k, k, True, "silu", 1.0, 0.0, TileConfig(16, 32, 32, 1, 1, 1))
+    total = int(aligned[2].item())
+    padding = (aligned[0][:total] >= t * k).cpu()
+    rows = h[:total].cpu()
+    assert padding.any() and (rows[padding] == 0).all() and (rows[~padding] != 0).any(1).all()
+
+
 DECODE_CASES = [c for c in CASES if 0 < c[0] <= 33] + [(4, 64, 8, 40, 24, True, "silu", True, 0.0)]
 
 

@@ -7,8 +7,8 @@ order, so the combine that follows is a plain, deterministic sum over the k slot
 
 Two kernel families share those contracts. The pointer kernels load every tile with masked loads and serve small
 row blocks (decode) and GPUs before Hopper. The TMA kernels (row blocks of 64 and more, Hopper and newer; knob
-``MOECC_TRITON_TMA``) read the weight tiles, and GEMM 2's activation rows, through tensor descriptors, and read
-GEMM 1's token rows unmasked (padding rows read token 0 and are never stored). With the ``oi_gu`` weight layout,
+``MOECC_TRITON_TMA``) read the weight tiles, and GEMM 2's activation rows, through tensor descriptors; GEMM 1 reads
+zeros for padding rows and stores them, so both GEMMs multiply zero rows there. With the ``oi_gu`` weight layout,
 GEMM 1 takes the gate and up rows of its output columns as one ``[2*BLOCK_N, BLOCK_K]`` tile and one dot, and splits
 the accumulator in the epilogue; with ``oi`` it takes two tiles and two dots. Measured on an H100 at Mixtral
 T=4096 (``benchmarks/gemm_variants.py``): GEMM 1 3.6 ms through pointers, 3.46 through TMA (``oi``), 3.24 through
@@ -22,6 +22,7 @@ torch's own fp32 matmuls do."""
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 import triton
@@ -189,21 +190,22 @@ def _gemm2_kernel(h_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, weights_ptr, sorted_ptr,
 
 
 @triton.jit
-def _token_tile(a_ptrs, k, K, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The K step ``k`` of gathered token rows; padding rows point at token 0, so only the K tail is masked."""
+def _token_tile(a_ptrs, live, k, K, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The K step ``k`` of gathered token rows, zeros in padding rows (see ``_gemm1_tma_kernel``)."""
     if EVEN_K:
-        return tl.load(a_ptrs)
-    return tl.load(a_ptrs, mask=tl.arange(0, BLOCK_K)[None, :] < K - k * BLOCK_K, other=0.0)
+        return tl.load(a_ptrs, mask=live[:, None], other=0.0)
+    return tl.load(a_ptrs, mask=live[:, None] & (tl.arange(0, BLOCK_K)[None, :] < K - k * BLOCK_K), other=0.0)
 
 
 @triton.jit
-def _gathered_dot(x_ptr, tok, stride_xm, w_desc, w_row, K, acc, PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
-                  BLOCK_K: tl.constexpr):
-    """acc += x[tok] @ w[w_row : w_row + tile rows]^T over K: token rows gathered by pointer, weights by TMA."""
+def _gathered_dot(x_ptr, tok, live, stride_xm, w_desc, w_row, K, acc, PRECISION: tl.constexpr,
+                  EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc += x[tok] @ w[w_row : w_row + tile rows]^T over K: token rows gathered by pointer (zeros where not
+    ``live``), weights by TMA."""
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = x_ptr + tok[:, None] * stride_xm + offs_k[None, :]
     for k in range(0, tl.cdiv(K, BLOCK_K)):
-        a = _token_tile(a_ptrs, k, K, EVEN_K, BLOCK_K)
+        a = _token_tile(a_ptrs, live, k, K, EVEN_K, BLOCK_K)
         w = w_desc.load([w_row, k * BLOCK_K])
         acc = tl.dot(a, w.T, acc, input_precision=PRECISION)
         a_ptrs += BLOCK_K
@@ -211,13 +213,13 @@ def _gathered_dot(x_ptr, tok, stride_xm, w_desc, w_row, K, acc, PRECISION: tl.co
 
 
 @triton.jit
-def _gathered_dot_apart(x_ptr, tok, stride_xm, w_desc, gate_row, up_row, K, acc_g, acc_u, PRECISION: tl.constexpr,
-                        EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr):
+def _gathered_dot_apart(x_ptr, tok, live, stride_xm, w_desc, gate_row, up_row, K, acc_g, acc_u,
+                        PRECISION: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr):
     """``_gathered_dot`` for gate and up rows stored apart (``oi``): two weight tiles, two dots per K step."""
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = x_ptr + tok[:, None] * stride_xm + offs_k[None, :]
     for k in range(0, tl.cdiv(K, BLOCK_K)):
-        a = _token_tile(a_ptrs, k, K, EVEN_K, BLOCK_K)
+        a = _token_tile(a_ptrs, live, k, K, EVEN_K, BLOCK_K)
         wg = w_desc.load([gate_row, k * BLOCK_K])
         wu = w_desc.load([up_row, k * BLOCK_K])
         acc_g = tl.dot(a, wg.T, acc_g, input_precision=PRECISION)
@@ -227,7 +229,7 @@ def _gathered_dot_apart(x_ptr, tok, stride_xm, w_desc, gate_row, up_row, K, acc_
 
 
 @triton.jit
-def _gate_up_dot(x_ptr, tok, stride_xm, w_desc, expert, pid_n, N, K, INTERLEAVED: tl.constexpr,
+def _gate_up_dot(x_ptr, tok, live, stride_xm, w_desc, expert, pid_n, N, K, INTERLEAVED: tl.constexpr,
                  PRECISION: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr):
     """(gate, up) accumulators of expert ``expert`` for BLOCK_N output columns: one [2*BLOCK_N, BLOCK_K] tile and
@@ -235,14 +237,14 @@ def _gate_up_dot(x_ptr, tok, stride_xm, w_desc, expert, pid_n, N, K, INTERLEAVED
     if INTERLEAVED:
         acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), tl.float32)
         row = (expert * 2 * N + pid_n * 2 * BLOCK_N).to(tl.int32)
-        acc = _gathered_dot(x_ptr, tok, stride_xm, w_desc, row, K, acc, PRECISION, EVEN_K, BLOCK_K)
+        acc = _gathered_dot(x_ptr, tok, live, stride_xm, w_desc, row, K, acc, PRECISION, EVEN_K, BLOCK_K)
         acc_g, acc_u = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N, 2)))
     else:
         acc_g = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
         acc_u = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
         row = (expert * 2 * N + pid_n * BLOCK_N).to(tl.int32)
-        acc_g, acc_u = _gathered_dot_apart(x_ptr, tok, stride_xm, w_desc, row, row + N, K, acc_g, acc_u, PRECISION,
-                                           EVEN_K, BLOCK_K)
+        acc_g, acc_u = _gathered_dot_apart(x_ptr, tok, live, stride_xm, w_desc, row, row + N, K, acc_g, acc_u,
+                                           PRECISION, EVEN_K, BLOCK_K)
     return acc_g, acc_u
 
 
@@ -252,7 +254,10 @@ def _gemm1_tma_kernel(w_desc, ws_desc, x_ptr, b_ptr, h_ptr, sorted_ptr, block_ex
                       GATED: tl.constexpr, INTERLEAVED: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
                       CLAMP: tl.constexpr, HAS_SHARED: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    """GEMM 1 with TMA weight tiles (``_gate_up_dot`` for gated experts, in either layout)."""
+    """GEMM 1 with TMA weight tiles (``_gate_up_dot`` for gated experts, in either layout). Padding rows load
+    zeros and store zeros, so that both GEMMs multiply zero rows there: where the power limit sets the clock (large
+    T on an H100), a zero row costs the tensor cores less than a copy of a token (measured, ``benchmarks/RESULTS.md``,
+    session 14)."""
     pid_m, pid_n, live_tile = _tile(total_ptr, N, BLOCK_M, BLOCK_N, GROUP_M)
     if not live_tile:
         return
@@ -267,8 +272,8 @@ def _gemm1_tma_kernel(w_desc, ws_desc, x_ptr, b_ptr, h_ptr, sorted_ptr, block_ex
         if e >= num_routed:
             desc, expert = ws_desc, e - num_routed
     if GATED:
-        acc_g, acc_u = _gate_up_dot(x_ptr, tok, stride_xm, desc, expert, pid_n, N, K, INTERLEAVED, PRECISION, EVEN_K,
-                                    BLOCK_M, BLOCK_N, BLOCK_K)
+        acc_g, acc_u = _gate_up_dot(x_ptr, tok, live, stride_xm, desc, expert, pid_n, N, K, INTERLEAVED, PRECISION,
+                                    EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K)
         if INTERLEAVED:
             h = _epilogue1(acc_g, acc_u, b_ptr + e * stride_be, offs_n * 2, 1, n_ok, alpha, limit, GATED, ACT,
                            HAS_BIAS, CLAMP)
@@ -278,10 +283,10 @@ def _gemm1_tma_kernel(w_desc, ws_desc, x_ptr, b_ptr, h_ptr, sorted_ptr, block_ex
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
         w_row = (expert * N + pid_n * BLOCK_N).to(tl.int32)
-        acc = _gathered_dot(x_ptr, tok, stride_xm, desc, w_row, K, acc, PRECISION, EVEN_K, BLOCK_K)
+        acc = _gathered_dot(x_ptr, tok, live, stride_xm, desc, w_row, K, acc, PRECISION, EVEN_K, BLOCK_K)
         h = _epilogue1(acc, acc, b_ptr + e * stride_be, offs_n, 0, n_ok, alpha, limit, GATED, ACT, HAS_BIAS, CLAMP)
     h_ptrs = h_ptr + rows[:, None].to(tl.int64) * stride_hm + offs_n[None, :]
-    tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=live[:, None] & n_ok[None, :])
+    tl.store(h_ptrs, tl.where(live[:, None], h, 0.0).to(h_ptr.dtype.element_ty), mask=n_ok[None, :])
 
 
 @triton.jit
@@ -400,20 +405,25 @@ def use_tma(cfg, *tensors: torch.Tensor) -> bool:
 
 
 WS_AUTO_MIN_K = 4096  # see _warp_specialized
+WS_AUTO_GEMM1_MIN_ROWS = 512
 
 
-def _warp_specialized(cfg, which: int, k: int, a: torch.Tensor, *weights: torch.Tensor, **shape) -> bool:
+def _warp_specialized(cfg, which: int, k: int, a: torch.Tensor, *weights: torch.Tensor,
+                      rows_per_expert: float = math.inf, **shape) -> bool:
     """Whether GEMM ``which`` (1 or 2) over ``k`` goes through the warp-specialized Gluon kernels (``ws_gemm``;
-    knob ``MOECC_TRITON_WS``, 128-row blocks on sm_90 GPUs). ``auto`` takes them for GEMM 2 with K loops of 4096
-    and more only: on an H100 (``benchmarks/ws_ab.py``) that GEMM 2 gained 6 % at Mixtral T=4096 (1.45 against
-    1.54 ms) and tied at 16384, while GEMM 1 tied or lost 3 % and Qwen3's short K loops lost up to 15 %. ``on``
-    takes them for both GEMMs wherever they apply."""
+    knob ``MOECC_TRITON_WS``, 128-row blocks on sm_90 GPUs). ``auto`` takes them for GEMM 1 from 512 pairs per
+    expert on average (``rows_per_expert``), and for GEMM 2 with K loops of 4096 and more. On an H100
+    (``benchmarks/knob_ab.py``, session 14): once its loader zero-filled the padding rows, GEMM 1 on them made the
+    layer 3-4 % faster at Mixtral T = 2048 / 4096, 2 % at 16384, 3 % at Qwen3 T=16384 and 2 % at GPT-OSS T=4096,
+    where it had been 23 % slower at Mixtral T=512 (session 10); GEMM 2 gained 6 % at Mixtral T=4096
+    (``benchmarks/ws_ab.py``) and tied at 16384, while Qwen3's short K loops lost up to 15 %. ``on`` takes them
+    for both GEMMs wherever they apply."""
     mode = knobs.TRITON_WS.get()
     if mode not in ("auto", "on", "off"):
         raise ValueError(f"MOECC_TRITON_WS must be auto, on or off, got {mode!r}")
     if mode == "off" or INTERPRET or not a.is_cuda or cfg.block_m != 128:
         return False
-    if mode == "auto" and (which != 2 or k < WS_AUTO_MIN_K):
+    if mode == "auto" and (rows_per_expert < WS_AUTO_GEMM1_MIN_ROWS if which == 1 else k < WS_AUTO_MIN_K):
         return False
     from moecc.codegen.triton import ws_gemm
 
@@ -432,7 +442,9 @@ def gemm1(x, w_up, shared_up, b_up, aligned, n_pairs: int, top_k: int, gated: bo
     num_routed, up_rows, hidden = w_up.shape
     inter = up_rows // 2 if gated else up_rows
     interleaved = interleaved and gated
-    if (interleaved or not gated) and _warp_specialized(cfg, 1, hidden, x, w_up, shared_up, gathered_k=hidden,
+    num_experts = num_routed + (shared_up.shape[0] if shared_up is not w_up else 0)
+    if (interleaved or not gated) and _warp_specialized(cfg, 1, hidden, x, w_up, shared_up,
+                                                       rows_per_expert=n_pairs / num_experts, gathered_k=hidden,
                                                        row_elems=(hidden, inter)):
         from moecc.codegen.triton import ws_gemm
 

@@ -155,16 +155,18 @@ def _gemm1_loader(x_ptr, w_desc, ws_desc, sorted_ptr, block_expert_ptr, total_pt
         pid_m, pid_n = _tile(tile, num_m, num_n, GROUP)
         w_row, shared = _weight_row(block_expert_ptr, pid_m, pid_n, num_routed, rows_per_expert, HAS_SHARED)
         pair = gl.load(sorted_ptr + pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, layout)))
-        # padding rows read token 0; GEMM 2 never stores what they become
-        tok = gl.where(pair < n_pairs, pair // top_k, 0).to(gl.int64)
+        # padding rows copy zeros (cp.async zero-fills where masked), as in grouped_gemm's TMA kernel
+        live = pair < n_pairs
+        tok = gl.where(live, pair // top_k, 0).to(gl.int64)
         a_ptrs = x_ptr + gl.multiple_of(tok * stride_xm, BLOCK_K)[:, None] + offs_k[None, :]
+        a_live = live[:, None] & (offs_k < BK)[None, :]
         for k in range(0, K, BK):
             s = it % STAGES
             # a stage is free once the consumer handed it back; the first lap waits on the phase before the first
             mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
             mbarrier.expect(b_ready.index(s), w_desc.block_type.nbytes)
             _load_weights(w_desc, ws_desc, w_row, k, shared, b_ready.index(s), b_bufs.index(s), HAS_SHARED)
-            _gather_load(a_bufs.index(s), a_ptrs + k)
+            _gather_load(a_bufs.index(s), a_ptrs + k, mask=a_live)
             async_copy.mbarrier_arrive(a_ready.index(s), increment_count=False)
             it += 1
 
