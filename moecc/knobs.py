@@ -47,8 +47,8 @@ CUDA_GRAPH_MAX_GRAPHS = Knob("MOECC_CUDA_GRAPH_MAX_GRAPHS", 32, int, "CUDA graph
 TRITON_TMA = Knob("MOECC_TRITON_TMA", "auto", str, "large-tile grouped GEMMs read tiles through TMA descriptors: "
                   "auto (Hopper or newer), on (wherever the tensors allow, also in the interpreter), off")
 TRITON_WS = Knob("MOECC_TRITON_WS", "auto", str, "warp-specialized Gluon kernels for 128-row blocks (bf16/fp16, "
-                 "sm_90): auto (GEMM 1 from 512 pairs per expert, GEMM 2 with K >= 4096: where they measured faster), on "
-                 "(both GEMMs), off")
+                 "sm_90): auto (GEMM 1 from 512 pairs per expert, GEMM 2 with K >= 4096: where they measured "
+                 "faster), on (both GEMMs), off")
 TRITON_DECODE_MAX_TOKENS = Knob("MOECC_TRITON_DECODE_MAX_TOKENS", 4, int, "up to this many tokens the Triton experts "
                                 "run as two pair-wise GEMV launches, without align or a combine launch (0: never)")
 TRITON_PDL = Knob("MOECC_TRITON_PDL", True, bool, "launch the decode GEMVs as programmatic dependents of the kernel "
