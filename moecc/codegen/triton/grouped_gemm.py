@@ -414,8 +414,8 @@ def _warp_specialized(cfg, which: int, k: int, a: torch.Tensor, *weights: torch.
     knob ``MOECC_TRITON_WS``, 128-row blocks on sm_90 GPUs). ``auto`` takes them for GEMM 1 from 512 pairs per
     expert on average (``rows_per_expert``), and for GEMM 2 with K loops of 4096 and more. On an H100
     (``benchmarks/knob_ab.py``, session 14): once its loader zero-filled the padding rows, GEMM 1 on them made the
-    layer 3-4 % faster at Mixtral T = 2048 / 4096, 2 % at 16384, 3 % at Qwen3 T=16384 and 2 % at GPT-OSS T=4096,
-    where it had been 23 % slower at Mixtral T=512 (session 10); GEMM 2 gained 6 % at Mixtral T=4096
+    layer 1-3 % faster at Mixtral T=2048, 3.5-4 % at 4096, 2 % at 16384, 3 % at Qwen3 T=16384 and 2 % at GPT-OSS
+    T=4096, where it had been 23 % slower at Mixtral T=512 (session 10); GEMM 2 gained 6 % at Mixtral T=4096
     (``benchmarks/ws_ab.py``) and tied at 16384, while Qwen3's short K loops lost up to 15 %. ``on`` takes them
     for both GEMMs wherever they apply."""
     mode = knobs.TRITON_WS.get()

@@ -155,7 +155,8 @@ def _gemm1_loader(x_ptr, w_desc, ws_desc, sorted_ptr, block_expert_ptr, total_pt
         pid_m, pid_n = _tile(tile, num_m, num_n, GROUP)
         w_row, shared = _weight_row(block_expert_ptr, pid_m, pid_n, num_routed, rows_per_expert, HAS_SHARED)
         pair = gl.load(sorted_ptr + pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, layout)))
-        # padding rows copy zeros (cp.async zero-fills where masked), as in grouped_gemm's TMA kernel
+        # padding rows copy zeros (cp.async zero-fills where masked), as in grouped_gemm's TMA kernel; their
+        # outputs, stored with the tile, are zeros too unless the experts have biases
         live = pair < n_pairs
         tok = gl.where(live, pair // top_k, 0).to(gl.int64)
         a_ptrs = x_ptr + gl.multiple_of(tok * stride_xm, BLOCK_K)[:, None] + offs_k[None, :]
