@@ -160,14 +160,13 @@ def _gemm1_loader(x_ptr, w_desc, ws_desc, sorted_ptr, block_expert_ptr, total_pt
         live = pair < n_pairs
         tok = gl.where(live, pair // top_k, 0).to(gl.int64)
         a_ptrs = x_ptr + gl.multiple_of(tok * stride_xm, BLOCK_K)[:, None] + offs_k[None, :]
-        a_live = live[:, None] & (offs_k < BK)[None, :]
         for k in range(0, K, BK):
             s = it % STAGES
             # a stage is free once the consumer handed it back; the first lap waits on the phase before the first
             mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
             mbarrier.expect(b_ready.index(s), w_desc.block_type.nbytes)
             _load_weights(w_desc, ws_desc, w_row, k, shared, b_ready.index(s), b_bufs.index(s), HAS_SHARED)
-            _gather_load(a_bufs.index(s), a_ptrs + k, mask=a_live)
+            _gather_load(a_bufs.index(s), a_ptrs + k, mask=live[:, None])
             async_copy.mbarrier_arrive(a_ready.index(s), increment_count=False)
             it += 1
 
