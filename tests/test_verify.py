@@ -156,3 +156,40 @@ def test_auto_keeps_programs_with_value_dependent_sizes_on_torch():
     (layer,) = cm.moe_layers
     assert layer.fused and cm._entries[0].backend == "torch"
     assert data_dependent_sizes(cm._entries[0].gm)
+
+
+def test_left_padding_is_not_compared():
+    """With left padding, a padded position's query attends to no key: eager and ONNX Runtime return numbers of
+    their own there. The check leaves out the positions the attention mask pads (nobody reads them) and still
+    compares every other one; the ONNX program is kept and agrees with eager wherever the mask keeps a token."""
+    from hf_models import make_model
+
+    model = make_model("mixtral")
+    ids = torch.randint(0, 97, (3, 9), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    mask[2, :5] = 0
+    cm = moecc.compile(model, backend="onnxruntime")
+    got = cm(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    assert cm._entries[0].backend == "onnxruntime"
+    want = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    kept = mask.bool()
+    torch.testing.assert_close(got[kept], want[kept], rtol=1e-4, atol=1e-5)
+
+
+def test_padding_mask_finds_the_attention_mask_by_name_or_position():
+    from hf_models import make_model
+
+    from moecc.runtime.verify import _unpadded, padding_mask
+
+    model = make_model("mixtral")
+    ids = torch.zeros(2, 4, dtype=torch.long)
+    mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+    for args, kwargs in (((ids,), {"attention_mask": mask}), ((ids, mask), {})):
+        kept = padding_mask(model, args, kwargs)
+        assert kept.tolist() == mask.bool().tolist()
+    assert padding_mask(model, (ids,), {"attention_mask": torch.ones_like(mask)}) is None
+    assert padding_mask(model, (ids,), {}) is None
+    logits = torch.arange(2 * 4 * 3.0).reshape(2, 4, 3)
+    assert _unpadded(logits, kept).shape == (7, 3)
+    assert _unpadded(torch.ones(5), kept).shape == (5,)  # not [batch, seq, ...]: compared whole

@@ -8,6 +8,7 @@ own capture and its own check."""
 
 from __future__ import annotations
 
+import inspect
 import logging
 
 import sympy
@@ -96,15 +97,16 @@ def _disagreement(model: nn.Module, entry, flat: list, tolerance: float | None, 
         if ref is None:
             ref = pytree.tree_leaves(model(*args, **kwargs))
         got = list(entry.runner(*[flat[i] for i in entry.tensor_pos]))
+    kept = padding_mask(model, args, kwargs)
     sensitivity = None
     for r, g in zip(ref, got):
         if isinstance(r, torch.Tensor) and r.is_floating_point():
-            err = _rel(g, r)
+            err = _rel(_unpadded(g, kept), _unpadded(r, kept))
             tol = tolerance or (1e-4 if r.dtype in (torch.float32, torch.float64) else 5e-2)
             if not err <= tol and r.dtype in (torch.bfloat16, torch.float16) and tolerance is None:
                 if sensitivity is None:
                     names = [info.name for info in entry.layers.values() if info.fused]
-                    sensitivity = rounding_sensitivity(model, names, args, kwargs, ref) if names else 0.0
+                    sensitivity = rounding_sensitivity(model, names, args, kwargs, ref, kept) if names else 0.0
                 tol = max(tol, 3 * sensitivity)
             if not err <= tol:
                 return (f"relative error {err:.2e} > {tol:g}"
@@ -168,7 +170,30 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / (b.double().norm() + 1e-30)).item()
 
 
-def rounding_sensitivity(model: nn.Module, block_names: list[str], args, kwargs, ref: list) -> float:
+def padding_mask(model: nn.Module, args, kwargs) -> torch.Tensor | None:
+    """The positions a Hugging Face-style ``attention_mask`` keeps ([batch, seq], True where not padding), when the
+    call has one with padding. A position it masks out is padding whose outputs nobody reads, and with left padding
+    its query attends to no key at all: every implementation of the softmax then returns numbers of its own (ONNX
+    Runtime's are not eager's), so the check does not compare them."""
+    try:
+        bound = inspect.signature(model.forward).bind_partial(*args, **kwargs).arguments
+    except (TypeError, ValueError):
+        bound = kwargs
+    mask = bound.get("attention_mask")
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.is_floating_point() or bool(mask.all()):
+        return None
+    return mask != 0
+
+
+def _unpadded(t: torch.Tensor, kept: torch.Tensor | None) -> torch.Tensor:
+    """``t`` at the kept positions of its leading [batch, seq] dims; all of it when those are not the mask's."""
+    if kept is None or t.dim() < 2 or tuple(t.shape[:2]) != tuple(kept.shape):
+        return t
+    return t[kept.to(t.device)]
+
+
+def rounding_sensitivity(model: nn.Module, block_names: list[str], args, kwargs, ref: list,
+                         kept: torch.Tensor | None = None) -> float:
     """How far the model's own outputs move when each MoE block's input carries noise of one rounding step of its
     dtype: the spread that two correct low-precision implementations may show (a token whose top-k is a near tie
     can pick other experts, and that difference grows through the layers after it)."""
@@ -191,5 +216,5 @@ def rounding_sensitivity(model: nn.Module, block_names: list[str], args, kwargs,
     finally:
         for h in hooks:
             h.remove()
-    return max((_rel(m, r) for m, r in zip(moved, ref) if isinstance(r, torch.Tensor) and r.is_floating_point()),
-               default=0.0)
+    return max((_rel(_unpadded(m, kept), _unpadded(r, kept)) for m, r in zip(moved, ref)
+                if isinstance(r, torch.Tensor) and r.is_floating_point()), default=0.0)
