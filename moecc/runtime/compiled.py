@@ -193,6 +193,11 @@ def build(model: nn.Module, args, kwargs, backend: str, options: dict, dump_fold
     finally:
         forget_calls()
     layers = gm.meta.get("moecc_layers", {})
+    if not options.get("fuse", True):
+        from moecc.discover import find_moe_blocks
+
+        layers = {name: MoELayerInfo(name=name, reason="fuse=False: run as written")
+                  for name, _ in find_moe_blocks(model)}
     graph = graph_summary(gm)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     sizes = [tuple(n.meta["val"].shape) if "val" in n.meta else (None,) * cap.tensor_inputs[i].dim()
