@@ -142,6 +142,20 @@ def test_quantization_is_opt_in_and_reported():
         moecc.compile(model, backend="torch", quantize="int8")(**kwargs)
 
 
+def test_fp16_model_runs_the_moe_op_in_fp32():
+    """The MoE ops' weights are fp32 (the dtype their probes prove them in): an fp16 model's hidden states are cast
+    to fp32 around each op, where they used to meet fp32 weights in a MatMul ONNX Runtime refused to load."""
+    model = make_model("mixtral").half()
+    for q in (None, "int8"):
+        cm = moecc.compile(model, backend="onnxruntime", quantize=q)
+        cm(**make_inputs("mixtral", 2, 8))
+        assert all(layer.lowering == ("com.microsoft.QMoE" if q else "com.microsoft.MoE") for layer in cm.moe_layers)
+        fresh = make_inputs("mixtral", 3, 5, 1)
+        got, want = cm(**fresh).logits, model(**fresh).logits
+        assert got.dtype == torch.float16
+        assert ((got.float() - want.float()).norm() / want.float().norm()).item() < 5e-3
+
+
 def test_many_experts_top8_uses_the_moe_op():
     import transformers as tf
 

@@ -38,7 +38,11 @@ def _act(h: Tensor, activation_type: str, alpha: float, beta: float, limit: floa
 def ort_moe(x: Tensor, router_w_t: Tensor, router_b: Tensor | None, fc1_w: Tensor, fc1_b: Tensor | None,
             fc2_w: Tensor, fc2_b: Tensor | None, k: int, activation_type: str, normalize: bool, alpha: float,
             beta: float, limit: float) -> Tensor:
-    """x [T, H]; router_w_t [H, E]; fc1_w [E, F, H] (F = 2I interleaved for swiglu); fc2_w [E, H, I]."""
+    """x [T, H]; router_w_t [H, E]; fc1_w [E, F, H] (F = 2I interleaved for swiglu); fc2_w [E, H, I]. The weights
+    are fp32 (the dtype the probes prove the op in): an x of another dtype is computed in fp32, as the ONNX
+    translation does."""
+    dtype = x.dtype
+    x = x.to(router_w_t.dtype)
     logits = x @ router_w_t
     if router_b is not None:
         logits = logits + router_b
@@ -58,7 +62,7 @@ def ort_moe(x: Tensor, router_w_t: Tensor, router_b: Tensor | None, fc1_w: Tenso
         if fc2_b is not None:
             y = y + fc2_b[e]
         out.index_add_(0, tok, y.float() * w[tok, slot, None])
-    return out.to(x.dtype)
+    return out.to(dtype)
 
 
 @ort_moe.register_fake
@@ -101,13 +105,24 @@ def ort_moe_onnx(x, router_w_t, router_b, fc1_w, fc1_b, fc2_w, fc2_b, k, activat
     from onnxscript import opset18 as op
 
     moe_op = onnxscript.values.Op(onnxscript.values.Opset("com.microsoft", 1), "MoE", contrib_schema("MoE"))
+    x_in, x = x, _in_fp32(op, x, router_w_t)
     logits = op.MatMul(x, router_w_t)
     if router_b is not None:
         logits = op.Add(logits, router_b)
     inputs = [x, logits, fc1_w, fc1_b, fc2_w, fc2_b]
     while inputs[-1] is None:
         inputs.pop()
-    return moe_op(*inputs, **_moe_attrs(k, activation_type, normalize, alpha, beta, limit))
+    return _back(op, moe_op(*inputs, **_moe_attrs(k, activation_type, normalize, alpha, beta, limit)), x_in, x)
+
+
+def _in_fp32(op, x, router_w_t):
+    """x in the dtype of the (fp32) weights: ONNX Runtime's MoE ops take one type for all their float inputs, and
+    fp16 or bf16 blocks get fp32 weights (the dtype the probes checked)."""
+    return x if getattr(x, "dtype", None) == getattr(router_w_t, "dtype", None) else op.CastLike(x, router_w_t)
+
+
+def _back(op, y, x_in, x):
+    return y if x is x_in else op.CastLike(y, x_in)
 
 
 def _moe_attrs(k, activation_type, normalize, alpha, beta, limit) -> dict:
@@ -213,6 +228,7 @@ def ort_qmoe_onnx(x, router_w_t, router_b, fc1_q, fc1_scales, fc1_b, fc2_q, fc2_
     from onnxscript import opset18 as op
 
     qmoe = onnxscript.values.Op(onnxscript.values.Opset("com.microsoft", 1), "QMoE", contrib_schema("QMoE"))
+    x_in, x = x, _in_fp32(op, x, router_w_t)
     logits = op.MatMul(x, router_w_t)
     if router_b is not None:
         logits = op.Add(logits, router_b)
@@ -223,8 +239,8 @@ def ort_qmoe_onnx(x, router_w_t, router_b, fc1_q, fc1_scales, fc1_b, fc2_q, fc2_
         inputs += [None] * 6 + [op.Softmax(logits, axis=-1)]
     while inputs[-1] is None:
         inputs.pop()
-    return qmoe(*inputs, **_qmoe_attrs(k, activation_type, normalize, alpha, beta, limit, bits, block_size,
-                                       int8_activations))
+    return _back(op, qmoe(*inputs, **_qmoe_attrs(k, activation_type, normalize, alpha, beta, limit, bits,
+                                                  block_size, int8_activations)), x_in, x)
 
 
 @functools.lru_cache(maxsize=None)
