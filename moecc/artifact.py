@@ -52,13 +52,17 @@ def export(model: nn.Module, args, path, kwargs: dict | None = None, backend: st
     manifest records (default: the example). Returns the path written."""
     from moecc import __version__
     from moecc.api import OPTIONS, _check_args
-    from moecc.runtime.compiled import build
+    from moecc.runtime.compiled import build, cache_argument
     from moecc.runtime.verify import verify
 
     _check_args(model, backend, None, options)
     if not isinstance(args, tuple):
         args = (args,)
     kwargs = dict(kwargs or {})
+    defaults = {}
+    cache_arg = cache_argument(model)
+    if cache_arg is not None and len(args) <= cache_arg and "use_cache" not in kwargs:
+        defaults["use_cache"] = kwargs["use_cache"] = False  # as CompiledModule.forward does
     path = Path(path)
     single = path.suffix == ".moecc"
     folder = Path(tempfile.mkdtemp(prefix="moecc_export_")) if single else path
@@ -90,6 +94,7 @@ def export(model: nn.Module, args, path, kwargs: dict | None = None, backend: st
             "tensors": [{"index": i, "dtype": str(d).replace("torch.", ""), "shape": list(s)}
                         for i, d, s in zip(entry.tensor_pos, entry.dtypes, entry.shapes)],
             "constants": {str(i): c for i, c in enumerate(entry.consts) if c is not None},
+            "defaults": defaults,  # keyword arguments a call leaves out and the export added
         },
         "outputs": {"paths": _paths(reference)},
         "moe_layers": [layer.as_dict() for layer in entry.layers.values()],
@@ -207,6 +212,7 @@ class LoadedModel:
         return self.manifest["moe_layers"]
 
     def __call__(self, *args, **kwargs):
+        kwargs = {**self.manifest["inputs"].get("defaults", {}), **kwargs}
         flat, spec = pytree.tree_flatten((args, kwargs))
         if spec != self.in_spec:
             raise TypeError(f"inputs do not match the exported signature {self.in_spec}; got {spec}")

@@ -91,3 +91,34 @@ def test_fresh_input_check_allows_bf16_rounding_but_not_wrong_results():
     entry.runner = lambda *a: tuple(o * 1.5 if o.is_floating_point() else o for o in program(*a))  # a wrong program
     with pytest.raises(MoeccError, match="rounding sensitivity"):
         check_fresh(model, entry)
+
+
+def test_hugging_face_call_without_use_cache():
+    """A Hugging Face model returns a KV cache unless told not to, and a capture cannot return one: ``cm(ids)``
+    runs the forward with ``use_cache=False`` (same logits, no cache); asking for the cache says what to do."""
+    from hf_models import make_model
+
+    model = make_model("mixtral")
+    ids = torch.randint(0, 97, (2, 6))
+    cm = moecc.compile(model, backend="reference")
+    out = cm(ids)
+    torch.testing.assert_close(out.logits, model(ids, use_cache=False).logits, rtol=1e-5, atol=1e-6)
+    assert out.past_key_values is None
+    torch.testing.assert_close(cm(input_ids=ids).logits, out.logits)
+    with pytest.raises(moecc.CaptureError, match="use_cache=False"):
+        cm(input_ids=ids, use_cache=True)
+
+
+def test_export_of_a_hugging_face_call_without_use_cache(tmp_path):
+    """``moecc.export`` adds ``use_cache=False`` as compile does, and the loaded artifact adds it to calls that
+    leave it out, so both are called as the model is."""
+    from hf_models import make_model
+
+    model = make_model("qwen3_moe")
+    ids = torch.randint(0, 97, (2, 6))
+    moecc.export(model, (ids,), tmp_path / "art", backend="torch")
+    loaded = moecc.load(tmp_path / "art")
+    fresh = torch.randint(0, 97, (3, 4))
+    want = model(fresh, use_cache=False).logits
+    torch.testing.assert_close(loaded(fresh).logits, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loaded(fresh, use_cache=False).logits, want, rtol=1e-5, atol=1e-6)

@@ -93,6 +93,20 @@ def _static_size(d) -> int | None:
     return int(expr) if expr is not None and expr.is_number else None
 
 
+def cache_argument(model: nn.Module) -> int | None:
+    """The position of ``use_cache`` among the model's forward parameters when the model returns a KV cache by
+    default (a Hugging Face model whose config says ``use_cache``), else None."""
+    import inspect
+
+    if not getattr(getattr(model, "config", None), "use_cache", False):
+        return None
+    try:
+        names = list(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return None
+    return names.index("use_cache") if "use_cache" in names else None
+
+
 class CompiledModule(nn.Module):
     def __init__(self, model: nn.Module, backend: str, dump_dir: str | None, options: dict):  # noqa: D107
         super().__init__()
@@ -103,6 +117,7 @@ class CompiledModule(nn.Module):
         self.verify = options.get("verify", knobs.VERIFY.get())
         self._entries: list[_Entry] = []
         self.captures = 0
+        self._cache_arg = cache_argument(model)
 
     @property
     def moe_layers(self) -> list[MoELayerInfo]:
@@ -111,6 +126,10 @@ class CompiledModule(nn.Module):
         return list(self._entries[-1].layers.values())
 
     def forward(self, *args, **kwargs):
+        if self._cache_arg is not None and len(args) <= self._cache_arg and "use_cache" not in kwargs:
+            # a Hugging Face model returns a KV cache unless told not to, and a capture cannot return one: the
+            # compiled forward computes the same outputs without it
+            kwargs["use_cache"] = False
         entry = None
         if not kwargs:
             entry = next((e for e in self._entries if e.plain_arity == len(args) and e.matches_tensors(args)), None)
