@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import re
 import time
@@ -96,8 +97,6 @@ def _static_size(d) -> int | None:
 def cache_argument(model: nn.Module) -> int | None:
     """The position of ``use_cache`` among the model's forward parameters when the model returns a KV cache by
     default (a Hugging Face model whose config says ``use_cache``), else None."""
-    import inspect
-
     if not getattr(getattr(model, "config", None), "use_cache", False):
         return None
     try:
