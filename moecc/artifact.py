@@ -52,17 +52,15 @@ def export(model: nn.Module, args, path, kwargs: dict | None = None, backend: st
     manifest records (default: the example). Returns the path written."""
     from moecc import __version__
     from moecc.api import OPTIONS, _check_args
-    from moecc.runtime.compiled import build, cache_argument
+    from moecc.runtime.compiled import build, cache_argument, cache_defaults
     from moecc.runtime.verify import verify
 
     _check_args(model, backend, None, options)
     if not isinstance(args, tuple):
         args = (args,)
     kwargs = dict(kwargs or {})
-    defaults = {}
-    cache_arg = cache_argument(model)
-    if cache_arg is not None and len(args) <= cache_arg and "use_cache" not in kwargs:
-        defaults["use_cache"] = kwargs["use_cache"] = False  # as CompiledModule.forward does
+    defaults = cache_defaults(cache_argument(model), args, kwargs)  # added by loaded calls too
+    kwargs.update(defaults)
     path = Path(path)
     single = path.suffix == ".moecc"
     folder = Path(tempfile.mkdtemp(prefix="moecc_export_")) if single else path

@@ -106,6 +106,14 @@ def cache_argument(model: nn.Module) -> int | None:
     return names.index("use_cache") if "use_cache" in names else None
 
 
+def cache_defaults(cache_arg: int | None, args: tuple, kwargs: dict) -> dict:
+    """``{"use_cache": False}`` when a call of a model that returns a KV cache by default (``cache_argument``)
+    leaves ``use_cache`` out: a capture cannot return the cache, and without it the outputs are the same."""
+    if cache_arg is None or len(args) > cache_arg or "use_cache" in kwargs:
+        return {}
+    return {"use_cache": False}
+
+
 class CompiledModule(nn.Module):
     def __init__(self, model: nn.Module, backend: str, dump_dir: str | None, options: dict):  # noqa: D107
         super().__init__()
@@ -125,10 +133,7 @@ class CompiledModule(nn.Module):
         return list(self._entries[-1].layers.values())
 
     def forward(self, *args, **kwargs):
-        if self._cache_arg is not None and len(args) <= self._cache_arg and "use_cache" not in kwargs:
-            # a Hugging Face model returns a KV cache unless told not to, and a capture cannot return one: the
-            # compiled forward computes the same outputs without it
-            kwargs["use_cache"] = False
+        kwargs.update(cache_defaults(self._cache_arg, args, kwargs))
         entry = None
         if not kwargs:
             entry = next((e for e in self._entries if e.plain_arity == len(args) and e.matches_tensors(args)), None)
