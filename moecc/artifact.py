@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from moecc.errors import ArtifactError
+from moecc.runtime import kv_cache
 from moecc.runtime.cudagraphs import GraphCache, replays
 
 log = logging.getLogger("moecc.artifact")
@@ -61,6 +62,10 @@ def export(model: nn.Module, args, path, kwargs: dict | None = None, backend: st
     kwargs = dict(kwargs or {})
     defaults = cache_defaults(cache_argument(model), args, kwargs)  # added by loaded calls too
     kwargs.update(defaults)
+    if kwargs.get("use_cache") is True or kv_cache.caches_in((args, kwargs)):
+        raise ArtifactError("moecc.export writes forward programs without a KV cache: export the call with "
+                            "use_cache=False and no cache (generation with a cache runs through moecc.compile(model)"
+                            ".generate)")
     path = Path(path)
     single = path.suffix == ".moecc"
     folder = Path(tempfile.mkdtemp(prefix="moecc_export_")) if single else path

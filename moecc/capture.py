@@ -214,15 +214,16 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, fuse: bool = True) -> C
     if owners:
         log.info("expert banks without a router found beside them, kept whole: %s", ", ".join(n for n, _ in owners))
     blocks += owners
+    flat_inputs, in_spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
     try:
-        examples, reference = _record_examples(model, blocks, args, kwargs)
+        # on a copy of the call's containers: eager updates a KV cache it is given in place
+        examples, reference = _record_examples(model, blocks, *pytree.tree_unflatten(flat_inputs, in_spec))
     except Exception as exc:
         raise CaptureError(f"{type(model).__name__} failed on the example inputs before capture: {exc}") from exc
     missing = [n for n, _ in blocks if n not in examples]
     blocks = [(n, b) for n, b in blocks if n in examples]
     if missing:
         log.info("MoE blocks not called by this input, left as they are: %s", ", ".join(missing))
-    flat_inputs, in_spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
     wrapper = _FlatCall(model, in_spec, flat_inputs)
     flat_ref, out_spec = pytree.tree_flatten(reference)
     key = fingerprint(model, flat_inputs, in_spec, [n for n, _ in blocks]) if knobs.CAPTURE_CACHE.get() else None

@@ -94,8 +94,8 @@ def test_fresh_input_check_allows_bf16_rounding_but_not_wrong_results():
 
 
 def test_hugging_face_call_without_use_cache():
-    """A Hugging Face model returns a KV cache unless told not to, and a capture cannot return one: ``cm(ids)``
-    runs the forward with ``use_cache=False`` (same logits, no cache); asking for the cache says what to do."""
+    """A Hugging Face model returns a KV cache unless told not to: ``cm(ids)`` runs the forward with
+    ``use_cache=False`` (same logits, no cache), and a call that asks for the cache gets eager's."""
     from hf_models import make_model
 
     model = make_model("mixtral")
@@ -105,8 +105,11 @@ def test_hugging_face_call_without_use_cache():
     torch.testing.assert_close(out.logits, model(ids, use_cache=False).logits, rtol=1e-5, atol=1e-6)
     assert out.past_key_values is None
     torch.testing.assert_close(cm(input_ids=ids).logits, out.logits)
-    with pytest.raises(moecc.CaptureError, match="use_cache=False"):
-        cm(input_ids=ids, use_cache=True)
+    with_cache, eager = cm(input_ids=ids, use_cache=True), model(input_ids=ids, use_cache=True)
+    torch.testing.assert_close(with_cache.logits, eager.logits, rtol=1e-5, atol=1e-6)
+    name = "cache" if "cache" in with_cache else "past_key_values"
+    for mine, theirs in zip(with_cache[name].layers, eager[name].layers):
+        torch.testing.assert_close(mine.keys, theirs.keys, rtol=1e-5, atol=1e-6)
 
 
 def test_export_of_a_hugging_face_call_without_use_cache(tmp_path):

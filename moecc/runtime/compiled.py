@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import re
@@ -20,6 +21,7 @@ from moecc.errors import BackendError, MoeccError
 from moecc.ir import MoELayerInfo
 from moecc.passes import DumpIR, PassManager, Timing, default_pipeline
 from moecc.report import graph_summary
+from moecc.runtime import kv_cache
 from moecc.runtime.cudagraphs import GraphCache, replays
 from moecc.runtime.direct import direct_calls
 from moecc.runtime.verify import verify
@@ -108,8 +110,11 @@ def cache_argument(model: nn.Module) -> int | None:
 
 def cache_defaults(cache_arg: int | None, args: tuple, kwargs: dict) -> dict:
     """``{"use_cache": False}`` when a call of a model that returns a KV cache by default (``cache_argument``)
-    leaves ``use_cache`` out: a capture cannot return the cache, and without it the outputs are the same."""
+    leaves ``use_cache`` out: the logits are the same, and the program does not return every layer's keys and
+    values on each call. A call that asks for the cache (``use_cache=True``, a cache passed in) gets it."""
     if cache_arg is None or len(args) > cache_arg or "use_cache" in kwargs:
+        return {}
+    if any(kv_cache.is_cache(v) for v in (*args, *kwargs.values())):
         return {}
     return {"use_cache": False}
 
@@ -125,6 +130,9 @@ class CompiledModule(nn.Module):
         self._entries: list[_Entry] = []
         self.captures = 0
         self._cache_arg = cache_argument(model)
+        self._compiling = False
+        if self._cache_arg is not None:
+            kv_cache.register()
 
     @property
     def moe_layers(self) -> list[MoELayerInfo]:
@@ -134,26 +142,83 @@ class CompiledModule(nn.Module):
 
     def forward(self, *args, **kwargs):
         kwargs.update(cache_defaults(self._cache_arg, args, kwargs))
-        entry = None
+        entry, caches = None, []
         if not kwargs:
             entry = next((e for e in self._entries if e.plain_arity == len(args) and e.matches_tensors(args)), None)
         if entry is not None:
             tensors = list(args)
         else:
+            caches = self._caches(args, kwargs)
             flat, spec = pytree.tree_flatten((args, kwargs))
             entry = next((e for e in self._entries if e.matches(flat, spec)), None)
             if entry is None:
                 entry = self._compile(args, kwargs)
             tensors = [flat[i] for i in entry.tensor_pos]
-        if replays(entry.backend, tensors, self.options.get("cuda_graphs")):
+        # a KV cache grows by a token per call: a graph per length would be captured once and never replayed
+        if not caches and replays(entry.backend, tensors, self.options.get("cuda_graphs")):
             if entry.graphs is None:
                 entry.graphs = GraphCache(entry.runner)
             outs = entry.graphs(tensors)
         else:
             outs = entry.runner(*tensors)
-        return pytree.tree_unflatten(list(outs), entry.out_spec)
+        result = pytree.tree_unflatten(list(outs), entry.out_spec)
+        return kv_cache.write_back(caches, result) if caches else result
+
+    def _caches(self, args, kwargs) -> list:
+        """The KV caches a call passes, after checking a capture can carry them (``kv_cache``)."""
+        if self._cache_arg is None:
+            return []
+        caches = kv_cache.caches_in((args, kwargs))
+        for cache in caches:
+            why = kv_cache.unsupported(cache)
+            if why is not None:
+                raise MoeccError(f"moecc cannot compile this call of {type(self.original_model).__name__}: {why}. "
+                                 "Call the model itself, or leave the cache out (use_cache=False).")
+        return caches
+
+    def generate(self, *args, **kwargs):
+        """The model's own ``generate`` (a Hugging Face model's), each forward it makes run compiled: one capture
+        for the prompt and one for every decode step, whose cache length is symbolic. A cache moecc cannot carry
+        (``kv_cache.unsupported``) makes the whole call run as the model's own, with a warning saying why."""
+        model = self.original_model
+        if not hasattr(model, "generate"):
+            raise AttributeError(f"{type(model).__name__} has no generate method")
+        with self._forward_compiled():
+            try:
+                return model.generate(*args, **kwargs)
+            except MoeccError as exc:
+                if "cannot compile this call" not in str(exc):
+                    raise
+                log.warning("%s; generate runs uncompiled", exc)
+        return model.generate(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def _forward_compiled(self):
+        """``model.forward`` routed through this module while the block runs; inside a compile (capture, check)
+        the model's own forward runs."""
+        model = self.original_model
+        own = type(model).forward
+
+        def forward(*args, **kwargs):
+            if self._compiling:
+                return own(model, *args, **kwargs)
+            return self(*args, **kwargs)
+
+        forward.__signature__ = inspect.signature(model.forward)  # generate reads which arguments forward takes
+        model.forward = forward
+        try:
+            yield
+        finally:
+            del model.forward
 
     def _compile(self, args, kwargs) -> _Entry:
+        self._compiling = True
+        try:
+            return self._capture_and_check(args, kwargs)
+        finally:
+            self._compiling = False
+
+    def _capture_and_check(self, args, kwargs) -> _Entry:
         self.captures += 1
         log.info("capture %d of %s", self.captures, type(self.original_model).__name__)
         folder = None

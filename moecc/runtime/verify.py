@@ -186,10 +186,15 @@ def padding_mask(model: nn.Module, args, kwargs) -> torch.Tensor | None:
 
 
 def _unpadded(t: torch.Tensor, kept: torch.Tensor | None) -> torch.Tensor:
-    """``t`` at the kept positions of its leading [batch, seq] dims; all of it when those are not the mask's."""
-    if kept is None or t.dim() < 2 or tuple(t.shape[:2]) != tuple(kept.shape):
+    """``t`` at the kept positions of its leading [batch, seq] dims, or of the [batch, heads, seq, head_dim] of a KV
+    cache (a padded position's keys and values come from its hidden states); all of it when neither is the mask's."""
+    if kept is None or t.dim() < 2:
         return t
-    return t[kept.to(t.device)]
+    if tuple(t.shape[:2]) == tuple(kept.shape):
+        return t[kept.to(t.device)]
+    if t.dim() == 4 and (t.shape[0], t.shape[2]) == tuple(kept.shape):
+        return t.transpose(1, 2)[kept.to(t.device)]
+    return t
 
 
 def rounding_sensitivity(model: nn.Module, block_names: list[str], args, kwargs, ref: list,

@@ -1,0 +1,114 @@
+"""Generation with a KV cache through a compiled model: ``cm.generate`` and forward calls that pass a cache."""
+
+import inspect
+import logging
+
+import pytest
+import torch
+from hf_models import make_model
+
+import moecc
+from moecc.errors import ArtifactError, MoeccError
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _left_padded(batch: int, seq: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 97, (batch, seq), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, : seq // 3] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
+def test_generate_matches_eager_with_one_capture_per_phase(family):
+    """The prompt and the decode steps are two captures; the cache length is symbolic, so every later step, and a
+    second prompt of another length, reuse them. Left padding exercises the padded-position check."""
+    model = make_model(family)
+    cm = moecc.compile(model, backend="torch")
+    ids, mask = _left_padded(2, 6)
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    got = cm.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert cm.captures == 2
+    assert cm.moe_layers and all(layer.fused for layer in cm.moe_layers)
+    ids, mask = _left_padded(2, 9, seed=1)
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    torch.testing.assert_close(cm.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False), expected,
+                               rtol=0, atol=0)
+    assert cm.captures == 2
+    assert "forward" not in vars(model)  # the model's own forward is back
+
+
+def test_generate_on_onnxruntime():
+    model = make_model("qwen3_moe")
+    cm = moecc.compile(model, backend="onnxruntime")
+    ids, mask = _left_padded(2, 5)
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    torch.testing.assert_close(cm.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False), expected,
+                               rtol=0, atol=0)
+    assert {entry.backend for entry in cm._entries} == {"onnxruntime"}
+
+
+def test_generate_on_triton_backend():
+    model = make_model("mixtral").to(DEVICE)
+    cm = moecc.compile(model, backend="triton")
+    ids, mask = (t.to(DEVICE) for t in _left_padded(2, 5))
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
+    torch.testing.assert_close(cm.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False), expected,
+                               rtol=0, atol=0)
+    assert cm.captures == 2 and all(layer.fused for layer in cm.moe_layers)
+
+
+def _cache_keyword(model) -> str:
+    names = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in names else "past_key_values"
+
+
+def test_a_call_with_a_cache_updates_it_in_place():
+    """As eager does: the caller's cache object holds the new keys and values after the call, and is the one the
+    output returns (``generate`` keeps using the object it passed)."""
+    from transformers import DynamicCache
+
+    model = make_model("mixtral")
+    cm = moecc.compile(model, backend="torch")
+    name = _cache_keyword(model)
+    ids, _ = _left_padded(2, 6)
+    eager_cache, compiled_cache = DynamicCache(config=model.config), DynamicCache(config=model.config)
+    for step, chunk in enumerate((ids, ids[:, :1], ids[:, 1:2])):
+        ref = model(input_ids=chunk, use_cache=True, **{name: eager_cache})
+        out = cm(input_ids=chunk, use_cache=True, **{name: compiled_cache})
+        torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-6)
+        assert out[name] is compiled_cache
+        for mine, theirs in zip(compiled_cache.layers, eager_cache.layers):
+            torch.testing.assert_close(mine.keys, theirs.keys, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(mine.values, theirs.values, rtol=1e-5, atol=1e-6)
+        assert compiled_cache.get_seq_length() == 6 + step
+    assert cm.captures == 2
+
+
+def test_a_sliding_window_cache_runs_uncompiled_and_says_why(caplog):
+    """GPT-OSS's sliding-window layers count the tokens they have seen in a Python int their tensors do not carry:
+    a call with such a cache is refused with the reason, and generate runs as the model's own."""
+    from transformers import DynamicCache
+
+    model = make_model("gpt_oss")
+    cm = moecc.compile(model, backend="torch")
+    ids, mask = _left_padded(2, 5)
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    with caplog.at_level(logging.WARNING, logger="moecc"):
+        got = cm.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert "DynamicSlidingWindowLayer" in caplog.text and "uncompiled" in caplog.text
+    assert cm.captures == 0
+    with pytest.raises(MoeccError, match="sliding window"):
+        cm(input_ids=ids, use_cache=True, **{_cache_keyword(model): DynamicCache(config=model.config)})
+    torch.testing.assert_close(cm(ids).logits, model(ids, use_cache=False).logits, rtol=1e-5, atol=1e-6)
+
+
+def test_export_refuses_a_cache(tmp_path):
+    model = make_model("qwen3_moe")
+    ids = torch.randint(0, 97, (2, 6))
+    with pytest.raises(ArtifactError, match="use_cache=False"):
+        moecc.export(model, (ids,), tmp_path / "art", kwargs={"use_cache": True}, backend="torch")
