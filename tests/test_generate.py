@@ -59,6 +59,17 @@ def test_generate_on_triton_backend():
     torch.testing.assert_close(cm.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False), expected,
                                rtol=0, atol=0)
     assert cm.captures == 2 and all(layer.fused for layer in cm.moe_layers)
+    # decode: the whole program's shapes grow with the cache, its MoE op calls replay graphs of their own
+    decode = cm._entries[-1]
+    calls = [n.target.graphed for n in decode.op_graphs.graph.nodes if hasattr(n.target, "graphed")]
+    assert len(calls) >= 2  # one per MoE layer at least
+    if DEVICE == "cuda":
+        assert all(call.graphs.graphs for call in calls)
+        cm.options["cuda_graphs"] = False  # the option turns them off, with the same tokens
+        decode.op_graphs = None
+        again = cm.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
+        torch.testing.assert_close(again, expected, rtol=0, atol=0)
+        assert decode.op_graphs is None
 
 
 def _cache_keyword(model) -> str:
@@ -112,3 +123,27 @@ def test_export_refuses_a_cache(tmp_path):
     ids = torch.randint(0, 97, (2, 6))
     with pytest.raises(ArtifactError, match="use_cache=False"):
         moecc.export(model, (ids,), tmp_path / "art", kwargs={"use_cache": True}, backend="torch")
+
+
+
+def test_bf16_check_of_a_call_with_a_cache():
+    """In bf16 a disagreement is weighed against the model's rounding sensitivity, measured by another eager call
+    with the MoE inputs jittered: that call must get a cache of its own, not the one the reference call already
+    extended (it then failed on mismatched lengths instead of judging the program)."""
+    from transformers import DynamicCache
+
+    from moecc.runtime.verify import check_fresh
+
+    model = make_model("mixtral").to(torch.bfloat16)
+    cm = moecc.compile(model, backend="torch")
+    ids, mask = _left_padded(2, 6)
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    got = cm.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    assert cm.captures == 2 and torch.equal(got[:, :6], ids)
+    assert (got == expected).float().mean().item() >= 0.75  # bf16 near ties may pick another token
+    cm(input_ids=ids, use_cache=True, **{_cache_keyword(model): DynamicCache(config=model.config)})
+    entry = cm._entries[-1]
+    program = entry.runner
+    entry.runner = lambda *a: tuple(o * 1.5 if o.is_floating_point() else o for o in program(*a))  # a wrong program
+    with pytest.raises(MoeccError, match="rounding sensitivity"):
+        check_fresh(model, entry)

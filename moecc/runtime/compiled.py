@@ -22,7 +22,7 @@ from moecc.ir import MoELayerInfo
 from moecc.passes import DumpIR, PassManager, Timing, default_pipeline
 from moecc.report import graph_summary
 from moecc.runtime import kv_cache
-from moecc.runtime.cudagraphs import GraphCache, replays
+from moecc.runtime.cudagraphs import GraphCache, graphed_ops, replays
 from moecc.runtime.direct import direct_calls
 from moecc.runtime.verify import verify
 
@@ -44,6 +44,7 @@ class _Entry:
     example_inputs: list  # the flat inputs of the capture
     graphs: GraphCache | None = None  # CUDA graphs per input shape (decode fast path)
     runner: object = None  # what calls run: ``gm`` with its moecc ops called directly (``direct_calls``)
+    op_graphs: object = None  # ``runner`` with a CUDA graph per moecc op call (``graphed_ops``): calls with a KV cache
 
     def __post_init__(self) -> None:
         if self.runner is None:
@@ -154,8 +155,9 @@ class CompiledModule(nn.Module):
             if entry is None:
                 entry = self._compile(args, kwargs)
             tensors = [flat[i] for i in entry.tensor_pos]
-        # a KV cache grows by a token per call: a graph per length would be captured once and never replayed
-        if not caches and replays(entry.backend, tensors, self.options.get("cuda_graphs")):
+        if caches:
+            outs = self._run_with_cache(entry, tensors)
+        elif replays(entry.backend, tensors, self.options.get("cuda_graphs")):
             if entry.graphs is None:
                 entry.graphs = GraphCache(entry.runner)
             outs = entry.graphs(tensors)
@@ -163,6 +165,16 @@ class CompiledModule(nn.Module):
             outs = entry.runner(*tensors)
         result = pytree.tree_unflatten(list(outs), entry.out_spec)
         return kv_cache.write_back(caches, result) if caches else result
+
+    def _run_with_cache(self, entry: _Entry, tensors: list):
+        """A KV cache grows by a token per call, so a graph of the whole program would be captured once and never
+        replayed; its MoE ops, though, see the same tokens at every decode step, and replay graphs of their own
+        (``graphed_ops``) on the Triton backend."""
+        if entry.backend != "triton" or self.options.get("cuda_graphs") is False:
+            return entry.runner(*tensors)
+        if entry.op_graphs is None:
+            entry.op_graphs = graphed_ops(entry.runner, self.options.get("cuda_graphs"))
+        return entry.op_graphs(*tensors)
 
     def _caches(self, args, kwargs) -> list:
         """The KV caches a call passes, after checking a capture can carry them (``kv_cache``)."""

@@ -15,6 +15,8 @@ import logging
 from collections import OrderedDict
 
 import torch
+from torch import fx
+from torch.utils import _pytree as pytree
 
 from moecc import knobs
 
@@ -109,3 +111,68 @@ class GraphCache:
                 dst.copy_(src)
         log.debug("captured a CUDA graph for %s", [tuple(t.shape) for t in tensors])
         return _Instance(graph, static_in, outputs)
+
+
+class _GraphedCall:
+    """One moecc op call of a program, replayed from a CUDA graph per shape of its activations. The weights it reads
+    are the program's own parameters, at fixed addresses, so a graph holds them as they are and only the
+    activations are copied in."""
+
+    def __init__(self, target, node: fx.Node, enabled: bool | None):
+        leaves, self.spec = pytree.tree_flatten((node.args, node.kwargs))
+        self.dynamic = [i for i, v in enumerate(leaves) if isinstance(v, fx.Node) and v.op != "get_attr"]
+        self.target = target
+        self.enabled = enabled
+        self.graphs = GraphCache(self._call)
+        self.leaves: list = []
+        self.single = False
+
+    def _call(self, *tensors):
+        leaves = list(self.leaves)
+        for i, t in zip(self.dynamic, tensors):
+            leaves[i] = t
+        args, kwargs = pytree.tree_unflatten(leaves, self.spec)
+        out = self.target(*args, **kwargs)
+        self.single = isinstance(out, torch.Tensor)
+        return (out,) if self.single else tuple(out)
+
+    def __call__(self, *args, **kwargs):
+        leaves = pytree.tree_leaves((args, kwargs))
+        tensors = [leaves[i] for i in self.dynamic]
+        # a size passed as a number would be baked into the graph: such calls run as launched
+        if not all(isinstance(t, torch.Tensor) for t in tensors) or not replays("triton", tensors, self.enabled):
+            return self.target(*args, **kwargs)
+        self.leaves = leaves
+        outs = self.graphs(tensors)
+        return outs[0] if self.single else outs
+
+
+def graphed_ops(program, enabled: bool | None = None):
+    """``program`` (a GraphModule) with each moecc op call replayed from CUDA graphs of its own (``_GraphedCall``),
+    for calls whose whole-program shapes never repeat (a KV cache that grows by a token per step) but whose MoE
+    layers see the same few tokens each time. The copy shares the program's parameters; anything else is returned
+    as it is."""
+    if not isinstance(program, fx.GraphModule):
+        return program
+    graph = fx.Graph()
+    graph.set_codegen(program.graph._codegen)
+    env: dict[fx.Node, fx.Node] = {}
+    for node in program.graph.nodes:
+        env[node] = graph.node_copy(node, lambda n: env[n])
+        target = node.target
+        moecc_op = getattr(target, "namespace", None) == "moecc" or getattr(target, "moecc_op", False)
+        if node.op == "call_function" and moecc_op:
+            env[node].target = _graphed_function(_GraphedCall(target, node, enabled), target)
+    return fx.GraphModule(program, graph, class_name="OpGraphedProgram")
+
+
+def _graphed_function(call: _GraphedCall, target):
+    """``call`` as a plain function, which FX code generation can name (``graphed`` holds the call)."""
+
+    def graphed(*args, **kwargs):
+        return call(*args, **kwargs)
+
+    name = getattr(target, "__name__", "moecc_op").replace(".", "_")
+    graphed.__name__ = graphed.__qualname__ = f"{name}_graphed"
+    graphed.graphed = call
+    return graphed

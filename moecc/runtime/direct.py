@@ -41,6 +41,7 @@ def _below_autograd(body):
             return body(*args, **kwargs)
 
     call.__name__ = call.__qualname__ = f"{body.__name__}_direct"
+    call.moecc_op = True  # what ``cudagraphs.graphed_ops`` looks for
     return call
 
 
