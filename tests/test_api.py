@@ -112,6 +112,19 @@ def test_hugging_face_call_without_use_cache():
         torch.testing.assert_close(mine.keys, theirs.keys, rtol=1e-5, atol=1e-6)
 
 
+def test_encoder_decoder_call_without_use_cache():
+    """An encoder-decoder whose forward takes ``use_cache`` through ``**kwargs`` (transformers 5.x) also gets
+    ``use_cache=False`` when a call leaves it out: its cache is an ``EncoderDecoderCache``, which no capture returns."""
+    from hf_models import make_model
+
+    model = make_model("switch_transformers")
+    cm = moecc.compile(model, backend="torch")
+    ids, decoder_ids = torch.randint(3, 97, (2, 6)), torch.randint(3, 97, (2, 4))
+    call = dict(input_ids=ids, decoder_input_ids=decoder_ids, attention_mask=torch.ones_like(ids))
+    torch.testing.assert_close(cm(**call).logits, model(**call, use_cache=False).logits, rtol=1e-5, atol=1e-6)
+    assert cm.moe_layers and all(layer.fused for layer in cm.moe_layers)
+
+
 def test_export_of_a_hugging_face_call_without_use_cache(tmp_path):
     """``moecc.export`` adds ``use_cache=False`` as compile does, and the loaded artifact adds it to calls that
     leave it out, so both are called as the model is."""

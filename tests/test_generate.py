@@ -1,5 +1,6 @@
 """Generation with a KV cache through a compiled model: ``cm.generate`` and forward calls that pass a cache."""
 
+import contextlib
 import inspect
 import logging
 
@@ -11,6 +12,20 @@ import moecc
 from moecc.errors import ArtifactError, MoeccError
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@contextlib.contextmanager
+def _moecc_warnings(caplog):
+    """moecc's warnings into ``caplog``: the ``moecc`` logger has a handler of its own and does not propagate."""
+    logger = logging.getLogger("moecc")
+    level = logger.level
+    logger.addHandler(caplog.handler)
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.removeHandler(caplog.handler)
+        logger.setLevel(level)
 
 
 def _left_padded(batch: int, seq: int, seed: int = 0):
@@ -108,7 +123,7 @@ def test_a_sliding_window_cache_runs_uncompiled_and_says_why(caplog):
     cm = moecc.compile(model, backend="torch")
     ids, mask = _left_padded(2, 5)
     expected = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
-    with caplog.at_level(logging.WARNING, logger="moecc"):
+    with _moecc_warnings(caplog):
         got = cm.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
     assert "DynamicSlidingWindowLayer" in caplog.text and "uncompiled" in caplog.text
@@ -147,3 +162,16 @@ def test_bf16_check_of_a_call_with_a_cache():
     entry.runner = lambda *a: tuple(o * 1.5 if o.is_floating_point() else o for o in program(*a))  # a wrong program
     with pytest.raises(MoeccError, match="rounding sensitivity"):
         check_fresh(model, entry)
+
+
+def test_an_encoder_decoder_cache_runs_uncompiled_and_says_why(caplog):
+    """An encoder-decoder's cache is no pytree node: a capture would hold it as a constant, so it is refused."""
+    model = make_model("switch_transformers")
+    cm = moecc.compile(model, backend="torch")
+    ids = torch.randint(3, 97, (2, 6))
+    kwargs = dict(max_new_tokens=3, do_sample=False, decoder_start_token_id=0)
+    expected = model.generate(ids, **kwargs)
+    with _moecc_warnings(caplog):
+        got = cm.generate(ids, **kwargs)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert "EncoderDecoderCache" in caplog.text and cm.captures == 0

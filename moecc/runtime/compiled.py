@@ -43,10 +43,15 @@ class _Entry:
     backend: str
     example_inputs: list  # the flat inputs of the capture
     graphs: GraphCache | None = None  # CUDA graphs per input shape (decode fast path)
+    # per tensor input, per dim: the smallest size a symbolic dim was traced for (export assumes 2 and more: a
+    # size of 0 or 1 may take other branches and broadcasts), 0 for a static dim
+    lowest: list[tuple] | None = None
     runner: object = None  # what calls run: ``gm`` with its moecc ops called directly (``direct_calls``)
     op_graphs: object = None  # ``runner`` with a CUDA graph per moecc op call (``graphed_ops``): calls with a KV cache
 
     def __post_init__(self) -> None:
+        if self.lowest is None:
+            self.lowest = [tuple(0 if d is not None else 2 for d in shape) for shape in self.shapes]
         if self.runner is None:
             self.runner = direct_calls(self.gm)
         # positional tensors only: calls are matched without flattening (pytree's flatten took 9 us of a 79 us
@@ -56,10 +61,10 @@ class _Entry:
         self.plain_arity = n if plain and self.in_spec == pytree.tree_flatten(((0,) * n, {}))[1] else None
 
     def matches_tensors(self, tensors) -> bool:
-        for t, shape, dtype in zip(tensors, self.shapes, self.dtypes):
+        for t, shape, lowest, dtype in zip(tensors, self.shapes, self.lowest, self.dtypes):
             if not isinstance(t, torch.Tensor) or t.dim() != len(shape) or t.dtype != dtype:
                 return False
-            if any(s is not None and s != d for s, d in zip(shape, t.shape)):
+            if any(d < low if s is None else s != d for s, low, d in zip(shape, lowest, t.shape)):
                 return False
         return True
 
@@ -97,16 +102,32 @@ def _static_size(d) -> int | None:
     return int(expr) if expr is not None and expr.is_number else None
 
 
+def _lowest_size(d) -> int:
+    """The smallest size the capture traced a dim for: 0 for a static dim, else the lower bound export kept for its
+    expression (2 for a plain symbol, 3 for ``s0 + 1``), 2 when the graph no longer says."""
+    if _static_size(d) is not None:
+        return 0
+    try:
+        lower = d.node.shape_env.bound_sympy(d.node.expr).lower
+        return max(0, int(lower))
+    except Exception:  # noqa: BLE001 - no shape environment (a graph loaded from the capture cache)
+        return 2
+
+
 def cache_argument(model: nn.Module) -> int | None:
     """The position of ``use_cache`` among the model's forward parameters when the model returns a KV cache by
     default (a Hugging Face model whose config says ``use_cache``), else None."""
     if not getattr(getattr(model, "config", None), "use_cache", False):
         return None
     try:
-        names = list(inspect.signature(model.forward).parameters)
+        params = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         return None
-    return names.index("use_cache") if "use_cache" in names else None
+    names = list(params)
+    if "use_cache" in names:
+        return names.index("use_cache")
+    # taken through ``**kwargs`` (an encoder-decoder's forward in transformers 5.x): by keyword only
+    return len(names) if any(p.kind is p.VAR_KEYWORD for p in params.values()) else None
 
 
 def cache_defaults(cache_arg: int | None, args: tuple, kwargs: dict) -> dict:
@@ -132,8 +153,8 @@ class CompiledModule(nn.Module):
         self.captures = 0
         self._cache_arg = cache_argument(model)
         self._compiling = False
-        if self._cache_arg is not None:
-            kv_cache.register()
+        # a Hugging Face model's calls may carry a KV cache (``kv_cache``)
+        self._takes_caches = getattr(model, "config", None) is not None and kv_cache.register()
 
     @property
     def moe_layers(self) -> list[MoELayerInfo]:
@@ -178,7 +199,7 @@ class CompiledModule(nn.Module):
 
     def _caches(self, args, kwargs) -> list:
         """The KV caches a call passes, after checking a capture can carry them (``kv_cache``)."""
-        if self._cache_arg is None:
+        if not self._takes_caches:
             return []
         caches = kv_cache.caches_in((args, kwargs))
         for cache in caches:
@@ -303,6 +324,8 @@ def build(model: nn.Module, args, kwargs, backend: str, options: dict, dump_fold
     sizes = [tuple(n.meta["val"].shape) if "val" in n.meta else (None,) * cap.tensor_inputs[i].dim()
              for i, n in enumerate(placeholders)]
     shapes = [tuple(_static_size(d) for d in dims) for dims in sizes]
+    lowest = [tuple(0 if static is not None else 2 if d is None else _lowest_size(d) for d, static in zip(dims, shape))
+              for dims, shape in zip(sizes, shapes)]
     symbols = [tuple(None if d is None or _static_size(d) is not None else str(d) for d in dims) for dims in sizes]
     from moecc.calibration import expert_load
 
@@ -329,5 +352,5 @@ def build(model: nn.Module, args, kwargs, backend: str, options: dict, dump_fold
             info.reason = "experts were recognized but not fused (see the fuse_experts pass summary)"
     entry = _Entry(program, cap.in_spec, cap.out_spec, cap.tensor_pos,
                    [None if isinstance(v, torch.Tensor) else v for v in cap.flat_inputs], shapes, symbols,
-                   [t.dtype for t in cap.tensor_inputs], layers, backend, cap.flat_inputs)
+                   [t.dtype for t in cap.tensor_inputs], layers, backend, cap.flat_inputs, lowest=lowest)
     return entry, BuildInfo(cap, timing.records, backend, graph)

@@ -5,9 +5,10 @@ registration for ``torch.export``, which ``register`` turns on). A cache's lengt
 tensors: one capture serves every decode step. Eager code updates the caller's cache object in place, and
 ``generate`` relies on it; a compiled call returns a new cache, whose tensors ``write_back`` moves into the caller's.
 
-Only caches whose layers are all plain ``DynamicLayer`` are taken. A sliding-window layer keeps a Python count of
-the tokens it has seen (``cumulative_length``) that its tensors do not carry, so a capture would rebuild it wrong
-once the window is full; ``unsupported`` says why such a cache is refused."""
+Only a ``DynamicCache`` whose layers are all plain ``DynamicLayer`` is taken. A sliding-window layer keeps a Python
+count of the tokens it has seen (``cumulative_length``) that its tensors do not carry, so a capture would rebuild it
+wrong once the window is full; other caches (an encoder-decoder's, a static one, a hybrid model's) are no pytree
+nodes and would be constants of the capture. ``unsupported`` says why such a cache is refused."""
 
 from __future__ import annotations
 
@@ -18,12 +19,13 @@ from torch.utils import _pytree as pytree
 _registered = False
 
 
-def _cache_types() -> tuple[type, type] | None:
-    """(DynamicCache, DynamicLayer) when transformers is loaded (never imported here for models that are not its)."""
+def _cache_types() -> tuple[type, type, type] | None:
+    """(Cache, DynamicCache, DynamicLayer) when transformers is loaded (never imported here for models that are not
+    its)."""
     cache_utils = sys.modules.get("transformers.cache_utils")
     if cache_utils is None or not hasattr(cache_utils, "DynamicLayer"):
         return None
-    return cache_utils.DynamicCache, cache_utils.DynamicLayer
+    return cache_utils.Cache, cache_utils.DynamicCache, cache_utils.DynamicLayer
 
 
 def register() -> bool:
@@ -41,20 +43,25 @@ def register() -> bool:
 
 
 def is_cache(value) -> bool:
+    """Any Hugging Face cache object (``unsupported`` says which of them a compiled call takes)."""
     types = _cache_types()
     return types is not None and isinstance(value, types[0])
 
 
 def caches_in(tree) -> list:
-    """The ``DynamicCache`` objects in a call's arguments or outputs, in pytree order."""
+    """The Hugging Face cache objects in a call's arguments or outputs, in pytree order."""
     if _cache_types() is None:
         return []
     return [v for v in pytree.tree_leaves(tree, is_leaf=is_cache) if is_cache(v)]
 
 
 def unsupported(cache) -> str | None:
-    """Why a compiled call cannot take ``cache``, or None."""
-    _, layer_type = _cache_types()
+    """Why a compiled call cannot take ``cache``, or None. Only a ``DynamicCache`` itself is a pytree node: any
+    other cache (a subclass included) would be a constant of the capture."""
+    _, cache_type, layer_type = _cache_types()
+    if type(cache) is not cache_type:
+        return (f"its cache is a {type(cache).__name__}; moecc compiles calls with a DynamicCache of plain "
+                "DynamicLayer layers only")
     kinds = sorted({type(layer).__name__ for layer in cache.layers if type(layer) is not layer_type})
     if kinds:
         return (f"its cache has {', '.join(kinds)} layers, whose state is more than their tensors (a sliding window "
