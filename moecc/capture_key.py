@@ -11,8 +11,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import inspect
-import marshal
 import sys
+import types
 from pathlib import Path
 
 import torch
@@ -49,8 +49,27 @@ def _code_digest(fn) -> str:
     code = getattr(fn, "__code__", None)
     if code is None:
         return f"callable {getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', type(fn).__qualname__)}"
-    # without the file name: FX names generated code "<eval_with_key>.N" with a per-process counter
-    return "code " + hashlib.sha256(marshal.dumps(code.replace(co_filename=""))).hexdigest()
+    return "code " + hashlib.sha256(repr(_code_parts(code)).encode()).hexdigest()
+
+
+def _code_parts(code: types.CodeType) -> tuple:
+    """What a code object computes, in a form that is the same in every process. Not ``marshal.dumps``: its bytes
+    depend on reference counts (a constant held elsewhere in the process is written as a back-reference), so the
+    same method hashed differently once another model's module was loaded. Without the file name: FX names
+    generated code "<eval_with_key>.N" with a per-process counter."""
+    return (code.co_name, code.co_code, tuple(_const_repr(c) for c in code.co_consts), code.co_names,
+            code.co_varnames, code.co_freevars, code.co_cellvars, code.co_argcount, code.co_kwonlyargcount,
+            code.co_posonlyargcount, code.co_flags)
+
+
+def _const_repr(value) -> object:
+    if isinstance(value, types.CodeType):
+        return _code_parts(value)
+    if isinstance(value, (frozenset, set)):  # iteration order follows string hashes, which vary per process
+        return ("frozenset", tuple(sorted(repr(_const_repr(v)) for v in value)))
+    if isinstance(value, tuple):
+        return tuple(_const_repr(v) for v in value)
+    return repr(value)
 
 
 def _tensor_digest(t: torch.Tensor) -> str:

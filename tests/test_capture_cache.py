@@ -236,3 +236,16 @@ def test_value_info_reads_like_the_exported_value():
     info = capture_cache._decode_value(capture_cache._encode_value(torch.empty(2, 3, dtype=torch.float16)))
     assert info.shape == (2, 3) and info.dtype == torch.float16 and info.dim() == 2
     assert str(capture_cache.SymbolicDim("s0*7")) == "s0*7"
+
+
+def test_a_method_digest_does_not_follow_reference_counts():
+    """``marshal.dumps`` writes a constant held elsewhere in the process as a back-reference, so a method's bytes
+    changed once another model's module held the same string: the key of a warm capture then missed."""
+    from moecc.capture_key import _code_digest
+
+    namespace: dict = {}
+    exec("def f(x):\n    return (x, 'a constant string 1', 'another constant string 2', {'a', 'b', 'c'})\n",
+         namespace)
+    before = _code_digest(namespace["f"])
+    held = list(namespace["f"].__code__.co_consts) * 3
+    assert _code_digest(namespace["f"]) == before and held

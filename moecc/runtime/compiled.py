@@ -230,19 +230,23 @@ class CompiledModule(nn.Module):
         """``model.forward`` routed through this module while the block runs; inside a compile (capture, check)
         the model's own forward runs."""
         model = self.original_model
-        own = type(model).forward
+        own = model.forward  # bound now: a forward set on the instance before this stays the one that runs
+        patched = vars(model).get("forward")
 
         def forward(*args, **kwargs):
             if self._compiling:
-                return own(model, *args, **kwargs)
+                return own(*args, **kwargs)
             return self(*args, **kwargs)
 
-        forward.__signature__ = inspect.signature(model.forward)  # generate reads which arguments forward takes
+        forward.__signature__ = inspect.signature(own)  # generate reads which arguments forward takes
         model.forward = forward
         try:
             yield
         finally:
-            del model.forward
+            if patched is None:
+                del model.forward
+            else:
+                model.forward = patched
 
     def _compile(self, args, kwargs) -> _Entry:
         self._compiling = True
