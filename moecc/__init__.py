@@ -3,9 +3,9 @@
 import moecc.ops  # noqa: F401 - registers the canonical torch.ops.moecc ops
 from moecc.api import compile  # noqa: A004
 from moecc.artifact import export, load
-from moecc.errors import ArtifactError, BackendError, CaptureError, MoeccError, PassError
+from moecc.errors import ArtifactError, BackendError, CacheError, CaptureError, MoeccError, PassError
 from moecc.ir import MoELayerInfo
 
 __version__ = "0.1.0"
-__all__ = ["ArtifactError", "BackendError", "CaptureError", "MoELayerInfo", "MoeccError", "PassError", "compile",
-           "export", "load", "__version__"]
+__all__ = ["ArtifactError", "BackendError", "CacheError", "CaptureError", "MoELayerInfo", "MoeccError", "PassError",
+           "compile", "export", "load", "__version__"]

@@ -17,5 +17,9 @@ class BackendError(MoeccError):
     """A backend could not lower the graph; the message says why and which backend to use instead."""
 
 
+class CacheError(MoeccError):
+    """A call passes a KV cache that a captured program cannot carry; the message says why."""
+
+
 class ArtifactError(MoeccError):
     """An exported artifact is missing, tampered with or from an incompatible version; it is never run."""

@@ -17,7 +17,7 @@ from torch.utils import _pytree as pytree
 from moecc import knobs
 from moecc.capture import capture, forget_calls
 from moecc.codegen.lower import EXPERT_LAYOUT, lower, resolve_backend
-from moecc.errors import BackendError, MoeccError
+from moecc.errors import BackendError, CacheError, MoeccError
 from moecc.ir import MoELayerInfo
 from moecc.passes import DumpIR, PassManager, Timing, default_pipeline
 from moecc.report import graph_summary
@@ -42,16 +42,14 @@ class _Entry:
     layers: dict
     backend: str
     example_inputs: list  # the flat inputs of the capture
-    graphs: GraphCache | None = None  # CUDA graphs per input shape (decode fast path)
     # per tensor input, per dim: the smallest size a symbolic dim was traced for (export assumes 2 and more: a
     # size of 0 or 1 may take other branches and broadcasts), 0 for a static dim
-    lowest: list[tuple] | None = None
+    lowest: list[tuple]
+    graphs: GraphCache | None = None  # CUDA graphs per input shape (decode fast path)
     runner: object = None  # what calls run: ``gm`` with its moecc ops called directly (``direct_calls``)
     op_graphs: object = None  # ``runner`` with a CUDA graph per moecc op call (``graphed_ops``): calls with a KV cache
 
     def __post_init__(self) -> None:
-        if self.lowest is None:
-            self.lowest = [tuple(0 if d is not None else 2 for d in shape) for shape in self.shapes]
         if self.runner is None:
             self.runner = direct_calls(self.gm)
         # positional tensors only: calls are matched without flattening (pytree's flatten took 9 us of a 79 us
@@ -104,13 +102,14 @@ def _static_size(d) -> int | None:
 
 def _lowest_size(d) -> int:
     """The smallest size the capture traced a dim for: 0 for a static dim, else the lower bound export kept for its
-    expression (2 for a plain symbol, 3 for ``s0 + 1``), 2 when the graph no longer says."""
+    expression (2 for a plain symbol, 3 for ``s0 + 1``), 2 when the graph no longer says (no shape environment,
+    or no recorded size at all: ``d`` is None)."""
     if _static_size(d) is not None:
         return 0
     try:
         lower = d.node.shape_env.bound_sympy(d.node.expr).lower
         return max(0, int(lower))
-    except Exception:  # noqa: BLE001 - no shape environment (a graph loaded from the capture cache)
+    except Exception:  # noqa: BLE001 - no shape environment (a graph loaded from the capture cache, no size)
         return 2
 
 
@@ -205,7 +204,7 @@ class CompiledModule(nn.Module):
         for cache in caches:
             why = kv_cache.unsupported(cache)
             if why is not None:
-                raise MoeccError(f"moecc cannot compile this call of {type(self.original_model).__name__}: {why}. "
+                raise CacheError(f"moecc cannot compile this call of {type(self.original_model).__name__}: {why}. "
                                  "Call the model itself, or leave the cache out (use_cache=False).")
         return caches
 
@@ -219,9 +218,7 @@ class CompiledModule(nn.Module):
         with self._forward_compiled():
             try:
                 return model.generate(*args, **kwargs)
-            except MoeccError as exc:
-                if "cannot compile this call" not in str(exc):
-                    raise
+            except CacheError as exc:
                 log.warning("%s; generate runs uncompiled", exc)
         return model.generate(*args, **kwargs)
 
@@ -328,8 +325,7 @@ def build(model: nn.Module, args, kwargs, backend: str, options: dict, dump_fold
     sizes = [tuple(n.meta["val"].shape) if "val" in n.meta else (None,) * cap.tensor_inputs[i].dim()
              for i, n in enumerate(placeholders)]
     shapes = [tuple(_static_size(d) for d in dims) for dims in sizes]
-    lowest = [tuple(0 if static is not None else 2 if d is None else _lowest_size(d) for d, static in zip(dims, shape))
-              for dims, shape in zip(sizes, shapes)]
+    lowest = [tuple(_lowest_size(d) for d in dims) for dims in sizes]
     symbols = [tuple(None if d is None or _static_size(d) is not None else str(d) for d in dims) for dims in sizes]
     from moecc.calibration import expert_load
 
@@ -356,5 +352,5 @@ def build(model: nn.Module, args, kwargs, backend: str, options: dict, dump_fold
             info.reason = "experts were recognized but not fused (see the fuse_experts pass summary)"
     entry = _Entry(program, cap.in_spec, cap.out_spec, cap.tensor_pos,
                    [None if isinstance(v, torch.Tensor) else v for v in cap.flat_inputs], shapes, symbols,
-                   [t.dtype for t in cap.tensor_inputs], layers, backend, cap.flat_inputs, lowest=lowest)
+                   [t.dtype for t in cap.tensor_inputs], layers, backend, cap.flat_inputs, lowest)
     return entry, BuildInfo(cap, timing.records, backend, graph)

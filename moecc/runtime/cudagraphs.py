@@ -19,6 +19,7 @@ from torch import fx
 from torch.utils import _pytree as pytree
 
 from moecc import knobs
+from moecc.runtime.direct import retargeted
 
 log = logging.getLogger("moecc.runtime")
 
@@ -154,16 +155,14 @@ def graphed_ops(program, enabled: bool | None = None):
     as it is."""
     if not isinstance(program, fx.GraphModule):
         return program
-    graph = fx.Graph()
-    graph.set_codegen(program.graph._codegen)
-    env: dict[fx.Node, fx.Node] = {}
-    for node in program.graph.nodes:
-        env[node] = graph.node_copy(node, lambda n: env[n])
-        target = node.target
-        moecc_op = getattr(target, "namespace", None) == "moecc" or getattr(target, "moecc_op", False)
-        if node.op == "call_function" and moecc_op:
-            env[node].target = _graphed_function(_GraphedCall(target, node, enabled), target)
-    return fx.GraphModule(program, graph, class_name="OpGraphedProgram")
+    targets = {node.name: _graphed_function(_GraphedCall(node.target, node, enabled), node.target)
+               for node in program.graph.nodes if node.op == "call_function" and _is_moecc_op(node.target)}
+    return retargeted(program, targets, "OpGraphedProgram")
+
+
+def _is_moecc_op(target) -> bool:
+    """A moecc custom op, called through the dispatcher or directly (``direct.direct_body``)."""
+    return getattr(target, "namespace", None) == "moecc" or getattr(target, "moecc_op", False)
 
 
 def _graphed_function(call: _GraphedCall, target):

@@ -63,11 +63,17 @@ def direct_calls(program, in_place: bool = False):
                 node.target = swaps[node.name]
         program.recompile()
         return program
+    return retargeted(program, swaps, "DirectProgram")
+
+
+def retargeted(program: fx.GraphModule, targets: dict, class_name: str) -> fx.GraphModule:
+    """A copy of ``program`` whose nodes named in ``targets`` call the target given there instead; it shares the
+    program's parameters and buffers."""
     graph = fx.Graph()
     graph.set_codegen(program.graph._codegen)  # e.g. an exported program's pytree handling of its inputs
     env: dict[fx.Node, fx.Node] = {}
     for node in program.graph.nodes:
         env[node] = graph.node_copy(node, lambda n: env[n])
-        if node.name in swaps:
-            env[node].target = swaps[node.name]
-    return fx.GraphModule(program, graph, class_name="DirectProgram")
+        if node.name in targets:
+            env[node].target = targets[node.name]
+    return fx.GraphModule(program, graph, class_name=class_name)
