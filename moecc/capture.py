@@ -238,8 +238,23 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, fuse: bool = True) -> C
     return Captured(gm, in_spec, out_spec, targets, flat_inputs, flat_ref, wrapper.tensor_pos)
 
 
+def _unaliased(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The tensors, each later one that shares memory with an earlier one cloned. torch.export gives one tensor
+    passed twice (``labels=input_ids``) a single graph input, so the program would read the first argument for
+    both whenever a later call passes two different tensors."""
+    seen, out = set(), []
+    for t in tensors:
+        storage = t.untyped_storage().data_ptr() if t.untyped_storage().nbytes() else None
+        if storage is not None and storage in seen:
+            t = t.clone()
+        elif storage is not None:
+            seen.add(storage)
+        out.append(t)
+    return out
+
+
 def _export(model, wrapper: _FlatCall, flat_inputs: list, blocks, examples) -> tuple[torch.fx.GraphModule, dict]:
-    tensors = [v for v in flat_inputs if isinstance(v, torch.Tensor)]
+    tensors = _unaliased([v for v in flat_inputs if isinstance(v, torch.Tensor)])
     try:
         with _blocks_as_leaves(blocks, examples), torch.no_grad(), _quiet_export():
             ep = torch.export.export(wrapper, tuple(tensors), dynamic_shapes=(_dynamic_shapes(tensors),),

@@ -112,6 +112,24 @@ def test_hugging_face_call_without_use_cache():
         torch.testing.assert_close(mine.keys, theirs.keys, rtol=1e-5, atol=1e-6)
 
 
+def test_one_tensor_passed_as_two_arguments():
+    """``labels=input_ids`` passes one tensor twice: the capture must still read each argument from its own input,
+    or a later call with other labels gets logits computed from its labels (and the check on fresh inputs fails)."""
+    from hf_models import make_model
+
+    model = make_model("mixtral")
+    ids = torch.randint(0, 97, (2, 6))
+    cm = moecc.compile(model, backend="torch")
+    out = cm(input_ids=ids, labels=ids)
+    eager = model(input_ids=ids, labels=ids, use_cache=False)
+    torch.testing.assert_close(out.loss, eager.loss, rtol=1e-5, atol=1e-6)
+    other_ids, labels = torch.randint(0, 97, (2, 6)), torch.randint(0, 97, (2, 6))
+    out, eager = cm(input_ids=other_ids, labels=labels), model(input_ids=other_ids, labels=labels, use_cache=False)
+    assert cm.captures == 1
+    torch.testing.assert_close(out.logits, eager.logits, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.loss, eager.loss, rtol=1e-5, atol=1e-6)
+
+
 def test_encoder_decoder_call_without_use_cache():
     """An encoder-decoder whose forward takes ``use_cache`` through ``**kwargs`` (transformers 5.x) also gets
     ``use_cache=False`` when a call leaves it out: its cache is an ``EncoderDecoderCache``, which no capture returns."""
