@@ -25,6 +25,7 @@ from moecc.runtime import kv_cache
 from moecc.runtime.cudagraphs import GraphCache, graphed_ops, replays
 from moecc.runtime.direct import direct_calls
 from moecc.runtime.verify import verify
+from moecc.runtime.weights import WeightWatch
 
 log = logging.getLogger("moecc.runtime")
 
@@ -48,6 +49,7 @@ class _Entry:
     graphs: GraphCache | None = None  # CUDA graphs per input shape (decode fast path)
     runner: object = None  # what calls run: ``gm`` with its moecc ops called directly (``direct_calls``)
     op_graphs: object = None  # ``runner`` with a CUDA graph per moecc op call (``graphed_ops``): calls with a KV cache
+    weights: WeightWatch | None = None  # the model's parameters the program copied (None: no model, an artifact)
 
     def __post_init__(self) -> None:
         if self.runner is None:
@@ -163,18 +165,12 @@ class CompiledModule(nn.Module):
 
     def forward(self, *args, **kwargs):
         kwargs.update(cache_defaults(self._cache_arg, args, kwargs))
-        entry, caches = None, []
-        if not kwargs:
-            entry = next((e for e in self._entries if e.plain_arity == len(args) and e.matches_tensors(args)), None)
-        if entry is not None:
-            tensors = list(args)
-        else:
-            caches = self._caches(args, kwargs)
-            flat, spec = pytree.tree_flatten((args, kwargs))
-            entry = next((e for e in self._entries if e.matches(flat, spec)), None)
-            if entry is None:
-                entry = self._compile(args, kwargs)
-            tensors = [flat[i] for i in entry.tensor_pos]
+        entry, tensors, caches = self._entry_for(args, kwargs)
+        if entry.weights is not None and (changed := entry.weights.changed()) is not None:
+            log.warning("%s's parameter %s changed since compile, and the program holds a copy of it: compiling "
+                        "again", type(self.original_model).__name__, changed)
+            self._entries.clear()
+            entry, tensors, caches = self._entry_for(args, kwargs)
         if caches:
             outs = self._run_with_cache(entry, tensors)
         elif replays(entry.backend, tensors, self.options.get("cuda_graphs")):
@@ -185,6 +181,19 @@ class CompiledModule(nn.Module):
             outs = entry.runner(*tensors)
         result = pytree.tree_unflatten(list(outs), entry.out_spec)
         return kv_cache.write_back(caches, result) if caches else result
+
+    def _entry_for(self, args: tuple, kwargs: dict) -> tuple[_Entry, list, list]:
+        """The capture a call runs (compiled now if none fits), its tensor inputs and the KV caches it passes."""
+        if not kwargs:
+            entry = next((e for e in self._entries if e.plain_arity == len(args) and e.matches_tensors(args)), None)
+            if entry is not None:
+                return entry, list(args), []
+        caches = self._caches(args, kwargs)
+        flat, spec = pytree.tree_flatten((args, kwargs))
+        entry = next((e for e in self._entries if e.matches(flat, spec)), None)
+        if entry is None:
+            entry = self._compile(args, kwargs)
+        return entry, [flat[i] for i in entry.tensor_pos], caches
 
     def _run_with_cache(self, entry: _Entry, tensors: list):
         """A KV cache grows by a token per call, so a graph of the whole program would be captured once and never
@@ -352,5 +361,6 @@ def build(model: nn.Module, args, kwargs, backend: str, options: dict, dump_fold
             info.reason = "experts were recognized but not fused (see the fuse_experts pass summary)"
     entry = _Entry(program, cap.in_spec, cap.out_spec, cap.tensor_pos,
                    [None if isinstance(v, torch.Tensor) else v for v in cap.flat_inputs], shapes, symbols,
-                   [t.dtype for t in cap.tensor_inputs], layers, backend, cap.flat_inputs, lowest)
+                   [t.dtype for t in cap.tensor_inputs], layers, backend, cap.flat_inputs, lowest,
+                   weights=WeightWatch(model, program))
     return entry, BuildInfo(cap, timing.records, backend, graph)

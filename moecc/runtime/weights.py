@@ -1,0 +1,65 @@
+"""Whether a model's parameters changed since a program was compiled from them.
+
+A program reads most parameters where the model keeps them, but some it copies at compile time: expert banks
+stacked or re-laid out (``place_experts``, shared experts folded into the grouped GEMM) and, on ONNX Runtime, every
+weight. A model whose weights change after compile (``load_state_dict``, an in-place update, a parameter assigned
+anew, which the program does not see even where it reads the model's tensors in place) would then run with the old
+ones; the runtime checks ``WeightWatch.changed`` before each call and compiles again. Edits through ``param.data``
+bypass the version counter that this reads and are not seen."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class WeightWatch:
+    """Every parameter of the model, as the module that holds it names it: a parameter assigned anew is not the one
+    the program reads, whether it reads it in place or copied it. Those whose storage ``program`` does not hold
+    (their values were copied, or are unused) also keep their version counter at compile time, since an update in
+    place reaches only the program's parameters that it reads in place."""
+
+    __slots__ = ("_slots",)
+
+    def __init__(self, model: nn.Module, program: object) -> None:
+        held = _storages(program)
+        self._slots = []
+        for prefix, module in model.named_modules(remove_duplicate=False):
+            for name, param in module._parameters.items():
+                if param is not None:
+                    # the data pointer: ``model.half()`` and ``.to()`` swap a parameter's data and keep its version
+                    stamp = None if _storage(param) in held else (param._version, param.data_ptr())
+                    self._slots.append((module._parameters, name, param, stamp, f"{prefix}.{name}" if prefix else name))
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    def copied(self) -> list[str]:
+        """The names of the parameters the program holds copies of (or does not use)."""
+        return [qualified for *_, stamp, qualified in self._slots if stamp is not None]
+
+    def changed(self) -> str | None:
+        """The name of a parameter assigned anew, or of a copied one updated in place or converted, since compile;
+        else None."""
+        for params, name, param, stamp, qualified in self._slots:
+            if params.get(name) is not param or (stamp is not None and stamp != (param._version, param.data_ptr())):
+                return qualified
+        return None
+
+
+def _storage(t: torch.Tensor) -> int | None:
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # a tensor subclass or a meta tensor without storage
+        return None
+
+
+def _storages(program: object) -> set[int]:
+    """The storages of every tensor a program module holds: parameters, buffers and tensor attributes its graph
+    reads."""
+    if not isinstance(program, nn.Module):
+        return set()
+    tensors = [*program.parameters(), *program.buffers()]
+    for module in program.modules():
+        tensors += [v for v in vars(module).values() if isinstance(v, torch.Tensor)]
+    return {s for s in map(_storage, tensors) if s}

@@ -1,0 +1,76 @@
+"""A model whose weights change after compile: the program's copies of them must not go stale
+(``moecc/runtime/weights.py``)."""
+
+import pytest
+import torch
+from hf_models import make_model
+
+import moecc
+
+
+def _logits(module, ids):
+    with torch.no_grad():
+        return module(input_ids=ids, use_cache=False).logits
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime", "triton"])
+def test_changed_weights_are_seen(backend):
+    torch.manual_seed(0)
+    model = make_model("mixtral")
+    ids = torch.randint(0, 97, (2, 6))
+    cm = moecc.compile(model, backend=backend)
+    torch.testing.assert_close(_logits(cm, ids), _logits(model, ids), rtol=1e-5, atol=1e-5)
+    watched = cm._entries[-1].weights
+    assert len(watched) > 0 and watched.changed() is None
+
+    with torch.no_grad():  # in place: the expert banks, which every backend copies
+        for p in model.parameters():
+            p.mul_(1.25)
+    torch.testing.assert_close(_logits(cm, ids), _logits(model, ids), rtol=1e-5, atol=1e-5)
+    assert cm.captures == 2
+
+    state = {k: v * 0.5 for k, v in model.state_dict().items()}
+    model.load_state_dict(state)
+    torch.testing.assert_close(_logits(cm, ids), _logits(model, ids), rtol=1e-5, atol=1e-5)
+    assert cm.captures == 3
+
+    experts = model.model.layers[1].mlp.experts  # a parameter assigned anew
+    experts.down_proj = torch.nn.Parameter(torch.randn_like(experts.down_proj))
+    torch.testing.assert_close(_logits(cm, ids), _logits(model, ids), rtol=1e-5, atol=1e-5)
+    assert cm.captures == 4
+
+    _logits(cm, ids)
+    assert cm.captures == 4  # nothing changed: no compile
+
+
+def test_parameters_the_program_reads_in_place():
+    """The torch program reads attention and norm weights where the model keeps them: an update in place there is
+    seen without compiling again; a parameter assigned anew is not, and compiles again."""
+    torch.manual_seed(0)
+    model = make_model("mixtral")
+    ids = torch.randint(0, 97, (2, 6))
+    cm = moecc.compile(model, backend="torch")
+    _logits(cm, ids)
+    copied = cm._entries[-1].weights.copied()
+    assert copied and "model.layers.0.self_attn.q_proj.weight" not in copied
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight.mul_(3.0)
+    torch.testing.assert_close(_logits(cm, ids), _logits(model, ids), rtol=1e-5, atol=1e-5)
+    assert cm.captures == 1
+    layer = model.model.layers[1].self_attn.o_proj  # assigned anew: the program held the old tensor
+    layer.weight = torch.nn.Parameter(torch.randn_like(layer.weight))
+    torch.testing.assert_close(_logits(cm, ids), _logits(model, ids), rtol=1e-5, atol=1e-5)
+    assert cm.captures == 2
+
+
+def test_a_converted_model_compiles_again():
+    """``model.half()`` swaps each parameter's data and keeps its version counter."""
+    torch.manual_seed(0)
+    model = make_model("qwen3_moe")
+    ids = torch.randint(0, 97, (2, 6))
+    cm = moecc.compile(model, backend="torch")
+    _logits(cm, ids)
+    model.half()
+    out = _logits(cm, ids)
+    assert out.dtype == torch.float16 and cm.captures == 2
+    torch.testing.assert_close(out, _logits(model, ids), rtol=2e-2, atol=2e-3)
