@@ -82,6 +82,7 @@ class Captured:
     flat_inputs: list = field(default_factory=list)  # all leaves of (args, kwargs), tensors or constants
     flat_reference: list = field(default_factory=list)
     tensor_pos: list = field(default_factory=list)  # where the graph's inputs sit among flat_inputs
+    unfused: dict[str, str] = field(default_factory=dict)  # module path -> why capture traced the block as written
 
     @property
     def tensor_inputs(self) -> list[torch.Tensor]:
@@ -182,7 +183,9 @@ def _quiet_export():
 
 
 def _record_examples(model, blocks, args, kwargs):
-    examples, hooks = {}, []
+    """Each block's first call (its hidden states and output), the model's output, and the blocks whose internals
+    the model returns (``observed``)."""
+    examples, hooks, inside = {}, [], {}
     for name, block in blocks:
         first = _first_parameter(block)
 
@@ -193,13 +196,32 @@ def _record_examples(model, blocks, args, kwargs):
                 if len(inp) > 1 or kwargs:  # kept until the compile has recognized the block (forget_calls)
                     EXAMPLE_CALLS[mod] = (inp, kwargs)
         hooks.append(block.register_forward_hook(hook, with_kwargs=True))
+        for sub_name, sub in block.named_modules():
+            if sub is not block:
+                # weak references: an id alone may be a dead tensor's, reused by the model's output
+                hooks.append(sub.register_forward_hook(
+                    lambda mod, inp, out, _name=name, _sub=sub_name: inside.setdefault(_name, {}).update(
+                        {id(t): (weakref.ref(t), _sub) for t in pytree.tree_leaves(out)
+                         if isinstance(t, torch.Tensor)})))
     try:
         with torch.no_grad():
             ref = model(*args, **kwargs)
     finally:
         for h in hooks:
             h.remove()
-    return examples, ref
+    returned = {id(t): t for t in pytree.tree_leaves(ref) if isinstance(t, torch.Tensor)}
+    observed = {}
+    for name, produced in inside.items():
+        # a block that is the model returns its own outputs, which a child may have computed; a block inside a
+        # model that returns one of its outputs unchanged rarely does, and Llama 4's router logits are both an
+        # output of its block and recorded by a hook on its router (which a fused block never calls)
+        own = [] if name else pytree.tree_leaves(examples.get(name, (None, None))[1])
+        own = {id(t) for t in own if isinstance(t, torch.Tensor)}
+        escaped = sorted({sub for key, (alive, sub) in produced.items()
+                          if key in returned and key not in own and alive() is returned[key]})
+        if escaped:
+            observed[name] = escaped
+    return examples, ref, observed
 
 
 def forget_calls() -> None:
@@ -217,9 +239,15 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, fuse: bool = True) -> C
     flat_inputs, in_spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
     try:
         # on a copy of the call's containers: eager updates a KV cache it is given in place
-        examples, reference = _record_examples(model, blocks, *pytree.tree_unflatten(flat_inputs, in_spec))
+        examples, reference, observed = _record_examples(model, blocks, *pytree.tree_unflatten(flat_inputs, in_spec))
     except Exception as exc:
         raise CaptureError(f"{type(model).__name__} failed on the example inputs before capture: {exc}") from exc
+    kept = {n: (f"the model returns what its {', '.join(subs)} computed (a recorded output such as "
+                "output_router_logits=True), which a fused block does not compute apart")
+            for n, subs in observed.items()}
+    blocks = [(n, b) for n, b in blocks if n not in kept]
+    for name, why in kept.items():
+        log.warning("MoE block %s left as written: %s", name, why)
     missing = [n for n, _ in blocks if n not in examples]
     blocks = [(n, b) for n, b in blocks if n in examples]
     if missing:
@@ -232,10 +260,17 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, fuse: bool = True) -> C
         log.info("capture from the cache (%s)", key[:12])
         gm, targets = cached
     else:
-        gm, targets = _export(model, wrapper, flat_inputs, blocks, examples)
+        try:
+            gm, targets = _export(model, wrapper, flat_inputs, blocks, examples)
+        except CaptureError as exc:
+            if not kept:
+                raise
+            raise CaptureError(f"{exc}\nIts MoE blocks {', '.join(kept)} were traced as written, since the model "
+                               "returns what parts of them computed (output_router_logits=True, say): a call "
+                               "that leaves those outputs out is fused.") from exc.__cause__
         if key:
             capture_cache.save(key, gm, targets, model)
-    return Captured(gm, in_spec, out_spec, targets, flat_inputs, flat_ref, wrapper.tensor_pos)
+    return Captured(gm, in_spec, out_spec, targets, flat_inputs, flat_ref, wrapper.tensor_pos, kept)
 
 
 def _unaliased(tensors: list[torch.Tensor]) -> list[torch.Tensor]:

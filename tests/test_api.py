@@ -130,6 +130,32 @@ def test_one_tensor_passed_as_two_arguments():
     torch.testing.assert_close(out.loss, eager.loss, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("family", ["mixtral", "llama4_text"])
+def test_recorded_router_logits(family):
+    """``output_router_logits=True`` makes the model return what each block's router computed (recorded by hooks
+    on the router): those blocks are traced as written, with the reason, and a call without it stays fused. Llama
+    4's block also returns its router logits itself."""
+    from hf_models import make_model
+
+    torch.manual_seed(0)
+    model = make_model(family)
+    ids = torch.randint(0, 97, (2, 6))
+    cm = moecc.compile(model, backend="torch")
+    out, eager = cm(input_ids=ids, output_router_logits=True), model(input_ids=ids, output_router_logits=True,
+                                                                       use_cache=False)
+    assert list(out.keys()) == list(eager.keys()) and len(out.router_logits) == len(eager.router_logits) > 0
+    for mine, theirs in zip(out.router_logits, eager.router_logits):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
+    if "aux_loss" in eager:
+        torch.testing.assert_close(out.aux_loss, eager.aux_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.logits, eager.logits, rtol=1e-5, atol=1e-6)
+    assert cm.moe_layers and not any(layer.fused for layer in cm.moe_layers)
+    assert all("output_router_logits" in layer.reason for layer in cm.moe_layers)
+    torch.testing.assert_close(cm(input_ids=ids).logits, model(input_ids=ids, use_cache=False).logits,
+                               rtol=1e-5, atol=1e-6)
+    assert all(layer.fused for layer in cm.moe_layers)
+
+
 def test_encoder_decoder_call_without_use_cache():
     """An encoder-decoder whose forward takes ``use_cache`` through ``**kwargs`` (transformers 5.x) also gets
     ``use_cache=False`` when a call leaves it out: its cache is an ``EncoderDecoderCache``, which no capture returns."""

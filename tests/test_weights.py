@@ -74,3 +74,17 @@ def test_a_converted_model_compiles_again():
     out = _logits(cm, ids)
     assert out.dtype == torch.float16 and cm.captures == 2
     torch.testing.assert_close(out, _logits(model, ids), rtol=2e-2, atol=2e-3)
+
+
+def test_a_model_made_under_inference_mode():
+    """Its parameters are inference tensors, which have no version counter."""
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        model = make_model("mixtral")
+        ids = torch.randint(0, 97, (2, 6))
+        cm = moecc.compile(model, backend="torch")
+        torch.testing.assert_close(_logits(cm, ids), _logits(model, ids), rtol=1e-5, atol=1e-5)
+        experts = model.model.layers[0].mlp.experts
+        experts.gate_up_proj = torch.nn.Parameter(torch.randn_like(experts.gate_up_proj), requires_grad=False)
+        torch.testing.assert_close(_logits(cm, ids), _logits(model, ids), rtol=1e-5, atol=1e-5)
+        assert cm.captures == 2

@@ -317,6 +317,8 @@ def build(model: nn.Module, args, kwargs, backend: str, options: dict, dump_fold
         log.info("the captured program has sizes that depend on values (%s): backend='auto' runs it with torch",
                  ", ".join(value_sized[:3]))
         backend = "torch"
+    for name, why in cap.unfused.items():
+        cap.gm.meta.setdefault("moecc_layers", {})[name] = MoELayerInfo(name=name, reason=why)
     pipeline = default_pipeline(EXPERT_LAYOUT[backend], options.get("copy_expert_weights"))
     manager = PassManager(pipeline, instruments, repro_dir=dump_folder)
     try:

@@ -5,7 +5,8 @@ stacked or re-laid out (``place_experts``, shared experts folded into the groupe
 weight. A model whose weights change after compile (``load_state_dict``, an in-place update, a parameter assigned
 anew, which the program does not see even where it reads the model's tensors in place) would then run with the old
 ones; the runtime checks ``WeightWatch.changed`` before each call and compiles again. Edits through ``param.data``
-bypass the version counter that this reads and are not seen."""
+bypass the version counter that this reads and are not seen, nor are in-place edits of parameters made under
+``torch.inference_mode()``, which have no version counter."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ class WeightWatch:
             for name, param in module._parameters.items():
                 if param is not None:
                     # the data pointer: ``model.half()`` and ``.to()`` swap a parameter's data and keep its version
-                    stamp = None if _storage(param) in held else (param._version, param.data_ptr())
+                    stamp = None if _storage(param) in held else _stamp(param)
                     self._slots.append((module._parameters, name, param, stamp, f"{prefix}.{name}" if prefix else name))
 
     def __len__(self) -> int:
@@ -42,9 +43,14 @@ class WeightWatch:
         """The name of a parameter assigned anew, or of a copied one updated in place or converted, since compile;
         else None."""
         for params, name, param, stamp, qualified in self._slots:
-            if params.get(name) is not param or (stamp is not None and stamp != (param._version, param.data_ptr())):
+            if params.get(name) is not param or (stamp is not None and stamp != _stamp(param)):
                 return qualified
         return None
+
+
+def _stamp(param: torch.Tensor) -> tuple[int, int]:
+    # a tensor made under ``torch.inference_mode()`` has no version counter: its in-place updates are not seen
+    return (-1 if param.is_inference() else param._version), param.data_ptr()
 
 
 def _storage(t: torch.Tensor) -> int | None:
