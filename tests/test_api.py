@@ -182,3 +182,31 @@ def test_export_of_a_hugging_face_call_without_use_cache(tmp_path):
     want = model(fresh, use_cache=False).logits
     torch.testing.assert_close(loaded(fresh).logits, want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(loaded(fresh, use_cache=False).logits, want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_call_with_grad_enabled_gives_outputs_without_gradient(caplog):
+    """The moecc ops have no backward: a program that let autograd record the rest of the model would give
+    gradients that stop at every MoE block, with no error. Its outputs carry none, and the first such call says
+    why."""
+    import logging
+
+    from hf_models import make_model
+
+    torch.manual_seed(0)
+    model = make_model("qwen3_moe")
+    ids = torch.randint(0, 97, (2, 6))
+    cm = moecc.compile(model, backend="torch")
+    logger, level = logging.getLogger("moecc"), logging.getLogger("moecc").level
+    logger.addHandler(caplog.handler)  # moecc's logger has a handler of its own and does not propagate
+    logger.setLevel(logging.WARNING)
+    try:
+        out = cm(input_ids=ids)
+        cm(input_ids=ids)
+    finally:
+        logger.removeHandler(caplog.handler)
+        logger.setLevel(level)
+    assert not out.logits.requires_grad
+    told = [r for r in caplog.records if "carry no gradient" in r.getMessage()]
+    assert len(told) == 1
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        out.logits.sum().backward()

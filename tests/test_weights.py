@@ -88,3 +88,4 @@ def test_a_model_made_under_inference_mode():
         experts.gate_up_proj = torch.nn.Parameter(torch.randn_like(experts.gate_up_proj), requires_grad=False)
         torch.testing.assert_close(_logits(cm, ids), _logits(model, ids), rtol=1e-5, atol=1e-5)
         assert cm.captures == 2
+

@@ -154,6 +154,7 @@ class CompiledModule(nn.Module):
         self.captures = 0
         self._cache_arg = cache_argument(model)
         self._compiling = False
+        self._told_no_grad = False
         # a Hugging Face model's calls may carry a KV cache (``kv_cache``)
         self._takes_caches = getattr(model, "config", None) is not None and kv_cache.register()
 
@@ -164,6 +165,17 @@ class CompiledModule(nn.Module):
         return list(self._entries[-1].layers.values())
 
     def forward(self, *args, **kwargs):
+        if not torch.is_grad_enabled():
+            return self._forward(args, kwargs)
+        if not self._told_no_grad:
+            self._told_no_grad = True
+            log.warning("moecc programs are for inference: the outputs of %s carry no gradient (its MoE ops have no "
+                        "backward). Call it under torch.no_grad() or torch.inference_mode(); to train, call the "
+                        "model itself", type(self.original_model).__name__)
+        with torch.no_grad():
+            return self._forward(args, kwargs)
+
+    def _forward(self, args: tuple, kwargs: dict):
         kwargs.update(cache_defaults(self._cache_arg, args, kwargs))
         entry, tensors, caches = self._entry_for(args, kwargs)
         if entry.weights is not None and (changed := entry.weights.changed()) is not None:
