@@ -143,12 +143,16 @@ def test_recorded_router_logits(family):
     cm = moecc.compile(model, backend="torch")
     out, eager = cm(input_ids=ids, output_router_logits=True), model(input_ids=ids, output_router_logits=True,
                                                                        use_cache=False)
-    assert list(out.keys()) == list(eager.keys()) and len(out.router_logits) == len(eager.router_logits) > 0
+    assert list(out.keys()) == list(eager.keys())
+    torch.testing.assert_close(out.logits, eager.logits, rtol=1e-5, atol=1e-6)
+    if getattr(eager, "router_logits", None) is None:  # Llama 4 in transformers 5.17 records none: nothing to keep
+        assert all(layer.fused for layer in cm.moe_layers)
+        return
+    assert len(out.router_logits) == len(eager.router_logits) > 0
     for mine, theirs in zip(out.router_logits, eager.router_logits):
         torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
     if "aux_loss" in eager:
         torch.testing.assert_close(out.aux_loss, eager.aux_loss, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(out.logits, eager.logits, rtol=1e-5, atol=1e-6)
     assert cm.moe_layers and not any(layer.fused for layer in cm.moe_layers)
     assert all("output_router_logits" in layer.reason for layer in cm.moe_layers)
     torch.testing.assert_close(cm(input_ids=ids).logits, model(input_ids=ids, use_cache=False).logits,
