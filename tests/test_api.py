@@ -112,6 +112,24 @@ def test_hugging_face_call_without_use_cache():
         torch.testing.assert_close(mine.keys, theirs.keys, rtol=1e-5, atol=1e-6)
 
 
+def test_a_model_with_active_dropout_is_told_to_call_eval():
+    """A model built from its config is in training mode; with dropout its outputs are random, and the check must
+    say so rather than call the difference a moecc bug."""
+    from hf_models import make_config
+    from transformers import MixtralForCausalLM
+
+    from moecc import MoeccError
+
+    torch.manual_seed(0)
+    config = make_config("mixtral")
+    config.attention_dropout = 0.3
+    model = MixtralForCausalLM(config)
+    assert model.training
+    with pytest.raises(MoeccError, match=r"training mode: call model.eval\(\) first") as info:
+        moecc.compile(model, backend="torch")(input_ids=torch.randint(0, 97, (2, 6)))
+    assert "moecc bug" not in str(info.value)
+
+
 def test_one_tensor_passed_as_two_arguments():
     """``labels=input_ids`` passes one tensor twice: the capture must still read each argument from its own input,
     or a later call with other labels gets logits computed from its labels (and the check on fresh inputs fails)."""

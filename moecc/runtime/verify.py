@@ -51,11 +51,33 @@ def check_fresh(model: nn.Module, entry, tolerance: float | None = None, draws=r
     bound also allows for the model's own rounding sensitivity (``rounding_sensitivity``), measured on the same
     inputs."""
     for draw in draws:
-        why = _disagreement(model, entry, _fresh_like(entry.example_inputs, draw), tolerance)
+        flat = _fresh_like(entry.example_inputs, draw)
+        why = _disagreement(model, entry, flat, tolerance)
         if why is not None:
+            random = _eager_varies(model, entry, flat, tolerance)
+            if random is not None:
+                mode = " (it is in training mode: call model.eval() first)" if model.training else ""
+                raise MoeccError(f"{type(model).__name__} itself gives other outputs each time it is called on the "
+                                 f"same inputs ({random}){mode}: dropout or noise is active, and moecc compiles "
+                                 "a deterministic inference program, which no check can compare with eager")
             raise MoeccError(f"the compiled {type(model).__name__} disagrees with eager on fresh inputs ({why}). "
                              "This is a moecc bug: please report it with MOECC_DUMP_DIR set. Compile with fuse=False "
                              "to run without MoE fusion.")
+
+
+def _eager_varies(model: nn.Module, entry, flat: list, tolerance: float | None) -> str | None:
+    """How far two eager calls on the same inputs are apart, when more than the check allows; else None."""
+    outs = []
+    for _ in range(2):
+        args, kwargs = pytree.tree_unflatten(flat, entry.in_spec)  # containers of their own: a cache grows in place
+        with torch.no_grad():
+            outs.append(pytree.tree_leaves(model(*args, **kwargs)))
+    for a, b in zip(*outs):
+        if isinstance(a, torch.Tensor) and a.is_floating_point():
+            err = _rel(a, b)
+            if not err <= (tolerance or (1e-4 if a.dtype in (torch.float32, torch.float64) else 5e-2)):
+                return f"relative difference {err:.2e}"
+    return None
 
 
 def check_other_shape(model: nn.Module, entry, tolerance: float | None = None) -> tuple[str, bool] | None:
