@@ -29,6 +29,7 @@ def main():
     ap.add_argument("--batches", type=int, default=40)
     ap.add_argument("--model", default=MODEL)
     a = ap.parse_args()
+    torch.set_grad_enabled(False)  # moecc programs are for inference; eager gets the same footing
     model = MixtralForCausalLM.from_pretrained(a.model).eval()
     example = torch.randint(0, 256, (16, 128))
     rows = [("eager fp32", perplexity(lambda x: model(input_ids=x, use_cache=False).logits, a.batches), 0.0)]

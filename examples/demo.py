@@ -14,6 +14,7 @@ from user_modules import LoopMoE, TinyModel  # noqa: E402
 import moecc  # noqa: E402
 
 
+@torch.no_grad()  # moecc programs are for inference: their outputs carry no gradient
 def check(name, model, first, fresh, dump_dir):
     cm = moecc.compile(model, dump_dir=dump_dir)
     cm(**first) if isinstance(first, dict) else cm(first)

@@ -88,10 +88,10 @@ def _variants(module, example, t_values, reps):
     compile_s = {}
     for name, opts in VARIANTS.items():
         cm = moecc.compile(module, backend="onnxruntime", verify=False, **opts)
-        start = time.perf_counter()
-        cm(example)
-        compile_s[name] = time.perf_counter() - start
         with torch.no_grad():
+            start = time.perf_counter()
+            cm(example)
+            compile_s[name] = time.perf_counter() - start
             for t, x in inputs.items():
                 times[t][name] = _time(lambda cm=cm, x=x: cm(x), reps)
                 errs[t][name] = _rel(cm(x), refs[t])

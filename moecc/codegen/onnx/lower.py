@@ -172,6 +172,7 @@ def to_onnx(gm: fx.GraphModule, example: list[torch.Tensor], path: str) -> str:
         val = node.meta.get("val")
         symbolic = [] if val is None else [i for i, d in enumerate(val.shape) if not isinstance(d, int)]
         shapes.append({i: torch.export.Dim.AUTO for i in symbolic})
+    gm.eval()  # the graph's ops are fixed; this only keeps torch.onnx from warning about training mode
     prog = torch.onnx.export(gm, tuple(example), dynamo=True, dynamic_shapes=tuple(shapes), optimize=True,
                              custom_translation_table={torch.ops.moecc.ort_moe.default: ort_moe_onnx,
                                                        torch.ops.moecc.ort_qmoe.default: ort_qmoe_onnx}, verbose=False)
