@@ -46,10 +46,10 @@ class _Entry:
     # per tensor input, per dim: the smallest size a symbolic dim was traced for (export assumes 2 and more: a
     # size of 0 or 1 may take other branches and broadcasts), 0 for a static dim
     lowest: list[tuple]
+    weights: WeightWatch  # whether the model changed its parameters since the program was built from them
     graphs: GraphCache | None = None  # CUDA graphs per input shape (decode fast path)
     runner: object = None  # what calls run: ``gm`` with its moecc ops called directly (``direct_calls``)
     op_graphs: object = None  # ``runner`` with a CUDA graph per moecc op call (``graphed_ops``): calls with a KV cache
-    weights: WeightWatch | None = None  # the model's parameters the program copied (None: no model, an artifact)
 
     def __post_init__(self) -> None:
         if self.runner is None:
@@ -178,7 +178,7 @@ class CompiledModule(nn.Module):
     def _forward(self, args: tuple, kwargs: dict):
         kwargs.update(cache_defaults(self._cache_arg, args, kwargs))
         entry, tensors, caches = self._entry_for(args, kwargs)
-        if entry.weights is not None and (changed := entry.weights.changed()) is not None:
+        if (changed := entry.weights.changed()) is not None:
             log.warning("%s's parameter %s changed since compile, and the program holds a copy of it: compiling "
                         "again", type(self.original_model).__name__, changed)
             self._entries.clear()
@@ -376,5 +376,5 @@ def build(model: nn.Module, args, kwargs, backend: str, options: dict, dump_fold
     entry = _Entry(program, cap.in_spec, cap.out_spec, cap.tensor_pos,
                    [None if isinstance(v, torch.Tensor) else v for v in cap.flat_inputs], shapes, symbols,
                    [t.dtype for t in cap.tensor_inputs], layers, backend, cap.flat_inputs, lowest,
-                   weights=WeightWatch(model, program))
+                   WeightWatch(model, program))
     return entry, BuildInfo(cap, timing.records, backend, graph)

@@ -7,6 +7,7 @@ import operator
 import os
 import re
 import tempfile
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -172,10 +173,13 @@ def to_onnx(gm: fx.GraphModule, example: list[torch.Tensor], path: str) -> str:
         val = node.meta.get("val")
         symbolic = [] if val is None else [i for i, d in enumerate(val.shape) if not isinstance(d, int)]
         shapes.append({i: torch.export.Dim.AUTO for i in symbolic})
-    gm.eval()  # the graph's ops are fixed; this only keeps torch.onnx from warning about training mode
-    prog = torch.onnx.export(gm, tuple(example), dynamo=True, dynamic_shapes=tuple(shapes), optimize=True,
-                             custom_translation_table={torch.ops.moecc.ort_moe.default: ort_moe_onnx,
-                                                       torch.ops.moecc.ort_qmoe.default: ort_qmoe_onnx}, verbose=False)
+    with warnings.catch_warnings():
+        # the graph's ops are fixed by now; an exported program's module refuses eval(), so it stays in train mode
+        warnings.filterwarnings("ignore", message="Exporting a model while it is in training mode")
+        prog = torch.onnx.export(gm, tuple(example), dynamo=True, dynamic_shapes=tuple(shapes), optimize=True,
+                                 custom_translation_table={torch.ops.moecc.ort_moe.default: ort_moe_onnx,
+                                                           torch.ops.moecc.ort_qmoe.default: ort_qmoe_onnx},
+                                 verbose=False)
     prog.save(path, external_data=True)
     return path
 
