@@ -39,6 +39,9 @@ CACHE_DIR = Knob("MOECC_CACHE_DIR", None, str,
                  "folder for persistent caches (tuning, captures); default: user cache dir")
 CAPTURE_CACHE = Knob("MOECC_CAPTURE_CACHE", True, bool, "reuse a stored capture of the same model code, structure and "
                      "example shapes instead of running torch.export again")
+WATCH_WEIGHTS = Knob("MOECC_WATCH_WEIGHTS", True, bool, "before each call, check whether the model's parameters "
+                     "changed since compile (compiling again if so); off: the copies the program made (expert banks; "
+                     "every weight on ONNX Runtime) keep the values they were built with")
 
 AUTOTUNE = Knob("MOECC_AUTOTUNE", False, bool, "tune Triton MoE tiles on first use of a shape (cached on disk)")
 CUDA_GRAPHS = Knob("MOECC_CUDA_GRAPHS", True, bool, "replay CUDA graphs for small token counts (Triton backend)")
@@ -54,7 +57,7 @@ TRITON_DECODE_MAX_TOKENS = Knob("MOECC_TRITON_DECODE_MAX_TOKENS", 4, int, "up to
 TRITON_PDL = Knob("MOECC_TRITON_PDL", True, bool, "launch the decode GEMVs as programmatic dependents of the kernel "
                   "before each (sm_90 or newer): the second streams its weights while the first still runs")
 
-ALL = (DUMP_DIR, LOGS, VERIFY, CACHE_DIR, CAPTURE_CACHE, AUTOTUNE, CUDA_GRAPHS, CUDA_GRAPH_MAX_TOKENS,
+ALL = (DUMP_DIR, LOGS, VERIFY, CACHE_DIR, CAPTURE_CACHE, WATCH_WEIGHTS, AUTOTUNE, CUDA_GRAPHS, CUDA_GRAPH_MAX_TOKENS,
        CUDA_GRAPH_MAX_GRAPHS, TRITON_TMA, TRITON_WS, TRITON_DECODE_MAX_TOKENS, TRITON_PDL)
 
 

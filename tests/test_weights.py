@@ -92,3 +92,34 @@ def test_a_model_made_under_inference_mode():
         torch.testing.assert_close(_logits(cm, ids), _logits(model, ids), rtol=1e-5, atol=1e-5)
         assert cm.captures == 2
 
+
+
+def test_the_watch_can_be_turned_off_and_says_what_it_costs(monkeypatch, caplog):
+    import logging
+
+    from moecc.runtime import compiled
+
+    torch.manual_seed(0)
+    model = make_model("mixtral")
+    ids = torch.randint(0, 97, (2, 6))
+    cm = moecc.compile(model, backend="torch")  # sets the moecc loggers' level from MOECC_LOGS
+    logger, level = logging.getLogger("moecc"), logging.getLogger("moecc").level
+    logger.addHandler(caplog.handler)  # moecc's logger has a handler of its own and does not propagate
+    logger.setLevel(logging.WARNING)
+    monkeypatch.setattr(compiled, "WATCH_COST_WARNING_S", 0.0)
+    try:
+        _logits(cm, ids)
+    finally:
+        logger.removeHandler(caplog.handler)
+        logger.setLevel(level)
+    assert any("MOECC_WATCH_WEIGHTS=0" in r.getMessage() for r in caplog.records)
+
+    monkeypatch.setenv("MOECC_WATCH_WEIGHTS", "0")
+    cm = moecc.compile(model, backend="torch")
+    _logits(cm, ids)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.25)
+    # not compiled again: the expert copies keep the values they were built with, as asked
+    assert not torch.allclose(_logits(cm, ids), _logits(model, ids), rtol=1e-3, atol=1e-3)
+    assert cm.captures == 1 and len(cm._entries[-1].weights) == 0

@@ -29,6 +29,8 @@ from moecc.runtime.weights import WeightWatch
 
 log = logging.getLogger("moecc.runtime")
 
+WATCH_COST_WARNING_S = 5e-4  # a weight check this long is a tenth of a decode step or more
+
 
 @dataclass
 class _Entry:
@@ -373,8 +375,12 @@ def build(model: nn.Module, args, kwargs, backend: str, options: dict, dump_fold
     for info in layers.values():
         if not info.fused and not info.reason:
             info.reason = "experts were recognized but not fused (see the fuse_experts pass summary)"
+    weights = WeightWatch(model, program, knobs.WATCH_WEIGHTS.get())
+    if (cost := weights.cost()) > WATCH_COST_WARNING_S:
+        log.warning("checking the %d parameters of %s for changes takes %.2f ms before each call; set "
+                    "MOECC_WATCH_WEIGHTS=0 if its weights do not change after compile", len(weights),
+                    type(model).__name__, cost * 1e3)
     entry = _Entry(program, cap.in_spec, cap.out_spec, cap.tensor_pos,
                    [None if isinstance(v, torch.Tensor) else v for v in cap.flat_inputs], shapes, symbols,
-                   [t.dtype for t in cap.tensor_inputs], layers, backend, cap.flat_inputs, lowest,
-                   WeightWatch(model, program))
+                   [t.dtype for t in cap.tensor_inputs], layers, backend, cap.flat_inputs, lowest, weights)
     return entry, BuildInfo(cap, timing.records, backend, graph)

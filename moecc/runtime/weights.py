@@ -4,11 +4,14 @@ A program reads most parameters where the model keeps them, but some it copies a
 stacked or re-laid out (``place_experts``, shared experts folded into the grouped GEMM) and, on ONNX Runtime, every
 weight. A model whose weights change after compile (``load_state_dict``, an in-place update, a parameter assigned
 anew, which the program does not see even where it reads the model's tensors in place) would then run with the old
-ones; the runtime checks ``WeightWatch.changed`` before each call and compiles again. Edits through ``param.data``
+ones; the runtime checks ``WeightWatch.changed`` before each call and compiles again (``MOECC_WATCH_WEIGHTS=0``
+turns the check off). Edits through ``param.data``
 bypass the version counter that this reads and are not seen, nor are in-place edits of parameters made under
 ``torch.inference_mode()``, which have no version counter."""
 
 from __future__ import annotations
+
+import time
 
 import torch
 from torch import nn
@@ -22,15 +25,24 @@ class WeightWatch:
 
     __slots__ = ("_slots",)
 
-    def __init__(self, model: nn.Module, program: object) -> None:
-        held = _storages(program)
+    def __init__(self, model: nn.Module, program: object, enabled: bool = True) -> None:
         self._slots = []
+        if not enabled:
+            return
+        held = _storages(program)
         for prefix, module in model.named_modules(remove_duplicate=False):
             for name, param in module._parameters.items():
                 if param is not None:
                     # the data pointer: ``model.half()`` and ``.to()`` swap a parameter's data and keep its version
                     stamp = None if _storage(param) in held else _stamp(param)
                     self._slots.append((module._parameters, name, param, stamp, f"{prefix}.{name}" if prefix else name))
+
+    def cost(self) -> float:
+        """Seconds one ``changed`` takes (a model with many small parameters, such as a ``ModuleList`` of experts
+        in every layer, pays this on every call)."""
+        start = time.perf_counter()
+        self.changed()
+        return time.perf_counter() - start
 
     def __len__(self) -> int:
         return len(self._slots)
