@@ -242,11 +242,11 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, fuse: bool = True) -> C
         examples, reference, observed = _record_examples(model, blocks, *pytree.tree_unflatten(flat_inputs, in_spec))
     except Exception as exc:
         raise CaptureError(f"{type(model).__name__} failed on the example inputs before capture: {exc}") from exc
-    kept = {n: (f"the model returns what its {', '.join(subs)} computed (a recorded output such as "
-                "output_router_logits=True), which a fused block does not compute apart")
-            for n, subs in observed.items()}
-    blocks = [(n, b) for n, b in blocks if n not in kept]
-    for name, why in kept.items():
+    unfused = {n: (f"the model returns what its {', '.join(subs)} computed (a recorded output such as "
+                   "output_router_logits=True), which a fused block does not compute apart")
+               for n, subs in observed.items()}
+    blocks = [(n, b) for n, b in blocks if n not in unfused]
+    for name, why in unfused.items():
         log.warning("MoE block %s left as written: %s", name, why)
     missing = [n for n, _ in blocks if n not in examples]
     blocks = [(n, b) for n, b in blocks if n in examples]
@@ -263,14 +263,14 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, fuse: bool = True) -> C
         try:
             gm, targets = _export(model, wrapper, flat_inputs, blocks, examples)
         except CaptureError as exc:
-            if not kept:
+            if not unfused:
                 raise
-            raise CaptureError(f"{exc}\nIts MoE blocks {', '.join(kept)} were traced as written, since the model "
+            raise CaptureError(f"{exc}\nIts MoE blocks {', '.join(unfused)} were traced as written, since the model "
                                "returns what parts of them computed (output_router_logits=True, say): a call "
                                "that leaves those outputs out is fused.") from exc.__cause__
         if key:
             capture_cache.save(key, gm, targets, model)
-    return Captured(gm, in_spec, out_spec, targets, flat_inputs, flat_ref, wrapper.tensor_pos, kept)
+    return Captured(gm, in_spec, out_spec, targets, flat_inputs, flat_ref, wrapper.tensor_pos, unfused)
 
 
 def _unaliased(tensors: list[torch.Tensor]) -> list[torch.Tensor]:

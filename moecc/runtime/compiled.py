@@ -20,6 +20,7 @@ from moecc.codegen.lower import EXPERT_LAYOUT, lower, resolve_backend
 from moecc.errors import BackendError, CacheError, MoeccError
 from moecc.ir import MoELayerInfo
 from moecc.passes import DumpIR, PassManager, Timing, default_pipeline
+from moecc.passes.base import layers_of
 from moecc.report import graph_summary
 from moecc.runtime import kv_cache
 from moecc.runtime.cudagraphs import GraphCache, graphed_ops, replays
@@ -332,7 +333,7 @@ def build(model: nn.Module, args, kwargs, backend: str, options: dict, dump_fold
                  ", ".join(value_sized[:3]))
         backend = "torch"
     for name, why in cap.unfused.items():
-        cap.gm.meta.setdefault("moecc_layers", {})[name] = MoELayerInfo(name=name, reason=why)
+        layers_of(cap.gm)[name] = MoELayerInfo(name=name, reason=why)
     pipeline = default_pipeline(EXPERT_LAYOUT[backend], options.get("copy_expert_weights"))
     manager = PassManager(pipeline, instruments, repro_dir=dump_folder)
     try:

@@ -75,7 +75,7 @@ def _eager_varies(model: nn.Module, entry, flat: list, tolerance: float | None) 
     for a, b in zip(*outs):
         if isinstance(a, torch.Tensor) and a.is_floating_point():
             err = _rel(a, b)
-            if not err <= (tolerance or (1e-4 if a.dtype in (torch.float32, torch.float64) else 5e-2)):
+            if not err <= _bound(a.dtype, tolerance):
                 return f"relative difference {err:.2e}"
     return None
 
@@ -124,7 +124,7 @@ def _disagreement(model: nn.Module, entry, flat: list, tolerance: float | None, 
     for r, g in zip(ref, got):
         if isinstance(r, torch.Tensor) and r.is_floating_point():
             err = _rel(_unpadded(g, kept), _unpadded(r, kept))
-            tol = tolerance or (1e-4 if r.dtype in (torch.float32, torch.float64) else 5e-2)
+            tol = _bound(r.dtype, tolerance)
             if not err <= tol and r.dtype in (torch.bfloat16, torch.float16) and tolerance is None:
                 if sensitivity is None:
                     names = [info.name for info in entry.layers.values() if info.fused]
@@ -188,6 +188,11 @@ def _other_shape_like(entry, grow) -> list | None:
             shape.append(int(e.subs(values)))
         flat[pos] = _fresh(t, tuple(shape), g)
     return flat
+
+
+def _bound(dtype: torch.dtype, tolerance: float | None) -> float:
+    """The relative error the check allows an output of ``dtype`` (before a bf16/fp16 rounding sensitivity)."""
+    return tolerance or (1e-4 if dtype in (torch.float32, torch.float64) else 5e-2)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
