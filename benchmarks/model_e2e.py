@@ -1,6 +1,7 @@
 """End-to-end and compile-time measurements on Mixtral-shaped models (CUDA, bf16).
 
-    python benchmarks/model_e2e.py e2e               # 4 layers, HF (grouped_mm) against moecc (triton)
+    python benchmarks/model_e2e.py e2e               # 4 layers, HF (grouped_mm) against moecc (triton), also
+                                                     # through torch.compile(backend="moecc")
     python benchmarks/model_e2e.py compile-time      # 32 layers: time of the first call (capture .. kernels)
     python benchmarks/model_e2e.py generate          # 4 layers, greedy generate with a KV cache: HF against moecc
 
@@ -43,17 +44,22 @@ def mixtral(layers: int, shared_experts: bool):
 def e2e():
     model = mixtral(4, shared_experts=False)
     cm = moecc.compile(model, backend="triton")
-    print(f"# {torch.cuda.get_device_name()}: 4-layer Mixtral-shaped model, bf16, ms per forward")
-    print(f"{'batch x seq':>12} {'HF grouped_mm':>14} {'moecc triton':>13} {'speed-up':>9} {'logits err':>11}")
+    dyn = torch.compile(model, backend="moecc", options={"backend": "triton"})
+    print(f"# {torch.cuda.get_device_name()}: 4-layer Mixtral-shaped model, bf16, ms per forward; 'dynamo' is "
+          "torch.compile(model, backend='moecc', options={'backend': 'triton'})")
+    print(f"{'batch x seq':>12} {'HF grouped_mm':>14} {'moecc triton':>13} {'speed-up':>9} {'logits err':>11} "
+          f"{'dynamo':>8} {'speed-up':>9} {'logits err':>11}")
     with torch.no_grad():
         for b, s in ((1, 1), (8, 1), (1, 512), (4, 1024)):
             ids = torch.randint(0, 32000, (b, s), device="cuda")
-            ref = model(input_ids=ids, use_cache=False).logits
-            got = cm(input_ids=ids, use_cache=False).logits
-            err = ((got.float() - ref.float()).norm() / ref.float().norm()).item()
+            ref = model(input_ids=ids, use_cache=False).logits.float()
+            err = ((cm(input_ids=ids, use_cache=False).logits.float() - ref).norm() / ref.norm()).item()
+            dyn_err = ((dyn(input_ids=ids, use_cache=False).logits.float() - ref).norm() / ref.norm()).item()
             hf = cuda_time(lambda ids=ids: model(input_ids=ids, use_cache=False))
             mc = cuda_time(lambda ids=ids: cm(input_ids=ids, use_cache=False))
-            print(f"{b:>5} x {s:<5} {hf:14.3f} {mc:13.3f} {hf / mc:8.2f}x {err:11.1e}", flush=True)
+            dy = cuda_time(lambda ids=ids: dyn(input_ids=ids, use_cache=False))
+            print(f"{b:>5} x {s:<5} {hf:14.3f} {mc:13.3f} {hf / mc:8.2f}x {err:11.1e} {dy:8.3f} {hf / dy:8.2f}x "
+                  f"{dyn_err:11.1e}", flush=True)
 
 
 def compile_time(layers: int):

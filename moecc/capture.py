@@ -89,6 +89,16 @@ class Captured:
         return [self.flat_inputs[i] for i in self.tensor_pos]
 
 
+@dataclass
+class CaptureHints:
+    """What the caller knows of a model before its capture; torch.compile's graphs come with both."""
+
+    # per tensor input, the dims that may vary (None: capture's own rule, every token dim)
+    dynamic_dims: list[set[int]] | None = None
+    # module path -> why a MoE block is no longer a module of the model (dynamo traced it into ops)
+    unfused: dict[str, str] = field(default_factory=dict)
+
+
 class _FlatCall(nn.Module):
     """Calls the model from its flat tensor inputs; non-tensor inputs are constants of this capture."""
 
@@ -107,8 +117,11 @@ class _FlatCall(nn.Module):
         return tuple(pytree.tree_leaves(self.model(*args, **kwargs)))
 
 
-def _dynamic_shapes(tensors: list[torch.Tensor]):
-    """Every token dim may vary: all dims of integer inputs, all but the last (feature) dim of float inputs."""
+def _dynamic_shapes(tensors: list[torch.Tensor], dynamic_dims: list[set[int]] | None = None):
+    """Every token dim may vary: all dims of integer inputs, all but the last (feature) dim of float inputs; or the
+    ``dynamic_dims`` given."""
+    if dynamic_dims is not None:
+        return tuple({i: torch.export.Dim.AUTO for i in sorted(dims)} for dims in dynamic_dims)
     return tuple({i: torch.export.Dim.AUTO for i in range(t.dim()) if not t.is_floating_point() or i < t.dim() - 1}
                  for t in tensors)
 
@@ -229,7 +242,9 @@ def forget_calls() -> None:
     EXAMPLE_CALLS.clear()
 
 
-def capture(model: nn.Module, args: tuple, kwargs: dict, fuse: bool = True) -> Captured:
+def capture(model: nn.Module, args: tuple, kwargs: dict, fuse: bool = True,
+            hints: CaptureHints | None = None) -> Captured:
+    hints = hints or CaptureHints()
     blocks = find_moe_blocks(model) if fuse else []
     log.info("found %d MoE block(s): %s", len(blocks), ", ".join(n for n, _ in blocks) or "-")
     owners = expert_owners(model, [n for n, _ in blocks]) if fuse else []
@@ -245,6 +260,7 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, fuse: bool = True) -> C
     unfused = {n: (f"the model returns what its {', '.join(subs)} computed (a recorded output such as "
                    "output_router_logits=True), which a fused block does not compute apart")
                for n, subs in observed.items()}
+    given_unfused = {n: why for n, why in hints.unfused.items() if n not in unfused}
     blocks = [(n, b) for n, b in blocks if n not in unfused]
     for name, why in unfused.items():
         log.warning("MoE block %s left as written: %s", name, why)
@@ -254,14 +270,15 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, fuse: bool = True) -> C
         log.info("MoE blocks not called by this input, left as they are: %s", ", ".join(missing))
     wrapper = _FlatCall(model, in_spec, flat_inputs)
     flat_ref, out_spec = pytree.tree_flatten(reference)
-    key = fingerprint(model, flat_inputs, in_spec, [n for n, _ in blocks]) if knobs.CAPTURE_CACHE.get() else None
+    key = (fingerprint(model, flat_inputs, in_spec, [n for n, _ in blocks], hints.dynamic_dims)
+           if knobs.CAPTURE_CACHE.get() else None)
     cached = capture_cache.load(key, model) if key else None
     if cached is not None:
         log.info("capture from the cache (%s)", key[:12])
         gm, targets = cached
     else:
         try:
-            gm, targets = _export(model, wrapper, flat_inputs, blocks, examples)
+            gm, targets = _export(model, wrapper, flat_inputs, blocks, examples, hints.dynamic_dims)
         except CaptureError as exc:
             if not unfused:
                 raise
@@ -270,7 +287,8 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, fuse: bool = True) -> C
                                "that leaves those outputs out is fused.") from exc.__cause__
         if key:
             capture_cache.save(key, gm, targets, model)
-    return Captured(gm, in_spec, out_spec, targets, flat_inputs, flat_ref, wrapper.tensor_pos, unfused)
+    return Captured(gm, in_spec, out_spec, targets, flat_inputs, flat_ref, wrapper.tensor_pos,
+                    {**given_unfused, **unfused})
 
 
 def _unaliased(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -288,11 +306,12 @@ def _unaliased(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return out
 
 
-def _export(model, wrapper: _FlatCall, flat_inputs: list, blocks, examples) -> tuple[torch.fx.GraphModule, dict]:
+def _export(model, wrapper: _FlatCall, flat_inputs: list, blocks, examples,
+            dynamic_dims: list[set[int]] | None = None) -> tuple[torch.fx.GraphModule, dict]:
     tensors = _unaliased([v for v in flat_inputs if isinstance(v, torch.Tensor)])
     try:
         with _blocks_as_leaves(blocks, examples), torch.no_grad(), _quiet_export():
-            ep = torch.export.export(wrapper, tuple(tensors), dynamic_shapes=(_dynamic_shapes(tensors),),
+            ep = torch.export.export(wrapper, tuple(tensors), dynamic_shapes=(_dynamic_shapes(tensors, dynamic_dims),),
                                      strict=False)
     except CaptureError:
         raise

@@ -121,7 +121,7 @@ def _module_entry(name: str, module: nn.Module) -> tuple:
     return (name, type(module).__module__, type(module).__qualname__, module.training, attrs)
 
 
-def parts(model: nn.Module, flat_inputs: list, in_spec, block_names: list[str]):
+def parts(model: nn.Module, flat_inputs: list, in_spec, block_names: list[str], dynamic_dims=None):
     """The fingerprint's ingredients, in order (readable: tests compare them to find what moved a key)."""
     import moecc.capture as capture_module
 
@@ -130,6 +130,8 @@ def parts(model: nn.Module, flat_inputs: list, in_spec, block_names: list[str]):
     if "transformers" in sys.modules:
         yield ("transformers", getattr(sys.modules["transformers"], "__version__", "?"))
     yield (str(in_spec), tuple(block_names))
+    if dynamic_dims is not None:
+        yield ("dynamic dims", tuple(tuple(sorted(d)) for d in dynamic_dims))
     for v in flat_inputs:
         if isinstance(v, torch.Tensor):
             yield ("input", str(v.dtype), tuple(v.shape), str(v.device))
@@ -149,9 +151,9 @@ def parts(model: nn.Module, flat_inputs: list, in_spec, block_names: list[str]):
             yield (kind, name, str(t.dtype), tuple(t.shape), str(t.device), t.requires_grad, tied)
 
 
-def fingerprint(model: nn.Module, flat_inputs: list, in_spec, block_names: list[str]) -> str:
+def fingerprint(model: nn.Module, flat_inputs: list, in_spec, block_names: list[str], dynamic_dims=None) -> str:
     h = hashlib.sha256()
-    for part in parts(model, flat_inputs, in_spec, block_names):
+    for part in parts(model, flat_inputs, in_spec, block_names, dynamic_dims):
         h.update(repr(part).encode())
         h.update(b"\0")
     return h.hexdigest()

@@ -1,16 +1,106 @@
-"""``torch.compile(model, backend="moecc")``: each graph dynamo hands over is compiled by moecc."""
+"""``torch.compile(model, backend="moecc")``: each graph dynamo hands over is compiled by moecc.
+
+The MoE blocks dynamo traced into the graph get their modules back first (``dynamo_blocks.lift_blocks``), so they
+are recognized and fused as under ``moecc.compile``; a graph without one runs as dynamo traced it.
+``torch.compile(..., options={...})`` takes moecc.compile's backend and options:
+``options={"backend": "triton", "cuda_graphs": False}``."""
 
 from __future__ import annotations
 
+import logging
+import weakref
+
 import torch
+from torch import fx
+
+log = logging.getLogger("moecc.dynamo")
+
+_COMPILED: list[weakref.ref] = []
 
 
-def moecc_backend(gm: torch.fx.GraphModule, example_inputs, **kwargs):
-    from moecc.api import compile as moecc_compile
+def compiled_graphs() -> list:
+    """The CompiledModules of the graphs torch.compile handed to moecc in this process that are still alive, oldest
+    first: ``[g.moe_layers for g in moecc.dynamo.compiled_graphs()]`` says what each fused, or why not."""
+    alive = [ref() for ref in _COMPILED]
+    return [c for c in alive if c is not None]
 
-    compiled = moecc_compile(gm, backend=kwargs.get("backend", "torch"), verify=False)
+
+def _copy(gm: fx.GraphModule) -> fx.GraphModule:
+    """A GraphModule of its own over a copy of ``gm``'s graph: dynamo still reads the graph it handed over."""
+    graph = fx.Graph()
+    out = graph.graph_copy(gm.graph, {})
+    graph.output(out)
+    return fx.GraphModule(gm, graph)
+
+
+def _tensor_dims(gm: fx.GraphModule) -> list[tuple[fx.Node, list]]:
+    return [(n, list(n.meta["example_value"].shape)) for n in gm.graph.nodes
+            if n.op == "placeholder" and isinstance(n.meta.get("example_value"), torch.Tensor)]
+
+
+def sizes_from_tensors(gm: fx.GraphModule) -> list[int]:
+    """Make ``gm`` read each symbolic size dynamo passes as an input of its own (``s0``) off a tensor input that
+    has it; the positions of the inputs it still reads. moecc keeps a program's non-tensor inputs as constants, so
+    it would capture again for every new size."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    tensors = _tensor_dims(gm)
+    first_tensor = next((n for n, _ in tensors), None)
+    for node in placeholders:
+        size = node.meta.get("example_value")
+        if not isinstance(size, torch.SymInt) or first_tensor is None:
+            continue
+        found = next(((t, i) for t, dims in tensors for i, d in enumerate(dims)
+                      if isinstance(d, torch.SymInt) and d.node.expr == size.node.expr), None)
+        if found is None:
+            continue
+        last = placeholders[-1]
+        with gm.graph.inserting_after(last):
+            read = gm.graph.call_function(torch.ops.aten.sym_size.int, found)
+        read.meta["example_value"] = size
+        node.replace_all_uses_with(read)
+    kept = [i for i, n in enumerate(placeholders) if n.users or isinstance(n.meta.get("example_value"), torch.Tensor)]
+    for i, node in enumerate(placeholders):
+        if i not in kept:
+            gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.recompile()
+    return kept
+
+
+def _dynamic_dims(gm: fx.GraphModule) -> list[set[int]]:
+    """The dims dynamo keeps symbolic, per tensor input: the graph is specialized to every other size (a view to
+    (2, 8, -1, 8), say), so the program must be too."""
+    return [{i for i, d in enumerate(dims) if not isinstance(d, int)} for _, dims in _tensor_dims(gm)]
+
+
+def moecc_backend(gm: fx.GraphModule, example_inputs, mode: str | None = None, options: dict | None = None):
+    from moecc import api, logs
+    from moecc.capture import CaptureHints
+    from moecc.dynamo_blocks import lift_blocks
+
+    if mode not in (None, "default"):
+        raise ValueError(f"torch.compile(backend='moecc') takes no mode ({mode!r}); moecc's Triton backend replays "
+                         "CUDA graphs for small token counts by itself (options={'cuda_graphs': False} turns that off)")
+    options = dict(options or {})
+    backend = options.pop("backend", "auto")
+    dump_dir = options.pop("dump_dir", None)
+    api._check_args(gm, backend, dump_dir, options)
+    logs.configure()
+    lifted = lift_blocks(_copy(gm), example_inputs)
+    for name, why in lifted.unfused.items():
+        log.warning("MoE block %s runs as dynamo traced it: %s", name, why)
+    if not lifted.blocks:
+        log.info("torch.compile graph of %d nodes: no MoE block, run as dynamo traced it", len(gm.graph.nodes))
+        return gm.forward
+    log.info("torch.compile graph: MoE blocks %s given back their modules", ", ".join(lifted.blocks))
+    gm = lifted.gm
+    gm.training = False  # dynamo traced the model in its own mode; the check's messages read this flag
+    kept = sizes_from_tensors(gm)
+    compiled = api.compile(gm, backend=backend, dump_dir=dump_dir, **options)
+    compiled.hints = CaptureHints(_dynamic_dims(gm), dict(lifted.unfused))
+    _COMPILED.append(weakref.ref(compiled))
 
     def run(*args):
-        return compiled(*args)
+        return compiled(*(args[i] for i in kept))
 
     return run

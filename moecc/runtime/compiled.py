@@ -15,7 +15,7 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from moecc import knobs
-from moecc.capture import capture, forget_calls
+from moecc.capture import CaptureHints, capture, forget_calls
 from moecc.codegen.lower import EXPERT_LAYOUT, lower, resolve_backend
 from moecc.errors import BackendError, CacheError, MoeccError
 from moecc.ir import MoELayerInfo
@@ -158,6 +158,7 @@ class CompiledModule(nn.Module):
         self._cache_arg = cache_argument(model)
         self._compiling = False
         self._told_no_grad = False
+        self.hints = CaptureHints()
         # a Hugging Face model's calls may carry a KV cache (``kv_cache``)
         self._takes_caches = getattr(model, "config", None) is not None and kv_cache.register()
 
@@ -282,7 +283,7 @@ class CompiledModule(nn.Module):
         folder = None
         if self.dump_dir:
             folder = Path(self.dump_dir) if self.captures == 1 else Path(self.dump_dir) / f"capture_{self.captures}"
-        entry, _ = build(self.original_model, args, kwargs, self.backend, self.options, folder)
+        entry, _ = build(self.original_model, args, kwargs, self.backend, self.options, folder, hints=self.hints)
         if folder is not None:
             print(f"moecc: pass dumps in {folder}")
         if self.verify:
@@ -297,7 +298,7 @@ class CompiledModule(nn.Module):
                 if self.backend != "auto" or entry.backend == "torch" or tolerance is not None:
                     raise
                 log.warning("%s; backend='auto' falls back to torch", exc)
-                entry, _ = build(self.original_model, args, kwargs, "torch", self.options, None)
+                entry, _ = build(self.original_model, args, kwargs, "torch", self.options, None, hints=self.hints)
                 verify(self.original_model, entry)
             log.info("check on fresh inputs: %.2f s", time.perf_counter() - start)
         self._entries.append(entry)
@@ -313,14 +314,15 @@ class BuildInfo:
 
 
 def build(model: nn.Module, args, kwargs, backend: str, options: dict, dump_folder: Path | None,
-          program_folder: str | None = None, calibration: tuple | None = None) -> tuple[_Entry, BuildInfo]:
+          program_folder: str | None = None, calibration: tuple | None = None,
+          hints: CaptureHints | None = None) -> tuple[_Entry, BuildInfo]:
     """Capture, run the pass pipeline (with dumps when asked) and lower to a backend."""
     from moecc.codegen.onnx.quant import quant_spec
 
     quant = quant_spec(options.get("quantize"), options.get("quant_block_size", 0),
                        options.get("quant_int8_activations", False))
     start = time.perf_counter()
-    cap = capture(model, args, kwargs, fuse=options.get("fuse", True))
+    cap = capture(model, args, kwargs, fuse=options.get("fuse", True), hints=hints)
     log.info("capture: %.2f s", time.perf_counter() - start)
     timing = Timing()
     instruments: list = [timing]
@@ -372,7 +374,7 @@ def build(model: nn.Module, args, kwargs, backend: str, options: dict, dump_fold
         if requested != "auto" or quant is not None:
             raise
         log.warning("backend %s failed (%s); backend='auto' falls back to torch", backend, exc)
-        return build(model, args, kwargs, "torch", options, None, program_folder, calibration)
+        return build(model, args, kwargs, "torch", options, None, program_folder, calibration, hints)
     for info in layers.values():
         if not info.fused and not info.reason:
             info.reason = "experts were recognized but not fused (see the fuse_experts pass summary)"

@@ -1,0 +1,129 @@
+"""torch.compile(model, backend="moecc"): the MoE blocks dynamo traced into its graphs are fused."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from hf_models import make_inputs, make_model
+from user_modules import BmmMoE, GShardMoE, LoopMoE, TinyModel
+
+import moecc
+import moecc.dynamo
+from moecc.discover import find_moe_blocks
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# a static graph, dynamo's recompile for batch 1, then one graph with symbolic batch and sequence for the rest
+SHAPES = [(2, 8), (1, 5), (3, 11), (3, 13), (4, 6)]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _graphs_since(before: list) -> list:
+    return [g for g in moecc.dynamo.compiled_graphs() if all(g is not b for b in before)]
+
+
+def _on(inputs: dict) -> dict:
+    return {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+
+
+@pytest.mark.parametrize("family,backend", [("mixtral", "torch"), ("deepseek_v3", "torch"), ("gpt_oss", "torch"),
+                                            ("qwen2_moe", "auto"), ("mixtral", "triton")])
+def test_hf_blocks_are_fused_in_every_graph_dynamo_hands_over(family, backend):
+    before = moecc.dynamo.compiled_graphs()
+    torch.manual_seed(0)
+    model = make_model(family).to(DEVICE).eval()
+    compiled = torch.compile(model, backend="moecc", options={"backend": backend})
+    for b, s in SHAPES[:3] if backend == "triton" else SHAPES:
+        inputs = _on(make_inputs(family, b, s, seed=b * s))
+        with torch.no_grad():
+            got, ref = compiled(**inputs).logits, model(**inputs).logits
+        assert ((got - ref).norm() / ref.norm()).item() < 1e-4
+    graphs = _graphs_since(before)
+    assert graphs, "no graph reached moecc"
+    blocks = len(find_moe_blocks(model))
+    for g in graphs:
+        assert g.captures == 1  # a new size in a graph with symbolic sizes reuses its program
+        assert len(g.moe_layers) == blocks and all(layer.fused for layer in g.moe_layers), g.moe_layers
+        assert all(layer.name.startswith("model.layers.") for layer in g.moe_layers)
+    if backend == "auto" and DEVICE == "cpu":
+        assert {g._entries[-1].backend for g in graphs} == {"onnxruntime"}
+
+
+@pytest.mark.parametrize("block", [BmmMoE, GShardMoE])
+def test_user_blocks_traced_whole_are_fused(block):
+    before = moecc.dynamo.compiled_graphs()
+    torch.manual_seed(0)
+    model = TinyModel(block()).eval()
+    compiled = torch.compile(model, backend="moecc", options={"backend": "torch"})
+    for shape in SHAPES:
+        x = torch.randint(0, 50, shape, generator=torch.Generator().manual_seed(shape[1]))
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+    layers = [layer for g in _graphs_since(before) for layer in g.moe_layers]
+    assert layers and all(layer.fused and layer.name == "moe" for layer in layers)
+
+
+def test_graphs_without_a_whole_block_run_as_traced():
+    """An expert loop over torch.where makes dynamo break the block into pieces: no graph holds it whole, so no
+    graph goes through moecc, and the model computes what it computes eagerly."""
+    before = moecc.dynamo.compiled_graphs()
+    torch.manual_seed(0)
+    model = TinyModel(LoopMoE()).eval()
+    compiled = torch.compile(model, backend="moecc")
+    x = torch.randint(0, 50, (2, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x))
+    assert _graphs_since(before) == []
+
+
+def test_recorded_router_logits_keep_their_blocks_as_traced_and_say_why(caplog, monkeypatch):
+    monkeypatch.setenv("MOECC_LOGS", "warning")  # each graph's compile sets moecc's log level from it
+    torch.manual_seed(0)
+    model = make_model("mixtral").eval()
+    compiled = torch.compile(model, backend="moecc", options={"backend": "torch"})
+    inputs = make_inputs("mixtral", 2, 8)
+    logger = logging.getLogger("moecc")
+    logger.addHandler(caplog.handler)
+    try:
+        with torch.no_grad():
+            got = compiled(**inputs, output_router_logits=True)
+            ref = model(**inputs, output_router_logits=True)
+    finally:
+        logger.removeHandler(caplog.handler)
+    torch.testing.assert_close(got.logits, ref.logits)
+    for a, b in zip(got.router_logits, ref.router_logits):
+        torch.testing.assert_close(a, b)
+    assert "runs as dynamo traced it" in caplog.text and "router_logits" in caplog.text
+
+
+def test_generate_with_a_compiled_forward():
+    before = moecc.dynamo.compiled_graphs()
+    torch.manual_seed(0)
+    model = make_model("mixtral").eval()
+    ids = make_inputs("mixtral", 1, 8)["input_ids"]
+    with torch.no_grad():
+        ref = model.generate(ids, max_new_tokens=5, do_sample=False)
+        model.forward = torch.compile(model.forward, backend="moecc", options={"backend": "torch"})
+        got = model.generate(ids, max_new_tokens=5, do_sample=False)
+    assert torch.equal(got, ref)
+    graphs = _graphs_since(before)
+    # the prompt, the first decode step, then every later one (the cache length symbolic): one capture each
+    assert len(graphs) == 3 and all(g.captures == 1 for g in graphs)
+    assert all(layer.fused for g in graphs for layer in g.moe_layers)
+
+
+def test_options_are_moecc_compile_options():
+    model = TinyModel(BmmMoE()).eval()
+    x = torch.randint(0, 50, (2, 8))
+    with pytest.raises(Exception, match="unknown option 'tile'"):
+        torch.compile(model, backend="moecc", options={"tile": 64})(x)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="takes no mode"):
+        torch.compile(model, backend="moecc", mode="max-autotune")(x)
