@@ -18,6 +18,18 @@ log = logging.getLogger("moecc.dynamo")
 _COMPILED: list[weakref.ref] = []
 
 
+def register_unless_installed() -> None:
+    """Name the backend for torch.compile where moecc runs from a source tree: installed, its entry point does
+    (and torch._dynamo, which registering imports, takes a second to import)."""
+    from importlib.metadata import entry_points
+
+    if "moecc" in entry_points(group="torch_dynamo_backends").names:
+        return
+    from torch._dynamo import register_backend
+
+    register_backend(moecc_backend, name="moecc")
+
+
 def compiled_graphs() -> list:
     """The CompiledModules of the graphs torch.compile handed to moecc in this process that are still alive, oldest
     first: ``[g.moe_layers for g in moecc.dynamo.compiled_graphs()]`` says what each fused, or why not."""

@@ -127,3 +127,14 @@ def test_options_are_moecc_compile_options():
     torch._dynamo.reset()
     with pytest.raises(Exception, match="takes no mode"):
         torch.compile(model, backend="moecc", mode="max-autotune")(x)
+
+
+def test_a_source_tree_without_the_entry_point_registers_the_backend_itself(monkeypatch):
+    import importlib.metadata
+    from types import SimpleNamespace
+
+    registered = []
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: SimpleNamespace(names=set()))
+    monkeypatch.setattr(torch._dynamo, "register_backend", lambda fn, name: registered.append((fn, name)))
+    moecc.dynamo.register_unless_installed()
+    assert registered == [(moecc.dynamo.moecc_backend, "moecc")]
