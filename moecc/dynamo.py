@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import weakref
 
-import torch
 from torch import fx
 
 log = logging.getLogger("moecc.dynamo")
@@ -45,50 +44,11 @@ def _copy(gm: fx.GraphModule) -> fx.GraphModule:
     return fx.GraphModule(gm, graph)
 
 
-def _tensor_dims(gm: fx.GraphModule) -> list[tuple[fx.Node, list]]:
-    return [(n, list(n.meta["example_value"].shape)) for n in gm.graph.nodes
-            if n.op == "placeholder" and isinstance(n.meta.get("example_value"), torch.Tensor)]
-
-
-def sizes_from_tensors(gm: fx.GraphModule) -> list[int]:
-    """Make ``gm`` read each symbolic size dynamo passes as an input of its own (``s0``) off a tensor input that
-    has it; the positions of the inputs it still reads. moecc keeps a program's non-tensor inputs as constants, so
-    it would capture again for every new size."""
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    tensors = _tensor_dims(gm)
-    first_tensor = next((n for n, _ in tensors), None)
-    for node in placeholders:
-        size = node.meta.get("example_value")
-        if not isinstance(size, torch.SymInt) or first_tensor is None:
-            continue
-        found = next(((t, i) for t, dims in tensors for i, d in enumerate(dims)
-                      if isinstance(d, torch.SymInt) and d.node.expr == size.node.expr), None)
-        if found is None:
-            continue
-        last = placeholders[-1]
-        with gm.graph.inserting_after(last):
-            read = gm.graph.call_function(torch.ops.aten.sym_size.int, found)
-        read.meta["example_value"] = size
-        node.replace_all_uses_with(read)
-    kept = [i for i, n in enumerate(placeholders) if n.users or isinstance(n.meta.get("example_value"), torch.Tensor)]
-    for i, node in enumerate(placeholders):
-        if i not in kept:
-            gm.graph.erase_node(node)
-    gm.graph.lint()
-    gm.recompile()
-    return kept
-
-
-def _dynamic_dims(gm: fx.GraphModule) -> list[set[int]]:
-    """The dims dynamo keeps symbolic, per tensor input: the graph is specialized to every other size (a view to
-    (2, 8, -1, 8), say), so the program must be too."""
-    return [{i for i, d in enumerate(dims) if not isinstance(d, int)} for _, dims in _tensor_dims(gm)]
-
-
 def moecc_backend(gm: fx.GraphModule, example_inputs, mode: str | None = None, options: dict | None = None):
     from moecc import api, logs
     from moecc.capture import CaptureHints
     from moecc.dynamo_blocks import lift_blocks
+    from moecc.dynamo_inputs import take_inputs
 
     if mode not in (None, "default"):
         raise ValueError(f"torch.compile(backend='moecc') takes no mode ({mode!r}); moecc's Triton backend replays "
@@ -107,12 +67,12 @@ def moecc_backend(gm: fx.GraphModule, example_inputs, mode: str | None = None, o
     log.info("torch.compile graph: MoE blocks %s given back their modules", ", ".join(lifted.blocks))
     gm = lifted.gm
     gm.training = False  # dynamo traced the model in its own mode; the check's messages read this flag
-    kept = sizes_from_tensors(gm)
+    inputs = take_inputs(gm, example_inputs)
     compiled = api.compile(gm, backend=backend, dump_dir=dump_dir, **options)
-    compiled.hints = CaptureHints(_dynamic_dims(gm), dict(lifted.unfused))
+    compiled.hints = CaptureHints(inputs.dynamic_dims, dict(lifted.unfused))
     _COMPILED.append(weakref.ref(compiled))
 
     def run(*args):
-        return compiled(*(args[i] for i in kept))
+        return compiled(*inputs.select(gm, args))
 
     return run

@@ -138,3 +138,23 @@ def test_a_source_tree_without_the_entry_point_registers_the_backend_itself(monk
     monkeypatch.setattr(torch._dynamo, "register_backend", lambda fn, name: registered.append((fn, name)))
     moecc.dynamo.register_unless_installed()
     assert registered == [(moecc.dynamo.moecc_backend, "moecc")]
+
+
+def test_weights_are_attributes_of_the_graph_and_followed_when_replaced():
+    """Dynamo passes weights as inputs; the compiled graph reads them as attributes (CUDA graph replays and the
+    check on fresh inputs take activations only), bound anew when the model holds another tensor."""
+    before = moecc.dynamo.compiled_graphs()
+    torch.manual_seed(0)
+    model = make_model("mixtral").eval()
+    compiled = torch.compile(model, backend="moecc", options={"backend": "torch"})
+    inputs = make_inputs("mixtral", 2, 8)
+    with torch.no_grad():
+        compiled(**inputs)
+        (graph,) = _graphs_since(before)
+        assert [type(t) for t in graph._entries[-1].example_inputs] == [torch.Tensor]  # the token ids
+        attn = model.model.layers[0].self_attn.q_proj
+        attn.weight = torch.nn.Parameter(attn.weight * 2)
+        experts = model.model.layers[1].mlp.experts
+        experts.down_proj = torch.nn.Parameter(experts.down_proj * 2)
+        model.model.norm.weight.mul_(3)
+        torch.testing.assert_close(compiled(**inputs).logits, model(**inputs).logits)
