@@ -49,6 +49,7 @@ def moecc_backend(gm: fx.GraphModule, example_inputs, mode: str | None = None, o
     from moecc.capture import CaptureHints
     from moecc.dynamo_blocks import lift_blocks
     from moecc.dynamo_inputs import take_inputs
+    from moecc.errors import MoeccError
 
     if mode not in (None, "default"):
         raise ValueError(f"torch.compile(backend='moecc') takes no mode ({mode!r}); moecc's Triton backend replays "
@@ -58,6 +59,7 @@ def moecc_backend(gm: fx.GraphModule, example_inputs, mode: str | None = None, o
     dump_dir = options.pop("dump_dir", None)
     api._check_args(gm, backend, dump_dir, options)
     logs.configure()
+    original = gm
     lifted = lift_blocks(_copy(gm), example_inputs)
     for name, why in lifted.unfused.items():
         log.warning("MoE block %s runs as dynamo traced it: %s", name, why)
@@ -72,7 +74,19 @@ def moecc_backend(gm: fx.GraphModule, example_inputs, mode: str | None = None, o
     compiled.hints = CaptureHints(inputs.dynamic_dims, dict(lifted.unfused))
     _COMPILED.append(weakref.ref(compiled))
 
+    traced = original.forward
+    state = {"failed": False}
+
     def run(*args):
-        return compiled(*inputs.select(gm, args))
+        if state["failed"]:
+            return traced(*args)
+        try:
+            return compiled(*inputs.select(gm, args))
+        except MoeccError as exc:
+            # torch.compile promises the model's numbers: a graph moecc cannot compile runs as dynamo traced it
+            state["failed"] = True
+            log.warning("moecc could not compile a torch.compile graph holding MoE blocks %s, which runs as dynamo "
+                        "traced it from now on: %s", ", ".join(lifted.blocks), exc)
+            return traced(*args)
 
     return run

@@ -62,17 +62,18 @@ def _stack_modules(gm: fx.GraphModule) -> dict[str, tuple[str, type]]:
 
 def _live_modules(stack: dict[str, tuple[str, type]]) -> dict[str, nn.Module]:
     """The modules of ``stack`` that are alive, by the ``id`` dynamo keys them with, checked against their type."""
-    wanted = {}
+    wanted: dict[int, list[tuple[str, type]]] = {}
     for key, (_, kind) in stack.items():
-        if key.isdigit():
-            wanted[int(key)] = (key, kind)
+        address = key.split("@", 1)[0]  # a module's second call in the graph is keyed "<id>@1"
+        if address.isdigit():
+            wanted.setdefault(int(address), []).append((key, kind))
     if not wanted:
         return {}
     found = {}
     for obj in gc.get_objects():
-        hit = wanted.get(id(obj))
-        if hit is not None and type(obj) is hit[1]:
-            found[hit[0]] = obj
+        for key, kind in wanted.get(id(obj), ()):
+            if type(obj) is kind:
+                found[key] = obj
     return found
 
 

@@ -18,6 +18,7 @@ from torch import fx, nn
 class GraphInputs:
     positions: list[int]  # of dynamo's inputs, those the compiled graph takes, in order
     bound: dict[int, str] = field(default_factory=dict)  # dynamo's input position -> attribute of the graph
+    numbers: set[int] = field(default_factory=set)  # positions of Python numbers dynamo passes as 0-d tensors
     dynamic_dims: list[set[int]] = field(default_factory=list)  # per input taken: the dims dynamo keeps symbolic
 
     def select(self, gm: fx.GraphModule, args: tuple) -> list:
@@ -25,7 +26,7 @@ class GraphInputs:
         for i, name in self.bound.items():
             if getattr(gm, name) is not args[i]:
                 _bind(gm, name, args[i])
-        return [args[i] for i in self.positions]
+        return [args[i].item() if i in self.numbers else args[i] for i in self.positions]
 
 
 def _bind(gm: fx.GraphModule, name: str, value: torch.Tensor) -> None:
@@ -65,6 +66,41 @@ def _bind_weights(gm: fx.GraphModule, placeholders: list[fx.Node], example_input
     return bound
 
 
+def _reads_the_number(node: fx.Node) -> bool:
+    return (node.op == "call_method" and node.target == "item") or (
+        node.op == "call_function" and node.target in (torch.ops.aten.item.default,
+                                                       torch.ops.aten._local_scalar_dense.default))
+
+
+def _numbers_as_numbers(gm: fx.GraphModule, placeholders: list[fx.Node]) -> set[int]:
+    """A Python number dynamo passes as a 0-d tensor (``dynamic=True`` does, for float attributes) is taken as the
+    number, which moecc keeps as a constant of the capture (torch.export cannot guard on a tensor's value); the
+    graph turns it back into the tensor it reads."""
+    numbers, alive = set(), _placeholders(gm)
+    last = [n for n in placeholders if n in alive][-1]
+    for i, node in enumerate(placeholders):
+        if node not in alive or not getattr(node.meta.get("grapharg"), "pass_arg_as_tensor", False):
+            continue
+        value = node.meta.get("example_value")
+        if not isinstance(value, torch.Tensor) or value.dim() != 0:
+            continue
+        users = list(node.users)
+        with gm.graph.inserting_after(last):
+            tensor = gm.graph.call_function(torch.scalar_tensor, (node,), {"dtype": value.dtype})
+        tensor.meta["example_value"] = value
+        for user in users:
+            if _reads_the_number(user):
+                user.replace_all_uses_with(node)
+                gm.graph.erase_node(user)
+            else:
+                user.replace_input_with(node, tensor)
+        if not tensor.users:
+            gm.graph.erase_node(tensor)
+        node.meta = {k: v for k, v in node.meta.items() if k != "example_value"}
+        numbers.add(i)
+    return numbers
+
+
 def _tensor_dims(nodes: list[fx.Node]) -> list[tuple[fx.Node, list]]:
     return [(n, list(n.meta["example_value"].shape)) for n in nodes
             if isinstance(n.meta.get("example_value"), torch.Tensor)]
@@ -94,6 +130,7 @@ def take_inputs(gm: fx.GraphModule, example_inputs) -> GraphInputs:
     """Rewrite ``gm`` (in place) to take the inputs of ``GraphInputs.positions`` only."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     bound = _bind_weights(gm, placeholders, example_inputs)
+    numbers = _numbers_as_numbers(gm, placeholders)
     left = _placeholders(gm)
     for node in _read_sizes_off_tensors(gm, [n for n in placeholders if n in left]):
         gm.graph.erase_node(node)
@@ -103,7 +140,7 @@ def take_inputs(gm: fx.GraphModule, example_inputs) -> GraphInputs:
     gm.recompile()
     taken = [placeholders[i] for i in positions]
     dims = [{d for d, size in enumerate(shape) if not isinstance(size, int)} for _, shape in _tensor_dims(taken)]
-    return GraphInputs(positions, bound, dims)
+    return GraphInputs(positions, bound, numbers, dims)
 
 
 def _placeholders(gm: fx.GraphModule) -> set[fx.Node]:

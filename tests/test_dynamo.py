@@ -158,3 +158,65 @@ def test_weights_are_attributes_of_the_graph_and_followed_when_replaced():
         experts.down_proj = torch.nn.Parameter(experts.down_proj * 2)
         model.model.norm.weight.mul_(3)
         torch.testing.assert_close(compiled(**inputs).logits, model(**inputs).logits)
+
+
+def test_dynamic_true_takes_python_numbers_as_constants():
+    """With dynamic=True dynamo passes float attributes (attention scaling) as 0-d tensors whose value the graph
+    reads; the compiled graph takes them as numbers."""
+    before = moecc.dynamo.compiled_graphs()
+    torch.manual_seed(0)
+    model = make_model("qwen3_moe").eval()
+    compiled = torch.compile(model, backend="moecc", dynamic=True, options={"backend": "torch"})
+    for b, s in [(2, 8), (3, 11), (4, 5)]:
+        inputs = make_inputs("qwen3_moe", b, s)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(**inputs).logits, model(**inputs).logits)
+    graphs = _graphs_since(before)
+    assert len(graphs) == 1 and graphs[0].captures == 1 and all(layer.fused for layer in graphs[0].moe_layers)
+
+
+class _CalledTwice(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = TinyModel(BmmMoE())
+
+    def forward(self, ids):
+        h = self.inner.embed(ids)
+        h = h + self.inner.moe(self.inner.norm(h))
+        return self.inner.head(h + self.inner.moe(h * 0.5))
+
+
+def test_a_block_called_twice_is_put_back_at_each_call():
+    before = moecc.dynamo.compiled_graphs()
+    torch.manual_seed(0)
+    model = _CalledTwice().eval()
+    compiled = torch.compile(model, backend="moecc", options={"backend": "torch"})
+    x = torch.randint(0, 50, (2, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+    (graph,) = _graphs_since(before)
+    assert graph.original_model.code.count("self.inner.moe(") == 2
+    assert [layer.name for layer in graph.moe_layers] == ["inner.moe"] and graph.moe_layers[0].fused
+
+
+def test_a_graph_moecc_cannot_compile_runs_as_traced_with_a_warning(caplog, monkeypatch):
+    import moecc.runtime.compiled as runtime
+
+    def refuse(*args, **kwargs):
+        raise moecc.CaptureError("refused for the test")
+
+    monkeypatch.setattr(runtime, "capture", refuse)
+    monkeypatch.setenv("MOECC_LOGS", "warning")
+    torch.manual_seed(0)
+    model = make_model("mixtral").eval()
+    compiled = torch.compile(model, backend="moecc", options={"backend": "torch"})
+    logger = logging.getLogger("moecc")
+    logger.addHandler(caplog.handler)
+    try:
+        with torch.no_grad():
+            for seed in range(2):
+                inputs = make_inputs("mixtral", 2, 8, seed=seed)
+                torch.testing.assert_close(compiled(**inputs).logits, model(**inputs).logits)
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert caplog.text.count("runs as dynamo traced it from now on: refused for the test") == 1
