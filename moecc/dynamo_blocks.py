@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import operator
 import re
 from dataclasses import dataclass, field
 
@@ -207,8 +208,11 @@ def _close(a, b) -> bool:
 
 def _match_outputs(call: _Call, block: nn.Module, seen: dict[fx.Node, object]) -> tuple[list, str | None]:
     """The key path into the block's output of each of ``call.outputs``; or why there is none."""
-    with torch.no_grad():
-        out = block(seen[call.x])
+    try:
+        with torch.no_grad():
+            out = block(seen[call.x])
+    except Exception as exc:  # noqa: BLE001 - a block that takes more than its hidden states, say
+        return [], f"the block fails when called on the tensor its ops read ({exc})"
     leaves = pytree.tree_flatten_with_path(out)[0]
     paths = []
     for node in call.outputs:
@@ -224,8 +228,6 @@ def _match_outputs(call: _Call, block: nn.Module, seen: dict[fx.Node, object]) -
 
 
 def _read_path(graph: fx.Graph, value: fx.Node, path) -> fx.Node:
-    import operator
-
     for key in path:
         if isinstance(key, pytree.SequenceKey):
             value = graph.call_function(operator.getitem, (value, key.idx))
@@ -269,6 +271,8 @@ def lift_blocks(gm: fx.GraphModule, example_inputs) -> Lifted:
         name = module_name(stack[key][0])
         own = _own_tensors(block)
         for nodes in _calls(gm, key):
+            if not any(isinstance(n.meta.get("example_value"), torch.Tensor) for n in nodes):
+                continue  # no call: a global switch the block flips (grad mode), left in place
             call = _Call(nodes)
             why = _describe_call(call, values_of, own)
             if why is not None:
@@ -285,8 +289,12 @@ def lift_blocks(gm: fx.GraphModule, example_inputs) -> Lifted:
     except _NoValue as exc:
         lifted.unfused.update({name: str(exc) for name, _, _ in planned})
         return lifted
-    with torch.no_grad():
-        recorder.run(*inputs)
+    try:
+        with torch.no_grad():
+            recorder.run(*inputs)
+    except Exception as exc:  # noqa: BLE001 - no evidence, so no block is put back
+        lifted.unfused.update({name: f"the graph failed on its example inputs ({exc})" for name, _, _ in planned})
+        return lifted
     for name, block, call in planned:
         paths, why = _match_outputs(call, block, recorder.seen)
         if why is not None:
