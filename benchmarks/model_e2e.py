@@ -3,6 +3,7 @@
     python benchmarks/model_e2e.py e2e               # 4 layers, HF (grouped_mm) against moecc (triton), also
                                                      # through torch.compile(backend="moecc")
     python benchmarks/model_e2e.py compile-time      # 32 layers: time of the first call (capture .. kernels)
+    python benchmarks/model_e2e.py compile-time --dynamo   # the same through torch.compile(backend="moecc")
     python benchmarks/model_e2e.py generate          # 4 layers, greedy generate with a KV cache: HF against moecc
 
 Compile time counts capture, recognition, passes, lowering, the check on fresh inputs and kernel compilation.
@@ -62,17 +63,27 @@ def e2e():
                   f"{dyn_err:11.1e}", flush=True)
 
 
-def compile_time(layers: int):
+def compile_time(layers: int, via_dynamo: bool = False):
     model = mixtral(layers, shared_experts=True)
     ids = torch.randint(0, 32000, (1, 16), device="cuda")
+    before = moecc.dynamo.compiled_graphs()
     start = time.perf_counter()
-    cm = moecc.compile(model, backend="triton")
+    if via_dynamo:
+        cm = torch.compile(model, backend="moecc", options={"backend": "triton"})
+    else:
+        cm = moecc.compile(model, backend="triton")
     with torch.no_grad():
         cm(input_ids=ids, use_cache=False)
     torch.cuda.synchronize()
     first = time.perf_counter() - start
-    assert len(cm.moe_layers) == layers and all(layer.fused for layer in cm.moe_layers)
-    print(f"compile-time layers={layers} first-call seconds={first:.1f}", flush=True)
+    if via_dynamo:
+        graphs = [g for g in moecc.dynamo.compiled_graphs() if all(g is not b for b in before)]
+        layers_seen = [layer for g in graphs for layer in g.moe_layers]
+    else:
+        layers_seen = cm.moe_layers
+    assert len(layers_seen) == layers and all(layer.fused for layer in layers_seen)
+    print(f"compile-time layers={layers} via={'torch.compile' if via_dynamo else 'moecc.compile'} "
+          f"first-call seconds={first:.1f}", flush=True)
 
 
 def _timed_generate(generate, ids, new_tokens: int, rounds: int = 3) -> tuple[float, torch.Tensor]:
@@ -115,13 +126,14 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("what", choices=["e2e", "compile-time", "generate"])
     ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--dynamo", action="store_true", help="compile-time: through torch.compile(backend='moecc')")
     a = ap.parse_args()
     if a.what == "e2e":
         e2e()
     elif a.what == "generate":
         generate()
     else:
-        compile_time(a.layers)
+        compile_time(a.layers, a.dynamo)
 
 
 if __name__ == "__main__":
