@@ -260,7 +260,6 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, fuse: bool = True,
     unfused = {n: (f"the model returns what its {', '.join(subs)} computed (a recorded output such as "
                    "output_router_logits=True), which a fused block does not compute apart")
                for n, subs in observed.items()}
-    given_unfused = {n: why for n, why in hints.unfused.items() if n not in unfused}
     blocks = [(n, b) for n, b in blocks if n not in unfused]
     for name, why in unfused.items():
         log.warning("MoE block %s left as written: %s", name, why)
@@ -288,7 +287,7 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, fuse: bool = True,
         if key:
             capture_cache.save(key, gm, targets, model)
     return Captured(gm, in_spec, out_spec, targets, flat_inputs, flat_ref, wrapper.tensor_pos,
-                    {**given_unfused, **unfused})
+                    {**hints.unfused, **unfused})
 
 
 def _unaliased(tensors: list[torch.Tensor]) -> list[torch.Tensor]:

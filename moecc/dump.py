@@ -98,9 +98,9 @@ def _import_line(name: str, obj) -> str:
 
 
 def stage_source(gm: fx.GraphModule, store: TensorStore, title: str) -> str:
-    graph = fx.Graph()
-    out = graph.graph_copy(gm.graph, {})
-    graph.output(out)
+    from moecc.passes.graph_utils import copy_graph  # moecc.passes imports this module
+
+    graph = copy_graph(gm.graph)
     attrs: dict[str, str] = {}
     modules: dict[str, str] = {}
     for node in graph.nodes:

@@ -38,10 +38,9 @@ def compiled_graphs() -> list:
 
 def _copy(gm: fx.GraphModule) -> fx.GraphModule:
     """A GraphModule of its own over a copy of ``gm``'s graph: dynamo still reads the graph it handed over."""
-    graph = fx.Graph()
-    out = graph.graph_copy(gm.graph, {})
-    graph.output(out)
-    return fx.GraphModule(gm, graph)
+    from moecc.passes.graph_utils import copy_graph
+
+    return fx.GraphModule(gm, copy_graph(gm.graph))
 
 
 def moecc_backend(gm: fx.GraphModule, example_inputs, mode: str | None = None, options: dict | None = None):
@@ -75,16 +74,17 @@ def moecc_backend(gm: fx.GraphModule, example_inputs, mode: str | None = None, o
     _COMPILED.append(weakref.ref(compiled))
 
     traced = original.forward
-    state = {"failed": False}
+    failed = False
 
     def run(*args):
-        if state["failed"]:
+        nonlocal failed
+        if failed:
             return traced(*args)
         try:
             return compiled(*inputs.select(gm, args))
         except MoeccError as exc:
             # torch.compile promises the model's numbers: a graph moecc cannot compile runs as dynamo traced it
-            state["failed"] = True
+            failed = True
             log.warning("moecc could not compile a torch.compile graph holding MoE blocks %s, which runs as dynamo "
                         "traced it from now on: %s", ", ".join(lifted.blocks), exc)
             return traced(*args)

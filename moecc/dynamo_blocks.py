@@ -140,7 +140,7 @@ def _describe_call(call: _Call, values_of: dict[fx.Node, object], own: set[int])
         example = values_of.get(m, m.meta.get("example_value"))
         if m.op == "get_attr" or (m.op == "placeholder" and isinstance(example, torch.Tensor) and id(example) in own):
             continue  # the block's weights, or a constant of the graph (the block computes its own)
-        if isinstance(example, torch.Tensor) or isinstance(m.meta.get("example_value"), torch.Tensor):
+        if isinstance(example, torch.Tensor):
             activations.append(m)
     if len(activations) != 1:
         return (f"its traced ops read {len(activations)} tensors besides its own weights; only a block called on "

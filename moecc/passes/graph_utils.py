@@ -12,6 +12,13 @@ def attr_of(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
     return getattr(gm.get_submodule(owner) if owner else gm, name)
 
 
+def copy_graph(graph: fx.Graph) -> fx.Graph:
+    """A new graph with ``graph``'s nodes, output included."""
+    copy = fx.Graph()
+    copy.output(copy.graph_copy(graph, {}))
+    return copy
+
+
 def nodes_calling(gm: fx.GraphModule, op) -> list[fx.Node]:
     return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is op]
 

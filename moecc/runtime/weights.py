@@ -5,9 +5,8 @@ stacked or re-laid out (``place_experts``, shared experts folded into the groupe
 weight. A model whose weights change after compile (``load_state_dict``, an in-place update, a parameter assigned
 anew, which the program does not see even where it reads the model's tensors in place) would then run with the old
 ones; the runtime checks ``WeightWatch.changed`` before each call and compiles again (``MOECC_WATCH_WEIGHTS=0``
-turns the check off). Edits through ``param.data``
-bypass the version counter that this reads and are not seen, nor are in-place edits of parameters made under
-``torch.inference_mode()``, which have no version counter."""
+turns the check off). Edits through ``param.data`` bypass the version counter that this reads and are not seen, nor
+are in-place edits of parameters made under ``torch.inference_mode()``, which have no version counter."""
 
 from __future__ import annotations
 
