@@ -50,6 +50,10 @@ SHAPES = {
     "qwen2_moe": ("qwen2_moe", "Qwen2MoeConfig", dict(hidden_size=2048, moe_intermediate_size=1408, num_experts=60,
                                                      num_experts_per_tok=4, shared_expert_intermediate_size=5632,
                                                      norm_topk_prob=False), "Qwen2MoeSparseMoeBlock"),
+    # a size no released model has (no shipped tiles): what a user's own model gets untuned
+    "custom": ("qwen3_moe", "Qwen3MoeConfig", dict(hidden_size=3072, moe_intermediate_size=1024, num_experts=96,
+                                                  num_experts_per_tok=6, norm_topk_prob=True),
+               "Qwen3MoeSparseMoeBlock"),
     # smaller CPU-friendly shapes with the same structure
     "mixtral_cpu": ("mixtral", "MixtralConfig", dict(hidden_size=1024, intermediate_size=3584, num_local_experts=8,
                                                     num_experts_per_tok=2), "MixtralSparseMoeBlock"),

@@ -47,7 +47,8 @@ def test_shipped_configs_cover_h100_and_h200_and_fit():
             for bucket in (1, 8, 64, 512, 4096, 16384):
                 assert f"{device}|bfloat16|{shape}|T{bucket}|gemm1" in table
     for key, cfg in table.items():  # tuned tiles ran, so the fit must leave them as they are
-        tile = TileConfig(**cfg)
+        assert cfg["top_k"] >= 1, key
+        tile = configs._config(cfg)
         assert configs.fit_shared_memory(tile, 2, 2 if key.endswith("gemm1") else 1, H100_SMEM) == tile, key
 
 
@@ -59,6 +60,30 @@ def test_untuned_shape_takes_the_nearest_shipped_one_then_the_heuristic():
     assert configs.nearest_shipped("Some Other GPU", torch.bfloat16, 64, 1024, 2048, 256, "gemm1") is None
     c1, c2 = configs.choose("Some Other GPU", torch.bfloat16, 64, 1024, 2048, 256, 2048)
     assert c1 == configs.heuristic(2048 / 64, torch.bfloat16, False) and c2.block_m == c1.block_m
+
+
+def test_tiles_tuned_at_another_top_k_are_not_taken_for_the_same_key(tmp_path, monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.setenv("MOECC_CACHE_DIR", str(tmp_path))
+    dev = "Test GPU (top-k)"
+    tuned = TileConfig(128, 128, 64, 8, 8, 4)
+    configs.store(dev, torch.bfloat16, 64, 1024, 2048, 512, "gemm1", tuned, top_k=8)
+    assert configs.lookup(dev, torch.bfloat16, 64, 1024, 2048, 512, "gemm1", 8) == tuned
+    assert configs.lookup(dev, torch.bfloat16, 64, 1024, 2048, 512, "gemm1", 1) is None
+    assert configs.lookup(dev, torch.bfloat16, 64, 1024, 2048, 512, "gemm1") == tuned  # top-k unknown: any fits
+
+
+def test_nearest_shipped_tiles_follow_pairs_per_expert():
+    """OLMoE's shape (E 64, H 2048, I 1024) at top-2 has a quarter of top-8's rows per expert: 512 tokens at top-2
+    are matched with tiles tuned at 16 rows per expert, not with OLMoE's own 64-row tiles at 512 tokens."""
+    dev = "NVIDIA H100 80GB HBM3"
+    own = configs.lookup(dev, torch.bfloat16, 64, 1024, 2048, 512, "gemm1", 8)
+    assert own is not None and own.block_m == 64
+    assert configs.lookup(dev, torch.bfloat16, 64, 1024, 2048, 512, "gemm1", 2) is None
+    near = configs.nearest_shipped(dev, torch.bfloat16, 64, 1024, 2048, 512, "gemm1", top_k=2)
+    assert near.block_m < own.block_m
+    c1, _ = configs.choose(dev, torch.bfloat16, 64, 2048, 1024, 512, 512 * 2)
+    assert c1 == near
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="tuning times kernels on a GPU")
@@ -76,4 +101,4 @@ def test_tuning_a_decode_bucket_times_graph_replays_and_stores_tiles(tmp_path, m
     monkeypatch.setattr(tune, "_graph_timer", counting_timer)
     c1, c2, ms = tune.tune_shape(4, 128, 64, 2, 8, torch.float16)  # 8 tokens: replayed from CUDA graphs
     assert timed and 0 < ms < float("inf") and c1.block_m == c2.block_m
-    assert configs.lookup(torch.cuda.get_device_name(), torch.float16, 4, 64, 128, 8, "gemm1") == c1
+    assert configs.lookup(torch.cuda.get_device_name(), torch.float16, 4, 64, 128, 8, "gemm1", 2) == c1

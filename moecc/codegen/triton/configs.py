@@ -99,7 +99,7 @@ def _shipped_key(device_name: str, dtype: torch.dtype, e: int, n: int, k: int, b
     return f"{device_name}|{str(dtype).replace('torch.', '')}|E{e}|N{n}|K{k}|T{bucket}|{which}"
 
 
-_memory: dict[str, TileConfig | None] = {}
+_memory: dict[tuple[str, int | None], TileConfig | None] = {}
 _tables: dict[Path, dict] = {}
 _chosen: dict[tuple, tuple[TileConfig, TileConfig]] = {}
 
@@ -110,14 +110,29 @@ def _table(path: Path) -> dict:
     return _tables[path]
 
 
-def lookup(device_name: str, dtype, e, n, k, bucket, which) -> TileConfig | None:
-    """The tuned (user cache) or shipped config for exactly this key, else None; misses are remembered too."""
+def _config(entry: dict) -> TileConfig:
+    return TileConfig(**{name: entry[name] for name in TileConfig.__dataclass_fields__ if name in entry})
+
+
+def _fits_top_k(entry: dict, top_k: int | None) -> bool:
+    """Whether a table entry was tuned at this many pairs per token (entries without ``top_k`` fit any): the tiles
+    follow the rows per expert, and a token bucket holds k times as many pairs at top-k as at top-1."""
+    return top_k is None or entry.get("top_k") in (None, top_k)
+
+
+def lookup(device_name: str, dtype, e, n, k, bucket, which, top_k: int | None = None) -> TileConfig | None:
+    """The tuned (user cache) or shipped config for exactly this key and ``top_k`` (pairs per token, shared
+    experts included), else None; misses are remembered too."""
     key = _key(device_name, dtype, e, n, k, bucket, which)
-    if key not in _memory:
-        found = _table(knobs.cache_dir() / "triton_configs.json").get(key) or _table(SHIPPED).get(
-            _shipped_key(device_name, dtype, e, n, k, bucket, which))
-        _memory[key] = TileConfig(**found) if found else None
-    return _memory[key]
+    if (key, top_k) not in _memory:
+        found = None
+        for entry in (_table(knobs.cache_dir() / "triton_configs.json").get(key),
+                      _table(SHIPPED).get(_shipped_key(device_name, dtype, e, n, k, bucket, which))):
+            if entry and _fits_top_k(entry, top_k):
+                found = _config(entry)
+                break
+        _memory[(key, top_k)] = found
+    return _memory[(key, top_k)]
 
 
 def _family(device_name: str) -> str | None:
@@ -128,23 +143,25 @@ def _family(device_name: str) -> str | None:
     return None
 
 
-def nearest_shipped(device_name: str, dtype, e, n, k, bucket, which) -> TileConfig | None:
+def nearest_shipped(device_name: str, dtype, e, n, k, bucket, which, top_k: int | None = None) -> TileConfig | None:
     """The shipped config of the most similar shape on this device and dtype (rows per expert first, then N and
     K), or on a GPU of the same family when this one has none: an untuned shape starts from what was tuned for
-    its neighbours rather than from a generic heuristic."""
+    its neighbours rather than from a generic heuristic. Rows per expert count pairs (``bucket * top_k / e``)
+    where the entry and the call both know their top-k, else tokens."""
     dt = str(dtype).replace("torch.", "")
     devices = {key.split("|", 1)[0] for key in _table(SHIPPED)}
     same = [device_name] if device_name in devices else [d for d in devices if _family(d) == _family(device_name)]
     best, best_d = None, float("inf")
-    for key, cfg in _table(SHIPPED).items():
+    for key, entry in _table(SHIPPED).items():
         device, key_dt, rest = key.split("|", 2)
         if device not in same or key_dt != dt or not key.endswith(f"|{which}"):
             continue
         e2, n2, k2, t2 = (int(part[1:]) for part in rest.split("|")[:4])
-        d = (abs(math.log2(bucket / e) - math.log2(t2 / e2)) + 0.5 * abs(math.log2(n / n2))
-             + 0.5 * abs(math.log2(k / k2)))
+        per_token, per_token2 = (top_k, entry["top_k"]) if top_k and entry.get("top_k") else (1, 1)
+        d = (abs(math.log2(bucket * per_token / e) - math.log2(t2 * per_token2 / e2))
+             + 0.5 * abs(math.log2(n / n2)) + 0.5 * abs(math.log2(k / k2)))
         if d < best_d:
-            best, best_d = TileConfig(**cfg), d
+            best, best_d = _config(entry), d
     return best
 
 
@@ -153,12 +170,13 @@ def choose(device_name: str, dtype, e: int, hidden: int, inter: int, tokens: int
     """(GEMM 1, GEMM 2) tiles: tuned or shipped for this key, else the nearest shipped shape, else the heuristic.
     Both GEMMs walk the same aligned rows, so GEMM 2 takes GEMM 1's block_m. Memoized: this runs per call."""
     bucket = token_bucket(tokens)
-    memo = (device_name, dtype, e, hidden, inter, bucket, token_bucket(pairs))
+    top_k = max(1, round(pairs / tokens)) if tokens > 0 else None
+    memo = (device_name, dtype, e, hidden, inter, bucket, token_bucket(pairs), top_k)
     if memo not in _chosen:
         cfgs = []
         for which, n, k in (("gemm1", inter, hidden), ("gemm2", hidden, inter)):
-            cfg = lookup(device_name, dtype, e, n, k, bucket, which)
-            cfg = cfg or nearest_shipped(device_name, dtype, e, n, k, bucket, which)
+            cfg = lookup(device_name, dtype, e, n, k, bucket, which, top_k)
+            cfg = cfg or nearest_shipped(device_name, dtype, e, n, k, bucket, which, top_k)
             cfgs.append(cfg or heuristic(pairs / max(e, 1), dtype, False))
         c1, c2 = cfgs
         if c2.block_m != c1.block_m:
@@ -167,14 +185,16 @@ def choose(device_name: str, dtype, e: int, hidden: int, inter: int, tokens: int
     return _chosen[memo]
 
 
-def store(device_name: str, dtype, e, n, k, bucket, which, cfg: TileConfig) -> None:
+def store(device_name: str, dtype, e, n, k, bucket, which, cfg: TileConfig, top_k: int | None = None) -> None:
+    """Save a tuned config in the user cache, with the top-k (pairs per token) it was tuned at."""
     key = _key(device_name, dtype, e, n, k, bucket, which)
-    _memory[key] = cfg
+    for memo in [m for m in _memory if m[0] == key]:
+        del _memory[memo]
     _chosen.clear()
     path = knobs.cache_dir() / "triton_configs.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     table = json.loads(path.read_text()) if path.exists() else {}
-    table[key] = asdict(cfg)
+    table[key] = {**asdict(cfg), **({"top_k": top_k} if top_k else {})}
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(table, indent=1, sort_keys=True))
     tmp.replace(path)

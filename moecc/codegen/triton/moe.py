@@ -40,7 +40,7 @@ def _maybe_tune(x: Tensor, num_experts: int, hidden: int, inter: int, top_k: int
     if INTERPRET or not x.is_cuda or not knobs.AUTOTUNE.get() or torch.cuda.is_current_stream_capturing():
         return
     bucket = configs.token_bucket(x.shape[0])
-    if configs.lookup(_device_name(x), x.dtype, num_experts, inter, hidden, bucket, "gemm1") is None:
+    if configs.lookup(_device_name(x), x.dtype, num_experts, inter, hidden, bucket, "gemm1", top_k) is None:
         from moecc.codegen.triton.tune import tune
 
         tune([(num_experts, hidden, inter, top_k)], [bucket], x.dtype)
@@ -140,6 +140,7 @@ def fused_moe_shared_triton(
     all_ids = torch.cat([ids, torch.arange(num_routed, num_routed + m, device=x.device).expand(t, m)], 1)
     all_w = torch.cat([weights.float(), shared_w.expand(t, m)], 1)
     inter = up_rows // 2 if gated else up_rows
+    _maybe_tune(x, num_routed + m, hidden, inter, k + m, gated)
     cfg1, cfg2 = pick_configs(x, num_routed + m, hidden, inter, t * (k + m))
     return run_experts(x, all_w.contiguous(), all_ids.contiguous(), w_up.to(x.dtype), w_down.to(x.dtype), None,
                        None, activation, gated, alpha, limit, cfg1, cfg2, shared_up.to(x.dtype),

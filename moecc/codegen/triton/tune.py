@@ -120,8 +120,12 @@ def tune_shape(num_experts: int, hidden: int, inter: int, top_k: int, tokens: in
         raise RuntimeError(f"no tile config ran for E={num_experts} H={hidden} I={inter} T={tokens}")
     name = _device_name(x)
     bucket = configs.token_bucket(tokens)
-    configs.store(name, dtype, num_experts, inter, hidden, bucket, "gemm1", best[0])
-    configs.store(name, dtype, num_experts, hidden, inter, bucket, "gemm2", best[1])
+    # stored as launched: a tile over the shared memory limit runs shrunk (``grouped_gemm._fit``)
+    limit = configs.shared_memory_limit(configs.device_index(x))
+    best = (configs.fit_shared_memory(best[0], x.element_size(), 2 if gated else 1, limit),
+            configs.fit_shared_memory(best[1], x.element_size(), 1, limit), best[2])
+    configs.store(name, dtype, num_experts, inter, hidden, bucket, "gemm1", best[0], top_k)
+    configs.store(name, dtype, num_experts, hidden, inter, bucket, "gemm2", best[1], top_k)
     return best
 
 
