@@ -46,6 +46,8 @@ WATCH_WEIGHTS = Knob("MOECC_WATCH_WEIGHTS", True, bool, "before each call, check
 AUTOTUNE = Knob("MOECC_AUTOTUNE", False, bool, "tune Triton MoE tiles on first use of a shape (cached on disk)")
 CUDA_GRAPHS = Knob("MOECC_CUDA_GRAPHS", True, bool, "replay CUDA graphs for small token counts (Triton backend)")
 CUDA_GRAPH_MAX_TOKENS = Knob("MOECC_CUDA_GRAPH_MAX_TOKENS", 512, int, "largest token count that uses CUDA graphs")
+CUDA_GRAPH_REPEAT_MAX_TOKENS = Knob("MOECC_CUDA_GRAPH_REPEAT_MAX_TOKENS", 2048, int,
+                                   "largest token count that uses CUDA graphs from its second call with that shape")
 CUDA_GRAPH_MAX_GRAPHS = Knob("MOECC_CUDA_GRAPH_MAX_GRAPHS", 32, int, "CUDA graphs kept per compiled program (LRU)")
 TRITON_TMA = Knob("MOECC_TRITON_TMA", "auto", str, "large-tile grouped GEMMs read tiles through TMA descriptors: "
                   "auto (Hopper or newer), on (wherever the tensors allow, also in the interpreter), off")
@@ -58,7 +60,7 @@ TRITON_PDL = Knob("MOECC_TRITON_PDL", True, bool, "launch the decode GEMVs as pr
                   "before each (sm_90 or newer): the second streams its weights while the first still runs")
 
 ALL = (DUMP_DIR, LOGS, VERIFY, CACHE_DIR, CAPTURE_CACHE, WATCH_WEIGHTS, AUTOTUNE, CUDA_GRAPHS, CUDA_GRAPH_MAX_TOKENS,
-       CUDA_GRAPH_MAX_GRAPHS, TRITON_TMA, TRITON_WS, TRITON_DECODE_MAX_TOKENS, TRITON_PDL)
+       CUDA_GRAPH_REPEAT_MAX_TOKENS, CUDA_GRAPH_MAX_GRAPHS, TRITON_TMA, TRITON_WS, TRITON_DECODE_MAX_TOKENS, TRITON_PDL)
 
 
 def cache_dir() -> Path:

@@ -7,7 +7,13 @@ buffers rather than copies (on an H100 host a clone of the output took 13 us of 
 replayed only while no alias of its outputs is alive (the storages' use counts say so); otherwise another instance
 of it is captured, up to ``INSTANCES``, after which the call runs without graphs. So an output the caller keeps is
 never overwritten. Graphs share one memory pool for everything else, which is safe because replays run one at a
-time on one stream; the least recently used shape is dropped past ``MOECC_CUDA_GRAPH_MAX_GRAPHS``."""
+time on one stream; the least recently used shape is dropped past ``MOECC_CUDA_GRAPH_MAX_GRAPHS``.
+
+Up to ``MOECC_CUDA_GRAPH_MAX_TOKENS`` (512) tokens a shape is captured on its first call. Above that and up to
+``MOECC_CUDA_GRAPH_REPEAT_MAX_TOKENS`` (2048) it is captured on its second: the host's launch path (about 0.7 ms
+per layer call) still bounds layers of small experts at about 1k tokens, but a capture costs more than one call, so a
+prompt length seen once runs as launched and only a shape that repeats (a batch of fixed length, a benchmark loop)
+pays for its graph."""
 
 from __future__ import annotations
 
@@ -24,6 +30,7 @@ from moecc.runtime.direct import retargeted
 log = logging.getLogger("moecc.runtime")
 
 INSTANCES = 4  # graphs per input shape whose outputs may be alive at once
+SEEN = 64  # shapes above MOECC_CUDA_GRAPH_MAX_TOKENS remembered from their first call
 _use_count = getattr(torch._C, "_storage_Use_Count", None)  # private: without it, outputs are copied out
 
 
@@ -33,12 +40,14 @@ def token_count(tensors: list[torch.Tensor]) -> int:
 
 
 def replays(backend: str, tensors: list[torch.Tensor], enabled: bool | None = None) -> bool:
-    """Whether a call replays a CUDA graph: Triton programs on CUDA inputs, inference only, up to
-    ``MOECC_CUDA_GRAPH_MAX_TOKENS`` tokens; ``enabled`` (the ``cuda_graphs`` option) overrides the knob."""
+    """Whether a call may replay a CUDA graph: Triton programs on CUDA inputs, inference only, up to
+    ``MOECC_CUDA_GRAPH_MAX_TOKENS`` tokens, or ``MOECC_CUDA_GRAPH_REPEAT_MAX_TOKENS`` for shapes seen before
+    (``GraphCache`` decides); ``enabled`` (the ``cuda_graphs`` option) overrides the knob."""
     if backend != "triton" or not tensors or torch.is_grad_enabled() or not all(t.is_cuda for t in tensors):
         return False
     wanted = knobs.CUDA_GRAPHS.get() if enabled is None else enabled
-    return wanted and token_count(tensors) <= knobs.CUDA_GRAPH_MAX_TOKENS.get()
+    return wanted and token_count(tensors) <= max(knobs.CUDA_GRAPH_MAX_TOKENS.get(),
+                                                  knobs.CUDA_GRAPH_REPEAT_MAX_TOKENS.get())
 
 
 class _Instance:
@@ -68,11 +77,12 @@ class GraphCache:
         self.program = program
         self.graphs: OrderedDict[tuple, list[_Instance]] = OrderedDict()
         self.failed: set[tuple] = set()
+        self.seen: OrderedDict[tuple, None] = OrderedDict()  # shapes above MAX_TOKENS called once, newest last
         self.pool = None
 
     def __call__(self, tensors: list[torch.Tensor]):
         key = tuple((t.shape, t.dtype, t.get_device()) for t in tensors)
-        if key in self.failed:
+        if key in self.failed or not self._graphs_now(key, tensors):
             return self.program(*tensors)
         instances = self.graphs.get(key)
         if instances is None:
@@ -93,6 +103,22 @@ class GraphCache:
             log.debug("the outputs of all %d graphs for %s are alive: running without graphs", len(instances), key)
             return self.program(*tensors)
         return free.run(tensors)
+
+    def _graphs_now(self, key: tuple, tensors: list[torch.Tensor]) -> bool:
+        """Whether this call goes through graphs: always up to MAX_TOKENS, from a shape's second call up to
+        REPEAT_MAX_TOKENS (the first one is remembered, among the last ``SEEN`` such shapes)."""
+        tokens = token_count(tensors)
+        if key in self.graphs or tokens <= knobs.CUDA_GRAPH_MAX_TOKENS.get():
+            return True
+        if tokens > knobs.CUDA_GRAPH_REPEAT_MAX_TOKENS.get():
+            return False
+        if key in self.seen:
+            del self.seen[key]
+            return True
+        self.seen[key] = None
+        while len(self.seen) > SEEN:
+            self.seen.popitem(last=False)
+        return False
 
     def _capture(self, tensors) -> _Instance:
         static_in = [t.clone() for t in tensors]

@@ -1,0 +1,60 @@
+"""When ``GraphCache`` captures a shape (CPU: the capture itself is replaced; the CUDA cases are in
+test_cudagraphs.py)."""
+
+import torch
+
+from moecc.runtime import cudagraphs
+from moecc.runtime.cudagraphs import GraphCache
+
+
+class _Replayed:
+    def free(self):
+        return True
+
+    def run(self, tensors):
+        return ("replayed",)
+
+
+def _cache(monkeypatch):
+    captured = []
+
+    def capture(self, tensors):
+        captured.append(cudagraphs.token_count(tensors))
+        return _Replayed()
+
+    monkeypatch.setattr(GraphCache, "_capture", capture)
+    return GraphCache(lambda x: ("launched",)), captured
+
+
+def test_small_shapes_are_captured_at_once_larger_ones_from_their_second_call(monkeypatch):
+    monkeypatch.setenv("MOECC_CUDA_GRAPH_MAX_TOKENS", "512")
+    monkeypatch.setenv("MOECC_CUDA_GRAPH_REPEAT_MAX_TOKENS", "4096")
+    cache, captured = _cache(monkeypatch)
+    small, medium, large = torch.zeros(1, 512, 8), torch.zeros(2, 1000, 8), torch.zeros(1, 4097, 8)
+    assert cache([small]) == ("replayed",) and captured == [512]
+    assert cache([medium]) == ("launched",)  # a prompt length seen once pays no capture
+    assert cache([medium]) == ("replayed",) and captured == [512, 2000]
+    assert cache([medium]) == ("replayed",) and captured == [512, 2000]
+    assert [cache([large]) for _ in range(3)] == [("launched",)] * 3 and captured == [512, 2000]
+
+
+def test_shapes_seen_once_are_forgotten_oldest_first(monkeypatch):
+    monkeypatch.setenv("MOECC_CUDA_GRAPH_MAX_TOKENS", "0")
+    monkeypatch.setattr(cudagraphs, "SEEN", 2)
+    cache, captured = _cache(monkeypatch)
+    a, b, c = (torch.zeros(n, 8) for n in (10, 20, 30))
+    for t in (a, b, c):
+        assert cache([t]) == ("launched",)
+    assert cache([a]) == ("launched",)  # forgotten when c came
+    assert cache([c]) == ("replayed",) and captured == [30]
+
+
+def test_replays_admits_the_repeat_range(monkeypatch):
+    monkeypatch.setenv("MOECC_CUDA_GRAPH_MAX_TOKENS", "512")
+    monkeypatch.setenv("MOECC_CUDA_GRAPH_REPEAT_MAX_TOKENS", "4096")
+    x = torch.zeros(1, 2048, 8)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    with torch.no_grad():
+        assert cudagraphs.replays("triton", [x])
+        assert not cudagraphs.replays("triton", [torch.zeros(1, 4097, 8)])
+        assert not cudagraphs.replays("triton", [x], enabled=False)
