@@ -1,5 +1,6 @@
 """Tile configs for the grouped GEMMs: shipped defaults for Hopper, a heuristic elsewhere, and a persistent
-autotuning cache keyed by (GPU, Triton version, dtype, E, N, K, token bucket)."""
+autotuning cache keyed by (GPU, Triton version, dtype, E, N, K, token bucket), each entry noting the top-k it was
+tuned at."""
 
 from __future__ import annotations
 
