@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import moecc.ops  # noqa: F401 - registers torch.ops.moecc
+from moecc import routing
 from moecc.ir import CapacitySpec, ExpertSpec, ExpertWeights, RoutingSpec, SharedExpert
 
 
@@ -24,7 +25,7 @@ class BlockAnalysis:
     weights: ExpertWeights
     capacity: CapacitySpec = field(default_factory=CapacitySpec)
     shared: list[SharedExpert] = field(default_factory=list)
-    outputs: tuple[str, ...] = ("y",)  # what each block output is: y | weights | ids | logits
+    outputs: tuple[str, ...] = ("y",)  # what each block output is: y | weights | ids | logits | scores
     output_tuple: bool = False
     flat_output: bool = False  # the block returns y as [T, H] whatever the rank of its input (Llama 4's)
     router_program: object = None  # a router no pattern matches, as its own exported graph: x -> (weights, ids)
@@ -104,5 +105,7 @@ class CanonicalMoE(nn.Module):
         if self.post is not None:
             y = self.post(y)
         produced = {"y": y, "weights": weights.to(x.dtype), "ids": ids, "logits": logits}
+        if "scores" in a.outputs:
+            produced["scores"] = routing.scores(logits, r.score)
         outs = tuple(produced[o] for o in a.outputs)
         return outs if a.output_tuple else outs[0]

@@ -23,6 +23,8 @@ from moecc import capture_cache, knobs
 from moecc.capture_key import fingerprint
 from moecc.discover import expert_owners, find_moe_blocks
 from moecc.errors import CaptureError
+from moecc.logs import stderr_to_debug
+from moecc.passes.graph_utils import output_leaves
 
 log = logging.getLogger("moecc.capture")
 
@@ -309,7 +311,8 @@ def _export(model, wrapper: _FlatCall, flat_inputs: list, blocks, examples,
             dynamic_dims: list[set[int]] | None = None) -> tuple[torch.fx.GraphModule, dict]:
     tensors = _unaliased([v for v in flat_inputs if isinstance(v, torch.Tensor)])
     try:
-        with _blocks_as_leaves(blocks, examples), torch.no_grad(), _quiet_export():
+        with _blocks_as_leaves(blocks, examples), torch.no_grad(), _quiet_export(), \
+                stderr_to_debug(log, "torch.export"):
             ep = torch.export.export(wrapper, tuple(tensors), dynamic_shapes=(_dynamic_shapes(tensors, dynamic_dims),),
                                      strict=False)
     except CaptureError:
@@ -328,16 +331,21 @@ def _export(model, wrapper: _FlatCall, flat_inputs: list, blocks, examples,
         gm.graph.erase_node(node)
     by_name = dict(blocks)
     single = {n: not isinstance(examples[n][1], (tuple, list, dict)) for n in by_name}
+    nested = {n: not single[n] and not _flat_sequence(examples[n][1]) for n in by_name}
     try:
-        targets = _leaves_to_modules(gm, by_name, single)
+        targets = _leaves_to_modules(gm, by_name, single, nested)
     finally:
         _CALLS.clear()
     gm.recompile()
     return gm, targets
 
 
-def _leaves_to_modules(gm: torch.fx.GraphModule, blocks: dict[str, nn.Module],
-                       single: dict[str, bool]) -> dict[str, str]:
+def _flat_sequence(out) -> bool:
+    return isinstance(out, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in out)
+
+
+def _leaves_to_modules(gm: torch.fx.GraphModule, blocks: dict[str, nn.Module], single: dict[str, bool],
+                       nested: dict[str, bool]) -> dict[str, str]:
     targets = {}
     leaves = [n for n in gm.graph.nodes if n.target is torch.ops.moecc.opaque_block.default]
     for i, node in enumerate(leaves):
@@ -351,12 +359,16 @@ def _leaves_to_modules(gm: torch.fx.GraphModule, blocks: dict[str, nn.Module],
         with gm.graph.inserting_before(node):
             call = gm.graph.call_module(target, (node.args[0], *args), kwargs)
         call.meta["moecc_block"] = name
-        for user in list(node.users):  # each user is getitem(leaf, j)
+        read = call
+        if nested[name]:
+            with gm.graph.inserting_after(call):
+                read = gm.graph.call_function(output_leaves, (call,))
+        for user in list(node.users):  # each user is getitem(leaf, j), j counting the block's tensor leaves
             if single[name]:
                 user.replace_all_uses_with(call)
                 call.meta["val"] = user.meta.get("val")
                 gm.graph.erase_node(user)
             else:
-                user.args = (call, user.args[1])
+                user.args = (read, user.args[1])
         gm.graph.erase_node(node)
     return targets

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 
 from moecc import knobs
@@ -23,3 +25,20 @@ def configure() -> None:
         logger.addHandler(handler)
         logger.propagate = False
         _configured = True
+
+
+@contextlib.contextmanager
+def stderr_to_debug(logger: logging.Logger, what: str):
+    """What a library prints to stderr inside the block goes to ``logger`` at debug level instead (torch.export
+    prints the whole partial graph on a data-dependent error, which moecc reports and handles in a line); with
+    ``MOECC_LOGS=debug`` it is printed as it comes."""
+    if logger.isEnabledFor(logging.DEBUG):
+        yield
+        return
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(buffer):
+            yield
+    finally:
+        if buffer.getvalue().strip():
+            logger.debug("%s printed:\n%s", what, buffer.getvalue())

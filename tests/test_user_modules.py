@@ -200,3 +200,38 @@ def test_a_block_handed_its_hidden_states_by_keyword():
     assert layer.fused, layer.reason
     x = torch.randint(0, 50, (3, 11))
     torch.testing.assert_close(cm(x), model(x))
+
+
+@pytest.mark.parametrize("read,fused", [("y", True), ("probs", True), ("aux", False)])
+def test_extra_block_outputs_need_reproducing_only_where_the_model_reads_them(read, fused):
+    """A block returning ``(y, (probs, aux_loss))``: outputs the model drops need no canonical counterpart, router
+    probabilities have one, and a loss the model reads keeps the block as written; reading a leaf of the nested
+    outputs works either way (a block left as written is read through ``output_leaves``)."""
+    from user_modules import AuxModel, AuxOutputsMoE
+
+    torch.manual_seed(0)
+    model = AuxModel(AuxOutputsMoE(), read).eval()
+    cm = moecc.compile(model, backend="torch")
+    cm(torch.randint(0, 50, (2, 16)))
+    (layer,) = cm.moe_layers
+    assert layer.fused == fused, layer.reason
+    if not fused:
+        assert "no canonical form reproduces" in layer.reason
+    for shape in ((3, 11), (1, 7)):
+        x = torch.randint(0, 50, shape)
+        ref, got = model(x), cm(x)
+        for r, g in zip(torch.utils._pytree.tree_leaves(ref), torch.utils._pytree.tree_leaves(got)):
+            torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
+
+
+def test_a_failed_onnx_export_prints_no_graph(capfd):
+    """torch.export prints the whole partial graph to stderr on a data-dependent error; moecc reports the failure
+    in one warning and falls back, so the graph goes to the debug log instead."""
+    from user_modules import AuxModel, AuxOutputsMoE
+
+    torch.manual_seed(0)
+    model = AuxModel(AuxOutputsMoE(), "aux").eval()  # its block stays as written: an expert loop ONNX cannot trace
+    cm = moecc.compile(model)
+    cm(torch.randint(0, 50, (2, 16)))
+    assert cm.moe_layers[0].lowering == "" and not cm.moe_layers[0].fused
+    assert "def forward" not in capfd.readouterr().err

@@ -284,3 +284,30 @@ class HashRoutedMoE(LoopMoE):
 
 USER_BLOCKS = {"loop": LoopMoE, "gshard": GShardMoE, "bmm": BmmMoE, "block_bias": BlockBiasMoE,
                "input_scaled": InputScaledMoE, "squared_relu": SquaredReluMoE, "post_norm": PostNormMoE}
+
+
+class AuxOutputsMoE(LoopMoE):
+    """Returns ``(y, (router probabilities, load-balancing loss))``, as research code does for training: the loss is
+    no canonical output, so a model that reads it gets the block as written."""
+
+    def forward(self, x):
+        probs = F.softmax(self.gate(x.reshape(-1, x.shape[-1])), dim=-1)
+        aux = probs.mean(0).pow(2).sum() * probs.shape[-1]
+        return super().forward(x), (probs, aux)
+
+
+class AuxModel(TinyModel):
+    """Reads the block's outputs as ``read`` says: ``"y"`` (drops the rest), ``"probs"`` or ``"aux"`` (returns the
+    router probabilities' mean or the loss beside the logits)."""
+
+    def __init__(self, block: nn.Module, read: str):
+        super().__init__(block)
+        self.read = read
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        y, (probs, aux) = self.moe(self.norm(h))
+        h = h + y
+        if self.read == "y":
+            return self.head(h)
+        return self.head(h), (probs.mean(0) if self.read == "probs" else aux)

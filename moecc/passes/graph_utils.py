@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import fx
+from torch.utils import _pytree as pytree
 
 
 def attr_of(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
@@ -17,6 +18,12 @@ def copy_graph(graph: fx.Graph) -> fx.Graph:
     copy = fx.Graph()
     copy.output(copy.graph_copy(graph, {}))
     return copy
+
+
+def output_leaves(out) -> tuple:
+    """A block's outputs as the flat tuple of their tensors: how the graph reads a block that returns a nested
+    structure (a dict, a tuple inside a tuple), whose leaves export numbered in that flat order."""
+    return tuple(pytree.tree_leaves(out))
 
 
 def nodes_calling(gm: fx.GraphModule, op) -> list[fx.Node]:

@@ -23,6 +23,7 @@ from moecc.codegen.onnx.ort_moe import (
 from moecc.codegen.onnx.quant import quantize
 from moecc.errors import BackendError
 from moecc.experts import to_canonical
+from moecc.logs import stderr_to_debug
 from moecc.match import MatchResult
 from moecc.passes.base import layers_of
 from moecc.passes.graph_utils import attr_of
@@ -173,7 +174,7 @@ def to_onnx(gm: fx.GraphModule, example: list[torch.Tensor], path: str) -> str:
         val = node.meta.get("val")
         symbolic = [] if val is None else [i for i, d in enumerate(val.shape) if not isinstance(d, int)]
         shapes.append({i: torch.export.Dim.AUTO for i in symbolic})
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), stderr_to_debug(log, "torch.onnx.export"):
         # the graph's ops are fixed by now; an exported program's module refuses eval(), so it stays in train mode
         warnings.filterwarnings("ignore", message="Exporting a model while it is in training mode")
         prog = torch.onnx.export(gm, tuple(example), dynamo=True, dynamic_shapes=tuple(shapes), optimize=True,

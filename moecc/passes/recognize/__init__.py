@@ -13,7 +13,7 @@ from moecc.canonical import ROUTER_INPUT_SLOTS, CanonicalMoE
 from moecc.ir import MoELayerInfo
 from moecc.match import MatchResult
 from moecc.passes.base import MoePass, PassResult, layers_of
-from moecc.passes.graph_utils import inline_module
+from moecc.passes.graph_utils import inline_module, output_leaves
 from moecc.passes.recognize.block import analyze_block
 from moecc.passes.recognize.other_args import OtherArgs, independent_of_other_args
 
@@ -33,24 +33,34 @@ def _other_args(node: fx.Node) -> str:
     return ", ".join(parts)
 
 
+def _read_outputs(node: fx.Node) -> set[int] | None:
+    """Which of a block call's tensor outputs the graph reads (None: a block of one output)."""
+    if "val" in node.meta:
+        return None
+    reads = [u for f in node.users if f.target is output_leaves for u in f.users] + \
+        [u for u in node.users if u.target is not output_leaves]
+    return {u.args[1] for u in reads if u.users}
+
+
 def _analyze(block: torch.nn.Module, node: fx.Node):
     """The block's analysis; for a block whose outputs depend on its other arguments, one whose router, kept as
     written, reads them (DeepSeek-V4's hash layers pick experts by token id)."""
     names = _other_args(node)
+    read = _read_outputs(node)
     if not names:
-        return analyze_block(block, _example_of(node))
+        return analyze_block(block, _example_of(node), read=read)
     from moecc.capture import EXAMPLE_CALLS
 
     call = EXAMPLE_CALLS.get(block)
     r = independent_of_other_args(block, call, names)
     if r:
-        return analyze_block(block, _example_of(node))
+        return analyze_block(block, _example_of(node), read=read)
     if call is None:
         return r
     others = OtherArgs(call)
     if not others.positions or len(others.positions) > ROUTER_INPUT_SLOTS:
         return r
-    with_others = analyze_block(block, _example_of(node), others)
+    with_others = analyze_block(block, _example_of(node), others, read)
     if with_others and with_others.value.router_program is None:
         return r  # a canonical routing cannot read them: the block's dependence on them is somewhere else
     return with_others if with_others else MatchResult.fail(f"{r.reason}; with them, {with_others.reason}")
@@ -103,8 +113,12 @@ class Recognize(MoePass):
         if not is_tuple:
             node.replace_all_uses_with(out)
         else:
-            for user in list(node.users):
+            # a block of nested outputs is read through capture.output_leaves: its leaves are the canonical outputs
+            flat = [u for u in node.users if u.target is output_leaves]
+            for user in [u for f in flat for u in f.users] + [u for u in node.users if u not in flat]:
                 assert user.target is operator.getitem, "tuple-returning blocks are only read by getitem"
                 user.replace_all_uses_with(out[user.args[1]])
                 gm.graph.erase_node(user)
+            for f in flat:
+                gm.graph.erase_node(f)
         gm.graph.erase_node(node)

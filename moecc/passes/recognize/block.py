@@ -31,6 +31,7 @@ from moecc.passes.recognize.router import (
     routing_candidates,
     topk_candidates,
 )
+from moecc.routing import SCORES
 
 MAX_JOINT_CANDIDATES = 20000
 
@@ -172,13 +173,14 @@ def _verify(block: nn.Module, a: BlockAnalysis, inputs, refs, router_inputs=None
     """Same outputs as the block on every probe input, within the loose bound of ``close``: (the analysis with
     extra block outputs mapped to weights/ids/logits, the largest relative error of ``y``). ``router_inputs``:
     per probe input, the block's token-shaped other arguments it was called with."""
-    canon = CanonicalMoE(replace(a, outputs=("y", "weights", "ids", "logits"), output_tuple=True))
+    kinds = ("y", "weights", "ids", "logits") + (("scores",) if a.routing.score in SCORES else ())
+    canon = CanonicalMoE(replace(a, outputs=kinds, output_tuple=True))
     names = None
     worst = 0.0
     for x, ref, others in zip(inputs, refs, router_inputs or [()] * len(inputs)):
         try:
             with torch.no_grad():
-                got = dict(zip(("y", "weights", "ids", "logits"), canon(x, *others)))
+                got = dict(zip(kinds, canon(x, *others)))
         except Exception:  # noqa: BLE001 - an output module candidate that does not take the block's output
             if a.post is None:
                 raise
@@ -188,7 +190,10 @@ def _verify(block: nn.Module, a: BlockAnalysis, inputs, refs, router_inputs=None
         worst = max(worst, rel_err(got["y"], ref[0]))
         mapping = ["y"]
         for leaf in ref[1:]:
-            hit = next((k for k in ("weights", "ids", "logits") if got[k].numel() == leaf.numel()
+            if leaf is None:  # an output the model never reads: its slot holds y, which nothing reads either
+                mapping.append("y")
+                continue
+            hit = next((k for k in kinds[1:] if got[k].numel() == leaf.numel()
                         and got[k].dtype.is_floating_point == leaf.dtype.is_floating_point
                         and close(got[k].reshape(leaf.shape).to(leaf.dtype), leaf)), None)
             if hit is None:
@@ -316,10 +321,12 @@ def _variants(spec: RoutingSpec, cap: CapacitySpec, dtype: torch.dtype):
     return [(fp32, on_inputs) for on_inputs in places for fp32 in precisions]
 
 
-def analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | None = None
-                  ) -> MatchResult[BlockAnalysis]:
+def analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | None = None,
+                  read: set[int] | None = None) -> MatchResult[BlockAnalysis]:
     """``others``: the block's arguments besides its hidden states, when its outputs depend on them (only a router
-    kept as written may read them)."""
+    kept as written may read them). ``read``: which of the block's tensor outputs the model reads (None: all); the
+    others need not be reproduced (a block that also returns its router's probabilities, or an auxiliary loss,
+    which the model drops at inference)."""
     hidden = int(example.shape[-1])
     like = next(block.parameters(), None)
     if like is None:
@@ -391,7 +398,8 @@ def analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | N
     finally:
         if hook is not None:
             hook.remove()
-    refs = [tensor_leaves(r) for r in raw]
+    refs = [[t if i == 0 or read is None or i in read else None for i, t in enumerate(tensor_leaves(r))]
+            for r in raw]
     if not refs[0] or refs[0][0].shape not in (inputs[0].shape, inputs[0].reshape(-1, hidden).shape):
         return MatchResult.fail("block's first output is shaped neither like its input nor like its tokens [T, H]")
     flat_output = refs[0][0].shape != inputs[0].shape
