@@ -282,8 +282,16 @@ class HashRoutedMoE(LoopMoE):
         return out.reshape(shape)
 
 
-USER_BLOCKS = {"loop": LoopMoE, "gshard": GShardMoE, "bmm": BmmMoE, "block_bias": BlockBiasMoE,
-               "input_scaled": InputScaledMoE, "squared_relu": SquaredReluMoE, "post_norm": PostNormMoE}
+class ScaledOutputMoE(LoopMoE):
+    """Returns its output times a constant written in its code, not held as an attribute."""
+
+    def forward(self, x):
+        return 1.5 * super().forward(x)
+
+
+USER_BLOCKS = {"loop": LoopMoE, "scaled_output": ScaledOutputMoE, "gshard": GShardMoE, "bmm": BmmMoE,
+               "block_bias": BlockBiasMoE, "input_scaled": InputScaledMoE, "squared_relu": SquaredReluMoE,
+               "post_norm": PostNormMoE}
 
 
 class AuxOutputsMoE(LoopMoE):

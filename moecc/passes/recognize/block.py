@@ -119,7 +119,23 @@ def _bank_probe(bank: nn.Module, hidden: int, like: torch.Tensor):
         y = f(0, x)
     except Exception:  # noqa: BLE001 - the bank has another calling convention
         return None
-    return f if isinstance(y, torch.Tensor) and y.shape == x.shape else None
+    if not isinstance(y, torch.Tensor) or y.numel() != x.numel():
+        return None
+    return f if y.shape == x.shape else lambda e, x: f(e, x).reshape(x.shape)
+
+
+def _bank_caller(block: nn.Module, bank: nn.Module, hidden: int, like: torch.Tensor):
+    """``_bank_probe`` of the bank module, else of the nearest module above it inside the block that takes
+    ``(x, ids, weights)`` (DBRX's weights sit in an MLP called with each expert's slices; the module above it
+    takes the routing)."""
+    parents = {id(child): mod for mod in block.modules() for child in mod.children()}
+    mod = bank
+    while mod is not block:
+        f = _bank_probe(mod, hidden, like)
+        if f is not None:
+            return f
+        mod = parents.get(id(mod), block)
+    return None
 
 
 def _expert_fn(spec: ExpertSpec, w: ExpertWeights, e: int, x: torch.Tensor) -> torch.Tensor:
@@ -169,10 +185,12 @@ def _probe_inputs(example: torch.Tensor, hidden: int, like: torch.Tensor, collid
     return [x.to(device=like.device, dtype=like.dtype) for x in xs]
 
 
-def _verify(block: nn.Module, a: BlockAnalysis, inputs, refs, router_inputs=None) -> tuple[BlockAnalysis, float] | None:
+def _verify(block: nn.Module, a: BlockAnalysis, inputs, refs, router_inputs=None,
+            missed: list | None = None) -> tuple[BlockAnalysis, float] | None:
     """Same outputs as the block on every probe input, within the loose bound of ``close``: (the analysis with
     extra block outputs mapped to weights/ids/logits, the largest relative error of ``y``). ``router_inputs``:
-    per probe input, the block's token-shaped other arguments it was called with."""
+    per probe input, the block's token-shaped other arguments it was called with. ``missed``: gets the
+    candidate's ``y`` on the first probe when that is where it differs."""
     kinds = ("y", "weights", "ids", "logits") + (("scores",) if a.routing.score in SCORES else ())
     canon = CanonicalMoE(replace(a, outputs=kinds, output_tuple=True))
     names = None
@@ -186,6 +204,8 @@ def _verify(block: nn.Module, a: BlockAnalysis, inputs, refs, router_inputs=None
                 raise
             return None
         if not close(got["y"], ref[0]):
+            if missed is not None and names is None:
+                missed.append(got["y"])
             return None
         worst = max(worst, rel_err(got["y"], ref[0]))
         mapping = ["y"]
@@ -234,11 +254,21 @@ class _Closest:
         return None if self.best is None else self.best[0]
 
 
+def _scaled(y: torch.Tensor, ref: torch.Tensor) -> bool:
+    """Whether ``ref`` is a constant times ``y`` within the probes' bound (least squares)."""
+    bound = 10 * tolerance(ref.dtype)
+    y, ref = y.double().flatten(), ref.double().flatten()
+    c = (y @ ref) / (y @ y).clamp_min(1e-300)
+    return bool((c * y - ref).norm() <= bound * ref.norm())
+
+
 def _with_output_scales(block: nn.Module, a: BlockAnalysis, inputs, refs) -> tuple[BlockAnalysis, float] | None:
-    """The block's routed and shared outputs summed with constant coefficients (Cohere2-MoE averages the two):
-    fit them on the probes, fold the routed one into the routing scale and the shared one into copies of the
-    shared experts' down projections, then prove the result like any candidate."""
-    if a.router_program is not None:  # its weights come from the router's own code: no scale to fold into
+    """The block's routed and shared outputs summed with constant coefficients (Cohere2-MoE averages the two; a
+    user block may return ``1.5 * y``): fit them on the probes, fold the routed one into the routing scale and the
+    shared one into copies of the shared experts' down projections, then prove the result like any candidate."""
+    if a.router_program is not None or a.post is not None:
+        # a router's own code gives its weights, so no scale folds into them; a scale before an output module
+        # (a norm) is not a scale of the block's output
         return None
     whole = CanonicalMoE(replace(a, outputs=("y",), output_tuple=False))
     routed = CanonicalMoE(replace(a, shared=[], outputs=("y",), output_tuple=False))
@@ -351,7 +381,7 @@ def analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | N
                                         "some weights leave out (identity or zero-compute experts) are not canonical")
             return MatchResult.fail("no expert bank: neither a ModuleList of MLPs nor stacked [E, ., .] weights")
         bank_mod, num_experts = sb
-        probe_fn = _bank_probe(bank_mod, hidden, like) if bank_mod is not block else None
+        probe_fn = _bank_caller(block, bank_mod, hidden, like)
         cands = stacked.candidates(bank_mod, hidden, num_experts)
         if probe_fn is not None:
             x = torch.randn(5, hidden, dtype=like.dtype, device=like.device)
@@ -459,8 +489,11 @@ def analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | N
 
     closest = _Closest(like.dtype)
     for a in candidates():
-        ok = _verify(block, a, inputs, refs, router_inputs)
-        if ok is None and observed:  # the routing was observed exactly: one candidate, so this is cheap
+        missed: list = []
+        ok = _verify(block, a, inputs, refs, router_inputs, missed)
+        # the routing was observed exactly (one candidate, so fitting output scales is cheap); else only a block
+        # output that is a constant times this candidate's is fitted (a block that returns 1.5 * y)
+        if ok is None and (observed or (missed and not a.shared and _scaled(missed[0], refs[0][0]))):
             ok = _with_output_scales(block, a, inputs, refs)
         if closest.offer(ok):
             break
