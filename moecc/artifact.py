@@ -24,7 +24,8 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from moecc.errors import ArtifactError
+from moecc.errors import ArtifactError, first_line
+from moecc.logs import stderr_to_debug
 from moecc.runtime import kv_cache
 from moecc.runtime.cudagraphs import GraphCache, replays
 
@@ -145,9 +146,19 @@ def _save_torch_program(entry, folder: Path) -> None:
     example = [entry.example_inputs[i] for i in entry.tensor_pos]
     shapes = tuple([None] * len(weights) + [{i: torch.export.Dim.AUTO for i, d in enumerate(s) if d is None}
                                             for s in entry.shapes])
-    with torch.no_grad():
-        ep = torch.export.export(_WeightsAsInputs(entry.gm, names), tuple(weights + example),
-                                 dynamic_shapes=(shapes,), strict=False)
+    try:
+        with torch.no_grad(), stderr_to_debug(log, "torch.export"):
+            ep = torch.export.export(_WeightsAsInputs(entry.gm, names), tuple(weights + example),
+                                     dynamic_shapes=(shapes,), strict=False)
+    except Exception as exc:
+        as_written = [n.meta.get("moecc_block", n.target) for n in entry.gm.graph.nodes if n.op == "call_module"]
+        why = "; ".join(f"{name}: {entry.layers[name].reason}" for name in as_written
+                        if name in entry.layers and entry.layers[name].reason)
+        blocks = (f" It holds MoE blocks left as written ({', '.join(as_written)}), whose Python code is traced into "
+                  "the program and fails for data-dependent expert loops; an artifact holds no model code to run "
+                  f"them from, and moecc.compile runs them as written.{f' Why each was left: {why}.' if why else ''}"
+                  ) if as_written else ""
+        raise ArtifactError(f"torch.export of the compiled program failed: {first_line(exc)}.{blocks}") from exc
     ep._example_inputs = None  # they would hold a second copy of the weights
     torch.export.save(ep, folder / "program.pt2")
     save_file({n: w.contiguous() for n, w in zip(names, weights)}, folder / "weights.safetensors",

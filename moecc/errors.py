@@ -1,5 +1,7 @@
 """moecc's exceptions."""
 
+import re
+
 
 class MoeccError(RuntimeError):
     pass
@@ -23,3 +25,12 @@ class CacheError(MoeccError):
 
 class ArtifactError(MoeccError):
     """An exported artifact is missing, tampered with or from an incompatible version; it is never run."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of the innermost cause (the exporter wraps the op it could not convert in two layers of
+    "next steps"), without the terminal colours torch.onnx puts in it."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return re.sub(r"\x1b\[[0-9;]*m", "", line).rstrip(".")

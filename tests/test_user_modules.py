@@ -235,3 +235,14 @@ def test_a_failed_onnx_export_prints_no_graph(capfd):
     cm(torch.randint(0, 50, (2, 16)))
     assert cm.moe_layers[0].lowering == "" and not cm.moe_layers[0].fused
     assert "def forward" not in capfd.readouterr().err
+
+
+def test_export_of_a_block_left_as_written_says_why_it_cannot(tmp_path):
+    """An artifact holds no model code: a block left as written is traced into it, which its expert loop
+    defeats; export says so, naming the block and why it was left, instead of torch.export's own error."""
+    from user_modules import AuxModel, AuxOutputsMoE
+
+    torch.manual_seed(0)
+    model = AuxModel(AuxOutputsMoE(), "aux").eval()
+    with pytest.raises(moecc.ArtifactError, match=r"left as written \(moe\).*no canonical form reproduces"):
+        moecc.export(model, (torch.randint(0, 50, (2, 16)),), tmp_path / "artifact", backend="torch")

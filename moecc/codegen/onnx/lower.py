@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import operator
 import os
-import re
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from moecc.codegen.onnx.ort_moe import (
     ort_qmoe_onnx,
 )
 from moecc.codegen.onnx.quant import quantize
-from moecc.errors import BackendError
+from moecc.errors import BackendError, first_line
 from moecc.experts import to_canonical
 from moecc.logs import stderr_to_debug
 from moecc.match import MatchResult
@@ -202,15 +201,6 @@ class OrtModule(nn.Module):
         return tuple(torch.from_numpy(o) for o in self.session.run(None, feeds))
 
 
-def _why(exc: BaseException) -> str:
-    """The first line of the innermost cause (the exporter wraps the op it could not convert in two layers of
-    "next steps"), without the terminal colours torch.onnx puts in it."""
-    while exc.__cause__ is not None:
-        exc = exc.__cause__
-    line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    return re.sub(r"\x1b\[[0-9;]*m", "", line).rstrip(".")
-
-
 def lower_to_ort(gm: fx.GraphModule, example: list[torch.Tensor], folder: str | None = None,
                  quant=None) -> OrtModule:
     from moecc.passes.cleanup import Cleanup
@@ -223,11 +213,12 @@ def lower_to_ort(gm: fx.GraphModule, example: list[torch.Tensor], folder: str | 
     try:
         path = to_onnx(gm, example, os.path.join(folder, "model.onnx"))
     except Exception as exc:
-        first = _why(exc)
+        first = first_line(exc)
         hint = (f" MoE blocks left as written ({', '.join(as_written)}) are exported by tracing their Python code, "
-                "which fails for data-dependent expert loops; use backend='torch' for them.") if as_written else ""
+                "which fails for data-dependent expert loops; moecc.compile with backend='torch' runs them as "
+                "written.") if as_written else ""
         raise BackendError(f"ONNX export failed: {first}.{hint}") from exc
     try:
         return OrtModule(path)
     except Exception as exc:  # an op ONNX Runtime has no kernel for in this dtype (Softplus in bf16 on the CPU)
-        raise BackendError(f"ONNX Runtime cannot load the exported graph: {_why(exc)}") from exc
+        raise BackendError(f"ONNX Runtime cannot load the exported graph: {first_line(exc)}") from exc
