@@ -152,13 +152,16 @@ def _blocks_as_leaves(blocks: list[tuple[str, nn.Module]], examples: dict[str, t
             x, out = examples[name]
             key = f"{name}#{next(_counter)}"
             leaves, spec = pytree.tree_flatten(out)
-            if not all(isinstance(t, torch.Tensor) for t in leaves):
-                raise CaptureError(f"MoE block {name!r} returns non-tensor outputs; moecc cannot keep it as a leaf")
-            _LEAVES[key] = [(_template(x, t), t.dtype) for t in leaves]
+            if not all(isinstance(t, torch.Tensor) or t is None for t in leaves):
+                kinds = sorted({type(t).__name__ for t in leaves if not isinstance(t, torch.Tensor) and t is not None})
+                raise CaptureError(f"MoE block {name!r} returns {', '.join(kinds)} values besides tensors; moecc "
+                                   "keeps a block as a leaf when it returns tensors (or None)")
+            _LEAVES[key] = [(_template(x, t), t.dtype) for t in leaves if t is not None]
+            nones = [t is None for t in leaves]  # a None output stays None, as the example gave it
 
             first = _first_parameter(block)
 
-            def forward(self, *args, _key=key, _spec=spec, _name=name, _first=first, **kwargs):
+            def forward(self, *args, _key=key, _spec=spec, _name=name, _first=first, _nones=nones, **kwargs):
                 args, kwargs = _hidden_states_first(args, kwargs, _first)
                 if not args or not isinstance(args[0], torch.Tensor):
                     raise CaptureError(
@@ -169,7 +172,8 @@ def _blocks_as_leaves(blocks: list[tuple[str, nn.Module]], examples: dict[str, t
                 leaves, call_spec = pytree.tree_flatten((args[1:], kwargs))
                 _CALLS[call_key] = (call_spec, [_TENSOR if isinstance(v, torch.Tensor) else v for v in leaves])
                 others = [v for v in leaves if isinstance(v, torch.Tensor)]
-                return pytree.tree_unflatten(torch.ops.moecc.opaque_block(args[0], others, call_key), _spec)
+                outs = iter(torch.ops.moecc.opaque_block(args[0], others, call_key))
+                return pytree.tree_unflatten([None if none else next(outs) for none in _nones], _spec)
 
             block.forward = types.MethodType(forward, block)
             patched.append((block, key))

@@ -246,3 +246,20 @@ def test_export_of_a_block_left_as_written_says_why_it_cannot(tmp_path):
     model = AuxModel(AuxOutputsMoE(), "aux").eval()
     with pytest.raises(moecc.ArtifactError, match=r"left as written \(moe\).*no canonical form reproduces"):
         moecc.export(model, (torch.randint(0, 50, (2, 16)),), tmp_path / "artifact", backend="torch")
+
+
+@pytest.mark.parametrize("read_aux", [False, True])
+def test_a_none_beside_the_block_outputs_stays_none(read_aux):
+    """A block that returns None beside its tensors is kept as a leaf (capture refused it, so the whole model
+    failed to compile, as ZAYA's attention did): fused when the model drops its loss, as written when it reads it."""
+    from user_modules import NoneBesideModel, NoneBesideMoE
+
+    torch.manual_seed(0)
+    model = NoneBesideModel(NoneBesideMoE(), read_aux).eval()
+    cm = moecc.compile(model, backend="torch")
+    cm(torch.randint(0, 50, (2, 16)))
+    (layer,) = cm.moe_layers
+    assert layer.fused != read_aux, layer.reason
+    x = torch.randint(0, 50, (3, 11))
+    for r, g in zip(torch.utils._pytree.tree_leaves(model(x)), torch.utils._pytree.tree_leaves(cm(x))):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)

@@ -319,3 +319,25 @@ class AuxModel(TinyModel):
         if self.read == "y":
             return self.head(h)
         return self.head(h), (probs.mean(0) if self.read == "probs" else aux)
+
+
+class NoneBesideMoE(AuxOutputsMoE):
+    """Returns ``(y, None, aux_loss)``, as attention and MoE modules return ``None`` for what a flag turned off."""
+
+    def forward(self, x):
+        y, (_, aux) = super().forward(x)
+        return y, None, aux
+
+
+class NoneBesideModel(TinyModel):
+    """Reads the loss beside the logits, or drops it."""
+
+    def __init__(self, block: nn.Module, read_aux: bool):
+        super().__init__(block)
+        self.read_aux = read_aux
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        y, _, aux = self.moe(self.norm(h))
+        logits = self.head(h + y)
+        return (logits, aux) if self.read_aux else logits

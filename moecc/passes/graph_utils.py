@@ -22,8 +22,9 @@ def copy_graph(graph: fx.Graph) -> fx.Graph:
 
 def output_leaves(out) -> tuple:
     """A block's outputs as the flat tuple of their tensors: how the graph reads a block that returns a nested
-    structure (a dict, a tuple inside a tuple), whose leaves export numbered in that flat order."""
-    return tuple(pytree.tree_leaves(out))
+    structure (a dict, a tuple inside a tuple, a None beside its tensors), whose tensors export numbered in that
+    flat order."""
+    return tuple(t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor))
 
 
 def nodes_calling(gm: fx.GraphModule, op) -> list[fx.Node]:
