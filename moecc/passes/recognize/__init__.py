@@ -34,11 +34,11 @@ def _other_args(node: fx.Node) -> str:
 
 
 def _read_outputs(node: fx.Node) -> set[int] | None:
-    """Which of a block call's tensor outputs the graph reads (None: a block of one output)."""
-    if "val" in node.meta:
-        return None
+    """Which of a block call's tensor outputs the graph reads (None: a block of one output, read whole)."""
     reads = [u for f in node.users if f.target is output_leaves for u in f.users] + \
         [u for u in node.users if u.target is not output_leaves]
+    if not all(u.target is operator.getitem for u in reads):
+        return None
     return {u.args[1] for u in reads if u.users}
 
 
