@@ -60,3 +60,19 @@ def test_without_use_counts_outputs_are_copies(monkeypatch):
     assert len(cache.graphs[next(iter(cache.graphs))]) == 1
     for x, out in zip(xs, outs):
         torch.testing.assert_close(out, _ref(x))
+
+
+def test_random_ops_work_after_a_capture_that_failed():
+    """A program that synchronizes cannot be captured: it runs as launched, and the failed capture must not leave
+    torch's CUDA generator marked as capturing (every later random op on the device raised "Offset increment
+    outside graph capture encountered unexpectedly")."""
+
+    def syncs(x):
+        return (x * float(x.sum().item()),)
+
+    cache = GraphCache(syncs)
+    x = torch.ones(4, 8, device="cuda")
+    torch.testing.assert_close(cache([x])[0], syncs(x)[0])
+    assert cache.failed
+    torch.randn(16, device="cuda")
+    torch.randint(0, 10, (16,), device="cuda")

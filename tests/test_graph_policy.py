@@ -58,3 +58,19 @@ def test_replays_admits_the_repeat_range(monkeypatch):
         assert cudagraphs.replays("triton", [x])
         assert not cudagraphs.replays("triton", [torch.zeros(1, 4097, 8)])
         assert not cudagraphs.replays("triton", [x], enabled=False)
+
+
+def test_a_failed_capture_restores_the_cuda_generators_and_runs_as_launched(monkeypatch):
+    """A failed capture leaves torch's CUDA generators marked as capturing; the cache restores them before it runs
+    the call as launched (the GPU case is in test_cudagraphs.py)."""
+    restored = []
+
+    def fail(self, tensors):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(GraphCache, "_capture", fail)
+    monkeypatch.setattr(cudagraphs, "restore_rng_after_failed_capture", lambda: restored.append(1))
+    cache = GraphCache(lambda x: ("launched",))
+    x = torch.zeros(4, 8)
+    assert cache([x]) == ("launched",) and restored == [1]
+    assert cache([x]) == ("launched",) and restored == [1]  # the shape is not captured again

@@ -95,6 +95,7 @@ class GraphCache:
             try:
                 free = self._capture(tensors)
             except Exception as exc:  # noqa: BLE001 - a program that cannot be captured runs as launched
+                restore_rng_after_failed_capture()
                 log.warning("CUDA graph capture failed for %s, running without graphs: %s", key, exc)
                 self.failed.add(key)
                 return self.program(*tensors)
@@ -138,6 +139,18 @@ class GraphCache:
                 dst.copy_(src)
         log.debug("captured a CUDA graph for %s", [tuple(t.shape) for t in tensors])
         return _Instance(graph, static_in, outputs)
+
+
+def restore_rng_after_failed_capture() -> None:
+    """A capture that fails leaves torch's default CUDA generators marked as capturing (up to torch 2.11,
+    ``capture_end`` raises before the epilogue that clears the mark), and every later random op on the device then
+    raises "Offset increment outside graph capture encountered unexpectedly": in the caller's code, long after the
+    failure moecc handled. Each default generator gets a copy of its state, the same seed and offset, unmarked."""
+    for generator in getattr(torch.cuda, "default_generators", ()):
+        try:
+            generator.graphsafe_set_state(generator.clone_state())
+        except Exception as exc:  # noqa: BLE001 - a torch without these calls, or one that cleans up by itself
+            log.debug("could not restore the state of %s after a failed capture: %s", generator, exc)
 
 
 class _GraphedCall:
