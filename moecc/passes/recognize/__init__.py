@@ -33,10 +33,16 @@ def _other_args(node: fx.Node) -> str:
     return ", ".join(parts)
 
 
+def _reads(node: fx.Node) -> tuple[list[fx.Node], list[fx.Node]]:
+    """(the nodes that read a block call's outputs, the ``output_leaves`` nodes between them and the call): a
+    block of nested outputs is read through ``graph_utils.output_leaves``, whose getitems number its tensors."""
+    flat = [u for u in node.users if u.target is output_leaves]
+    return [u for f in flat for u in f.users] + [u for u in node.users if u not in flat], flat
+
+
 def _read_outputs(node: fx.Node) -> set[int] | None:
     """Which of a block call's tensor outputs the graph reads (None: a block of one output, read whole)."""
-    reads = [u for f in node.users if f.target is output_leaves for u in f.users] + \
-        [u for u in node.users if u.target is not output_leaves]
+    reads, _ = _reads(node)
     if not all(u.target is operator.getitem for u in reads):
         return None
     return {u.args[1] for u in reads if u.users}
@@ -113,9 +119,8 @@ class Recognize(MoePass):
         if not is_tuple:
             node.replace_all_uses_with(out)
         else:
-            # a block of nested outputs is read through capture.output_leaves: its leaves are the canonical outputs
-            flat = [u for u in node.users if u.target is output_leaves]
-            for user in [u for f in flat for u in f.users] + [u for u in node.users if u not in flat]:
+            reads, flat = _reads(node)
+            for user in reads:
                 assert user.target is operator.getitem, "tuple-returning blocks are only read by getitem"
                 user.replace_all_uses_with(out[user.args[1]])
                 gm.graph.erase_node(user)

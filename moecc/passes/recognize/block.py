@@ -188,7 +188,7 @@ def _probe_inputs(example: torch.Tensor, hidden: int, like: torch.Tensor, collid
 def _verify(block: nn.Module, a: BlockAnalysis, inputs, refs, router_inputs=None,
             missed: list | None = None) -> tuple[BlockAnalysis, float] | None:
     """Same outputs as the block on every probe input, within the loose bound of ``close``: (the analysis with
-    extra block outputs mapped to weights/ids/logits, the largest relative error of ``y``). ``router_inputs``:
+    extra block outputs mapped to weights/ids/logits/scores, the largest relative error of ``y``). ``router_inputs``:
     per probe input, the block's token-shaped other arguments it was called with. ``missed``: gets the
     candidate's ``y`` on the first probe when that is where it differs."""
     kinds = ("y", "weights", "ids", "logits") + (("scores",) if a.routing.score in SCORES else ())
