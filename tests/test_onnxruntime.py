@@ -196,3 +196,24 @@ def test_a_graph_onnx_runtime_cannot_load_falls_back_to_torch_under_auto():
     assert [e.backend for e in cm._entries] == ["torch"] and cm.moe_layers[0].fused
     with pytest.raises(moecc.BackendError, match="ONNX Runtime cannot load the exported graph"):
         moecc.compile(model, backend="onnxruntime")(ids)
+
+
+def test_bfloat16_programs_run_with_torch_under_auto_and_onnxruntime_says_why_not(monkeypatch):
+    """ONNX Runtime's CPU provider has no bf16 MatMul or Gemm: an explicit ``onnxruntime`` says what to do instead,
+    and ``auto`` takes torch at once, exporting nothing to ONNX (it used to export, fail to load, warn and fall
+    back)."""
+    from user_modules import LoopMoE, TinyModel
+
+    import moecc.codegen.onnx.lower as onnx_lower
+
+    torch.manual_seed(0)
+    model = TinyModel(LoopMoE()).eval().to(torch.bfloat16)
+    ids = torch.randint(0, 50, (2, 16))
+    with pytest.raises(moecc.BackendError, match="no bfloat16 kernels .* float32 or float16 .* backend='torch'"):
+        moecc.compile(model, backend="onnxruntime")(ids)
+    monkeypatch.setattr(onnx_lower, "to_onnx", lambda *a, **k: pytest.fail("auto exported a bf16 program to ONNX"))
+    cm = moecc.compile(model)
+    with torch.no_grad():
+        got, ref = cm(ids), model(ids)
+    assert cm._entries[-1].backend == "torch" and cm.moe_layers[0].fused
+    assert ((got.float() - ref.float()).norm() / ref.float().norm()).item() < 1e-2

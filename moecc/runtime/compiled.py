@@ -334,6 +334,12 @@ def build(model: nn.Module, args, kwargs, backend: str, options: dict, dump_fold
         log.info("the captured program has sizes that depend on values (%s): backend='auto' runs it with torch",
                  ", ".join(value_sized[:3]))
         backend = "torch"
+    if requested == "auto" and backend == "onnxruntime":
+        from moecc.codegen.onnx.lower import unsupported_dtype
+
+        if (why := unsupported_dtype(cap.gm, cap.tensor_inputs)) is not None:
+            log.info("backend='auto' runs this program with torch: %s", why)
+            backend = "torch"
     for name, why in cap.unfused.items():
         layers_of(cap.gm)[name] = MoELayerInfo(name=name, reason=why)
     pipeline = default_pipeline(EXPERT_LAYOUT[backend], options.get("copy_expert_weights"))

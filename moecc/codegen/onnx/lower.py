@@ -201,10 +201,22 @@ class OrtModule(nn.Module):
         return tuple(torch.from_numpy(o) for o in self.session.run(None, feeds))
 
 
+def unsupported_dtype(gm: fx.GraphModule, example: list[torch.Tensor]) -> str | None:
+    """Why ONNX Runtime cannot run this program's dtype, or None: on the CPU provider, a bfloat16 program."""
+    tensors = [*gm.parameters(), *gm.buffers(), *(t for t in example if isinstance(t, torch.Tensor))]
+    if PROVIDER == "CPUExecutionProvider" and any(t.dtype == torch.bfloat16 for t in tensors):
+        return ("ONNX Runtime's CPU provider has no bfloat16 kernels for MatMul or Gemm (and NumPy, which carries "
+                "its inputs and outputs, has no bfloat16): run the model in float32 or float16 for ONNX Runtime, "
+                "or take backend='torch'")
+    return None
+
+
 def lower_to_ort(gm: fx.GraphModule, example: list[torch.Tensor], folder: str | None = None,
                  quant=None) -> OrtModule:
     from moecc.passes.cleanup import Cleanup
 
+    if (why := unsupported_dtype(gm, example)) is not None:
+        raise BackendError(why)
     use_ort_moe(gm, quant)
     decompose(gm)
     Cleanup()(gm)  # the canonical weights ort_moe replaced must not travel into the ONNX export
