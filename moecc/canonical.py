@@ -30,6 +30,7 @@ class BlockAnalysis:
     flat_output: bool = False  # the block returns y as [T, H] whatever the rank of its input (Llama 4's)
     router_program: object = None  # a router no pattern matches, as its own exported graph: x -> (weights, ids)
     post: nn.Module | None = None  # a module without Linear layers the block applies to its output (A.X-K1's norm)
+    residual: bool = False  # the block adds its input to its output (before ``post``)
     # the router program also reads these of the block's other arguments (DeepSeek-V4's token ids for its hash
     # layers): their places among the flat leaves of the call's (args[1:], kwargs), and how many token dims lead
     other_positions: tuple[int, ...] = ()
@@ -102,6 +103,8 @@ class CanonicalMoE(nn.Module):
                                             s.spec.alpha, s.spec.limit)
             y = y + sy
         y = y.to(x.dtype).reshape(x2.shape if a.flat_output else x.shape)
+        if a.residual:
+            y = x.reshape(y.shape) + y
         if self.post is not None:
             y = self.post(y)
         produced = {"y": y, "weights": weights.to(x.dtype), "ids": ids, "logits": logits}

@@ -26,7 +26,7 @@ def _bank_size(module: nn.Module) -> int:
     """E when ``module`` holds experts: two or more stacked ``[E, ., .]`` weights (the smallest E when they differ:
     LongCat-Flash's up projections also count its identity experts), or a list of E >= ``MIN_LISTED_EXPERTS``
     modules of one type whose first is a dense MLP; else 0."""
-    stacked_sizes = [p.shape[0] for p in stacked_params(module).values()]
+    stacked_sizes = [p.shape[0] for p in stacked_params(module, materialize=False).values()]
     stacked = min(stacked_sizes) if len(stacked_sizes) >= 2 else 0
     if stacked or not isinstance(module, (nn.ModuleList, nn.ModuleDict)):
         return stacked

@@ -25,6 +25,37 @@ def test_user_block_fused_and_exact_on_fresh_shapes(kind):
         assert ((got - ref).norm() / ref.norm()).item() < 1e-5
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_experts_activation_is_the_one_that_fits_best_in_low_precision(dtype):
+    """At the pre-activations small initial weights give (a few tenths) silu and gelu differ by less than bf16's
+    tolerance: the probe spreads them out, and the activation that fits best is taken, not the first that fits."""
+    from user_modules import SequentialGeluMoE
+
+    torch.manual_seed(0)
+    model = TinyModel(SequentialGeluMoE()).eval().to(dtype)
+    cm, layer = compile_on_ids(model, backend="torch")
+    assert layer.fused and layer.activation == "gelu +bias", (layer.activation, layer.reason)
+    x = torch.randint(0, 50, (4, 33))
+    ref, got = model(x).float(), cm(x).float()
+    assert ((got - ref).norm() / ref.norm()).item() < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime", "triton"])
+def test_experts_kept_as_one_list_per_projection_are_one_bank(backend):
+    """``w1[e]``, ``w3[e]``, ``w2[e]`` in three lists of Linears: a list of bare Linears is no list of experts (its
+    Linears are not MLPs), and the lists stacked are a bank like ``[E, ., .]`` weights."""
+    from user_modules import ProjectionListsMoE
+
+    torch.manual_seed(0)
+    model = TinyModel(ProjectionListsMoE()).eval()
+    cm, layer = compile_on_ids(model, backend=backend)
+    assert layer.fused and layer.activation == "gated-silu" and layer.routing == "softmax->top1", layer
+    for shape in ((3, 11), (1, 1), (2, 70)):
+        x = torch.randint(0, 50, shape)
+        ref, got = model(x), cm(x)
+        assert ((got - ref).norm() / ref.norm()).item() < 1e-5
+
+
 @pytest.mark.parametrize("backend", ["torch", "onnxruntime", "triton"])
 def test_weights_on_the_experts_inputs_are_told_apart_from_weights_on_outputs(backend):
     """A gated expert of a scaled input is not the scaled expert of the input: recognition proves which one the
@@ -181,6 +212,18 @@ def test_experts_without_a_router_run_as_written_and_say_why():
     assert layer.reason == "no router: no [E=6, H=24] weight outside the experts", layer.reason
     x = torch.randint(0, 50, (3, 11))
     torch.testing.assert_close(cm(x), model(x))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_block_that_adds_its_input_to_its_output_is_fused_with_the_addition(backend):
+    from user_modules import ResidualInsideMoE
+
+    torch.manual_seed(0)
+    model = TinyModel(ResidualInsideMoE()).eval()
+    cm, layer = compile_on_ids(model, backend=backend)
+    assert layer.fused and layer.residual, layer
+    x = torch.randint(0, 50, (3, 11))
+    torch.testing.assert_close(cm(x), model(x), rtol=1e-5, atol=1e-5)
 
 
 def test_a_norm_of_the_blocks_output_is_recorded_and_inlined():

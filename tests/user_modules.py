@@ -289,9 +289,62 @@ class ScaledOutputMoE(LoopMoE):
         return 1.5 * super().forward(x)
 
 
+class SequentialGeluMoE(LoopMoE):
+    """Experts as ``nn.Sequential(Linear, GELU, Linear)`` with biases, a router with a bias, and a softmax over the
+    top-k logits."""
+
+    def __init__(self, hidden=24, inter=40, num_experts=6, top_k=2):
+        super().__init__(hidden, inter, num_experts, top_k)
+        self.gate = nn.Linear(hidden, num_experts)
+        self.experts = nn.ModuleList(nn.Sequential(nn.Linear(hidden, inter), nn.GELU(), nn.Linear(inter, hidden))
+                                     for _ in range(num_experts))
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        logits, chosen = self.gate(x).topk(self.top_k, dim=-1)
+        weights = logits.softmax(-1)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            token, slot = (chosen == e).nonzero(as_tuple=True)
+            if token.numel():
+                out[token] += weights[token, slot, None] * expert(x[token])
+        return out.reshape(shape)
+
+
+class ProjectionListsMoE(nn.Module):
+    """One ``ModuleList`` per projection (``w1[e]``, ``w3[e]``, ``w2[e]``) instead of one module per expert, and
+    Switch's top-1: the largest router probability, not renormalised."""
+
+    def __init__(self, hidden=24, inter=40, num_experts=6):
+        super().__init__()
+        self.router = nn.Linear(hidden, num_experts, bias=False)
+        self.w1 = nn.ModuleList(nn.Linear(hidden, inter, bias=False) for _ in range(num_experts))
+        self.w3 = nn.ModuleList(nn.Linear(hidden, inter, bias=False) for _ in range(num_experts))
+        self.w2 = nn.ModuleList(nn.Linear(inter, hidden, bias=False) for _ in range(num_experts))
+
+    def forward(self, x):
+        weight, chosen = self.router(x).softmax(-1).max(-1)
+        out = torch.zeros_like(x)
+        for e in range(len(self.w1)):
+            mask = chosen == e
+            if mask.any():
+                h = F.silu(self.w1[e](x[mask])) * self.w3[e](x[mask])
+                out[mask] = weight[mask, None] * self.w2[e](h)
+        return out
+
+
+class ResidualInsideMoE(LoopMoE):
+    """Adds its input to its output itself, as an FFN sub-layer with its residual inside does."""
+
+    def forward(self, x):
+        return x + super().forward(x)
+
+
 USER_BLOCKS = {"loop": LoopMoE, "scaled_output": ScaledOutputMoE, "gshard": GShardMoE, "bmm": BmmMoE,
                "block_bias": BlockBiasMoE, "input_scaled": InputScaledMoE, "squared_relu": SquaredReluMoE,
-               "post_norm": PostNormMoE}
+               "post_norm": PostNormMoE, "sequential_gelu": SequentialGeluMoE,
+               "projection_lists": ProjectionListsMoE, "residual_inside": ResidualInsideMoE}
 
 
 class AuxOutputsMoE(LoopMoE):

@@ -45,7 +45,9 @@ def find_expert_list(block: nn.Module) -> tuple[nn.Module, list[nn.Module]] | No
     for mod in block.modules():
         if isinstance(mod, (nn.ModuleList, nn.ModuleDict)):
             kids = list(mod.children())
-            if len(kids) >= 2 and len({type(k) for k in kids}) == 1 and _has_linear(kids[0]):
+            # a list of bare Linears is one projection of every expert (``stacked.projection_lists``)
+            if len(kids) >= 2 and len({type(k) for k in kids}) == 1 and _has_linear(kids[0]) \
+                    and not isinstance(kids[0], nn.Linear):
                 if best is None or len(kids) > len(best[1]):
                     best = (mod, kids)
     return best
@@ -56,7 +58,7 @@ def find_stacked_bank(block: nn.Module) -> tuple[nn.Module, int] | None:
     read off a Linear router to E outputs."""
     best = None
     for mod in block.modules():
-        params = stacked.stacked_params(mod)
+        params = stacked.stacked_params(mod, materialize=False)
         by_e: dict[int, int] = {}
         for p in params.values():
             by_e[p.shape[0]] = by_e.get(p.shape[0], 0) + 1
@@ -89,7 +91,8 @@ def _bank_skip(block: nn.Module, bank: nn.Module, experts: list[nn.Module] | Non
     ModuleList of decoder layers is no MoE block because some layer holds an [n_layers, H] weight)."""
     if bank is not block:
         return {id(m) for m in bank.modules()}
-    return {id(m) for e in experts or [] for m in e.modules()}
+    lists = stacked.projection_lists(block).values()
+    return {id(m) for e in [*(experts or []), *lists] for m in e.modules()}
 
 
 def is_moe_block(module: nn.Module) -> bool:
@@ -262,6 +265,12 @@ def _scaled(y: torch.Tensor, ref: torch.Tensor) -> bool:
     return bool((c * y - ref).norm() <= bound * ref.norm())
 
 
+def _adds_input(y: torch.Tensor, x: torch.Tensor, ref: torch.Tensor) -> bool:
+    """Whether ``ref`` is ``x + y`` within the probes' bound: a block that adds its input to its output itself."""
+    return x.numel() == ref.numel() and close(y, ref - x.reshape(ref.shape), scale=10 * max(
+        1.0, (ref.double().norm() / (ref - x.reshape(ref.shape)).double().norm().clamp_min(1e-30)).item()))
+
+
 def _with_output_scales(block: nn.Module, a: BlockAnalysis, inputs, refs) -> tuple[BlockAnalysis, float] | None:
     """The block's routed and shared outputs summed with constant coefficients (Cohere2-MoE averages the two; a
     user block may return ``1.5 * y``): fit them on the probes, fold the routed one into the routing scale and the
@@ -374,7 +383,8 @@ def analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | N
     else:
         sb = find_stacked_bank(block)
         if sb is None:
-            uneven = next((params for m in block.modules() if len(params := stacked.stacked_params(m)) >= 2), None)
+            uneven = next((params for m in block.modules()
+                           if len(params := stacked.stacked_params(m, materialize=False)) >= 2), None)
             if uneven:
                 shapes = ", ".join(f"{n} {list(p.shape)}" for n, p in uneven.items())
                 return MatchResult.fail(f"stacked expert weights of different expert counts ({shapes}): experts that "
@@ -495,6 +505,8 @@ def analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | N
         # output that is a constant times this candidate's is fitted (a block that returns 1.5 * y)
         if ok is None and (observed or (missed and not a.shared and _scaled(missed[0], refs[0][0]))):
             ok = _with_output_scales(block, a, inputs, refs)
+        if ok is None and missed and a.post is None and _adds_input(missed[0], inputs[0], refs[0][0]):
+            ok = _verify(block, replace(a, residual=True), inputs, refs, router_inputs)
         if closest.offer(ok):
             break
     if closest.analysis is not None:

@@ -10,7 +10,11 @@ from torch import nn
 from moecc.experts import PLAIN_ACTIVATIONS, expert_activation
 from moecc.ir import ExpertSpec, ExpertWeights
 from moecc.match import MatchResult
-from moecc.passes.recognize.probe import close, probe_input
+from moecc.passes.recognize.probe import close, probe_input, rel_err
+
+# Pre-activations of this spread tell the activations apart in bf16: at the spread of small initial weights (|u| of
+# a few tenths) silu and gelu differ by less than bf16's tolerance, and the first one tried won.
+PROBE_PRE_ACTIVATION_STD = 2.0
 
 
 def _record_linear_calls(module: nn.Module, x: torch.Tensor):
@@ -29,40 +33,64 @@ def _record_linear_calls(module: nn.Module, x: torch.Tensor):
     return calls, y
 
 
+def _reading(calls, x: torch.Tensor) -> list:
+    """The Linear calls that read ``x`` itself."""
+    return [c for c in calls if c[1].shape == x.shape and torch.equal(c[1], x)]
+
+
+def _input_spread(calls, x: torch.Tensor) -> float:
+    """The standard deviation of what the Linear layers that read ``x`` add to their bias."""
+    spreads = [(out - (lin.bias if lin.bias is not None else 0)).double().std().item() for lin, _, out in
+               _reading(calls, x)]
+    return max(spreads, default=0.0)
+
+
+def _best_fit(fits: list[tuple], function, target: torch.Tensor) -> tuple | None:
+    """The fit whose ``function(*fit)`` is closest to ``target``, if any is close."""
+    scored = [(rel_err(out, target), fit) for fit in fits if close(out := function(*fit), target)]
+    return min(scored, key=lambda s: s[0])[1] if scored else None
+
+
 def analyze_mlp(module: nn.Module, hidden: int) -> MatchResult[tuple[ExpertSpec, ExpertWeights]]:
     """Find ``down(act(gate(x)) * up(x))`` or ``down(act(up(x)))`` by watching the module's Linear calls."""
     linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
     if len(linears) not in (2, 3):
         return MatchResult.fail(f"{type(module).__name__} has {len(linears)} Linear layers, expected 2 or 3")
-    x = probe_input(6, hidden, linears[0].weight, seed=11)
+    x = probe_input(16, hidden, linears[0].weight, seed=11)
     try:
         calls, y = _record_linear_calls(module, x)
+        if isinstance(y, torch.Tensor) and y.shape == x.shape and (spread := _input_spread(calls, x)) > 0:
+            x = (x.double() * (PROBE_PRE_ACTIVATION_STD / spread)).to(x.dtype)
+            calls, y = _record_linear_calls(module, x)
     except Exception as exc:  # noqa: BLE001 - any failure means "not an MLP we understand"
         return MatchResult.fail(f"{type(module).__name__} could not be called on [n, hidden]: {exc}")
     if not isinstance(y, torch.Tensor) or y.shape != x.shape:
         return MatchResult.fail(f"{type(module).__name__} does not map [n, {hidden}] to [n, {hidden}]")
-    first = [c for c in calls if c[1].shape == x.shape and torch.equal(c[1], x)]
+    first = _reading(calls, x)
     rest = [c for c in calls if c not in first]
     if len(rest) != 1 or not close(rest[0][2] + 0, y):
         return MatchResult.fail(f"{type(module).__name__}: no single output projection found")
     down, down_in, _ = rest[0]
     ups = [c for c in first]
     if len(ups) == 2:
-        for (g, u), act in itertools.product(itertools.permutations(ups), PLAIN_ACTIVATIONS):
-            h = torch.cat([g[2], u[2]], -1)
-            if close(expert_activation(h, act, True, 1.0, 0.0), down_in):
-                spec = ExpertSpec(hidden, g[0].out_features, act, True, g[0].bias is not None)
-                w_up = torch.cat([g[0].weight, u[0].weight], 0)
-                b_up = torch.cat([g[0].bias, u[0].bias], 0) if spec.has_bias else None
-                return MatchResult.success((spec, ExpertWeights(w_up, down.weight, b_up, down.bias)))
-        return MatchResult.fail(f"{type(module).__name__}: gated activation is none of {PLAIN_ACTIVATIONS}")
+        fits = [(g, u, act) for (g, u), act in itertools.product(itertools.permutations(ups), PLAIN_ACTIVATIONS)]
+        best = _best_fit(fits, lambda g, u, act: expert_activation(torch.cat([g[2], u[2]], -1), act, True, 1.0, 0.0),
+                         down_in)
+        if best is None:
+            return MatchResult.fail(f"{type(module).__name__}: gated activation is none of {PLAIN_ACTIVATIONS}")
+        g, u, act = best
+        spec = ExpertSpec(hidden, g[0].out_features, act, True, g[0].bias is not None)
+        w_up = torch.cat([g[0].weight, u[0].weight], 0)
+        b_up = torch.cat([g[0].bias, u[0].bias], 0) if spec.has_bias else None
+        return MatchResult.success((spec, ExpertWeights(w_up, down.weight, b_up, down.bias)))
     if len(ups) == 1:
         u = ups[0]
-        for act in PLAIN_ACTIVATIONS:
-            if close(expert_activation(u[2], act, False, 1.0, 0.0), down_in):
-                spec = ExpertSpec(hidden, u[0].out_features, act, False, u[0].bias is not None)
-                return MatchResult.success((spec, ExpertWeights(u[0].weight, down.weight, u[0].bias, down.bias)))
-        return MatchResult.fail(f"{type(module).__name__}: activation is none of {PLAIN_ACTIVATIONS}")
+        best = _best_fit([(act,) for act in PLAIN_ACTIVATIONS],
+                         lambda act: expert_activation(u[2], act, False, 1.0, 0.0), down_in)
+        if best is None:
+            return MatchResult.fail(f"{type(module).__name__}: activation is none of {PLAIN_ACTIVATIONS}")
+        spec = ExpertSpec(hidden, u[0].out_features, best[0], False, u[0].bias is not None)
+        return MatchResult.success((spec, ExpertWeights(u[0].weight, down.weight, u[0].bias, down.bias)))
     return MatchResult.fail(f"{type(module).__name__}: {len(ups)} projections read the input, expected 1 or 2")
 
 

@@ -32,9 +32,11 @@ def _stacked(named, num_experts: int | None) -> dict[str, torch.Tensor]:
             and (num_experts is None or p.shape[0] == num_experts)}
 
 
-def stacked_params(module: nn.Module, num_experts: int | None = None) -> dict[str, torch.Tensor]:
+def stacked_params(module: nn.Module, num_experts: int | None = None,
+                   materialize: bool = True) -> dict[str, torch.Tensor]:
     """The module's ``[E, ., .]`` weights; without any, those of its children that hold one each (JetMoE keeps
-    its up and down projections in two sub-modules); for a known E without either, its flat ``[E*F, .]`` ones
+    its up and down projections in two sub-modules), else its ``projection_lists`` stacked (a copy; shapes alone on
+    the meta device unless ``materialize``); for a known E without any of these, its flat ``[E*F, .]`` ones
     (``flat_params``)."""
     found = _stacked(module.named_parameters(recurse=False), num_experts)
     if not found:
@@ -45,7 +47,38 @@ def stacked_params(module: nn.Module, num_experts: int | None = None) -> dict[st
                 ((n, p),) = own.items()
                 singles[f"{name}.{n}"] = p
         found = singles if len(singles) >= 2 else {}
+    if not found:
+        lists = projection_lists(module)
+        if lists and (num_experts is None or len(next(iter(lists.values()))) == num_experts):
+            found = {f"{name}.weight": _stack([lin.weight for lin in lst.children()], materialize)
+                     for name, lst in lists.items()}
     return found if found or num_experts is None else flat_params(module, num_experts)
+
+
+def projection_lists(module: nn.Module) -> dict[str, nn.Module]:
+    """Child lists holding one Linear per expert (``w1[e]``, ``w2[e]``, ``w3[e]``): an expert bank kept as one list
+    per projection rather than one module per expert. Two or more lists of one length, each of one weight shape."""
+    by_length: dict[int, dict[str, nn.Module]] = {}
+    for name, child in module.named_children():
+        kids = list(child.children()) if isinstance(child, (nn.ModuleList, nn.ModuleDict)) else []
+        if len(kids) >= 2 and all(isinstance(k, nn.Linear) for k in kids) \
+                and len({(k.weight.shape, k.bias is None) for k in kids}) == 1:
+            by_length.setdefault(len(kids), {})[name] = child
+    lists = max(by_length.values(), key=len, default={})
+    return lists if len(lists) >= 2 else {}
+
+
+def _stack(tensors: list[torch.Tensor], materialize: bool) -> torch.Tensor:
+    if materialize:
+        return torch.stack([t.detach() for t in tensors])
+    return torch.empty((len(tensors), *tensors[0].shape), dtype=tensors[0].dtype, device="meta")
+
+
+def _listed_biases(module: nn.Module, num_experts: int) -> dict[str, torch.Tensor]:
+    """The biases of ``projection_lists``, stacked ``[E, out]``."""
+    return {f"{name}.bias": _stack([lin.bias for lin in lst.children()], True)
+            for name, lst in projection_lists(module).items()
+            if len(lst) == num_experts and next(iter(lst.children())).bias is not None}
 
 
 def flat_params(module: nn.Module, num_experts: int, width: int | None = None) -> dict[str, torch.Tensor]:
@@ -106,6 +139,7 @@ def _activations(module: nn.Module) -> list[tuple[str, float, float]]:
 def candidates(module: nn.Module, hidden: int, num_experts: int) -> Iterator[Candidate]:
     params = stacked_params(module, num_experts)
     biases = {n: p for n, p in module.named_parameters(recurse=False) if p.dim() == 2 and p.shape[0] == num_experts}
+    biases.update(_listed_biases(module, num_experts))
     acts = _activations(module)
     # a bias added to the block's output once (JetMoE's [H]) is every expert's down bias when the routing weights
     # sum to 1; the block check decides
