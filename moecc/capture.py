@@ -23,10 +23,12 @@ from moecc import capture_cache, knobs
 from moecc.capture_key import fingerprint
 from moecc.discover import expert_owners, find_moe_blocks
 from moecc.errors import CaptureError
-from moecc.logs import stderr_to_debug
+from moecc.logs import quiet, stderr_to_debug
 from moecc.passes.graph_utils import output_leaves
 
 log = logging.getLogger("moecc.capture")
+# torch.export warns about every 0/1-specialized dim; moecc handles that by re-capturing per bucket
+EXPORT_LOGGERS = ("torch._export.non_strict_utils", "torch.fx.experimental.symbolic_shapes", "torch.export")
 
 _LEAVES: dict[str, list[tuple]] = {}  # key -> output templates, read by the fake function
 _counter = itertools.count()
@@ -184,23 +186,6 @@ def _blocks_as_leaves(blocks: list[tuple[str, nn.Module]], examples: dict[str, t
             _LEAVES.pop(key, None)
 
 
-@contextlib.contextmanager
-def _quiet_export():
-    """torch.export warns about every 0/1-specialized dim; moecc handles that by re-capturing per bucket."""
-    if logging.getLogger("moecc").isEnabledFor(logging.DEBUG):
-        yield
-        return
-    names = ("torch._export.non_strict_utils", "torch.fx.experimental.symbolic_shapes", "torch.export")
-    saved = [(n, logging.getLogger(n).level) for n in names]
-    for n in names:
-        logging.getLogger(n).setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for n, level in saved:
-            logging.getLogger(n).setLevel(level)
-
-
 def _record_examples(model, blocks, args, kwargs):
     """Each block's first call (its hidden states and output), the model's output, and the blocks whose internals
     the model returns (``observed``)."""
@@ -315,7 +300,7 @@ def _export(model, wrapper: _FlatCall, flat_inputs: list, blocks, examples,
             dynamic_dims: list[set[int]] | None = None) -> tuple[torch.fx.GraphModule, dict]:
     tensors = _unaliased([v for v in flat_inputs if isinstance(v, torch.Tensor)])
     try:
-        with _blocks_as_leaves(blocks, examples), torch.no_grad(), _quiet_export(), \
+        with _blocks_as_leaves(blocks, examples), torch.no_grad(), quiet(*EXPORT_LOGGERS), \
                 stderr_to_debug(log, "torch.export"):
             ep = torch.export.export(wrapper, tuple(tensors), dynamic_shapes=(_dynamic_shapes(tensors, dynamic_dims),),
                                      strict=False)

@@ -28,6 +28,24 @@ def configure() -> None:
 
 
 @contextlib.contextmanager
+def quiet(*names: str):
+    """Other libraries' loggers ``names`` held at ERROR inside the block, unless moecc logs at debug level: what they
+    warn about there is moecc's to handle (torch.export's 0/1-specialized dims) or to ignore (torch.onnx's
+    registry, on every export, that torchvision is not installed)."""
+    if logging.getLogger("moecc").isEnabledFor(logging.DEBUG):
+        yield
+        return
+    saved = [(n, logging.getLogger(n).level) for n in names]
+    for n in names:
+        logging.getLogger(n).setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for n, level in saved:
+            logging.getLogger(n).setLevel(level)
+
+
+@contextlib.contextmanager
 def stderr_to_debug(logger: logging.Logger, what: str):
     """What a library prints to stderr inside the block goes to ``logger`` at debug level instead (torch.export
     prints the whole partial graph on a data-dependent error, which moecc reports and handles in a line); with

@@ -1,6 +1,8 @@
 """ORT backend and ahead-of-time artifacts: export -> load in a fresh process -> equal to eager."""
 
+import copy
 import json
+import logging
 import subprocess
 import sys
 import textwrap
@@ -217,3 +219,64 @@ def test_bfloat16_programs_run_with_torch_under_auto_and_onnxruntime_says_why_no
         got, ref = cm(ids), model(ids)
     assert cm._entries[-1].backend == "torch" and cm.moe_layers[0].fused
     assert ((got.float() - ref.float()).norm() / ref.float().norm()).item() < 1e-2
+
+
+def test_a_compiled_model_on_onnxruntime_can_be_deep_copied():
+    """An ONNX Runtime session cannot be pickled: the copy opens its own from the same file."""
+    from user_modules import LoopMoE, TinyModel
+
+    torch.manual_seed(0)
+    model = TinyModel(LoopMoE()).eval()
+    cm = moecc.compile(model, backend="onnxruntime")
+    ids = torch.randint(0, 50, (2, 9))
+    with torch.no_grad():
+        cm(ids)
+        copied = copy.deepcopy(cm)
+        torch.testing.assert_close(copied(ids), model(ids), rtol=1e-5, atol=1e-5)
+
+
+def test_an_empty_batch_runs_with_torch_under_auto(monkeypatch):
+    """ONNX Runtime refuses the graph exported for 0 tokens (a reshape of 0 elements with an inferred dim), so
+    ``auto`` does not export one; the batch gets its empty output as eager gives it."""
+    from user_modules import LoopMoE, TinyModel
+
+    import moecc.codegen.onnx.lower as onnx_lower
+
+    exports = []
+    real = onnx_lower.to_onnx
+    monkeypatch.setattr(onnx_lower, "to_onnx", lambda *a, **k: exports.append(a) or real(*a, **k))
+    torch.manual_seed(0)
+    model = TinyModel(LoopMoE()).eval()
+    cm = moecc.compile(model)
+    with torch.no_grad():
+        cm(torch.randint(0, 50, (2, 5)))
+        assert len(exports) == 1
+        empty = torch.randint(0, 50, (0, 5))
+        assert cm(empty).shape == model(empty).shape == (0, 5, 50)
+    assert len(exports) == 1 and cm._entries[-1].backend == "torch"
+
+
+def test_a_fallback_to_torch_says_once_why_a_block_is_left_as_written():
+    """``auto`` falls back when the ONNX export of a block left as written fails; recognizing again for torch
+    does not repeat the warning."""
+    from user_modules import MLPRoutedMoE, TinyModel
+
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    recognize_log = logging.getLogger("moecc.passes.recognize")
+    level = recognize_log.level
+    recognize_log.setLevel(logging.WARNING)  # the tests' MOECC_LOGS=error holds the moecc loggers above it
+    recognize_log.addHandler(handler)
+    try:
+        torch.manual_seed(0)
+        model = TinyModel(MLPRoutedMoE()).eval()
+        cm = moecc.compile(model)
+        ids = torch.randint(0, 50, (2, 7))
+        with torch.no_grad():
+            torch.testing.assert_close(cm(ids), model(ids))
+    finally:
+        recognize_log.removeHandler(handler)
+        recognize_log.setLevel(level)
+    assert cm._entries[-1].backend == "torch"
+    assert len([m for m in seen if "left as written" in m]) == 1, seen

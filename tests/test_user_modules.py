@@ -306,3 +306,13 @@ def test_a_none_beside_the_block_outputs_stays_none(read_aux):
     x = torch.randint(0, 50, (3, 11))
     for r, g in zip(torch.utils._pytree.tree_leaves(model(x)), torch.utils._pytree.tree_leaves(cm(x))):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
+
+
+def test_float64_blocks_run_as_written_and_say_why():
+    """The canonical ops route and combine in float32: a float64 block is left exact, with the reason."""
+    torch.manual_seed(0)
+    model = TinyModel(USER_BLOCKS["loop"]()).eval().double()
+    cm, layer = compile_on_ids(model, backend="torch")
+    assert not layer.fused and "float64" in layer.reason, layer.reason
+    x = torch.randint(0, 50, (3, 11))
+    torch.testing.assert_close(cm(x), model(x))

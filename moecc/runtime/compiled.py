@@ -19,6 +19,7 @@ from moecc.capture import CaptureHints, capture, forget_calls
 from moecc.codegen.lower import EXPERT_LAYOUT, lower, resolve_backend
 from moecc.errors import BackendError, CacheError, MoeccError
 from moecc.ir import MoELayerInfo
+from moecc.logs import quiet
 from moecc.passes import DumpIR, PassManager, Timing, default_pipeline
 from moecc.passes.base import layers_of
 from moecc.report import graph_summary
@@ -335,9 +336,9 @@ def build(model: nn.Module, args, kwargs, backend: str, options: dict, dump_fold
                  ", ".join(value_sized[:3]))
         backend = "torch"
     if requested == "auto" and backend == "onnxruntime":
-        from moecc.codegen.onnx.lower import unsupported_dtype
+        from moecc.codegen.onnx.lower import unsupported
 
-        if (why := unsupported_dtype(cap.gm, cap.tensor_inputs)) is not None:
+        if (why := unsupported(cap.gm, cap.tensor_inputs)) is not None:
             log.info("backend='auto' runs this program with torch: %s", why)
             backend = "torch"
     for name, why in cap.unfused.items():
@@ -380,7 +381,8 @@ def build(model: nn.Module, args, kwargs, backend: str, options: dict, dump_fold
         if requested != "auto" or quant is not None:
             raise
         log.warning("backend %s failed (%s); backend='auto' falls back to torch", backend, exc)
-        return build(model, args, kwargs, "torch", options, None, program_folder, calibration, hints)
+        with quiet("moecc.passes.recognize"):  # its warnings (blocks left as written) were given once already
+            return build(model, args, kwargs, "torch", options, None, program_folder, calibration, hints)
     for info in layers.values():
         if not info.fused and not info.reason:
             info.reason = "experts were recognized but not fused (see the fuse_experts pass summary)"

@@ -22,13 +22,14 @@ from moecc.codegen.onnx.ort_moe import (
 from moecc.codegen.onnx.quant import quantize
 from moecc.errors import BackendError, first_line
 from moecc.experts import to_canonical
-from moecc.logs import stderr_to_debug
+from moecc.logs import quiet, stderr_to_debug
 from moecc.match import MatchResult
 from moecc.passes.base import layers_of
 from moecc.passes.graph_utils import attr_of
 
 log = logging.getLogger("moecc.codegen.onnx")
 PROVIDER = "CPUExecutionProvider"
+ONNX_REGISTRY_LOGGER = "torch.onnx._internal.exporter._registration"
 
 
 @dataclass
@@ -173,7 +174,7 @@ def to_onnx(gm: fx.GraphModule, example: list[torch.Tensor], path: str) -> str:
         val = node.meta.get("val")
         symbolic = [] if val is None else [i for i, d in enumerate(val.shape) if not isinstance(d, int)]
         shapes.append({i: torch.export.Dim.AUTO for i in symbolic})
-    with warnings.catch_warnings(), stderr_to_debug(log, "torch.onnx.export"):
+    with warnings.catch_warnings(), stderr_to_debug(log, "torch.onnx.export"), quiet(ONNX_REGISTRY_LOGGER):
         # the graph's ops are fixed by now; an exported program's module refuses eval(), so it stays in train mode
         warnings.filterwarnings("ignore", message="Exporting a model while it is in training mode")
         prog = torch.onnx.export(gm, tuple(example), dynamo=True, dynamic_shapes=tuple(shapes), optimize=True,
@@ -189,25 +190,41 @@ class OrtModule(nn.Module):
 
     def __init__(self, path: str, provider: str = PROVIDER) -> None:
         super().__init__()
+        self.path = path
+        self.provider = provider
+        self.session = self._open()
+        self.input_names = [i.name for i in self.session.get_inputs()]
+
+    def _open(self):
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        self.path = path
-        self.session = ort.InferenceSession(path, options, providers=[provider])
-        self.input_names = [i.name for i in self.session.get_inputs()]
+        return ort.InferenceSession(self.path, ort.SessionOptions(), providers=[self.provider])
+
+    def __getstate__(self):
+        # a session cannot be pickled (copy.deepcopy of a compiled model pickles it): it is opened again from path
+        return {k: v for k, v in super().__getstate__().items() if k != "session"}
+
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        self.session = self._open()
 
     def forward(self, *tensors):
         feeds = {n: t.detach().cpu().numpy() for n, t in zip(self.input_names, tensors)}
         return tuple(torch.from_numpy(o) for o in self.session.run(None, feeds))
 
 
-def unsupported_dtype(gm: fx.GraphModule, example: list[torch.Tensor]) -> str | None:
-    """Why ONNX Runtime cannot run this program's dtype, or None: on the CPU provider, a bfloat16 program."""
-    tensors = [*gm.parameters(), *gm.buffers(), *(t for t in example if isinstance(t, torch.Tensor))]
+def unsupported(gm: fx.GraphModule, example: list[torch.Tensor]) -> str | None:
+    """Why ONNX Runtime cannot run this program, or None: a bfloat16 program on the CPU provider, or an empty
+    input."""
+    inputs = [t for t in example if isinstance(t, torch.Tensor)]
+    tensors = [*gm.parameters(), *gm.buffers(), *inputs]
     if PROVIDER == "CPUExecutionProvider" and any(t.dtype == torch.bfloat16 for t in tensors):
         return ("ONNX Runtime's CPU provider has no bfloat16 kernels for MatMul or Gemm (and NumPy, which carries "
                 "its inputs and outputs, has no bfloat16): run the model in float32 or float16 for ONNX Runtime, "
                 "or take backend='torch'")
+    if any(t.numel() == 0 for t in inputs):
+        return ("the inputs are empty (a dim of size 0), and ONNX Runtime refuses the graph exported for them (a "
+                "reshape of 0 elements with an inferred dim): take backend='torch' or 'auto' for empty batches")
     return None
 
 
@@ -215,7 +232,7 @@ def lower_to_ort(gm: fx.GraphModule, example: list[torch.Tensor], folder: str | 
                  quant=None) -> OrtModule:
     from moecc.passes.cleanup import Cleanup
 
-    if (why := unsupported_dtype(gm, example)) is not None:
+    if (why := unsupported(gm, example)) is not None:
         raise BackendError(why)
     use_ort_moe(gm, quant)
     decompose(gm)

@@ -370,6 +370,9 @@ def analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | N
     like = next(block.parameters(), None)
     if like is None:
         return MatchResult.fail("block has no parameters")
+    if like.dtype == torch.float64:
+        return MatchResult.fail("float64 block: the canonical ops route and combine in float32, which does not "
+                                "reproduce float64 to its precision")
     rtol = 10 * tolerance(like.dtype)
 
     bank_list = find_expert_list(block)
