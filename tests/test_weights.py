@@ -123,3 +123,41 @@ def test_the_watch_can_be_turned_off_and_says_what_it_costs(monkeypatch, caplog)
     # not compiled again: the expert copies keep the values they were built with, as asked
     assert not torch.allclose(_logits(cm, ids), _logits(model, ids), rtol=1e-3, atol=1e-3)
     assert cm.captures == 1 and len(cm._entries[-1].weights) == 0
+
+
+def test_a_deep_copy_keeps_its_program_and_watches_its_own_weights():
+    """The copy's parameters are new tensors (other data pointers, fresh versions): its watch is stamped from them,
+    so the copy runs without compiling again, and an update of the copy's weights (not the original's) is seen."""
+    import copy
+
+    torch.manual_seed(0)
+    model = make_model("mixtral")
+    ids = torch.randint(0, 97, (2, 6))
+    cm = moecc.compile(model, backend="torch")
+    _logits(cm, ids)
+    copied = copy.deepcopy(cm)
+    assert copied._entries[-1].weights.changed() is None
+    torch.testing.assert_close(_logits(copied, ids), _logits(model, ids), rtol=1e-5, atol=1e-5)
+    assert copied.captures == 1
+    with torch.no_grad():
+        for p in copied.original_model.parameters():
+            p.mul_(1.25)
+    torch.testing.assert_close(_logits(copied, ids), _logits(copied.original_model, ids), rtol=1e-5, atol=1e-5)
+    assert copied.captures == 2 and cm._entries[-1].weights.changed() is None
+
+
+
+def test_a_change_made_before_a_deep_copy_is_seen_in_the_copy():
+    """ONNX Runtime's program holds copies of every weight, so the model's tensors are no views it copies."""
+    import copy
+
+    torch.manual_seed(0)
+    model = make_model("mixtral")
+    ids = torch.randint(0, 97, (2, 6))
+    cm = moecc.compile(model, backend="onnxruntime")
+    _logits(cm, ids)
+    with torch.no_grad():
+        model.model.layers[1].mlp.experts.down_proj.mul_(2.0)
+    copied = copy.deepcopy(cm)
+    assert copied._entries[-1].weights.changed() == "model.layers.1.mlp.experts.down_proj"
+    torch.testing.assert_close(_logits(copied, ids), _logits(copied.original_model, ids), rtol=1e-5, atol=1e-5)

@@ -50,6 +50,21 @@ class WeightWatch:
         """The names of the parameters the program holds copies of (or does not use)."""
         return [qualified for *_, stamp, qualified in self._slots if stamp is not None]
 
+    def __deepcopy__(self, memo: dict) -> WeightWatch:
+        """The watch of a copied program and model: a copy's parameters have other data pointers and versions, so
+        each stamp is taken anew from the copy where the original still matched its own (a change made before the
+        copy is still seen)."""
+        import copy
+
+        new = WeightWatch.__new__(WeightWatch)
+        new._slots = []
+        for params, name, param, stamp, qualified in self._slots:
+            params_copy, param_copy = copy.deepcopy(params, memo), copy.deepcopy(param, memo)
+            if stamp is not None:
+                stamp = _stamp(param_copy) if stamp == _stamp(param) else (-2, -2)
+            new._slots.append((params_copy, name, param_copy, stamp, qualified))
+        return new
+
     def changed(self) -> str | None:
         """The name of a parameter assigned anew, or of a copied one updated in place or converted, since compile;
         else None."""
