@@ -316,12 +316,12 @@ class ProjectionListsMoE(nn.Module):
     """One ``ModuleList`` per projection (``w1[e]``, ``w3[e]``, ``w2[e]``) instead of one module per expert, and
     Switch's top-1: the largest router probability, not renormalised."""
 
-    def __init__(self, hidden=24, inter=40, num_experts=6):
+    def __init__(self, hidden=24, inter=40, num_experts=6, bias=False):
         super().__init__()
         self.router = nn.Linear(hidden, num_experts, bias=False)
-        self.w1 = nn.ModuleList(nn.Linear(hidden, inter, bias=False) for _ in range(num_experts))
-        self.w3 = nn.ModuleList(nn.Linear(hidden, inter, bias=False) for _ in range(num_experts))
-        self.w2 = nn.ModuleList(nn.Linear(inter, hidden, bias=False) for _ in range(num_experts))
+        self.w1 = nn.ModuleList(nn.Linear(hidden, inter, bias=bias) for _ in range(num_experts))
+        self.w3 = nn.ModuleList(nn.Linear(hidden, inter, bias=bias) for _ in range(num_experts))
+        self.w2 = nn.ModuleList(nn.Linear(inter, hidden, bias=bias) for _ in range(num_experts))
 
     def forward(self, x):
         weight, chosen = self.router(x).softmax(-1).max(-1)

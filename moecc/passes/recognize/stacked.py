@@ -89,18 +89,19 @@ def flat_params(module: nn.Module, num_experts: int, width: int | None = None) -
             and (width is None or p.shape[1] == width)}
 
 
-def _orient(w: torch.Tensor, in_dim: int) -> list[torch.Tensor]:
-    """[E, out, in] views of ``w``: as stored, and transposed when it may be stored [E, in, out]."""
+def _orient(w: torch.Tensor, in_dim: int, as_stored: bool = False) -> list[torch.Tensor]:
+    """[E, out, in] views of ``w``: as stored, and transposed when it may be stored [E, in, out] (never for
+    ``as_stored``: Linear weights stacked from ``projection_lists``)."""
     out = [w] if w.shape[2] == in_dim else []
-    if w.shape[1] == in_dim:
+    if w.shape[1] == in_dim and not as_stored:
         out.append(w.transpose(1, 2))
     return out
 
 
-def _orient_out(w: torch.Tensor, out_dim: int) -> list[torch.Tensor]:
+def _orient_out(w: torch.Tensor, out_dim: int, as_stored: bool = False) -> list[torch.Tensor]:
     """[E, out, in] views of ``w`` whose output dimension is ``out_dim``."""
     out = [w] if w.shape[1] == out_dim else []
-    if w.shape[2] == out_dim:
+    if w.shape[2] == out_dim and not as_stored:
         out.append(w.transpose(1, 2))
     return out
 
@@ -139,7 +140,10 @@ def _activations(module: nn.Module) -> list[tuple[str, float, float]]:
 def candidates(module: nn.Module, hidden: int, num_experts: int) -> Iterator[Candidate]:
     params = stacked_params(module, num_experts)
     biases = {n: p for n, p in module.named_parameters(recurse=False) if p.dim() == 2 and p.shape[0] == num_experts}
-    biases.update(_listed_biases(module, num_experts))
+    listed = _listed_biases(module, num_experts)
+    biases.update(listed)
+    # Linear weights are [out, in]: stacked from lists, no transposed reading of them is tried
+    stored = {n for n in params if n.removesuffix(".weight") in projection_lists(module)}
     acts = _activations(module)
     # a bias added to the block's output once (JetMoE's [H]) is every expert's down bias when the routing weights
     # sum to 1; the block check decides
@@ -147,10 +151,11 @@ def candidates(module: nn.Module, hidden: int, num_experts: int) -> Iterator[Can
                    if p.dim() == 1 and p.shape[0] == hidden]
     for down_name in params:
         others = [n for n in params if n != down_name]
-        for down in _orient_out(params[down_name], hidden):
+        for down in _orient_out(params[down_name], hidden, down_name in stored):
             # when 2I == H both biases are [E, H]: each may be the down projection's, or neither
             for b_down in [*(b for b in biases.values() if b.shape[1] == hidden), *shared_bias, None]:
-                yield from _up_candidates(others, params, biases, hidden, down.shape[2], down, b_down, acts)
+                yield from _up_candidates(others, params, biases, hidden, down.shape[2], down, b_down, acts, stored,
+                                          listed)
 
 
 def _up_biases(biases: dict[str, torch.Tensor], rows: int, b_down: torch.Tensor | None) -> list:
@@ -158,10 +163,10 @@ def _up_biases(biases: dict[str, torch.Tensor], rows: int, b_down: torch.Tensor 
     return [b for b in biases.values() if b.shape[1] == rows and b is not b_down] or [None]
 
 
-def _up_candidates(others, params, biases, hidden, inter, down, b_down, acts):
+def _up_candidates(others, params, biases, hidden, inter, down, b_down, acts, stored, listed):
     has_bias = lambda b_up: b_up is not None or b_down is not None  # noqa: E731
     if len(others) == 1:
-        for up, b_up in ((w, b) for w in _orient(params[others[0]], hidden)
+        for up, b_up in ((w, b) for w in _orient(params[others[0]], hidden, others[0] in stored)
                          for b in _up_biases(biases, w.shape[1], b_down)):
             u = up.shape[1]
             if u == 2 * inter:
@@ -180,12 +185,16 @@ def _up_candidates(others, params, biases, hidden, inter, down, b_down, acts):
                         yield Candidate(ExpertSpec(hidden, inter, act, False, has_bias(b_up)), build)
     elif len(others) == 2:
         for gate_name, up_name in itertools.permutations(others):
-            for g in _orient(params[gate_name], hidden):
-                for v in _orient(params[up_name], hidden):
+            # separate gate and up biases are known only as the biases of their lists
+            b_gate, b_up = (listed.get(n.removesuffix(".weight") + ".bias") for n in (gate_name, up_name))
+            b_cat = torch.cat([b_gate, b_up], 1) if b_gate is not None and b_up is not None else None
+            for g in _orient(params[gate_name], hidden, gate_name in stored):
+                for v in _orient(params[up_name], hidden, up_name in stored):
                     if g.shape[1] != inter or v.shape[1] != inter:
                         continue
                     for act, alpha, limit in acts:
-                        def build(sl, g=g, v=v):
-                            return ExpertWeights(torch.cat([g[sl], v[sl]], 1), down[sl], None,
+                        def build(sl, g=g, v=v, b_cat=b_cat):
+                            return ExpertWeights(torch.cat([g[sl], v[sl]], 1), down[sl],
+                                                 None if b_cat is None else b_cat[sl],
                                                  None if b_down is None else b_down[sl])
-                        yield Candidate(ExpertSpec(hidden, inter, act, True, False, alpha, limit), build)
+                        yield Candidate(ExpertSpec(hidden, inter, act, True, has_bias(b_cat), alpha, limit), build)
