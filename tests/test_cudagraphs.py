@@ -76,3 +76,26 @@ def test_random_ops_work_after_a_capture_that_failed():
     assert cache.failed
     torch.randn(16, device="cuda")
     torch.randint(0, 10, (16,), device="cuda")
+
+
+def test_a_deep_copy_of_a_compiled_model_captures_graphs_of_its_own():
+    """A graph replays the buffers and weights it was captured from; the copy's cache starts empty."""
+    import copy
+
+    from user_modules import LoopMoE, TinyModel
+
+    import moecc
+
+    torch.manual_seed(0)
+    model = TinyModel(LoopMoE()).eval().cuda()
+    cm = moecc.compile(model, backend="triton")
+    ids = torch.randint(0, 50, (2, 9), device="cuda")
+    with torch.no_grad():
+        cm(ids), cm(ids)
+        (entry,) = cm._entries
+        assert entry.graphs is not None and entry.graphs.graphs
+        copied = copy.deepcopy(cm)
+        assert not copied._entries[0].graphs.graphs
+        copied.original_model.head.weight.mul_(0)  # the copy's own weights: the original's graphs must not be read
+        torch.testing.assert_close(copied(ids), copied.original_model(ids), rtol=2e-3, atol=2e-3)
+        torch.testing.assert_close(cm(ids), model(ids), rtol=2e-3, atol=2e-3)

@@ -74,3 +74,25 @@ def test_a_failed_capture_restores_the_cuda_generators_and_runs_as_launched(monk
     x = torch.zeros(4, 8)
     assert cache([x]) == ("launched",) and restored == [1]
     assert cache([x]) == ("launched",) and restored == [1]  # the shape is not captured again
+
+
+
+class _Program:
+    def __init__(self):
+        self.weight = [1.0]
+
+    def __call__(self, x):
+        return ("launched", self.weight[0])
+
+
+def test_a_deep_copy_of_the_cache_has_no_graphs_and_the_copied_program():
+    """A graph replays the buffers and weights of the program it was captured from: a copy captures its own."""
+    import copy
+
+    cache = GraphCache(_Program())
+    cache.graphs[("shape",)] = ["a graph of the original program"]
+    copied = copy.deepcopy(cache)
+    assert not copied.graphs and not copied.failed
+    assert copied.program is not cache.program and copied.program(None) == ("launched", 1.0)
+    copied.program.weight[0] = 2.0
+    assert cache.program(None) == ("launched", 1.0)

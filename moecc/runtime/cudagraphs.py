@@ -17,6 +17,7 @@ pays for its graph."""
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections import OrderedDict
 
@@ -79,6 +80,10 @@ class GraphCache:
         self.failed: set[tuple] = set()
         self.seen: OrderedDict[tuple, None] = OrderedDict()  # shapes above MAX_TOKENS called once, newest last
         self.pool = None
+
+    def __deepcopy__(self, memo: dict) -> GraphCache:
+        # a graph replays the buffers and weights of the program it was captured from: the copy captures its own
+        return GraphCache(copy.deepcopy(self.program, memo))
 
     def __call__(self, tensors: list[torch.Tensor]):
         key = tuple((t.shape, t.dtype, t.get_device()) for t in tensors)
