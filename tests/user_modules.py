@@ -341,10 +341,43 @@ class ResidualInsideMoE(LoopMoE):
         return x + super().forward(x)
 
 
+class DenseGateMoE(LoopMoE):
+    """Every expert on every token, weighted by a ``[.., E]`` gate that is zero but at the top-k (a softmax over the
+    chosen logits scattered into place)."""
+
+    def forward(self, x):
+        logits = self.gate(x)
+        chosen_logits, chosen = logits.topk(self.top_k, dim=-1)
+        gates = torch.zeros_like(logits).scatter(-1, chosen, chosen_logits.softmax(-1))
+        outs = torch.stack([expert(x) for expert in self.experts], -2)
+        return (gates.unsqueeze(-1) * outs).sum(-2)
+
+
+class DenseEinsumMoE(nn.Module):
+    """Stacked GELU experts computed densely with einsums, the top-k mask applied to the router probabilities and
+    renormalised."""
+
+    def __init__(self, hidden=24, inter=40, num_experts=6, top_k=2):
+        super().__init__()
+        self.top_k = top_k
+        self.router = nn.Linear(hidden, num_experts, bias=False)
+        self.w_in = nn.Parameter(torch.randn(num_experts, hidden, inter) * 0.2)
+        self.w_out = nn.Parameter(torch.randn(num_experts, inter, hidden) * 0.2)
+
+    def forward(self, x):
+        probs = self.router(x).softmax(-1)
+        mask = torch.zeros_like(probs).scatter(-1, probs.topk(self.top_k, dim=-1).indices, 1.0)
+        gates = probs * mask
+        gates = gates / gates.sum(-1, keepdim=True)
+        h = F.gelu(torch.einsum("bsh,ehi->bsei", x, self.w_in))
+        return torch.einsum("bse,bseh->bsh", gates, torch.einsum("bsei,eih->bseh", h, self.w_out))
+
+
 USER_BLOCKS = {"loop": LoopMoE, "scaled_output": ScaledOutputMoE, "gshard": GShardMoE, "bmm": BmmMoE,
                "block_bias": BlockBiasMoE, "input_scaled": InputScaledMoE, "squared_relu": SquaredReluMoE,
                "post_norm": PostNormMoE, "sequential_gelu": SequentialGeluMoE,
-               "projection_lists": ProjectionListsMoE, "residual_inside": ResidualInsideMoE}
+               "projection_lists": ProjectionListsMoE, "residual_inside": ResidualInsideMoE,
+               "dense_gate": DenseGateMoE, "dense_einsum": DenseEinsumMoE}
 
 
 class AuxOutputsMoE(LoopMoE):
