@@ -493,3 +493,17 @@ def test_triton_artifact_loads_in_a_fresh_process(tmp_path):
                          text=True, env=env)
     assert run.returncode == 0, run.stdout + run.stderr
     assert float(run.stdout.split("ERR")[1]) < 1e-4
+
+
+def test_triton_on_cpu_tensors_without_the_interpreter_says_what_to_do(monkeypatch):
+    """On a CUDA machine a model left on the CPU gets a clear error, not a Triton launcher's 'cpu tensor?'."""
+    from user_modules import LoopMoE, TinyModel
+
+    import moecc.codegen.triton.configs as triton_configs
+
+    monkeypatch.setattr(triton_configs, "INTERPRET", False)
+    monkeypatch.setattr("moecc.codegen.triton.available", lambda: (True, ""))
+    torch.manual_seed(0)
+    cm = moecc.compile(TinyModel(LoopMoE()).eval(), backend="triton")
+    with pytest.raises(moecc.BackendError, match="runs on CUDA tensors.*TRITON_INTERPRET=1"):
+        cm(torch.randint(0, 50, (2, 5)))

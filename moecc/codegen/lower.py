@@ -43,6 +43,13 @@ def lower(gm: fx.GraphModule, backend: str, example: list[torch.Tensor] | None =
         ok, why = available()
         if not ok:
             raise BackendError(f"backend 'triton' is not available: {why}")
+        from moecc.codegen.triton.configs import INTERPRET
+
+        tensors = [*gm.parameters(), *(t for t in example or [] if isinstance(t, torch.Tensor))]
+        if not INTERPRET and tensors and not any(t.is_cuda for t in tensors):
+            raise BackendError("backend 'triton' runs on CUDA tensors, and this program's are on the CPU: move the "
+                               "model and its inputs to a CUDA device, or set TRITON_INTERPRET=1 before importing "
+                               "moecc to run the kernels in Triton's interpreter (slow: for tests)")
         from moecc.codegen.triton.fold_shared import fold_shared_experts
         from moecc.codegen.triton.moe import fused_moe_triton, fused_route_triton
 
