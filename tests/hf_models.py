@@ -85,11 +85,14 @@ def make_config(family: str):
     raise ValueError(f"unknown family {family!r}")
 
 
-def make_model(family: str, experts_implementation: str = "eager", seed: int = 0):
+def make_model(family: str, experts_implementation: str = "eager", seed: int = 0, **config):
+    """``config``: attributes of the family's config to set (``hidden_act="gelu"``)."""
     import transformers as tf
 
     torch.manual_seed(seed)
     cfg = make_config(family)
+    for name, value in config.items():
+        setattr(cfg, name, value)
     cls = getattr(tf, {
         "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
         "olmoe": "OlmoeForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM", "gpt_oss": "GptOssForCausalLM",

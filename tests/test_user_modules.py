@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 from user_modules import USER_BLOCKS, TinyModel
 
 import moecc
@@ -46,6 +47,20 @@ def test_the_experts_activation_is_the_one_that_fits_best_in_low_precision(dtype
     x = torch.randint(0, 50, (4, 33))
     ref, got = model(x).float(), cm(x).float()
     assert ((got - ref).norm() / ref.norm()).item() < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("act,gated,expected", [("gelu", False, "gelu"), ("relu", False, "relu"),
+                                                ("gelu", True, "gated-gelu"), ("silu", True, "gated-silu")])
+def test_stacked_experts_activation_is_refit_on_spread_probes_in_bf16(act, gated, expected):
+    """Stacked experts no module can be probed through are proven by the block's unit probes, where initial weights
+    leave pre-activations of a few hundredths: bf16 took gelu and relu for silu. The activation is chosen again on
+    probes scaled to spread them (the routing, which those saturate, is kept)."""
+    from user_modules import SmallStackedMoE
+
+    torch.manual_seed(0)
+    model = TinyModel(SmallStackedMoE(getattr(F, act), gated)).eval().to(torch.bfloat16)
+    cm, layer = compile_on_ids(model, backend="torch")
+    assert layer.fused and layer.activation == expected and layer.routing == "softmax->top2", layer
 
 
 @pytest.mark.parametrize("backend,bias", [("torch", False), ("onnxruntime", False), ("triton", False),

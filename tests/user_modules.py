@@ -373,6 +373,34 @@ class DenseEinsumMoE(nn.Module):
         return torch.einsum("bse,bseh->bsh", gates, torch.einsum("bsei,eih->bseh", h, self.w_out))
 
 
+class SmallStackedMoE(nn.Module):
+    """Stacked ``[E, H, I]`` / ``[E, I, H]`` experts of one activation, at the scale of initial weights (std 0.02),
+    looped over experts with matmuls: no module to probe them through."""
+
+    def __init__(self, act=F.gelu, gated=False, hidden=24, inter=40, num_experts=6, top_k=2):
+        super().__init__()
+        self.act, self.gated, self.top_k = act, gated, top_k
+        self.gate = nn.Linear(hidden, num_experts, bias=False)
+        self.up = nn.Parameter(torch.randn(num_experts, hidden, (2 if gated else 1) * inter) * 0.02)
+        self.down = nn.Parameter(torch.randn(num_experts, inter, hidden) * 0.02)
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        weights, chosen = self.gate(x).softmax(-1).topk(self.top_k, -1)
+        out = torch.zeros_like(x)
+        for e in range(self.up.shape[0]):
+            token, slot = (chosen == e).nonzero(as_tuple=True)
+            h = x[token] @ self.up[e]
+            if self.gated:
+                g, u = h.chunk(2, -1)
+                h = self.act(g) * u
+            else:
+                h = self.act(h)
+            out.index_add_(0, token, (h @ self.down[e]) * weights[token, slot, None])
+        return out.reshape(shape)
+
+
 USER_BLOCKS = {"loop": LoopMoE, "scaled_output": ScaledOutputMoE, "gshard": GShardMoE, "bmm": BmmMoE,
                "block_bias": BlockBiasMoE, "input_scaled": InputScaledMoE, "squared_relu": SquaredReluMoE,
                "post_norm": PostNormMoE, "sequential_gelu": SequentialGeluMoE,

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from moecc.canonical import BlockAnalysis, CanonicalMoE
+from moecc.experts import PLAIN_ACTIVATIONS
 from moecc.ir import CapacitySpec, ExpertSpec, ExpertWeights, RoutingSpec, SharedExpert
 from moecc.match import MatchResult
 from moecc.passes.recognize import stacked
@@ -147,6 +148,28 @@ def _expert_fn(spec: ExpertSpec, w: ExpertWeights, e: int, x: torch.Tensor) -> t
                                       spec.alpha, spec.limit)
 
 
+def _best_layout(cands, x: torch.Tensor, refs: list[torch.Tensor]):
+    """The stacked-bank candidate that fits the probed expert functions best: ranked on expert 0 (a later candidate
+    must halve the error, as in ``_Closest``: equal forms differ by rounding only), then proven on every expert.
+    Only the winner is built for all experts. In bf16 the probe bound admits silu for gelu, so the first candidate
+    within it is not taken."""
+    ranked = []
+    for c in cands:
+        y0 = _expert_fn(c.spec, c.build(slice(0, 1)), 0, x)
+        if close(y0, refs[0]):
+            ranked.append((rel_err(y0, refs[0]), len(ranked), c))
+    best_err = None
+    kept = []
+    for err, _, c in ranked:
+        if best_err is None or err < best_err / 2:
+            best_err = err
+            kept.insert(0, c)
+        else:
+            kept.append(c)
+    return next((c for c in kept if all(close(_expert_fn(c.spec, c.build(slice(e, e + 1)), 0, x), refs[e])
+                                        for e in range(1, len(refs)))), None)
+
+
 def _shared_experts(block: nn.Module, used: set[int], hidden: int) -> MatchResult[list[SharedExpert]]:
     shared, gates = [], []
     for name, child in block.named_children():
@@ -178,14 +201,16 @@ def _output_modules(block: nn.Module, used: set[int]) -> list[nn.Module]:
             and any(True for _ in child.parameters()) and all(p.dim() < 3 for p in child.parameters())]
 
 
-def _probe_inputs(example: torch.Tensor, hidden: int, like: torch.Tensor, collide: int) -> list[torch.Tensor]:
-    """Two random inputs, then one whose tokens are all alike, so any capacity limit is sure to overflow."""
+def _probe_inputs(example: torch.Tensor, hidden: int, like: torch.Tensor, collide: int,
+                  scale: float = 1.0) -> list[torch.Tensor]:
+    """Two random inputs, then one whose tokens are all alike, so any capacity limit is sure to overflow; each of
+    standard deviation ``scale``."""
     shapes = [(2, 8, hidden), (3, 5, hidden)] if example.dim() == 3 else [(16, hidden), (7, hidden)]
     g = torch.Generator().manual_seed(1234)
     xs = [torch.randn(*s, generator=g) for s in shapes]
     same = torch.randn(1, 1, hidden, generator=g) + 1e-3 * torch.randn(2, collide, hidden, generator=g)
     xs.append(same if example.dim() == 3 else same.reshape(-1, hidden))
-    return [x.to(device=like.device, dtype=like.dtype) for x in xs]
+    return [(x * scale).to(device=like.device, dtype=like.dtype) for x in xs]
 
 
 def _verify(block: nn.Module, a: BlockAnalysis, inputs, refs, router_inputs=None,
@@ -269,6 +294,30 @@ def _adds_input(y: torch.Tensor, x: torch.Tensor, ref: torch.Tensor) -> bool:
     """Whether ``ref`` is ``x + y`` within the probes' bound: a block that adds its input to its output itself."""
     return x.numel() == ref.numel() and close(y, ref - x.reshape(ref.shape), scale=10 * max(
         1.0, (ref.double().norm() / (ref - x.reshape(ref.shape)).double().norm().clamp_min(1e-30)).item()))
+
+
+def _refit_activation(block: nn.Module, a: BlockAnalysis, inputs, scale: float) -> BlockAnalysis:
+    """``a`` with the plain activation that fits the block best on ``inputs`` times ``scale``. The search proves a
+    candidate on unit probes, where small expert weights leave pre-activations of a few hundredths and bf16 cannot
+    tell silu from gelu or relu; scaled probes spread them, but saturate the router too (top-1 then passes for
+    top-2), so only the activation is chosen on them, the routing found on unit probes kept."""
+    if a.expert.activation not in PLAIN_ACTIVATIONS or a.expert.limit > 0:
+        return a
+    spread = [(x.double() * scale).to(x.dtype) for x in inputs]
+    try:
+        with torch.no_grad():
+            refs = [tensor_leaves(block(x))[0] for x in spread]
+    except Exception:  # noqa: BLE001 - a block that fails on large inputs keeps what the unit probes proved
+        return a
+    best, best_err = a, None
+    for act in dict.fromkeys([a.expert.activation, *PLAIN_ACTIVATIONS]):
+        candidate = replace(a, expert=replace(a.expert, activation=act))
+        canon = CanonicalMoE(replace(candidate, outputs=("y",), output_tuple=False))
+        with torch.no_grad():
+            err = max(rel_err(canon(x), ref) for x, ref in zip(spread, refs))
+        if best_err is None or err < best_err / 2:
+            best, best_err = candidate, err
+    return best if best_err <= 10 * tolerance(refs[0].dtype) else a
 
 
 def _with_output_scales(block: nn.Module, a: BlockAnalysis, inputs, refs) -> tuple[BlockAnalysis, float] | None:
@@ -375,6 +424,7 @@ def analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | N
                                 "reproduce float64 to its precision")
     rtol = 10 * tolerance(like.dtype)
 
+    input_scale = 1.0
     bank_list = find_expert_list(block)
     if bank_list is not None:
         bank_mod, experts = bank_list
@@ -397,17 +447,19 @@ def analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | N
         probe_fn = _bank_caller(block, bank_mod, hidden, like)
         cands = stacked.candidates(bank_mod, hidden, num_experts)
         if probe_fn is not None:
-            x = torch.randn(5, hidden, dtype=like.dtype, device=like.device)
+            x = torch.randn(5, hidden, dtype=torch.float64) * stacked.probe_scale(bank_mod, hidden, num_experts)
+            x = x.to(dtype=like.dtype, device=like.device)
             refs = [probe_fn(e, x) for e in range(num_experts)]
-            # each layout is tried on one expert's slices first; only the winner is built for all experts
-            winner = next((c for c in cands if all(
-                close(_expert_fn(c.spec, c.build(slice(e, e + 1)), 0, x), refs[e]) for e in range(num_experts))),
-                None)
+            winner = _best_layout(cands, x, refs)
             if winner is None:
                 return MatchResult.fail(f"{type(bank_mod).__name__}: the expert function matches no canonical "
                                         "expert (layouts, activations and clamps tried)")
             expert_candidates = [(winner.spec, winner.build(slice(None)))]
         else:
+            # the block's probes are the only check of the expert function here: its activation is checked again
+            # on inputs that spread the pre-activations (``_refit_activation``)
+            input_scale = stacked.probe_scale(bank_mod, hidden, num_experts)
+
             def all_candidates():  # built one at a time: each is a copy of the bank in some layout
                 return ((c.spec, c.build(slice(None))) for c in stacked.candidates(bank_mod, hidden, num_experts))
             expert_candidates = all_candidates()
@@ -513,6 +565,8 @@ def analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | N
         if closest.offer(ok):
             break
     if closest.analysis is not None:
+        if input_scale != 1.0 and not others:
+            return MatchResult.success(_refit_activation(block, closest.analysis, inputs, input_scale))
         return MatchResult.success(closest.analysis)
     if as_written is not None:
         return as_written

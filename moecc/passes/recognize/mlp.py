@@ -10,11 +10,7 @@ from torch import nn
 from moecc.experts import PLAIN_ACTIVATIONS, expert_activation
 from moecc.ir import ExpertSpec, ExpertWeights
 from moecc.match import MatchResult
-from moecc.passes.recognize.probe import close, probe_input, rel_err
-
-# Pre-activations of this spread tell the activations apart in bf16: at the spread of small initial weights (|u| of
-# a few tenths) silu and gelu differ by less than bf16's tolerance, and the first one tried won.
-PROBE_PRE_ACTIVATION_STD = 2.0
+from moecc.passes.recognize.probe import PROBE_PRE_ACTIVATION_STD, close, probe_input, rel_err
 
 
 def _record_linear_calls(module: nn.Module, x: torch.Tensor):

@@ -5,6 +5,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+# Probe inputs spread an expert's pre-activations this wide: at the spread of small initial weights (a few tenths) silu
+# and gelu differ by less than bf16's probe bound, so the activation tried first passed for the other.
+PROBE_PRE_ACTIVATION_STD = 2.0
+
 _TOL = {torch.float32: 1e-5, torch.float64: 1e-9, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 

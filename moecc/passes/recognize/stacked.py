@@ -17,6 +17,7 @@ from torch import nn
 
 from moecc.experts import PLAIN_ACTIVATIONS
 from moecc.ir import ExpertSpec, ExpertWeights
+from moecc.passes.recognize.probe import PROBE_PRE_ACTIVATION_STD
 
 _GATED_LAYOUTS = ("concat_gate_first", "concat_up_first", "interleaved_gate_even", "interleaved_up_even")
 
@@ -53,6 +54,19 @@ def stacked_params(module: nn.Module, num_experts: int | None = None,
             found = {f"{name}.weight": _stack([lin.weight for lin in lst.children()], materialize)
                      for name, lst in lists.items()}
     return found if found or num_experts is None else flat_params(module, num_experts)
+
+
+def probe_scale(module: nn.Module, hidden: int, num_experts: int) -> float:
+    """The standard deviation of probe inputs whose pre-activations spread about ``PROBE_PRE_ACTIVATION_STD`` in
+    every projection that may read the hidden states: ``[E, ., H]`` or ``[E, H, .]`` weights, by the largest RMS
+    norm of their rows (or columns) over H. 1.0 when the module holds none."""
+    norms = []
+    for w in stacked_params(module, num_experts).values():
+        w = w.detach().double()
+        for view in _orient(w, hidden):
+            norms.append(view.pow(2).sum(2).mean().sqrt().item())
+    largest = max(norms, default=0.0)
+    return PROBE_PRE_ACTIVATION_STD / largest if largest > 0 else 1.0
 
 
 def projection_lists(module: nn.Module) -> dict[str, nn.Module]:
