@@ -56,15 +56,22 @@ def stacked_params(module: nn.Module, num_experts: int | None = None,
     return found if found or num_experts is None else flat_params(module, num_experts)
 
 
+PROBE_SCALE_ROWS = 256
+
+
 def probe_scale(module: nn.Module, hidden: int, num_experts: int) -> float:
     """The standard deviation of probe inputs whose pre-activations spread about ``PROBE_PRE_ACTIVATION_STD`` in
     every projection that may read the hidden states: ``[E, ., H]`` or ``[E, H, .]`` weights, by the largest RMS
     norm of their rows (or columns) over H. 1.0 when the module holds none."""
+    lists = projection_lists(module)
+    # expert 0 alone: stacking a bank kept as lists would copy all of it
+    banks = [next(iter(lst.children())).weight[None] for lst in lists.values()] if lists else \
+        list(stacked_params(module, num_experts).values())
     norms = []
-    for w in stacked_params(module, num_experts).values():
-        w = w.detach().double()
-        for view in _orient(w, hidden):
-            norms.append(view.pow(2).sum(2).mean().sqrt().item())
+    for w in banks:
+        for view in _orient(w.detach(), hidden, as_stored=bool(lists)):
+            rows = view[0, :PROBE_SCALE_ROWS].double()  # a sample: a whole bank in float64 would be gigabytes
+            norms.append(rows.pow(2).sum(1).mean().sqrt().item())
     largest = max(norms, default=0.0)
     return PROBE_PRE_ACTIVATION_STD / largest if largest > 0 else 1.0
 
