@@ -149,25 +149,33 @@ def _expert_fn(spec: ExpertSpec, w: ExpertWeights, e: int, x: torch.Tensor) -> t
 
 
 def _best_layout(cands, x: torch.Tensor, refs: list[torch.Tensor]):
-    """The stacked-bank candidate that fits the probed expert functions best: ranked on expert 0 (a later candidate
-    must halve the error, as in ``_Closest``: equal forms differ by rounding only), then proven on every expert.
-    Only the winner is built for all experts. In bf16 the probe bound admits silu for gelu, so the first candidate
-    within it is not taken."""
+    """The stacked-bank candidate that fits the probed expert functions best. One within the dtype's own rounding on
+    expert 0 and proven on every expert is taken at once (most banks: the first layouts tried); otherwise every
+    candidate within the probe bound is ranked on expert 0 (a later one must halve the error, as in ``_Closest``),
+    and the best proven on every expert wins. In bf16 that bound admits silu for gelu, so the first candidate within
+    it is not simply taken. Only the winner is built for all experts."""
+    tight = tolerance(x.dtype)
+
+    def proven(c) -> bool:
+        return all(close(_expert_fn(c.spec, c.build(slice(e, e + 1)), 0, x), refs[e]) for e in range(1, len(refs)))
+
     ranked = []
     for c in cands:
         y0 = _expert_fn(c.spec, c.build(slice(0, 1)), 0, x)
-        if close(y0, refs[0]):
-            ranked.append((rel_err(y0, refs[0]), len(ranked), c))
-    best_err = None
-    kept = []
-    for err, _, c in ranked:
+        if not close(y0, refs[0]):
+            continue
+        err = rel_err(y0, refs[0])
+        if err <= tight and proven(c):
+            return c
+        ranked.append((err, c))
+    best_err, kept = None, []
+    for err, c in ranked:
         if best_err is None or err < best_err / 2:
             best_err = err
             kept.insert(0, c)
         else:
             kept.append(c)
-    return next((c for c in kept if all(close(_expert_fn(c.spec, c.build(slice(e, e + 1)), 0, x), refs[e])
-                                        for e in range(1, len(refs)))), None)
+    return next((c for c in kept if proven(c)), None)
 
 
 def _shared_experts(block: nn.Module, used: set[int], hidden: int) -> MatchResult[list[SharedExpert]]:
