@@ -66,13 +66,19 @@ def test_parameters_the_program_reads_in_place():
     assert cm.captures == 2
 
 
+def _compiled(family: str, backend: str):
+    """(model, ids, compiled model after one call on ids)."""
+    torch.manual_seed(0)
+    model = make_model(family)
+    ids = torch.randint(0, 97, (2, 6))
+    cm = moecc.compile(model, backend=backend)
+    _logits(cm, ids)
+    return model, ids, cm
+
+
 def test_a_converted_model_compiles_again():
     """``model.half()`` swaps each parameter's data and keeps its version counter."""
-    torch.manual_seed(0)
-    model = make_model("qwen3_moe")
-    ids = torch.randint(0, 97, (2, 6))
-    cm = moecc.compile(model, backend="torch")
-    _logits(cm, ids)
+    model, ids, cm = _compiled("qwen3_moe", "torch")
     model.half()
     out = _logits(cm, ids)
     assert out.dtype == torch.float16 and cm.captures == 2
@@ -130,11 +136,7 @@ def test_a_deep_copy_keeps_its_program_and_watches_its_own_weights():
     so the copy runs without compiling again, and an update of the copy's weights (not the original's) is seen."""
     import copy
 
-    torch.manual_seed(0)
-    model = make_model("mixtral")
-    ids = torch.randint(0, 97, (2, 6))
-    cm = moecc.compile(model, backend="torch")
-    _logits(cm, ids)
+    model, ids, cm = _compiled("mixtral", "torch")
     copied = copy.deepcopy(cm)
     assert copied._entries[-1].weights.changed() is None
     torch.testing.assert_close(_logits(copied, ids), _logits(model, ids), rtol=1e-5, atol=1e-5)
@@ -146,16 +148,11 @@ def test_a_deep_copy_keeps_its_program_and_watches_its_own_weights():
     assert copied.captures == 2 and cm._entries[-1].weights.changed() is None
 
 
-
 def test_a_change_made_before_a_deep_copy_is_seen_in_the_copy():
     """ONNX Runtime's program holds copies of every weight, so the model's tensors are no views it copies."""
     import copy
 
-    torch.manual_seed(0)
-    model = make_model("mixtral")
-    ids = torch.randint(0, 97, (2, 6))
-    cm = moecc.compile(model, backend="onnxruntime")
-    _logits(cm, ids)
+    model, ids, cm = _compiled("mixtral", "onnxruntime")
     with torch.no_grad():
         model.model.layers[1].mlp.experts.down_proj.mul_(2.0)
     copied = copy.deepcopy(cm)
