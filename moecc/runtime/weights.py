@@ -10,6 +10,7 @@ are in-place edits of parameters made under ``torch.inference_mode()``, which ha
 
 from __future__ import annotations
 
+import copy
 import time
 
 import torch
@@ -54,8 +55,6 @@ class WeightWatch:
         """The watch of a copied program and model: a copy's parameters have other data pointers and versions, so
         each stamp is taken anew from the copy where the original still matched its own (a change made before the
         copy is still seen)."""
-        import copy
-
         new = WeightWatch.__new__(WeightWatch)
         new._slots = []
         for params, name, param, stamp, qualified in self._slots:
