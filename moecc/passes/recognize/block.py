@@ -209,16 +209,14 @@ def _output_modules(block: nn.Module, used: set[int]) -> list[nn.Module]:
             and any(True for _ in child.parameters()) and all(p.dim() < 3 for p in child.parameters())]
 
 
-def _probe_inputs(example: torch.Tensor, hidden: int, like: torch.Tensor, collide: int,
-                  scale: float = 1.0) -> list[torch.Tensor]:
-    """Two random inputs, then one whose tokens are all alike, so any capacity limit is sure to overflow; each of
-    standard deviation ``scale``."""
+def _probe_inputs(example: torch.Tensor, hidden: int, like: torch.Tensor, collide: int) -> list[torch.Tensor]:
+    """Two random inputs, then one whose tokens are all alike, so any capacity limit is sure to overflow."""
     shapes = [(2, 8, hidden), (3, 5, hidden)] if example.dim() == 3 else [(16, hidden), (7, hidden)]
     g = torch.Generator().manual_seed(1234)
     xs = [torch.randn(*s, generator=g) for s in shapes]
     same = torch.randn(1, 1, hidden, generator=g) + 1e-3 * torch.randn(2, collide, hidden, generator=g)
     xs.append(same if example.dim() == 3 else same.reshape(-1, hidden))
-    return [(x * scale).to(device=like.device, dtype=like.dtype) for x in xs]
+    return [x.to(device=like.device, dtype=like.dtype) for x in xs]
 
 
 def _verify(block: nn.Module, a: BlockAnalysis, inputs, refs, router_inputs=None,
