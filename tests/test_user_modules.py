@@ -265,6 +265,19 @@ def test_a_norm_of_the_blocks_output_is_recorded_and_inlined():
     assert layer.fused and layer.output_module == "LayerNorm", (layer.output_module, layer.reason)
 
 
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime", "triton"])
+def test_a_post_norm_residual_inside_the_block_is_fused_with_both(backend):
+    from user_modules import PostNormResidualMoE
+
+    device = _device(backend)
+    torch.manual_seed(0)
+    model = TinyModel(PostNormResidualMoE()).eval().to(device)
+    cm, layer = compile_on_ids(model, backend=backend, device=device)
+    assert layer.fused and layer.residual and layer.output_module == "LayerNorm", layer
+    x = torch.randint(0, 50, (3, 11), device=device)
+    torch.testing.assert_close(cm(x), model(x), rtol=1e-4, atol=1e-5)
+
+
 def test_a_block_handed_its_hidden_states_by_keyword():
     from user_modules import HashRoutedMoE, KeywordIdsModel
 

@@ -341,6 +341,20 @@ class ResidualInsideMoE(LoopMoE):
         return x + super().forward(x)
 
 
+class PostNormResidualMoE(LoopMoE):
+    """A post-norm FFN sub-layer inside the block: ``norm(x + moe(x))``, as original Transformer layers place it."""
+
+    def __init__(self, hidden=24, inter=40, num_experts=6, top_k=2):
+        super().__init__(hidden, inter, num_experts, top_k)
+        self.norm = nn.LayerNorm(hidden)
+        with torch.no_grad():
+            self.norm.weight.uniform_(0.5, 1.5)
+            self.norm.bias.normal_()
+
+    def forward(self, x):
+        return self.norm(x + super().forward(x))
+
+
 class DenseGateMoE(LoopMoE):
     """Every expert on every token, weighted by a ``[.., E]`` gate that is zero but at the top-k (a softmax over the
     chosen logits scattered into place)."""
@@ -405,6 +419,7 @@ USER_BLOCKS = {"loop": LoopMoE, "scaled_output": ScaledOutputMoE, "gshard": GSha
                "block_bias": BlockBiasMoE, "input_scaled": InputScaledMoE, "squared_relu": SquaredReluMoE,
                "post_norm": PostNormMoE, "sequential_gelu": SequentialGeluMoE,
                "projection_lists": ProjectionListsMoE, "residual_inside": ResidualInsideMoE,
+               "post_norm_residual": PostNormResidualMoE,
                "dense_gate": DenseGateMoE, "dense_einsum": DenseEinsumMoE}
 
 

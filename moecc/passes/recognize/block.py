@@ -302,6 +302,29 @@ def _adds_input(y: torch.Tensor, x: torch.Tensor, ref: torch.Tensor) -> bool:
         1.0, (ref.double().norm() / (ref - x.reshape(ref.shape)).double().norm().clamp_min(1e-30)).item()))
 
 
+def _with_residual(block: nn.Module, a: BlockAnalysis, posts: list[nn.Module], y: torch.Tensor, inputs, refs,
+                   router_inputs):
+    """``a`` proven with the block adding its input to the candidate's output ``y`` itself, then maybe applying one
+    of its output modules to the sum (a post-norm residual, ``norm(x + moe(x))``); each is screened on the first
+    probe before the whole check."""
+    x, ref = inputs[0], refs[0][0]
+    if _adds_input(y, x, ref):
+        return _verify(block, replace(a, residual=True), inputs, refs, router_inputs)
+    if x.numel() != ref.numel():
+        return None
+    for post in posts:
+        try:
+            with torch.no_grad():
+                got = post(x.reshape(ref.shape) + y.reshape(ref.shape))
+        except Exception:  # noqa: BLE001 - an output module that does not take the block's output
+            continue
+        if close(got, ref):
+            ok = _verify(block, replace(a, residual=True, post=post), inputs, refs, router_inputs)
+            if ok is not None:
+                return ok
+    return None
+
+
 def _refit_activation(block: nn.Module, a: BlockAnalysis, inputs, scale: float) -> BlockAnalysis:
     """``a`` with the plain activation that fits the block best on ``inputs`` times ``scale``. The search proves a
     candidate on unit probes, where small expert weights leave pre-activations of a few hundredths and bf16 cannot
@@ -566,8 +589,8 @@ def analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | N
         # output that is a constant times this candidate's is fitted (a block that returns 1.5 * y)
         if ok is None and (observed or (missed and not a.shared and _scaled(missed[0], refs[0][0]))):
             ok = _with_output_scales(block, a, inputs, refs)
-        if ok is None and missed and a.post is None and _adds_input(missed[0], inputs[0], refs[0][0]):
-            ok = _verify(block, replace(a, residual=True), inputs, refs, router_inputs)
+        if ok is None and missed and a.post is None:
+            ok = _with_residual(block, a, posts[1:], missed[0], inputs, refs, router_inputs)
         if closest.offer(ok):
             break
     if closest.analysis is not None:
