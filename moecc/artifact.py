@@ -28,6 +28,7 @@ from moecc.errors import ArtifactError, first_line
 from moecc.logs import stderr_to_debug
 from moecc.runtime import kv_cache
 from moecc.runtime.cudagraphs import GraphCache, replays
+from moecc.runtime.keywords import in_order, keyword_order
 
 log = logging.getLogger("moecc.artifact")
 
@@ -140,10 +141,12 @@ def _device_type(entry) -> str:
 def _save_torch_program(entry, folder: Path) -> None:
     from safetensors.torch import save_file
 
+    from moecc.capture import unaliased
+
     state = {**dict(entry.gm.named_parameters()), **dict(entry.gm.named_buffers())}
     names = sorted(state)
     weights = [state[n].detach() for n in names]
-    example = [entry.example_inputs[i] for i in entry.tensor_pos]
+    example = unaliased([entry.example_inputs[i] for i in entry.tensor_pos])
     shapes = tuple([None] * len(weights) + [{i: torch.export.Dim.AUTO for i, d in enumerate(s) if d is None}
                                             for s in entry.shapes])
     try:
@@ -220,16 +223,25 @@ class LoadedModel:
         self.tensor_pos = [t["index"] for t in manifest["inputs"]["tensors"]]
         self.constants = {int(k): v for k, v in manifest["inputs"]["constants"].items()}
         self.graphs = None
+        self.keywords = keyword_order(self.in_spec)
+
+    def _keywords_differ(self, kwargs: dict) -> str:
+        if self.keywords is None or set(kwargs) == set(self.keywords):
+            return ""
+        missing, unexpected = set(self.keywords) - set(kwargs), set(kwargs) - set(self.keywords)
+        return "".join([f" (missing keyword arguments: {', '.join(sorted(missing))})" if missing else "",
+                        f" (keyword arguments not exported: {', '.join(sorted(unexpected))})" if unexpected else ""])
 
     @property
     def moe_layers(self) -> list[dict]:
         return self.manifest["moe_layers"]
 
     def __call__(self, *args, **kwargs):
-        kwargs = {**self.manifest["inputs"].get("defaults", {}), **kwargs}
+        kwargs = in_order({**self.manifest["inputs"].get("defaults", {}), **kwargs}, self.keywords)
         flat, spec = pytree.tree_flatten((args, kwargs))
         if spec != self.in_spec:
-            raise TypeError(f"inputs do not match the exported signature {self.in_spec}; got {spec}")
+            raise TypeError(f"inputs do not match the exported signature{self._keywords_differ(kwargs)}: exported "
+                            f"{self.in_spec}; got {spec}")
         for i, c in self.constants.items():
             if flat[i] != c:
                 raise ValueError(f"input #{i} was the constant {c!r} at export, got {flat[i]!r}; re-export for it")

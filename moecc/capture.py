@@ -281,12 +281,16 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, fuse: bool = True,
                     {**hints.unfused, **unfused})
 
 
-def _unaliased(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The tensors, each later one that shares memory with an earlier one cloned. torch.export gives one tensor
-    passed twice (``labels=input_ids``) a single graph input, so the program would read the first argument for
-    both whenever a later call passes two different tensors."""
+def unaliased(tensors: list) -> list:
+    """The tensors, each later one that shares memory with an earlier one cloned. torch.export (and the ONNX
+    exporter) give one tensor passed twice (``labels=input_ids``) a single graph input, so the program would read
+    the first argument for both whenever a later call passes two different tensors. Every export of a program
+    whose example inputs a caller passed goes through this."""
     seen, out = set(), []
     for t in tensors:
+        if not isinstance(t, torch.Tensor):
+            out.append(t)
+            continue
         storage = t.untyped_storage().data_ptr() if t.untyped_storage().nbytes() else None
         if storage is not None and storage in seen:
             t = t.clone()
@@ -298,7 +302,7 @@ def _unaliased(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 
 def _export(model, wrapper: _FlatCall, flat_inputs: list, blocks, examples,
             dynamic_dims: list[set[int]] | None = None) -> tuple[torch.fx.GraphModule, dict]:
-    tensors = _unaliased([v for v in flat_inputs if isinstance(v, torch.Tensor)])
+    tensors = unaliased([v for v in flat_inputs if isinstance(v, torch.Tensor)])
     try:
         with _blocks_as_leaves(blocks, examples), torch.no_grad(), quiet(*EXPORT_LOGGERS), \
                 stderr_to_debug(log, "torch.export"):

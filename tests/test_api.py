@@ -232,3 +232,15 @@ def test_a_call_with_grad_enabled_gives_outputs_without_gradient(caplog):
     assert len(told) == 1
     with pytest.raises(RuntimeError, match="does not require grad"):
         out.logits.sum().backward()
+
+
+def test_keywords_named_in_another_order_reuse_the_capture():
+    from hf_models import make_model
+
+    model = make_model("mixtral")
+    cm = moecc.compile(model, backend="torch")
+    ids, labels = torch.randint(0, 97, (2, 9)), torch.randint(0, 97, (2, 9))
+    first = cm(input_ids=ids, labels=labels)
+    second = cm(labels=labels, input_ids=ids)
+    assert cm.captures == 1
+    torch.testing.assert_close(second.loss, first.loss)

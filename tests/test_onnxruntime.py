@@ -280,3 +280,36 @@ def test_a_fallback_to_torch_says_once_why_a_block_is_left_as_written():
         recognize_log.setLevel(level)
     assert cm._entries[-1].backend == "torch"
     assert len([m for m in seen if "left as written" in m]) == 1, seen
+
+
+def test_one_tensor_passed_as_two_inputs_stays_two_graph_inputs(tmp_path):
+    # model(input_ids=ids, labels=ids) is the usual LM loss call: the ONNX exporter made one input of the two, and
+    # the session then read later labels as token ids
+    model = make_model("mixtral")
+    ids = torch.randint(0, 97, (2, 9))
+    cm = moecc.compile(model, backend="onnxruntime")
+    cm(input_ids=ids, labels=ids)
+    artifact = moecc.load(moecc.export(model, (), tmp_path / "art", kwargs={"input_ids": ids, "labels": ids},
+                                       backend="onnxruntime"))
+    ids, labels = torch.randint(0, 97, (2, 9)), torch.randint(0, 97, (2, 9))
+    labels[:, :3] = -100
+    with torch.no_grad():
+        ref = model(input_ids=ids, labels=labels)
+    for out in (cm(input_ids=ids, labels=labels), artifact(input_ids=ids, labels=labels)):
+        torch.testing.assert_close(out.logits, ref.logits, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(out.loss, ref.loss, rtol=1e-4, atol=1e-5)
+
+
+def test_a_loaded_artifact_takes_keywords_in_any_order_and_names_the_ones_missing(tmp_path):
+    # the export adds use_cache=False after the caller's keywords; a call gets it first
+    model = make_model("qwen3_moe")
+    ids = torch.randint(0, 97, (2, 9))
+    m = moecc.load(moecc.export(model, (), tmp_path / "art", kwargs={"input_ids": ids, "labels": ids},
+                                backend="torch"))
+    ids, labels = torch.randint(0, 97, (2, 9)), torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        ref = model(input_ids=ids, labels=labels)
+    for out in (m(input_ids=ids, labels=labels), m(labels=labels, input_ids=ids)):
+        torch.testing.assert_close(out.loss, ref.loss)
+    with pytest.raises(TypeError, match="missing keyword arguments: labels"):
+        m(input_ids=ids)

@@ -26,6 +26,7 @@ from moecc.report import graph_summary
 from moecc.runtime import kv_cache
 from moecc.runtime.cudagraphs import GraphCache, graphed_ops, replays
 from moecc.runtime.direct import direct_calls
+from moecc.runtime.keywords import in_order, keyword_order
 from moecc.runtime.verify import verify
 from moecc.runtime.weights import WeightWatch
 
@@ -63,6 +64,7 @@ class _Entry:
         n = len(self.tensor_pos)
         plain = self.tensor_pos == list(range(n)) and len(self.consts) == n
         self.plain_arity = n if plain and self.in_spec == pytree.tree_flatten(((0,) * n, {}))[1] else None
+        self.keywords = keyword_order(self.in_spec)
 
     def matches_tensors(self, tensors) -> bool:
         for t, shape, lowest, dtype in zip(tensors, self.shapes, self.lowest, self.dtypes):
@@ -206,6 +208,9 @@ class CompiledModule(nn.Module):
             if entry is not None:
                 return entry, list(args), []
         caches = self._caches(args, kwargs)
+        if kwargs:  # the same keywords named in another order reuse a capture
+            kwargs = next((in_order(kwargs, e.keywords) for e in self._entries if e.keywords is not None
+                           and set(e.keywords) == set(kwargs)), kwargs)
         flat, spec = pytree.tree_flatten((args, kwargs))
         entry = next((e for e in self._entries if e.matches(flat, spec)), None)
         if entry is None:

@@ -169,6 +169,9 @@ def decompose(gm: fx.GraphModule) -> None:
 
 def to_onnx(gm: fx.GraphModule, example: list[torch.Tensor], path: str) -> str:
     """Export the lowered graph with dynamic token dims; weights go to external data beside ``path``."""
+    from moecc.capture import unaliased
+
+    example = unaliased(example)
     shapes = []
     for node in [n for n in gm.graph.nodes if n.op == "placeholder"]:
         val = node.meta.get("val")
@@ -248,6 +251,11 @@ def lower_to_ort(gm: fx.GraphModule, example: list[torch.Tensor], folder: str | 
                 "written.") if as_written else ""
         raise BackendError(f"ONNX export failed: {first}.{hint}") from exc
     try:
-        return OrtModule(path)
+        module = OrtModule(path)
     except Exception as exc:  # an op ONNX Runtime has no kernel for in this dtype (Softplus in bf16 on the CPU)
         raise BackendError(f"ONNX Runtime cannot load the exported graph: {first_line(exc)}") from exc
+    takes = sum(1 for n in gm.graph.nodes if n.op == "placeholder")
+    if len(module.input_names) != takes:  # inputs are fed by position: one lost would shift the rest
+        raise BackendError(f"the exported ONNX graph takes {len(module.input_names)} inputs where the program takes "
+                           f"{takes}")
+    return module
