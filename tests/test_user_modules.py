@@ -278,6 +278,34 @@ def test_a_post_norm_residual_inside_the_block_is_fused_with_both(backend):
     torch.testing.assert_close(cm(x), model(x), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("split,bias", [("first_half", False), ("second_half", True), ("even", False),
+                                        ("odd", True)])
+def test_experts_with_one_projection_for_gate_and_up_are_fused(split, bias):
+    from user_modules import FusedGateUpMoE
+
+    torch.manual_seed(0)
+    model = TinyModel(FusedGateUpMoE(split, bias)).eval()
+    cm, layer = compile_on_ids(model, backend="torch")
+    assert layer.fused and layer.activation == "gated-silu" + (" +bias" if bias else ""), layer
+    x = torch.randint(0, 50, (3, 11))
+    torch.testing.assert_close(cm(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_an_error_inside_recognition_leaves_the_block_as_written_with_the_reason(monkeypatch):
+    import moecc.passes.recognize as recognize
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(recognize, "analyze_block", broken)
+    torch.manual_seed(0)
+    model = TinyModel(USER_BLOCKS["loop"]()).eval()
+    cm, layer = compile_on_ids(model, backend="torch")
+    assert not layer.fused and layer.reason.startswith("recognition raised RuntimeError: boom"), layer.reason
+    x = torch.randint(0, 50, (3, 11))
+    torch.testing.assert_close(cm(x), model(x))
+
+
 def test_a_block_handed_its_hidden_states_by_keyword():
     from user_modules import HashRoutedMoE, KeywordIdsModel
 

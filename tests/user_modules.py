@@ -341,6 +341,32 @@ class ResidualInsideMoE(LoopMoE):
         return x + super().forward(x)
 
 
+class FusedGateUpMLP(nn.Module):
+    """One Linear for gate and up together, split in halves (``chunk``) or in alternate rows; ``split`` names the
+    gate's part: "first_half", "second_half", "even" or "odd"."""
+
+    def __init__(self, hidden, inter, split="first_half", bias=False):
+        super().__init__()
+        self.split = split
+        self.gate_up = nn.Linear(hidden, 2 * inter, bias=bias)
+        self.down = nn.Linear(inter, hidden, bias=bias)
+
+    def forward(self, x):
+        y = self.gate_up(x)
+        if self.split in ("first_half", "second_half"):
+            a, b = y.chunk(2, dim=-1)
+        else:
+            a, b = y[..., ::2], y[..., 1::2]
+        gate, up = (a, b) if self.split in ("first_half", "even") else (b, a)
+        return self.down(F.silu(gate) * up)
+
+
+class FusedGateUpMoE(LoopMoE):
+    def __init__(self, split="first_half", bias=False, hidden=24, inter=40, num_experts=6, top_k=2):
+        super().__init__(hidden, inter, num_experts, top_k)
+        self.experts = nn.ModuleList(FusedGateUpMLP(hidden, inter, split, bias) for _ in range(num_experts))
+
+
 class PostNormResidualMoE(LoopMoE):
     """A post-norm FFN sub-layer inside the block: ``norm(x + moe(x))``, as original Transformer layers place it."""
 

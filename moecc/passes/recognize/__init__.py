@@ -89,7 +89,12 @@ class Recognize(MoePass):
             name = node.meta["moecc_block"]
             block = gm.get_submodule(node.target)
             info = layers.setdefault(name, MoELayerInfo(name=name))
-            result = _analyze(block, node)
+            try:
+                result = _analyze(block, node)
+            except Exception as exc:  # noqa: BLE001 - a block recognition cannot analyze runs as written
+                log.debug("recognizing %s raised", name, exc_info=True)
+                result = MatchResult.fail(f"recognition raised {type(exc).__name__}: {exc} (a moecc bug: please "
+                                          "report it with MOECC_DUMP_DIR set)")
             if not result:
                 info.reason = result.reason
                 failed += 1

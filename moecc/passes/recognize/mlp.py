@@ -63,11 +63,11 @@ def analyze_mlp(module: nn.Module, hidden: int) -> MatchResult[tuple[ExpertSpec,
     if not isinstance(y, torch.Tensor) or y.shape != x.shape:
         return MatchResult.fail(f"{type(module).__name__} does not map [n, {hidden}] to [n, {hidden}]")
     first = _reading(calls, x)
-    rest = [c for c in calls if c not in first]
+    rest = [c for c in calls if not any(c is f for f in first)]  # identity: a Linear called twice has equal modules
     if len(rest) != 1 or not close(rest[0][2] + 0, y):
         return MatchResult.fail(f"{type(module).__name__}: no single output projection found")
     down, down_in, _ = rest[0]
-    ups = [c for c in first]
+    ups = [c for i, c in enumerate(first) if all(c[0] is not f[0] for f in first[:i])]  # one call per Linear
     if len(ups) == 2:
         fits = [(g, u, act) for (g, u), act in itertools.product(itertools.permutations(ups), PLAIN_ACTIVATIONS)]
         best = _best_fit(fits, lambda g, u, act: expert_activation(torch.cat([g[2], u[2]], -1), act, True, 1.0, 0.0),
@@ -83,11 +83,37 @@ def analyze_mlp(module: nn.Module, hidden: int) -> MatchResult[tuple[ExpertSpec,
         u = ups[0]
         best = _best_fit([(act,) for act in PLAIN_ACTIVATIONS],
                          lambda act: expert_activation(u[2], act, False, 1.0, 0.0), down_in)
-        if best is None:
-            return MatchResult.fail(f"{type(module).__name__}: activation is none of {PLAIN_ACTIVATIONS}")
-        spec = ExpertSpec(hidden, u[0].out_features, best[0], False, u[0].bias is not None)
-        return MatchResult.success((spec, ExpertWeights(u[0].weight, down.weight, u[0].bias, down.bias)))
+        if best is not None:
+            spec = ExpertSpec(hidden, u[0].out_features, best[0], False, u[0].bias is not None)
+            return MatchResult.success((spec, ExpertWeights(u[0].weight, down.weight, u[0].bias, down.bias)))
+        fused = _fused_gate_up(u, down_in, hidden)
+        if fused is None:
+            return MatchResult.fail(f"{type(module).__name__}: activation is none of {PLAIN_ACTIVATIONS}, plain or "
+                                    "gated over halves or alternate rows of its one input projection")
+        spec, w_up, b_up = fused
+        return MatchResult.success((spec, ExpertWeights(w_up, down.weight, b_up, down.bias)))
     return MatchResult.fail(f"{type(module).__name__}: {len(ups)} projections read the input, expected 1 or 2")
+
+
+def _fused_gate_up(u, down_in: torch.Tensor, hidden: int):
+    """(spec, w_up, b_up) of one Linear whose output holds both gate and up: split in halves (``.chunk(2, -1)``,
+    gate or up first) or in alternate rows (``[..., ::2]``, as GPT-OSS stores them), gate rows first in ``w_up``;
+    None when no split and activation give the down projection's input."""
+    lin, _, out = u
+    rows = lin.out_features
+    if rows % 2 or down_in.shape[-1] != rows // 2:
+        return None
+    half = torch.arange(rows // 2, device=out.device)
+    splits = [(half, half + rows // 2), (half + rows // 2, half), (2 * half, 2 * half + 1), (2 * half + 1, 2 * half)]
+    best = _best_fit([(g, up, act) for (g, up), act in itertools.product(splits, PLAIN_ACTIVATIONS)],
+                     lambda g, up, act: expert_activation(torch.cat([out[:, g], out[:, up]], -1), act, True, 1.0, 0.0),
+                     down_in)
+    if best is None:
+        return None
+    g, up, act = best
+    order = torch.cat([g, up]).to(lin.weight.device)
+    b_up = None if lin.bias is None else lin.bias[order]
+    return ExpertSpec(hidden, rows // 2, act, True, lin.bias is not None), lin.weight[order], b_up
 
 
 def stack_mlps(modules: list[nn.Module], hidden: int) -> MatchResult[tuple[ExpertSpec, ExpertWeights]]:
