@@ -7,11 +7,10 @@ The GPU sleeps while the launches are timed, so that no launch waits for the dev
 
 from __future__ import annotations
 
-import time
-
 import torch
 import triton
 import triton.language as tl
+from host_path import host_ms  # beside this file
 
 
 @triton.jit
@@ -19,18 +18,6 @@ def _add(x_ptr, y_ptr, out_ptr, n, s1, s2, s3, s4, BLOCK: tl.constexpr, FLAG: tl
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
     tl.store(out_ptr + offs, tl.load(x_ptr + offs, mask=m) + tl.load(y_ptr + offs, mask=m), mask=m)
-
-
-def per_call_us(fn, n: int = 400) -> float:
-    """Host microseconds per call; fewer calls than the launch queue holds, so none blocks on a full queue."""
-    torch.cuda._sleep(200_000_000)
-    fn()
-    start = time.perf_counter()
-    for _ in range(n):
-        fn()
-    spent = (time.perf_counter() - start) / n * 1e6
-    torch.cuda.synchronize()
-    return spent
 
 
 def main() -> None:
@@ -45,7 +32,8 @@ def main() -> None:
              "compiled[grid](...)": lambda: compiled[grid](x, y, out, n, 1, 2, 3, 4, 1024, True),
              "torch.add(out=)": lambda: torch.add(x, y, out=out)}
     for name, fn in cases.items():
-        print(f"{name:22s}{per_call_us(fn):6.1f} us")
+        print(f"{name:22s}{host_ms(fn, 400) * 1e3:6.1f} us")
+
 
 if __name__ == "__main__":
     main()

@@ -367,18 +367,11 @@ class FusedGateUpMoE(LoopMoE):
         self.experts = nn.ModuleList(FusedGateUpMLP(hidden, inter, split, bias) for _ in range(num_experts))
 
 
-class PostNormResidualMoE(LoopMoE):
+class PostNormResidualMoE(PostNormMoE):
     """A post-norm FFN sub-layer inside the block: ``norm(x + moe(x))``, as original Transformer layers place it."""
 
-    def __init__(self, hidden=24, inter=40, num_experts=6, top_k=2):
-        super().__init__(hidden, inter, num_experts, top_k)
-        self.norm = nn.LayerNorm(hidden)
-        with torch.no_grad():
-            self.norm.weight.uniform_(0.5, 1.5)
-            self.norm.bias.normal_()
-
     def forward(self, x):
-        return self.norm(x + super().forward(x))
+        return self.out_norm(x + LoopMoE.forward(self, x))
 
 
 class DenseGateMoE(LoopMoE):
