@@ -291,6 +291,21 @@ def test_experts_with_one_projection_for_gate_and_up_are_fused(split, bias):
     torch.testing.assert_close(cm(x), model(x), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scale,shift", [(1 / 0.7, False), (1.0, True), (0.5, True)])
+def test_logits_the_block_scales_or_shifts_before_scoring_are_folded_into_the_router(scale, shift, dtype):
+    from user_modules import ScaledLogitsMoE
+
+    torch.manual_seed(0)
+    model = TinyModel(ScaledLogitsMoE(scale, shift)).eval().to(dtype)
+    cm, layer = compile_on_ids(model, backend="torch")
+    assert layer.fused and layer.routing.startswith("softmax->top2 renorm"), layer
+    assert ("router-bias" in layer.routing) == shift, layer.routing
+    x = torch.randint(0, 50, (3, 11))
+    tol = {} if dtype == torch.float32 else dict(rtol=5e-2, atol=5e-2)
+    torch.testing.assert_close(cm(x), model(x), **tol)
+
+
 def test_an_error_inside_recognition_leaves_the_block_as_written_with_the_reason(monkeypatch):
     import moecc.passes.recognize as recognize
 

@@ -367,6 +367,30 @@ class FusedGateUpMoE(LoopMoE):
         self.experts = nn.ModuleList(FusedGateUpMLP(hidden, inter, split, bias) for _ in range(num_experts))
 
 
+class ScaledLogitsMoE(LoopMoE):
+    """Scores ``softmax(gate(x) * scale + shift)``: a router temperature (``scale = 1 / T``), a learned
+    per-expert logit bias, or both, written in the block's code rather than in its gate."""
+
+    def __init__(self, scale=1.0, shift=False, top_k=2):
+        super().__init__(top_k=top_k)
+        self.register_buffer("scale", torch.tensor(scale))
+        self.shift = nn.Parameter(torch.randn(len(self.experts)) * 0.5) if shift else None
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        logits = self.gate(x) * self.scale
+        if self.shift is not None:
+            logits = logits + self.shift
+        weights, chosen = torch.topk(F.softmax(logits, dim=-1), self.top_k, dim=-1)
+        weights = weights / weights.sum(-1, keepdim=True)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            token, slot = torch.where(chosen == e)
+            out.index_add_(0, token, expert(x[token]) * weights[token, slot, None])
+        return out.reshape(shape)
+
+
 class PostNormResidualMoE(PostNormMoE):
     """A post-norm FFN sub-layer inside the block: ``norm(x + moe(x))``, as original Transformer layers place it."""
 

@@ -18,6 +18,7 @@ from moecc.experts import PLAIN_ACTIVATIONS
 from moecc.ir import CapacitySpec, ExpertSpec, ExpertWeights, RoutingSpec, SharedExpert
 from moecc.match import MatchResult
 from moecc.passes.recognize import stacked
+from moecc.passes.recognize.logit_affine import affine_router
 from moecc.passes.recognize.mlp import analyze_mlp, stack_mlps
 from moecc.passes.recognize.other_args import OtherArgs
 from moecc.passes.recognize.probe import close, rel_err, snap, tensor_leaves, tolerance
@@ -429,6 +430,14 @@ def _with_router_as_written(block, router, obs, x2, call, num_experts, expert_ca
                             "do not reproduce the block")
 
 
+def _searched_routing(router, mods: list[nn.Module], num_experts: int):
+    """(routing spec, selection bias, capacity) candidates for a router whose outputs are not observed."""
+    return ((spec, sel, cap) for (spec, sel), cap in itertools.product(
+        routing_candidates(num_experts, topk_candidates(mods, num_experts), router.selection_biases,
+                           group_candidates(mods, num_experts), router.bias is not None, False),
+        capacity_candidates(mods)))
+
+
 def _variants(spec: RoutingSpec, cap: CapacitySpec, dtype: torch.dtype):
     """(logits in fp32, weights on the experts' inputs) to try for one routing candidate: its own precision first,
     the other one for low-precision routers; weights on the outputs first, on the inputs only when dropless (a
@@ -562,14 +571,11 @@ def analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | N
                                     "(fixed or factor capacity, per sequence or per batch, token or slot order)")
         routing_options = [(spec, sel, cap)]
     else:
-        caps = capacity_candidates(mods)
-        routing_options = ((spec, sel, cap) for (spec, sel), cap in itertools.product(
-            routing_candidates(num_experts, topk_candidates(mods, num_experts), router.selection_biases,
-                               group_candidates(mods, num_experts), router.bias is not None, False), caps))
+        routing_options = _searched_routing(router, mods, num_experts)
 
     tried = 0
 
-    def candidates():
+    def candidates(router, routing_options, expert_candidates):
         nonlocal tried
         for (spec, sel, cap), (espec, ew) in itertools.islice(_pairs(routing_options, expert_candidates),
                                                                MAX_JOINT_CANDIDATES):
@@ -581,18 +587,29 @@ def analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | N
                                     output_tuple=not isinstance(raw[0], torch.Tensor), flat_output=flat_output,
                                     post=post)
 
-    closest = _Closest(like.dtype)
-    for a in candidates():
-        missed: list = []
-        ok = _verify(block, a, inputs, refs, router_inputs, missed)
-        # the routing was observed exactly (one candidate, so fitting output scales is cheap); else only a block
-        # output that is a constant times this candidate's is fitted (a block that returns 1.5 * y)
-        if ok is None and (observed or (missed and not a.shared and _scaled(missed[0], refs[0][0]))):
-            ok = _with_output_scales(block, a, inputs, refs)
-        if ok is None and missed and a.post is None:
-            ok = _with_residual(block, a, posts[1:], missed[0], inputs, refs, router_inputs)
-        if closest.offer(ok):
-            break
+    def search(router, routing_options, expert_candidates) -> _Closest:
+        closest = _Closest(like.dtype)
+        for a in candidates(router, routing_options, expert_candidates):
+            missed: list = []
+            ok = _verify(block, a, inputs, refs, router_inputs, missed)
+            # the routing was observed exactly (one candidate, so fitting output scales is cheap); else only a
+            # block output that is a constant times this candidate's is fitted (a block that returns 1.5 * y)
+            if ok is None and (observed or (missed and not a.shared and _scaled(missed[0], refs[0][0]))):
+                ok = _with_output_scales(block, a, inputs, refs)
+            if ok is None and missed and a.post is None:
+                ok = _with_residual(block, a, posts[1:], missed[0], inputs, refs, router_inputs)
+            if closest.offer(ok):
+                break
+        return closest
+
+    closest = search(router, routing_options, expert_candidates)
+    if closest.analysis is None and not observed and not others:
+        affine = affine_router(block, router, inputs[0])
+        if affine is not None:
+            router = affine
+            if not isinstance(expert_candidates, list):  # a generator, spent by the first search
+                expert_candidates = all_candidates()
+            closest = search(router, _searched_routing(router, mods, num_experts), expert_candidates)
     if closest.analysis is not None:
         if input_scale != 1.0 and not others:
             return MatchResult.success(_refit_activation(block, closest.analysis, inputs, input_scale))

@@ -1,0 +1,72 @@
+"""Routers whose block transforms the logits before scoring them: ``softmax(gate(x) / T)``, ``gate(x) * s``,
+``gate(x) + b``. The block's first scoring op (softmax, log-softmax, sigmoid, softplus or top-k over the experts)
+is watched on a probe; when its input is ``a * logits + b`` (``a`` one number, ``b`` one per expert) and not the
+logits themselves, the router is taken as the Linear with weight ``a * W`` and bias ``a * bias + b``, which the
+canonical route computes. Recognition tries it only after the router as found fits no candidate."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from moecc.passes.recognize.probe import rel_err, snap, tolerance
+from moecc.passes.recognize.router import Router
+
+SCORING = {torch.softmax, torch.Tensor.softmax, F.softmax, torch.log_softmax, torch.Tensor.log_softmax,
+           F.log_softmax, torch.sigmoid, torch.Tensor.sigmoid, F.sigmoid, F.softplus, torch.topk, torch.Tensor.topk}
+
+
+class _FirstScoring(TorchFunctionMode):
+    """Keeps the input of the first scoring op over ``num_experts`` columns."""
+
+    def __init__(self, num_experts: int) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.seen: torch.Tensor | None = None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if (self.seen is None and func in SCORING and args and isinstance(args[0], torch.Tensor)
+                and args[0].dim() >= 1 and args[0].shape[-1] == self.num_experts):
+            self.seen = args[0].detach().clone()
+        return func(*args, **(kwargs or {}))
+
+
+def affine_router(block: nn.Module, router: Router, x: torch.Tensor) -> Router | None:
+    """``router`` with the affine map the block applies to its logits folded in, or None when the block scores the
+    logits as they are, or scores something no affine map of them gives."""
+    num_experts, hidden = router.weight.shape
+    watch = _FirstScoring(num_experts)
+    try:
+        with torch.no_grad(), watch:
+            block(x)
+    except Exception:  # noqa: BLE001 - the block ran on this probe before; any failure here means no fit
+        return None
+    z = watch.seen
+    if z is None or z.numel() != x.numel() // hidden * num_experts:
+        return None
+    z = z.reshape(-1, num_experts).double()
+    logits = x.reshape(-1, hidden).double() @ router.weight.detach().double().t()
+    if router.bias is not None:
+        logits = logits + router.bias.detach().double()
+    centred = logits - logits.mean(0)
+    scale = ((z - z.mean(0)) * centred).sum() / (centred * centred).sum().clamp_min(1e-300)
+    shift = (z - scale * logits).mean(0)
+    bound = 10 * tolerance(router.weight.dtype)
+    if rel_err(scale * logits + shift, z) > bound:
+        return None
+    scale = snap(scale.item(), router.weight.dtype)
+    shifted = shift.abs().max().item() > bound * z.abs().max().item()
+    if abs(scale - 1.0) <= bound and not shifted:
+        return None
+    like = router.weight
+    bias = None if router.bias is None else router.bias.detach().double() * scale
+    if shifted:
+        bias = shift if bias is None else bias + shift
+    what = " + ".join(p for p in (f"x{scale:g}" if abs(scale - 1.0) > bound else "", "a shift" if shifted else "") if p)
+    return replace(router, weight=(router.weight.detach().double() * scale).to(like.dtype),
+                   bias=None if bias is None else bias.to(like.dtype),
+                   path=f"{router.path} (logits {what} folded in)")
