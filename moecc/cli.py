@@ -58,7 +58,7 @@ def cmd_export(a) -> int:
     with console.status("exporting") as status:
         path = moecc.export(model, args, a.output, kwargs=kwargs, backend=a.backend, calibration=calibration,
                             progress=lambda msg: status.update(f"{msg}..."), **options)
-    console.print(f"wrote {path}")
+    console.print(f"wrote {path}", markup=False)
     return 0
 
 

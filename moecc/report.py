@@ -38,10 +38,17 @@ def read_record(path: Path) -> dict:
     raise FileNotFoundError(f"{path} is neither a moecc artifact (manifest.json) nor a dump folder (passes.json)")
 
 
+def _why(layer: dict) -> str:
+    """How a layer was lowered (and quantized), or why it was left as written."""
+    why = layer.get("reason") or layer.get("lowering", "")
+    return f"{why} [{layer['quantization']}]" if layer.get("quantization") else why
+
+
 def print_tables(record: dict, console=None) -> None:
     import sys
 
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     # a pipe or a file gets full rows rather than an 80-column wrap
@@ -50,19 +57,19 @@ def print_tables(record: dict, console=None) -> None:
     for col in ("layer", "E", "k", "H", "I", "routing", "experts", "shared", "capacity", "fused", "lowering / reason"):
         t.add_column(col)
     for layer in record["moe_layers"]:
-        why = layer.get("reason") or layer.get("lowering", "")
-        if layer.get("quantization"):
-            why = f"{why} [{layer['quantization']}]"
-        t.add_row(layer["name"], str(layer["num_experts"]), str(layer["top_k"]), str(layer["hidden_size"]),
-                  str(layer["intermediate_size"]), layer["routing"], layer["activation"],
-                  str(layer["shared_experts"]), layer.get("capacity", ""), "yes" if layer["fused"] else "no", why)
+        why = _why(layer)
+        # cells are text, not rich markup: reasons hold brackets ("no [E=6, H=24] weight", "[int4 block 32]")
+        t.add_row(*map(escape, (layer["name"], str(layer["num_experts"]), str(layer["top_k"]),
+                                str(layer["hidden_size"]), str(layer["intermediate_size"]), layer["routing"],
+                                layer["activation"], str(layer["shared_experts"]), layer.get("capacity", ""),
+                                "yes" if layer["fused"] else "no", why)))
     console.print(t)
     p = Table(title="passes")
     for col in ("#", "pass", "ms", "modified", "matched"):
         p.add_column(col)
     for rec in record["passes"]:
         p.add_row(f"{rec['index']:03d}", rec["pass"], f"{rec['seconds'] * 1e3:.1f}", str(rec["modified"]),
-                  json.dumps(rec.get("stats", {}))[:80])
+                  escape(json.dumps(rec.get("stats", {}))[:80]))
     console.print(p)
 
 
@@ -104,7 +111,7 @@ def _histogram_svg(counts: list[int]) -> str:
 def write_html(record: dict, out: Path) -> Path:
     layers = "".join(
         f"<h3>{html.escape(layer['name'])}</h3><p>{html.escape(layer['routing'])}, "
-        f"{html.escape(layer['activation'])}, fused={layer['fused']} {html.escape(layer.get('lowering', ''))}</p>"
+        f"{html.escape(layer['activation'])}, fused={layer['fused']} {html.escape(_why(layer))}</p>"
         f"<p>tokens per expert on the calibration batch:</p>{_histogram_svg(layer.get('expert_load', []))}"
         for layer in record["moe_layers"])
     passes = "".join(f"<tr><td>{r['index']:03d}</td><td>{html.escape(r['pass'])}</td>"

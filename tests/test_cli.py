@@ -48,3 +48,13 @@ def test_cli_inspect_dump_folder_and_errors(tmp_path):
     assert run.returncode == 2 and "neither a moecc artifact" in run.stderr
     run = moecc_cli("run", str(tmp_path / "nowhere"), "--input", "x.pt", cwd=tmp_path)
     assert run.returncode == 2 and "no moecc artifact" in run.stderr
+
+
+def test_cli_quantized_export_says_why_a_layer_stays_float(tmp_path):
+    # the tiny Mixtral's down projection reads 48 features: blocks of 32 do not tile them (the export used to fail)
+    run = moecc_cli("export", "cli_factory:tiny_mixtral", "-o", str(tmp_path / "art"), "--quantize", "int4",
+                    "--block-size", "32", cwd=HERE)
+    assert run.returncode == 0, run.stderr
+    run = moecc_cli("inspect", str(tmp_path / "art"), cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert "[none: block size 32 does not divide the expert input size 48]" in run.stdout, run.stdout

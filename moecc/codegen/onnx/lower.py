@@ -19,7 +19,7 @@ from moecc.codegen.onnx.ort_moe import (
     ort_qmoe_computes_same,
     ort_qmoe_onnx,
 )
-from moecc.codegen.onnx.quant import quantize
+from moecc.codegen.onnx.quant import cannot_quantize, quantize
 from moecc.errors import BackendError, first_line
 from moecc.experts import to_canonical
 from moecc.logs import quiet, stderr_to_debug
@@ -102,10 +102,13 @@ def use_ort_moe(gm: fx.GraphModule, quant=None) -> dict[str, str]:
             continue
         f = form.value
         scale = float(route.args[10])
-        use_q = quant is not None and ort_qmoe_computes_same(
+        unfit = None if quant is None else cannot_quantize(quant, w_up, w_down)
+        if unfit is not None and prefix in owner:
+            owner[prefix].quantization = f"none: {unfit}"
+        use_q = quant is not None and unfit is None and ort_qmoe_computes_same(
             f.activation_type, f.normalize, int(route.args[4]), b_up is not None or b_down is not None, f.alpha,
             f.beta, f.limit, quant.bits, quant.block_size, quant.int8_activations, num_experts)
-        if quant is not None and not use_q and prefix in owner:
+        if quant is not None and unfit is None and not use_q and prefix in owner:
             owner[prefix].quantization = f"none: com.microsoft.QMoE({f.activation_type}) does not match on probe data"
         fc1, fc1_b = w_up, b_up
         if f.activation_type == "swiglu":  # canonical [gate | up] rows -> ORT's interleaved [g0, u0, g1, u1, ...]
@@ -154,6 +157,9 @@ def use_ort_moe(gm: fx.GraphModule, quant=None) -> dict[str, str]:
             owner[prefix].lowering = how
             if quant is not None and not owner[prefix].quantization:
                 owner[prefix].quantization = "none: block is decomposed, weights stay float"
+            if quant is not None and owner[prefix].quantization.startswith("none: "):
+                log.warning("MoE block %s is not quantized (%s): %s", owner[prefix].name, quant.describe(),
+                            owner[prefix].quantization[len("none: "):])
     return lowering
 
 

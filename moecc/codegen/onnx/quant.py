@@ -38,6 +38,18 @@ def quant_spec(quantize: str | None, block_size: int = 0, int8_activations: bool
     return QuantSpec(BITS[quantize], block_size, int8_activations)
 
 
+def cannot_quantize(spec: QuantSpec, *weights: Tensor) -> str | None:
+    """Why ``weights`` ([E, N, K] each) cannot be stored in ``spec``, or None: blocks must tile each input size,
+    and int4 packs two input features per byte."""
+    for w in weights:
+        k = w.shape[-1]
+        if spec.block_size and k % spec.block_size:
+            return f"block size {spec.block_size} does not divide the expert input size {k}"
+        if spec.bits == 4 and k % 2:
+            return f"int4 packs input features in pairs, and the expert input size {k} is odd"
+    return None
+
+
 def quantize(w: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
     """w [E, N, K] float -> (packed uint8 [E, N, K*bits/8], scales [E, N] or [E, N, K/block])."""
     e, n, k = w.shape
