@@ -391,6 +391,49 @@ class ScaledLogitsMoE(LoopMoE):
         return out.reshape(shape)
 
 
+class ReferenceGate(nn.Module):
+    """DeepSeek-V3's reference inference Gate: its ``bias`` biases the selection only, groups limit it."""
+
+    def __init__(self, hidden, num_experts, top_k, n_groups, topk_groups, route_scale):
+        super().__init__()
+        self.topk, self.n_groups, self.topk_groups, self.route_scale = top_k, n_groups, topk_groups, route_scale
+        self.weight = nn.Parameter(torch.randn(num_experts, hidden) * 0.2)
+        self.bias = nn.Parameter(torch.randn(num_experts) * 0.1)
+
+    def forward(self, x):
+        scores = F.linear(x, self.weight).sigmoid()
+        original_scores = scores
+        scores = (scores + self.bias).view(x.size(0), self.n_groups, -1)
+        group_scores = scores.topk(2, dim=-1)[0].sum(dim=-1)
+        indices = group_scores.topk(self.topk_groups, dim=-1)[1]
+        mask = scores.new_ones(x.size(0), self.n_groups, dtype=bool).scatter_(1, indices, False)
+        scores = scores.masked_fill_(mask.unsqueeze(-1), float("-inf")).flatten(1)
+        indices = torch.topk(scores, self.topk, dim=-1)[1]
+        weights = original_scores.gather(1, indices)
+        weights /= weights.sum(dim=-1, keepdim=True)
+        return (weights * self.route_scale).type_as(x), indices
+
+
+class ReferenceGateMoE(LoopMoE):
+    """DeepSeek-V3's reference MoE: a ``Gate`` module returning (weights, ids), experts looped over by count."""
+
+    def __init__(self, hidden=24, inter=40, num_experts=8, top_k=2):
+        super().__init__(hidden, inter, num_experts, top_k)
+        self.gate = ReferenceGate(hidden, num_experts, top_k, n_groups=4, topk_groups=2, route_scale=2.5)
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        weights, indices = self.gate(x)
+        y = torch.zeros_like(x)
+        counts = torch.bincount(indices.flatten(), minlength=len(self.experts)).tolist()
+        for i, expert in enumerate(self.experts):
+            if counts[i]:
+                idx, top = torch.where(indices == i)
+                y[idx] += expert(x[idx]) * weights[idx, top, None]
+        return y.view(shape)
+
+
 class PostNormResidualMoE(PostNormMoE):
     """A post-norm FFN sub-layer inside the block: ``norm(x + moe(x))``, as original Transformer layers place it."""
 

@@ -547,8 +547,14 @@ def analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | N
         # a router module that returns its logits only (DBRX's) leaves the selection to the block's own code
         observed = obs is not None
     as_written = None
+    as_found = router
     if observed:
         fitted = fit_routing(router, obs, x3.reshape(-1, hidden), num_experts, mods, rtol)
+        if fitted is None and router.bias is not None and router.bias_is_attribute:
+            # a router module's own ``bias`` may bias the selection only (DeepSeek-V3's reference Gate)
+            as_selection = replace(router, bias=None, selection_biases=[router.bias, *router.selection_biases])
+            fitted = fit_routing(as_selection, obs, x3.reshape(-1, hidden), num_experts, mods, rtol)
+            router = as_selection if fitted is not None else router
         if fitted is None:
             as_written = _with_router_as_written(block, router, obs, x3.reshape(-1, hidden), router_calls[0][:2],
                                                  num_experts, expert_candidates, shared.value, inputs, refs, raw,
@@ -603,6 +609,16 @@ def analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | N
         return closest
 
     closest = search(router, routing_options, expert_candidates)
+    if closest.analysis is None and observed and router is not as_found:
+        # the selection-bias reading fitted the router's outputs, not the block (near ties in low precision): the
+        # router as written still serves the canonical experts
+        if not isinstance(expert_candidates, list):
+            expert_candidates = all_candidates()
+        as_written = _with_router_as_written(block, as_found, obs, x3.reshape(-1, hidden), router_calls[0][:2],
+                                             num_experts, expert_candidates, shared.value, inputs, refs, raw,
+                                             flat_output, others, router_inputs)
+        if as_written:
+            return as_written
     if closest.analysis is None and not observed and not others:
         affine = affine_router(block, router, inputs[0])
         if affine is not None:

@@ -22,6 +22,7 @@ class Router:
     module: nn.Module | None  # the module that computes routing, when it is its own module
     selection_biases: list[torch.Tensor]
     path: str
+    bias_is_attribute: bool = False  # ``bias`` is a router module's own attribute, not a Linear's bias
 
 
 def find_router(block: nn.Module, num_experts: int, hidden: int | None, skip: set[int]) -> Router | None:
@@ -53,7 +54,8 @@ def find_router(block: nn.Module, num_experts: int, hidden: int | None, skip: se
             rank = 0 if type(mod) is nn.Linear else 1 if pname == "weight" else 2
             if rank == 2 and not re.search("gate|router|route|gating", pname.lower()):
                 rank = 3
-            found.append((rank, Router(w, bias, owner, sel, f"{path}.{pname}" if path else pname)))
+            found.append((rank, Router(w, bias, owner, sel, f"{path}.{pname}" if path else pname,
+                                       bias is not None and not isinstance(mod, nn.Linear))))
     return min(found, key=lambda r: r[0])[1] if found else None
 
 
