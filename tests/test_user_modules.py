@@ -321,6 +321,38 @@ def test_a_router_modules_own_bias_may_bias_the_selection_only(dtype):
     torch.testing.assert_close(cm(x), model(x), **tol)
 
 
+def test_a_long_failed_search_is_reused_for_blocks_of_the_same_structure(monkeypatch):
+    from user_modules import MLPRoutedMoE
+
+    import moecc.passes.recognize as recognize
+
+    class Stack(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(50, 24)
+            self.blocks = torch.nn.ModuleList([MLPRoutedMoE(), MLPRoutedMoE(), MLPRoutedMoE(inter=32)])
+
+        def forward(self, ids):
+            h = self.embed(ids)
+            for block in self.blocks:
+                h = h + block(h)
+            return h
+
+    analyzed = []
+    analyze = recognize._analyze
+    monkeypatch.setattr(recognize, "_analyze", lambda block, node: analyzed.append(block) or analyze(block, node))
+    monkeypatch.setattr(recognize, "REUSE_FAILURES_AFTER_S", 0.0)
+    torch.manual_seed(0)
+    model = Stack().eval()
+    cm = moecc.compile(model, backend="torch")
+    x = torch.randint(0, 50, (2, 16))
+    torch.testing.assert_close(cm(x), model(x))
+    first, second, third = cm.moe_layers
+    assert len(analyzed) == 2 and analyzed[0] is model.blocks[0] and analyzed[1] is model.blocks[2], analyzed
+    assert second.reason == f"{first.reason} (as blocks.0, the same module over the same shapes)", second.reason
+    assert not third.reason.endswith("same shapes)"), third.reason
+
+
 def test_an_error_inside_recognition_leaves_the_block_as_written_with_the_reason(monkeypatch):
     import moecc.passes.recognize as recognize
 

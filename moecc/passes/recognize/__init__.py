@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import operator
+import time
 
 import torch
 from torch import fx
@@ -18,6 +19,8 @@ from moecc.passes.recognize.block import analyze_block
 from moecc.passes.recognize.other_args import OtherArgs, independent_of_other_args
 
 log = logging.getLogger("moecc.passes.recognize")
+
+REUSE_FAILURES_AFTER_S = 1.0  # a block left as written after a search this long: same-structure blocks reuse it
 
 
 def _example_of(node: fx.Node) -> torch.Tensor:
@@ -72,6 +75,16 @@ def _analyze(block: torch.nn.Module, node: fx.Node):
     return with_others if with_others else MatchResult.fail(f"{r.reason}; with them, {with_others.reason}")
 
 
+def _structure(block: torch.nn.Module, node: fx.Node) -> tuple:
+    """What decides whether recognition can fit a block: the classes of its modules, its parameters' names,
+    shapes and dtypes, its input's shape and dtype, and how it is called. Not its weight values."""
+    val = node.args[0].meta.get("val")
+    return (tuple(type(m) for m in block.modules()),
+            tuple((n, tuple(p.shape), p.dtype) for n, p in [*block.named_parameters(), *block.named_buffers()]),
+            None if val is None else (tuple(str(d) for d in val.shape), val.dtype),
+            _other_args(node), None if (read := _read_outputs(node)) is None else frozenset(read))
+
+
 def _inputs(node: fx.Node, a) -> list[fx.Node]:
     """The hidden states, then the other arguments the canonical block reads."""
     leaves = pytree.tree_flatten((tuple(node.args[1:]), dict(node.kwargs)))[0]
@@ -85,16 +98,28 @@ class Recognize(MoePass):
         layers = layers_of(gm)
         modified = False
         matched = failed = 0
+        failed_like: dict[tuple, tuple] = {}  # structure -> (first block, reason) of blocks left as written
         for node in [n for n in gm.graph.nodes if n.op == "call_module" and "moecc_block" in n.meta]:
             name = node.meta["moecc_block"]
             block = gm.get_submodule(node.target)
             info = layers.setdefault(name, MoELayerInfo(name=name))
-            try:
-                result = _analyze(block, node)
-            except Exception as exc:  # noqa: BLE001 - a block recognition cannot analyze runs as written
-                log.debug("recognizing %s raised", name, exc_info=True)
-                result = MatchResult.fail(f"recognition raised {type(exc).__name__}: {exc} (a moecc bug: please "
-                                          "report it with MOECC_DUMP_DIR set)")
+            key = _structure(block, node)
+            if key in failed_like:
+                # a search that fails tries every candidate (thousands for a stacked bank routed inline): the
+                # same code over the same shapes fails the same way, and leaving a block as written is always exact;
+                # only long searches are reused, so that a failure a block's values caused costs little
+                first, reason = failed_like[key]
+                result = MatchResult.fail(f"{reason} (as {first}, the same module over the same shapes)")
+            else:
+                start = time.perf_counter()
+                try:
+                    result = _analyze(block, node)
+                except Exception as exc:  # noqa: BLE001 - a block recognition cannot analyze runs as written
+                    log.debug("recognizing %s raised", name, exc_info=True)
+                    result = MatchResult.fail(f"recognition raised {type(exc).__name__}: {exc} (a moecc bug: please "
+                                              "report it with MOECC_DUMP_DIR set)")
+                if not result and time.perf_counter() - start > REUSE_FAILURES_AFTER_S:
+                    failed_like[key] = (name, result.reason)
             if not result:
                 info.reason = result.reason
                 failed += 1
