@@ -549,6 +549,11 @@ def analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | N
     as_written = None
     as_found = router
     if observed:
+        def router_as_written(expert_candidates):
+            return _with_router_as_written(block, as_found, obs, x3.reshape(-1, hidden), router_calls[0][:2],
+                                           num_experts, expert_candidates, shared.value, inputs, refs, raw,
+                                           flat_output, others, router_inputs)
+
         fitted = fit_routing(router, obs, x3.reshape(-1, hidden), num_experts, mods, rtol)
         if fitted is None and router.bias is not None and router.bias_is_attribute:
             # a router module's own ``bias`` may bias the selection only (DeepSeek-V3's reference Gate)
@@ -556,9 +561,7 @@ def analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | N
             fitted = fit_routing(as_selection, obs, x3.reshape(-1, hidden), num_experts, mods, rtol)
             router = as_selection if fitted is not None else router
         if fitted is None:
-            as_written = _with_router_as_written(block, router, obs, x3.reshape(-1, hidden), router_calls[0][:2],
-                                                 num_experts, expert_candidates, shared.value, inputs, refs, raw,
-                                                 flat_output, others, router_inputs)
+            as_written = router_as_written(expert_candidates)
             if as_written:
                 return as_written
             # what the router returns may not be (weights, ids) of the tokens at all (JetMoE's are pairs sorted by
@@ -614,9 +617,7 @@ def analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | N
         # router as written still serves the canonical experts
         if not isinstance(expert_candidates, list):
             expert_candidates = all_candidates()
-        as_written = _with_router_as_written(block, as_found, obs, x3.reshape(-1, hidden), router_calls[0][:2],
-                                             num_experts, expert_candidates, shared.value, inputs, refs, raw,
-                                             flat_output, others, router_inputs)
+        as_written = router_as_written(expert_candidates)
         if as_written:
             return as_written
     if closest.analysis is None and not observed and not others:

@@ -59,14 +59,14 @@ def affine_router(block: nn.Module, router: Router, x: torch.Tensor) -> Router |
     if rel_err(scale * logits + shift, z) > bound:
         return None
     scale = snap(scale.item(), router.weight.dtype)
+    scaled = abs(scale - 1.0) > bound
     shifted = shift.abs().max().item() > bound * z.abs().max().item()
-    if abs(scale - 1.0) <= bound and not shifted:
+    if not scaled and not shifted:
         return None
-    like = router.weight
+    dtype = router.weight.dtype
     bias = None if router.bias is None else router.bias.detach().double() * scale
     if shifted:
         bias = shift if bias is None else bias + shift
-    what = " + ".join(p for p in (f"x{scale:g}" if abs(scale - 1.0) > bound else "", "a shift" if shifted else "") if p)
-    return replace(router, weight=(router.weight.detach().double() * scale).to(like.dtype),
-                   bias=None if bias is None else bias.to(like.dtype),
-                   path=f"{router.path} (logits {what} folded in)")
+    what = " + ".join(([f"x{scale:g}"] if scaled else []) + (["a shift"] if shifted else []))
+    return replace(router, weight=(router.weight.detach().double() * scale).to(dtype),
+                   bias=None if bias is None else bias.to(dtype), path=f"{router.path} (logits {what} folded in)")
