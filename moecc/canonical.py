@@ -30,6 +30,9 @@ class BlockAnalysis:
     flat_output: bool = False  # the block returns y as [T, H] whatever the rank of its input (Llama 4's)
     router_program: object = None  # a router no pattern matches, as its own exported graph: x -> (weights, ids)
     post: nn.Module | None = None  # a module without Linear layers the block applies to its output (A.X-K1's norm)
+    # a module without Linear layers the block applies to its input before routing and experts both read it (the
+    # RMSNorm inside OpenAI's reference GPT-OSS MLPBlock); ``residual`` adds the input before it
+    pre: nn.Module | None = None
     residual: bool = False  # the block adds its input to its output (before ``post``)
     # the router program also reads these of the block's other arguments (DeepSeek-V4's token ids for its hash
     # layers): their places among the flat leaves of the call's (args[1:], kwargs), and how many token dims lead
@@ -50,6 +53,7 @@ class CanonicalMoE(nn.Module):
         self.a = a
         self.router_program = a.router_program
         self.post = a.post
+        self.pre = a.pre
         self.router_weight = _maybe(a.router_weight)
         self.router_bias = _maybe(a.router_bias)
         self.selection_bias = _maybe(a.selection_bias)
@@ -67,6 +71,9 @@ class CanonicalMoE(nn.Module):
     def forward(self, x, other0=None, other1=None, other2=None, other3=None):
         a, r, e, c = self.a, self.a.routing, self.a.expert, self.a.capacity
         hidden = e.hidden_size
+        block_input = x
+        if self.pre is not None:
+            x = self.pre(x)
         x2 = x.reshape(-1, hidden)
         if self.router_program is not None:
             others = (other0, other1, other2, other3)[:len(a.other_positions)]  # ROUTER_INPUT_SLOTS
@@ -104,7 +111,7 @@ class CanonicalMoE(nn.Module):
             y = y + sy
         y = y.to(x.dtype).reshape(x2.shape if a.flat_output else x.shape)
         if a.residual:
-            y = x.reshape(y.shape) + y
+            y = block_input.reshape(y.shape) + y
         if self.post is not None:
             y = self.post(y)
         produced = {"y": y, "weights": weights.to(x.dtype), "ids": ids, "logits": logits}

@@ -104,6 +104,7 @@ class MoELayerInfo:
     activation: str = ""
     shared_experts: int = 0
     output_module: str = ""  # the type of a module the block applies to its output last (a norm), if any
+    input_module: str = ""  # the type of a module the block applies to its input first (a pre-norm), if any
     residual: bool = False  # the block adds its input to its output itself
     fused: bool = False
     reason: str = ""

@@ -450,3 +450,51 @@ def test_float64_blocks_run_as_written_and_say_why():
     assert not layer.fused and "float64" in layer.reason, layer.reason
     x = torch.randint(0, 50, (3, 11))
     torch.testing.assert_close(cm(x), model(x))
+
+
+@pytest.mark.parametrize("weight_scale", [1.0, 0.05])  # the clamp acts on ordinary inputs; only on amplified probes
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_openai_reference_mlp_block_is_fused_with_its_pre_norm_and_default_clamp(weight_scale, dtype):
+    """The block normalizes its own input (found by what its gate Linear reads) and calls a swiglu whose alpha and
+    limit are function defaults (GPT-OSS's published constants, proven on probes that pass the clamp)."""
+    from user_modules import ReferenceMLPBlock
+
+    torch.manual_seed(0)
+    model = TinyModel(ReferenceMLPBlock(weight_scale=weight_scale)).eval().to(dtype)
+    model.moe.norm.float()  # the reference keeps its norm's scale in fp32
+    cm, layer = compile_on_ids(model, backend="torch")
+    assert layer.fused and layer.input_module == "ReferenceRMSNorm" and layer.residual, layer
+    assert layer.activation == "gated-swiglu_oai clamp 7 +bias", layer.activation
+    tol = {} if dtype == torch.float32 else dict(rtol=5e-2, atol=5e-2)
+    for shape in ((3, 11), (1, 7)):
+        x = torch.randint(0, 50, shape)
+        torch.testing.assert_close(cm(x), model(x), **tol)
+
+
+@pytest.mark.parametrize("limit", [10.0, float("inf")])
+def test_a_swiglu_clamped_elsewhere_than_gpt_oss_is_left_as_written(limit):
+    """Unit probes never reach the clamp here, so GPT-OSS's limit of 7 fits them; the probes that pass it refute
+    it, and the block runs as written, saying why."""
+    import functools
+
+    from user_modules import ReferenceMLPBlock, oai_swiglu
+
+    torch.manual_seed(0)
+    model = TinyModel(ReferenceMLPBlock(swiglu=functools.partial(oai_swiglu, limit=limit), weight_scale=0.05)).eval()
+    cm, layer = compile_on_ids(model, backend="torch")
+    assert not layer.fused and "clamp at 7" in layer.reason, layer.reason
+    x = torch.randint(0, 50, (3, 11))
+    torch.testing.assert_close(cm(x), model(x))
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "triton"])
+def test_openai_reference_mlp_block_runs_fused_on_the_other_backends(backend):
+    from user_modules import ReferenceMLPBlock
+
+    device = _device(backend)
+    torch.manual_seed(0)
+    model = TinyModel(ReferenceMLPBlock()).eval().to(device)
+    cm, layer = compile_on_ids(model, backend=backend, device=device)
+    assert layer.fused and layer.input_module == "ReferenceRMSNorm", layer
+    x = torch.randint(0, 50, (3, 11), device=device)
+    torch.testing.assert_close(cm(x), model(x), rtol=1e-4, atol=1e-5)

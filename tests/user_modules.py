@@ -441,6 +441,60 @@ class PostNormResidualMoE(PostNormMoE):
         return self.out_norm(x + LoopMoE.forward(self, x))
 
 
+def oai_swiglu(x, alpha: float = 1.702, limit: float = 7.0):
+    """OpenAI's reference GPT-OSS swiglu: its constants are the function's defaults, not attributes."""
+    x_glu, x_linear = x[..., ::2], x[..., 1::2]
+    x_glu = x_glu.clamp(min=None, max=limit)
+    x_linear = x_linear.clamp(min=-limit, max=limit)
+    return x_glu * torch.sigmoid(alpha * x_glu) * (x_linear + 1)
+
+
+class ReferenceRMSNorm(nn.Module):
+    """OpenAI's reference RMSNorm: an fp32 scale, computed in fp32."""
+
+    def __init__(self, hidden, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.scale = nn.Parameter(torch.empty(hidden, dtype=torch.float32).uniform_(0.5, 1.5))
+
+    def forward(self, x):
+        t, dtype = x.float(), x.dtype
+        t = t * torch.rsqrt(torch.mean(t ** 2, dim=-1, keepdim=True) + self.eps)
+        return (t * self.scale).to(dtype)
+
+
+class ReferenceMLPBlock(nn.Module):
+    """OpenAI's reference GPT-OSS ``MLPBlock``: its own pre-norm, each token's expert weights gathered and applied
+    with einsum, ``swiglu`` at its function's defaults, ``x + moe(norm(x))``. ``weight_scale`` sets how often the
+    clamp acts (1.0: on about a fifth of the gate's pre-activations; 0.05: never on ordinary inputs)."""
+
+    def __init__(self, hidden=24, inter=16, num_experts=6, top_k=2, swiglu=oai_swiglu, weight_scale=1.0):
+        super().__init__()
+        self.top_k, self.swiglu = top_k, swiglu
+        self.norm = ReferenceRMSNorm(hidden)
+        self.gate = nn.Linear(hidden, num_experts)
+        self.mlp1_weight = nn.Parameter(torch.randn(num_experts, 2 * inter, hidden) * weight_scale)
+        self.mlp1_bias = nn.Parameter(torch.randn(num_experts, 2 * inter) * weight_scale)
+        self.mlp2_weight = nn.Parameter(torch.randn(num_experts, hidden, inter) * 0.2)
+        self.mlp2_bias = nn.Parameter(torch.randn(num_experts, hidden) * 0.2)
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        t = self.norm(x)
+        g = self.gate(t)
+        experts = torch.topk(g, k=self.top_k, dim=-1, sorted=True)
+        expert_weights = F.softmax(experts.values, dim=1)
+        expert_indices = experts.indices
+        t = torch.einsum("beck,bk->bec", self.mlp1_weight[expert_indices, ...], t) \
+            + self.mlp1_bias[expert_indices, ...]
+        t = self.swiglu(t)
+        t = torch.einsum("beck,bek->bec", self.mlp2_weight[expert_indices, ...], t)
+        t += self.mlp2_bias[expert_indices, ...]
+        t = torch.einsum("bec,be->bc", t, expert_weights)
+        return (x + t).reshape(shape)
+
+
 class DenseGateMoE(LoopMoE):
     """Every expert on every token, weighted by a ``[.., E]`` gate that is zero but at the top-k (a softmax over the
     chosen logits scattered into place)."""

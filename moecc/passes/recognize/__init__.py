@@ -131,6 +131,7 @@ class Recognize(MoePass):
             info.routing, info.activation = a.routing.describe(), a.expert.describe()
             info.shared_experts = len(a.shared)
             info.output_module = "" if a.post is None else type(a.post).__name__
+            info.input_module = "" if a.pre is None else type(a.pre).__name__
             info.residual = a.residual
             info.capacity = "dropless" if a.capacity.dropless else a.capacity.formula
             info.graph_prefix = f"{node.target}_moe"

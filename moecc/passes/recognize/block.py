@@ -14,10 +14,11 @@ import torch
 from torch import nn
 
 from moecc.canonical import BlockAnalysis, CanonicalMoE
-from moecc.experts import PLAIN_ACTIVATIONS
 from moecc.ir import CapacitySpec, ExpertSpec, ExpertWeights, RoutingSpec, SharedExpert
 from moecc.match import MatchResult
-from moecc.passes.recognize import stacked
+from moecc.passes.recognize import clamp, stacked
+from moecc.passes.recognize.amplify import amplifier
+from moecc.passes.recognize.input_module import input_module
 from moecc.passes.recognize.logit_affine import affine_router
 from moecc.passes.recognize.mlp import analyze_mlp, stack_mlps
 from moecc.passes.recognize.other_args import OtherArgs
@@ -326,27 +327,34 @@ def _with_residual(block: nn.Module, a: BlockAnalysis, posts: list[nn.Module], y
     return None
 
 
-def _refit_activation(block: nn.Module, a: BlockAnalysis, inputs, scale: float) -> BlockAnalysis:
-    """``a`` with the plain activation that fits the block best on ``inputs`` times ``scale``. The search proves a
-    candidate on unit probes, where small expert weights leave pre-activations of a few hundredths and bf16 cannot
-    tell silu from gelu or relu; scaled probes spread them, but saturate the router too (top-1 then passes for
-    top-2), so only the activation is chosen on them, the routing found on unit probes kept."""
-    if a.expert.activation not in PLAIN_ACTIVATIONS or a.expert.limit > 0:
-        return a
-    spread = [(x.double() * scale).to(x.dtype) for x in inputs]
-    try:
-        with torch.no_grad():
-            refs = [tensor_leaves(block(x))[0] for x in spread]
-    except Exception:  # noqa: BLE001 - a block that fails on large inputs keeps what the unit probes proved
-        return a
-    best, best_err = a, None
-    for act in dict.fromkeys([a.expert.activation, *PLAIN_ACTIVATIONS]):
-        candidate = replace(a, expert=replace(a.expert, activation=act))
-        canon = CanonicalMoE(replace(candidate, outputs=("y",), output_tuple=False))
-        with torch.no_grad():
-            err = max(rel_err(canon(x), ref) for x, ref in zip(spread, refs))
-        if best_err is None or err < best_err / 2:
-            best, best_err = candidate, err
+def _refit_experts(block: nn.Module, a: BlockAnalysis, inputs, scale: float, expert_candidates) -> BlockAnalysis:
+    """``a`` with the expert candidate ((spec, weights) pairs: layouts x activations) that fits the block best on
+    probes whose expert inputs are ``scale`` times those of ``inputs``. The search proves a candidate on unit
+    probes, where small expert weights leave pre-activations of a few hundredths and bf16 cannot tell silu from
+    gelu or relu, nor one gated layout from another where the block adds its larger input to the experts' output;
+    amplified probes spread them, but saturate the router too (top-1 then passes for top-2), so only the experts
+    are chosen on them, the routing found on unit probes kept."""
+    with amplifier(a.pre, scale, inputs[0]) as amplify:
+        if amplify is None:
+            return a
+        spread = [amplify(x) for x in inputs]
+        try:
+            with torch.no_grad():
+                refs = [tensor_leaves(block(x))[0] for x in spread]
+        except Exception:  # noqa: BLE001 - a block that fails on large inputs keeps what the unit probes proved
+            return a
+
+        def error(candidate: BlockAnalysis) -> float:
+            canon = CanonicalMoE(replace(candidate, outputs=("y",), output_tuple=False))
+            with torch.no_grad():
+                return max(rel_err(canon(x), ref) for x, ref in zip(spread, refs))
+
+        best, best_err = a, error(a)
+        for spec, weights in expert_candidates:
+            candidate = replace(a, expert=spec, weights=weights)
+            err = error(candidate)
+            if err < best_err / 2:
+                best, best_err = candidate, err
     return best if best_err <= 10 * tolerance(refs[0].dtype) else a
 
 
@@ -401,10 +409,11 @@ UNMATCHED_ROUTING = ("routing matches no known pattern (softmax, sigmoid or sqrt
 
 
 def _with_router_as_written(block, router, obs, x2, call, num_experts, expert_candidates, shared, inputs, refs,
-                            raw, flat_output, others: OtherArgs | None = None, router_inputs=None):
+                            raw, flat_output, others: OtherArgs | None = None, router_inputs=None, pre=None):
     """A router no pattern matches stays as its own graph ops; its (weights, ids) feed the canonical experts.
-    ``call``: the (args, kwargs) the block called the router with; ``others``/``router_inputs``: the block's
-    other arguments, which the router may read too (token ids)."""
+    ``x2``: what the router read of the first probe, as tokens; ``call``: the (args, kwargs) the block called the
+    router with; ``others``/``router_inputs``: the block's other arguments, which the router may read too (token
+    ids); ``pre``: the module the block applies to its input first."""
     if obs.dropped:
         return MatchResult.fail(f"router {router.path}: {UNMATCHED_ROUTING}, and it drops tokens")
     token_dims = inputs[0].dim() - 1
@@ -421,7 +430,7 @@ def _with_router_as_written(block, router, obs, x2, call, num_experts, expert_ca
         a = BlockAnalysis(replace(spec, weights_on_inputs=on_inputs), router.weight, router.bias, None, espec, ew,
                           CapacitySpec(), shared, output_tuple=not isinstance(raw[0], torch.Tensor),
                           router_program=program, flat_output=flat_output,
-                          other_positions=others.positions if others else (), token_dims=token_dims)
+                          other_positions=others.positions if others else (), token_dims=token_dims, pre=pre)
         if closest.offer(_verify(block, a, inputs, refs, router_inputs)):
             break
     if closest.analysis is not None:
@@ -449,6 +458,25 @@ def _variants(spec: RoutingSpec, cap: CapacitySpec, dtype: torch.dtype):
 
 def analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | None = None,
                   read: set[int] | None = None) -> MatchResult[BlockAnalysis]:
+    """The canonical form of ``block`` (``_analyze_block``), with a clamp limit the bank does not name proven on
+    probes that pass it (``clamp``)."""
+    r = _analyze_block(block, example, others, read)
+    if not r or r.value.expert.limit <= 0:
+        return r
+    bank, _, experts = find_bank(block)
+    if experts is not None or stacked.names_limit(bank):
+        return r
+    like = next(block.parameters())
+    inputs = _probe_inputs(example, int(example.shape[-1]), like, 16)
+    if others is None and clamp.proven_clamp(block, r.value, inputs):
+        return r
+    return MatchResult.fail(f"the experts fit GPT-OSS's swiglu on unit probes, but not its clamp at "
+                            f"{r.value.expert.limit:g} on probes that pass it, and "
+                            f"{type(bank).__name__} names no limit")
+
+
+def _analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | None = None,
+                   read: set[int] | None = None) -> MatchResult[BlockAnalysis]:
     """``others``: the block's arguments besides its hidden states, when its outputs depend on them (only a router
     kept as written may read them). ``read``: which of the block's tensor outputs the model reads (None: all); the
     others need not be reproduced (a block that also returns its router's probabilities, or an auxiliary loss,
@@ -495,7 +523,7 @@ def analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | N
             expert_candidates = [(winner.spec, winner.build(slice(None)))]
         else:
             # the block's probes are the only check of the expert function here: its activation is checked again
-            # on inputs that spread the pre-activations (``_refit_activation``)
+            # on inputs that spread the pre-activations (``_refit_experts``)
             input_scale = stacked.probe_scale(bank_mod, hidden, num_experts)
 
             def all_candidates():  # built one at a time: each is a copy of the bank in some layout
@@ -506,20 +534,24 @@ def analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | N
     router = find_router(block, num_experts, hidden, used)
     if router is None:
         return MatchResult.fail(f"no router: no [E={num_experts}, H={hidden}] weight outside the experts")
+    # what computes the logits: the router module, else the module whose own parameter the router weight is (a bare
+    # Linear child, whose inputs still show what the router reads)
+    owner = next((m for m in block.modules() if any(p is router.weight for p in m.parameters(recurse=False))), None)
+    reader = router.module or owner
     if router.module is not None:
         used |= {id(m) for m in router.module.modules()}
-    else:
-        used |= {id(m) for m in block.modules() if any(p is router.weight for p in m.parameters(recurse=False))}
+    elif owner is not None:
+        used.add(id(owner))
     shared = _shared_experts(block, used, hidden)
     if not shared:
         return MatchResult.fail(shared.reason)
 
-    posts = [None, *_output_modules(block, used)]
+    leftovers = _output_modules(block, used)
     mods = [block] + ([router.module] if router.module is not None else [])
     fixed_caps = [c.capacity for c in capacity_candidates(mods) if c.capacity > 0]
     inputs = _probe_inputs(example, hidden, like, max([16, *(c + 3 for c in fixed_caps)]))
-    router_calls: list = []  # (args, kwargs, outputs) of each router call
-    hook = None if router.module is None else router.module.register_forward_hook(
+    router_calls: list = []  # (args, kwargs, outputs) of each call of the router module, or of ``reader``
+    hook = None if reader is None or reader is block else reader.register_forward_hook(
         lambda m, args, kwargs, out: router_calls.append((args, kwargs, out)), with_kwargs=True)
     calls = [others.for_input(x, 100 + i) if others else ((), {}, []) for i, x in enumerate(inputs)]
     router_inputs = [c[2] for c in calls] if others else None
@@ -533,6 +565,16 @@ def analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | N
             hook.remove()
     refs = [[t if i == 0 or read is None or i in read else None for i, t in enumerate(tensor_leaves(r))]
             for r in raw]
+    pre = input_module(inputs[0], router_calls[0][0], leftovers) if router_calls else None
+    posts = [None, *(m for m in leftovers if m is not pre)]
+
+    def routed(x: torch.Tensor) -> torch.Tensor:
+        """What the router reads of a block input ``x``."""
+        if pre is None:
+            return x
+        with torch.no_grad():
+            return pre(x)
+
     if not refs[0] or refs[0][0].shape not in (inputs[0].shape, inputs[0].reshape(-1, hidden).shape):
         return MatchResult.fail("block's first output is shaped neither like its input nor like its tokens [T, H]")
     flat_output = refs[0][0].shape != inputs[0].shape
@@ -550,15 +592,15 @@ def analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | N
     as_found = router
     if observed:
         def router_as_written(expert_candidates):
-            return _with_router_as_written(block, as_found, obs, x3.reshape(-1, hidden), router_calls[0][:2],
-                                           num_experts, expert_candidates, shared.value, inputs, refs, raw,
-                                           flat_output, others, router_inputs)
+            return _with_router_as_written(block, as_found, obs, routed(x3).reshape(-1, hidden),
+                                           router_calls[0][:2], num_experts, expert_candidates, shared.value, inputs,
+                                           refs, raw, flat_output, others, router_inputs, pre)
 
-        fitted = fit_routing(router, obs, x3.reshape(-1, hidden), num_experts, mods, rtol)
+        fitted = fit_routing(router, obs, routed(x3).reshape(-1, hidden), num_experts, mods, rtol)
         if fitted is None and router.bias is not None and router.bias_is_attribute:
             # a router module's own ``bias`` may bias the selection only (DeepSeek-V3's reference Gate)
             as_selection = replace(router, bias=None, selection_biases=[router.bias, *router.selection_biases])
-            fitted = fit_routing(as_selection, obs, x3.reshape(-1, hidden), num_experts, mods, rtol)
+            fitted = fit_routing(as_selection, obs, routed(x3).reshape(-1, hidden), num_experts, mods, rtol)
             router = as_selection if fitted is not None else router
         if fitted is None:
             as_written = router_as_written(expert_candidates)
@@ -573,7 +615,7 @@ def analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | N
         spec, sel = fitted
         xc = inputs[-1]
         obs_c = read_outputs(router_calls[-1][2], xc.reshape(-1, hidden).shape[0], num_experts)
-        cap = None if obs_c is None else fit_capacity(router, spec, sel, obs_c, xc.reshape(-1, hidden),
+        cap = None if obs_c is None else fit_capacity(router, spec, sel, obs_c, routed(xc).reshape(-1, hidden),
                                                       xc.shape[-2] if xc.dim() == 3 else 0, mods)
         if cap is None:
             return MatchResult.fail(f"router {router.path}: tokens it drops match no capacity rule "
@@ -594,7 +636,7 @@ def analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | N
                 yield BlockAnalysis(replace(spec, logits_fp32=fp32, weights_on_inputs=on_inputs), router.weight,
                                     router.bias, sel, espec, ew, cap, shared.value,
                                     output_tuple=not isinstance(raw[0], torch.Tensor), flat_output=flat_output,
-                                    post=post)
+                                    post=post, pre=pre)
 
     def search(router, routing_options, expert_candidates) -> _Closest:
         closest = _Closest(like.dtype)
@@ -607,6 +649,12 @@ def analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | N
                 ok = _with_output_scales(block, a, inputs, refs)
             if ok is None and missed and a.post is None:
                 ok = _with_residual(block, a, posts[1:], missed[0], inputs, refs, router_inputs)
+            elif ok is not None and ok[1] > closest.tight and a.post is None:
+                # a pass within low precision's loose bound only: the block may add its input, which that bound
+                # hides where the experts' output is much larger; the closer of the two is kept
+                if closest.offer(ok):
+                    break
+                ok = _verify(block, replace(a, residual=True), inputs, refs, router_inputs)
             if closest.offer(ok):
                 break
         return closest
@@ -621,7 +669,7 @@ def analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | N
         if as_written:
             return as_written
     if closest.analysis is None and not observed and not others:
-        affine = affine_router(block, router, inputs[0])
+        affine = affine_router(block, router, inputs[0], routed(inputs[0]))
         if affine is not None:
             router = affine
             if not isinstance(expert_candidates, list):  # a generator, spent by the first search
@@ -629,7 +677,8 @@ def analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | N
             closest = search(router, _searched_routing(router, mods, num_experts), expert_candidates)
     if closest.analysis is not None:
         if input_scale != 1.0 and not others:
-            return MatchResult.success(_refit_activation(block, closest.analysis, inputs, input_scale))
+            return MatchResult.success(_refit_experts(block, closest.analysis, inputs, input_scale,
+                                                      all_candidates()))
         return MatchResult.success(closest.analysis)
     if as_written is not None:
         return as_written

@@ -35,9 +35,11 @@ class _FirstScoring(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def affine_router(block: nn.Module, router: Router, x: torch.Tensor) -> Router | None:
+def affine_router(block: nn.Module, router: Router, x: torch.Tensor, router_x: torch.Tensor | None = None
+                  ) -> Router | None:
     """``router`` with the affine map the block applies to its logits folded in, or None when the block scores the
-    logits as they are, or scores something no affine map of them gives."""
+    logits as they are, or scores something no affine map of them gives. ``router_x``: what the router reads of
+    the block input ``x`` (``x`` itself by default)."""
     num_experts, hidden = router.weight.shape
     watch = _FirstScoring(num_experts)
     try:
@@ -49,7 +51,7 @@ def affine_router(block: nn.Module, router: Router, x: torch.Tensor) -> Router |
     if z is None or z.numel() != x.numel() // hidden * num_experts:
         return None
     z = z.reshape(-1, num_experts).double()
-    logits = x.reshape(-1, hidden).double() @ router.weight.detach().double().t()
+    logits = (x if router_x is None else router_x).reshape(-1, hidden).double() @ router.weight.detach().double().t()
     if router.bias is not None:
         logits = logits + router.bias.detach().double()
     centred = logits - logits.mean(0)

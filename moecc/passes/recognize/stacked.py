@@ -17,6 +17,7 @@ from torch import nn
 
 from moecc.experts import PLAIN_ACTIVATIONS
 from moecc.ir import ExpertSpec, ExpertWeights
+from moecc.passes.recognize import clamp
 from moecc.passes.recognize.probe import PROBE_PRE_ACTIVATION_STD
 
 _GATED_LAYOUTS = ("concat_gate_first", "concat_up_first", "interleaved_gate_even", "interleaved_up_even")
@@ -148,12 +149,21 @@ def _float_attr(module: nn.Module, word: str) -> float | None:
     return None
 
 
-def _activations(module: nn.Module) -> list[tuple[str, float, float]]:
+def names_limit(module: nn.Module) -> bool:
+    """Whether the module holds its activation's clamp limit as an attribute (HF GPT-OSS's ``limit``)."""
+    return _float_attr(module, "limit") is not None
+
+
+def activations(module: nn.Module) -> list[tuple[str, float, float]]:
+    """(activation, alpha, limit) candidates: GPT-OSS's swiglu at the limit the module names, else at its published
+    constants, which a fit must then prove (``clamp.proven_clamp``)."""
     limit = _float_attr(module, "limit")
     alpha = _float_attr(module, "alpha")
     acts = [(act, 1.0, 0.0) for act in PLAIN_ACTIVATIONS]
-    if limit is not None and limit > 0:
-        acts.append(("swiglu_oai", alpha if alpha is not None else 1.702, limit))
+    if limit is None:
+        acts.append(("swiglu_oai", alpha if alpha is not None else clamp.DEFAULT_ALPHA, clamp.DEFAULT_LIMIT))
+    elif limit > 0:
+        acts.append(("swiglu_oai", alpha if alpha is not None else clamp.DEFAULT_ALPHA, limit))
         acts += [(act, 1.0, limit) for act in PLAIN_ACTIVATIONS]
     return acts
 
@@ -165,7 +175,7 @@ def candidates(module: nn.Module, hidden: int, num_experts: int) -> Iterator[Can
     biases.update(listed)
     # Linear weights are [out, in]: stacked from lists, no transposed reading of them is tried
     stored = {n for n in params if n.removesuffix(".weight") in projection_lists(module)}
-    acts = _activations(module)
+    acts = activations(module)
     # a bias added to the block's output once (JetMoE's [H]) is every expert's down bias when the routing weights
     # sum to 1; the block check decides
     shared_bias = [p.expand(num_experts, hidden) for p in module.parameters(recurse=False)
