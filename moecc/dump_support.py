@@ -17,7 +17,13 @@ def load_stage(module: torch.nn.Module, file: str, weights: dict[str, str], modu
     for attr, key in weights.items():
         module.register_buffer(attr, tensors[key])
     if modules:
-        subs = torch.load(folder / MODULES, weights_only=False)
+        try:
+            subs = torch.load(folder / MODULES, weights_only=False)
+        except (ModuleNotFoundError, AttributeError) as exc:
+            # the stage keeps modules of the caller's own code (MoE blocks left as written, or not yet lifted)
+            raise RuntimeError(f"this stage holds modules of your own code, which {MODULES} saves by reference to "
+                               f"their classes: run it where that code imports, e.g. with its folder on PYTHONPATH "
+                               f"({exc})") from exc
         for attr, key in modules.items():
             if isinstance(subs[key], str):
                 raise RuntimeError(f"this stage cannot be rebuilt: {subs[key]}")

@@ -123,6 +123,10 @@ def test_dumps_rerun(tmp_path):
         run = subprocess.run([sys.executable, stage.name], cwd=tmp_path, capture_output=True, text=True, env=env)
         assert run.returncode == 0, run.stdout + run.stderr
         assert "OK" in run.stdout
+    # without it, the stage says what it needs
+    bare = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    run = subprocess.run([sys.executable, stages[0].name], cwd=tmp_path, capture_output=True, text=True, env=bare)
+    assert run.returncode != 0 and "modules of your own code" in run.stderr and "PYTHONPATH" in run.stderr
 
 
 def test_bf16_router_is_fitted_on_bf16_logits():

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from moecc.canonical import BlockAnalysis, CanonicalMoE
+from moecc.experts import PLAIN_ACTIVATIONS
 from moecc.ir import CapacitySpec, ExpertSpec, ExpertWeights, RoutingSpec, SharedExpert
 from moecc.match import MatchResult
 from moecc.passes.recognize import clamp, stacked
@@ -327,13 +328,16 @@ def _with_residual(block: nn.Module, a: BlockAnalysis, posts: list[nn.Module], y
     return None
 
 
-def _refit_experts(block: nn.Module, a: BlockAnalysis, inputs, scale: float, expert_candidates) -> BlockAnalysis:
-    """``a`` with the expert candidate ((spec, weights) pairs: layouts x activations) that fits the block best on
-    probes whose expert inputs are ``scale`` times those of ``inputs``. The search proves a candidate on unit
-    probes, where small expert weights leave pre-activations of a few hundredths and bf16 cannot tell silu from
-    gelu or relu, nor one gated layout from another where the block adds its larger input to the experts' output;
-    amplified probes spread them, but saturate the router too (top-1 then passes for top-2), so only the experts
-    are chosen on them, the routing found on unit probes kept."""
+def _refit_experts(block: nn.Module, a: BlockAnalysis, inputs, scale: float, acts, expert_candidates) -> BlockAnalysis:
+    """``a`` with the experts that fit the block best on probes whose expert inputs are ``scale`` times those of
+    ``inputs``. The search proves a candidate on unit probes, where small expert weights leave pre-activations of a
+    few hundredths and bf16 cannot tell silu from gelu or relu, nor one gated layout from another where the block
+    adds its larger input to the experts' output; amplified probes spread them, but saturate the router too (top-1
+    then passes for top-2), so only the experts are chosen on them, the routing found on unit probes kept. First
+    ``a``'s weights under each activation of ``acts`` ((activation, alpha, limit)); only when none of them is
+    within the dtype's rounding, every candidate of ``expert_candidates`` ((spec, weights) pairs, each a copy of
+    the bank in some layout)."""
+    e = a.expert
     with amplifier(a.pre, scale, inputs[0]) as amplify:
         if amplify is None:
             return a
@@ -350,11 +354,19 @@ def _refit_experts(block: nn.Module, a: BlockAnalysis, inputs, scale: float, exp
                 return max(rel_err(canon(x), ref) for x, ref in zip(spread, refs))
 
         best, best_err = a, error(a)
-        for spec, weights in expert_candidates:
-            candidate = replace(a, expert=spec, weights=weights)
+        relabelled = [replace(a, expert=replace(e, activation=act, alpha=alpha, limit=limit))
+                      for act, alpha, limit in acts if (act, alpha, limit) != (e.activation, e.alpha, e.limit)
+                      and (e.gated or act in PLAIN_ACTIVATIONS)]
+        for candidate in relabelled:
             err = error(candidate)
             if err < best_err / 2:
                 best, best_err = candidate, err
+        if best_err > tolerance(refs[0].dtype):
+            for spec, weights in expert_candidates:
+                candidate = replace(a, expert=spec, weights=weights)
+                err = error(candidate)
+                if err < best_err / 2:
+                    best, best_err = candidate, err
     return best if best_err <= 10 * tolerance(refs[0].dtype) else a
 
 
@@ -678,7 +690,7 @@ def _analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | 
     if closest.analysis is not None:
         if input_scale != 1.0 and not others:
             return MatchResult.success(_refit_experts(block, closest.analysis, inputs, input_scale,
-                                                      all_candidates()))
+                                                      stacked.activations(bank_mod), all_candidates()))
         return MatchResult.success(closest.analysis)
     if as_written is not None:
         return as_written
