@@ -58,9 +58,13 @@ TRITON_DECODE_MAX_TOKENS = Knob("MOECC_TRITON_DECODE_MAX_TOKENS", 4, int, "up to
                                 "run as two pair-wise GEMV launches, without align or a combine launch (0: never)")
 TRITON_PDL = Knob("MOECC_TRITON_PDL", True, bool, "launch the decode GEMVs as programmatic dependents of the kernel "
                   "before each (sm_90 or newer): the second streams its weights while the first still runs")
+TRITON_ROUTER_GEMV = Knob("MOECC_TRITON_ROUTER_GEMV", True, bool, "up to 16 tokens the gating kernel also computes the "
+                          "router GEMV for bf16/fp16 logits, rounded to the model's dtype as the eager GEMM rounds "
+                          "them (off: those routers stay a GEMM of their own; fp32 logits always fuse)")
 
 ALL = (DUMP_DIR, LOGS, VERIFY, CACHE_DIR, CAPTURE_CACHE, WATCH_WEIGHTS, AUTOTUNE, CUDA_GRAPHS, CUDA_GRAPH_MAX_TOKENS,
-       CUDA_GRAPH_REPEAT_MAX_TOKENS, CUDA_GRAPH_MAX_GRAPHS, TRITON_TMA, TRITON_WS, TRITON_DECODE_MAX_TOKENS, TRITON_PDL)
+       CUDA_GRAPH_REPEAT_MAX_TOKENS, CUDA_GRAPH_MAX_GRAPHS, TRITON_TMA, TRITON_WS,
+       TRITON_DECODE_MAX_TOKENS, TRITON_PDL, TRITON_ROUTER_GEMV)
 
 
 def cache_dir() -> Path:

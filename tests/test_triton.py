@@ -460,6 +460,33 @@ def test_fused_gemv_gating_matches_fused_route(routing, t, tile, monkeypatch):
     torch.testing.assert_close(gw.gather(1, order_g), rw.gather(1, order_r), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("t", [1, 5])
+def test_fused_gemv_gating_rounds_low_precision_logits_as_the_eager_gemm(t, monkeypatch):
+    """fp16 logits (the router's eager GEMM returns them in the model's dtype): the fused launch rounds its fp32
+    sums once, bias added, and selects what ``moecc::fused_route`` selects from the fp16 GEMM's logits; with the
+    knob off such routers take the GEMM and the gating launch."""
+    from moecc.codegen.triton import gating as gating_mod
+    from moecc.codegen.triton import moe
+
+    g = torch.Generator().manual_seed(t)
+    e, h = 16, 40
+    # logits several fp16 ulps apart, so no pair of them ties after rounding in either order of summation
+    x = torch.randn(t, h, generator=g).half().to(DEVICE)
+    w = (torch.randn(e, h, generator=g) * 0.3).half().to(DEVICE)
+    router_bias = torch.randn(e, generator=g).half().to(DEVICE)
+    rw, ri = torch.ops.moecc.fused_route(x, w, router_bias, None, 4, "softmax", False, True, 1, 1, 1.0, False)
+    calls = []
+    fused = gating_mod.fused_gating
+    monkeypatch.setattr(moe, "fused_gating", lambda *a, **kw: calls.append(kw) or fused(*a, **kw))
+    for knob, expect in (("1", [{"round_logits": True}]), ("0", [])):
+        monkeypatch.setenv("MOECC_TRITON_ROUTER_GEMV", knob)
+        calls.clear()
+        gw, gi = moe.fused_route_triton(x, w, router_bias, None, 4, "softmax", False, True, 1, 1, 1.0, False)
+        assert calls == expect
+        assert torch.equal(ri.sort(-1).values, gi.sort(-1).values)
+        torch.testing.assert_close(gw.sort(-1).values, rw.sort(-1).values, rtol=1e-5, atol=1e-6)
+
+
 def test_triton_artifact_loads_in_a_fresh_process(tmp_path):
     """A Triton program exports like the torch one (program.pt2 + weights) and loads without the model's code."""
     import json

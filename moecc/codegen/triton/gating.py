@@ -124,9 +124,11 @@ def _gemv_gating_kernel(x_ptr, w_ptr, rb_ptr, bias_ptr, logits_ptr, arrived_ptr,
                         stride_w, hidden, num_experts, scale, HAS_ROUTER_BIAS: tl.constexpr, ROWS: tl.constexpr,
                         BLOCK_H: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr,
                         SCORE: tl.constexpr, TOPK_FIRST: tl.constexpr, RENORM: tl.constexpr, HAS_BIAS: tl.constexpr,
-                        N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, G_PAD: tl.constexpr, PDL: tl.constexpr):
+                        N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, G_PAD: tl.constexpr, PDL: tl.constexpr,
+                        ROUND: tl.constexpr):
     """Small T: the router GEMV in fp32, ``ROWS`` experts of one token per program, then the same selection, run by
-    the token's last program to finish (it counts arrivals in ``arrived``); one launch for all of gating."""
+    the token's last program to finish (it counts arrivals in ``arrived``); one launch for all of gating. With
+    ``ROUND`` the logits are rounded to the input's dtype once, bias added, as a bf16/fp16 GEMM rounds them."""
     if PDL:
         gdc_launch_dependents()
     t = tl.program_id(0).to(tl.int64)
@@ -143,6 +145,8 @@ def _gemv_gating_kernel(x_ptr, w_ptr, rb_ptr, bias_ptr, logits_ptr, arrived_ptr,
     logits = tl.sum(acc, 1)
     if HAS_ROUTER_BIAS:
         logits += tl.load(rb_ptr + rows, mask=rows_ok, other=0.0).to(tl.float32)
+    if ROUND:
+        logits = logits.to(x_ptr.dtype.element_ty).to(tl.float32)
     tl.store(logits_ptr + t * E_PAD + rows, logits, mask=rows_ok)
     # release: this program's logits are visible to whichever program sees the last arrival (acquire)
     if tl.atomic_add(arrived_ptr + t, 1, sem="acq_rel") == tl.num_programs(1) - 1:
@@ -170,8 +174,10 @@ ROUTER_BLOCK_H = 4096
 
 
 def fused_gating(x: torch.Tensor, router_weight: torch.Tensor, router_bias, selection_bias, top_k: int, score: str,
-                 topk_first: bool, renormalize: bool, n_group: int, topk_group: int, scale: float):
-    """Router GEMV (fp32 accumulation) and gating in one launch, for small token counts."""
+                 topk_first: bool, renormalize: bool, n_group: int, topk_group: int, scale: float,
+                 round_logits: bool = False):
+    """Router GEMV (fp32 accumulation) and gating in one launch, for small token counts; ``round_logits``: the
+    logits rounded to ``x``'s dtype (a router whose eager GEMM returns them in it)."""
     t, hidden = x.shape
     e = router_weight.shape[0]
     k = min(top_k, e)
@@ -189,7 +195,7 @@ def fused_gating(x: torch.Tensor, router_weight: torch.Tensor, router_bias, sele
     _gemv_gating_kernel[(t, triton.cdiv(e, rows))](
         x, w, router_bias if router_bias is not None else w, bias, logits, arrived, weights, ids, x.stride(0),
         w.stride(0), hidden, e, float(scale), HAS_ROUTER_BIAS=router_bias is not None, ROWS=rows, BLOCK_H=block_h,
-        PDL=dependent_launch.enabled(x), **meta)
+        PDL=dependent_launch.enabled(x), ROUND=round_logits and x.dtype != torch.float32, **meta)
     return weights, ids
 
 

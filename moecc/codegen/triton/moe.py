@@ -8,6 +8,7 @@ import functools
 import torch
 from torch import Tensor
 
+from moecc import knobs
 from moecc.codegen.triton import configs, decode
 from moecc.codegen.triton.align import align
 from moecc.codegen.triton.configs import INTERPRET
@@ -99,17 +100,25 @@ def _fused_moe_triton_fake(x, *args):
     return torch.empty_like(x)
 
 
+# bf16 logits of the Qwen3-MoE router on an H200 (benchmarks/knob_ab.py, MOECC_TRITON_ROUTER_GEMV): the fused
+# launch 2-4 % faster per layer at 1-2 tokens, 1 % at 8, 2 % slower at 64 than cuBLAS's GEMM and a gating launch
+LOW_PRECISION_GEMV_MAX_TOKENS = 16
+
+
 @torch.library.custom_op("moecc::fused_route_triton", mutates_args=())
 def fused_route_triton(
     x: Tensor, router_weight: Tensor, router_bias: Tensor | None, selection_bias: Tensor | None, top_k: int,
     score: str, topk_first: bool, renormalize: bool, n_group: int, topk_group: int, scale: float, logits_fp32: bool,
 ) -> tuple[Tensor, Tensor]:
     """Same contract as ``moecc::fused_route``: one fused GEMV+gating launch for small T (the GEMV accumulates
-    in fp32), else the router GEMM then one gating kernel."""
-    exact_enough = logits_fp32 or x.dtype == torch.float32
-    if x.shape[0] <= GEMV_MAX_TOKENS and exact_enough:
+    in fp32; bf16/fp16 logits are then rounded once, as the eager GEMM rounds them, unless the knob keeps those
+    on a GEMM of their own), else the router GEMM then one gating kernel."""
+    low_precision = not logits_fp32 and x.dtype != torch.float32
+    gemv_tokens = LOW_PRECISION_GEMV_MAX_TOKENS if low_precision and knobs.TRITON_ROUTER_GEMV.get() else \
+        0 if low_precision else GEMV_MAX_TOKENS
+    if x.shape[0] <= gemv_tokens:
         return fused_gating(x, router_weight, router_bias, selection_bias, top_k, score, topk_first, renormalize,
-                            n_group, topk_group, scale)
+                            n_group, topk_group, scale, round_logits=low_precision)
     logits = router_logits(x, router_weight, router_bias, logits_fp32)
     return gating(logits, selection_bias, top_k, score, topk_first, renormalize, n_group, topk_group, scale)
 
