@@ -498,3 +498,17 @@ def test_openai_reference_mlp_block_runs_fused_on_the_other_backends(backend):
     assert layer.fused and layer.input_module == "ReferenceRMSNorm", layer
     x = torch.randint(0, 50, (3, 11), device=device)
     torch.testing.assert_close(cm(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_norm_of_the_blocks_own_input_runs_first_in_the_canonical_form(residual, dtype):
+    from user_modules import PreNormMoE
+
+    torch.manual_seed(0)
+    model = TinyModel(PreNormMoE(residual)).eval().to(dtype)
+    cm, layer = compile_on_ids(model, backend="torch")
+    assert layer.fused and layer.input_module == "LayerNorm" and layer.residual == residual, layer
+    x = torch.randint(0, 50, (3, 11))
+    tol = {} if dtype == torch.float32 else dict(rtol=5e-2, atol=5e-2)
+    torch.testing.assert_close(cm(x), model(x), **tol)

@@ -441,6 +441,22 @@ class PostNormResidualMoE(PostNormMoE):
         return self.out_norm(x + LoopMoE.forward(self, x))
 
 
+class PreNormMoE(LoopMoE):
+    """Normalizes its own input before routing and experts read it, adding that input back or not."""
+
+    def __init__(self, residual=False, hidden=24, inter=40, num_experts=6, top_k=2):
+        super().__init__(hidden, inter, num_experts, top_k)
+        self.residual = residual
+        self.in_norm = nn.LayerNorm(hidden)
+        with torch.no_grad():
+            self.in_norm.weight.uniform_(0.5, 1.5)
+            self.in_norm.bias.normal_()
+
+    def forward(self, x):
+        y = super().forward(self.in_norm(x))
+        return x + y if self.residual else y
+
+
 def oai_swiglu(x, alpha: float = 1.702, limit: float = 7.0):
     """OpenAI's reference GPT-OSS swiglu: its constants are the function's defaults, not attributes."""
     x_glu, x_linear = x[..., ::2], x[..., 1::2]
