@@ -14,6 +14,17 @@ def _device(backend: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def compiled_on(backend: str, block):
+    """The one MoE layer of ``TinyModel(block)`` compiled for ``backend`` where it runs (``_device``), after
+    checking the compiled model against eager on fresh ids."""
+    device = _device(backend)
+    model = TinyModel(block).eval().to(device)
+    cm, layer = compile_on_ids(model, backend=backend, device=device)
+    x = torch.randint(0, 50, (3, 11), device=device)
+    torch.testing.assert_close(cm(x), model(x), rtol=1e-4, atol=1e-5)
+    return layer
+
+
 def compile_on_ids(model, low=0, device="cpu", **options):
     """(compiled model, its one MoE layer) after a first call on token ids from ``low`` up."""
     cm = moecc.compile(model, **options)
@@ -248,13 +259,9 @@ def test_experts_without_a_router_run_as_written_and_say_why():
 def test_a_block_that_adds_its_input_to_its_output_is_fused_with_the_addition(backend):
     from user_modules import ResidualInsideMoE
 
-    device = _device(backend)
     torch.manual_seed(0)
-    model = TinyModel(ResidualInsideMoE()).eval().to(device)
-    cm, layer = compile_on_ids(model, backend=backend, device=device)
+    layer = compiled_on(backend, ResidualInsideMoE())
     assert layer.fused and layer.residual, layer
-    x = torch.randint(0, 50, (3, 11), device=device)
-    torch.testing.assert_close(cm(x), model(x), rtol=1e-4, atol=1e-5)
 
 
 def test_a_norm_of_the_blocks_output_is_recorded_and_inlined():
@@ -269,13 +276,9 @@ def test_a_norm_of_the_blocks_output_is_recorded_and_inlined():
 def test_a_post_norm_residual_inside_the_block_is_fused_with_both(backend):
     from user_modules import PostNormResidualMoE
 
-    device = _device(backend)
     torch.manual_seed(0)
-    model = TinyModel(PostNormResidualMoE()).eval().to(device)
-    cm, layer = compile_on_ids(model, backend=backend, device=device)
+    layer = compiled_on(backend, PostNormResidualMoE())
     assert layer.fused and layer.residual and layer.output_module == "LayerNorm", layer
-    x = torch.randint(0, 50, (3, 11), device=device)
-    torch.testing.assert_close(cm(x), model(x), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("split,bias", [("first_half", False), ("second_half", True), ("even", False),
@@ -491,13 +494,9 @@ def test_a_swiglu_clamped_elsewhere_than_gpt_oss_is_left_as_written(limit):
 def test_openai_reference_mlp_block_runs_fused_on_the_other_backends(backend):
     from user_modules import ReferenceMLPBlock
 
-    device = _device(backend)
     torch.manual_seed(0)
-    model = TinyModel(ReferenceMLPBlock()).eval().to(device)
-    cm, layer = compile_on_ids(model, backend=backend, device=device)
+    layer = compiled_on(backend, ReferenceMLPBlock())
     assert layer.fused and layer.input_module == "ReferenceRMSNorm", layer
-    x = torch.randint(0, 50, (3, 11), device=device)
-    torch.testing.assert_close(cm(x), model(x), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("residual", [False, True])
