@@ -478,13 +478,14 @@ def analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | N
     bank, _, experts = find_bank(block)
     if experts is not None or stacked.names_limit(bank):
         return r
-    like = next(block.parameters())
-    inputs = _probe_inputs(example, int(example.shape[-1]), like, 16)
-    if others is None and clamp.proven_clamp(block, r.value, inputs):
+    limit = f"GPT-OSS's swiglu fits the experts on unit probes, and {type(bank).__name__} names no clamp limit"
+    if others is not None:  # the probes that pass the clamp would need the block's other arguments redrawn
+        return MatchResult.fail(f"{limit}: the clamp at {r.value.expert.limit:g} is not proven for a block called "
+                                "with other arguments")
+    inputs = _probe_inputs(example, int(example.shape[-1]), next(block.parameters()), 16)
+    if clamp.proven_clamp(block, r.value, inputs):
         return r
-    return MatchResult.fail(f"the experts fit GPT-OSS's swiglu on unit probes, but not its clamp at "
-                            f"{r.value.expert.limit:g} on probes that pass it, and "
-                            f"{type(bank).__name__} names no limit")
+    return MatchResult.fail(f"{limit}, but the clamp at {r.value.expert.limit:g} does not fit probes that pass it")
 
 
 def _analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | None = None,
