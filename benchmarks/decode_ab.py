@@ -32,12 +32,10 @@ def main() -> int:
     ap.add_argument("--down-block-k", type=int, nargs="+", default=[0], help="GEMV 2's K step; 0: as GEMV 1")
     ap.add_argument("--warps", type=int, nargs="+", default=[4, 8])
     ap.add_argument("--pdl", nargs="+", default=["1", "0"], help="MOECC_TRITON_PDL values")
-    ap.add_argument("--defer-sum", type=int, nargs="+", default=[1, 0], help="decode.DEFER_SUM values")
     ap.add_argument("--every", action="store_true", help="print every setting, not only the default and the best")
     args = ap.parse_args()
     timer = _graph_timer()
-    settings = list(itertools.product(args.tile_elements, args.block_k, args.down_block_k, args.warps, args.pdl,
-                                          [bool(v) for v in args.defer_sum]))
+    settings = list(itertools.product(args.tile_elements, args.block_k, args.down_block_k, args.warps, args.pdl))
     print(f"{torch.cuda.get_device_name()}: us per call (TB/s of expert weights), L2 flushed before each call")
     for shape in args.shapes:
         e, hidden, inter, k = SHAPES[shape]
@@ -56,12 +54,10 @@ def main() -> int:
             ref = _grouped(common, cfg1, cfg2).float()
             row = [f"grouped {grouped * 1e3:7.1f} ({weight_bytes / grouped / 1e9:4.2f})"]
             best = None
-            shipped = (decode.TILE_ELEMENTS, decode.BLOCK_K, decode.DOWN_BLOCK_K, decode.NUM_WARPS, "1",
-                       decode.DEFER_SUM)
+            shipped = (decode.TILE_ELEMENTS, decode.BLOCK_K, decode.DOWN_BLOCK_K, decode.NUM_WARPS, "1")
             for setting in settings:
-                tile, block_k, down_block_k, warps, pdl, defer = setting
+                tile, block_k, down_block_k, warps, pdl = setting
                 decode.TILE_ELEMENTS, decode.BLOCK_K, decode.DOWN_BLOCK_K, decode.NUM_WARPS = setting[:4]
-                decode.DEFER_SUM = defer
                 os.environ["MOECC_TRITON_PDL"] = pdl
                 run = lambda c=common: decode.experts(*c, c[3], c[4], True)
                 err = ((run().float() - ref).norm() / ref.norm()).item()
@@ -70,16 +66,14 @@ def main() -> int:
                     best = (ms, setting, err)
                 if args.every:
                     print(f"    {shape} T={t} tile {tile} block_k {block_k} down {down_block_k} {warps} warps "
-                          f"pdl {pdl} defer {int(defer)}: {ms * 1e3:7.1f} us")
+                          f"pdl {pdl}: {ms * 1e3:7.1f} us")
                 if setting == shipped:
                     row.append(f"gemv default {ms * 1e3:7.1f} ({weight_bytes / ms / 1e9:4.2f}) {grouped / ms:4.2f}x")
             decode.TILE_ELEMENTS, decode.BLOCK_K, decode.DOWN_BLOCK_K, decode.NUM_WARPS = shipped[:4]
-            decode.DEFER_SUM = shipped[5]
             os.environ.pop("MOECC_TRITON_PDL")
-            ms, (tile, block_k, down_block_k, warps, pdl, defer), err = best
+            ms, (tile, block_k, down_block_k, warps, pdl), err = best
             row.append(f"gemv best {ms * 1e3:7.1f} ({weight_bytes / ms / 1e9:4.2f}) {grouped / ms:4.2f}x "
-                       f"[tile {tile}, block_k {block_k}, down {down_block_k}, {warps} warps, pdl {pdl}, "
-                       f"defer {int(defer)}; "
+                       f"[tile {tile}, block_k {block_k}, down {down_block_k}, {warps} warps, pdl {pdl}; "
                        f"rel. err vs grouped {err:.1e}]")
             print(f"{shape:<10} T={t:<3} " + "  ".join(row), flush=True)
     return 0

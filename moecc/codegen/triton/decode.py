@@ -27,17 +27,16 @@ from moecc.codegen.triton.grouped_gemm import ACT_IDS, _epilogue1, _expert_base,
 
 @triton.jit
 def _gate_up_dot(x_ptr, w_ptr, gate_row, up_offset, rows_ok, stride_wn, K, GATED: tl.constexpr,
-                 BLOCK_K: tl.constexpr, DEFER_SUM: tl.constexpr):
+                 BLOCK_K: tl.constexpr):
     """(gate, up) [len(gate_row)] fp32: the weight rows ``gate_row`` and ``gate_row + up_offset`` (from ``w_ptr``)
     dotted with the vector at ``x_ptr``; up is gate when not ``GATED``. Both tiles of a step are loaded together,
-    and the next step's before this one is reduced, so that a program keeps four loads in flight."""
+    and the next step's before this one is used, so that a program keeps four loads in flight. The products are
+    summed in a [rows, BLOCK_K] accumulator and reduced across threads once, after the K loop (a reduction at every
+    step cost Qwen3-MoE's decode experts 3-10 % on an H200)."""
     offs_k = tl.arange(0, BLOCK_K)
     g_ptrs = w_ptr + gate_row[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
     u_ptrs = g_ptrs + up_offset * stride_wn
-    if DEFER_SUM:
-        acc_g = tl.zeros((gate_row.shape[0], BLOCK_K), tl.float32)
-    else:
-        acc_g = tl.zeros((gate_row.shape[0],), tl.float32)
+    acc_g = tl.zeros((gate_row.shape[0], BLOCK_K), tl.float32)
     acc_u = acc_g
     first = rows_ok[:, None] & (offs_k < K)[None, :]
     w_g = tl.load(g_ptrs, mask=first, other=0.0)
@@ -48,31 +47,24 @@ def _gate_up_dot(x_ptr, w_ptr, gate_row, up_offset, rows_ok, stride_wn, K, GATED
         x = tl.load(x_ptr + k + offs_k, mask=k + offs_k < K, other=0.0).to(tl.float32)
         after = rows_ok[:, None] & (k + BLOCK_K + offs_k < K)[None, :]
         next_g = tl.load(g_ptrs + k + BLOCK_K, mask=after, other=0.0)
-        if DEFER_SUM:
-            acc_g += w_g.to(tl.float32) * x[None, :]
-        else:
-            acc_g += tl.sum(w_g.to(tl.float32) * x[None, :], 1)
+        acc_g += w_g.to(tl.float32) * x[None, :]
         w_g = next_g
         if GATED:
             next_u = tl.load(u_ptrs + k + BLOCK_K, mask=after, other=0.0)
-            if DEFER_SUM:
-                acc_u += w_u.to(tl.float32) * x[None, :]
-            else:
-                acc_u += tl.sum(w_u.to(tl.float32) * x[None, :], 1)
+            acc_u += w_u.to(tl.float32) * x[None, :]
             w_u = next_u
-    if DEFER_SUM:
-        acc_g = tl.sum(acc_g, 1)
-        acc_u = tl.sum(acc_u, 1)
-    if not GATED:
-        acc_u = acc_g
-    return acc_g, acc_u
+    gate = tl.sum(acc_g, 1)
+    up = gate
+    if GATED:
+        up = tl.sum(acc_u, 1)
+    return gate, up
 
 
 @triton.jit(do_not_specialize=["top_k", "num_routed", "num_experts"])
 def _up_kernel(x_ptr, ids_ptr, w_ptr, ws_ptr, b_ptr, h_ptr, top_k, num_routed, num_experts, N, K, stride_xm,
                stride_we, stride_wn, stride_be, stride_hm, alpha, limit, GATED: tl.constexpr,
                INTERLEAVED: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, CLAMP: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, DEFER_SUM: tl.constexpr):
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     if PDL:
         gdc_wait()
         gdc_launch_dependents()
@@ -85,7 +77,7 @@ def _up_kernel(x_ptr, ids_ptr, w_ptr, ws_ptr, b_ptr, h_ptr, top_k, num_routed, n
     gate_row, up_offset = _gate_up_rows(offs_n, N, INTERLEAVED)
     w_base = _expert_base(w_ptr, ws_ptr, e, num_routed, stride_we)
     x_row = x_ptr + (pair // top_k) * stride_xm
-    g, u = _gate_up_dot(x_row, w_base, gate_row, up_offset, n_ok, stride_wn, K, GATED, BLOCK_K, DEFER_SUM)
+    g, u = _gate_up_dot(x_row, w_base, gate_row, up_offset, n_ok, stride_wn, K, GATED, BLOCK_K)
     h = _epilogue1(g[None, :], u[None, :], b_ptr + e * stride_be, gate_row, up_offset, n_ok, alpha, limit, GATED,
                    ACT, HAS_BIAS, CLAMP)
     tl.store(h_ptr + pair * stride_hm + offs_n[None, :], h.to(h_ptr.dtype.element_ty), mask=n_ok[None, :])
@@ -94,11 +86,11 @@ def _up_kernel(x_ptr, ids_ptr, w_ptr, ws_ptr, b_ptr, h_ptr, top_k, num_routed, n
 @triton.jit(do_not_specialize=["num_routed", "num_experts"])
 def _down_kernel(h_ptr, ids_ptr, weights_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, num_routed, num_experts, N, K,
                  stride_hm, stride_we, stride_wn, stride_be, stride_om, TOP_K: tl.constexpr, K_PAD: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
-                 DEFER_SUM: tl.constexpr):
+                 HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     """One token's k pairs at once: a [K_PAD, BLOCK_N, BLOCK_K] tile of their experts' rows per step, so that the
-    loads of all k pairs are in flight together; the next step's tile is loaded before this one is reduced. With
-    ``PDL`` everything but GEMM 1's rows is read before ``gdc_wait``."""
+    loads of all k pairs are in flight together; the next step's tile is loaded before this one is used, and the
+    products are reduced across threads once, after the K loop. With ``PDL`` everything but GEMM 1's rows is read
+    before ``gdc_wait``."""
     t = tl.program_id(0).to(tl.int64)
     slot = tl.arange(0, K_PAD)
     pair = t * TOP_K + slot
@@ -114,8 +106,7 @@ def _down_kernel(h_ptr, ids_ptr, weights_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, num
     h_ptrs = h_ptr + pair[:, None] * stride_hm + offs_k[None, :]
     w_ok = (live[:, None] & n_ok[None, :])[:, :, None]
     weight = tl.load(weights_ptr + pair, mask=live, other=0.0)
-    if DEFER_SUM:
-        y3 = tl.zeros((K_PAD, BLOCK_N, BLOCK_K), tl.float32)
+    products = tl.zeros((K_PAD, BLOCK_N, BLOCK_K), tl.float32)
     y = tl.zeros((K_PAD, BLOCK_N), tl.float32)
     if HAS_BIAS:
         y += tl.load(b_ptr + e[:, None] * stride_be + offs_n[None, :], mask=live[:, None] & n_ok[None, :],
@@ -126,13 +117,9 @@ def _down_kernel(h_ptr, ids_ptr, weights_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, num
     for k in range(0, K, BLOCK_K):
         h = tl.load(h_ptrs + k, mask=live[:, None] & (k + offs_k < K)[None, :], other=0.0).to(tl.float32)
         w_next = tl.load(w_ptrs + k + BLOCK_K, mask=w_ok & (k + BLOCK_K + offs_k < K)[None, None, :], other=0.0)
-        if DEFER_SUM:
-            y3 += w.to(tl.float32) * h[:, None, :]
-        else:
-            y += tl.sum(w.to(tl.float32) * h[:, None, :], 2)
+        products += w.to(tl.float32) * h[:, None, :]
         w = w_next
-    if DEFER_SUM:
-        y += tl.sum(y3, 2)
+    y += tl.sum(products, 2)
     out = tl.sum(tl.where(live[:, None], y * weight[:, None], 0.0), 0)
     tl.store(out_ptr + t * stride_om + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_ok)
 
@@ -145,7 +132,6 @@ TILE_ELEMENTS = 8192  # weight elements a program loads per step: 16 KB in 16-bi
 NUM_WARPS = 4
 BLOCK_K = 0  # a fixed K step (benchmarks/decode_ab.py sweeps it); 0: the rule of ``_blocks``
 DOWN_BLOCK_K = 0  # the same for GEMM 2 alone, over BLOCK_K
-DEFER_SUM = True  # products summed in a [rows, K step] accumulator, reduced across threads once after the K loop
 
 
 def _blocks(rows_per_column: int, k: int, columns: int, block_k: int = 0) -> tuple[int, int]:
@@ -188,8 +174,8 @@ def experts(x, weights, ids, w_up, w_down, b_up, b_down, activation: str, gated:
         x, ids, w_up, shared_up, b_up if b_up is not None else w_up, h, k, num_routed, num_experts, inter, hidden,
         x.stride(0), w_up.stride(0), w_up.stride(1), b_up.stride(0) if b_up is not None else 0, h.stride(0),
         float(alpha), float(limit), GATED=gated, INTERLEAVED=interleaved and gated, ACT=ACT_IDS[activation],
-        HAS_BIAS=b_up is not None, CLAMP=limit > 0, BLOCK_N=block_n, BLOCK_K=block_k, PDL=pdl, DEFER_SUM=DEFER_SUM,
-        num_warps=NUM_WARPS, **dependent_launch.launch_options(pdl))
+        HAS_BIAS=b_up is not None, CLAMP=limit > 0, BLOCK_N=block_n, BLOCK_K=block_k, PDL=pdl, num_warps=NUM_WARPS,
+        **dependent_launch.launch_options(pdl))
     out = torch.empty((t, hidden), dtype=x.dtype, device=x.device)
     k_pad = triton.next_power_of_2(k)
     block_n, block_k = _blocks(k_pad, inter, hidden, DOWN_BLOCK_K)
@@ -197,5 +183,5 @@ def experts(x, weights, ids, w_up, w_down, b_up, b_down, activation: str, gated:
         h, ids, weights, w_down, shared_down, b_down if b_down is not None else w_down, out, num_routed, num_experts,
         hidden, inter, h.stride(0), w_down.stride(0), w_down.stride(1), b_down.stride(0) if b_down is not None else 0,
         out.stride(0), TOP_K=k, K_PAD=k_pad, HAS_BIAS=b_down is not None, BLOCK_N=block_n, BLOCK_K=block_k, PDL=pdl,
-        DEFER_SUM=DEFER_SUM, num_warps=NUM_WARPS, **dependent_launch.launch_options(pdl))
+        num_warps=NUM_WARPS, **dependent_launch.launch_options(pdl))
     return out
