@@ -114,8 +114,10 @@ def fused_route_triton(
     in fp32; bf16/fp16 logits are then rounded once, as the eager GEMM rounds them, unless the knob keeps those
     on a GEMM of their own), else the router GEMM then one gating kernel."""
     low_precision = not logits_fp32 and x.dtype != torch.float32
-    gemv_tokens = LOW_PRECISION_GEMV_MAX_TOKENS if low_precision and knobs.TRITON_ROUTER_GEMV.get() else \
-        0 if low_precision else GEMV_MAX_TOKENS
+    if low_precision:
+        gemv_tokens = LOW_PRECISION_GEMV_MAX_TOKENS if knobs.TRITON_ROUTER_GEMV.get() else 0
+    else:
+        gemv_tokens = GEMV_MAX_TOKENS
     if x.shape[0] <= gemv_tokens:
         return fused_gating(x, router_weight, router_bias, selection_bias, top_k, score, topk_first, renormalize,
                             n_group, topk_group, scale, round_logits=low_precision)
