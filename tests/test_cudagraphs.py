@@ -18,9 +18,10 @@ def _ref(x):
     return _program(x)[0]
 
 
-def test_replays_hand_out_aliases_and_keep_held_outputs():
+@pytest.mark.parametrize("tokens", [4, 64])  # in a pool of its own (no copy out), and in the shared one
+def test_replays_hand_out_aliases_and_keep_held_outputs(tokens):
     cache = GraphCache(_program)
-    xs = [torch.randn(4, 8, device="cuda") for _ in range(3)]
+    xs = [torch.randn(tokens, 8, device="cuda") for _ in range(3)]
     first = cache([xs[0]])[0]
     view = first[1:]  # a view of a held output keeps its graph busy too
     kept = cache([xs[1]])[0]
@@ -32,6 +33,46 @@ def test_replays_hand_out_aliases_and_keep_held_outputs():
     for x in xs:  # nothing held: one instance serves every call
         torch.testing.assert_close(cache([x])[0], _ref(x))
     assert len(cache.graphs[next(iter(cache.graphs))]) == 2
+
+
+class _HandsBack(torch.nn.Module):
+    """Returns its input and its weight as they are, beside a new tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(8, device="cuda"))
+
+    def forward(self, x):
+        return x, self.w, x * self.w
+
+
+def test_outputs_that_are_inputs_or_weights_are_copied_out():
+    """A graph in its own pool hands out its outputs where they were written; an input or a weight handed back as
+    it is must still be copied (the next call's input copy would overwrite it; a caller's in-place edit would reach
+    the weight)."""
+    program = _HandsBack()
+    cache = GraphCache(program)
+    xs = [torch.randn(2, 8, device="cuda") for _ in range(3)]
+    with torch.no_grad():
+        outs = [cache([x]) for x in xs]
+        for x, (same, w, product) in zip(xs, outs):
+            torch.testing.assert_close(same, x)
+            torch.testing.assert_close(product, x * program.w)
+            assert w.data_ptr() != program.w.data_ptr()
+        outs[0][1].zero_()
+    assert program.w.abs().sum() > 0
+
+
+def test_small_graphs_keep_their_outputs_in_a_pool_of_their_own():
+    """No copy out at the end of a replay: the shared pool (for graphs of more tokens) is never made."""
+    cache = GraphCache(_program)
+    for tokens in (1, cudagraphs.OWN_POOL_MAX_TOKENS):
+        x = torch.randn(tokens, 8, device="cuda")
+        torch.testing.assert_close(cache([x])[0], _ref(x))
+    assert cache.pool is None
+    x = torch.randn(cudagraphs.OWN_POOL_MAX_TOKENS + 1, 8, device="cuda")
+    torch.testing.assert_close(cache([x])[0], _ref(x))
+    assert cache.pool is not None
 
 
 def test_all_instances_held_runs_without_graphs():
@@ -99,3 +140,23 @@ def test_a_deep_copy_of_a_compiled_model_captures_graphs_of_its_own():
         copied.original_model.head.weight.mul_(0)  # the copy's own weights: the original's graphs must not be read
         torch.testing.assert_close(copied(ids), copied.original_model(ids), rtol=2e-3, atol=2e-3)
         torch.testing.assert_close(cm(ids), model(ids), rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("seq", [1, 3])
+def test_replayed_decode_layers_count_arrivals_in_counters_of_their_own(seq):
+    """Every MoE layer of a replayed decode graph selects its tokens in the fused router GEMV, whose last program
+    per token is found by counting arrivals in counters the graph zeroed once (``scratch``): replays with fresh
+    inputs must match eager, and the graph must hold those counters."""
+    from hf_models import make_model
+
+    import moecc
+
+    model = make_model("qwen3_moe").cuda()
+    cm = moecc.compile(model, backend="triton")
+    with torch.no_grad():
+        for seed in range(4):
+            ids = torch.randint(0, 97, (1, seq), device="cuda", generator=torch.Generator("cuda").manual_seed(seed))
+            torch.testing.assert_close(cm(ids, use_cache=False).logits, model(ids, use_cache=False).logits,
+                                       rtol=2e-4, atol=2e-4)
+        (instances,) = cm._entries[-1].graphs.graphs.values()
+        assert all(len(i.scratch.buffers) == model.config.num_hidden_layers for i in instances)

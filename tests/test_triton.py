@@ -460,6 +460,29 @@ def test_fused_gemv_gating_matches_fused_route(routing, t, tile, monkeypatch):
     torch.testing.assert_close(gw.gather(1, order_g), rw.gather(1, order_r), rtol=1e-5, atol=1e-6)
 
 
+def test_fused_gemv_gating_leaves_its_counters_at_zero_for_the_next_launch(monkeypatch):
+    """A graph's counters are zeroed once (``scratch``): each launch must set them back, or the next one's last
+    program would never see the count it waits for and no token would be selected."""
+    from moecc.codegen.triton.gating import fused_gating
+    from moecc.codegen.triton.scratch import GraphScratch, graph_scratch
+
+    monkeypatch.setattr(gating_module, "ROUTER_TILE_ELEMENTS", 128)  # several programs per token count arrivals
+    g = torch.Generator().manual_seed(0)
+    e, h, t = 16, 40, 3
+    w = torch.randn(e, h, generator=g).to(DEVICE)
+    scratch = GraphScratch()
+    with graph_scratch(scratch):
+        for call in range(3):
+            x = torch.randn(t, h, generator=g).to(DEVICE)
+            scratch.rewind()
+            gw, gi = fused_gating(x, w, None, None, 4, "softmax", False, True, 1, 1, 1.0)
+            rw, ri = torch.ops.moecc.fused_route(x, w, None, None, 4, "softmax", False, True, 1, 1, 1.0, True)
+            assert torch.equal(ri.sort(-1).values, gi.sort(-1).values), call
+            torch.testing.assert_close(gw.sort(-1).values, rw.sort(-1).values, rtol=1e-5, atol=1e-6)
+    (counters,) = scratch.buffers  # one buffer, allocated by the first call and reused
+    assert counters.numel() == t and not counters.any()
+
+
 @pytest.mark.parametrize("t", [1, 5])
 def test_fused_gemv_gating_rounds_low_precision_logits_as_the_eager_gemm(t, monkeypatch):
     """fp16 logits (the router's eager GEMM returns them in the model's dtype): the fused launch rounds its fp32

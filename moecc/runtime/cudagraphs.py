@@ -1,13 +1,15 @@
 """CUDA graphs for small and medium token counts: one graph per input shape, replayed from static buffers.
 
 Host work (Python, operator dispatch, Triton's launcher) costs about a millisecond per MoE layer call, more than
-the GPU needs for a few hundred tokens; a replay costs one copy in and the replay itself. Each graph ends by copying
-its outputs into buffers of its own, outside the graphs' shared memory pool, and a call hands out aliases of those
-buffers rather than copies (on an H100 host a clone of the output took 13 us of a 79 us decode call). A graph is
-replayed only while no alias of its outputs is alive (the storages' use counts say so); otherwise another instance
-of it is captured, up to ``INSTANCES``, after which the call runs without graphs. So an output the caller keeps is
-never overwritten. Graphs share one memory pool for everything else, which is safe because replays run one at a
-time on one stream; the least recently used shape is dropped past ``MOECC_CUDA_GRAPH_MAX_GRAPHS``.
+the GPU needs for a few hundred tokens; a replay costs one copy in and the replay itself. A call hands out aliases of a
+graph's output buffers rather than copies (on an H100 host a clone of the output took 13 us of a 79 us decode
+call). A graph is replayed only while no alias of its outputs is alive (the storages' use counts say so);
+otherwise another instance of it is captured, up to ``INSTANCES``, after which the call runs without graphs. So an
+output the caller keeps is never overwritten. Graphs of more than ``OWN_POOL_MAX_TOKENS`` tokens share one memory
+pool, which is safe because replays run one at a time on one stream, and end by copying their outputs into
+buffers of their own outside it; graphs of fewer tokens keep everything in a pool of their own, and their outputs
+where their last kernels write them. The least recently used shape is dropped past
+``MOECC_CUDA_GRAPH_MAX_GRAPHS``. Each graph also keeps its kernels' zeroed counters (``scratch``).
 
 Up to ``MOECC_CUDA_GRAPH_MAX_TOKENS`` (512) tokens a shape is captured on its first call. Above that and up to
 ``MOECC_CUDA_GRAPH_REPEAT_MAX_TOKENS`` (2048) it is captured on its second: the host's launch path (about 0.7 ms
@@ -26,12 +28,16 @@ from torch import fx
 from torch.utils import _pytree as pytree
 
 from moecc import knobs
+from moecc.codegen.triton.scratch import GraphScratch, graph_scratch
 from moecc.runtime.direct import retargeted
 
 log = logging.getLogger("moecc.runtime")
 
 INSTANCES = 4  # graphs per input shape whose outputs may be alive at once
 SEEN = 64  # shapes above MOECC_CUDA_GRAPH_MAX_TOKENS remembered from their first call
+# up to here a graph keeps its outputs in a memory pool of its own, saving the copy out (a kernel of about 2 us in
+# a 38 us decode layer); above, pools of their own would hold too much memory for too little gain
+OWN_POOL_MAX_TOKENS = 16
 _use_count = getattr(torch._C, "_storage_Use_Count", None)  # private: without it, outputs are copied out
 
 
@@ -52,10 +58,11 @@ def replays(backend: str, tensors: list[torch.Tensor], enabled: bool | None = No
 
 
 class _Instance:
-    def __init__(self, graph, static_in: list, outputs: tuple) -> None:
+    def __init__(self, graph, static_in: list, outputs: tuple, scratch: GraphScratch) -> None:
         self.graph = graph
         self.static_in = static_in
         self.outputs = outputs
+        self.scratch = scratch  # the zeroed counters its kernels use in place
         # the storages live as long as ``outputs``: their handles are read once (each read builds a Python object)
         self.storages = [o.untyped_storage()._cdata for o in outputs]
         self.base = [_use_count(c) for c in self.storages] if _use_count else None
@@ -128,22 +135,58 @@ class GraphCache:
 
     def _capture(self, tensors) -> _Instance:
         static_in = [t.clone() for t in tensors]
+        scratch = GraphScratch()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side), torch.no_grad():
+        with torch.cuda.stream(side), torch.no_grad(), graph_scratch(scratch):
             for _ in range(2):  # compiles kernels and fills allocator pools outside the capture
+                scratch.rewind()
                 warm = self.program(*static_in)
         torch.cuda.current_stream().wait_stream(side)
+        if token_count(tensors) <= OWN_POOL_MAX_TOKENS:
+            instance = self._capture_in_own_pool(static_in, scratch)
+            if instance is not None:
+                return instance
         # the outputs' own buffers: allocated outside the shared pool, so no other graph's replay writes them
         outputs = tuple(torch.empty_like(o) for o in warm)
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool), torch.no_grad():
+        scratch.rewind()
+        with torch.cuda.graph(graph, pool=self.pool), torch.no_grad(), graph_scratch(scratch):
             for dst, src in zip(outputs, self.program(*static_in)):
                 dst.copy_(src)
         log.debug("captured a CUDA graph for %s", [tuple(t.shape) for t in tensors])
-        return _Instance(graph, static_in, outputs)
+        return _Instance(graph, static_in, outputs, scratch)
+
+    def _capture_in_own_pool(self, static_in: list, scratch: GraphScratch) -> _Instance | None:
+        """A graph whose outputs stay where its last kernels write them, in a memory pool no other graph uses: no
+        copy out at the end of each replay. None when an output is not the graph's own memory (an input or a
+        weight handed back as it is), which only a copy keeps apart."""
+        graph = torch.cuda.CUDAGraph()
+        scratch.rewind()
+        with torch.cuda.graph(graph), torch.no_grad(), graph_scratch(scratch):
+            outputs = tuple(self.program(*static_in))
+        held = _storages([*static_in, *_held_tensors(self.program)])
+        if any(not isinstance(o, torch.Tensor) or o.untyped_storage().data_ptr() in held for o in outputs):
+            return None
+        log.debug("captured a CUDA graph in its own pool for %s", [tuple(t.shape) for t in static_in])
+        return _Instance(graph, static_in, outputs, scratch)
+
+
+def _storages(tensors) -> set[int]:
+    return {t.untyped_storage().data_ptr() for t in tensors}
+
+
+def _held_tensors(program) -> list[torch.Tensor]:
+    """The tensors a program module holds (parameters, buffers, tensor attributes its graph reads); a function (a
+    moecc op call, whose outputs are always new tensors) holds none."""
+    if not isinstance(program, torch.nn.Module):
+        return []
+    held = [*program.parameters(), *program.buffers()]
+    for module in program.modules():
+        held += [v for v in vars(module).values() if isinstance(v, torch.Tensor)]
+    return held
 
 
 def restore_rng_after_failed_capture() -> None:

@@ -14,6 +14,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents
 
 from moecc.codegen.triton import dependent_launch
+from moecc.codegen.triton.scratch import zeroed_counters
 from moecc.routing import renormalizes
 
 SCORE_IDS = {"softmax": 0, "sigmoid": 1, "sqrtsoftplus": 2}
@@ -127,8 +128,9 @@ def _gemv_gating_kernel(x_ptr, w_ptr, rb_ptr, bias_ptr, logits_ptr, arrived_ptr,
                         N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, G_PAD: tl.constexpr, PDL: tl.constexpr,
                         ROUND: tl.constexpr):
     """Small T: the router GEMV in fp32, ``ROWS`` experts of one token per program, then the same selection, run by
-    the token's last program to finish (it counts arrivals in ``arrived``); one launch for all of gating. With
-    ``ROUND`` the logits are rounded to the input's dtype once, bias added, as a bf16/fp16 GEMM rounds them."""
+    the token's last program to finish (it counts arrivals in ``arrived``, and sets the count back to zero for the
+    next launch: ``scratch.zeroed_counters``); one launch for all of gating. With ``ROUND`` the logits are rounded
+    to the input's dtype once, bias added, as a bf16/fp16 GEMM rounds them."""
     if PDL:
         gdc_launch_dependents()
     t = tl.program_id(0).to(tl.int64)
@@ -150,6 +152,7 @@ def _gemv_gating_kernel(x_ptr, w_ptr, rb_ptr, bias_ptr, logits_ptr, arrived_ptr,
     tl.store(logits_ptr + t * E_PAD + rows, logits, mask=rows_ok)
     # release: this program's logits are visible to whichever program sees the last arrival (acquire)
     if tl.atomic_add(arrived_ptr + t, 1, sem="acq_rel") == tl.num_programs(1) - 1:
+        tl.store(arrived_ptr + t, 0)  # every program of this token has counted: none reads it again in this launch
         offs_e = tl.arange(0, E_PAD)
         all_logits = tl.load(logits_ptr + t * E_PAD + offs_e, mask=offs_e < num_experts, other=0.0,
                              cache_modifier=".cg")
@@ -191,7 +194,7 @@ def fused_gating(x: torch.Tensor, router_weight: torch.Tensor, router_bias, sele
     rows = min(max(1, ROUTER_TILE_ELEMENTS // block_h), triton.next_power_of_2(e))
     meta = _meta(top_k, e, score, topk_first, renormalize, selection_bias is not None, n_group, topk_group)
     logits = torch.empty((t, meta["E_PAD"]), dtype=torch.float32, device=x.device)
-    arrived = torch.zeros(t, dtype=torch.int32, device=x.device)
+    arrived = zeroed_counters(t, x.device)
     _gemv_gating_kernel[(t, triton.cdiv(e, rows))](
         x, w, router_bias if router_bias is not None else w, bias, logits, arrived, weights, ids, x.stride(0),
         w.stride(0), hidden, e, float(scale), HAS_ROUTER_BIAS=router_bias is not None, ROWS=rows, BLOCK_H=block_h,
