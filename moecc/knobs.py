@@ -55,7 +55,8 @@ TRITON_WS = Knob("MOECC_TRITON_WS", "auto", str, "warp-specialized Gluon kernels
                  "sm_90): auto (GEMM 1 from 512 pairs per expert, GEMM 2 with K >= 4096: where they measured "
                  "faster), on (both GEMMs), off")
 TRITON_DECODE_MAX_TOKENS = Knob("MOECC_TRITON_DECODE_MAX_TOKENS", 4, int, "up to this many tokens the Triton experts "
-                                "run as two pair-wise GEMV launches, without align or a combine launch (0: never)")
+                                "run as two pair-wise GEMV launches, without align or a combine launch, where their "
+                                "pairs would read few experts twice (0: never)")
 TRITON_PDL = Knob("MOECC_TRITON_PDL", True, bool, "launch the decode GEMVs as programmatic dependents of the kernel "
                   "before each (sm_90 or newer): the second streams its weights while the first still runs")
 TRITON_ROUTER_GEMV = Knob("MOECC_TRITON_ROUTER_GEMV", True, bool, "up to 16 tokens the gating kernel also computes the "

@@ -212,7 +212,8 @@ def test_decode_gemvs_match_reference(case, layout, dtype, monkeypatch):
     from moecc.codegen.triton import decode
 
     monkeypatch.setenv("MOECC_TRITON_DECODE_MAX_TOKENS", "64")
-    assert decode.use_decode(case[0])
+    monkeypatch.setattr(decode, "MAX_REREADS", float("inf"))  # also where the pairs share experts
+    assert decode.use_decode(case[0], case[2], case[1])
     _check_layout(_moe_args(case, case[0] * 7 + case[1], null_from=1), layout, dtype)
 
 
@@ -222,6 +223,20 @@ def test_decode_is_the_default_for_few_tokens(monkeypatch):
     assert decode.use_decode(1) and not decode.use_decode(0) and not decode.use_decode(512)
     monkeypatch.setenv("MOECC_TRITON_DECODE_MAX_TOKENS", "0")
     assert not decode.use_decode(1)
+
+
+@pytest.mark.parametrize("tokens,top_k,routed,shared,gemvs", [
+    (1, 2, 8, 0, True), (1, 4, 60, 4, True),  # one token: no expert is read twice
+    (4, 8, 128, 0, True), (2, 8, 64, 0, True),  # many experts, few pairs: few read twice
+    (3, 2, 8, 0, False), (4, 4, 32, 0, False), (3, 8, 64, 0, False),  # few experts: many pairs read one twice
+    (2, 4, 60, 4, False),  # shared experts: every token reads them
+])
+def test_decode_takes_few_tokens_whose_pairs_share_few_experts(tokens, top_k, routed, shared, gemvs):
+    """The GEMVs read an expert once per pair; the grouped kernels once per expert (``MAX_REREADS``)."""
+    from moecc.codegen.triton import decode
+
+    assert decode.use_decode(tokens, top_k, routed, shared) == gemvs
+    assert decode.expected_rereads(1, top_k, routed, shared) == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("k,step", [(768, 256), (2048, 512), (1408, 512), (640, 128), (2880, 1024), (4096, 2048),

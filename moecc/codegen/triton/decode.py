@@ -11,7 +11,8 @@ On sm_90 and newer both are programmatic dependent launches (``dependent_launch`
 first thing and lets GEMM 2 launch at once, and GEMM 2's programs, on the SMs GEMM 1 leaves free, read their ids,
 routing weights and first weight step while GEMM 1 still streams, then wait for GEMM 1 before they read its rows.
 
-Knob ``MOECC_TRITON_DECODE_MAX_TOKENS``: the largest token count that takes this path (0: never)."""
+Knob ``MOECC_TRITON_DECODE_MAX_TOKENS``: the largest token count that takes this path (0: never); below it,
+``use_decode`` leaves to the grouped kernels the token counts whose pairs would read many experts twice."""
 
 from __future__ import annotations
 
@@ -124,8 +125,29 @@ def _down_kernel(h_ptr, ids_ptr, weights_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, num
     tl.store(out_ptr + t * stride_om + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
-def use_decode(tokens: int) -> bool:
-    return 0 < tokens <= knobs.TRITON_DECODE_MAX_TOKENS.get()
+# The pair-wise GEMVs read an expert's weights once per pair, the grouped kernels once per expert. On an H200
+# (benchmarks/knob_ab.py, MOECC_TRITON_DECODE_MAX_TOKENS 4 against 0, RESULTS session 24) the GEMVs won wherever
+# the pairs read at most 10 % more weights than the distinct experts hold (Qwen3-MoE at 2-4 tokens, 1.03-1.10:
+# 6-22 % faster) and lost from 1.13 on (GPT-OSS-20B at 3 tokens 10 %, Mixtral at 4 tokens 17 %, Qwen1.5-MoE's
+# shared expert at 2 tokens 9 %).
+MAX_REREADS = 1.10
+
+
+def expected_rereads(tokens: int, top_k: int, num_routed: int, num_shared: int = 0) -> float:
+    """Weights the GEMVs read over those the distinct experts hold, for ``tokens`` tokens each routed to ``top_k``
+    of ``num_routed`` experts uniformly at random, each also through all ``num_shared`` shared experts (ids past
+    the routed ones). 1.0 at one token."""
+    routed = min(top_k, num_routed)
+    distinct = num_routed * (1 - (1 - routed / num_routed) ** tokens) + num_shared if num_routed else num_shared
+    return tokens * (routed + num_shared) / max(distinct, 1e-9)
+
+
+def use_decode(tokens: int, top_k: int = 1, num_routed: int = 1, num_shared: int = 0) -> bool:
+    """Whether ``tokens`` tokens take the GEMVs: at most ``MOECC_TRITON_DECODE_MAX_TOKENS`` of them, whose pairs
+    read few weights twice (``MAX_REREADS``)."""
+    if not 0 < tokens <= knobs.TRITON_DECODE_MAX_TOKENS.get():
+        return False
+    return tokens == 1 or expected_rereads(tokens, top_k, num_routed, num_shared) <= MAX_REREADS
 
 
 TILE_ELEMENTS = 8192  # weight elements a program loads per step: 16 KB in 16-bit types

@@ -54,12 +54,13 @@ def run_experts(x, weights, ids, w_up, w_down, b_up, b_down, activation, gated, 
     shapes, strides and layout) when given. ``interleaved``: gated up weights in the ``oi_gu`` layout."""
     t, k = ids.shape
     x = x.contiguous()
-    if decode.use_decode(t):
+    num_routed = w_up.shape[0]
+    num_shared = 0 if shared_up is None else shared_up.shape[0]
+    if decode.use_decode(t, k - num_shared, num_routed, num_shared):
         return decode.experts(x, weights, ids, w_up, w_down, b_up, b_down, activation, gated, alpha, limit,
                               w_up if shared_up is None else shared_up, w_down if shared_down is None else shared_down,
                               interleaved)
-    num_routed = w_up.shape[0]
-    num_experts = num_routed + (0 if shared_up is None else shared_up.shape[0])
+    num_experts = num_routed + num_shared
     n_pairs = t * k
     aligned = align(ids, num_experts, cfg1.block_m)
     h = gemm1(x, w_up, w_up if shared_up is None else shared_up, b_up, aligned, n_pairs, k, gated, activation,
