@@ -128,7 +128,7 @@ def _down_kernel(h_ptr, ids_ptr, weights_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, num
 # The pair-wise GEMVs read an expert's weights once per pair, the grouped kernels once per expert. On an H200
 # (benchmarks/knob_ab.py, MOECC_TRITON_DECODE_MAX_TOKENS 4 against 0, RESULTS session 24) the GEMVs won wherever
 # the pairs read at most 10 % more weights than the distinct experts hold (Qwen3-MoE at 2-4 tokens, 1.03-1.10:
-# 6-22 % faster) and lost from 1.13 on (GPT-OSS-20B at 3 tokens 10 %, Mixtral at 4 tokens 17 %, Qwen1.5-MoE's
+# 6-22 % faster) and lost from 1.14 on (GPT-OSS-20B at 3 tokens 10 %, Mixtral at 4 tokens 17 %, Qwen1.5-MoE's
 # shared expert at 2 tokens 9 %).
 MAX_REREADS = 1.10
 
