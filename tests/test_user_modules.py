@@ -255,6 +255,21 @@ def test_experts_without_a_router_run_as_written_and_say_why():
     torch.testing.assert_close(cm(x), model(x))
 
 
+def test_a_block_with_nan_weights_runs_as_written_and_says_why():
+    """A module built without initializing its weights (``torch.empty``) may hold NaN: its probes mean nothing, so
+    the block stays as written, with the parameter named."""
+    from user_modules import LoopMoE
+
+    torch.manual_seed(0)
+    model = TinyModel(LoopMoE()).eval()
+    with torch.no_grad():
+        model.moe.experts[3].w2.weight[0, 0] = float("nan")
+    cm, layer = compile_on_ids(model)
+    assert not layer.fused and "experts.3.w2.weight holds NaN or inf" in layer.reason, layer.reason
+    x = torch.randint(0, 50, (3, 11))
+    torch.testing.assert_close(cm(x), model(x), equal_nan=True)
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_a_block_that_adds_its_input_to_its_output_is_fused_with_the_addition(backend):
     from user_modules import ResidualInsideMoE

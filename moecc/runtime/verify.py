@@ -196,7 +196,15 @@ def _bound(dtype: torch.dtype, tolerance: float | None) -> float:
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / (b.double().norm() + 1e-30)).item()
+    """Relative L2 distance of ``a`` from ``b``; a NaN or an infinity in both at one position agrees there (a model
+    whose own outputs hold them), in one alone makes the distance infinite."""
+    a, b = a.double(), b.double()
+    same = (a == b) | (a.isnan() & b.isnan())
+    odd = ~same & ~(a.isfinite() & b.isfinite())
+    if bool(odd.any()):
+        return float("inf")
+    diff = torch.where(same, 0.0, a - b)
+    return (diff.norm() / (torch.where(b.isfinite(), b, 0.0).norm() + 1e-30)).item()
 
 
 def padding_mask(model: nn.Module, args, kwargs) -> torch.Tensor | None:

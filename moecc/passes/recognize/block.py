@@ -488,6 +488,13 @@ def analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | N
     return MatchResult.fail(f"{limit}, but the clamp at {r.value.expert.limit:g} does not fit probes that pass it")
 
 
+def _non_finite_parameter(block: nn.Module) -> str | None:
+    for name, param in block.named_parameters():
+        if param.is_floating_point() and not bool(torch.isfinite(param).all()):
+            return name
+    return None
+
+
 def _analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | None = None,
                    read: set[int] | None = None) -> MatchResult[BlockAnalysis]:
     """``others``: the block's arguments besides its hidden states, when its outputs depend on them (only a router
@@ -501,6 +508,9 @@ def _analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | 
     if like.dtype == torch.float64:
         return MatchResult.fail("float64 block: the canonical ops route and combine in float32, which does not "
                                 "reproduce float64 to its precision")
+    if (bad := _non_finite_parameter(block)) is not None:
+        return MatchResult.fail(f"parameter {bad} holds NaN or inf (a module built without initializing its "
+                                "weights?): probes of such a block tell nothing about its function")
     rtol = 10 * tolerance(like.dtype)
 
     input_scale = 1.0
