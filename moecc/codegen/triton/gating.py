@@ -82,8 +82,12 @@ def _select(logits, bias_ptr, weights_ptr, ids_ptr, t, n_tokens, num_experts, sc
     chosen_w = tl.zeros([logits.shape[0], K_PAD], tl.float32)
     chosen_i = tl.zeros([logits.shape[0], K_PAD], tl.int64)
     for j in tl.static_range(K):
-        at = tl.argmax(choice, 1)[:, None]
-        w = tl.sum(tl.where(offs == at, probs, 0.0), 1)[:, None]
+        if HAS_BIAS:  # the choice is not the weight: read the weight at the choice's argmax
+            at = tl.argmax(choice, 1)[:, None]
+            w = tl.sum(tl.where(offs == at, probs, 0.0), 1)[:, None]
+        else:  # the choice is the weight (or masked): one reduction gives both, half of the top-k's reductions
+            w, at = tl.max(choice, 1, return_indices=True, return_indices_tie_break_left=True)
+            w, at = w[:, None], at[:, None]
         chosen_w = tl.where(kk == j, w, chosen_w)
         chosen_i = tl.where(kk == j, at.to(tl.int64), chosen_i)
         choice = tl.where(offs == at, -float("inf"), choice)
@@ -171,9 +175,12 @@ def _meta(top_k, e, score, topk_first, renormalize, has_bias, n_group, topk_grou
 
 GEMV_MAX_TOKENS = 64  # up to here one fused launch beats a GEMM plus a gating launch
 # a router GEMV program reads up to this many weights in steps of up to ROUTER_BLOCK_H: a single program per token
-# looping over all experts took 8-9 us on an H100 at T=1 (each step waiting on its load), for 64-512 KB of weights
+# looping over all experts took 8-9 us on an H100 at T=1 (each step waiting on its load), for 64-512 KB of weights.
+# Four warps: one warp a program on tiles of 4096 (its top-k reduced with shuffles alone) was 1-2 % slower per
+# layer on an H200 for Mixtral and DeepSeek-V3 at 1-8 tokens (RESULTS session 24)
 ROUTER_TILE_ELEMENTS = 8192
 ROUTER_BLOCK_H = 4096
+ROUTER_WARPS = 4
 
 
 def fused_gating(x: torch.Tensor, router_weight: torch.Tensor, router_bias, selection_bias, top_k: int, score: str,
@@ -198,7 +205,8 @@ def fused_gating(x: torch.Tensor, router_weight: torch.Tensor, router_bias, sele
     _gemv_gating_kernel[(t, triton.cdiv(e, rows))](
         x, w, router_bias if router_bias is not None else w, bias, logits, arrived, weights, ids, x.stride(0),
         w.stride(0), hidden, e, float(scale), HAS_ROUTER_BIAS=router_bias is not None, ROWS=rows, BLOCK_H=block_h,
-        PDL=dependent_launch.enabled(x), ROUND=round_logits and x.dtype != torch.float32, **meta)
+        PDL=dependent_launch.enabled(x), ROUND=round_logits and x.dtype != torch.float32, num_warps=ROUTER_WARPS,
+        **meta)
     return weights, ids
 
 
