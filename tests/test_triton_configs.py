@@ -86,6 +86,42 @@ def test_nearest_shipped_tiles_follow_pairs_per_expert():
     assert c1 == near
 
 
+def test_nearest_shipped_tiles_prefer_the_same_expert_count_on_a_tie(monkeypatch):
+    """Mixtral at 1024 tokens has no shipped tiles: its own 512-token ones and a 16-expert shape's 4096-token ones
+    are equally near in rows per expert, N and K; the 16-expert tiles (tuned where the Gluon GEMM 1 runs) took its
+    GEMM 1 7.6 ms on an H200 against 0.5."""
+    monkeypatch.setattr(configs, "_chosen", {})
+    own = configs.lookup("NVIDIA H200", torch.bfloat16, 8, 14336, 4096, 512, "gemm1", 2)
+    c1, _ = configs.choose("NVIDIA H200", torch.bfloat16, 8, 4096, 14336, 1024, 2048)
+    assert own is not None and c1 == own
+
+
+@pytest.mark.parametrize("cfg,accumulators,block_n", [
+    (TileConfig(128, 256, 64, 8, 8, 3), 2, 128),  # gated GEMM 1: 256 fp32 a thread would spill
+    (TileConfig(128, 256, 64, 8, 8, 3), 1, 256),  # GEMM 2's one accumulator: 128 a thread, as tuned
+    (TileConfig(128, 128, 64, 8, 4, 4), 2, 64),
+    (TileConfig(64, 128, 64, 8, 4, 4), 2, 128),
+    (TileConfig(16, 64, 128, 1, 4, 4), 2, 64),
+])
+def test_tiles_keep_their_accumulators_within_the_registers(cfg, accumulators, block_n):
+    assert configs.within_registers(cfg, accumulators).block_n == block_n
+
+
+def test_gemm1_launches_a_wide_gated_tile_narrowed(monkeypatch):
+    pytest.importorskip("triton")
+    from moecc.codegen.triton import grouped_gemm
+    from moecc.codegen.triton.align import align
+
+    launched = []
+    monkeypatch.setattr(grouped_gemm, "_launch", lambda kernel, grid, cfg, *a, **kw: launched.append(cfg))
+    x = torch.randn(8, 64)
+    ids = torch.randint(0, 4, (8, 2))
+    w_up = torch.randn(4, 2 * 32, 64)
+    grouped_gemm.gemm1(x, w_up, w_up, None, align(ids, 4, 128), 16, 2, True, "silu", 1.0, 0.0,
+                       TileConfig(128, 256, 64, 8, 8, 3))
+    assert [c.block_n for c in launched] == [128]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="tuning times kernels on a GPU")
 def test_tuning_a_decode_bucket_times_graph_replays_and_stores_tiles(tmp_path, monkeypatch):
     from moecc.codegen.triton import tune

@@ -38,6 +38,7 @@ from moecc.codegen.triton.configs import (
     shared_memory_limit,
     shrink,
     sm90_or_newer,
+    within_registers,
 )
 
 log = logging.getLogger("moecc.codegen.triton")
@@ -451,7 +452,7 @@ def gemm1(x, w_up, shared_up, b_up, aligned, n_pairs: int, top_k: int, gated: bo
         return ws_gemm.gemm1(x, w_up, shared_up, b_up, aligned, n_pairs, top_k, gated, ACT_IDS[activation], alpha,
                              limit, cfg.group_m)
     h = torch.empty((sorted_ids.numel(), inter), dtype=x.dtype, device=x.device)
-    cfg = _fit(cfg, x, 2 if gated else 1)
+    cfg = within_registers(_fit(cfg, x, 2 if gated else 1), 2 if gated else 1)
     common = dict(ACT=ACT_IDS[activation], HAS_BIAS=b_up is not None, CLAMP=limit > 0, PRECISION=_precision(x.dtype))
     bias = b_up if b_up is not None else w_up
     if (2 * cfg.block_n if interleaved else cfg.block_n) <= TMA_BOX and use_tma(cfg, x, w_up, shared_up):
@@ -482,7 +483,7 @@ def gemm2(h, w_down, shared_down, b_down, weights, aligned, n_pairs: int, cfg) -
 
         return ws_gemm.gemm2(h, w_down, shared_down, b_down, weights, aligned, n_pairs, cfg.group_m)
     pairs = torch.empty((n_pairs, hidden), dtype=h.dtype, device=h.device)
-    cfg = _fit(cfg, h, 1)
+    cfg = within_registers(_fit(cfg, h, 1), 1)
     bias = b_down if b_down is not None else w_down
     if use_tma(cfg, h, w_down, shared_down):
         def launch(c):

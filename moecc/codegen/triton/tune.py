@@ -4,11 +4,18 @@ Each row-block height is tried with its own tile list: GEMM 1 and GEMM 2 are tim
 aligned rows (they must share block_m), and the pair with the least total time wins. Token counts that the
 runtime replays from CUDA graphs are timed from CUDA graphs too: timed by events around each launch, a decode
 GEMM of 20 us measured the host's 60–70 us launch path instead (on an H100, re-tuned that way, the shipped
-decode tiles still held within 1 %, Qwen3 T=1 excepted)."""
+decode tiles still held within 1 %, Qwen3 T=1 excepted).
+
+The tiles are searched on the `tl.dot` kernels (``MOECC_TRITON_WS=off`` while they are timed): at 128-row blocks
+the runtime may run a GEMM on the warp-specialized Gluon kernels instead, which take none of a tile's sizes but its
+rows, so timing those picked among equal times by noise, and such a pick (a gated 128 x 256 tile) later served a
+`tl.dot` GEMM 1 that spilled its registers. Each row height is then compared on the kernels the runtime will run."""
 
 from __future__ import annotations
 
 import logging
+import os
+from contextlib import contextmanager
 
 import torch
 
@@ -90,6 +97,19 @@ def _fastest(run, cands: list[configs.TileConfig], progress, graph_timer=None) -
     return best, best_ms
 
 
+@contextmanager
+def _tl_dot_kernels():
+    before = os.environ.get(knobs.TRITON_WS.name)
+    os.environ[knobs.TRITON_WS.name] = "off"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(knobs.TRITON_WS.name, None)
+        else:
+            os.environ[knobs.TRITON_WS.name] = before
+
+
 def tune_shape(num_experts: int, hidden: int, inter: int, top_k: int, tokens: int, dtype=torch.bfloat16,
                gated: bool = True, progress=None) -> tuple[configs.TileConfig, configs.TileConfig, float]:
     """Search GEMM tiles for this shape on the current GPU; store and return the best (gemm1, gemm2, ms)."""
@@ -107,12 +127,21 @@ def tune_shape(num_experts: int, hidden: int, inter: int, top_k: int, tokens: in
     best = (None, None, float("inf"))
     for block_m in configs.block_m_candidates(n_pairs / num_experts):
         aligned = align(ids, num_experts, block_m)
-        c1, ms1 = _fastest(lambda cfg, al=aligned: gemm1(x, w_up, w_up, None, al, n_pairs, top_k, gated, "silu", 1.0,
-                                                         0.0, cfg, gated), configs.CANDIDATES[block_m], progress,
-                           timer)
-        h = gemm1(x, w_up, w_up, None, aligned, n_pairs, top_k, gated, "silu", 1.0, 0.0, c1, gated)
-        c2, ms2 = _fastest(lambda cfg, h=h, al=aligned: gemm2(h, w_down, w_down, None, w, al, n_pairs, cfg),
-                           configs.CANDIDATES[block_m], progress, timer)
+
+        def run1(cfg, al=aligned):
+            return gemm1(x, w_up, w_up, None, al, n_pairs, top_k, gated, "silu", 1.0, 0.0, cfg, gated)
+
+        with _tl_dot_kernels():
+            c1, _ = _fastest(run1, configs.CANDIDATES[block_m], progress, timer)
+        ms1 = _bench(lambda c=c1: run1(c), timer)  # on the kernel the runtime takes at this height
+        h = run1(c1)
+
+        def run2(cfg, h=h, al=aligned):
+            return gemm2(h, w_down, w_down, None, w, al, n_pairs, cfg)
+
+        with _tl_dot_kernels():
+            c2, _ = _fastest(run2, configs.CANDIDATES[block_m], progress, timer)
+        ms2 = _bench(lambda c=c2: run2(c), timer)
         log.info("E%d H%d I%d T%d block_m %d: %.3f + %.3f ms", num_experts, hidden, inter, tokens, block_m, ms1, ms2)
         if ms1 + ms2 < best[2]:
             best = (c1, c2, ms1 + ms2)
