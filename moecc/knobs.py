@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +14,19 @@ class Knob:
     default: object
     kind: type
     doc: str
+
+    @contextmanager
+    def overridden(self, value: str):
+        """This knob reads ``value`` inside, and what it read before after."""
+        before = os.environ.get(self.name)
+        os.environ[self.name] = value
+        try:
+            yield
+        finally:
+            if before is None:
+                os.environ.pop(self.name, None)
+            else:
+                os.environ[self.name] = before
 
     def get(self):
         raw = os.environ.get(self.name)

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 from user_modules import BmmMoE, TinyModel
@@ -244,3 +246,16 @@ def test_keywords_named_in_another_order_reuse_the_capture():
     second = cm(labels=labels, input_ids=ids)
     assert cm.captures == 1
     torch.testing.assert_close(second.loss, first.loss)
+
+
+def test_a_knob_overridden_reads_its_value_inside_and_the_old_one_after(monkeypatch):
+    from moecc import knobs
+
+    monkeypatch.delenv("MOECC_TRITON_WS", raising=False)
+    with knobs.TRITON_WS.overridden("off"):
+        assert knobs.TRITON_WS.get() == "off"
+    assert knobs.TRITON_WS.get() == "auto" and "MOECC_TRITON_WS" not in os.environ
+    monkeypatch.setenv("MOECC_TRITON_WS", "on")
+    with pytest.raises(RuntimeError), knobs.TRITON_WS.overridden("off"):
+        raise RuntimeError
+    assert knobs.TRITON_WS.get() == "on"

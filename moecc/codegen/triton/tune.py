@@ -14,8 +14,6 @@ rows, so timing those picked among equal times by noise, and such a pick (a gate
 from __future__ import annotations
 
 import logging
-import os
-from contextlib import contextmanager
 
 import torch
 
@@ -97,19 +95,6 @@ def _fastest(run, cands: list[configs.TileConfig], progress, graph_timer=None) -
     return best, best_ms
 
 
-@contextmanager
-def _tl_dot_kernels():
-    before = os.environ.get(knobs.TRITON_WS.name)
-    os.environ[knobs.TRITON_WS.name] = "off"
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(knobs.TRITON_WS.name, None)
-        else:
-            os.environ[knobs.TRITON_WS.name] = before
-
-
 def tune_shape(num_experts: int, hidden: int, inter: int, top_k: int, tokens: int, dtype=torch.bfloat16,
                gated: bool = True, progress=None) -> tuple[configs.TileConfig, configs.TileConfig, float]:
     """Search GEMM tiles for this shape on the current GPU; store and return the best (gemm1, gemm2, ms)."""
@@ -131,7 +116,7 @@ def tune_shape(num_experts: int, hidden: int, inter: int, top_k: int, tokens: in
         def run1(cfg, al=aligned):
             return gemm1(x, w_up, w_up, None, al, n_pairs, top_k, gated, "silu", 1.0, 0.0, cfg, gated)
 
-        with _tl_dot_kernels():
+        with knobs.TRITON_WS.overridden("off"):
             c1, _ = _fastest(run1, configs.CANDIDATES[block_m], progress, timer)
         ms1 = _bench(lambda c=c1: run1(c), timer)  # on the kernel the runtime takes at this height
         h = run1(c1)
@@ -139,7 +124,7 @@ def tune_shape(num_experts: int, hidden: int, inter: int, top_k: int, tokens: in
         def run2(cfg, h=h, al=aligned):
             return gemm2(h, w_down, w_down, None, w, al, n_pairs, cfg)
 
-        with _tl_dot_kernels():
+        with knobs.TRITON_WS.overridden("off"):
             c2, _ = _fastest(run2, configs.CANDIDATES[block_m], progress, timer)
         ms2 = _bench(lambda c=c2: run2(c), timer)
         log.info("E%d H%d I%d T%d block_m %d: %.3f + %.3f ms", num_experts, hidden, inter, tokens, block_m, ms1, ms2)
