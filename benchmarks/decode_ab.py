@@ -16,6 +16,7 @@ import os
 
 import torch
 
+from moecc import knobs
 from moecc.codegen.triton import decode
 from moecc.codegen.triton.moe import pick_configs, run_experts
 from moecc.codegen.triton.tune import _graph_timer
@@ -80,15 +81,8 @@ def main() -> int:
 
 
 def _grouped(common, cfg1, cfg2):
-    before = os.environ.get("MOECC_TRITON_DECODE_MAX_TOKENS")
-    os.environ["MOECC_TRITON_DECODE_MAX_TOKENS"] = "0"
-    try:
+    with knobs.TRITON_DECODE_MAX_TOKENS.overridden("0"):
         return run_experts(*common, cfg1, cfg2, interleaved=True)
-    finally:
-        if before is None:
-            os.environ.pop("MOECC_TRITON_DECODE_MAX_TOKENS")
-        else:
-            os.environ["MOECC_TRITON_DECODE_MAX_TOKENS"] = before
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from torch.utils import _pytree as pytree
 from moecc import knobs
 from moecc.codegen.triton.scratch import GraphScratch, graph_scratch
 from moecc.runtime.direct import retargeted
+from moecc.runtime.weights import program_storages
 
 log = logging.getLogger("moecc.runtime")
 
@@ -167,26 +168,12 @@ class GraphCache:
         scratch.rewind()
         with torch.cuda.graph(graph), torch.no_grad(), graph_scratch(scratch):
             outputs = tuple(self.program(*static_in))
-        held = _storages([*static_in, *_held_tensors(self.program)])
+        # a function (a moecc op call, whose outputs are always new tensors) holds no tensors of its own
+        held = program_storages(self.program) | {t.untyped_storage().data_ptr() for t in static_in}
         if any(not isinstance(o, torch.Tensor) or o.untyped_storage().data_ptr() in held for o in outputs):
             return None
         log.debug("captured a CUDA graph in its own pool for %s", [tuple(t.shape) for t in static_in])
         return _Instance(graph, static_in, outputs, scratch)
-
-
-def _storages(tensors) -> set[int]:
-    return {t.untyped_storage().data_ptr() for t in tensors}
-
-
-def _held_tensors(program) -> list[torch.Tensor]:
-    """The tensors a program module holds (parameters, buffers, tensor attributes its graph reads); a function (a
-    moecc op call, whose outputs are always new tensors) holds none."""
-    if not isinstance(program, torch.nn.Module):
-        return []
-    held = [*program.parameters(), *program.buffers()]
-    for module in program.modules():
-        held += [v for v in vars(module).values() if isinstance(v, torch.Tensor)]
-    return held
 
 
 def restore_rng_after_failed_capture() -> None:

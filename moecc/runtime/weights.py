@@ -29,7 +29,7 @@ class WeightWatch:
         self._slots = []
         if not enabled:
             return
-        held = _storages(program)
+        held = program_storages(program)
         for prefix, module in model.named_modules(remove_duplicate=False):
             for name, param in module._parameters.items():
                 if param is not None:
@@ -85,7 +85,7 @@ def _storage(t: torch.Tensor) -> int | None:
         return None
 
 
-def _storages(program: object) -> set[int]:
+def program_storages(program: object) -> set[int]:
     """The storages of every tensor a program module holds: parameters, buffers and tensor attributes its graph
     reads."""
     if not isinstance(program, nn.Module):
