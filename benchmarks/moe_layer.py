@@ -179,7 +179,8 @@ def floor_ms(block, cfg, x, bw, peak):
     per_expert = sum(p.numel() for p in experts) // experts[0].shape[0]
     shared = sum(p.numel() for module in _shared_experts(block) for p in module.parameters())
     t, k = ids.shape
-    bytes_ = (active * per_expert + shared) * 2 + 2 * t * h * 2
+    size = x.element_size()
+    bytes_ = (active * per_expert + shared) * size + 2 * t * h * size
     flops = 2 * t * (k * per_expert + shared)
     return max(bytes_ / bw, flops / peak)
 
@@ -193,14 +194,14 @@ def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def bench_cuda(shapes, tokens, with_compile, copy_expert_weights=None):
-    dtype = torch.bfloat16
+def bench_cuda(shapes, tokens, with_compile, copy_expert_weights=None, dtype=torch.bfloat16):
     bw, peak, sustained = roofline()
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton "
           f"{importlib.import_module('triton').__version__}; copy {bw / 1e9:.2f} TB/s, bf16 matmul "
           f"{peak / 1e9:.0f} TFLOP/s in a burst, {sustained / 1e9:.0f} after {SUSTAIN_S:g} s (measured here); "
           f"times in ms per call of back-to-back calls cycling {INPUT_SETS} inputs, median of 3 batches; "
-          "'% sust.': the floor at the sustained peak")
+          "'% sust.': the floor at the sustained peak" + (f"; {dtype}: the floors take bf16's peak"
+                                                          if dtype != torch.bfloat16 else ""))
     cols = ["floor", "hf eager", "hf grouped_mm", "compile", "c+graphs", "vllm-style", "moecc torch", "moecc"]
     print(f"{'shape':10} {'T':>6} " + " ".join(f"{c:>13}" for c in cols) + "  x best   % floor  % sust.  err")
     rows = []
@@ -215,8 +216,8 @@ def bench_cuda(shapes, tokens, with_compile, copy_expert_weights=None):
         compiled, graphs = None, None
         # Mixtral-style blocks (a router returning (logits, weights, ids), SiLU experts in gate_up_proj/down_proj)
         vllm = None
-        if (VllmStyleMoE is not None and hasattr(block, "gate") and hasattr(block.experts, "gate_up_proj")
-                and not _shared_experts(block)):
+        if (VllmStyleMoE is not None and dtype != torch.float32 and hasattr(block, "gate")
+                and hasattr(block.experts, "gate_up_proj") and not _shared_experts(block)):
             vllm = VllmStyleMoE(block)
         if with_compile:
             set_impl(block, "grouped_mm")
@@ -296,13 +297,16 @@ def main():
     ap.add_argument("--shapes", nargs="+")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
     ap.add_argument("--json", help="write the rows here")
+    ap.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
+                    help="the layer's dtype on CUDA (the CPU table is fp32)")
     ap.add_argument("--copy-expert-weights", choices=["auto", "yes", "no"], default="auto",
                     help="moecc.compile's copy_expert_weights: auto (moecc's default: copy the block's expert "
                          "weights into the kernels' layout when the copies fit the memory budget), yes, no")
     a = ap.parse_args()
     if torch.cuda.is_available():
         rows = bench_cuda(a.shapes or ["mixtral", "qwen3_moe"], a.tokens or [1, 8, 64, 512, 4096, 16384],
-                          not a.no_compile, {"auto": None, "yes": True, "no": False}[a.copy_expert_weights])
+                          not a.no_compile, {"auto": None, "yes": True, "no": False}[a.copy_expert_weights],
+                          getattr(torch, a.dtype))
         if a.json:
             with open(a.json, "w") as f:
                 json.dump(rows, f, indent=1)

@@ -136,6 +136,20 @@ def test_fused_moe_matches_reference(case, dtype, monkeypatch):
         assert ((got - ref).norm() / ref.norm()).item() < tol
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp32 takes three TF32 products on CUDA only")
+@pytest.mark.parametrize("tma", ["off", "on"])
+def test_fp32_on_the_gpu_keeps_fp32_accuracy(tma, monkeypatch):
+    """fp32 dots as three TF32 products stay as close to a float64 reference as fp32 arithmetic (one TF32 product
+    would be about 1e-3 off)."""
+    monkeypatch.setenv("MOECC_TRITON_TMA", tma)
+    monkeypatch.setenv("MOECC_TRITON_DECODE_MAX_TOKENS", "0")
+    args = _moe_args((300, 8, 2, 256, 192, True, "silu", True, 0.0), 7)
+    ref = torch.ops.moecc.fused_moe(*[a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                                      for a in args])
+    got = fused_moe_triton(*[a.cuda() if isinstance(a, torch.Tensor) else a for a in args]).double().cpu()
+    assert ((got - ref).norm() / ref.norm()).item() < 1e-5
+
+
 @pytest.mark.parametrize("case", [CASES[2], CASES[4], CASES[5], CASES[6]])
 @pytest.mark.parametrize("tma,layout", [("off", "oi_gu"), ("on", "oi_gu"), ("on", "oi")])
 def test_interleaved_layout_and_tma_kernels(case, tma, layout, monkeypatch):

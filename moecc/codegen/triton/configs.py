@@ -42,6 +42,12 @@ def sm90_or_newer(device_index: int) -> bool:
 
 
 @functools.cache
+def tf32_tensor_cores(device_index: int) -> bool:
+    """Ampere or newer: tensor cores that multiply TF32 (and so fp32 as three TF32 products)."""
+    return torch.cuda.get_device_capability(device_index) >= (8, 0)
+
+
+@functools.cache
 def shared_memory_limit(device_index: int) -> int:
     props = torch.cuda.get_device_properties(device_index)
     return int(getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024)
@@ -91,9 +97,21 @@ def token_bucket(tokens: int) -> int:
 
 
 def heuristic(rows_per_expert: float, dtype: torch.dtype, interpret: bool) -> TileConfig:
-    """A reasonable config without tuning: small row blocks for decode, large tiles for prefill."""
+    """A reasonable config without tuning: small row blocks for decode, large tiles for prefill. fp32 (which no
+    shipped table holds) takes narrower tiles with a K step of 32: each of its dots is three TF32 products of split
+    operands (``grouped_gemm._precision``), and on an H200 these tiles were the fastest of four sets in all eight
+    cells measured (Mixtral and Qwen3-MoE at 8 to 4096 tokens), 1.3-2.1x faster than the 16-bit set, which spent
+    42 ms on Qwen3-MoE's 512 tokens against 1.4 (``benchmarks/RESULTS.md``, session 25)."""
     if interpret:
         return TileConfig(16, 32, 32, 1, 1, 1)
+    if dtype == torch.float32:
+        if rows_per_expert <= 16:
+            return TileConfig(16, 64, 32, 1, 4, 3)
+        if rows_per_expert <= 64:
+            return TileConfig(32, 64, 32, 4, 4, 3)
+        if rows_per_expert <= 256:
+            return TileConfig(64, 64, 32, 8, 4, 3)
+        return TileConfig(128, 64, 32, 8, 8, 3)
     if rows_per_expert <= 16:
         return TileConfig(16, 64, 128, 1, 4, 4)
     if rows_per_expert <= 64:
@@ -161,25 +179,37 @@ def _family(device_name: str) -> str | None:
     return None
 
 
+# which shipped dtype's tiles a dtype may start from, and at what distance: fp16 and bf16 run the same tensor-core
+# instructions at the same element size, so their tiles transfer (only bf16 is shipped)
+DTYPE_STEPS = {"float16": {"bfloat16": 0.5}, "bfloat16": {"float16": 0.5}}
+
+
+def dtype_step(dtype, table_dtype: str) -> float | None:
+    """Distance from ``dtype``'s tiles to those tuned for ``table_dtype``; None where they do not transfer."""
+    dt = str(dtype).replace("torch.", "")
+    return 0.0 if dt == table_dtype else DTYPE_STEPS.get(dt, {}).get(table_dtype)
+
+
 def nearest_shipped(device_name: str, dtype, e, n, k, bucket, which, top_k: int | None = None) -> TileConfig | None:
     """The shipped config of the most similar shape on this device and dtype (rows per expert first, then N and
-    K, then the expert count), or on a GPU of the same family when this one has none: an untuned shape starts from
+    K, then the expert count; tiles of a dtype that runs alike, ``DTYPE_STEPS``, count as a step further), or on a
+    GPU of the same family when this one has none: an untuned shape starts from
     what was tuned for its neighbours rather than from a generic heuristic. Rows per expert count pairs
     (``bucket * top_k / e``) where the entry and the call both know their top-k, else tokens. The expert count
     breaks ties: Mixtral at 1024 tokens (256 rows per expert) is as far from its own 512-token tiles as from those
     of a 16-expert shape at 4096, whose GEMM 1 tiles took it 7.6 ms on an H200 against 0.5 for its own."""
-    dt = str(dtype).replace("torch.", "")
     devices = {key.split("|", 1)[0] for key in _table(SHIPPED)}
     same = [device_name] if device_name in devices else [d for d in devices if _family(d) == _family(device_name)]
     best, best_d = None, float("inf")
     for key, entry in _table(SHIPPED).items():
         device, key_dt, rest = key.split("|", 2)
-        if device not in same or key_dt != dt or not key.endswith(f"|{which}"):
+        step = dtype_step(dtype, key_dt)
+        if device not in same or step is None or not key.endswith(f"|{which}"):
             continue
         e2, n2, k2, t2 = (int(part[1:]) for part in rest.split("|")[:4])
         per_token, per_token2 = (top_k, entry["top_k"]) if top_k and entry.get("top_k") else (1, 1)
         d = (abs(math.log2(bucket * per_token / e) - math.log2(t2 * per_token2 / e2))
-             + 0.5 * abs(math.log2(n / n2)) + 0.5 * abs(math.log2(k / k2)) + 0.25 * abs(math.log2(e / e2)))
+             + 0.5 * abs(math.log2(n / n2)) + 0.5 * abs(math.log2(k / k2)) + 0.25 * abs(math.log2(e / e2)) + step)
         if d < best_d:
             best, best_d = _config(entry), d
     return best

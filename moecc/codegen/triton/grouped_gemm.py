@@ -16,8 +16,8 @@ TMA (``oi_gu``); GEMM 2 1.92 through pointers, 1.48–1.60 through TMA. A third 
 warp-specialized, is written in Gluon (``ws_gemm``, knob ``MOECC_TRITON_WS``); by default it takes GEMM 2 with long
 K loops on sm_90.
 
-fp32 inputs multiply in full fp32 unless torch allows TF32 (``torch.set_float32_matmul_precision``), as
-torch's own fp32 matmuls do."""
+fp32 inputs multiply at fp32 accuracy unless torch allows TF32 (``torch.set_float32_matmul_precision``), as
+torch's own fp32 matmuls do; on GPUs with TF32 tensor cores that is three TF32 products per dot (``_precision``)."""
 
 from __future__ import annotations
 
@@ -38,6 +38,7 @@ from moecc.codegen.triton.configs import (
     shared_memory_limit,
     shrink,
     sm90_or_newer,
+    tf32_tensor_cores,
     within_registers,
 )
 
@@ -341,8 +342,16 @@ def _combine_kernel(pairs_ptr, ids_ptr, out_ptr, num_experts, H, K: tl.constexpr
     tl.store(out_ptr + t * H + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-def _precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest" else "tf32"
+def _precision(t: torch.Tensor) -> str:
+    """``tl.dot``'s input precision for operands like ``t`` (16-bit operands ignore it). fp32 at torch's default
+    "highest" multiplies as three TF32 products of split operands (``tf32x3``) where tensor cores take TF32: on an
+    H200 that came out as close to a float64 reference as Triton's ``ieee`` dot (7e-7 to 1e-6 against 1.3e-6 to
+    2.8e-6) and up to 100x faster, the ``ieee`` dot being a loop of FMAs that took Mixtral's layer at 512 tokens
+    0.96 s per call (``benchmarks/RESULTS.md``, session 25). "high" and "medium" allow one TF32 product, as for
+    torch's own matmuls."""
+    if t.dtype != torch.float32 or torch.get_float32_matmul_precision() != "highest":
+        return "tf32"
+    return "tf32x3" if t.is_cuda and not INTERPRET and tf32_tensor_cores(device_index(t)) else "ieee"
 
 
 def _fit(cfg, t: torch.Tensor, b_tiles: int):
@@ -453,7 +462,7 @@ def gemm1(x, w_up, shared_up, b_up, aligned, n_pairs: int, top_k: int, gated: bo
                              limit, cfg.group_m)
     h = torch.empty((sorted_ids.numel(), inter), dtype=x.dtype, device=x.device)
     cfg = within_registers(_fit(cfg, x, 2 if gated else 1), 2 if gated else 1)
-    common = dict(ACT=ACT_IDS[activation], HAS_BIAS=b_up is not None, CLAMP=limit > 0, PRECISION=_precision(x.dtype))
+    common = dict(ACT=ACT_IDS[activation], HAS_BIAS=b_up is not None, CLAMP=limit > 0, PRECISION=_precision(x))
     bias = b_up if b_up is not None else w_up
     if (2 * cfg.block_n if interleaved else cfg.block_n) <= TMA_BOX and use_tma(cfg, x, w_up, shared_up):
         def launch(c):
@@ -493,14 +502,14 @@ def gemm2(h, w_down, shared_down, b_down, weights, aligned, n_pairs: int, cfg) -
         _launch(_gemm2_tma_kernel, lambda c: _grid(block_expert.numel(), hidden, c), cfg, launch,
                 bias, pairs, weights, sorted_ids, block_expert, total, n_pairs, num_routed, hidden, inter,
                 b_down.stride(0) if b_down is not None else 0, pairs.stride(0), HAS_BIAS=b_down is not None,
-                HAS_SHARED=shared_down is not w_down, PRECISION=_precision(h.dtype))
+                HAS_SHARED=shared_down is not w_down, PRECISION=_precision(h))
         return pairs
     _launch(
         _gemm2_kernel, lambda c: _grid(block_expert.numel(), hidden, c), cfg, None,
         h, w_down, shared_down, bias, pairs, weights, sorted_ids, block_expert,
         total, n_pairs, num_routed, hidden, inter, h.stride(0), w_down.stride(0), w_down.stride(1),
         w_down.stride(2), b_down.stride(0) if b_down is not None else 0, pairs.stride(0),
-        HAS_BIAS=b_down is not None, PRECISION=_precision(h.dtype))
+        HAS_BIAS=b_down is not None, PRECISION=_precision(h))
     return pairs
 
 
