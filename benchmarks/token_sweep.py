@@ -1,4 +1,4 @@
-"""One MoE layer across many token counts, to find cliffs between the counts the layer table times (CUDA, bf16).
+"""One MoE layer across many token counts, to find cliffs between the counts the layer table times (CUDA).
 
     python benchmarks/token_sweep.py --shapes mixtral qwen3_moe --tokens 2 3 6 12 24 48 96 192 384 768 1536 3072
 
@@ -22,15 +22,17 @@ def main() -> int:
     ap.add_argument("--shapes", nargs="+", default=["mixtral", "qwen3_moe"])
     ap.add_argument("--tokens", type=int, nargs="+",
                     default=[2, 3, 6, 12, 24, 48, 96, 192, 384, 768, 1024, 1536, 3072, 6144])
+    ap.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     args = ap.parse_args()
-    print(f"{torch.cuda.get_device_name()}: ms per call (us per token)")
+    dtype = getattr(torch, args.dtype)
+    print(f"{torch.cuda.get_device_name()}, {args.dtype}: ms per call (us per token)")
     for shape in args.shapes:
-        block, cfg = make_block(shape, "cuda", torch.bfloat16)
+        block, cfg = make_block(shape, "cuda", dtype)
         cm = moecc.compile(block, backend="triton", verify=False)
         times = {}
         with torch.no_grad():
             for t in sorted(args.tokens):
-                xs = [torch.randn(1, t, cfg.hidden_size, device="cuda", dtype=torch.bfloat16)
+                xs = [torch.randn(1, t, cfg.hidden_size, device="cuda", dtype=dtype)
                       for _ in range(INPUT_SETS)]
                 times[t] = cuda_time([lambda x=x, m=cm: m(x) for x in xs], iters=10, batches=3)
         counts = sorted(times)
