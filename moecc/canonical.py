@@ -86,7 +86,8 @@ class CanonicalMoE(nn.Module):
             logits = torch.nn.functional.linear(x2, self.router_weight, self.router_bias)
         if self.router_program is None:
             weights, ids = torch.ops.moecc.route(logits, self.selection_bias, r.top_k, r.score, r.topk_first,
-                                                 r.renormalize, r.n_group, r.topk_group, r.scale)
+                                                 r.renormalize, r.n_group, r.topk_group, r.scale,
+                                                 r.group_top)
         group = x.shape[-2] if c.group == "sequence" else 0
         k = r.top_k
         if r.weights_on_inputs:

@@ -23,6 +23,7 @@ class RoutingSpec:
     # each routing weight scales its expert's input rather than its output (Llama 4): the same only for a linear
     # expert, so recognition proves which one a block computes
     weights_on_inputs: bool = False
+    group_top: int = 2  # a group's score sums its best group_top choice scores (moecc.routing.route_reference)
 
     def describe(self) -> str:
         on_inputs = " weights-on-inputs" if self.weights_on_inputs else ""
@@ -35,7 +36,8 @@ class RoutingSpec:
         if self.has_selection_bias:
             parts.append("selection-bias")
         if self.n_group > 1:
-            parts.append(f"groups {self.topk_group}/{self.n_group}")
+            by = "" if self.group_top == 2 else f" by top-{self.group_top}"
+            parts.append(f"groups {self.topk_group}/{self.n_group}{by}")
         if self.scale != 1.0:
             parts.append(f"x{self.scale:g}")
         if self.has_router_bias:

@@ -38,13 +38,16 @@ def route(
     n_group: int,
     topk_group: int,
     scale: float,
+    group_top: int = 2,
 ) -> tuple[Tensor, Tensor]:
-    """logits [T, E] -> (weights [T, k] float32, ids [T, k] int64)."""
-    return route_reference(logits, selection_bias, top_k, score, topk_first, renormalize, n_group, topk_group, scale)
+    """logits [T, E] -> (weights [T, k] float32, ids [T, k] int64); ``moecc.routing.route_reference``."""
+    return route_reference(logits, selection_bias, top_k, score, topk_first, renormalize, n_group, topk_group, scale,
+                           group_top)
 
 
 @route.register_fake
-def _route_fake(logits, selection_bias, top_k, score, topk_first, renormalize, n_group, topk_group, scale):
+def _route_fake(logits, selection_bias, top_k, score, topk_first, renormalize, n_group, topk_group, scale,
+                group_top=2):
     t = logits.shape[0]
     return logits.new_empty((t, top_k), dtype=torch.float32), logits.new_empty((t, top_k), dtype=torch.int64)
 
@@ -63,10 +66,11 @@ def fused_route(
     topk_group: int,
     scale: float,
     logits_fp32: bool,
+    group_top: int = 2,
 ) -> tuple[Tensor, Tensor]:
     """Router matmul, scoring, top-k, renormalisation and scaling in one op: x [T, H] -> (weights, ids)."""
     return fused_route_reference(x, router_weight, router_bias, selection_bias, top_k, score, topk_first,
-                                 renormalize, n_group, topk_group, scale, logits_fp32)
+                                 renormalize, n_group, topk_group, scale, logits_fp32, group_top)
 
 
 @fused_route.register_fake

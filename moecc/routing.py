@@ -22,7 +22,11 @@ def route_reference(
     n_group: int,
     topk_group: int,
     scale: float,
+    group_top: int = 2,
 ) -> tuple[Tensor, Tensor]:
+    """Weights [T, k] (float32) and expert ids [T, k] (int64) of ``logits`` [T, E]. Group-limited top-k
+    (``n_group > 1``) keeps the ``topk_group`` groups whose best ``group_top`` choice scores sum highest: 2 for
+    DeepSeek-V3, 1 (each group's best) for DeepSeek-V2's ``group_limited_greedy``."""
     if score not in SCORES:
         raise ValueError(f"score must be one of {SCORES}, got {score!r}")
     logits = logits.float()
@@ -39,7 +43,7 @@ def route_reference(
         choice = probs if selection_bias is None else probs + selection_bias.float()
         if n_group > 1 and t > 0:
             per_group = e // n_group
-            top = min(2, per_group)
+            top = min(group_top, per_group)
             group_scores = choice.view(t, n_group, per_group).topk(top, dim=-1)[0].sum(-1)
             group_idx = torch.topk(group_scores, k=topk_group, dim=-1, sorted=False)[1]
             group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1.0)
@@ -76,10 +80,11 @@ def router_logits(x: Tensor, weight: Tensor, bias: Tensor | None, fp32: bool) ->
 
 
 def fused_route_reference(x, router_weight, router_bias, selection_bias, top_k, score, topk_first, renormalize,
-                          n_group, topk_group, scale, logits_fp32):
+                          n_group, topk_group, scale, logits_fp32, group_top=2):
     """Router matmul then ``route_reference``: the semantics of ``moecc::fused_route``; plain, exportable torch."""
     logits = router_logits(x, router_weight, router_bias, logits_fp32)
-    return route_reference(logits, selection_bias, top_k, score, topk_first, renormalize, n_group, topk_group, scale)
+    return route_reference(logits, selection_bias, top_k, score, topk_first, renormalize, n_group, topk_group, scale,
+                           group_top)
 
 
 def effective_capacity(group_tokens: int, top_k: int, num_experts: int, capacity: int,

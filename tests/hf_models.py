@@ -44,6 +44,13 @@ def make_config(family: str):
                                    routed_scaling_factor=2.5, first_k_dense_replace=1, kv_lora_rank=16,
                                    q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
                                    norm_topk_prob=True)
+    if family == "deepseek_v2":  # DeepSeek-V2's group_limited_greedy: each group scored by its best expert
+        common = dict(_COMMON, num_key_value_heads=4)
+        return tf.DeepseekV2Config(**common, intermediate_size=64, moe_intermediate_size=16, n_routed_experts=8,
+                                   num_experts_per_tok=3, topk_method="group_limited_greedy", n_group=4,
+                                   topk_group=2, n_shared_experts=1, routed_scaling_factor=16.0,
+                                   first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8,
+                                   qk_nope_head_dim=8, v_head_dim=8)
     if family == "gpt_oss":
         return tf.GptOssConfig(**_COMMON, intermediate_size=24, num_local_experts=6, num_experts_per_tok=2,
                                head_dim=8, sliding_window=16, layer_types=["sliding_attention", "full_attention"])
@@ -95,7 +102,8 @@ def make_model(family: str, experts_implementation: str = "eager", seed: int = 0
         setattr(cfg, name, value)
     cls = getattr(tf, {
         "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
-        "olmoe": "OlmoeForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM", "gpt_oss": "GptOssForCausalLM",
+        "olmoe": "OlmoeForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM",
+        "deepseek_v2": "DeepseekV2ForCausalLM", "gpt_oss": "GptOssForCausalLM",
         "afmoe": "AfmoeForCausalLM", "cohere2_moe": "Cohere2MoeForCausalLM", "dbrx": "DbrxForCausalLM",
         "ernie4_5_moe": "Ernie4_5_MoeForCausalLM", "llama4_text": "Llama4ForCausalLM",
         "switch_transformers": "SwitchTransformersForConditionalGeneration", "kolibri1": "Kolibri1ForCausalLM",

@@ -43,6 +43,19 @@ def test_layer_records_describe_the_block():
     assert layer.activation == "gated-silu" and layer.shared_experts == 1 and layer.reason == ""
 
 
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_deepseek_v2_group_limited_greedy_routing_is_fused(backend):
+    """DeepSeek-V2 (and V2.5) keep the top groups by each group's best score, not by its best two summed as
+    DeepSeek-V3 does, and have no selection bias: a routing of its own, which was left as the router's graph ops."""
+    model = make_model("deepseek_v2")
+    cm = moecc.compile(model, backend=backend)
+    cm(**make_inputs("deepseek_v2", 2, 8))
+    (layer,) = cm.moe_layers
+    assert layer.fused and "softmax->top3" in layer.routing and "groups 2/4 by top-1" in layer.routing, layer
+    assert "x16" in layer.routing
+    _matches_eager_on_fresh_shapes("deepseek_v2", model, cm)
+
+
 def _matches_eager_on_fresh_shapes(family, model, cm):
     for batch, seq, seed in ((3, 5, 1), (1, 13, 2)):
         kwargs = make_inputs(family, batch, seq, seed)

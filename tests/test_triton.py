@@ -47,6 +47,29 @@ def test_gating_matches_route(t, e, k, routing):
     _check_gating(t, e, k, routing)
 
 
+@pytest.mark.parametrize("group_top,with_bias", [(1, False), (1, True), (2, False)])
+@pytest.mark.parametrize("fused", [False, True])
+def test_groups_scored_by_their_best_one_or_two_choices(group_top, with_bias, fused):
+    """DeepSeek-V2's group_limited_greedy keeps the groups of the best single scores, DeepSeek-V3 the groups of
+    the best two summed; either with or without a selection bias."""
+    from moecc.codegen.triton.gating import fused_gating
+
+    g = torch.Generator().manual_seed(group_top + 2 * with_bias)
+    t, e, h = 37, 32, 24
+    x, w = torch.randn(t, h, generator=g).to(DEVICE), torch.randn(e, h, generator=g).to(DEVICE)
+    bias = (torch.randn(e, generator=g) * 0.1).to(DEVICE) if with_bias else None
+    rw, ri = route_reference(x @ w.t(), bias, 4, "softmax", False, False, 8, 3, 2.0, group_top)
+    if fused:
+        gw, gi = fused_gating(x, w, None, bias, 4, "softmax", False, False, 8, 3, 2.0, group_top=group_top)
+    else:
+        gw, gi = gating(x @ w.t(), bias, 4, "softmax", False, False, 8, 3, 2.0, group_top)
+    order_r, order_g = ri.argsort(-1), gi.argsort(-1)
+    assert torch.equal(ri.gather(1, order_r), gi.gather(1, order_g))
+    torch.testing.assert_close(gw.gather(1, order_g), rw.gather(1, order_r), rtol=1e-5, atol=1e-6)
+    other, _ = route_reference(x @ w.t(), bias, 4, "softmax", False, False, 8, 3, 2.0, 3 - group_top)
+    assert not torch.equal(other, rw)  # the two group scores choose differently on these tokens
+
+
 @pytest.mark.parametrize("topk_first", [False, True])
 def test_sqrtsoftplus_scores_keep_their_precision_far_from_zero(topk_first):
     """Logits of -30 to 30: softplus through log(1 + exp(v)) would give 0 below about -17 in fp32."""
@@ -278,8 +301,8 @@ def test_capacity_mode():
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "gpt_oss", "cohere2_moe", "afmoe", "dbrx",
-                                    "llama4_text"])
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "deepseek_v2", "gpt_oss", "cohere2_moe", "afmoe",
+                                    "dbrx", "llama4_text"])
 def test_whole_model_on_triton_backend(family):
     model = make_model(family).to(DEVICE)
     cm = moecc.compile(model, backend="triton")

@@ -45,10 +45,11 @@ class FuseGating(MoePass):
                 reasons.append(m.reason)
                 continue
             v = m.value
-            _, sel, k, score, topk_first, renorm, n_group, topk_group, scale = route.args
+            _, sel, k, score, topk_first, renorm, n_group, topk_group, scale, *group_top = route.args
             with gm.graph.inserting_before(route):
                 new = gm.graph.call_function(torch.ops.moecc.fused_route.default, (
-                    v["x"], v["w"], v["b"], sel, k, score, topk_first, renorm, n_group, topk_group, scale, v["fp32"]))
+                    v["x"], v["w"], v["b"], sel, k, score, topk_first, renorm, n_group, topk_group, scale, v["fp32"],
+                    *group_top))
             new.meta.update(route.meta)
             route.replace_all_uses_with(new)
             gm.graph.erase_node(route)

@@ -43,7 +43,7 @@ class OrtForm:
 
 def ort_form(route: fx.Node, moe: fx.Node) -> MatchResult[OrtForm]:
     """The com.microsoft.MoE attributes that compute exactly this (route, experts) pair, or why none do."""
-    (_, _, _, sel, _k, score, topk_first, renorm, n_group, _tg, _scale, _fp32) = route.args
+    (_, _, _, sel, _k, score, topk_first, renorm, n_group, _tg, _scale, _fp32, *_group_top) = route.args
     act, gated, alpha, limit = moe.args[7], moe.args[8], moe.args[9], moe.args[10]
     capacity, cf = moe.args[11], moe.args[12]
     if score != "softmax":

@@ -38,8 +38,9 @@ def _elementwise_score(v, SCORE: tl.constexpr):
 def _select(logits, bias_ptr, weights_ptr, ids_ptr, t, n_tokens, num_experts, scale,
             K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr, SCORE: tl.constexpr,
             TOPK_FIRST: tl.constexpr, RENORM: tl.constexpr, HAS_BIAS: tl.constexpr,
-            N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, G_PAD: tl.constexpr):
-    """Scores, selection bias, group-limited top-k, top-k, renormalisation and scaling of the logits of tokens
+            N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, G_PAD: tl.constexpr, GROUP_TOP: tl.constexpr):
+    """Scores, selection bias, group-limited top-k (a group scored by its best choice, or its best two summed:
+    ``GROUP_TOP``), top-k, renormalisation and scaling of the logits of tokens
     ``t`` ([BLOCK_T, E_PAD], one token per row; rows from ``n_tokens`` on are not stored)."""
     offs = tl.arange(0, E_PAD)[None, :]
     valid = offs < num_experts
@@ -67,10 +68,12 @@ def _select(logits, bias_ptr, weights_ptr, ids_ptr, t, n_tokens, num_experts, sc
             gscore = tl.full([logits.shape[0], G_PAD], -float("inf"), tl.float32)
             for g in tl.static_range(N_GROUP):
                 vals = tl.where(group == g, choice, -float("inf"))
-                first = tl.max(vals, 1)
-                at = tl.argmax(vals, 1)
-                second = tl.max(tl.where(offs == at[:, None], -float("inf"), vals), 1)
-                s = tl.where(per_group >= 2, first + second, first)
+                if GROUP_TOP == 1:
+                    s = tl.max(vals, 1)
+                else:
+                    first, at = tl.max(vals, 1, return_indices=True, return_indices_tie_break_left=True)
+                    second = tl.max(tl.where(offs == at[:, None], -float("inf"), vals), 1)
+                    s = tl.where(per_group >= 2, first + second, first)
                 gscore = tl.where(goffs == g, s[:, None], gscore)
             keep = tl.zeros(logits.shape, tl.int1)
             for _ in tl.static_range(TOPK_GROUP):
@@ -112,7 +115,8 @@ def _select(logits, bias_ptr, weights_ptr, ids_ptr, t, n_tokens, num_experts, sc
 def _gating_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, stride_t, n_tokens, num_experts, scale,
                    BLOCK_T: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr,
                    SCORE: tl.constexpr, TOPK_FIRST: tl.constexpr, RENORM: tl.constexpr, HAS_BIAS: tl.constexpr,
-                   N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, G_PAD: tl.constexpr, PDL: tl.constexpr):
+                   N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, G_PAD: tl.constexpr, GROUP_TOP: tl.constexpr,
+                   PDL: tl.constexpr):
     if PDL:  # the decode GEMV 1 waits for this kernel to finish before it reads anything
         gdc_launch_dependents()
     t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -121,7 +125,7 @@ def _gating_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, stride_t, n_token
     logits = tl.load(logits_ptr + t[:, None] * stride_t + offs[None, :],
                      mask=(t < n_tokens)[:, None] & (offs < num_experts)[None, :], other=0.0)
     _select(logits.to(tl.float32), bias_ptr, weights_ptr, ids_ptr, t, n_tokens, num_experts, scale, K, K_PAD, E_PAD,
-            SCORE, TOPK_FIRST, RENORM, HAS_BIAS, N_GROUP, TOPK_GROUP, G_PAD)
+            SCORE, TOPK_FIRST, RENORM, HAS_BIAS, N_GROUP, TOPK_GROUP, G_PAD, GROUP_TOP)
 
 
 @triton.jit
@@ -129,8 +133,8 @@ def _gemv_gating_kernel(x_ptr, w_ptr, rb_ptr, bias_ptr, logits_ptr, arrived_ptr,
                         stride_w, hidden, num_experts, scale, HAS_ROUTER_BIAS: tl.constexpr, ROWS: tl.constexpr,
                         BLOCK_H: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr,
                         SCORE: tl.constexpr, TOPK_FIRST: tl.constexpr, RENORM: tl.constexpr, HAS_BIAS: tl.constexpr,
-                        N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, G_PAD: tl.constexpr, PDL: tl.constexpr,
-                        ROUND: tl.constexpr):
+                        N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, G_PAD: tl.constexpr,
+                        GROUP_TOP: tl.constexpr, PDL: tl.constexpr, ROUND: tl.constexpr):
     """Small T: the router GEMV in fp32, ``ROWS`` experts of one token per program, then the same selection, run by
     the token's last program to finish (it counts arrivals in ``arrived``, and sets the count back to zero for the
     next launch: ``scratch.zeroed_counters``); one launch for all of gating. With ``ROUND`` the logits are rounded
@@ -161,16 +165,18 @@ def _gemv_gating_kernel(x_ptr, w_ptr, rb_ptr, bias_ptr, logits_ptr, arrived_ptr,
         all_logits = tl.load(logits_ptr + t * E_PAD + offs_e, mask=offs_e < num_experts, other=0.0,
                              cache_modifier=".cg")
         _select(all_logits[None, :], bias_ptr, weights_ptr, ids_ptr, t + tl.arange(0, 1), t + 1, num_experts, scale,
-                K, K_PAD, E_PAD, SCORE, TOPK_FIRST, RENORM, HAS_BIAS, N_GROUP, TOPK_GROUP, G_PAD)
+                K, K_PAD, E_PAD, SCORE, TOPK_FIRST, RENORM, HAS_BIAS, N_GROUP, TOPK_GROUP, G_PAD, GROUP_TOP)
 
 
-def _meta(top_k, e, score, topk_first, renormalize, has_bias, n_group, topk_group):
+def _meta(top_k, e, score, topk_first, renormalize, has_bias, n_group, topk_group, group_top):
+    if n_group > 1 and group_top not in (1, 2):
+        raise NotImplementedError(f"Triton gating scores a group by its best 1 or 2 choices, not {group_top}")
     k = min(top_k, e)
     return dict(K=k, K_PAD=triton.next_power_of_2(k), E_PAD=triton.next_power_of_2(e), SCORE=SCORE_IDS[score],
                 TOPK_FIRST=topk_first, RENORM=renormalizes(score, topk_first, renormalize),
                 HAS_BIAS=has_bias,
                 N_GROUP=n_group if not topk_first else 1, TOPK_GROUP=topk_group,
-                G_PAD=triton.next_power_of_2(max(n_group, 1)))
+                G_PAD=triton.next_power_of_2(max(n_group, 1)), GROUP_TOP=group_top)
 
 
 GEMV_MAX_TOKENS = 64  # up to here one fused launch beats a GEMM plus a gating launch
@@ -185,7 +191,7 @@ ROUTER_WARPS = 4
 
 def fused_gating(x: torch.Tensor, router_weight: torch.Tensor, router_bias, selection_bias, top_k: int, score: str,
                  topk_first: bool, renormalize: bool, n_group: int, topk_group: int, scale: float,
-                 round_logits: bool = False):
+                 round_logits: bool = False, group_top: int = 2):
     """Router GEMV (fp32 accumulation) and gating in one launch, for small token counts; ``round_logits``: the
     logits rounded to ``x``'s dtype (a router whose eager GEMM returns them in it)."""
     t, hidden = x.shape
@@ -199,7 +205,7 @@ def fused_gating(x: torch.Tensor, router_weight: torch.Tensor, router_bias, sele
     bias = selection_bias if selection_bias is not None else w
     block_h = min(triton.next_power_of_2(hidden), ROUTER_BLOCK_H)
     rows = min(max(1, ROUTER_TILE_ELEMENTS // block_h), triton.next_power_of_2(e))
-    meta = _meta(top_k, e, score, topk_first, renormalize, selection_bias is not None, n_group, topk_group)
+    meta = _meta(top_k, e, score, topk_first, renormalize, selection_bias is not None, n_group, topk_group, group_top)
     logits = torch.empty((t, meta["E_PAD"]), dtype=torch.float32, device=x.device)
     arrived = zeroed_counters(t, x.device)
     _gemv_gating_kernel[(t, triton.cdiv(e, rows))](
@@ -211,7 +217,7 @@ def fused_gating(x: torch.Tensor, router_weight: torch.Tensor, router_bias, sele
 
 
 def gating(logits: torch.Tensor, selection_bias, top_k: int, score: str, topk_first: bool, renormalize: bool,
-           n_group: int, topk_group: int, scale: float):
+           n_group: int, topk_group: int, scale: float, group_top: int = 2):
     """logits [T, E] -> (weights [T, k] fp32, ids [T, k] int64); the semantics of ``moecc::route``."""
     t, e = logits.shape
     k = min(top_k, e)
@@ -222,7 +228,7 @@ def gating(logits: torch.Tensor, selection_bias, top_k: int, score: str, topk_fi
     logits = logits.contiguous()
     bias = selection_bias if selection_bias is not None else logits
     block_t = tokens_per_program(t, e)
-    meta = _meta(top_k, e, score, topk_first, renormalize, selection_bias is not None, n_group, topk_group)
+    meta = _meta(top_k, e, score, topk_first, renormalize, selection_bias is not None, n_group, topk_group, group_top)
     _gating_kernel[(triton.cdiv(t, block_t),)](
         logits, bias, weights, ids, logits.stride(0), t, e, float(scale), BLOCK_T=block_t,
         num_warps=_warps(block_t * meta["E_PAD"]), PDL=dependent_launch.enabled(logits), **meta)

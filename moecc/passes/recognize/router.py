@@ -154,14 +154,16 @@ def routing_candidates(num_experts: int, top_ks: list[int], sel_biases: list, gr
                        logits_fp32: bool) -> Iterator[tuple[RoutingSpec, torch.Tensor | None]]:
     for k in top_ks:
         for sel in [None, *sel_biases]:
-            for (g, tg) in (groups if sel is not None else [(1, 1)]):
+            # a group scored by its best two choices (DeepSeek-V3) or its best one (DeepSeek-V2's
+            # group_limited_greedy), with or without a selection bias
+            for (g, tg), group_top in ((gt, top) for gt in groups for top in ((2, 1) if gt[0] > 1 else (2,))):
                 for score, topk_first, renorm in itertools.product(SCORES, (False, True),
                                                                    (True, False)):
                     # a softmax over the chosen ones needs no renormalisation; groups select on scores
                     if topk_first and ((renorm and score == "softmax") or g > 1):
                         continue
                     yield RoutingSpec(num_experts, k, score, topk_first, renorm, g, tg, 1.0, logits_fp32, has_bias,
-                                      sel is not None), sel
+                                      sel is not None, group_top=group_top), sel
 
 
 def fit_routing(router: Router, obs: Observed, x2: torch.Tensor, num_experts: int, mods: list[nn.Module],
@@ -195,7 +197,7 @@ def _fit_one(router: Router, obs: Observed, x2: torch.Tensor, num_experts: int, 
         for spec, sel in routing_candidates(num_experts, [k], router.selection_biases,
                                             group_candidates(mods, num_experts), router.bias is not None, fp32):
             w, ids = route_reference(logits, sel, spec.top_k, spec.score, spec.topk_first, spec.renormalize,
-                                     spec.n_group, spec.topk_group, 1.0)
+                                     spec.n_group, spec.topk_group, 1.0, spec.group_top)
             ids_k, w_k = ids[keep], w[keep]
             o = ids_k.argsort(-1)
             if not torch.equal(ids_k.gather(1, o), obs_ids):
@@ -220,7 +222,7 @@ def fit_capacity(router: Router, spec: RoutingSpec, sel, obs: Observed, x2: torc
     """The capacity rule that drops exactly the pairs the router dropped (observed on colliding tokens)."""
     logits = router_logits(x2, router.weight, router.bias, True)
     _, ids = route_reference(logits, sel, spec.top_k, spec.score, spec.topk_first, spec.renormalize, spec.n_group,
-                             spec.topk_group, 1.0)
+                             spec.topk_group, 1.0, spec.group_top)
     for cap in capacity_candidates(mods):
         if cap.dropless:
             if not obs.dropped:
