@@ -339,6 +339,29 @@ def test_a_router_modules_own_bias_may_bias_the_selection_only(dtype):
     torch.testing.assert_close(cm(x), model(x), **tol)
 
 
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_group_limited_routing_written_with_constants_is_found_from_the_choices(backend):
+    from user_modules import InlineGroupsMoE
+
+    torch.manual_seed(0)
+    model = TinyModel(InlineGroupsMoE()).eval()
+    cm, layer = compile_on_ids(model, backend=backend)
+    assert layer.fused and layer.routing == "softmax->top4 groups 2/4 by top-1", (layer.routing, layer.reason)
+    x = torch.randint(0, 50, (3, 11))
+    torch.testing.assert_close(cm(x), model(x))
+
+
+def test_plain_top_k_is_not_taken_for_group_limited():
+    from moecc.passes.recognize.router import observed_groups
+
+    g = torch.Generator().manual_seed(0)
+    plain = torch.randn(256, 16, generator=g).topk(4, dim=-1).indices
+    assert observed_groups(plain, 16) == []
+    grouped = torch.randn(256, 16, generator=g).view(256, 4, 4)
+    grouped[:, 1:3] -= 100  # only groups 0 and 3 ever chosen
+    assert (4, 2) in observed_groups(grouped.flatten(1).topk(4, dim=-1).indices, 16)
+
+
 def test_a_long_failed_search_is_reused_for_blocks_of_the_same_structure(monkeypatch):
     from user_modules import MLPRoutedMoE
 

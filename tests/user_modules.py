@@ -626,3 +626,26 @@ class NoneBesideModel(TinyModel):
         y, _, aux = self.moe(self.norm(h))
         logits = self.head(h + y)
         return (logits, aux) if self.read_aux else logits
+
+
+class InlineGroupsMoE(LoopMoE):
+    """Group-limited routing written with constants in the block's own code (no attribute names the groups): the
+    experts in 4 groups of consecutive ids, the 2 groups of the best single scores kept."""
+
+    def __init__(self, hidden=24, inter=40, num_experts=16, top_k=4):
+        super().__init__(hidden, inter, num_experts, top_k)
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        probs = F.softmax(self.gate(x), dim=-1)
+        best_groups = probs.view(-1, 4, 4).amax(-1).topk(2, dim=-1).indices
+        keep = torch.zeros(x.shape[0], 4, dtype=torch.bool, device=x.device).scatter_(1, best_groups, True)
+        probs = probs.masked_fill(~keep.repeat_interleave(4, dim=1), 0.0)
+        weights, chosen = torch.topk(probs, 4, dim=-1)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            token, slot = torch.where(chosen == e)
+            if token.numel():
+                out.index_add_(0, token, expert(x[token]) * weights[token, slot, None])
+        return out.reshape(shape)

@@ -26,11 +26,13 @@ from moecc.passes.recognize.other_args import OtherArgs
 from moecc.passes.recognize.probe import close, rel_err, snap, tensor_leaves, tolerance
 from moecc.passes.recognize.router import (
     capacity_candidates,
+    chosen_by_expert_calls,
     export_router,
     find_router,
     fit_capacity,
     fit_routing,
     group_candidates,
+    observed_groups,
     read_outputs,
     routing_candidates,
     topk_candidates,
@@ -451,11 +453,23 @@ def _with_router_as_written(block, router, obs, x2, call, num_experts, expert_ca
                             "do not reproduce the block")
 
 
-def _searched_routing(router, mods: list[nn.Module], num_experts: int):
-    """(routing spec, selection bias, capacity) candidates for a router whose outputs are not observed."""
+def _recorder(into: list):
+    """A forward pre-hook that keeps the first argument of each call of its module in ``into``."""
+    def hook(module, args):
+        into.append(args[0] if args else None)
+    return hook
+
+
+def _searched_routing(router, mods: list[nn.Module], num_experts: int, chosen: torch.Tensor | None = None):
+    """(routing spec, selection bias, capacity) candidates for a router whose outputs are not observed; ``chosen``:
+    the experts each probe token reached, where the expert calls showed them, which may point to groups that no
+    attribute names (``observed_groups``)."""
+    groups = group_candidates(mods, num_experts)
+    if chosen is not None:
+        groups += [g for g in observed_groups(chosen, num_experts) if g not in groups]
     return ((spec, sel, cap) for (spec, sel), cap in itertools.product(
         routing_candidates(num_experts, topk_candidates(mods, num_experts), router.selection_biases,
-                           group_candidates(mods, num_experts), router.bias is not None, False),
+                           groups, router.bias is not None, False),
         capacity_candidates(mods)))
 
 
@@ -576,16 +590,24 @@ def _analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | 
     router_calls: list = []  # (args, kwargs, outputs) of each call of the router module, or of ``reader``
     hook = None if reader is None or reader is block else reader.register_forward_hook(
         lambda m, args, kwargs, out: router_calls.append((args, kwargs, out)), with_kwargs=True)
+    # what each expert module reads in the first call, which shows the experts each token chose
+    expert_inputs: list[list] = [[] for _ in range(num_experts)] if bank_list is not None else []
+    expert_hooks = [m.register_forward_pre_hook(_recorder(expert_inputs[e])) for e, m in enumerate(experts)] \
+        if bank_list is not None else []
     calls = [others.for_input(x, 100 + i) if others else ((), {}, []) for i, x in enumerate(inputs)]
     router_inputs = [c[2] for c in calls] if others else None
     try:
         with torch.no_grad():
-            raw = [block(x, *c[0], **c[1]) for x, c in zip(inputs, calls)]
+            raw = [block(inputs[0], *calls[0][0], **calls[0][1])]
+            for h in expert_hooks:
+                h.remove()
+            raw += [block(x, *c[0], **c[1]) for x, c in zip(inputs[1:], calls[1:])]
     except Exception as exc:  # noqa: BLE001
         return MatchResult.fail(f"block could not be called on a [.., {hidden}] input: {exc}")
     finally:
-        if hook is not None:
-            hook.remove()
+        for h in [hook, *expert_hooks]:
+            if h is not None:
+                h.remove()
     refs = [[t if i == 0 or read is None or i in read else None for i, t in enumerate(tensor_leaves(r))]
             for r in raw]
     pre = input_module(inputs[0], router_calls[0][0], leftovers) if router_calls else None
@@ -645,7 +667,10 @@ def _analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | 
                                     "(fixed or factor capacity, per sequence or per batch, token or slot order)")
         routing_options = [(spec, sel, cap)]
     else:
-        routing_options = _searched_routing(router, mods, num_experts)
+        chosen = None
+        if expert_inputs and all(isinstance(t, torch.Tensor) for calls in expert_inputs for t in calls):
+            chosen = chosen_by_expert_calls(expert_inputs, routed(inputs[0]).reshape(-1, hidden))
+        routing_options = _searched_routing(router, mods, num_experts, chosen)
 
     tried = 0
 

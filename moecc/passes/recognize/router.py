@@ -135,6 +135,41 @@ def group_candidates(mods: list[nn.Module], num_experts: int) -> list[tuple[int,
     return out
 
 
+def observed_groups(ids: torch.Tensor, num_experts: int) -> list[tuple[int, int]]:
+    """(n_group, topk_group) that the chosen ids [n, k] themselves point to, for group-limited routing written with
+    constants in a block's own code (no attribute names its groups): for each split of the experts into ``g`` equal
+    groups of consecutive ids, the most groups any token's choices span, where that stays below both ``g`` and k
+    on every probe token. Plain top-k over random probes spans as many groups as it can on some token."""
+    n, k = ids.shape
+    out = []
+    for g in range(2, num_experts):
+        if num_experts % g or n == 0:
+            continue
+        groups = (ids // (num_experts // g)).sort(-1).values
+        spanned = int((1 + (groups[:, 1:] != groups[:, :-1]).sum(-1)).max())
+        if spanned < min(g, k):
+            out.append((g, spanned))
+    return out
+
+
+def chosen_by_expert_calls(expert_inputs: list[list[torch.Tensor]], x2: torch.Tensor) -> torch.Tensor | None:
+    """Ids [T, k] of the experts each token of ``x2`` [T, H] reached, read off the inputs each expert module was
+    called with (a loop over a ModuleList of experts); None where an expert read rows that are not rows of ``x2``
+    (its input scaled first, say) or tokens reached different numbers of experts."""
+    hit = torch.zeros(x2.shape[0], len(expert_inputs), dtype=torch.bool, device=x2.device)
+    for e, calls in enumerate(expert_inputs):
+        for rows in calls:
+            rows = rows.reshape(-1, x2.shape[-1])
+            same = (rows[:, None, :] == x2[None, :, :]).all(-1)
+            if not bool(same.any(-1).all()):
+                return None
+            hit[:, e] |= same.any(0)
+    counts = hit.sum(-1)
+    if x2.shape[0] == 0 or int(counts.min()) != int(counts.max()) or int(counts[0]) == 0:
+        return None
+    return hit.nonzero()[:, 1].reshape(x2.shape[0], -1)
+
+
 def capacity_candidates(mods: list[nn.Module]) -> list[CapacitySpec]:
     out = [CapacitySpec()]
     fixed = _int_attrs(mods, r"capacity")
@@ -192,10 +227,12 @@ def _fit_one(router: Router, obs: Observed, x2: torch.Tensor, num_experts: int, 
     precisions = (True, False) if x2.dtype == router.weight.dtype != torch.float32 else (True,)
     best: tuple[float, RoutingSpec, torch.Tensor | None] | None = None
     exact = tolerance(x2.dtype) / 10
+    groups = group_candidates(mods, num_experts)
+    groups += [g for g in observed_groups(obs_ids, num_experts) if g not in groups]
     for fp32 in precisions:
         logits = router_logits(x2, router.weight, router.bias, fp32).float()
-        for spec, sel in routing_candidates(num_experts, [k], router.selection_biases,
-                                            group_candidates(mods, num_experts), router.bias is not None, fp32):
+        for spec, sel in routing_candidates(num_experts, [k], router.selection_biases, groups,
+                                            router.bias is not None, fp32):
             w, ids = route_reference(logits, sel, spec.top_k, spec.score, spec.topk_first, spec.renormalize,
                                      spec.n_group, spec.topk_group, 1.0, spec.group_top)
             ids_k, w_k = ids[keep], w[keep]
