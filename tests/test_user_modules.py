@@ -549,3 +549,15 @@ def test_a_norm_of_the_blocks_own_input_runs_first_in_the_canonical_form(residua
     x = torch.randint(0, 50, (3, 11))
     tol = {} if dtype == torch.float32 else dict(rtol=5e-2, atol=5e-2)
     torch.testing.assert_close(cm(x), model(x), **tol)
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_a_pre_norm_before_a_router_weight_the_block_holds_itself_is_found_by_what_the_experts_read(backend):
+    from user_modules import PreNormBareRouterMoE
+
+    torch.manual_seed(0)
+    model = TinyModel(PreNormBareRouterMoE()).eval()
+    cm, layer = compile_on_ids(model, backend=backend)
+    assert layer.fused and layer.input_module == "LayerNorm" and layer.residual, layer
+    x = torch.randint(0, 50, (3, 11))
+    torch.testing.assert_close(cm(x), model(x))

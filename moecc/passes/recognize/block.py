@@ -19,7 +19,7 @@ from moecc.ir import CapacitySpec, ExpertSpec, ExpertWeights, RoutingSpec, Share
 from moecc.match import MatchResult
 from moecc.passes.recognize import clamp, stacked
 from moecc.passes.recognize.amplify import amplifier
-from moecc.passes.recognize.input_module import input_module
+from moecc.passes.recognize.input_module import expert_input_module, input_module
 from moecc.passes.recognize.logit_affine import affine_router
 from moecc.passes.recognize.mlp import analyze_mlp, stack_mlps
 from moecc.passes.recognize.other_args import OtherArgs
@@ -453,6 +453,10 @@ def _with_router_as_written(block, router, obs, x2, call, num_experts, expert_ca
                             "do not reproduce the block")
 
 
+def _all_tensors(expert_inputs: list[list]) -> bool:
+    return bool(expert_inputs) and all(isinstance(t, torch.Tensor) for calls in expert_inputs for t in calls)
+
+
 def _recorder(into: list):
     """A forward pre-hook that keeps the first argument of each call of its module in ``into``."""
     def hook(module, args):
@@ -611,6 +615,8 @@ def _analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | 
     refs = [[t if i == 0 or read is None or i in read else None for i, t in enumerate(tensor_leaves(r))]
             for r in raw]
     pre = input_module(inputs[0], router_calls[0][0], leftovers) if router_calls else None
+    if pre is None and not router_calls and _all_tensors(expert_inputs):
+        pre = expert_input_module(inputs[0], expert_inputs, leftovers)
     posts = [None, *(m for m in leftovers if m is not pre)]
 
     def routed(x: torch.Tensor) -> torch.Tensor:
@@ -668,7 +674,7 @@ def _analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | 
         routing_options = [(spec, sel, cap)]
     else:
         chosen = None
-        if expert_inputs and all(isinstance(t, torch.Tensor) for calls in expert_inputs for t in calls):
+        if _all_tensors(expert_inputs):
             chosen = chosen_by_expert_calls(expert_inputs, routed(inputs[0]).reshape(-1, hidden))
         routing_options = _searched_routing(router, mods, num_experts, chosen)
 

@@ -3,7 +3,8 @@
 OpenAI's reference GPT-OSS ``MLPBlock`` normalizes its input itself, ``t = self.norm(x)``, then routes and runs its
 experts on ``t`` and returns ``x + moe(t)``. Its router module is called with ``t``, so what the router was called
 with on the block's probes names the module: the one of the block's leftover modules (weights, no Linear) that maps
-the block's input to it."""
+the block's input to it. A router weight the block holds itself (``F.linear(t, self.router_weight)``) is no module
+call to watch; what a loop over expert modules hands each expert is then the witness (``expert_input_module``)."""
 
 from __future__ import annotations
 
@@ -29,5 +30,26 @@ def input_module(x: torch.Tensor, router_args: tuple, leftovers: list[nn.Module]
             continue
         if isinstance(got, torch.Tensor) and got.numel() == seen.numel() \
                 and close(got.reshape(seen.shape).to(seen.dtype), seen):
+            return module
+    return None
+
+
+def expert_input_module(x: torch.Tensor, expert_inputs: list[list], leftovers: list[nn.Module]) -> nn.Module | None:
+    """The module of ``leftovers`` whose output on the block input ``x`` holds every row the expert modules were
+    called with (``expert_inputs[e]``: the inputs of expert ``e``'s calls); None when they read rows of ``x`` itself,
+    or no leftover gives theirs."""
+    from moecc.passes.recognize.router import chosen_by_expert_calls
+
+    hidden = x.shape[-1]
+    if chosen_by_expert_calls(expert_inputs, x.reshape(-1, hidden)) is not None:
+        return None
+    for module in leftovers:
+        try:
+            with torch.no_grad():
+                got = module(x)
+        except Exception:  # noqa: BLE001 - a leftover that does not take the block's input is not its pre-norm
+            continue
+        if isinstance(got, torch.Tensor) and got.shape == x.shape \
+                and chosen_by_expert_calls(expert_inputs, got.reshape(-1, hidden)) is not None:
             return module
     return None
