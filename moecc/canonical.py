@@ -5,7 +5,7 @@ splices into the graph (traced with FX), so the two can never disagree."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -67,6 +67,14 @@ class CanonicalMoE(nn.Module):
             self.register_parameter(f"shared{i}_b_up", _maybe(s.weights.b_up))
             self.register_parameter(f"shared{i}_b_down", _maybe(s.weights.b_down))
             self.register_parameter(f"shared{i}_gate", _maybe(s.gate_weight))
+        # the analysis keeps the specs; its tensors are views of the model's parameters made under no_grad, which
+        # torch refuses to deepcopy once their base is updated in place: it holds the detached ones instead
+        self.a = replace(
+            a, router_weight=self.router_weight, router_bias=self.router_bias, selection_bias=self.selection_bias,
+            weights=ExpertWeights(self.w_up, self.w_down, self.b_up, self.b_down),
+            shared=[replace(s, weights=ExpertWeights(*(getattr(self, f"shared{i}_{n}") for n in
+                                                       ("w_up", "w_down", "b_up", "b_down"))),
+                            gate_weight=getattr(self, f"shared{i}_gate")) for i, s in enumerate(a.shared)])
 
     def forward(self, x, other0=None, other1=None, other2=None, other3=None):
         a, r, e, c = self.a, self.a.routing, self.a.expert, self.a.capacity

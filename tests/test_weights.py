@@ -148,11 +148,14 @@ def test_a_deep_copy_keeps_its_program_and_watches_its_own_weights():
     assert copied.captures == 2 and cm._entries[-1].weights.changed() is None
 
 
-def test_a_change_made_before_a_deep_copy_is_seen_in_the_copy():
-    """ONNX Runtime's program holds copies of every weight, so the model's tensors are no views it copies."""
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
+def test_a_change_made_before_a_deep_copy_is_seen_in_the_copy(backend):
+    """ONNX Runtime's program holds copies of every weight. The torch program's canonical modules hold the model's
+    tensors themselves, detached: views of them made under no_grad, which torch refuses to copy once their base
+    changed in place, would make the copy fail."""
     import copy
 
-    model, ids, cm = _compiled("mixtral", "onnxruntime")
+    model, ids, cm = _compiled("mixtral", backend)
     with torch.no_grad():
         model.model.layers[1].mlp.experts.down_proj.mul_(2.0)
     copied = copy.deepcopy(cm)
