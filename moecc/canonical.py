@@ -93,9 +93,10 @@ class CanonicalMoE(nn.Module):
         else:
             logits = torch.nn.functional.linear(x2, self.router_weight, self.router_bias)
         if self.router_program is None:
+            # group_top only where it is not the op's default, as torch's graphs leave default arguments out
             weights, ids = torch.ops.moecc.route(logits, self.selection_bias, r.top_k, r.score, r.topk_first,
                                                  r.renormalize, r.n_group, r.topk_group, r.scale,
-                                                 r.group_top)
+                                                 *([r.group_top] if r.group_top != 2 else []))
         group = x.shape[-2] if c.group == "sequence" else 0
         k = r.top_k
         if r.weights_on_inputs:

@@ -153,4 +153,4 @@ def test_bf16_router_is_fitted_on_bf16_logits():
     layer = cm.moe_layers[0]
     assert layer.fused and layer.routing == "softmax->top3 renorm", layer.routing
     routes = [n for n in cm._entries[-1].gm.graph.nodes if n.target is torch.ops.moecc.fused_route.default]
-    assert routes and routes[0].args[-1] is False  # logits_fp32
+    assert routes and routes[0].args[11] is False  # logits_fp32
