@@ -528,6 +528,25 @@ def test_a_swiglu_clamped_elsewhere_than_gpt_oss_is_left_as_written(limit):
     torch.testing.assert_close(cm(x), model(x))
 
 
+@pytest.mark.parametrize("limit", [7.0, 5.0])
+def test_a_default_clamp_is_proven_for_a_block_called_with_other_arguments(limit):
+    """The probes that pass the clamp call the block with its other arguments drawn anew, as recognition does."""
+    import functools
+
+    from user_modules import IdsModel, IdsReferenceMLPBlock, oai_swiglu
+
+    torch.manual_seed(0)
+    block = IdsReferenceMLPBlock(swiglu=functools.partial(oai_swiglu, limit=limit), weight_scale=0.05)
+    model = IdsModel(block).eval()
+    cm, layer = compile_on_ids(model, backend="torch")
+    if limit == 7.0:
+        assert layer.fused and "clamp 7" in layer.activation, layer
+    else:  # unit probes fit 7 as well; the probes that pass the clamp do not
+        assert not layer.fused and "does not fit probes that pass it" in layer.reason, layer.reason
+    x = torch.randint(0, 50, (3, 11))
+    torch.testing.assert_close(cm(x), model(x))
+
+
 @pytest.mark.parametrize("backend", ["onnxruntime", "triton"])
 def test_openai_reference_mlp_block_runs_fused_on_the_other_backends(backend):
     from user_modules import ReferenceMLPBlock

@@ -675,3 +675,10 @@ class PreNormBareRouterMoE(LoopMoE):
             if token.numel():
                 out.index_add_(0, token, expert(t[token]) * weights[token, slot, None])
         return x + out.reshape(shape)
+
+
+class IdsReferenceMLPBlock(ReferenceMLPBlock):
+    """OpenAI's reference ``MLPBlock`` handed the token ids too, which it does not read."""
+
+    def forward(self, x, input_ids=None):
+        return super().forward(x)

@@ -497,11 +497,8 @@ def analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | N
     if experts is not None or stacked.names_limit(bank):
         return r
     limit = f"GPT-OSS's swiglu fits the experts on unit probes, and {type(bank).__name__} names no clamp limit"
-    if others is not None:  # the probes that pass the clamp would need the block's other arguments redrawn
-        return MatchResult.fail(f"{limit}: the clamp at {r.value.expert.limit:g} is not proven for a block called "
-                                "with other arguments")
     inputs = _probe_inputs(example, int(example.shape[-1]), next(block.parameters()), 16)
-    if clamp.proven_clamp(block, r.value, inputs):
+    if clamp.proven_clamp(block, r.value, inputs, others):
         return r
     return MatchResult.fail(f"{limit}, but the clamp at {r.value.expert.limit:g} does not fit probes that pass it")
 

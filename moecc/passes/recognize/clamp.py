@@ -22,9 +22,10 @@ DEFAULT_LIMIT = 7.0
 SPREAD_TOKENS = 8  # probe tokens whose gate pre-activations set the probes' scale
 
 
-def proven_clamp(block: nn.Module, a: BlockAnalysis, inputs: list[torch.Tensor]) -> bool:
+def proven_clamp(block: nn.Module, a: BlockAnalysis, inputs: list[torch.Tensor], others=None) -> bool:
     """Whether the block computes ``a``'s clamp: both run on the probe ``inputs`` made to spread the gate's
-    pre-activations (their standard deviation about the limit, so that about a third are clamped), and agree."""
+    pre-activations (their standard deviation about the limit, so that about a third are clamped), and agree.
+    ``others`` (``OtherArgs``): the block's other arguments, drawn anew for each probe as recognition draws them."""
     e = a.expert
     x = inputs[0].reshape(-1, e.hidden_size)[:SPREAD_TOKENS]
     with torch.no_grad():
@@ -38,8 +39,9 @@ def proven_clamp(block: nn.Module, a: BlockAnalysis, inputs: list[torch.Tensor])
         if amplify is None:
             return False
         with torch.no_grad():
-            for probe in inputs:
+            for i, probe in enumerate(inputs):
                 xs = amplify(probe)
-                if not close(canon(xs), tensor_leaves(block(xs))[0]):
+                args, kwargs, router_inputs = others.for_input(xs, 200 + i) if others is not None else ((), {}, [])
+                if not close(canon(xs, *router_inputs), tensor_leaves(block(xs, *args, **kwargs))[0]):
                     return False
     return True
