@@ -43,6 +43,12 @@ SHAPES = {
                                                            topk_group=4, n_shared_experts=1,
                                                            routed_scaling_factor=2.5, norm_topk_prob=True),
                     "DeepseekV3MoE"),
+    # DeepSeek-V2 (236B): groups kept by each group's best score (group_limited_greedy), two shared experts
+    "deepseek_v2": ("deepseek_v2", "DeepseekV2Config", dict(hidden_size=5120, moe_intermediate_size=1536,
+                                                           n_routed_experts=160, num_experts_per_tok=6, n_group=8,
+                                                           topk_group=3, topk_method="group_limited_greedy",
+                                                           n_shared_experts=2, routed_scaling_factor=16.0),
+                    "DeepseekV2Moe"),
     "gpt_oss": ("gpt_oss", "GptOssConfig", dict(hidden_size=2880, intermediate_size=2880, num_local_experts=32,
                                                num_experts_per_tok=4), "GptOssMLP"),
     "olmoe": ("olmoe", "OlmoeConfig", dict(hidden_size=2048, intermediate_size=1024, num_experts=64,
