@@ -104,21 +104,15 @@ def heuristic(rows_per_expert: float, dtype: torch.dtype, interpret: bool) -> Ti
     42 ms on Qwen3-MoE's 512 tokens against 1.4 (``benchmarks/RESULTS.md``, session 25)."""
     if interpret:
         return TileConfig(16, 32, 32, 1, 1, 1)
-    if dtype == torch.float32:
-        if rows_per_expert <= 16:
-            return TileConfig(16, 64, 32, 1, 4, 3)
-        if rows_per_expert <= 64:
-            return TileConfig(32, 64, 32, 4, 4, 3)
-        if rows_per_expert <= 256:
-            return TileConfig(64, 64, 32, 8, 4, 3)
-        return TileConfig(128, 64, 32, 8, 8, 3)
-    if rows_per_expert <= 16:
-        return TileConfig(16, 64, 128, 1, 4, 4)
-    if rows_per_expert <= 64:
-        return TileConfig(32, 64, 128, 4, 4, 4)
-    if rows_per_expert <= 256:
-        return TileConfig(64, 128, 64, 8, 4, 4)
-    return TileConfig(128, 128, 64, 8, 8, 4)
+    tiles = HEURISTIC_FP32 if dtype == torch.float32 else HEURISTIC_16BIT
+    return next(tile for most_rows, tile in tiles if rows_per_expert <= most_rows)
+
+
+# (rows per expert at most, tile): the heuristic's tiles
+HEURISTIC_16BIT = [(16, TileConfig(16, 64, 128, 1, 4, 4)), (64, TileConfig(32, 64, 128, 4, 4, 4)),
+                   (256, TileConfig(64, 128, 64, 8, 4, 4)), (math.inf, TileConfig(128, 128, 64, 8, 8, 4))]
+HEURISTIC_FP32 = [(16, TileConfig(16, 64, 32, 1, 4, 3)), (64, TileConfig(32, 64, 32, 4, 4, 3)),
+                  (256, TileConfig(64, 64, 32, 8, 4, 3)), (math.inf, TileConfig(128, 64, 32, 8, 8, 3))]
 
 
 SHIPPED = Path(__file__).with_name("configs.json")

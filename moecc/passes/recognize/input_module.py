@@ -22,16 +22,8 @@ def input_module(x: torch.Tensor, router_args: tuple, leftovers: list[nn.Module]
         return None
     if close(x.reshape(seen.shape).to(seen.dtype), seen):
         return None
-    for module in leftovers:
-        try:
-            with torch.no_grad():
-                got = module(x)
-        except Exception:  # noqa: BLE001 - a leftover that does not take the block's input is not its pre-norm
-            continue
-        if isinstance(got, torch.Tensor) and got.numel() == seen.numel() \
-                and close(got.reshape(seen.shape).to(seen.dtype), seen):
-            return module
-    return None
+    return _first_giving(x, leftovers, lambda got: got.numel() == seen.numel()
+                         and close(got.reshape(seen.shape).to(seen.dtype), seen))
 
 
 def expert_input_module(x: torch.Tensor, expert_inputs: list[list], leftovers: list[nn.Module]) -> nn.Module | None:
@@ -43,13 +35,18 @@ def expert_input_module(x: torch.Tensor, expert_inputs: list[list], leftovers: l
     hidden = x.shape[-1]
     if chosen_by_expert_calls(expert_inputs, x.reshape(-1, hidden)) is not None:
         return None
+    return _first_giving(x, leftovers, lambda got: got.shape == x.shape
+                         and chosen_by_expert_calls(expert_inputs, got.reshape(-1, hidden)) is not None)
+
+
+def _first_giving(x: torch.Tensor, leftovers: list[nn.Module], gives) -> nn.Module | None:
+    """The first module of ``leftovers`` whose output on ``x`` is a tensor that ``gives`` accepts."""
     for module in leftovers:
         try:
             with torch.no_grad():
                 got = module(x)
         except Exception:  # noqa: BLE001 - a leftover that does not take the block's input is not its pre-norm
             continue
-        if isinstance(got, torch.Tensor) and got.shape == x.shape \
-                and chosen_by_expert_calls(expert_inputs, got.reshape(-1, hidden)) is not None:
+        if isinstance(got, torch.Tensor) and gives(got):
             return module
     return None
