@@ -30,7 +30,8 @@ def _elementwise_score(v, SCORE: tl.constexpr):
     else:
         y = tl.exp(-tl.abs(v))
         u = 1.0 + y
-        log1p = tl.where(u == 1.0, y, tl.log(u) * (y / (u - 1.0)))
+        # both sides are computed: the divisor is kept off zero where the other side is taken
+        log1p = tl.where(u == 1.0, y, tl.log(u) * (y / tl.where(u == 1.0, 1.0, u - 1.0)))
         return tl.sqrt(tl.maximum(v, 0.0) + log1p)
 
 
