@@ -47,34 +47,36 @@ def _maybe(t):
     return None if t is None else nn.Parameter(t.detach(), requires_grad=False)
 
 
+def _tensors(w: ExpertWeights) -> tuple:
+    return w.w_up, w.w_down, w.b_up, w.b_down
+
+
+def _registered(w: ExpertWeights) -> ExpertWeights:
+    """``w`` as frozen parameters over the same storage (``_maybe`` of each)."""
+    return ExpertWeights(*(_maybe(t) for t in _tensors(w)))
+
+
 class CanonicalMoE(nn.Module):
     def __init__(self, a: BlockAnalysis):
         super().__init__()
-        self.a = a
         self.router_program = a.router_program
         self.post = a.post
         self.pre = a.pre
         self.router_weight = _maybe(a.router_weight)
         self.router_bias = _maybe(a.router_bias)
         self.selection_bias = _maybe(a.selection_bias)
-        self.w_up = _maybe(a.weights.w_up)
-        self.w_down = _maybe(a.weights.w_down)
-        self.b_up = _maybe(a.weights.b_up)
-        self.b_down = _maybe(a.weights.b_down)
+        weights = _registered(a.weights)
+        self.w_up, self.w_down, self.b_up, self.b_down = _tensors(weights)
+        shared = []
         for i, s in enumerate(a.shared):
-            self.register_parameter(f"shared{i}_w_up", _maybe(s.weights.w_up))
-            self.register_parameter(f"shared{i}_w_down", _maybe(s.weights.w_down))
-            self.register_parameter(f"shared{i}_b_up", _maybe(s.weights.b_up))
-            self.register_parameter(f"shared{i}_b_down", _maybe(s.weights.b_down))
-            self.register_parameter(f"shared{i}_gate", _maybe(s.gate_weight))
-        # the analysis keeps the specs; its tensors are views of the model's parameters made under no_grad, which
-        # torch refuses to deepcopy once their base is updated in place: it holds the detached ones instead
-        self.a = replace(
-            a, router_weight=self.router_weight, router_bias=self.router_bias, selection_bias=self.selection_bias,
-            weights=ExpertWeights(self.w_up, self.w_down, self.b_up, self.b_down),
-            shared=[replace(s, weights=ExpertWeights(*(getattr(self, f"shared{i}_{n}") for n in
-                                                       ("w_up", "w_down", "b_up", "b_down"))),
-                            gate_weight=getattr(self, f"shared{i}_gate")) for i, s in enumerate(a.shared)])
+            shared.append(replace(s, weights=_registered(s.weights), gate_weight=_maybe(s.gate_weight)))
+            for name, t in zip(("w_up", "w_down", "b_up", "b_down", "gate"),
+                               (*_tensors(shared[-1].weights), shared[-1].gate_weight)):
+                self.register_parameter(f"shared{i}_{name}", t)
+        # the analysis keeps the specs, and the detached weights registered above: its own tensors are views of the
+        # model's parameters made under no_grad, which torch refuses to deepcopy once their base changed in place
+        self.a = replace(a, router_weight=self.router_weight, router_bias=self.router_bias,
+                         selection_bias=self.selection_bias, weights=weights, shared=shared)
 
     def forward(self, x, other0=None, other1=None, other2=None, other3=None):
         a, r, e, c = self.a, self.a.routing, self.a.expert, self.a.capacity
