@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from moecc.passes.recognize.probe import close
+from moecc.passes.recognize.router import chosen_by_expert_calls
 
 
 def input_module(x: torch.Tensor, router_args: tuple, leftovers: list[nn.Module]) -> nn.Module | None:
@@ -30,8 +31,6 @@ def expert_input_module(x: torch.Tensor, expert_inputs: list[list], leftovers: l
     """The module of ``leftovers`` whose output on the block input ``x`` holds every row the expert modules were
     called with (``expert_inputs[e]``: the inputs of expert ``e``'s calls); None when they read rows of ``x`` itself,
     or no leftover gives theirs."""
-    from moecc.passes.recognize.router import chosen_by_expert_calls
-
     hidden = x.shape[-1]
     if chosen_by_expert_calls(expert_inputs, x.reshape(-1, hidden)) is not None:
         return None
