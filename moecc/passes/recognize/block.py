@@ -32,7 +32,6 @@ from moecc.passes.recognize.router import (
     fit_capacity,
     fit_routing,
     group_candidates,
-    observed_groups,
     read_outputs,
     routing_candidates,
     topk_candidates,
@@ -468,12 +467,9 @@ def _searched_routing(router, mods: list[nn.Module], num_experts: int, chosen: t
     """(routing spec, selection bias, capacity) candidates for a router whose outputs are not observed; ``chosen``:
     the experts each probe token reached, where the expert calls showed them, which may point to groups that no
     attribute names (``observed_groups``)."""
-    groups = group_candidates(mods, num_experts)
-    if chosen is not None:
-        groups += [g for g in observed_groups(chosen, num_experts) if g not in groups]
     return ((spec, sel, cap) for (spec, sel), cap in itertools.product(
         routing_candidates(num_experts, topk_candidates(mods, num_experts), router.selection_biases,
-                           groups, router.bias is not None, False),
+                           group_candidates(mods, num_experts, chosen), router.bias is not None, False),
         capacity_candidates(mods)))
 
 

@@ -126,12 +126,17 @@ def topk_candidates(mods: list[nn.Module], num_experts: int) -> list[int]:
     return list(dict.fromkeys(k for k in named if k <= num_experts)) + rest
 
 
-def group_candidates(mods: list[nn.Module], num_experts: int) -> list[tuple[int, int]]:
+def group_candidates(mods: list[nn.Module], num_experts: int,
+                     chosen: torch.Tensor | None = None) -> list[tuple[int, int]]:
+    """(n_group, topk_group) to try: none, those the modules' attributes name, then those that the experts each
+    probe token chose (``chosen`` [n, k], where known) point to (``observed_groups``)."""
     out = [(1, 1)]
     for g in _int_attrs(mods, r"n_?group|num_groups?$|num_expert_group"):
         for tg in _int_attrs(mods, r"topk_?group"):
             if num_experts % g == 0 and tg <= g and (g, tg) not in out:
                 out.append((g, tg))
+    if chosen is not None:
+        out += [g for g in observed_groups(chosen, num_experts) if g not in out]
     return out
 
 
@@ -228,8 +233,7 @@ def _fit_one(router: Router, obs: Observed, x2: torch.Tensor, num_experts: int, 
     precisions = (True, False) if x2.dtype == router.weight.dtype != torch.float32 else (True,)
     best: tuple[float, RoutingSpec, torch.Tensor | None] | None = None
     exact = tolerance(x2.dtype) / 10
-    groups = group_candidates(mods, num_experts)
-    groups += [g for g in observed_groups(obs_ids, num_experts) if g not in groups]
+    groups = group_candidates(mods, num_experts, obs_ids)
     for fp32 in precisions:
         logits = router_logits(x2, router.weight, router.bias, fp32).float()
         for spec, sel in routing_candidates(num_experts, [k], router.selection_biases, groups,
