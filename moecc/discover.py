@@ -25,16 +25,20 @@ MIN_LISTED_EXPERTS = 4  # fewer MLPs in a list are sub-layers (LongCat-Flash's d
 def _bank_size(module: nn.Module) -> int:
     """E when ``module`` holds experts: two or more stacked ``[E, ., .]`` weights (the smallest E when they differ:
     LongCat-Flash's up projections also count its identity experts), or a list of E >= ``MIN_LISTED_EXPERTS``
-    modules of one type whose first is a dense MLP; else 0."""
+    modules that are dense MLPs; else 0."""
     stacked_sizes = [p.shape[0] for p in stacked_params(module, materialize=False).values()]
     stacked = min(stacked_sizes) if len(stacked_sizes) >= 2 else 0
     if stacked or not isinstance(module, (nn.ModuleList, nn.ModuleDict)):
         return stacked
     kids = list(module.children())
-    if len(kids) < MIN_LISTED_EXPERTS or len({type(k) for k in kids}) != 1:
+    if len(kids) < MIN_LISTED_EXPERTS:
         return 0
     first = next((m for m in kids[0].modules() if isinstance(m, nn.Linear)), None)
-    return len(kids) if first is not None and analyze_mlp(kids[0], first.in_features) else 0
+    if first is None:
+        return 0
+    # experts of one type: the first stands for all; of mixed types (experts swapped for others), every one
+    analyzed = kids if len({type(k) for k in kids}) > 1 else kids[:1]
+    return len(kids) if all(analyze_mlp(k, first.in_features) for k in analyzed) else 0
 
 
 def expert_owners(model: nn.Module, blocks: list[str]) -> list[tuple[str, nn.Module]]:

@@ -309,6 +309,30 @@ def test_experts_with_one_projection_for_gate_and_up_are_fused(split, bias):
     torch.testing.assert_close(cm(x), model(x), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime", "triton"])
+@pytest.mark.parametrize("gated", [True, False])
+def test_experts_of_different_widths_are_padded_with_zero_units(backend, gated):
+    from user_modules import UnevenWidthMoE
+
+    torch.manual_seed(0)
+    layer = compiled_on(backend, UnevenWidthMoE(gated=gated))
+    assert layer.fused and layer.intermediate_size == 40, layer
+    assert layer.activation == ("gated-silu" if gated else "gelu +bias"), layer
+
+
+def test_experts_of_different_activations_run_as_written_and_say_why():
+    from user_modules import GeluMLP, UnevenWidthMoE
+
+    torch.manual_seed(0)
+    block = UnevenWidthMoE()
+    block.experts[2] = GeluMLP(24, 24)
+    model = TinyModel(block).eval()
+    cm, layer = compile_on_ids(model, backend="torch")
+    assert not layer.fused and "differ in activation" in layer.reason, layer
+    x = torch.randint(0, 50, (3, 11))
+    torch.testing.assert_close(cm(x), model(x))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("scale,shift", [(1 / 0.7, False), (1.0, True), (0.5, True)])
 def test_logits_the_block_scales_or_shifts_before_scoring_are_folded_into_the_router(scale, shift, dtype):

@@ -170,6 +170,27 @@ class TinyModel(nn.Module):
         return self.head(h)
 
 
+class ValueBranchModel(nn.Module):
+    """Control flow on tensor values outside the MoE blocks (torch.export refuses it): the hidden states are
+    halved where their largest entry passes ``limit``. Two layers, each a block of ``make_block()``."""
+
+    def __init__(self, make_block, hidden=24, vocab=50, limit=2.5):
+        super().__init__()
+        self.limit = limit
+        self.embed = nn.Embedding(vocab, hidden)
+        self.norms = nn.ModuleList(nn.LayerNorm(hidden) for _ in range(2))
+        self.blocks = nn.ModuleList(make_block() for _ in range(2))
+        self.head = nn.Linear(hidden, vocab)
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        for norm, block in zip(self.norms, self.blocks):
+            if h.abs().max() > self.limit:
+                h = h / 2
+            h = h + block(norm(h))
+        return self.head(h)
+
+
 class SquaredReluMLP(nn.Module):
     def __init__(self, hidden, inter):
         super().__init__()
@@ -571,12 +592,30 @@ class SmallStackedMoE(nn.Module):
         return out.reshape(shape)
 
 
+class UnevenWidthMoE(LoopMoE):
+    """Experts of different intermediate sizes (pruned or grown experts); gated SiLU, or biased plain GELU."""
+
+    def __init__(self, hidden=24, widths=(16, 40, 24, 8, 40, 32), top_k=2, gated=True):
+        super().__init__(hidden, max(widths), len(widths), top_k)
+        self.experts = nn.ModuleList(MLP(hidden, w) if gated else GeluMLP(hidden, w) for w in widths)
+
+
+class GeluMLP(nn.Module):
+    def __init__(self, hidden, inter):
+        super().__init__()
+        self.fc1 = nn.Linear(hidden, inter)
+        self.fc2 = nn.Linear(inter, hidden)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
 USER_BLOCKS = {"loop": LoopMoE, "scaled_output": ScaledOutputMoE, "gshard": GShardMoE, "bmm": BmmMoE,
                "block_bias": BlockBiasMoE, "input_scaled": InputScaledMoE, "squared_relu": SquaredReluMoE,
                "post_norm": PostNormMoE, "sequential_gelu": SequentialGeluMoE,
                "projection_lists": ProjectionListsMoE, "residual_inside": ResidualInsideMoE,
                "post_norm_residual": PostNormResidualMoE,
-               "dense_gate": DenseGateMoE, "dense_einsum": DenseEinsumMoE}
+               "dense_gate": DenseGateMoE, "dense_einsum": DenseEinsumMoE, "uneven_width": UnevenWidthMoE}
 
 
 class AuxOutputsMoE(LoopMoE):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import logging
 
 import torch
 from torch import nn
@@ -11,6 +13,8 @@ from moecc.experts import PLAIN_ACTIVATIONS, expert_activation
 from moecc.ir import ExpertSpec, ExpertWeights
 from moecc.match import MatchResult
 from moecc.passes.recognize.probe import PROBE_PRE_ACTIVATION_STD, close, probe_input, rel_err
+
+log = logging.getLogger("moecc.passes.recognize")
 
 
 def _record_linear_calls(module: nn.Module, x: torch.Tensor):
@@ -124,9 +128,43 @@ def stack_mlps(modules: list[nn.Module], hidden: int) -> MatchResult[tuple[Exper
             return MatchResult.fail(f"expert {i}: {r.reason}")
         specs.append(r.value[0])
         weights.append(r.value[1])
-    if any(s != specs[0] for s in specs):
-        return MatchResult.fail("experts differ in shape or activation")
+    widest = max(specs, key=lambda s: s.intermediate_size)
+    if any(dataclasses.replace(s, intermediate_size=widest.intermediate_size) != widest for s in specs):
+        return MatchResult.fail("experts differ in activation, gating or biases")
+    if any(s != widest for s in specs):
+        if not _zero_keeps_zero(widest):
+            return MatchResult.fail(f"experts differ in width and {widest.describe()} does not map 0 to 0, so "
+                                    "zero columns cannot pad the narrower ones")
+        weights = [_widened(w, s, widest.intermediate_size) for w, s in zip(weights, specs)]
+        log.info("experts of intermediate sizes %s are padded with zero units to %d",
+                 sorted({s.intermediate_size for s in specs}), widest.intermediate_size)
     stack = lambda name: None if getattr(weights[0], name) is None else torch.stack(  # noqa: E731
         [getattr(w, name).detach() for w in weights])
-    return MatchResult.success((specs[0], ExpertWeights(stack("w_up"), stack("w_down"), stack("b_up"),
-                                                        stack("b_down"))))
+    return MatchResult.success((widest, ExpertWeights(stack("w_up"), stack("w_down"), stack("b_up"),
+                                                       stack("b_down"))))
+
+
+def _zero_keeps_zero(spec: ExpertSpec) -> bool:
+    up_rows = 2 * spec.intermediate_size if spec.gated else spec.intermediate_size
+    h = expert_activation(torch.zeros(1, up_rows), spec.activation, spec.gated, spec.alpha, spec.limit)
+    return not h.any().item()
+
+
+def _widened(w: ExpertWeights, spec: ExpertSpec, inter: int) -> ExpertWeights:
+    """An expert of ``spec.intermediate_size`` as one of ``inter``: zero rows of w_up (and b_up) after each of its
+    gate and up parts, zero columns of w_down. The extra intermediate units are act(0) = 0 (``_zero_keeps_zero``)
+    and reach the output through zero columns, so the function is exactly the expert's."""
+    extra = inter - spec.intermediate_size
+    if extra == 0:
+        return w
+    parts = 2 if spec.gated else 1
+
+    def rows(t):
+        if t is None:
+            return None
+        halves = t.detach().reshape(parts, spec.intermediate_size, *t.shape[1:])
+        return torch.nn.functional.pad(halves, (0, 0) * (t.dim() - 1) + (0, extra)).reshape(parts * inter,
+                                                                                            *t.shape[1:])
+
+    w_down = torch.nn.functional.pad(w.w_down.detach(), (0, extra))
+    return ExpertWeights(rows(w.w_up), w_down, rows(w.b_up), w.b_down)
