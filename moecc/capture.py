@@ -22,7 +22,7 @@ from torch.utils import _pytree as pytree
 from moecc import capture_cache, knobs
 from moecc.capture_key import fingerprint
 from moecc.discover import expert_owners, find_moe_blocks
-from moecc.errors import CaptureError
+from moecc.errors import CaptureError, ExportError
 from moecc.logs import quiet, stderr_to_debug
 from moecc.passes.graph_utils import output_leaves
 
@@ -177,12 +177,16 @@ def _blocks_as_leaves(blocks: list[tuple[str, nn.Module]], examples: dict[str, t
                 outs = iter(torch.ops.moecc.opaque_block(args[0], others, call_key))
                 return pytree.tree_unflatten([None if none else next(outs) for none in _nones], _spec)
 
+            # a forward set on the instance (a blockwise program's router, a user's patch) comes back after
+            patched.append((block, key, vars(block).get("forward")))
             block.forward = types.MethodType(forward, block)
-            patched.append((block, key))
         yield
     finally:
-        for block, key in patched:
-            del block.forward
+        for block, key, own in patched:
+            if own is None:
+                del block.forward
+            else:
+                block.forward = own
             _LEAVES.pop(key, None)
 
 
@@ -269,12 +273,14 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, fuse: bool = True,
     else:
         try:
             gm, targets = _export(model, wrapper, flat_inputs, blocks, examples, hints.dynamic_dims)
-        except CaptureError as exc:
-            if not unfused:
-                raise
-            raise CaptureError(f"{exc}\nIts MoE blocks {', '.join(unfused)} were traced as written, since the model "
-                               "returns what parts of them computed (output_router_logits=True, say): a call "
-                               "that leaves those outputs out is fused.") from exc.__cause__
+        except ExportError as exc:
+            if unfused:
+                exc = ExportError(f"{exc}\nIts MoE blocks {', '.join(unfused)} were traced as written, since the "
+                                  "model returns what parts of them computed (output_router_logits=True, say): a "
+                                  "call that leaves those outputs out is fused.").with_traceback(exc.__traceback__)
+            exc.unfused = {**hints.unfused, **unfused}
+            exc.blocks = [(n, b) for n, b in find_moe_blocks(model) if n not in exc.unfused]
+            raise exc from exc.__cause__
         if key:
             capture_cache.save(key, gm, targets, model)
     return Captured(gm, in_spec, out_spec, targets, flat_inputs, flat_ref, wrapper.tensor_pos,
@@ -312,10 +318,12 @@ def _export(model, wrapper: _FlatCall, flat_inputs: list, blocks, examples,
         raise
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CaptureError(
+        raise ExportError(
             f"torch.export could not capture {type(model).__name__}: {first}\n"
             "Try: pass plain tensors and Python constants as inputs (for Hugging Face models, use_cache=False), "
-            "put the model in eval() mode, or set MOECC_LOGS=debug for the full trace.") from exc
+            "put the model in eval() mode, or set MOECC_LOGS=debug for the full trace. moecc.compile still runs "
+            "such a model, as written with each MoE block compiled alone; moecc.export needs it captured whole."
+        ) from exc
     gm = ep.module()
     gm.graph._codegen = torch.fx.graph.CodeGen()
     gm._forward_pre_hooks.clear()

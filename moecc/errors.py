@@ -11,6 +11,14 @@ class CaptureError(MoeccError):
     """The model could not be captured; the message names the module, the cause and what to try."""
 
 
+class ExportError(CaptureError):
+    """``torch.export`` could not capture the whole model. ``blocks``: the MoE blocks (name, module) that capture
+    kept opaque, which can still be compiled each alone; ``unfused``: blocks left as written, and why."""
+
+    blocks: list = []
+    unfused: dict = {}
+
+
 class PassError(MoeccError):
     """A pass failed; the message names the pass and where its input graph was saved."""
 

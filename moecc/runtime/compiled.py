@@ -17,13 +17,14 @@ from torch.utils import _pytree as pytree
 from moecc import knobs
 from moecc.capture import CaptureHints, capture, forget_calls
 from moecc.codegen.lower import EXPERT_LAYOUT, lower, resolve_backend
-from moecc.errors import BackendError, CacheError, MoeccError
+from moecc.errors import BackendError, CacheError, ExportError, MoeccError
 from moecc.ir import MoELayerInfo
 from moecc.logs import quiet
 from moecc.passes import DumpIR, PassManager, Timing, default_pipeline
 from moecc.passes.base import layers_of
 from moecc.report import graph_summary
 from moecc.runtime import kv_cache
+from moecc.runtime.blockwise import Blockwise
 from moecc.runtime.cudagraphs import GraphCache, graphed_ops, replays
 from moecc.runtime.direct import direct_calls
 from moecc.runtime.keywords import in_order, keyword_order
@@ -160,13 +161,17 @@ class CompiledModule(nn.Module):
         self.captures = 0
         self._cache_arg = cache_argument(model)
         self._compiling = False
+        self._eager = False  # the model's own forward runs (blockwise)
         self._told_no_grad = False
+        self.blockwise: Blockwise | None = None  # set once torch.export refuses the whole model (``_blockwise``)
         self.hints = CaptureHints()
         # a Hugging Face model's calls may carry a KV cache (``kv_cache``)
         self._takes_caches = getattr(model, "config", None) is not None and kv_cache.register()
 
     @property
     def moe_layers(self) -> list[MoELayerInfo]:
+        if self.blockwise is not None:
+            return self.blockwise.layers
         if not self._entries:
             return []
         return list(self._entries[-1].layers.values())
@@ -183,8 +188,14 @@ class CompiledModule(nn.Module):
             return self._forward(args, kwargs)
 
     def _forward(self, args: tuple, kwargs: dict):
+        if self.blockwise is not None:
+            return self._run_blockwise(args, kwargs)
         kwargs.update(cache_defaults(self._cache_arg, args, kwargs))
-        entry, tensors, caches = self._entry_for(args, kwargs)
+        try:
+            entry, tensors, caches = self._entry_for(args, kwargs)
+        except ExportError as exc:
+            self.blockwise = self._blockwise(exc)
+            return self._run_blockwise(args, kwargs)
         if (changed := entry.weights.changed()) is not None:
             log.warning("%s's parameter %s changed since compile, and the program holds a copy of it: compiling "
                         "again", type(self.original_model).__name__, changed)
@@ -200,6 +211,29 @@ class CompiledModule(nn.Module):
             outs = entry.runner(*tensors)
         result = pytree.tree_unflatten(list(outs), entry.out_spec)
         return kv_cache.write_back(caches, result) if caches else result
+
+    def _blockwise(self, exc: ExportError) -> Blockwise:
+        """The model run as written with each MoE block compiled alone (``blockwise``), once ``torch.export``
+        refused the whole model; ``exc`` again where no block is left to compile."""
+        if not exc.blocks or not self.options.get("fuse", True):
+            raise exc
+        name = type(self.original_model).__name__
+        log.warning("%s runs as written, each of its %d MoE block(s) compiled alone: %s", name, len(exc.blocks),
+                    str(exc).splitlines()[0])
+
+        def compile_block(call: nn.Module, block: str) -> CompiledModule:
+            folder = None if not self.dump_dir else str(Path(self.dump_dir) / f"block_{block}")
+            return CompiledModule(call, self.backend, folder, self.options)
+
+        return Blockwise(self.original_model, exc.blocks, compile_block, exc.unfused)
+
+    def _run_blockwise(self, args: tuple, kwargs: dict):
+        self._eager = True
+        try:
+            with self.blockwise.routed():
+                return self.original_model(*args, **kwargs)
+        finally:
+            self._eager = False
 
     def _entry_for(self, args: tuple, kwargs: dict) -> tuple[_Entry, list, list]:
         """The capture a call runs (compiled now if none fits), its tensor inputs and the KV caches it passes."""
@@ -262,7 +296,7 @@ class CompiledModule(nn.Module):
         patched = vars(model).get("forward")
 
         def forward(*args, **kwargs):
-            if self._compiling:
+            if self._compiling or self._eager:
                 return own(*args, **kwargs)
             return self(*args, **kwargs)
 

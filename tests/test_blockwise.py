@@ -1,0 +1,94 @@
+"""Models torch.export cannot capture whole run as written, each MoE block compiled alone (``runtime.blockwise``)."""
+
+import contextlib
+import logging
+
+import pytest
+import torch
+from user_modules import GeluMLP, LoopMoE, UnevenWidthMoE, ValueBranchModel
+
+import moecc
+
+
+def _device(backend: str) -> str:
+    if backend != "triton":
+        return "cpu"
+    pytest.importorskip("triton")
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@contextlib.contextmanager
+def warnings_in(caplog):
+    logger = logging.getLogger("moecc")  # it has a handler of its own and does not propagate
+    level = logger.level
+    logger.addHandler(caplog.handler)
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.removeHandler(caplog.handler)
+        logger.setLevel(level)
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "onnxruntime", "triton"])
+def test_a_model_export_refuses_runs_with_each_block_compiled_alone(backend, caplog):
+    torch.manual_seed(0)
+    device = _device(backend)
+    model = ValueBranchModel(LoopMoE).eval().to(device)
+    cm = moecc.compile(model, backend=backend)
+    with warnings_in(caplog):
+        first = torch.randint(0, 50, (2, 16), device=device)
+        torch.testing.assert_close(cm(first), model(first), rtol=1e-4, atol=1e-5)
+    assert "each of its 2 MoE block(s) compiled alone" in caplog.text
+    assert [(layer.name, layer.fused) for layer in cm.moe_layers] == [("blocks.0", True), ("blocks.1", True)]
+    assert cm.moe_layers[0].routing == "softmax->top2 renorm"
+    # both sides of the model's branch, on fresh shapes
+    for shape, scale in (((3, 11), 1.0), ((1, 7), 10.0), ((4, 32), 0.1)):
+        with torch.no_grad():
+            model.embed.weight.mul_(scale)
+        x = torch.randint(0, 50, shape, device=device)
+        torch.testing.assert_close(cm(x), model(x), rtol=1e-4, atol=1e-5)
+    # outside its calls the model is its own
+    assert "forward" not in vars(model.blocks[0])
+
+
+def test_a_block_that_cannot_be_fused_runs_as_written_beside_the_others():
+    torch.manual_seed(0)
+
+    model = ValueBranchModel(UnevenWidthMoE).eval()
+    model.blocks[1].experts[2] = GeluMLP(24, 24)
+    cm = moecc.compile(model, backend="torch")
+    x = torch.randint(0, 50, (3, 9))
+    torch.testing.assert_close(cm(x), model(x))
+    fused = {layer.name: (layer.fused, layer.reason) for layer in cm.moe_layers}
+    assert fused["blocks.0"] == (True, "")
+    assert not fused["blocks.1"][0] and "differ in activation" in fused["blocks.1"][1]
+
+
+def test_blockwise_dumps_are_one_folder_per_block(tmp_path):
+    torch.manual_seed(0)
+    cm = moecc.compile(ValueBranchModel(LoopMoE).eval(), backend="torch", dump_dir=tmp_path)
+    cm(torch.randint(0, 50, (2, 8)))
+    for block in ("blocks.0", "blocks.1"):
+        names = sorted(p.name for p in (tmp_path / f"block_{block}").iterdir())
+        assert names[0] == "000_capture.py" and any(n.endswith("_fuse_experts.py") for n in names), names
+
+
+def test_export_of_a_model_export_refuses_says_why(tmp_path):
+    model = ValueBranchModel(LoopMoE).eval()
+    ids = torch.randint(0, 50, (2, 8))
+    with pytest.raises(moecc.CaptureError, match="torch.export could not capture ValueBranchModel"):
+        moecc.export(model, (ids,), tmp_path / "art", backend="torch")
+
+
+def test_a_model_without_moe_blocks_that_export_refuses_says_why():
+    class Branchy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.lin(x) if x.sum() > 0 else -x
+
+    with pytest.raises(moecc.CaptureError, match="torch.export could not capture Branchy"):
+        moecc.compile(Branchy())(torch.ones(2, 4))
