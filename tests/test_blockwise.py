@@ -92,3 +92,22 @@ def test_a_model_without_moe_blocks_that_export_refuses_says_why():
 
     with pytest.raises(moecc.CaptureError, match="torch.export could not capture Branchy"):
         moecc.compile(Branchy())(torch.ones(2, 4))
+
+
+def test_generate_of_a_hugging_face_model_export_refuses():
+    transformers = pytest.importorskip("transformers")
+    from hf_models import make_config
+
+    class CheckedMixtral(transformers.MixtralForCausalLM):
+        def forward(self, input_ids=None, **kwargs):
+            if input_ids is not None and (input_ids >= self.config.vocab_size).any():
+                raise ValueError("token id out of range")
+            return super().forward(input_ids=input_ids, **kwargs)
+
+    torch.manual_seed(0)
+    model = CheckedMixtral(make_config("mixtral")).eval()
+    cm = moecc.compile(model, backend="torch")
+    ids = torch.randint(0, 97, (1, 6))
+    expected = model.generate(ids, max_new_tokens=8, do_sample=False)
+    assert torch.equal(cm.generate(ids, max_new_tokens=8, do_sample=False), expected)
+    assert cm.blockwise is not None and [layer.fused for layer in cm.moe_layers] == [True, True]
