@@ -93,8 +93,8 @@ def test_a_model_without_moe_blocks_that_export_refuses_says_why():
     with pytest.raises(moecc.CaptureError, match="torch.export could not capture Branchy"):
         moecc.compile(Branchy())(torch.ones(2, 4))
 
-
-def test_generate_of_a_hugging_face_model_export_refuses():
+def checked_mixtral():
+    """A tiny Hugging Face Mixtral whose forward checks its token ids first: control flow torch.export refuses."""
     transformers = pytest.importorskip("transformers")
     from hf_models import make_config
 
@@ -105,9 +105,23 @@ def test_generate_of_a_hugging_face_model_export_refuses():
             return super().forward(input_ids=input_ids, **kwargs)
 
     torch.manual_seed(0)
-    model = CheckedMixtral(make_config("mixtral")).eval()
+    return CheckedMixtral(make_config("mixtral")).eval()
+
+
+def test_generate_of_a_hugging_face_model_export_refuses():
+    model = checked_mixtral()
     cm = moecc.compile(model, backend="torch")
     ids = torch.randint(0, 97, (1, 6))
     expected = model.generate(ids, max_new_tokens=8, do_sample=False)
     assert torch.equal(cm.generate(ids, max_new_tokens=8, do_sample=False), expected)
     assert cm.blockwise is not None and [layer.fused for layer in cm.moe_layers] == [True, True]
+
+
+def test_every_blockwise_call_of_a_hugging_face_model_leaves_the_cache_out():
+    model = checked_mixtral()
+    cm = moecc.compile(model, backend="torch")
+    for shape in ((2, 7), (1, 5)):
+        ids = torch.randint(0, 97, shape)
+        out = cm(input_ids=ids)
+        assert out.past_key_values is None
+        torch.testing.assert_close(out.logits, model(input_ids=ids).logits)

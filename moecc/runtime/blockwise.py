@@ -35,12 +35,12 @@ class BlockCall(nn.Module):
 
 
 class Blockwise:
-    """Runs ``model`` with each of ``blocks`` routed to a program that ``compile_block(BlockCall, name)`` makes (a
-    ``CompiledModule``, compiled on the block's first call). ``unfused``: blocks that run as written, and why."""
+    """Routes each of ``blocks`` to a program that ``compile_block(BlockCall, name)`` makes (a ``CompiledModule``,
+    compiled on the block's first call) while a model runs (``routed``). ``unfused``: blocks that run as written,
+    and why."""
 
-    def __init__(self, model: nn.Module, blocks: list[tuple[str, nn.Module]],
-                 compile_block: Callable[[nn.Module, str], nn.Module], unfused: dict[str, str]):
-        self.model = model
+    def __init__(self, blocks: list[tuple[str, nn.Module]], compile_block: Callable[[nn.Module, str], nn.Module],
+                 unfused: dict[str, str]):
         self.blocks = dict(blocks)
         self.programs = {name: compile_block(BlockCall(block), name) for name, block in blocks}
         self.unfused = dict(unfused)

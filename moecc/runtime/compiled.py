@@ -188,9 +188,9 @@ class CompiledModule(nn.Module):
             return self._forward(args, kwargs)
 
     def _forward(self, args: tuple, kwargs: dict):
+        kwargs.update(cache_defaults(self._cache_arg, args, kwargs))
         if self.blockwise is not None:
             return self._run_blockwise(args, kwargs)
-        kwargs.update(cache_defaults(self._cache_arg, args, kwargs))
         try:
             entry, tensors, caches = self._entry_for(args, kwargs)
         except ExportError as exc:
@@ -225,7 +225,7 @@ class CompiledModule(nn.Module):
             folder = None if not self.dump_dir else str(Path(self.dump_dir) / f"block_{block}")
             return CompiledModule(call, self.backend, folder, self.options)
 
-        return Blockwise(self.original_model, exc.blocks, compile_block, exc.unfused)
+        return Blockwise(exc.blocks, compile_block, exc.unfused)
 
     def _run_blockwise(self, args: tuple, kwargs: dict):
         self._eager = True
