@@ -63,12 +63,19 @@ def cmd_export(a) -> int:
 
 
 def cmd_inspect(a) -> int:
-    from moecc.report import print_tables, read_record, write_html
+    from moecc.report import print_tables, read_record, record_folders, write_html
 
-    record = read_record(a.path)
-    print_tables(record)
-    if a.html:
-        print(f"wrote {write_html(record, a.html)}")
+    folders = record_folders(a.path)
+    for folder in folders:
+        record = read_record(folder)
+        if len(folders) > 1:
+            print(f"== {folder}")
+        print_tables(record)
+        if a.html:
+            page = Path(a.html)
+            if len(folders) > 1:
+                page = page.with_name(f"{page.stem}.{folder.name}{page.suffix}")
+            print(f"wrote {write_html(record, page)}")
     return 0
 
 

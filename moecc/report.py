@@ -38,6 +38,16 @@ def read_record(path: Path) -> dict:
     raise FileNotFoundError(f"{path} is neither a moecc artifact (manifest.json) nor a dump folder (passes.json)")
 
 
+def record_folders(path: Path) -> list[Path]:
+    """``path`` when it holds a record (``read_record``), else its sub-folders that do: a blockwise compile dumps
+    each MoE block in a ``block_<name>`` folder of its own."""
+    path = Path(path)
+    if (path / "manifest.json").exists() or (path / "passes.json").exists() or not path.is_dir():
+        return [path]
+    inner = sorted(p for p in path.iterdir() if p.is_dir() and (p / "passes.json").exists())
+    return inner or [path]
+
+
 def _why(layer: dict) -> str:
     """How a layer was lowered (and quantized), or why it was left as written."""
     why = layer.get("reason") or layer.get("lowering", "")

@@ -58,3 +58,17 @@ def test_cli_quantized_export_says_why_a_layer_stays_float(tmp_path):
     run = moecc_cli("inspect", str(tmp_path / "art"), cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     assert "[none: block size 32 does not divide the expert input size 48]" in run.stdout, run.stdout
+
+
+def test_cli_inspect_a_blockwise_dump_folder_shows_each_block(tmp_path):
+    from user_modules import LoopMoE, ValueBranchModel
+
+    import moecc
+
+    torch.manual_seed(0)
+    cm = moecc.compile(ValueBranchModel(LoopMoE).eval(), backend="torch", dump_dir=tmp_path / "dumps")
+    cm(torch.randint(0, 50, (2, 8)))
+    run = moecc_cli("inspect", str(tmp_path / "dumps"), "--html", str(tmp_path / "page.html"), cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.count("fuse_experts") == 2 and "block_blocks.1" in run.stdout, run.stdout
+    assert (tmp_path / "page.block_blocks.0.html").exists() and (tmp_path / "page.block_blocks.1.html").exists()
