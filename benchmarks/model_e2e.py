@@ -44,20 +44,32 @@ def mixtral(layers: int, shared_experts: bool):
     return model
 
 
+def _cells(model):
+    """(batch, seq, token ids, HF's fp32 logits) of the end-to-end table's cells."""
+    for b, s in ((1, 1), (8, 1), (1, 512), (4, 1024)):
+        ids = torch.randint(0, 32000, (b, s), device="cuda")
+        yield b, s, ids, model(input_ids=ids, use_cache=False).logits.float()
+
+
+def _header(note: str, columns: str) -> None:
+    print(f"# {torch.cuda.get_device_name()}: 4-layer Mixtral-shaped model, bf16, ms per forward; {note}")
+    print(f"{'batch x seq':>12} {'HF grouped_mm':>14} {columns}")
+
+
+def _rel_err(logits: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((logits.float() - ref).norm() / ref.norm()).item()
+
+
 def e2e():
     model = mixtral(4, shared_experts=False)
     cm = moecc.compile(model, backend="triton")
     dyn = torch.compile(model, backend="moecc", options={"backend": "triton"})
-    print(f"# {torch.cuda.get_device_name()}: 4-layer Mixtral-shaped model, bf16, ms per forward; 'dynamo' is "
-          "torch.compile(model, backend='moecc', options={'backend': 'triton'})")
-    print(f"{'batch x seq':>12} {'HF grouped_mm':>14} {'moecc triton':>13} {'speed-up':>9} {'logits err':>11} "
-          f"{'dynamo':>8} {'speed-up':>9} {'logits err':>11}")
+    _header("'dynamo' is torch.compile(model, backend='moecc', options={'backend': 'triton'})",
+            f"{'moecc triton':>13} {'speed-up':>9} {'logits err':>11} {'dynamo':>8} {'speed-up':>9} {'logits err':>11}")
     with torch.no_grad():
-        for b, s in ((1, 1), (8, 1), (1, 512), (4, 1024)):
-            ids = torch.randint(0, 32000, (b, s), device="cuda")
-            ref = model(input_ids=ids, use_cache=False).logits.float()
-            err = ((cm(input_ids=ids, use_cache=False).logits.float() - ref).norm() / ref.norm()).item()
-            dyn_err = ((dyn(input_ids=ids, use_cache=False).logits.float() - ref).norm() / ref.norm()).item()
+        for b, s, ids, ref in _cells(model):
+            err = _rel_err(cm(input_ids=ids, use_cache=False).logits, ref)
+            dyn_err = _rel_err(dyn(input_ids=ids, use_cache=False).logits, ref)
             hf = cuda_time(lambda ids=ids: model(input_ids=ids, use_cache=False))
             mc = cuda_time(lambda ids=ids: cm(input_ids=ids, use_cache=False))
             dy = cuda_time(lambda ids=ids: dyn(input_ids=ids, use_cache=False))
@@ -143,15 +155,11 @@ def blockwise():
     checked = CheckedIds(model)
     whole = moecc.compile(checked.model, backend="triton")
     apart = moecc.compile(checked, backend="triton")
-    print(f"# {torch.cuda.get_device_name()}: 4-layer Mixtral-shaped model, bf16, ms per forward; 'blockwise' is "
-          "the model behind an id check torch.export refuses, each MoE block compiled alone")
-    print(f"{'batch x seq':>12} {'HF grouped_mm':>14} {'moecc whole':>12} {'blockwise':>10} {'blockwise/whole':>16} "
-          f"{'logits err':>11}")
+    _header("'blockwise' is the model behind an id check torch.export refuses, each MoE block compiled alone",
+            f"{'moecc whole':>12} {'blockwise':>10} {'blockwise/whole':>16} {'logits err':>11}")
     with torch.no_grad():
-        for b, s in ((1, 1), (8, 1), (1, 512), (4, 1024)):
-            ids = torch.randint(0, 32000, (b, s), device="cuda")
-            ref = model(input_ids=ids, use_cache=False).logits.float()
-            err = ((apart(ids).float() - ref).norm() / ref.norm()).item()
+        for b, s, ids, ref in _cells(model):
+            err = _rel_err(apart(ids), ref)
             hf = cuda_time(lambda ids=ids: model(input_ids=ids, use_cache=False))
             wh = cuda_time(lambda ids=ids: whole(input_ids=ids, use_cache=False))
             bw = cuda_time(lambda ids=ids: apart(ids))

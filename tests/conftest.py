@@ -1,3 +1,4 @@
+import logging
 import os
 import sys
 import tempfile
@@ -40,3 +41,19 @@ def _pristine_triton_language():
                 setattr(space, name, value)
     yield
 
+
+
+@pytest.fixture
+def moecc_warnings(caplog, monkeypatch):
+    """``caplog`` with moecc's warnings in it: the ``moecc`` logger has a handler of its own and does not
+    propagate, and each compile sets its level from ``MOECC_LOGS``."""
+    monkeypatch.setenv("MOECC_LOGS", "warning")
+    logger = logging.getLogger("moecc")
+    level = logger.level
+    logger.addHandler(caplog.handler)
+    logger.setLevel(logging.WARNING)
+    try:
+        yield caplog
+    finally:
+        logger.removeHandler(caplog.handler)
+        logger.setLevel(level)

@@ -1,8 +1,6 @@
 """Generation with a KV cache through a compiled model: ``cm.generate`` and forward calls that pass a cache."""
 
-import contextlib
 import inspect
-import logging
 
 import pytest
 import torch
@@ -12,20 +10,6 @@ import moecc
 from moecc.errors import ArtifactError, MoeccError
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@contextlib.contextmanager
-def _moecc_warnings(caplog):
-    """moecc's warnings into ``caplog``: the ``moecc`` logger has a handler of its own and does not propagate."""
-    logger = logging.getLogger("moecc")
-    level = logger.level
-    logger.addHandler(caplog.handler)
-    logger.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        logger.removeHandler(caplog.handler)
-        logger.setLevel(level)
 
 
 def _left_padded(batch: int, seq: int, seed: int = 0):
@@ -114,7 +98,7 @@ def test_a_call_with_a_cache_updates_it_in_place():
     assert cm.captures == 2
 
 
-def test_a_sliding_window_cache_runs_uncompiled_and_says_why(caplog):
+def test_a_sliding_window_cache_runs_uncompiled_and_says_why(moecc_warnings):
     """GPT-OSS's sliding-window layers count the tokens they have seen in a Python int their tensors do not carry:
     a call with such a cache is refused with the reason, and generate runs as the model's own."""
     from transformers import DynamicCache
@@ -123,10 +107,9 @@ def test_a_sliding_window_cache_runs_uncompiled_and_says_why(caplog):
     cm = moecc.compile(model, backend="torch")
     ids, mask = _left_padded(2, 5)
     expected = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
-    with _moecc_warnings(caplog):
-        got = cm.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    got = cm.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
-    assert "DynamicSlidingWindowLayer" in caplog.text and "uncompiled" in caplog.text
+    assert "DynamicSlidingWindowLayer" in moecc_warnings.text and "uncompiled" in moecc_warnings.text
     assert cm.captures == 0
     with pytest.raises(MoeccError, match="sliding window"):
         cm(input_ids=ids, use_cache=True, **{_cache_keyword(model): DynamicCache(config=model.config)})
@@ -164,14 +147,13 @@ def test_bf16_check_of_a_call_with_a_cache():
         check_fresh(model, entry)
 
 
-def test_an_encoder_decoder_cache_runs_uncompiled_and_says_why(caplog):
+def test_an_encoder_decoder_cache_runs_uncompiled_and_says_why(moecc_warnings):
     """An encoder-decoder's cache is no pytree node: a capture would hold it as a constant, so it is refused."""
     model = make_model("switch_transformers")
     cm = moecc.compile(model, backend="torch")
     ids = torch.randint(3, 97, (2, 6))
     kwargs = dict(max_new_tokens=3, do_sample=False, decoder_start_token_id=0)
     expected = model.generate(ids, **kwargs)
-    with _moecc_warnings(caplog):
-        got = cm.generate(ids, **kwargs)
+    got = cm.generate(ids, **kwargs)
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
-    assert "EncoderDecoderCache" in caplog.text and cm.captures == 0
+    assert "EncoderDecoderCache" in moecc_warnings.text and cm.captures == 0
