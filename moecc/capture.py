@@ -154,10 +154,6 @@ def _blocks_as_leaves(blocks: list[tuple[str, nn.Module]], examples: dict[str, t
             x, out = examples[name]
             key = f"{name}#{next(_counter)}"
             leaves, spec = pytree.tree_flatten(out)
-            if not all(isinstance(t, torch.Tensor) or t is None for t in leaves):
-                kinds = sorted({type(t).__name__ for t in leaves if not isinstance(t, torch.Tensor) and t is not None})
-                raise CaptureError(f"MoE block {name!r} returns {', '.join(kinds)} values besides tensors; moecc "
-                                   "keeps a block as a leaf when it returns tensors (or None)")
             _LEAVES[key] = [(_template(x, t), t.dtype) for t in leaves if t is not None]
             nones = [t is None for t in leaves]  # a None output stays None, as the example gave it
 
@@ -188,6 +184,12 @@ def _blocks_as_leaves(blocks: list[tuple[str, nn.Module]], examples: dict[str, t
             else:
                 block.forward = own
             _LEAVES.pop(key, None)
+
+
+def _other_outputs(out) -> list[str]:
+    """The types of what a block returns besides tensors and None (a leaf of the graph returns tensors only)."""
+    return sorted({type(t).__name__ for t in pytree.tree_leaves(out)
+                   if not isinstance(t, torch.Tensor) and t is not None})
 
 
 def _record_examples(model, blocks, args, kwargs):
@@ -255,6 +257,10 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, fuse: bool = True,
     unfused = {n: (f"the model returns what its {', '.join(subs)} computed (a recorded output such as "
                    "output_router_logits=True), which a fused block does not compute apart")
                for n, subs in observed.items()}
+    for name, _ in blocks:
+        if name in examples and (kinds := _other_outputs(examples[name][1])):
+            unfused[name] = (f"it returns {', '.join(kinds)} values besides tensors, which a leaf of the graph "
+                             "cannot carry")
     blocks = [(n, b) for n, b in blocks if n not in unfused]
     for name, why in unfused.items():
         log.warning("MoE block %s left as written: %s", name, why)
@@ -275,9 +281,9 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, fuse: bool = True,
             gm, targets = _export(model, wrapper, flat_inputs, blocks, examples, hints.dynamic_dims)
         except ExportError as exc:
             if unfused:
-                exc = ExportError(f"{exc}\nIts MoE blocks {', '.join(unfused)} were traced as written, since the "
-                                  "model returns what parts of them computed (output_router_logits=True, say): a "
-                                  "call that leaves those outputs out is fused.").with_traceback(exc.__traceback__)
+                why = "; ".join(f"{n}: {reason}" for n, reason in unfused.items())
+                exc = ExportError(f"{exc}\nThese MoE blocks were traced as written: {why}."
+                                  ).with_traceback(exc.__traceback__)
             exc.unfused = {**hints.unfused, **unfused}
             exc.blocks = [(n, b) for n, b in find_moe_blocks(model) if n not in exc.unfused]
             raise exc from exc.__cause__

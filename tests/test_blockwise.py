@@ -108,3 +108,54 @@ def test_every_blockwise_call_of_a_hugging_face_model_leaves_the_cache_out():
         out = cm(input_ids=ids)
         assert out.past_key_values is None
         torch.testing.assert_close(out.logits, model(input_ids=ids).logits)
+
+
+class CheckedModel(ValueBranchModel):
+    """Checks its ids only when asked: calls with ``check=True`` are refused by torch.export, the others are not."""
+
+    def forward(self, ids, check: bool = False):
+        if check and (ids >= self.embed.num_embeddings).any():
+            raise ValueError("token id out of range")
+        h = self.embed(ids)
+        for norm, block in zip(self.norms, self.blocks):
+            h = h + block(norm(h))
+        return self.head(h)
+
+
+def test_only_the_call_structure_export_refused_runs_blockwise():
+    torch.manual_seed(0)
+    model = CheckedModel(LoopMoE).eval()
+    cm = moecc.compile(model, backend="torch")
+    x = torch.randint(0, 50, (2, 9))
+    torch.testing.assert_close(cm(x, check=True), model(x, check=True))
+    assert cm.blockwise is not None and cm.captures == 1
+    torch.testing.assert_close(cm(x), model(x))  # captured whole
+    assert cm.captures == 2 and [layer.name for layer in cm.moe_layers] == ["blocks.0", "blocks.1"]
+    y = torch.randint(0, 50, (3, 5))
+    torch.testing.assert_close(cm(y, check=True), model(y, check=True))
+    assert cm.captures == 2  # the refused structure is not captured again
+
+
+class OtherOutputsMoE(LoopMoE):
+    """Returns a dict of Python values beside its output, as some research code does."""
+
+    def forward(self, x):
+        return super().forward(x), {"name": "moe", "scale": 0.5}
+
+
+def test_a_block_returning_other_values_runs_as_written_and_says_why():
+    class Model(ValueBranchModel):
+        def forward(self, ids):
+            h = self.embed(ids)
+            for norm, block in zip(self.norms, self.blocks):
+                y, info = block(norm(h))
+                h = h + y * info["scale"]
+            return self.head(h)
+
+    torch.manual_seed(0)
+    model = Model(OtherOutputsMoE).eval()
+    cm = moecc.compile(model, backend="torch")
+    x = torch.randint(0, 50, (2, 9))
+    torch.testing.assert_close(cm(x), model(x))
+    reasons = [layer.reason for layer in cm.moe_layers]
+    assert len(reasons) == 2 and all("returns float, str values besides tensors" in r for r in reasons), reasons

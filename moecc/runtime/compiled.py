@@ -163,18 +163,25 @@ class CompiledModule(nn.Module):
         self._compiling = False
         self._eager = False  # the model's own forward runs (blockwise)
         self._told_no_grad = False
-        self.blockwise: Blockwise | None = None  # set once torch.export refuses the whole model (``_blockwise``)
+        # per call structure that torch.export refused whole: (input spec, its non-tensor values, Blockwise)
+        self._blockwise_calls: list[tuple[pytree.TreeSpec, list, Blockwise]] = []
+        self._latest: _Entry | Blockwise | None = None  # the last program compiled, whose layers moe_layers gives
         self.hints = CaptureHints()
         # a Hugging Face model's calls may carry a KV cache (``kv_cache``)
         self._takes_caches = getattr(model, "config", None) is not None and kv_cache.register()
 
     @property
     def moe_layers(self) -> list[MoELayerInfo]:
-        if self.blockwise is not None:
-            return self.blockwise.layers
+        if isinstance(self._latest, Blockwise):
+            return self._latest.layers
         if not self._entries:
             return []
         return list(self._entries[-1].layers.values())
+
+    @property
+    def blockwise(self) -> Blockwise | None:
+        """The blocks compiled alone for the last call structure torch.export refused whole, if any."""
+        return self._blockwise_calls[-1][2] if self._blockwise_calls else None
 
     def forward(self, *args, **kwargs):
         if not torch.is_grad_enabled():
@@ -189,13 +196,17 @@ class CompiledModule(nn.Module):
 
     def _forward(self, args: tuple, kwargs: dict):
         kwargs.update(cache_defaults(self._cache_arg, args, kwargs))
-        if self.blockwise is not None:
-            return self._run_blockwise(args, kwargs)
+        if self._blockwise_calls and (blockwise := self._blockwise_for(args, kwargs)) is not None:
+            return self._run_blockwise(blockwise, args, kwargs)
         try:
             entry, tensors, caches = self._entry_for(args, kwargs)
         except ExportError as exc:
-            self.blockwise = self._blockwise(exc)
-            return self._run_blockwise(args, kwargs)
+            blockwise = self._blockwise(exc)
+            flat, spec = pytree.tree_flatten((args, kwargs))
+            self._blockwise_calls.append((spec, [None if isinstance(v, torch.Tensor) else v for v in flat],
+                                          blockwise))
+            self._latest = blockwise
+            return self._run_blockwise(blockwise, args, kwargs)
         if (changed := entry.weights.changed()) is not None:
             log.warning("%s's parameter %s changed since compile, and the program holds a copy of it: compiling "
                         "again", type(self.original_model).__name__, changed)
@@ -215,11 +226,11 @@ class CompiledModule(nn.Module):
     def _blockwise(self, exc: ExportError) -> Blockwise:
         """The model run as written with each MoE block compiled alone (``blockwise``), once ``torch.export``
         refused the whole model; ``exc`` again where no block is left to compile."""
-        if not exc.blocks or not self.options.get("fuse", True):
+        if not (exc.blocks or exc.unfused) or not self.options.get("fuse", True):
             raise exc
         name = type(self.original_model).__name__
-        log.warning("%s runs as written, each of its %d MoE block(s) compiled alone: %s", name, len(exc.blocks),
-                    str(exc).splitlines()[0])
+        log.warning("%s runs as written, each of its %d MoE block(s) compiled alone (%d left as written): %s", name,
+                    len(exc.blocks), len(exc.unfused), str(exc).splitlines()[0])
 
         def compile_block(call: nn.Module, block: str) -> CompiledModule:
             folder = None if not self.dump_dir else str(Path(self.dump_dir) / f"block_{block}")
@@ -227,10 +238,19 @@ class CompiledModule(nn.Module):
 
         return Blockwise(exc.blocks, compile_block, exc.unfused)
 
-    def _run_blockwise(self, args: tuple, kwargs: dict):
+    def _blockwise_for(self, args: tuple, kwargs: dict) -> Blockwise | None:
+        """The blockwise program of calls structured as this one (same containers, same non-tensor values): a
+        structure torch.export refused once is not captured again, other calls still are."""
+        flat, spec = pytree.tree_flatten((args, kwargs))
+        for seen, consts, blockwise in self._blockwise_calls:
+            if seen == spec and all(isinstance(v, torch.Tensor) or _same(v, c) for v, c in zip(flat, consts)):
+                return blockwise
+        return None
+
+    def _run_blockwise(self, blockwise: Blockwise, args: tuple, kwargs: dict):
         self._eager = True
         try:
-            with self.blockwise.routed():
+            with blockwise.routed():
                 return self.original_model(*args, **kwargs)
         finally:
             self._eager = False
@@ -342,7 +362,15 @@ class CompiledModule(nn.Module):
                 verify(self.original_model, entry)
             log.info("check on fresh inputs: %.2f s", time.perf_counter() - start)
         self._entries.append(entry)
+        self._latest = entry
         return entry
+
+
+def _same(value, const) -> bool:
+    try:
+        return bool(value == const)
+    except Exception:  # noqa: BLE001 - objects whose == is no plain answer are not the same value
+        return value is const
 
 
 @dataclass
