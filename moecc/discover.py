@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from moecc.passes.recognize.block import is_moe_block
-from moecc.passes.recognize.mlp import analyze_mlp
+from moecc.passes.recognize.mlp import dense_mlps
 from moecc.passes.recognize.stacked import stacked_params
 
 
@@ -33,12 +33,8 @@ def _bank_size(module: nn.Module) -> int:
     kids = list(module.children())
     if len(kids) < MIN_LISTED_EXPERTS:
         return 0
-    first = next((m for m in kids[0].modules() if isinstance(m, nn.Linear)), None)
-    if first is None:
-        return 0
     # experts of one type: the first stands for all; of mixed types (experts swapped for others), every one
-    analyzed = kids if len({type(k) for k in kids}) > 1 else kids[:1]
-    return len(kids) if all(analyze_mlp(k, first.in_features) for k in analyzed) else 0
+    return len(kids) if dense_mlps(kids if len({type(k) for k in kids}) > 1 else kids[:1]) else 0
 
 
 def expert_owners(model: nn.Module, blocks: list[str]) -> list[tuple[str, nn.Module]]:

@@ -21,7 +21,7 @@ from moecc.passes.recognize import clamp, stacked
 from moecc.passes.recognize.amplify import amplifier
 from moecc.passes.recognize.input_module import expert_input_module, input_module
 from moecc.passes.recognize.logit_affine import affine_router
-from moecc.passes.recognize.mlp import analyze_mlp, stack_mlps
+from moecc.passes.recognize.mlp import analyze_mlp, dense_mlps, stack_mlps
 from moecc.passes.recognize.other_args import OtherArgs
 from moecc.passes.recognize.probe import close, rel_err, snap, tensor_leaves, tolerance
 from moecc.passes.recognize.router import (
@@ -51,18 +51,12 @@ def find_expert_list(block: nn.Module) -> tuple[nn.Module, list[nn.Module]] | No
         if isinstance(mod, (nn.ModuleList, nn.ModuleDict)):
             kids = list(mod.children())
             # a list of bare Linears is one projection of every expert (``stacked.projection_lists``)
+            # of mixed types (experts some of which were swapped for others) when each is a dense MLP
             if len(kids) >= 2 and _has_linear(kids[0]) and not isinstance(kids[0], nn.Linear) \
-                    and (len({type(k) for k in kids}) == 1 or _mixed_mlps(kids)):
+                    and (len({type(k) for k in kids}) == 1 or dense_mlps(kids)):
                 if best is None or len(kids) > len(best[1]):
                     best = (mod, kids)
     return best
-
-
-def _mixed_mlps(kids: list[nn.Module]) -> bool:
-    """Modules of several types that are each a dense MLP of one hidden size (experts some of which were swapped
-    for others): an expert list, which recognition then fuses or says why not."""
-    first = next((m for m in kids[0].modules() if isinstance(m, nn.Linear)), None)
-    return first is not None and all(analyze_mlp(k, first.in_features) for k in kids)
 
 
 def find_stacked_bank(block: nn.Module) -> tuple[nn.Module, int] | None:

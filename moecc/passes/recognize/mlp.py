@@ -99,6 +99,12 @@ def analyze_mlp(module: nn.Module, hidden: int) -> MatchResult[tuple[ExpertSpec,
     return MatchResult.fail(f"{type(module).__name__}: {len(ups)} projections read the input, expected 1 or 2")
 
 
+def dense_mlps(modules: list[nn.Module]) -> bool:
+    """Whether each module is a dense MLP (``analyze_mlp``) of the hidden size its first Linear reads."""
+    first = next((m for m in modules[0].modules() if isinstance(m, nn.Linear)), None)
+    return first is not None and all(analyze_mlp(m, first.in_features) for m in modules)
+
+
 def _fused_gate_up(u, down_in: torch.Tensor, hidden: int):
     """(spec, w_up, b_up) of one Linear whose output holds both gate and up: split in halves (``.chunk(2, -1)``,
     gate or up first) or in alternate rows (``[..., ::2]``, as GPT-OSS stores them), gate rows first in ``w_up``;
