@@ -87,6 +87,7 @@ class Blockwise:
         """One record per block, named by its path in the model."""
         out = [MoELayerInfo(name=name, reason=why) for name, why in self.unfused.items()]
         for name, program in self.programs.items():
-            out += [dataclasses.replace(info, name=name if info.name == "block" else f"{name}.{info.name[6:]}")
+            # the program's records name its blocks inside ``BlockCall``: "block", or "block.<sub>"
+            out += [dataclasses.replace(info, name=f"{name}{info.name.removeprefix('block')}")
                     for info in program.moe_layers]
         return out
