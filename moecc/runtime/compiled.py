@@ -76,12 +76,16 @@ class _Entry:
         return True
 
     def matches(self, flat: list, spec: pytree.TreeSpec) -> bool:
-        if spec != self.in_spec or len(flat) != len(self.consts):
-            return False
-        for v, c in zip(flat, self.consts):
-            if not isinstance(v, torch.Tensor) and (c is None or v != c):
-                return False
-        return self.matches_tensors([flat[i] for i in self.tensor_pos])
+        return same_structure(flat, spec, self.in_spec, self.consts) and self.matches_tensors(
+            [flat[i] for i in self.tensor_pos])
+
+
+def same_structure(flat: list, spec: pytree.TreeSpec, seen_spec: pytree.TreeSpec, consts: list) -> bool:
+    """Whether a call flattened to ``flat, spec`` has the containers ``seen_spec`` and, where it passes no tensor,
+    the values ``consts`` (None at a tensor's position)."""
+    if spec != seen_spec or len(flat) != len(consts):
+        return False
+    return all(isinstance(v, torch.Tensor) or (c is not None and _same(v, c)) for v, c in zip(flat, consts))
 
 
 def data_dependent_sizes(gm: fx.GraphModule) -> list[str]:
@@ -160,8 +164,7 @@ class CompiledModule(nn.Module):
         self._entries: list[_Entry] = []
         self.captures = 0
         self._cache_arg = cache_argument(model)
-        self._compiling = False
-        self._eager = False  # the model's own forward runs (blockwise)
+        self._own_forward = False  # the model's own forward runs: while compiling, and in blockwise calls
         self._told_no_grad = False
         # per call structure that torch.export refused whole: (input spec, its non-tensor values, Blockwise)
         self._blockwise_calls: list[tuple[pytree.TreeSpec, list, Blockwise]] = []
@@ -242,18 +245,16 @@ class CompiledModule(nn.Module):
         """The blockwise program of calls structured as this one (same containers, same non-tensor values): a
         structure torch.export refused once is not captured again, other calls still are."""
         flat, spec = pytree.tree_flatten((args, kwargs))
-        for seen, consts, blockwise in self._blockwise_calls:
-            if seen == spec and all(isinstance(v, torch.Tensor) or _same(v, c) for v, c in zip(flat, consts)):
-                return blockwise
-        return None
+        return next((blockwise for seen, consts, blockwise in self._blockwise_calls
+                     if same_structure(flat, spec, seen, consts)), None)
 
     def _run_blockwise(self, blockwise: Blockwise, args: tuple, kwargs: dict):
-        self._eager = True
+        self._own_forward = True
         try:
             with blockwise.routed():
                 return self.original_model(*args, **kwargs)
         finally:
-            self._eager = False
+            self._own_forward = False
 
     def _entry_for(self, args: tuple, kwargs: dict) -> tuple[_Entry, list, list]:
         """The capture a call runs (compiled now if none fits), its tensor inputs and the KV caches it passes."""
@@ -310,13 +311,13 @@ class CompiledModule(nn.Module):
     @contextlib.contextmanager
     def _forward_compiled(self):
         """``model.forward`` routed through this module while the block runs; inside a compile (capture, check)
-        the model's own forward runs."""
+        and a blockwise call the model's own forward runs."""
         model = self.original_model
         own = model.forward  # bound now: a forward set on the instance before this stays the one that runs
         patched = vars(model).get("forward")
 
         def forward(*args, **kwargs):
-            if self._compiling or self._eager:
+            if self._own_forward:
                 return own(*args, **kwargs)
             return self(*args, **kwargs)
 
@@ -331,11 +332,11 @@ class CompiledModule(nn.Module):
                 model.forward = patched
 
     def _compile(self, args, kwargs) -> _Entry:
-        self._compiling = True
+        self._own_forward = True
         try:
             return self._capture_and_check(args, kwargs)
         finally:
-            self._compiling = False
+            self._own_forward = False
 
     def _capture_and_check(self, args, kwargs) -> _Entry:
         self.captures += 1
