@@ -242,7 +242,8 @@ def forget_calls() -> None:
 def capture(model: nn.Module, args: tuple, kwargs: dict, fuse: bool = True,
             hints: CaptureHints | None = None) -> Captured:
     hints = hints or CaptureHints()
-    blocks = find_moe_blocks(model) if fuse else []
+    found = find_moe_blocks(model) if fuse else []  # kept apart from ``blocks``, which gains the expert owners
+    blocks = list(found)
     log.info("found %d MoE block(s): %s", len(blocks), ", ".join(n for n, _ in blocks) or "-")
     owners = expert_owners(model, [n for n, _ in blocks]) if fuse else []
     if owners:
@@ -285,7 +286,7 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, fuse: bool = True,
                 exc = ExportError(f"{exc}\nThese MoE blocks were traced as written: {why}."
                                   ).with_traceback(exc.__traceback__)
             exc.unfused = {**hints.unfused, **unfused}
-            exc.blocks = [(n, b) for n, b in find_moe_blocks(model) if n not in exc.unfused]
+            exc.blocks = [(n, b) for n, b in found if n not in exc.unfused]
             raise exc from exc.__cause__
         if key:
             capture_cache.save(key, gm, targets, model)
