@@ -313,3 +313,41 @@ def test_a_loaded_artifact_takes_keywords_in_any_order_and_names_the_ones_missin
         torch.testing.assert_close(out.loss, ref.loss)
     with pytest.raises(TypeError, match="missing keyword arguments: labels"):
         m(input_ids=ids)
+
+
+@pytest.mark.parametrize("form", ["bool", "float_inf", "float_min", "causal", "gqa", "none"])
+def test_attention_lowered_for_onnx_is_torchs_where_a_query_sees_no_key(form, tmp_path):
+    """Rows of the mask that hide every key (left padding) give zeros in torch; torch.onnx's own translation gave an
+    even mix of every value there. moecc's lowering of attention matches torch in each form a model passes."""
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+    from moecc.codegen.onnx.decompose import scaled_dot_product_attention
+    from moecc.codegen.onnx.lower import OrtModule, to_onnx
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 5, 8, generator=g) for _ in range(3))
+    keep = torch.ones(2, 1, 5, 5, dtype=torch.bool).tril()
+    keep[1, :, :2] = False  # two queries of the second batch see no key
+    kwargs = {"bool": {"attn_mask": keep},
+              "float_inf": {"attn_mask": torch.where(keep, 0.0, float("-inf"))},
+              "float_min": {"attn_mask": torch.where(keep, 0.0, torch.finfo(torch.float32).min)},
+              "causal": {"is_causal": True, "scale": 0.3},
+              "gqa": {"attn_mask": keep, "enable_gqa": True},
+              "none": {}}[form]
+    if form == "gqa":
+        k, v = k[:, :2], v[:, :2]
+
+    class Attention(torch.nn.Module):
+        def forward(self, q, k, v):
+            return sdpa(q, k, v, **kwargs)
+
+    want = Attention()(q, k, v)
+    torch.testing.assert_close(scaled_dot_product_attention(q, k, v, **kwargs), want)
+    gm = torch.export.export(Attention(), (q, k, v)).module()
+    gm.graph.eliminate_dead_code()
+    for node in gm.graph.nodes:
+        if node.target is torch.ops.aten.scaled_dot_product_attention.default:
+            node.target = scaled_dot_product_attention
+    gm.recompile()
+    got = OrtModule(to_onnx(gm, [q, k, v], str(tmp_path / "attention.onnx")))(q, k, v)[0]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

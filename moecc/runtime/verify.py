@@ -210,8 +210,8 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def padding_mask(model: nn.Module, args, kwargs) -> torch.Tensor | None:
     """The positions a Hugging Face-style ``attention_mask`` keeps ([batch, seq], True where not padding), when the
     call has one with padding. A position it masks out is padding whose outputs nobody reads, and with left padding
-    its query attends to no key at all: every implementation of the softmax then returns numbers of its own (ONNX
-    Runtime's are not eager's), so the check does not compare them."""
+    its query attends to no key at all: a softmax over nothing, whose answer each attention implementation picks
+    for itself (torch's is zero, and moecc's ONNX lowering keeps it), so the check does not compare them."""
     try:
         bound = inspect.signature(model.forward).bind_partial(*args, **kwargs).arguments
     except (TypeError, ValueError):

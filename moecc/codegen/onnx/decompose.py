@@ -1,5 +1,6 @@
 """Export-friendly plain-torch forms of the moecc ops: no data-dependent shapes, so torch.onnx can translate them
-to standard ONNX ops (MatMul, TopK, ScatterElements, CumSum, ...). Exact for any routing, capacity included."""
+to standard ONNX ops (MatMul, TopK, ScatterElements, CumSum, ...). Exact for any routing, capacity included. Also
+attention, whose translation by torch.onnx is not torch's for a query that attends to no key."""
 
 from __future__ import annotations
 
@@ -52,7 +53,35 @@ def fused_moe(x, weights, ids, w_up, w_down, b_up, b_down, activation, gated, al
     return torch.einsum("te,eth->th", dense, y.float()).to(x.dtype)
 
 
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                                 enable_gqa=False):
+    """torch's attention, with its answer for a query that every key is masked from (a left-padded position): zero.
+    ONNX has no such softmax, and torch.onnx's own translation masks with the dtype's lowest number instead of
+    -inf, so such a query attends to every key evenly and its output is not eager's."""
+    if scale is None:
+        scale = query.shape[-1] ** -0.5
+    if enable_gqa and key.shape[-3] != query.shape[-3]:
+        group = query.shape[-3] // key.shape[-3]
+        key = key.repeat_interleave(group, dim=-3)
+        value = value.repeat_interleave(group, dim=-3)
+    scores = torch.matmul(query, key.transpose(-2, -1)) * scale
+    if is_causal:
+        causal = torch.ones(query.shape[-2], key.shape[-2], dtype=torch.bool, device=query.device).tril()
+        scores = scores.masked_fill(~causal, float("-inf"))
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        else:
+            scores = scores + attn_mask.to(scores.dtype)
+    attends = scores.amax(-1, keepdim=True) > float("-inf")
+    probs = torch.where(attends, torch.softmax(scores, dim=-1), 0.0).to(value.dtype)
+    if dropout_p > 0.0:
+        probs = torch.nn.functional.dropout(probs, dropout_p)
+    return torch.matmul(probs, value)
+
+
 DECOMPOSITIONS = {
+    torch.ops.aten.scaled_dot_product_attention.default: scaled_dot_product_attention,
     torch.ops.moecc.fused_route.default: fused_route_reference,
     torch.ops.moecc.route.default: route_reference,
     torch.ops.moecc.fused_moe.default: fused_moe,
