@@ -77,7 +77,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     probs = torch.where(attends, torch.softmax(scores, dim=-1), 0.0).to(value.dtype)
     if dropout_p > 0.0:
         probs = torch.nn.functional.dropout(probs, dropout_p)
-    return torch.matmul(probs, value)
+    out = torch.matmul(probs, value)
+    # laid out as torch's attention lays out its output, [batch, seq, heads, dim]: models view it so after a transpose
+    return out.transpose(1, 2).contiguous().transpose(1, 2) if out.dim() == 4 else out
 
 
 DECOMPOSITIONS = {
