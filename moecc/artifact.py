@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from moecc.errors import ArtifactError, first_line
+from moecc.errors import ArtifactError, DisagreementError, first_line
 from moecc.logs import stderr_to_debug
 from moecc.runtime import kv_cache
 from moecc.runtime.cudagraphs import GraphCache, replays
@@ -55,7 +55,7 @@ def export(model: nn.Module, args, path, kwargs: dict | None = None, backend: st
     manifest records (default: the example). Returns the path written."""
     from moecc import __version__
     from moecc.api import OPTIONS, _check_args
-    from moecc.runtime.compiled import build, cache_argument, cache_defaults
+    from moecc.runtime.compiled import build, cache_argument, cache_defaults, torch_instead
     from moecc.runtime.verify import verify
 
     _check_args(model, backend, None, options)
@@ -81,7 +81,18 @@ def export(model: nn.Module, args, path, kwargs: dict | None = None, backend: st
     entry, info = build(model, args, kwargs, backend, options, None, str(folder), calibration)
     if options.get("verify", True) and not options.get("quantize"):
         step("checking against eager on fresh inputs")
-        verify(model, entry)
+        try:
+            verify(model, entry)
+        except DisagreementError as exc:
+            if entry.backend != "onnxruntime":
+                raise
+
+            def rebuild():
+                shutil.rmtree(folder)  # the ONNX files must not travel with the torch program
+                folder.mkdir(parents=True)
+                return build(model, args, kwargs, "torch", options, None, str(folder), calibration)
+
+            entry, info = torch_instead(model, exc, info, backend, rebuild)
     step(f"writing the {entry.backend} program")
     if entry.backend in TORCH_PROGRAM_BACKENDS:
         _save_torch_program(entry, folder)

@@ -332,6 +332,11 @@ def _export(model, wrapper: _FlatCall, flat_inputs: list, blocks, examples,
             "such a model, as written with each MoE block compiled alone; moecc.export needs it captured whole."
         ) from exc
     gm = ep.module()
+    for node in gm.graph.nodes:
+        paths = [path for path, _ in (node.meta.get("nn_module_stack") or {}).values()
+                 if path == "model" or path.startswith("model.")]
+        if paths:  # where in the model it ran (the path under _FlatCall's ``model``): error messages name it
+            node.meta["moecc_module"] = paths[-1].removeprefix("model").removeprefix(".")
     gm.graph._codegen = torch.fx.graph.CodeGen()
     gm._forward_pre_hooks.clear()
     for node in [n for n in gm.graph.nodes if n.op == "call_module" and n.target == "_guards_fn"]:

@@ -227,7 +227,8 @@ def save(key: str, gm: fx.GraphModule, blocks: dict[str, str], model: nn.Module)
                 raise Unstorable(f"the submodule call {node.target}")
             nodes.append({"op": node.op, "name": node.name, "target": _encode_target(node),
                           "args": _encode(node.args), "kwargs": _encode(node.kwargs),
-                          "val": _encode_value(node.meta.get("val")), "block": node.meta.get("moecc_block")})
+                          "val": _encode_value(node.meta.get("val")), "block": node.meta.get("moecc_block"),
+                          "module": node.meta.get("moecc_module")})
         constant_bytes = sum(t.numel() * t.element_size() for t in constants.values())
         if constant_bytes > MAX_CONSTANT_BYTES:
             # weight-sized constants may be copies of weights, which a hit must not carry over to another model
@@ -303,6 +304,8 @@ def _rebuild(entry: dict, model: nn.Module, constants: dict) -> fx.GraphModule:
             node.meta["val"] = _decode_value(rec["val"])
         if rec["block"] is not None:
             node.meta["moecc_block"] = rec["block"]
+        if rec.get("module") is not None:
+            node.meta["moecc_module"] = rec["module"]
         env[node.name] = node
     graph.lint()
     gm = fx.GraphModule(root, graph)

@@ -19,6 +19,12 @@ class ExportError(CaptureError):
     unfused: dict = {}
 
 
+class DisagreementError(MoeccError):
+    """A compiled program disagrees with eager on fresh inputs. ``detail``: by how much (``relative error ...``)."""
+
+    detail: str = ""
+
+
 class PassError(MoeccError):
     """A pass failed; the message names the pass and where its input graph was saved."""
 

@@ -84,6 +84,9 @@ def test_warm_capture_is_the_same_graph_without_export(family, monkeypatch):
     assert dict(warm.gm.named_parameters()).keys() == dict(cold.gm.named_parameters()).keys()
     assert dict(warm.gm.named_buffers()).keys() == dict(cold.gm.named_buffers()).keys()
     assert warm.blocks == cold.blocks
+    where = [n.meta.get("moecc_module") for n in cold.gm.graph.nodes]
+    assert [n.meta.get("moecc_module") for n in warm.gm.graph.nodes] == where  # error messages name modules
+    assert any(w and "embed" in w for w in where), where
     with torch.no_grad():
         for a, b in zip(cold.gm(*cold.tensor_inputs), warm.gm(*warm.tensor_inputs)):
             torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -353,3 +353,36 @@ def test_attention_lowered_for_onnx_is_torchs_where_a_query_sees_no_key(form, tm
     gm.recompile()
     got = OrtModule(to_onnx(gm, [q, k, v], str(tmp_path / "attention.onnx")))(q, k, v)[0]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _tied_topk_model():
+    from user_modules import LoopMoE, TiedTopkModel
+
+    torch.manual_seed(0)
+    return TiedTopkModel(LoopMoE()).eval(), torch.randint(0, 50, (3, 7))
+
+
+def test_an_onnx_program_that_breaks_ties_its_own_way_is_refused_naming_the_op():
+    """A top-k outside the MoE blocks over tied scores keeps other features in ONNX Runtime than in torch. The
+    check finds the ONNX program wrong where the torch program of the same graph is right, and says so, naming the
+    op, instead of calling it a moecc bug."""
+    model, ids = _tied_topk_model()
+    with pytest.raises(moecc.MoeccError) as info:
+        moecc.compile(model, backend="onnxruntime")(ids)
+    message = str(info.value)
+    assert "where the torch program of the same graph agrees" in message
+    assert "topk in indexer" in message and "moecc bug" not in message
+
+
+def test_auto_runs_an_onnx_program_that_breaks_ties_its_own_way_with_torch(moecc_warnings, tmp_path):
+    model, ids = _tied_topk_model()
+    cm = moecc.compile(model)
+    got = cm(ids)
+    assert cm._entries[0].backend == "torch"
+    torch.testing.assert_close(got, model(ids))
+    assert cm.moe_layers[0].fused
+    assert any("topk in indexer" in r.getMessage() and "runs it with torch" in r.getMessage()
+               for r in moecc_warnings.records)
+    path = moecc.export(model, (ids,), str(tmp_path / "artifact"))  # export takes the torch program as well
+    assert not list((tmp_path / "artifact").glob("*.onnx"))
+    torch.testing.assert_close(moecc.load(path)(ids), model(ids))

@@ -191,6 +191,34 @@ class ValueBranchModel(nn.Module):
         return self.head(h)
 
 
+class TopkIndexer(nn.Module):
+    """The ``keep`` features of the highest ReLU scores, as a DeepSeek-V3.2 indexer picks keys: the scores that the
+    ReLU leaves at zero tie."""
+
+    def __init__(self, hidden=24, keep=16):
+        super().__init__()
+        self.keep = keep
+        self.proj = nn.Linear(hidden, hidden, bias=False)
+
+    def forward(self, h):
+        return F.relu(self.proj(h)).topk(self.keep, dim=-1).indices
+
+
+class TiedTopkModel(TinyModel):
+    """A ``TopkIndexer`` outside the MoE block keeps some features of the hidden states. torch and ONNX Runtime
+    keep other features among the tied ones, so the ONNX program computes other numbers than eager."""
+
+    def __init__(self, block: nn.Module, hidden=24, vocab=50):
+        super().__init__(block, hidden, vocab)
+        self.indexer = TopkIndexer(hidden)
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        h = h * torch.zeros_like(h).scatter(-1, self.indexer(h), 1.0)
+        h = h + self.moe(self.norm(h))
+        return self.head(h)
+
+
 class SquaredReluMLP(nn.Module):
     def __init__(self, hidden, inter):
         super().__init__()

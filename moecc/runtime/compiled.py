@@ -17,7 +17,7 @@ from torch.utils import _pytree as pytree
 from moecc import knobs
 from moecc.capture import CaptureHints, capture, forget_calls
 from moecc.codegen.lower import EXPERT_LAYOUT, lower, resolve_backend
-from moecc.errors import BackendError, CacheError, ExportError, MoeccError
+from moecc.errors import BackendError, CacheError, DisagreementError, ExportError, MoeccError
 from moecc.ir import MoELayerInfo
 from moecc.logs import quiet
 from moecc.passes import DumpIR, PassManager, Timing, default_pipeline
@@ -28,7 +28,7 @@ from moecc.runtime.blockwise import Blockwise
 from moecc.runtime.cudagraphs import GraphCache, graphed_ops, replays
 from moecc.runtime.direct import direct_calls
 from moecc.runtime.keywords import in_order, keyword_order
-from moecc.runtime.verify import verify
+from moecc.runtime.verify import tie_breaking_ops, verify
 from moecc.runtime.weights import WeightWatch
 
 log = logging.getLogger("moecc.runtime")
@@ -344,7 +344,8 @@ class CompiledModule(nn.Module):
         folder = None
         if self.dump_dir:
             folder = Path(self.dump_dir) if self.captures == 1 else Path(self.dump_dir) / f"capture_{self.captures}"
-        entry, _ = build(self.original_model, args, kwargs, self.backend, self.options, folder, hints=self.hints)
+        entry, info = build(self.original_model, args, kwargs, self.backend, self.options, folder,
+                            hints=self.hints)
         if folder is not None:
             print(f"moecc: pass dumps in {folder}")
         if self.verify:
@@ -353,18 +354,40 @@ class CompiledModule(nn.Module):
             start = time.perf_counter()
             try:
                 verify(self.original_model, entry, tolerance)
-            except MoeccError as exc:
-                # what the torch program computes is eager's code on the same ops; an exported ONNX graph can
-                # differ from it outside the MoE blocks (ONNX Runtime's top-k breaks ties its own way, say)
-                if self.backend != "auto" or entry.backend == "torch" or tolerance is not None:
+            except DisagreementError as exc:
+                if entry.backend != "onnxruntime" or tolerance is not None:
                     raise
-                log.warning("%s; backend='auto' falls back to torch", exc)
-                entry, _ = build(self.original_model, args, kwargs, "torch", self.options, None, hints=self.hints)
-                verify(self.original_model, entry)
+                entry, _ = torch_instead(self.original_model, exc, info, self.backend, lambda: build(
+                    self.original_model, args, kwargs, "torch", self.options, None, hints=self.hints))
             log.info("check on fresh inputs: %.2f s", time.perf_counter() - start)
         self._entries.append(entry)
         self._latest = entry
         return entry
+
+
+def torch_instead(model: nn.Module, exc: DisagreementError, info: BuildInfo, requested: str,
+                  rebuild) -> tuple[_Entry, BuildInfo]:
+    """The torch program (``rebuild()``) of a capture whose ONNX Runtime program disagreed with eager, when it
+    agrees. What the torch program computes is eager's code on the same ops; an exported ONNX graph can differ from
+    it outside the fused MoE blocks (ONNX Runtime's top-k breaks ties its own way). ``backend='auto'`` takes the
+    torch program, with a warning; ``backend='onnxruntime'`` raises, saying so. When the torch program disagrees
+    as well, that is moecc's own error, raised as such."""
+    built = rebuild()
+    try:
+        verify(model, built[0])
+    except DisagreementError:
+        raise exc from None
+    ties = tie_breaking_ops(info.captured.gm)
+    why = (f"the ONNX Runtime program of {type(model).__name__} disagrees with eager on fresh inputs ({exc.detail}), "
+           "where the torch program of the same graph agrees: an op outside the fused MoE blocks computes other "
+           "numbers once exported to ONNX")
+    if ties:
+        why += (f". Ops that pick among equal values ({', '.join(ties[:4])}) are the usual cause: ONNX takes the "
+                "lower index where torch promises none")
+    if requested == "auto":
+        log.warning("%s; backend='auto' runs it with torch", why)
+        return built
+    raise MoeccError(f"{why}. Take backend='torch', or 'auto', which then runs it with torch") from exc
 
 
 def _same(value, const) -> bool:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from moecc.errors import MoeccError
+from moecc.errors import DisagreementError, MoeccError
 
 log = logging.getLogger("moecc.runtime")
 
@@ -60,9 +60,11 @@ def check_fresh(model: nn.Module, entry, tolerance: float | None = None, draws=r
                 raise MoeccError(f"{type(model).__name__} itself gives other outputs each time it is called on the "
                                  f"same inputs ({random}){mode}: dropout or noise is active, and moecc compiles "
                                  "a deterministic inference program, which no check can compare with eager")
-            raise MoeccError(f"the compiled {type(model).__name__} disagrees with eager on fresh inputs ({why}). "
-                             "This is a moecc bug: please report it with MOECC_DUMP_DIR set. Compile with fuse=False "
-                             "to run without MoE fusion.")
+            err = DisagreementError(f"the compiled {type(model).__name__} disagrees with eager on fresh inputs "
+                                    f"({why}). This is a moecc bug: please report it with MOECC_DUMP_DIR set. "
+                                    "Compile with fuse=False to run without MoE fusion.")
+            err.detail = why
+            raise err
 
 
 def _eager_varies(model: nn.Module, entry, flat: list, tolerance: float | None) -> str | None:
@@ -260,3 +262,25 @@ def rounding_sensitivity(model: nn.Module, block_names: list[str], args, kwargs,
             h.remove()
     return max((_rel(_unpadded(m, kept), _unpadded(r, kept)) for m, r in zip(moved, ref)
                 if isinstance(r, torch.Tensor) and r.is_floating_point()), default=0.0)
+
+
+# ops whose answer among equal values is each implementation's own: torch does not promise which index wins a tie
+TIE_BREAKING = {"topk", "sort", "argsort", "argmax", "argmin", "kthvalue", "mode", "max.dim", "min.dim"}
+
+
+def tie_breaking_ops(gm: torch.fx.GraphModule) -> list[str]:
+    """The ops of ``gm`` that pick among equal values (top-k, sort, argmax...), as ``op in module path``. Left in a
+    program after fusion, they sit outside the fused MoE blocks (a DeepSeek-V3.2 indexer's top-k over scores that a
+    ReLU leaves at zero): translated to ONNX, they break ties their own way."""
+    found = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+            continue
+        op = node.target._schema.name.split("::")[-1]
+        if op not in TIE_BREAKING and f"{op}.{node.target._overloadname}" not in TIE_BREAKING:
+            continue
+        where = node.meta.get("moecc_module")
+        entry = f"{op} in {where}" if where else f"{op} in the model's forward" if where == "" else node.name
+        if entry not in found:
+            found.append(entry)
+    return found
