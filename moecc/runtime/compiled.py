@@ -381,6 +381,9 @@ def torch_instead(model: nn.Module, exc: DisagreementError, info: BuildInfo, req
     why = (f"the ONNX Runtime program of {type(model).__name__} disagrees with eager on fresh inputs ({exc.detail}), "
            "where the torch program of the same graph agrees: an op outside the fused MoE blocks computes other "
            "numbers once exported to ONNX")
+    if value_sized := data_dependent_sizes(info.captured.gm):
+        why += (f". Its sizes depend on values ({', '.join(value_sized[:3])}): an expert loop left in the graph, "
+                "which ONNX can run with other numbers than eager")
     if ties:
         why += (f". Ops that pick among equal values ({', '.join(ties[:4])}) are the usual cause: ONNX takes the "
                 "lower index where torch promises none")
