@@ -386,3 +386,18 @@ def test_auto_runs_an_onnx_program_that_breaks_ties_its_own_way_with_torch(moecc
     path = moecc.export(model, (ids,), str(tmp_path / "artifact"))  # export takes the torch program as well
     assert not list((tmp_path / "artifact").glob("*.onnx"))
     torch.testing.assert_close(moecc.load(path)(ids), model(ids))
+
+
+def test_a_fallback_to_torch_says_once_why_capture_left_a_block_as_written(moecc_warnings):
+    """Blocks whose router logits the model returns are left as written by capture; their ONNX export fails and
+    ``auto`` captures again for torch, without repeating capture's warnings."""
+    model = make_model("mixtral")
+    ids = torch.randint(0, 97, (2, 7))
+    cm = moecc.compile(model)
+    with torch.no_grad():
+        out = cm(input_ids=ids, output_router_logits=True)
+        want = model(input_ids=ids, output_router_logits=True, use_cache=False)
+    torch.testing.assert_close(out.logits, want.logits)
+    assert cm._entries[-1].backend == "torch"
+    told = [r.getMessage() for r in moecc_warnings.records if "left as written" in r.getMessage()]
+    assert len(told) == model.config.num_hidden_layers, told

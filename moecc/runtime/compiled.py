@@ -372,7 +372,8 @@ def torch_instead(model: nn.Module, exc: DisagreementError, info: BuildInfo, req
     it outside the fused MoE blocks (ONNX Runtime's top-k breaks ties its own way). ``backend='auto'`` takes the
     torch program, with a warning; ``backend='onnxruntime'`` raises, saying so. When the torch program disagrees
     as well, that is moecc's own error, raised as such."""
-    built = rebuild()
+    with quiet("moecc.passes.recognize", "moecc.capture"):  # their warnings were given once already
+        built = rebuild()
     try:
         verify(model, built[0])
     except DisagreementError:
@@ -475,7 +476,8 @@ def build(model: nn.Module, args, kwargs, backend: str, options: dict, dump_fold
         if requested != "auto" or quant is not None:
             raise
         log.warning("backend %s failed (%s); backend='auto' falls back to torch", backend, exc)
-        with quiet("moecc.passes.recognize"):  # its warnings (blocks left as written) were given once already
+        # their warnings (blocks left as written) were given once already
+        with quiet("moecc.passes.recognize", "moecc.capture"):
             return build(model, args, kwargs, "torch", options, None, program_folder, calibration, hints)
     for info in layers.values():
         if not info.fused and not info.reason:
