@@ -38,6 +38,15 @@ class BlockAnalysis:
     # layers): their places among the flat leaves of the call's (args[1:], kwargs), and how many token dims lead
     other_positions: tuple[int, ...] = ()
     token_dims: int = 1
+    # experts the router scores past the bank's, which compute nothing: ids past the bank are null to the expert
+    # ops. Identity experts (LongCat-Flash's zero-compute experts) pass their input on, scaled by their routing
+    # weight beside the expert ops; zero experts add nothing.
+    extra_experts: int = 0
+    extra_pass_input: bool = True
+
+    def describe_extra(self) -> str:
+        kind = "identity" if self.extra_pass_input else "zero"
+        return f" +{self.extra_experts} {kind} experts" if self.extra_experts else ""
 
 
 ROUTER_INPUT_SLOTS = 4  # the block's other arguments a router program may read: CanonicalMoE.forward's other0..3
@@ -108,7 +117,8 @@ class CanonicalMoE(nn.Module):
             moe_ids, moe_weights = ids.reshape(-1, 1), torch.ones_like(weights).reshape(-1, 1)
         else:
             moe_in, moe_ids, moe_weights = x2, ids, weights
-        xs, order, offsets = torch.ops.moecc.dispatch(moe_in, moe_ids, r.num_experts, c.capacity, c.capacity_factor,
+        bank = r.num_experts - a.extra_experts
+        xs, order, offsets = torch.ops.moecc.dispatch(moe_in, moe_ids, bank, c.capacity, c.capacity_factor,
                                                       c.capacity_min, group, c.priority)
         ys = torch.ops.moecc.expert_ffn(xs, offsets, self.w_up, self.w_down, self.b_up, self.b_down,
                                         e.activation, e.gated, e.alpha, e.limit)
@@ -121,6 +131,9 @@ class CanonicalMoE(nn.Module):
                                             getattr(self, f"shared{i}_gate"), s.spec.activation, s.spec.gated,
                                             s.spec.alpha, s.spec.limit)
             y = y + sy
+        if a.extra_experts and a.extra_pass_input:
+            passed = torch.where(ids >= bank, weights.float(), 0.0).sum(-1, keepdim=True)
+            y = (y.float() + x2.float() * passed).to(y.dtype)
         y = y.to(x.dtype).reshape(x2.shape if a.flat_output else x.shape)
         if a.residual:
             y = block_input.reshape(y.shape) + y

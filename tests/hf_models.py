@@ -85,6 +85,12 @@ def make_config(family: str):
                                    routed_scaling_factor=1.5, mlp_layer_types=["hash_moe", "moe"],
                                    layer_types=["heavily_compressed_attention"] * 2, o_lora_rank=16,
                                    index_n_heads=2, index_head_dim=8, index_topk=8)
+    if family == "longcat_flash":  # identity experts past the bank: gate_up_proj holds them, down_proj does not
+        return tf.LongcatFlashConfig(vocab_size=97, hidden_size=32, num_layers=2, num_attention_heads=4,
+                                     max_position_embeddings=64, ffn_hidden_size=48, q_lora_rank=24, kv_lora_rank=16,
+                                     qk_nope_head_dim=8, qk_rope_head_dim=8, head_dim=8, v_head_dim=8, moe_topk=3,
+                                     n_routed_experts=6, zero_expert_num=3, expert_ffn_hidden_size=24,
+                                     routed_scaling_factor=2.0)
     if family == "switch_transformers":
         return tf.SwitchTransformersConfig(vocab_size=97, d_model=32, d_kv=8, d_ff=48, num_layers=2,
                                            num_decoder_layers=2, num_heads=4, num_experts=4, expert_capacity=6,
@@ -108,6 +114,7 @@ def make_model(family: str, experts_implementation: str = "eager", seed: int = 0
         "ernie4_5_moe": "Ernie4_5_MoeForCausalLM", "llama4_text": "Llama4ForCausalLM",
         "switch_transformers": "SwitchTransformersForConditionalGeneration", "kolibri1": "Kolibri1ForCausalLM",
         "deepseek_v4": "DeepseekV4ForCausalLM", "jetmoe": "JetMoeForCausalLM",
+        "longcat_flash": "LongcatFlashForCausalLM",
     }[family])
     model = cls(cfg)
     with torch.no_grad():

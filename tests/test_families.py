@@ -101,6 +101,20 @@ def test_experts_split_over_two_modules_with_one_output_bias():
     _matches_eager_on_fresh_shapes("jetmoe", model, cm)
 
 
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_longcat_flash_identity_experts_are_fused(backend):
+    """LongCat-Flash's router scores 6 experts and 3 identity (zero-compute) experts, which pass their input on
+    scaled by their weight; its up projections hold all 9, its down projections the 6 that compute."""
+    model = make_model("longcat_flash")
+    cm = moecc.compile(model, backend=backend)
+    cm(**make_inputs("longcat_flash", 2, 8))
+    assert len(cm.moe_layers) == 2
+    assert all(layer.fused and layer.num_experts == 6
+               and layer.routing == "softmax->top3 selection-bias x2 +3 identity experts" for layer in cm.moe_layers), \
+        [(layer.routing, layer.reason) for layer in cm.moe_layers]
+    _matches_eager_on_fresh_shapes("longcat_flash", model, cm)
+
+
 def test_switch_capacity_formula_recorded():
     model = make_model("switch_transformers")
     cm = moecc.compile(model)

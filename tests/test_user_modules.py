@@ -320,6 +320,22 @@ def test_experts_of_different_widths_are_padded_with_zero_units(backend, gated):
     assert layer.activation == ("gated-silu" if gated else "gelu +bias"), layer
 
 
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime", "triton"])
+@pytest.mark.parametrize("pass_input", [True, False])
+def test_experts_past_the_bank_that_compute_nothing(backend, pass_input):
+    """A router over more experts than the bank holds, whose last ones compute nothing: identity experts pass their
+    input on scaled by their weight, zero experts add nothing. Ids past the bank do no compute in the expert ops,
+    and the check proves which of the two the block computes."""
+    from user_modules import IdentityExpertsMoE
+
+    torch.manual_seed(0)
+    layer = compiled_on(backend, IdentityExpertsMoE(pass_input=pass_input))
+    assert layer.fused and layer.num_experts == 6 and layer.top_k == 3, layer
+    assert layer.routing.endswith(f"+3 {'identity' if pass_input else 'zero'} experts"), layer
+    if backend == "onnxruntime":  # com.microsoft.MoE routes over the bank's experts only
+        assert "no experts that compute nothing" in layer.lowering, layer
+
+
 def test_experts_of_different_activations_run_as_written_and_say_why():
     from user_modules import GeluMLP, UnevenWidthMoE
 

@@ -191,6 +191,34 @@ class ValueBranchModel(nn.Module):
         return self.head(h)
 
 
+class IdentityExpertsMoE(nn.Module):
+    """A softmax router over ``num_experts + identity`` experts, of which the last ``identity`` compute nothing and
+    pass their input on, scaled by their weight (LongCat-Flash's identity experts, MoE++'s copy experts), or, with
+    ``pass_input=False``, add nothing (MoE++'s zero experts); the expert loop of a user's own code."""
+
+    def __init__(self, hidden=24, inter=40, num_experts=6, identity=3, top_k=3, pass_input=True):
+        super().__init__()
+        self.top_k = top_k
+        self.pass_input = pass_input
+        self.gate = nn.Linear(hidden, num_experts + identity, bias=False)
+        self.experts = nn.ModuleList(MLP(hidden, inter) for _ in range(num_experts))
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        weights, chosen = torch.topk(F.softmax(self.gate(x), dim=-1), self.top_k, dim=-1)
+        out = torch.zeros_like(x)
+        for e in range(self.gate.out_features):
+            token, slot = torch.where(chosen == e)
+            if token.numel() == 0:
+                continue
+            if e >= len(self.experts) and not self.pass_input:
+                continue
+            rows = x[token] if e >= len(self.experts) else self.experts[e](x[token])
+            out.index_add_(0, token, rows * weights[token, slot, None])
+        return out.reshape(shape)
+
+
 class TopkIndexer(nn.Module):
     """The ``keep`` features of the highest ReLU scores, as a DeepSeek-V3.2 indexer picks keys: the scores that the
     ReLU leaves at zero tie."""

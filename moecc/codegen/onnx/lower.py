@@ -92,6 +92,10 @@ def use_ort_moe(gm: fx.GraphModule, quant=None) -> dict[str, str]:
         router_b = _param(gm, route.args[2])
         f = form.value
         num_experts = int(w_up.shape[0])
+        router_w = _param(gm, route.args[1])
+        if form and router_w is not None and int(router_w.shape[0]) != num_experts:
+            form = MatchResult.fail(f"the router scores {int(router_w.shape[0])} experts and the bank holds "
+                                    f"{num_experts}: com.microsoft.MoE has no experts that compute nothing")
         if form and not ort_computes_same(f.activation_type, f.normalize, int(route.args[4]),
                                           b_up is not None or b_down is not None, f.alpha, f.beta, f.limit,
                                           num_experts):

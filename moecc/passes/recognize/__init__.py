@@ -129,6 +129,8 @@ class Recognize(MoePass):
             info.num_experts, info.top_k = a.routing.num_experts, a.routing.top_k
             info.hidden_size, info.intermediate_size = a.expert.hidden_size, a.expert.intermediate_size
             info.routing, info.activation = a.routing.describe(), a.expert.describe()
+            info.num_experts -= a.extra_experts
+            info.routing += a.describe_extra()
             info.shared_experts = len(a.shared)
             info.output_module = "" if a.post is None else type(a.post).__name__
             info.input_module = "" if a.pre is None else type(a.pre).__name__

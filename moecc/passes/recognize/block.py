@@ -33,6 +33,7 @@ from moecc.passes.recognize.router import (
     fit_routing,
     group_candidates,
     read_outputs,
+    router_over_more,
     routing_candidates,
     topk_candidates,
 )
@@ -71,6 +72,9 @@ def find_stacked_bank(block: nn.Module) -> tuple[nn.Module, int] | None:
         for e, count in by_e.items():
             if count >= 2 and (best is None or count > best[2]):
                 best = (mod, e, count)
+        if len(by_e) >= 2 and best is None:
+            # weights of different expert counts: the experts all of them hold (the rest compute nothing)
+            best = (mod, min(by_e), len(params))
     if best is None:
         routers = {(m.out_features, m.in_features) for m in block.modules()
                    if isinstance(m, nn.Linear) and m.out_features >= 2}
@@ -441,12 +445,20 @@ def _with_router_as_written(block, router, obs, x2, call, num_experts, expert_ca
     spec = RoutingSpec(num_experts, k, "as written", has_router_bias=router.bias is not None)
     closest = _Closest(router.weight.dtype)
     for on_inputs, (espec, ew) in _pairs((False, True), expert_candidates):
-        a = BlockAnalysis(replace(spec, weights_on_inputs=on_inputs), router.weight, router.bias, None, espec, ew,
-                          CapacitySpec(), shared, output_tuple=not isinstance(raw[0], torch.Tensor),
-                          router_program=program, flat_output=flat_output,
-                          other_positions=others.positions if others else (), token_dims=token_dims, pre=pre)
-        if closest.offer(_verify(block, a, inputs, refs, router_inputs)):
-            break
+        extra = num_experts - int(ew.w_up.shape[0])
+        if extra and on_inputs:
+            continue
+        for pass_input in (True, False) if extra else (True,):
+            a = BlockAnalysis(replace(spec, weights_on_inputs=on_inputs), router.weight, router.bias, None, espec,
+                              ew, CapacitySpec(), shared, output_tuple=not isinstance(raw[0], torch.Tensor),
+                              router_program=program, flat_output=flat_output,
+                              other_positions=others.positions if others else (), token_dims=token_dims, pre=pre,
+                              extra_experts=extra, extra_pass_input=pass_input)
+            if closest.offer(_verify(block, a, inputs, refs, router_inputs)):
+                break
+        else:
+            continue
+        break
     if closest.analysis is not None:
         return MatchResult.success(closest.analysis)
     return MatchResult.fail(f"router {router.path}: {UNMATCHED_ROUTING}; with its own routing the experts still "
@@ -537,12 +549,6 @@ def _analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | 
     else:
         sb = find_stacked_bank(block)
         if sb is None:
-            uneven = next((params for m in block.modules()
-                           if len(params := stacked.stacked_params(m, materialize=False)) >= 2), None)
-            if uneven:
-                shapes = ", ".join(f"{n} {list(p.shape)}" for n, p in uneven.items())
-                return MatchResult.fail(f"stacked expert weights of different expert counts ({shapes}): experts that "
-                                        "some weights leave out (identity or zero-compute experts) are not canonical")
             return MatchResult.fail("no expert bank: neither a ModuleList of MLPs nor stacked [E, ., .] weights")
         bank_mod, num_experts = sb
         probe_fn = _bank_caller(block, bank_mod, hidden, like)
@@ -567,8 +573,15 @@ def _analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | 
 
     used = _bank_skip(block, bank_mod, experts if bank_list is not None else None)
     router = find_router(block, num_experts, hidden, used)
+    bank_experts = num_experts
     if router is None:
-        return MatchResult.fail(f"no router: no [E={num_experts}, H={hidden}] weight outside the experts")
+        router = router_over_more(block, num_experts, hidden, used)
+        if router is None:
+            return MatchResult.fail(f"no router: no [E={num_experts}, H={hidden}] weight outside the experts")
+        # the router scores experts past the bank's, which compute nothing (LongCat-Flash's identity experts):
+        # routing is fitted over all of them, and the check proves whether they pass their input on
+        num_experts = int(router.weight.shape[0])
+    extra = num_experts - bank_experts
     # what computes the logits: the router module, else the module whose own parameter the router weight is (a bare
     # Linear child, whose inputs still show what the router reads)
     owner = next((m for m in block.modules() if any(p is router.weight for p in m.parameters(recurse=False))), None)
@@ -589,7 +602,7 @@ def _analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | 
     hook = None if reader is None or reader is block else reader.register_forward_hook(
         lambda m, args, kwargs, out: router_calls.append((args, kwargs, out)), with_kwargs=True)
     # what each expert module reads in the first call, which shows the experts each token chose
-    expert_inputs: list[list] = [[] for _ in range(num_experts)] if bank_list is not None else []
+    expert_inputs: list[list] = [[] for _ in range(bank_experts)] if bank_list is not None else []
     expert_hooks = [m.register_forward_pre_hook(_recorder(expert_inputs[e])) for e, m in enumerate(experts)] \
         if bank_list is not None else []
     calls = [others.for_input(x, 100 + i) if others else ((), {}, []) for i, x in enumerate(inputs)]
@@ -681,10 +694,13 @@ def _analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | 
             tried += 1
             cap = cap if isinstance(cap, CapacitySpec) else CapacitySpec()
             for (fp32, on_inputs), post in itertools.product(_variants(spec, cap, like.dtype), posts):
-                yield BlockAnalysis(replace(spec, logits_fp32=fp32, weights_on_inputs=on_inputs), router.weight,
-                                    router.bias, sel, espec, ew, cap, shared.value,
-                                    output_tuple=not isinstance(raw[0], torch.Tensor), flat_output=flat_output,
-                                    post=post, pre=pre)
+                if extra and (on_inputs or not cap.dropless):
+                    continue
+                for pass_input in (True, False) if extra else (True,):
+                    yield BlockAnalysis(replace(spec, logits_fp32=fp32, weights_on_inputs=on_inputs), router.weight,
+                                        router.bias, sel, espec, ew, cap, shared.value,
+                                        output_tuple=not isinstance(raw[0], torch.Tensor), flat_output=flat_output,
+                                        post=post, pre=pre, extra_experts=extra, extra_pass_input=pass_input)
 
     def search(router, routing_options, expert_candidates) -> _Closest:
         closest = _Closest(like.dtype)

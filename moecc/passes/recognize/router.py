@@ -59,6 +59,18 @@ def find_router(block: nn.Module, num_experts: int, hidden: int | None, skip: se
     return min(found, key=lambda r: r[0])[1] if found else None
 
 
+def router_over_more(block: nn.Module, num_experts: int, hidden: int, skip: set[int]) -> Router | None:
+    """The router (``find_router``) of a block whose router scores more experts than its bank holds: the one
+    ``[R, H]`` weight outside the bank with R > E rows (the extra R - E experts are identity experts)."""
+    weights = [p for mod in block.modules() if id(mod) not in skip
+               for pname, p in mod.named_parameters(recurse=False) if p.dim() == 2 and "bias" not in pname.lower()]
+    rows = {int(p.shape[0]) for p in weights if p.shape[1] == hidden and p.shape[0] > num_experts}
+    # R scores, not R features: no weight reads R inputs (the first layer of a router MLP does, ZAYA's)
+    rows = {r for r in rows if not any(p.shape[1] == r for p in weights)}
+    found = [r for r in (find_router(block, n, hidden, skip) for n in sorted(rows)) if r is not None]
+    return found[0] if len(found) == 1 else None
+
+
 def _selection_biases(block: nn.Module, path: str, num_experts: int, bias) -> list[torch.Tensor]:
     """``[E]`` (or ``[1, E]``) tensors that may bias expert selection, as ``[E]``: in the router weight's module
     and its children first (ERNIE 4.5 keeps it in a ``moe_statics`` child), then on each module above it up to the

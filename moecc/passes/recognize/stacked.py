@@ -30,8 +30,14 @@ class Candidate:
 
 
 def _stacked(named, num_experts: int | None) -> dict[str, torch.Tensor]:
-    return {n: p for n, p in named if p.dim() == 3 and p.shape[0] >= 2
-            and (num_experts is None or p.shape[0] == num_experts)}
+    """The ``[E, ., .]`` weights of ``named``. For a known E, also the first E experts of a weight that holds more,
+    beside one of exactly E (LongCat-Flash's up projections also count its identity experts, which compute
+    nothing)."""
+    found = {n: p for n, p in named if p.dim() == 3 and p.shape[0] >= 2
+             and (num_experts is None or p.shape[0] >= num_experts)}
+    if num_experts is None or not any(p.shape[0] == num_experts for p in found.values()):
+        return {n: p for n, p in found.items() if num_experts is None or p.shape[0] == num_experts}
+    return {n: p[:num_experts] for n, p in found.items()}
 
 
 def stacked_params(module: nn.Module, num_experts: int | None = None,
