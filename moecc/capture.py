@@ -281,10 +281,19 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, fuse: bool = True,
         try:
             gm, targets = _export(model, wrapper, flat_inputs, blocks, examples, hints.dynamic_dims)
         except ExportError as exc:
+            if not fuse:
+                more = " With fuse=False each MoE block is traced as written, and its expert loop with it."
+            elif found:
+                more = (" moecc.compile still runs such a model, as written with each MoE block compiled alone; "
+                        "moecc.export needs it captured whole.")
+            else:
+                more = (f" No MoE block was found in {type(model).__name__} (by structure: a router [E, H] beside "
+                        "a bank of E >= 2 experts), so moecc.compile has none to compile alone: if it has one, its "
+                        "expert loop is data-dependent code that torch.export cannot trace.")
             if unfused:
                 why = "; ".join(f"{n}: {reason}" for n, reason in unfused.items())
-                exc = ExportError(f"{exc}\nThese MoE blocks were traced as written: {why}."
-                                  ).with_traceback(exc.__traceback__)
+                more += f"\nThese MoE blocks were traced as written: {why}."
+            exc = ExportError(f"{exc}{more}").with_traceback(exc.__traceback__)
             exc.unfused = {**hints.unfused, **unfused}
             exc.blocks = [(n, b) for n, b in found if n not in exc.unfused]
             raise exc from exc.__cause__
@@ -328,8 +337,7 @@ def _export(model, wrapper: _FlatCall, flat_inputs: list, blocks, examples,
         raise ExportError(
             f"torch.export could not capture {type(model).__name__}: {first}\n"
             "Try: pass plain tensors and Python constants as inputs (for Hugging Face models, use_cache=False), "
-            "put the model in eval() mode, or set MOECC_LOGS=debug for the full trace. moecc.compile still runs "
-            "such a model, as written with each MoE block compiled alone; moecc.export needs it captured whole."
+            "put the model in eval() mode, or set MOECC_LOGS=debug for the full trace."
         ) from exc
     gm = ep.module()
     for node in gm.graph.nodes:

@@ -159,3 +159,18 @@ def test_a_block_returning_other_values_runs_as_written_and_says_why():
     torch.testing.assert_close(cm(x), model(x))
     reasons = [layer.reason for layer in cm.moe_layers]
     assert len(reasons) == 2 and all("returns float, str values besides tensors" in r for r in reasons), reasons
+
+
+def test_a_refused_model_without_a_block_found_says_so():
+    """A single-expert block is no MoE block by structure (a bank needs two experts): export traces its expert loop
+    and refuses the model, and with no block to compile alone, compile raises, saying that no block was found."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.MixtralConfig(vocab_size=61, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           num_key_value_heads=1, intermediate_size=48, num_local_experts=1, num_experts_per_tok=1,
+                           max_position_embeddings=64)
+    model = tf.AutoModelForCausalLM.from_config(cfg, experts_implementation="eager").eval()
+    with pytest.raises(moecc.ExportError, match="No MoE block was found in MixtralForCausalLM") as info:
+        moecc.compile(model)(input_ids=torch.randint(0, 61, (2, 9)))
+    assert "compiled alone;" not in str(info.value)
