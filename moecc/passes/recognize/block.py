@@ -446,23 +446,26 @@ def _with_router_as_written(block, router, obs, x2, call, num_experts, expert_ca
     closest = _Closest(router.weight.dtype)
     for on_inputs, (espec, ew) in _pairs((False, True), expert_candidates):
         extra = num_experts - int(ew.w_up.shape[0])
-        if extra and on_inputs:
-            continue
-        for pass_input in (True, False) if extra else (True,):
+        for pass_input in _extra_kinds(extra, CapacitySpec(), on_inputs):
             a = BlockAnalysis(replace(spec, weights_on_inputs=on_inputs), router.weight, router.bias, None, espec,
                               ew, CapacitySpec(), shared, output_tuple=not isinstance(raw[0], torch.Tensor),
                               router_program=program, flat_output=flat_output,
                               other_positions=others.positions if others else (), token_dims=token_dims, pre=pre,
                               extra_experts=extra, extra_pass_input=pass_input)
             if closest.offer(_verify(block, a, inputs, refs, router_inputs)):
-                break
-        else:
-            continue
-        break
+                return MatchResult.success(closest.analysis)
     if closest.analysis is not None:
         return MatchResult.success(closest.analysis)
     return MatchResult.fail(f"router {router.path}: {UNMATCHED_ROUTING}; with its own routing the experts still "
                             "do not reproduce the block")
+
+
+def _extra_kinds(extra: int, cap: CapacitySpec, on_inputs: bool) -> tuple[bool, ...]:
+    """What experts past the bank may do, as ``BlockAnalysis.extra_pass_input``: pass their input on or add nothing;
+    with none past the bank, the one candidate as it is. Their weights scale outputs of a dropless block only."""
+    if not extra:
+        return (True,)
+    return () if on_inputs or not cap.dropless else (True, False)
 
 
 def _all_tensors(expert_inputs: list[list]) -> bool:
@@ -694,9 +697,7 @@ def _analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | 
             tried += 1
             cap = cap if isinstance(cap, CapacitySpec) else CapacitySpec()
             for (fp32, on_inputs), post in itertools.product(_variants(spec, cap, like.dtype), posts):
-                if extra and (on_inputs or not cap.dropless):
-                    continue
-                for pass_input in (True, False) if extra else (True,):
+                for pass_input in _extra_kinds(extra, cap, on_inputs):
                     yield BlockAnalysis(replace(spec, logits_fp32=fp32, weights_on_inputs=on_inputs), router.weight,
                                         router.bias, sel, espec, ew, cap, shared.value,
                                         output_tuple=not isinstance(raw[0], torch.Tensor), flat_output=flat_output,
