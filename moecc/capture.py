@@ -21,6 +21,7 @@ from torch.utils import _pytree as pytree
 
 from moecc import capture_cache, knobs
 from moecc.capture_key import fingerprint
+from moecc.capture_recorded import RecordingBlock, recordable, run_forward_hooks
 from moecc.discover import expert_owners, find_moe_blocks
 from moecc.errors import CaptureError, ExportError
 from moecc.logs import quiet, stderr_to_debug
@@ -147,11 +148,14 @@ def _hidden_states_first(args: tuple, kwargs: dict, first: str | None) -> tuple[
 
 
 @contextlib.contextmanager
-def _blocks_as_leaves(blocks: list[tuple[str, nn.Module]], examples: dict[str, tuple]):
+def _blocks_as_leaves(blocks: list[tuple[str, nn.Module]], examples: dict[str, tuple], recorded: dict[str, str]):
+    """Each block's forward replaced by its leaf op. A block in ``recorded`` (name -> sub-module path) also outputs
+    that sub-module's output (its example is (block output, sub-module output)), handed to the sub-module's hooks."""
     patched = []
     try:
         for name, block in blocks:
             x, out = examples[name]
+            sub = block.get_submodule(recorded[name]) if name in recorded else None
             key = f"{name}#{next(_counter)}"
             leaves, spec = pytree.tree_flatten(out)
             _LEAVES[key] = [(_template(x, t), t.dtype) for t in leaves if t is not None]
@@ -159,7 +163,8 @@ def _blocks_as_leaves(blocks: list[tuple[str, nn.Module]], examples: dict[str, t
 
             first = _first_parameter(block)
 
-            def forward(self, *args, _key=key, _spec=spec, _name=name, _first=first, _nones=nones, **kwargs):
+            def forward(self, *args, _key=key, _spec=spec, _name=name, _first=first, _nones=nones, _sub=sub,
+                        **kwargs):
                 args, kwargs = _hidden_states_first(args, kwargs, _first)
                 if not args or not isinstance(args[0], torch.Tensor):
                     raise CaptureError(
@@ -171,7 +176,11 @@ def _blocks_as_leaves(blocks: list[tuple[str, nn.Module]], examples: dict[str, t
                 _CALLS[call_key] = (call_spec, [_TENSOR if isinstance(v, torch.Tensor) else v for v in leaves])
                 others = [v for v in leaves if isinstance(v, torch.Tensor)]
                 outs = iter(torch.ops.moecc.opaque_block(args[0], others, call_key))
-                return pytree.tree_unflatten([None if none else next(outs) for none in _nones], _spec)
+                result = pytree.tree_unflatten([None if none else next(outs) for none in _nones], _spec)
+                if _sub is None:
+                    return result
+                run_forward_hooks(_sub, (args[0],), result[1])
+                return result[0]
 
             # a forward set on the instance (a blockwise program's router, a user's patch) comes back after
             patched.append((block, key, vars(block).get("forward")))
@@ -194,8 +203,8 @@ def _other_outputs(out) -> list[str]:
 
 def _record_examples(model, blocks, args, kwargs):
     """Each block's first call (its hidden states and output), the model's output, and the blocks whose internals
-    the model returns (``observed``)."""
-    examples, hooks, inside = {}, [], {}
+    the model returns (``observed``: block -> {sub-module path: its output in the block's first call})."""
+    examples, hooks, inside, sub_outputs = {}, [], {}, {}
     for name, block in blocks:
         first = _first_parameter(block)
 
@@ -209,10 +218,11 @@ def _record_examples(model, blocks, args, kwargs):
         for sub_name, sub in block.named_modules():
             if sub is not block:
                 # weak references: an id alone may be a dead tensor's, reused by the model's output
-                hooks.append(sub.register_forward_hook(
-                    lambda mod, inp, out, _name=name, _sub=sub_name: inside.setdefault(_name, {}).update(
-                        {id(t): (weakref.ref(t), _sub) for t in pytree.tree_leaves(out)
-                         if isinstance(t, torch.Tensor)})))
+                def sub_hook(mod, inp, out, _name=name, _sub=sub_name):
+                    inside.setdefault(_name, {}).update({id(t): (weakref.ref(t), _sub) for t in pytree.tree_leaves(out)
+                                                         if isinstance(t, torch.Tensor)})
+                    sub_outputs.setdefault((_name, _sub), out)
+                hooks.append(sub.register_forward_hook(sub_hook))
     try:
         with torch.no_grad():
             ref = model(*args, **kwargs)
@@ -230,7 +240,7 @@ def _record_examples(model, blocks, args, kwargs):
         escaped = sorted({sub for key, (alive, sub) in produced.items()
                           if key in returned and key not in own and alive() is returned[key]})
         if escaped:
-            observed[name] = escaped
+            observed[name] = {sub: sub_outputs[(name, sub)] for sub in escaped}
     return examples, ref, observed
 
 
@@ -255,9 +265,17 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, fuse: bool = True,
         examples, reference, observed = _record_examples(model, blocks, *pytree.tree_unflatten(flat_inputs, in_spec))
     except Exception as exc:
         raise CaptureError(f"{type(model).__name__} failed on the example inputs before capture: {exc}") from exc
+    # one sub-module's output the model returns travels as more outputs of the block's call (``RecordingBlock``)
+    recorded = {n: next(iter(subs)) for n, subs in observed.items()
+                if len(subs) == 1 and recordable(next(iter(subs.values())))}
+    for name, subs in observed.items():
+        if name in recorded:
+            x, out = examples[name]
+            examples[name] = (x, (out, subs[recorded[name]]))
     unfused = {n: (f"the model returns what its {', '.join(subs)} computed (a recorded output such as "
-                   "output_router_logits=True), which a fused block does not compute apart")
-               for n, subs in observed.items()}
+                   "output_router_logits=True), more than one sub-module's output of a block, which a fused block "
+                   "does not compute apart")
+               for n, subs in observed.items() if n not in recorded}
     for name, _ in blocks:
         if name in examples and (kinds := _other_outputs(examples[name][1])):
             unfused[name] = (f"it returns {', '.join(kinds)} values besides tensors, which a leaf of the graph "
@@ -273,13 +291,15 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, fuse: bool = True,
     flat_ref, out_spec = pytree.tree_flatten(reference)
     key = (fingerprint(model, flat_inputs, in_spec, [n for n, _ in blocks], hints.dynamic_dims)
            if knobs.CAPTURE_CACHE.get() else None)
+    if recorded:  # the cache holds blocks by their paths, not the recording wrapper
+        key = None
     cached = capture_cache.load(key, model) if key else None
     if cached is not None:
         log.info("capture from the cache (%s)", key[:12])
         gm, targets = cached
     else:
         try:
-            gm, targets = _export(model, wrapper, flat_inputs, blocks, examples, hints.dynamic_dims)
+            gm, targets = _export(model, wrapper, flat_inputs, blocks, examples, hints.dynamic_dims, recorded)
         except ExportError as exc:
             if not fuse:
                 more = " With fuse=False each MoE block is traced as written, and its expert loop with it."
@@ -323,10 +343,12 @@ def unaliased(tensors: list) -> list:
 
 
 def _export(model, wrapper: _FlatCall, flat_inputs: list, blocks, examples,
-            dynamic_dims: list[set[int]] | None = None) -> tuple[torch.fx.GraphModule, dict]:
+            dynamic_dims: list[set[int]] | None = None,
+            recorded: dict[str, str] | None = None) -> tuple[torch.fx.GraphModule, dict]:
+    recorded = recorded or {}
     tensors = unaliased([v for v in flat_inputs if isinstance(v, torch.Tensor)])
     try:
-        with _blocks_as_leaves(blocks, examples), torch.no_grad(), quiet(*EXPORT_LOGGERS), \
+        with _blocks_as_leaves(blocks, examples, recorded), torch.no_grad(), quiet(*EXPORT_LOGGERS), \
                 stderr_to_debug(log, "torch.export"):
             ep = torch.export.export(wrapper, tuple(tensors), dynamic_shapes=(_dynamic_shapes(tensors, dynamic_dims),),
                                      strict=False)
@@ -350,7 +372,7 @@ def _export(model, wrapper: _FlatCall, flat_inputs: list, blocks, examples,
     for node in [n for n in gm.graph.nodes if n.op == "call_module" and n.target == "_guards_fn"]:
         # export's input-guard check; the runtime matches inputs to a capture itself
         gm.graph.erase_node(node)
-    by_name = dict(blocks)
+    by_name = {n: RecordingBlock(b, recorded[n]) if n in recorded else b for n, b in blocks}
     single = {n: not isinstance(examples[n][1], (tuple, list, dict)) for n in by_name}
     nested = {n: not single[n] and not _flat_sequence(examples[n][1]) for n in by_name}
     try:

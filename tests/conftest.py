@@ -49,11 +49,13 @@ def moecc_warnings(caplog, monkeypatch):
     propagate, and each compile sets its level from ``MOECC_LOGS``."""
     monkeypatch.setenv("MOECC_LOGS", "warning")
     logger = logging.getLogger("moecc")
-    level = logger.level
+    level, propagate = logger.level, logger.propagate
     logger.addHandler(caplog.handler)
     logger.setLevel(logging.WARNING)
+    logger.propagate = False  # caplog's handler also sits on the root logger: each record would count twice
     try:
         yield caplog
     finally:
         logger.removeHandler(caplog.handler)
         logger.setLevel(level)
+        logger.propagate = propagate

@@ -150,34 +150,60 @@ def test_one_tensor_passed_as_two_arguments():
     torch.testing.assert_close(out.loss, eager.loss, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("family", ["mixtral", "llama4_text"])
-def test_recorded_router_logits(family):
-    """``output_router_logits=True`` makes the model return what each block's router computed (recorded by hooks
-    on the router): those blocks are traced as written, with the reason, and a call without it stays fused. Llama
-    4's block also returns its router logits itself."""
+@pytest.mark.parametrize("family,backend", [("mixtral", "torch"), ("mixtral", "onnxruntime"), ("qwen2_moe", "torch"),
+                                            ("gpt_oss", "onnxruntime"), ("deepseek_v3", "torch"),
+                                            ("llama4_text", "torch")])
+def test_recorded_router_logits_are_outputs_of_the_fused_block(family, backend):
+    """``output_router_logits=True`` makes the model return what each block's router computed, recorded by hooks on
+    the router: each block is still fused, its call also giving the router's output, which the canonical block
+    reproduces. Llama 4's block also returns its router logits itself."""
     from hf_models import make_model
 
     torch.manual_seed(0)
     model = make_model(family)
     ids = torch.randint(0, 97, (2, 6))
-    cm = moecc.compile(model, backend="torch")
+    cm = moecc.compile(model, backend=backend)
     out, eager = cm(input_ids=ids, output_router_logits=True), model(input_ids=ids, output_router_logits=True,
                                                                        use_cache=False)
     assert list(out.keys()) == list(eager.keys())
     torch.testing.assert_close(out.logits, eager.logits, rtol=1e-5, atol=1e-6)
-    if getattr(eager, "router_logits", None) is None:  # Llama 4 in transformers 5.17 records none: nothing to keep
-        assert all(layer.fused for layer in cm.moe_layers)
+    assert cm.moe_layers and all(layer.fused for layer in cm.moe_layers), [layer.reason for layer in cm.moe_layers]
+    assert cm._entries[-1].backend == backend
+    if getattr(eager, "router_logits", None) is None:  # Llama 4 in transformers 5.17 records none
         return
     assert len(out.router_logits) == len(eager.router_logits) > 0
     for mine, theirs in zip(out.router_logits, eager.router_logits):
         torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
     if "aux_loss" in eager:
         torch.testing.assert_close(out.aux_loss, eager.aux_loss, rtol=1e-5, atol=1e-6)
-    assert cm.moe_layers and not any(layer.fused for layer in cm.moe_layers)
-    assert all("output_router_logits" in layer.reason for layer in cm.moe_layers)
-    torch.testing.assert_close(cm(input_ids=ids).logits, model(input_ids=ids, use_cache=False).logits,
-                               rtol=1e-5, atol=1e-6)
-    assert all(layer.fused for layer in cm.moe_layers)
+
+
+def test_outputs_recorded_from_two_parts_of_a_block_leave_it_as_written():
+    """A model that returns what two sub-modules of a block computed (its router's logits and an expert's output)
+    gets the block as written, with the reason: a block's call carries one sub-module's output."""
+    from user_modules import LoopMoE, TinyModel
+
+    class TwoRecorded(TinyModel):
+        def forward(self, ids):
+            seen = []
+            hooks = [m.register_forward_hook(lambda _m, _i, o: seen.append(o))
+                     for m in (self.moe.gate, self.moe.experts[0].w2)]
+            try:
+                h = self.embed(ids)
+                h = h + self.moe(self.norm(h))
+            finally:
+                for hook in hooks:
+                    hook.remove()
+            return self.head(h), tuple(seen)
+
+    torch.manual_seed(0)
+    model = TwoRecorded(LoopMoE()).eval()
+    ids = torch.randint(0, 50, (2, 7))
+    cm = moecc.compile(model, backend="torch")
+    got, want = cm(ids), model(ids)
+    torch.testing.assert_close(got[0], want[0])
+    (layer,) = cm.moe_layers
+    assert not layer.fused and "more than one sub-module's output" in layer.reason, layer.reason
 
 
 def test_encoder_decoder_call_without_use_cache():

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from user_modules import GeluMLP, LoopMoE, UnevenWidthMoE, ValueBranchModel
+from user_modules import GeluMLP, LoopMoE, OtherOutputsMoE, UnevenWidthMoE, ValueBranchModel
 
 import moecc
 
@@ -134,13 +134,6 @@ def test_only_the_call_structure_export_refused_runs_blockwise():
     y = torch.randint(0, 50, (3, 5))
     torch.testing.assert_close(cm(y, check=True), model(y, check=True))
     assert cm.captures == 2  # the refused structure is not captured again
-
-
-class OtherOutputsMoE(LoopMoE):
-    """Returns a dict of Python values beside its output, as some research code does."""
-
-    def forward(self, x):
-        return super().forward(x), {"name": "moe", "scale": 0.5}
 
 
 def test_a_block_returning_other_values_runs_as_written_and_says_why():

@@ -388,16 +388,23 @@ def test_auto_runs_an_onnx_program_that_breaks_ties_its_own_way_with_torch(moecc
     torch.testing.assert_close(moecc.load(path)(ids), model(ids))
 
 
-def test_a_fallback_to_torch_says_once_why_capture_left_a_block_as_written(moecc_warnings):
-    """Blocks whose router logits the model returns are left as written by capture; their ONNX export fails and
-    ``auto`` captures again for torch, without repeating capture's warnings."""
-    model = make_model("mixtral")
-    ids = torch.randint(0, 97, (2, 7))
+def test_a_fallback_to_torch_says_once_why_capture_left_a_block_as_written(moecc_warnings, monkeypatch):
+    """A block that returns Python values beside its output is left as written by capture; when the ONNX export
+    fails, ``auto`` captures again for torch, without repeating capture's warning."""
+    from user_modules import OtherOutputsDenseMoE, OtherOutputsModel
+
+    from moecc.codegen.onnx import lower
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("no ONNX function found")
+
+    monkeypatch.setattr(lower, "to_onnx", refuse)
+    torch.manual_seed(0)
+    model = OtherOutputsModel(OtherOutputsDenseMoE()).eval()
+    ids = torch.randint(0, 50, (2, 7))
     cm = moecc.compile(model)
     with torch.no_grad():
-        out = cm(input_ids=ids, output_router_logits=True)
-        want = model(input_ids=ids, output_router_logits=True, use_cache=False)
-    torch.testing.assert_close(out.logits, want.logits)
+        torch.testing.assert_close(cm(ids), model(ids))
     assert cm._entries[-1].backend == "torch"
     told = [r.getMessage() for r in moecc_warnings.records if "left as written" in r.getMessage()]
-    assert len(told) == model.config.num_hidden_layers, told
+    assert len(told) == 1, told

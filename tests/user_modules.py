@@ -620,6 +620,13 @@ class DenseEinsumMoE(nn.Module):
         return torch.einsum("bse,bseh->bsh", gates, torch.einsum("bsei,eih->bseh", h, self.w_out))
 
 
+class OtherOutputsDenseMoE(DenseEinsumMoE):
+    """``DenseEinsumMoE`` returning a dict of Python values beside its output: torch.export traces it as written."""
+
+    def forward(self, x):
+        return super().forward(x), {"name": "moe", "scale": 0.5}
+
+
 class SmallStackedMoE(nn.Module):
     """Stacked ``[E, H, I]`` / ``[E, I, H]`` experts of one activation, at the scale of initial weights (std 0.02),
     looped over experts with matmuls: no module to probe them through."""
@@ -672,6 +679,22 @@ USER_BLOCKS = {"loop": LoopMoE, "scaled_output": ScaledOutputMoE, "gshard": GSha
                "projection_lists": ProjectionListsMoE, "residual_inside": ResidualInsideMoE,
                "post_norm_residual": PostNormResidualMoE,
                "dense_gate": DenseGateMoE, "dense_einsum": DenseEinsumMoE, "uneven_width": UnevenWidthMoE}
+
+
+class OtherOutputsMoE(LoopMoE):
+    """Returns a dict of Python values beside its output, as some research code does."""
+
+    def forward(self, x):
+        return super().forward(x), {"name": "moe", "scale": 0.5}
+
+
+class OtherOutputsModel(TinyModel):
+    """Reads the ``scale`` an ``OtherOutputsMoE`` returns beside its output."""
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        y, info = self.moe(self.norm(h))
+        return self.head(h + y * info["scale"])
 
 
 class AuxOutputsMoE(LoopMoE):
