@@ -26,6 +26,8 @@ class BlockAnalysis:
     capacity: CapacitySpec = field(default_factory=CapacitySpec)
     shared: list[SharedExpert] = field(default_factory=list)
     outputs: tuple[str, ...] = ("y",)  # what each block output is: y | weights | ids | logits | scores
+    # the dtype of each block output besides y, as the block returns it (a bf16 router's logits from an fp32 fit)
+    output_dtypes: tuple = ()
     output_tuple: bool = False
     flat_output: bool = False  # the block returns y as [T, H] whatever the rank of its input (Llama 4's)
     router_program: object = None  # a router no pattern matches, as its own exported graph: x -> (weights, ids)
@@ -143,4 +145,6 @@ class CanonicalMoE(nn.Module):
         if "scores" in a.outputs:
             produced["scores"] = routing.scores(logits, r.score)
         outs = tuple(produced[o] for o in a.outputs)
+        if a.output_dtypes:
+            outs = (outs[0], *(t if d is None else t.to(d) for t, d in zip(outs[1:], a.output_dtypes)))
         return outs if a.output_tuple else outs[0]

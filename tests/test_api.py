@@ -178,6 +178,22 @@ def test_recorded_router_logits_are_outputs_of_the_fused_block(family, backend):
         torch.testing.assert_close(out.aux_loss, eager.aux_loss, rtol=1e-5, atol=1e-6)
 
 
+def test_recorded_router_logits_keep_the_routers_dtype():
+    """A bf16 router fits with logits in fp32 (its block's routing reads them so); the logits the model records
+    come back in the router's own dtype, as the graph was exported to expect."""
+    from hf_models import make_model
+
+    model = make_model("mixtral").to(torch.bfloat16)
+    ids = torch.randint(0, 97, (2, 7))
+    cm = moecc.compile(model, backend="torch")
+    out = cm(input_ids=ids, output_router_logits=True)
+    eager = model(input_ids=ids, output_router_logits=True, use_cache=False)
+    assert all(layer.fused for layer in cm.moe_layers)
+    for mine, theirs in zip(out.router_logits, eager.router_logits):
+        assert mine.dtype == theirs.dtype == torch.bfloat16
+        torch.testing.assert_close(mine, theirs)
+
+
 def test_outputs_recorded_from_two_parts_of_a_block_leave_it_as_written():
     """A model that returns what two sub-modules of a block computed (its router's logits and an expert's output)
     gets the block as written, with the reason: a block's call carries one sub-module's output."""

@@ -265,7 +265,8 @@ def _verify(block: nn.Module, a: BlockAnalysis, inputs, refs, router_inputs=None
         if names is not None and names != mapping:
             return None
         names = mapping
-    return replace(a, outputs=tuple(names)), worst
+    dtypes = tuple(None if leaf is None else leaf.dtype for leaf in refs[0][1:])
+    return replace(a, outputs=tuple(names), output_dtypes=dtypes), worst
 
 
 class _Closest:
