@@ -193,3 +193,29 @@ def test_padding_mask_finds_the_attention_mask_by_name_or_position():
     logits = torch.arange(2 * 4 * 3.0).reshape(2, 4, 3)
     assert _unpadded(logits, kept).shape == (7, 3)
     assert _unpadded(torch.ones(5), kept).shape == (5,)  # not [batch, seq, ...]: compared whole
+
+
+def test_an_fp32_output_of_a_bf16_model_is_held_to_the_models_rounding():
+    """A bf16 model's fp32 outputs (router logits, an auxiliary loss) carry bf16 rounding from the layers before
+    them: the check bounds them as bf16, where an fp32 model's are bounded as fp32."""
+    from types import SimpleNamespace
+
+    from torch.utils import _pytree as pytree
+
+    from moecc.runtime.verify import _disagreement
+
+    class Head(torch.nn.Module):
+        def __init__(self, dtype):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(4, dtype=dtype))
+
+        def forward(self, x):
+            return (x * self.w).float()
+
+    x = torch.randn(3, 4)
+    flat, spec = pytree.tree_flatten(((x,), {}))
+    for dtype, agrees in ((torch.bfloat16, True), (torch.float32, False)):
+        model = Head(dtype)
+        noisy = SimpleNamespace(in_spec=spec, tensor_pos=[0], layers={},
+                                runner=lambda t, m=model: [m(t) * (1 + 1e-3)])
+        assert (_disagreement(model, noisy, flat, None) is None) == agrees
