@@ -266,16 +266,22 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, fuse: bool = True,
     except Exception as exc:
         raise CaptureError(f"{type(model).__name__} failed on the example inputs before capture: {exc}") from exc
     # one sub-module's output the model returns travels as more outputs of the block's call (``RecordingBlock``)
-    recorded = {n: next(iter(subs)) for n, subs in observed.items()
-                if len(subs) == 1 and recordable(next(iter(subs.values())))}
+    recorded, unfused = {}, {}
     for name, subs in observed.items():
-        if name in recorded:
-            x, out = examples[name]
-            examples[name] = (x, (out, subs[recorded[name]]))
-    unfused = {n: (f"the model returns what its {', '.join(subs)} computed (a recorded output such as "
-                   "output_router_logits=True), more than one sub-module's output of a block, which a fused block "
-                   "does not compute apart")
-               for n, subs in observed.items() if n not in recorded}
+        what = (f"the model returns what its {', '.join(subs)} computed (a recorded output such as "
+                "output_router_logits=True)")
+        if len(subs) > 1:
+            unfused[name] = (f"{what}, more than one sub-module's output of a block, which a fused block does not "
+                             "compute apart")
+            continue
+        (sub, sub_out), = subs.items()
+        if not recordable(sub_out):
+            kinds = ", ".join(_other_outputs(sub_out)) or "no tensor"
+            unfused[name] = f"{what}, whose output holds {kinds} values a leaf of the graph cannot carry"
+            continue
+        recorded[name] = sub
+        x, out = examples[name]
+        examples[name] = (x, (out, sub_out))
     for name, _ in blocks:
         if name in examples and (kinds := _other_outputs(examples[name][1])):
             unfused[name] = (f"it returns {', '.join(kinds)} values besides tensors, which a leaf of the graph "

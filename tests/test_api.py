@@ -222,6 +222,52 @@ def test_outputs_recorded_from_two_parts_of_a_block_leave_it_as_written():
     assert not layer.fused and "more than one sub-module's output" in layer.reason, layer.reason
 
 
+def test_recorded_output_with_values_besides_tensors_leaves_the_block_as_written():
+    """A recorded sub-module whose output holds a number beside its tensor cannot travel out of a graph leaf: the
+    block runs as written, and the reason names what its output holds."""
+    from user_modules import LoopMoE, TinyModel
+
+    class TaggedGate(torch.nn.Linear):
+        def forward(self, x):
+            return super().forward(x), 1.0
+
+    class TaggedLoopMoE(LoopMoE):
+        def __init__(self):
+            super().__init__()
+            self.gate = TaggedGate(24, 6, bias=False)
+
+        def forward(self, x):
+            shape, x = x.shape, x.reshape(-1, x.shape[-1])
+            weights, chosen = torch.topk(torch.softmax(self.gate(x)[0], dim=-1), self.top_k, dim=-1)
+            weights = weights / weights.sum(-1, keepdim=True)
+            out = torch.zeros_like(x)
+            for e, expert in enumerate(self.experts):
+                token, slot = torch.where(chosen == e)
+                out.index_add_(0, token, expert(x[token]) * weights[token, slot, None])
+            return out.reshape(shape)
+
+    class Recording(TinyModel):
+        def forward(self, ids):
+            seen = []
+            hook = self.moe.gate.register_forward_hook(lambda _m, _i, o: seen.append(o[0]))
+            try:
+                h = self.embed(ids)
+                h = h + self.moe(self.norm(h))
+            finally:
+                hook.remove()
+            return self.head(h), seen[0]
+
+    torch.manual_seed(0)
+    model = Recording(TaggedLoopMoE()).eval()
+    ids = torch.randint(0, 50, (2, 7))
+    cm = moecc.compile(model, backend="torch")
+    got, want = cm(ids), model(ids)
+    torch.testing.assert_close(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1])
+    (layer,) = cm.moe_layers
+    assert not layer.fused and "holds float values" in layer.reason, layer.reason
+
+
 def test_encoder_decoder_call_without_use_cache():
     """An encoder-decoder whose forward takes ``use_cache`` through ``**kwargs`` (transformers 5.x) also gets
     ``use_cache=False`` when a call leaves it out: its cache is an ``EncoderDecoderCache``, which no capture returns."""
