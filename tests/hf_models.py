@@ -140,3 +140,13 @@ def make_inputs(family: str, batch: int, seq: int, seed: int = 0) -> dict:
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "decoder_input_ids": dec,
                 "use_cache": False}
     return {"input_ids": ids, "use_cache": False}
+
+
+def switch_drops_past_capacity(model) -> bool:
+    """Whether this transformers' Switch block drops the tokens past an expert's capacity: 5.17 counts each
+    token's priority over a dimension of size one, so its capacity never binds (later versions count per sequence)."""
+    block = model.encoder.block[0].layer[1].mlp
+    same = torch.randn(1, 1, model.config.d_model).expand(1, 16, -1).contiguous()  # 16 tokens, one expert
+    with torch.no_grad():
+        out = block(same)
+    return bool((out[0, model.config.expert_capacity:] == 0).all())

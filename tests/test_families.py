@@ -1,6 +1,13 @@
 import pytest
 import torch
-from hf_models import EAGER_EXPERTS_ONLY, EXPERTS_IMPLEMENTATIONS, FAMILIES, make_inputs, make_model
+from hf_models import (
+    EAGER_EXPERTS_ONLY,
+    EXPERTS_IMPLEMENTATIONS,
+    FAMILIES,
+    make_inputs,
+    make_model,
+    switch_drops_past_capacity,
+)
 from torch.utils import _pytree as pytree
 
 import moecc
@@ -115,22 +122,12 @@ def test_longcat_flash_identity_experts_are_fused(backend):
     _matches_eager_on_fresh_shapes("longcat_flash", model, cm)
 
 
-def _switch_drops_past_capacity(model) -> bool:
-    """Whether this transformers' Switch block drops the tokens past an expert's capacity: 5.17 counts each
-    token's priority over a dimension of size one, so its capacity never binds (later versions count per sequence)."""
-    block = model.encoder.block[0].layer[1].mlp
-    same = torch.randn(1, 1, model.config.d_model).expand(1, 16, -1).contiguous()  # 16 tokens, one expert
-    with torch.no_grad():
-        out = block(same)
-    return bool((out[0, model.config.expert_capacity:] == 0).all())
-
-
 def test_switch_capacity_formula_recorded():
     """The capacity the block is recognized with is the one the installed transformers' Switch block applies."""
     model = make_model("switch_transformers")
     cm = moecc.compile(model)
     cm(**make_inputs("switch_transformers", 2, 8))
-    want = "C = 6" if _switch_drops_past_capacity(model) else "C = T"
+    want = "C = 6" if switch_drops_past_capacity(model) else "C = T"
     assert all(layer.capacity == want for layer in cm.moe_layers), [layer.capacity for layer in cm.moe_layers]
 
 
