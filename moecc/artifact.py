@@ -175,8 +175,28 @@ def _save_torch_program(entry, folder: Path) -> None:
         raise ArtifactError(f"torch.export of the compiled program failed: {first_line(exc)}.{blocks}") from exc
     ep._example_inputs = None  # they would hold a second copy of the weights
     torch.export.save(ep, folder / "program.pt2")
-    save_file({n: w.contiguous() for n, w in zip(names, weights)}, folder / "weights.safetensors",
-              metadata={"order": json.dumps(names)})
+    stored, aliases = _shared_once(names, weights)
+    save_file(stored, folder / "weights.safetensors",
+              metadata={"order": json.dumps(names), "aliases": json.dumps(aliases)})
+
+
+def _shared_once(names: list[str], weights: list[torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(the tensors to store, name -> stored name of the tensors that are another one's memory): safetensors
+    stores no two tensors of one memory, and the blocks of one router or one expert bank (a block the model calls
+    twice, experts shared across layers) hold theirs so. A tensor that overlaps another's memory only in part is
+    stored as a copy."""
+    stored, aliases, seen, storages = {}, {}, {}, set()
+    for name, w in zip(names, weights):
+        storage = w.untyped_storage().data_ptr() if w.untyped_storage().nbytes() else None
+        view = (storage, w.storage_offset(), tuple(w.shape), tuple(w.stride()), w.dtype)
+        if storage is not None and view in seen:
+            aliases[name] = seen[view]
+            continue
+        stored[name] = w.clone(memory_format=torch.contiguous_format) if storage in storages else w.contiguous()
+        if storage is not None:
+            seen[view] = name
+            storages.add(storage)
+    return stored, aliases
 
 
 def _load_torch_program(folder: Path, backend: str, device: str):
@@ -195,8 +215,9 @@ def _load_torch_program(folder: Path, backend: str, device: str):
         import moecc.codegen.triton.moe  # noqa: F401
     with safe_open(folder / "weights.safetensors", "pt") as f:
         names = json.loads(f.metadata()["order"])
+        aliases = json.loads(f.metadata().get("aliases", "{}"))
     tensors = load_file(folder / "weights.safetensors", device=device)
-    weights = [tensors[n] for n in names]
+    weights = [tensors[aliases.get(n, n)] for n in names]
     module = direct_calls(torch.export.load(folder / "program.pt2").module(), in_place=True)
     return lambda *inputs: module(*weights, *inputs)
 

@@ -395,13 +395,15 @@ def _flat_sequence(out) -> bool:
 
 def _leaves_to_modules(gm: torch.fx.GraphModule, blocks: dict[str, nn.Module], single: dict[str, bool],
                        nested: dict[str, bool]) -> dict[str, str]:
-    targets = {}
+    targets, target_of = {}, {}
     leaves = [n for n in gm.graph.nodes if n.target is torch.ops.moecc.opaque_block.default]
-    for i, node in enumerate(leaves):
+    for node in leaves:
         name = node.args[2].rsplit("#", 1)[0]
-        target = f"moe_block_{i}"
-        gm.add_submodule(target, blocks[name])
-        targets[target] = name
+        if name not in target_of:  # a block the model calls more than once is one module, its weights held once
+            target_of[name] = target = f"moe_block_{len(target_of)}"
+            gm.add_submodule(target, blocks[name])
+            targets[target] = name
+        target = target_of[name]
         spec, consts = _CALLS[node.args[2]]
         others = iter(node.args[1])
         args, kwargs = pytree.tree_unflatten([next(others) if v is _TENSOR else v for v in consts], spec)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from moecc.passes.recognize.block import is_moe_block
+from moecc.passes.recognize.block import experts_of_one_kind, is_moe_block
 from moecc.passes.recognize.mlp import dense_mlps
 from moecc.passes.recognize.stacked import stacked_params
 
@@ -33,8 +33,10 @@ def _bank_size(module: nn.Module) -> int:
     kids = list(module.children())
     if len(kids) < MIN_LISTED_EXPERTS:
         return 0
-    # experts of one type: the first stands for all; of mixed types (experts swapped for others), every one
-    return len(kids) if dense_mlps(kids if len({type(k) for k in kids}) > 1 else kids[:1]) else 0
+    # experts of one type: the first stands for all
+    one_type = len({type(k) for k in kids}) == 1
+    bank = dense_mlps(kids[:1]) if one_type else experts_of_one_kind(kids)
+    return len(kids) if bank else 0
 
 
 def expert_owners(model: nn.Module, blocks: list[str]) -> list[tuple[str, nn.Module]]:

@@ -349,6 +349,34 @@ def test_experts_of_different_activations_run_as_written_and_say_why():
     torch.testing.assert_close(cm(x), model(x))
 
 
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime", "triton"])
+@pytest.mark.parametrize("layer_scale,only", [(False, None), (True, None), (False, 5), (True, 0)])
+def test_an_experts_output_scale_is_folded_into_its_down_projection(backend, layer_scale, only):
+    """Experts that scale their output by a constant or a learned per-feature scale, all of them or one swapped in
+    among plain experts: the scale is folded into each one's down projection."""
+    from user_modules import ScaledExpertsMoE
+
+    torch.manual_seed(0)
+    layer = compiled_on(backend, ScaledExpertsMoE(layer_scale, only))
+    assert layer.fused and layer.num_experts == 6, layer
+
+
+def test_a_swapped_in_expert_that_is_no_mlp_runs_its_block_as_written_and_says_which():
+    """One expert of another type that no MLP form reads (it clamps its output): the block was not found before
+    (its list was no bank) and torch.export refused the whole model; now the block runs as written, the rest of
+    the model is compiled, and the reason names the expert."""
+    from user_modules import ClampedMLP, LoopMoE
+
+    torch.manual_seed(0)
+    block = LoopMoE()
+    block.experts[3] = ClampedMLP(24, 40)
+    model = TinyModel(block).eval()
+    cm, layer = compile_on_ids(model, backend="torch")
+    assert not layer.fused and "expert 3: ClampedMLP" in layer.reason, layer
+    x = torch.randint(0, 50, (3, 11))
+    torch.testing.assert_close(cm(x), model(x))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("scale,shift", [(1 / 0.7, False), (1.0, True), (0.5, True)])
 def test_logits_the_block_scales_or_shifts_before_scoring_are_folded_into_the_router(scale, shift, dtype):
@@ -620,3 +648,42 @@ def test_a_pre_norm_before_a_router_weight_the_block_holds_itself_is_found_by_wh
     assert layer.fused and layer.input_module == "LayerNorm" and layer.residual, layer
     x = torch.randint(0, 50, (3, 11))
     torch.testing.assert_close(cm(x), model(x))
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime", "triton"])
+def test_a_block_called_twice_is_lifted_once_and_holds_its_weights_once(backend):
+    """Both calls of one block read one canonical block: its expert bank is stacked and laid out once."""
+    from user_modules import LoopMoE, ReusedBlockModel
+
+    torch.manual_seed(0)
+    device = _device(backend)
+    model = ReusedBlockModel(LoopMoE()).eval().to(device)
+    cm, layer = compile_on_ids(model, backend=backend, device=device)
+    assert layer.fused, layer
+    x = torch.randint(0, 50, (3, 11), device=device)
+    torch.testing.assert_close(cm(x), model(x), rtol=1e-4, atol=1e-5)
+    if backend != "onnxruntime":  # its session holds the weights (the export test counts them in the file)
+        banks = [n for n, _ in cm._entries[-1].gm.named_parameters() if "w_up" in n]
+        assert len(banks) == 1, banks
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+@pytest.mark.parametrize("reused", [True, False])
+def test_export_of_blocks_that_share_their_weights(backend, reused, tmp_path):
+    """A block called twice, or two blocks of one router and bank: their canonical weights are one memory, which
+    the artifact stores once (safetensors refused the torch program's weights)."""
+    from user_modules import LoopMoE, ReusedBlockModel, SharedRoutingModel
+
+    torch.manual_seed(0)
+    model = (ReusedBlockModel(LoopMoE()) if reused else SharedRoutingModel()).eval()
+    path = moecc.export(model, (torch.randint(0, 50, (2, 7)),), tmp_path / "artifact", backend=backend)
+    loaded = moecc.load(path)
+    assert all(layer["fused"] for layer in loaded.moe_layers), loaded.moe_layers
+    x = torch.randint(0, 50, (3, 9))
+    torch.testing.assert_close(loaded(x), model(x), rtol=1e-4, atol=1e-5)
+    if reused and backend == "onnxruntime":
+        import onnx
+
+        graph = onnx.load(str(path / "model.onnx"), load_external_data=False).graph
+        banks = [t.name for t in graph.initializer if "fc1" in t.name or "w_up" in t.name]
+        assert len(banks) == 1, banks

@@ -673,12 +673,69 @@ class GeluMLP(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))
 
 
+class ScaledMLP(MLP):
+    """An expert that scales its output: by a constant in its code, or by a learned per-feature scale (a layer
+    scale) when ``layer_scale``."""
+
+    def __init__(self, hidden, inter, layer_scale=False):
+        super().__init__(hidden, inter)
+        self.scale = nn.Parameter(torch.rand(hidden) + 0.5) if layer_scale else None
+
+    def forward(self, x):
+        y = super().forward(x)
+        return y * self.scale if self.scale is not None else 2.0 * y
+
+
+class ScaledExpertsMoE(LoopMoE):
+    """Experts that scale their output (``ScaledMLP``): all of them, or only the one at ``only``."""
+
+    def __init__(self, layer_scale=False, only=None):
+        super().__init__()
+        for e in range(len(self.experts)) if only is None else [only]:
+            self.experts[e] = ScaledMLP(24, 40, layer_scale)
+
+
+class ClampedMLP(MLP):
+    """An expert that clamps its output: no constant scale of its output projection gives it."""
+
+    def forward(self, x):
+        return super().forward(x).clamp(-0.05, 0.05)
+
+
+class ReusedBlockModel(TinyModel):
+    """Calls its one MoE block twice (a weight-shared layer, as looped or universal transformers apply one)."""
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        h = h + self.moe(self.norm(h))
+        h = h + self.moe(self.norm(h))
+        return self.head(h)
+
+
+class SharedRoutingModel(nn.Module):
+    """Two MoE blocks that share one router and one expert bank: their weights are the same tensors."""
+
+    def __init__(self, hidden=24, vocab=50):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, hidden)
+        self.first, self.second = LoopMoE(hidden), LoopMoE(hidden)
+        self.second.gate, self.second.experts = self.first.gate, self.first.experts
+        self.head = nn.Linear(hidden, vocab)
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        h = h + self.first(h)
+        h = h + self.second(0.5 * h)
+        return self.head(h)
+
+
 USER_BLOCKS = {"loop": LoopMoE, "scaled_output": ScaledOutputMoE, "gshard": GShardMoE, "bmm": BmmMoE,
                "block_bias": BlockBiasMoE, "input_scaled": InputScaledMoE, "squared_relu": SquaredReluMoE,
                "post_norm": PostNormMoE, "sequential_gelu": SequentialGeluMoE,
                "projection_lists": ProjectionListsMoE, "residual_inside": ResidualInsideMoE,
                "post_norm_residual": PostNormResidualMoE,
-               "dense_gate": DenseGateMoE, "dense_einsum": DenseEinsumMoE, "uneven_width": UnevenWidthMoE}
+               "dense_gate": DenseGateMoE, "dense_einsum": DenseEinsumMoE, "uneven_width": UnevenWidthMoE,
+               "scaled_experts": ScaledExpertsMoE}
 
 
 class OtherOutputsMoE(LoopMoE):

@@ -62,7 +62,7 @@ class PlaceExperts(MoePass):
         return not short
 
     def run(self, gm: fx.GraphModule) -> PassResult:
-        modified, plans, kept = False, {}, []
+        modified, plans, kept, laid_out = False, {}, [], {}
         prefixes = {info.graph_prefix: info for info in layers_of(gm).values()}
         storage_names = _storage_names(gm)
         copies = self._allow_copies(gm, storage_names)
@@ -83,17 +83,15 @@ class PlaceExperts(MoePass):
                 wanted = current
             if current != wanted:
                 attrs = (w_up_node, w_down_node, b_up_node if wanted == "oi_gu" or current == "oi_gu" else None)
-                tensors = [None if n is None else attr_of(gm, n).detach() for n in attrs]
-                canonical = to_canonical(*tensors, current)
-                placed = from_canonical(*canonical, wanted)
-                for attr_node, t in zip(attrs, placed):
-                    if attr_node is None:
-                        continue
-                    owner, _, leaf = attr_node.target.rpartition(".")
-                    name = f"{leaf}_{wanted}"
-                    gm.get_submodule(owner).register_parameter(
-                        name, torch.nn.Parameter(t.contiguous(), requires_grad=False))
-                    attr_node.target = f"{owner}.{name}"
+                key = (tuple(None if n is None else n.target for n in attrs), current, wanted)
+                if key not in laid_out:  # one block the model calls twice: both calls read one bank
+                    tensors = [None if n is None else attr_of(gm, n).detach() for n in attrs]
+                    placed = from_canonical(*to_canonical(*tensors, current), wanted)
+                    laid_out[key] = [None if n is None else _register(gm, n.target, f"_{wanted}", t)
+                                     for n, t in zip(attrs, placed)]
+                for attr_node, target in zip(attrs, laid_out[key]):
+                    if attr_node is not None:
+                        attr_node.target = target
                 node.args = node.args[:16] + (wanted,)
                 modified = True
             plan = {
@@ -112,6 +110,14 @@ class PlaceExperts(MoePass):
         if modified:
             gm.recompile()
         return PassResult(gm, modified)
+
+
+def _register(gm: fx.GraphModule, target: str, suffix: str, t: torch.Tensor) -> str:
+    """Register ``t`` beside the weight at ``target``, under its name plus ``suffix``; the new target."""
+    owner, _, leaf = target.rpartition(".")
+    gm.get_submodule(owner).register_parameter(f"{leaf}{suffix}", torch.nn.Parameter(t.contiguous(),
+                                                                                     requires_grad=False))
+    return f"{owner}.{leaf}{suffix}"
 
 
 COPY_BUDGET = 0.25  # the share of a device's free memory that automatic copies of expert weights may take

@@ -99,11 +99,20 @@ class Recognize(MoePass):
         modified = False
         matched = failed = 0
         failed_like: dict[tuple, tuple] = {}  # structure -> (first block, reason) of blocks left as written
-        for node in [n for n in gm.graph.nodes if n.op == "call_module" and "moecc_block" in n.meta]:
+        # a block the model calls more than once (one target, several nodes): the canonical module of its first
+        # call serves each call alike, so that its weights are held once
+        lifted: dict[tuple, tuple] = {}  # (target, structure) -> (analysis, canonical module, its prefix)
+        calls = [n for n in gm.graph.nodes if n.op == "call_module" and "moecc_block" in n.meta]
+        for node in calls:
             name = node.meta["moecc_block"]
             block = gm.get_submodule(node.target)
             info = layers.setdefault(name, MoELayerInfo(name=name))
             key = _structure(block, node)
+            if (node.target, key) in lifted:
+                a, module, prefix = lifted[node.target, key]
+                self._replace(gm, node, inline_module(gm, node, module, prefix, _inputs(node, a)), a.output_tuple)
+                modified = True
+                continue
             if key in failed_like:
                 # a search that fails tries every candidate (thousands for a stacked bank routed inline): the
                 # same code over the same shapes fails the same way, and leaving a block as written is always exact;
@@ -136,12 +145,17 @@ class Recognize(MoePass):
             info.input_module = "" if a.pre is None else type(a.pre).__name__
             info.residual = a.residual
             info.capacity = "dropless" if a.capacity.dropless else a.capacity.formula
-            info.graph_prefix = f"{node.target}_moe"
-            out = inline_module(gm, node, CanonicalMoE(a), info.graph_prefix, _inputs(node, a))
-            self._replace(gm, node, out, a.output_tuple)
-            gm.delete_submodule(node.target)
+            others = sum(target == node.target for target, _ in lifted)  # calls of another shape or signature
+            prefix = f"{node.target}_moe" + (f"_{others}" if others else "")
+            info.graph_prefix = info.graph_prefix or prefix
+            module = CanonicalMoE(a)
+            lifted[node.target, key] = (a, module, prefix)
+            self._replace(gm, node, inline_module(gm, node, module, prefix, _inputs(node, a)), a.output_tuple)
             matched += 1
             modified = True
+        still_called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+        for target in {n.target for n in calls} - still_called:
+            gm.delete_submodule(target)
         self.stats = {"matched": matched, "left_as_written": failed}
         if modified:
             gm.graph.lint()

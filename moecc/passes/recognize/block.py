@@ -46,15 +46,24 @@ def _has_linear(m: nn.Module) -> bool:
     return any(isinstance(c, nn.Linear) for c in m.modules())
 
 
+def experts_of_one_kind(kids: list[nn.Module]) -> bool:
+    """Whether modules listed together can be the experts of one bank: of one type; or of mixed types (experts
+    some of which were swapped for others) when each is a dense MLP or all hold parameters of the same names and
+    shapes. Recognition then proves each one's function (``stack_mlps``), or says which one it cannot read."""
+    if len({type(k) for k in kids}) == 1 or dense_mlps(kids):
+        return True
+    shapes = [[(n, tuple(p.shape)) for n, p in k.named_parameters()] for k in kids]
+    return bool(shapes[0]) and all(s == shapes[0] for s in shapes)
+
+
 def find_expert_list(block: nn.Module) -> tuple[nn.Module, list[nn.Module]] | None:
     best = None
     for mod in block.modules():
         if isinstance(mod, (nn.ModuleList, nn.ModuleDict)):
             kids = list(mod.children())
             # a list of bare Linears is one projection of every expert (``stacked.projection_lists``)
-            # of mixed types (experts some of which were swapped for others) when each is a dense MLP
             if len(kids) >= 2 and _has_linear(kids[0]) and not isinstance(kids[0], nn.Linear) \
-                    and (len({type(k) for k in kids}) == 1 or dense_mlps(kids)):
+                    and experts_of_one_kind(kids):
                 if best is None or len(kids) > len(best[1]):
                     best = (mod, kids)
     return best

@@ -12,7 +12,7 @@ from torch import nn
 from moecc.experts import PLAIN_ACTIVATIONS, expert_activation
 from moecc.ir import ExpertSpec, ExpertWeights
 from moecc.match import MatchResult
-from moecc.passes.recognize.probe import PROBE_PRE_ACTIVATION_STD, close, probe_input, rel_err
+from moecc.passes.recognize.probe import PROBE_PRE_ACTIVATION_STD, close, probe_input, rel_err, snap
 
 log = logging.getLogger("moecc.passes.recognize")
 
@@ -68,9 +68,12 @@ def analyze_mlp(module: nn.Module, hidden: int) -> MatchResult[tuple[ExpertSpec,
         return MatchResult.fail(f"{type(module).__name__} does not map [n, {hidden}] to [n, {hidden}]")
     first = _reading(calls, x)
     rest = [c for c in calls if not any(c is f for f in first)]  # identity: a Linear called twice has equal modules
-    if len(rest) != 1 or not close(rest[0][2] + 0, y):
-        return MatchResult.fail(f"{type(module).__name__}: no single output projection found")
+    scale = _output_scale(rest[0][2], y) if len(rest) == 1 else None
+    if scale is None:
+        return MatchResult.fail(f"{type(module).__name__}: no single output projection found (nor one times a "
+                                "constant scale)")
     down, down_in, _ = rest[0]
+    w_down, b_down = _scaled(down, scale)
     ups = [c for i, c in enumerate(first) if all(c[0] is not f[0] for f in first[:i])]  # one call per Linear
     if len(ups) == 2:
         fits = [(g, u, act) for (g, u), act in itertools.product(itertools.permutations(ups), PLAIN_ACTIVATIONS)]
@@ -82,21 +85,46 @@ def analyze_mlp(module: nn.Module, hidden: int) -> MatchResult[tuple[ExpertSpec,
         spec = ExpertSpec(hidden, g[0].out_features, act, True, g[0].bias is not None)
         w_up = torch.cat([g[0].weight, u[0].weight], 0)
         b_up = torch.cat([g[0].bias, u[0].bias], 0) if spec.has_bias else None
-        return MatchResult.success((spec, ExpertWeights(w_up, down.weight, b_up, down.bias)))
+        return MatchResult.success((spec, ExpertWeights(w_up, w_down, b_up, b_down)))
     if len(ups) == 1:
         u = ups[0]
         best = _best_fit([(act,) for act in PLAIN_ACTIVATIONS],
                          lambda act: expert_activation(u[2], act, False, 1.0, 0.0), down_in)
         if best is not None:
             spec = ExpertSpec(hidden, u[0].out_features, best[0], False, u[0].bias is not None)
-            return MatchResult.success((spec, ExpertWeights(u[0].weight, down.weight, u[0].bias, down.bias)))
+            return MatchResult.success((spec, ExpertWeights(u[0].weight, w_down, u[0].bias, b_down)))
         fused = _fused_gate_up(u, down_in, hidden)
         if fused is None:
             return MatchResult.fail(f"{type(module).__name__}: activation is none of {PLAIN_ACTIVATIONS}, plain or "
                                     "gated over halves or alternate rows of its one input projection")
         spec, w_up, b_up = fused
-        return MatchResult.success((spec, ExpertWeights(w_up, down.weight, b_up, down.bias)))
+        return MatchResult.success((spec, ExpertWeights(w_up, w_down, b_up, b_down)))
     return MatchResult.fail(f"{type(module).__name__}: {len(ups)} projections read the input, expected 1 or 2")
+
+
+def _output_scale(down_out: torch.Tensor, y: torch.Tensor) -> float | torch.Tensor | None:
+    """``s`` with ``y = s * down_out``: 1.0 when the expert returns its output projection; a constant written in
+    its code (``2.0 * self.down(h)``) or a learned per-feature scale (a layer scale) otherwise; None when no
+    constant scale gives ``y``."""
+    if close(down_out + 0, y):
+        return 1.0
+    d, t = down_out.double(), y.double()
+    per_feature = (d * t).sum(0) / (d * d).sum(0).clamp_min(torch.finfo(torch.float64).tiny)
+    if not close((per_feature * d).to(y.dtype), y) or not per_feature.abs().gt(0).all():
+        return None
+    scalar = (d * t).sum() / (d * d).sum()
+    if close((scalar * d).to(y.dtype), y):
+        return snap(scalar.item(), y.dtype)
+    return per_feature
+
+
+def _scaled(down: nn.Linear, scale: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The output projection's weight and bias with ``scale`` folded in."""
+    if isinstance(scale, float) and scale == 1.0:
+        return down.weight, down.bias
+    s = scale if isinstance(scale, float) else scale.to(down.weight.dtype)
+    w = down.weight.detach() * (s if isinstance(s, float) else s[:, None])
+    return w, None if down.bias is None else down.bias.detach() * s
 
 
 def dense_mlps(modules: list[nn.Module]) -> bool:
