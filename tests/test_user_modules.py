@@ -361,6 +361,22 @@ def test_an_experts_output_scale_is_folded_into_its_down_projection(backend, lay
     assert layer.fused and layer.num_experts == 6, layer
 
 
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime", "triton"])
+@pytest.mark.parametrize("kind", [{}, {"matmul": True}, {"gated": False, "bias": True}, {"matmul": True, "bias": True}])
+def test_experts_of_bare_parameters_are_a_bank(backend, kind):
+    """Experts that hold their weights as parameters (``F.linear(x, self.w)`` or ``x @ self.w``), no Linear: their
+    list is stacked like a stacked bank and read in either orientation. Such a block was not found before, and
+    torch.export refused the whole model."""
+    from user_modules import ParameterExpertsMoE
+
+    torch.manual_seed(0)
+    layer = compiled_on(backend, ParameterExpertsMoE(**kind))
+    assert layer.fused and layer.num_experts == 6 and layer.intermediate_size == 40, layer
+    gated = kind.get("gated", True)
+    assert layer.activation.startswith("gated-silu" if gated else "gelu"), layer
+    assert ("+bias" in layer.activation) == kind.get("bias", False), layer
+
+
 def test_a_swapped_in_expert_that_is_no_mlp_runs_its_block_as_written_and_says_which():
     """One expert of another type that no MLP form reads (it clamps its output): the block was not found before
     (its list was no bank) and torch.export refused the whole model; now the block runs as written, the rest of

@@ -702,6 +702,37 @@ class ClampedMLP(MLP):
         return super().forward(x).clamp(-0.05, 0.05)
 
 
+class ParameterMLP(nn.Module):
+    """An expert of bare parameters, no Linear: gated SiLU or plain GELU, applied with ``F.linear`` (weights
+    ``[out, in]``) or with ``x @ w`` (``[in, out]``), with biases or not."""
+
+    def __init__(self, hidden, inter, gated=True, matmul=False, bias=False):
+        super().__init__()
+        self.gated, self.matmul = gated, matmul
+        shape = (lambda out, inp: (inp, out)) if matmul else (lambda out, inp: (out, inp))
+        self.w_in = nn.Parameter(torch.randn(*shape(inter, hidden)) * hidden ** -0.5)
+        self.w_gate = nn.Parameter(torch.randn(*shape(inter, hidden)) * hidden ** -0.5) if gated else None
+        self.w_out = nn.Parameter(torch.randn(*shape(hidden, inter)) * inter ** -0.5)
+        self.b_in = nn.Parameter(0.1 * torch.randn(inter)) if bias else None
+        self.b_out = nn.Parameter(0.1 * torch.randn(hidden)) if bias else None
+
+    def _project(self, x, w, b=None):
+        return (x @ w if self.matmul else F.linear(x, w)) + (0 if b is None else b)
+
+    def forward(self, x):
+        h = self._project(x, self.w_in, self.b_in)
+        h = F.silu(self._project(x, self.w_gate)) * h if self.gated else F.gelu(h)
+        return self._project(h, self.w_out, self.b_out)
+
+
+class ParameterExpertsMoE(LoopMoE):
+    """``LoopMoE`` whose experts are ``ParameterMLP``s."""
+
+    def __init__(self, **kind):
+        super().__init__()
+        self.experts = nn.ModuleList(ParameterMLP(24, 40, **kind) for _ in range(len(self.experts)))
+
+
 class ReusedBlockModel(TinyModel):
     """Calls its one MoE block twice (a weight-shared layer, as looped or universal transformers apply one)."""
 

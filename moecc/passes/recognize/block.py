@@ -110,7 +110,7 @@ def _bank_skip(block: nn.Module, bank: nn.Module, experts: list[nn.Module] | Non
     ModuleList of decoder layers is no MoE block because some layer holds an [n_layers, H] weight)."""
     if bank is not block:
         return {id(m) for m in bank.modules()}
-    lists = stacked.projection_lists(block).values()
+    lists = [*stacked.projection_lists(block).values(), *stacked.parameter_lists(block).values()]
     return {id(m) for e in [*(experts or []), *lists] for m in e.modules()}
 
 

@@ -60,7 +60,37 @@ def stacked_params(module: nn.Module, num_experts: int | None = None,
         if lists and (num_experts is None or len(next(iter(lists.values()))) == num_experts):
             found = {f"{name}.weight": _stack([lin.weight for lin in lst.children()], materialize)
                      for name, lst in lists.items()}
+    if not found:
+        found = {n: w for n, w in _parameter_list_weights(module, materialize, 2).items()
+                 if num_experts is None or w.shape[0] == num_experts}
     return found if found or num_experts is None else flat_params(module, num_experts)
+
+
+def parameter_lists(module: nn.Module) -> dict[str, nn.Module]:
+    """Child lists of expert modules that hold their weights as bare parameters (``F.linear(x, self.w1)``,
+    ``x @ self.w1``), no Linear: two or more modules of the same parameter names and shapes, two or more of them
+    matrices. A bank like ``projection_lists``, one module per expert."""
+    lists = {}
+    for name, child in module.named_children():
+        kids = list(child.children()) if isinstance(child, (nn.ModuleList, nn.ModuleDict)) else []
+        if len(kids) < 2 or any(isinstance(m, nn.Linear) for k in kids for m in k.modules()):
+            continue
+        shapes = [[(n, tuple(p.shape)) for n, p in k.named_parameters()] for k in kids]
+        if all(s == shapes[0] for s in shapes) and sum(len(shape) == 2 for _, shape in shapes[0]) >= 2:
+            lists[name] = child
+    return lists
+
+
+def _parameter_list_weights(module: nn.Module, materialize: bool, dim: int) -> dict[str, torch.Tensor]:
+    """The ``dim``-dimensional parameters of ``parameter_lists``, stacked ``[E, ...]`` under ``<list>.<name>``
+    (a copy)."""
+    out = {}
+    for name, lst in parameter_lists(module).items():
+        kids = list(lst.children())
+        for pname, p in kids[0].named_parameters():
+            if p.dim() == dim:
+                out[f"{name}.{pname}"] = _stack([k.get_parameter(pname) for k in kids], materialize)
+    return out
 
 
 PROBE_SCALE_ROWS = 256
@@ -179,6 +209,7 @@ def candidates(module: nn.Module, hidden: int, num_experts: int) -> Iterator[Can
     biases = {n: p for n, p in module.named_parameters(recurse=False) if p.dim() == 2 and p.shape[0] == num_experts}
     listed = _listed_biases(module, num_experts)
     biases.update(listed)
+    biases.update({n: b for n, b in _parameter_list_weights(module, True, 1).items() if b.shape[0] == num_experts})
     # Linear weights are [out, in]: stacked from lists, no transposed reading of them is tried
     stored = {n for n in params if n.removesuffix(".weight") in projection_lists(module)}
     acts = activations(module)
@@ -222,16 +253,28 @@ def _up_candidates(others, params, biases, hidden, inter, down, b_down, acts, st
                         yield Candidate(ExpertSpec(hidden, inter, act, False, has_bias(b_up)), build)
     elif len(others) == 2:
         for gate_name, up_name in itertools.permutations(others):
-            # separate gate and up biases are known only as the biases of their lists
-            b_gate, b_up = (listed.get(n.removesuffix(".weight") + ".bias") for n in (gate_name, up_name))
-            b_cat = torch.cat([b_gate, b_up], 1) if b_gate is not None and b_up is not None else None
-            for g in _orient(params[gate_name], hidden, gate_name in stored):
-                for v in _orient(params[up_name], hidden, up_name in stored):
-                    if g.shape[1] != inter or v.shape[1] != inter:
-                        continue
-                    for act, alpha, limit in acts:
-                        def build(sl, g=g, v=v, b_cat=b_cat):
-                            return ExpertWeights(torch.cat([g[sl], v[sl]], 1), down[sl],
-                                                 None if b_cat is None else b_cat[sl],
-                                                 None if b_down is None else b_down[sl])
-                        yield Candidate(ExpertSpec(hidden, inter, act, True, has_bias(b_cat), alpha, limit), build)
+            for b_cat in _gate_up_biases(gate_name, up_name, biases, listed, inter, b_down):
+                for g in _orient(params[gate_name], hidden, gate_name in stored):
+                    for v in _orient(params[up_name], hidden, up_name in stored):
+                        if g.shape[1] != inter or v.shape[1] != inter:
+                            continue
+                        for act, alpha, limit in acts:
+                            def build(sl, g=g, v=v, b_cat=b_cat):
+                                return ExpertWeights(torch.cat([g[sl], v[sl]], 1), down[sl],
+                                                     None if b_cat is None else b_cat[sl],
+                                                     None if b_down is None else b_down[sl])
+                            yield Candidate(ExpertSpec(hidden, inter, act, True, has_bias(b_cat), alpha, limit),
+                                            build)
+
+
+def _gate_up_biases(gate_name, up_name, biases, listed, inter, b_down) -> list:
+    """``[E, 2I]`` biases ``[gate | up]`` that separate gate and up projections may add: the biases of their lists
+    when they are Linear lists; else each ``[E, I]`` bias as either one's (zeros for the other), both, or none."""
+    listed_pair = [listed.get(n.removesuffix(".weight") + ".bias") for n in (gate_name, up_name)]
+    if any(b is not None for b in listed_pair) or listed:
+        return [torch.cat(listed_pair, 1) if all(b is not None for b in listed_pair) else None]
+    fits = [b for b in biases.values() if b.shape[1] == inter and b is not b_down]
+    zero = lambda b: torch.zeros_like(b)  # noqa: E731
+    pairs = [(b, zero(b)) for b in fits] + [(zero(b), b) for b in fits]
+    pairs += [(g, u) for g, u in itertools.permutations(fits, 2)]
+    return [None, *(torch.cat(pair, 1) for pair in pairs)]
