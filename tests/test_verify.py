@@ -219,3 +219,21 @@ def test_an_fp32_output_of_a_bf16_model_is_held_to_the_models_rounding():
         noisy = SimpleNamespace(in_spec=spec, tensor_pos=[0], layers={},
                                 runner=lambda t, m=model: [m(t) * (1 + 1e-3)])
         assert (_disagreement(model, noisy, flat, None) is None) == agrees
+
+
+def test_rounding_sensitivity_is_the_widest_of_several_noise_draws():
+    """On a small bf16 input one token whose top-k is a near tie decides how far the outputs may move, and one draw
+    of noise tips it or not: the sensitivity is the most that any of a few draws moves them."""
+    from user_modules import LoopMoE
+
+    from moecc.runtime import verify as v
+
+    torch.manual_seed(0)
+    model = TinyModel(LoopMoE()).eval().to(torch.bfloat16)
+    ids = torch.randint(0, 50, (2, 16))
+    with torch.no_grad():
+        ref = [model(ids)]
+    draws = [v._moved_by_noise(model, ["moe"], (ids,), {}, ref, None, seed)
+             for seed in range(99, 99 + v.SENSITIVITY_DRAWS)]
+    assert v.SENSITIVITY_DRAWS >= 3 and len(set(draws)) > 1, draws
+    assert v.rounding_sensitivity(model, ["moe"], (ids,), {}, ref) == max(draws) > 0

@@ -150,6 +150,16 @@ def _bank_caller(block: nn.Module, bank: nn.Module, hidden: int, like: torch.Ten
     """``_bank_probe`` of the bank module, else of the nearest module above it inside the block that takes
     ``(x, ids, weights)`` (DBRX's weights sit in an MLP called with each expert's slices; the module above it
     takes the routing)."""
+    lists = list(stacked.parameter_lists(bank).values())
+    if len(lists) == 1:  # experts of bare parameters: each one is called alone
+        experts = list(lists[0].children())
+        f = lambda e, x: _called(experts[e], x)  # noqa: E731
+        try:
+            y = f(0, torch.randn(4, hidden, dtype=like.dtype, device=like.device))
+        except Exception:  # noqa: BLE001 - an expert that takes more than the hidden states
+            y = None
+        if isinstance(y, torch.Tensor) and y.shape == (4, hidden):
+            return f
     parents = {id(child): mod for mod in block.modules() for child in mod.children()}
     mod = bank
     while mod is not block:
@@ -158,6 +168,11 @@ def _bank_caller(block: nn.Module, bank: nn.Module, hidden: int, like: torch.Ten
             return f
         mod = parents.get(id(mod), block)
     return None
+
+
+def _called(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return module(x)
 
 
 def _expert_fn(spec: ExpertSpec, w: ExpertWeights, e: int, x: torch.Tensor) -> torch.Tensor:
