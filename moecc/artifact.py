@@ -11,6 +11,7 @@ Layout of an artifact folder:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -24,6 +25,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from moecc.autocast import DEVICE_TYPES, autocast_state
 from moecc.errors import ArtifactError, DisagreementError, first_line
 from moecc.logs import stderr_to_debug
 from moecc.runtime import kv_cache
@@ -105,6 +107,7 @@ def export(model: nn.Module, args, path, kwargs: dict | None = None, backend: st
         "torch_version": torch.__version__.split("+")[0],
         "backend": entry.backend,
         "device": _device_type(entry),
+        "autocast": [list(region) for region in entry.autocast],  # traced into the program (a load runs it as is)
         "inputs": {
             "spec": pytree.treespec_dumps(entry.in_spec),
             "tensors": [{"index": i, "dtype": str(d).replace("torch.", ""), "shape": list(s)}
@@ -278,14 +281,20 @@ class LoadedModel:
             if flat[i] != c:
                 raise ValueError(f"input #{i} was the constant {c!r} at export, got {flat[i]!r}; re-export for it")
         tensors = [flat[i] for i in self.tensor_pos]
+        if not autocast_state():
+            return _rebuild(self.manifest["outputs"]["paths"], list(self._run(tensors)))
+        with contextlib.ExitStack() as stack:  # the program holds its export's casts; autocast would add its own
+            for device in DEVICE_TYPES:
+                stack.enter_context(torch.autocast(device, enabled=False))
+            return _rebuild(self.manifest["outputs"]["paths"], list(self._run(tensors)))
+
+    def _run(self, tensors: list):
         if replays(self.manifest["backend"], tensors):
             if self.graphs is None:
                 self.graphs = GraphCache(self.program)
-            outs = self.graphs(tensors)
-        else:
-            with torch.no_grad():  # the moecc ops have no backward: no output carries a gradient
-                outs = self.program(*tensors)
-        return _rebuild(self.manifest["outputs"]["paths"], list(outs))
+            return self.graphs(tensors)
+        with torch.no_grad():  # the moecc ops have no backward: no output carries a gradient
+            return self.program(*tensors)
 
 
 def _load_device(path: Path, exported: str, wanted: str | None) -> str:

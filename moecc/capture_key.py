@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from moecc.autocast import autocast_state
+
 FORMAT = 1
 _MODULE_INTERNALS = {"_parameters", "_buffers", "_modules", "_non_persistent_buffers_set", "training"}
 
@@ -126,7 +128,7 @@ def parts(model: nn.Module, flat_inputs: list, in_spec, block_names: list[str], 
     import moecc.capture as capture_module
 
     yield ("moecc capture", FORMAT, sys.version_info[:2], torch.__version__, _file_digest(__file__),
-           _file_digest(capture_module.__file__), str(torch.get_default_dtype()))
+           _file_digest(capture_module.__file__), str(torch.get_default_dtype()), autocast_state())
     if "transformers" in sys.modules:
         yield ("transformers", getattr(sys.modules["transformers"], "__version__", "?"))
     yield (str(in_spec), tuple(block_names))

@@ -347,3 +347,51 @@ def test_a_knob_overridden_reads_its_value_inside_and_the_old_one_after(monkeypa
     with pytest.raises(RuntimeError), knobs.TRITON_WS.overridden("off"):
         raise RuntimeError
     assert knobs.TRITON_WS.get() == "on"
+
+
+def test_calls_under_autocast_and_outside_it_get_captures_of_their_own():
+    """torch.export traces autocast's casts into the program: a capture made under autocast ran for a call outside
+    it and failed on a dtype mismatch (and one made outside would leave out the casts eager makes under it). Each
+    autocast state gets its own capture and capture-cache key; a block whose fp32 matmuls autocast rounds to bf16 is
+    left as written with that reason."""
+    from hf_models import make_inputs, make_model
+
+    from moecc.capture_key import parts
+
+    model = make_model("mixtral")
+    cm = moecc.compile(model, backend="torch")
+    calls = [(True, make_inputs("mixtral", 2, 8)), (False, make_inputs("mixtral", 3, 5, 1)),
+             (True, make_inputs("mixtral", 3, 5, 2)), (False, make_inputs("mixtral", 2, 8, 3))]
+    for i, (autocast, inputs) in enumerate(calls):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            got, want = cm(**inputs).logits, model(**inputs).logits
+        assert got.dtype == want.dtype == (torch.bfloat16 if autocast else torch.float32)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert len(cm._entries) == min(i + 1, 2)
+        layers = cm.moe_layers  # the latest capture's
+        if i == 0:
+            assert all(not layer.fused and "torch.autocast('cpu', dtype=torch.bfloat16)" in layer.reason
+                       for layer in layers), [layer.reason for layer in layers]
+        elif i == 1:
+            assert all(layer.fused for layer in layers), [layer.reason for layer in layers]
+    inputs = make_inputs("mixtral", 2, 8)
+    flat, spec = torch.utils._pytree.tree_flatten(((), inputs))
+    outside = next(parts(model, flat, spec, []))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert next(parts(model, flat, spec, [])) != outside
+
+
+def test_a_loaded_artifact_runs_its_program_as_exported_under_autocast(tmp_path):
+    """An artifact holds the casts of its export's call (none here): autocast around a call of it adds none."""
+    from hf_models import make_inputs, make_model
+
+    model = make_model("mixtral")
+    loaded = moecc.load(moecc.export(model, (), tmp_path / "art", kwargs=make_inputs("mixtral", 2, 8),
+                                     backend="torch"))
+    assert loaded.manifest["autocast"] == []
+    inputs = make_inputs("mixtral", 3, 5, 1)
+    outside = loaded(**inputs).logits
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = loaded(**inputs).logits
+    assert inside.dtype == torch.float32
+    torch.testing.assert_close(inside, outside, rtol=0, atol=0)

@@ -15,6 +15,7 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from moecc import knobs
+from moecc.autocast import autocast_state
 from moecc.capture import CaptureHints, capture, forget_calls
 from moecc.codegen.lower import EXPERT_LAYOUT, lower, resolve_backend
 from moecc.errors import BackendError, CacheError, DisagreementError, ExportError, MoeccError
@@ -56,6 +57,7 @@ class _Entry:
     graphs: GraphCache | None = None  # CUDA graphs per input shape (decode fast path)
     runner: object = None  # what calls run: ``gm`` with its moecc ops called directly (``direct_calls``)
     op_graphs: object = None  # ``runner`` with a CUDA graph per moecc op call (``graphed_ops``): calls with a KV cache
+    autocast: tuple = ()  # the autocast regions of the calls it was captured for (``autocast_state``)
 
     def __post_init__(self) -> None:
         if self.runner is None:
@@ -258,16 +260,18 @@ class CompiledModule(nn.Module):
 
     def _entry_for(self, args: tuple, kwargs: dict) -> tuple[_Entry, list, list]:
         """The capture a call runs (compiled now if none fits), its tensor inputs and the KV caches it passes."""
+        autocast = autocast_state()
+        entries = [e for e in self._entries if e.autocast == autocast]
         if not kwargs:
-            entry = next((e for e in self._entries if e.plain_arity == len(args) and e.matches_tensors(args)), None)
+            entry = next((e for e in entries if e.plain_arity == len(args) and e.matches_tensors(args)), None)
             if entry is not None:
                 return entry, list(args), []
         caches = self._caches(args, kwargs)
         if kwargs:  # the same keywords named in another order reuse a capture
-            kwargs = next((in_order(kwargs, e.keywords) for e in self._entries if e.keywords is not None
+            kwargs = next((in_order(kwargs, e.keywords) for e in entries if e.keywords is not None
                            and set(e.keywords) == set(kwargs)), kwargs)
         flat, spec = pytree.tree_flatten((args, kwargs))
-        entry = next((e for e in self._entries if e.matches(flat, spec)), None)
+        entry = next((e for e in entries if e.matches(flat, spec)), None)
         if entry is None:
             entry = self._compile(args, kwargs)
         return entry, [flat[i] for i in entry.tensor_pos], caches
@@ -489,5 +493,6 @@ def build(model: nn.Module, args, kwargs, backend: str, options: dict, dump_fold
                     type(model).__name__, cost * 1e3)
     entry = _Entry(program, cap.in_spec, cap.out_spec, cap.tensor_pos,
                    [None if isinstance(v, torch.Tensor) else v for v in cap.flat_inputs], shapes, symbols,
-                   [t.dtype for t in cap.tensor_inputs], layers, backend, cap.flat_inputs, lowest, weights)
+                   [t.dtype for t in cap.tensor_inputs], layers, backend, cap.flat_inputs, lowest, weights,
+                   autocast=autocast_state())
     return entry, BuildInfo(cap, timing.records, backend, graph)

@@ -540,6 +540,15 @@ def analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | N
     return MatchResult.fail(f"{limit}, but the clamp at {r.value.expert.limit:g} does not fit probes that pass it")
 
 
+def _autocast_to(like: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast casts the block's matmuls to, when it is on for its device and not its parameters'."""
+    device = like.device.type
+    if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
+        return None
+    cast = torch.get_autocast_dtype(device)
+    return cast if cast != like.dtype else None
+
+
 def _non_finite_parameter(block: nn.Module) -> str | None:
     for name, param in block.named_parameters():
         if param.is_floating_point() and not bool(torch.isfinite(param).all()):
@@ -560,6 +569,11 @@ def _analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | 
     if like.dtype == torch.float64:
         return MatchResult.fail("float64 block: the canonical ops route and combine in float32, which does not "
                                 "reproduce float64 to its precision")
+    if (cast := _autocast_to(like)) is not None:
+        return MatchResult.fail(f"the call runs under torch.autocast({like.device.type!r}, dtype={cast}), which "
+                                f"rounds the block's matmuls to {cast} while its parameters are {like.dtype}: the "
+                                f"canonical ops compute in the parameters' dtype. Cast the model to {cast} "
+                                "(model.to(dtype)) rather than autocast, or call it outside autocast")
     if (bad := _non_finite_parameter(block)) is not None:
         return MatchResult.fail(f"parameter {bad} holds NaN or inf (a module built without initializing its "
                                 "weights?): probes of such a block tell nothing about its function")
