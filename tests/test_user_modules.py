@@ -336,15 +336,20 @@ def test_experts_past_the_bank_that_compute_nothing(backend, pass_input):
         assert "no experts that compute nothing" in layer.lowering, layer
 
 
-def test_experts_of_different_activations_run_as_written_and_say_why():
-    from user_modules import GeluMLP, UnevenWidthMoE
+@pytest.mark.parametrize("swap", ["other_activation", "no_mlp"])
+def test_a_swapped_in_expert_the_bank_cannot_hold_runs_its_block_as_written_and_says_why(swap):
+    """One expert of another activation, or of another type that no MLP form reads (it clamps its output: the
+    block was not found before, as its list was no bank, and torch.export refused the whole model). The block runs
+    as written, the rest of the model is compiled, and the reason says which."""
+    from user_modules import ClampedMLP, GeluMLP, LoopMoE, UnevenWidthMoE
 
     torch.manual_seed(0)
-    block = UnevenWidthMoE()
-    block.experts[2] = GeluMLP(24, 24)
+    block, index, expert, why = (UnevenWidthMoE(), 2, GeluMLP(24, 24), "differ in activation") \
+        if swap == "other_activation" else (LoopMoE(), 3, ClampedMLP(24, 40), "expert 3: ClampedMLP")
+    block.experts[index] = expert
     model = TinyModel(block).eval()
     cm, layer = compile_on_ids(model, backend="torch")
-    assert not layer.fused and "differ in activation" in layer.reason, layer
+    assert not layer.fused and why in layer.reason, layer
     x = torch.randint(0, 50, (3, 11))
     torch.testing.assert_close(cm(x), model(x))
 
@@ -375,22 +380,6 @@ def test_experts_of_bare_parameters_are_a_bank(backend, kind):
     gated = kind.get("gated", True)
     assert layer.activation.startswith("gated-silu" if gated else "gelu"), layer
     assert ("+bias" in layer.activation) == kind.get("bias", False), layer
-
-
-def test_a_swapped_in_expert_that_is_no_mlp_runs_its_block_as_written_and_says_which():
-    """One expert of another type that no MLP form reads (it clamps its output): the block was not found before
-    (its list was no bank) and torch.export refused the whole model; now the block runs as written, the rest of
-    the model is compiled, and the reason names the expert."""
-    from user_modules import ClampedMLP, LoopMoE
-
-    torch.manual_seed(0)
-    block = LoopMoE()
-    block.experts[3] = ClampedMLP(24, 40)
-    model = TinyModel(block).eval()
-    cm, layer = compile_on_ids(model, backend="torch")
-    assert not layer.fused and "expert 3: ClampedMLP" in layer.reason, layer
-    x = torch.randint(0, 50, (3, 11))
-    torch.testing.assert_close(cm(x), model(x))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
