@@ -672,6 +672,21 @@ def test_a_block_called_twice_is_lifted_once_and_holds_its_weights_once(backend)
         assert len(banks) == 1, banks
 
 
+def test_a_block_called_on_two_lengths_is_lifted_once():
+    """The two calls' inputs have sizes of their own (two symbols): still one canonical block, one bank."""
+    from user_modules import LoopMoE, SharedAcrossLengthsModel
+
+    torch.manual_seed(0)
+    model = SharedAcrossLengthsModel(LoopMoE()).eval()
+    cm = moecc.compile(model, backend="torch")
+    cm(torch.randint(0, 50, (2, 7)), torch.randint(0, 50, (2, 4)))
+    (layer,) = cm.moe_layers
+    assert layer.fused, layer
+    assert len([n for n, _ in cm._entries[-1].gm.named_parameters() if "w_up" in n]) == 1
+    ids, decoder_ids = torch.randint(0, 50, (3, 9)), torch.randint(0, 50, (3, 5))
+    torch.testing.assert_close(cm(ids, decoder_ids), model(ids, decoder_ids), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
 @pytest.mark.parametrize("reused", [True, False])
 def test_export_of_blocks_that_share_their_weights(backend, reused, tmp_path):

@@ -743,6 +743,17 @@ class ReusedBlockModel(TinyModel):
         return self.head(h)
 
 
+class SharedAcrossLengthsModel(TinyModel):
+    """Calls its one MoE block on two sequences of their own lengths (an encoder's and a decoder's)."""
+
+    def forward(self, ids, decoder_ids):
+        h = self.embed(ids)
+        h = h + self.moe(self.norm(h))
+        d = self.embed(decoder_ids) + h.mean(1, keepdim=True)
+        d = d + self.moe(self.norm(d))
+        return self.head(d)
+
+
 class SharedRoutingModel(nn.Module):
     """Two MoE blocks that share one router and one expert bank: their weights are the same tensors."""
 

@@ -85,6 +85,13 @@ def _structure(block: torch.nn.Module, node: fx.Node) -> tuple:
             _other_args(node), None if (read := _read_outputs(node)) is None else frozenset(read))
 
 
+def _any_length(structure: tuple) -> tuple:
+    """``_structure`` with its input's sizes reduced to its rank: a canonical block is the same function at every
+    length (an encoder and a decoder sharing one block call it on sequences of their own lengths)."""
+    classes, params, value, other_args, read = structure
+    return classes, params, None if value is None else (len(value[0]), value[1]), other_args, read
+
+
 def _inputs(node: fx.Node, a) -> list[fx.Node]:
     """The hidden states, then the other arguments the canonical block reads."""
     leaves = pytree.tree_flatten((tuple(node.args[1:]), dict(node.kwargs)))[0]
@@ -101,15 +108,16 @@ class Recognize(MoePass):
         failed_like: dict[tuple, tuple] = {}  # structure -> (first block, reason) of blocks left as written
         # a block the model calls more than once (one target, several nodes): the canonical module of its first
         # call serves each call alike, so that its weights are held once
-        lifted: dict[tuple, tuple] = {}  # (target, structure) -> (analysis, canonical module, its prefix)
+        lifted: dict[tuple, tuple] = {}  # (target, *structure at any length) -> (analysis, canonical module, prefix)
         calls = [n for n in gm.graph.nodes if n.op == "call_module" and "moecc_block" in n.meta]
         for node in calls:
             name = node.meta["moecc_block"]
             block = gm.get_submodule(node.target)
             info = layers.setdefault(name, MoELayerInfo(name=name))
             key = _structure(block, node)
-            if (node.target, key) in lifted:
-                a, module, prefix = lifted[node.target, key]
+            reuse = (node.target, *_any_length(key))
+            if reuse in lifted:
+                a, module, prefix = lifted[reuse]
                 self._replace(gm, node, inline_module(gm, node, module, prefix, _inputs(node, a)), a.output_tuple)
                 modified = True
                 continue
@@ -145,11 +153,11 @@ class Recognize(MoePass):
             info.input_module = "" if a.pre is None else type(a.pre).__name__
             info.residual = a.residual
             info.capacity = "dropless" if a.capacity.dropless else a.capacity.formula
-            others = sum(target == node.target for target, _ in lifted)  # calls of another shape or signature
+            others = sum(r[0] == node.target for r in lifted)  # calls of another signature or dtype
             prefix = f"{node.target}_moe" + (f"_{others}" if others else "")
             info.graph_prefix = info.graph_prefix or prefix
             module = CanonicalMoE(a)
-            lifted[node.target, key] = (a, module, prefix)
+            lifted[reuse] = (a, module, prefix)
             self._replace(gm, node, inline_module(gm, node, module, prefix, _inputs(node, a)), a.output_tuple)
             matched += 1
             modified = True
