@@ -107,7 +107,8 @@ def export(model: nn.Module, args, path, kwargs: dict | None = None, backend: st
         "torch_version": torch.__version__.split("+")[0],
         "backend": entry.backend,
         "device": _device_type(entry),
-        "autocast": [list(region) for region in entry.autocast],  # traced into the program (a load runs it as is)
+        # traced into the program, which a load runs as it is
+        "autocast": [[device, str(dtype)] for device, dtype in entry.autocast],
         "inputs": {
             "spec": pytree.treespec_dumps(entry.in_spec),
             "tensors": [{"index": i, "dtype": str(d).replace("torch.", ""), "shape": list(s)}

@@ -7,8 +7,8 @@ import torch
 DEVICE_TYPES = ("cpu", "cuda")
 
 
-def autocast_state() -> tuple[tuple[str, str], ...]:
+def autocast_state() -> tuple[tuple[str, torch.dtype], ...]:
     """(device type, dtype) of each device whose autocast is on. torch.export traces autocast's casts into the
     program, so a capture made under autocast holds for calls under the same autocast only, and one made outside it
     for calls outside it (it would leave out the casts eager makes there)."""
-    return tuple((d, str(torch.get_autocast_dtype(d))) for d in DEVICE_TYPES if torch.is_autocast_enabled(d))
+    return tuple((d, torch.get_autocast_dtype(d)) for d in DEVICE_TYPES if torch.is_autocast_enabled(d))

@@ -13,6 +13,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
+from moecc.autocast import autocast_state
 from moecc.canonical import BlockAnalysis, CanonicalMoE
 from moecc.experts import PLAIN_ACTIVATIONS
 from moecc.ir import CapacitySpec, ExpertSpec, ExpertWeights, RoutingSpec, SharedExpert
@@ -542,10 +543,7 @@ def analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | N
 
 def _autocast_to(like: torch.Tensor) -> torch.dtype | None:
     """The dtype autocast casts the block's matmuls to, when it is on for its device and not its parameters'."""
-    device = like.device.type
-    if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
-        return None
-    cast = torch.get_autocast_dtype(device)
+    cast = dict(autocast_state()).get(like.device.type)
     return cast if cast != like.dtype else None
 
 
