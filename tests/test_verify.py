@@ -236,4 +236,4 @@ def test_rounding_sensitivity_is_the_widest_of_several_noise_draws():
     draws = [v._moved_by_noise(model, ["moe"], (ids,), {}, ref, None, seed)
              for seed in range(99, 99 + v.SENSITIVITY_DRAWS)]
     assert v.SENSITIVITY_DRAWS >= 3 and len(set(draws)) > 1, draws
-    assert v.rounding_sensitivity(model, ["moe"], (ids,), {}, ref) == max(draws) > 0
+    assert v.rounding_sensitivity(model, ["moe"], lambda: ((ids,), {}), ref) == max(draws) > 0

@@ -133,9 +133,9 @@ def _disagreement(model: nn.Module, entry, flat: list, tolerance: float | None, 
             if not err <= tol and dtype in (torch.bfloat16, torch.float16) and tolerance is None:
                 if sensitivity is None:
                     names = [info.name for info in entry.layers.values() if info.fused]
-                    # on containers of their own: eager updated a KV cache in ``args`` in place
-                    again = pytree.tree_unflatten(flat, entry.in_spec)
-                    sensitivity = rounding_sensitivity(model, names, *again, ref, kept) if names else 0.0
+                    # each call on containers of its own: eager updates a KV cache in ``args`` in place
+                    again = lambda: pytree.tree_unflatten(flat, entry.in_spec)  # noqa: E731
+                    sensitivity = rounding_sensitivity(model, names, again, ref, kept) if names else 0.0
                 tol = max(tol, 3 * sensitivity)
             if not err <= tol:
                 return (f"relative error {err:.2e} > {tol:g}"
@@ -248,13 +248,14 @@ def _unpadded(t: torch.Tensor, kept: torch.Tensor | None) -> torch.Tensor:
 SENSITIVITY_DRAWS = 3  # a near tie flips under some noise draws and not others: the widest of a few is the spread
 
 
-def rounding_sensitivity(model: nn.Module, block_names: list[str], args, kwargs, ref: list,
+def rounding_sensitivity(model: nn.Module, block_names: list[str], call, ref: list,
                          kept: torch.Tensor | None = None) -> float:
     """How far the model's own outputs move when each MoE block's input carries noise of one rounding step of its
     dtype, the most over ``SENSITIVITY_DRAWS`` draws: the spread that two correct low-precision implementations may
     show (a token whose top-k is a near tie can pick other experts, and that difference grows through the layers
-    after it). On a small input one such token decides it, and one draw of noise may or may not tip it."""
-    return max(_moved_by_noise(model, block_names, args, kwargs, ref, kept, seed)
+    after it). On a small input one such token decides it, and one draw of noise may or may not tip it. ``call()``
+    gives the call's (args, kwargs), on containers of their own each time (a KV cache grows in place)."""
+    return max(_moved_by_noise(model, block_names, *call(), ref, kept, seed)
                for seed in range(99, 99 + SENSITIVITY_DRAWS))
 
 
