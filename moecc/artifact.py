@@ -31,6 +31,7 @@ from moecc.logs import stderr_to_debug
 from moecc.runtime import kv_cache
 from moecc.runtime.cudagraphs import GraphCache, replays
 from moecc.runtime.keywords import in_order, keyword_order
+from moecc.runtime.weights import storage_of
 
 log = logging.getLogger("moecc.artifact")
 
@@ -191,7 +192,7 @@ def _shared_once(names: list[str], weights: list[torch.Tensor]) -> tuple[dict[st
     stored as a copy."""
     stored, aliases, seen, storages = {}, {}, {}, set()
     for name, w in zip(names, weights):
-        storage = w.untyped_storage().data_ptr() if w.untyped_storage().nbytes() else None
+        storage = storage_of(w)
         view = (storage, w.storage_offset(), tuple(w.shape), tuple(w.stride()), w.dtype)
         if storage is not None and view in seen:
             aliases[name] = seen[view]

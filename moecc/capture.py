@@ -26,6 +26,7 @@ from moecc.discover import expert_owners, find_moe_blocks
 from moecc.errors import CaptureError, ExportError
 from moecc.logs import quiet, stderr_to_debug
 from moecc.passes.graph_utils import output_leaves
+from moecc.runtime.weights import storage_of
 
 log = logging.getLogger("moecc.capture")
 # torch.export warns about every 0/1-specialized dim; moecc handles that by re-capturing per bucket
@@ -339,7 +340,7 @@ def unaliased(tensors: list) -> list:
         if not isinstance(t, torch.Tensor):
             out.append(t)
             continue
-        storage = t.untyped_storage().data_ptr() if t.untyped_storage().nbytes() else None
+        storage = storage_of(t)
         if storage is not None and storage in seen:
             t = t.clone()
         elif storage is not None:

@@ -261,17 +261,17 @@ class CompiledModule(nn.Module):
     def _entry_for(self, args: tuple, kwargs: dict) -> tuple[_Entry, list, list]:
         """The capture a call runs (compiled now if none fits), its tensor inputs and the KV caches it passes."""
         autocast = autocast_state()
-        entries = [e for e in self._entries if e.autocast == autocast]
         if not kwargs:
-            entry = next((e for e in entries if e.plain_arity == len(args) and e.matches_tensors(args)), None)
+            entry = next((e for e in self._entries if e.plain_arity == len(args) and e.autocast == autocast
+                          and e.matches_tensors(args)), None)
             if entry is not None:
                 return entry, list(args), []
         caches = self._caches(args, kwargs)
         if kwargs:  # the same keywords named in another order reuse a capture
-            kwargs = next((in_order(kwargs, e.keywords) for e in entries if e.keywords is not None
-                           and set(e.keywords) == set(kwargs)), kwargs)
+            kwargs = next((in_order(kwargs, e.keywords) for e in self._entries if e.keywords is not None
+                           and e.autocast == autocast and set(e.keywords) == set(kwargs)), kwargs)
         flat, spec = pytree.tree_flatten((args, kwargs))
-        entry = next((e for e in entries if e.matches(flat, spec)), None)
+        entry = next((e for e in self._entries if e.autocast == autocast and e.matches(flat, spec)), None)
         if entry is None:
             entry = self._compile(args, kwargs)
         return entry, [flat[i] for i in entry.tensor_pos], caches

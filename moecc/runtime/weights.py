@@ -34,7 +34,7 @@ class WeightWatch:
             for name, param in module._parameters.items():
                 if param is not None:
                     # the data pointer: ``model.half()`` and ``.to()`` swap a parameter's data and keep its version
-                    stamp = None if _storage(param) in held else _stamp(param)
+                    stamp = None if storage_of(param) in held else _stamp(param)
                     self._slots.append((module._parameters, name, param, stamp, f"{prefix}.{name}" if prefix else name))
 
     def cost(self) -> float:
@@ -78,11 +78,14 @@ def _stamp(param: torch.Tensor) -> tuple[int, int]:
     return (-1 if param.is_inference() else param._version), param.data_ptr()
 
 
-def _storage(t: torch.Tensor) -> int | None:
+def storage_of(t: torch.Tensor) -> int | None:
+    """The address of the memory a tensor views, or None where it has none (empty, meta, a subclass): tensors of
+    one address share memory."""
     try:
-        return t.untyped_storage().data_ptr()
-    except (RuntimeError, NotImplementedError):  # a tensor subclass or a meta tensor without storage
+        storage = t.untyped_storage()
+    except (RuntimeError, NotImplementedError):
         return None
+    return storage.data_ptr() if storage.nbytes() else None
 
 
 def program_storages(program: object) -> set[int]:
@@ -93,4 +96,4 @@ def program_storages(program: object) -> set[int]:
     tensors = [*program.parameters(), *program.buffers()]
     for module in program.modules():
         tensors += [v for v in vars(module).values() if isinstance(v, torch.Tensor)]
-    return {s for s in map(_storage, tensors) if s}
+    return {s for s in map(storage_of, tensors) if s}

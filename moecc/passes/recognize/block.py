@@ -53,8 +53,7 @@ def experts_of_one_kind(kids: list[nn.Module]) -> bool:
     shapes. Recognition then proves each one's function (``stack_mlps``), or says which one it cannot read."""
     if len({type(k) for k in kids}) == 1 or dense_mlps(kids):
         return True
-    shapes = [[(n, tuple(p.shape)) for n, p in k.named_parameters()] for k in kids]
-    return bool(shapes[0]) and all(s == shapes[0] for s in shapes)
+    return bool(stacked.parameter_shapes(kids))
 
 
 def find_expert_list(block: nn.Module) -> tuple[nn.Module, list[nn.Module]] | None:

@@ -66,6 +66,12 @@ def stacked_params(module: nn.Module, num_experts: int | None = None,
     return found if found or num_experts is None else flat_params(module, num_experts)
 
 
+def parameter_shapes(kids: list[nn.Module]) -> list[tuple[str, tuple[int, ...]]] | None:
+    """The (name, shape) of each parameter the modules all hold, when they hold the same ones; else None."""
+    shapes = [[(n, tuple(p.shape)) for n, p in k.named_parameters()] for k in kids]
+    return shapes[0] if all(s == shapes[0] for s in shapes) else None
+
+
 def parameter_lists(module: nn.Module) -> dict[str, nn.Module]:
     """Child lists of expert modules that hold their weights as bare parameters (``F.linear(x, self.w1)``,
     ``x @ self.w1``), no Linear: two or more modules of the same parameter names and shapes, two or more of them
@@ -75,8 +81,8 @@ def parameter_lists(module: nn.Module) -> dict[str, nn.Module]:
         kids = list(child.children()) if isinstance(child, (nn.ModuleList, nn.ModuleDict)) else []
         if len(kids) < 2 or any(isinstance(m, nn.Linear) for k in kids for m in k.modules()):
             continue
-        shapes = [[(n, tuple(p.shape)) for n, p in k.named_parameters()] for k in kids]
-        if all(s == shapes[0] for s in shapes) and sum(len(shape) == 2 for _, shape in shapes[0]) >= 2:
+        shapes = parameter_shapes(kids)
+        if shapes and sum(len(shape) == 2 for _, shape in shapes) >= 2:
             lists[name] = child
     return lists
 
