@@ -86,6 +86,29 @@ def test_place_experts_keeps_weights_the_model_holds():
     _same(model, gm, torch.randint(0, 50, (3, 5)))
 
 
+def test_place_experts_lays_out_weights_that_are_views():
+    """Stacked ``[E, in, out]`` weights an einsum reads are recognized as transposed views in ``oi``: the layout
+    wanted, but not contiguous. They get a contiguous copy (TMA reads contiguous tiles only), unless copies are
+    off, and the reason says so."""
+    from user_modules import DenseEinsumMoE
+
+    for copies in (None, False):
+        torch.manual_seed(0)
+        model = TinyModel(DenseEinsumMoE()).eval()
+        gm = capture(model, (torch.randint(0, 50, (2, 8)),), {}).gm
+        for p in (Recognize(), FuseGating(), FuseExperts(), SpecializeCapacity()):
+            p(gm)
+        node = next(n for n in gm.graph.nodes if n.target is OPS.fused_moe.default)
+        assert node.args[16] == "oi" and not gm.get_parameter(node.args[3].target).is_contiguous()
+        place = PlaceExperts("oi", copy_weights=copies)
+        assert place(gm).modified == (copies is None)
+        laid_out = [gm.get_parameter(n.target).is_contiguous() for n in node.args[3:5]]
+        assert laid_out == [copies is None] * 2 and node.args[16] == "oi"
+        if copies is False:
+            assert "contiguous oi copy" in place.stats["kept"][0]
+        _same(model, gm, torch.randint(0, 50, (3, 5)))
+
+
 def test_fuse_gating_says_why_not():
     _, _, cap = _captured()
     Recognize()(cap.gm)

@@ -254,6 +254,48 @@ def test_decode_gemvs_match_reference(case, layout, dtype, monkeypatch):
     _check_layout(_moe_args(case, case[0] * 7 + case[1], null_from=1), layout, dtype)
 
 
+def _strided(t: torch.Tensor | None) -> torch.Tensor | None:
+    """The same values as a non-contiguous view: the last two dims stored transposed (an einsum's ``[E, in, out]``
+    weights read as ``oi``), a bias stored ``[N, E]``."""
+    return None if t is None else t.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+
+@pytest.mark.parametrize("tokens", [1, 2, 7, 300])
+@pytest.mark.parametrize("case", [(8, 2, 40, 24, True, "silu", True, 0.0), (6, 2, 24, 40, False, "gelu", False, 0.0)])
+def test_experts_read_weights_that_are_views(tokens, case, monkeypatch):
+    """Weights and biases that are non-contiguous views give the reference's numbers on every path: the
+    pair-wise GEMVs (one token read its weights with stride one along K, and an einsum-written block whose weights
+    were transposed views was wrong there) and the grouped kernels."""
+    monkeypatch.setenv("MOECC_TRITON_DECODE_MAX_TOKENS", "4")
+    args = _moe_args((tokens, *case), tokens + 11, null_from=1)
+    ref = torch.ops.moecc.fused_moe(*args)
+    args[3:7] = [_strided(a) for a in args[3:7]]
+    assert not args[3].is_contiguous() and not args[4].is_contiguous()
+    got = fused_moe_triton(*[a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in args])
+    assert ((got.cpu() - ref).norm() / ref.norm()).item() < 1e-4
+
+
+@pytest.mark.parametrize("tokens", [1, 9])
+def test_shared_experts_beside_routed_weights_that_are_views(tokens):
+    """Routed weights that are views and shared experts that are contiguous: one set of strides addresses both
+    in the kernels, so they are made contiguous together."""
+    from moecc.codegen.triton.moe import fused_moe_shared_triton
+
+    g = torch.Generator().manual_seed(tokens)
+    t, e, k, h, inter, m = tokens, 6, 2, 24, 16, 2
+    x = torch.randn(t, h, generator=g)
+    w, ids = route_reference(torch.randn(t, e, generator=g), None, k, "softmax", False, True, 1, 1, 1.0)
+    up, down, s_up, s_down = (torch.randn(*shape, generator=g) * 0.2 for shape in
+                              ((e, 2 * inter, h), (e, h, inter), (m, 2 * inter, h), (m, h, inter)))
+    all_ids = torch.cat([ids, torch.arange(e, e + m).expand(t, m)], 1)
+    all_w = torch.cat([w, torch.ones(t, m)], 1)
+    ref = torch.ops.moecc.fused_moe(x, all_w, all_ids, torch.cat([up, s_up]), torch.cat([down, s_down]), None, None,
+                                    "silu", True, 1.0, 0.0, -1, 0.0, 0, 0, "token", "oi")
+    got = fused_moe_shared_triton(*(a.to(DEVICE) for a in (x, w, ids, _strided(up), _strided(down))), "silu", True,
+                                  1.0, 0.0, s_up.to(DEVICE), s_down.to(DEVICE), None, "oi")
+    assert ((got.cpu() - ref).norm() / ref.norm()).item() < 1e-4
+
+
 def test_decode_is_the_default_for_few_tokens(monkeypatch):
     from moecc.codegen.triton import decode
 

@@ -2,7 +2,9 @@
 
 On one device this is a layout transform (``moecc.experts.WEIGHT_LAYOUTS``: ``oi`` ``[E, out, in]``, ``io``
 ``[E, in, out]``, ``oi_gu`` ``oi`` with gate and up rows interleaved, all contiguous); ``oi_gu`` applies to gated
-experts only, others get ``oi``.
+experts only, others get ``oi``. Weights already in the wanted layout but not contiguous (a view: ``[E, in, out]``
+parameters an einsum reads, recognized as a transposed ``oi``) are laid out too: kernels that read tiles through
+TMA take contiguous weights only.
 
 Weights that the model still holds (the canonical weights are often the model's own tensors) are re-laid out only
 as a copy, which doubles their memory while the model lives. ``copy_weights``: True always copies, False never
@@ -50,7 +52,7 @@ class PlaceExperts(MoePass):
         need: dict[torch.device, int] = {}
         for node in nodes_calling(gm, torch.ops.moecc.fused_moe.default):
             attrs = [n for n in node.args[3:7] if isinstance(n, fx.Node) and n.op == "get_attr"]
-            if len(attrs) >= 2 and node.args[16] != self._wanted(node) and _shared(gm, attrs[:2], storage_names):
+            if len(attrs) >= 2 and _relaid(gm, node, self._wanted(node)) and _shared(gm, attrs[:2], storage_names):
                 for n in attrs:
                     t = attr_of(gm, n)
                     need[t.device] = need.get(t.device, 0) + t.numel() * t.element_size()
@@ -77,12 +79,13 @@ class PlaceExperts(MoePass):
                 wanted = "oi"
             prefix = w_up_node.target.rsplit(".", 1)[0]
             w_up = gm.get_parameter(w_up_node.target)
-            if current != wanted and not copies and _shared(gm, (w_up_node, w_down_node), storage_names):
+            if _relaid(gm, node, wanted) and not copies and _shared(gm, (w_up_node, w_down_node), storage_names):
                 kept.append(f"{node.name}: expert weights are the model's own tensors; kept {current} rather than "
-                            f"a {wanted} copy ({self._why_not})")
+                            f"a contiguous {wanted} copy ({self._why_not})")
                 wanted = current
-            if current != wanted:
-                attrs = (w_up_node, w_down_node, b_up_node if wanted == "oi_gu" or current == "oi_gu" else None)
+            elif _relaid(gm, node, wanted):
+                bias = b_up_node is not None and (b_up_node.op == "get_attr" or "oi_gu" in (wanted, current))
+                attrs = (w_up_node, w_down_node, b_up_node if bias else None)
                 key = (tuple(None if n is None else n.target for n in attrs), current, wanted)
                 if key not in laid_out:  # one block the model calls twice: both calls read one bank
                     tensors = [None if n is None else attr_of(gm, n).detach() for n in attrs]
@@ -110,6 +113,11 @@ class PlaceExperts(MoePass):
         if modified:
             gm.recompile()
         return PassResult(gm, modified)
+
+
+def _relaid(gm: fx.GraphModule, node: fx.Node, wanted: str) -> bool:
+    """Whether the expert weights of a ``fused_moe`` node need a copy: another layout, or not contiguous."""
+    return node.args[16] != wanted or not all(attr_of(gm, n).is_contiguous() for n in node.args[3:5])
 
 
 def _register(gm: fx.GraphModule, target: str, suffix: str, t: torch.Tensor) -> str:

@@ -27,7 +27,7 @@ from moecc.codegen.triton.grouped_gemm import ACT_IDS, _epilogue1, _expert_base,
 
 
 @triton.jit
-def _gate_up_dot(x_ptr, w_ptr, gate_row, up_offset, rows_ok, stride_wn, K, GATED: tl.constexpr,
+def _gate_up_dot(x_ptr, w_ptr, gate_row, up_offset, rows_ok, stride_wn, stride_wk, K, GATED: tl.constexpr,
                  BLOCK_K: tl.constexpr):
     """(gate, up) [len(gate_row)] fp32: the weight rows ``gate_row`` and ``gate_row + up_offset`` (from ``w_ptr``)
     dotted with the vector at ``x_ptr``; up is gate when not ``GATED``. Both tiles of a step are loaded together,
@@ -35,7 +35,7 @@ def _gate_up_dot(x_ptr, w_ptr, gate_row, up_offset, rows_ok, stride_wn, K, GATED
     summed in a [rows, BLOCK_K] accumulator and reduced across threads once, after the K loop (a reduction at every
     step cost Qwen3-MoE's decode experts 3-10 % on an H200)."""
     offs_k = tl.arange(0, BLOCK_K)
-    g_ptrs = w_ptr + gate_row[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
+    g_ptrs = w_ptr + gate_row[:, None].to(tl.int64) * stride_wn + offs_k[None, :] * stride_wk
     u_ptrs = g_ptrs + up_offset * stride_wn
     acc_g = tl.zeros((gate_row.shape[0], BLOCK_K), tl.float32)
     acc_u = acc_g
@@ -47,11 +47,11 @@ def _gate_up_dot(x_ptr, w_ptr, gate_row, up_offset, rows_ok, stride_wn, K, GATED
     for k in range(0, K, BLOCK_K):
         x = tl.load(x_ptr + k + offs_k, mask=k + offs_k < K, other=0.0).to(tl.float32)
         after = rows_ok[:, None] & (k + BLOCK_K + offs_k < K)[None, :]
-        next_g = tl.load(g_ptrs + k + BLOCK_K, mask=after, other=0.0)
+        next_g = tl.load(g_ptrs + (k + BLOCK_K) * stride_wk, mask=after, other=0.0)
         acc_g += w_g.to(tl.float32) * x[None, :]
         w_g = next_g
         if GATED:
-            next_u = tl.load(u_ptrs + k + BLOCK_K, mask=after, other=0.0)
+            next_u = tl.load(u_ptrs + (k + BLOCK_K) * stride_wk, mask=after, other=0.0)
             acc_u += w_u.to(tl.float32) * x[None, :]
             w_u = next_u
     gate = tl.sum(acc_g, 1)
@@ -63,7 +63,7 @@ def _gate_up_dot(x_ptr, w_ptr, gate_row, up_offset, rows_ok, stride_wn, K, GATED
 
 @triton.jit(do_not_specialize=["top_k", "num_routed", "num_experts"])
 def _up_kernel(x_ptr, ids_ptr, w_ptr, ws_ptr, b_ptr, h_ptr, top_k, num_routed, num_experts, N, K, stride_xm,
-               stride_we, stride_wn, stride_be, stride_hm, alpha, limit, GATED: tl.constexpr,
+               stride_we, stride_wn, stride_wk, stride_be, stride_hm, alpha, limit, GATED: tl.constexpr,
                INTERLEAVED: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, CLAMP: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     if PDL:
@@ -78,7 +78,7 @@ def _up_kernel(x_ptr, ids_ptr, w_ptr, ws_ptr, b_ptr, h_ptr, top_k, num_routed, n
     gate_row, up_offset = _gate_up_rows(offs_n, N, INTERLEAVED)
     w_base = _expert_base(w_ptr, ws_ptr, e, num_routed, stride_we)
     x_row = x_ptr + (pair // top_k) * stride_xm
-    g, u = _gate_up_dot(x_row, w_base, gate_row, up_offset, n_ok, stride_wn, K, GATED, BLOCK_K)
+    g, u = _gate_up_dot(x_row, w_base, gate_row, up_offset, n_ok, stride_wn, stride_wk, K, GATED, BLOCK_K)
     h = _epilogue1(g[None, :], u[None, :], b_ptr + e * stride_be, gate_row, up_offset, n_ok, alpha, limit, GATED,
                    ACT, HAS_BIAS, CLAMP)
     tl.store(h_ptr + pair * stride_hm + offs_n[None, :], h.to(h_ptr.dtype.element_ty), mask=n_ok[None, :])
@@ -86,8 +86,9 @@ def _up_kernel(x_ptr, ids_ptr, w_ptr, ws_ptr, b_ptr, h_ptr, top_k, num_routed, n
 
 @triton.jit(do_not_specialize=["num_routed", "num_experts"])
 def _down_kernel(h_ptr, ids_ptr, weights_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, num_routed, num_experts, N, K,
-                 stride_hm, stride_we, stride_wn, stride_be, stride_om, TOP_K: tl.constexpr, K_PAD: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+                 stride_hm, stride_we, stride_wn, stride_wk, stride_be, stride_om, TOP_K: tl.constexpr,
+                 K_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 PDL: tl.constexpr):
     """One token's k pairs at once: a [K_PAD, BLOCK_N, BLOCK_K] tile of their experts' rows per step, so that the
     loads of all k pairs are in flight together; the next step's tile is loaded before this one is used, and the
     products are reduced across threads once, after the K loop. With ``PDL`` everything but GEMM 1's rows is read
@@ -102,7 +103,7 @@ def _down_kernel(h_ptr, ids_ptr, weights_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, num
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
-    rows = (w_off[:, None] + offs_n[None, :].to(tl.int64) * stride_wn)[:, :, None] + offs_k[None, None, :]
+    rows = (w_off[:, None] + offs_n[None, :].to(tl.int64) * stride_wn)[:, :, None] + offs_k[None, None, :] * stride_wk
     w_ptrs = tl.where(routed[:, None, None], w_ptr + rows, ws_ptr + rows)
     h_ptrs = h_ptr + pair[:, None] * stride_hm + offs_k[None, :]
     w_ok = (live[:, None] & n_ok[None, :])[:, :, None]
@@ -117,7 +118,8 @@ def _down_kernel(h_ptr, ids_ptr, weights_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, num
         gdc_wait()
     for k in range(0, K, BLOCK_K):
         h = tl.load(h_ptrs + k, mask=live[:, None] & (k + offs_k < K)[None, :], other=0.0).to(tl.float32)
-        w_next = tl.load(w_ptrs + k + BLOCK_K, mask=w_ok & (k + BLOCK_K + offs_k < K)[None, None, :], other=0.0)
+        w_next = tl.load(w_ptrs + (k + BLOCK_K) * stride_wk, mask=w_ok & (k + BLOCK_K + offs_k < K)[None, None, :],
+                         other=0.0)
         products += w.to(tl.float32) * h[:, None, :]
         w = w_next
     y += tl.sum(products, 2)
@@ -194,8 +196,8 @@ def experts(x, weights, ids, w_up, w_down, b_up, b_down, activation: str, gated:
     block_n, block_k = _blocks(2 if gated else 1, hidden, inter)
     _up_kernel[(n_pairs, triton.cdiv(inter, block_n))](
         x, ids, w_up, shared_up, b_up if b_up is not None else w_up, h, k, num_routed, num_experts, inter, hidden,
-        x.stride(0), w_up.stride(0), w_up.stride(1), b_up.stride(0) if b_up is not None else 0, h.stride(0),
-        float(alpha), float(limit), GATED=gated, INTERLEAVED=interleaved and gated, ACT=ACT_IDS[activation],
+        x.stride(0), *w_up.stride(), b_up.stride(0) if b_up is not None else 0, h.stride(0), float(alpha),
+        float(limit), GATED=gated, INTERLEAVED=interleaved and gated, ACT=ACT_IDS[activation],
         HAS_BIAS=b_up is not None, CLAMP=limit > 0, BLOCK_N=block_n, BLOCK_K=block_k, PDL=pdl, num_warps=NUM_WARPS,
         **dependent_launch.launch_options(pdl))
     out = torch.empty((t, hidden), dtype=x.dtype, device=x.device)
@@ -203,7 +205,7 @@ def experts(x, weights, ids, w_up, w_down, b_up, b_down, activation: str, gated:
     block_n, block_k = _blocks(k_pad, inter, hidden, DOWN_BLOCK_K)
     _down_kernel[(t, triton.cdiv(hidden, block_n))](
         h, ids, weights, w_down, shared_down, b_down if b_down is not None else w_down, out, num_routed, num_experts,
-        hidden, inter, h.stride(0), w_down.stride(0), w_down.stride(1), b_down.stride(0) if b_down is not None else 0,
+        hidden, inter, h.stride(0), *w_down.stride(), b_down.stride(0) if b_down is not None else 0,
         out.stride(0), TOP_K=k, K_PAD=k_pad, HAS_BIAS=b_down is not None, BLOCK_N=block_n, BLOCK_K=block_k, PDL=pdl,
         num_warps=NUM_WARPS, **dependent_launch.launch_options(pdl))
     return out

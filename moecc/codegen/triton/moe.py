@@ -54,6 +54,10 @@ def run_experts(x, weights, ids, w_up, w_down, b_up, b_down, activation, gated, 
     shapes, strides and layout) when given. ``interleaved``: gated up weights in the ``oi_gu`` layout."""
     t, k = ids.shape
     x = x.contiguous()
+    b_up, b_down = (None if b is None else b.contiguous() for b in (b_up, b_down))  # read along rows, stride 1
+    if shared_up is not None and (shared_up.stride() != w_up.stride() or shared_down.stride() != w_down.stride()):
+        # one set of strides addresses routed and shared experts alike; place_experts leaves both contiguous
+        w_up, w_down, shared_up, shared_down = (w.contiguous() for w in (w_up, w_down, shared_up, shared_down))
     num_routed = w_up.shape[0]
     num_shared = 0 if shared_up is None else shared_up.shape[0]
     if decode.use_decode(t, k - num_shared, num_routed, num_shared):
