@@ -6,7 +6,9 @@ swapped for a ``call_module`` of the original block, which the recognize pass la
 
 from __future__ import annotations
 
+import collections.abc
 import contextlib
+import copy
 import inspect
 import itertools
 import logging
@@ -25,7 +27,7 @@ from moecc.capture_recorded import RecordingBlock, recordable, run_forward_hooks
 from moecc.discover import expert_owners, find_moe_blocks
 from moecc.errors import CaptureError, ExportError
 from moecc.logs import quiet, stderr_to_debug
-from moecc.passes.graph_utils import output_leaves
+from moecc.passes.graph_utils import fresh_container, output_leaves
 from moecc.runtime.weights import storage_of
 
 log = logging.getLogger("moecc.capture")
@@ -36,7 +38,8 @@ _LEAVES: dict[str, list[tuple]] = {}  # key -> output templates, read by the fak
 _counter = itertools.count()
 
 
-_CALLS: dict[str, tuple] = {}  # key of one call -> (its (args, kwargs) spec, its leaves, _TENSOR for tensors)
+# key of one call -> (its (args, kwargs) spec, its leaves (_TENSOR for tensors), its (args, kwargs))
+_CALLS: dict[str, tuple] = {}
 _TENSOR = object()
 # the (args, kwargs) each MoE block was last called with in eager before a capture, for recognition to read the
 # values of a block's other arguments (the graph holds their shapes only)
@@ -174,7 +177,9 @@ def _blocks_as_leaves(blocks: list[tuple[str, nn.Module]], examples: dict[str, t
                         "capture the model without MoE fusion.")
                 call_key = f"{_key}@{next(_counter)}"
                 leaves, call_spec = pytree.tree_flatten((args[1:], kwargs))
-                _CALLS[call_key] = (call_spec, [_TENSOR if isinstance(v, torch.Tensor) else v for v in leaves])
+                # the argument objects too: blocks handed one mutable container share one in the graph
+                _CALLS[call_key] = (call_spec, [_TENSOR if isinstance(v, torch.Tensor) else v for v in leaves],
+                                    (args[1:], dict(kwargs)))
                 others = [v for v in leaves if isinstance(v, torch.Tensor)]
                 outs = iter(torch.ops.moecc.opaque_block(args[0], others, call_key))
                 result = pytree.tree_unflatten([None if none else next(outs) for none in _nones], _spec)
@@ -387,16 +392,44 @@ def _export(model, wrapper: _FlatCall, flat_inputs: list, blocks, examples,
     finally:
         _CALLS.clear()
     gm.recompile()
+    _runs(gm, tensors, model)
     return gm, targets
+
+
+def _runs(gm: torch.fx.GraphModule, tensors: list, model: nn.Module) -> None:
+    """Raise ExportError unless the exported program runs on the inputs it was exported on: torch.export can
+    return a program that does not (a ``torch.vmap`` traced into it, as some attention-mask builders use, leaves
+    batching ops that fail outside vmap), and every later stage runs it. On copies: a program may write into its
+    inputs (a static KV cache)."""
+    try:
+        with torch.no_grad(), quiet(*EXPORT_LOGGERS):
+            gm(*[t.clone() for t in tensors])
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ExportError(f"torch.export captured {type(model).__name__}, but the program it made fails to run on "
+                          f"the inputs it was made from: {first[:300]}") from exc
 
 
 def _flat_sequence(out) -> bool:
     return isinstance(out, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in out)
 
 
+def _made_per_run(graph: torch.fx.Graph, value, passed, made: dict):
+    """``value`` (an argument of a block's call in the graph, ``passed`` the object eager passed), or a node that
+    copies it at every run where it is a mutable container (``fresh_container``): one node per object passed, so
+    that blocks handed one container in eager share one in the graph too."""
+    if not isinstance(passed, (collections.abc.MutableMapping, collections.abc.MutableSequence,
+                               collections.abc.MutableSet)):
+        return value
+    if id(passed) not in made:
+        snapshot = value if any(isinstance(v, torch.fx.Node) for v in pytree.tree_leaves(value)) else copy.copy(value)
+        made[id(passed)] = graph.call_function(fresh_container, (snapshot,))
+    return made[id(passed)]
+
+
 def _leaves_to_modules(gm: torch.fx.GraphModule, blocks: dict[str, nn.Module], single: dict[str, bool],
                        nested: dict[str, bool]) -> dict[str, str]:
-    targets, target_of = {}, {}
+    targets, target_of, made = {}, {}, {}
     leaves = [n for n in gm.graph.nodes if n.target is torch.ops.moecc.opaque_block.default]
     for node in leaves:
         name = node.args[2].rsplit("#", 1)[0]
@@ -405,10 +438,12 @@ def _leaves_to_modules(gm: torch.fx.GraphModule, blocks: dict[str, nn.Module], s
             gm.add_submodule(target, blocks[name])
             targets[target] = name
         target = target_of[name]
-        spec, consts = _CALLS[node.args[2]]
+        spec, consts, (passed_args, passed_kwargs) = _CALLS[node.args[2]]
         others = iter(node.args[1])
         args, kwargs = pytree.tree_unflatten([next(others) if v is _TENSOR else v for v in consts], spec)
         with gm.graph.inserting_before(node):
+            args = tuple(_made_per_run(gm.graph, v, p, made) for v, p in zip(args, passed_args))
+            kwargs = {k: _made_per_run(gm.graph, v, passed_kwargs[k], made) for k, v in kwargs.items()}
             call = gm.graph.call_module(target, (node.args[0], *args), kwargs)
         call.meta["moecc_block"] = name
         read = call

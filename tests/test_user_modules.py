@@ -660,6 +660,57 @@ def test_a_pre_norm_before_a_router_weight_the_block_holds_itself_is_found_by_wh
 
 
 @pytest.mark.parametrize("backend", ["torch", "onnxruntime", "triton"])
+def test_a_vmap_outside_the_blocks_survives_the_passes(backend, monkeypatch):
+    """torch.export traces a ``torch.vmap`` into the program as calls that open and close a vmap level, which have
+    no users: dead-code elimination dropped them, and the program failed in the vmap's batching ops (a family of
+    transformers 5.24 builds its attention masks so)."""
+    from user_modules import LoopMoE, VmapModel
+
+    monkeypatch.setenv("MOECC_CAPTURE_CACHE", "0")
+    torch.manual_seed(0)
+    device = _device(backend)
+    model = VmapModel(LoopMoE()).eval().to(device)
+    cm, layer = compile_on_ids(model, backend=backend, device=device)
+    assert layer.fused and cm._entries[0].backend == backend, layer
+    for shape in ((3, 11), (1, 5)):
+        x = torch.randint(0, 50, shape, device=device)
+        torch.testing.assert_close(cm(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("user_dict", [False, True])
+def test_blocks_handed_one_dict_share_a_fresh_one_on_every_call(user_dict):
+    """Two blocks handed one dict (or a ``UserDict``) that the first writes into and the second reads, as Gemma 4's
+    layers share their keys and values. The graph made the dict a literal: fx handed a plain one to the block
+    read-only, which failed; a ``UserDict`` kept the tensors of every call and broke the graph's printed code."""
+    from user_modules import SharedNotesModel
+
+    torch.manual_seed(0)
+    model = SharedNotesModel(user_dict).eval()
+    cm = moecc.compile(model)
+    for shape in ((2, 9), (3, 5), (2, 9)):
+        x = torch.randint(0, 50, shape)
+        torch.testing.assert_close(cm(x), model(x))
+    assert len(cm.moe_layers) == 2 and "need its other arguments" in cm.moe_layers[0].reason
+    for entry in cm._entries:
+        entry.gm.recompile()  # its code prints no tensors an earlier call left in a literal
+    torch.testing.assert_close(cm(x), model(x))
+
+
+def test_a_program_that_export_made_but_that_does_not_run_is_an_export_error():
+    """Whatever else makes torch.export return a program that fails on its own example inputs, capture says so
+    (an ExportError: compile then runs the model as written, each MoE block compiled alone)."""
+    from moecc.capture import _runs
+    from moecc.errors import ExportError
+
+    def broken(x):
+        return x.view(-1, 7)
+
+    gm = torch.fx.symbolic_trace(broken)
+    with pytest.raises(ExportError, match="fails to run on the inputs it was made from"):
+        _runs(gm, [torch.ones(2, 3)], torch.nn.Identity())
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime", "triton"])
 def test_a_block_called_twice_is_lifted_once_and_holds_its_weights_once(backend):
     """Both calls of one block read one canonical block: its expert bank is stacked and laid out once."""
     from user_modules import LoopMoE, ReusedBlockModel

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -731,6 +733,47 @@ class ParameterExpertsMoE(LoopMoE):
     def __init__(self, **kind):
         super().__init__()
         self.experts = nn.ModuleList(ParameterMLP(24, 40, **kind) for _ in range(len(self.experts)))
+
+
+class VmapModel(TinyModel):
+    """Weighs positions with a ``torch.vmap`` outside its MoE block, as attention-mask builders do: torch.export
+    traces the vmap into the program as calls that open and close a vmap level, calls without users."""
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        positions = torch.arange(ids.shape[1], device=ids.device)
+        decay = torch.vmap(lambda p: torch.exp(-0.05 * p.float()))(positions)
+        h = h * decay[None, :, None].to(h.dtype)
+        h = h + self.moe(self.norm(h))
+        return self.head(h)
+
+
+class NotesMoE(LoopMoE):
+    """Takes a dict beside its input, as Gemma 4's layers take one for their keys and values: the first block
+    called notes its output there, and every later one adds a share of that note."""
+
+    def forward(self, x, notes):
+        y = super().forward(x)
+        if "first" in notes:
+            return y + 0.5 * notes["first"]
+        notes["first"] = y
+        return y
+
+
+class SharedNotesModel(TinyModel):
+    """Hands one dict (or a ``UserDict``, which is no dict) to its two ``NotesMoE`` blocks on each call."""
+
+    def __init__(self, user_dict: bool = False):
+        super().__init__(NotesMoE())
+        self.second = NotesMoE()
+        self.user_dict = user_dict
+
+    def forward(self, ids):
+        notes = collections.UserDict() if self.user_dict else {}
+        h = self.embed(ids)
+        h = h + self.moe(self.norm(h), notes)
+        h = h + self.second(self.norm(h), notes)
+        return self.head(h)
 
 
 class ReusedBlockModel(TinyModel):

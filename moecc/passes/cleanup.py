@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import fx
 
 from moecc.passes.base import MoePass, PassResult
+from moecc.passes.graph_utils import eliminate_dead_code
 
 
 class Cleanup(MoePass):
@@ -12,7 +13,7 @@ class Cleanup(MoePass):
 
     def run(self, gm: fx.GraphModule) -> PassResult:
         before = len(gm.graph.nodes)
-        changed = gm.graph.eliminate_dead_code()
+        changed = eliminate_dead_code(gm.graph)
         used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
         called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
         removed = 0

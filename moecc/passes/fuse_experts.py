@@ -9,7 +9,7 @@ from torch import fx
 
 from moecc.match import MatchResult
 from moecc.passes.base import MoePass, PassResult, layers_of
-from moecc.passes.graph_utils import nodes_calling
+from moecc.passes.graph_utils import eliminate_dead_code, nodes_calling
 
 
 def _item(node, source: fx.Node, index: int) -> bool:
@@ -54,7 +54,7 @@ class FuseExperts(MoePass):
             fused += 1
         self.stats = {"fused": fused, "not_fused": reasons}
         if fused:
-            gm.graph.eliminate_dead_code()
+            eliminate_dead_code(gm.graph)
             gm.recompile()
             _mark_fused(gm)
         return PassResult(gm, fused > 0)

@@ -7,7 +7,7 @@ from torch import fx
 
 from moecc.match import MatchResult
 from moecc.passes.base import MoePass, PassResult
-from moecc.passes.graph_utils import nodes_calling
+from moecc.passes.graph_utils import eliminate_dead_code, nodes_calling
 
 _LINEAR = (torch._C._nn.linear, torch.nn.functional.linear, torch.ops.aten.linear.default)
 
@@ -56,6 +56,6 @@ class FuseGating(MoePass):
             fused += 1
         self.stats = {"fused": fused, "not_fused": reasons}
         if fused:
-            gm.graph.eliminate_dead_code()
+            eliminate_dead_code(gm.graph)
             gm.recompile()
         return PassResult(gm, fused > 0)

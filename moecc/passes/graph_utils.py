@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import fx
 from torch.utils import _pytree as pytree
@@ -25,6 +27,33 @@ def output_leaves(out) -> tuple:
     structure (a dict, a tuple inside a tuple, a None beside its tensors), whose tensors export numbered in that
     flat order."""
     return tuple(t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor))
+
+
+def _level_changes() -> frozenset:
+    from torch._functorch import predispatch
+
+    return frozenset(f for f in (getattr(predispatch, "_vmap_increment_nesting", None),
+                                 getattr(predispatch, "_vmap_decrement_nesting", None)) if f is not None)
+
+
+_LEVEL_CHANGES = _level_changes()
+
+
+def eliminate_dead_code(graph: fx.Graph) -> bool:
+    """``graph.eliminate_dead_code()`` that also keeps vmap's level changes. torch.fx counts jvp's as side effects
+    but not vmap's, so a ``torch.vmap`` traced into a program (some attention-mask builders use one) would lose the
+    calls that open and close its level, which have no users, and its batching ops would then fail."""
+    return graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() or (
+        n.op == "call_function" and n.target in _LEVEL_CHANGES))
+
+
+def fresh_container(value):
+    """A shallow, mutable copy of a container a call passes its callee, made anew at every run of the graph: a
+    block may write into a dict it is handed (Gemma 4's layers store keys and values in one), which as a literal
+    of the graph would carry those writes from run to run (and into the graph's printed code)."""
+    if type(value).__module__ == "torch.fx.immutable_collections":  # fx hands containers of nodes so
+        return dict(value) if isinstance(value, dict) else list(value)
+    return copy.copy(value)
 
 
 def nodes_calling(gm: fx.GraphModule, op) -> list[fx.Node]:

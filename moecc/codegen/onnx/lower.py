@@ -25,7 +25,7 @@ from moecc.experts import to_canonical
 from moecc.logs import quiet, stderr_to_debug
 from moecc.match import MatchResult
 from moecc.passes.base import layers_of
-from moecc.passes.graph_utils import attr_of
+from moecc.passes.graph_utils import attr_of, eliminate_dead_code
 
 log = logging.getLogger("moecc.codegen.onnx")
 PROVIDER = "CPUExecutionProvider"
@@ -155,7 +155,7 @@ def use_ort_moe(gm: fx.GraphModule, quant=None) -> dict[str, str]:
         lowering[prefix] = "com.microsoft.QMoE" if use_q else "com.microsoft.MoE"
         if use_q and prefix in owner:
             owner[prefix].quantization = quant.describe()
-    gm.graph.eliminate_dead_code()
+    eliminate_dead_code(gm.graph)
     for prefix, how in lowering.items():
         if prefix in owner:
             owner[prefix].lowering = how

@@ -14,7 +14,7 @@ from torch import fx
 
 from moecc.experts import interleave_gate_up
 from moecc.match import MatchResult
-from moecc.passes.graph_utils import attr_of
+from moecc.passes.graph_utils import attr_of, eliminate_dead_code
 
 
 def chunk_shared(s_up: torch.Tensor, s_down: torch.Tensor, inter: int, gated: bool):
@@ -89,6 +89,6 @@ def fold_shared_experts(gm: fx.GraphModule) -> int:
         for n in (add, moe, shared):
             gm.graph.erase_node(n)
         folded += 1
-    gm.graph.eliminate_dead_code()
+    eliminate_dead_code(gm.graph)
     gm.recompile()
     return folded
