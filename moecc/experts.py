@@ -7,7 +7,19 @@ from torch import Tensor
 
 # relu2: relu(h)^2 (Nemotron-H's squared ReLU)
 PLAIN_ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "relu2")
-ACTIVATIONS = (*PLAIN_ACTIVATIONS, "swiglu_oai")
+# gated only. swiglu_oai: GPT-OSS's, (up + 1) * gate * sigmoid(alpha * gate), with the clamp at ``limit``.
+# swiglu_softcap: softcap(gate, alpha) * sigmoid(gate) * softcap(up, limit), softcap(v, c) = c * tanh(v / c)
+# (Inkling 2's); its alpha and limit are the two caps, and nothing is clamped.
+ACTIVATIONS = (*PLAIN_ACTIVATIONS, "swiglu_oai", "swiglu_softcap")
+
+
+def clamps(activation: str, limit: float) -> bool:
+    """Whether gate and up are clamped at ``limit`` before the activation (GPT-OSS's clamp)."""
+    return limit > 0 and activation != "swiglu_softcap"
+
+
+def _softcap(v: Tensor, cap: float) -> Tensor:
+    return torch.tanh(v / cap) * cap
 
 
 def _act(h: Tensor, activation: str) -> Tensor:
@@ -30,6 +42,8 @@ def expert_activation(h: Tensor, activation: str, gated: bool, alpha: float, lim
         return _act(h, activation)
     inter = h.shape[-1] // 2
     gate, up = h[..., :inter], h[..., inter:]
+    if activation == "swiglu_softcap":
+        return _softcap(gate, alpha) * torch.sigmoid(gate) * _softcap(up, limit)
     if limit > 0:
         gate = gate.clamp(max=limit)
         up = up.clamp(min=-limit, max=limit)

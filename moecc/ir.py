@@ -57,7 +57,9 @@ class ExpertSpec:
 
     def describe(self) -> str:
         kind = f"gated-{self.activation}" if self.gated else self.activation
-        if self.limit > 0:
+        if self.activation == "swiglu_softcap":
+            kind += f" caps {self.alpha:g}/{self.limit:g}"
+        elif self.limit > 0:
             kind += f" clamp {self.limit:g}"
         return kind + (" +bias" if self.has_bias else "")
 

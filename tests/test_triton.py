@@ -125,7 +125,8 @@ CASES = [  # T, E, k, H, I, gated, activation, bias, limit
     (0, 8, 2, 40, 24, True, "silu", False, 0.0), (1, 3, 1, 20, 12, False, "gelu", True, 0.0),
     (7, 8, 2, 40, 24, True, "silu", False, 0.0), (7, 64, 8, 24, 20, True, "silu", False, 0.0),
     (300, 3, 2, 36, 28, True, "gelu_tanh", False, 0.0), (33, 5, 3, 24, 20, True, "swiglu_oai", True, 7.0),
-    (300, 64, 8, 24, 12, False, "relu", True, 0.0), (21, 8, 2, 24, 20, False, "relu2", False, 0.0)]
+    (300, 64, 8, 24, 12, False, "relu", True, 0.0), (21, 8, 2, 24, 20, False, "relu2", False, 0.0),
+    (29, 6, 2, 24, 20, True, "swiglu_softcap", True, 3.0)]  # caps 1.702 (gate) and 3.0 (up)
 
 
 def _moe_args(case, seed: int, null_from: int = 3) -> list:

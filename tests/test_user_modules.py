@@ -677,6 +677,29 @@ def test_a_vmap_outside_the_blocks_survives_the_passes(backend, monkeypatch):
         torch.testing.assert_close(cm(x), model(x), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime", "triton"])
+def test_a_shared_expert_with_a_clamped_swiglu_is_fused(backend):
+    """A shared expert applying GPT-OSS's clamped swiglu at the limit it names (MiniMax-M3's): the dense MLP is read
+    with the clamp, as stacked experts are; it was left as written ("activation is none of ...")."""
+    from user_modules import ClampedSharedMoE
+
+    torch.manual_seed(0)
+    layer = compiled_on(backend, ClampedSharedMoE())
+    assert layer.fused and layer.shared_experts == 1, layer
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime", "triton"])
+@pytest.mark.parametrize("stacked", [False, True])
+def test_a_soft_capped_swiglu_is_fused(backend, stacked):
+    """Experts whose SwiGLU soft-caps its gate factor and up at caps a module names (Inkling 2's): the canonical
+    ``swiglu_softcap``, in dense MLP experts and in a stacked bank. Both were left as written."""
+    from user_modules import SoftcappedMoE, SoftcappedStackedMoE
+
+    torch.manual_seed(0)
+    layer = compiled_on(backend, SoftcappedStackedMoE() if stacked else SoftcappedMoE())
+    assert layer.fused and layer.activation == "gated-swiglu_softcap caps 0.6/0.4", layer
+
+
 @pytest.mark.parametrize("user_dict", [False, True])
 def test_blocks_handed_one_dict_share_a_fresh_one_on_every_call(user_dict):
     """Two blocks handed one dict (or a ``UserDict``) that the first writes into and the second reads, as Gemma 4's

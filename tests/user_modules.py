@@ -776,6 +776,85 @@ class SharedNotesModel(TinyModel):
         return self.head(h)
 
 
+class ClampedSwigluMLP(nn.Module):
+    """MiniMax-M3's shared expert: one projection for gate and up, and GPT-OSS's clamped swiglu at the alpha and
+    limit it names (a small limit, so that the clamps bite at ordinary inputs)."""
+
+    def __init__(self, hidden=24, inter=32, alpha=1.702, limit=0.5):
+        super().__init__()
+        self.swiglu_alpha, self.swiglu_limit = alpha, limit
+        self.gate_up_proj = nn.Linear(hidden, 2 * inter, bias=False)
+        self.down_proj = nn.Linear(inter, hidden, bias=False)
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate = gate.clamp(max=self.swiglu_limit)
+        up = up.clamp(min=-self.swiglu_limit, max=self.swiglu_limit)
+        return self.down_proj((up + 1.0) * gate * torch.sigmoid(gate * self.swiglu_alpha))
+
+
+class ClampedSharedMoE(LoopMoE):
+    """``LoopMoE`` plus a ``ClampedSwigluMLP`` shared expert of the routed experts' width."""
+
+    def __init__(self):
+        super().__init__()
+        self.shared_expert = ClampedSwigluMLP(inter=40)
+
+    def forward(self, x):
+        return super().forward(x) + self.shared_expert(x)
+
+
+class Softcap(nn.Module):
+    def __init__(self, cap: float):
+        super().__init__()
+        self.softcap = cap
+
+    def forward(self, v):
+        return torch.tanh(v / self.softcap) * self.softcap
+
+
+class SoftcappedMLP(MLP):
+    """A SwiGLU whose linear gate factor and up are soft-capped, the sigmoid seeing the raw gate (Inkling 2's
+    experts); small caps, so that they bite at ordinary inputs."""
+
+    def __init__(self, hidden, inter, gate_cap=0.6, up_cap=0.4):
+        super().__init__(hidden, inter)
+        self.gate_softcap, self.up_softcap = Softcap(gate_cap), Softcap(up_cap)
+
+    def forward(self, x):
+        gate = self.w1(x)
+        return self.w2(self.gate_softcap(gate) * torch.sigmoid(gate) * self.up_softcap(self.w3(x)))
+
+
+class SoftcappedMoE(LoopMoE):
+    """``LoopMoE`` of ``SoftcappedMLP`` experts."""
+
+    def __init__(self):
+        super().__init__()
+        self.experts = nn.ModuleList(SoftcappedMLP(24, 40) for _ in range(len(self.experts)))
+
+
+class SoftcappedStackedMoE(BmmMoE):
+    """``BmmMoE`` (stacked experts) whose SwiGLU is soft-capped by a module of its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.act_fn = nn.ModuleDict({"gate_softcap": Softcap(0.6), "up_softcap": Softcap(0.4)})
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        top, idx = torch.topk(self.router(x), self.top_k, dim=-1)
+        weights = torch.softmax(top, dim=-1)
+        flat = idx.reshape(-1)
+        xs = x.repeat_interleave(self.top_k, dim=0).unsqueeze(1)
+        gate = torch.bmm(xs, self.w_gate[flat])
+        h = self.act_fn["gate_softcap"](gate) * torch.sigmoid(gate) * self.act_fn["up_softcap"](
+            torch.bmm(xs, self.w_up[flat]))
+        y = torch.bmm(h, self.w_down[flat]).squeeze(1)
+        return (y.view(-1, self.top_k, shape[-1]) * weights.unsqueeze(-1)).sum(1).reshape(shape)
+
+
 class ReusedBlockModel(TinyModel):
     """Calls its one MoE block twice (a weight-shared layer, as looped or universal transformers apply one)."""
 

@@ -24,6 +24,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from moecc import knobs
 from moecc.codegen.triton import dependent_launch
 from moecc.codegen.triton.grouped_gemm import ACT_IDS, _epilogue1, _expert_base, _gate_up_rows
+from moecc.experts import clamps
 
 
 @triton.jit
@@ -198,8 +199,8 @@ def experts(x, weights, ids, w_up, w_down, b_up, b_down, activation: str, gated:
         x, ids, w_up, shared_up, b_up if b_up is not None else w_up, h, k, num_routed, num_experts, inter, hidden,
         x.stride(0), *w_up.stride(), b_up.stride(0) if b_up is not None else 0, h.stride(0), float(alpha),
         float(limit), GATED=gated, INTERLEAVED=interleaved and gated, ACT=ACT_IDS[activation],
-        HAS_BIAS=b_up is not None, CLAMP=limit > 0, BLOCK_N=block_n, BLOCK_K=block_k, PDL=pdl, num_warps=NUM_WARPS,
-        **dependent_launch.launch_options(pdl))
+        HAS_BIAS=b_up is not None, CLAMP=clamps(activation, limit), BLOCK_N=block_n, BLOCK_K=block_k, PDL=pdl,
+        num_warps=NUM_WARPS, **dependent_launch.launch_options(pdl))
     out = torch.empty((t, hidden), dtype=x.dtype, device=x.device)
     k_pad = triton.next_power_of_2(k)
     block_n, block_k = _blocks(k_pad, inter, hidden, DOWN_BLOCK_K)

@@ -41,10 +41,11 @@ from moecc.codegen.triton.configs import (
     tf32_tensor_cores,
     within_registers,
 )
+from moecc.experts import clamps
 
 log = logging.getLogger("moecc.codegen.triton")
 
-ACT_IDS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "swiglu_oai": 4, "relu2": 5}
+ACT_IDS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "swiglu_oai": 4, "relu2": 5, "swiglu_softcap": 6}
 
 
 @triton.jit
@@ -117,6 +118,10 @@ def _epilogue1(acc_g, acc_u, bias_ptr, gate_row, up_offset, n_ok, alpha, limit, 
             acc_u = tl.minimum(tl.maximum(acc_u, -limit), limit)
         if ACT == 4:
             h = _activate(acc_g, ACT, alpha) * (acc_u + 1.0)
+        elif ACT == 6:  # caps alpha (gate) and limit (up): c * tanh(v / c), tanh(v) = 2 sigmoid(2v) - 1
+            capped_g = alpha * (2.0 / (1.0 + tl.exp(-2.0 * acc_g / alpha)) - 1.0)
+            capped_u = limit * (2.0 / (1.0 + tl.exp(-2.0 * acc_u / limit)) - 1.0)
+            h = capped_g / (1.0 + tl.exp(-acc_g)) * capped_u
         else:
             h = _activate(acc_g, ACT, alpha) * acc_u
     else:
@@ -458,11 +463,12 @@ def gemm1(x, w_up, shared_up, b_up, aligned, n_pairs: int, top_k: int, gated: bo
                                                        row_elems=(hidden, inter)):
         from moecc.codegen.triton import ws_gemm
 
-        return ws_gemm.gemm1(x, w_up, shared_up, b_up, aligned, n_pairs, top_k, gated, ACT_IDS[activation], alpha,
-                             limit, cfg.group_m)
+        return ws_gemm.gemm1(x, w_up, shared_up, b_up, aligned, n_pairs, top_k, gated, activation, alpha, limit,
+                             cfg.group_m)
     h = torch.empty((sorted_ids.numel(), inter), dtype=x.dtype, device=x.device)
     cfg = within_registers(_fit(cfg, x, 2 if gated else 1), 2 if gated else 1)
-    common = dict(ACT=ACT_IDS[activation], HAS_BIAS=b_up is not None, CLAMP=limit > 0, PRECISION=_precision(x))
+    common = dict(ACT=ACT_IDS[activation], HAS_BIAS=b_up is not None, CLAMP=clamps(activation, limit),
+                  PRECISION=_precision(x))
     bias = b_up if b_up is not None else w_up
     if (2 * cfg.block_n if interleaved else cfg.block_n) <= TMA_BOX and use_tma(cfg, x, w_up, shared_up):
         def launch(c):

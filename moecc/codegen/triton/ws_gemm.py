@@ -30,6 +30,9 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from moecc.codegen.triton.grouped_gemm import ACT_IDS
+from moecc.experts import clamps
+
 TILE_M, TILE_B, TILE_K = 128, 256, 64
 BLOCK_M = gl.constexpr(TILE_M)  # rows of a tile: two warpgroups of 64
 B_ROWS = gl.constexpr(TILE_B)  # weight rows of a tile: the widest warpgroup MMA
@@ -199,6 +202,10 @@ def _gemm1_consumer(h_desc, b_ptr, block_expert_ptr, total_ptr, a_bufs, b_bufs, 
                 u = gl.minimum(gl.maximum(u, -limit), limit)
             if ACT == 4:
                 h = _activate(g, ACT, alpha) * (u + 1.0)
+            elif ACT == 6:  # caps alpha (gate) and limit (up), as grouped_gemm._epilogue1
+                capped_g = alpha * (2.0 / (1.0 + gl.exp(-2.0 * g / alpha)) - 1.0)
+                capped_u = limit * (2.0 / (1.0 + gl.exp(-2.0 * u / limit)) - 1.0)
+                h = capped_g / (1.0 + gl.exp(-g)) * capped_u
             else:
                 h = _activate(g, ACT, alpha) * u
         else:
@@ -333,7 +340,7 @@ def _grid(x: torch.Tensor, max_blocks: int, tiles_n: int) -> tuple[int]:
     return (max(1, min(_num_sms(x.device.index or 0), max_blocks * tiles_n)),)
 
 
-def gemm1(x, w_up, shared_up, b_up, aligned, n_pairs: int, top_k: int, gated: bool, activation_id: int,
+def gemm1(x, w_up, shared_up, b_up, aligned, n_pairs: int, top_k: int, gated: bool, activation: str,
           alpha: float, limit: float, group_m: int = 8) -> torch.Tensor:
     """``grouped_gemm.gemm1`` for 128-row blocks: gated weights interleaved (``oi_gu``), or not gated. ``group_m``
     row blocks share each weight tile in L2."""
@@ -347,8 +354,9 @@ def gemm1(x, w_up, shared_up, b_up, aligned, n_pairs: int, top_k: int, gated: bo
         _descriptor(h, [TILE_M, out_n]), _descriptor(w_up, [TILE_B, TILE_K]),
         _descriptor(shared_up, [TILE_B, TILE_K]), x, b_up if b_up is not None else x, sorted_ids, block_expert,
         total, n_pairs, top_k, num_routed, inter, hidden, x.stride(0), b_up.stride(0) if b_up is not None else 0,
-        float(alpha), float(limit), GATED=gated, ACT=activation_id, HAS_BIAS=b_up is not None, CLAMP=limit > 0,
-        HAS_SHARED=shared_up is not w_up, STAGES=GEMM1_STAGES[gated], GROUP=group_m, num_warps=CONSUMER_WARPS)
+        float(alpha), float(limit), GATED=gated, ACT=ACT_IDS[activation], HAS_BIAS=b_up is not None,
+        CLAMP=clamps(activation, limit), HAS_SHARED=shared_up is not w_up, STAGES=GEMM1_STAGES[gated], GROUP=group_m,
+        num_warps=CONSUMER_WARPS)
     return h
 
 

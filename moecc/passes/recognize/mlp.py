@@ -12,6 +12,7 @@ from torch import nn
 from moecc.experts import PLAIN_ACTIVATIONS, expert_activation
 from moecc.ir import ExpertSpec, ExpertWeights
 from moecc.match import MatchResult
+from moecc.passes.recognize import stacked
 from moecc.passes.recognize.probe import PROBE_PRE_ACTIVATION_STD, close, probe_input, rel_err, snap
 
 log = logging.getLogger("moecc.passes.recognize")
@@ -75,14 +76,15 @@ def analyze_mlp(module: nn.Module, hidden: int) -> MatchResult[tuple[ExpertSpec,
     down, down_in, _ = rest[0]
     w_down, b_down = _scaled(down, scale)
     ups = [c for i, c in enumerate(first) if all(c[0] is not f[0] for f in first[:i])]  # one call per Linear
+    gated_acts = _gated_activations(module)
     if len(ups) == 2:
-        fits = [(g, u, act) for (g, u), act in itertools.product(itertools.permutations(ups), PLAIN_ACTIVATIONS)]
-        best = _best_fit(fits, lambda g, u, act: expert_activation(torch.cat([g[2], u[2]], -1), act, True, 1.0, 0.0),
-                         down_in)
+        fits = [(g, u, act) for (g, u), act in itertools.product(itertools.permutations(ups), gated_acts)]
+        best = _best_fit(fits, lambda g, u, act: expert_activation(torch.cat([g[2], u[2]], -1), act[0], True,
+                                                                   *act[1:]), down_in)
         if best is None:
             return MatchResult.fail(f"{type(module).__name__}: gated activation is none of {PLAIN_ACTIVATIONS}")
-        g, u, act = best
-        spec = ExpertSpec(hidden, g[0].out_features, act, True, g[0].bias is not None)
+        g, u, (act, alpha, limit) = best
+        spec = ExpertSpec(hidden, g[0].out_features, act, True, g[0].bias is not None, alpha, limit)
         w_up = torch.cat([g[0].weight, u[0].weight], 0)
         b_up = torch.cat([g[0].bias, u[0].bias], 0) if spec.has_bias else None
         return MatchResult.success((spec, ExpertWeights(w_up, w_down, b_up, b_down)))
@@ -93,7 +95,7 @@ def analyze_mlp(module: nn.Module, hidden: int) -> MatchResult[tuple[ExpertSpec,
         if best is not None:
             spec = ExpertSpec(hidden, u[0].out_features, best[0], False, u[0].bias is not None)
             return MatchResult.success((spec, ExpertWeights(u[0].weight, w_down, u[0].bias, b_down)))
-        fused = _fused_gate_up(u, down_in, hidden)
+        fused = _fused_gate_up(u, down_in, hidden, gated_acts)
         if fused is None:
             return MatchResult.fail(f"{type(module).__name__}: activation is none of {PLAIN_ACTIVATIONS}, plain or "
                                     "gated over halves or alternate rows of its one input projection")
@@ -133,25 +135,35 @@ def dense_mlps(modules: list[nn.Module]) -> bool:
     return first is not None and all(analyze_mlp(m, first.in_features) for m in modules)
 
 
-def _fused_gate_up(u, down_in: torch.Tensor, hidden: int):
+def _gated_activations(module: nn.Module) -> list[tuple[str, float, float]]:
+    """(activation, alpha, limit) a gated MLP may apply: the plain ones, GPT-OSS's clamped swiglu where the module
+    names its limit (MiniMax-M3's shared expert holds ``swiglu_alpha`` and ``swiglu_limit``), and a soft-capped
+    swiglu at the caps it names."""
+    plain = [(act, 1.0, 0.0) for act in PLAIN_ACTIVATIONS]
+    if not stacked.names_limit(module):
+        return plain + stacked.softcapped(module)
+    return plain + [a for a in stacked.activations(module) if a[2] > 0]
+
+
+def _fused_gate_up(u, down_in: torch.Tensor, hidden: int, acts: list[tuple[str, float, float]]):
     """(spec, w_up, b_up) of one Linear whose output holds both gate and up: split in halves (``.chunk(2, -1)``,
     gate or up first) or in alternate rows (``[..., ::2]``, as GPT-OSS stores them), gate rows first in ``w_up``;
-    None when no split and activation give the down projection's input."""
+    None when no split and activation (of ``acts``, ``_gated_activations``) give the down projection's input."""
     lin, _, out = u
     rows = lin.out_features
     if rows % 2 or down_in.shape[-1] != rows // 2:
         return None
     half = torch.arange(rows // 2, device=out.device)
     splits = [(half, half + rows // 2), (half + rows // 2, half), (2 * half, 2 * half + 1), (2 * half + 1, 2 * half)]
-    best = _best_fit([(g, up, act) for (g, up), act in itertools.product(splits, PLAIN_ACTIVATIONS)],
-                     lambda g, up, act: expert_activation(torch.cat([out[:, g], out[:, up]], -1), act, True, 1.0, 0.0),
-                     down_in)
+    best = _best_fit([(g, up, act) for (g, up), act in itertools.product(splits, acts)],
+                     lambda g, up, act: expert_activation(torch.cat([out[:, g], out[:, up]], -1), act[0], True,
+                                                          *act[1:]), down_in)
     if best is None:
         return None
-    g, up, act = best
+    g, up, (act, alpha, limit) = best
     order = torch.cat([g, up]).to(lin.weight.device)
     b_up = None if lin.bias is None else lin.bias[order]
-    return ExpertSpec(hidden, rows // 2, act, True, lin.bias is not None), lin.weight[order], b_up
+    return ExpertSpec(hidden, rows // 2, act, True, lin.bias is not None, alpha, limit), lin.weight[order], b_up
 
 
 def stack_mlps(modules: list[nn.Module], hidden: int) -> MatchResult[tuple[ExpertSpec, ExpertWeights]]:

@@ -198,7 +198,7 @@ def names_limit(module: nn.Module) -> bool:
 
 def activations(module: nn.Module) -> list[tuple[str, float, float]]:
     """(activation, alpha, limit) candidates: GPT-OSS's swiglu at the limit the module names, else at its published
-    constants, which a fit must then prove (``clamp.proven_clamp``)."""
+    constants, which a fit must then prove (``clamp.proven_clamp``); a soft-capped swiglu at the caps it names."""
     limit = _float_attr(module, "limit")
     alpha = _float_attr(module, "alpha")
     acts = [(act, 1.0, 0.0) for act in PLAIN_ACTIVATIONS]
@@ -207,7 +207,19 @@ def activations(module: nn.Module) -> list[tuple[str, float, float]]:
     elif limit > 0:
         acts.append(("swiglu_oai", alpha if alpha is not None else clamp.DEFAULT_ALPHA, limit))
         acts += [(act, 1.0, limit) for act in PLAIN_ACTIVATIONS]
-    return acts
+    return acts + softcapped(module)
+
+
+def softcapped(module: nn.Module) -> list[tuple[str, float, float]]:
+    """``swiglu_softcap`` candidates at the caps the module or its sub-modules name: each pair of a positive number
+    under a name with "cap" whose path says "gate" and one whose path says "up" (Inkling 2's ``act_fn.gate_softcap``
+    and ``act_fn.up_softcap``, each a module holding ``softcap``)."""
+    caps = [(f"{path}.{name}".lower(), float(value)) for path, m in module.named_modules()
+            for name, value in vars(m).items()
+            if "cap" in name.lower() and isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0]
+    gate = {v for path, v in caps if "gate" in path}
+    up = {v for path, v in caps if "up" in path and "gate" not in path}
+    return [("swiglu_softcap", g, u) for g in sorted(gate) for u in sorted(up)]
 
 
 def candidates(module: nn.Module, hidden: int, num_experts: int) -> Iterator[Candidate]:
