@@ -30,6 +30,9 @@ def _blocks() -> dict:
         "bare_parameters": lambda: um.ParameterExpertsMoE(),
         "bare_parameters_matmul_bias": lambda: um.ParameterExpertsMoE(matmul=True, bias=True),
         "bare_parameters_plain_bias": lambda: um.ParameterExpertsMoE(gated=False, bias=True),
+        "clamped_shared": um.ClampedSharedMoE,
+        "softcapped": um.SoftcappedMoE,
+        "softcapped_stacked": um.SoftcappedStackedMoE,
     })
     return blocks
 

@@ -33,9 +33,10 @@ def _compile(kernel, signature, constexprs, aligned):
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": ws_gemm.CONSUMER_WARPS})
 
 
-@pytest.mark.parametrize("gated,bias,shared,dtype", [(True, False, False, "bf16"), (False, True, True, "fp16"),
-                                                     (True, True, True, "bf16")])
-def test_gemm1_compiles_for_hopper(gated, bias, shared, dtype):
+@pytest.mark.parametrize("gated,bias,shared,dtype,act", [
+    (True, False, False, "bf16", 0), (False, True, True, "fp16", 4), (True, True, True, "bf16", 4),
+    (True, False, False, "bf16", 6)])  # act 6: the soft-capped swiglu
+def test_gemm1_compiles_for_hopper(gated, bias, shared, dtype, act):
     out_n = ws_gemm.TILE_B // 2 if gated else ws_gemm.TILE_B
     sig = dict(h_desc=_desc([128, out_n], dtype), w_desc=_desc([256, 64], dtype), ws_desc=_desc([256, 64], dtype),
                x_ptr=f"*{dtype}", b_ptr=f"*{dtype}", sorted_ptr="*i32", block_expert_ptr="*i32", total_ptr="*i32",
@@ -43,7 +44,7 @@ def test_gemm1_compiles_for_hopper(gated, bias, shared, dtype):
                alpha="fp32", limit="fp32", GATED="constexpr", ACT="constexpr", HAS_BIAS="constexpr",
                CLAMP="constexpr", HAS_SHARED="constexpr", STAGES="constexpr", GROUP="constexpr",
                num_warps="constexpr")
-    constexprs = dict(GATED=gated, ACT=4 if bias else 0, HAS_BIAS=bias, CLAMP=bias, HAS_SHARED=shared,
+    constexprs = dict(GATED=gated, ACT=act, HAS_BIAS=bias, CLAMP=bias, HAS_SHARED=shared,
                       STAGES=ws_gemm.GEMM1_STAGES[gated], GROUP=8, num_warps=ws_gemm.CONSUMER_WARPS)
     kernel = _compile(ws_gemm._gemm1_ws_kernel, sig, constexprs,
                       ("x_ptr", "b_ptr", "sorted_ptr", "block_expert_ptr", "total_ptr", "N", "K"))
@@ -75,6 +76,7 @@ CASES = [  # T, E, k, H, I, gated, activation, bias, limit, shared experts, dtyp
     (1, 4, 2, 128, 64, True, "silu", False, 0.0, 0, torch.bfloat16),
     (400, 16, 2, 256, 128, True, "silu", False, 0.0, 2, torch.bfloat16),
     (300, 8, 2, 256, 128, False, "relu2", False, 0.0, 0, torch.bfloat16),
+    (300, 8, 2, 256, 128, True, "swiglu_softcap", True, 3.0, 0, torch.bfloat16),  # caps 1.702 and 3.0
 ]
 
 
