@@ -9,6 +9,7 @@ rejected, never guessed."""
 from __future__ import annotations
 
 import itertools
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -214,11 +215,12 @@ def softcapped(module: nn.Module) -> list[tuple[str, float, float]]:
     """``swiglu_softcap`` candidates at the caps the module or its sub-modules name: each pair of a positive number
     under a name with "cap" whose path says "gate" and one whose path says "up" (Inkling 2's ``act_fn.gate_softcap``
     and ``act_fn.up_softcap``, each a module holding ``softcap``)."""
-    caps = [(f"{path}.{name}".lower(), float(value)) for path, m in module.named_modules()
+    caps = [(set(re.split(r"[._]", f"{path}.{name}".lower())), float(value)) for path, m in module.named_modules()
             for name, value in vars(m).items()
-            if "cap" in name.lower() and isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0]
-    gate = {v for path, v in caps if "gate" in path}
-    up = {v for path, v in caps if "up" in path and "gate" not in path}
+            if "cap" in name.lower() and "capacity" not in name.lower() and isinstance(value, (int, float))
+            and not isinstance(value, bool) and value > 0]
+    gate = {v for words, v in caps if "gate" in words}
+    up = {v for words, v in caps if "up" in words and "gate" not in words}
     return [("swiglu_softcap", g, u) for g in sorted(gate) for u in sorted(up)]
 
 
