@@ -33,6 +33,10 @@ def _blocks() -> dict:
         "clamped_shared": um.ClampedSharedMoE,
         "softcapped": um.SoftcappedMoE,
         "softcapped_stacked": um.SoftcappedStackedMoE,
+        # experts fused without their block (the layer routes inline): routing as the model's own ops
+        "routed_list": um.InlineRoutedLayer,
+        "routed_stacked": lambda: um.InlineRoutedLayer(um.StackedRoutedExperts()),
+        "routed_on_inputs": lambda: um.InlineRoutedLayer(um.InputWeightedRoutedExperts()),
     })
     return blocks
 

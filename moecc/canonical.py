@@ -45,6 +45,9 @@ class BlockAnalysis:
     # weight beside the expert ops; zero experts add nothing.
     extra_experts: int = 0
     extra_pass_input: bool = True
+    # the block is an expert bank the model hands its routing (``recognize/routed.py``): its other arguments at
+    # ``other_positions`` are the routing weights and the expert ids, ``[*token dims, k]`` each; there is no router
+    routing_given: bool = False
 
     def describe_extra(self) -> str:
         kind = "identity" if self.extra_pass_input else "zero"
@@ -96,7 +99,10 @@ class CanonicalMoE(nn.Module):
         if self.pre is not None:
             x = self.pre(x)
         x2 = x.reshape(-1, hidden)
-        if self.router_program is not None:
+        logits = None
+        if a.routing_given:
+            weights, ids = other0.reshape(-1, r.top_k).float(), other1.reshape(-1, r.top_k).long()
+        elif self.router_program is not None:
             others = (other0, other1, other2, other3)[:len(a.other_positions)]  # ROUTER_INPUT_SLOTS
             weights, ids = self.router_program(x2, *(o.flatten(0, a.token_dims - 1) for o in others))
             logits = torch.nn.functional.linear(x2, self.router_weight, self.router_bias)
@@ -105,7 +111,7 @@ class CanonicalMoE(nn.Module):
                                                 None if self.router_bias is None else self.router_bias.float())
         else:
             logits = torch.nn.functional.linear(x2, self.router_weight, self.router_bias)
-        if self.router_program is None:
+        if self.router_program is None and not a.routing_given:
             # group_top only where it is not the op's default, as torch's graphs leave default arguments out
             weights, ids = torch.ops.moecc.route(logits, self.selection_bias, r.top_k, r.score, r.topk_first,
                                                  r.renormalize, r.n_group, r.topk_group, r.scale,

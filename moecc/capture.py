@@ -106,6 +106,9 @@ class CaptureHints:
     dynamic_dims: list[set[int]] | None = None
     # module path -> why a MoE block is no longer a module of the model (dynamo traced it into ops)
     unfused: dict[str, str] = field(default_factory=dict)
+    # block path -> (path of the expert bank it calls as ``bank(x, ids, weights)``, why the block was left as
+    # written): the bank is the leaf instead, and the block's routing is traced as the model's own ops
+    routed_banks: dict[str, tuple[str, str]] = field(default_factory=dict)
 
 
 class _FlatCall(nn.Module):
@@ -265,6 +268,11 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, fuse: bool = True,
     if owners:
         log.info("expert banks without a router found beside them, kept whole: %s", ", ".join(n for n, _ in owners))
     blocks += owners
+    routed = {n: hints.routed_banks[n][0] for n, _ in blocks if n in hints.routed_banks}
+    if routed:
+        log.info("expert banks captured without their blocks, routed by the model's own ops: %s",
+                 ", ".join(routed.values()))
+    blocks = [(routed[n], model.get_submodule(routed[n])) if n in routed else (n, b) for n, b in blocks]
     flat_inputs, in_spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
     try:
         # on a copy of the call's containers: eager updates a KV cache it is given in place

@@ -27,6 +27,9 @@ class RoutingSpec:
 
     def describe(self) -> str:
         on_inputs = " weights-on-inputs" if self.weights_on_inputs else ""
+        if self.score == "given":
+            return (f"top{self.top_k} ids and weights computed by the model's own ops, handed to the experts"
+                    + (" weights-on-inputs" if self.weights_on_inputs else ""))
         if self.score == "as written":
             return f"top{self.top_k}, router kept as its own graph ops (no known pattern)" + on_inputs
         order = f"top{self.top_k}->{self.score}" if self.topk_first else f"{self.score}->top{self.top_k}"
@@ -119,6 +122,12 @@ class MoELayerInfo:
     # "" (float), "int4 per-channel", ..., or "none: <why>" when asked for but not applied
     quantization: str = ""  # how the backend ran it, e.g. "com.microsoft.MoE" or "decomposed: <why>"
     graph_prefix: str = ""  # where the canonical weights of this block live in the graph module
+    # the block whose experts these are, where the block itself was left as written and its experts captured alone
+    # (routed by the model's own ops)
+    block: str = ""
+    # of a block left as written: the path of the experts it calls as ``experts(x, ids, weights)``, which read as
+    # canonical experts (``recognize/routed.py``); compile captures them alone next
+    routed_bank: str = ""
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -12,7 +12,8 @@ EAGER_EXPERTS_ONLY = ("dbrx", "llama4_text", "switch_transformers")  # no expert
 NOT_ONNX_EXPORTABLE = ("llama4_text", "deepseek_v2")  # complex-valued rotary embeddings
 
 # families that some transformers 5.x releases lack (5.17 has neither), by the class that shows they are there
-NEWER_FAMILIES = {"kolibri1": "Kolibri1Config", "deepseek_v4": "DeepseekV4Config"}
+NEWER_FAMILIES = {"kolibri1": "Kolibri1Config", "deepseek_v4": "DeepseekV4Config", "gemma4": "Gemma4TextConfig",
+                  "inkling": "InklingTextConfig"}
 
 _COMMON = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                max_position_embeddings=64)
@@ -91,6 +92,17 @@ def make_config(family: str):
                                      qk_nope_head_dim=8, qk_rope_head_dim=8, head_dim=8, v_head_dim=8, moe_topk=3,
                                      n_routed_experts=6, zero_expert_num=3, expert_ffn_hidden_size=24,
                                      routed_scaling_factor=2.0)
+    if family == "gemma4":  # router and experts called by the decoder layer, beside attention and a dense MLP
+        return tf.Gemma4TextConfig(**_COMMON, head_dim=8, global_head_dim=8, intermediate_size=48,
+                                   moe_intermediate_size=16, num_experts=6, top_k_experts=2, enable_moe_block=True,
+                                   sliding_window=16, layer_types=["sliding_attention", "full_attention"],
+                                   hidden_size_per_layer_input=0)
+    if family == "inkling":  # the router scores the shared expert too, and renormalises it with the routed ones
+        return tf.InklingTextConfig(**_COMMON, head_dim=8, swa_num_attention_heads=4, swa_num_key_value_heads=2,
+                                    swa_head_dim=8, sliding_window_size=16, rel_extent=32, d_rel=4,
+                                    intermediate_size=48, moe_intermediate_size=24, n_routed_experts=6,
+                                    num_experts_per_tok=2, n_shared_experts=1,
+                                    layer_types=["sliding_attention", "full_attention"])
     if family == "switch_transformers":
         return tf.SwitchTransformersConfig(vocab_size=97, d_model=32, d_kv=8, d_ff=48, num_layers=2,
                                            num_decoder_layers=2, num_heads=4, num_experts=4, expert_capacity=6,
@@ -114,7 +126,7 @@ def make_model(family: str, experts_implementation: str = "eager", seed: int = 0
         "ernie4_5_moe": "Ernie4_5_MoeForCausalLM", "llama4_text": "Llama4ForCausalLM",
         "switch_transformers": "SwitchTransformersForConditionalGeneration", "kolibri1": "Kolibri1ForCausalLM",
         "deepseek_v4": "DeepseekV4ForCausalLM", "jetmoe": "JetMoeForCausalLM",
-        "longcat_flash": "LongcatFlashForCausalLM",
+        "longcat_flash": "LongcatFlashForCausalLM", "gemma4": "Gemma4ForCausalLM", "inkling": "InklingForCausalLM",
     }[family])
     model = cls(cfg)
     with torch.no_grad():

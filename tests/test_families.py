@@ -246,3 +246,23 @@ def test_the_experts_activation_is_told_apart_in_bf16(family, act, expected):
     cm(**make_inputs(family, 2, 8))
     assert cm.moe_layers and all(layer.fused and layer.activation in expected for layer in cm.moe_layers), \
         [(layer.activation, layer.reason) for layer in cm.moe_layers]
+
+
+@pytest.mark.parametrize("family,block", [("gemma4", "model.layers.{}"), ("inkling", "model.layers.{}.mlp")])
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_experts_fused_alone_where_their_block_is_not_canonical(family, block, backend):
+    """Gemma 4's decoder layer calls its router and its experts itself, beside attention and a dense MLP; Inkling's
+    router also weighs its shared expert. Neither block is a canonical MoE block, but each calls its experts as
+    ``experts(x, ids, weights)``: capture keeps that module as the leaf instead, the routing runs as the model's
+    own graph ops, and the experts are fused."""
+    model = make_model(family)
+    cm = moecc.compile(model, backend=backend)
+    cm(**make_inputs(family, 2, 8))
+    layers = cm.moe_layers
+    assert [layer.name for layer in layers] == [f"{block.format(i)}.experts" for i in range(2)]
+    for i, layer in enumerate(layers):
+        assert layer.fused and layer.block == block.format(i), (layer.name, layer.reason)
+        assert layer.routing.startswith("top2 ids and weights computed by the model's own ops"), layer.routing
+        assert (layer.num_experts, layer.top_k, layer.activation) == (6, 2, "gated-silu" if family == "inkling"
+                                                                       else "gated-gelu_tanh")
+    _matches_eager_on_fresh_shapes(family, model, cm)

@@ -785,3 +785,85 @@ def test_export_of_blocks_that_share_their_weights(backend, reused, tmp_path):
         graph = onnx.load(str(path / "model.onnx"), load_external_data=False).graph
         banks = [t.name for t in graph.initializer if "fc1" in t.name or "w_up" in t.name]
         assert len(banks) == 1, banks
+
+
+def _routed_experts(kind: str):
+    from user_modules import (
+        InlineRoutedLayer,
+        InputWeightedRoutedExperts,
+        StackedRoutedExperts,
+        UnweightedRoutedExperts,
+    )
+
+    torch.manual_seed(0)
+    experts = {"list": None, "int32_ids": None, "stacked": StackedRoutedExperts,
+               "on_inputs": InputWeightedRoutedExperts, "unweighted": UnweightedRoutedExperts}[kind]
+    return InlineRoutedLayer(None if experts is None else experts(),
+                             ids_dtype=torch.int32 if kind == "int32_ids" else torch.long)
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime", "triton"])
+@pytest.mark.parametrize("kind", ["list", "stacked", "int32_ids", "on_inputs"])
+def test_experts_routed_by_their_caller_are_fused_alone(kind, backend):
+    """A layer that mixes tokens and routes inline is no canonical MoE block; the experts it calls as
+    ``experts(x, ids, weights)`` are captured alone, its routing runs as graph ops, and the experts are fused."""
+    device = _device(backend)
+    model = TinyModel(_routed_experts(kind)).eval().to(device)
+    cm, layer = compile_on_ids(model, backend=backend, device=device)
+    assert layer.fused and layer.name == "moe.experts" and layer.block == "moe", (layer.name, layer.reason)
+    assert (layer.num_experts, layer.top_k) == (6, 2)
+    assert layer.activation == ("gated-gelu" if kind == "stacked" else "gated-silu")
+    assert layer.routing.endswith("weights-on-inputs") == (kind == "on_inputs"), layer.routing
+    for shape in ((3, 11), (1, 1), (2, 5)):
+        x = torch.randint(0, 50, shape, device=device)
+        torch.testing.assert_close(cm(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_experts_routed_by_their_caller_left_as_written_say_why_both_were():
+    model = TinyModel(_routed_experts("unweighted")).eval()
+    cm, layer = compile_on_ids(model, backend="torch")
+    assert not layer.fused and layer.name == "moe.experts" and layer.block == "moe"
+    assert "differs from UnweightedRoutedExperts on fresh routing" in layer.reason, layer.reason
+    assert "; its block moe: " in layer.reason, layer.reason
+    x = torch.randint(0, 50, (3, 7))
+    torch.testing.assert_close(cm(x), model(x))
+
+
+def test_routing_arguments_are_told_by_dtype_and_shape():
+    from moecc.passes.recognize.routed import routing_positions
+
+    x, ids, w = torch.randn(5, 8), torch.zeros(5, 2, dtype=torch.long), torch.rand(5, 2)
+    assert routing_positions(((x, ids, w), {})) == (1, 0)
+    assert routing_positions(((x,), {"weights": w, "ids": ids})) == (0, 1)
+    assert routing_positions(((x, ids, w, torch.ones(5)), {})) is None  # a third tensor: not routing alone
+    assert routing_positions(((x, ids, ids), {})) is None
+    assert routing_positions(((x, ids[:4], w[:4]), {})) is None  # not one row per token
+    assert routing_positions(((x, ids.bool(), w), {})) is None
+
+
+def test_experts_that_cannot_fuse_cost_no_second_capture(monkeypatch):
+    """Experts whose function is no canonical expert (each normalizes its own output) leave the block as written
+    with the block's reason, and the model is not captured again for them."""
+    from user_modules import InlineRoutedLayer, RoutedExperts
+
+    import moecc.runtime.compiled as compiled
+
+    class NormedOutputMLP(torch.nn.Module):
+        def __init__(self, hidden, inter):
+            super().__init__()
+            self.up = torch.nn.Linear(hidden, inter)
+            self.down = torch.nn.Linear(inter, hidden)
+            self.norm = torch.nn.LayerNorm(hidden)
+
+        def forward(self, x):
+            return self.norm(self.down(F.relu(self.up(x))))
+
+    captures = []
+    capture = compiled.capture
+    monkeypatch.setattr(compiled, "capture", lambda *a, **k: captures.append(1) or capture(*a, **k))
+    torch.manual_seed(0)
+    model = TinyModel(InlineRoutedLayer(RoutedExperts(mlp=NormedOutputMLP))).eval()
+    cm, layer = compile_on_ids(model, backend="torch")
+    assert not layer.fused and layer.name == "moe" and len(captures) == 1, (layer.name, layer.reason)
+    x = torch.randint(0, 50, (3, 7))
+    torch.testing.assert_close(cm(x), model(x))

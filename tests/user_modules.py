@@ -1021,3 +1021,80 @@ class IdsReferenceMLPBlock(ReferenceMLPBlock):
 
     def forward(self, x, input_ids=None):
         return super().forward(x)
+
+
+class RoutedExperts(nn.Module):
+    """Experts a caller routes, ``experts(x, ids, weights)``: a ModuleList of MLPs and the usual loop."""
+
+    def __init__(self, hidden=24, inter=40, num_experts=6, mlp=MLP):
+        super().__init__()
+        self.experts = nn.ModuleList(mlp(hidden, inter) for _ in range(num_experts))
+
+    def forward(self, x, ids, weights):
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            token, slot = torch.where(ids == e)
+            out.index_add_(0, token, expert(x[token]) * weights[token, slot, None].to(x.dtype))
+        return out
+
+
+class StackedRoutedExperts(nn.Module):
+    """Stacked experts a caller routes with keywords, weights first: ``experts(x, weights=..., ids=...)``."""
+
+    def __init__(self, hidden=24, inter=40, num_experts=6):
+        super().__init__()
+        self.gate_up = nn.Parameter(torch.randn(num_experts, 2 * inter, hidden) * hidden ** -0.5)
+        self.down = nn.Parameter(torch.randn(num_experts, hidden, inter) * inter ** -0.5)
+
+    def forward(self, x, weights, ids):
+        out = torch.zeros_like(x)
+        for e in range(self.gate_up.shape[0]):
+            token, slot = torch.where(ids == e)
+            gate, up = F.linear(x[token], self.gate_up[e]).chunk(2, dim=-1)
+            y = F.linear(F.gelu(gate) * up, self.down[e])
+            out.index_add_(0, token, y * weights[token, slot, None].to(x.dtype))
+        return out
+
+
+class InputWeightedRoutedExperts(RoutedExperts):
+    """Each routing weight scales its expert's input (Llama 4's experts)."""
+
+    def forward(self, x, ids, weights):
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            token, slot = torch.where(ids == e)
+            out.index_add_(0, token, expert(x[token] * weights[token, slot, None].to(x.dtype)))
+        return out
+
+
+class UnweightedRoutedExperts(RoutedExperts):
+    """Sums its experts' outputs without the routing weights it is handed: no canonical combine does."""
+
+    def forward(self, x, ids, weights):
+        return super().forward(x, ids, torch.ones_like(weights))
+
+
+class InlineRoutedLayer(nn.Module):
+    """A decoder-style layer that mixes tokens, then routes inline and calls its experts itself (Gemma 4's
+    layout), with a routing no canonical pattern has (square roots of the top-k probabilities): no MoE block as a
+    whole, but its experts are."""
+
+    def __init__(self, experts: nn.Module | None = None, hidden=24, num_experts=6, top_k=2, ids_dtype=torch.long):
+        super().__init__()
+        self.top_k, self.ids_dtype = top_k, ids_dtype
+        self.mix = nn.Linear(hidden, hidden)
+        self.norm = nn.LayerNorm(hidden)
+        self.router = nn.Linear(hidden, num_experts, bias=False)
+        self.experts = experts if experts is not None else RoutedExperts(hidden, num_experts=num_experts)
+
+    def forward(self, x):
+        h = x + self.mix(x.flip(-2))
+        flat = self.norm(h).reshape(-1, h.shape[-1])
+        probs = F.softmax(self.router(flat), dim=-1, dtype=torch.float32)
+        weights, ids = torch.topk(probs, self.top_k, dim=-1)
+        ids = ids.to(self.ids_dtype)
+        if isinstance(self.experts, StackedRoutedExperts):
+            y = self.experts(flat, weights=weights.sqrt(), ids=ids)
+        else:
+            y = self.experts(flat, ids, weights.sqrt())
+        return h + y.reshape(h.shape)

@@ -79,11 +79,12 @@ class PlaceExperts(MoePass):
                 wanted = "oi"
             prefix = w_up_node.target.rsplit(".", 1)[0]
             w_up = gm.get_parameter(w_up_node.target)
-            if _relaid(gm, node, wanted) and not copies and _shared(gm, (w_up_node, w_down_node), storage_names):
+            relaid = _relaid(gm, node, wanted)
+            if relaid and not copies and _shared(gm, (w_up_node, w_down_node), storage_names):
                 kept.append(f"{node.name}: expert weights are the model's own tensors; kept {current} rather than "
                             f"a contiguous {wanted} copy ({self._why_not})")
                 wanted = current
-            elif _relaid(gm, node, wanted):
+            elif relaid:
                 bias = b_up_node is not None and (b_up_node.op == "get_attr" or "oi_gu" in (wanted, current))
                 attrs = (w_up_node, w_down_node, b_up_node if bias else None)
                 key = (tuple(None if n is None else n.target for n in attrs), current, wanted)

@@ -7,7 +7,7 @@ import inspect
 import logging
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -413,6 +413,21 @@ class BuildInfo:
     graph: list
 
 
+def _routed_banks(model: nn.Module, layers: dict[str, MoELayerInfo], hints: CaptureHints) -> dict:
+    """Blocks left as written whose experts ``recognize`` found callable alone (``MoELayerInfo.routed_bank``):
+    block path -> (bank path, why the block was left as written), for a capture that keeps the bank as the leaf."""
+    found = {}
+    for name, info in layers.items():
+        if not info.routed_bank or name in hints.routed_banks or name in hints.unfused:
+            continue
+        try:
+            model.get_submodule(info.routed_bank)
+        except AttributeError:
+            continue
+        found[name] = (info.routed_bank, info.reason)
+    return found
+
+
 def build(model: nn.Module, args, kwargs, backend: str, options: dict, dump_folder: Path | None,
           program_folder: str | None = None, calibration: tuple | None = None,
           hints: CaptureHints | None = None) -> tuple[_Entry, BuildInfo]:
@@ -449,6 +464,20 @@ def build(model: nn.Module, args, kwargs, backend: str, options: dict, dump_fold
     finally:
         forget_calls()
     layers = gm.meta.get("moecc_layers", {})
+    hints = hints or CaptureHints()
+    if options.get("fuse", True) and (routed := _routed_banks(model, layers, hints)):
+        for block, (bank, why) in routed.items():
+            log.info("MoE block %s left as written (%s); capturing again with its experts %s as the leaf, routed by "
+                     "the model's own ops", block, why, bank)
+        hints = replace(hints, routed_banks={**hints.routed_banks, **routed})
+        return build(model, args, kwargs, requested, options, dump_folder, program_folder, calibration, hints)
+    for name, info in layers.items():
+        if info.routed_bank and name not in hints.routed_banks:  # recognize said it only where a capture may follow
+            log.warning("MoE block %s left as written: %s", name, info.reason)
+    for block, (bank, why) in hints.routed_banks.items():
+        if (info := layers.get(bank)) is not None:
+            info.block = block
+            info.reason = f"{info.reason}; its block {block}: {why}" if info.reason else ""
     if not options.get("fuse", True):
         from moecc.discover import find_moe_blocks
 

@@ -15,8 +15,9 @@ from moecc.ir import MoELayerInfo
 from moecc.match import MatchResult
 from moecc.passes.base import MoePass, PassResult, layers_of
 from moecc.passes.graph_utils import inline_module, output_leaves
-from moecc.passes.recognize.block import analyze_block
+from moecc.passes.recognize.block import analyze_block, is_moe_block, unfit_parameters
 from moecc.passes.recognize.other_args import OtherArgs, independent_of_other_args
+from moecc.passes.recognize.routed import analyze_routed_bank, routed_bank, routing_positions
 
 log = logging.getLogger("moecc.passes.recognize")
 
@@ -61,6 +62,8 @@ def _analyze(block: torch.nn.Module, node: fx.Node):
     from moecc.capture import EXAMPLE_CALLS
 
     call = EXAMPLE_CALLS.get(block)
+    if call is not None and routing_positions(call) is not None and not is_moe_block(block):
+        return analyze_routed_bank(block, call)
     r = independent_of_other_args(block, call, names)
     if r:
         return analyze_block(block, _example_of(node), read=read)
@@ -73,6 +76,19 @@ def _analyze(block: torch.nn.Module, node: fx.Node):
     if with_others and with_others.value.router_program is None:
         return r  # a canonical routing cannot read them: the block's dependence on them is somewhere else
     return with_others if with_others else MatchResult.fail(f"{r.reason}; with them, {with_others.reason}")
+
+
+def _routed_bank(name: str, block: torch.nn.Module) -> str:
+    """The model path of the experts ``block`` calls as ``experts(x, ids, weights)`` (``routed.routed_bank``), or
+    "" where there are none or nothing can fuse them."""
+    if unfit_parameters(block) is not None:
+        return ""
+    try:
+        sub = routed_bank(block)
+    except Exception:  # noqa: BLE001 - the block stays as written, with the reason it has
+        log.debug("looking for %s's experts alone raised", name, exc_info=True)
+        return ""
+    return "" if sub is None else f"{name}.{sub}" if name else sub
 
 
 def _structure(block: torch.nn.Module, node: fx.Node) -> tuple:
@@ -140,7 +156,12 @@ class Recognize(MoePass):
             if not result:
                 info.reason = result.reason
                 failed += 1
-                log.warning("MoE block %s left as written: %s", name, result.reason)
+                info.routed_bank = _routed_bank(name, block)
+                if info.routed_bank:
+                    log.info("MoE block %s is no canonical block (%s); its experts %s may fuse alone", name,
+                             result.reason, info.routed_bank)
+                else:
+                    log.warning("MoE block %s left as written: %s", name, result.reason)
                 continue
             a = result.value
             info.num_experts, info.top_k = a.routing.num_experts, a.routing.top_k

@@ -181,7 +181,7 @@ def _expert_fn(spec: ExpertSpec, w: ExpertWeights, e: int, x: torch.Tensor) -> t
                                       spec.alpha, spec.limit)
 
 
-def _best_layout(cands, x: torch.Tensor, refs: list[torch.Tensor]):
+def best_layout(cands, x: torch.Tensor, refs: list[torch.Tensor]):
     """The stacked-bank candidate that fits the probed expert functions best. One within the dtype's own rounding on
     expert 0 and proven on every expert is taken at once (most banks: the first layouts tried); otherwise every
     candidate within the probe bound is ranked on expert 0 (a later one must halve the error, as in ``_Closest``),
@@ -546,6 +546,26 @@ def _autocast_to(like: torch.Tensor) -> torch.dtype | None:
     return cast if cast != like.dtype else None
 
 
+def unfit_parameters(block: nn.Module) -> str | None:
+    """Why no canonical form can stand for ``block`` whatever it computes, read off its parameters and the
+    autocast state alone; None when nothing rules it out."""
+    like = next(block.parameters(), None)
+    if like is None:
+        return "block has no parameters"
+    if like.dtype == torch.float64:
+        return ("float64 block: the canonical ops route and combine in float32, which does not reproduce float64 to "
+                "its precision")
+    if (cast := _autocast_to(like)) is not None:
+        return (f"the call runs under torch.autocast({like.device.type!r}, dtype={cast}), which rounds the block's "
+                f"matmuls to {cast} while its parameters are {like.dtype}: the canonical ops compute in the "
+                f"parameters' dtype. Cast the model to {cast} (model.to(dtype)) rather than autocast, or call it "
+                "outside autocast")
+    if (bad := _non_finite_parameter(block)) is not None:
+        return (f"parameter {bad} holds NaN or inf (a module built without initializing its weights?): probes of "
+                "such a block tell nothing about its function")
+    return None
+
+
 def _non_finite_parameter(block: nn.Module) -> str | None:
     for name, param in block.named_parameters():
         if param.is_floating_point() and not bool(torch.isfinite(param).all()):
@@ -560,20 +580,9 @@ def _analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | 
     others need not be reproduced (a block that also returns its router's probabilities, or an auxiliary loss,
     which the model drops at inference)."""
     hidden = int(example.shape[-1])
-    like = next(block.parameters(), None)
-    if like is None:
-        return MatchResult.fail("block has no parameters")
-    if like.dtype == torch.float64:
-        return MatchResult.fail("float64 block: the canonical ops route and combine in float32, which does not "
-                                "reproduce float64 to its precision")
-    if (cast := _autocast_to(like)) is not None:
-        return MatchResult.fail(f"the call runs under torch.autocast({like.device.type!r}, dtype={cast}), which "
-                                f"rounds the block's matmuls to {cast} while its parameters are {like.dtype}: the "
-                                f"canonical ops compute in the parameters' dtype. Cast the model to {cast} "
-                                "(model.to(dtype)) rather than autocast, or call it outside autocast")
-    if (bad := _non_finite_parameter(block)) is not None:
-        return MatchResult.fail(f"parameter {bad} holds NaN or inf (a module built without initializing its "
-                                "weights?): probes of such a block tell nothing about its function")
+    if (why := unfit_parameters(block)) is not None:
+        return MatchResult.fail(why)
+    like = next(block.parameters())
     rtol = 10 * tolerance(like.dtype)
 
     input_scale = 1.0
@@ -596,7 +605,7 @@ def _analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | 
             x = torch.randn(5, hidden, dtype=torch.float64) * stacked.probe_scale(bank_mod, hidden, num_experts)
             x = x.to(dtype=like.dtype, device=like.device)
             refs = [probe_fn(e, x) for e in range(num_experts)]
-            winner = _best_layout(cands, x, refs)
+            winner = best_layout(cands, x, refs)
             if winner is None:
                 return MatchResult.fail(f"{type(bank_mod).__name__}: the expert function matches no canonical "
                                         "expert (layouts, activations and clamps tried)")
