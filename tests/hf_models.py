@@ -137,6 +137,8 @@ def make_model(family: str, experts_implementation: str = "eager", seed: int = 0
                 p.copy_(torch.randn_like(p) * 0.1)
             elif name.endswith("gate.weight") and not p.any():
                 p.normal_(0.0, 0.3)  # a router that starts at zero (AFMoE's, ERNIE's)
+            elif name.endswith("per_expert_scale"):  # Gemma 4's, ones at init: a trained model's differ
+                p.uniform_(0.5, 1.5)
             elif name.endswith("tid2eid"):  # DeepSeek-V4's token id -> experts table
                 p.copy_(torch.stack([torch.randperm(cfg.n_routed_experts)[:p.shape[1]] for _ in range(p.shape[0])]))
     if experts_implementation != "eager":

@@ -137,7 +137,7 @@ def test_dumps_rerun(tmp_path):
     cm(torch.randint(0, 50, (2, 8)))
     stages = sorted(tmp_path.glob("[0-9][0-9][0-9]_*.py"))
     assert [p.name.split("_", 1)[1] for p in stages] == [
-        "capture.py", "recognize.py", "fuse_gating.py", "fuse_experts.py", "specialize_capacity.py",
+        "capture.py", "recognize.py", "lift_routing.py", "fuse_gating.py", "fuse_experts.py", "specialize_capacity.py",
         "place_experts.py", "cleanup.py"]
     assert (tmp_path / "passes.json").exists() and (tmp_path / "weights.safetensors").exists()
     # Stage 000 still holds the user's own block, so its class must be importable (like any pickle).

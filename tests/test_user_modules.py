@@ -867,3 +867,68 @@ def test_experts_that_cannot_fuse_cost_no_second_capture(monkeypatch):
     assert not layer.fused and layer.name == "moe" and len(captures) == 1, (layer.name, layer.reason)
     x = torch.randint(0, 50, (3, 7))
     torch.testing.assert_close(cm(x), model(x))
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime", "triton"])
+@pytest.mark.parametrize("routing,described", [("softmax", "softmax->top2 renorm"),
+                                               ("sigmoid_bias", "sigmoid->top2 renorm selection-bias x2.5")])
+def test_routing_written_beside_routed_experts_is_lifted_into_moecc_ops(routing, described, backend):
+    """The layer routes in its own code, which becomes graph ops beside the experts it calls: where those ops
+    compute a canonical routing of one router matmul's input, ``lift_routing`` proves it on probes and feeds the
+    experts from ``linear`` + ``moecc.route`` (fused with the experts' routing on every backend: ONNX Runtime's
+    com.microsoft.MoE takes a softmax)."""
+    from user_modules import InlineRoutedLayer
+
+    device = _device(backend)
+    torch.manual_seed(0)
+    model = TinyModel(InlineRoutedLayer(routing=routing)).eval().to(device)
+    cm, layer = compile_on_ids(model, backend=backend, device=device)
+    assert layer.fused and layer.routing == f"{described}, lifted from the model's own routing ops", layer.routing
+    if backend == "onnxruntime":
+        assert layer.lowering == ("com.microsoft.MoE" if routing == "softmax" else
+                                  "decomposed: com.microsoft.MoE routes with softmax, this block with sigmoid")
+    for shape in ((3, 11), (1, 1), (2, 5)):
+        x = torch.randint(0, 50, shape, device=device)
+        torch.testing.assert_close(cm(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_lifted_routing_leaves_the_model_its_own_ops_where_it_reads_them(tmp_path):
+    from user_modules import RoutingReturnedLayer
+
+    torch.manual_seed(0)
+    model = TinyModel(torch.nn.Identity()).eval()
+    model.moe = RoutingReturnedLayer(routing="softmax")
+
+    class ReadsIds(TinyModel):
+        def forward(self, ids):
+            h = self.embed(ids)
+            y, chosen = self.moe(self.norm(h))
+            return self.head(h + y), chosen
+
+    model.__class__ = ReadsIds
+    cm = moecc.compile(model, backend="torch", dump_dir=tmp_path)
+    x = torch.randint(0, 50, (2, 9))
+    cm(x)
+    (layer,) = cm.moe_layers
+    assert layer.fused and "lifted" in layer.routing, layer.routing
+    for shape in ((3, 7), (1, 1)):
+        x = torch.randint(0, 50, shape)
+        got, ref = cm(x), model(x)
+        torch.testing.assert_close(got[0], ref[0])
+        assert torch.equal(got[1], ref[1])  # the model's own ids, in the model's own order
+    code = (tmp_path / "002_lift_routing.py").read_text()
+    assert "moecc.route" in code and "aten.topk" in code
+
+
+def test_routing_no_canonical_form_fits_stays_as_written_and_says_why(tmp_path):
+    import json
+
+    torch.manual_seed(0)
+    model = TinyModel(_routed_experts("list")).eval()  # square roots of the top-k probabilities
+    cm = moecc.compile(model, backend="torch", dump_dir=tmp_path)
+    cm(torch.randint(0, 50, (2, 16)))
+    (layer,) = cm.moe_layers
+    assert layer.fused and "lifted" not in layer.routing, layer.routing
+    passes = {p["pass"]: p for p in json.loads((tmp_path / "passes.json").read_text())["passes"]}
+    assert passes["lift_routing"]["stats"] == {
+        "lifted": 0, "kept": ["moe_block_0_moe: the routing ops match no canonical routing"]}

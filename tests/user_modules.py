@@ -1079,22 +1079,49 @@ class InlineRoutedLayer(nn.Module):
     layout), with a routing no canonical pattern has (square roots of the top-k probabilities): no MoE block as a
     whole, but its experts are."""
 
-    def __init__(self, experts: nn.Module | None = None, hidden=24, num_experts=6, top_k=2, ids_dtype=torch.long):
+    def __init__(self, experts: nn.Module | None = None, hidden=24, num_experts=6, top_k=2, ids_dtype=torch.long,
+                 routing: str = "sqrt"):
         super().__init__()
-        self.top_k, self.ids_dtype = top_k, ids_dtype
+        self.top_k, self.ids_dtype, self.routing = top_k, ids_dtype, routing
         self.mix = nn.Linear(hidden, hidden)
         self.norm = nn.LayerNorm(hidden)
         self.router = nn.Linear(hidden, num_experts, bias=False)
+        self.score_bias = nn.Parameter(torch.randn(num_experts) * 0.1)
         self.experts = experts if experts is not None else RoutedExperts(hidden, num_experts=num_experts)
+
+    def route(self, flat):
+        """``sqrt``: square roots of the top-k softmax probabilities (no canonical routing); ``softmax``: the
+        top-k probabilities renormalised (Mixtral's); ``sigmoid_bias``: sigmoid scores, the top-k chosen by scores
+        plus a bias, their unbiased scores renormalised and scaled (DeepSeek-V3's without groups)."""
+        logits = self.router(flat)
+        if self.routing == "sigmoid_bias":
+            scores = logits.sigmoid()
+            ids = torch.topk(scores + self.score_bias, self.top_k, dim=-1).indices
+            weights = scores.gather(-1, ids)
+            return 2.5 * weights / weights.sum(-1, keepdim=True), ids
+        weights, ids = torch.topk(F.softmax(logits, dim=-1, dtype=torch.float32), self.top_k, dim=-1)
+        if self.routing == "softmax":
+            return (weights / weights.sum(-1, keepdim=True)).to(flat.dtype), ids
+        return weights.sqrt(), ids
 
     def forward(self, x):
         h = x + self.mix(x.flip(-2))
         flat = self.norm(h).reshape(-1, h.shape[-1])
-        probs = F.softmax(self.router(flat), dim=-1, dtype=torch.float32)
-        weights, ids = torch.topk(probs, self.top_k, dim=-1)
+        weights, ids = self.route(flat)
         ids = ids.to(self.ids_dtype)
         if isinstance(self.experts, StackedRoutedExperts):
-            y = self.experts(flat, weights=weights.sqrt(), ids=ids)
+            y = self.experts(flat, weights=weights, ids=ids)
         else:
-            y = self.experts(flat, ids, weights.sqrt())
+            y = self.experts(flat, ids, weights)
         return h + y.reshape(h.shape)
+
+
+class RoutingReturnedLayer(InlineRoutedLayer):
+    """Returns its experts' ids beside its output, as written (a model that reads its routing): the routing ops
+    stay for that reader while the experts take a lifted route."""
+
+    def forward(self, x):
+        h = x + self.mix(x.flip(-2))
+        flat = self.norm(h).reshape(-1, h.shape[-1])
+        weights, ids = self.route(flat)
+        return h + self.experts(flat, ids, weights).reshape(h.shape), ids
