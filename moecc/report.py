@@ -54,6 +54,11 @@ def _why(layer: dict) -> str:
     return f"{why} [{layer['quantization']}]" if layer.get("quantization") else why
 
 
+def _name(layer: dict) -> str:
+    """A layer's path, with its block's where its experts were fused without the block."""
+    return f"{layer['name']} (in {layer['block']})" if layer.get("block") else layer["name"]
+
+
 def print_tables(record: dict, console=None) -> None:
     import sys
 
@@ -69,7 +74,7 @@ def print_tables(record: dict, console=None) -> None:
     for layer in record["moe_layers"]:
         why = _why(layer)
         # cells are text, not rich markup: reasons hold brackets ("no [E=6, H=24] weight", "[int4 block 32]")
-        t.add_row(*map(escape, (layer["name"], str(layer["num_experts"]), str(layer["top_k"]),
+        t.add_row(*map(escape, (_name(layer), str(layer["num_experts"]), str(layer["top_k"]),
                                 str(layer["hidden_size"]), str(layer["intermediate_size"]), layer["routing"],
                                 layer["activation"], str(layer["shared_experts"]), layer.get("capacity", ""),
                                 "yes" if layer["fused"] else "no", why)))
@@ -120,7 +125,7 @@ def _histogram_svg(counts: list[int]) -> str:
 
 def write_html(record: dict, out: Path) -> Path:
     layers = "".join(
-        f"<h3>{html.escape(layer['name'])}</h3><p>{html.escape(layer['routing'])}, "
+        f"<h3>{html.escape(_name(layer))}</h3><p>{html.escape(layer['routing'])}, "
         f"{html.escape(layer['activation'])}, fused={layer['fused']} {html.escape(_why(layer))}</p>"
         f"<p>tokens per expert on the calibration batch:</p>{_histogram_svg(layer.get('expert_load', []))}"
         for layer in record["moe_layers"])

@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -918,6 +922,9 @@ def test_lifted_routing_leaves_the_model_its_own_ops_where_it_reads_them(tmp_pat
         assert torch.equal(got[1], ref[1])  # the model's own ids, in the model's own order
     code = (tmp_path / "002_lift_routing.py").read_text()
     assert "moecc.route" in code and "aten.topk" in code
+    run = subprocess.run([sys.executable, "-m", "moecc.cli", "inspect", str(tmp_path)], capture_output=True,
+                         text=True, env={**os.environ, "PYTHONPATH": os.path.dirname(__file__)})
+    assert run.returncode == 0 and "moe.experts (in moe)" in run.stdout and "lift_routing" in run.stdout, run.stdout
 
 
 def test_routing_no_canonical_form_fits_stays_as_written_and_says_why(tmp_path):

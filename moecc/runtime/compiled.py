@@ -457,6 +457,8 @@ def build(model: nn.Module, args, kwargs, backend: str, options: dict, dump_fold
             backend = "torch"
     for name, why in cap.unfused.items():
         layers_of(cap.gm)[name] = MoELayerInfo(name=name, reason=why)
+    for block, (bank, _) in (hints.routed_banks if hints else {}).items():
+        layers_of(cap.gm)[bank] = MoELayerInfo(name=bank, block=block)
     pipeline = default_pipeline(EXPERT_LAYOUT[backend], options.get("copy_expert_weights"))
     manager = PassManager(pipeline, instruments, repro_dir=dump_folder)
     try:
@@ -476,7 +478,6 @@ def build(model: nn.Module, args, kwargs, backend: str, options: dict, dump_fold
             log.warning("MoE block %s left as written: %s", name, info.reason)
     for block, (bank, why) in hints.routed_banks.items():
         if (info := layers.get(bank)) is not None:
-            info.block = block
             info.reason = f"{info.reason}; its block {block}: {why}" if info.reason else ""
     if not options.get("fuse", True):
         from moecc.discover import find_moe_blocks
