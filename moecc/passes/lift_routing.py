@@ -145,7 +145,10 @@ def lift_one(gm: fx.GraphModule, dispatch: fx.Node, combine: fx.Node) -> MatchRe
     router = Router(weight.detach(), None if bias is None else bias.detach(), None,
                     [b for _, b in sels], str(weight_node.target))
     rtol = 10 * tolerance(outs[0][0].dtype)
-    fitted = fit_routing(router, Observed(outs[0][1].long(), outs[0][0], False), probes[0], num_experts, [], rtol)
+    # the graph shows the precision of the logits: the matmul's own (random probes rarely tell the two apart, and
+    # near-tied tokens of a real input would then pick other experts than the model's)
+    fitted = fit_routing(router, Observed(outs[0][1].long(), outs[0][0], False), probes[0], num_experts, [], rtol,
+                         logits_fp32=dtype == torch.float32 and weight.dtype == torch.float32)
     if fitted is None:
         return MatchResult.fail("the routing ops match no canonical routing")
     spec, sel = fitted

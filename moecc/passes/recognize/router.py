@@ -220,17 +220,18 @@ def routing_candidates(num_experts: int, top_ks: list[int], sel_biases: list, gr
 
 
 def fit_routing(router: Router, obs: Observed, x2: torch.Tensor, num_experts: int, mods: list[nn.Module],
-                rtol: float) -> tuple[RoutingSpec, torch.Tensor | None] | None:
-    """The routing spec (and scale) whose output equals the observed (ids, weights) on every routed token."""
+                rtol: float, logits_fp32: bool | None = None) -> tuple[RoutingSpec, torch.Tensor | None] | None:
+    """The routing spec (and scale) whose output equals the observed (ids, weights) on every routed token.
+    ``logits_fp32``: whether the router's logits are computed in fp32, where the caller knows (None: fitted)."""
     for weights in (obs.weights, *obs.alternatives):
-        fitted = _fit_one(router, Observed(obs.ids, weights, obs.dropped), x2, num_experts, mods, rtol)
+        fitted = _fit_one(router, Observed(obs.ids, weights, obs.dropped), x2, num_experts, mods, rtol, logits_fp32)
         if fitted is not None:
             return fitted
     return None
 
 
 def _fit_one(router: Router, obs: Observed, x2: torch.Tensor, num_experts: int, mods: list[nn.Module],
-             rtol: float) -> tuple[RoutingSpec, torch.Tensor | None] | None:
+             rtol: float, logits_fp32: bool | None = None) -> tuple[RoutingSpec, torch.Tensor | None] | None:
     """The candidate that selects the observed experts and whose weights, times a scale, come closest to the
     observed ones (a later one must halve an error above rounding), if within ``rtol``. The closest, not the first
     within ``rtol``: a bound loose enough for bf16 weights (near-tied logits round apart) also admits neighbours of
@@ -243,6 +244,8 @@ def _fit_one(router: Router, obs: Observed, x2: torch.Tensor, num_experts: int, 
     obs_ids, obs_w = obs_ids.gather(1, order), obs_w.gather(1, order)
     # a bf16 router picks its experts from bf16 logits: near-ties then split differently than in fp32
     precisions = (True, False) if x2.dtype == router.weight.dtype != torch.float32 else (True,)
+    if logits_fp32 is not None:
+        precisions = (logits_fp32 or x2.dtype == torch.float32,)
     best: tuple[float, RoutingSpec, torch.Tensor | None] | None = None
     exact = tolerance(x2.dtype) / 10
     groups = group_candidates(mods, num_experts, obs_ids)
