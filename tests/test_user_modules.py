@@ -944,3 +944,17 @@ def test_routing_no_canonical_form_fits_stays_as_written_and_says_why(tmp_path):
     passes = {p["pass"]: p for p in json.loads((tmp_path / "passes.json").read_text())["passes"]}
     assert passes["lift_routing"]["stats"] == {
         "lifted": 0, "kept": ["moe_block_0_moe: the routing ops match no canonical routing"]}
+
+
+def test_experts_alone_that_cannot_be_captured_leave_their_block_as_written():
+    """The routing a block's leaf hid may be code torch.export cannot trace (Python control flow on values): the
+    second capture fails, and the compile keeps the first, with the block as written and both reasons."""
+    from user_modules import DataDependentRoutedLayer
+
+    torch.manual_seed(0)
+    model = TinyModel(DataDependentRoutedLayer()).eval()
+    cm, layer = compile_on_ids(model, backend="torch")
+    assert not layer.fused and layer.name == "moe", (layer.name, layer.reason)
+    assert "its experts alone could not be captured" in layer.reason, layer.reason
+    x = torch.randint(0, 50, (3, 7))
+    torch.testing.assert_close(cm(x), model(x))

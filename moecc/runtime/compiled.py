@@ -18,7 +18,7 @@ from moecc import knobs
 from moecc.autocast import autocast_state
 from moecc.capture import CaptureHints, capture, forget_calls
 from moecc.codegen.lower import EXPERT_LAYOUT, lower, resolve_backend
-from moecc.errors import BackendError, CacheError, DisagreementError, ExportError, MoeccError
+from moecc.errors import BackendError, CacheError, CaptureError, DisagreementError, ExportError, MoeccError
 from moecc.ir import MoELayerInfo
 from moecc.logs import quiet
 from moecc.passes import DumpIR, PassManager, Timing, default_pipeline
@@ -471,8 +471,15 @@ def build(model: nn.Module, args, kwargs, backend: str, options: dict, dump_fold
         for block, (bank, why) in routed.items():
             log.info("MoE block %s left as written (%s); capturing again with its experts %s as the leaf, routed by "
                      "the model's own ops", block, why, bank)
-        hints = replace(hints, routed_banks={**hints.routed_banks, **routed})
-        return build(model, args, kwargs, requested, options, dump_folder, program_folder, calibration, hints)
+        try:
+            return build(model, args, kwargs, requested, options, dump_folder, program_folder, calibration,
+                         replace(hints, routed_banks={**hints.routed_banks, **routed}))
+        except (ExportError, CaptureError) as exc:
+            # the routing the block's leaf hid may be code torch.export cannot trace: the blocks stay as written
+            forget_calls()
+            why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            for name in routed:
+                layers[name].reason += f"; its experts alone could not be captured: {why}"
     for name, info in layers.items():
         if info.routed_bank and name not in hints.routed_banks:  # recognize said it only where a capture may follow
             log.warning("MoE block %s left as written: %s", name, info.reason)
