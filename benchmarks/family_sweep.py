@@ -121,13 +121,13 @@ def tiny_model(family: str):
                 setattr(cfg, key, value)
         except Exception:  # noqa: BLE001, S110 - a key this family validates otherwise keeps its default
             pass
-    if getattr(cfg, "kv_lora_rank", None):  # latent attention (DeepSeek's MLA) has one key/value head per head
+    if _read(cfg, "kv_lora_rank"):  # latent attention (DeepSeek's MLA) has one key/value head per head
         cfg.num_key_value_heads = cfg.num_attention_heads
         if hasattr(cfg, "qk_head_dim"):
             cfg.qk_head_dim = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
-    if getattr(cfg, "layer_types", None) and config_name != "JambaConfig":
+    if _read(cfg, "layer_types") and config_name != "JambaConfig":
         cfg.layer_types = (list(cfg.layer_types) * 2)[:2]
-    if getattr(cfg, "mlp_layer_types", None):  # one layer of each of the first two kinds the family's list names
+    if _read(cfg, "mlp_layer_types"):  # one layer of each of the first two kinds the family's list names
         kinds = list(dict.fromkeys(cfg.mlp_layer_types))  # DeepSeek-V3.2's dense then sparse, V4's hash then top-k
         cfg.mlp_layer_types = (kinds * 2)[:2]
     if hasattr(cfg, "per_layer_config"):  # layer overrides at full size
@@ -145,7 +145,18 @@ def tiny_model(family: str):
                 t.copy_(torch.randn_like(t) * 0.1)
             elif t.dim() == 2 and any(s in name for s in ("gate", "router")):
                 t.normal_(0.0, 0.3)
+        for name, t in model.named_parameters():
+            if name.endswith("per_expert_scale"):  # Gemma 4's, ones at init: a trained model's differ
+                t.uniform_(0.5, 1.5)
     return model
+
+
+def _read(cfg, key: str):
+    """A config value, or None where the config refuses to read it globally (a per-layer attribute)."""
+    try:
+        return getattr(cfg, key, None)
+    except Exception:  # noqa: BLE001 - transformers' per-layer attributes raise their own errors
+        return None
 
 
 def _rel(a, b) -> float:

@@ -48,6 +48,7 @@ class BlockAnalysis:
     # the block is an expert bank the model hands its routing (``recognize/routed.py``): its other arguments at
     # ``other_positions`` are the routing weights and the expert ids, ``[*token dims, k]`` each; there is no router
     routing_given: bool = False
+    expert_scale: torch.Tensor | None = None  # [E]: routing.has_expert_scale's factors
 
     def describe_extra(self) -> str:
         kind = "identity" if self.extra_pass_input else "zero"
@@ -79,6 +80,7 @@ class CanonicalMoE(nn.Module):
         self.router_weight = _maybe(a.router_weight)
         self.router_bias = _maybe(a.router_bias)
         self.selection_bias = _maybe(a.selection_bias)
+        self.expert_scale = _maybe(a.expert_scale)
         weights = _registered(a.weights)
         self.w_up, self.w_down, self.b_up, self.b_down = _tensors(weights)
         shared = []
@@ -90,7 +92,8 @@ class CanonicalMoE(nn.Module):
         # the analysis keeps the specs, and the detached weights registered above: its own tensors are views of the
         # model's parameters made under no_grad, which torch refuses to deepcopy once their base changed in place
         self.a = replace(a, router_weight=self.router_weight, router_bias=self.router_bias,
-                         selection_bias=self.selection_bias, weights=weights, shared=shared)
+                         selection_bias=self.selection_bias, expert_scale=self.expert_scale, weights=weights,
+                         shared=shared)
 
     def forward(self, x, other0=None, other1=None, other2=None, other3=None):
         a, r, e, c = self.a, self.a.routing, self.a.expert, self.a.capacity
@@ -112,10 +115,9 @@ class CanonicalMoE(nn.Module):
         else:
             logits = torch.nn.functional.linear(x2, self.router_weight, self.router_bias)
         if self.router_program is None and not a.routing_given:
-            # group_top only where it is not the op's default, as torch's graphs leave default arguments out
             weights, ids = torch.ops.moecc.route(logits, self.selection_bias, r.top_k, r.score, r.topk_first,
                                                  r.renormalize, r.n_group, r.topk_group, r.scale,
-                                                 *([r.group_top] if r.group_top != 2 else []))
+                                                 *routing.optional_route_args(r.group_top, self.expert_scale))
         group = x.shape[-2] if c.group == "sequence" else 0
         k = r.top_k
         if r.weights_on_inputs:

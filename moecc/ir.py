@@ -24,6 +24,7 @@ class RoutingSpec:
     # expert, so recognition proves which one a block computes
     weights_on_inputs: bool = False
     group_top: int = 2  # a group's score sums its best group_top choice scores (moecc.routing.route_reference)
+    has_expert_scale: bool = False  # each chosen weight times its expert's own factor, last (Gemma 4)
 
     def describe(self) -> str:
         on_inputs = " weights-on-inputs" if self.weights_on_inputs else ""
@@ -43,6 +44,8 @@ class RoutingSpec:
             parts.append(f"groups {self.topk_group}/{self.n_group}{by}")
         if self.scale != 1.0:
             parts.append(f"x{self.scale:g}")
+        if self.has_expert_scale:
+            parts.append("per-expert-scale")
         if self.has_router_bias:
             parts.append("router-bias")
         return " ".join(parts) + on_inputs

@@ -39,15 +39,16 @@ def route(
     topk_group: int,
     scale: float,
     group_top: int = 2,
+    expert_scale: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """logits [T, E] -> (weights [T, k] float32, ids [T, k] int64); ``moecc.routing.route_reference``."""
     return route_reference(logits, selection_bias, top_k, score, topk_first, renormalize, n_group, topk_group, scale,
-                           group_top)
+                           group_top, expert_scale)
 
 
 @route.register_fake
 def _route_fake(logits, selection_bias, top_k, score, topk_first, renormalize, n_group, topk_group, scale,
-                group_top=2):
+                group_top=2, expert_scale=None):
     t = logits.shape[0]
     return logits.new_empty((t, top_k), dtype=torch.float32), logits.new_empty((t, top_k), dtype=torch.int64)
 
@@ -67,10 +68,11 @@ def fused_route(
     scale: float,
     logits_fp32: bool,
     group_top: int = 2,
+    expert_scale: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Router matmul, scoring, top-k, renormalisation and scaling in one op: x [T, H] -> (weights, ids)."""
     return fused_route_reference(x, router_weight, router_bias, selection_bias, top_k, score, topk_first,
-                                 renormalize, n_group, topk_group, scale, logits_fp32, group_top)
+                                 renormalize, n_group, topk_group, scale, logits_fp32, group_top, expert_scale)
 
 
 @fused_route.register_fake

@@ -23,10 +23,13 @@ def route_reference(
     topk_group: int,
     scale: float,
     group_top: int = 2,
+    expert_scale: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Weights [T, k] (float32) and expert ids [T, k] (int64) of ``logits`` [T, E]. Group-limited top-k
     (``n_group > 1``) keeps the ``topk_group`` groups whose best ``group_top`` choice scores sum highest: 2 for
-    DeepSeek-V3, 1 (each group's best) for DeepSeek-V2's ``group_limited_greedy``."""
+    DeepSeek-V3, 1 (each group's best) for DeepSeek-V2's ``group_limited_greedy``. ``expert_scale`` [E]: each
+    chosen weight is multiplied by its expert's factor last, after renormalisation and ``scale`` (Gemma 4's
+    ``per_expert_scale``)."""
     if score not in SCORES:
         raise ValueError(f"score must be one of {SCORES}, got {score!r}")
     logits = logits.float()
@@ -55,7 +58,17 @@ def route_reference(
         weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
     if scale != 1.0:
         weights = weights * scale
+    if expert_scale is not None:
+        weights = weights * expert_scale.float()[ids]
     return weights.float().contiguous(), ids.to(torch.int64).contiguous()
+
+
+def optional_route_args(group_top: int, expert_scale) -> list:
+    """The trailing arguments of a ``moecc::route`` or ``fused_route`` call, left out where they are the op's
+    defaults, as torch's own graphs leave them out."""
+    if expert_scale is not None:
+        return [group_top, expert_scale]
+    return [group_top] if group_top != 2 else []
 
 
 def renormalizes(score: str, topk_first: bool, renormalize: bool) -> bool:
@@ -80,11 +93,11 @@ def router_logits(x: Tensor, weight: Tensor, bias: Tensor | None, fp32: bool) ->
 
 
 def fused_route_reference(x, router_weight, router_bias, selection_bias, top_k, score, topk_first, renormalize,
-                          n_group, topk_group, scale, logits_fp32, group_top=2):
+                          n_group, topk_group, scale, logits_fp32, group_top=2, expert_scale=None):
     """Router matmul then ``route_reference``: the semantics of ``moecc::fused_route``; plain, exportable torch."""
     logits = router_logits(x, router_weight, router_bias, logits_fp32)
     return route_reference(logits, selection_bias, top_k, score, topk_first, renormalize, n_group, topk_group, scale,
-                           group_top)
+                           group_top, expert_scale)
 
 
 def effective_capacity(group_tokens: int, top_k: int, num_experts: int, capacity: int,

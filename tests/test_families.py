@@ -254,7 +254,9 @@ def test_experts_fused_alone_where_their_block_is_not_canonical(family, block, b
     """Gemma 4's decoder layer calls its router and its experts itself, beside attention and a dense MLP; Inkling's
     router also weighs its shared expert. Neither block is a canonical MoE block, but each calls its experts as
     ``experts(x, ids, weights)``: capture keeps that module as the leaf instead, the routing runs as the model's
-    own graph ops, and the experts are fused."""
+    own graph ops, and the experts are fused. Gemma 4's routing ops compute a canonical routing with a per-expert
+    scale (drawn at random here, as a trained model's): ``lift_routing`` replaces them with moecc's route; Inkling's
+    read its input's sizes and stay."""
     model = make_model(family)
     cm = moecc.compile(model, backend=backend)
     cm(**make_inputs(family, 2, 8))
@@ -262,7 +264,9 @@ def test_experts_fused_alone_where_their_block_is_not_canonical(family, block, b
     assert [layer.name for layer in layers] == [f"{block.format(i)}.experts" for i in range(2)]
     for i, layer in enumerate(layers):
         assert layer.fused and layer.block == block.format(i), (layer.name, layer.reason)
-        assert layer.routing.startswith("top2 ids and weights computed by the model's own ops"), layer.routing
+        assert layer.routing == {
+            "gemma4": "softmax->top2 renorm per-expert-scale, lifted from the model's own routing ops",
+            "inkling": "top2 ids and weights computed by the model's own ops, handed to the experts"}[family]
         assert (layer.num_experts, layer.top_k, layer.activation) == (6, 2, "gated-silu" if family == "inkling"
                                                                        else "gated-gelu_tanh")
     _matches_eager_on_fresh_shapes(family, model, cm)

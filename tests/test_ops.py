@@ -54,6 +54,19 @@ def test_opcheck(name):
     torch.library.opcheck(op, OPCHECK_CASES[name](), test_utils=("test_schema", "test_faketensor"))
 
 
+@pytest.mark.parametrize("name", ["route", "fused_route"])
+def test_per_expert_scale_multiplies_each_chosen_weight_last(name):
+    """``expert_scale`` [E]: each chosen weight times its expert's factor, after renormalisation and the scale."""
+    args = OPCHECK_CASES[name]()
+    scale = torch.rand(6) + 0.5
+    op = getattr(torch.ops.moecc, name).default
+    torch.library.opcheck(op, (*args, 2, scale), test_utils=("test_schema", "test_faketensor"))
+    w, ids = op(*args)
+    ws, ids_s = op(*args, 2, scale)
+    assert torch.equal(ids, ids_s)
+    torch.testing.assert_close(ws, w * scale[ids])
+
+
 def test_fused_equals_naive_and_unfused():
     x, w, ids, w_up, w_down = _moe_args(t=9, seed=3)
     ref = _naive(x, w, ids, w_up, w_down)

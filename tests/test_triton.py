@@ -47,6 +47,30 @@ def test_gating_matches_route(t, e, k, routing):
     _check_gating(t, e, k, routing)
 
 
+@pytest.mark.parametrize("t,tiles", [(0, False), (1, False), (7, False), (300, False), (300, True)])
+@pytest.mark.parametrize("fused", [False, True])
+def test_gating_applies_each_experts_scale(t, tiles, fused, monkeypatch):
+    """A per-expert scale of the chosen weights (Gemma 4's), in the gating kernel and in the fused GEMV one; with
+    ``tiles`` several tokens a program."""
+    from moecc.codegen.triton.gating import fused_gating
+
+    if tiles:
+        monkeypatch.setattr(gating_module, "MIN_PROGRAMS", 4)
+    g = torch.Generator().manual_seed(t + 5)
+    e, h, k = 12, 40, 3
+    x, w = torch.randn(t, h, generator=g).to(DEVICE), torch.randn(e, h, generator=g).to(DEVICE)
+    sel = (torch.randn(e, generator=g) * 0.1).to(DEVICE)
+    per_expert = (torch.rand(e, generator=g) + 0.5).to(DEVICE)
+    rw, ri = torch.ops.moecc.fused_route(x, w, None, sel, k, "sigmoid", False, True, 1, 1, 2.5, True, 2, per_expert)
+    if fused:
+        gw, gi = fused_gating(x, w, None, sel, k, "sigmoid", False, True, 1, 1, 2.5, expert_scale=per_expert)
+    else:
+        gw, gi = gating(x @ w.t(), sel, k, "sigmoid", False, True, 1, 1, 2.5, expert_scale=per_expert)
+    order_r, order_g = ri.argsort(-1), gi.argsort(-1)
+    assert torch.equal(ri.gather(1, order_r), gi.gather(1, order_g))
+    torch.testing.assert_close(gw.gather(1, order_g), rw.gather(1, order_r), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("group_top,with_bias", [(1, False), (1, True), (2, False)])
 @pytest.mark.parametrize("fused", [False, True])
 def test_groups_scored_by_their_best_one_or_two_choices(group_top, with_bias, fused):

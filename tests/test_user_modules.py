@@ -420,6 +420,33 @@ def test_a_router_modules_own_bias_may_bias_the_selection_only(dtype):
     torch.testing.assert_close(cm(x), model(x), **tol)
 
 
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime", "triton"])
+def test_a_routers_per_expert_scale_of_its_weights_is_fitted_and_fused(backend):
+    """Gemma 4's router multiplies each chosen weight by its expert's learned factor: the fit reads which of the
+    router's [E] parameters it is, and every backend applies it: the route on torch and Triton (the gating
+    kernel), the copy of each expert's down projection that ONNX Runtime's com.microsoft.MoE reads."""
+    from user_modules import ExpertScaledMoE
+
+    device = _device(backend)
+    torch.manual_seed(0)
+    model = TinyModel(ExpertScaledMoE()).eval().to(device)
+    cm, layer = compile_on_ids(model, backend=backend, device=device)
+    assert layer.fused and layer.routing == "softmax->top2 renorm per-expert-scale", (layer.reason, layer.routing)
+    if backend == "onnxruntime":
+        from moecc.codegen.onnx.ort_moe import ort_computes_same
+
+        assert layer.lowering == ("com.microsoft.MoE" if ort_computes_same("swiglu", True, 2, False, 1.0, 0.0, 0.0, 6)
+                                  else "decomposed: the installed onnxruntime's com.microsoft.MoE(swiglu) does not "
+                                  "match on probe data"), layer.lowering
+    for shape in ((3, 11), (1, 1)):
+        x = torch.randint(0, 50, shape, device=device)
+        torch.testing.assert_close(cm(x), model(x), rtol=1e-4, atol=1e-5)
+    with torch.no_grad():  # ones (the factor at init) fit as no factor at all
+        model.moe.router.per_expert_scale.fill_(1.0)
+    _, layer = compile_on_ids(model, backend="torch", device=device)
+    assert layer.routing == "softmax->top2 renorm", layer.routing
+
+
 @pytest.mark.parametrize("backend", ["torch", "auto"])
 def test_group_limited_routing_written_with_constants_is_found_from_the_choices(backend):
     from user_modules import InlineGroupsMoE
@@ -845,6 +872,32 @@ def test_routing_arguments_are_told_by_dtype_and_shape():
     assert routing_positions(((x, ids.bool(), w), {})) is None
 
 
+def test_experts_are_read_once_for_their_search_and_their_analysis(monkeypatch):
+    """The search for a block's experts (first capture) and their analysis (second capture) read the same bank: the
+    second reuses the first's reading while the bank's tensors are unchanged, and reads again once one changed."""
+    import moecc.passes.recognize.routed as routed
+
+    reads = []
+    read = routed._read_experts
+
+    def counted(bank, *args):
+        found = read(bank, *args)
+        reads.append(bool(found))
+        return found
+
+    monkeypatch.setattr(routed, "_read_experts", counted)
+    torch.manual_seed(0)
+    model = TinyModel(_routed_experts("list")).eval()
+    _, layer = compile_on_ids(model, backend="torch")
+    assert layer.fused and reads == [True], (layer.reason, reads)
+    with torch.no_grad():
+        model.moe.experts.experts[0].w2.weight.mul_(2.0)
+    cm, layer = compile_on_ids(model, backend="torch")
+    assert layer.fused and reads == [True, True], reads
+    x = torch.randint(0, 50, (3, 7))
+    torch.testing.assert_close(cm(x), model(x))
+
+
 def test_experts_that_cannot_fuse_cost_no_second_capture(monkeypatch):
     """Experts whose function is no canonical expert (each normalizes its own output) leave the block as written
     with the block's reason, and the model is not captured again for them."""
@@ -875,7 +928,8 @@ def test_experts_that_cannot_fuse_cost_no_second_capture(monkeypatch):
 
 @pytest.mark.parametrize("backend", ["torch", "onnxruntime", "triton"])
 @pytest.mark.parametrize("routing,described", [("softmax", "softmax->top2 renorm"),
-                                               ("sigmoid_bias", "sigmoid->top2 renorm selection-bias x2.5")])
+                                               ("sigmoid_bias", "sigmoid->top2 renorm selection-bias x2.5"),
+                                               ("softmax_expert_scale", "softmax->top2 renorm per-expert-scale")])
 def test_routing_written_beside_routed_experts_is_lifted_into_moecc_ops(routing, described, backend):
     """The layer routes in its own code, which becomes graph ops beside the experts it calls: where those ops
     compute a canonical routing of one router matmul's input, ``lift_routing`` proves it on probes and feeds the
@@ -894,8 +948,11 @@ def test_routing_written_beside_routed_experts_is_lifted_into_moecc_ops(routing,
         # an onnxruntime whose com.microsoft.MoE computes otherwise (1.30's swiglu) gets the decomposed experts
         ort_moe = "com.microsoft.MoE" if ort_computes_same("swiglu", True, 2, False, 1.0, 0.0, 0.0, 6) else \
             "decomposed: the installed onnxruntime's com.microsoft.MoE(swiglu) does not match on probe data"
-        assert layer.lowering == (ort_moe if routing == "softmax" else
-                                  "decomposed: com.microsoft.MoE routes with softmax, this block with sigmoid")
+        assert layer.lowering == {
+            "softmax": ort_moe,
+            "sigmoid_bias": "decomposed: com.microsoft.MoE routes with softmax, this block with sigmoid",
+            "softmax_expert_scale": ort_moe,  # each expert's factor folds into its copy of the down projection
+        }[routing], layer.lowering
     for shape in ((3, 11), (1, 1), (2, 5)):
         x = torch.randint(0, 50, shape, device=device)
         torch.testing.assert_close(cm(x), model(x), rtol=1e-4, atol=1e-5)

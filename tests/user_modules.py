@@ -493,6 +493,42 @@ class ReferenceGate(nn.Module):
         return (weights * self.route_scale).type_as(x), indices
 
 
+class ExpertScaledRouter(nn.Module):
+    """Softmax, top-k and renormalisation, then each weight times its expert's learned factor (Gemma 4's router,
+    inside its block here)."""
+
+    def __init__(self, hidden, num_experts, top_k):
+        super().__init__()
+        self.top_k = top_k
+        self.proj = nn.Linear(hidden, num_experts, bias=False)
+        self.per_expert_scale = nn.Parameter(torch.rand(num_experts) + 0.5)
+
+    def forward(self, x):
+        probs = F.softmax(self.proj(x), dim=-1, dtype=torch.float32)
+        weights, ids = torch.topk(probs, self.top_k, dim=-1)
+        weights = weights / weights.sum(-1, keepdim=True)
+        return probs, weights * self.per_expert_scale[ids], ids
+
+
+class ExpertScaledMoE(LoopMoE):
+    """A block whose router module scales each routing weight by its expert's own factor."""
+
+    def __init__(self, hidden=24, inter=40, num_experts=6, top_k=2):
+        super().__init__(hidden, inter, num_experts, top_k)
+        del self.gate
+        self.router = ExpertScaledRouter(hidden, num_experts, top_k)
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        _, weights, chosen = self.router(x)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            token, slot = torch.where(chosen == e)
+            out.index_add_(0, token, expert(x[token]) * weights[token, slot, None].to(x.dtype))
+        return out.reshape(shape)
+
+
 class ReferenceGateMoE(LoopMoE):
     """DeepSeek-V3's reference MoE: a ``Gate`` module returning (weights, ids), experts looped over by count."""
 
@@ -1087,12 +1123,14 @@ class InlineRoutedLayer(nn.Module):
         self.norm = nn.LayerNorm(hidden)
         self.router = nn.Linear(hidden, num_experts, bias=False)
         self.score_bias = nn.Parameter(torch.randn(num_experts) * 0.1)
+        self.per_expert_scale = nn.Parameter(torch.rand(num_experts) + 0.5)
         self.experts = experts if experts is not None else RoutedExperts(hidden, num_experts=num_experts)
 
     def route(self, flat):
         """``sqrt``: square roots of the top-k softmax probabilities (no canonical routing); ``softmax``: the
         top-k probabilities renormalised (Mixtral's); ``sigmoid_bias``: sigmoid scores, the top-k chosen by scores
-        plus a bias, their unbiased scores renormalised and scaled (DeepSeek-V3's without groups)."""
+        plus a bias, their unbiased scores renormalised and scaled (DeepSeek-V3's without groups);
+        ``softmax_expert_scale``: Mixtral's, each weight then times its expert's own factor (Gemma 4's)."""
         logits = self.router(flat)
         if self.routing == "sigmoid_bias":
             scores = logits.sigmoid()
@@ -1102,6 +1140,8 @@ class InlineRoutedLayer(nn.Module):
         weights, ids = torch.topk(F.softmax(logits, dim=-1, dtype=torch.float32), self.top_k, dim=-1)
         if self.routing == "softmax":
             return (weights / weights.sum(-1, keepdim=True)).to(flat.dtype), ids
+        if self.routing == "softmax_expert_scale":
+            return weights / weights.sum(-1, keepdim=True) * self.per_expert_scale[ids], ids
         return weights.sqrt(), ids
 
     def forward(self, x):

@@ -7,8 +7,8 @@ ops are a function of one router matmul's input alone, this pass lifts them out 
 canonical routing to its outputs on probe inputs (``recognize.router.fit_routing``: score, top-k order,
 renormalisation, selection bias, groups, scale), checks the fit on two more probes, and then feeds the experts
 from ``linear`` + ``moecc.route`` instead, which ``fuse_gating`` turns into one fused op. The model's own ops stay
-for any other reader (a model that also returns its router's outputs). Routing that fits nothing (Gemma 4's
-per-expert scales, Inkling's shared-expert weight) stays as written, and the pass summary says why."""
+for any other reader (a model that also returns its router's outputs). Routing that fits nothing (Inkling's,
+which reads its input's sizes) stays as written, and the pass summary says why."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from moecc.passes.base import MoePass, PassResult, layers_of
 from moecc.passes.graph_utils import attr_of, eliminate_dead_code, nodes_calling
 from moecc.passes.recognize.probe import tolerance
 from moecc.passes.recognize.router import Observed, Router, fit_routing
-from moecc.routing import route_reference, router_logits
+from moecc.routing import optional_route_args, route_reference, router_logits
 
 log = logging.getLogger("moecc.passes")
 
@@ -126,7 +126,7 @@ def lift_one(gm: fx.GraphModule, dispatch: fx.Node, combine: fx.Node) -> MatchRe
     bias = None if bias_node is None else attr_of(gm, bias_node)
     num_experts, hidden = int(weight.shape[0]), int(weight.shape[1])
     params = [n for n in program.value.graph.nodes if n.op == "get_attr"]
-    # any [E] or [1, E] parameter the routing reads may bias the selection
+    # any [E] or [1, E] parameter the routing reads may bias the selection, or scale each expert's weight
     sels = [(n.target, attr_of(gm, n).detach().reshape(num_experts)) for n in params
             if n.target not in (weight_node.target, getattr(bias_node, "target", None))
             and attr_of(gm, n).numel() == num_experts and attr_of(gm, n).shape[-1] == num_experts]
@@ -151,34 +151,43 @@ def lift_one(gm: fx.GraphModule, dispatch: fx.Node, combine: fx.Node) -> MatchRe
                          logits_fp32=dtype == torch.float32 and weight.dtype == torch.float32)
     if fitted is None:
         return MatchResult.fail("the routing ops match no canonical routing")
-    spec, sel = fitted
+    spec, sel, per_expert = fitted
     for x, (w_ref, ids_ref) in zip(probes[1:], outs[1:]):
         logits = router_logits(x, router.weight, router.bias, spec.logits_fp32).float()
         w, ids = route_reference(logits, sel, spec.top_k, spec.score, spec.topk_first, spec.renormalize,
-                                 spec.n_group, spec.topk_group, spec.scale, spec.group_top)
+                                 spec.n_group, spec.topk_group, spec.scale, spec.group_top, per_expert)
         o, o_ref = ids.argsort(-1), ids_ref.long().argsort(-1)
         if not torch.equal(ids.gather(1, o), ids_ref.long().gather(1, o_ref)) or not torch.allclose(
                 w.gather(1, o), w_ref.float().gather(1, o_ref), rtol=rtol, atol=rtol * 1e-2):
             return MatchResult.fail(f"{spec.describe()} fits one probe of the routing ops but not another")
     sel_target = next((t for t, b in sels if b is sel), None)
+    scale_target = next((t for t, b in sels if b is per_expert), None)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     with gm.graph.inserting_before(max(weights_in, ids_in, key=order.get).next):
         x_r, w_r = linear.args[0], weight_node
         if spec.logits_fp32 and dtype != torch.float32:
             x_r, w_r = gm.graph.call_method("float", (x_r,)), gm.graph.call_method("float", (w_r,))
         logits = gm.graph.call_function(torch.ops.aten.linear.default, (x_r, w_r, bias_node))
-        sel_node = None if sel_target is None else gm.graph.get_attr(sel_target)
-        if sel_node is not None and tuple(attr_of(gm, sel_node).shape) != (num_experts,):
-            sel_node = gm.graph.call_method("reshape", (sel_node, num_experts))
+        sel_node, scale_node = (_per_expert(gm, t, num_experts) for t in (sel_target, scale_target))
         route = gm.graph.call_function(torch.ops.moecc.route.default, (
             logits, sel_node, spec.top_k, spec.score, spec.topk_first, spec.renormalize, spec.n_group,
-            spec.topk_group, spec.scale, *([spec.group_top] if spec.group_top != 2 else [])))
+            spec.topk_group, spec.scale, *optional_route_args(spec.group_top, scale_node)))
         new_w = gm.graph.call_function(operator.getitem, (route, 0))
         new_ids = gm.graph.call_function(operator.getitem, (route, 1))
     # the route gives [T, k] fp32 weights and int64 ids, what the canonical reshapes and casts made of the model's
     dispatch.update_arg(1, new_ids)
     combine.update_arg(2, new_w)
     return MatchResult.success(spec.describe())
+
+
+def _per_expert(gm: fx.GraphModule, target: str | None, num_experts: int) -> fx.Node | None:
+    """The parameter ``target`` as an ``[E]`` value of the graph (a router may keep it as ``[1, E]``)."""
+    if target is None:
+        return None
+    node = gm.graph.get_attr(target)
+    if tuple(attr_of(gm, node).shape) != (num_experts,):
+        node = gm.graph.call_method("reshape", (node, num_experts))
+    return node
 
 
 def _combine_of(dispatch: fx.Node) -> fx.Node | None:

@@ -434,6 +434,7 @@ def build(model: nn.Module, args, kwargs, backend: str, options: dict, dump_fold
     """Capture, run the pass pipeline (with dumps when asked) and lower to a backend."""
     from moecc.codegen.onnx.quant import quant_spec
 
+    hints = hints or CaptureHints()
     quant = quant_spec(options.get("quantize"), options.get("quant_block_size", 0),
                        options.get("quant_int8_activations", False))
     start = time.perf_counter()
@@ -457,7 +458,7 @@ def build(model: nn.Module, args, kwargs, backend: str, options: dict, dump_fold
             backend = "torch"
     for name, why in cap.unfused.items():
         layers_of(cap.gm)[name] = MoELayerInfo(name=name, reason=why)
-    for block, (bank, _) in (hints.routed_banks if hints else {}).items():
+    for block, (bank, _) in hints.routed_banks.items():
         layers_of(cap.gm)[bank] = MoELayerInfo(name=bank, block=block)
     pipeline = default_pipeline(EXPERT_LAYOUT[backend], options.get("copy_expert_weights"))
     manager = PassManager(pipeline, instruments, repro_dir=dump_folder)
@@ -466,7 +467,6 @@ def build(model: nn.Module, args, kwargs, backend: str, options: dict, dump_fold
     finally:
         forget_calls()
     layers = gm.meta.get("moecc_layers", {})
-    hints = hints or CaptureHints()
     if options.get("fuse", True) and (routed := _routed_banks(model, layers, hints)):
         for block, (bank, why) in routed.items():
             log.info("MoE block %s left as written (%s); capturing again with its experts %s as the leaf, routed by "

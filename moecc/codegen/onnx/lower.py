@@ -43,7 +43,7 @@ class OrtForm:
 
 def ort_form(route: fx.Node, moe: fx.Node) -> MatchResult[OrtForm]:
     """The com.microsoft.MoE attributes that compute exactly this (route, experts) pair, or why none do."""
-    (_, _, _, sel, _k, score, topk_first, renorm, n_group, _tg, _scale, _fp32, *_group_top) = route.args
+    (_, _, _, sel, _k, score, topk_first, renorm, n_group, _tg, _scale, _fp32, *_optional) = route.args
     act, gated, alpha, limit = moe.args[7], moe.args[8], moe.args[9], moe.args[10]
     capacity, cf = moe.args[11], moe.args[12]
     if score != "softmax":
@@ -101,7 +101,10 @@ def use_ort_moe(gm: fx.GraphModule, quant=None) -> dict[str, str]:
                                           num_experts):
             form = MatchResult.fail(f"the installed onnxruntime's com.microsoft.MoE({form.value.activation_type}) "
                                     "does not match on probe data")
-        if not form or route.args[1].op != "get_attr" or (route.args[2] is not None and router_b is None):
+        per_expert = route.args[13] if len(route.args) > 13 else None
+        per_expert_value = _param(gm, per_expert)
+        if not form or route.args[1].op != "get_attr" or (route.args[2] is not None and router_b is None) or \
+                (per_expert is not None and per_expert_value is None):
             lowering[prefix] = f"decomposed: {form.reason or 'router weights are not constants'}"
             continue
         f = form.value
@@ -119,8 +122,13 @@ def use_ort_moe(gm: fx.GraphModule, quant=None) -> dict[str, str]:
             inter = w_up.shape[1] // 2
             fc1 = torch.stack([w_up[:, :inter], w_up[:, inter:]], 2).reshape(w_up.shape)
             fc1_b = None if b_up is None else torch.stack([b_up[:, :inter], b_up[:, inter:]], 2).reshape(b_up.shape)
-        # the routed scaling factor folds into the second projection: sum_j s*w_j*f(x) = sum_j w_j*(s*f(x))
+        # the routed scaling factor, and each expert's own (Gemma 4's), fold into the second projection, which ORT
+        # holds in a copy of its own anyway: sum_j s_e(j)*w_j*f_e(j)(x) = sum_j w_j*(s_e(j)*f_e(j)(x))
         fc2, fc2_b = (w_down, b_down) if scale == 1.0 else (w_down * scale, None if b_down is None else b_down * scale)
+        if per_expert_value is not None:
+            factor = per_expert_value.detach().float().reshape(num_experts)
+            fc2 = fc2.float() * factor[:, None, None]
+            fc2_b = None if fc2_b is None else fc2_b.float() * factor[:, None]
         module = gm.get_submodule(prefix)
         names = {}
         tensors = [("ort_router_w_t", gm.get_parameter(route.args[1].target).t()), ("ort_router_b", router_b)]

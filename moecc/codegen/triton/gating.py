@@ -36,12 +36,13 @@ def _elementwise_score(v, SCORE: tl.constexpr):
 
 
 @triton.jit
-def _select(logits, bias_ptr, weights_ptr, ids_ptr, t, n_tokens, num_experts, scale,
+def _select(logits, bias_ptr, expert_scale_ptr, weights_ptr, ids_ptr, t, n_tokens, num_experts, scale,
             K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr, SCORE: tl.constexpr,
             TOPK_FIRST: tl.constexpr, RENORM: tl.constexpr, HAS_BIAS: tl.constexpr,
-            N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, G_PAD: tl.constexpr, GROUP_TOP: tl.constexpr):
+            N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, G_PAD: tl.constexpr, GROUP_TOP: tl.constexpr,
+            HAS_EXPERT_SCALE: tl.constexpr):
     """Scores, selection bias, group-limited top-k (a group scored by its best choice, or its best two summed:
-    ``GROUP_TOP``), top-k, renormalisation and scaling of the logits of tokens
+    ``GROUP_TOP``), top-k, renormalisation, scaling and per-expert scaling of the logits of tokens
     ``t`` ([BLOCK_T, E_PAD], one token per row; rows from ``n_tokens`` on are not stored)."""
     offs = tl.arange(0, E_PAD)[None, :]
     valid = offs < num_experts
@@ -106,18 +107,20 @@ def _select(logits, bias_ptr, weights_ptr, ids_ptr, t, n_tokens, num_experts, sc
     if RENORM:
         chosen_w = chosen_w / (tl.sum(tl.where(in_k, chosen_w, 0.0), 1)[:, None] + 1e-20)
     chosen_w = chosen_w * scale
-    out = t[:, None] * K + kk
     store = in_k & (t < n_tokens)[:, None]
+    if HAS_EXPERT_SCALE:
+        chosen_w = chosen_w * tl.load(expert_scale_ptr + chosen_i, mask=store, other=1.0).to(tl.float32)
+    out = t[:, None] * K + kk
     tl.store(weights_ptr + out, chosen_w, mask=store)
     tl.store(ids_ptr + out, chosen_i, mask=store)
 
 
 @triton.jit
-def _gating_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, stride_t, n_tokens, num_experts, scale,
-                   BLOCK_T: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr,
+def _gating_kernel(logits_ptr, bias_ptr, expert_scale_ptr, weights_ptr, ids_ptr, stride_t, n_tokens, num_experts,
+                   scale, BLOCK_T: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr,
                    SCORE: tl.constexpr, TOPK_FIRST: tl.constexpr, RENORM: tl.constexpr, HAS_BIAS: tl.constexpr,
                    N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, G_PAD: tl.constexpr, GROUP_TOP: tl.constexpr,
-                   PDL: tl.constexpr):
+                   HAS_EXPERT_SCALE: tl.constexpr, PDL: tl.constexpr):
     if PDL:  # the decode GEMV 1 waits for this kernel to finish before it reads anything
         gdc_launch_dependents()
     t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -125,17 +128,19 @@ def _gating_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, stride_t, n_token
     # rows past the last token read zeros (not -inf: a row of -inf has NaN scores) and are not stored
     logits = tl.load(logits_ptr + t[:, None] * stride_t + offs[None, :],
                      mask=(t < n_tokens)[:, None] & (offs < num_experts)[None, :], other=0.0)
-    _select(logits.to(tl.float32), bias_ptr, weights_ptr, ids_ptr, t, n_tokens, num_experts, scale, K, K_PAD, E_PAD,
-            SCORE, TOPK_FIRST, RENORM, HAS_BIAS, N_GROUP, TOPK_GROUP, G_PAD, GROUP_TOP)
+    _select(logits.to(tl.float32), bias_ptr, expert_scale_ptr, weights_ptr, ids_ptr, t, n_tokens, num_experts, scale,
+            K, K_PAD, E_PAD, SCORE, TOPK_FIRST, RENORM, HAS_BIAS, N_GROUP, TOPK_GROUP, G_PAD, GROUP_TOP,
+            HAS_EXPERT_SCALE)
 
 
 @triton.jit
-def _gemv_gating_kernel(x_ptr, w_ptr, rb_ptr, bias_ptr, logits_ptr, arrived_ptr, weights_ptr, ids_ptr, stride_x,
-                        stride_w, hidden, num_experts, scale, HAS_ROUTER_BIAS: tl.constexpr, ROWS: tl.constexpr,
-                        BLOCK_H: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr,
-                        SCORE: tl.constexpr, TOPK_FIRST: tl.constexpr, RENORM: tl.constexpr, HAS_BIAS: tl.constexpr,
-                        N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, G_PAD: tl.constexpr,
-                        GROUP_TOP: tl.constexpr, PDL: tl.constexpr, ROUND: tl.constexpr):
+def _gemv_gating_kernel(x_ptr, w_ptr, rb_ptr, bias_ptr, expert_scale_ptr, logits_ptr, arrived_ptr, weights_ptr,
+                        ids_ptr, stride_x, stride_w, hidden, num_experts, scale, HAS_ROUTER_BIAS: tl.constexpr,
+                        ROWS: tl.constexpr, BLOCK_H: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr,
+                        E_PAD: tl.constexpr, SCORE: tl.constexpr, TOPK_FIRST: tl.constexpr, RENORM: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, G_PAD: tl.constexpr,
+                        GROUP_TOP: tl.constexpr, HAS_EXPERT_SCALE: tl.constexpr, PDL: tl.constexpr,
+                        ROUND: tl.constexpr):
     """Small T: the router GEMV in fp32, ``ROWS`` experts of one token per program, then the same selection, run by
     the token's last program to finish (it counts arrivals in ``arrived``, and sets the count back to zero for the
     next launch: ``scratch.zeroed_counters``); one launch for all of gating. With ``ROUND`` the logits are rounded
@@ -165,11 +170,12 @@ def _gemv_gating_kernel(x_ptr, w_ptr, rb_ptr, bias_ptr, logits_ptr, arrived_ptr,
         offs_e = tl.arange(0, E_PAD)
         all_logits = tl.load(logits_ptr + t * E_PAD + offs_e, mask=offs_e < num_experts, other=0.0,
                              cache_modifier=".cg")
-        _select(all_logits[None, :], bias_ptr, weights_ptr, ids_ptr, t + tl.arange(0, 1), t + 1, num_experts, scale,
-                K, K_PAD, E_PAD, SCORE, TOPK_FIRST, RENORM, HAS_BIAS, N_GROUP, TOPK_GROUP, G_PAD, GROUP_TOP)
+        _select(all_logits[None, :], bias_ptr, expert_scale_ptr, weights_ptr, ids_ptr, t + tl.arange(0, 1), t + 1,
+                num_experts, scale, K, K_PAD, E_PAD, SCORE, TOPK_FIRST, RENORM, HAS_BIAS, N_GROUP, TOPK_GROUP, G_PAD,
+                GROUP_TOP, HAS_EXPERT_SCALE)
 
 
-def _meta(top_k, e, score, topk_first, renormalize, has_bias, n_group, topk_group, group_top):
+def _meta(top_k, e, score, topk_first, renormalize, has_bias, n_group, topk_group, group_top, has_expert_scale):
     if n_group > 1 and group_top not in (1, 2):
         raise NotImplementedError(f"Triton gating scores a group by its best 1 or 2 choices, not {group_top}")
     k = min(top_k, e)
@@ -177,7 +183,8 @@ def _meta(top_k, e, score, topk_first, renormalize, has_bias, n_group, topk_grou
                 TOPK_FIRST=topk_first, RENORM=renormalizes(score, topk_first, renormalize),
                 HAS_BIAS=has_bias,
                 N_GROUP=n_group if not topk_first else 1, TOPK_GROUP=topk_group,
-                G_PAD=triton.next_power_of_2(max(n_group, 1)), GROUP_TOP=group_top)
+                G_PAD=triton.next_power_of_2(max(n_group, 1)), GROUP_TOP=group_top,
+                HAS_EXPERT_SCALE=has_expert_scale)
 
 
 GEMV_MAX_TOKENS = 64  # up to here one fused launch beats a GEMM plus a gating launch
@@ -192,7 +199,7 @@ ROUTER_WARPS = 4
 
 def fused_gating(x: torch.Tensor, router_weight: torch.Tensor, router_bias, selection_bias, top_k: int, score: str,
                  topk_first: bool, renormalize: bool, n_group: int, topk_group: int, scale: float,
-                 round_logits: bool = False, group_top: int = 2):
+                 round_logits: bool = False, group_top: int = 2, expert_scale: torch.Tensor | None = None):
     """Router GEMV (fp32 accumulation) and gating in one launch, for small token counts; ``round_logits``: the
     logits rounded to ``x``'s dtype (a router whose eager GEMM returns them in it)."""
     t, hidden = x.shape
@@ -206,19 +213,21 @@ def fused_gating(x: torch.Tensor, router_weight: torch.Tensor, router_bias, sele
     bias = selection_bias if selection_bias is not None else w
     block_h = min(triton.next_power_of_2(hidden), ROUTER_BLOCK_H)
     rows = min(max(1, ROUTER_TILE_ELEMENTS // block_h), triton.next_power_of_2(e))
-    meta = _meta(top_k, e, score, topk_first, renormalize, selection_bias is not None, n_group, topk_group, group_top)
+    meta = _meta(top_k, e, score, topk_first, renormalize, selection_bias is not None, n_group, topk_group, group_top,
+                 expert_scale is not None)
     logits = torch.empty((t, meta["E_PAD"]), dtype=torch.float32, device=x.device)
     arrived = zeroed_counters(t, x.device)
     _gemv_gating_kernel[(t, triton.cdiv(e, rows))](
-        x, w, router_bias if router_bias is not None else w, bias, logits, arrived, weights, ids, x.stride(0),
-        w.stride(0), hidden, e, float(scale), HAS_ROUTER_BIAS=router_bias is not None, ROWS=rows, BLOCK_H=block_h,
+        x, w, router_bias if router_bias is not None else w, bias, _per_expert(expert_scale, w), logits, arrived,
+        weights, ids, x.stride(0), w.stride(0), hidden, e, float(scale), HAS_ROUTER_BIAS=router_bias is not None,
+        ROWS=rows, BLOCK_H=block_h,
         PDL=dependent_launch.enabled(x), ROUND=round_logits and x.dtype != torch.float32, num_warps=ROUTER_WARPS,
         **meta)
     return weights, ids
 
 
 def gating(logits: torch.Tensor, selection_bias, top_k: int, score: str, topk_first: bool, renormalize: bool,
-           n_group: int, topk_group: int, scale: float, group_top: int = 2):
+           n_group: int, topk_group: int, scale: float, group_top: int = 2, expert_scale: torch.Tensor | None = None):
     """logits [T, E] -> (weights [T, k] fp32, ids [T, k] int64); the semantics of ``moecc::route``."""
     t, e = logits.shape
     k = min(top_k, e)
@@ -229,11 +238,17 @@ def gating(logits: torch.Tensor, selection_bias, top_k: int, score: str, topk_fi
     logits = logits.contiguous()
     bias = selection_bias if selection_bias is not None else logits
     block_t = tokens_per_program(t, e)
-    meta = _meta(top_k, e, score, topk_first, renormalize, selection_bias is not None, n_group, topk_group, group_top)
+    meta = _meta(top_k, e, score, topk_first, renormalize, selection_bias is not None, n_group, topk_group, group_top,
+                 expert_scale is not None)
     _gating_kernel[(triton.cdiv(t, block_t),)](
-        logits, bias, weights, ids, logits.stride(0), t, e, float(scale), BLOCK_T=block_t,
-        num_warps=_warps(block_t * meta["E_PAD"]), PDL=dependent_launch.enabled(logits), **meta)
+        logits, bias, _per_expert(expert_scale, logits), weights, ids, logits.stride(0), t, e, float(scale),
+        BLOCK_T=block_t, num_warps=_warps(block_t * meta["E_PAD"]), PDL=dependent_launch.enabled(logits), **meta)
     return weights, ids
+
+
+def _per_expert(t: torch.Tensor | None, placeholder: torch.Tensor) -> torch.Tensor:
+    """An [E] tensor as the kernels read it (contiguous), or any pointer where there is none (never read)."""
+    return placeholder if t is None else t.contiguous()
 
 
 TILE_ELEMENTS = 2048  # logits per program, at most

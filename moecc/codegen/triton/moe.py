@@ -114,7 +114,7 @@ LOW_PRECISION_GEMV_MAX_TOKENS = 16
 def fused_route_triton(
     x: Tensor, router_weight: Tensor, router_bias: Tensor | None, selection_bias: Tensor | None, top_k: int,
     score: str, topk_first: bool, renormalize: bool, n_group: int, topk_group: int, scale: float, logits_fp32: bool,
-    group_top: int = 2,
+    group_top: int = 2, expert_scale: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Same contract as ``moecc::fused_route``: one fused GEMV+gating launch for small T (the GEMV accumulates
     in fp32; bf16/fp16 logits are then rounded once, as the eager GEMM rounds them, unless the knob keeps those
@@ -126,9 +126,11 @@ def fused_route_triton(
         gemv_tokens = GEMV_MAX_TOKENS
     if x.shape[0] <= gemv_tokens:
         return fused_gating(x, router_weight, router_bias, selection_bias, top_k, score, topk_first, renormalize,
-                            n_group, topk_group, scale, round_logits=low_precision, group_top=group_top)
+                            n_group, topk_group, scale, round_logits=low_precision, group_top=group_top,
+                            expert_scale=expert_scale)
     logits = router_logits(x, router_weight, router_bias, logits_fp32)
-    return gating(logits, selection_bias, top_k, score, topk_first, renormalize, n_group, topk_group, scale, group_top)
+    return gating(logits, selection_bias, top_k, score, topk_first, renormalize, n_group, topk_group, scale, group_top,
+                  expert_scale)
 
 
 @fused_route_triton.register_fake

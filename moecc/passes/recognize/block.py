@@ -160,14 +160,21 @@ def _bank_caller(block: nn.Module, bank: nn.Module, hidden: int, like: torch.Ten
             y = None
         if isinstance(y, torch.Tensor) and y.shape == (4, hidden):
             return f
-    parents = {id(child): mod for mod in block.modules() for child in mod.children()}
-    mod = bank
-    while mod is not block:
+    for mod in bank_and_ancestors(block, bank):
         f = _bank_probe(mod, hidden, like)
         if f is not None:
             return f
-        mod = parents.get(id(mod), block)
     return None
+
+
+def bank_and_ancestors(block: nn.Module, bank: nn.Module):
+    """``bank``, then each module above it inside ``block``, nearest first, ``block`` itself excluded: where the
+    module that takes a bank's routing is looked for."""
+    parents = {id(child): mod for mod in block.modules() for child in mod.children()}
+    mod = bank
+    while mod is not block:
+        yield mod
+        mod = parents.get(id(mod), block)
 
 
 def _called(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -505,10 +512,11 @@ def _recorder(into: list):
 
 
 def _searched_routing(router, mods: list[nn.Module], num_experts: int, chosen: torch.Tensor | None = None):
-    """(routing spec, selection bias, capacity) candidates for a router whose outputs are not observed; ``chosen``:
-    the experts each probe token reached, where the expert calls showed them, which may point to groups that no
-    attribute names (``observed_groups``)."""
-    return ((spec, sel, cap) for (spec, sel), cap in itertools.product(
+    """(routing spec, selection bias, expert scale, capacity) candidates for a router whose outputs are not
+    observed (no per-expert scale: only observed weights fit one); ``chosen``: the experts each probe token
+    reached, where the expert calls showed them, which may point to groups that no attribute names
+    (``observed_groups``)."""
+    return ((spec, sel, None, cap) for (spec, sel), cap in itertools.product(
         routing_candidates(num_experts, topk_candidates(mods, num_experts), router.selection_biases,
                            group_candidates(mods, num_experts, chosen), router.bias is not None, False),
         capacity_candidates(mods)))
@@ -718,7 +726,7 @@ def _analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | 
             if not isinstance(expert_candidates, list):  # that search needs a generator of its own
                 expert_candidates = all_candidates()
     if observed:
-        spec, sel = fitted
+        spec, sel, per_expert = fitted
         xc = inputs[-1]
         obs_c = read_outputs(router_calls[-1][2], xc.reshape(-1, hidden).shape[0], num_experts)
         cap = None if obs_c is None else fit_capacity(router, spec, sel, obs_c, routed(xc).reshape(-1, hidden),
@@ -726,7 +734,7 @@ def _analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | 
         if cap is None:
             return MatchResult.fail(f"router {router.path}: tokens it drops match no capacity rule "
                                     "(fixed or factor capacity, per sequence or per batch, token or slot order)")
-        routing_options = [(spec, sel, cap)]
+        routing_options = [(spec, sel, per_expert, cap)]
     else:
         chosen = None
         if _all_tensors(expert_inputs):
@@ -737,8 +745,8 @@ def _analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | 
 
     def candidates(router, routing_options, expert_candidates):
         nonlocal tried
-        for (spec, sel, cap), (espec, ew) in itertools.islice(_pairs(routing_options, expert_candidates),
-                                                               MAX_JOINT_CANDIDATES):
+        pairs = _pairs(routing_options, expert_candidates)
+        for (spec, sel, per_expert, cap), (espec, ew) in itertools.islice(pairs, MAX_JOINT_CANDIDATES):
             tried += 1
             cap = cap if isinstance(cap, CapacitySpec) else CapacitySpec()
             for (fp32, on_inputs), post in itertools.product(_variants(spec, cap, like.dtype), posts):
@@ -746,7 +754,8 @@ def _analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | 
                     yield BlockAnalysis(replace(spec, logits_fp32=fp32, weights_on_inputs=on_inputs), router.weight,
                                         router.bias, sel, espec, ew, cap, shared.value,
                                         output_tuple=not isinstance(raw[0], torch.Tensor), flat_output=flat_output,
-                                        post=post, pre=pre, extra_experts=extra, extra_pass_input=pass_input)
+                                        post=post, pre=pre, extra_experts=extra, extra_pass_input=pass_input,
+                                        expert_scale=per_expert)
 
     def search(router, routing_options, expert_candidates) -> _Closest:
         closest = _Closest(like.dtype)

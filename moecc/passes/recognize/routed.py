@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import weakref
 from dataclasses import replace
 
 import torch
@@ -21,6 +22,7 @@ from moecc.ir import RoutingSpec
 from moecc.match import MatchResult
 from moecc.passes.recognize import stacked
 from moecc.passes.recognize.block import (
+    bank_and_ancestors,
     best_layout,
     find_bank,
     find_expert_list,
@@ -77,22 +79,20 @@ def routed_bank(block: nn.Module) -> str | None:
     router = find_router(block, num_experts, None, {id(m) for m in bank_mod.modules()})
     sizes = [int(router.weight.shape[1])] if router is not None else \
         sorted({int(d) for p in bank_mod.parameters() if p.dim() >= 2 for d in p.shape[-2:]})
-    parents = {id(child): mod for mod in block.modules() for child in mod.children()}
     path = {id(m): name for name, m in block.named_modules()}
-    mod = bank_mod
-    while mod is not block:
-        if not isinstance(mod, (nn.ModuleList, nn.ModuleDict)):
-            for hidden, order in itertools.product(sizes, _routing_orders(mod)):
-                x = torch.randn(4, hidden, dtype=like.dtype, device=like.device)
-                ids = torch.zeros(4, 1, dtype=torch.long, device=like.device)
-                w = torch.ones(4, 1, dtype=like.dtype, device=like.device)
-                call = ((x, *((w, ids) if order == (0, 1) else (ids, w))), {})
-                try:
-                    if _expert_candidates(mod, _Caller(mod, call, order), hidden, like):
-                        return path[id(mod)]
-                except Exception:  # noqa: BLE001, S112 - the module has another calling convention
-                    continue
-        mod = parents[id(mod)]
+    for mod in bank_and_ancestors(block, bank_mod):
+        if isinstance(mod, (nn.ModuleList, nn.ModuleDict)):
+            continue
+        for hidden, order in itertools.product(sizes, _routing_orders(mod)):
+            x = torch.randn(4, hidden, dtype=like.dtype, device=like.device)
+            ids = torch.zeros(4, 1, dtype=torch.long, device=like.device)
+            w = torch.ones(4, 1, dtype=like.dtype, device=like.device)
+            call = ((x, *((w, ids) if order == (0, 1) else (ids, w))), {})
+            try:
+                if _expert_candidates(mod, _Caller(mod, call, order), hidden, like):
+                    return path[id(mod)]
+            except Exception:  # noqa: BLE001, S112 - the module has another calling convention
+                continue
     return None
 
 
@@ -129,8 +129,32 @@ class _Caller:
                 weights.to(device=self.weights.device, dtype=self.weights.dtype))
 
 
+# the experts read of each bank, kept for as long as its parameters are unchanged: the search for a block's experts
+# and their analysis in the capture that follows read the same bank (E calls and a layout search each)
+_READ: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _state(module: nn.Module, hidden: int) -> tuple:
+    """What the experts read of ``module`` depend on: its tensors (storage and in-place version) and the width."""
+    return hidden, tuple((t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape))
+                         for t in [*module.parameters(), *module.buffers()])
+
+
 def _expert_candidates(bank: nn.Module, caller: _Caller, hidden: int, like: torch.Tensor):
-    """The (spec, weights) of the bank's experts, each expert's function read by routing every token to it."""
+    """The (spec, weights) of the bank's experts, each expert's function read by routing every token to it. A read
+    that succeeded is reused while the bank's tensors are unchanged: the caller proves it on the routing of its
+    own call either way."""
+    state = _state(bank, hidden)
+    kept = _READ.get(bank)
+    if kept is not None and kept[0] == state:
+        return kept[1]
+    found = _read_experts(bank, caller, hidden, like)
+    if found:
+        _READ[bank] = (state, found)
+    return found
+
+
+def _read_experts(bank: nn.Module, caller: _Caller, hidden: int, like: torch.Tensor):
     listed = find_expert_list(bank)
     if listed is not None:
         r = stack_mlps(listed[1], hidden)
@@ -212,7 +236,7 @@ def _proven(bank: nn.Module, caller: _Caller, a: BlockAnalysis, hidden: int,
             if ref.numel() != y.numel():
                 return MatchResult.fail(f"{type(bank).__name__}'s output is shaped {tuple(ref.shape)} for input "
                                         f"{tuple(x.shape)}")
-            a.flat_output = ref.shape == x.reshape(-1, hidden).shape
+            a = replace(a, flat_output=ref.shape == x.reshape(-1, hidden).shape)
             canon = CanonicalMoE(a)
             with torch.no_grad():
                 y = canon(x, w, ids)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -219,10 +219,14 @@ def routing_candidates(num_experts: int, top_ks: list[int], sel_biases: list, gr
                                       sel is not None, group_top=group_top), sel
 
 
+Fitted = tuple[RoutingSpec, "torch.Tensor | None", "torch.Tensor | None"]  # spec, selection bias, expert scale
+
+
 def fit_routing(router: Router, obs: Observed, x2: torch.Tensor, num_experts: int, mods: list[nn.Module],
-                rtol: float, logits_fp32: bool | None = None) -> tuple[RoutingSpec, torch.Tensor | None] | None:
-    """The routing spec (and scale) whose output equals the observed (ids, weights) on every routed token.
-    ``logits_fp32``: whether the router's logits are computed in fp32, where the caller knows (None: fitted)."""
+                rtol: float, logits_fp32: bool | None = None) -> Fitted | None:
+    """The routing spec (with its scale), selection bias and per-expert scale whose output equals the observed
+    (ids, weights) on every routed token. ``logits_fp32``: whether the router's logits are computed in fp32, where
+    the caller knows (None: fitted)."""
     for weights in (obs.weights, *obs.alternatives):
         fitted = _fit_one(router, Observed(obs.ids, weights, obs.dropped), x2, num_experts, mods, rtol, logits_fp32)
         if fitted is not None:
@@ -231,12 +235,13 @@ def fit_routing(router: Router, obs: Observed, x2: torch.Tensor, num_experts: in
 
 
 def _fit_one(router: Router, obs: Observed, x2: torch.Tensor, num_experts: int, mods: list[nn.Module],
-             rtol: float, logits_fp32: bool | None = None) -> tuple[RoutingSpec, torch.Tensor | None] | None:
-    """The candidate that selects the observed experts and whose weights, times a scale, come closest to the
-    observed ones (a later one must halve an error above rounding), if within ``rtol``. The closest, not the first
-    within ``rtol``: a bound loose enough for bf16 weights (near-tied logits round apart) also admits neighbours of
-    the right function on a router whose scores are nearly uniform (a random one): the top-2 of 6 softmax scores
-    renormalised and times 0.37 lie within 16 % of the scores themselves."""
+             rtol: float, logits_fp32: bool | None = None) -> Fitted | None:
+    """The candidate that selects the observed experts and whose weights, times a scale (and, failing that, times
+    one of the router's ``[E]`` tensors at each chosen expert), come closest to the observed ones (a later one must
+    halve an error above rounding), if within ``rtol``. The closest, not the first within ``rtol``: a bound loose
+    enough for bf16 weights (near-tied logits round apart) also admits neighbours of the right function on a
+    router whose scores are nearly uniform (a random one): the top-2 of 6 softmax scores renormalised and times
+    0.37 lie within 16 % of the scores themselves."""
     k = obs.ids.shape[1]
     keep = (obs.ids >= 0).all(-1)
     obs_ids, obs_w = obs.ids[keep], obs.weights[keep].float()
@@ -246,7 +251,7 @@ def _fit_one(router: Router, obs: Observed, x2: torch.Tensor, num_experts: int, 
     precisions = (True, False) if x2.dtype == router.weight.dtype != torch.float32 else (True,)
     if logits_fp32 is not None:
         precisions = (logits_fp32 or x2.dtype == torch.float32,)
-    best: tuple[float, RoutingSpec, torch.Tensor | None] | None = None
+    best: tuple[float, RoutingSpec, torch.Tensor | None, torch.Tensor | None] | None = None
     exact = tolerance(x2.dtype) / 10
     groups = group_candidates(mods, num_experts, obs_ids)
     for fp32 in precisions:
@@ -260,18 +265,28 @@ def _fit_one(router: Router, obs: Observed, x2: torch.Tensor, num_experts: int, 
             if not torch.equal(ids_k.gather(1, o), obs_ids):
                 continue
             w_k = w_k.gather(1, o)
-            # a scale of 1 that fits is 1, not the rounding noise of low-precision weights around it
-            scale, err = 1.0, rel_err(w_k, obs_w)
-            if not torch.allclose(w_k, obs_w, rtol=rtol, atol=rtol * 1e-2):
-                scale = snap((obs_w.sum() / w_k.sum()).item(), obs.weights.dtype) if w_k.sum() != 0 else 1.0
-                if not torch.allclose(w_k * scale, obs_w, rtol=rtol, atol=rtol * 1e-2):
+            for per_expert in (None, *(b for b in router.selection_biases if b is not sel)):
+                w_e = w_k if per_expert is None else w_k * per_expert.float()[obs_ids]
+                fit = _scale_fit(w_e, obs_w, rtol, obs.weights.dtype)
+                if fit is None:
                     continue
-                err = rel_err(w_k * scale, obs_w)
-            # equal forms (top-k then softmax, softmax then top-k renormalised) differ by rounding: the first stays
-            if best is None or (best[0] > exact and err < best[0] / 2):
-                spec.scale = scale
-                best = (err, spec, sel)
-    return None if best is None else (best[1], best[2])
+                scale, err = fit
+                # equal forms (top-k then softmax, softmax then top-k renormalised) differ by rounding: the first
+                # stays, and so does no per-expert scale where one of ones fits as well
+                if best is None or (best[0] > exact and err < best[0] / 2):
+                    best = (err, replace(spec, scale=scale, has_expert_scale=per_expert is not None), sel, per_expert)
+    return None if best is None else best[1:]
+
+
+def _scale_fit(w: torch.Tensor, obs_w: torch.Tensor, rtol: float, dtype: torch.dtype) -> tuple[float, float] | None:
+    """(scale, relative error) of ``w * scale`` as ``obs_w``, within ``rtol``; a scale of 1 that fits is 1, not the
+    rounding noise of low-precision weights around it."""
+    if torch.allclose(w, obs_w, rtol=rtol, atol=rtol * 1e-2):
+        return 1.0, rel_err(w, obs_w)
+    scale = snap((obs_w.sum() / w.sum()).item(), dtype) if w.sum() != 0 else 1.0
+    if not torch.allclose(w * scale, obs_w, rtol=rtol, atol=rtol * 1e-2):
+        return None
+    return scale, rel_err(w * scale, obs_w)
 
 
 def fit_capacity(router: Router, spec: RoutingSpec, sel, obs: Observed, x2: torch.Tensor, seq_len: int,
