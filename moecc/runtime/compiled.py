@@ -23,6 +23,7 @@ from moecc.ir import MoELayerInfo
 from moecc.logs import quiet
 from moecc.passes import DumpIR, PassManager, Timing, default_pipeline
 from moecc.passes.base import layers_of
+from moecc.passes.recognize.routed import forget_reads
 from moecc.report import graph_summary
 from moecc.runtime import kv_cache
 from moecc.runtime.blockwise import Blockwise
@@ -467,7 +468,10 @@ def build(model: nn.Module, args, kwargs, backend: str, options: dict, dump_fold
     finally:
         forget_calls()
     layers = gm.meta.get("moecc_layers", {})
-    if options.get("fuse", True) and (routed := _routed_banks(model, layers, hints)):
+    routed = _routed_banks(model, layers, hints) if options.get("fuse", True) else {}
+    if not routed:
+        forget_reads()
+    else:
         for block, (bank, why) in routed.items():
             log.info("MoE block %s left as written (%s); capturing again with its experts %s as the leaf, routed by "
                      "the model's own ops", block, why, bank)
@@ -480,6 +484,8 @@ def build(model: nn.Module, args, kwargs, backend: str, options: dict, dump_fold
             why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             for name in routed:
                 layers[name].reason += f"; its experts alone could not be captured: {why}"
+        finally:
+            forget_reads()
     for name, info in layers.items():
         if info.routed_bank and name not in hints.routed_banks:  # recognize said it only where a capture may follow
             log.warning("MoE block %s left as written: %s", name, info.reason)

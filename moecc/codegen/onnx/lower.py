@@ -103,8 +103,9 @@ def use_ort_moe(gm: fx.GraphModule, quant=None) -> dict[str, str]:
                                     "does not match on probe data")
         per_expert = route.args[13] if len(route.args) > 13 else None
         per_expert_value = _param(gm, per_expert)
-        if not form or route.args[1].op != "get_attr" or (route.args[2] is not None and router_b is None) or \
-                (per_expert is not None and per_expert_value is None):
+        if form and per_expert is not None and per_expert_value is None:
+            form = MatchResult.fail("the per-expert scale of the routing weights is computed in the graph")
+        if not form or route.args[1].op != "get_attr" or (route.args[2] is not None and router_b is None):
             lowering[prefix] = f"decomposed: {form.reason or 'router weights are not constants'}"
             continue
         f = form.value

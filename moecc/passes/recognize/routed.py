@@ -129,28 +129,25 @@ class _Caller:
                 weights.to(device=self.weights.device, dtype=self.weights.dtype))
 
 
-# the experts read of each bank, kept for as long as its parameters are unchanged: the search for a block's experts
-# and their analysis in the capture that follows read the same bank (E calls and a layout search each)
+# each bank's experts as read for a width, until the compile ends (``forget_reads``, which ``build`` calls): the
+# search for a block's experts and their analysis in the capture that follows read the same bank (E calls and a
+# layout search each), and a reading may hold a copy of the bank's weights
 _READ: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _state(module: nn.Module, hidden: int) -> tuple:
-    """What the experts read of ``module`` depend on: its tensors (storage and in-place version) and the width."""
-    return hidden, tuple((t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape))
-                         for t in [*module.parameters(), *module.buffers()])
+def forget_reads() -> None:
+    _READ.clear()
 
 
 def _expert_candidates(bank: nn.Module, caller: _Caller, hidden: int, like: torch.Tensor):
     """The (spec, weights) of the bank's experts, each expert's function read by routing every token to it. A read
-    that succeeded is reused while the bank's tensors are unchanged: the caller proves it on the routing of its
-    own call either way."""
-    state = _state(bank, hidden)
+    that succeeded is reused within the compile: the caller proves it on the routing of its own call either way."""
     kept = _READ.get(bank)
-    if kept is not None and kept[0] == state:
+    if kept is not None and kept[0] == hidden:
         return kept[1]
     found = _read_experts(bank, caller, hidden, like)
     if found:
-        _READ[bank] = (state, found)
+        _READ[bank] = (hidden, found)
     return found
 
 

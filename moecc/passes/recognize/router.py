@@ -236,9 +236,9 @@ def fit_routing(router: Router, obs: Observed, x2: torch.Tensor, num_experts: in
 
 def _fit_one(router: Router, obs: Observed, x2: torch.Tensor, num_experts: int, mods: list[nn.Module],
              rtol: float, logits_fp32: bool | None = None) -> Fitted | None:
-    """The candidate that selects the observed experts and whose weights, times a scale (and, failing that, times
-    one of the router's ``[E]`` tensors at each chosen expert), come closest to the observed ones (a later one must
-    halve an error above rounding), if within ``rtol``. The closest, not the first within ``rtol``: a bound loose
+    """The candidate that selects the observed experts and whose weights, times a scale (and maybe times one of the
+    router's ``[E]`` tensors at each chosen expert), come closest to the observed ones (a later one must halve an
+    error above rounding), if within ``rtol``. The closest, not the first within ``rtol``: a bound loose
     enough for bf16 weights (near-tied logits round apart) also admits neighbours of the right function on a
     router whose scores are nearly uniform (a random one): the top-2 of 6 softmax scores renormalised and times
     0.37 lie within 16 % of the scores themselves."""
