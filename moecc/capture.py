@@ -258,11 +258,30 @@ def forget_calls() -> None:
     EXAMPLE_CALLS.clear()
 
 
+def _routed_without_block(model: nn.Module, found: list, hints: CaptureHints) -> list[tuple[str, nn.Module]]:
+    """The routed banks of ``hints`` whose block is no module of ``model`` (a graph torch.compile traced the block
+    into, with its experts' calls given back: ``dynamo_blocks``), as leaves of their own."""
+    names = {n for n, _ in found}
+    out = []
+    for block, (bank, _) in hints.routed_banks.items():
+        if block in names:
+            continue
+        try:
+            out.append((bank, model.get_submodule(bank)))
+        except AttributeError:
+            continue
+    return out
+
+
 def capture(model: nn.Module, args: tuple, kwargs: dict, fuse: bool = True,
             hints: CaptureHints | None = None) -> Captured:
     hints = hints or CaptureHints()
     found = find_moe_blocks(model) if fuse else []  # kept apart from ``blocks``, which gains the expert owners
-    blocks = list(found)
+    alone = _routed_without_block(model, found, hints) if fuse else []
+    # a module holding such experts is no block of its own (the graph module itself, whose router-shaped
+    # constants beside them made it look like one)
+    found = [(n, b) for n, b in found if not any(not n or bank.startswith(f"{n}.") for bank, _ in alone)]
+    blocks = found + alone
     log.info("found %d MoE block(s): %s", len(blocks), ", ".join(n for n, _ in blocks) or "-")
     owners = expert_owners(model, [n for n, _ in blocks]) if fuse else []
     if owners:

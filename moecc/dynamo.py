@@ -62,6 +62,9 @@ def moecc_backend(gm: fx.GraphModule, example_inputs, mode: str | None = None, o
     lifted = lift_blocks(_copy(gm), example_inputs)
     for name, why in lifted.unfused.items():
         log.warning("MoE block %s runs as dynamo traced it: %s", name, why)
+    for name, (bank, why) in lifted.routed.items():
+        log.info("MoE block %s runs as dynamo traced it (%s), but for its experts %s, given back alone", name, why,
+                 bank)
     if not lifted.blocks:
         log.info("torch.compile graph of %d nodes: no MoE block, run as dynamo traced it", len(gm.graph.nodes))
         return gm.forward
@@ -70,7 +73,7 @@ def moecc_backend(gm: fx.GraphModule, example_inputs, mode: str | None = None, o
     gm.training = False  # dynamo traced the model in its own mode; the check's messages read this flag
     inputs = take_inputs(gm, example_inputs)
     compiled = api.compile(gm, backend=backend, dump_dir=dump_dir, **options)
-    compiled.hints = CaptureHints(inputs.dynamic_dims, dict(lifted.unfused))
+    compiled.hints = CaptureHints(inputs.dynamic_dims, dict(lifted.unfused), dict(lifted.routed))
     _COMPILED.append(weakref.ref(compiled))
 
     traced = original.forward

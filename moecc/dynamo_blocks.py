@@ -8,7 +8,10 @@ then treats the result as it treats any model.
 
 A call is replaced only on evidence: its ops read one tensor besides the block's own weights, and on the example
 inputs every value the rest of the graph reads from them is one of the outputs the block computes from that
-tensor. Otherwise the ops stay as dynamo traced them, and the reason is returned."""
+tensor. Otherwise the ops stay as dynamo traced them, and the reason is returned. A block that reads more (Gemma 4's
+decoder layer, which routes beside attention) may still call its experts as ``experts(x, ids, weights)``
+(``recognize.routed.routed_bank``): those calls, which read those three tensors alone, are given back their experts
+module instead, as ``moecc.compile``'s second capture does (``Lifted.routed``)."""
 
 from __future__ import annotations
 
@@ -32,15 +35,18 @@ class Lifted:
     gm: fx.GraphModule
     blocks: list[str] = field(default_factory=list)  # names of the blocks whose calls became call_module
     unfused: dict[str, str] = field(default_factory=dict)  # name -> why its ops stay as traced
+    # block name -> (target of its experts, why the block's own calls stay as traced): experts given back alone,
+    # the form of ``moecc.capture.CaptureHints.routed_banks``
+    routed: dict[str, tuple[str, str]] = field(default_factory=dict)
 
 
 @dataclass
 class _Call:
-    """The ops of one call of a block: ``x`` the tensor it reads besides the block's weights, ``outputs`` the
-    nodes the rest of the graph reads."""
+    """The ops of one call of a block: ``args`` the tensors it reads besides the block's weights, in the order the
+    block takes them, ``outputs`` the nodes the rest of the graph reads."""
 
     nodes: list[fx.Node]
-    x: fx.Node | None = None
+    args: tuple[fx.Node, ...] = ()
     outputs: list[fx.Node] = field(default_factory=list)
 
 
@@ -127,8 +133,8 @@ def _own_tensors(block: nn.Module) -> set[int]:
     return {id(t) for t in [*block.parameters(), *block.buffers()]}
 
 
-def _describe_call(call: _Call, values_of: dict[fx.Node, object], own: set[int]) -> str | None:
-    """Fill ``call.x`` and ``call.outputs``; why the call cannot be replaced, or None."""
+def _activations(call: _Call, values_of: dict[fx.Node, object], own: set[int]) -> list[tuple[fx.Node, object]]:
+    """(node, example value) of each tensor a call's ops read besides the module's weights, in graph order."""
     members = set(call.nodes)
     reads = []
     for n in call.nodes:
@@ -141,11 +147,40 @@ def _describe_call(call: _Call, values_of: dict[fx.Node, object], own: set[int])
         if m.op == "get_attr" or (m.op == "placeholder" and isinstance(example, torch.Tensor) and id(example) in own):
             continue  # the block's weights, or a constant of the graph (the block computes its own)
         if isinstance(example, torch.Tensor):
-            activations.append(m)
+            activations.append((m, example))
+    return activations
+
+
+def _describe_call(call: _Call, values_of: dict[fx.Node, object], own: set[int]) -> str | None:
+    """Fill ``call.args`` and ``call.outputs``; why the call cannot be replaced, or None."""
+    activations = _activations(call, values_of, own)
     if len(activations) != 1:
         return (f"its traced ops read {len(activations)} tensors besides its own weights; only a block called on "
                 "its hidden states alone is lifted")
-    call.x = activations[0]
+    call.args = (activations[0][0],)
+    return _describe_outputs(call)
+
+
+def _describe_routed_call(call: _Call, values_of: dict[fx.Node, object], own: set[int]) -> str | None:
+    """Fill ``call.args`` as ``(x, ids, weights)`` and ``call.outputs`` for a call of experts the model routes;
+    why the call cannot be replaced, or None."""
+    activations = _activations(call, values_of, own)
+    ints = [(n, v) for n, v in activations if not v.is_floating_point()]
+    floats = [(n, v) for n, v in activations if v.is_floating_point()]
+    if len(activations) != 3 or len(ints) != 1:
+        return (f"its experts' traced ops read {len(activations)} tensors besides their weights, not hidden states, "
+                "ids and weights")
+    (ids, ids_v), = ints
+    weights = [(n, v) for n, v in floats if v.shape == ids_v.shape]
+    hidden = [(n, v) for n, v in floats if v.shape[:-1] == ids_v.shape[:-1] and v.shape != ids_v.shape]
+    if len(weights) != 1 or len(hidden) != 1:
+        return "its experts' traced ops read no hidden states, ids and weights of one token count"
+    call.args = (hidden[0][0], ids, weights[0][0])
+    return _describe_outputs(call)
+
+
+def _describe_outputs(call: _Call) -> str | None:
+    members = set(call.nodes)
     call.outputs = [n for n in call.nodes if any(u not in members for u in n.users)]
     if not call.outputs:
         return "nothing outside the block reads its traced ops"
@@ -206,13 +241,26 @@ def _close(a, b) -> bool:
     return bool(torch.allclose(a.double(), b.double(), rtol=tol, atol=tol * (b.double().abs().max().item() + 1e-30)))
 
 
+def _match_routed_outputs(call: _Call, bank: nn.Module, seen: dict[fx.Node, object]) -> tuple[list, str | None]:
+    """``_match_outputs`` of experts the model routes, called with the ids and weights in either order (Hugging
+    Face's ``experts(x, top_k_index, top_k_weights)`` first); ``call.args`` is left in the order that matched."""
+    x, ids, weights = call.args
+    why = None
+    for args in ((x, ids, weights), (x, weights, ids)):
+        call.args = args
+        paths, why = _match_outputs(call, bank, seen)
+        if why is None:
+            return paths, None
+    return [], why
+
+
 def _match_outputs(call: _Call, block: nn.Module, seen: dict[fx.Node, object]) -> tuple[list, str | None]:
     """The key path into the block's output of each of ``call.outputs``; or why there is none."""
     try:
         with torch.no_grad():
-            out = block(seen[call.x])
+            out = block(*(seen[a] for a in call.args))
     except Exception as exc:  # noqa: BLE001 - a block that takes more than its hidden states, say
-        return [], f"the block fails when called on the tensor its ops read ({exc})"
+        return [], f"the block fails when called on the tensors its ops read ({exc})"
     leaves = pytree.tree_flatten_with_path(out)[0]
     paths = []
     for node in call.outputs:
@@ -252,6 +300,34 @@ def _register(gm: fx.GraphModule, name: str, block: nn.Module, taken: set[str]) 
     return target
 
 
+def _routed_calls(gm: fx.GraphModule, name: str, block: nn.Module, modules: dict[str, nn.Module],
+                  values_of: dict[fx.Node, object], lifted: Lifted) -> list[tuple[str, nn.Module, _Call, str]]:
+    """The calls of the experts that ``block`` (left as traced) routes itself, ``experts(x, ids, weights)``, as
+    ``lift_blocks`` plans them; a call that reads anything else adds why to the block's reason instead."""
+    from moecc.passes.recognize.routed import routed_bank
+
+    try:
+        sub = routed_bank(block)
+    except Exception:  # noqa: BLE001 - no experts callable alone: the block's reason stands
+        log.debug("looking for %s's experts alone raised", name, exc_info=True)
+        sub = None
+    bank = None if sub is None else block.get_submodule(sub)
+    key = next((k for k, m in modules.items() if m is bank), None)
+    if key is None:
+        return []
+    planned = []
+    for nodes in _calls(gm, key):
+        if not any(isinstance(n.meta.get("example_value"), torch.Tensor) for n in nodes):
+            continue
+        call = _Call(nodes)
+        why = _describe_routed_call(call, values_of, _own_tensors(bank))
+        if why is not None:
+            lifted.unfused[name] += f"; {why}"
+            return []
+        planned.append((f"{name}.{sub}", bank, call, name))
+    return planned
+
+
 def lift_blocks(gm: fx.GraphModule, example_inputs) -> Lifted:
     """Replace each call of a MoE block traced into ``gm`` by a ``call_module`` of the block, where the evidence
     allows (see the module's docstring); ``gm`` is changed in place."""
@@ -266,7 +342,7 @@ def lift_blocks(gm: fx.GraphModule, example_inputs) -> Lifted:
         return lifted
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     values_of = dict(zip(placeholders, example_inputs))
-    planned: list[tuple[str, nn.Module, _Call]] = []
+    planned: list[tuple[str, nn.Module, _Call, str | None]] = []  # name, module, call, block of routed experts
     for key, block in blocks.items():
         name = module_name(stack[key][0])
         own = _own_tensors(block)
@@ -278,32 +354,45 @@ def lift_blocks(gm: fx.GraphModule, example_inputs) -> Lifted:
             if why is not None:
                 lifted.unfused[name] = why
             else:
-                planned.append((name, block, call))
+                planned.append((name, block, call, None))
+        if name in lifted.unfused and not any(p[0] == name for p in planned):
+            planned += _routed_calls(gm, name, block, modules, values_of, lifted)
     if not planned:
         return lifted
+    position = {n: i for i, n in enumerate(gm.graph.nodes)}
+    planned.sort(key=lambda p: position[p[2].nodes[0]])  # graph order, not the order modules were found in
     taken = set(dir(gm))
-    wanted = {n for _, _, c in planned for n in (c.x, *c.outputs)}
+    wanted = {n for _, _, c, _ in planned for n in (*c.args, *c.outputs)}
     recorder = _Recorder(gm, wanted)
     try:
         inputs = _inputs_for_run(example_inputs)
     except _NoValue as exc:
-        lifted.unfused.update({name: str(exc) for name, _, _ in planned})
+        lifted.unfused.update({owner or name: str(exc) for name, _, _, owner in planned})
         return lifted
     try:
         with torch.no_grad():
             recorder.run(*inputs)
     except Exception as exc:  # noqa: BLE001 - no evidence, so no block is put back
-        lifted.unfused.update({name: f"the graph failed on its example inputs ({exc})" for name, _, _ in planned})
+        lifted.unfused.update({owner or name: f"the graph failed on its example inputs ({exc})"
+                               for name, _, _, owner in planned})
         return lifted
-    for name, block, call in planned:
-        paths, why = _match_outputs(call, block, recorder.seen)
+    for name, block, call, owner in planned:
+        if owner is None:
+            paths, why = _match_outputs(call, block, recorder.seen)
+        else:
+            paths, why = _match_routed_outputs(call, block, recorder.seen)
         if why is not None:
-            lifted.unfused[name] = why
+            if owner is None:
+                lifted.unfused[name] = why
+            else:
+                lifted.unfused[owner] += f"; its experts {name}: {why}"
             continue
         target = _register(gm, name, block, taken)
+        if owner is not None:
+            lifted.routed.setdefault(owner, (target, lifted.unfused[owner]))
         after = call.nodes[-1].next
         with gm.graph.inserting_before(after):
-            out = gm.graph.call_module(target, (call.x,))
+            out = gm.graph.call_module(target, call.args)
             members = set(call.nodes)
             for node, path in zip(call.outputs, paths):
                 node.replace_all_uses_with(_read_path(gm.graph, out, path), lambda u, inside=members: u not in inside)
@@ -311,6 +400,8 @@ def lift_blocks(gm: fx.GraphModule, example_inputs) -> Lifted:
             gm.graph.erase_node(node)
         if name not in lifted.blocks:
             lifted.blocks.append(name)
+    for owner in lifted.routed:
+        del lifted.unfused[owner]
     for name in lifted.blocks:
         if name in lifted.unfused:
             lifted.unfused[name] = f"some of its calls: {lifted.unfused[name]}"

@@ -56,6 +56,30 @@ def test_hf_blocks_are_fused_in_every_graph_dynamo_hands_over(family, backend):
         assert {g._entries[-1].backend for g in graphs} == {"onnxruntime"}
 
 
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_experts_of_a_block_that_routes_beside_other_work_are_fused_alone(backend):
+    """Gemma 4's decoder layer routes beside attention: its traced ops read more than its hidden states, so it
+    runs as dynamo traced it, but for its experts, whose calls read their hidden states, ids and weights alone.
+    Those calls get the experts module back, as under ``moecc.compile``: the experts are fused, and the routing
+    ops beside them lifted into moecc's route."""
+    before = moecc.dynamo.compiled_graphs()
+    torch.manual_seed(0)
+    model = make_model("gemma4").eval()
+    compiled = torch.compile(model, backend="moecc", options={"backend": backend})
+    for b, s in SHAPES[:3]:
+        inputs = make_inputs("gemma4", b, s, seed=b * s)
+        with torch.no_grad():
+            got, ref = compiled(**inputs).logits, model(**inputs).logits
+        assert ((got - ref).norm() / ref.norm()).item() < 1e-5
+    graphs = _graphs_since(before)
+    assert graphs, "no graph reached moecc"
+    for g in graphs:
+        assert [(layer.name, layer.block) for layer in g.moe_layers] == [
+            (f"model.layers.{i}.experts", f"model.layers.{i}") for i in range(2)]
+        assert all(layer.fused and layer.routing == "softmax->top2 renorm per-expert-scale, lifted from the "
+                   "model's own routing ops" for layer in g.moe_layers), g.moe_layers
+
+
 @pytest.mark.parametrize("block", [BmmMoE, GShardMoE])
 def test_user_blocks_traced_whole_are_fused(block):
     before = moecc.dynamo.compiled_graphs()
