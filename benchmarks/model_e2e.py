@@ -7,6 +7,9 @@
     python benchmarks/model_e2e.py generate          # 4 layers, greedy generate with a KV cache: HF against moecc
     python benchmarks/model_e2e.py blockwise         # 4 layers behind an input check torch.export refuses: each
                                                      # block compiled alone, against the whole model compiled
+    python benchmarks/model_e2e.py gemma4            # 4 Gemma-4-style layers (routing beside attention, per-expert
+                                                     # scales): experts fused alone, by moecc.compile and through
+                                                     # torch.compile(backend="moecc")
 
 Compile time counts capture, recognition, passes, lowering, the check on fresh inputs and kernel compilation.
 The 32 layers share one set of expert weights so that the model fits one GPU: every block is still captured,
@@ -75,6 +78,57 @@ def e2e():
             dy = cuda_time(lambda ids=ids: dyn(input_ids=ids, use_cache=False))
             print(f"{b:>5} x {s:<5} {hf:14.3f} {mc:13.3f} {hf / mc:8.2f}x {err:11.1e} {dy:8.3f} {hf / dy:8.2f}x "
                   f"{dyn_err:11.1e}", flush=True)
+
+
+GEMMA4 = dict(hidden_size=2816, num_experts=128, top_k_experts=8, moe_intermediate_size=704, intermediate_size=2112)
+
+
+def gemma4_model(layers: int, device: str = "cuda", **sizes):
+    """Gemma-4-style decoder layers (the decoder layer routes and calls its experts beside attention and a dense
+    MLP) at ``GEMMA4``'s sizes unless ``sizes`` says otherwise, per-expert scales drawn in U(0.5, 1.5) as a trained
+    model's (they are ones at init)."""
+    dims = {**GEMMA4, **sizes}
+    cfg = tf.Gemma4TextConfig(vocab_size=32000, num_hidden_layers=layers, num_attention_heads=16,
+                              num_key_value_heads=8, head_dim=256, global_head_dim=256,
+                              enable_moe_block=True, sliding_window=512, hidden_size_per_layer_input=0,
+                              layer_types=["sliding_attention", "full_attention"] * (layers // 2) +
+                              ["sliding_attention"] * (layers % 2), max_position_embeddings=4096, **dims)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = tf.Gemma4ForCausalLM(cfg).to(torch.bfloat16 if device == "cuda" else torch.float32).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("per_expert_scale"):
+                p.uniform_(0.5, 1.5)
+    model.set_experts_implementation("grouped_mm")
+    return model
+
+
+def gemma4():
+    model = gemma4_model(4)
+    cm = moecc.compile(model, backend="triton")
+    dyn = torch.compile(model, backend="moecc", options={"backend": "triton"})
+    print(f"# {torch.cuda.get_device_name()}: 4 Gemma-4-style layers {GEMMA4}, bf16, ms per forward; 'dynamo' is "
+          "torch.compile(model, backend='moecc', options={'backend': 'triton'})")
+    print(f"{'batch x seq':>12} {'HF grouped_mm':>14} {'moecc triton':>13} {'speed-up':>9} {'logits err':>11} "
+          f"{'dynamo':>8} {'speed-up':>9} {'logits err':>11}")
+    before = moecc.dynamo.compiled_graphs()
+    with torch.no_grad():
+        for b, s in ((1, 1), (8, 1), (1, 512), (4, 1024)):
+            ids = torch.randint(0, 32000, (b, s), device="cuda")
+            ref = model(input_ids=ids, use_cache=False).logits.float()
+            err = _rel_err(cm(input_ids=ids, use_cache=False).logits, ref)
+            dyn_err = _rel_err(dyn(input_ids=ids, use_cache=False).logits, ref)
+            hf = cuda_time(lambda ids=ids: model(input_ids=ids, use_cache=False))
+            mc = cuda_time(lambda ids=ids: cm(input_ids=ids, use_cache=False))
+            dy = cuda_time(lambda ids=ids: dyn(input_ids=ids, use_cache=False))
+            print(f"{b:>5} x {s:<5} {hf:14.3f} {mc:13.3f} {hf / mc:8.2f}x {err:11.1e} {dy:8.3f} {hf / dy:8.2f}x "
+                  f"{dyn_err:11.1e}", flush=True)
+    graphs = [g for g in moecc.dynamo.compiled_graphs() if all(g is not b for b in before)]
+    through_dynamo = [x for g in graphs for x in g.moe_layers]
+    for name, layers in (("moecc.compile", cm.moe_layers), ("torch.compile", through_dynamo)):
+        print(f"{name}: {sum(x.fused for x in layers)}/{len(layers)} fused; routing: "
+              f"{sorted({x.routing for x in layers})}")
 
 
 def compile_time(layers: int, via_dynamo: bool = False):
@@ -169,7 +223,7 @@ def blockwise():
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["e2e", "compile-time", "generate", "blockwise"])
+    ap.add_argument("what", choices=["e2e", "compile-time", "generate", "blockwise", "gemma4"])
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--dynamo", action="store_true", help="compile-time: through torch.compile(backend='moecc')")
     a = ap.parse_args()
@@ -179,6 +233,8 @@ def main():
         generate()
     elif a.what == "blockwise":
         blockwise()
+    elif a.what == "gemma4":
+        gemma4()
     else:
         compile_time(a.layers, a.dynamo)
 
