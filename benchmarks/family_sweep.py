@@ -104,7 +104,9 @@ CONSTRUCTOR = {"DbrxConfig": dict(attn_config=dict(kv_n_heads=2, rope_theta=1000
                                   ffn_config=dict(ffn_hidden_size=48, moe_num_experts=6, moe_top_k=2),
                                   d_model=32, n_heads=4, n_layers=2, max_seq_len=64, vocab_size=97),
                "JambaConfig": dict(attn_layer_offset=1, attn_layer_period=2, expert_layer_offset=0,
-                                   expert_layer_period=1)}
+                                   expert_layer_period=1),
+               # its layer kinds default to none at all: one short-convolution layer, one attention layer
+               "Lfm2MoeConfig": dict(layer_types=["conv", "full_attention"], num_hidden_layers=2)}
 SHAPES = ((3, 5), (1, 13), (2, 16))
 
 
