@@ -64,6 +64,12 @@ def _rel_err(logits: torch.Tensor, ref: torch.Tensor) -> float:
     return ((logits.float() - ref).norm() / ref.norm()).item()
 
 
+def _errors_and_times(ids: torch.Tensor, ref: torch.Tensor, *models) -> tuple[list[float], list[float]]:
+    """Each model's logits error against ``ref`` on ``ids``, and its ms per forward."""
+    errors = [_rel_err(m(input_ids=ids, use_cache=False).logits, ref) for m in models]
+    return errors, [cuda_time(lambda m=m: m(input_ids=ids, use_cache=False)) for m in models]
+
+
 def e2e():
     model = mixtral(4, shared_experts=False)
     cm = moecc.compile(model, backend="triton")
@@ -72,11 +78,7 @@ def e2e():
             f"{'moecc triton':>13} {'speed-up':>9} {'logits err':>11} {'dynamo':>8} {'speed-up':>9} {'logits err':>11}")
     with torch.no_grad():
         for b, s, ids, ref in _cells(model):
-            err = _rel_err(cm(input_ids=ids, use_cache=False).logits, ref)
-            dyn_err = _rel_err(dyn(input_ids=ids, use_cache=False).logits, ref)
-            hf = cuda_time(lambda ids=ids: model(input_ids=ids, use_cache=False))
-            mc = cuda_time(lambda ids=ids: cm(input_ids=ids, use_cache=False))
-            dy = cuda_time(lambda ids=ids: dyn(input_ids=ids, use_cache=False))
+            (_, err, dyn_err), (hf, mc, dy) = _errors_and_times(ids, ref, model, cm, dyn)
             print(f"{b:>5} x {s:<5} {hf:14.3f} {mc:13.3f} {hf / mc:8.2f}x {err:11.1e} {dy:8.3f} {hf / dy:8.2f}x "
                   f"{dyn_err:11.1e}", flush=True)
 
@@ -122,12 +124,7 @@ def gemma4():
         for b, s in ((1, 1), (8, 1), (1, 512), (4, 1024)):
             ids = torch.randint(0, 32000, (b, s), device="cuda")
             ref = reference(input_ids=ids, use_cache=False).logits.float()
-            hf_err = _rel_err(model(input_ids=ids, use_cache=False).logits, ref)
-            err = _rel_err(cm(input_ids=ids, use_cache=False).logits, ref)
-            dyn_err = _rel_err(dyn(input_ids=ids, use_cache=False).logits, ref)
-            hf = cuda_time(lambda ids=ids: model(input_ids=ids, use_cache=False))
-            mc = cuda_time(lambda ids=ids: cm(input_ids=ids, use_cache=False))
-            dy = cuda_time(lambda ids=ids: dyn(input_ids=ids, use_cache=False))
+            (hf_err, err, dyn_err), (hf, mc, dy) = _errors_and_times(ids, ref, model, cm, dyn)
             print(f"{b:>5} x {s:<5} {hf:14.3f} {hf_err:8.1e} {mc:13.3f} {hf / mc:8.2f}x {err:8.1e} {dy:8.3f} "
                   f"{hf / dy:8.2f}x {dyn_err:8.1e}", flush=True)
     graphs = [g for g in moecc.dynamo.compiled_graphs() if all(g is not b for b in before)]
