@@ -447,6 +447,23 @@ def test_a_routers_per_expert_scale_of_its_weights_is_fitted_and_fused(backend):
     assert layer.routing == "softmax->top2 renorm", layer.routing
 
 
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_per_expert_scales_travel_in_an_exported_artifact(backend, tmp_path):
+    """The factors are a routing parameter of the program (torch) or folded into the down projection that
+    com.microsoft.MoE reads (ONNX): either way the artifact holds them."""
+    from user_modules import ExpertScaledMoE
+
+    torch.manual_seed(0)
+    model = TinyModel(ExpertScaledMoE()).eval()
+    path = moecc.export(model, (torch.randint(0, 50, (2, 7)),), tmp_path / "artifact", backend=backend)
+    loaded = moecc.load(path)
+    (layer,) = loaded.moe_layers
+    assert layer["fused"] and layer["routing"] == "softmax->top2 renorm per-expert-scale", layer
+    for shape in ((3, 9), (1, 1)):
+        x = torch.randint(0, 50, shape)
+        torch.testing.assert_close(loaded(x), model(x), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("backend", ["torch", "auto"])
 def test_group_limited_routing_written_with_constants_is_found_from_the_choices(backend):
     from user_modules import InlineGroupsMoE
