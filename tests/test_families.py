@@ -256,7 +256,7 @@ def test_experts_fused_alone_where_their_block_is_not_canonical(family, block, b
     ``experts(x, ids, weights)``: capture keeps that module as the leaf instead, the routing runs as the model's
     own graph ops, and the experts are fused. Gemma 4's routing ops compute a canonical routing with a per-expert
     scale (drawn at random here, as a trained model's): ``lift_routing`` replaces them with moecc's route; Inkling's
-    read its input's sizes and stay."""
+    normalize the routed scores together with the shared expert's, which no canonical routing does, and stay."""
     model = make_model(family)
     cm = moecc.compile(model, backend=backend)
     cm(**make_inputs(family, 2, 8))

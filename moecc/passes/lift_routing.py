@@ -7,8 +7,8 @@ ops are a function of one router matmul's input alone, this pass lifts them out 
 canonical routing to its outputs on probe inputs (``recognize.router.fit_routing``: score, top-k order,
 renormalisation, selection bias, groups, scale), checks the fit on two more probes, and then feeds the experts
 from ``linear`` + ``moecc.route`` instead, which ``fuse_gating`` turns into one fused op. The model's own ops stay
-for any other reader (a model that also returns its router's outputs). Routing that fits nothing (Inkling's,
-which reads its input's sizes) stays as written, and the pass summary says why."""
+for any other reader (a model that also returns its router's outputs). Routing that fits nothing (Inkling's, which
+normalizes the routed scores together with the shared expert's) stays as written, and the pass summary says why."""
 
 from __future__ import annotations
 
