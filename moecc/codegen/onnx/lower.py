@@ -125,11 +125,13 @@ def use_ort_moe(gm: fx.GraphModule, quant=None) -> dict[str, str]:
             fc1_b = None if b_up is None else torch.stack([b_up[:, :inter], b_up[:, inter:]], 2).reshape(b_up.shape)
         # the routed scaling factor, and each expert's own (Gemma 4's), fold into the second projection, which ORT
         # holds in a copy of its own anyway: sum_j s_e(j)*w_j*f_e(j)(x) = sum_j w_j*(s_e(j)*f_e(j)(x))
-        fc2, fc2_b = (w_down, b_down) if scale == 1.0 else (w_down * scale, None if b_down is None else b_down * scale)
-        if per_expert_value is not None:
-            factor = per_expert_value.detach().float().reshape(num_experts)
-            fc2 = fc2.float() * factor[:, None, None]
-            fc2_b = None if fc2_b is None else fc2_b.float() * factor[:, None]
+        if per_expert_value is not None:  # one pass over the projection, both factors at once
+            factor = scale * per_expert_value.detach().float().reshape(num_experts)
+            fc2 = w_down.float() * factor[:, None, None]
+            fc2_b = None if b_down is None else b_down.float() * factor[:, None]
+        else:
+            fc2, fc2_b = (w_down, b_down) if scale == 1.0 else (w_down * scale,
+                                                                 None if b_down is None else b_down * scale)
         module = gm.get_submodule(prefix)
         names = {}
         tensors = [("ort_router_w_t", gm.get_parameter(route.args[1].target).t()), ("ort_router_b", router_b)]
