@@ -21,6 +21,7 @@ from moecc.passes import (
     Timing,
 )
 from moecc.passes.fuse_gating import match_gating
+from moecc.passes.graph_utils import op_arguments
 
 OPS = torch.ops.moecc
 
@@ -177,3 +178,17 @@ def test_bf16_router_is_fitted_on_bf16_logits():
     assert layer.fused and layer.routing == "softmax->top3 renorm", layer.routing
     routes = [n for n in cm._entries[-1].gm.graph.nodes if n.target is torch.ops.moecc.fused_route.default]
     assert routes and routes[0].args[11] is False  # logits_fp32
+
+
+def test_op_arguments_reads_a_call_by_its_schema_names():
+    graph = torch.fx.Graph()
+    logits, scale = graph.placeholder("logits"), graph.placeholder("expert_scale")
+    bare = graph.call_function(OPS.route.default, (logits, None, 2, "softmax", False, True, 1, 1, 1.0))
+    tail = graph.call_function(OPS.route.default, (logits, None, 2, "softmax", False, True, 1, 1, 1.0),
+                               {"group_top": 1, "expert_scale": scale})
+    assert op_arguments(bare)["group_top"] == 2 and op_arguments(bare)["expert_scale"] is None
+    assert op_arguments(tail)["group_top"] == 1 and op_arguments(tail)["expert_scale"] is scale
+    assert op_arguments(tail)["top_k"] == 2
+    short = graph.call_function(OPS.route.default, (logits, None, 2))
+    with pytest.raises(TypeError, match="'score'"):
+        op_arguments(short)

@@ -45,11 +45,12 @@ class FuseGating(MoePass):
                 reasons.append(m.reason)
                 continue
             v = m.value
-            _, sel, k, score, topk_first, renorm, n_group, topk_group, scale, *group_top = route.args
+            # the optional tail (group_top, expert_scale) travels as the call wrote it
+            _, sel, k, score, topk_first, renorm, n_group, topk_group, scale, *tail = route.args
             with gm.graph.inserting_before(route):
                 new = gm.graph.call_function(torch.ops.moecc.fused_route.default, (
                     v["x"], v["w"], v["b"], sel, k, score, topk_first, renorm, n_group, topk_group, scale, v["fp32"],
-                    *group_top))
+                    *tail), dict(route.kwargs))
             new.meta.update(route.meta)
             route.replace_all_uses_with(new)
             gm.graph.erase_node(route)

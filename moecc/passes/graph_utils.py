@@ -56,6 +56,24 @@ def fresh_container(value):
     return copy.copy(value)
 
 
+def op_arguments(node: fx.Node) -> dict:
+    """Every argument of a call of an operator, by its schema's names, defaults filled in: a graph leaves out
+    trailing arguments that hold their defaults (``moecc::route``'s ``group_top`` and ``expert_scale``), so a
+    position read from ``node.args`` would depend on how the call was written."""
+    schema = node.target._schema
+    values = {}
+    for i, arg in enumerate(schema.arguments):
+        if i < len(node.args):
+            values[arg.name] = node.args[i]
+        elif arg.name in node.kwargs:
+            values[arg.name] = node.kwargs[arg.name]
+        elif arg.has_default_value():
+            values[arg.name] = arg.default_value
+        else:
+            raise TypeError(f"{node.format_node()} gives no {arg.name!r}, which has no default")
+    return values
+
+
 def nodes_calling(gm: fx.GraphModule, op) -> list[fx.Node]:
     return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is op]
 

@@ -10,7 +10,7 @@ import torch
 from torch import fx
 
 from moecc.passes.base import MoePass, PassResult, layers_of
-from moecc.passes.graph_utils import nodes_calling
+from moecc.passes.graph_utils import nodes_calling, op_arguments
 
 T = sympy.Symbol("T", positive=True, integer=True)  # tokens in the batch
 S = sympy.Symbol("S", positive=True, integer=True)  # tokens in one sequence (a capacity group)
@@ -34,9 +34,10 @@ class SpecializeCapacity(MoePass):
         modified, formulas = False, {}
         prefixes = {info.graph_prefix: info for info in layers_of(gm).values()}
         for node in nodes_calling(gm, torch.ops.moecc.fused_moe.default):
-            x, weights = node.args[0], node.args[1]
-            capacity, cf, cmin, group = node.args[11], node.args[12], node.args[13], node.args[14]
-            prefix = node.args[3].target.rsplit(".", 1)[0] if node.args[3].op == "get_attr" else ""
+            a = op_arguments(node)
+            x, weights, w_up = a["x"], a["weights"], a["w_up"]
+            capacity, cf, cmin, group = a["capacity"], a["capacity_factor"], a["capacity_min"], a["group_size"]
+            prefix = w_up.target.rsplit(".", 1)[0] if w_up.op == "get_attr" else ""
             top_k = prefixes[prefix].top_k if prefix in prefixes and prefixes[prefix].top_k else _top_k(weights)
             num_experts = _attr_shape(gm, node)
             per_seq = not (isinstance(group, int) and group == 0)
@@ -61,10 +62,8 @@ def _top_k(weights: fx.Node) -> int:
     if "val" in weights.meta:
         return int(weights.meta["val"].shape[1])
     producer = weights.args[0]
-    if producer.target is torch.ops.moecc.fused_route.default:
-        return int(producer.args[4])
-    if producer.target is torch.ops.moecc.route.default:
-        return int(producer.args[2])
+    if producer.target in (torch.ops.moecc.fused_route.default, torch.ops.moecc.route.default):
+        return int(op_arguments(producer)["top_k"])
     raise ValueError(f"cannot tell top_k of {weights.name}: it is not produced by a moecc routing op")
 
 

@@ -25,7 +25,7 @@ from moecc.experts import to_canonical
 from moecc.logs import quiet, stderr_to_debug
 from moecc.match import MatchResult
 from moecc.passes.base import layers_of
-from moecc.passes.graph_utils import attr_of, eliminate_dead_code
+from moecc.passes.graph_utils import attr_of, eliminate_dead_code, op_arguments
 
 log = logging.getLogger("moecc.codegen.onnx")
 PROVIDER = "CPUExecutionProvider"
@@ -43,17 +43,16 @@ class OrtForm:
 
 def ort_form(route: fx.Node, moe: fx.Node) -> MatchResult[OrtForm]:
     """The com.microsoft.MoE attributes that compute exactly this (route, experts) pair, or why none do."""
-    (_, _, _, sel, _k, score, topk_first, renorm, n_group, _tg, _scale, _fp32, *_optional) = route.args
-    act, gated, alpha, limit = moe.args[7], moe.args[8], moe.args[9], moe.args[10]
-    capacity, cf = moe.args[11], moe.args[12]
+    r, m = op_arguments(route), op_arguments(moe)
+    score, act, gated, alpha, limit = r["score"], m["activation"], m["gated"], m["alpha"], m["limit"]
     if score != "softmax":
         return MatchResult.fail(f"com.microsoft.MoE routes with softmax, this block with {score}")
-    if sel is not None or n_group > 1:
+    if r["selection_bias"] is not None or r["n_group"] > 1:
         return MatchResult.fail("com.microsoft.MoE has no selection bias or group-limited top-k")
-    if capacity >= 0 or cf > 0:
+    if m["capacity"] >= 0 or m["capacity_factor"] > 0:
         return MatchResult.fail("com.microsoft.MoE is dropless, this block has a capacity")
     # top-k then softmax over the chosen == softmax, top-k, renormalise
-    normalize = bool(renorm or topk_first)
+    normalize = bool(r["renormalize"] or r["topk_first"])
     if gated and act == "silu":
         return MatchResult.success(OrtForm("swiglu", normalize, 1.0, 0.0, limit))
     if gated and act == "swiglu_oai":
@@ -67,10 +66,10 @@ def _param(gm: fx.GraphModule, node) -> torch.Tensor | None:
     return None if node is None or node.op != "get_attr" else attr_of(gm, node)
 
 
-def _canonical(gm, moe):
-    w_up, w_down, b_up = to_canonical(_param(gm, moe.args[3]), _param(gm, moe.args[4]), _param(gm, moe.args[5]),
-                                      moe.args[16])
-    return w_up, w_down, b_up, _param(gm, moe.args[6])
+def _canonical(gm, m: dict):
+    w_up, w_down, b_up = to_canonical(_param(gm, m["w_up"]), _param(gm, m["w_down"]), _param(gm, m["b_up"]),
+                                      m["weight_layout"])
+    return w_up, w_down, b_up, _param(gm, m["b_down"])
 
 
 def use_ort_moe(gm: fx.GraphModule, quant=None) -> dict[str, str]:
@@ -81,40 +80,42 @@ def use_ort_moe(gm: fx.GraphModule, quant=None) -> dict[str, str]:
     lowering = {}
     owner = {info.graph_prefix: info for info in layers_of(gm).values()}
     for moe in [n for n in gm.graph.nodes if n.target is torch.ops.moecc.fused_moe.default]:
-        prefix = moe.args[3].target.rsplit(".", 1)[0] if moe.args[3].op == "get_attr" else ""
-        weights = moe.args[1]
+        m = op_arguments(moe)
+        prefix = m["w_up"].target.rsplit(".", 1)[0] if m["w_up"].op == "get_attr" else ""
+        weights = m["weights"]
         route = weights.args[0] if weights.target is operator.getitem else None
         if route is None or route.target is not torch.ops.moecc.fused_route.default:
             lowering[prefix] = "decomposed: routing is not a fused moecc route"
             continue
+        r = op_arguments(route)
         form = ort_form(route, moe)
-        w_up, w_down, b_up, b_down = _canonical(gm, moe)
-        router_b = _param(gm, route.args[2])
+        w_up, w_down, b_up, b_down = _canonical(gm, m)
+        router_b = _param(gm, r["router_bias"])
         f = form.value
         num_experts = int(w_up.shape[0])
-        router_w = _param(gm, route.args[1])
+        router_w = _param(gm, r["router_weight"])
         if form and router_w is not None and int(router_w.shape[0]) != num_experts:
             form = MatchResult.fail(f"the router scores {int(router_w.shape[0])} experts and the bank holds "
                                     f"{num_experts}: com.microsoft.MoE has no experts that compute nothing")
-        if form and not ort_computes_same(f.activation_type, f.normalize, int(route.args[4]),
+        if form and not ort_computes_same(f.activation_type, f.normalize, int(r["top_k"]),
                                           b_up is not None or b_down is not None, f.alpha, f.beta, f.limit,
                                           num_experts):
             form = MatchResult.fail(f"the installed onnxruntime's com.microsoft.MoE({form.value.activation_type}) "
                                     "does not match on probe data")
-        per_expert = route.args[13] if len(route.args) > 13 else None
+        per_expert = r["expert_scale"]
         per_expert_value = _param(gm, per_expert)
         if form and per_expert is not None and per_expert_value is None:
             form = MatchResult.fail("the per-expert scale of the routing weights is computed in the graph")
-        if not form or route.args[1].op != "get_attr" or (route.args[2] is not None and router_b is None):
+        if not form or r["router_weight"].op != "get_attr" or (r["router_bias"] is not None and router_b is None):
             lowering[prefix] = f"decomposed: {form.reason or 'router weights are not constants'}"
             continue
         f = form.value
-        scale = float(route.args[10])
+        scale = float(r["scale"])
         unfit = None if quant is None else cannot_quantize(quant, w_up, w_down)
         if unfit is not None and prefix in owner:
             owner[prefix].quantization = f"none: {unfit}"
         use_q = quant is not None and unfit is None and ort_qmoe_computes_same(
-            f.activation_type, f.normalize, int(route.args[4]), b_up is not None or b_down is not None, f.alpha,
+            f.activation_type, f.normalize, int(r["top_k"]), b_up is not None or b_down is not None, f.alpha,
             f.beta, f.limit, quant.bits, quant.block_size, quant.int8_activations, num_experts)
         if quant is not None and unfit is None and not use_q and prefix in owner:
             owner[prefix].quantization = f"none: com.microsoft.QMoE({f.activation_type}) does not match on probe data"
@@ -134,7 +135,7 @@ def use_ort_moe(gm: fx.GraphModule, quant=None) -> dict[str, str]:
                                                                  None if b_down is None else b_down * scale)
         module = gm.get_submodule(prefix)
         names = {}
-        tensors = [("ort_router_w_t", gm.get_parameter(route.args[1].target).t()), ("ort_router_b", router_b)]
+        tensors = [("ort_router_w_t", gm.get_parameter(r["router_weight"].target).t()), ("ort_router_b", router_b)]
         if use_q:
             fc1_q, fc1_s = quantize(fc1.detach(), quant)
             fc2_q, fc2_s = quantize(fc2.detach(), quant)
@@ -150,16 +151,16 @@ def use_ort_moe(gm: fx.GraphModule, quant=None) -> dict[str, str]:
             module.register_buffer(name, value if value.dtype == torch.uint8 else value.float())
             with gm.graph.inserting_before(moe):
                 names[name] = gm.graph.get_attr(f"{prefix}.{name}")
-        common = (int(route.args[4]), f.activation_type, f.normalize, f.alpha, f.beta, f.limit)
+        common = (int(r["top_k"]), f.activation_type, f.normalize, f.alpha, f.beta, f.limit)
         with gm.graph.inserting_before(moe):
             if use_q:
                 new = gm.graph.call_function(torch.ops.moecc.ort_qmoe.default, (
-                    route.args[0], names["ort_router_w_t"], names["ort_router_b"], names["ort_fc1_q"],
+                    r["x"], names["ort_router_w_t"], names["ort_router_b"], names["ort_fc1_q"],
                     names["ort_fc1_s"], names["ort_fc1_b"], names["ort_fc2_q"], names["ort_fc2_s"],
                     names["ort_fc2_b"], *common, quant.bits, quant.block_size, quant.int8_activations))
             else:
                 new = gm.graph.call_function(torch.ops.moecc.ort_moe.default, (
-                    route.args[0], names["ort_router_w_t"], names["ort_router_b"], names["ort_fc1"],
+                    r["x"], names["ort_router_w_t"], names["ort_router_b"], names["ort_fc1"],
                     names["ort_fc1_b"], names["ort_fc2"], names["ort_fc2_b"], *common))
         moe.replace_all_uses_with(new)
         gm.graph.erase_node(moe)

@@ -14,7 +14,9 @@ from torch import fx
 
 from moecc.experts import interleave_gate_up
 from moecc.match import MatchResult
-from moecc.passes.graph_utils import attr_of, eliminate_dead_code
+from moecc.passes.graph_utils import attr_of, eliminate_dead_code, op_arguments
+
+_ACTIVATION = ("activation", "gated", "alpha", "limit")
 
 
 def chunk_shared(s_up: torch.Tensor, s_down: torch.Tensor, inter: int, gated: bool):
@@ -42,18 +44,20 @@ def match_fold(add: fx.Node) -> MatchResult[tuple[fx.Node, fx.Node]]:
     shared = nodes.get(torch.ops.moecc.shared_ffn.default)
     if moe is None or shared is None:
         return MatchResult.fail("not routed + shared")
-    if moe.args[0] is not shared.args[0]:
+    m, s = op_arguments(moe), op_arguments(shared)
+    if m["x"] is not s["x"]:
         return MatchResult.fail("routed and shared experts read different inputs")
     if len(moe.users) != 1 or len(shared.users) != 1:
         return MatchResult.fail("routed or shared output is used elsewhere")
-    if moe.args[5] is not None or moe.args[6] is not None or shared.args[3] is not None or shared.args[4] is not None:
+    if any(a[name] is not None for a in (m, s) for name in ("b_up", "b_down")):
         return MatchResult.fail("expert biases are not folded")
-    if moe.args[11] >= 0 or moe.args[12] > 0:
+    if m["capacity"] >= 0 or m["capacity_factor"] > 0:
         return MatchResult.fail("a capacity could drop shared experts")
-    if tuple(moe.args[7:11]) != tuple(shared.args[6:10]):
+    if any(m[name] != s[name] for name in _ACTIVATION):
         return MatchResult.fail("shared and routed experts differ in activation")
-    if moe.args[16] not in ("oi", "oi_gu"):
-        return MatchResult.fail(f"expert weights are in the {moe.args[16]} layout; the kernels read oi or oi_gu")
+    if m["weight_layout"] not in ("oi", "oi_gu"):
+        return MatchResult.fail(f"expert weights are in the {m['weight_layout']} layout; the kernels read oi or "
+                                "oi_gu")
     return MatchResult.success((moe, shared))
 
 
@@ -66,25 +70,25 @@ def fold_shared_experts(gm: fx.GraphModule) -> int:
         if not m:
             continue
         moe, shared = m.value
-        w_up, w_down = attr_of(gm, moe.args[3]), attr_of(gm, moe.args[4])
-        gated = moe.args[8]
+        r, s = op_arguments(moe), op_arguments(shared)
+        w_up, w_down = attr_of(gm, r["w_up"]), attr_of(gm, r["w_down"])
         inter = w_down.shape[2]
-        s_up, s_down = chunk_shared(attr_of(gm, shared.args[1]), attr_of(gm, shared.args[2]), inter, gated)
-        layout = moe.args[16]
+        gated, layout = r["gated"], r["weight_layout"]
+        s_up, s_down = chunk_shared(attr_of(gm, s["w_up"]), attr_of(gm, s["w_down"]), inter, gated)
         if layout == "oi_gu" and gated:
             s_up = interleave_gate_up(s_up)
         if s_up.shape[1:] != w_up.shape[1:]:
             continue
-        owner = gm.get_submodule(moe.args[3].target.rpartition(".")[0])
+        prefix = r["w_up"].target.rpartition(".")[0]
+        owner = gm.get_submodule(prefix)
         owner.register_buffer("shared_chunks_up", s_up)
         owner.register_buffer("shared_chunks_down", s_down)
-        prefix = moe.args[3].target.rpartition(".")[0]
         with gm.graph.inserting_before(add):
             up_node = gm.graph.get_attr(f"{prefix}.shared_chunks_up")
             down_node = gm.graph.get_attr(f"{prefix}.shared_chunks_down")
             new = gm.graph.call_function(fused_moe_shared_triton._opoverload, (
-                moe.args[0], moe.args[1], moe.args[2], moe.args[3], moe.args[4], *moe.args[7:11], up_node, down_node,
-                shared.args[5], layout))
+                r["x"], r["weights"], r["ids"], r["w_up"], r["w_down"], *(r[name] for name in _ACTIVATION), up_node,
+                down_node, s["gate"], layout))
         add.replace_all_uses_with(new)
         for n in (add, moe, shared):
             gm.graph.erase_node(n)
