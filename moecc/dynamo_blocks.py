@@ -244,13 +244,18 @@ def _close(a, b) -> bool:
 def _match_routed_outputs(call: _Call, bank: nn.Module, seen: dict[fx.Node, object]) -> tuple[list, str | None]:
     """``_match_outputs`` of experts the model routes, called with the ids and weights in either order (Hugging
     Face's ``experts(x, top_k_index, top_k_weights)`` first); ``call.args`` is left in the order that matched."""
+    from moecc.passes.recognize.routed import routing_orders
+
     x, ids, weights = call.args
-    why = None
-    for args in ((x, ids, weights), (x, weights, ids)):
-        call.args = args
+    why = f"{type(bank).__name__}.forward takes no (x, ids, weights) positionally"
+    for weights_at, ids_at in routing_orders(bank):
+        routing = [None, None]
+        routing[weights_at], routing[ids_at] = weights, ids
+        call.args = (x, *routing)
         paths, why = _match_outputs(call, bank, seen)
         if why is None:
             return paths, None
+    call.args = (x, ids, weights)
     return [], why
 
 

@@ -421,15 +421,18 @@ def test_a_router_modules_own_bias_may_bias_the_selection_only(dtype):
 
 
 @pytest.mark.parametrize("backend", ["torch", "onnxruntime", "triton"])
-def test_a_routers_per_expert_scale_of_its_weights_is_fitted_and_fused(backend):
+@pytest.mark.parametrize("routing", ["router_module", "inline"])
+def test_a_routers_per_expert_scale_of_its_weights_is_fitted_and_fused(backend, routing):
     """Gemma 4's router multiplies each chosen weight by its expert's learned factor: the fit reads which of the
-    router's [E] parameters it is, and every backend applies it: the route on torch and Triton (the gating
-    kernel), the copy of each expert's down projection that ONNX Runtime's com.microsoft.MoE reads."""
-    from user_modules import ExpertScaledMoE
+    router's [E] parameters it is (from a router module's outputs, or by search where the block routes in its own
+    code), and every backend applies it: the route on torch and Triton (the gating kernel), the copy of each
+    expert's down projection that ONNX Runtime's com.microsoft.MoE reads."""
+    from user_modules import ExpertScaledMoE, InlineExpertScaledMoE
 
     device = _device(backend)
     torch.manual_seed(0)
-    model = TinyModel(ExpertScaledMoE()).eval().to(device)
+    block = ExpertScaledMoE() if routing == "router_module" else InlineExpertScaledMoE()
+    model = TinyModel(block).eval().to(device)
     cm, layer = compile_on_ids(model, backend=backend, device=device)
     assert layer.fused and layer.routing == "softmax->top2 renorm per-expert-scale", (layer.reason, layer.routing)
     if backend == "onnxruntime":
@@ -442,7 +445,7 @@ def test_a_routers_per_expert_scale_of_its_weights_is_fitted_and_fused(backend):
         x = torch.randint(0, 50, shape, device=device)
         torch.testing.assert_close(cm(x), model(x), rtol=1e-4, atol=1e-5)
     with torch.no_grad():  # ones (the factor at init) fit as no factor at all
-        model.moe.router.per_expert_scale.fill_(1.0)
+        getattr(block, "router", block).per_expert_scale.fill_(1.0)
     _, layer = compile_on_ids(model, backend="torch", device=device)
     assert layer.routing == "softmax->top2 renorm", layer.routing
 

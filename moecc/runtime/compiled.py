@@ -469,23 +469,21 @@ def build(model: nn.Module, args, kwargs, backend: str, options: dict, dump_fold
         forget_calls()
     layers = gm.meta.get("moecc_layers", {})
     routed = _routed_banks(model, layers, hints) if options.get("fuse", True) else {}
-    if not routed:
-        forget_reads()
-    else:
-        for block, (bank, why) in routed.items():
-            log.info("MoE block %s left as written (%s); capturing again with its experts %s as the leaf, routed by "
-                     "the model's own ops", block, why, bank)
-        try:
+    try:  # the experts' readings serve the capture that may follow, and no further
+        if routed:
+            for block, (bank, why) in routed.items():
+                log.info("MoE block %s left as written (%s); capturing again with its experts %s as the leaf, routed "
+                         "by the model's own ops", block, why, bank)
             return build(model, args, kwargs, requested, options, dump_folder, program_folder, calibration,
                          replace(hints, routed_banks={**hints.routed_banks, **routed}))
-        except (ExportError, CaptureError) as exc:
-            # the routing the block's leaf hid may be code torch.export cannot trace: the blocks stay as written
-            forget_calls()
-            why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            for name in routed:
-                layers[name].reason += f"; its experts alone could not be captured: {why}"
-        finally:
-            forget_reads()
+    except (ExportError, CaptureError) as exc:
+        # the routing the block's leaf hid may be code torch.export cannot trace: the blocks stay as written
+        forget_calls()
+        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        for name in routed:
+            layers[name].reason += f"; its experts alone could not be captured: {why}"
+    finally:
+        forget_reads()
     for name, info in layers.items():
         if info.routed_bank and name not in hints.routed_banks:  # recognize said it only where a capture may follow
             log.warning("MoE block %s left as written: %s", name, info.reason)

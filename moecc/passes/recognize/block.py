@@ -513,13 +513,20 @@ def _recorder(into: list):
 
 def _searched_routing(router, mods: list[nn.Module], num_experts: int, chosen: torch.Tensor | None = None):
     """(routing spec, selection bias, expert scale, capacity) candidates for a router whose outputs are not
-    observed (no per-expert scale: only observed weights fit one); ``chosen``: the experts each probe token
-    reached, where the expert calls showed them, which may point to groups that no attribute names
-    (``observed_groups``)."""
-    return ((spec, sel, None, cap) for (spec, sel), cap in itertools.product(
-        routing_candidates(num_experts, topk_candidates(mods, num_experts), router.selection_biases,
-                           group_candidates(mods, num_experts, chosen), router.bias is not None, False),
-        capacity_candidates(mods)))
+    observed; ``chosen``: the experts each probe token reached, where the expert calls showed them, which may point
+    to groups that no attribute names (``observed_groups``). Every candidate without a per-expert scale comes
+    first; then each one again with each of the router's ``[E]`` tensors but its selection bias as the
+    scale of its chosen weights (Gemma 4's ``per_expert_scale``, written inline)."""
+    def options():
+        return itertools.product(
+            routing_candidates(num_experts, topk_candidates(mods, num_experts), router.selection_biases,
+                               group_candidates(mods, num_experts, chosen), router.bias is not None, False),
+            capacity_candidates(mods))
+
+    plain = ((spec, sel, None, cap) for (spec, sel), cap in options())
+    scaled = ((replace(spec, has_expert_scale=True), sel, factor, cap) for (spec, sel), cap in options()
+              for factor in router.selection_biases if factor is not sel)
+    return itertools.chain(plain, scaled)
 
 
 def _variants(spec: RoutingSpec, cap: CapacitySpec, dtype: torch.dtype):

@@ -53,7 +53,7 @@ def routing_positions(call: tuple) -> tuple[int, int] | None:
     return tuple(tensors) if a.is_floating_point() else (tensors[1], tensors[0])
 
 
-def _routing_orders(module: nn.Module) -> list[tuple[int, int]]:
+def routing_orders(module: nn.Module) -> list[tuple[int, int]]:
     """(weights, ids) places among the arguments after ``x`` to try when calling ``module`` positionally: ids first
     (Hugging Face's ``experts(x, top_k_index, top_k_weights)``), then weights first."""
     try:
@@ -83,7 +83,7 @@ def routed_bank(block: nn.Module) -> str | None:
     for mod in bank_and_ancestors(block, bank_mod):
         if isinstance(mod, (nn.ModuleList, nn.ModuleDict)):
             continue
-        for hidden, order in itertools.product(sizes, _routing_orders(mod)):
+        for hidden, order in itertools.product(sizes, routing_orders(mod)):
             x = torch.randn(4, hidden, dtype=like.dtype, device=like.device)
             ids = torch.zeros(4, 1, dtype=torch.long, device=like.device)
             w = torch.ones(4, 1, dtype=like.dtype, device=like.device)
