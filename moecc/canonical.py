@@ -33,8 +33,10 @@ class BlockAnalysis:
     router_program: object = None  # a router no pattern matches, as its own exported graph: x -> (weights, ids)
     post: nn.Module | None = None  # a module without Linear layers the block applies to its output (A.X-K1's norm)
     # a module without Linear layers the block applies to its input before routing and experts both read it (the
-    # RMSNorm inside OpenAI's reference GPT-OSS MLPBlock); ``residual`` adds the input before it
+    # RMSNorm inside OpenAI's reference GPT-OSS MLPBlock), or before its router alone (``pre_routes_only``);
+    # ``residual`` adds the input before it
     pre: nn.Module | None = None
+    pre_routes_only: bool = False  # ``pre`` feeds the router alone; the experts read the block's input (a router norm)
     residual: bool = False  # the block adds its input to its output (before ``post``)
     # the router program also reads these of the block's other arguments (DeepSeek-V4's token ids for its hash
     # layers): their places among the flat leaves of the call's (args[1:], kwargs), and how many token dims lead
@@ -49,6 +51,11 @@ class BlockAnalysis:
     # ``other_positions`` are the routing weights and the expert ids, ``[*token dims, k]`` each; there is no router
     routing_given: bool = False
     expert_scale: torch.Tensor | None = None  # [E]: routing.has_expert_scale's factors
+
+    @property
+    def expert_pre(self) -> nn.Module | None:
+        """The module the block applies to its input before its experts read it."""
+        return None if self.pre_routes_only else self.pre
 
     def describe_extra(self) -> str:
         kind = "identity" if self.extra_pass_input else "zero"
@@ -99,21 +106,24 @@ class CanonicalMoE(nn.Module):
         a, r, e, c = self.a, self.a.routing, self.a.expert, self.a.capacity
         hidden = e.hidden_size
         block_input = x
+        routed = x
         if self.pre is not None:
-            x = self.pre(x)
+            routed = self.pre(x)
+            x = x if a.pre_routes_only else routed
         x2 = x.reshape(-1, hidden)
+        r2 = routed.reshape(-1, hidden)  # what the router reads
         logits = None
         if a.routing_given:
             weights, ids = other0.reshape(-1, r.top_k).float(), other1.reshape(-1, r.top_k).long()
         elif self.router_program is not None:
             others = (other0, other1, other2, other3)[:len(a.other_positions)]  # ROUTER_INPUT_SLOTS
-            weights, ids = self.router_program(x2, *(o.flatten(0, a.token_dims - 1) for o in others))
-            logits = torch.nn.functional.linear(x2, self.router_weight, self.router_bias)
+            weights, ids = self.router_program(r2, *(o.flatten(0, a.token_dims - 1) for o in others))
+            logits = torch.nn.functional.linear(r2, self.router_weight, self.router_bias)
         elif r.logits_fp32:
-            logits = torch.nn.functional.linear(x2.float(), self.router_weight.float(),
+            logits = torch.nn.functional.linear(r2.float(), self.router_weight.float(),
                                                 None if self.router_bias is None else self.router_bias.float())
         else:
-            logits = torch.nn.functional.linear(x2, self.router_weight, self.router_bias)
+            logits = torch.nn.functional.linear(r2, self.router_weight, self.router_bias)
         if self.router_program is None and not a.routing_given:
             weights, ids = torch.ops.moecc.route(logits, self.selection_bias, r.top_k, r.score, r.topk_first,
                                                  r.renormalize, r.n_group, r.topk_group, r.scale,

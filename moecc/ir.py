@@ -114,7 +114,9 @@ class MoELayerInfo:
     activation: str = ""
     shared_experts: int = 0
     output_module: str = ""  # the type of a module the block applies to its output last (a norm), if any
-    input_module: str = ""  # the type of a module the block applies to its input first (a pre-norm), if any
+    # the type of a module the block applies to its input first (a pre-norm), if any; "(router only)" where only
+    # its router reads that module's output
+    input_module: str = ""
     residual: bool = False  # the block adds its input to its output itself
     fused: bool = False
     reason: str = ""

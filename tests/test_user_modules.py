@@ -698,6 +698,40 @@ def test_a_norm_of_the_blocks_own_input_runs_first_in_the_canonical_form(residua
     torch.testing.assert_close(cm(x), model(x), **tol)
 
 
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime", "triton"])
+@pytest.mark.parametrize("bank", ["modules", "stacked"])
+def test_a_norm_of_the_routers_input_alone_runs_before_the_router_only(backend, bank):
+    """The router reads norm(x), the experts x: what the expert modules are handed tells which (rows of the
+    block's input), and a stacked bank, whose calls show nothing, is tried both ways. ONNX Runtime's MoE op
+    then scores the normed tokens and runs its experts on the block's input."""
+    from user_modules import RouterNormBmmMoE, RouterNormMoE
+
+    device = _device(backend)
+    torch.manual_seed(0)
+    block = RouterNormMoE() if bank == "modules" else RouterNormBmmMoE()
+    model = TinyModel(block).eval().to(device)
+    cm, layer = compile_on_ids(model, backend=backend, device=device)
+    norm = type(block.router_norm).__name__
+    assert layer.fused and layer.input_module == f"{norm} (router only)", (layer.reason, layer.input_module)
+    if backend == "onnxruntime":
+        assert layer.lowering == "com.microsoft.MoE", layer.lowering
+    for shape in ((3, 11), (1, 1)):
+        x = torch.randint(0, 50, shape, device=device)
+        torch.testing.assert_close(cm(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_a_norm_of_the_routers_input_alone_travels_in_an_onnx_artifact(tmp_path):
+    from user_modules import RouterNormMoE
+
+    torch.manual_seed(0)
+    model = TinyModel(RouterNormMoE()).eval()
+    loaded = moecc.load(moecc.export(model, (torch.randint(0, 50, (2, 7)),), tmp_path / "a", backend="onnxruntime"))
+    (layer,) = loaded.moe_layers
+    assert layer["lowering"] == "com.microsoft.MoE" and layer["input_module"] == "LayerNorm (router only)", layer
+    x = torch.randint(0, 50, (3, 9))
+    torch.testing.assert_close(loaded(x), model(x), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("backend", ["torch", "auto"])
 def test_a_pre_norm_before_a_router_weight_the_block_holds_itself_is_found_by_what_the_experts_read(backend):
     from user_modules import PreNormBareRouterMoE
@@ -950,7 +984,8 @@ def test_experts_that_cannot_fuse_cost_no_second_capture(monkeypatch):
 @pytest.mark.parametrize("backend", ["torch", "onnxruntime", "triton"])
 @pytest.mark.parametrize("routing,described", [("softmax", "softmax->top2 renorm"),
                                                ("sigmoid_bias", "sigmoid->top2 renorm selection-bias x2.5"),
-                                               ("softmax_expert_scale", "softmax->top2 renorm per-expert-scale")])
+                                               ("softmax_expert_scale", "softmax->top2 renorm per-expert-scale"),
+                                               ("softmax_fp32", "softmax->top2 renorm")])
 def test_routing_written_beside_routed_experts_is_lifted_into_moecc_ops(routing, described, backend):
     """The layer routes in its own code, which becomes graph ops beside the experts it calls: where those ops
     compute a canonical routing of one router matmul's input, ``lift_routing`` proves it on probes and feeds the
@@ -973,6 +1008,7 @@ def test_routing_written_beside_routed_experts_is_lifted_into_moecc_ops(routing,
             "softmax": ort_moe,
             "sigmoid_bias": "decomposed: com.microsoft.MoE routes with softmax, this block with sigmoid",
             "softmax_expert_scale": ort_moe,  # each expert's factor folds into its copy of the down projection
+            "softmax_fp32": ort_moe,
         }[routing], layer.lowering
     for shape in ((3, 11), (1, 1), (2, 5)):
         x = torch.randint(0, 50, shape, device=device)

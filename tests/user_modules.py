@@ -592,6 +592,47 @@ class PreNormMoE(LoopMoE):
         return x + y if self.residual else y
 
 
+class RouterNormMoE(LoopMoE):
+    """Normalizes what its router reads, not what its experts read."""
+
+    def __init__(self, hidden=24, inter=40, num_experts=6, top_k=2):
+        super().__init__(hidden, inter, num_experts, top_k)
+        self.router_norm = nn.LayerNorm(hidden)
+        with torch.no_grad():
+            self.router_norm.weight.uniform_(0.5, 1.5)
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        weights, chosen = torch.topk(F.softmax(self.gate(self.router_norm(x)), dim=-1), self.top_k, dim=-1)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            token, slot = torch.where(chosen == e)
+            out.index_add_(0, token, expert(x[token]) * weights[token, slot, None])
+        return out.reshape(shape)
+
+
+class RouterNormBmmMoE(BmmMoE):
+    """``RouterNormMoE`` over stacked weights: no expert module's call shows what the experts read."""
+
+    def __init__(self, hidden=24, inter=36, num_experts=5, top_k=2):
+        super().__init__(hidden, inter, num_experts, top_k)
+        self.router_norm = nn.RMSNorm(hidden)
+        with torch.no_grad():
+            self.router_norm.weight.uniform_(0.5, 1.5)
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        top, idx = torch.topk(self.router(self.router_norm(x)), self.top_k, dim=-1)
+        weights = torch.softmax(top, dim=-1)
+        flat = idx.reshape(-1)
+        xs = x.repeat_interleave(self.top_k, dim=0).unsqueeze(1)
+        h = F.silu(torch.bmm(xs, self.w_gate[flat])) * torch.bmm(xs, self.w_up[flat])
+        y = torch.bmm(h, self.w_down[flat]).squeeze(1)
+        return (y.view(-1, self.top_k, shape[-1]) * weights.unsqueeze(-1)).sum(1).reshape(shape)
+
+
 def oai_swiglu(x, alpha: float = 1.702, limit: float = 7.0):
     """OpenAI's reference GPT-OSS swiglu: its constants are the function's defaults, not attributes."""
     x_glu, x_linear = x[..., ::2], x[..., 1::2]
@@ -1150,7 +1191,11 @@ class InlineRoutedLayer(nn.Module):
         """``sqrt``: square roots of the top-k softmax probabilities (no canonical routing); ``softmax``: the
         top-k probabilities renormalised (Mixtral's); ``sigmoid_bias``: sigmoid scores, the top-k chosen by scores
         plus a bias, their unbiased scores renormalised and scaled (DeepSeek-V3's without groups);
-        ``softmax_expert_scale``: Mixtral's, each weight then times its expert's own factor (Gemma 4's)."""
+        ``softmax_expert_scale``: Mixtral's, each weight then times its expert's own factor (Gemma 4's);
+        ``softmax_fp32``: Mixtral's on logits of the router weight cast to fp32 in the graph (Ernie 4.5 VL's)."""
+        if self.routing == "softmax_fp32":
+            weights, ids = torch.topk(F.linear(flat.float(), self.router.weight.float()).softmax(-1), self.top_k, -1)
+            return weights / weights.sum(-1, keepdim=True), ids
         logits = self.router(flat)
         if self.routing == "sigmoid_bias":
             scores = logits.sigmoid()

@@ -74,6 +74,17 @@ def op_arguments(node: fx.Node) -> dict:
     return values
 
 
+_CASTS = (torch.ops.aten.to.dtype, torch.ops.aten._to_copy.default, torch.ops.aten.to.dtype_layout)
+
+
+def parameter_through_casts(node) -> fx.Node | None:
+    """The ``get_attr`` a value is, directly or through dtype casts (a router that computes its logits in fp32
+    casts its weight: Ernie 4.5 VL's ``self.weight.float()``); None where it is computed otherwise."""
+    while isinstance(node, fx.Node) and node.op == "call_function" and node.target in _CASTS:
+        node = node.args[0]
+    return node if isinstance(node, fx.Node) and node.op == "get_attr" else None
+
+
 def nodes_calling(gm: fx.GraphModule, op) -> list[fx.Node]:
     return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is op]
 

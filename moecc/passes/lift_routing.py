@@ -20,7 +20,7 @@ from torch import fx
 
 from moecc.match import MatchResult
 from moecc.passes.base import MoePass, PassResult, layers_of
-from moecc.passes.graph_utils import attr_of, eliminate_dead_code, nodes_calling
+from moecc.passes.graph_utils import attr_of, eliminate_dead_code, nodes_calling, parameter_through_casts
 from moecc.passes.recognize.probe import tolerance
 from moecc.passes.recognize.router import Observed, Router, fit_routing
 from moecc.routing import optional_route_args, route_reference, router_logits
@@ -55,9 +55,8 @@ def _router_linear(gm: fx.GraphModule, roots: list[fx.Node], num_experts: int) -
             if n in seen:
                 continue
             seen.add(n)
-            if n.op == "call_function" and n.target in _LINEAR and isinstance(n.args[1], fx.Node) \
-                    and n.args[1].op == "get_attr":
-                w = attr_of(gm, n.args[1])
+            if n.op == "call_function" and n.target in _LINEAR and parameter_through_casts(n.args[1]) is not None:
+                w = attr_of(gm, parameter_through_casts(n.args[1]))
                 if w.dim() == 2 and w.shape[0] >= num_experts:
                     return n
             nxt.extend(n.all_input_nodes)
@@ -69,7 +68,8 @@ def _routing_program(gm: fx.GraphModule, linear: fx.Node, outputs: list[fx.Node]
     """``x_r -> outputs`` as a program of its own, ``x_r`` the linear's input: the nodes between the two and the
     parameters they read, and nothing else (no other input of the model, no size of one)."""
     inside = _ancestors(outputs, stop=lambda n: n is linear or n.op == "get_attr")
-    inside |= {n for n in linear.all_input_nodes if n.op == "get_attr"}
+    inside |= _ancestors([n for n in linear.all_input_nodes if n is not linear.args[0]],
+                         stop=lambda n: n.op == "get_attr")
     if linear.args[0] in inside:
         return MatchResult.fail("the routing reads the router matmul's input besides through the matmul")
     reads = sorted(n.name for n in inside if n.op == "placeholder")
@@ -118,7 +118,7 @@ def lift_one(gm: fx.GraphModule, dispatch: fx.Node, combine: fx.Node) -> MatchRe
     program = _routing_program(gm, linear, [weights_in, ids_in])
     if not program:
         return program
-    weight_node = linear.args[1]
+    weight_node = parameter_through_casts(linear.args[1])
     bias_node = linear.args[2] if len(linear.args) > 2 else linear.kwargs.get("bias")
     if bias_node is not None and getattr(bias_node, "op", None) != "get_attr":
         return MatchResult.fail("the router's bias is computed in the graph")
@@ -130,8 +130,9 @@ def lift_one(gm: fx.GraphModule, dispatch: fx.Node, combine: fx.Node) -> MatchRe
     sels = [(n.target, attr_of(gm, n).detach().reshape(num_experts)) for n in params
             if n.target not in (weight_node.target, getattr(bias_node, "target", None))
             and attr_of(gm, n).numel() == num_experts and attr_of(gm, n).shape[-1] == num_experts]
-    x_val = linear.args[0].meta.get("val")
+    x_val, w_val = linear.args[0].meta.get("val"), linear.args[1].meta.get("val")
     dtype = x_val.dtype if x_val is not None else weight.dtype
+    w_dtype = w_val.dtype if w_val is not None else weight.dtype  # after the model's own cast
     g = torch.Generator().manual_seed(2024)
     probes = [torch.randn(n, hidden, generator=g).to(device=weight.device, dtype=dtype) for n in PROBE_TOKENS]
     try:
@@ -148,7 +149,7 @@ def lift_one(gm: fx.GraphModule, dispatch: fx.Node, combine: fx.Node) -> MatchRe
     # the graph shows the precision of the logits: the matmul's own (random probes rarely tell the two apart, and
     # near-tied tokens of a real input would then pick other experts than the model's)
     fitted = fit_routing(router, Observed(outs[0][1].long(), outs[0][0], False), probes[0], num_experts, [], rtol,
-                         logits_fp32=dtype == torch.float32 and weight.dtype == torch.float32)
+                         logits_fp32=dtype == torch.float32 and w_dtype == torch.float32)
     if fitted is None:
         return MatchResult.fail("the routing ops match no canonical routing")
     spec, sel, per_expert = fitted
@@ -164,8 +165,9 @@ def lift_one(gm: fx.GraphModule, dispatch: fx.Node, combine: fx.Node) -> MatchRe
     scale_target = next((t for t, b in sels if b is per_expert), None)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     with gm.graph.inserting_before(max(weights_in, ids_in, key=order.get).next):
-        x_r, w_r = linear.args[0], weight_node
-        if spec.logits_fp32 and dtype != torch.float32:
+        # the weight as the model's matmul reads it: the parameter itself where the model's cast changes nothing
+        x_r, w_r = linear.args[0], weight_node if w_dtype == weight.dtype else linear.args[1]
+        if spec.logits_fp32 and (dtype != torch.float32 or w_dtype != torch.float32):
             x_r, w_r = gm.graph.call_method("float", (x_r,)), gm.graph.call_method("float", (w_r,))
         logits = gm.graph.call_function(torch.ops.aten.linear.default, (x_r, w_r, bias_node))
         sel_node, scale_node = (_per_expert(gm, t, num_experts) for t in (sel_target, scale_target))

@@ -25,7 +25,7 @@ from moecc.experts import to_canonical
 from moecc.logs import quiet, stderr_to_debug
 from moecc.match import MatchResult
 from moecc.passes.base import layers_of
-from moecc.passes.graph_utils import attr_of, eliminate_dead_code, op_arguments
+from moecc.passes.graph_utils import attr_of, eliminate_dead_code, op_arguments, parameter_through_casts
 
 log = logging.getLogger("moecc.codegen.onnx")
 PROVIDER = "CPUExecutionProvider"
@@ -93,7 +93,8 @@ def use_ort_moe(gm: fx.GraphModule, quant=None) -> dict[str, str]:
         router_b = _param(gm, r["router_bias"])
         f = form.value
         num_experts = int(w_up.shape[0])
-        router_w = _param(gm, r["router_weight"])
+        router_w_node = parameter_through_casts(r["router_weight"])  # ORT scores in fp32 whatever the cast
+        router_w = _param(gm, router_w_node)
         if form and router_w is not None and int(router_w.shape[0]) != num_experts:
             form = MatchResult.fail(f"the router scores {int(router_w.shape[0])} experts and the bank holds "
                                     f"{num_experts}: com.microsoft.MoE has no experts that compute nothing")
@@ -106,7 +107,7 @@ def use_ort_moe(gm: fx.GraphModule, quant=None) -> dict[str, str]:
         per_expert_value = _param(gm, per_expert)
         if form and per_expert is not None and per_expert_value is None:
             form = MatchResult.fail("the per-expert scale of the routing weights is computed in the graph")
-        if not form or r["router_weight"].op != "get_attr" or (r["router_bias"] is not None and router_b is None):
+        if not form or router_w_node is None or (r["router_bias"] is not None and router_b is None):
             lowering[prefix] = f"decomposed: {form.reason or 'router weights are not constants'}"
             continue
         f = form.value
@@ -135,7 +136,7 @@ def use_ort_moe(gm: fx.GraphModule, quant=None) -> dict[str, str]:
                                                                  None if b_down is None else b_down * scale)
         module = gm.get_submodule(prefix)
         names = {}
-        tensors = [("ort_router_w_t", gm.get_parameter(r["router_weight"].target).t()), ("ort_router_b", router_b)]
+        tensors = [("ort_router_w_t", router_w.t()), ("ort_router_b", router_b)]
         if use_q:
             fc1_q, fc1_s = quantize(fc1.detach(), quant)
             fc2_q, fc2_s = quantize(fc2.detach(), quant)
@@ -151,17 +152,19 @@ def use_ort_moe(gm: fx.GraphModule, quant=None) -> dict[str, str]:
             module.register_buffer(name, value if value.dtype == torch.uint8 else value.float())
             with gm.graph.inserting_before(moe):
                 names[name] = gm.graph.get_attr(f"{prefix}.{name}")
+        # the router may read other tokens than the experts (a norm of its input alone)
+        router_x = () if r["x"] is m["x"] else (r["x"],)
         common = (int(r["top_k"]), f.activation_type, f.normalize, f.alpha, f.beta, f.limit)
         with gm.graph.inserting_before(moe):
             if use_q:
                 new = gm.graph.call_function(torch.ops.moecc.ort_qmoe.default, (
-                    r["x"], names["ort_router_w_t"], names["ort_router_b"], names["ort_fc1_q"],
+                    m["x"], names["ort_router_w_t"], names["ort_router_b"], names["ort_fc1_q"],
                     names["ort_fc1_s"], names["ort_fc1_b"], names["ort_fc2_q"], names["ort_fc2_s"],
-                    names["ort_fc2_b"], *common, quant.bits, quant.block_size, quant.int8_activations))
+                    names["ort_fc2_b"], *common, quant.bits, quant.block_size, quant.int8_activations, *router_x))
             else:
                 new = gm.graph.call_function(torch.ops.moecc.ort_moe.default, (
-                    r["x"], names["ort_router_w_t"], names["ort_router_b"], names["ort_fc1"],
-                    names["ort_fc1_b"], names["ort_fc2"], names["ort_fc2_b"], *common))
+                    m["x"], names["ort_router_w_t"], names["ort_router_b"], names["ort_fc1"],
+                    names["ort_fc1_b"], names["ort_fc2"], names["ort_fc2_b"], *common, *router_x))
         moe.replace_all_uses_with(new)
         gm.graph.erase_node(moe)
         lowering[prefix] = "com.microsoft.QMoE" if use_q else "com.microsoft.MoE"

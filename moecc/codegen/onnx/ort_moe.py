@@ -37,13 +37,14 @@ def _act(h: Tensor, activation_type: str, alpha: float, beta: float, limit: floa
 @torch.library.custom_op("moecc::ort_moe", mutates_args=())
 def ort_moe(x: Tensor, router_w_t: Tensor, router_b: Tensor | None, fc1_w: Tensor, fc1_b: Tensor | None,
             fc2_w: Tensor, fc2_b: Tensor | None, k: int, activation_type: str, normalize: bool, alpha: float,
-            beta: float, limit: float) -> Tensor:
+            beta: float, limit: float, router_x: Tensor | None = None) -> Tensor:
     """x [T, H]; router_w_t [H, E]; fc1_w [E, F, H] (F = 2I interleaved for swiglu); fc2_w [E, H, I]. The weights
     are fp32 (the dtype the probes prove the op in): an x of another dtype is computed in fp32, as the ONNX
-    translation does."""
+    translation does. ``router_x`` [T, H]: what the router reads, where it is not ``x`` (a norm of the router's
+    input alone)."""
     dtype = x.dtype
     x = x.to(router_w_t.dtype)
-    logits = x @ router_w_t
+    logits = (x if router_x is None else router_x.to(router_w_t.dtype)) @ router_w_t
     if router_b is not None:
         logits = logits + router_b
     probs = torch.softmax(logits.float(), -1)
@@ -99,14 +100,14 @@ def contrib_schema(name: str, domain: str = "com.microsoft"):
 
 
 def ort_moe_onnx(x, router_w_t, router_b, fc1_w, fc1_b, fc2_w, fc2_b, k, activation_type, normalize, alpha, beta,
-                 limit):
+                 limit, router_x=None):
     """The translation torch.onnx uses for ``moecc::ort_moe``."""
     import onnxscript
     from onnxscript import opset18 as op
 
     moe_op = onnxscript.values.Op(onnxscript.values.Opset("com.microsoft", 1), "MoE", contrib_schema("MoE"))
     x_in, x = x, _in_fp32(op, x, router_w_t)
-    logits = op.MatMul(x, router_w_t)
+    logits = op.MatMul(x if router_x is None else _in_fp32(op, router_x, router_w_t), router_w_t)
     if router_b is not None:
         logits = op.Add(logits, router_b)
     inputs = [x, logits, fc1_w, fc1_b, fc2_w, fc2_b]
@@ -196,7 +197,7 @@ def ort_computes_same(activation_type: str, normalize: bool, k: int, has_bias: b
 def ort_qmoe(x: Tensor, router_w_t: Tensor, router_b: Tensor | None, fc1_q: Tensor, fc1_scales: Tensor,
              fc1_b: Tensor | None, fc2_q: Tensor, fc2_scales: Tensor, fc2_b: Tensor | None, k: int,
              activation_type: str, normalize: bool, alpha: float, beta: float, limit: float, bits: int,
-             block_size: int, int8_activations: bool) -> Tensor:
+             block_size: int, int8_activations: bool, router_x: Tensor | None = None) -> Tensor:
     """``com.microsoft.QMoE``: ``ort_moe`` with weights dequantized from packed uint8 (with int8 activations ORT
     also rounds the activations, which this reference does not model)."""
     from moecc.codegen.onnx.quant import QuantSpec, dequantize
@@ -204,7 +205,8 @@ def ort_qmoe(x: Tensor, router_w_t: Tensor, router_b: Tensor | None, fc1_q: Tens
     spec = QuantSpec(bits, block_size, int8_activations)
     fc1 = dequantize(fc1_q, fc1_scales, spec, x.shape[-1])
     fc2 = dequantize(fc2_q, fc2_scales, spec, fc1.shape[1] // (2 if activation_type == "swiglu" else 1))
-    return ort_moe(x, router_w_t, router_b, fc1, fc1_b, fc2, fc2_b, k, activation_type, normalize, alpha, beta, limit)
+    return ort_moe(x, router_w_t, router_b, fc1, fc1_b, fc2, fc2_b, k, activation_type, normalize, alpha, beta, limit,
+                   router_x)
 
 
 @ort_qmoe.register_fake
@@ -223,13 +225,13 @@ def _qmoe_attrs(k, activation_type, normalize, alpha, beta, limit, bits, block_s
 
 
 def ort_qmoe_onnx(x, router_w_t, router_b, fc1_q, fc1_scales, fc1_b, fc2_q, fc2_scales, fc2_b, k, activation_type,
-                  normalize, alpha, beta, limit, bits, block_size, int8_activations):
+                  normalize, alpha, beta, limit, bits, block_size, int8_activations, router_x=None):
     import onnxscript
     from onnxscript import opset18 as op
 
     qmoe = onnxscript.values.Op(onnxscript.values.Opset("com.microsoft", 1), "QMoE", contrib_schema("QMoE"))
     x_in, x = x, _in_fp32(op, x, router_w_t)
-    logits = op.MatMul(x, router_w_t)
+    logits = op.MatMul(x if router_x is None else _in_fp32(op, router_x, router_w_t), router_w_t)
     if router_b is not None:
         logits = op.Add(logits, router_b)
     inputs = [x, logits, fc1_q, fc1_scales, fc1_b, fc2_q, fc2_scales, fc2_b]

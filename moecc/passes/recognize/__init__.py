@@ -171,7 +171,8 @@ class Recognize(MoePass):
             info.routing += a.describe_extra()
             info.shared_experts = len(a.shared)
             info.output_module = "" if a.post is None else type(a.post).__name__
-            info.input_module = "" if a.pre is None else type(a.pre).__name__
+            info.input_module = "" if a.pre is None else type(a.pre).__name__ + (" (router only)"
+                                                                                 if a.pre_routes_only else "")
             info.residual = a.residual
             info.capacity = "dropless" if a.capacity.dropless else a.capacity.formula
             others = sum(r[0] == node.target for r in lifted)  # calls of another signature or dtype

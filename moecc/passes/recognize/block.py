@@ -376,7 +376,7 @@ def _refit_experts(block: nn.Module, a: BlockAnalysis, inputs, scale: float, act
     within the dtype's rounding, every candidate of ``expert_candidates`` ((spec, weights) pairs, each a copy of
     the bank in some layout)."""
     e = a.expert
-    with amplifier(a.pre, scale, inputs[0]) as amplify:
+    with amplifier(a.expert_pre, scale, inputs[0]) as amplify:
         if amplify is None:
             return a
         spread = [amplify(x) for x in inputs]
@@ -459,11 +459,13 @@ UNMATCHED_ROUTING = ("routing matches no known pattern (softmax, sigmoid or sqrt
 
 
 def _with_router_as_written(block, router, obs, x2, call, num_experts, expert_candidates, shared, inputs, refs,
-                            raw, flat_output, others: OtherArgs | None = None, router_inputs=None, pre=None):
+                            raw, flat_output, others: OtherArgs | None = None, router_inputs=None, pre=None,
+                            pre_placements: tuple[bool, ...] = (False,)):
     """A router no pattern matches stays as its own graph ops; its (weights, ids) feed the canonical experts.
     ``x2``: what the router read of the first probe, as tokens; ``call``: the (args, kwargs) the block called the
     router with; ``others``/``router_inputs``: the block's other arguments, which the router may read too (token
-    ids); ``pre``: the module the block applies to its input first."""
+    ids); ``pre``: the module the block applies to its input first, for its router alone or not
+    (``pre_placements``)."""
     if obs.dropped:
         return MatchResult.fail(f"router {router.path}: {UNMATCHED_ROUTING}, and it drops tokens")
     token_dims = inputs[0].dim() - 1
@@ -478,12 +480,13 @@ def _with_router_as_written(block, router, obs, x2, call, num_experts, expert_ca
     closest = _Closest(router.weight.dtype)
     for on_inputs, (espec, ew) in _pairs((False, True), expert_candidates):
         extra = num_experts - int(ew.w_up.shape[0])
-        for pass_input in _extra_kinds(extra, CapacitySpec(), on_inputs):
+        for pass_input, routes_only in itertools.product(_extra_kinds(extra, CapacitySpec(), on_inputs),
+                                                         pre_placements):
             a = BlockAnalysis(replace(spec, weights_on_inputs=on_inputs), router.weight, router.bias, None, espec,
                               ew, CapacitySpec(), shared, output_tuple=not isinstance(raw[0], torch.Tensor),
                               router_program=program, flat_output=flat_output,
                               other_positions=others.positions if others else (), token_dims=token_dims, pre=pre,
-                              extra_experts=extra, extra_pass_input=pass_input)
+                              pre_routes_only=routes_only, extra_experts=extra, extra_pass_input=pass_input)
             if closest.offer(_verify(block, a, inputs, refs, router_inputs)):
                 return MatchResult.success(closest.analysis)
     if closest.analysis is not None:
@@ -498,6 +501,24 @@ def _extra_kinds(extra: int, cap: CapacitySpec, on_inputs: bool) -> tuple[bool, 
     if not extra:
         return (True,)
     return () if on_inputs or not cap.dropless else (True, False)
+
+
+def _pre_placements(pre: nn.Module | None, x: torch.Tensor, expert_inputs: list[list]) -> tuple[bool, ...]:
+    """Whether ``pre``, the module whose output the router read, feeds the router alone (``pre_routes_only``):
+    the rows the expert modules were called with tell where they show it (rows of the block's input, not of
+    ``pre``'s output: a norm of the router's input only), else both are tried, the experts reading ``pre``'s
+    output first."""
+    if pre is None:
+        return (False,)
+    if _all_tensors(expert_inputs):
+        hidden = x.shape[-1]
+        with torch.no_grad():
+            normed = pre(x)
+        if chosen_by_expert_calls(expert_inputs, normed.reshape(-1, hidden)) is not None:
+            return (False,)
+        if chosen_by_expert_calls(expert_inputs, x.reshape(-1, hidden)) is not None:
+            return (True,)
+    return (False, True)
 
 
 def _all_tensors(expert_inputs: list[list]) -> bool:
@@ -688,6 +709,7 @@ def _analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | 
     if pre is None and not router_calls and _all_tensors(expert_inputs):
         pre = expert_input_module(inputs[0], expert_inputs, leftovers)
     posts = [None, *(m for m in leftovers if m is not pre)]
+    pre_placements = _pre_placements(pre, inputs[0], expert_inputs)
 
     def routed(x: torch.Tensor) -> torch.Tensor:
         """What the router reads of a block input ``x``."""
@@ -715,7 +737,7 @@ def _analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | 
         def router_as_written(expert_candidates):
             return _with_router_as_written(block, as_found, obs, routed(x3).reshape(-1, hidden),
                                            router_calls[0][:2], num_experts, expert_candidates, shared.value, inputs,
-                                           refs, raw, flat_output, others, router_inputs, pre)
+                                           refs, raw, flat_output, others, router_inputs, pre, pre_placements)
 
         fitted = fit_routing(router, obs, routed(x3).reshape(-1, hidden), num_experts, mods, rtol)
         if fitted is None and router.bias is not None and router.bias_is_attribute:
@@ -756,12 +778,14 @@ def _analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | 
         for (spec, sel, per_expert, cap), (espec, ew) in itertools.islice(pairs, MAX_JOINT_CANDIDATES):
             tried += 1
             cap = cap if isinstance(cap, CapacitySpec) else CapacitySpec()
-            for (fp32, on_inputs), post in itertools.product(_variants(spec, cap, like.dtype), posts):
+            for (fp32, on_inputs), post, routes_only in itertools.product(_variants(spec, cap, like.dtype), posts,
+                                                                          pre_placements):
                 for pass_input in _extra_kinds(extra, cap, on_inputs):
                     yield BlockAnalysis(replace(spec, logits_fp32=fp32, weights_on_inputs=on_inputs), router.weight,
                                         router.bias, sel, espec, ew, cap, shared.value,
                                         output_tuple=not isinstance(raw[0], torch.Tensor), flat_output=flat_output,
-                                        post=post, pre=pre, extra_experts=extra, extra_pass_input=pass_input,
+                                        post=post, pre=pre, pre_routes_only=routes_only, extra_experts=extra,
+                                        extra_pass_input=pass_input,
                                         expert_scale=per_expert)
 
     def search(router, routing_options, expert_candidates) -> _Closest:

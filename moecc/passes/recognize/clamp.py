@@ -29,13 +29,13 @@ def proven_clamp(block: nn.Module, a: BlockAnalysis, inputs: list[torch.Tensor],
     e = a.expert
     x = inputs[0].reshape(-1, e.hidden_size)[:SPREAD_TOKENS]
     with torch.no_grad():
-        h = x if a.pre is None else a.pre(x)
+        h = x if a.expert_pre is None else a.expert_pre(x)
         gate = torch.einsum("th,egh->teg", h.float(), a.weights.w_up[:, :e.intermediate_size].float())
     spread = gate.std().item()
     if not spread > 0:
         return False
     canon = CanonicalMoE(replace(a, outputs=("y",), output_tuple=False))
-    with amplifier(a.pre, e.limit / spread, inputs[0]) as amplify:
+    with amplifier(a.expert_pre, e.limit / spread, inputs[0]) as amplify:
         if amplify is None:
             return False
         with torch.no_grad():
