@@ -46,7 +46,6 @@ FAMILIES = {
     "axk1": ("AXK1Config", "AXK1ForCausalLM"),
     "axk2": ("AXK2Config", "AXK2ForCausalLM"),
     "bailing_hybrid": ("BailingHybridConfig", "BailingHybridForCausalLM"),
-    "bamba": ("BambaConfig", "BambaForCausalLM"),
     "beam": ("BeamConfig", "BeamForCausalLM"),
     "deepseek_v4": ("DeepseekV4Config", "DeepseekV4ForCausalLM"),
     "doge": ("DogeConfig", "DogeForCausalLM"),
@@ -108,6 +107,16 @@ CONSTRUCTOR = {"DbrxConfig": dict(attn_config=dict(kv_n_heads=2, rope_theta=1000
                # its layer kinds default to none at all: one short-convolution layer, one attention layer
                "Lfm2MoeConfig": dict(layer_types=["conv", "full_attention"], num_hidden_layers=2)}
 SHAPES = ((3, 5), (1, 13), (2, 16))
+# rotary sections (time, height, width) of multimodal text models, as their modeling code defaults them: scaled to
+# the tiny head (``_mrope_section``)
+MROPE_SECTION = {"Glm4vMoeTextConfig": (8, 12, 12), "Ernie4_5_VLMoeTextConfig": (22, 22, 20)}
+
+
+def _mrope_section(default: tuple[int, ...], half: int) -> list[int]:
+    """``default`` scaled to sum to ``half``: each section but the last rounded down (equal ones stay equal, as
+    Ernie's height and width must), the last taking the rest."""
+    head = [d * half // sum(default) for d in default[:-1]]
+    return [*head, half - sum(head)]
 
 
 def tiny_model(family: str):
@@ -127,11 +136,20 @@ def tiny_model(family: str):
         cfg.num_key_value_heads = cfg.num_attention_heads
         if hasattr(cfg, "qk_head_dim"):
             cfg.qk_head_dim = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+            if (_read(cfg, "rope_parameters") or {}).get("partial_rotary_factor"):
+                cfg.head_dim = cfg.qk_head_dim  # Mistral 4 rotates a fraction of its whole head
     if _read(cfg, "layer_types") and config_name != "JambaConfig":
         cfg.layer_types = (list(cfg.layer_types) * 2)[:2]
     if _read(cfg, "mlp_layer_types"):  # one layer of each of the first two kinds the family's list names
         kinds = list(dict.fromkeys(cfg.mlp_layer_types))  # DeepSeek-V3.2's dense then sparse, V4's hash then top-k
         cfg.mlp_layer_types = (kinds * 2)[:2]
+    if hasattr(cfg, "mlp_layer_types") and _read(cfg, "mlp_layer_types") is None:  # DeepSeek-OCR 2's, no default
+        cfg.mlp_layer_types = ["dense", "sparse"]
+    if type(cfg).__name__ in MROPE_SECTION:
+        rope = dict(cfg.rope_parameters)
+        head = _read(cfg, "head_dim") or cfg.hidden_size // cfg.num_attention_heads
+        half = int(head * rope.get("partial_rotary_factor", 1.0)) // 2
+        cfg.rope_parameters = {**rope, "mrope_section": _mrope_section(MROPE_SECTION[type(cfg).__name__], half)}
     if hasattr(cfg, "per_layer_config"):  # layer overrides at full size
         cfg.per_layer_config = {}
     torch.manual_seed(0)
