@@ -6,6 +6,7 @@ import logging
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import onnx
 import pytest
@@ -42,8 +43,10 @@ def test_export_then_load_in_fresh_process(family, tmp_path):
         ref = model(**fresh).logits
     torch.save((fresh, ref), tmp_path / "check.pt")
     (tmp_path / "check.py").write_text(LOAD_AND_CHECK)
+    # nothing of this process but where moecc lives (a tree on PYTHONPATH, as on the GPU machine, or installed)
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(moecc.__file__).resolve().parents[1])}
     run = subprocess.run([sys.executable, "check.py", str(path), "check.pt"], cwd=tmp_path, capture_output=True,
-                         text=True, env={"PATH": "/usr/bin:/bin"})
+                         text=True, env=env)
     assert run.returncode == 0, run.stdout + run.stderr
     err = float(run.stdout.split("ERR")[1])
     assert err < 1e-4
