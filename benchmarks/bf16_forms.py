@@ -37,6 +37,11 @@ def _blocks() -> dict:
         "routed_list": um.InlineRoutedLayer,
         "routed_stacked": lambda: um.InlineRoutedLayer(um.StackedRoutedExperts()),
         "routed_on_inputs": lambda: um.InlineRoutedLayer(um.InputWeightedRoutedExperts()),
+        # a norm of the router's input alone; per-expert scales written inline; a router weight cast to fp32
+        "router_norm": um.RouterNormMoE,
+        "router_norm_stacked": um.RouterNormBmmMoE,
+        "inline_expert_scale": um.InlineExpertScaledMoE,
+        "routed_fp32_router": lambda: um.InlineRoutedLayer(routing="softmax_fp32"),
     })
     return blocks
 

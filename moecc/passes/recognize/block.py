@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
+from collections.abc import Callable
 from dataclasses import replace
 
 import torch
@@ -503,22 +504,33 @@ def _extra_kinds(extra: int, cap: CapacitySpec, on_inputs: bool) -> tuple[bool, 
     return () if on_inputs or not cap.dropless else (True, False)
 
 
-def _pre_placements(pre: nn.Module | None, x: torch.Tensor, expert_inputs: list[list]) -> tuple[bool, ...]:
-    """Whether ``pre``, the module whose output the router read, feeds the router alone (``pre_routes_only``):
-    the rows the expert modules were called with tell where they show it (rows of the block's input, not of
-    ``pre``'s output: a norm of the router's input only), else both are tried, the experts reading ``pre``'s
-    output first."""
+def _pre_placements(pre: nn.Module | None, x: torch.Tensor, expert_inputs: list[list],
+                    call: Callable[[torch.Tensor], object]) -> tuple[bool, ...]:
+    """Whether ``pre``, the module whose output the router read, feeds the router alone (``pre_routes_only``).
+    The rows the expert modules were called with tell where they show it (rows of the block's input, not of
+    ``pre``'s output: a norm of the router's input only). Else, for a ``pre`` that ignores its input's scale (a
+    norm), the block ``call``ed on twice its input: a block that reads its input only through ``pre`` (adding it
+    back aside) gives the same, experts that read the input itself do not. Else both are tried."""
     if pre is None:
         return (False,)
-    if _all_tensors(expert_inputs):
-        hidden = x.shape[-1]
-        with torch.no_grad():
-            normed = pre(x)
-        if chosen_by_expert_calls(expert_inputs, normed.reshape(-1, hidden)) is not None:
-            return (False,)
-        if chosen_by_expert_calls(expert_inputs, x.reshape(-1, hidden)) is not None:
-            return (True,)
-    return (False, True)
+    hidden = x.shape[-1]
+    with torch.no_grad():
+        normed = pre(x)
+        if _all_tensors(expert_inputs):
+            if chosen_by_expert_calls(expert_inputs, normed.reshape(-1, hidden)) is not None:
+                return (False,)
+            if chosen_by_expert_calls(expert_inputs, x.reshape(-1, hidden)) is not None:
+                return (True,)
+        twice = (x.double() * 2).to(x.dtype)
+        try:
+            if not close(pre(twice), normed):
+                return (False, True)
+            y, y2 = tensor_leaves(call(x))[0], tensor_leaves(call(twice))[0]
+        except Exception:  # noqa: BLE001 - a block that fails on a larger input leaves both to the search
+            return (False, True)
+    if close(y2, y) or (y.shape == x.shape and close(y2 - twice, y - x)):
+        return (False,)
+    return (True, False)
 
 
 def _all_tensors(expert_inputs: list[list]) -> bool:
@@ -709,7 +721,8 @@ def _analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | 
     if pre is None and not router_calls and _all_tensors(expert_inputs):
         pre = expert_input_module(inputs[0], expert_inputs, leftovers)
     posts = [None, *(m for m in leftovers if m is not pre)]
-    pre_placements = _pre_placements(pre, inputs[0], expert_inputs)
+    pre_placements = _pre_placements(pre, inputs[0], expert_inputs,
+                                     lambda x: block(x, *calls[0][0], **calls[0][1]))
 
     def routed(x: torch.Tensor) -> torch.Tensor:
         """What the router reads of a block input ``x``."""
