@@ -35,10 +35,13 @@ class LoopMoE(nn.Module):
     def apply_expert(expert, x, weight):
         return expert(x) * weight
 
+    def router_input(self, x):
+        return x
+
     def forward(self, x):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        probs = F.softmax(self.gate(x), dim=-1)
+        probs = F.softmax(self.gate(self.router_input(x)), dim=-1)
         weights, chosen = torch.topk(probs, self.top_k, dim=-1)
         if self.renormalize:
             weights = weights / weights.sum(-1, keepdim=True)
@@ -92,10 +95,13 @@ class BmmMoE(nn.Module):
         self.w_up = nn.Parameter(torch.randn(num_experts, hidden, inter) * hidden ** -0.5)
         self.w_down = nn.Parameter(torch.randn(num_experts, inter, hidden) * inter ** -0.5)
 
+    def router_input(self, x):
+        return x
+
     def forward(self, x):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        logits = self.router(x)
+        logits = self.router(self.router_input(x))
         top, idx = torch.topk(logits, self.top_k, dim=-1)
         weights = torch.softmax(top, dim=-1)
         flat = idx.reshape(-1)
@@ -592,45 +598,31 @@ class PreNormMoE(LoopMoE):
         return x + y if self.residual else y
 
 
-class RouterNormMoE(LoopMoE):
-    """Normalizes what its router reads, not what its experts read."""
+def _with_router_norm(name: str, cls, norm):
+    """``cls`` whose router reads ``norm`` of the block's input, its experts the input itself (``name``: the
+    module-level name it is bound to, which pickling looks up)."""
 
-    def __init__(self, hidden=24, inter=40, num_experts=6, top_k=2):
-        super().__init__(hidden, inter, num_experts, top_k)
-        self.router_norm = nn.LayerNorm(hidden)
-        with torch.no_grad():
-            self.router_norm.weight.uniform_(0.5, 1.5)
+    class RouterNormed(cls):
+        renormalize = False
 
-    def forward(self, x):
-        shape = x.shape
-        x = x.reshape(-1, shape[-1])
-        weights, chosen = torch.topk(F.softmax(self.gate(self.router_norm(x)), dim=-1), self.top_k, dim=-1)
-        out = torch.zeros_like(x)
-        for e, expert in enumerate(self.experts):
-            token, slot = torch.where(chosen == e)
-            out.index_add_(0, token, expert(x[token]) * weights[token, slot, None])
-        return out.reshape(shape)
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.router_norm = norm(self.router_input_width())
+            with torch.no_grad():
+                self.router_norm.weight.uniform_(0.5, 1.5)
+
+        def router_input_width(self):
+            return (self.gate if hasattr(self, "gate") else self.router).weight.shape[1]
+
+        def router_input(self, x):
+            return self.router_norm(x)
+
+    RouterNormed.__name__ = RouterNormed.__qualname__ = name
+    return RouterNormed
 
 
-class RouterNormBmmMoE(BmmMoE):
-    """``RouterNormMoE`` over stacked weights: no expert module's call shows what the experts read."""
-
-    def __init__(self, hidden=24, inter=36, num_experts=5, top_k=2):
-        super().__init__(hidden, inter, num_experts, top_k)
-        self.router_norm = nn.RMSNorm(hidden)
-        with torch.no_grad():
-            self.router_norm.weight.uniform_(0.5, 1.5)
-
-    def forward(self, x):
-        shape = x.shape
-        x = x.reshape(-1, shape[-1])
-        top, idx = torch.topk(self.router(self.router_norm(x)), self.top_k, dim=-1)
-        weights = torch.softmax(top, dim=-1)
-        flat = idx.reshape(-1)
-        xs = x.repeat_interleave(self.top_k, dim=0).unsqueeze(1)
-        h = F.silu(torch.bmm(xs, self.w_gate[flat])) * torch.bmm(xs, self.w_up[flat])
-        y = torch.bmm(h, self.w_down[flat]).squeeze(1)
-        return (y.view(-1, self.top_k, shape[-1]) * weights.unsqueeze(-1)).sum(1).reshape(shape)
+RouterNormMoE = _with_router_norm("RouterNormMoE", LoopMoE, nn.LayerNorm)  # the experts' calls show they read the input
+RouterNormBmmMoE = _with_router_norm("RouterNormBmmMoE", BmmMoE, nn.RMSNorm)  # stacked weights: no expert call shows it
 
 
 def oai_swiglu(x, alpha: float = 1.702, limit: float = 7.0):
