@@ -55,8 +55,9 @@ def _router_linear(gm: fx.GraphModule, roots: list[fx.Node], num_experts: int) -
             if n in seen:
                 continue
             seen.add(n)
-            if n.op == "call_function" and n.target in _LINEAR and parameter_through_casts(n.args[1]) is not None:
-                w = attr_of(gm, parameter_through_casts(n.args[1]))
+            if n.op == "call_function" and n.target in _LINEAR \
+                    and (param := parameter_through_casts(n.args[1])) is not None:
+                w = attr_of(gm, param)
                 if w.dim() == 2 and w.shape[0] >= num_experts:
                     return n
             nxt.extend(n.all_input_nodes)

@@ -41,9 +41,9 @@ class OrtForm:
     limit: float = 0.0
 
 
-def ort_form(route: fx.Node, moe: fx.Node) -> MatchResult[OrtForm]:
-    """The com.microsoft.MoE attributes that compute exactly this (route, experts) pair, or why none do."""
-    r, m = op_arguments(route), op_arguments(moe)
+def ort_form(r: dict, m: dict) -> MatchResult[OrtForm]:
+    """The com.microsoft.MoE attributes that compute exactly this (route, experts) pair, given as their calls'
+    ``op_arguments``, or why none do."""
     score, act, gated, alpha, limit = r["score"], m["activation"], m["gated"], m["alpha"], m["limit"]
     if score != "softmax":
         return MatchResult.fail(f"com.microsoft.MoE routes with softmax, this block with {score}")
@@ -88,7 +88,7 @@ def use_ort_moe(gm: fx.GraphModule, quant=None) -> dict[str, str]:
             lowering[prefix] = "decomposed: routing is not a fused moecc route"
             continue
         r = op_arguments(route)
-        form = ort_form(route, moe)
+        form = ort_form(r, m)
         w_up, w_down, b_up, b_down = _canonical(gm, m)
         router_b = _param(gm, r["router_bias"])
         f = form.value

@@ -37,7 +37,9 @@ def chunk_shared(s_up: torch.Tensor, s_down: torch.Tensor, inter: int, gated: bo
     return w_up.contiguous(), w_down.contiguous()
 
 
-def match_fold(add: fx.Node) -> MatchResult[tuple[fx.Node, fx.Node]]:
+def match_fold(add: fx.Node) -> MatchResult[tuple[fx.Node, fx.Node, dict, dict]]:
+    """(routed node, shared node, their ``op_arguments``) of a sum of routed and shared experts that one grouped
+    GEMM can compute, or why not."""
     a, b = add.args[:2]
     nodes = {getattr(n, "target", None): n for n in (a, b) if isinstance(n, fx.Node)}
     moe = nodes.get(torch.ops.moecc.fused_moe.default)
@@ -58,7 +60,7 @@ def match_fold(add: fx.Node) -> MatchResult[tuple[fx.Node, fx.Node]]:
     if m["weight_layout"] not in ("oi", "oi_gu"):
         return MatchResult.fail(f"expert weights are in the {m['weight_layout']} layout; the kernels read oi or "
                                 "oi_gu")
-    return MatchResult.success((moe, shared))
+    return MatchResult.success((moe, shared, m, s))
 
 
 def fold_shared_experts(gm: fx.GraphModule) -> int:
@@ -69,8 +71,7 @@ def fold_shared_experts(gm: fx.GraphModule) -> int:
         m = match_fold(add)
         if not m:
             continue
-        moe, shared = m.value
-        r, s = op_arguments(moe), op_arguments(shared)
+        moe, shared, r, s = m.value
         w_up, w_down = attr_of(gm, r["w_up"]), attr_of(gm, r["w_down"])
         inter = w_down.shape[2]
         gated, layout = r["gated"], r["weight_layout"]
