@@ -401,12 +401,15 @@ def test_experts_of_bare_parameters_are_a_bank(backend, kind):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("scale,shift", [(1 / 0.7, False), (1.0, True), (0.5, True)])
-def test_logits_the_block_scales_or_shifts_before_scoring_are_folded_into_the_router(scale, shift, dtype):
+@pytest.mark.parametrize("scale,shift,after_topk", [(1 / 0.7, False, False), (1.0, True, False), (0.5, True, False),
+                                                    (1 / 0.7, False, True), (3.0, False, True)])
+def test_logits_the_block_scales_or_shifts_before_scoring_are_folded_into_the_router(scale, shift, after_topk, dtype):
+    """A temperature or shift before scoring, or a temperature on the k logits a top-k kept (Mixtral's
+    top-k-then-softmax with a temperature)."""
     from user_modules import ScaledLogitsMoE
 
     torch.manual_seed(0)
-    model = TinyModel(ScaledLogitsMoE(scale, shift)).eval().to(dtype)
+    model = TinyModel(ScaledLogitsMoE(scale, shift, after_topk=after_topk)).eval().to(dtype)
     cm, layer = compile_on_ids(model, backend="torch")
     assert layer.fused and layer.routing.startswith("softmax->top2 renorm"), layer
     assert ("router-bias" in layer.routing) == shift, layer.routing

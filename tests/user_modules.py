@@ -454,21 +454,27 @@ class FusedGateUpMoE(LoopMoE):
 
 class ScaledLogitsMoE(LoopMoE):
     """Scores ``softmax(gate(x) * scale + shift)``: a router temperature (``scale = 1 / T``), a learned
-    per-expert logit bias, or both, written in the block's code rather than in its gate."""
+    per-expert logit bias, or both, written in the block's code rather than in its gate. ``after_topk``: the
+    block takes the top-k of the logits as they are and scales only the k it kept (no shift then)."""
 
-    def __init__(self, scale=1.0, shift=False, top_k=2):
+    def __init__(self, scale=1.0, shift=False, top_k=2, after_topk=False):
         super().__init__(top_k=top_k)
+        self.after_topk = after_topk
         self.register_buffer("scale", torch.tensor(scale))
         self.shift = nn.Parameter(torch.randn(len(self.experts)) * 0.5) if shift else None
 
     def forward(self, x):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        logits = self.gate(x) * self.scale
-        if self.shift is not None:
-            logits = logits + self.shift
-        weights, chosen = torch.topk(F.softmax(logits, dim=-1), self.top_k, dim=-1)
-        weights = weights / weights.sum(-1, keepdim=True)
+        if self.after_topk:
+            kept, chosen = torch.topk(self.gate(x), self.top_k, dim=-1)
+            weights = F.softmax(kept * self.scale, dim=-1)
+        else:
+            logits = self.gate(x) * self.scale
+            if self.shift is not None:
+                logits = logits + self.shift
+            weights, chosen = torch.topk(F.softmax(logits, dim=-1), self.top_k, dim=-1)
+            weights = weights / weights.sum(-1, keepdim=True)
         out = torch.zeros_like(x)
         for e, expert in enumerate(self.experts):
             token, slot = torch.where(chosen == e)

@@ -2,7 +2,10 @@
 ``gate(x) + b``. The block's first scoring op (softmax, log-softmax, sigmoid, softplus or top-k over the experts)
 is watched on a probe; when its input is ``a * logits + b`` (``a`` one number, ``b`` one per expert) and not the
 logits themselves, the router is taken as the Linear with weight ``a * W`` and bias ``a * bias + b``, which the
-canonical route computes. Recognition tries it only after the router as found fits no candidate."""
+canonical route computes. A block that takes the top-k of the logits as they are and scales only the k it kept
+(``softmax(topk(gate(x)).values / T)``) is read at its first scoring op over fewer columns, against the top-k of
+the logits: a positive scale keeps the same k, so it folds into the router as well. Recognition tries it only
+after the router as found fits no candidate."""
 
 from __future__ import annotations
 
@@ -27,12 +30,26 @@ class _FirstScoring(TorchFunctionMode):
         super().__init__()
         self.num_experts = num_experts
         self.seen: torch.Tensor | None = None
+        self.kept: torch.Tensor | None = None  # the first scored input over fewer columns, once ``seen`` is
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if (self.seen is None and func in SCORING and args and isinstance(args[0], torch.Tensor)
-                and args[0].dim() >= 1 and args[0].shape[-1] == self.num_experts):
-            self.seen = args[0].detach().clone()
+        if func in SCORING and args and isinstance(args[0], torch.Tensor) and args[0].dim() >= 1:
+            columns = args[0].shape[-1]
+            if self.seen is None and columns == self.num_experts:
+                self.seen = args[0].detach().clone()
+            elif (self.seen is not None and self.kept is None and columns < self.num_experts
+                  and func not in (torch.topk, torch.Tensor.topk)):
+                self.kept = args[0].detach().clone()
         return func(*args, **(kwargs or {}))
+
+
+def _fit(z: torch.Tensor, logits: torch.Tensor, per_column_shift: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a, b) of the least-squares ``z ~ a * logits + b``: ``b`` one per column, or one number."""
+    centred = logits - (logits.mean(0) if per_column_shift else logits.mean())
+    target = z - (z.mean(0) if per_column_shift else z.mean())
+    scale = (target * centred).sum() / (centred * centred).sum().clamp_min(1e-300)
+    shift = z - scale * logits
+    return scale, shift.mean(0) if per_column_shift else shift.mean().expand(logits.shape[1])
 
 
 def affine_router(block: nn.Module, router: Router, x: torch.Tensor, router_x: torch.Tensor | None = None
@@ -47,28 +64,39 @@ def affine_router(block: nn.Module, router: Router, x: torch.Tensor, router_x: t
             block(x)
     except Exception:  # noqa: BLE001 - the block ran on this probe before; any failure here means no fit
         return None
-    z = watch.seen
-    if z is None or z.numel() != x.numel() // hidden * num_experts:
+    tokens = x.numel() // hidden
+    if watch.seen is None or watch.seen.numel() != tokens * num_experts:
         return None
-    z = z.reshape(-1, num_experts).double()
     logits = (x if router_x is None else router_x).reshape(-1, hidden).double() @ router.weight.detach().double().t()
     if router.bias is not None:
         logits = logits + router.bias.detach().double()
-    centred = logits - logits.mean(0)
-    scale = ((z - z.mean(0)) * centred).sum() / (centred * centred).sum().clamp_min(1e-300)
-    shift = (z - scale * logits).mean(0)
-    bound = 10 * tolerance(router.weight.dtype)
-    if rel_err(scale * logits + shift, z) > bound:
-        return None
-    scale = snap(scale.item(), router.weight.dtype)
-    scaled = abs(scale - 1.0) > bound
-    shifted = shift.abs().max().item() > bound * z.abs().max().item()
-    if not scaled and not shifted:
-        return None
     dtype = router.weight.dtype
+    fitted = _transform(watch.seen.reshape(tokens, num_experts).double(), logits, True, dtype)
+    if fitted is None and watch.kept is not None and watch.kept.numel() % tokens == 0:
+        kept = watch.kept.reshape(tokens, -1).double()
+        fitted = _transform(kept.sort(-1, descending=True).values,
+                            logits.topk(kept.shape[1], -1).values, False, dtype)
+    if fitted is None:
+        return None
+    scale, shift, scaled, shifted = fitted
     bias = None if router.bias is None else router.bias.detach().double() * scale
     if shifted:
         bias = shift if bias is None else bias + shift
     what = " + ".join(([f"x{scale:g}"] if scaled else []) + (["a shift"] if shifted else []))
     return replace(router, weight=(router.weight.detach().double() * scale).to(dtype),
                    bias=None if bias is None else bias.to(dtype), path=f"{router.path} (logits {what} folded in)")
+
+
+def _transform(z: torch.Tensor, logits: torch.Tensor, per_column_shift: bool, dtype: torch.dtype):
+    """(a, b, scaled, shifted) where ``z`` is ``a * logits + b``, other than ``logits`` themselves; else None. With
+    one shift for all columns, ``z`` holds the logits kept by a top-k, which only a positive ``a`` keeps."""
+    bound = 10 * tolerance(dtype)
+    scale, shift = _fit(z, logits, per_column_shift)
+    if rel_err(scale * logits + shift, z) > bound or (not per_column_shift and scale.item() <= 0):
+        return None
+    scale = snap(scale.item(), dtype)
+    scaled = abs(scale - 1.0) > bound
+    shifted = shift.abs().max().item() > bound * z.abs().max().item()
+    if not scaled and not shifted:
+        return None
+    return scale, shift, scaled, shifted
