@@ -42,6 +42,11 @@ def _blocks() -> dict:
         "router_norm_stacked": um.RouterNormBmmMoE,
         "inline_expert_scale": um.InlineExpertScaledMoE,
         "routed_fp32_router": lambda: um.InlineRoutedLayer(routing="softmax_fp32"),
+        # a temperature on the k logits a top-k kept; routers that score by code of their own
+        "temperature_after_topk": lambda: um.ScaledLogitsMoE(1 / 0.7, after_topk=True),
+        "router_mlp": um.ScoringModuleMoE,
+        "router_mlp_h_wide": lambda: um.ScoringModuleMoE(width=24, returns="routing"),
+        "router_cosine": lambda: um.ScoringModuleMoE("cosine", 8),
     })
     return blocks
 

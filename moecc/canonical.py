@@ -31,6 +31,9 @@ class BlockAnalysis:
     output_tuple: bool = False
     flat_output: bool = False  # the block returns y as [T, H] whatever the rank of its input (Llama 4's)
     router_program: object = None  # a router no pattern matches, as its own exported graph: x -> (weights, ids)
+    # a router module that computes its scores by code of its own (a router MLP), as its exported graph:
+    # x -> logits [T, E]; ``router_weight`` is then its last layer's [E, F] only
+    logits_program: object = None
     post: nn.Module | None = None  # a module without Linear layers the block applies to its output (A.X-K1's norm)
     # a module without Linear layers the block applies to its input before routing and experts both read it (the
     # RMSNorm inside OpenAI's reference GPT-OSS MLPBlock), or before its router alone (``pre_routes_only``);
@@ -82,6 +85,7 @@ class CanonicalMoE(nn.Module):
     def __init__(self, a: BlockAnalysis):
         super().__init__()
         self.router_program = a.router_program
+        self.logits_program = a.logits_program
         self.post = a.post
         self.pre = a.pre
         self.router_weight = _maybe(a.router_weight)
@@ -118,7 +122,11 @@ class CanonicalMoE(nn.Module):
         elif self.router_program is not None:
             others = (other0, other1, other2, other3)[:len(a.other_positions)]  # ROUTER_INPUT_SLOTS
             weights, ids = self.router_program(r2, *(o.flatten(0, a.token_dims - 1) for o in others))
-            logits = torch.nn.functional.linear(r2, self.router_weight, self.router_bias)
+            logits = self.logits_program(r2) if self.logits_program is not None \
+                else torch.nn.functional.linear(r2, self.router_weight, self.router_bias) \
+                if a.router_weight.shape[-1] == hidden else None
+        elif self.logits_program is not None:
+            logits = self.logits_program(r2)
         elif r.logits_fp32:
             logits = torch.nn.functional.linear(r2.float(), self.router_weight.float(),
                                                 None if self.router_bias is None else self.router_bias.float())

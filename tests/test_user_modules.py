@@ -734,6 +734,56 @@ def test_a_norm_of_the_routers_input_alone_runs_before_the_router_only(backend, 
         torch.testing.assert_close(cm(x), model(x), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime", "triton"])
+@pytest.mark.parametrize("kind,width,returns", [("mlp", 16, "logits"), ("mlp", 24, "logits"), ("mlp", 24, "routing"),
+                                                ("cosine", 8, "logits")])
+def test_a_router_module_that_scores_by_code_of_its_own_feeds_canonical_routing(backend, kind, width, returns):
+    """A router MLP (its last layer ``[E, 16]``, or ``[E, H]`` at width H, which reads no hidden states) or a
+    cosine router: the module's scores, kept as its own graph ops, feed the canonical route. A router whose last
+    op is a Linear then fuses with the route (``fused_route`` over that layer's input, which flattens the module's
+    [B, S, F]); ONNX Runtime's MoE op scores those features."""
+    from user_modules import ScoringModuleMoE
+
+    device = _device(backend)
+    torch.manual_seed(0)
+    model = TinyModel(ScoringModuleMoE(kind, width, returns)).eval().to(device)
+    cm, layer = compile_on_ids(model, backend=backend, device=device)
+    assert layer.fused, layer.reason
+    assert layer.routing == ("softmax->top2 renorm" if returns == "routing" else "softmax->top2"), layer.routing
+    if backend == "onnxruntime":
+        linear_last = kind == "mlp"
+        assert layer.lowering.startswith("com.microsoft.MoE" if linear_last else "decomposed"), layer.lowering
+    for shape in ((3, 11), (1, 1), (2, 33)):
+        x = torch.randint(0, 50, shape, device=device)
+        torch.testing.assert_close(cm(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_a_router_module_scored_by_code_of_its_own_fuses_with_the_route_and_travels_in_an_artifact(tmp_path):
+    from user_modules import ScoringModuleMoE
+
+    torch.manual_seed(0)
+    model = TinyModel(ScoringModuleMoE("mlp", 24)).eval()
+    cm, _ = compile_on_ids(model, backend="torch", dump_dir=str(tmp_path / "dumps"))
+    fused = (tmp_path / "dumps" / "003_fuse_gating.py").read_text()
+    assert "moecc.fused_route" in fused and "moecc.route." not in fused
+    loaded = moecc.load(moecc.export(model, (torch.randint(0, 50, (2, 7)),), tmp_path / "a", backend="onnxruntime"))
+    x = torch.randint(0, 50, (3, 9))
+    torch.testing.assert_close(loaded(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scores_a_block_computes_in_its_own_code_without_a_router_module_say_why(dtype):
+    from user_modules import InlineCosineMoE
+
+    torch.manual_seed(0)
+    model = TinyModel(InlineCosineMoE()).eval().to(dtype)
+    cm, layer = compile_on_ids(model, backend="torch")
+    assert not layer.fused and "expert_embeddings in its own code, and no module of it computes the scores" in \
+        layer.reason, layer.reason
+    x = torch.randint(0, 50, (3, 11))
+    torch.testing.assert_close(cm(x), model(x), rtol=0, atol=0)
+
+
 def test_a_norm_of_the_routers_input_alone_travels_in_an_onnx_artifact(tmp_path):
     from user_modules import RouterNormMoE
 

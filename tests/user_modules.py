@@ -631,6 +631,81 @@ RouterNormMoE = _with_router_norm("RouterNormMoE", LoopMoE, nn.LayerNorm)  # the
 RouterNormBmmMoE = _with_router_norm("RouterNormBmmMoE", BmmMoE, nn.RMSNorm)  # stacked weights: no expert call shows it
 
 
+class ScoringModule(nn.Module):
+    """A router that scores the experts by code of its own, read on ``[B, S, H]``: ``kind`` "mlp" (ZAYA's router
+    MLP: a norm, a GELU layer of ``width``, a last layer to E; at ``width == H`` that last layer is an ``[E, H]``
+    weight that reads no hidden states) or "cosine" (X-MoE's: cosine similarity of a projection with expert
+    embeddings, over a temperature). ``returns``: "logits", or "routing" (logits, top-k weights, ids)."""
+
+    def __init__(self, hidden, num_experts, top_k, kind="mlp", width=16, returns="logits"):
+        super().__init__()
+        self.kind, self.top_k, self.returns = kind, top_k, returns
+        if kind == "mlp":
+            self.norm = nn.LayerNorm(hidden)
+            self.fc = nn.Linear(hidden, width)
+            self.out = nn.Linear(width, num_experts, bias=False)
+        else:
+            self.proj = nn.Linear(hidden, width, bias=False)
+            self.expert_embeddings = nn.Parameter(torch.randn(num_experts, width))
+            self.temperature = 0.1
+
+    def forward(self, h):
+        if self.kind == "mlp":
+            logits = self.out(F.gelu(self.fc(self.norm(h))))
+        else:
+            logits = F.normalize(self.proj(h), dim=-1) @ F.normalize(self.expert_embeddings, dim=-1).T
+            logits = logits / self.temperature
+        if self.returns == "logits":
+            return logits
+        weights, ids = torch.topk(F.softmax(logits, dim=-1), self.top_k, dim=-1)
+        return logits, weights / weights.sum(-1, keepdim=True), ids
+
+
+class ScoringModuleMoE(LoopMoE):
+    """``LoopMoE`` routed by a ``ScoringModule``: softmax then top-k of its logits in the block, or the top-k
+    weights and ids it returns."""
+
+    def __init__(self, kind="mlp", width=16, returns="logits", hidden=24, num_experts=6, top_k=2):
+        super().__init__(hidden=hidden, num_experts=num_experts, top_k=top_k)
+        del self.gate
+        self.router = ScoringModule(hidden, num_experts, top_k, kind, width, returns)
+
+    def forward(self, x):
+        shape = x.shape
+        scored = self.router(x)
+        x = x.reshape(-1, shape[-1])
+        if self.router.returns == "logits":
+            weights, chosen = torch.topk(F.softmax(scored.reshape(-1, scored.shape[-1]), dim=-1), self.top_k, dim=-1)
+        else:
+            weights, chosen = scored[1].reshape(-1, self.top_k), scored[2].reshape(-1, self.top_k)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            token, slot = torch.where(chosen == e)
+            out.index_add_(0, token, expert(x[token]) * weights[token, slot, None])
+        return out.reshape(shape)
+
+
+class InlineCosineMoE(LoopMoE):
+    """Cosine routing written in the block's own code: no module of it computes the scores alone."""
+
+    def __init__(self):
+        super().__init__()
+        del self.gate
+        self.proj = nn.Linear(24, 8, bias=False)
+        self.expert_embeddings = nn.Parameter(torch.randn(len(self.experts), 8))
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        logits = F.normalize(self.proj(x), dim=-1) @ F.normalize(self.expert_embeddings, dim=-1).T / 0.1
+        weights, chosen = torch.topk(F.softmax(logits, dim=-1), self.top_k, dim=-1)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            token, slot = torch.where(chosen == e)
+            out.index_add_(0, token, expert(x[token]) * weights[token, slot, None])
+        return out.reshape(shape)
+
+
 def oai_swiglu(x, alpha: float = 1.702, limit: float = 7.0):
     """OpenAI's reference GPT-OSS swiglu: its constants are the function's defaults, not attributes."""
     x_glu, x_linear = x[..., ::2], x[..., 1::2]

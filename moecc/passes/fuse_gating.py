@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import fx
 
@@ -19,8 +21,40 @@ def _unwrap_float(node):
     return node, False
 
 
+_RESHAPES = (torch.ops.aten.reshape.default, torch.ops.aten.view.default, torch.reshape)
+
+
+def _flattened_linear(node) -> fx.Node | None:
+    """The linear whose output ``node`` reshapes to ``[tokens, E]``, when that is all the reshape does: a router
+    module called on ``[B, S, H]`` (a router MLP kept as its own program) gives ``[B, S, E]`` logits, flattened."""
+    if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target in _RESHAPES):
+        return None
+    source, shape = node.args[0], node.args[1] if len(node.args) > 1 else None
+    if not (isinstance(source, fx.Node) and source.op == "call_function" and source.target in _LINEAR
+            and len(source.users) == 1 and isinstance(shape, (list, tuple)) and len(shape) == 2):
+        return None
+    # the last dim must stay E: a reshape that also moves values between columns is no flatten
+    return source if isinstance(shape[-1], int) and shape[-1] == _rows(source.args[1]) else None
+
+
+def _rows(weight) -> int | None:
+    """The output features of a linear's weight node, read off the module that owns the graph."""
+    weight, _ = _unwrap_float(weight)
+    if not (isinstance(weight, fx.Node) and weight.op == "get_attr"):
+        return None
+    try:
+        return int(operator.attrgetter(weight.target)(weight.graph.owning_module).shape[0])
+    except (AttributeError, IndexError):
+        return None
+
+
 def match_gating(route: fx.Node) -> MatchResult[dict]:
     logits = route.args[0]
+    flatten = _flattened_linear(logits)
+    if flatten is not None:
+        if len(logits.users) != 1:
+            return MatchResult.fail("router logits are also used outside routing (e.g. returned by the block)")
+        logits = flatten
     if not (isinstance(logits, fx.Node) and logits.op == "call_function" and logits.target in _LINEAR):
         return MatchResult.fail("router logits do not come from a linear layer (router kept as graph ops)")
     if len(logits.users) != 1:
@@ -31,7 +65,8 @@ def match_gating(route: fx.Node) -> MatchResult[dict]:
     b, _ = _unwrap_float(b)
     if fp32_x != fp32_w:
         return MatchResult.fail("router reads input and weight in different precisions")
-    return MatchResult.success({"x": x, "w": w, "b": b, "fp32": fp32_x, "logits": logits})
+    return MatchResult.success({"x": x, "w": w, "b": b, "fp32": fp32_x, "logits": logits,
+                                "flatten": flatten is not None})
 
 
 class FuseGating(MoePass):
@@ -48,8 +83,11 @@ class FuseGating(MoePass):
             # the optional tail (group_top, expert_scale) travels as the call wrote it
             _, sel, k, score, topk_first, renorm, n_group, topk_group, scale, *tail = route.args
             with gm.graph.inserting_before(route):
+                x = v["x"]
+                if v["flatten"]:  # the linear acts on the last dim alone, so it commutes with flattening the rest
+                    x = gm.graph.call_function(torch.ops.aten.flatten.using_ints, (x, 0, -2))
                 new = gm.graph.call_function(torch.ops.moecc.fused_route.default, (
-                    v["x"], v["w"], v["b"], sel, k, score, topk_first, renorm, n_group, topk_group, scale, v["fp32"],
+                    x, v["w"], v["b"], sel, k, score, topk_first, renorm, n_group, topk_group, scale, v["fp32"],
                     *tail), dict(route.kwargs))
             new.meta.update(route.meta)
             route.replace_all_uses_with(new)

@@ -29,11 +29,13 @@ from moecc.passes.recognize.probe import close, rel_err, snap, tensor_leaves, to
 from moecc.passes.recognize.router import (
     capacity_candidates,
     chosen_by_expert_calls,
+    export_logits,
     export_router,
     find_router,
     fit_capacity,
     fit_routing,
     group_candidates,
+    module_router,
     read_outputs,
     router_over_more,
     routing_candidates,
@@ -487,7 +489,8 @@ def _with_router_as_written(block, router, obs, x2, call, num_experts, expert_ca
                               ew, CapacitySpec(), shared, output_tuple=not isinstance(raw[0], torch.Tensor),
                               router_program=program, flat_output=flat_output,
                               other_positions=others.positions if others else (), token_dims=token_dims, pre=pre,
-                              pre_routes_only=routes_only, extra_experts=extra, extra_pass_input=pass_input)
+                              pre_routes_only=routes_only, extra_experts=extra, extra_pass_input=pass_input,
+                              logits_program=router.logits)
             if closest.offer(_verify(block, a, inputs, refs, router_inputs)):
                 return MatchResult.success(closest.analysis)
     if closest.analysis is not None:
@@ -562,11 +565,13 @@ def _searched_routing(router, mods: list[nn.Module], num_experts: int, chosen: t
     return itertools.chain(plain, scaled)
 
 
-def _variants(spec: RoutingSpec, cap: CapacitySpec, dtype: torch.dtype):
+def _variants(spec: RoutingSpec, cap: CapacitySpec, dtype: torch.dtype, linear: bool = True):
     """(logits in fp32, weights on the experts' inputs) to try for one routing candidate: its own precision first,
-    the other one for low-precision routers; weights on the outputs first, on the inputs only when dropless (a
-    capacity counts token slots, which scaled inputs would turn into rows of their own)."""
-    precisions = (spec.logits_fp32, not spec.logits_fp32) if dtype != torch.float32 else (spec.logits_fp32,)
+    the other one for low-precision routers of one Linear (``linear``; a router of code of its own keeps its
+    precisions); weights on the outputs first, on the inputs only when dropless (a capacity counts token slots,
+    which scaled inputs would turn into rows of their own)."""
+    precisions = (spec.logits_fp32, not spec.logits_fp32) if dtype != torch.float32 and linear \
+        else (spec.logits_fp32,)
     places = (False, True) if cap.dropless else (False,)
     return [(fp32, on_inputs) for on_inputs in places for fp32 in precisions]
 
@@ -622,11 +627,13 @@ def _non_finite_parameter(block: nn.Module) -> str | None:
 
 
 def _analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | None = None,
-                   read: set[int] | None = None) -> MatchResult[BlockAnalysis]:
+                   read: set[int] | None = None, scores_by_module: bool = False) -> MatchResult[BlockAnalysis]:
     """``others``: the block's arguments besides its hidden states, when its outputs depend on them (only a router
     kept as written may read them). ``read``: which of the block's tensor outputs the model reads (None: all); the
     others need not be reproduced (a block that also returns its router's probabilities, or an auxiliary loss,
-    which the model drops at inference)."""
+    which the model drops at inference). ``scores_by_module``: the router's scores are what its module (the
+    block's child that holds its weight) returns, not a Linear of what it reads: a router MLP whose last layer
+    happens to be ``[E, H]``, tried where the Linear reading fits nothing."""
     hidden = int(example.shape[-1])
     if (why := unfit_parameters(block)) is not None:
         return MatchResult.fail(why)
@@ -672,11 +679,14 @@ def _analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | 
     bank_experts = num_experts
     if router is None:
         router = router_over_more(block, num_experts, hidden, used)
-        if router is None:
-            return MatchResult.fail(f"no router: no [E={num_experts}, H={hidden}] weight outside the experts")
-        # the router scores experts past the bank's, which compute nothing (LongCat-Flash's identity experts):
-        # routing is fitted over all of them, and the check proves whether they pass their input on
-        num_experts = int(router.weight.shape[0])
+        if router is not None:
+            # the router scores experts past the bank's, which compute nothing (LongCat-Flash's identity experts):
+            # routing is fitted over all of them, and the check proves whether they pass their input on
+            num_experts = int(router.weight.shape[0])
+    if router is None or scores_by_module:
+        router = module_router(block, num_experts, hidden, used, router)
+        if isinstance(router, MatchResult):
+            return router
     extra = num_experts - bank_experts
     # what computes the logits: the router module, else the module whose own parameter the router weight is (a bare
     # Linear child, whose inputs still show what the router reads)
@@ -734,6 +744,22 @@ def _analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | 
     if not refs[0] or refs[0][0].shape not in (inputs[0].shape, inputs[0].reshape(-1, hidden).shape):
         return MatchResult.fail("block's first output is shaped neither like its input nor like its tokens [T, H]")
     flat_output = refs[0][0].shape != inputs[0].shape
+    unexported = None  # why a router module that computes its scores by code of its own gives no logits program
+    if router.computes_logits:
+        if not router_calls:
+            return MatchResult.fail(f"router {router.path} ({type(router.module).__name__}) computes the experts' "
+                                    "scores by code of its own, and the block never calls it")
+        first = router_calls[0][0][0] if router_calls[0][0] else None
+        if not isinstance(first, torch.Tensor) or first.shape[-1] != hidden:
+            return MatchResult.fail(f"router {router.path} ({type(router.module).__name__}) computes the experts' "
+                                    f"scores by code of its own from no [.., {hidden}] hidden states")
+        try:
+            router = replace(router, logits=export_logits(router.module, routed(inputs[0]).reshape(-1, hidden),
+                                                          num_experts, *router_calls[0][:2]))
+        except Exception as exc:  # noqa: BLE001 - what the router returns, or export, decides; both say why
+            unexported = (f"router {router.path} ({type(router.module).__name__}) computes the experts' scores by "
+                          f"code of its own, and exporting its scores failed: "
+                          f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
 
     routing_options = []
     observed = router.module is not None
@@ -752,12 +778,19 @@ def _analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | 
                                            router_calls[0][:2], num_experts, expert_candidates, shared.value, inputs,
                                            refs, raw, flat_output, others, router_inputs, pre, pre_placements)
 
-        fitted = fit_routing(router, obs, routed(x3).reshape(-1, hidden), num_experts, mods, rtol)
+        fitted = None if unexported else fit_routing(router, obs, routed(x3).reshape(-1, hidden), num_experts, mods,
+                                                     rtol)
         if fitted is None and router.bias is not None and router.bias_is_attribute:
             # a router module's own ``bias`` may bias the selection only (DeepSeek-V3's reference Gate)
             as_selection = replace(router, bias=None, selection_biases=[router.bias, *router.selection_biases])
             fitted = fit_routing(as_selection, obs, routed(x3).reshape(-1, hidden), num_experts, mods, rtol)
             router = as_selection if fitted is not None else router
+        if fitted is None and not router.computes_logits and not others:
+            # a router MLP whose last layer is [E, H] returns scores no Linear of its input gives: its own scores,
+            # routed canonically, before its whole routing as written
+            by_module = _analyze_block(block, example, others, read, scores_by_module=True)
+            if by_module and by_module.value.router_program is None:
+                return by_module
         if fitted is None:
             as_written = router_as_written(expert_candidates)
             if as_written:
@@ -767,6 +800,8 @@ def _analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | 
             observed = False
             if not isinstance(expert_candidates, list):  # that search needs a generator of its own
                 expert_candidates = all_candidates()
+    if unexported and not observed:
+        return MatchResult.fail(unexported)
     if observed:
         spec, sel, per_expert = fitted
         xc = inputs[-1]
@@ -791,15 +826,15 @@ def _analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | 
         for (spec, sel, per_expert, cap), (espec, ew) in itertools.islice(pairs, MAX_JOINT_CANDIDATES):
             tried += 1
             cap = cap if isinstance(cap, CapacitySpec) else CapacitySpec()
-            for (fp32, on_inputs), post, routes_only in itertools.product(_variants(spec, cap, like.dtype), posts,
-                                                                          pre_placements):
+            variants = _variants(spec, cap, like.dtype, router.logits is None)
+            for (fp32, on_inputs), post, routes_only in itertools.product(variants, posts, pre_placements):
                 for pass_input in _extra_kinds(extra, cap, on_inputs):
                     yield BlockAnalysis(replace(spec, logits_fp32=fp32, weights_on_inputs=on_inputs), router.weight,
                                         router.bias, sel, espec, ew, cap, shared.value,
                                         output_tuple=not isinstance(raw[0], torch.Tensor), flat_output=flat_output,
                                         post=post, pre=pre, pre_routes_only=routes_only, extra_experts=extra,
-                                        extra_pass_input=pass_input,
-                                        expert_scale=per_expert)
+                                        extra_pass_input=pass_input, expert_scale=per_expert,
+                                        logits_program=router.logits)
 
     def search(router, routing_options, expert_candidates) -> _Closest:
         closest = _Closest(like.dtype)
@@ -831,7 +866,7 @@ def _analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | 
         as_written = router_as_written(expert_candidates)
         if as_written:
             return as_written
-    if closest.analysis is None and not observed and not others:
+    if closest.analysis is None and not observed and not others and router.logits is None:
         affine = affine_router(block, router, inputs[0], routed(inputs[0]))
         if affine is not None:
             router = affine
@@ -845,6 +880,10 @@ def _analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | 
         return MatchResult.success(closest.analysis)
     if as_written is not None:
         return as_written
+    if not router.computes_logits and not others and router.module is not None:
+        by_module = _analyze_block(block, example, others, read, scores_by_module=True)
+        if by_module:
+            return by_module
     return MatchResult.fail(f"no canonical form reproduces the block's outputs ({tried} candidates tried; "
                             f"router {router.path}, {num_experts} experts)")
 

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from moecc.ir import CapacitySpec, RoutingSpec
+from moecc.match import MatchResult
 from moecc.passes.recognize.probe import rel_err, snap, tolerance
 from moecc.routing import SCORES, apply_capacity, route_reference, router_logits
 
@@ -23,6 +24,17 @@ class Router:
     selection_biases: list[torch.Tensor]
     path: str
     bias_is_attribute: bool = False  # ``bias`` is a router module's own attribute, not a Linear's bias
+    # the router module computes its E scores by code of its own (an MLP): ``weight`` is only its last layer's
+    # ``[E, F]``, and ``logits`` the module exported as ``tokens -> [tokens, E]`` once a call of it was seen
+    computes_logits: bool = False
+    logits: nn.Module | None = None
+
+    def logits_of(self, x2: torch.Tensor, fp32: bool) -> torch.Tensor:
+        """The router's logits for tokens ``x2`` (what it reads of them)."""
+        if self.logits is not None:
+            with torch.no_grad():
+                return self.logits(x2)
+        return router_logits(x2, self.weight, self.bias, fp32)
 
 
 def find_router(block: nn.Module, num_experts: int, hidden: int | None, skip: set[int]) -> Router | None:
@@ -69,6 +81,24 @@ def router_over_more(block: nn.Module, num_experts: int, hidden: int, skip: set[
     rows = {r for r in rows if not any(p.shape[1] == r for p in weights)}
     found = [r for r in (find_router(block, n, hidden, skip) for n in sorted(rows)) if r is not None]
     return found[0] if len(found) == 1 else None
+
+
+def module_router(block: nn.Module, num_experts: int, hidden: int, skip: set[int], found: Router | None = None
+                  ) -> Router | MatchResult:
+    """A router module that computes its E scores by code of its own (a router MLP): the block's child that holds
+    ``found``'s weight, by default the one ``[E, F]`` weight outside the bank (F not the hidden size, else a Linear
+    router would have been found). A MatchResult says why there is none."""
+    found = found or find_router(block, num_experts, None, skip)
+    if found is None:
+        return MatchResult.fail(f"no router: no [E={num_experts}, H={hidden}] weight outside the experts")
+    child = found.path.split(".")[0] if "." in found.path else ""
+    if not child:
+        return MatchResult.fail(
+            f"no router: no [E={num_experts}, H={hidden}] weight outside the experts; the block scores experts with "
+            f"its [{', '.join(map(str, found.weight.shape))}] {found.path} in its own code, and no module of it "
+            "computes the scores alone")
+    return replace(found, module=block.get_submodule(child), bias=None, bias_is_attribute=False, path=child,
+                   computes_logits=True)
 
 
 def _selection_biases(block: nn.Module, path: str, num_experts: int, bias) -> list[torch.Tensor]:
@@ -255,7 +285,7 @@ def _fit_one(router: Router, obs: Observed, x2: torch.Tensor, num_experts: int, 
     exact = tolerance(x2.dtype) / 10
     groups = group_candidates(mods, num_experts, obs_ids)
     for fp32 in precisions:
-        logits = router_logits(x2, router.weight, router.bias, fp32).float()
+        logits = router.logits_of(x2, fp32).float()
         for spec, sel in routing_candidates(num_experts, [k], router.selection_biases, groups,
                                             router.bias is not None, fp32):
             w, ids = route_reference(logits, sel, spec.top_k, spec.score, spec.topk_first, spec.renormalize,
@@ -292,7 +322,7 @@ def _scale_fit(w: torch.Tensor, obs_w: torch.Tensor, rtol: float, dtype: torch.d
 def fit_capacity(router: Router, spec: RoutingSpec, sel, obs: Observed, x2: torch.Tensor, seq_len: int,
                  mods: list[nn.Module]) -> CapacitySpec | None:
     """The capacity rule that drops exactly the pairs the router dropped (observed on colliding tokens)."""
-    logits = router_logits(x2, router.weight, router.bias, True)
+    logits = router.logits_of(x2, True)
     _, ids = route_reference(logits, sel, spec.top_k, spec.score, spec.topk_first, spec.renormalize, spec.n_group,
                              spec.topk_group, 1.0, spec.group_top)
     for cap in capacity_candidates(mods):
@@ -315,6 +345,45 @@ def export_router(router: nn.Module, x2: torch.Tensor, obs: Observed, args: tupl
     3D input, and the other arguments (an ``expert_bias`` the block passes, say) are bound as they were, except
     ``others``: token-shaped arguments of the block (``token_dims`` leading token dims), which the program takes
     as inputs of their own, flat over the tokens, after ``x``, wherever the router reads them."""
+    def pick(leaves: list[torch.Tensor], n: int):
+        w_pos = next(i for i, t in enumerate(leaves) if t.numel() == obs.weights.numel() and t.is_floating_point()
+                     and torch.equal(t.reshape(n, -1), obs.weights))
+        i_pos = next(i for i, t in enumerate(leaves) if not t.is_floating_point() and t.numel() == obs.ids.numel())
+        return lambda out, n: (out[w_pos].reshape(n, -1).float(), out[i_pos].reshape(n, -1).long())
+
+    return _export_outputs(router, x2, args, kwargs, pick, others, token_dims)
+
+
+def export_logits(router: nn.Module, x2: torch.Tensor, num_experts: int, args: tuple, kwargs: dict) -> nn.Module:
+    """A router module that computes its scores by code of its own, as an ATen graph ``tokens [n, H] -> logits
+    [n, E]``: its first floating output with E values per token. ``args``/``kwargs``: a call of it by its block
+    (``export_router``). Raises ValueError when it returns no such output."""
+    def pick(leaves: list[torch.Tensor], n: int):
+        pos = next((i for i, t in enumerate(leaves) if t.is_floating_point() and t.numel() == n * num_experts), None)
+        if pos is None:
+            raise ValueError(f"it returns no [.., {num_experts}] floating output (its scores)")
+        if leaves[pos].shape == (n, num_experts):  # no reshape between the scores and the route: fuse_gating's
+            return lambda out, n: (out[pos],)
+        return lambda out, n: (out[pos].reshape(n, num_experts),)
+
+    return _FirstOutput(_export_outputs(router, x2, args, kwargs, pick))
+
+
+class _FirstOutput(nn.Module):
+    """A program's one output: an exported graph returns its outputs flat, as a tuple."""
+
+    def __init__(self, program: nn.Module) -> None:
+        super().__init__()
+        self.program = program
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.program(x)[0]
+
+
+def _export_outputs(router: nn.Module, x2: torch.Tensor, args: tuple, kwargs: dict, pick, others: tuple = (),
+                    token_dims: int = 1):
+    """The router module called as its block called it (``export_router``), exported: ``pick``, handed the
+    tensor outputs of a first call for ``n`` tokens, returns ``select(outputs, n)``, what the program returns."""
     leaves_of = lambda out: [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]  # noqa: E731
     rank = args[0].dim() if args and isinstance(args[0], torch.Tensor) else 2
     bound, spec = torch.utils._pytree.tree_flatten((args[1:], kwargs))
@@ -330,11 +399,7 @@ def export_router(router: nn.Module, x2: torch.Tensor, obs: Observed, args: tupl
 
     flat_others = [o.flatten(0, token_dims - 1) for o in others]
     with torch.no_grad():
-        leaves = leaves_of(call(router, x2, *flat_others))
-    n = x2.shape[0]
-    w_pos = next(i for i, t in enumerate(leaves) if t.numel() == obs.weights.numel() and t.is_floating_point()
-                 and torch.equal(t.reshape(n, -1), obs.weights))
-    i_pos = next(i for i, t in enumerate(leaves) if not t.is_floating_point() and t.numel() == obs.ids.numel())
+        select = pick(leaves_of(call(router, x2, *flat_others)), x2.shape[0])
 
     class RoutingOf(nn.Module):
         def __init__(self, inner):
@@ -342,8 +407,7 @@ def export_router(router: nn.Module, x2: torch.Tensor, obs: Observed, args: tupl
             self.inner = inner
 
         def forward(self, x, *flat):
-            out = leaves_of(call(self.inner, x, *flat))
-            return out[w_pos].reshape(x.shape[0], -1).float(), out[i_pos].reshape(x.shape[0], -1).long()
+            return select(leaves_of(call(self.inner, x, *flat)), x.shape[0])
 
     tokens = torch.export.Dim.AUTO if not others else torch.export.Dim("tokens")
     with torch.no_grad():
@@ -355,5 +419,6 @@ def export_router(router: nn.Module, x2: torch.Tensor, obs: Observed, args: tupl
     gm._forward_pre_hooks.clear()
     for node in [nd for nd in gm.graph.nodes if nd.op == "call_module" and nd.target == "_guards_fn"]:
         gm.graph.erase_node(node)
+    gm.graph.eliminate_dead_code()  # what the router computes beside the outputs kept (its top-k beside its logits)
     gm.recompile()
     return gm
