@@ -43,6 +43,7 @@ def _blocks() -> dict:
         "inline_expert_scale": um.InlineExpertScaledMoE,
         "routed_fp32_router": lambda: um.InlineRoutedLayer(routing="softmax_fp32"),
         # a temperature on the k logits a top-k kept; routers that score by code of their own
+        "temperature": lambda: um.ScaledLogitsMoE(1 / 0.7),
         "temperature_after_topk": lambda: um.ScaledLogitsMoE(1 / 0.7, after_topk=True),
         "router_mlp": um.ScoringModuleMoE,
         "router_mlp_h_wide": lambda: um.ScoringModuleMoE(width=24, returns="routing"),

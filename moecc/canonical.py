@@ -123,7 +123,8 @@ class CanonicalMoE(nn.Module):
             others = (other0, other1, other2, other3)[:len(a.other_positions)]  # ROUTER_INPUT_SLOTS
             weights, ids = self.router_program(r2, *(o.flatten(0, a.token_dims - 1) for o in others))
             logits = self.logits_program(r2) if self.logits_program is not None \
-                else torch.nn.functional.linear(r2, self.router_weight, self.router_bias) \
+                else routing.router_logits(r2, self.router_weight, self.router_bias,
+                                           a.router_weight.dtype != a.weights.w_up.dtype) \
                 if a.router_weight.shape[-1] == hidden else None
         elif self.logits_program is not None:
             logits = self.logits_program(r2)

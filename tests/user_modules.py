@@ -631,6 +631,23 @@ RouterNormMoE = _with_router_norm("RouterNormMoE", LoopMoE, nn.LayerNorm)  # the
 RouterNormBmmMoE = _with_router_norm("RouterNormBmmMoE", BmmMoE, nn.RMSNorm)  # stacked weights: no expert call shows it
 
 
+class Fp32GateMoE(LoopMoE):
+    """A gate its model keeps in fp32 in a low-precision model (Hugging Face's ``_keep_in_fp32_modules_strict``
+    for DeepSeek-style gates), defined before the experts: the block's first parameter is not of its input's dtype.
+    Call ``keep_gate_fp32()`` after casting the model."""
+
+    def router_input(self, x):
+        return x.float()
+
+    @staticmethod
+    def apply_expert(expert, x, weight):
+        return expert(x) * weight.to(x.dtype)
+
+    def keep_gate_fp32(self):
+        self.gate.float()
+        return self
+
+
 class ScoringModule(nn.Module):
     """A router that scores the experts by code of its own, read on ``[B, S, H]``: ``kind`` "mlp" (ZAYA's router
     MLP: a norm, a GELU layer of ``width``, a last layer to E; at ``width == H`` that last layer is an ``[E, H]``

@@ -565,13 +565,19 @@ def _searched_routing(router, mods: list[nn.Module], num_experts: int, chosen: t
     return itertools.chain(plain, scaled)
 
 
-def _variants(spec: RoutingSpec, cap: CapacitySpec, dtype: torch.dtype, linear: bool = True):
+def _variants(spec: RoutingSpec, cap: CapacitySpec, dtype: torch.dtype, linear: bool = True,
+              weight_dtype: torch.dtype | None = None):
     """(logits in fp32, weights on the experts' inputs) to try for one routing candidate: its own precision first,
     the other one for low-precision routers of one Linear (``linear``; a router of code of its own keeps its
-    precisions); weights on the outputs first, on the inputs only when dropless (a capacity counts token slots,
-    which scaled inputs would turn into rows of their own)."""
-    precisions = (spec.logits_fp32, not spec.logits_fp32) if dtype != torch.float32 and linear \
-        else (spec.logits_fp32,)
+    precisions), and fp32 alone for a router weight of another dtype than its input (a gate kept in fp32 in a bf16
+    model); weights on the outputs first, on the inputs only when dropless (a capacity counts token slots, which
+    scaled inputs would turn into rows of their own)."""
+    if weight_dtype is not None and weight_dtype != dtype and linear:
+        precisions = (True,)
+    elif dtype != torch.float32 and linear:
+        precisions = (spec.logits_fp32, not spec.logits_fp32)
+    else:
+        precisions = (spec.logits_fp32,)
     places = (False, True) if cap.dropless else (False,)
     return [(fp32, on_inputs) for on_inputs in places for fp32 in precisions]
 
@@ -626,6 +632,14 @@ def _non_finite_parameter(block: nn.Module) -> str | None:
     return None
 
 
+def _input_like(block: nn.Module, example: torch.Tensor) -> torch.Tensor:
+    """An empty tensor of the dtype the block is handed (its probes' dtype) on its parameters' device: not its first
+    parameter's dtype, which a router kept in fp32 in a bf16 model (``_keep_in_fp32_modules``) does not share."""
+    param = next(block.parameters())
+    dtype = example.dtype if example.is_floating_point() else param.dtype
+    return torch.empty(0, dtype=dtype, device=param.device)
+
+
 def _analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | None = None,
                    read: set[int] | None = None, scores_by_module: bool = False) -> MatchResult[BlockAnalysis]:
     """``others``: the block's arguments besides its hidden states, when its outputs depend on them (only a router
@@ -637,7 +651,7 @@ def _analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | 
     hidden = int(example.shape[-1])
     if (why := unfit_parameters(block)) is not None:
         return MatchResult.fail(why)
-    like = next(block.parameters())
+    like = _input_like(block, example)
     rtol = 10 * tolerance(like.dtype)
 
     input_scale = 1.0
@@ -826,7 +840,7 @@ def _analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | 
         for (spec, sel, per_expert, cap), (espec, ew) in itertools.islice(pairs, MAX_JOINT_CANDIDATES):
             tried += 1
             cap = cap if isinstance(cap, CapacitySpec) else CapacitySpec()
-            variants = _variants(spec, cap, like.dtype, router.logits is None)
+            variants = _variants(spec, cap, like.dtype, router.logits is None, router.weight.dtype)
             for (fp32, on_inputs), post, routes_only in itertools.product(variants, posts, pre_placements):
                 for pass_input in _extra_kinds(extra, cap, on_inputs):
                     yield BlockAnalysis(replace(spec, logits_fp32=fp32, weights_on_inputs=on_inputs), router.weight,
