@@ -405,17 +405,24 @@ def test_experts_of_bare_parameters_are_a_bank(backend, kind):
                                                     (1 / 0.7, False, True), (3.0, False, True)])
 def test_logits_the_block_scales_or_shifts_before_scoring_are_folded_into_the_router(scale, shift, after_topk, dtype):
     """A temperature or shift before scoring, or a temperature on the k logits a top-k kept (Mixtral's
-    top-k-then-softmax with a temperature)."""
+    top-k-then-softmax with a temperature). In bf16 a routing without the temperature passes the loose bound too
+    (three times bf16 eager's error against the fp32 model): the folded router is tried there as well, and wins."""
+    import copy
+
     from user_modules import ScaledLogitsMoE
 
     torch.manual_seed(0)
-    model = TinyModel(ScaledLogitsMoE(scale, shift, after_topk=after_topk)).eval().to(dtype)
+    reference = TinyModel(ScaledLogitsMoE(scale, shift, after_topk=after_topk)).eval()
+    model = copy.deepcopy(reference).to(dtype)
     cm, layer = compile_on_ids(model, backend="torch")
     assert layer.fused and layer.routing.startswith("softmax->top2 renorm"), layer
     assert ("router-bias" in layer.routing) == shift, layer.routing
-    x = torch.randint(0, 50, (3, 11))
+    x = torch.randint(0, 50, (4, 64))
     tol = {} if dtype == torch.float32 else dict(rtol=5e-2, atol=5e-2)
     torch.testing.assert_close(cm(x), model(x), **tol)
+    if dtype != torch.float32:
+        error = lambda y: ((y.double() - reference(x).double()).norm() / reference(x).double().norm()).item()  # noqa: E731
+        assert error(cm(x)) < 1.5 * error(model(x)), (error(cm(x)), error(model(x)))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -880,13 +880,17 @@ def _analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | 
         as_written = router_as_written(expert_candidates)
         if as_written:
             return as_written
-    if closest.analysis is None and not observed and not others and router.logits is None:
+    loose = closest.best is not None and closest.best[1] > closest.tight
+    if (closest.analysis is None or loose) and not observed and not others and router.logits is None:
+        # also where a candidate passed low precision's loose bound only: a temperature the block applies to the
+        # logits changes its routing weights by less than that bound
         affine = affine_router(block, router, inputs[0], routed(inputs[0]))
         if affine is not None:
-            router = affine
             if not isinstance(expert_candidates, list):  # a generator, spent by the first search
                 expert_candidates = all_candidates()
-            closest = search(router, _searched_routing(router, mods, num_experts), expert_candidates)
+            by_affine = search(affine, _searched_routing(affine, mods, num_experts), expert_candidates)
+            if by_affine.best is not None and (closest.best is None or by_affine.best[1] < closest.best[1] / 2):
+                router, closest = affine, by_affine
     if closest.analysis is not None:
         if input_scale != 1.0 and not others:
             return MatchResult.success(_refit_experts(block, closest.analysis, inputs, input_scale,

@@ -83,8 +83,11 @@ def affine_router(block: nn.Module, router: Router, x: torch.Tensor, router_x: t
     if shifted:
         bias = shift if bias is None else bias + shift
     what = " + ".join(([f"x{scale:g}"] if scaled else []) + (["a shift"] if shifted else []))
-    return replace(router, weight=(router.weight.detach().double() * scale).to(dtype),
-                   bias=None if bias is None else bias.to(dtype), path=f"{router.path} (logits {what} folded in)")
+    # a low-precision weight times the scale, rounded again, moves every logit by up to a rounding step: the folded
+    # router is kept in fp32 (its logits then in fp32), nearer the block's scaled logits than that copy
+    folded = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+    return replace(router, weight=(router.weight.detach().double() * scale).to(folded),
+                   bias=None if bias is None else bias.to(folded), path=f"{router.path} (logits {what} folded in)")
 
 
 def _transform(z: torch.Tensor, logits: torch.Tensor, per_column_shift: bool, dtype: torch.dtype):
