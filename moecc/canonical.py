@@ -148,7 +148,8 @@ class CanonicalMoE(nn.Module):
             moe_in, moe_ids, moe_weights = x2, ids, weights
         bank = r.num_experts - a.extra_experts
         xs, order, offsets = torch.ops.moecc.dispatch(moe_in, moe_ids, bank, c.capacity, c.capacity_factor,
-                                                      c.capacity_min, group, c.priority)
+                                                      c.capacity_min, group, c.priority,
+                                                      *(() if c.rounding == "ceil" else (c.rounding,)))
         ys = torch.ops.moecc.expert_ffn(xs, offsets, self.w_up, self.w_down, self.b_up, self.b_down,
                                         e.activation, e.gated, e.alpha, e.limit)
         y = torch.ops.moecc.combine(ys, order, moe_weights)

@@ -78,6 +78,7 @@ class CapacitySpec:
     group: str = "all"  # all | sequence: tokens that share one capacity budget
     priority: str = "token"  # token | slot
     formula: str = "T*k (dropless)"
+    rounding: str = "ceil"  # ceil | floor: of k*G*cf/E, for a capacity factor
 
     @property
     def dropless(self) -> bool:

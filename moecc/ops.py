@@ -9,7 +9,8 @@ Conventions (see ``moecc/passes/README.md`` for the invariants):
 - expert weights are stacked: ``w_up [E, U, H]`` (``U = 2I`` when gated, gate rows first, else ``I``) and
   ``w_down [E, H, I]``, optional biases ``b_up [E, U]``, ``b_down [E, H]``;
 - capacity: ``capacity >= 0`` is a fixed per-expert capacity, else ``capacity_factor > 0`` gives
-  ``max(capacity_min, ceil(k * G * cf / E))`` per group of ``G = group_size`` tokens (0: all tokens), else dropless;
+  ``max(capacity_min, ceil(k * G * cf / E))`` (``floor`` where ``rounding="floor"``) per group of ``G = group_size``
+  tokens (0: all tokens), else dropless;
   pairs claim capacity in ``priority`` order and dropped pairs contribute nothing.
 """
 
@@ -84,12 +85,13 @@ def _fused_route_fake(x, router_weight, router_bias, selection_bias, top_k, *arg
 # ---------------------------------------------------------------- dispatch / experts / combine
 
 
-def _dispatch_reference(x, ids, num_experts, capacity, capacity_factor, capacity_min, group_size, priority):
+def _dispatch_reference(x, ids, num_experts, capacity, capacity_factor, capacity_min, group_size, priority,
+                        rounding="ceil"):
     t, k = ids.shape
     flat = ids.reshape(-1)
     if capacity >= 0 or capacity_factor > 0:
         flat = apply_capacity(ids, num_experts, capacity, capacity_factor, capacity_min, group_size,
-                              priority).reshape(-1)
+                              priority, rounding).reshape(-1)
     flat = torch.where((flat >= 0) & (flat < num_experts), flat, torch.full_like(flat, num_experts))
     order = torch.argsort(flat, stable=True)
     counts = torch.bincount(flat, minlength=num_experts + 1)[: num_experts + 1]
@@ -102,14 +104,15 @@ def _dispatch_reference(x, ids, num_experts, capacity, capacity_factor, capacity
 @torch.library.custom_op(f"{LIB}::dispatch", mutates_args=())
 def dispatch(
     x: Tensor, ids: Tensor, num_experts: int, capacity: int, capacity_factor: float, capacity_min: int,
-    group_size: int, priority: str,
+    group_size: int, priority: str, rounding: str = "ceil",
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Sort (token, slot) pairs by expert.
 
     Returns ``x_sorted [T*k, H]`` (rows of x in expert order, null/dropped pairs last), ``order [T*k]`` (the pair
     index ``t*k + j`` of each sorted row) and ``offsets [E+2]`` (row ranges per expert; ``E`` collects null and
     dropped pairs)."""
-    return _dispatch_reference(x, ids, num_experts, capacity, capacity_factor, capacity_min, group_size, priority)
+    return _dispatch_reference(x, ids, num_experts, capacity, capacity_factor, capacity_min, group_size, priority,
+                               rounding)
 
 
 @dispatch.register_fake
@@ -198,6 +201,7 @@ def fused_moe(
     group_size: int,
     priority: str,
     weight_layout: str,
+    rounding: str = "ceil",
 ) -> Tensor:
     """dispatch + expert_ffn + combine in one op: x [T, H] -> y [T, H].
 
@@ -205,7 +209,7 @@ def fused_moe(
     weights, or a layout the place-experts pass may choose."""
     w_up, w_down, b_up = to_canonical(w_up, w_down, b_up, weight_layout)
     xs, order, offsets = _dispatch_reference(x, ids, w_up.shape[0], capacity, capacity_factor, capacity_min,
-                                             group_size, priority)
+                                             group_size, priority, rounding)
     ys = _expert_ffn_reference(xs, offsets, w_up, w_down, b_up, b_down, activation, gated, alpha, limit)
     return _combine_reference(ys, order, weights)
 

@@ -100,18 +100,25 @@ def fused_route_reference(x, router_weight, router_bias, selection_bias, top_k, 
                            group_top, expert_scale)
 
 
+CAPACITY_ROUNDINGS = ("ceil", "floor")
+
+
 def effective_capacity(group_tokens: int, top_k: int, num_experts: int, capacity: int,
-                       capacity_factor: float, capacity_min: int) -> int:
-    """Fixed ``capacity`` when >= 0, else ``max(capacity_min, ceil(k * G * cf / E))``, else dropless (-1)."""
+                       capacity_factor: float, capacity_min: int, rounding: str = "ceil") -> int:
+    """Fixed ``capacity`` when >= 0, else ``max(capacity_min, ceil(k * G * cf / E))`` (``floor`` with
+    ``rounding="floor"``: ``int(...)``, as Mesh TensorFlow's Switch and nanoMoE write it), else dropless (-1)."""
     if capacity >= 0:
         return capacity
     if capacity_factor > 0:
-        return max(capacity_min, math.ceil(top_k * group_tokens * capacity_factor / num_experts))
+        if rounding not in CAPACITY_ROUNDINGS:
+            raise ValueError(f"capacity rounding must be one of {CAPACITY_ROUNDINGS}, got {rounding!r}")
+        exact = top_k * group_tokens * capacity_factor / num_experts
+        return max(capacity_min, math.ceil(exact) if rounding == "ceil" else math.floor(exact))
     return -1
 
 
 def apply_capacity(ids: Tensor, num_experts: int, capacity: int, capacity_factor: float, capacity_min: int,
-                   group_size: int, priority: str) -> Tensor:
+                   group_size: int, priority: str, rounding: str = "ceil") -> Tensor:
     """Mark the (token, slot) pairs that overflow their expert's capacity as null (id ``num_experts``).
 
     Tokens are split into consecutive groups of ``group_size`` (0: one group). Within a group, pairs claim
@@ -125,7 +132,7 @@ def apply_capacity(ids: Tensor, num_experts: int, capacity: int, capacity_factor
         return ids
     if t % g:
         raise ValueError(f"token count {t} is not a multiple of the capacity group size {g}")
-    cap = effective_capacity(g, k, num_experts, capacity, capacity_factor, capacity_min)
+    cap = effective_capacity(g, k, num_experts, capacity, capacity_factor, capacity_min, rounding)
     if cap < 0:
         return ids
     grouped = ids.reshape(t // g, g, k)

@@ -147,3 +147,30 @@ def test_capacity_drops_match_naive(t, e, k, cap, priority, seed):
         expect = expert if used[expert] < cap else e
         used[expert] += expect != e
         assert int(kept[i, j]) == expect
+
+
+@pytest.mark.parametrize("rounding", ["ceil", "floor"])
+def test_a_capacity_factor_rounds_as_told_in_every_implementation(rounding):
+    """k * T * cf / E = 2 * 7 * 1.0 / 4 = 3.5 pairs per expert: 4 rounded up, 3 down. The reference, the torch
+    backend, ONNX's decomposition and the sympy formula agree."""
+    import sympy
+
+    from moecc.codegen.onnx.decompose import fused_moe as decomposed
+    from moecc.passes.specialize_capacity import T, capacity_formula
+    from moecc.routing import apply_capacity
+
+    ids = torch.zeros(7, 2, dtype=torch.int64)
+    ids[:, 1] = 1
+    kept = apply_capacity(ids, 4, -1, 1.0, 0, 0, "token", rounding)
+    expected = 4 if rounding == "ceil" else 3
+    assert int((kept[:, 0] == 0).sum()) == expected
+    assert capacity_formula(2, 4, -1, 1.0, 0, False, rounding).subs(T, 7) == sympy.Integer(expected)
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(7, 6, generator=g), torch.rand(7, 2, generator=g)
+    w_up, w_down = torch.randn(4, 10, 6, generator=g), torch.randn(4, 6, 5, generator=g)
+    args = (x, w, ids, w_up, w_down, None, None, "silu", True, 1.0, 0.0, -1, 1.0, 0, 0, "token", "oi", rounding)
+    ref = torch.ops.moecc.fused_moe(*args)
+    torch.testing.assert_close(torch.ops.moecc.fused_moe_torch(*args), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(decomposed(*args), ref, rtol=1e-5, atol=1e-5)
+    other = torch.ops.moecc.fused_moe(*args[:-1], "floor" if rounding == "ceil" else "ceil")
+    assert not torch.allclose(other, ref)

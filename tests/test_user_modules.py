@@ -144,6 +144,23 @@ def test_gshard_capacity_formula_is_symbolic():
     assert cm.moe_layers[0].capacity == "C = ceiling(T/4)"
 
 
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime", "triton"])
+@pytest.mark.parametrize("capacity_factor", [1.25, 2.0])
+def test_a_capacity_rounded_down_is_told_from_one_rounded_up(capacity_factor, backend):
+    """nanoMoE's ``floor(k * cf * T / E)``, slot-major: at an even token count a ceiling gives the same capacity
+    (2 * 2 * 16 / 8), so the probes take odd lengths, and tokens whose top-k changes order tell the priority."""
+    from user_modules import FloorCapacityMoE
+
+    device = _device(backend)
+    torch.manual_seed(0)
+    model = TinyModel(FloorCapacityMoE(capacity_factor=capacity_factor)).eval().to(device)
+    cm, layer = compile_on_ids(model, backend=backend, device=device)
+    assert layer.fused and layer.capacity == f"C = floor({'5*T/16' if capacity_factor == 1.25 else 'T/2'})", layer
+    for shape in ((3, 11), (1, 9), (5, 33)):
+        x = torch.randint(0, 50, shape, device=device)
+        torch.testing.assert_close(cm(x), model(x), rtol=1e-4, atol=1e-5)
+
+
 class SparseMixerLike(torch.nn.Module):
     """A router no pattern knows (a masked, jittered double softmax): must run exactly as written."""
 

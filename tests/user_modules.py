@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import math
 
 import torch
 import torch.nn.functional as F
@@ -82,6 +83,37 @@ class GShardMoE(nn.Module):
         expert_out = torch.einsum("eci,eih->ech", h, self.wo)
         combine = dispatch * gate[:, None, None]
         return torch.einsum("tec,ech->th", combine, expert_out).reshape(shape)
+
+
+class FloorCapacityMoE(nn.Module):
+    """nanoMoE's layer (top-k then softmax over the kept logits; a capacity of ``floor(k * cf * T / E)`` per
+    expert, slot-major: every first choice claims a place before any second choice; dense dispatch and combine
+    masks; GELU experts as stacked weights under ``torch.bmm``). Fails below ``E / (k * cf)`` tokens, as nanoMoE
+    does (a capacity of 0)."""
+
+    def __init__(self, hidden=24, num_experts=8, top_k=2, capacity_factor=1.25):
+        super().__init__()
+        self.top_k, self.n_exp, self.capacity_factor = top_k, num_experts, capacity_factor
+        self.w_g = nn.Linear(hidden, num_experts, bias=False)
+        self.c_fc = nn.Parameter(torch.randn(num_experts, hidden, 4 * hidden) * hidden ** -0.5)
+        self.c_proj = nn.Parameter(torch.randn(num_experts, 4 * hidden, hidden) * (4 * hidden) ** -0.5)
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        tokens, k = x.shape[0], self.top_k
+        top_logits, top_ids = self.w_g(x).topk(k, dim=-1)
+        probs = torch.full((tokens, self.n_exp), float("-inf")).scatter_(-1, top_ids, top_logits).softmax(-1)
+        capacity = math.floor(k * self.capacity_factor * tokens / self.n_exp)
+        mask = F.one_hot(top_ids, self.n_exp).permute(1, 0, 2)  # [k, T, E]
+        rank = (torch.cumsum(mask.reshape(k * tokens, self.n_exp), 0) - 1).reshape(k, tokens, self.n_exp)
+        mask = mask * torch.lt(rank, capacity)
+        rank = torch.sum(mask * rank, dim=-1)  # [k, T]
+        weights = mask * probs[None]  # [k, T, E]
+        combine = torch.sum(weights.unsqueeze(3) * F.one_hot(rank, capacity).unsqueeze(2), dim=0)  # [T, E, C]
+        batches = combine.bool().permute(1, 2, 0).type_as(x) @ x  # [E, C, H]
+        out = torch.bmm(F.gelu(torch.bmm(batches, self.c_fc)), self.c_proj)
+        return (combine.reshape(tokens, -1) @ out.reshape(-1, shape[-1])).reshape(shape)
 
 
 class BmmMoE(nn.Module):

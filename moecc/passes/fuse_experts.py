@@ -9,7 +9,7 @@ from torch import fx
 
 from moecc.match import MatchResult
 from moecc.passes.base import MoePass, PassResult, layers_of
-from moecc.passes.graph_utils import eliminate_dead_code, nodes_calling
+from moecc.passes.graph_utils import eliminate_dead_code, nodes_calling, op_arguments
 
 
 def _item(node, source: fx.Node, index: int) -> bool:
@@ -43,12 +43,15 @@ class FuseExperts(MoePass):
                 reasons.append(m.reason)
                 continue
             dispatch, ffn = m.value
-            x, ids, _num_experts, capacity, cf, cmin, group, priority = dispatch.args
+            d = op_arguments(dispatch)
             _, _, w_up, w_down, b_up, b_down, act, gated, alpha, limit = ffn.args
+            # the rounding travels only where it is not the default, as the dispatch call wrote it
+            rounding = () if d["rounding"] == "ceil" else (d["rounding"],)
             with gm.graph.inserting_before(combine):
                 new = gm.graph.call_function(torch.ops.moecc.fused_moe.default, (
-                    x, combine.args[2], ids, w_up, w_down, b_up, b_down, act, gated, alpha, limit, capacity, cf,
-                    cmin, group, priority, "oi"))
+                    d["x"], combine.args[2], d["ids"], w_up, w_down, b_up, b_down, act, gated, alpha, limit,
+                    d["capacity"], d["capacity_factor"], d["capacity_min"], d["group_size"], d["priority"], "oi",
+                    *rounding))
             new.meta.update(combine.meta)
             combine.replace_all_uses_with(new)
             fused += 1

@@ -96,7 +96,7 @@ class PlaceExperts(MoePass):
                 for attr_node, target in zip(attrs, laid_out[key]):
                     if attr_node is not None:
                         attr_node.target = target
-                node.args = node.args[:16] + (wanted,)
+                node.args = node.args[:16] + (wanted,) + node.args[17:]
                 modified = True
             plan = {
                 "layout": wanted,

@@ -17,13 +17,14 @@ S = sympy.Symbol("S", positive=True, integer=True)  # tokens in one sequence (a 
 
 
 def capacity_formula(top_k: int, num_experts: int, capacity: int, capacity_factor: float, capacity_min: int,
-                     per_sequence: bool) -> sympy.Expr:
+                     per_sequence: bool, rounding: str = "ceil") -> sympy.Expr:
     group = S if per_sequence else T
     if capacity >= 0:
         return sympy.Integer(capacity)
     if capacity_factor > 0:
         cf = sympy.nsimplify(capacity_factor)
-        return sympy.Max(sympy.Integer(capacity_min), sympy.ceiling(top_k * group * cf / num_experts))
+        round_ = sympy.ceiling if rounding == "ceil" else sympy.floor
+        return sympy.Max(sympy.Integer(capacity_min), round_(top_k * group * cf / num_experts))
     return top_k * group  # dropless: the bound no expert can exceed
 
 
@@ -41,7 +42,7 @@ class SpecializeCapacity(MoePass):
             top_k = prefixes[prefix].top_k if prefix in prefixes and prefixes[prefix].top_k else _top_k(weights)
             num_experts = _attr_shape(gm, node)
             per_seq = not (isinstance(group, int) and group == 0)
-            expr = capacity_formula(int(top_k), int(num_experts), capacity, cf, cmin, per_seq)
+            expr = capacity_formula(int(top_k), int(num_experts), capacity, cf, cmin, per_seq, a["rounding"])
             node.meta["moecc_capacity"] = str(expr)
             group_tokens = group if per_seq else x.meta["val"].shape[0] if "val" in x.meta else None
             if capacity < 0 and cf > 0 and isinstance(group_tokens, int):

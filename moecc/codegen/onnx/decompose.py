@@ -12,7 +12,7 @@ from moecc.routing import fused_route_reference, route_reference
 
 
 def _kept_pairs(ids: Tensor, num_experts: int, capacity: int, capacity_factor: float, capacity_min: int,
-                group_size, priority: str) -> Tensor:
+                group_size, priority: str, rounding: str = "ceil") -> Tensor:
     """[T, k] mask of the pairs that do compute: real experts within capacity, as a dense cumsum."""
     valid = (ids >= 0) & (ids < num_experts)
     if capacity < 0 and capacity_factor <= 0:
@@ -22,7 +22,8 @@ def _kept_pairs(ids: Tensor, num_experts: int, capacity: int, capacity_factor: f
     if capacity >= 0:
         cap = capacity
     else:
-        cap = torch.clamp(torch.ceil(torch.tensor(k * capacity_factor / num_experts) * g), min=capacity_min)
+        round_ = torch.ceil if rounding == "ceil" else torch.floor
+        cap = torch.clamp(round_(torch.tensor(k * capacity_factor / num_experts) * g), min=capacity_min)
     grouped = ids.reshape(-1, g, k)
     ordered = grouped if priority == "token" else grouped.transpose(1, 2)
     flat = ordered.reshape(grouped.shape[0], -1)
@@ -34,7 +35,7 @@ def _kept_pairs(ids: Tensor, num_experts: int, capacity: int, capacity_factor: f
 
 
 def fused_moe(x, weights, ids, w_up, w_down, b_up, b_down, activation, gated, alpha, limit, capacity,
-              capacity_factor, capacity_min, group_size, priority, weight_layout):
+              capacity_factor, capacity_min, group_size, priority, weight_layout, rounding="ceil"):
     """Every expert on every token, then a dense combine: exact, E/k times the FLOPs of the routed form."""
     w_up, w_down, b_up = to_canonical(w_up, w_down, b_up, weight_layout)
     num_experts = w_up.shape[0]
@@ -45,7 +46,7 @@ def fused_moe(x, weights, ids, w_up, w_down, b_up, b_down, activation, gated, al
     y = torch.matmul(h, w_down.transpose(1, 2).to(h.dtype))
     if b_down is not None:
         y = y + b_down.unsqueeze(1).to(y.dtype)
-    keep = _kept_pairs(ids, num_experts, capacity, capacity_factor, capacity_min, group_size, priority)
+    keep = _kept_pairs(ids, num_experts, capacity, capacity_factor, capacity_min, group_size, priority, rounding)
     w = torch.where(keep, weights.float(), 0.0)
     slot = torch.where(keep, ids, num_experts)
     dense = torch.zeros(ids.shape[0], num_experts + 1, dtype=torch.float32, device=x.device)

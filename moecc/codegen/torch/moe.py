@@ -32,6 +32,7 @@ def fused_moe_torch(
     x: Tensor, weights: Tensor, ids: Tensor, w_up: Tensor, w_down: Tensor, b_up: Tensor | None,
     b_down: Tensor | None, activation: str, gated: bool, alpha: float, limit: float, capacity: int,
     capacity_factor: float, capacity_min: int, group_size: int, priority: str, weight_layout: str,
+    rounding: str = "ceil",
 ) -> Tensor:
     """Same contract as ``moecc::fused_moe``."""
     t, k = ids.shape
@@ -44,7 +45,7 @@ def fused_moe_torch(
     flat = ids.reshape(-1)
     if capacity >= 0 or capacity_factor > 0:
         flat = apply_capacity(ids, num_experts, capacity, capacity_factor, capacity_min, group_size,
-                              priority).reshape(-1)
+                              priority, rounding).reshape(-1)
     flat = torch.where((flat >= 0) & (flat < num_experts), flat, num_experts)
     sorted_e, order = torch.sort(flat, stable=True)
     counts_t = torch.bincount(flat, minlength=num_experts + 1)

@@ -79,6 +79,7 @@ def fused_moe_triton(
     x: Tensor, weights: Tensor, ids: Tensor, w_up: Tensor, w_down: Tensor, b_up: Tensor | None,
     b_down: Tensor | None, activation: str, gated: bool, alpha: float, limit: float, capacity: int,
     capacity_factor: float, capacity_min: int, group_size: int, priority: str, weight_layout: str,
+    rounding: str = "ceil",
 ) -> Tensor:
     """Same contract as ``moecc::fused_moe``. The kernels read ``oi`` or ``oi_gu`` weights (contiguous); other
     layouts are converted on every call, which the place-experts pass avoids."""
@@ -90,7 +91,8 @@ def fused_moe_triton(
                                                                                            weight_layout))
         weight_layout = "oi"
     if capacity >= 0 or capacity_factor > 0:
-        ids = apply_capacity(ids, w_up.shape[0], capacity, capacity_factor, capacity_min, group_size, priority)
+        ids = apply_capacity(ids, w_up.shape[0], capacity, capacity_factor, capacity_min, group_size, priority,
+                             rounding)
     num_experts, up_rows, hidden = w_up.shape
     inter = up_rows // 2 if gated else up_rows
     _maybe_tune(x, num_experts, hidden, inter, k, gated)

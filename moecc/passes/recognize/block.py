@@ -252,13 +252,23 @@ def _output_modules(block: nn.Module, used: set[int]) -> list[nn.Module]:
             and any(True for _ in child.parameters()) and all(p.dim() < 3 for p in child.parameters())]
 
 
-def _probe_inputs(example: torch.Tensor, hidden: int, like: torch.Tensor, collide: int) -> list[torch.Tensor]:
-    """Two random inputs, then one whose tokens are all alike, so any capacity limit is sure to overflow."""
+def _probe_inputs(example: torch.Tensor, hidden: int, like: torch.Tensor, collide: int,
+                  sweep: bool = False) -> list[torch.Tensor]:
+    """Two random inputs, then one whose tokens are all alike, so any capacity limit is sure to overflow: three
+    sequences of an odd length, so that a capacity factor's ``k*G*cf/E`` falls between integers for the usual
+    factors, per sequence and in all (a ceiling and a floor then differ). ``sweep``: before that one, tokens that
+    move in steps from one random token to another, whose top-k changes order on the way: an expert some take
+    first and others second, past its capacity, tells token-major from slot-major priority."""
     shapes = [(2, 8, hidden), (3, 5, hidden)] if example.dim() == 3 else [(16, hidden), (7, hidden)]
     g = torch.Generator().manual_seed(1234)
     xs = [torch.randn(*s, generator=g) for s in shapes]
-    same = torch.randn(1, 1, hidden, generator=g) + 1e-3 * torch.randn(2, collide, hidden, generator=g)
-    xs.append(same if example.dim() == 3 else same.reshape(-1, hidden))
+    if sweep:
+        ends = torch.randn(2, hidden, generator=g)
+        steps = torch.linspace(0, 1, 3 * (collide | 1))[:, None]
+        xs.append(((1 - steps) * ends[0] + steps * ends[1]).reshape(3, collide | 1, hidden))
+    same = torch.randn(1, 1, hidden, generator=g) + 1e-3 * torch.randn(3, collide | 1, hidden, generator=g)
+    xs.append(same)
+    xs = [x if example.dim() == 3 or x.dim() == 2 else x.reshape(-1, hidden) for x in xs]
     return [x.to(device=like.device, dtype=like.dtype) for x in xs]
 
 
@@ -716,8 +726,9 @@ def _analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | 
 
     leftovers = _output_modules(block, used)
     mods = [block] + ([router.module] if router.module is not None else [])
-    fixed_caps = [c.capacity for c in capacity_candidates(mods) if c.capacity > 0]
-    inputs = _probe_inputs(example, hidden, like, max([16, *(c + 3 for c in fixed_caps)]))
+    caps = capacity_candidates(mods)
+    fixed_caps = [c.capacity for c in caps if c.capacity > 0]
+    inputs = _probe_inputs(example, hidden, like, max([16, *(c + 3 for c in fixed_caps)]), sweep=len(caps) > 1)
     router_calls: list = []  # (args, kwargs, outputs) of each call of the router module, or of ``reader``
     hook = None if reader is None or reader is block else reader.register_forward_hook(
         lambda m, args, kwargs, out: router_calls.append((args, kwargs, out)), with_kwargs=True)

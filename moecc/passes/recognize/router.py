@@ -227,9 +227,10 @@ def capacity_candidates(mods: list[nn.Module]) -> list[CapacitySpec]:
         for c in fixed:
             if c not in cmins:
                 out.append(CapacitySpec(capacity=c, group=group, priority=priority, formula=f"{c}"))
-        for cf in factors:
+        for cf, rounding in itertools.product(factors, ("ceil", "floor")):
+            rounded = "ceiling" if rounding == "ceil" else "floor"
             out.append(CapacitySpec(capacity_factor=cf, capacity_min=cmins[0], group=group, priority=priority,
-                                    formula=f"max({cmins[0]}, ceiling(k*G*{cf:g}/E))"))
+                                    formula=f"max({cmins[0]}, {rounded}(k*G*{cf:g}/E))", rounding=rounding))
     return out
 
 
@@ -331,7 +332,7 @@ def fit_capacity(router: Router, spec: RoutingSpec, sel, obs: Observed, x2: torc
                 return cap
             continue
         got = apply_capacity(ids, spec.num_experts, cap.capacity, cap.capacity_factor, cap.capacity_min,
-                             0 if cap.group == "all" else seq_len, cap.priority)
+                             0 if cap.group == "all" else seq_len, cap.priority, cap.rounding)
         if torch.equal(torch.where(got >= spec.num_experts, -1, got), obs.ids):
             return cap
     return None
