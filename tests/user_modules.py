@@ -102,8 +102,9 @@ class FloorCapacityMoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         tokens, k = x.shape[0], self.top_k
-        top_logits, top_ids = self.w_g(x).topk(k, dim=-1)
-        probs = torch.full((tokens, self.n_exp), float("-inf")).scatter_(-1, top_ids, top_logits).softmax(-1)
+        logits = self.w_g(x)
+        top_logits, top_ids = logits.topk(k, dim=-1)
+        probs = torch.full_like(logits, float("-inf")).scatter_(-1, top_ids, top_logits).softmax(-1)
         capacity = math.floor(k * self.capacity_factor * tokens / self.n_exp)
         mask = F.one_hot(top_ids, self.n_exp).permute(1, 0, 2)  # [k, T, E]
         rank = (torch.cumsum(mask.reshape(k * tokens, self.n_exp), 0) - 1).reshape(k, tokens, self.n_exp)
