@@ -21,6 +21,15 @@ class MLP(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
+def weighted_experts(experts, x, weights, chosen):
+    """Each token's chosen experts on its row, weighted and summed: the usual loop over experts."""
+    out = torch.zeros_like(x)
+    for e, expert in enumerate(experts):
+        token, slot = torch.where(chosen == e)
+        out.index_add_(0, token, expert(x[token]) * weights[token, slot, None])
+    return out
+
+
 class LoopMoE(nn.Module):
     """A Linear gate, a ModuleList of MLP experts, the usual loop with torch.where / index_add_."""
 
@@ -508,11 +517,7 @@ class ScaledLogitsMoE(LoopMoE):
                 logits = logits + self.shift
             weights, chosen = torch.topk(F.softmax(logits, dim=-1), self.top_k, dim=-1)
             weights = weights / weights.sum(-1, keepdim=True)
-        out = torch.zeros_like(x)
-        for e, expert in enumerate(self.experts):
-            token, slot = torch.where(chosen == e)
-            out.index_add_(0, token, expert(x[token]) * weights[token, slot, None])
-        return out.reshape(shape)
+        return weighted_experts(self.experts, x, weights, chosen).reshape(shape)
 
 
 class ReferenceGate(nn.Module):
@@ -587,11 +592,7 @@ class InlineExpertScaledMoE(LoopMoE):
         x = x.reshape(-1, shape[-1])
         weights, chosen = torch.topk(F.softmax(self.gate(x), dim=-1), self.top_k, dim=-1)
         weights = weights / weights.sum(-1, keepdim=True) * self.per_expert_scale[chosen]
-        out = torch.zeros_like(x)
-        for e, expert in enumerate(self.experts):
-            token, slot = torch.where(chosen == e)
-            out.index_add_(0, token, expert(x[token]) * weights[token, slot, None])
-        return out.reshape(shape)
+        return weighted_experts(self.experts, x, weights, chosen).reshape(shape)
 
 
 class ReferenceGateMoE(LoopMoE):
@@ -728,11 +729,7 @@ class ScoringModuleMoE(LoopMoE):
             weights, chosen = torch.topk(F.softmax(scored.reshape(-1, scored.shape[-1]), dim=-1), self.top_k, dim=-1)
         else:
             weights, chosen = scored[1].reshape(-1, self.top_k), scored[2].reshape(-1, self.top_k)
-        out = torch.zeros_like(x)
-        for e, expert in enumerate(self.experts):
-            token, slot = torch.where(chosen == e)
-            out.index_add_(0, token, expert(x[token]) * weights[token, slot, None])
-        return out.reshape(shape)
+        return weighted_experts(self.experts, x, weights, chosen).reshape(shape)
 
 
 class InlineCosineMoE(LoopMoE):
@@ -749,11 +746,7 @@ class InlineCosineMoE(LoopMoE):
         x = x.reshape(-1, shape[-1])
         logits = F.normalize(self.proj(x), dim=-1) @ F.normalize(self.expert_embeddings, dim=-1).T / 0.1
         weights, chosen = torch.topk(F.softmax(logits, dim=-1), self.top_k, dim=-1)
-        out = torch.zeros_like(x)
-        for e, expert in enumerate(self.experts):
-            token, slot = torch.where(chosen == e)
-            out.index_add_(0, token, expert(x[token]) * weights[token, slot, None])
-        return out.reshape(shape)
+        return weighted_experts(self.experts, x, weights, chosen).reshape(shape)
 
 
 def oai_swiglu(x, alpha: float = 1.702, limit: float = 7.0):
