@@ -41,7 +41,7 @@ from moecc.passes.recognize.router import (
     routing_candidates,
     topk_candidates,
 )
-from moecc.routing import SCORES
+from moecc.routing import SCORES, router_logits
 
 MAX_JOINT_CANDIDATES = 20000
 
@@ -642,6 +642,19 @@ def _non_finite_parameter(block: nn.Module) -> str | None:
     return None
 
 
+def _scores_no_linear_gives(router, out, x2: torch.Tensor) -> bool:
+    """Whether a router module's outputs ``out`` for tokens ``x2`` hold E scores per token that its weight as a
+    Linear of ``x2`` does not give, in either precision: a router MLP whose last layer is ``[E, H]``."""
+    n, num_experts = x2.shape[0], router.weight.shape[0]
+    scores = [t for t in torch.utils._pytree.tree_leaves(out)
+              if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel() == n * num_experts]
+    if not scores:
+        return False
+    with torch.no_grad():
+        linear = [router_logits(x2, router.weight, router.bias, fp32) for fp32 in (False, True)]
+    return not any(close(s.reshape(n, num_experts).float(), lin.float()) for s in scores for lin in linear)
+
+
 def _input_like(block: nn.Module, example: torch.Tensor) -> torch.Tensor:
     """An empty tensor of the dtype the block is handed (its probes' dtype) on its parameters' device: not its first
     parameter's dtype, which a router kept in fp32 in a bf16 model (``_keep_in_fp32_modules``) does not share."""
@@ -786,6 +799,16 @@ def _analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | 
                           f"code of its own, and exporting its scores failed: "
                           f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
 
+    def scored_by_module(as_written_too: bool) -> MatchResult[BlockAnalysis] | None:
+        """The block read again with its router module's own scores as the logits (``scores_by_module``), where
+        that is another reading; with its routing as written only where ``as_written_too``."""
+        if router.computes_logits or others or router.module is None or not router_calls:
+            return None
+        if not _scores_no_linear_gives(router, router_calls[0][2], routed(inputs[0]).reshape(-1, hidden)):
+            return None
+        r = _analyze_block(block, example, others, read, scores_by_module=True)
+        return r if r and (as_written_too or r.value.router_program is None) else None
+
     routing_options = []
     observed = router.module is not None
     if observed:
@@ -810,12 +833,10 @@ def _analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | 
             as_selection = replace(router, bias=None, selection_biases=[router.bias, *router.selection_biases])
             fitted = fit_routing(as_selection, obs, routed(x3).reshape(-1, hidden), num_experts, mods, rtol)
             router = as_selection if fitted is not None else router
-        if fitted is None and not router.computes_logits and not others:
+        if fitted is None and (by_module := scored_by_module(as_written_too=False)) is not None:
             # a router MLP whose last layer is [E, H] returns scores no Linear of its input gives: its own scores,
             # routed canonically, before its whole routing as written
-            by_module = _analyze_block(block, example, others, read, scores_by_module=True)
-            if by_module and by_module.value.router_program is None:
-                return by_module
+            return by_module
         if fitted is None:
             as_written = router_as_written(expert_candidates)
             if as_written:
@@ -825,7 +846,8 @@ def _analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | 
             observed = False
             if not isinstance(expert_candidates, list):  # that search needs a generator of its own
                 expert_candidates = all_candidates()
-    if unexported and not observed:
+    if unexported and (scores_by_module or not observed):
+        # a retry by the module's scores that gives none leaves the routing as written to the first reading
         return MatchResult.fail(unexported)
     if observed:
         spec, sel, per_expert = fitted
@@ -909,10 +931,8 @@ def _analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | 
         return MatchResult.success(closest.analysis)
     if as_written is not None:
         return as_written
-    if not router.computes_logits and not others and router.module is not None:
-        by_module = _analyze_block(block, example, others, read, scores_by_module=True)
-        if by_module:
-            return by_module
+    if (by_module := scored_by_module(as_written_too=True)) is not None:
+        return by_module
     return MatchResult.fail(f"no canonical form reproduces the block's outputs ({tried} candidates tried; "
                             f"router {router.path}, {num_experts} experts)")
 
