@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import operator
-
 import torch
 from torch import fx
 
 from moecc.match import MatchResult
 from moecc.passes.base import MoePass, PassResult
-from moecc.passes.graph_utils import eliminate_dead_code, nodes_calling
+from moecc.passes.graph_utils import attr_of, eliminate_dead_code, nodes_calling
 
 _LINEAR = (torch._C._nn.linear, torch.nn.functional.linear, torch.ops.aten.linear.default)
 
@@ -43,7 +41,7 @@ def _rows(weight) -> int | None:
     if not (isinstance(weight, fx.Node) and weight.op == "get_attr"):
         return None
     try:
-        return int(operator.attrgetter(weight.target)(weight.graph.owning_module).shape[0])
+        return int(attr_of(weight.graph.owning_module, weight).shape[0])
     except (AttributeError, IndexError):
         return None
 

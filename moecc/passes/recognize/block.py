@@ -41,7 +41,7 @@ from moecc.passes.recognize.router import (
     routing_candidates,
     topk_candidates,
 )
-from moecc.routing import SCORES, router_logits
+from moecc.routing import SCORES
 
 MAX_JOINT_CANDIDATES = 20000
 
@@ -651,7 +651,7 @@ def _scores_no_linear_gives(router, out, x2: torch.Tensor) -> bool:
     if not scores:
         return False
     with torch.no_grad():
-        linear = [router_logits(x2, router.weight, router.bias, fp32) for fp32 in (False, True)]
+        linear = [router.logits_of(x2, fp32) for fp32 in (False, True)]
     return not any(close(s.reshape(n, num_experts).float(), lin.float()) for s in scores for lin in linear)
 
 
