@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from moecc import module_state
 from moecc.autocast import DEVICE_TYPES, autocast_state
 from moecc.errors import ArtifactError, DisagreementError, first_line
 from moecc.logs import stderr_to_debug
@@ -80,26 +81,29 @@ def export(model: nn.Module, args, path, kwargs: dict | None = None, backend: st
         shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
     step = progress or (lambda msg: log.info(msg))
-    step("capturing and compiling")
-    entry, info = build(model, args, kwargs, backend, options, None, str(folder), calibration)
-    if options.get("verify", True) and not options.get("quantize"):
-        step("checking against eager on fresh inputs")
-        try:
-            verify(model, entry)
-        except DisagreementError as exc:
-            if entry.backend != "onnxruntime":
-                raise
+    # compiling calls the model many times: its buffers and the call's tensors are put back after
+    state = pytree.tree_leaves((args, kwargs))
+    with module_state.kept(model, state):
+        step("capturing and compiling")
+        entry, info = build(model, args, kwargs, backend, options, None, str(folder), calibration)
+        if options.get("verify", True) and not options.get("quantize"):
+            step("checking against eager on fresh inputs")
+            try:
+                verify(model, entry)
+            except DisagreementError as exc:
+                if entry.backend != "onnxruntime":
+                    raise
 
-            def rebuild():
-                shutil.rmtree(folder)  # the ONNX files must not travel with the torch program
-                folder.mkdir(parents=True)
-                return build(model, args, kwargs, "torch", options, None, str(folder), calibration)
+                def rebuild():
+                    shutil.rmtree(folder)  # the ONNX files must not travel with the torch program
+                    folder.mkdir(parents=True)
+                    return build(model, args, kwargs, "torch", options, None, str(folder), calibration)
 
-            entry, info = torch_instead(model, exc, info, backend, rebuild)
+                entry, info = torch_instead(model, exc, info, backend, rebuild)
     step(f"writing the {entry.backend} program")
     if entry.backend in TORCH_PROGRAM_BACKENDS:
         _save_torch_program(entry, folder)
-    with torch.no_grad():
+    with torch.no_grad(), module_state.kept(model, state):
         reference = model(*args, **kwargs)
     files = {p.name: _sha256(p) for p in sorted(folder.iterdir()) if p.name != MANIFEST}
     manifest = {

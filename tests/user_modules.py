@@ -1357,3 +1357,43 @@ class DataDependentRoutedLayer(InlineRoutedLayer):
         if bool((weights > 2).any()):
             weights = weights / 2
         return weights, ids
+
+
+class CountingMoE(LoopMoE):
+    """Counts the tokens each expert receives in a buffer, as load statistics are kept: state a fused op would not
+    update."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register_buffer("expert_tokens", torch.zeros(len(self.experts)))
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        weights, chosen = torch.topk(F.softmax(self.gate(x), dim=-1), self.top_k, dim=-1)
+        self.expert_tokens += torch.bincount(chosen.flatten(), minlength=len(self.experts)).to(x.dtype)
+        weights = weights / weights.sum(-1, keepdim=True)
+        return weighted_experts(self.experts, x, weights, chosen).reshape(shape)
+
+
+class StepScaledModel(TinyModel):
+    """Counts its calls in a buffer and scales its logits by the count: each call's output depends on the calls
+    before it."""
+
+    def __init__(self, block: nn.Module, hidden=24, vocab=50):
+        super().__init__(block, hidden, vocab)
+        self.register_buffer("steps", torch.zeros(()))
+
+    def forward(self, ids):
+        self.steps += 1
+        return super().forward(ids) * self.steps
+
+
+class CacheWritingModel(TinyModel):
+    """Writes its embeddings into a cache it is handed, in place, and adds a running sum to another."""
+
+    def forward(self, ids, cache, total):
+        h = self.embed(ids)
+        cache[:, : ids.shape[1]] = h
+        total += h.sum()
+        return self.head(h + self.moe(self.norm(h))) + total.mean()

@@ -14,7 +14,7 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from moecc import knobs
+from moecc import knobs, module_state
 from moecc.autocast import autocast_state
 from moecc.capture import CaptureHints, capture, forget_calls
 from moecc.codegen.lower import EXPERT_LAYOUT, lower, resolve_backend
@@ -337,9 +337,12 @@ class CompiledModule(nn.Module):
                 model.forward = patched
 
     def _compile(self, args, kwargs) -> _Entry:
+        """Capture, lower and check a program for this call. Compiling calls the model many times: its buffers and
+        the call's tensors are put back as they were after, so that the call changes them once, as eager does."""
         self._own_forward = True
         try:
-            return self._capture_and_check(args, kwargs)
+            with module_state.kept(self.original_model, pytree.tree_leaves((args, kwargs))):
+                return self._capture_and_check(args, kwargs)
         finally:
             self._own_forward = False
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from moecc import module_state
 from moecc.errors import DisagreementError, MoeccError
 
 log = logging.getLogger("moecc.runtime")
@@ -72,7 +73,7 @@ def _eager_varies(model: nn.Module, entry, flat: list, tolerance: float | None) 
     outs = []
     for _ in range(2):
         args, kwargs = pytree.tree_unflatten(flat, entry.in_spec)  # containers of their own: a cache grows in place
-        with torch.no_grad():
+        with torch.no_grad(), _as_found(model, flat):
             outs.append(pytree.tree_leaves(model(*args, **kwargs)))
     for a, b in zip(*outs):
         if isinstance(a, torch.Tensor) and a.is_floating_point():
@@ -92,7 +93,7 @@ def check_other_shape(model: nn.Module, entry, tolerance: float | None = None) -
             return None
         args, kwargs = pytree.tree_unflatten(flat, entry.in_spec)
         try:
-            with torch.no_grad():
+            with torch.no_grad(), _as_found(model, flat):
                 ref = pytree.tree_leaves(model(*args, **kwargs))
         except Exception as exc:  # noqa: BLE001 - the model's own limits (positions, caches): nothing to compare
             log.debug("no check at another shape: eager fails there (%s)", exc)
@@ -119,7 +120,8 @@ def _disagreement(model: nn.Module, entry, flat: list, tolerance: float | None, 
     args, kwargs = pytree.tree_unflatten(flat, entry.in_spec)
     with torch.no_grad():
         if ref is None:
-            ref = pytree.tree_leaves(model(*args, **kwargs))
+            with _as_found(model, flat):
+                ref = pytree.tree_leaves(model(*args, **kwargs))
         got = list(entry.runner(*[flat[i] for i in entry.tensor_pos]))
     kept = padding_mask(model, args, kwargs)
     sensitivity = None
@@ -141,6 +143,12 @@ def _disagreement(model: nn.Module, entry, flat: list, tolerance: float | None, 
                 return (f"relative error {err:.2e} > {tol:g}"
                         + (f", 3x the model's own rounding sensitivity {sensitivity:.2e}" if sensitivity else ""))
     return None
+
+
+def _as_found(model: nn.Module, flat: list):
+    """An eager call that leaves the model's buffers and its inputs as it found them, for the program to start from
+    the same state (a step count, a cache written in place)."""
+    return module_state.kept(model, flat)
 
 
 def _fresh_like(inputs: list, draw: int = 0) -> list:

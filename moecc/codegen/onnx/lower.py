@@ -209,8 +209,25 @@ def to_onnx(gm: fx.GraphModule, example: list[torch.Tensor], path: str) -> str:
                                  custom_translation_table={torch.ops.moecc.ort_moe.default: ort_moe_onnx,
                                                            torch.ops.moecc.ort_qmoe.default: ort_qmoe_onnx},
                                  verbose=False)
+    if (why := _writes(prog.exported_program.graph_signature)) is not None:
+        raise BackendError(why)
     prog.save(path, external_data=True)
     return path
+
+
+def _writes(signature) -> str | None:
+    """Why ONNX Runtime cannot run a program that writes into its inputs or the model's buffers, or None: its
+    outputs are new arrays, so the writes (a cache filled in place, a step count) would be lost."""
+    inputs = [f"tensor argument {n.removeprefix('tensors_')}" if n.removeprefix("tensors_").isdigit() else n
+              for n in sorted(set(signature.user_inputs_to_mutate.values()))]
+    buffers = sorted(set(signature.buffers_to_mutate.values()))
+    if not inputs and not buffers:
+        return None
+    what = [f"its {', '.join(inputs)}"] if inputs else []
+    what += [f"the model's buffer{'s' if len(buffers) > 1 else ''} "
+             f"{', '.join(b.removeprefix('model.') for b in buffers)}"] if buffers else []
+    return (f"the program writes into {' and '.join(what)} in place, and ONNX Runtime returns new arrays, so those "
+            "writes would be lost: take backend='torch' (backend='auto' does)")
 
 
 class OrtModule(nn.Module):
@@ -269,6 +286,8 @@ def lower_to_ort(gm: fx.GraphModule, example: list[torch.Tensor], folder: str | 
     as_written = [n.meta.get("moecc_block", n.target) for n in gm.graph.nodes if n.op == "call_module"]
     try:
         path = to_onnx(gm, example, os.path.join(folder, "model.onnx"))
+    except BackendError:
+        raise
     except Exception as exc:
         first = first_line(exc)
         hint = (f" MoE blocks left as written ({', '.join(as_written)}) are exported by tracing their Python code, "

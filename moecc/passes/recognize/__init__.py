@@ -10,6 +10,7 @@ import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 
+from moecc import module_state
 from moecc.canonical import ROUTER_INPUT_SLOTS, CanonicalMoE
 from moecc.ir import MoELayerInfo
 from moecc.match import MatchResult
@@ -76,6 +77,18 @@ def _analyze(block: torch.nn.Module, node: fx.Node):
     if with_others and with_others.value.router_program is None:
         return r  # a canonical routing cannot read them: the block's dependence on them is somewhere else
     return with_others if with_others else MatchResult.fail(f"{r.reason}; with them, {with_others.reason}")
+
+
+def _analyze_keeping_state(block: torch.nn.Module, node: fx.Node):
+    """``_analyze``, with the block's buffers put back after its probes; a block whose calls update its buffers
+    (an expert-load count) is no canonical block: the fused ops would compute its outputs and never update them."""
+    with module_state.kept(block) as before:
+        result = _analyze(block, node)
+        changed = before.changed()
+    if changed:
+        return MatchResult.fail(f"calling it updates its buffer{'s' if len(changed) > 1 else ''} "
+                                f"{', '.join(changed)}, which no fused op would")
+    return result
 
 
 def _routed_bank(name: str, block: torch.nn.Module) -> str:
@@ -146,7 +159,7 @@ class Recognize(MoePass):
             else:
                 start = time.perf_counter()
                 try:
-                    result = _analyze(block, node)
+                    result = _analyze_keeping_state(block, node)
                 except Exception as exc:  # noqa: BLE001 - a block recognition cannot analyze runs as written
                     log.debug("recognizing %s raised", name, exc_info=True)
                     result = MatchResult.fail(f"recognition raised {type(exc).__name__}: {exc} (a moecc bug: please "

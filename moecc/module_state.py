@@ -1,0 +1,110 @@
+"""The state a module's call can change: its buffers (a step counter, an expert-load statistic) and the tensors it
+is handed (a cache written in place).
+
+Compiling calls the model many times (the capture, recognition's probes, the check on fresh inputs). Those calls
+must leave the model and the caller's tensors as they found them, so that the first compiled call changes them once,
+as an eager call does (``kept``). A block whose call changes its own buffers is no canonical block: the fused ops
+would compute its outputs and never update them (``StateSnapshot.changed``)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+log = logging.getLogger("moecc.state")
+
+# larger tensors are not copied (a quantized model's weights held as buffers): their version counters still tell
+# whether a call changed them, but a change cannot be undone
+COPY_BELOW_BYTES = 64 << 20
+
+
+def _version(t: torch.Tensor) -> int | None:
+    try:
+        return t._version
+    except RuntimeError:  # an inference tensor keeps no version counter
+        return None
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if torch.equal(a, b):
+        return True
+    return a.is_floating_point() and torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(),
+                                                                                       b.nan_to_num())
+
+
+@dataclass
+class _Kept:
+    owner: nn.Module | None  # the module holding it as a buffer, or None for a tensor handed to the call
+    name: str
+    tensor: torch.Tensor
+    version: int | None
+    copy: torch.Tensor | None
+    path: str = ""  # the buffer's path in the module snapshot was taken of
+
+    @classmethod
+    def of(cls, owner: nn.Module | None, name: str, t: torch.Tensor) -> _Kept:
+        small = t.numel() * t.element_size() <= COPY_BELOW_BYTES
+        return cls(owner, name, t, _version(t), t.detach().clone() if small else None)
+
+    def changed(self) -> bool:
+        if self.owner is not None and self.owner._buffers.get(self.name) is not self.tensor:
+            return True
+        if self.version is not None and _version(self.tensor) == self.version:
+            return False
+        if self.copy is not None:
+            return not _same(self.tensor, self.copy)
+        return self.version is not None
+
+    def restore(self) -> None:
+        if self.owner is not None:
+            self.owner._buffers[self.name] = self.tensor
+        if self.copy is None:
+            log.warning("%s changed while compiling and is too large (%d MiB) to have been copied: it keeps the "
+                        "change", self.path or self.name, self.tensor.numel() * self.tensor.element_size() >> 20)
+        elif self.tensor.shape != self.copy.shape:
+            self.tensor.set_(self.copy)
+        else:
+            self.tensor.copy_(self.copy)
+
+
+class StateSnapshot:
+    """A module's buffers and some tensors as they were: which changed since, and putting them back."""
+
+    def __init__(self, module: nn.Module, tensors: Iterable[torch.Tensor] = ()) -> None:
+        paths = {id(buf): name for name, buf in module.named_buffers(remove_duplicate=False)}
+        self.kept = [_Kept.of(owner, name, buf) for owner in module.modules()
+                     for name, buf in owner._buffers.items() if buf is not None]
+        for k in self.kept:
+            k.path = paths.get(id(k.tensor), k.name)
+        seen = {id(k.tensor) for k in self.kept}
+        for i, t in enumerate(tensors):
+            if isinstance(t, torch.Tensor) and id(t) not in seen:
+                seen.add(id(t))
+                self.kept.append(_Kept.of(None, f"input tensor {i}", t))
+
+    def changed(self) -> list[str]:
+        """The module paths of the buffers updated in place or assigned anew since the snapshot."""
+        return [k.path for k in self.kept if k.owner is not None and k.changed()]
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for k in self.kept:
+                if k.changed():
+                    k.restore()
+
+
+@contextlib.contextmanager
+def kept(module: nn.Module, tensors: Iterable[torch.Tensor] = ()) -> Iterator[StateSnapshot]:
+    """Run the body, then put ``module``'s buffers and ``tensors`` back as they were before it."""
+    snapshot = StateSnapshot(module, tensors)
+    try:
+        yield snapshot
+    finally:
+        snapshot.restore()
