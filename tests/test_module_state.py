@@ -105,3 +105,30 @@ def test_a_buffer_too_large_to_copy_is_told_changed_and_kept(monkeypatch):
         assert before.changed() == ["big"]
     assert module.big.sum() == 16
     assert told and "too large" in told[0]
+
+
+class _StepScaledHF(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.register_buffer("steps", torch.zeros(()))
+
+    def forward(self, input_ids):
+        self.steps += 1
+        return self.model(input_ids=input_ids).logits * self.steps
+
+
+def test_a_step_count_through_torch_compile_changes_once_per_call():
+    """Dynamo hands moecc a graph whose buffer update ONNX Runtime would drop: backend 'auto' takes torch, and
+    the fused blocks' outputs are scaled by eager's count."""
+    from hf_models import make_inputs, make_model
+
+    torch._dynamo.reset()
+    model, twin = _twins(lambda: _StepScaledHF(make_model("mixtral")))
+    compiled = torch.compile(model, backend="moecc", options={"backend": "auto"})
+    with torch.no_grad():
+        for step in range(1, 3):
+            ids = make_inputs("mixtral", 2, 8, seed=step)["input_ids"]
+            torch.testing.assert_close(compiled(ids), twin(ids), rtol=1e-4, atol=1e-5)
+            assert model.steps.item() == twin.steps.item() == step
+    torch._dynamo.reset()
