@@ -228,7 +228,12 @@ def _load_torch_program(folder: Path, backend: str, device: str):
     tensors = load_file(folder / "weights.safetensors", device=device)
     weights = [tensors[aliases.get(n, n)] for n in names]
     module = direct_calls(torch.export.load(folder / "program.pt2").module(), in_place=True)
-    return lambda *inputs: module(*weights, *inputs)
+
+    def program(*inputs):
+        return module(*weights, *inputs)
+
+    program.writes = module_state.program_writes(module)
+    return program
 
 
 class Outputs(dict):
@@ -295,7 +300,7 @@ class LoadedModel:
             return _rebuild(self.manifest["outputs"]["paths"], list(self._run(tensors)))
 
     def _run(self, tensors: list):
-        if replays(self.manifest["backend"], tensors):
+        if not getattr(self.program, "writes", None) and replays(self.manifest["backend"], tensors):
             if self.graphs is None:
                 self.graphs = GraphCache(self.program)
             return self.graphs(tensors)

@@ -108,3 +108,46 @@ def kept(module: nn.Module, tensors: Iterable[torch.Tensor] = ()) -> Iterator[St
         yield snapshot
     finally:
         snapshot.restore()
+
+
+def _written_root(node):
+    """The placeholder or attribute a write into ``node`` lands in, through views of it; None for a tensor the
+    program made itself."""
+    from torch import fx
+
+    while isinstance(node, fx.Node) and node.op == "call_function":
+        schema = getattr(node.target, "_schema", None)
+        returns = schema.returns if schema is not None else ()
+        if not returns or returns[0].alias_info is None or not node.args:
+            return None
+        node = node.args[0]  # a view (or an in-place op's result): the tensor it aliases
+    return node if isinstance(node, fx.Node) and node.op in ("placeholder", "get_attr") else None
+
+
+def program_writes(program) -> list[str]:
+    """The inputs and attributes a program (a GraphModule; anything else writes none) writes into in place: a
+    replay of a CUDA graph copies its inputs in and runs its warm-up calls unseen, so such a program runs as
+    launched."""
+    import operator
+
+    from torch import fx
+
+    if not isinstance(program, fx.GraphModule):
+        return []
+    written = {}
+    for node in program.graph.nodes:
+        targets = []
+        if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+            schema = node.target._schema
+            for i, arg in enumerate(schema.arguments):
+                if arg.alias_info is not None and arg.alias_info.is_write:
+                    targets.append(node.args[i] if i < len(node.args) else node.kwargs.get(arg.name))
+        elif node.op == "call_function" and node.target is operator.setitem and node.args:
+            targets.append(node.args[0])
+        elif node.op == "call_method" and node.target.endswith("_") and not node.target.startswith("_") and node.args:
+            targets.append(node.args[0])
+        for t in targets:
+            root = _written_root(t)
+            if root is not None:
+                written[root.name] = None
+    return list(written)

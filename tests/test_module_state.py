@@ -132,3 +132,44 @@ def test_a_step_count_through_torch_compile_changes_once_per_call():
             torch.testing.assert_close(compiled(ids), twin(ids), rtol=1e-4, atol=1e-5)
             assert model.steps.item() == twin.steps.item() == step
     torch._dynamo.reset()
+
+
+def test_the_inputs_and_buffers_a_program_writes_are_named():
+    """A replayed CUDA graph would copy the caller's tensors in and never back: programs that write them run as
+    launched (``_Entry.writes``); programs of the usual models write nothing."""
+    from hf_models import make_inputs, make_model
+
+    writes = {}
+    for name, model, call in [
+        ("steps", StepScaledModel(LoopMoE()), (torch.randint(0, 50, (2, 8)),)),
+        ("cache", CacheWritingModel(LoopMoE()), (torch.randint(0, 50, (2, 8)), torch.zeros(2, 20, 24),
+                                                 torch.zeros(3))),
+    ]:
+        cm = moecc.compile(model.eval(), backend="torch")
+        cm(*call)
+        writes[name] = cm._entries[0].writes
+    assert writes == {"steps": ["model_steps"], "cache": ["tensors_1", "tensors_2"]}
+    cm = moecc.compile(make_model("mixtral").eval(), backend="torch")
+    with torch.no_grad():
+        cm(**make_inputs("mixtral", 2, 8))
+    assert cm._entries[0].writes == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_triton_programs_that_write_state_write_it_once_per_call_on_the_gpu():
+    pytest.importorskip("triton")
+    model, twin = _twins(lambda: StepScaledModel(LoopMoE()))
+    model, twin = model.cuda(), twin.cuda()
+    cm = moecc.compile(model, backend="triton")
+    for step in range(1, 4):
+        ids = torch.randint(0, 50, (2, 8), device="cuda")
+        torch.testing.assert_close(cm(ids), twin(ids), rtol=1e-4, atol=1e-4)
+        assert model.steps.item() == twin.steps.item() == step
+    model = CacheWritingModel(LoopMoE()).eval().cuda()
+    cm = moecc.compile(model, backend="triton")
+    for _ in range(3):
+        ids = torch.randint(0, 50, (2, 8), device="cuda")
+        mine, eager = [(torch.zeros(2, 20, 24, device="cuda"), torch.zeros(3, device="cuda")) for _ in range(2)]
+        torch.testing.assert_close(cm(ids, *mine), model(ids, *eager), rtol=1e-4, atol=1e-4)
+        for a, b in zip(mine, eager):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

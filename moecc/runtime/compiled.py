@@ -61,6 +61,7 @@ class _Entry:
     autocast: tuple = ()  # the autocast regions of the calls it was captured for (``autocast_state``)
 
     def __post_init__(self) -> None:
+        self.writes = module_state.program_writes(self.gm)  # a program writing its inputs replays no graph
         if self.runner is None:
             self.runner = direct_calls(self.gm)
         # positional tensors only: calls are matched without flattening (pytree's flatten took 9 us of a 79 us
@@ -220,7 +221,7 @@ class CompiledModule(nn.Module):
             entry, tensors, caches = self._entry_for(args, kwargs)
         if caches:
             outs = self._run_with_cache(entry, tensors)
-        elif replays(entry.backend, tensors, self.options.get("cuda_graphs")):
+        elif not entry.writes and replays(entry.backend, tensors, self.options.get("cuda_graphs")):
             if entry.graphs is None:
                 entry.graphs = GraphCache(entry.runner)
             outs = entry.graphs(tensors)
