@@ -125,7 +125,8 @@ def _written_root(node):
 
 
 def program_writes(program) -> list[str]:
-    """The inputs and attributes a program (a GraphModule; anything else writes none) writes into in place: a
+    """The inputs (by placeholder name) and attributes (by path) a program (a GraphModule; anything else writes
+    none) writes into in place: a
     replay of a CUDA graph copies its inputs in and runs its warm-up calls unseen, so such a program runs as
     launched."""
     import operator
@@ -149,5 +150,5 @@ def program_writes(program) -> list[str]:
         for t in targets:
             root = _written_root(t)
             if root is not None:
-                written[root.name] = None
+                written[root.target if root.op == "get_attr" else root.name] = None
     return list(written)

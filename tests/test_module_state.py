@@ -148,7 +148,7 @@ def test_the_inputs_and_buffers_a_program_writes_are_named():
         cm = moecc.compile(model.eval(), backend="torch")
         cm(*call)
         writes[name] = cm._entries[0].writes
-    assert writes == {"steps": ["model_steps"], "cache": ["tensors_1", "tensors_2"]}
+    assert writes == {"steps": ["model.steps"], "cache": ["tensors_1", "tensors_2"]}
     cm = moecc.compile(make_model("mixtral").eval(), backend="torch")
     with torch.no_grad():
         cm(**make_inputs("mixtral", 2, 8))

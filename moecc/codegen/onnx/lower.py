@@ -24,6 +24,7 @@ from moecc.errors import BackendError, first_line
 from moecc.experts import to_canonical
 from moecc.logs import quiet, stderr_to_debug
 from moecc.match import MatchResult
+from moecc.module_state import program_writes
 from moecc.passes.base import layers_of
 from moecc.passes.graph_utils import attr_of, eliminate_dead_code, op_arguments, parameter_through_casts
 
@@ -209,18 +210,20 @@ def to_onnx(gm: fx.GraphModule, example: list[torch.Tensor], path: str) -> str:
                                  custom_translation_table={torch.ops.moecc.ort_moe.default: ort_moe_onnx,
                                                            torch.ops.moecc.ort_qmoe.default: ort_qmoe_onnx},
                                  verbose=False)
-    if (why := _writes(prog.exported_program.graph_signature)) is not None:
+    signature = prog.exported_program.graph_signature  # what the export made of writes program_writes missed
+    if (why := _writes(list(signature.user_inputs_to_mutate.values()),
+                       list(signature.buffers_to_mutate.values()))) is not None:
         raise BackendError(why)
     prog.save(path, external_data=True)
     return path
 
 
-def _writes(signature) -> str | None:
+def _writes(inputs: list[str], buffers: list[str]) -> str | None:
     """Why ONNX Runtime cannot run a program that writes into its inputs or the model's buffers, or None: its
     outputs are new arrays, so the writes (a cache filled in place, a step count) would be lost."""
     inputs = [f"tensor argument {n.removeprefix('tensors_')}" if n.removeprefix("tensors_").isdigit() else n
-              for n in sorted(set(signature.user_inputs_to_mutate.values()))]
-    buffers = sorted(set(signature.buffers_to_mutate.values()))
+              for n in sorted(set(inputs))]
+    buffers = sorted(set(buffers))
     if not inputs and not buffers:
         return None
     what = [f"its {', '.join(inputs)}"] if inputs else []
@@ -278,6 +281,10 @@ def lower_to_ort(gm: fx.GraphModule, example: list[torch.Tensor], folder: str | 
     from moecc.passes.cleanup import Cleanup
 
     if (why := unsupported(gm, example)) is not None:
+        raise BackendError(why)
+    written = program_writes(gm)
+    attrs = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    if (why := _writes([w for w in written if w not in attrs], [w for w in written if w in attrs])) is not None:
         raise BackendError(why)
     use_ort_moe(gm, quant)
     decompose(gm)
