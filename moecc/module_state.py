@@ -18,9 +18,10 @@ from torch import nn
 
 log = logging.getLogger("moecc.state")
 
-# larger tensors are not copied (a quantized model's weights held as buffers): their version counters still tell
-# whether a call changed them, but a change cannot be undone
-COPY_BELOW_BYTES = 64 << 20
+# the copies a snapshot keeps, smallest tensors first, add up to at most this: a quantized model holds its weights
+# as buffers (GBs), which no call writes; the others' version counters still tell whether a call changed them, but
+# such a change cannot be undone
+COPY_BUDGET_BYTES = 256 << 20
 
 
 def _version(t: torch.Tensor) -> int | None:
@@ -28,6 +29,10 @@ def _version(t: torch.Tensor) -> int | None:
         return t._version
     except RuntimeError:  # an inference tensor keeps no version counter
         return None
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -49,9 +54,8 @@ class _Kept:
     path: str = ""  # the buffer's path in the module snapshot was taken of
 
     @classmethod
-    def of(cls, owner: nn.Module | None, name: str, t: torch.Tensor) -> _Kept:
-        small = t.numel() * t.element_size() <= COPY_BELOW_BYTES
-        return cls(owner, name, t, _version(t), t.detach().clone() if small else None)
+    def of(cls, owner: nn.Module | None, name: str, t: torch.Tensor, copied: bool) -> _Kept:
+        return cls(owner, name, t, _version(t), t.detach().clone() if copied else None)
 
     def changed(self) -> bool:
         if self.owner is not None and self.owner._buffers.get(self.name) is not self.tensor:
@@ -66,8 +70,9 @@ class _Kept:
         if self.owner is not None:
             self.owner._buffers[self.name] = self.tensor
         if self.copy is None:
-            log.warning("%s changed while compiling and is too large (%d MiB) to have been copied: it keeps the "
-                        "change", self.path or self.name, self.tensor.numel() * self.tensor.element_size() >> 20)
+            log.warning("%s changed while compiling, and did not fit in the copies kept of the model's state (%d "
+                        "MiB in all, smallest first): it keeps the change", self.path or self.name,
+                        COPY_BUDGET_BYTES >> 20)
         elif self.tensor.shape != self.copy.shape:
             self.tensor.set_(self.copy)
         else:
@@ -79,15 +84,22 @@ class StateSnapshot:
 
     def __init__(self, module: nn.Module, tensors: Iterable[torch.Tensor] = ()) -> None:
         paths = {id(buf): name for name, buf in module.named_buffers(remove_duplicate=False)}
-        self.kept = [_Kept.of(owner, name, buf) for owner in module.modules()
-                     for name, buf in owner._buffers.items() if buf is not None]
-        for k in self.kept:
-            k.path = paths.get(id(k.tensor), k.name)
-        seen = {id(k.tensor) for k in self.kept}
+        found = [(owner, name, buf) for owner in module.modules() for name, buf in owner._buffers.items()
+                 if buf is not None]
+        seen = {id(buf) for *_, buf in found}
         for i, t in enumerate(tensors):
             if isinstance(t, torch.Tensor) and id(t) not in seen:
                 seen.add(id(t))
-                self.kept.append(_Kept.of(None, f"input tensor {i}", t))
+                found.append((None, f"input tensor {i}", t))
+        copied, budget = set(), COPY_BUDGET_BYTES
+        for _, _, t in sorted(found, key=lambda f: _nbytes(f[2])):
+            if _nbytes(t) > budget:
+                break
+            budget -= _nbytes(t)
+            copied.add(id(t))
+        self.kept = [_Kept.of(owner, name, t, id(t) in copied) for owner, name, t in found]
+        for k in self.kept:
+            k.path = paths.get(id(k.tensor), k.name)
 
     def changed(self) -> list[str]:
         """The module paths of the buffers updated in place or assigned anew since the snapshot."""

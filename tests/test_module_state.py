@@ -94,17 +94,22 @@ def test_a_snapshot_tells_buffers_changed_in_place_or_anew_and_puts_them_back():
     assert torch.equal(handed, torch.arange(4.0))
 
 
-def test_a_buffer_too_large_to_copy_is_told_changed_and_kept(monkeypatch):
-    monkeypatch.setattr(module_state, "COPY_BELOW_BYTES", 8)
+def test_buffers_past_the_copy_budget_are_told_changed_and_keep_the_change(monkeypatch):
+    """Copies go to the smallest tensors first (a step count before a quantized model's weights held as buffers)."""
+    monkeypatch.setattr(module_state, "COPY_BUDGET_BYTES", 80)
     told = []
     monkeypatch.setattr(module_state.log, "warning", lambda msg, *args: told.append(msg % args))
     module = torch.nn.Module()
-    module.register_buffer("big", torch.zeros(16))
+    module.register_buffer("big", torch.zeros(16))  # 64 bytes
+    module.register_buffer("bigger", torch.zeros(32))
+    module.register_buffer("count", torch.zeros(2))
     with module_state.kept(module) as before:
         module.big += 1
-        assert before.changed() == ["big"]
-    assert module.big.sum() == 16
-    assert told and "too large" in told[0]
+        module.bigger += 1
+        module.count += 1
+        assert before.changed() == ["big", "bigger", "count"]
+    assert module.big.sum() == 0 and module.count.sum() == 0 and module.bigger.sum() == 32
+    assert len(told) == 1 and "bigger changed while compiling" in told[0]
 
 
 class _StepScaledHF(torch.nn.Module):
