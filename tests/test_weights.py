@@ -161,3 +161,31 @@ def test_a_change_made_before_a_deep_copy_is_seen_in_the_copy(backend):
     copied = copy.deepcopy(cm)
     assert copied._entries[-1].weights.changed() == "model.layers.1.mlp.experts.down_proj"
     torch.testing.assert_close(_logits(copied, ids), _logits(copied.original_model, ids), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_buffers_changed_after_compile_are_seen(backend):
+    """A buffer assigned anew is not the one the program reads, and ONNX Runtime holds a copy of every buffer: an
+    update in place there, or a buffer assigned anew anywhere, compiles again."""
+    from user_modules import LoopMoE, TinyModel
+
+    class ScaledLogits(TinyModel):
+        def __init__(self, block):
+            super().__init__(block)
+            self.register_buffer("scale", torch.ones(()))
+
+        def forward(self, ids):
+            return super().forward(ids) * self.scale
+
+    torch.manual_seed(0)
+    model = ScaledLogits(LoopMoE()).eval()
+    cm = moecc.compile(model, backend=backend)
+    ids = torch.randint(0, 50, (2, 8))
+    cm(ids)
+    with torch.no_grad():
+        model.scale.fill_(2.0)
+    torch.testing.assert_close(cm(ids), model(ids), rtol=1e-5, atol=1e-5)
+    assert cm.captures == (1 if backend == "torch" else 2)  # the torch program reads it in place
+    model.scale = torch.tensor(3.0)
+    torch.testing.assert_close(cm(ids), model(ids), rtol=1e-5, atol=1e-5)
+    assert cm.captures == (2 if backend == "torch" else 3)

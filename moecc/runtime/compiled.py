@@ -215,7 +215,8 @@ class CompiledModule(nn.Module):
             self._latest = blockwise
             return self._run_blockwise(blockwise, args, kwargs)
         if (changed := entry.weights.changed()) is not None:
-            log.warning("%s's parameter %s changed since compile, and the program holds a copy of it: compiling "
+            log.warning("%s's parameter or buffer %s changed since compile, and the program holds a copy of it or "
+                        "reads the one it replaced: compiling "
                         "again", type(self.original_model).__name__, changed)
             self._entries.clear()
             entry, tensors, caches = self._entry_for(args, kwargs)
@@ -343,9 +344,12 @@ class CompiledModule(nn.Module):
         self._own_forward = True
         try:
             with module_state.kept(self.original_model, pytree.tree_leaves((args, kwargs))):
-                return self._capture_and_check(args, kwargs)
+                entry = self._capture_and_check(args, kwargs)
         finally:
             self._own_forward = False
+        # the buffers as they are put back: one the compile's eager calls assigned anew is the model's again
+        entry.weights = WeightWatch(self.original_model, entry.gm, bool(len(entry.weights)))
+        return entry
 
     def _capture_and_check(self, args, kwargs) -> _Entry:
         self.captures += 1

@@ -1,12 +1,14 @@
-"""Whether a model's parameters changed since a program was compiled from them.
+"""Whether a model's parameters or buffers changed since a program was compiled from them.
 
 A program reads most parameters where the model keeps them, but some it copies at compile time: expert banks
 stacked or re-laid out (``place_experts``, shared experts folded into the grouped GEMM) and, on ONNX Runtime, every
 weight. A model whose weights change after compile (``load_state_dict``, an in-place update, a parameter assigned
 anew, which the program does not see even where it reads the model's tensors in place) would then run with the old
 ones; the runtime checks ``WeightWatch.changed`` before each call and compiles again (``MOECC_WATCH_WEIGHTS=0``
-turns the check off). Edits through ``param.data`` bypass the version counter that this reads and are not seen, nor
-are in-place edits of parameters made under ``torch.inference_mode()``, which have no version counter."""
+turns the check off). Buffers are watched alike: a buffer assigned anew (``model.scale = torch.tensor(2.0)``), or
+updated in place where the program holds a copy of it (ONNX Runtime's initializers). Edits through ``param.data``
+bypass the version counter that this reads and are not seen, nor are in-place edits of parameters made under
+``torch.inference_mode()``, which have no version counter."""
 
 from __future__ import annotations
 
@@ -31,11 +33,12 @@ class WeightWatch:
             return
         held = program_storages(program)
         for prefix, module in model.named_modules(remove_duplicate=False):
-            for name, param in module._parameters.items():
-                if param is not None:
-                    # the data pointer: ``model.half()`` and ``.to()`` swap a parameter's data and keep its version
-                    stamp = None if storage_of(param) in held else _stamp(param)
-                    self._slots.append((module._parameters, name, param, stamp, f"{prefix}.{name}" if prefix else name))
+            for tensors in (module._parameters, module._buffers):
+                for name, param in tensors.items():
+                    if param is not None:
+                        # the data pointer: ``model.half()`` and ``.to()`` swap a tensor's data and keep its version
+                        stamp = None if storage_of(param) in held else _stamp(param)
+                        self._slots.append((tensors, name, param, stamp, f"{prefix}.{name}" if prefix else name))
 
     def cost(self) -> float:
         """Seconds one ``changed`` takes (a model with many small parameters, such as a ``ModuleList`` of experts
@@ -65,8 +68,8 @@ class WeightWatch:
         return new
 
     def changed(self) -> str | None:
-        """The name of a parameter assigned anew, or of a copied one updated in place or converted, since compile;
-        else None."""
+        """The name of a parameter or buffer assigned anew, or of a copied one updated in place or converted, since
+        compile; else None."""
         for params, name, param, stamp, qualified in self._slots:
             if params.get(name) is not param or (stamp is not None and stamp != _stamp(param)):
                 return qualified
