@@ -53,9 +53,10 @@ CACHE_DIR = Knob("MOECC_CACHE_DIR", None, str,
                  "folder for persistent caches (tuning, captures); default: user cache dir")
 CAPTURE_CACHE = Knob("MOECC_CAPTURE_CACHE", True, bool, "reuse a stored capture of the same model code, structure and "
                      "example shapes instead of running torch.export again")
-WATCH_WEIGHTS = Knob("MOECC_WATCH_WEIGHTS", True, bool, "before each call, check whether the model's parameters "
-                     "changed since compile (compiling again if so); off: the copies the program made (expert banks; "
-                     "every weight on ONNX Runtime) keep the values they were built with")
+WATCH_WEIGHTS = Knob("MOECC_WATCH_WEIGHTS", True, bool, "before each call, check whether the model's parameters, "
+                     "buffers or MoE block settings (top_k) changed since compile (compiling again if so); off: "
+                     "the copies the program made (expert banks; every weight on ONNX Runtime) keep the values they "
+                     "were built with")
 
 AUTOTUNE = Knob("MOECC_AUTOTUNE", False, bool, "tune Triton MoE tiles on first use of a shape (cached on disk)")
 CUDA_GRAPHS = Knob("MOECC_CUDA_GRAPHS", True, bool, "replay CUDA graphs for small token counts (Triton backend)")

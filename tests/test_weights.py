@@ -189,3 +189,21 @@ def test_buffers_changed_after_compile_are_seen(backend):
     model.scale = torch.tensor(3.0)
     torch.testing.assert_close(cm(ids), model(ids), rtol=1e-5, atol=1e-5)
     assert cm.captures == (2 if backend == "torch" else 3)
+
+
+def test_settings_of_a_block_changed_after_compile_are_seen():
+    """``gate.top_k = 1`` after compile changes the function the program was built for; so does train()."""
+    torch.manual_seed(0)
+    model = make_model("qwen3_moe").eval()
+    ids = torch.randint(0, 97, (2, 6))
+    cm = moecc.compile(model, backend="torch")
+    _logits(cm, ids)
+    for layer in model.model.layers:
+        layer.mlp.gate.top_k = 1
+    torch.testing.assert_close(_logits(cm, ids), _logits(model, ids), rtol=1e-5, atol=1e-5)
+    assert cm.captures == 2
+    assert cm.moe_layers[0].top_k == 1
+    _logits(cm, ids)
+    assert cm.captures == 2
+    model.train()
+    assert cm._entries[-1].weights.changed() == "training"

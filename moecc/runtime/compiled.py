@@ -215,9 +215,9 @@ class CompiledModule(nn.Module):
             self._latest = blockwise
             return self._run_blockwise(blockwise, args, kwargs)
         if (changed := entry.weights.changed()) is not None:
-            log.warning("%s's parameter or buffer %s changed since compile, and the program holds a copy of it or "
-                        "reads the one it replaced: compiling "
-                        "again", type(self.original_model).__name__, changed)
+            log.warning("%s's %s changed since compile (the program holds a copy of it, reads the one it replaced, "
+                        "or was built for its old value): compiling again", type(self.original_model).__name__,
+                        changed)
             self._entries.clear()
             entry, tensors, caches = self._entry_for(args, kwargs)
         if caches:
@@ -348,7 +348,7 @@ class CompiledModule(nn.Module):
         finally:
             self._own_forward = False
         # the buffers as they are put back: one the compile's eager calls assigned anew is the model's again
-        entry.weights = WeightWatch(self.original_model, entry.gm, bool(len(entry.weights)))
+        entry.weights = WeightWatch(self.original_model, entry.gm, bool(len(entry.weights)), list(entry.layers))
         return entry
 
     def _capture_and_check(self, args, kwargs) -> _Entry:
@@ -535,7 +535,7 @@ def build(model: nn.Module, args, kwargs, backend: str, options: dict, dump_fold
     for info in layers.values():
         if not info.fused and not info.reason:
             info.reason = "experts were recognized but not fused (see the fuse_experts pass summary)"
-    weights = WeightWatch(model, program, knobs.WATCH_WEIGHTS.get())
+    weights = WeightWatch(model, program, knobs.WATCH_WEIGHTS.get(), list(layers))
     if (cost := weights.cost()) > WATCH_COST_WARNING_S:
         log.warning("checking the %d parameters of %s for changes takes %.2f ms before each call; set "
                     "MOECC_WATCH_WEIGHTS=0 if its weights do not change after compile", len(weights),
