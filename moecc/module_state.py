@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import operator
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 log = logging.getLogger("moecc.state")
 
@@ -125,8 +126,6 @@ def kept(module: nn.Module, tensors: Iterable[torch.Tensor] = ()) -> Iterator[St
 def _written_root(node):
     """The placeholder or attribute a write into ``node`` lands in, through views of it; None for a tensor the
     program made itself."""
-    from torch import fx
-
     while isinstance(node, fx.Node) and node.op == "call_function":
         schema = getattr(node.target, "_schema", None)
         returns = schema.returns if schema is not None else ()
@@ -138,13 +137,8 @@ def _written_root(node):
 
 def program_writes(program) -> list[str]:
     """The inputs (by placeholder name) and attributes (by path) a program (a GraphModule; anything else writes
-    none) writes into in place: a
-    replay of a CUDA graph copies its inputs in and runs its warm-up calls unseen, so such a program runs as
-    launched."""
-    import operator
-
-    from torch import fx
-
+    none) writes into in place. A replay of a CUDA graph copies its inputs in and runs its warm-up calls unseen, so
+    such a program runs as launched; ONNX Runtime returns new arrays, so it is not lowered there."""
     if not isinstance(program, fx.GraphModule):
         return []
     written = {}
