@@ -348,7 +348,7 @@ class CompiledModule(nn.Module):
         finally:
             self._own_forward = False
         # the buffers as they are put back: one the compile's eager calls assigned anew is the model's again
-        entry.weights = WeightWatch(self.original_model, entry.gm, bool(len(entry.weights)), list(entry.layers))
+        entry.weights = WeightWatch(self.original_model, entry.gm, knobs.WATCH_WEIGHTS.get(), list(entry.layers))
         return entry
 
     def _capture_and_check(self, args, kwargs) -> _Entry:
