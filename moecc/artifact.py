@@ -59,7 +59,9 @@ def export(model: nn.Module, args, path, kwargs: dict | None = None, backend: st
     manifest records (default: the example). Returns the path written."""
     from moecc import __version__
     from moecc.api import OPTIONS, _check_args
+    from moecc.capture import CaptureHints
     from moecc.runtime.compiled import build, cache_argument, cache_defaults, torch_instead
+    from moecc.runtime.localize import verify_leaving_blocks
     from moecc.runtime.verify import verify
 
     _check_args(model, backend, None, options)
@@ -83,23 +85,32 @@ def export(model: nn.Module, args, path, kwargs: dict | None = None, backend: st
     step = progress or (lambda msg: log.info(msg))
     # compiling calls the model many times: its buffers and the call's tensors are put back after
     state = pytree.tree_leaves((args, kwargs))
+    hints = CaptureHints()
     with module_state.kept(model, state):
         step("capturing and compiling")
         entry, info = build(model, args, kwargs, backend, options, None, str(folder), calibration)
         if options.get("verify", True) and not options.get("quantize"):
             step("checking against eager on fresh inputs")
+
+            def rebuild(backend_now: str):
+                shutil.rmtree(folder)  # no file of the program replaced may travel with the new one
+                folder.mkdir(parents=True)
+                return build(model, args, kwargs, backend_now, options, None, str(folder), calibration, hints)
+
+            def leaving(left: dict[str, str], refused: dict[str, str]):
+                nonlocal hints
+                hints = CaptureHints(unfused=left, refused_routing=refused)
+                names = ", ".join([*left, *refused])
+                step(f"compiling again without the fused forms that differed from eager ({names})")
+                return rebuild(backend)
+
             try:
-                verify(model, entry)
+                entry, info = verify_leaving_blocks(model, entry, info, None, leaving, verify)
             except DisagreementError as exc:
                 if entry.backend != "onnxruntime":
                     raise
-
-                def rebuild():
-                    shutil.rmtree(folder)  # the ONNX files must not travel with the torch program
-                    folder.mkdir(parents=True)
-                    return build(model, args, kwargs, "torch", options, None, str(folder), calibration)
-
-                entry, info = torch_instead(model, exc, info, backend, rebuild)
+                entry, info = torch_instead(model, exc, info, backend, lambda: rebuild("torch"))
+        info.canonical = {}  # the analyses hold expert weights the program has its own copies of
     step(f"writing the {entry.backend} program")
     if entry.backend in TORCH_PROGRAM_BACKENDS:
         _save_torch_program(entry, folder)

@@ -109,6 +109,9 @@ class CaptureHints:
     # block path -> (path of the expert bank it calls as ``bank(x, ids, weights)``, why the block was left as
     # written): the bank is the leaf instead, and the block's routing is traced as the model's own ops
     routed_banks: dict[str, tuple[str, str]] = field(default_factory=dict)
+    # block path -> why no canonical routing may serve it (the check on fresh inputs found one to differ from the
+    # block's): recognition takes its routing as written
+    refused_routing: dict[str, str] = field(default_factory=dict)
 
 
 class _FlatCall(nn.Module):
@@ -319,7 +322,7 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, fuse: bool = True,
         if name in examples and (kinds := _other_outputs(examples[name][1])):
             unfused[name] = (f"it returns {', '.join(kinds)} values besides tensors, which a leaf of the graph "
                              "cannot carry")
-    blocks = [(n, b) for n, b in blocks if n not in unfused]
+    blocks = [(n, b) for n, b in blocks if n not in unfused and n not in hints.unfused]
     for name, why in unfused.items():
         log.warning("MoE block %s left as written: %s", name, why)
     missing = [n for n, _ in blocks if n not in examples]

@@ -20,9 +20,11 @@ class ExportError(CaptureError):
 
 
 class DisagreementError(MoeccError):
-    """A compiled program disagrees with eager on fresh inputs. ``detail``: by how much (``relative error ...``)."""
+    """A compiled program disagrees with eager on fresh inputs. ``detail``: by how much (``relative error ...``);
+    ``inputs``: the model's flat inputs it disagrees on."""
 
     detail: str = ""
+    inputs: list | None = None
 
 
 class PassError(MoeccError):

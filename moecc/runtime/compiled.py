@@ -7,7 +7,7 @@ import inspect
 import logging
 import re
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -21,8 +21,9 @@ from moecc.codegen.lower import EXPERT_LAYOUT, lower, resolve_backend
 from moecc.errors import BackendError, CacheError, CaptureError, DisagreementError, ExportError, MoeccError
 from moecc.ir import MoELayerInfo
 from moecc.logs import quiet
-from moecc.passes import DumpIR, PassManager, Timing, default_pipeline
+from moecc.passes import DumpIR, PassManager, Recognize, Timing, default_pipeline
 from moecc.passes.base import layers_of
+from moecc.passes.recognize import REFUSED_ROUTING
 from moecc.passes.recognize.routed import forget_reads
 from moecc.report import graph_summary
 from moecc.runtime import kv_cache
@@ -30,6 +31,7 @@ from moecc.runtime.blockwise import Blockwise
 from moecc.runtime.cudagraphs import GraphCache, graphed_ops, replays
 from moecc.runtime.direct import direct_calls
 from moecc.runtime.keywords import in_order, keyword_order
+from moecc.runtime.localize import verify_leaving_blocks
 from moecc.runtime.verify import tie_breaking_ops, verify
 from moecc.runtime.weights import WeightWatch
 
@@ -365,8 +367,17 @@ class CompiledModule(nn.Module):
             # quantized experts are approximate by design: the check then only catches gross errors
             tolerance = 0.25 if self.options.get("quantize") else None
             start = time.perf_counter()
+
+            def rebuild(left: dict[str, str], refused: dict[str, str]):
+                # what the check found holds for every later capture too
+                self.hints = replace(self.hints, unfused={**self.hints.unfused, **left},
+                                     refused_routing={**self.hints.refused_routing, **refused})
+                with quiet("moecc.passes.recognize", "moecc.capture"):
+                    return build(self.original_model, args, kwargs, self.backend, self.options, folder,
+                                 hints=self.hints)
+
             try:
-                verify(self.original_model, entry, tolerance)
+                entry, info = verify_leaving_blocks(self.original_model, entry, info, tolerance, rebuild, verify)
             except DisagreementError as exc:
                 if entry.backend != "onnxruntime" or tolerance is not None:
                     raise
@@ -420,6 +431,7 @@ class BuildInfo:
     passes: list
     backend: str
     graph: list
+    canonical: dict = field(default_factory=dict)  # ``Recognize.canonical``: what ``runtime.localize`` checks
 
 
 def _routed_banks(model: nn.Module, layers: dict[str, MoELayerInfo], hints: CaptureHints) -> dict:
@@ -449,6 +461,11 @@ def build(model: nn.Module, args, kwargs, backend: str, options: dict, dump_fold
     start = time.perf_counter()
     cap = capture(model, args, kwargs, fuse=options.get("fuse", True), hints=hints)
     log.info("capture: %.2f s", time.perf_counter() - start)
+    for node in cap.gm.graph.nodes:
+        if node.op == "call_module" and "moecc_block" in node.meta:
+            node.meta.pop(REFUSED_ROUTING, None)
+            if (why := hints.refused_routing.get(node.meta["moecc_block"])) is not None:
+                node.meta[REFUSED_ROUTING] = why
     timing = Timing()
     instruments: list = [timing]
     if dump_folder is not None:
@@ -544,4 +561,5 @@ def build(model: nn.Module, args, kwargs, backend: str, options: dict, dump_fold
                    [None if isinstance(v, torch.Tensor) else v for v in cap.flat_inputs], shapes, symbols,
                    [t.dtype for t in cap.tensor_inputs], layers, backend, cap.flat_inputs, lowest, weights,
                    autocast=autocast_state())
-    return entry, BuildInfo(cap, timing.records, backend, graph)
+    recognized = next((p.canonical for p in pipeline if isinstance(p, Recognize)), {})
+    return entry, BuildInfo(cap, timing.records, backend, graph, recognized)

@@ -65,6 +65,7 @@ def check_fresh(model: nn.Module, entry, tolerance: float | None = None, draws=r
                                     f"({why}). This is a moecc bug: please report it with MOECC_DUMP_DIR set. "
                                     "Compile with fuse=False to run without MoE fusion.")
             err.detail = why
+            err.inputs = flat
             raise err
 
 

@@ -16,12 +16,15 @@ from moecc.ir import MoELayerInfo
 from moecc.match import MatchResult
 from moecc.passes.base import MoePass, PassResult, layers_of
 from moecc.passes.graph_utils import inline_module, output_leaves
+from moecc.passes.recognize import inline_routing
 from moecc.passes.recognize.block import analyze_block, is_moe_block, unfit_parameters
 from moecc.passes.recognize.other_args import OtherArgs, independent_of_other_args
 from moecc.passes.recognize.routed import analyze_routed_bank, routed_bank, routing_positions
 
 log = logging.getLogger("moecc.passes.recognize")
 
+# a block call's meta: why no canonical routing may serve it (``runtime.localize`` found one to differ from the block)
+REFUSED_ROUTING = "moecc_refused_routing"
 REUSE_FAILURES_AFTER_S = 1.0  # a block left as written after a search this long: same-structure blocks reuse it
 
 
@@ -58,8 +61,9 @@ def _analyze(block: torch.nn.Module, node: fx.Node):
     written, reads them (DeepSeek-V4's hash layers pick experts by token id)."""
     names = _other_args(node)
     read = _read_outputs(node)
+    refused = node.meta.get(REFUSED_ROUTING, "")
     if not names:
-        return analyze_block(block, _example_of(node), read=read)
+        return analyze_block(block, _example_of(node), read=read, refused=refused)
     from moecc.capture import EXAMPLE_CALLS
 
     call = EXAMPLE_CALLS.get(block)
@@ -67,13 +71,13 @@ def _analyze(block: torch.nn.Module, node: fx.Node):
         return analyze_routed_bank(block, call)
     r = independent_of_other_args(block, call, names)
     if r:
-        return analyze_block(block, _example_of(node), read=read)
+        return analyze_block(block, _example_of(node), read=read, refused=refused)
     if call is None:
         return r
     others = OtherArgs(call)
     if not others.positions or len(others.positions) > ROUTER_INPUT_SLOTS:
         return r
-    with_others = analyze_block(block, _example_of(node), others, read)
+    with_others = analyze_block(block, _example_of(node), others, read, refused)
     if with_others and with_others.value.router_program is None:
         return r  # a canonical routing cannot read them: the block's dependence on them is somewhere else
     return with_others if with_others else MatchResult.fail(f"{r.reason}; with them, {with_others.reason}")
@@ -130,6 +134,13 @@ def _inputs(node: fx.Node, a) -> list[fx.Node]:
 class Recognize(MoePass):
     name = "recognize"
 
+    def __init__(self) -> None:
+        super().__init__()
+        # block path -> the analysis of each block lifted: what the check on fresh inputs compares each block with
+        # where the whole program disagrees (``runtime.localize``); the graph's own canonical modules give their
+        # weights up to the graph when inlined
+        self.canonical: dict[str, object] = {}
+
     def run(self, gm: fx.GraphModule) -> PassResult:
         layers = layers_of(gm)
         modified = False
@@ -150,11 +161,12 @@ class Recognize(MoePass):
                 self._replace(gm, node, inline_module(gm, node, module, prefix, _inputs(node, a)), a.output_tuple)
                 modified = True
                 continue
-            if key in failed_like:
+            failed_key = (key, node.meta.get(REFUSED_ROUTING, ""))  # a block refused canonical routings fails apart
+            if failed_key in failed_like:
                 # a search that fails tries every candidate (thousands for a stacked bank routed inline): the
                 # same code over the same shapes fails the same way, and leaving a block as written is always exact;
                 # only long searches are reused, so that a failure a block's values caused costs little
-                first, reason = failed_like[key]
+                first, reason = failed_like[failed_key]
                 result = MatchResult.fail(f"{reason} (as {first}, the same module over the same shapes)")
             else:
                 start = time.perf_counter()
@@ -165,7 +177,7 @@ class Recognize(MoePass):
                     result = MatchResult.fail(f"recognition raised {type(exc).__name__}: {exc} (a moecc bug: please "
                                               "report it with MOECC_DUMP_DIR set)")
                 if not result and time.perf_counter() - start > REUSE_FAILURES_AFTER_S:
-                    failed_like[key] = (name, result.reason)
+                    failed_like[failed_key] = (name, result.reason)
             if not result:
                 info.reason = result.reason
                 failed += 1
@@ -182,6 +194,9 @@ class Recognize(MoePass):
             info.routing, info.activation = a.routing.describe(), a.expert.describe()
             info.num_experts -= a.extra_experts
             info.routing += a.describe_extra()
+            if node.meta.get(REFUSED_ROUTING):
+                info.routing += (" (the canonical routing that passed recognition's probes differed from it on "
+                                 "fresh inputs)")
             info.shared_experts = len(a.shared)
             info.output_module = "" if a.post is None else type(a.post).__name__
             info.input_module = "" if a.pre is None else type(a.pre).__name__ + (" (router only)"
@@ -193,9 +208,11 @@ class Recognize(MoePass):
             info.graph_prefix = info.graph_prefix or prefix
             module = CanonicalMoE(a)
             lifted[reuse] = (a, module, prefix)
+            self.canonical[name] = a
             self._replace(gm, node, inline_module(gm, node, module, prefix, _inputs(node, a)), a.output_tuple)
             matched += 1
             modified = True
+        inline_routing.forget()
         still_called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
         for target in {n.target for n in calls} - still_called:
             gm.delete_submodule(target)

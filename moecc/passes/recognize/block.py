@@ -21,6 +21,7 @@ from moecc.ir import CapacitySpec, ExpertSpec, ExpertWeights, RoutingSpec, Share
 from moecc.match import MatchResult
 from moecc.passes.recognize import clamp, stacked
 from moecc.passes.recognize.amplify import amplifier
+from moecc.passes.recognize.inline_routing import routing_programs
 from moecc.passes.recognize.input_module import expert_input_module, input_module
 from moecc.passes.recognize.logit_affine import affine_router
 from moecc.passes.recognize.mlp import analyze_mlp, dense_mlps, stack_mlps
@@ -488,7 +489,15 @@ def _with_router_as_written(block, router, obs, x2, call, num_experts, expert_ca
     except Exception as exc:  # noqa: BLE001 - a router torch.export cannot capture stays inside the block
         return MatchResult.fail(f"router {router.path}: {UNMATCHED_ROUTING}; exporting it as written failed: "
                                 f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
-    k = obs.ids.shape[1]
+    return _with_routing_program(block, router, program, obs.ids.shape[1], num_experts, expert_candidates, shared,
+                                 inputs, refs, raw, flat_output, others, router_inputs, pre, pre_placements)
+
+
+def _with_routing_program(block, router, program, k, num_experts, expert_candidates, shared, inputs, refs, raw,
+                          flat_output, others=None, router_inputs=None, pre=None, pre_placements=(False,)):
+    """The canonical experts fed by ``program``, ``tokens -> (weights, ids)`` of ``k`` experts each, checked against
+    the block on its probes (``_with_router_as_written``)."""
+    token_dims = inputs[0].dim() - 1
     spec = RoutingSpec(num_experts, k, "as written", has_router_bias=router.bias is not None)
     closest = _Closest(router.weight.dtype)
     for on_inputs, (espec, ew) in _pairs((False, True), expert_candidates):
@@ -507,6 +516,38 @@ def _with_router_as_written(block, router, obs, x2, call, num_experts, expert_ca
         return MatchResult.success(closest.analysis)
     return MatchResult.fail(f"router {router.path}: {UNMATCHED_ROUTING}; with its own routing the experts still "
                             "do not reproduce the block")
+
+
+def _with_own_routing(block, router, like, hidden, num_experts, expert_candidates, expert_inputs, shared, inputs,
+                      refs, raw, flat_output) -> MatchResult[BlockAnalysis]:
+    """The canonical experts fed by a routing the block computes in its own forward (``inline_routing``), the
+    first candidate that reproduces the block. ``expert_candidates``: a list, or a function that makes a fresh
+    generator of them; ``expert_inputs``: what each expert module read of the first probe, which shows the ids."""
+    programs = routing_programs(block, like, inputs[0].dim(), hidden, num_experts)
+    if not programs:
+        return programs
+    tokens = inputs[0].reshape(-1, hidden)
+    chosen = chosen_by_expert_calls(expert_inputs, tokens) if _all_tensors(expert_inputs) else None
+    tried = 0
+    for program, k in programs.value:
+        if chosen is not None:
+            try:
+                with torch.no_grad():
+                    ids = program(tokens)[1]
+            except Exception:  # noqa: BLE001 - a candidate that runs on no other token count is not the routing
+                continue
+            if ids.shape != chosen.shape or not torch.equal(ids.sort(-1).values, chosen):
+                continue
+        tried += 1
+        candidates = expert_candidates if isinstance(expert_candidates, list) else expert_candidates()
+        r = _with_routing_program(block, router, program, k, num_experts, candidates, shared, inputs, refs, raw,
+                                  flat_output)
+        if r:
+            return r
+    if not tried:
+        return MatchResult.fail("none of its [T, k] ids and weights picks the experts the block called")
+    return MatchResult.fail(f"the experts fed by none of its {tried} candidate (weights, ids) pairs reproduce "
+                            "the block")
 
 
 def _extra_kinds(extra: int, cap: CapacitySpec, on_inputs: bool) -> tuple[bool, ...]:
@@ -593,10 +634,10 @@ def _variants(spec: RoutingSpec, cap: CapacitySpec, dtype: torch.dtype, linear: 
 
 
 def analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | None = None,
-                  read: set[int] | None = None) -> MatchResult[BlockAnalysis]:
+                  read: set[int] | None = None, refused: str = "") -> MatchResult[BlockAnalysis]:
     """The canonical form of ``block`` (``_analyze_block``), with a clamp limit the bank does not name proven on
     probes that pass it (``clamp``)."""
-    r = _analyze_block(block, example, others, read)
+    r = _analyze_block(block, example, others, read, refused=refused)
     if not r or r.value.expert.limit <= 0:
         return r
     bank, _, experts = find_bank(block)
@@ -664,13 +705,15 @@ def _input_like(block: nn.Module, example: torch.Tensor) -> torch.Tensor:
 
 
 def _analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | None = None,
-                   read: set[int] | None = None, scores_by_module: bool = False) -> MatchResult[BlockAnalysis]:
+                   read: set[int] | None = None, scores_by_module: bool = False,
+                   refused: str = "") -> MatchResult[BlockAnalysis]:
     """``others``: the block's arguments besides its hidden states, when its outputs depend on them (only a router
     kept as written may read them). ``read``: which of the block's tensor outputs the model reads (None: all); the
     others need not be reproduced (a block that also returns its router's probabilities, or an auxiliary loss,
     which the model drops at inference). ``scores_by_module``: the router's scores are what its module (the
     block's child that holds its weight) returns, not a Linear of what it reads: a router MLP whose last layer
-    happens to be ``[E, H]``, tried where the Linear reading fits nothing."""
+    happens to be ``[E, H]``, tried where the Linear reading fits nothing. ``refused``: why no canonical routing may
+    serve (one the check on fresh inputs found to differ from the block's): only its routing as written does."""
     hidden = int(example.shape[-1])
     if (why := unfit_parameters(block)) is not None:
         return MatchResult.fail(why)
@@ -826,6 +869,17 @@ def _analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | 
                                            router_calls[0][:2], num_experts, expert_candidates, shared.value, inputs,
                                            refs, raw, flat_output, others, router_inputs, pre, pre_placements)
 
+    if refused:
+        if observed:
+            own = router_as_written(expert_candidates)
+        elif others:
+            own = MatchResult.fail("its routing reads its other arguments")
+        else:
+            own = _with_own_routing(block, router, like, hidden, num_experts, expert_candidates
+                                    if isinstance(expert_candidates, list) else all_candidates, expert_inputs,
+                                    shared.value, inputs, refs, raw, flat_output)
+        return own if own else MatchResult.fail(f"{refused}; with its routing as written: {own.reason}")
+    if observed:
         fitted = None if unexported else fit_routing(router, obs, routed(x3).reshape(-1, hidden), num_experts, mods,
                                                      rtol)
         if fitted is None and router.bias is not None and router.bias_is_attribute:
@@ -929,10 +983,16 @@ def _analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | 
             return MatchResult.success(_refit_experts(block, closest.analysis, inputs, input_scale,
                                                       stacked.activations(bank_mod), all_candidates()))
         return MatchResult.success(closest.analysis)
-    if as_written is not None:
-        return as_written
-    if (by_module := scored_by_module(as_written_too=True)) is not None:
+    if as_written is None and (by_module := scored_by_module(as_written_too=True)) is not None:
         return by_module
-    return MatchResult.fail(f"no canonical form reproduces the block's outputs ({tried} candidates tried; "
-                            f"router {router.path}, {num_experts} experts)")
+    failed = as_written if as_written is not None else MatchResult.fail(
+        f"no canonical form reproduces the block's outputs ({tried} candidates tried; router {router.path}, "
+        f"{num_experts} experts)")
+    if others:
+        return failed
+    if bank_list is None and not isinstance(expert_candidates, list):
+        expert_candidates = all_candidates
+    own = _with_own_routing(block, router, like, hidden, num_experts, expert_candidates, expert_inputs, shared.value,
+                            inputs, refs, raw, flat_output)
+    return own if own else MatchResult.fail(f"{failed.reason}; the routing read off its forward: {own.reason}")
 

@@ -1,0 +1,198 @@
+"""Routing a block computes in its own forward, which no canonical routing reproduces, read off its code: its
+experts fuse, fed by the block's own routing ops (``moecc/passes/recognize/inline_routing.py``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from user_modules import MLP, TinyModel, weighted_experts
+
+import moecc
+from moecc.passes.recognize.inline_routing import routing_programs
+
+HIDDEN, EXPERTS, TOP_K = 24, 6, 2
+
+
+def _softplus(block, logits, x):
+    w, ids = F.softplus(logits).topk(TOP_K, -1)
+    return w / w.sum(-1, keepdim=True), ids
+
+
+def _threshold(block, logits, x):
+    w, ids = logits.softmax(-1).topk(TOP_K, -1)
+    return torch.where(w < 0.2, torch.zeros_like(w), w), ids
+
+
+def _centroids(block, logits, x):
+    w, ids = (-torch.cdist(x, block.gate.weight)).topk(TOP_K, -1)
+    return w.softmax(-1), ids
+
+
+def _cosine(block, logits, x):
+    scores = F.normalize(x, dim=-1) @ F.normalize(block.gate.weight, dim=-1).t()
+    w, ids = (scores / 0.3).softmax(-1).topk(TOP_K, -1)
+    return w, ids
+
+
+def _temperature_buffer(block, logits, x):
+    w, ids = torch.sigmoid(logits / block.temperature).topk(TOP_K, -1)
+    return w.square(), ids
+
+
+def _sorted(block, logits, x):
+    values, order = torch.tanh(logits).sort(-1, descending=True)
+    return values[:, :TOP_K] + 1, order[:, :TOP_K]
+
+
+def _second_masked_in_place(block, logits, x):
+    w, ids = logits.softmax(-1).topk(TOP_K, -1)
+    keep = torch.ones_like(w)
+    keep[:, 1] = (w[:, 1] > 0.2).float()
+    w = w * keep
+    return w / w.sum(-1, keepdim=True), ids
+
+
+ROUTINGS = {"softplus": _softplus, "threshold": _threshold, "centroids": _centroids, "cosine": _cosine,
+            "temperature_buffer": _temperature_buffer, "sorted": _sorted,
+            "second_masked_in_place": _second_masked_in_place}
+
+
+class OwnRoutingMoE(nn.Module):
+    """The usual loop over a ModuleList of experts, routed by code of the block's own that no canonical routing
+    matches."""
+
+    def __init__(self, routing: str, stacked: bool = False, skip_empty: bool = False):
+        super().__init__()
+        self.skip_empty = skip_empty
+        self.routing = ROUTINGS[routing]
+        self.gate = nn.Linear(HIDDEN, EXPERTS, bias=False)
+        self.register_buffer("temperature", torch.tensor(0.7))
+        self.stacked = stacked
+        if stacked:
+            self.w_gate_up = nn.Parameter(torch.randn(EXPERTS, 2 * 40, HIDDEN) / HIDDEN ** 0.5)
+            self.w_down = nn.Parameter(torch.randn(EXPERTS, HIDDEN, 40) / 40 ** 0.5)
+        else:
+            self.experts = nn.ModuleList(MLP(HIDDEN, 40) for _ in range(EXPERTS))
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        weights, chosen = self.routing(self, self.gate(x), x)
+        if self.skip_empty:  # a branch on a size of the routing's values, which stops a plain torch.export
+            out = torch.zeros_like(x)
+            for e, expert in enumerate(self.experts):
+                token, slot = torch.where(chosen == e)
+                if token.numel() == 0:
+                    continue
+                out.index_add_(0, token, expert(x[token]) * weights[token, slot, None])
+            return out.reshape(shape)
+        if not self.stacked:
+            return weighted_experts(self.experts, x, weights, chosen).reshape(shape)
+        out = torch.zeros_like(x)
+        for e in range(EXPERTS):
+            token, slot = torch.where(chosen == e)
+            gate, up = (x[token] @ self.w_gate_up[e].t()).chunk(2, -1)
+            out.index_add_(0, token, (F.silu(gate) * up) @ self.w_down[e].t() * weights[token, slot, None])
+        return out.reshape(shape)
+
+
+def _device(backend: str) -> str:
+    if backend != "triton":
+        return "cpu"
+    pytest.importorskip("triton")
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _compiled(model, backend: str, device: str):
+    cm = moecc.compile(model, backend=backend)
+    cm(torch.randint(0, 50, (2, 16), device=device))
+    (layer,) = cm.moe_layers
+    return cm, layer
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+@pytest.mark.parametrize("routing", sorted(ROUTINGS))
+def test_a_blocks_own_routing_feeds_its_fused_experts(routing, backend):
+    torch.manual_seed(0)
+    model = TinyModel(OwnRoutingMoE(routing)).eval()
+    cm, layer = _compiled(model, backend, "cpu")
+    assert layer.fused, layer.reason
+    assert "router kept as its own graph ops" in layer.routing, layer.routing
+    for shape in ((3, 11), (1, 7), (1, 1), (4, 32)):
+        x = torch.randint(0, 50, shape)
+        torch.testing.assert_close(cm(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("routing", ["softplus", "second_masked_in_place"])
+def test_a_blocks_own_routing_feeds_fused_triton_experts(routing):
+    device = _device("triton")
+    torch.manual_seed(0)
+    model = TinyModel(OwnRoutingMoE(routing)).eval().to(device)
+    cm, layer = _compiled(model, "triton", device)
+    assert layer.fused and cm._entries[0].backend == "triton", layer
+    for shape in ((3, 11), (1, 1)):
+        x = torch.randint(0, 50, shape, device=device)
+        torch.testing.assert_close(cm(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_stacked_experts_routed_by_the_blocks_own_code_are_fused():
+    torch.manual_seed(0)
+    model = TinyModel(OwnRoutingMoE("softplus", stacked=True)).eval()
+    cm, layer = _compiled(model, "torch", "cpu")
+    assert layer.fused, layer.reason
+    x = torch.randint(0, 50, (3, 9))
+    torch.testing.assert_close(cm(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_the_routing_is_read_off_a_loop_that_skips_experts_no_token_chose():
+    """``if token.numel() == 0: continue`` stops torch.export; the forward is exported again with the example's
+    values deciding that branch, which the routing before the loop does not read."""
+    torch.manual_seed(0)
+    model = TinyModel(OwnRoutingMoE("softplus", skip_empty=True)).eval()
+    cm, layer = _compiled(model, "torch", "cpu")
+    assert layer.fused, layer.reason
+    for shape in ((3, 11), (1, 1)):
+        x = torch.randint(0, 50, shape)
+        torch.testing.assert_close(cm(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_a_write_into_the_weights_is_part_of_the_routing_read_off_the_code():
+    """``keep[:, 1] = ...`` writes into a tensor the weights are computed from: the export is functionalized, so
+    the candidate read off the code computes the write, on tokens where it matters."""
+    torch.manual_seed(0)
+    block = OwnRoutingMoE("second_masked_in_place").eval()
+    programs = routing_programs(block, torch.empty(0), 2, HIDDEN, EXPERTS)
+    assert programs, programs.reason
+    x = torch.randn(400, HIDDEN) * 3
+    want_w, want_ids = _second_masked_in_place(block, block.gate(x), x)
+    assert bool((want_w[:, 1] == 0).any()), "no token of the test input is masked"
+    program, k = next(iter(programs.value))
+    w, ids = program(x)
+    assert k == TOP_K
+    torch.testing.assert_close(ids, want_ids)
+    torch.testing.assert_close(w, want_w)
+
+
+class BatchCentredMoE(OwnRoutingMoE):
+    """Logits centred over the batch: one token's routing depends on the others of its position, which the
+    program read off the code, fed the tokens as one sequence, does not compute alike."""
+
+    def forward(self, x):
+        logits = self.gate(x)
+        logits = logits - logits.mean(0, keepdim=True)
+        weights, chosen = logits.softmax(-1).topk(TOP_K, -1)
+        flat = x.reshape(-1, x.shape[-1])
+        out = weighted_experts(self.experts, flat, weights.reshape(-1, TOP_K), chosen.reshape(-1, TOP_K))
+        return out.reshape(x.shape)
+
+
+def test_a_routing_read_off_the_code_that_does_not_reproduce_the_block_runs_it_as_written():
+    torch.manual_seed(0)
+    model = TinyModel(BatchCentredMoE("softplus")).eval()
+    cm, layer = _compiled(model, "torch", "cpu")
+    assert not layer.fused
+    assert "the routing read off its forward" in layer.reason, layer.reason
+    x = torch.randint(0, 50, (3, 11))
+    torch.testing.assert_close(cm(x), model(x))
