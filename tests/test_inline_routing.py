@@ -120,6 +120,8 @@ def test_a_blocks_own_routing_feeds_its_fused_experts(routing, backend):
     cm, layer = _compiled(model, backend, "cpu")
     assert layer.fused, layer.reason
     assert "router kept as its own graph ops" in layer.routing, layer.routing
+    if backend == "auto":  # the routing's own ops export to ONNX: ONNX Runtime runs it
+        assert cm._entries[0].backend == "onnxruntime", layer.lowering
     for shape in ((3, 11), (1, 7), (1, 1), (4, 32)):
         x = torch.randint(0, 50, shape)
         torch.testing.assert_close(cm(x), model(x), rtol=1e-4, atol=1e-5)
@@ -196,3 +198,27 @@ def test_a_routing_read_off_the_code_that_does_not_reproduce_the_block_runs_it_a
     assert "the routing read off its forward" in layer.reason, layer.reason
     x = torch.randint(0, 50, (3, 11))
     torch.testing.assert_close(cm(x), model(x))
+
+
+def test_in_bf16_a_canonical_neighbour_of_the_blocks_own_routing_gives_way_to_it(monkeypatch):
+    """bf16's probe bound admits softmax for a renormalised softplus (weights some 10 % apart): the routing read off
+    the block's code is tried too, and taken where it routes otherwise on the tokens both send alike."""
+    import moecc.passes.recognize.block as block_module
+    from moecc.passes.recognize.block import analyze_block
+
+    compared = []
+    routes_otherwise = block_module._routes_otherwise
+    monkeypatch.setattr(block_module, "_routes_otherwise",
+                        lambda own, fitted, x: compared.append(fitted.routing.describe()) or routes_otherwise(
+                            own, fitted, x))
+    torch.manual_seed(0)
+    block = OwnRoutingMoE("softplus").eval().to(torch.bfloat16)
+    r = analyze_block(block, torch.randn(1, 8, HIDDEN, dtype=torch.bfloat16))
+    assert r, r.reason
+    assert compared and compared[0].startswith("softmax"), compared
+    assert "router kept as its own graph ops" in r.value.routing.describe()
+    model = TinyModel(OwnRoutingMoE("softplus")).eval().to(torch.bfloat16)
+    cm, layer = _compiled(model, "torch", "cpu")
+    assert "router kept as its own graph ops" in layer.routing, layer.routing
+    x = torch.randint(0, 50, (3, 11))
+    torch.testing.assert_close(cm(x).float(), model(x).float(), rtol=2e-2, atol=2e-2)

@@ -518,17 +518,41 @@ def _with_routing_program(block, router, program, k, num_experts, expert_candida
                             "do not reproduce the block")
 
 
+ROUTES_OTHERWISE = 0.02  # mean relative difference of the weights of tokens that chose the same experts
+
+
+def _routes_otherwise(own: BlockAnalysis, fitted: BlockAnalysis, x: torch.Tensor) -> bool:
+    """Whether the routing read off the block's code and a fitted canonical routing are other functions on the
+    probe ``x``: on the tokens for which both choose the same experts (near ties in low precision may choose
+    others), weights that differ by more than rounding, or too few such tokens."""
+    outs = ("y", "weights", "ids")
+    with torch.no_grad():
+        _, w_own, i_own = CanonicalMoE(replace(own, outputs=outs, output_tuple=True))(x)
+        _, w_fit, i_fit = CanonicalMoE(replace(fitted, outputs=outs, output_tuple=True))(x)
+    if i_own.shape != i_fit.shape:
+        return True
+    o_own, o_fit = i_own.argsort(-1), i_fit.argsort(-1)
+    same = (i_own.gather(-1, o_own) == i_fit.gather(-1, o_fit)).all(-1)
+    if int(same.sum()) < same.numel() // 2:
+        return True
+    w_own, w_fit = w_own.float().gather(-1, o_own)[same], w_fit.float().gather(-1, o_fit)[same]
+    return float(((w_own - w_fit).abs() / w_own.abs().clamp_min(1e-6)).mean()) > ROUTES_OTHERWISE
+
+
 def _with_own_routing(block, router, like, hidden, num_experts, expert_candidates, expert_inputs, shared, inputs,
                       refs, raw, flat_output) -> MatchResult[BlockAnalysis]:
-    """The canonical experts fed by a routing the block computes in its own forward (``inline_routing``), the
-    first candidate that reproduces the block. ``expert_candidates``: a list, or a function that makes a fresh
-    generator of them; ``expert_inputs``: what each expert module read of the first probe, which shows the ids."""
+    """The canonical experts fed by a routing the block computes in its own forward (``inline_routing``): of the
+    candidates that reproduce the block, the first within the dtype's rounding, else the closest (in bf16 a wrong
+    candidate, the weights before their renormalisation, say, can pass the loose bound). ``expert_candidates``: a
+    list, or a function that makes a fresh generator of them; ``expert_inputs``: what each expert module read of
+    the first probe, which shows the ids."""
     programs = routing_programs(block, like, inputs[0].dim(), hidden, num_experts)
     if not programs:
         return programs
     tokens = inputs[0].reshape(-1, hidden)
     chosen = chosen_by_expert_calls(expert_inputs, tokens) if _all_tensors(expert_inputs) else None
     tried = 0
+    closest = _Closest(like.dtype)
     for program, k in programs.value:
         if chosen is not None:
             try:
@@ -542,8 +566,10 @@ def _with_own_routing(block, router, like, hidden, num_experts, expert_candidate
         candidates = expert_candidates if isinstance(expert_candidates, list) else expert_candidates()
         r = _with_routing_program(block, router, program, k, num_experts, candidates, shared, inputs, refs, raw,
                                   flat_output)
-        if r:
-            return r
+        if r and closest.offer(_verify(block, r.value, inputs, refs)):
+            break
+    if closest.analysis is not None:
+        return MatchResult.success(closest.analysis)
     if not tried:
         return MatchResult.fail("none of its [T, k] ids and weights picks the experts the block called")
     return MatchResult.fail(f"the experts fed by none of its {tried} candidate (weights, ids) pairs reproduce "
@@ -978,11 +1004,30 @@ def _analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | 
             by_affine = search(affine, _searched_routing(affine, mods, num_experts), expert_candidates)
             if by_affine.best is not None and (closest.best is None or by_affine.best[1] < closest.best[1] / 2):
                 router, closest = affine, by_affine
-    if closest.analysis is not None:
+    def finished(a: BlockAnalysis) -> MatchResult[BlockAnalysis]:
         if input_scale != 1.0 and not others:
-            return MatchResult.success(_refit_experts(block, closest.analysis, inputs, input_scale,
-                                                      stacked.activations(bank_mod), all_candidates()))
-        return MatchResult.success(closest.analysis)
+            return MatchResult.success(_refit_experts(block, a, inputs, input_scale, stacked.activations(bank_mod),
+                                                      all_candidates()))
+        return MatchResult.success(a)
+
+    def own_routing() -> MatchResult[BlockAnalysis]:
+        candidates = expert_candidates if bank_list is not None or isinstance(expert_candidates, list) \
+            else all_candidates
+        return _with_own_routing(block, router, like, hidden, num_experts, candidates, expert_inputs, shared.value,
+                                 inputs, refs, raw, flat_output)
+
+    if closest.analysis is not None:
+        if closest.best[1] > closest.tight and not others and closest.analysis.router_program is None:
+            # within low precision's loose bound only, which also admits a neighbouring function (softmax for a
+            # renormalised softplus): the block's own routing, where it routes otherwise
+            own = own_routing()
+            checked = _verify(block, own.value, inputs, refs) if own else None
+            # the block's own routing computes its weights and ids with the block's own ops: within the dtype's
+            # rounding, or it is no reading of them
+            if checked is not None and checked[1] <= closest.tight and checked[1] < closest.best[1] / 2 \
+                    and _routes_otherwise(own.value, closest.analysis, inputs[0]):
+                return finished(own.value)
+        return finished(closest.analysis)
     if as_written is None and (by_module := scored_by_module(as_written_too=True)) is not None:
         return by_module
     failed = as_written if as_written is not None else MatchResult.fail(
@@ -990,9 +1035,8 @@ def _analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | 
         f"{num_experts} experts)")
     if others:
         return failed
-    if bank_list is None and not isinstance(expert_candidates, list):
-        expert_candidates = all_candidates
-    own = _with_own_routing(block, router, like, hidden, num_experts, expert_candidates, expert_inputs, shared.value,
-                            inputs, refs, raw, flat_output)
-    return own if own else MatchResult.fail(f"{failed.reason}; the routing read off its forward: {own.reason}")
+    own = own_routing()
+    if own:
+        return finished(own.value)
+    return MatchResult.fail(f"{failed.reason}; the routing read off its forward: {own.reason}")
 
