@@ -222,3 +222,59 @@ def test_in_bf16_a_canonical_neighbour_of_the_blocks_own_routing_gives_way_to_it
     assert "router kept as its own graph ops" in layer.routing, layer.routing
     x = torch.randint(0, 50, (3, 11))
     torch.testing.assert_close(cm(x).float(), model(x).float(), rtol=2e-2, atol=2e-2)
+
+
+class OwnRoutingVariantsMoE(nn.Module):
+    """Softplus routing written in the block, with what else blocks do around it: a shared expert, the router's
+    logits returned beside the output, a top-1 read off an argmax, or a capacity that drops tokens (which the
+    routing's own ops do not compute, so the block runs as written)."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.gate = nn.Linear(HIDDEN, EXPERTS, bias=False)
+        self.experts = nn.ModuleList(MLP(HIDDEN, 40) for _ in range(EXPERTS))
+        if kind == "shared":
+            self.shared = MLP(HIDDEN, 32)
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        logits = self.gate(x)
+        if self.kind == "argmax":
+            chosen = logits.argmax(-1, keepdim=True)
+            weights = F.softplus(logits.gather(-1, chosen))
+        else:
+            weights, chosen = F.softplus(logits).topk(TOP_K, -1)
+        if self.kind == "capacity":
+            out = torch.zeros_like(x)
+            for e, expert in enumerate(self.experts):
+                token, slot = torch.where(chosen == e)
+                token, slot = token[:3], slot[:3]
+                out.index_add_(0, token, expert(x[token]) * weights[token, slot, None])
+            return out.reshape(shape)
+        y = weighted_experts(self.experts, x, weights, chosen)
+        if self.kind == "shared":
+            y = y + self.shared(x)
+        if self.kind == "logits":
+            return y.reshape(shape), logits
+        return y.reshape(shape)
+
+
+class ReadsLogitsModel(TinyModel):
+    def forward(self, ids):
+        h = self.embed(ids)
+        y, logits = self.moe(self.norm(h))
+        return self.head(h + y + 0.01 * logits.sum(-1).reshape(y.shape[:-1])[..., None])
+
+
+@pytest.mark.parametrize("kind,fused", [("shared", True), ("logits", True), ("argmax", True), ("capacity", False)])
+def test_a_blocks_own_routing_with_what_blocks_do_around_it(kind, fused):
+    torch.manual_seed(0)
+    block = OwnRoutingVariantsMoE(kind)
+    model = (ReadsLogitsModel if kind == "logits" else TinyModel)(block).eval()
+    cm, layer = _compiled(model, "torch", "cpu")
+    assert layer.fused == fused, layer.reason
+    for shape in ((3, 11), (1, 1)):
+        x = torch.randint(0, 50, shape)
+        torch.testing.assert_close(cm(x), model(x), rtol=1e-4, atol=1e-5)

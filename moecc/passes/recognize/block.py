@@ -518,6 +518,12 @@ def _with_routing_program(block, router, program, k, num_experts, expert_candida
                             "do not reproduce the block")
 
 
+def _checked_again(block: nn.Module, a: BlockAnalysis, inputs, refs) -> tuple[BlockAnalysis, float] | None:
+    """``_verify`` of an analysis a check already gave: ``(a, the largest relative error of y)``, or None."""
+    again = _verify(block, replace(a, outputs=("y",), output_dtypes=()), inputs, refs)
+    return None if again is None else (a, again[1])
+
+
 ROUTES_OTHERWISE = 0.02  # mean relative difference of the weights of tokens that chose the same experts
 
 
@@ -566,7 +572,7 @@ def _with_own_routing(block, router, like, hidden, num_experts, expert_candidate
         candidates = expert_candidates if isinstance(expert_candidates, list) else expert_candidates()
         r = _with_routing_program(block, router, program, k, num_experts, candidates, shared, inputs, refs, raw,
                                   flat_output)
-        if r and closest.offer(_verify(block, r.value, inputs, refs)):
+        if r and closest.offer(_checked_again(block, r.value, inputs, refs)):
             break
     if closest.analysis is not None:
         return MatchResult.success(closest.analysis)
@@ -1021,7 +1027,7 @@ def _analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | 
             # within low precision's loose bound only, which also admits a neighbouring function (softmax for a
             # renormalised softplus): the block's own routing, where it routes otherwise
             own = own_routing()
-            checked = _verify(block, own.value, inputs, refs) if own else None
+            checked = _checked_again(block, own.value, inputs, refs) if own else None
             # the block's own routing computes its weights and ids with the block's own ops: within the dtype's
             # rounding, or it is no reading of them
             if checked is not None and checked[1] <= closest.tight and checked[1] < closest.best[1] / 2 \
