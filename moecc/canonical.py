@@ -54,6 +54,8 @@ class BlockAnalysis:
     # ``other_positions`` are the routing weights and the expert ids, ``[*token dims, k]`` each; there is no router
     routing_given: bool = False
     expert_scale: torch.Tensor | None = None  # [E]: routing.has_expert_scale's factors
+    # ``router_program`` was read off the block's own forward (``recognize/inline_routing.py``), no router module
+    own_routing: bool = False
 
     @property
     def expert_pre(self) -> nn.Module | None:

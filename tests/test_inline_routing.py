@@ -278,3 +278,34 @@ def test_a_blocks_own_routing_with_what_blocks_do_around_it(kind, fused):
     for shape in ((3, 11), (1, 1)):
         x = torch.randint(0, 50, shape)
         torch.testing.assert_close(cm(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_blocks_of_the_same_structure_take_their_own_routing_without_a_search(monkeypatch):
+    """The first block searches every canonical candidate (thousands for a stacked bank) before its own routing;
+    the next blocks of the same code and shapes are offered their own routing first."""
+    import moecc.passes.recognize.block as block_module
+
+    searched = []
+    search = block_module._searched_routing
+    monkeypatch.setattr(block_module, "_searched_routing",
+                        lambda *args, **kwargs: searched.append(1) or search(*args, **kwargs))
+
+    class Stack(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(50, HIDDEN)
+            self.blocks = nn.ModuleList(OwnRoutingMoE("softplus", stacked=True) for _ in range(3))
+
+        def forward(self, ids):
+            h = self.embed(ids)
+            for block in self.blocks:
+                h = h + block(h)
+            return h
+
+    torch.manual_seed(0)
+    model = Stack().eval()
+    cm = moecc.compile(model, backend="torch")
+    x = torch.randint(0, 50, (2, 16))
+    torch.testing.assert_close(cm(x), model(x), rtol=1e-4, atol=1e-5)
+    assert all(layer.fused for layer in cm.moe_layers), [layer.reason for layer in cm.moe_layers]
+    assert len(searched) == 1, searched

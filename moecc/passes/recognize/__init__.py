@@ -25,6 +25,9 @@ log = logging.getLogger("moecc.passes.recognize")
 
 # a block call's meta: why no canonical routing may serve it (``runtime.localize`` found one to differ from the block)
 REFUSED_ROUTING = "moecc_refused_routing"
+# a block call's meta while recognize analyzes it: a block of the same structure took the routing read off its own
+# code, which this one is then offered before the search
+OWN_ROUTING_FIRST = "moecc_own_routing_first"
 REUSE_FAILURES_AFTER_S = 1.0  # a block left as written after a search this long: same-structure blocks reuse it
 
 
@@ -63,7 +66,8 @@ def _analyze(block: torch.nn.Module, node: fx.Node):
     read = _read_outputs(node)
     refused = node.meta.get(REFUSED_ROUTING, "")
     if not names:
-        return analyze_block(block, _example_of(node), read=read, refused=refused)
+        return analyze_block(block, _example_of(node), read=read, refused=refused,
+                             own_first=node.meta.get(OWN_ROUTING_FIRST, False))
     from moecc.capture import EXAMPLE_CALLS
 
     call = EXAMPLE_CALLS.get(block)
@@ -146,6 +150,7 @@ class Recognize(MoePass):
         modified = False
         matched = failed = 0
         failed_like: dict[tuple, tuple] = {}  # structure -> (first block, reason) of blocks left as written
+        own_routing: set[tuple] = set()  # structures of blocks that took the routing read off their own code
         # a block the model calls more than once (one target, several nodes): the canonical module of its first
         # call serves each call alike, so that its weights are held once
         lifted: dict[tuple, tuple] = {}  # (target, *structure at any length) -> (analysis, canonical module, prefix)
@@ -170,14 +175,20 @@ class Recognize(MoePass):
                 result = MatchResult.fail(f"{reason} (as {first}, the same module over the same shapes)")
             else:
                 start = time.perf_counter()
+                if failed_key in own_routing:
+                    node.meta[OWN_ROUTING_FIRST] = True
                 try:
                     result = _analyze_keeping_state(block, node)
                 except Exception as exc:  # noqa: BLE001 - a block recognition cannot analyze runs as written
                     log.debug("recognizing %s raised", name, exc_info=True)
                     result = MatchResult.fail(f"recognition raised {type(exc).__name__}: {exc} (a moecc bug: please "
                                               "report it with MOECC_DUMP_DIR set)")
+                finally:
+                    node.meta.pop(OWN_ROUTING_FIRST, None)
                 if not result and time.perf_counter() - start > REUSE_FAILURES_AFTER_S:
                     failed_like[failed_key] = (name, result.reason)
+                if result and result.value.own_routing:
+                    own_routing.add(failed_key)
             if not result:
                 info.reason = result.reason
                 failed += 1

@@ -575,7 +575,7 @@ def _with_own_routing(block, router, like, hidden, num_experts, expert_candidate
         if r and closest.offer(_checked_again(block, r.value, inputs, refs)):
             break
     if closest.analysis is not None:
-        return MatchResult.success(closest.analysis)
+        return MatchResult.success(replace(closest.analysis, own_routing=True))
     if not tried:
         return MatchResult.fail("none of its [T, k] ids and weights picks the experts the block called")
     return MatchResult.fail(f"the experts fed by none of its {tried} candidate (weights, ids) pairs reproduce "
@@ -666,10 +666,11 @@ def _variants(spec: RoutingSpec, cap: CapacitySpec, dtype: torch.dtype, linear: 
 
 
 def analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | None = None,
-                  read: set[int] | None = None, refused: str = "") -> MatchResult[BlockAnalysis]:
+                  read: set[int] | None = None, refused: str = "", own_first: bool = False
+                  ) -> MatchResult[BlockAnalysis]:
     """The canonical form of ``block`` (``_analyze_block``), with a clamp limit the bank does not name proven on
     probes that pass it (``clamp``)."""
-    r = _analyze_block(block, example, others, read, refused=refused)
+    r = _analyze_block(block, example, others, read, refused=refused, own_first=own_first)
     if not r or r.value.expert.limit <= 0:
         return r
     bank, _, experts = find_bank(block)
@@ -738,14 +739,15 @@ def _input_like(block: nn.Module, example: torch.Tensor) -> torch.Tensor:
 
 def _analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | None = None,
                    read: set[int] | None = None, scores_by_module: bool = False,
-                   refused: str = "") -> MatchResult[BlockAnalysis]:
+                   refused: str = "", own_first: bool = False) -> MatchResult[BlockAnalysis]:
     """``others``: the block's arguments besides its hidden states, when its outputs depend on them (only a router
     kept as written may read them). ``read``: which of the block's tensor outputs the model reads (None: all); the
     others need not be reproduced (a block that also returns its router's probabilities, or an auxiliary loss,
     which the model drops at inference). ``scores_by_module``: the router's scores are what its module (the
     block's child that holds its weight) returns, not a Linear of what it reads: a router MLP whose last layer
     happens to be ``[E, H]``, tried where the Linear reading fits nothing. ``refused``: why no canonical routing may
-    serve (one the check on fresh inputs found to differ from the block's): only its routing as written does."""
+    serve (one the check on fresh inputs found to differ from the block's): only its routing as written does.
+    ``own_first``: the routing read off its code is tried before the search, and taken within the dtype's rounding."""
     hidden = int(example.shape[-1])
     if (why := unfit_parameters(block)) is not None:
         return MatchResult.fail(why)
@@ -901,6 +903,12 @@ def _analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | 
                                            router_calls[0][:2], num_experts, expert_candidates, shared.value, inputs,
                                            refs, raw, flat_output, others, router_inputs, pre, pre_placements)
 
+    def finished(a: BlockAnalysis) -> MatchResult[BlockAnalysis]:
+        if input_scale != 1.0 and not others:
+            return MatchResult.success(_refit_experts(block, a, inputs, input_scale, stacked.activations(bank_mod),
+                                                      all_candidates()))
+        return MatchResult.success(a)
+
     if refused:
         if observed:
             own = router_as_written(expert_candidates)
@@ -910,7 +918,17 @@ def _analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | 
             own = _with_own_routing(block, router, like, hidden, num_experts, expert_candidates
                                     if isinstance(expert_candidates, list) else all_candidates, expert_inputs,
                                     shared.value, inputs, refs, raw, flat_output)
-        return own if own else MatchResult.fail(f"{refused}; with its routing as written: {own.reason}")
+        return finished(own.value) if own else MatchResult.fail(f"{refused}; with its routing as written: "
+                                                                f"{own.reason}")
+    if own_first and not observed and not others:
+        # a block of the same structure fitted no canonical routing and took its own: so may this one, without the
+        # search (thousands of candidates for a stacked bank); where it does not, the search runs as for any block
+        own = _with_own_routing(block, router, like, hidden, num_experts, expert_candidates
+                                if isinstance(expert_candidates, list) else all_candidates, expert_inputs,
+                                shared.value, inputs, refs, raw, flat_output)
+        checked = _checked_again(block, own.value, inputs, refs) if own else None
+        if checked is not None and checked[1] <= tolerance(like.dtype):
+            return finished(own.value)
     if observed:
         fitted = None if unexported else fit_routing(router, obs, routed(x3).reshape(-1, hidden), num_experts, mods,
                                                      rtol)
@@ -1010,12 +1028,6 @@ def _analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | 
             by_affine = search(affine, _searched_routing(affine, mods, num_experts), expert_candidates)
             if by_affine.best is not None and (closest.best is None or by_affine.best[1] < closest.best[1] / 2):
                 router, closest = affine, by_affine
-    def finished(a: BlockAnalysis) -> MatchResult[BlockAnalysis]:
-        if input_scale != 1.0 and not others:
-            return MatchResult.success(_refit_experts(block, a, inputs, input_scale, stacked.activations(bank_mod),
-                                                      all_candidates()))
-        return MatchResult.success(a)
-
     def own_routing() -> MatchResult[BlockAnalysis]:
         candidates = expert_candidates if bank_list is not None or isinstance(expert_candidates, list) \
             else all_candidates
