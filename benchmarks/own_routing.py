@@ -88,7 +88,8 @@ def main() -> None:
             x = torch.randn(1, t, args.hidden, device=device, dtype=dtype)
             ref, got = block(x), cm(x)
             diff = ((got.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)).item()
-            eager, compiled = timed(lambda: block(x), device), timed(lambda: cm(x), device)
+            eager = timed(lambda x=x: block(x), device)
+            compiled = timed(lambda x=x: cm(x), device)
             print(f"| {t} | {eager:.3f} | {compiled:.3f} | {eager / compiled:.2f}x | {diff:.1e} |")
 
 
