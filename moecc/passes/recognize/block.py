@@ -909,23 +909,25 @@ def _analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | 
                                                       all_candidates()))
         return MatchResult.success(a)
 
+    def own_routing() -> MatchResult[BlockAnalysis]:
+        """The canonical experts fed by the routing read off the block's code (``_with_own_routing``)."""
+        candidates = expert_candidates if isinstance(expert_candidates, list) else all_candidates
+        return _with_own_routing(block, router, like, hidden, num_experts, candidates, expert_inputs, shared.value,
+                                 inputs, refs, raw, flat_output)
+
     if refused:
         if observed:
             own = router_as_written(expert_candidates)
         elif others:
             own = MatchResult.fail("its routing reads its other arguments")
         else:
-            own = _with_own_routing(block, router, like, hidden, num_experts, expert_candidates
-                                    if isinstance(expert_candidates, list) else all_candidates, expert_inputs,
-                                    shared.value, inputs, refs, raw, flat_output)
+            own = own_routing()
         return finished(own.value) if own else MatchResult.fail(f"{refused}; with its routing as written: "
                                                                 f"{own.reason}")
     if own_first and not observed and not others:
         # a block of the same structure fitted no canonical routing and took its own: so may this one, without the
         # search (thousands of candidates for a stacked bank); where it does not, the search runs as for any block
-        own = _with_own_routing(block, router, like, hidden, num_experts, expert_candidates
-                                if isinstance(expert_candidates, list) else all_candidates, expert_inputs,
-                                shared.value, inputs, refs, raw, flat_output)
+        own = own_routing()
         checked = _checked_again(block, own.value, inputs, refs) if own else None
         if checked is not None and checked[1] <= tolerance(like.dtype):
             return finished(own.value)
@@ -1028,12 +1030,6 @@ def _analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | 
             by_affine = search(affine, _searched_routing(affine, mods, num_experts), expert_candidates)
             if by_affine.best is not None and (closest.best is None or by_affine.best[1] < closest.best[1] / 2):
                 router, closest = affine, by_affine
-    def own_routing() -> MatchResult[BlockAnalysis]:
-        candidates = expert_candidates if bank_list is not None or isinstance(expert_candidates, list) \
-            else all_candidates
-        return _with_own_routing(block, router, like, hidden, num_experts, candidates, expert_inputs, shared.value,
-                                 inputs, refs, raw, flat_output)
-
     if closest.analysis is not None:
         if closest.best[1] > closest.tight and not others and closest.analysis.router_program is None:
             # within low precision's loose bound only, which also admits a neighbouring function (softmax for a
