@@ -17,7 +17,9 @@ from torch.utils import _pytree as pytree
 
 from moecc import module_state
 from moecc.canonical import CanonicalMoE
+from moecc.errors import DisagreementError
 from moecc.passes.recognize.probe import tensor_leaves
+from moecc.routing import SCORES
 from moecc.runtime.verify import _bound, _rel
 
 log = logging.getLogger("moecc.runtime")
@@ -86,9 +88,6 @@ def verify_leaving_blocks(model: nn.Module, entry, info, tolerance: float | None
     fused with a canonical routing is first ``refused`` it (block path -> why), so that its routing as written
     feeds its fused experts; one that still differs, or was fused otherwise, is ``left`` as written. (entry, info)
     of the program that agrees; a disagreement no fused block explains is raised."""
-    from moecc.errors import DisagreementError
-    from moecc.routing import SCORES
-
     left: dict[str, str] = {}
     refused: dict[str, str] = {}
     while True:
