@@ -2,6 +2,7 @@
 
     python benchmarks/moe_layer.py                 # CUDA when present (bf16), else CPU (fp32)
     python benchmarks/moe_layer.py --tokens 1 64 --shapes qwen3_moe
+    python benchmarks/moe_layer.py --shapes qwen3_moe@mish   # experts of another activation (HF ``hidden_act``)
 
 On CUDA it times HF eager, HF grouped_mm, torch.compile of the HF grouped_mm block (and mode="reduce-overhead"
 for T <= 64), a vLLM-style Triton fused MoE with vLLM's H100 tile tables (``vllm_style.py``; replayed from a CUDA
@@ -73,8 +74,11 @@ INPUT_SETS = 4  # inputs cycled through while timing
 
 
 def make_block(shape, device, dtype):
-    family, cfg_cls, kwargs, cls = SHAPES[shape]
-    cfg = getattr(tf, cfg_cls)(**kwargs)
+    """``shape`` is a key of ``SHAPES``, or one followed by ``@`` and a Hugging Face ``hidden_act`` for its experts
+    (``qwen3_moe@quick_gelu``)."""
+    name, _, act = shape.partition("@")
+    family, cfg_cls, kwargs, cls = SHAPES[name]
+    cfg = getattr(tf, cfg_cls)(**kwargs, **({"hidden_act": act} if act else {}))
     module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
     torch.manual_seed(0)
     with torch.device(device):

@@ -5,12 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-# relu2: relu(h)^2 (Nemotron-H's squared ReLU)
-PLAIN_ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "relu2")
-# gated only. swiglu_oai: GPT-OSS's, (up + 1) * gate * sigmoid(alpha * gate), with the clamp at ``limit``.
-# swiglu_softcap: softcap(gate, alpha) * sigmoid(gate) * softcap(up, limit), softcap(v, c) = c * tanh(v / c)
-# (Inkling 2's); its alpha and limit are the two caps, and nothing is clamped.
-ACTIVATIONS = (*PLAIN_ACTIVATIONS, "swiglu_oai", "swiglu_softcap")
+from moecc.activations import ACTIVATIONS, PLAIN_ACTIVATIONS, apply
+
+__all__ = ["ACTIVATIONS", "PLAIN_ACTIVATIONS", "expert_activation", "clamps"]
 
 
 def clamps(activation: str, limit: float) -> bool:
@@ -22,24 +19,11 @@ def _softcap(v: Tensor, cap: float) -> Tensor:
     return torch.tanh(v / cap) * cap
 
 
-def _act(h: Tensor, activation: str) -> Tensor:
-    if activation == "silu":
-        return torch.nn.functional.silu(h)
-    if activation == "gelu":
-        return torch.nn.functional.gelu(h)
-    if activation == "gelu_tanh":
-        return torch.nn.functional.gelu(h, approximate="tanh")
-    if activation == "relu":
-        return torch.relu(h)
-    if activation == "relu2":
-        return torch.relu(h).square()
-    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-
-
 def expert_activation(h: Tensor, activation: str, gated: bool, alpha: float, limit: float) -> Tensor:
-    """``h`` is the up projection ``[n, U]``; gated layouts hold the gate in the first half, up in the second."""
+    """``h`` is the up projection ``[n, U]``; gated layouts hold the gate in the first half, up in the second.
+    ``alpha`` is the activation's parameter (``moecc.activations``), or GPT-OSS's sigmoid scale, or the gate's cap."""
     if not gated:
-        return _act(h, activation)
+        return apply(h, activation, alpha)
     inter = h.shape[-1] // 2
     gate, up = h[..., :inter], h[..., inter:]
     if activation == "swiglu_softcap":
@@ -50,7 +34,7 @@ def expert_activation(h: Tensor, activation: str, gated: bool, alpha: float, lim
     if activation == "swiglu_oai":
         # GPT-OSS: gate * sigmoid(alpha * gate) * (up + 1)
         return (up + 1) * (gate * torch.sigmoid(gate * alpha))
-    return _act(gate, activation) * up
+    return apply(gate, activation, alpha) * up
 
 
 def shared_ffn_reference(x: Tensor, w_up: Tensor, w_down: Tensor, b_up: Tensor | None, b_down: Tensor | None,

@@ -6,6 +6,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from moecc.activations import describe as describe_activation
+
 
 @dataclass
 class RoutingSpec:
@@ -62,7 +64,8 @@ class ExpertSpec:
     limit: float = 0.0
 
     def describe(self) -> str:
-        kind = f"gated-{self.activation}" if self.gated else self.activation
+        act = describe_activation(self.activation, self.alpha)
+        kind = f"gated-{act}" if self.gated else act
         if self.activation == "swiglu_softcap":
             kind += f" caps {self.alpha:g}/{self.limit:g}"
         elif self.limit > 0:

@@ -11,6 +11,7 @@ gluon_language = pytest.importorskip("triton.experimental.gluon.language")
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.experimental.gluon._runtime import GluonASTSource  # noqa: E402
 
+from moecc.activations import MORE_ACTIVATIONS, TRITON_IDS  # noqa: E402
 from moecc.codegen.triton import ws_gemm  # noqa: E402
 from moecc.codegen.triton.configs import TileConfig  # noqa: E402
 from moecc.codegen.triton.moe import run_experts  # noqa: E402
@@ -33,10 +34,7 @@ def _compile(kernel, signature, constexprs, aligned):
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": ws_gemm.CONSUMER_WARPS})
 
 
-@pytest.mark.parametrize("gated,bias,shared,dtype,act", [
-    (True, False, False, "bf16", 0), (False, True, True, "fp16", 4), (True, True, True, "bf16", 4),
-    (True, False, False, "bf16", 6)])  # act 6: the soft-capped swiglu
-def test_gemm1_compiles_for_hopper(gated, bias, shared, dtype, act):
+def _compiled_gemm1(gated, bias, shared, dtype, act):
     out_n = ws_gemm.TILE_B // 2 if gated else ws_gemm.TILE_B
     sig = dict(h_desc=_desc([128, out_n], dtype), w_desc=_desc([256, 64], dtype), ws_desc=_desc([256, 64], dtype),
                x_ptr=f"*{dtype}", b_ptr=f"*{dtype}", sorted_ptr="*i32", block_expert_ptr="*i32", total_ptr="*i32",
@@ -46,11 +44,23 @@ def test_gemm1_compiles_for_hopper(gated, bias, shared, dtype, act):
                num_warps="constexpr")
     constexprs = dict(GATED=gated, ACT=act, HAS_BIAS=bias, CLAMP=bias, HAS_SHARED=shared,
                       STAGES=ws_gemm.GEMM1_STAGES[gated], GROUP=8, num_warps=ws_gemm.CONSUMER_WARPS)
-    kernel = _compile(ws_gemm._gemm1_ws_kernel, sig, constexprs,
-                      ("x_ptr", "b_ptr", "sorted_ptr", "block_expert_ptr", "total_ptr", "N", "K"))
+    return _compile(ws_gemm._gemm1_ws_kernel, sig, constexprs,
+                    ("x_ptr", "b_ptr", "sorted_ptr", "block_expert_ptr", "total_ptr", "N", "K"))
+
+
+@pytest.mark.parametrize("gated,bias,shared,dtype,act", [
+    (True, False, False, "bf16", 0), (False, True, True, "fp16", 4), (True, True, True, "bf16", 4),
+    (True, False, False, "bf16", 6)])  # act 6: the soft-capped swiglu
+def test_gemm1_compiles_for_hopper(gated, bias, shared, dtype, act):
+    kernel = _compiled_gemm1(gated, bias, shared, dtype, act)
     ptx = kernel.asm["ptx"]
     assert "wgmma.mma_async" in ptx and "cp.async" in ptx and "setmaxnreg" in ptx
     assert kernel.metadata.shared <= 227 * 1024  # an H100's shared memory per block
+
+
+@pytest.mark.parametrize("act", MORE_ACTIVATIONS)
+def test_gemm1_compiles_each_activation(act):
+    assert "wgmma.mma_async" in _compiled_gemm1(True, False, False, "bf16", TRITON_IDS[act]).asm["ptx"]
 
 
 @pytest.mark.parametrize("bias,shared,dtype", [(False, False, "bf16"), (True, True, "fp16")])

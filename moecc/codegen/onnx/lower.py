@@ -58,7 +58,7 @@ def ort_form(r: dict, m: dict) -> MatchResult[OrtForm]:
         return MatchResult.success(OrtForm("swiglu", normalize, 1.0, 0.0, limit))
     if gated and act == "swiglu_oai":
         return MatchResult.success(OrtForm("swiglu", normalize, alpha, 1.0, limit))
-    if not gated and act in ("silu", "gelu", "relu") and limit <= 0:
+    if not gated and act in ("silu", "gelu", "relu", "identity") and limit <= 0:
         return MatchResult.success(OrtForm(act, normalize))
     return MatchResult.fail(f"no com.microsoft.MoE activation computes {'gated ' if gated else ''}{act}")
 

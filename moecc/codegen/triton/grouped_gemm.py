@@ -31,6 +31,7 @@ from triton.runtime.errors import OutOfResources
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from moecc import knobs
+from moecc.activations import TRITON_IDS
 from moecc.codegen.triton.configs import (
     INTERPRET,
     device_index,
@@ -45,7 +46,7 @@ from moecc.experts import clamps
 
 log = logging.getLogger("moecc.codegen.triton")
 
-ACT_IDS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "swiglu_oai": 4, "relu2": 5, "swiglu_softcap": 6}
+ACT_IDS = TRITON_IDS
 
 
 @triton.jit
@@ -61,9 +62,32 @@ def _activate(g, ACT: tl.constexpr, alpha):
         return tl.maximum(g, 0.0)
     elif ACT == 4:
         return g / (1.0 + tl.exp(-alpha * g))
-    else:
+    elif ACT == 5:
         r = tl.maximum(g, 0.0)
         return r * r
+    elif ACT == 7:  # identity
+        return g
+    elif ACT == 8:  # swish, beta = alpha
+        return g / (1.0 + tl.exp(-alpha * g))
+    elif ACT == 9:  # sigmoid
+        return 1.0 / (1.0 + tl.exp(-g))
+    elif ACT == 10:  # tanh(g) = 2 sigmoid(2g) - 1
+        return 2.0 / (1.0 + tl.exp(-2.0 * g)) - 1.0
+    elif ACT == 11:  # mish: g tanh(softplus(g)) = g (e^2s - 1) / (e^2s + 1), e^s = 1 + e^g
+        sp = tl.maximum(g, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(g)))
+        return g * (2.0 / (1.0 + tl.exp(-2.0 * sp)) - 1.0)
+    elif ACT == 12:  # relu6
+        return tl.minimum(tl.maximum(g, 0.0), 6.0)
+    elif ACT == 13:  # hardswish
+        return g * tl.minimum(tl.maximum(g + 3.0, 0.0), 6.0) / 6.0
+    elif ACT == 14:  # softplus, overflow-free; torch returns g itself above 20, which this equals in fp32
+        return tl.maximum(g, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(g)))
+    elif ACT == 15:  # leaky_relu, slope = alpha
+        return tl.where(g >= 0.0, g, alpha * g)
+    elif ACT == 16:  # elu
+        return tl.where(g > 0.0, g, alpha * (tl.exp(tl.minimum(g, 0.0)) - 1.0))
+    else:  # selu
+        return 1.0507009873554805 * tl.where(g > 0.0, g, 1.6732632423543772 * (tl.exp(tl.minimum(g, 0.0)) - 1.0))
 
 
 @triton.jit

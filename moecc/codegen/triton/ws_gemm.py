@@ -132,9 +132,32 @@ def _activate(g, ACT: gl.constexpr, alpha):
         return gl.maximum(g, 0.0)
     elif ACT == 4:
         return g / (1.0 + gl.exp(-alpha * g))
-    else:
+    elif ACT == 5:
         r = gl.maximum(g, 0.0)
         return r * r
+    elif ACT == 7:  # identity
+        return g
+    elif ACT == 8:  # swish, beta = alpha
+        return g / (1.0 + gl.exp(-alpha * g))
+    elif ACT == 9:  # sigmoid
+        return 1.0 / (1.0 + gl.exp(-g))
+    elif ACT == 10:  # tanh(g) = 2 sigmoid(2g) - 1
+        return 2.0 / (1.0 + gl.exp(-2.0 * g)) - 1.0
+    elif ACT == 11:  # mish: g tanh(softplus(g)) = g (e^2s - 1) / (e^2s + 1), e^s = 1 + e^g
+        sp = gl.maximum(g, 0.0) + gl.log(1.0 + gl.exp(-gl.abs(g)))
+        return g * (2.0 / (1.0 + gl.exp(-2.0 * sp)) - 1.0)
+    elif ACT == 12:  # relu6
+        return gl.minimum(gl.maximum(g, 0.0), 6.0)
+    elif ACT == 13:  # hardswish
+        return g * gl.minimum(gl.maximum(g + 3.0, 0.0), 6.0) / 6.0
+    elif ACT == 14:  # softplus, overflow-free; torch returns g itself above 20, which this equals in fp32
+        return gl.maximum(g, 0.0) + gl.log(1.0 + gl.exp(-gl.abs(g)))
+    elif ACT == 15:  # leaky_relu, slope = alpha
+        return gl.where(g >= 0.0, g, alpha * g)
+    elif ACT == 16:  # elu
+        return gl.where(g > 0.0, g, alpha * (gl.exp(gl.minimum(g, 0.0)) - 1.0))
+    else:  # selu
+        return 1.0507009873554805 * gl.where(g > 0.0, g, 1.6732632423543772 * (gl.exp(gl.minimum(g, 0.0)) - 1.0))
 
 
 # ----------------------------------------------------------------------------------------------------- GEMM 1

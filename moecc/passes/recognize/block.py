@@ -10,13 +10,14 @@ import inspect
 import itertools
 from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 
 import torch
 from torch import nn
 
+from moecc.activations import GATED_ONLY
 from moecc.autocast import autocast_state
 from moecc.canonical import BlockAnalysis, CanonicalMoE
-from moecc.experts import PLAIN_ACTIVATIONS
 from moecc.ir import CapacitySpec, ExpertSpec, ExpertWeights, RoutingSpec, SharedExpert
 from moecc.match import MatchResult
 from moecc.passes.recognize import clamp, stacked
@@ -26,7 +27,7 @@ from moecc.passes.recognize.input_module import expert_input_module, input_modul
 from moecc.passes.recognize.logit_affine import affine_router
 from moecc.passes.recognize.mlp import analyze_mlp, dense_mlps, stack_mlps
 from moecc.passes.recognize.other_args import OtherArgs
-from moecc.passes.recognize.probe import close, rel_err, snap, tensor_leaves, tolerance
+from moecc.passes.recognize.probe import PROBE_WIDE, RIVALS_BELOW, close, rel_err, snap, tensor_leaves, tolerance
 from moecc.passes.recognize.router import (
     capacity_candidates,
     chosen_by_expert_calls,
@@ -192,15 +193,45 @@ def _expert_fn(spec: ExpertSpec, w: ExpertWeights, e: int, x: torch.Tensor) -> t
                                       spec.alpha, spec.limit)
 
 
-def best_layout(cands, x: torch.Tensor, refs: list[torch.Tensor]):
-    """The stacked-bank candidate that fits the probed expert functions best. One within the dtype's own rounding on
+def stacked_winner(bank: nn.Module, hidden: int, num_experts: int, x: torch.Tensor, refs: list[torch.Tensor],
+                   wide: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """``best_layout`` of the bank's layouts under the plain activations; under the others too where none of those
+    is within a quarter of the dtype's rounding, one of them then taken only where it halves the error (bf16's
+    probe bound admits silu for mish, its rounding gelu for quick GELU). In fp32 the common case searches no more
+    than before the others existed."""
+    first = best_layout(stacked.candidates(bank, hidden, num_experts), x, refs, wide)
+    if first is not None and first[1] <= RIVALS_BELOW * tolerance(x.dtype):
+        return first[0]
+    other = best_layout(stacked.candidates(bank, hidden, num_experts, more=True), x, refs, wide)
+    if other is not None and (first is None or other[1] < first[1] / 2):
+        return other[0]
+    return None if first is None else first[0]
+
+
+def wide_probe(expert_fn, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(input, expert 0's output) on ``x`` spread ``PROBE_WIDE`` times wider, where a clipped activation shows;
+    None when the expert fails on it."""
+    wide = (x.double() * PROBE_WIDE).to(x.dtype)
+    try:
+        return wide, expert_fn(wide)
+    except Exception:  # noqa: BLE001 - an expert that fails on wide inputs keeps what the first probe proved
+        return None
+
+
+def best_layout(cands, x: torch.Tensor, refs: list[torch.Tensor],
+                wide: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """(candidate, error on expert 0) of the stacked-bank candidate that fits the probed expert functions best.
+    One within the dtype's own rounding on
     expert 0 and proven on every expert is taken at once (most banks: the first layouts tried); otherwise every
     candidate within the probe bound is ranked on expert 0 (a later one must halve the error, as in ``_Closest``),
     and the best proven on every expert wins. In bf16 that bound admits silu for gelu, so the first candidate within
-    it is not simply taken. Only the winner is built for all experts."""
+    it is not simply taken. Only the winner is built for all experts. ``wide``: expert 0's (input, output) on a wider
+    probe (``wide_probe``), which a winner must reproduce too."""
     tight = tolerance(x.dtype)
 
     def proven(c) -> bool:
+        if wide is not None and not close(_expert_fn(c.spec, c.build(slice(0, 1)), 0, wide[0]), wide[1]):
+            return False
         return all(close(_expert_fn(c.spec, c.build(slice(e, e + 1)), 0, x), refs[e]) for e in range(1, len(refs)))
 
     ranked = []
@@ -210,16 +241,16 @@ def best_layout(cands, x: torch.Tensor, refs: list[torch.Tensor]):
             continue
         err = rel_err(y0, refs[0])
         if err <= tight and proven(c):
-            return c
+            return c, err
         ranked.append((err, c))
     best_err, kept = None, []
     for err, c in ranked:
         if best_err is None or err < best_err / 2:
             best_err = err
-            kept.insert(0, c)
+            kept.insert(0, (c, err))
         else:
-            kept.append(c)
-    return next((c for c in kept if proven(c)), None)
+            kept.append((c, err))
+    return next((ce for ce in kept if proven(ce[0])), None)
 
 
 def _shared_experts(block: nn.Module, used: set[int], hidden: int) -> MatchResult[list[SharedExpert]]:
@@ -408,7 +439,7 @@ def _refit_experts(block: nn.Module, a: BlockAnalysis, inputs, scale: float, act
         best, best_err = a, error(a)
         relabelled = [replace(a, expert=replace(e, activation=act, alpha=alpha, limit=limit))
                       for act, alpha, limit in acts if (act, alpha, limit) != (e.activation, e.alpha, e.limit)
-                      and (e.gated or act in PLAIN_ACTIVATIONS)]
+                      and (e.gated or act not in GATED_ONLY)]
         for candidate in relabelled:
             err = error(candidate)
             if err < best_err / 2:
@@ -769,12 +800,11 @@ def _analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | 
             return MatchResult.fail("no expert bank: neither a ModuleList of MLPs nor stacked [E, ., .] weights")
         bank_mod, num_experts = sb
         probe_fn = _bank_caller(block, bank_mod, hidden, like)
-        cands = stacked.candidates(bank_mod, hidden, num_experts)
         if probe_fn is not None:
             x = torch.randn(5, hidden, dtype=torch.float64) * stacked.probe_scale(bank_mod, hidden, num_experts)
             x = x.to(dtype=like.dtype, device=like.device)
             refs = [probe_fn(e, x) for e in range(num_experts)]
-            winner = best_layout(cands, x, refs)
+            winner = stacked_winner(bank_mod, hidden, num_experts, x, refs, wide_probe(partial(probe_fn, 0), x))
             if winner is None:
                 return MatchResult.fail(f"{type(bank_mod).__name__}: the expert function matches no canonical "
                                         "expert (layouts, activations and clamps tried)")
@@ -785,7 +815,8 @@ def _analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | 
             input_scale = stacked.probe_scale(bank_mod, hidden, num_experts)
 
             def all_candidates():  # built one at a time: each is a copy of the bank in some layout
-                return ((c.spec, c.build(slice(None))) for c in stacked.candidates(bank_mod, hidden, num_experts))
+                return ((c.spec, c.build(slice(None))) for more in (False, True)
+                        for c in stacked.candidates(bank_mod, hidden, num_experts, more))
             expert_candidates = all_candidates()
 
     used = _bank_skip(block, bank_mod, experts if bank_list is not None else None)
@@ -905,8 +936,10 @@ def _analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | 
 
     def finished(a: BlockAnalysis) -> MatchResult[BlockAnalysis]:
         if input_scale != 1.0 and not others:
-            return MatchResult.success(_refit_experts(block, a, inputs, input_scale, stacked.activations(bank_mod),
-                                                      all_candidates()))
+            a = _refit_experts(block, a, inputs, input_scale, stacked.activations(bank_mod), all_candidates())
+            # wider still, where an activation clipped past a few units (relu6) parts from its unclipped neighbour
+            acts = stacked.activations(bank_mod) + stacked.activations(bank_mod, more=True)
+            a = _refit_experts(block, a, inputs, input_scale * PROBE_WIDE, acts, [])
         return MatchResult.success(a)
 
     def own_routing() -> MatchResult[BlockAnalysis]:

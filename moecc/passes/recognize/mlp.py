@@ -9,11 +9,22 @@ import logging
 import torch
 from torch import nn
 
-from moecc.experts import PLAIN_ACTIVATIONS, expert_activation
+from moecc.activations import MORE_ACTIVATIONS, PLAIN_ACTIVATIONS
+from moecc.experts import expert_activation
 from moecc.ir import ExpertSpec, ExpertWeights
 from moecc.match import MatchResult
 from moecc.passes.recognize import stacked
-from moecc.passes.recognize.probe import PROBE_PRE_ACTIVATION_STD, close, probe_input, rel_err, snap
+from moecc.passes.recognize.activation import more_activations
+from moecc.passes.recognize.probe import (
+    PROBE_PRE_ACTIVATION_STD,
+    PROBE_WIDE,
+    RIVALS_BELOW,
+    close,
+    probe_input,
+    rel_err,
+    snap,
+    tolerance,
+)
 
 log = logging.getLogger("moecc.passes.recognize")
 
@@ -46,10 +57,30 @@ def _input_spread(calls, x: torch.Tensor) -> float:
     return max(spreads, default=0.0)
 
 
-def _best_fit(fits: list[tuple], function, target: torch.Tensor) -> tuple | None:
-    """The fit whose ``function(*fit)`` is closest to ``target``, if any is close."""
-    scored = [(rel_err(out, target), fit) for fit in fits if close(out := function(*fit), target)]
-    return min(scored, key=lambda s: s[0])[1] if scored else None
+def _best_fit(fits: list[tuple], function, target: torch.Tensor, wide=None) -> tuple[tuple, float] | None:
+    """(fit, its error) of the fit whose ``function(*fit)`` is closest to ``target``, if any is close. ``wide``:
+    (function, target) of the same calls on a wider probe (``_Wide``), which the fit must reproduce too."""
+    scored = [(fit, rel_err(out, target)) for fit in fits if close(out := function(*fit), target)
+              and (wide is None or close(wide[0](*fit), wide[1]))]
+    return min(scored, key=lambda s: s[1]) if scored else None
+
+
+class _Wide:
+    """The module's Linear calls on its probe spread ``PROBE_WIDE`` times wider: the output of each input
+    projection (by module) and the down projection's input."""
+
+    def __init__(self, module: nn.Module, x: torch.Tensor, down: nn.Linear):
+        wide = (x.double() * PROBE_WIDE).to(x.dtype)
+        calls, _ = _record_linear_calls(module, wide)
+        self.out = {id(lin): out for lin, _, out in _reading(calls, wide)}
+        self.down_in = next(inp for lin, inp, _ in calls if lin is down)
+
+    @classmethod
+    def of(cls, module: nn.Module, x: torch.Tensor, down: nn.Linear) -> _Wide | None:
+        try:
+            return cls(module, x, down)
+        except Exception:  # noqa: BLE001 - a module that fails on wide inputs keeps what the first probe proved
+            return None
 
 
 def analyze_mlp(module: nn.Module, hidden: int) -> MatchResult[tuple[ExpertSpec, ExpertWeights]]:
@@ -76,32 +107,56 @@ def analyze_mlp(module: nn.Module, hidden: int) -> MatchResult[tuple[ExpertSpec,
     down, down_in, _ = rest[0]
     w_down, b_down = _scaled(down, scale)
     ups = [c for i, c in enumerate(first) if all(c[0] is not f[0] for f in first[:i])]  # one call per Linear
-    gated_acts = _gated_activations(module)
+    if len(ups) not in (1, 2):
+        return MatchResult.fail(f"{type(module).__name__}: {len(ups)} projections read the input, expected 1 or 2")
+    wide = _Wide.of(module, x, down)
+    # the common activations first, the others only where none of them is within a quarter of the dtype's
+    # rounding: bf16's probe bound admits silu for mish, its rounding gelu for quick GELU; one of the others must
+    # then halve the error
+    found = _expert_of(ups, down_in, wide, hidden, _gated_activations(module), [(a, 1.0) for a in PLAIN_ACTIVATIONS])
+    if found is None or found[1] > RIVALS_BELOW * tolerance(x.dtype):
+        more = more_activations(module, MORE_ACTIVATIONS)
+        other = _expert_of(ups, down_in, wide, hidden, [(a, p, 0.0) for a, p in more], more)
+        if other is not None and (found is None or other[1] < found[1] / 2):
+            found = other
+    if found is None:
+        how = "gated" if len(ups) == 2 else ("plain or gated over halves or alternate rows of its one input "
+                                              "projection")
+        return MatchResult.fail(f"{type(module).__name__}: activation ({how}) is none of "
+                                f"{(*PLAIN_ACTIVATIONS, *MORE_ACTIVATIONS)}")
+    (spec, w_up, b_up), _ = found
+    return MatchResult.success((spec, ExpertWeights(w_up, w_down, b_up, b_down)))
+
+
+def _expert_of(ups, down_in: torch.Tensor, wide: _Wide | None, hidden: int,
+               gated_acts: list[tuple[str, float, float]], plain_acts: list[tuple[str, float]]):
+    """((spec, w_up, b_up), error) of the input projections ``ups`` (their recorded calls) under the activation of
+    ``gated_acts`` ((name, alpha, limit)) or ``plain_acts`` ((name, parameter)) closest to the down projection's
+    input, on the probe and on ``wide``; None when none gives it."""
+    def on_wide(function):
+        return None if wide is None else (function, wide.down_in)
+
     if len(ups) == 2:
+        def gated(g, u, act, out=lambda call: call[2]):
+            return expert_activation(torch.cat([out(g), out(u)], -1), act[0], True, *act[1:])
         fits = [(g, u, act) for (g, u), act in itertools.product(itertools.permutations(ups), gated_acts)]
-        best = _best_fit(fits, lambda g, u, act: expert_activation(torch.cat([g[2], u[2]], -1), act[0], True,
-                                                                   *act[1:]), down_in)
+        best = _best_fit(fits, gated, down_in, on_wide(
+            lambda g, u, act: gated(g, u, act, lambda call: wide.out[id(call[0])])))
         if best is None:
-            return MatchResult.fail(f"{type(module).__name__}: gated activation is none of {PLAIN_ACTIVATIONS}")
-        g, u, (act, alpha, limit) = best
+            return None
+        (g, u, (act, alpha, limit)), err = best
         spec = ExpertSpec(hidden, g[0].out_features, act, True, g[0].bias is not None, alpha, limit)
         w_up = torch.cat([g[0].weight, u[0].weight], 0)
-        b_up = torch.cat([g[0].bias, u[0].bias], 0) if spec.has_bias else None
-        return MatchResult.success((spec, ExpertWeights(w_up, w_down, b_up, b_down)))
-    if len(ups) == 1:
-        u = ups[0]
-        best = _best_fit([(act,) for act in PLAIN_ACTIVATIONS],
-                         lambda act: expert_activation(u[2], act, False, 1.0, 0.0), down_in)
-        if best is not None:
-            spec = ExpertSpec(hidden, u[0].out_features, best[0], False, u[0].bias is not None)
-            return MatchResult.success((spec, ExpertWeights(u[0].weight, w_down, u[0].bias, b_down)))
-        fused = _fused_gate_up(u, down_in, hidden, gated_acts)
-        if fused is None:
-            return MatchResult.fail(f"{type(module).__name__}: activation is none of {PLAIN_ACTIVATIONS}, plain or "
-                                    "gated over halves or alternate rows of its one input projection")
-        spec, w_up, b_up = fused
-        return MatchResult.success((spec, ExpertWeights(w_up, w_down, b_up, b_down)))
-    return MatchResult.fail(f"{type(module).__name__}: {len(ups)} projections read the input, expected 1 or 2")
+        return (spec, w_up, torch.cat([g[0].bias, u[0].bias], 0) if spec.has_bias else None), err
+    u = ups[0]
+    best = _best_fit(plain_acts, lambda act, param: expert_activation(u[2], act, False, param, 0.0), down_in,
+                     on_wide(lambda act, param: expert_activation(wide.out[id(u[0])], act, False, param, 0.0)))
+    if best is not None:
+        (act, param), err = best
+        return (ExpertSpec(hidden, u[0].out_features, act, False, u[0].bias is not None, param), u[0].weight,
+                u[0].bias), err
+    return _fused_gate_up(u, down_in, hidden, gated_acts, None if wide is None else
+                          (wide.out[id(u[0])], wide.down_in))
 
 
 def _output_scale(down_out: torch.Tensor, y: torch.Tensor) -> float | torch.Tensor | None:
@@ -145,25 +200,29 @@ def _gated_activations(module: nn.Module) -> list[tuple[str, float, float]]:
     return plain + [a for a in stacked.activations(module) if a[2] > 0]
 
 
-def _fused_gate_up(u, down_in: torch.Tensor, hidden: int, acts: list[tuple[str, float, float]]):
-    """(spec, w_up, b_up) of one Linear whose output holds both gate and up: split in halves (``.chunk(2, -1)``,
-    gate or up first) or in alternate rows (``[..., ::2]``, as GPT-OSS stores them), gate rows first in ``w_up``;
-    None when no split and activation (of ``acts``, ``_gated_activations``) give the down projection's input."""
+def _fused_gate_up(u, down_in: torch.Tensor, hidden: int, acts: list[tuple[str, float, float]], wide=None):
+    """((spec, w_up, b_up), error) of one Linear whose output holds both gate and up: split in halves
+    (``.chunk(2, -1)``, gate or up first) or in alternate rows (``[..., ::2]``, as GPT-OSS stores them), gate rows
+    first in ``w_up``; None when no split and activation (of ``acts``, ``_gated_activations``) give the down
+    projection's input (and, given ``wide`` (the Linear's output, the down projection's input), the same on the
+    wider probe)."""
     lin, _, out = u
     rows = lin.out_features
     if rows % 2 or down_in.shape[-1] != rows // 2:
         return None
     half = torch.arange(rows // 2, device=out.device)
     splits = [(half, half + rows // 2), (half + rows // 2, half), (2 * half, 2 * half + 1), (2 * half + 1, 2 * half)]
-    best = _best_fit([(g, up, act) for (g, up), act in itertools.product(splits, acts)],
-                     lambda g, up, act: expert_activation(torch.cat([out[:, g], out[:, up]], -1), act[0], True,
-                                                          *act[1:]), down_in)
+
+    def split(g, up, act, out=out):
+        return expert_activation(torch.cat([out[:, g], out[:, up]], -1), act[0], True, *act[1:])
+    best = _best_fit([(g, up, act) for (g, up), act in itertools.product(splits, acts)], split, down_in,
+                     None if wide is None else (lambda g, up, act: split(g, up, act, wide[0]), wide[1]))
     if best is None:
         return None
-    g, up, (act, alpha, limit) = best
+    (g, up, (act, alpha, limit)), err = best
     order = torch.cat([g, up]).to(lin.weight.device)
     b_up = None if lin.bias is None else lin.bias[order]
-    return ExpertSpec(hidden, rows // 2, act, True, lin.bias is not None, alpha, limit), lin.weight[order], b_up
+    return (ExpertSpec(hidden, rows // 2, act, True, lin.bias is not None, alpha, limit), lin.weight[order], b_up), err
 
 
 def stack_mlps(modules: list[nn.Module], hidden: int) -> MatchResult[tuple[ExpertSpec, ExpertWeights]]:

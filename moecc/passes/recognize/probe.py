@@ -8,6 +8,12 @@ from torch import Tensor
 # Probe inputs spread an expert's pre-activations this wide: at the spread of small initial weights (a few tenths) silu
 # and gelu differ by less than bf16's probe bound, so the activation tried first passed for the other.
 PROBE_PRE_ACTIVATION_STD = 2.0
+# A second probe spreads them this many times wider: an activation clipped past a few units (relu6, a GELU clipped
+# at 10, a clamp) equals its unclipped neighbour on the first.
+PROBE_WIDE = 4.0
+# An expert activation fitted no closer than this fraction of the dtype's rounding has the rarer ones tried against
+# it (``moecc.activations.MORE_ACTIVATIONS``).
+RIVALS_BELOW = 0.25
 
 _TOL = {torch.float32: 1e-5, torch.float64: 1e-9, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 

@@ -23,11 +23,12 @@ from moecc.match import MatchResult
 from moecc.passes.recognize import stacked
 from moecc.passes.recognize.block import (
     bank_and_ancestors,
-    best_layout,
     find_bank,
     find_expert_list,
     is_moe_block,
+    stacked_winner,
     unfit_parameters,
+    wide_probe,
 )
 from moecc.passes.recognize.mlp import stack_mlps
 from moecc.passes.recognize.probe import close, rel_err, tolerance
@@ -169,7 +170,10 @@ def _read_experts(bank: nn.Module, caller: _Caller, hidden: int, like: torch.Ten
         if not isinstance(y, torch.Tensor) or y.numel() != x.numel():
             return MatchResult.fail(f"{type(bank).__name__} returns no [tokens, {hidden}] tensor for its routing")
         refs.append(y.reshape(-1, hidden))
-    winner = best_layout(stacked.candidates(bank_mod, hidden, num_experts), x.reshape(-1, hidden), refs)
+    expert0 = lambda v: caller(v.reshape(x.shape), torch.zeros(one.shape, dtype=caller.ids.dtype,  # noqa: E731
+                                                                 device=like.device), one).reshape(-1, hidden)
+    flat = x.reshape(-1, hidden)
+    winner = stacked_winner(bank_mod, hidden, num_experts, flat, refs, wide_probe(expert0, flat))
     if winner is None:
         return MatchResult.fail(f"{type(bank_mod).__name__}: the expert function matches no canonical expert "
                                 "(layouts, activations and clamps tried)")

@@ -16,9 +16,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from moecc.experts import PLAIN_ACTIVATIONS
+from moecc.activations import MORE_ACTIVATIONS, PLAIN_ACTIVATIONS
 from moecc.ir import ExpertSpec, ExpertWeights
 from moecc.passes.recognize import clamp
+from moecc.passes.recognize.activation import more_activations
 from moecc.passes.recognize.probe import PROBE_PRE_ACTIVATION_STD
 
 _GATED_LAYOUTS = ("concat_gate_first", "concat_up_first", "interleaved_gate_even", "interleaved_up_even")
@@ -197,9 +198,13 @@ def names_limit(module: nn.Module) -> bool:
     return _float_attr(module, "limit") is not None
 
 
-def activations(module: nn.Module) -> list[tuple[str, float, float]]:
+def activations(module: nn.Module, more: bool = False) -> list[tuple[str, float, float]]:
     """(activation, alpha, limit) candidates: GPT-OSS's swiglu at the limit the module names, else at its published
-    constants, which a fit must then prove (``clamp.proven_clamp``); a soft-capped swiglu at the caps it names."""
+    constants, which a fit must then prove (``clamp.proven_clamp``); a soft-capped swiglu at the caps it names.
+    ``more``: instead, the activations past the plain ones (``MORE_ACTIVATIONS``), unclamped, at the parameters the
+    module's sub-modules show or at their defaults."""
+    if more:
+        return [(act, param, 0.0) for act, param in more_activations(module, MORE_ACTIVATIONS)]
     limit = _float_attr(module, "limit")
     alpha = _float_attr(module, "alpha")
     acts = [(act, 1.0, 0.0) for act in PLAIN_ACTIVATIONS]
@@ -224,7 +229,8 @@ def softcapped(module: nn.Module) -> list[tuple[str, float, float]]:
     return [("swiglu_softcap", g, u) for g in sorted(gate) for u in sorted(up)]
 
 
-def candidates(module: nn.Module, hidden: int, num_experts: int) -> Iterator[Candidate]:
+def candidates(module: nn.Module, hidden: int, num_experts: int, more: bool = False) -> Iterator[Candidate]:
+    """Every layout under every activation of ``activations(module, more)``."""
     params = stacked_params(module, num_experts)
     biases = {n: p for n, p in module.named_parameters(recurse=False) if p.dim() == 2 and p.shape[0] == num_experts}
     listed = _listed_biases(module, num_experts)
@@ -232,7 +238,7 @@ def candidates(module: nn.Module, hidden: int, num_experts: int) -> Iterator[Can
     biases.update({n: b for n, b in _parameter_list_weights(module, True, 1).items() if b.shape[0] == num_experts})
     # Linear weights are [out, in]: stacked from lists, no transposed reading of them is tried
     stored = {n for n in params if n.removesuffix(".weight") in projection_lists(module)}
-    acts = activations(module)
+    acts = activations(module, more)
     # a bias added to the block's output once (JetMoE's [H]) is every expert's down bias when the routing weights
     # sum to 1; the block check decides
     shared_bias = [p.expand(num_experts, hidden) for p in module.parameters(recurse=False)
@@ -265,12 +271,12 @@ def _up_candidates(others, params, biases, hidden, inter, down, b_down, acts, st
                                              None if b_down is None else b_down[sl])
                     yield Candidate(ExpertSpec(hidden, inter, act, True, has_bias(b_up), alpha, limit), build)
             if u == inter:
-                for act, _, limit in acts:
-                    if limit == 0:
+                for act, alpha, limit in acts:
+                    if limit == 0 and act not in ("swiglu_oai", "swiglu_softcap"):
                         def build(sl, up=up, b_up=b_up):
                             return ExpertWeights(up[sl], down[sl], None if b_up is None else b_up[sl],
                                                  None if b_down is None else b_down[sl])
-                        yield Candidate(ExpertSpec(hidden, inter, act, False, has_bias(b_up)), build)
+                        yield Candidate(ExpertSpec(hidden, inter, act, False, has_bias(b_up), alpha), build)
     elif len(others) == 2:
         for gate_name, up_name in itertools.permutations(others):
             for b_cat in _gate_up_biases(gate_name, up_name, biases, listed, inter, b_down):
