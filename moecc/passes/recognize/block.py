@@ -814,9 +814,10 @@ def _analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | 
             # on inputs that spread the pre-activations (``_refit_experts``)
             input_scale = stacked.probe_scale(bank_mod, hidden, num_experts)
 
-            def all_candidates():  # built one at a time: each is a copy of the bank in some layout
+            def all_candidates(stacked_experts=num_experts):  # built one at a time: each is a copy of the bank
+                # (``num_experts`` itself grows past the bank's where the router scores experts that compute nothing)
                 return ((c.spec, c.build(slice(None))) for more in (False, True)
-                        for c in stacked.candidates(bank_mod, hidden, num_experts, more))
+                        for c in stacked.candidates(bank_mod, hidden, stacked_experts, more))
             expert_candidates = all_candidates()
 
     used = _bank_skip(block, bank_mod, experts if bank_list is not None else None)

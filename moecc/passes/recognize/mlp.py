@@ -53,7 +53,7 @@ def _reading(calls, x: torch.Tensor) -> list:
 def _input_spread(calls, x: torch.Tensor) -> float:
     """The standard deviation of what the Linear layers that read ``x`` add to their bias."""
     spreads = [(out - (lin.bias if lin.bias is not None else 0)).double().std().item() for lin, _, out in
-               _reading(calls, x)]
+               _reading(calls, x) if out.numel() > 1]  # a zero-width expert (a shared expert of size 0) has none
     return max(spreads, default=0.0)
 
 
