@@ -117,7 +117,7 @@ USER_ACTS = {"leaky 0.3": (lambda: nn.LeakyReLU(0.3), "leaky_relu(0.3)"),
              "elu 0.5": (lambda: nn.ELU(0.5), "elu(0.5)"),
              "prelu": (lambda: nn.PReLU(init=0.1), "leaky_relu(0.1)"),
              "mish": (nn.Mish, "mish"), "hardswish": (nn.Hardswish, "hardswish"),
-             "selu": (nn.SELU, "selu"), "softplus": (nn.Softplus, "softplus")}
+             "selu": (nn.SELU, "selu"), "softplus": (nn.Softplus, "softplus"), "identity": (nn.Identity, "identity")}
 
 
 @pytest.mark.parametrize("gated", [True, False])
