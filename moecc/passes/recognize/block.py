@@ -27,7 +27,7 @@ from moecc.passes.recognize.input_module import expert_input_module, input_modul
 from moecc.passes.recognize.logit_affine import affine_router
 from moecc.passes.recognize.mlp import analyze_mlp, dense_mlps, stack_mlps
 from moecc.passes.recognize.other_args import OtherArgs
-from moecc.passes.recognize.probe import PROBE_WIDE, RIVALS_BELOW, close, rel_err, snap, tensor_leaves, tolerance
+from moecc.passes.recognize.probe import PROBE_WIDE, close, common_or_rival, rel_err, snap, tensor_leaves, tolerance
 from moecc.passes.recognize.router import (
     capacity_candidates,
     chosen_by_expert_calls,
@@ -199,13 +199,10 @@ def stacked_winner(bank: nn.Module, hidden: int, num_experts: int, x: torch.Tens
     is within a quarter of the dtype's rounding, one of them then taken only where it halves the error (bf16's
     probe bound admits silu for mish, its rounding gelu for quick GELU). In fp32 the common case searches no more
     than before the others existed."""
-    first = best_layout(stacked.candidates(bank, hidden, num_experts), x, refs, wide)
-    if first is not None and first[1] <= RIVALS_BELOW * tolerance(x.dtype):
-        return first[0]
-    other = best_layout(stacked.candidates(bank, hidden, num_experts, more=True), x, refs, wide)
-    if other is not None and (first is None or other[1] < first[1] / 2):
-        return other[0]
-    return None if first is None else first[0]
+    found = common_or_rival(best_layout(stacked.candidates(bank, hidden, num_experts), x, refs, wide),
+                            lambda: best_layout(stacked.candidates(bank, hidden, num_experts, more=True), x, refs,
+                                                wide), x.dtype)
+    return None if found is None else found[0]
 
 
 def wide_probe(expert_fn, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:

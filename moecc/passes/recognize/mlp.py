@@ -18,12 +18,11 @@ from moecc.passes.recognize.activation import more_activations
 from moecc.passes.recognize.probe import (
     PROBE_PRE_ACTIVATION_STD,
     PROBE_WIDE,
-    RIVALS_BELOW,
     close,
+    common_or_rival,
     probe_input,
     rel_err,
     snap,
-    tolerance,
 )
 
 log = logging.getLogger("moecc.passes.recognize")
@@ -113,12 +112,11 @@ def analyze_mlp(module: nn.Module, hidden: int) -> MatchResult[tuple[ExpertSpec,
     # the common activations first, the others only where none of them is within a quarter of the dtype's
     # rounding: bf16's probe bound admits silu for mish, its rounding gelu for quick GELU; one of the others must
     # then halve the error
-    found = _expert_of(ups, down_in, wide, hidden, _gated_activations(module), [(a, 1.0) for a in PLAIN_ACTIVATIONS])
-    if found is None or found[1] > RIVALS_BELOW * tolerance(x.dtype):
+    def rival():
         more = more_activations(module, MORE_ACTIVATIONS)
-        other = _expert_of(ups, down_in, wide, hidden, [(a, p, 0.0) for a, p in more], more)
-        if other is not None and (found is None or other[1] < found[1] / 2):
-            found = other
+        return _expert_of(ups, down_in, wide, hidden, [(a, p, 0.0) for a, p in more], more)
+    found = common_or_rival(_expert_of(ups, down_in, wide, hidden, _gated_activations(module),
+                                       [(a, 1.0) for a in PLAIN_ACTIVATIONS]), rival, x.dtype)
     if found is None:
         how = "gated" if len(ups) == 2 else ("plain or gated over halves or alternate rows of its one input "
                                               "projection")

@@ -15,6 +15,17 @@ PROBE_WIDE = 4.0
 # it (``moecc.activations.MORE_ACTIVATIONS``).
 RIVALS_BELOW = 0.25
 
+
+def common_or_rival(common, rival, dtype: torch.dtype):
+    """``common``, a (fit, error) of the common activations or None, unless it is no closer than ``RIVALS_BELOW``
+    of ``dtype``'s rounding and ``rival()``, the same of the rarer ones, halves its error (or it is None)."""
+    if common is not None and common[1] <= RIVALS_BELOW * tolerance(dtype):
+        return common
+    other = rival()
+    if other is not None and (common is None or other[1] < common[1] / 2):
+        return other
+    return common
+
 _TOL = {torch.float32: 1e-5, torch.float64: 1e-9, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
