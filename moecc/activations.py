@@ -23,10 +23,6 @@ class Activation:
     params: tuple[float, ...] | None = None
 
 
-def _selu(h: Tensor, _: float) -> Tensor:
-    return torch.selu(h)
-
-
 _TABLE = (
     Activation("silu", lambda h, _: F.silu(h)),
     Activation("gelu", lambda h, _: F.gelu(h)),
@@ -45,7 +41,7 @@ _TABLE = (
     Activation("softplus", lambda h, _: F.softplus(h)),
     Activation("leaky_relu", lambda h, slope: F.leaky_relu(h, slope), (0.01, 0.1, 0.2)),
     Activation("elu", lambda h, alpha: F.elu(h, alpha), (1.0,)),
-    Activation("selu", _selu),
+    Activation("selu", lambda h, _: torch.selu(h)),
 )
 
 BY_NAME = {a.name: a for a in _TABLE}

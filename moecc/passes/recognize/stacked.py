@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from moecc.activations import MORE_ACTIVATIONS, PLAIN_ACTIVATIONS
+from moecc.activations import GATED_ONLY, MORE_ACTIVATIONS, PLAIN_ACTIVATIONS
 from moecc.ir import ExpertSpec, ExpertWeights
 from moecc.passes.recognize import clamp
 from moecc.passes.recognize.activation import more_activations
@@ -272,7 +272,7 @@ def _up_candidates(others, params, biases, hidden, inter, down, b_down, acts, st
                     yield Candidate(ExpertSpec(hidden, inter, act, True, has_bias(b_up), alpha, limit), build)
             if u == inter:
                 for act, alpha, limit in acts:
-                    if limit == 0 and act not in ("swiglu_oai", "swiglu_softcap"):
+                    if limit == 0 and act not in GATED_ONLY:
                         def build(sl, up=up, b_up=b_up):
                             return ExpertWeights(up[sl], down[sl], None if b_up is None else b_up[sl],
                                                  None if b_down is None else b_down[sl])
