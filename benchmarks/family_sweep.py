@@ -2,6 +2,9 @@
 
     python benchmarks/family_sweep.py [--backend onnxruntime] [--families dbrx jamba ...]
     python benchmarks/family_sweep.py --compare-dtype bfloat16   # recognition in fp32 against bf16
+    python benchmarks/family_sweep.py --backend triton --device cuda --dtype bfloat16 --with-tested
+
+``--with-tested`` adds the families the tests build (``tests/hf_models.py``: Mixtral, Qwen3-MoE, GPT-OSS, ...).
 
 Each family gets a two-layer model with random weights (nothing is downloaded): routers and selection biases that
 a family initializes to zero are drawn at random instead, as in a trained model (a zero router ties every score,
@@ -98,7 +101,7 @@ TINY = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_he
             linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=8,
             expert_ffn_hidden_size=24, mamba_d_state=8, mamba_expand=2, mamba_n_heads=4, mamba_d_head=16,
             index_head_dim=8, index_n_heads=2, index_topk=8, pad_token_id=0, num_layers=2, zero_expert_num=2,
-            enable_moe_block=True, top_k_experts=2, sliding_window=16)
+            enable_moe_block=True, top_k_experts=2, sliding_window=16, is_moe=True)
 CONSTRUCTOR = {"DbrxConfig": dict(attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0),
                                   ffn_config=dict(ffn_hidden_size=48, moe_num_experts=6, moe_top_k=2),
                                   d_model=32, n_heads=4, n_layers=2, max_seq_len=64, vocab_size=97),
@@ -119,8 +122,25 @@ def _mrope_section(default: tuple[int, ...], half: int) -> list[int]:
     return [*head, half - sum(head)]
 
 
+def _tested_families() -> tuple[str, ...]:
+    import sys
+
+    tests = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
+    import hf_models
+
+    return tuple(f for f in hf_models.FAMILIES if f not in FAMILIES)
+
+
 def tiny_model(family: str):
     import transformers as tf
+
+    if family not in FAMILIES:
+        _tested_families()
+        import hf_models
+
+        return hf_models.make_model(family).eval()
 
     config_name, model_name = FAMILIES[family]
     outer = getattr(tf, config_name)(**CONSTRUCTOR.get(config_name, {}))
@@ -183,12 +203,21 @@ def _rel(a, b) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
-def sweep(family: str, backend: str) -> str:
+def _inputs(family: str, shape: tuple[int, int], g: torch.Generator, device: str) -> dict:
+    if family in FAMILIES:
+        return {"input_ids": torch.randint(0, 97, shape, generator=g).to(device), "use_cache": False}
+    import hf_models
+
+    kwargs = hf_models.make_inputs(family, *shape, seed=int(torch.randint(0, 2**31, (1,), generator=g)))
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+
+
+def sweep(family: str, backend: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> str:
     import moecc
 
     start = time.time()
     try:
-        model = tiny_model(family)
+        model = tiny_model(family).to(device, dtype)
     except Exception as exc:  # noqa: BLE001 - a config these tiny sizes do not fit
         return f"{family:<18} config not built: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
     g = torch.Generator().manual_seed(0)
@@ -196,12 +225,12 @@ def sweep(family: str, backend: str) -> str:
         cm = moecc.compile(model, backend=backend)
         worst = 0.0
         with torch.no_grad():
-            cm(input_ids=torch.randint(0, 97, (2, 8), generator=g), use_cache=False)
+            cm(**_inputs(family, (2, 8), g, device))
             for shape in SHAPES:
-                ids = torch.randint(0, 97, shape, generator=g)
-                ref = [t for t in pytree.tree_leaves(model(input_ids=ids, use_cache=False))
+                kwargs = _inputs(family, shape, g, device)
+                ref = [t for t in pytree.tree_leaves(model(**kwargs))
                        if isinstance(t, torch.Tensor) and t.is_floating_point()]
-                got = [t for t in pytree.tree_leaves(cm(input_ids=ids, use_cache=False))
+                got = [t for t in pytree.tree_leaves(cm(**kwargs))
                        if isinstance(t, torch.Tensor) and t.is_floating_point()]
                 worst = max([worst] + [_rel(x, y) for x, y in zip(got, ref)])
     except Exception as exc:  # noqa: BLE001 - reported, the sweep goes on
@@ -245,18 +274,23 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--families", nargs="+", default=list(FAMILIES))
+    ap.add_argument("--with-tested", action="store_true", help="also the families tests/hf_models.py builds")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     ap.add_argument("--compare-dtype", choices=["bfloat16", "float16"],
                     help="instead of compiling, recognize each family's first MoE block in fp32 and in this dtype")
     args = ap.parse_args()
     os.environ.setdefault("MOECC_LOGS", "error")
     import transformers
 
-    print(f"transformers {transformers.__version__}, torch {torch.__version__}, backend {args.backend}")
-    for family in args.families:
+    print(f"transformers {transformers.__version__}, torch {torch.__version__}, backend {args.backend}, "
+          f"{args.device}, {args.dtype}")
+    families = [*(_tested_families() if args.with_tested else ()), *args.families]
+    for family in families:
         if args.compare_dtype:
             print(compare_dtypes(family, getattr(torch, args.compare_dtype)), flush=True)
         else:
-            print(sweep(family, args.backend), flush=True)
+            print(sweep(family, args.backend, args.device, getattr(torch, args.dtype)), flush=True)
     return 0
 
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from moecc import capture_cache, knobs
+from moecc import capture_cache, capture_check, knobs
 from moecc.capture_key import fingerprint
 from moecc.capture_recorded import RecordingBlock, recordable, run_forward_hooks
 from moecc.discover import expert_owners, find_moe_blocks
@@ -422,22 +422,29 @@ def _export(model, wrapper: _FlatCall, flat_inputs: list, blocks, examples,
     finally:
         _CALLS.clear()
     gm.recompile()
-    _runs(gm, tensors, model)
+    _runs(gm, tensors, model, wrapper)
     return gm, targets
 
 
-def _runs(gm: torch.fx.GraphModule, tensors: list, model: nn.Module) -> None:
-    """Raise ExportError unless the exported program runs on the inputs it was exported on: torch.export can
-    return a program that does not (a ``torch.vmap`` traced into it, as some attention-mask builders use, leaves
-    batching ops that fail outside vmap), and every later stage runs it. On copies: a program may write into its
-    inputs (a static KV cache)."""
+def _runs(gm: torch.fx.GraphModule, tensors: list, model: nn.Module, eager: nn.Module) -> None:
+    """Raise ExportError unless the exported program runs on the inputs it was exported on and gives eager's
+    numbers there (``eager``: the model called from the same flat tensors). torch.export can return a program that
+    does not run (a ``torch.vmap`` traced into it, as some attention-mask builders use, leaves batching ops that
+    fail outside vmap), or one of code that took another path while traced (``capture_check``); every later stage
+    runs it."""
+    name = type(model).__name__
     try:
-        with torch.no_grad(), quiet(*EXPORT_LOGGERS):
-            gm(*[t.clone() for t in tensors])
+        with quiet(*EXPORT_LOGGERS):
+            got = capture_check.call(model, gm, tensors)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ExportError(f"torch.export captured {type(model).__name__}, but the program it made fails to run on "
+        raise ExportError(f"torch.export captured {name}, but the program it made fails to run on "
                           f"the inputs it was made from: {first[:300]}") from exc
+    if (apart := capture_check.traced_apart(model, eager, tensors, got)) is not None:
+        raise ExportError(f"torch.export captured {name}, but the program it made computes other numbers than "
+                          f"{name} does in eager, on the very inputs it was made from ({apart}): the model's code "
+                          "takes another path while traced (a branch on torch.compiler.is_exporting(), or a "
+                          "mask built otherwise under tracing)")
 
 
 def _flat_sequence(out) -> bool:

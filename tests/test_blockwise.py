@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from user_modules import GeluMLP, LoopMoE, OtherOutputsMoE, UnevenWidthMoE, ValueBranchModel
+from user_modules import GeluMLP, LoopMoE, OtherOutputsMoE, TracedOtherwiseModel, UnevenWidthMoE, ValueBranchModel
 
 import moecc
 
@@ -33,6 +33,28 @@ def test_a_model_export_refuses_runs_with_each_block_compiled_alone(backend, moe
         torch.testing.assert_close(cm(x), model(x), rtol=1e-4, atol=1e-5)
     # outside its calls the model is its own
     assert "forward" not in vars(model.blocks[0])
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_a_model_traced_otherwise_than_it_runs_runs_with_each_block_compiled_alone(backend, moecc_warnings):
+    """A capture whose program computes other numbers than eager on the inputs it was made from is refused like
+    one export cannot make (no pass could make its programs agree): the model runs as written, its block fused."""
+    torch.manual_seed(0)
+    model = TracedOtherwiseModel(LoopMoE()).eval()
+    cm = moecc.compile(model, backend=backend)
+    for shape in ((2, 16), (3, 11), (1, 1)):
+        x = torch.randint(0, 50, shape)
+        torch.testing.assert_close(cm(x), model(x), rtol=1e-4, atol=1e-5)
+    assert "computes other numbers than TracedOtherwiseModel does in eager" in moecc_warnings.text
+    assert "each of its 1 MoE block(s) compiled alone" in moecc_warnings.text
+    assert [(layer.name, layer.fused) for layer in cm.moe_layers] == [("moe", True)]
+
+
+def test_a_model_traced_otherwise_without_moe_blocks_says_why():
+    torch.manual_seed(0)
+    model = TracedOtherwiseModel(GeluMLP(24, 24)).eval()
+    with pytest.raises(moecc.ExportError, match="computes other numbers than TracedOtherwiseModel does in eager"):
+        moecc.compile(model, backend="torch")(torch.randint(0, 50, (2, 8)))
 
 
 def test_a_block_that_cannot_be_fused_runs_as_written_beside_the_others():

@@ -241,6 +241,18 @@ class ValueBranchModel(nn.Module):
         return self.head(h)
 
 
+class TracedOtherwiseModel(TinyModel):
+    """Code that takes another path while exported: the residual is scaled only under ``torch.export``, as a
+    library may build an attention mask one way in eager and another way while traced (transformers 5.17's Doge).
+    The exported program computes other numbers than eager on every input."""
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        if torch.compiler.is_exporting():
+            h = h * 0.5
+        return self.head(h + self.moe(self.norm(h)))
+
+
 class IdentityExpertsMoE(nn.Module):
     """A softmax router over ``num_experts + identity`` experts, of which the last ``identity`` compute nothing and
     pass their input on, scaled by their weight (LongCat-Flash's identity experts, MoE++'s copy experts), or, with

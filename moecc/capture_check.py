@@ -1,0 +1,56 @@
+"""Whether the program ``torch.export`` made computes what the model computes in eager, on the inputs it was made
+from.
+
+Some model code takes another path while traced: a branch on ``torch.compiler.is_exporting()`` or on tracing, an
+attention mask that a library builds one way in eager and another way under export (Doge's dynamic mask in
+transformers 5.17 masks by a causal mask it only has while traced). Every later stage starts from the exported
+program, so such a capture would make every program moecc builds from it disagree with eager, whatever the
+passes do. Found here, the capture is refused like one ``torch.export`` cannot make, and ``moecc.compile`` runs the
+model as written with each MoE block compiled alone."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moecc import module_state
+from moecc.runtime.verify import _rel
+
+# far past the rounding two runs of the same aten ops can differ by, and past a kernel chosen otherwise
+_BOUND = {torch.float32: 1e-3, torch.float64: 1e-3}
+_LOW_PRECISION_BOUND = 5e-2
+
+
+def traced_apart(model: nn.Module, eager, tensors: list[torch.Tensor], got: tuple) -> str | None:
+    """How far ``got`` (the program's flat outputs on ``tensors``) is from eager's (``eager(*tensors)``, the model
+    called from the same flat tensors), when farther than rounding: ``relative error E in output i``. None where
+    they agree, and where eager itself gives other outputs from call to call (dropout: the check on fresh inputs
+    says so)."""
+    ref = call(model, eager, tensors)
+    worst = _worst(got, ref)
+    if worst is None:
+        return None
+    if _worst(call(model, eager, tensors), ref) is not None:
+        return None
+    err, index = worst
+    return f"relative error {err:.2e} in output {index}"
+
+
+def call(model: nn.Module, fn, tensors: list[torch.Tensor]) -> tuple:
+    """``fn(*tensors)`` on copies of them, leaving the model's buffers as it found them: a call may write into its
+    inputs or update the model's state."""
+    with torch.no_grad(), module_state.kept(model, tensors):
+        return tuple(fn(*[t.clone() for t in tensors]))
+
+
+def _worst(got: tuple, ref: tuple) -> tuple[float, int] | None:
+    worst = None
+    for i, (g, r) in enumerate(zip(got, ref)):
+        if not (isinstance(g, torch.Tensor) and isinstance(r, torch.Tensor) and r.is_floating_point()):
+            continue
+        if g.shape != r.shape:
+            return float("inf"), i
+        err = _rel(g, r)
+        if not err <= _BOUND.get(r.dtype, _LOW_PRECISION_BOUND) and (worst is None or err > worst[0]):
+            worst = (err, i)
+    return worst
