@@ -28,6 +28,7 @@ from moecc.discover import expert_owners, find_moe_blocks
 from moecc.errors import CaptureError, ExportError
 from moecc.logs import quiet, stderr_to_debug
 from moecc.passes.graph_utils import fresh_container, output_leaves
+from moecc.passes.recognize.memo import RecognitionMemo
 from moecc.runtime.weights import storage_of
 
 log = logging.getLogger("moecc.capture")
@@ -112,6 +113,9 @@ class CaptureHints:
     # block path -> why no canonical routing may serve it (the check on fresh inputs found one to differ from the
     # block's): recognition takes its routing as written
     refused_routing: dict[str, str] = field(default_factory=dict)
+    # what recognition found in the model's earlier captures (``passes.recognize.memo``), shared by every capture
+    # these hints serve: kept apart from ``==``
+    recognized: RecognitionMemo = field(default_factory=RecognitionMemo, compare=False, repr=False)
 
 
 class _FlatCall(nn.Module):

@@ -486,7 +486,7 @@ def build(model: nn.Module, args, kwargs, backend: str, options: dict, dump_fold
         layers_of(cap.gm)[name] = MoELayerInfo(name=name, reason=why)
     for block, (bank, _) in hints.routed_banks.items():
         layers_of(cap.gm)[bank] = MoELayerInfo(name=bank, block=block)
-    pipeline = default_pipeline(EXPERT_LAYOUT[backend], options.get("copy_expert_weights"))
+    pipeline = default_pipeline(EXPERT_LAYOUT[backend], options.get("copy_expert_weights"), hints.recognized)
     manager = PassManager(pipeline, instruments, repro_dir=dump_folder)
     try:
         gm = manager(cap.gm).graph_module

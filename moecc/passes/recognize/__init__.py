@@ -18,6 +18,7 @@ from moecc.passes.base import MoePass, PassResult, layers_of
 from moecc.passes.graph_utils import inline_module, output_leaves
 from moecc.passes.recognize import inline_routing
 from moecc.passes.recognize.block import analyze_block, is_moe_block, unfit_parameters
+from moecc.passes.recognize.memo import RecognitionMemo
 from moecc.passes.recognize.other_args import OtherArgs, independent_of_other_args
 from moecc.passes.recognize.routed import analyze_routed_bank, routed_bank, routing_positions
 
@@ -138,8 +139,10 @@ def _inputs(node: fx.Node, a) -> list[fx.Node]:
 class Recognize(MoePass):
     name = "recognize"
 
-    def __init__(self) -> None:
+    def __init__(self, memo: RecognitionMemo | None = None) -> None:
         super().__init__()
+        # the analyses of the model's earlier captures, reused while nothing they read of a block has changed
+        self.memo = memo if memo is not None else RecognitionMemo()
         # block path -> the analysis of each block lifted: what the check on fresh inputs compares each block with
         # where the whole program disagrees (``runtime.localize``); the graph's own canonical modules give their
         # weights up to the graph when inlined
@@ -148,7 +151,7 @@ class Recognize(MoePass):
     def run(self, gm: fx.GraphModule) -> PassResult:
         layers = layers_of(gm)
         modified = False
-        matched = failed = 0
+        matched = failed = reused = 0
         failed_like: dict[tuple, tuple] = {}  # structure -> (first block, reason) of blocks left as written
         own_routing: set[tuple] = set()  # structures of blocks that took the routing read off their own code
         # a block the model calls more than once (one target, several nodes): the canonical module of its first
@@ -175,16 +178,17 @@ class Recognize(MoePass):
                 result = MatchResult.fail(f"{reason} (as {first}, the same module over the same shapes)")
             else:
                 start = time.perf_counter()
-                if failed_key in own_routing:
-                    node.meta[OWN_ROUTING_FIRST] = True
-                try:
-                    result = _analyze_keeping_state(block, node)
-                except Exception as exc:  # noqa: BLE001 - a block recognition cannot analyze runs as written
-                    log.debug("recognizing %s raised", name, exc_info=True)
-                    result = MatchResult.fail(f"recognition raised {type(exc).__name__}: {exc} (a moecc bug: please "
-                                              "report it with MOECC_DUMP_DIR set)")
-                finally:
-                    node.meta.pop(OWN_ROUTING_FIRST, None)
+                own_first = failed_key in own_routing
+                # a block whose call reads other arguments is analyzed on the call's own values: never reused
+                memo_key = None if _other_args(node) else (name, _any_length(key), failed_key[1], own_first)
+                result = None if memo_key is None else self.memo.get(block, memo_key)
+                if result is not None:
+                    log.debug("MoE block %s: recognized as in an earlier capture", name)
+                    reused += 1
+                else:
+                    result = self._analyze(name, block, node, own_first)
+                    if memo_key is not None:
+                        self.memo.put(block, memo_key, result)
                 if not result and time.perf_counter() - start > REUSE_FAILURES_AFTER_S:
                     failed_like[failed_key] = (name, result.reason)
                 if result and result.value.own_routing:
@@ -227,11 +231,24 @@ class Recognize(MoePass):
         still_called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
         for target in {n.target for n in calls} - still_called:
             gm.delete_submodule(target)
-        self.stats = {"matched": matched, "left_as_written": failed}
+        self.stats = {"matched": matched, "left_as_written": failed, "reused": reused}
         if modified:
             gm.graph.lint()
             gm.recompile()
         return PassResult(gm, modified)
+
+    @staticmethod
+    def _analyze(name: str, block: torch.nn.Module, node: fx.Node, own_first: bool):
+        if own_first:
+            node.meta[OWN_ROUTING_FIRST] = True
+        try:
+            return _analyze_keeping_state(block, node)
+        except Exception as exc:  # noqa: BLE001 - a block recognition cannot analyze runs as written
+            log.debug("recognizing %s raised", name, exc_info=True)
+            return MatchResult.fail(f"recognition raised {type(exc).__name__}: {exc} (a moecc bug: please report it "
+                                    "with MOECC_DUMP_DIR set)")
+        finally:
+            node.meta.pop(OWN_ROUTING_FIRST, None)
 
     @staticmethod
     def _replace(gm: fx.GraphModule, node: fx.Node, out, is_tuple: bool) -> None:

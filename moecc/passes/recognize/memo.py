@@ -1,0 +1,65 @@
+"""What recognition found for a block, kept for the model's later captures.
+
+A compiled model captures again for each new kind of call: a batch or a sequence of one, a decode step of
+``generate``, a weight changed since compile. Its blocks are the same modules; probing them again (a second or more
+per block, many for a failed search over a stacked bank) finds the same analysis while nothing it read has changed:
+the block's parameters, buffers and tensor attributes (by version and address), and its modules' plain settings
+(``top_k``, ``norm_topk_prob``), as well as the structure and the call the recognizer keys its work by."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+_SETTING_TYPES = (bool, int, float, str)
+
+
+def stamp(block: nn.Module) -> tuple | None:
+    """What a block's analysis read of it, as a value that changes when any of it changes; None where a tensor
+    made under ``torch.inference_mode()`` has no version counter to tell an update in place."""
+    parts = []
+    for module in block.modules():
+        tensors = [*module._parameters.values(), *module._buffers.values(),
+                   *(v for v in vars(module).values() if isinstance(v, Tensor))]
+        for t in tensors:
+            if t is None:
+                continue
+            if t.is_inference():
+                return None
+            try:
+                parts.append((t._version, t.data_ptr(), t.device, t.dtype))
+            except RuntimeError:  # a tensor without storage (a subclass): nothing tells its updates
+                return None
+        parts.append(tuple((k, v) for k, v in vars(module).items()
+                           if not k.startswith("_") and type(v) in _SETTING_TYPES))
+    return tuple(parts)
+
+
+class RecognitionMemo:
+    """block -> (its stamp, {call key: MatchResult}), for blocks whose call reads nothing but their hidden states.
+    Held by one compiled model: a result holds the block's tensors, which live as long as the model does."""
+
+    def __init__(self) -> None:
+        self._found: dict[int, tuple[nn.Module, tuple, dict]] = {}
+
+    def __deepcopy__(self, memo: dict) -> RecognitionMemo:
+        # a copy of a compiled model has blocks of its own, and the analyses hold views of the model's parameters
+        # made under no_grad, which torch refuses to copy once their base changed in place
+        return RecognitionMemo()
+
+    def __getstate__(self) -> dict:
+        return {"_found": {}}
+
+    def get(self, block: nn.Module, key: tuple):
+        held = self._found.get(id(block))
+        if held is None or held[0] is not block or held[1] != stamp(block):
+            return None
+        return held[2].get(key)
+
+    def put(self, block: nn.Module, key: tuple, result) -> None:
+        now = stamp(block)
+        if now is None:
+            return
+        held = self._found.get(id(block))
+        if held is None or held[0] is not block or held[1] != now:
+            held = self._found[id(block)] = (block, now, {})
+        held[2][key] = result

@@ -1,0 +1,98 @@
+"""A compiled model's later captures reuse what recognition found in its earlier ones, while nothing it read of a
+block has changed (``passes.recognize.memo``)."""
+
+import pytest
+import torch
+from torch import nn
+from user_modules import MLP, LoopMoE, TinyModel
+
+import moecc
+import moecc.passes.recognize as recognize
+from moecc.passes.recognize.memo import stamp
+
+
+@pytest.fixture
+def analyses(monkeypatch):
+    """The blocks recognition analyzed, in order."""
+    seen = []
+    analyze = recognize._analyze_keeping_state
+
+    def counted(block, node):
+        seen.append(node.meta["moecc_block"])
+        return analyze(block, node)
+
+    monkeypatch.setattr(recognize, "_analyze_keeping_state", counted)
+    return seen
+
+
+def _check(cm, model, shape):
+    x = torch.randint(0, 50, shape)
+    torch.testing.assert_close(cm(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_a_new_capture_reuses_the_analysis_of_an_unchanged_block(backend, analyses):
+    torch.manual_seed(0)
+    model = TinyModel(LoopMoE()).eval()
+    cm = moecc.compile(model, backend=backend)
+    _check(cm, model, (2, 16))
+    _check(cm, model, (1, 1))  # a batch and a sequence of one: a capture of its own
+    assert cm.captures == 2
+    assert analyses == ["moe"]
+    assert cm.moe_layers[0].fused and cm.moe_layers[0].routing == "softmax->top2 renorm"
+
+
+def test_a_changed_weight_or_setting_is_analyzed_again(analyses):
+    torch.manual_seed(0)
+    model = TinyModel(LoopMoE()).eval()
+    cm = moecc.compile(model, backend="torch")
+    _check(cm, model, (2, 16))
+    with torch.no_grad():
+        model.moe.experts[1].w2.weight.mul_(2.0)
+    _check(cm, model, (2, 16))
+    assert analyses == ["moe", "moe"]
+    model.moe.top_k = 1
+    _check(cm, model, (3, 7))
+    assert analyses == ["moe", "moe", "moe"]
+    assert cm.moe_layers[0].top_k == 1
+
+
+class _LayerNormExpert(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(24)
+        self.mlp = MLP(24, 40)
+
+    def forward(self, x):
+        return self.mlp(self.norm(x))
+
+
+def test_a_block_left_as_written_is_not_searched_again(analyses):
+    torch.manual_seed(0)
+    block = LoopMoE()
+    block.experts = nn.ModuleList(_LayerNormExpert() for _ in range(6))
+    model = TinyModel(block).eval()
+    cm = moecc.compile(model, backend="torch")
+    _check(cm, model, (2, 16))
+    _check(cm, model, (1, 1))
+    assert cm.captures == 2 and analyses == ["moe"]
+    assert not cm.moe_layers[0].fused and "LayerNormExpert" in cm.moe_layers[0].reason
+
+
+def test_a_stamp_changes_with_what_an_analysis_reads():
+    torch.manual_seed(0)
+    block = LoopMoE()
+    before = stamp(block)
+    assert stamp(block) == before
+    with torch.no_grad():
+        block.gate.weight.add_(1.0)
+    assert stamp(block) != before
+    before = stamp(block)
+    block.renormalize = False
+    assert stamp(block) != before
+    before = stamp(block)
+    block.experts[0].w1.weight = nn.Parameter(block.experts[0].w1.weight.detach().clone())
+    assert stamp(block) != before
+    with torch.inference_mode():
+        block.register_buffer("scale", torch.ones(()))
+    assert stamp(block) is None
