@@ -4,6 +4,7 @@
                                                      # through torch.compile(backend="moecc")
     python benchmarks/model_e2e.py compile-time      # 32 layers: time of the first call (capture .. kernels)
     python benchmarks/model_e2e.py compile-time --dynamo   # the same through torch.compile(backend="moecc")
+    python benchmarks/model_e2e.py compile-time --generate # the first cm.generate: two captures
     python benchmarks/model_e2e.py generate          # 4 layers, greedy generate with a KV cache: HF against moecc
     python benchmarks/model_e2e.py blockwise         # 4 layers behind an input check torch.export refuses: each
                                                      # block compiled alone, against the whole model compiled
@@ -134,7 +135,9 @@ def gemma4():
               f"{sorted({x.routing for x in layers})}")
 
 
-def compile_time(layers: int, via_dynamo: bool = False):
+def compile_time(layers: int, via_dynamo: bool = False, generating: bool = False):
+    """Seconds of the first call: one capture; with ``generating``, the first ``cm.generate`` of 4 new tokens, two
+    captures (the prompt's and a decode step's)."""
     model = mixtral(layers, shared_experts=True)
     ids = torch.randint(0, 32000, (1, 16), device="cuda")
     before = moecc.dynamo.compiled_graphs()
@@ -144,7 +147,11 @@ def compile_time(layers: int, via_dynamo: bool = False):
     else:
         cm = moecc.compile(model, backend="triton")
     with torch.no_grad():
-        cm(input_ids=ids, use_cache=False)
+        if generating:
+            cm.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, min_new_tokens=4,
+                        do_sample=False, pad_token_id=0)
+        else:
+            cm(input_ids=ids, use_cache=False)
     torch.cuda.synchronize()
     first = time.perf_counter() - start
     if via_dynamo:
@@ -154,7 +161,7 @@ def compile_time(layers: int, via_dynamo: bool = False):
         layers_seen = cm.moe_layers
     assert len(layers_seen) == layers and all(layer.fused for layer in layers_seen)
     print(f"compile-time layers={layers} via={'torch.compile' if via_dynamo else 'moecc.compile'} "
-          f"first-call seconds={first:.1f}", flush=True)
+          f"{'first-generate' if generating else 'first-call'} seconds={first:.1f}", flush=True)
 
 
 def _timed_generate(generate, ids, new_tokens: int, rounds: int = 3) -> tuple[float, torch.Tensor]:
@@ -229,6 +236,7 @@ def main():
     ap.add_argument("what", choices=["e2e", "compile-time", "generate", "blockwise", "gemma4"])
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--dynamo", action="store_true", help="compile-time: through torch.compile(backend='moecc')")
+    ap.add_argument("--generate", action="store_true", help="compile-time: the first cm.generate (two captures)")
     a = ap.parse_args()
     if a.what == "e2e":
         e2e()
@@ -239,7 +247,7 @@ def main():
     elif a.what == "gemma4":
         gemma4()
     else:
-        compile_time(a.layers, a.dynamo)
+        compile_time(a.layers, a.dynamo, a.generate)
 
 
 if __name__ == "__main__":
