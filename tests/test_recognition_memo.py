@@ -96,3 +96,15 @@ def test_a_stamp_changes_with_what_an_analysis_reads():
     with torch.inference_mode():
         block.register_buffer("scale", torch.ones(()))
     assert stamp(block) is None
+
+
+def test_blocks_compiled_alone_reuse_their_analyses_across_captures(analyses):
+    from user_modules import ValueBranchModel
+
+    torch.manual_seed(0)
+    model = ValueBranchModel(LoopMoE).eval()
+    cm = moecc.compile(model, backend="torch")
+    _check(cm, model, (2, 16))
+    _check(cm, model, (1, 1))
+    assert sorted(analyses) == ["block", "block"]  # each block alone is a model whose one block is "block"
+    assert [layer.fused for layer in cm.moe_layers] == [True, True]

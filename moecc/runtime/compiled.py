@@ -244,7 +244,10 @@ class CompiledModule(nn.Module):
 
         def compile_block(call: nn.Module, block: str) -> CompiledModule:
             folder = None if not self.dump_dir else str(Path(self.dump_dir) / f"block_{block}")
-            return CompiledModule(call, self.backend, folder, self.options)
+            compiled = CompiledModule(call, self.backend, folder, self.options)
+            # the block is the module the whole model's captures analyzed: their findings serve it
+            compiled.hints = replace(compiled.hints, recognized=self.hints.recognized)
+            return compiled
 
         return Blockwise(exc.blocks, compile_block, exc.unfused)
 

@@ -180,7 +180,7 @@ class Recognize(MoePass):
                 start = time.perf_counter()
                 own_first = failed_key in own_routing
                 # a block whose call reads other arguments is analyzed on the call's own values: never reused
-                memo_key = None if _other_args(node) else (name, _any_length(key), failed_key[1], own_first)
+                memo_key = None if _other_args(node) else (_any_length(key), failed_key[1], own_first)
                 result = None if memo_key is None else self.memo.get(block, memo_key)
                 if result is not None:
                     log.debug("MoE block %s: recognized as in an earlier capture", name)
