@@ -108,3 +108,16 @@ def test_blocks_compiled_alone_reuse_their_analyses_across_captures(analyses):
     _check(cm, model, (1, 1))
     assert sorted(analyses) == ["block", "block"]  # each block alone is a model whose one block is "block"
     assert [layer.fused for layer in cm.moe_layers] == [True, True]
+
+
+def test_a_stamp_changes_with_a_function_or_hook_put_on_the_block():
+    torch.manual_seed(0)
+    block = LoopMoE()
+    before = stamp(block)
+    block.apply_expert = lambda expert, x, weight: expert(x) * weight * 2
+    assert stamp(block) != before
+    before = stamp(block)
+    handle = block.experts[0].register_forward_hook(lambda m, a, out: out * 2)
+    assert stamp(block) != before
+    handle.remove()
+    assert stamp(block) == before

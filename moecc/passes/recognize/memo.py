@@ -3,8 +3,9 @@
 A compiled model captures again for each new kind of call: a batch or a sequence of one, a decode step of
 ``generate``, a weight changed since compile. Its blocks are the same modules; probing them again (a second or more
 per block, many for a failed search over a stacked bank) finds the same analysis while nothing it read has changed:
-the block's parameters, buffers and tensor attributes (by version and address), and its modules' plain settings
-(``top_k``, ``norm_topk_prob``), as well as the structure and the call the recognizer keys its work by."""
+the block's parameters, buffers and tensor attributes (by version and address), its modules' classes, hooks and
+plain settings (``top_k``, ``norm_topk_prob``) and the functions put on them, as well as the structure and the
+call the recognizer keys its work by."""
 
 from __future__ import annotations
 
@@ -29,9 +30,23 @@ def stamp(block: nn.Module) -> tuple | None:
                 parts.append((t._version, t.data_ptr(), t.device, t.dtype))
             except RuntimeError:  # a tensor without storage (a subclass): nothing tells its updates
                 return None
-        parts.append(tuple((k, v) for k, v in vars(module).items()
-                           if not k.startswith("_") and type(v) in _SETTING_TYPES))
+        parts.append((type(module), tuple(module._forward_hooks), tuple(module._forward_pre_hooks),
+                      # a ``forward`` on the instance is moecc's own while a blockwise call routes the block
+                      tuple((k, _setting(v)) for k, v in vars(module).items()
+                            if not k.startswith("_") and k != "forward")))
     return tuple(parts)
+
+
+def _setting(v):
+    """A plain attribute as itself; a function put on the module (an activation) by identity; anything else (a
+    config, a module, a tensor: those are stamped apart) as nothing."""
+    if type(v) in _SETTING_TYPES:
+        return v
+    if isinstance(v, (tuple, list)) and all(type(x) in _SETTING_TYPES for x in v):
+        return tuple(v)
+    if callable(v) and not isinstance(v, (nn.Module, Tensor, type)):
+        return id(v)
+    return None
 
 
 class RecognitionMemo:
