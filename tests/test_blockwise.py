@@ -50,6 +50,20 @@ def test_a_model_traced_otherwise_than_it_runs_runs_with_each_block_compiled_alo
     assert [(layer.name, layer.fused) for layer in cm.moe_layers] == [("moe", True)]
 
 
+def test_a_bf16_model_traced_otherwise_is_found_by_the_check_and_runs_blockwise(moecc_warnings):
+    """In bf16 the capture is not checked on its own example (a deep model's rounding can pass any fixed bound
+    there); the check on fresh inputs then finds no fused block to blame, runs the capture itself, finds it
+    computing otherwise, and the model runs as written, its block compiled alone."""
+    torch.manual_seed(0)
+    model = TracedOtherwiseModel(LoopMoE()).eval().to(torch.bfloat16)
+    cm = moecc.compile(model, backend="torch")
+    for shape in ((2, 16), (3, 11)):
+        x = torch.randint(0, 50, shape)
+        torch.testing.assert_close(cm(x), model(x), rtol=2e-2, atol=2e-2)
+    assert "every MoE block run as written, computes other numbers" in moecc_warnings.text
+    assert [(layer.name, layer.fused) for layer in cm.moe_layers] == [("moe", True)]
+
+
 def test_a_model_traced_otherwise_without_moe_blocks_says_why():
     torch.manual_seed(0)
     model = TracedOtherwiseModel(GeluMLP(24, 24)).eval()

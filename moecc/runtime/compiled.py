@@ -31,7 +31,7 @@ from moecc.runtime.blockwise import Blockwise
 from moecc.runtime.cudagraphs import GraphCache, graphed_ops, replays
 from moecc.runtime.direct import direct_calls
 from moecc.runtime.keywords import in_order, keyword_order
-from moecc.runtime.localize import verify_leaving_blocks
+from moecc.runtime.localize import capture_to_blame, verify_leaving_blocks
 from moecc.runtime.verify import tie_breaking_ops, verify
 from moecc.runtime.weights import WeightWatch
 
@@ -379,13 +379,22 @@ class CompiledModule(nn.Module):
                     return build(self.original_model, args, kwargs, self.backend, self.options, folder,
                                  hints=self.hints)
 
+            def recapture():
+                with quiet("moecc.passes.recognize", "moecc.capture"):
+                    return capture(self.original_model, args, kwargs, hints=self.hints)
+
             try:
-                entry, info = verify_leaving_blocks(self.original_model, entry, info, tolerance, rebuild, verify)
+                try:
+                    entry, info = verify_leaving_blocks(self.original_model, entry, info, tolerance, rebuild, verify)
+                except DisagreementError as exc:
+                    if entry.backend != "onnxruntime" or tolerance is not None:
+                        raise
+                    entry, _ = torch_instead(self.original_model, exc, info, self.backend, lambda: build(
+                        self.original_model, args, kwargs, "torch", self.options, None, hints=self.hints))
             except DisagreementError as exc:
-                if entry.backend != "onnxruntime" or tolerance is not None:
-                    raise
-                entry, _ = torch_instead(self.original_model, exc, info, self.backend, lambda: build(
-                    self.original_model, args, kwargs, "torch", self.options, None, hints=self.hints))
+                if (refused := capture_to_blame(self.original_model, exc, recapture, tolerance)) is not None:
+                    raise refused from exc
+                raise
             log.info("check on fresh inputs: %.2f s", time.perf_counter() - start)
         self._entries.append(entry)
         self._latest = entry

@@ -5,11 +5,14 @@ threshold on its routing weights that the model's own activations cross, a clamp
 tokens stay under) can pass them and still differ on the model's inputs. When the check on fresh inputs then
 fails, each fused block's canonical module is run on the inputs that block received in eager on the failing
 call, against what the block itself returned: a block whose canonical form differs there is left as written and
-the model compiled again, rather than the compile failing as a whole."""
+the model compiled again, rather than the compile failing as a whole. Where no fused block explains it, the capture
+itself is run on that call against eager (``capture_to_blame``): a capture that computes otherwise there is
+refused, and the model runs as written with each MoE block compiled alone."""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -17,10 +20,10 @@ from torch.utils import _pytree as pytree
 
 from moecc import module_state
 from moecc.canonical import CanonicalMoE
-from moecc.errors import DisagreementError
+from moecc.errors import DisagreementError, ExportError
 from moecc.passes.recognize.probe import tensor_leaves
 from moecc.routing import SCORES
-from moecc.runtime.verify import _bound, _rel
+from moecc.runtime.verify import _bound, _disagreement, _rel
 
 log = logging.getLogger("moecc.runtime")
 
@@ -108,3 +111,40 @@ def verify_leaving_blocks(model: nn.Module, entry, info, tolerance: float | None
                     log.warning("MoE block %s left as written: %s", name, why)
                     left[name] = why
             entry, info = rebuild(dict(left), dict(refused))
+
+
+@dataclass
+class _CaptureProgram:
+    """The captured graph, its blocks as written, as ``verify`` runs a program."""
+
+    in_spec: object
+    runner: object
+    tensor_pos: list
+    layers: dict
+
+
+def capture_to_blame(model: nn.Module, exc: DisagreementError, recapture, tolerance: float | None = None
+                     ) -> ExportError | None:
+    """An ExportError (the MoE blocks to compile alone in ``blocks``) when the capture itself, every block run as
+    written (``recapture()``, a ``moecc.capture.Captured``; from the capture cache, cheap), disagrees with eager on
+    the call the compiled program disagreed on (``exc.inputs``): code the model runs otherwise while traced, which
+    ``capture_check`` did not see on the example (a bf16 model, or another input); else None."""
+    if exc.inputs is None:
+        return None
+    try:
+        cap = recapture()
+        why = _disagreement(model, _CaptureProgram(cap.in_spec, cap.gm, cap.tensor_pos, {}), exc.inputs, tolerance)
+    except Exception as other:  # noqa: BLE001 - the capture that was made once fails again: the first error stands
+        log.debug("running the capture on the failing call raised", exc_info=other)
+        return None
+    if why is None:
+        return None
+    from moecc.discover import find_moe_blocks
+
+    name = type(model).__name__
+    refused = ExportError(f"torch.export captured {name}, but its program, every MoE block run as written, "
+                          f"computes other numbers than {name} does in eager ({why}): the model's code takes "
+                          "another path while traced")
+    refused.unfused = dict(cap.unfused)
+    refused.blocks = [(n, b) for n, b in find_moe_blocks(model) if n not in refused.unfused]
+    return refused
