@@ -121,3 +121,18 @@ def test_a_stamp_changes_with_a_function_or_hook_put_on_the_block():
     assert stamp(block) != before
     handle.remove()
     assert stamp(block) == before
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_a_router_program_reused_is_a_copy_that_no_capture_changed(backend, analyses):
+    """A router module kept as its own graph (an MLP scoring the experts): the passes after recognize rewrite the
+    program a capture inlines (its last Linear fuses with the route, and cleanup drops it), so each capture takes a
+    copy of the one kept."""
+    from user_modules import ScoringModuleMoE
+
+    torch.manual_seed(0)
+    model = TinyModel(ScoringModuleMoE("mlp", 24, "logits")).eval()
+    cm = moecc.compile(model, backend=backend)
+    for shape in ((2, 16), (1, 1), (1, 5), (3, 11)):
+        _check(cm, model, shape)
+    assert cm.captures == 3 and analyses == ["moe"]

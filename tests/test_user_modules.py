@@ -922,7 +922,7 @@ def test_a_program_that_export_made_but_that_does_not_run_is_an_export_error():
 
     gm = torch.fx.symbolic_trace(broken)
     with pytest.raises(ExportError, match="fails to run on the inputs it was made from"):
-        _runs(gm, [torch.ones(2, 3)], torch.nn.Identity())
+        _runs(gm, [torch.ones(2, 3)], torch.nn.Identity(), broken)
 
 
 @pytest.mark.parametrize("backend", ["torch", "onnxruntime", "triton"])

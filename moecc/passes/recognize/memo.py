@@ -9,7 +9,12 @@ call the recognizer keys its work by."""
 
 from __future__ import annotations
 
+import copy
+from dataclasses import replace
+
 from torch import Tensor, nn
+
+from moecc.match import MatchResult
 
 _SETTING_TYPES = (bool, int, float, str)
 
@@ -68,7 +73,8 @@ class RecognitionMemo:
         held = self._found.get(id(block))
         if held is None or held[0] is not block or held[1] != stamp(block):
             return None
-        return held[2].get(key)
+        found = held[2].get(key)
+        return None if found is None else _fresh(found)
 
     def put(self, block: nn.Module, key: tuple, result) -> None:
         now = stamp(block)
@@ -77,4 +83,15 @@ class RecognitionMemo:
         held = self._found.get(id(block))
         if held is None or held[0] is not block or held[1] != now:
             held = self._found[id(block)] = (block, now, {})
-        held[2][key] = result
+        held[2][key] = _fresh(result)
+
+
+def _fresh(result: MatchResult) -> MatchResult:
+    """``result`` with programs of its own: the passes after ``recognize`` rewrite the router and logits programs a
+    capture inlines (``cleanup`` drops what fusion left unused), so a kept analysis holds copies that no capture
+    touches, and gives each capture copies of those."""
+    a = result.value if result else None
+    if a is None or (a.router_program is None and a.logits_program is None):
+        return result
+    return MatchResult.success(replace(a, router_program=copy.deepcopy(a.router_program),
+                                      logits_program=copy.deepcopy(a.logits_program)))
