@@ -57,6 +57,13 @@ SHAPES = {
     "qwen2_moe": ("qwen2_moe", "Qwen2MoeConfig", dict(hidden_size=2048, moe_intermediate_size=1408, num_experts=60,
                                                      num_experts_per_tok=4, shared_expert_intermediate_size=5632,
                                                      norm_topk_prob=False), "Qwen2MoeSparseMoeBlock"),
+    # long GEMM 2 K loops (the warp-specialized GEMM 2, split K): Mixtral's structure at other released sizes
+    "mixtral_8x22b": ("mixtral", "MixtralConfig", dict(hidden_size=6144, intermediate_size=16384, num_local_experts=8,
+                                                      num_experts_per_tok=2), "MixtralSparseMoeBlock"),
+    "dbrx_sized": ("mixtral", "MixtralConfig", dict(hidden_size=6144, intermediate_size=10752, num_local_experts=16,
+                                                   num_experts_per_tok=4), "MixtralSparseMoeBlock"),
+    "phimoe_sized": ("mixtral", "MixtralConfig", dict(hidden_size=4096, intermediate_size=6400, num_local_experts=16,
+                                                     num_experts_per_tok=2), "MixtralSparseMoeBlock"),
     # a size no released model has (no shipped tiles): what a user's own model gets untuned
     "custom": ("qwen3_moe", "Qwen3MoeConfig", dict(hidden_size=3072, moe_intermediate_size=1024, num_experts=96,
                                                   num_experts_per_tok=6, norm_topk_prob=True),

@@ -67,8 +67,10 @@ CUDA_GRAPH_MAX_GRAPHS = Knob("MOECC_CUDA_GRAPH_MAX_GRAPHS", 32, int, "CUDA graph
 TRITON_TMA = Knob("MOECC_TRITON_TMA", "auto", str, "large-tile grouped GEMMs read tiles through TMA descriptors: "
                   "auto (Hopper or newer), on (wherever the tensors allow, also in the interpreter), off")
 TRITON_WS = Knob("MOECC_TRITON_WS", "auto", str, "warp-specialized Gluon kernels for 128-row blocks (bf16/fp16, "
-                 "sm_90): auto (GEMM 1 from 512 pairs per expert, GEMM 2 with K >= 4096: where they measured "
+                 "sm_90): auto (GEMM 1 from 128 pairs per expert, GEMM 2 with K >= 4096: where they measured "
                  "faster), on (both GEMMs), off")
+TRITON_WS_GEMM1_MIN_ROWS = Knob("MOECC_TRITON_WS_GEMM1_MIN_ROWS", 128, int, "with MOECC_TRITON_WS=auto, GEMM 1 takes "
+                                "the warp-specialized kernel from this many pairs per expert on average")
 TRITON_DECODE_MAX_TOKENS = Knob("MOECC_TRITON_DECODE_MAX_TOKENS", 4, int, "up to this many tokens the Triton experts "
                                 "run as two pair-wise GEMV launches, without align or a combine launch, where their "
                                 "pairs would read few experts twice (0: never)")
@@ -80,7 +82,7 @@ TRITON_ROUTER_GEMV = Knob("MOECC_TRITON_ROUTER_GEMV", True, bool, "up to 16 toke
 
 ALL = (DUMP_DIR, LOGS, VERIFY, CACHE_DIR, CAPTURE_CACHE, WATCH_WEIGHTS, AUTOTUNE, CUDA_GRAPHS, CUDA_GRAPH_MAX_TOKENS,
        CUDA_GRAPH_REPEAT_MAX_TOKENS, CUDA_GRAPH_MAX_GRAPHS, TRITON_TMA, TRITON_WS,
-       TRITON_DECODE_MAX_TOKENS, TRITON_PDL, TRITON_ROUTER_GEMV)
+       TRITON_WS_GEMM1_MIN_ROWS, TRITON_DECODE_MAX_TOKENS, TRITON_PDL, TRITON_ROUTER_GEMV)
 
 
 def cache_dir() -> Path:

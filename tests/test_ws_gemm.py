@@ -149,7 +149,7 @@ def test_knob_turns_the_kernels_off(monkeypatch):
     run_experts(x, w, ids, w_up, w_down, None, None, "silu", True, 1.0, 0.0, cfg, cfg, interleaved=True)
 
 
-def test_auto_takes_long_loops_and_gemm1_only_with_many_rows(monkeypatch):
+def test_auto_takes_long_loops_and_gemm1_from_a_tile_of_rows_per_expert(monkeypatch):
     from moecc.codegen.triton import grouped_gemm
 
     monkeypatch.setenv("MOECC_TRITON_WS", "auto")
@@ -160,8 +160,12 @@ def test_auto_takes_long_loops_and_gemm1_only_with_many_rows(monkeypatch):
     assert grouped_gemm._warp_specialized(cfg, 2, 14336, x)
     assert not grouped_gemm._warp_specialized(cfg, 2, 768, x)
     assert grouped_gemm._warp_specialized(cfg, 1, 4096, x, rows_per_expert=1024)
-    assert not grouped_gemm._warp_specialized(cfg, 1, 4096, x, rows_per_expert=128)  # Mixtral at T=512
+    assert grouped_gemm._warp_specialized(cfg, 1, 4096, x, rows_per_expert=128)  # Mixtral at T=512
+    assert not grouped_gemm._warp_specialized(cfg, 1, 4096, x, rows_per_expert=64)  # Mixtral at T=256
     assert grouped_gemm._warp_specialized(cfg, 1, 2048, x, rows_per_expert=1024)  # Qwen3-30B-A3B at T=16384
+    monkeypatch.setenv("MOECC_TRITON_WS_GEMM1_MIN_ROWS", "512")
+    assert not grouped_gemm._warp_specialized(cfg, 1, 4096, x, rows_per_expert=128)
+    monkeypatch.delenv("MOECC_TRITON_WS_GEMM1_MIN_ROWS")
     assert not grouped_gemm._warp_specialized(TileConfig(64, 128, 64), 2, 14336, x)
     monkeypatch.setenv("MOECC_TRITON_WS", "on")
     assert grouped_gemm._warp_specialized(cfg, 1, 4096, x, rows_per_expert=128)

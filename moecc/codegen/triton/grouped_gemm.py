@@ -444,25 +444,28 @@ def use_tma(cfg, *tensors: torch.Tensor) -> bool:
 
 
 WS_AUTO_MIN_K = 4096  # see _warp_specialized
-WS_AUTO_GEMM1_MIN_ROWS = 512
 
 
 def _warp_specialized(cfg, which: int, k: int, a: torch.Tensor, *weights: torch.Tensor,
                       rows_per_expert: float = math.inf, **shape) -> bool:
     """Whether GEMM ``which`` (1 or 2) over ``k`` goes through the warp-specialized Gluon kernels (``ws_gemm``;
-    knob ``MOECC_TRITON_WS``, 128-row blocks on sm_90 GPUs). ``auto`` takes them for GEMM 1 from 512 pairs per
-    expert on average (``rows_per_expert``), and for GEMM 2 with K loops of 4096 and more. On an H100
-    (``benchmarks/knob_ab.py``, session 14): once its loader zero-filled the padding rows, GEMM 1 on them made the
-    layer 1-3 % faster at Mixtral T=2048, 3.5-4 % at 4096, 2 % at 16384, 3 % at Qwen3 T=16384 and 2 % at GPT-OSS
-    T=4096, where it had been 23 % slower at Mixtral T=512 (session 10); GEMM 2 gained 6 % at Mixtral T=4096
-    (``benchmarks/ws_ab.py``) and tied at 16384, while Qwen3's short K loops lost up to 15 %. ``on`` takes them
-    for both GEMMs wherever they apply."""
+    knob ``MOECC_TRITON_WS``, 128-row blocks on sm_90 GPUs). ``auto`` takes them for GEMM 1 from 128 pairs per
+    expert on average (``rows_per_expert``; knob ``MOECC_TRITON_WS_GEMM1_MIN_ROWS``), and for GEMM 2 with K loops
+    of 4096 and more. On an H100 (``benchmarks/knob_ab.py``, session 14): once its loader zero-filled the padding
+    rows, GEMM 1 on them made the layer 1-3 % faster at Mixtral T=2048, 3.5-4 % at 4096, 2 % at 16384, 3 % at
+    Qwen3 T=16384 and 2 % at GPT-OSS T=4096, where it had been 23 % slower at Mixtral T=512 (session 10); GEMM 2
+    gained 6 % at Mixtral T=4096 (``benchmarks/ws_ab.py``) and tied at 16384, while Qwen3's short K loops lost up
+    to 15 %. On an H200 (session 38), taking GEMM 1 from 128 pairs per expert instead of 512 made the layer 2-3 %
+    faster in most cells of 128 to 511 pairs per expert (Mixtral T=512 and 1024, Qwen3 T=2048, OLMoE, Phi-3.5-MoE
+    sized) and 13 % at GPT-OSS T=2048; the worst cell, 128 pairs at DBRX's size, was 2 % slower (noise 3 %).
+    ``on`` takes them for both GEMMs wherever they apply."""
     mode = knobs.TRITON_WS.get()
     if mode not in ("auto", "on", "off"):
         raise ValueError(f"MOECC_TRITON_WS must be auto, on or off, got {mode!r}")
     if mode == "off" or INTERPRET or not a.is_cuda or cfg.block_m != 128:
         return False
-    if mode == "auto" and (rows_per_expert < WS_AUTO_GEMM1_MIN_ROWS if which == 1 else k < WS_AUTO_MIN_K):
+    min_rows = knobs.TRITON_WS_GEMM1_MIN_ROWS.get()
+    if mode == "auto" and (rows_per_expert < min_rows if which == 1 else k < WS_AUTO_MIN_K):
         return False
     from moecc.codegen.triton import ws_gemm
 
