@@ -430,7 +430,7 @@ def _export(model, wrapper: _FlatCall, flat_inputs: list, blocks, examples,
     return gm, targets
 
 
-def _runs(gm: torch.fx.GraphModule, tensors: list, model: nn.Module, eager: nn.Module) -> None:
+def _runs(gm: torch.fx.GraphModule, tensors: list, model: nn.Module, eager: _FlatCall) -> None:
     """Raise ExportError unless the exported program runs on the inputs it was exported on and gives eager's
     numbers there (``eager``: the model called from the same flat tensors). torch.export can return a program that
     does not run (a ``torch.vmap`` traced into it, as some attention-mask builders use, leaves batching ops that
@@ -444,7 +444,10 @@ def _runs(gm: torch.fx.GraphModule, tensors: list, model: nn.Module, eager: nn.M
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ExportError(f"torch.export captured {name}, but the program it made fails to run on "
                           f"the inputs it was made from: {first[:300]}") from exc
-    if (apart := capture_check.traced_apart(model, eager, tensors, got)) is not None:
+    flat = list(eager.consts)
+    for i, t in zip(eager.tensor_pos, tensors):
+        flat[i] = t
+    if (apart := capture_check.traced_apart(model, eager.in_spec, flat, eager.tensor_pos, got)) is not None:
         raise ExportError(f"torch.export captured {name}, but the program it made computes other numbers than "
                           f"{name} does in eager, on the very inputs it was made from ({apart}): the model's code "
                           "takes another path while traced (a branch on torch.compiler.is_exporting(), or a "

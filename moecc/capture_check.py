@@ -14,30 +14,28 @@ import torch
 from torch import nn
 
 from moecc import module_state
-from moecc.runtime.verify import _low_precision, _rel
+from moecc.runtime.verify import CheckedProgram, _disagreement, _eager_varies, _low_precision
 
 # far past the rounding two runs of the same aten ops can differ by, and past a kernel chosen otherwise (export
 # materializes the causal mask that eager leaves to the attention kernel)
 _BOUND = 1e-3
 
 
-def traced_apart(model: nn.Module, eager, tensors: list[torch.Tensor], got: tuple) -> str | None:
-    """How far ``got`` (the program's flat outputs on ``tensors``) is from eager's (``eager(*tensors)``, the model
-    called from the same flat tensors), when farther than rounding: ``relative error E in output i``. None where
-    they agree, and where eager itself gives other outputs from call to call (dropout: the check on fresh inputs
-    says so), and for a model of bf16 or fp16 parameters: there an attention kernel chosen otherwise under export
-    (a causal mask materialized where eager leaves it to the kernel) can move a deep model's outputs past any
-    fixed bound, and the check on fresh inputs, which measures the model's own rounding sensitivity, judges."""
+def traced_apart(model: nn.Module, in_spec, flat: list, tensor_pos: list, got: tuple) -> str | None:
+    """Why ``got`` (the program's flat outputs on the tensors of ``flat``, the model's flat inputs) is not eager's,
+    when farther apart than rounding, as the check on fresh inputs says it (positions an attention mask pads left
+    out). None where they agree, and where eager itself gives other outputs from call to call (dropout: the check
+    on fresh inputs says so), and for a model of bf16 or fp16 parameters: there an attention kernel chosen
+    otherwise under export (a causal mask materialized where eager leaves it to the kernel) can move a deep
+    model's outputs past any fixed bound, and the check on fresh inputs, which measures the model's own rounding
+    sensitivity, judges."""
     if _low_precision(model) is not None:
         return None
-    ref = call(model, eager, tensors)
-    worst = _worst(got, ref)
-    if worst is None:
+    program = CheckedProgram(in_spec, lambda *_: got, tensor_pos)
+    why = _disagreement(model, program, flat, _BOUND)
+    if why is None or _eager_varies(model, program, flat, _BOUND) is not None:
         return None
-    if _worst(call(model, eager, tensors), ref) is not None:
-        return None
-    err, index = worst
-    return f"relative error {err:.2e} in output {index}"
+    return why
 
 
 def call(model: nn.Module, fn, tensors: list[torch.Tensor]) -> tuple:
@@ -45,16 +43,3 @@ def call(model: nn.Module, fn, tensors: list[torch.Tensor]) -> tuple:
     inputs or update the model's state."""
     with torch.no_grad(), module_state.kept(model, tensors):
         return tuple(fn(*[t.clone() for t in tensors]))
-
-
-def _worst(got: tuple, ref: tuple) -> tuple[float, int] | None:
-    worst = None
-    for i, (g, r) in enumerate(zip(got, ref)):
-        if not (isinstance(g, torch.Tensor) and isinstance(r, torch.Tensor) and r.is_floating_point()):
-            continue
-        if g.shape != r.shape:
-            return float("inf"), i
-        err = _rel(g, r)
-        if not err <= _BOUND and (worst is None or err > worst[0]):
-            worst = (err, i)
-    return worst

@@ -12,7 +12,6 @@ refused, and the model runs as written with each MoE block compiled alone."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -23,7 +22,7 @@ from moecc.canonical import CanonicalMoE
 from moecc.errors import DisagreementError, ExportError
 from moecc.passes.recognize.probe import tensor_leaves
 from moecc.routing import SCORES
-from moecc.runtime.verify import _bound, _disagreement, _rel
+from moecc.runtime.verify import CheckedProgram, _bound, _disagreement, _rel
 
 log = logging.getLogger("moecc.runtime")
 
@@ -113,16 +112,6 @@ def verify_leaving_blocks(model: nn.Module, entry, info, tolerance: float | None
             entry, info = rebuild(dict(left), dict(refused))
 
 
-@dataclass
-class _CaptureProgram:
-    """The captured graph, its blocks as written, as ``verify`` runs a program."""
-
-    in_spec: object
-    runner: object
-    tensor_pos: list
-    layers: dict
-
-
 def capture_to_blame(model: nn.Module, exc: DisagreementError, recapture, tolerance: float | None = None
                      ) -> ExportError | None:
     """An ExportError (the MoE blocks to compile alone in ``blocks``) when the capture itself, every block run as
@@ -133,7 +122,7 @@ def capture_to_blame(model: nn.Module, exc: DisagreementError, recapture, tolera
         return None
     try:
         cap = recapture()
-        why = _disagreement(model, _CaptureProgram(cap.in_spec, cap.gm, cap.tensor_pos, {}), exc.inputs, tolerance)
+        why = _disagreement(model, CheckedProgram(cap.in_spec, cap.gm, cap.tensor_pos), exc.inputs, tolerance)
     except Exception as other:  # noqa: BLE001 - the capture that was made once fails again: the first error stands
         log.debug("running the capture on the failing call raised", exc_info=other)
         return None

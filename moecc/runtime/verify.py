@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+from dataclasses import dataclass, field
 
 import sympy
 import torch
@@ -116,6 +117,17 @@ def pin_shapes(entry) -> None:
     entry.graphs = None
 
 
+@dataclass
+class CheckedProgram:
+    """What the check runs against eager, when it is not a compiled entry: a program called with the tensors of
+    ``flat`` at ``tensor_pos`` (the inputs ``in_spec`` flattens), its fused blocks in ``layers``."""
+
+    in_spec: object
+    runner: object
+    tensor_pos: list
+    layers: dict = field(default_factory=dict)
+
+
 def _disagreement(model: nn.Module, entry, flat: list, tolerance: float | None, ref: list | None = None) -> str | None:
     """Why the program's outputs on ``flat`` are not eager's (``ref``, computed here when not given), or None."""
     args, kwargs = pytree.tree_unflatten(flat, entry.in_spec)
@@ -127,8 +139,10 @@ def _disagreement(model: nn.Module, entry, flat: list, tolerance: float | None, 
     kept = padding_mask(model, args, kwargs)
     sensitivity = None
     low = _low_precision(model)
-    for r, g in zip(ref, got):
+    for i, (r, g) in enumerate(zip(ref, got)):
         if isinstance(r, torch.Tensor) and r.is_floating_point():
+            if not isinstance(g, torch.Tensor) or g.shape != r.shape:
+                return f"output {i} is {_described(g)} where eager's is {_described(r)}"
             err = _rel(_unpadded(g, kept), _unpadded(r, kept))
             # an fp32 output of a bf16 model (router logits, an auxiliary loss) carries the model's rounding
             dtype = low if low is not None and r.dtype in (torch.float32, torch.float64) else r.dtype
@@ -144,6 +158,10 @@ def _disagreement(model: nn.Module, entry, flat: list, tolerance: float | None, 
                 return (f"relative error {err:.2e} > {tol:g}"
                         + (f", 3x the model's own rounding sensitivity {sensitivity:.2e}" if sensitivity else ""))
     return None
+
+
+def _described(v) -> str:
+    return f"of shape {list(v.shape)}" if isinstance(v, torch.Tensor) else f"a {type(v).__name__}"
 
 
 def _as_found(model: nn.Module, flat: list):
