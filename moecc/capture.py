@@ -339,14 +339,22 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, fuse: bool = True,
            if knobs.CAPTURE_CACHE.get() else None)
     if recorded:  # the cache holds blocks by their paths, not the recording wrapper
         key = None
-    cached = capture_cache.load(key, model) if key else None
+    refused = capture_cache.refusal(key) if key else None
+    cached = capture_cache.load(key, model) if key and refused is None else None
     if cached is not None:
         log.info("capture from the cache (%s)", key[:12])
         gm, targets = cached
     else:
         try:
+            if refused is not None:
+                log.info("capture refused before, from the cache (%s)", key[:12])
+                first, _, rest = refused.partition("\n")
+                raise ExportError(f"{first} (as when it was captured before: the capture cache keeps refusals; "
+                                  f"MOECC_CAPTURE_CACHE=0 exports it again)" + (f"\n{rest}" if rest else ""))
             gm, targets = _export(model, wrapper, flat_inputs, blocks, examples, hints.dynamic_dims, recorded)
         except ExportError as exc:
+            if key and refused is None and not _for_lack_of_memory(exc):
+                capture_cache.save_refusal(key, str(exc))
             if not fuse:
                 more = " With fuse=False each MoE block is traced as written, and its expert loop with it."
             elif found:
@@ -367,6 +375,17 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, fuse: bool = True,
             capture_cache.save(key, gm, targets, model)
     return Captured(gm, in_spec, out_spec, targets, flat_inputs, flat_ref, wrapper.tensor_pos,
                     {**hints.unfused, **unfused})
+
+
+def _for_lack_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` or an error it came from ran out of memory: a refusal of the moment, not of the model."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def unaliased(tensors: list) -> list:

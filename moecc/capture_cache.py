@@ -7,8 +7,10 @@ MoE blocks by name. What the recognize pass and the runtime read from ``node.met
 device; a symbolic dim is a ``SymbolicDim``, never an int) comes back as a ``ValueInfo``.
 
 A graph that holds something this format does not store (a higher-order op, an unknown argument type) is simply
-not cached; the reason is logged at info level. The newest ``MAX_ENTRIES`` entries are kept (a hit counts as
-new). Knobs: ``MOECC_CAPTURE_CACHE`` (on by default), and ``MOECC_CACHE_DIR`` (``captures/`` under it)."""
+not cached; the reason is logged at info level. A capture that was refused is kept as its reason
+(``save_refusal``), so that compiling the model again runs it blockwise without exporting it again. The newest
+``MAX_ENTRIES`` entries are kept (a hit counts as new). Knobs: ``MOECC_CAPTURE_CACHE`` (on by default), and
+``MOECC_CACHE_DIR`` (``captures/`` under it)."""
 
 from __future__ import annotations
 
@@ -255,6 +257,38 @@ def save(key: str, gm: fx.GraphModule, blocks: dict[str, str], model: nn.Module)
         log.warning("could not write the capture cache in %s: %s", folder, exc)
 
 
+def save_refusal(key: str, reason: str) -> None:
+    """Store under ``key`` that this capture was refused (``torch.export`` failed, or its program computes other
+    numbers than eager), with the reason: the next compile of the same model and inputs runs it blockwise at once
+    instead of exporting it again. A refusal is the careful answer (the model runs as written, its blocks compiled
+    alone), so keeping one is never wrong, only slower where a later export would have succeeded: the key follows
+    the code, the torch and transformers versions and the inputs' structure, which is what such a failure turns
+    on."""
+    folder = _folder()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f"{key}.json.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps({"refused": reason}))
+        tmp.replace(folder / f"{key}.json")
+        (folder / f"{key}.safetensors").unlink(missing_ok=True)
+        _prune(folder)
+    except OSError as exc:
+        log.warning("could not write the capture cache in %s: %s", folder, exc)
+
+
+def refusal(key: str) -> str | None:
+    """The reason a capture under ``key`` was refused before, or None (a stored graph, a miss, a damaged entry)."""
+    path = _folder() / f"{key}.json"
+    try:
+        entry = json.loads(path.read_text()) if path.exists() else None
+    except (OSError, ValueError):
+        return None
+    if not isinstance(entry, dict) or not isinstance(entry.get("refused"), str):
+        return None
+    path.touch()
+    return entry["refused"]
+
+
 def _prune(folder: Path) -> None:
     """Keep the most recently used entries (a hit refreshes an entry's time)."""
     entries = sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime)
@@ -271,6 +305,8 @@ def load(key: str, model: nn.Module) -> tuple[fx.GraphModule, dict[str, str]] | 
         return None
     try:
         entry = json.loads(path.read_text())
+        if "refused" in entry:  # see ``refusal``
+            return None
         constants = {}
         if entry["constants"]:
             from safetensors.torch import load_file

@@ -203,3 +203,41 @@ def test_a_refused_model_without_a_block_found_says_so():
     with pytest.raises(moecc.ExportError, match="No MoE block was found in MixtralForCausalLM") as info:
         moecc.compile(model)(input_ids=torch.randint(0, 61, (2, 9)))
     assert "compiled alone;" not in str(info.value)
+
+
+@pytest.mark.parametrize("model_of", [lambda: ValueBranchModel(LoopMoE), lambda: TracedOtherwiseModel(LoopMoE())],
+                         ids=["export_fails", "traced_otherwise"])
+def test_a_refused_capture_is_remembered_by_the_capture_cache(model_of, tmp_path, monkeypatch, moecc_warnings):
+    """Compiling a refused model again runs it blockwise without exporting it again, and says the refusal was
+    remembered; with the cache off it is exported again."""
+    monkeypatch.setenv("MOECC_CACHE_DIR", str(tmp_path))
+    torch.manual_seed(0)
+    model = model_of().eval()
+    x = torch.randint(0, 50, (2, 16))
+    torch.testing.assert_close(moecc.compile(model, backend="torch")(x), model(x), rtol=1e-4, atol=1e-5)
+    entries = [p.read_text() for p in (tmp_path / "captures").glob("*.json")]  # the model's and its blocks'
+    assert sum('"refused"' in text for text in entries) == 1 and len(entries) > 1
+    exports = []
+    real = torch.export.export
+    monkeypatch.setattr(torch.export, "export", lambda *a, **k: exports.append(a) or real(*a, **k))
+    cm = moecc.compile(model, backend="torch")
+    torch.testing.assert_close(cm(x), model(x), rtol=1e-4, atol=1e-5)
+    assert [(layer.name, layer.fused) for layer in cm.moe_layers] and all(layer.fused for layer in cm.moe_layers)
+    whole = [a for a in exports if type(a[0]).__name__ == "_FlatCall" and a[0].model is model]
+    assert not whole and "the capture cache keeps refusals" in moecc_warnings.text
+    monkeypatch.setenv("MOECC_CAPTURE_CACHE", "0")
+    moecc.compile(model, backend="torch")(x)
+    assert [a for a in exports if type(a[0]).__name__ == "_FlatCall" and a[0].model is model]
+
+
+def test_a_capture_refused_for_lack_of_memory_is_not_remembered():
+    from moecc.capture import _for_lack_of_memory
+
+    try:
+        try:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        except torch.OutOfMemoryError as oom:
+            raise moecc.ExportError("torch.export could not capture M: CUDA out of memory") from oom
+    except moecc.ExportError as exc:
+        assert _for_lack_of_memory(exc)
+    assert not _for_lack_of_memory(moecc.ExportError("data-dependent branch"))
