@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from moecc import capture_cache, capture_check, knobs
+from moecc import capture_cache, capture_check, hooks, knobs
 from moecc.capture_key import fingerprint
 from moecc.capture_recorded import RecordingBlock, recordable, run_forward_hooks
 from moecc.discover import expert_owners, find_moe_blocks
@@ -220,7 +220,7 @@ def _other_outputs(out) -> list[str]:
 def _record_examples(model, blocks, args, kwargs):
     """Each block's first call (its hidden states and output), the model's output, and the blocks whose internals
     the model returns (``observed``: block -> {sub-module path: its output in the block's first call})."""
-    examples, hooks, inside, sub_outputs = {}, [], {}, {}
+    examples, handles, inside, sub_outputs = {}, [], {}, {}
     for name, block in blocks:
         first = _first_parameter(block)
 
@@ -230,7 +230,7 @@ def _record_examples(model, blocks, args, kwargs):
                 examples[_name] = (inp[0], out)
                 if len(inp) > 1 or kwargs:  # kept until the compile has recognized the block (forget_calls)
                     EXAMPLE_CALLS[mod] = (inp, kwargs)
-        hooks.append(block.register_forward_hook(hook, with_kwargs=True))
+        handles.append(block.register_forward_hook(hook, with_kwargs=True))
         for sub_name, sub in block.named_modules():
             if sub is not block:
                 # weak references: an id alone may be a dead tensor's, reused by the model's output
@@ -238,12 +238,12 @@ def _record_examples(model, blocks, args, kwargs):
                     inside.setdefault(_name, {}).update({id(t): (weakref.ref(t), _sub) for t in pytree.tree_leaves(out)
                                                          if isinstance(t, torch.Tensor)})
                     sub_outputs.setdefault((_name, _sub), out)
-                hooks.append(sub.register_forward_hook(sub_hook))
+                handles.append(sub.register_forward_hook(sub_hook))
     try:
         with torch.no_grad():
             ref = model(*args, **kwargs)
     finally:
-        for h in hooks:
+        for h in handles:
             h.remove()
     returned = {id(t): t for t in pytree.tree_leaves(ref) if isinstance(t, torch.Tensor)}
     observed = {}
@@ -300,6 +300,7 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, fuse: bool = True,
                  ", ".join(routed.values()))
     blocks = [(routed[n], model.get_submodule(routed[n])) if n in routed else (n, b) for n, b in blocks]
     flat_inputs, in_spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
+    hooks.tell_traced(model)
     try:
         # on a copy of the call's containers: eager updates a KV cache it is given in place
         examples, reference, observed = _record_examples(model, blocks, *pytree.tree_unflatten(flat_inputs, in_spec))
@@ -413,8 +414,9 @@ def _export(model, wrapper: _FlatCall, flat_inputs: list, blocks, examples,
     recorded = recorded or {}
     tensors = unaliased([v for v in flat_inputs if isinstance(v, torch.Tensor)])
     try:
-        with _blocks_as_leaves(blocks, examples, recorded), torch.no_grad(), quiet(*EXPORT_LOGGERS), \
-                stderr_to_debug(log, "torch.export"):
+        # a block's leaf runs it as ``block(...)``, its own hooks with it: traced around the leaf they would run twice
+        with _blocks_as_leaves(blocks, examples, recorded), hooks.set_aside(b for _, b in blocks), torch.no_grad(), \
+                quiet(*EXPORT_LOGGERS), stderr_to_debug(log, "torch.export"):
             ep = torch.export.export(wrapper, tuple(tensors), dynamic_shapes=(_dynamic_shapes(tensors, dynamic_dims),),
                                      strict=False)
     except CaptureError:

@@ -54,7 +54,8 @@ CACHE_DIR = Knob("MOECC_CACHE_DIR", None, str,
 CAPTURE_CACHE = Knob("MOECC_CAPTURE_CACHE", True, bool, "reuse a stored capture of the same model code, structure and "
                      "example shapes instead of running torch.export again")
 WATCH_WEIGHTS = Knob("MOECC_WATCH_WEIGHTS", True, bool, "before each call, check whether the model's parameters, "
-                     "buffers or MoE block settings (top_k) changed since compile (compiling again if so); off: "
+                     "buffers, MoE block settings (top_k) or forward hooks changed since compile (compiling again "
+                     "if so); off: "
                      "the copies the program made (expert banks; every weight on ONNX Runtime) keep the values they "
                      "were built with")
 

@@ -8,7 +8,8 @@ ones; the runtime checks ``WeightWatch.changed`` before each call and compiles a
 turns the check off). Buffers are watched alike: a buffer assigned anew (``model.scale = torch.tensor(2.0)``), or
 updated in place where the program holds a copy of it (ONNX Runtime's initializers). Edits through ``param.data``
 bypass the version counter that this reads and are not seen, nor are in-place edits of parameters made under
-``torch.inference_mode()``, which have no version counter."""
+``torch.inference_mode()``, which have no version counter. Forward hooks added or removed after compile are watched
+too: ``torch.export`` traced the hooks there were into the program."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ import time
 
 import torch
 from torch import nn
+
+from moecc.hooks import HookWatch
 
 
 class WeightWatch:
@@ -30,14 +33,16 @@ class WeightWatch:
     (numbers, strings, flags) and their direct children's, as ``block.top_k = 1`` or ``gate.norm_topk_prob = False``
     change the function the program was recognized and built for; and the model's ``training`` flag."""
 
-    __slots__ = ("_slots", "_settings")
+    __slots__ = ("_slots", "_settings", "_hooks")
 
     def __init__(self, model: nn.Module, program: object, enabled: bool = True, settings_of=()) -> None:
         self._slots = []
         self._settings = []
+        self._hooks = None
         if not enabled:
             return
         self._settings = _settings(model, settings_of)
+        self._hooks = HookWatch(model)
         held = program_storages(program)
         for prefix, module in model.named_modules(remove_duplicate=False):
             for tensors in (module._parameters, module._buffers):
@@ -68,6 +73,7 @@ class WeightWatch:
         new = WeightWatch.__new__(WeightWatch)
         new._slots = []
         new._settings = [(copy.deepcopy(attrs, memo), *rest) for attrs, *rest in self._settings]
+        new._hooks = copy.deepcopy(self._hooks, memo)
         for params, name, param, stamp, qualified in self._slots:
             params_copy, param_copy = copy.deepcopy(params, memo), copy.deepcopy(param, memo)
             if stamp is not None:
@@ -76,8 +82,9 @@ class WeightWatch:
         return new
 
     def changed(self) -> str | None:
-        """The name of a parameter or buffer assigned anew, or of a copied one updated in place or converted, since
-        compile; else None."""
+        """The name of a parameter or buffer assigned anew, or of a copied one updated in place or converted, of a
+        setting changed, or where forward hooks were added or removed (``hooks.HookWatch``), since compile; else
+        None."""
         for params, name, param, stamp, qualified in self._slots:
             if params.get(name) is not param or (stamp is not None and stamp != _stamp(param)):
                 return qualified
@@ -88,7 +95,7 @@ class WeightWatch:
                 return where
             if now != values:
                 return next((f"{where}.{n}" if where else n for n, v, w in zip(names, values, now) if v != w), where)
-        return None
+        return None if self._hooks is None else self._hooks.changed()
 
 
 _SETTING_TYPES = (bool, int, float, str)

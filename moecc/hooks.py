@@ -1,0 +1,117 @@
+"""Forward hooks: those an MoE block holds stay outside its leaf in a capture, and a compiled model notices hooks
+added or removed after compile.
+
+``torch.export`` runs a module's forward hooks while it traces, so what a hook computes becomes part of the program,
+and a hook added or removed later is not. A block's leaf runs the block as ``block(...)``, hooks and all, so the
+capture leaves the block's own hooks out of what it traces (``set_aside``) and recognition leaves such a block as
+written (a fused block would not run them)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import weakref
+from collections.abc import Iterable, Iterator
+
+from torch import nn
+from torch.nn.modules import module as module_mod
+from torch.utils.hooks import RemovableHandle
+
+log = logging.getLogger("moecc.capture")
+
+# a hook's extra flags live in dicts keyed by the same handle ids; emptied and refilled with the hooks themselves
+_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+          "_forward_hooks_always_called")
+
+
+def forward_hooks(module: nn.Module) -> tuple[tuple, tuple]:
+    """The handle ids of ``module``'s forward pre-hooks and forward hooks."""
+    return tuple(module._forward_pre_hooks), tuple(module._forward_hooks)
+
+
+def _global_hooks() -> tuple[tuple, tuple]:
+    return tuple(module_mod._global_forward_pre_hooks), tuple(module_mod._global_forward_hooks)
+
+
+@contextlib.contextmanager
+def set_aside(modules: Iterable[nn.Module]) -> Iterator[None]:
+    """Run the body with these modules' forward hooks and pre-hooks removed, then put them back in their order."""
+    kept = []
+    for module in {id(m): m for m in modules}.values():
+        for name in _DICTS:
+            hooks = getattr(module, name, None)
+            if hooks:
+                kept.append((hooks, dict(hooks)))
+                hooks.clear()
+    try:
+        yield
+    finally:
+        for hooks, before in kept:
+            hooks.clear()
+            hooks.update(before)
+
+
+class HookWatch:
+    """Whether forward hooks of a model's modules (or global module hooks) were added or removed since it was made.
+    A check costs one integer comparison while no hook was registered anywhere (every registration takes a new
+    handle id), a length per hook dict that held hooks at the start (a removal; Hugging Face models hold their
+    output-recording hooks on every layer), and a pass over every module only after some registration."""
+
+    __slots__ = ("_next_id", "_all", "_held", "_global")
+
+    def __init__(self, model: nn.Module) -> None:
+        self._next_id = RemovableHandle.next_id
+        self._all = [(name, m, forward_hooks(m)) for name, m in model.named_modules()]
+        self._held = [(name, d, len(d)) for name, m, _ in self._all
+                      for d in (m._forward_pre_hooks, m._forward_hooks) if d]
+        self._global = _global_hooks()
+
+    def changed(self) -> str | None:
+        """Where hooks changed: ``forward hooks of <path>`` (``of the model`` for the root, ``global forward
+        hooks``), else None."""
+        for name, hooks, count in self._held:
+            if len(hooks) != count:
+                return _where(name)
+        if RemovableHandle.next_id == self._next_id:
+            return None
+        for name, module, ids in self._all:
+            if forward_hooks(module) != ids:
+                return _where(name)
+        if _global_hooks() != self._global:
+            return "global forward hooks"
+        self._next_id = RemovableHandle.next_id  # hooks of something else (a tensor, another model)
+        return None
+
+
+def _where(name: str) -> str:
+    return f"forward hooks of {name}" if name else "forward hooks of the model"
+
+
+_TOLD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# hooks whose library means them to be traced: Hugging Face's output recorders (inactive unless a call asks for
+# hidden states or router logits, which capture handles) and torch's own
+_LIBRARIES = ("transformers.", "torch.")
+
+
+def _library_hook(hook) -> bool:
+    return (getattr(hook, "__module__", None) or "").startswith(_LIBRARIES)
+
+
+def tell_traced(model: nn.Module) -> None:
+    """Warn, once per model and set of hooks, that forward hooks run while the model is captured: what they return
+    is part of the program, but what else they do (record an activation, print) may not happen at each call."""
+    held = [name or "the model" for name, m in model.named_modules()
+            if any(not _library_hook(h) for d in (m._forward_pre_hooks, m._forward_hooks) for h in d.values())]
+    if _global_hooks() != ((), ()):
+        held.append("every module (global hooks)")
+    if not held:
+        return
+    seen = (tuple(held), tuple(forward_hooks(m) for _, m in model.named_modules()), _global_hooks())
+    if _TOLD.get(model) == seen:
+        return
+    _TOLD[model] = seen
+    more = f" and {len(held) - 5} more" if len(held) > 5 else ""
+    log.warning("%s has forward hooks on %s%s. They run while it is captured: what they return is part of the "
+                "program, but anything else they do (recording an activation, printing) may not happen at each "
+                "call. Hooks added or removed later make it compile again.", type(model).__name__,
+                ", ".join(held[:5]), more)

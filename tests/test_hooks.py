@@ -1,0 +1,87 @@
+"""Forward hooks (``moecc/hooks.py``): an MoE block's own hooks run once, around the block as written, and hooks
+added or removed after compile make the model compile again instead of being missed."""
+
+import pytest
+import torch
+from hf_models import make_inputs, make_model
+
+import moecc
+from moecc.hooks import HookWatch, set_aside
+
+
+def _doubled(module, args, out):
+    return tuple(None if o is None else o * 2 for o in out) if isinstance(out, tuple) else out * 2
+
+
+def _logits(model, inputs):
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_a_hook_on_a_block_at_compile_runs_once(backend):
+    """A hook that changes its block's output: the capture leaves it out of what it traces around the block's
+    leaf, so it is not also run by the leaf, and the block stays as written (no fused op runs hooks)."""
+    model = make_model("mixtral").eval()
+    model.model.layers[0].mlp.register_forward_hook(_doubled)
+    inputs = make_inputs("mixtral", 2, 9)
+    cm = moecc.compile(model, backend=backend)
+    torch.testing.assert_close(_logits(cm, inputs), _logits(model, inputs), rtol=1e-4, atol=1e-4)
+    fused = {layer.name: layer.fused for layer in cm.moe_layers}
+    # its routing runs as written, with the hook; its experts alone are fused
+    assert fused == {"model.layers.0.mlp.experts": True, "model.layers.1.mlp": True}
+
+
+def test_hooks_added_or_removed_after_compile_compile_again(moecc_warnings):
+    model = make_model("mixtral").eval()
+    inputs = make_inputs("mixtral", 2, 9)
+    cm = moecc.compile(model, backend="torch")
+    _logits(cm, inputs)
+    block = model.model.layers[0].mlp
+    handle = block.register_forward_hook(_doubled)
+    torch.testing.assert_close(_logits(cm, inputs), _logits(model, inputs), rtol=1e-4, atol=1e-4)
+    assert "forward hooks of model.layers.0.mlp changed since compile" in moecc_warnings.text
+    attention = model.model.layers[1].self_attn.register_forward_hook(_doubled)
+    torch.testing.assert_close(_logits(cm, inputs), _logits(model, inputs), rtol=1e-4, atol=1e-4)
+    handle.remove()
+    attention.remove()
+    torch.testing.assert_close(_logits(cm, inputs), _logits(model, inputs), rtol=1e-4, atol=1e-4)
+    assert "forward hooks of model.layers.1.self_attn changed" in moecc_warnings.text
+    told = [r.getMessage() for r in moecc_warnings.records if "has forward hooks on" in r.getMessage()]
+    # once per set of hooks, the user's only (not Hugging Face's output recorders on every layer)
+    assert len(told) == 2 and "hooks on model.layers.0.mlp." in told[0]
+    assert "hooks on model.layers.0.mlp, model.layers.1.self_attn." in told[1]
+
+
+def test_hook_watch_sees_additions_removals_and_global_hooks_but_not_others():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU())
+    kept = model[1].register_forward_pre_hook(lambda m, a: None)
+    watch = HookWatch(model)
+    assert watch.changed() is None
+    torch.zeros(1, requires_grad=True).register_hook(lambda g: g)  # a tensor's hook: not the model's
+    assert watch.changed() is None
+    added = model[0].register_forward_hook(lambda m, a, o: o)
+    assert watch.changed() == "forward hooks of 0"
+    added.remove()
+    assert watch.changed() is None
+    kept.remove()
+    assert watch.changed() == "forward hooks of 1"
+    watch = HookWatch(model)
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, a, o: o)
+    try:
+        assert watch.changed() == "global forward hooks"
+    finally:
+        handle.remove()
+
+
+def test_set_aside_puts_hooks_back_in_order():
+    lin = torch.nn.Linear(2, 2)
+    calls = []
+    lin.register_forward_hook(lambda m, a, o: calls.append("a"))
+    lin.register_forward_hook(lambda m, a, kw, o: calls.append("b"), with_kwargs=True, always_call=True)
+    lin.register_forward_pre_hook(lambda m, a: calls.append("pre"))
+    with set_aside([lin, lin]):
+        lin(torch.ones(2))
+        assert calls == []
+    lin(torch.ones(2))
+    assert calls == ["pre", "a", "b"]
