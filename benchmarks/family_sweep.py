@@ -77,6 +77,10 @@ FAMILIES = {
     "inkling2_loop": ("Inkling2LoopTextConfig", "Inkling2LoopForCausalLM"),
     "mistral4": ("Mistral4Config", "Mistral4ForCausalLM"),
     "minimax_m3_vl": ("MiniMaxM3VLTextConfig", "MiniMaxM3VLForCausalLM"),
+    "ergo": ("ErgoConfig", "ErgoForCausalLM"),
+    "kolibri1_1": ("Kolibri1_1Config", "Kolibri1_1ForCausalLM"),
+    "minicpm5_moe": ("MiniCPM5MoeConfig", "MiniCPM5MoeForCausalLM"),
+    "bamba": ("BambaConfig", "BambaForCausalLM"),
     # the text models of multimodal families (no causal LM of their own)
     "glm5_next": ("Glm5NextTextConfig", "Glm5NextTextModel"),
     "mistral_large4": ("MistralLarge4TextConfig", "MistralLarge4TextModel"),

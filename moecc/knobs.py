@@ -43,6 +43,11 @@ class Knob:
                 return int(raw)
             except ValueError:
                 raise ValueError(f"{self.name} must be an integer, got {raw!r}") from None
+        if self.kind is float:
+            try:
+                return float(raw)
+            except ValueError:
+                raise ValueError(f"{self.name} must be a number, got {raw!r}") from None
         return raw
 
 
@@ -58,6 +63,10 @@ WATCH_WEIGHTS = Knob("MOECC_WATCH_WEIGHTS", True, bool, "before each call, check
                      "if so); off: "
                      "the copies the program made (expert banks; every weight on ONNX Runtime) keep the values they "
                      "were built with")
+
+RECOGNIZE_SEARCH_S = Knob("MOECC_RECOGNIZE_SEARCH_S", 60.0, float, "seconds recognition may spend searching the "
+                          "routing and expert candidates of one MoE block that none fits yet; past them the block "
+                          "runs as written, with the reason")
 
 AUTOTUNE = Knob("MOECC_AUTOTUNE", False, bool, "tune Triton MoE tiles on first use of a shape (cached on disk)")
 CUDA_GRAPHS = Knob("MOECC_CUDA_GRAPHS", True, bool, "replay CUDA graphs for small token counts (Triton backend)")
@@ -81,8 +90,8 @@ TRITON_ROUTER_GEMV = Knob("MOECC_TRITON_ROUTER_GEMV", True, bool, "up to 16 toke
                           "router GEMV for bf16/fp16 logits, rounded to the model's dtype as the eager GEMM rounds "
                           "them (off: those routers stay a GEMM of their own; fp32 logits always fuse)")
 
-ALL = (DUMP_DIR, LOGS, VERIFY, CACHE_DIR, CAPTURE_CACHE, WATCH_WEIGHTS, AUTOTUNE, CUDA_GRAPHS, CUDA_GRAPH_MAX_TOKENS,
-       CUDA_GRAPH_REPEAT_MAX_TOKENS, CUDA_GRAPH_MAX_GRAPHS, TRITON_TMA, TRITON_WS,
+ALL = (DUMP_DIR, LOGS, VERIFY, CACHE_DIR, CAPTURE_CACHE, WATCH_WEIGHTS, RECOGNIZE_SEARCH_S, AUTOTUNE, CUDA_GRAPHS,
+       CUDA_GRAPH_MAX_TOKENS, CUDA_GRAPH_REPEAT_MAX_TOKENS, CUDA_GRAPH_MAX_GRAPHS, TRITON_TMA, TRITON_WS,
        TRITON_WS_GEMM1_MIN_ROWS, TRITON_DECODE_MAX_TOKENS, TRITON_PDL, TRITON_ROUTER_GEMV)
 
 

@@ -1,6 +1,7 @@
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -1084,6 +1085,23 @@ def test_experts_that_cannot_fuse_cost_no_second_capture(monkeypatch):
     model = TinyModel(InlineRoutedLayer(RoutedExperts(mlp=NormedOutputMLP))).eval()
     cm, layer = compile_on_ids(model, backend="torch")
     assert not layer.fused and layer.name == "moe" and len(captures) == 1, (layer.name, layer.reason)
+    x = torch.randint(0, 50, (3, 7))
+    torch.testing.assert_close(cm(x), model(x))
+
+
+def test_a_search_no_candidate_fits_stops_at_its_budget(monkeypatch):
+    """A routed bank whose per-expert output norm weight is shaped like a router ([E, H], Ergo's): every routing
+    of that decoy fails against every expert form, which took minutes to try in full. The search stops at
+    ``MOECC_RECOGNIZE_SEARCH_S`` and the bank runs as written, with the reason."""
+    from user_modules import InlineRoutedLayer, NormedRoutedExperts
+
+    monkeypatch.setenv("MOECC_RECOGNIZE_SEARCH_S", "1")
+    torch.manual_seed(0)
+    model = TinyModel(InlineRoutedLayer(NormedRoutedExperts(), routing="softmax")).eval()
+    start = time.monotonic()
+    cm, layer = compile_on_ids(model, backend="torch")
+    assert time.monotonic() - start < 60
+    assert not layer.fused and "the search stopped after 1 s (MOECC_RECOGNIZE_SEARCH_S)" in layer.reason
     x = torch.randint(0, 50, (3, 7))
     torch.testing.assert_close(cm(x), model(x))
 

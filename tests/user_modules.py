@@ -1281,6 +1281,27 @@ class StackedRoutedExperts(nn.Module):
         return out
 
 
+class NormedRoutedExperts(nn.Module):
+    """Stacked experts a caller routes, ``experts(x, ids, weights)``, each expert's output RMS-normalized and
+    scaled by a weight of its own ([E, H], shaped like a router; Ergo's post-expert norm): no canonical expert, and a
+    router-shaped weight that routes nothing."""
+
+    def __init__(self, hidden=24, inter=40, num_experts=6):
+        super().__init__()
+        self.up = nn.Parameter(torch.randn(num_experts, inter, hidden) * hidden ** -0.5)
+        self.down = nn.Parameter(torch.randn(num_experts, hidden, inter) * inter ** -0.5)
+        self.norm_weight = nn.Parameter(torch.rand(num_experts, hidden) + 0.5)
+
+    def forward(self, x, ids, weights):
+        out = torch.zeros_like(x)
+        for e in range(self.up.shape[0]):
+            token, slot = torch.where(ids == e)
+            y = F.linear(F.relu(F.linear(x[token], self.up[e])), self.down[e])
+            y = F.rms_norm(y, (x.shape[-1],)) * self.norm_weight[e]
+            out.index_add_(0, token, y * weights[token, slot, None].to(x.dtype))
+        return out
+
+
 class InputWeightedRoutedExperts(RoutedExperts):
     """Each routing weight scales its expert's input (Llama 4's experts)."""
 

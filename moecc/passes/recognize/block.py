@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from functools import partial
@@ -15,6 +16,7 @@ from functools import partial
 import torch
 from torch import nn
 
+from moecc import knobs
 from moecc.activations import GATED_ONLY
 from moecc.autocast import autocast_state
 from moecc.canonical import BlockAnalysis, CanonicalMoE
@@ -1003,6 +1005,9 @@ def _analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | 
         routing_options = _searched_routing(router, mods, num_experts, chosen)
 
     tried = 0
+    budget = knobs.RECOGNIZE_SEARCH_S.get()
+    deadline = time.monotonic() + budget
+    out_of_time = False
 
     def candidates(router, routing_options, expert_candidates):
         nonlocal tried
@@ -1021,8 +1026,13 @@ def _analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | 
                                         logits_program=router.logits)
 
     def search(router, routing_options, expert_candidates) -> _Closest:
+        nonlocal out_of_time
         closest = _Closest(like.dtype)
         for a in candidates(router, routing_options, expert_candidates):
+            if closest.best is None and tried > 1 and time.monotonic() > deadline:
+                # a block no candidate fits (a router-shaped weight that routes nothing) would try them all
+                out_of_time = True
+                break
             missed: list = []
             ok = _verify(block, a, inputs, refs, router_inputs, missed)
             # the routing was observed exactly (one candidate, so fitting output scales is cheap); else only a
@@ -1075,9 +1085,10 @@ def _analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | 
         return finished(closest.analysis)
     if as_written is None and (by_module := scored_by_module(as_written_too=True)) is not None:
         return by_module
+    stopped = f", the search stopped after {budget:g} s (MOECC_RECOGNIZE_SEARCH_S)" if out_of_time else ""
     failed = as_written if as_written is not None else MatchResult.fail(
-        f"no canonical form reproduces the block's outputs ({tried} candidates tried; router {router.path}, "
-        f"{num_experts} experts)")
+        f"no canonical form reproduces the block's outputs ({tried} candidates tried{stopped}; router "
+        f"{router.path}, {num_experts} experts)")
     if others:
         return failed
     own = own_routing()
