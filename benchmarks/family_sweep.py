@@ -80,7 +80,6 @@ FAMILIES = {
     "ergo": ("ErgoConfig", "ErgoForCausalLM"),
     "kolibri1_1": ("Kolibri1_1Config", "Kolibri1_1ForCausalLM"),
     "minicpm5_moe": ("MiniCPM5MoeConfig", "MiniCPM5MoeForCausalLM"),
-    "bamba": ("BambaConfig", "BambaForCausalLM"),
     # the text models of multimodal families (no causal LM of their own)
     "glm5_next": ("Glm5NextTextConfig", "Glm5NextTextModel"),
     "mistral_large4": ("MistralLarge4TextConfig", "MistralLarge4TextModel"),
