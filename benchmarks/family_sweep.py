@@ -92,6 +92,9 @@ FAMILIES = {
     "hy_v4_vl": ("HYV4VLTextConfig", "HYV4VLTextModel"),
     "deepseek_ocr2": ("DeepseekOcr2TextConfig", "DeepseekOcr2TextModel"),
     "unlimited_ocr": ("UnlimitedOcrTextConfig", "UnlimitedOcrTextModel"),
+    "diffusion_gemma": ("DiffusionGemmaTextConfig", "DiffusionGemmaEncoderTextModel"),
+    # an encoder (token classification) of GPT-OSS's experts
+    "openai_privacy_filter": ("OpenAIPrivacyFilterConfig", "OpenAIPrivacyFilterModel"),
 }
 # tiny sizes under every name the families use (a config takes those it has)
 TINY = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

@@ -211,6 +211,23 @@ def _blocks_as_leaves(blocks: list[tuple[str, nn.Module]], examples: dict[str, t
             _LEAVES.pop(key, None)
 
 
+def _uncarried(call: tuple) -> str | None:
+    """Why a graph leaf cannot take a block's call (``(args, kwargs)``): its arguments besides the hidden states are
+    rebuilt around graph values, and a container whose own unflattening reads its tensors (a Hugging Face
+    ``DynamicCache`` rebuilds its layers from them) cannot be; None where they can."""
+    args, kwargs = call
+    leaves, spec = pytree.tree_flatten((tuple(args[1:]), dict(kwargs)))
+    try:
+        pytree.tree_unflatten([_TENSOR if isinstance(v, torch.Tensor) else v for v in leaves], spec)
+    except Exception as exc:  # noqa: BLE001 - whatever the container's own code raises
+        kinds = sorted({type(v).__name__ for v in (*args[1:], *kwargs.values())
+                        if not isinstance(v, (torch.Tensor, bool, int, float, str, type(None), tuple, list, dict))})
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return (f"it is called with {', '.join(kinds) or 'arguments'} that a graph leaf cannot rebuild around the "
+                f"graph's values ({first[:200]})")
+    return None
+
+
 def _other_outputs(out) -> list[str]:
     """The types of what a block returns besides tensors and None (a leaf of the graph returns tensors only)."""
     return sorted({type(t).__name__ for t in pytree.tree_leaves(out)
@@ -308,6 +325,9 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, fuse: bool = True,
         raise CaptureError(f"{type(model).__name__} failed on the example inputs before capture: {exc}") from exc
     # one sub-module's output the model returns travels as more outputs of the block's call (``RecordingBlock``)
     recorded, unfused = {}, {}
+    for name, block in blocks:
+        if (call := EXAMPLE_CALLS.get(block)) is not None and (why := _uncarried(call)) is not None:
+            unfused[name] = why
     for name, subs in observed.items():
         what = (f"the model returns what its {', '.join(subs)} computed (a recorded output such as "
                 "output_router_logits=True)")

@@ -1089,6 +1089,22 @@ def test_experts_that_cannot_fuse_cost_no_second_capture(monkeypatch):
     torch.testing.assert_close(cm(x), model(x))
 
 
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_a_block_handed_a_container_no_leaf_can_rebuild_fuses_its_experts_alone(backend):
+    """A block called with a container whose unflattening reads its tensors (a DynamicCache; DiffusionGemma's
+    layers are handed one) cannot be a graph leaf: it is traced as written, and its experts alone fuse."""
+    from user_modules import NotebookModel
+
+    torch.manual_seed(0)
+    model = NotebookModel().eval()
+    cm = moecc.compile(model, backend=backend)
+    for shape in ((2, 16), (3, 7)):
+        x = torch.randint(0, 50, shape)
+        torch.testing.assert_close(cm(x), model(x), rtol=1e-4, atol=1e-5)
+    (layer,) = cm.moe_layers
+    assert layer.fused and layer.name == "moe.experts", (layer.name, layer.reason)
+
+
 def test_a_search_no_candidate_fits_stops_at_its_budget(monkeypatch):
     """A routed bank whose per-expert output norm weight is shaped like a router ([E, H], Ergo's): every routing
     of that decoy fails against every expert form, which took minutes to try in full. The search stops at

@@ -1370,6 +1370,35 @@ class InlineRoutedLayer(nn.Module):
         return h + y.reshape(h.shape)
 
 
+class Notebook:
+    """A cache-like container that rebuilds itself from its tensors, reading them (Hugging Face's DynamicCache
+    does): registered with pytree, so a graph leaf cannot rebuild it around graph values."""
+
+    def __init__(self, scale: torch.Tensor):
+        self.scale = scale
+        self.dtype = scale.dtype
+
+
+torch.utils._pytree.register_pytree_node(Notebook, lambda n: ([n.scale], None), lambda leaves, _: Notebook(leaves[0]))
+
+
+class NotebookLayer(InlineRoutedLayer):
+    """An inline-routed layer (its experts a caller-routed bank) that is handed a ``Notebook``."""
+
+    def forward(self, x, notebook):
+        return super().forward(x) * notebook.scale.to(x.dtype)
+
+
+class NotebookModel(TinyModel):
+    def __init__(self):
+        super().__init__(NotebookLayer())
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        h = h + self.moe(self.norm(h), Notebook(torch.tensor(0.5)))
+        return self.head(h)
+
+
 class RoutingReturnedLayer(InlineRoutedLayer):
     """Returns its experts' ids beside its output, as written (a model that reads its routing): the routing ops
     stay for that reader while the experts take a lifted route."""

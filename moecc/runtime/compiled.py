@@ -448,6 +448,16 @@ class BuildInfo:
     canonical: dict = field(default_factory=dict)  # ``Recognize.canonical``: what ``runtime.localize`` checks
 
 
+def _bank_path(model: nn.Module, name: str) -> str:
+    """The experts of block ``name`` callable alone (``recognize.routed_bank_path``), or ""."""
+    from moecc.passes.recognize import routed_bank_path
+
+    try:
+        return routed_bank_path(name, model.get_submodule(name))
+    except AttributeError:
+        return ""
+
+
 def _routed_banks(model: nn.Module, layers: dict[str, MoELayerInfo], hints: CaptureHints) -> dict:
     """Blocks left as written whose experts ``recognize`` found callable alone (``MoELayerInfo.routed_bank``):
     block path -> (bank path, why the block was left as written), for a capture that keeps the bank as the leaf."""
@@ -497,7 +507,9 @@ def build(model: nn.Module, args, kwargs, backend: str, options: dict, dump_fold
             log.info("backend='auto' runs this program with torch: %s", why)
             backend = "torch"
     for name, why in cap.unfused.items():
-        layers_of(cap.gm)[name] = MoELayerInfo(name=name, reason=why)
+        # its experts alone may still be a leaf (a block called with a cache no leaf can carry)
+        bank = "" if name in hints.unfused or not options.get("fuse", True) else _bank_path(model, name)
+        layers_of(cap.gm)[name] = MoELayerInfo(name=name, reason=why, routed_bank=bank)
     for block, (bank, _) in hints.routed_banks.items():
         layers_of(cap.gm)[bank] = MoELayerInfo(name=bank, block=block)
     pipeline = default_pipeline(EXPERT_LAYOUT[backend], options.get("copy_expert_weights"), hints.recognized)

@@ -106,7 +106,7 @@ def _analyze_keeping_state(block: torch.nn.Module, node: fx.Node):
     return result
 
 
-def _routed_bank(name: str, block: torch.nn.Module) -> str:
+def routed_bank_path(name: str, block: torch.nn.Module) -> str:
     """The model path of the experts ``block`` calls as ``experts(x, ids, weights)`` (``routed.routed_bank``), or
     "" where there are none or nothing can fuse them."""
     if unfit_parameters(block) is not None:
@@ -202,7 +202,7 @@ class Recognize(MoePass):
             if not result:
                 info.reason = result.reason
                 failed += 1
-                info.routed_bank = _routed_bank(name, block)
+                info.routed_bank = routed_bank_path(name, block)
                 if info.routed_bank:
                     log.info("MoE block %s is no canonical block (%s); its experts %s may fuse alone", name,
                              result.reason, info.routed_bank)
