@@ -360,9 +360,9 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, fuse: bool = True,
            if knobs.CAPTURE_CACHE.get() else None)
     if recorded:  # the cache holds blocks by their paths, not the recording wrapper
         key = None
-    refused = capture_cache.refusal(key) if key else None
-    cached = capture_cache.load(key, model) if key and refused is None else None
-    if cached is not None:
+    cached = capture_cache.load(key, model) if key else None
+    refused = cached.reason if isinstance(cached, capture_cache.Refusal) else None
+    if cached is not None and refused is None:
         log.info("capture from the cache (%s)", key[:12])
         gm, targets = cached
     else:

@@ -276,17 +276,10 @@ def save_refusal(key: str, reason: str) -> None:
         log.warning("could not write the capture cache in %s: %s", folder, exc)
 
 
-def refusal(key: str) -> str | None:
-    """The reason a capture under ``key`` was refused before, or None (a stored graph, a miss, a damaged entry)."""
-    path = _folder() / f"{key}.json"
-    try:
-        entry = json.loads(path.read_text()) if path.exists() else None
-    except (OSError, ValueError):
-        return None
-    if not isinstance(entry, dict) or not isinstance(entry.get("refused"), str):
-        return None
-    path.touch()
-    return entry["refused"]
+@dataclass(frozen=True)
+class Refusal:
+    """What ``load`` returns for a capture that was refused before (``save_refusal``)."""
+    reason: str
 
 
 def _prune(folder: Path) -> None:
@@ -297,16 +290,18 @@ def _prune(folder: Path) -> None:
         old.with_suffix(".safetensors").unlink(missing_ok=True)
 
 
-def load(key: str, model: nn.Module) -> tuple[fx.GraphModule, dict[str, str]] | None:
-    """The graph stored under ``key`` bound to ``model``'s tensors and blocks, with its blocks map; None on a
-    miss (or an entry that does not fit this model, which is then ignored)."""
+def load(key: str, model: nn.Module) -> tuple[fx.GraphModule, dict[str, str]] | Refusal | None:
+    """The graph stored under ``key`` bound to ``model``'s tensors and blocks, with its blocks map; a ``Refusal``
+    where the capture was refused before; None on a miss (or an entry that does not fit this model, which is then
+    ignored)."""
     path = _folder() / f"{key}.json"
     if not path.exists():
         return None
     try:
         entry = json.loads(path.read_text())
-        if "refused" in entry:  # see ``refusal``
-            return None
+        if isinstance(entry.get("refused"), str):
+            path.touch()
+            return Refusal(entry["refused"])
         constants = {}
         if entry["constants"]:
             from safetensors.torch import load_file
