@@ -217,8 +217,8 @@ class CompiledModule(nn.Module):
             self._latest = blockwise
             return self._run_blockwise(blockwise, args, kwargs)
         if (changed := entry.weights.changed()) is not None:
-            why = ("the program ran the hooks there were when it was captured" if changed.endswith("hooks")
-                   or " hooks of " in changed else
+            why = ("the program ran the hooks there were when it was captured"
+                   if changed.startswith(("forward hooks", "global forward hooks")) else
                    "the program holds a copy of it, reads the one it replaced, or was built for its old value")
             log.warning("%s's %s changed since compile (%s): compiling again", type(self.original_model).__name__,
                         changed, why)
