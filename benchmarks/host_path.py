@@ -9,6 +9,8 @@ and every number is host work. Prints the host time per call of the compiled lay
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
 import time
 from collections import defaultdict
 
@@ -48,6 +50,26 @@ def host_ms(fn, calls: int = CALLS) -> float:
     return ms
 
 
+def profile_calls(fn, top: int, calls: int = CALLS) -> None:
+    """cProfile of ``calls`` calls with the GPU busy: each function's own time and count per call."""
+    fn()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(400_000_000)
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        fn()
+    prof.disable()
+    torch.cuda.synchronize()
+    stats = pstats.Stats(prof).stats
+    rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
+    print(f"   cProfile, own time per call (us), calls per call, function (profiled total "
+          f"{sum(v[2] for v in stats.values()) / calls * 1e6:.0f} us per call):")
+    for (path, line, name), (_, ncalls, tottime, _, _) in rows:
+        where = f"{path.rsplit('/', 2)[-2:][-1] if '/' in path else path}:{line}"
+        print(f"   {tottime / calls * 1e6:8.1f} {ncalls / calls:6.1f}  {name} ({where})")
+
+
 def dispatch_cost(hidden: int, t: int, e: int = 16, inter: int = 256, k: int = 2) -> None:
     """Host time of one ``moecc::fused_moe_triton`` call through torch's dispatcher against a direct call of its
     Python body, same arguments (small experts, so that the kernels stay short)."""
@@ -66,6 +88,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", nargs="+", default=["qwen3_moe", "mixtral"])
     ap.add_argument("--tokens", type=int, nargs="+", default=[4096])
+    ap.add_argument("--cprofile", type=int, default=0, metavar="N",
+                    help="also print the N functions of most own host time (cProfile), per call")
     a = ap.parse_args()
     for name in ("run_experts", "pick_configs", "_maybe_tune", "align", "gemm1", "gemm2", "combine", "gating",
                  "fused_gating", "router_logits"):
@@ -85,6 +109,9 @@ def main():
             print(f"== {shape} T={t}: host {total:.3f} ms per call (no CUDA graphs)")
             for k, ms in sorted(per.items(), key=lambda kv: -kv[1]):
                 print(f"   {ms:8.4f} ms  {k}")
+            if a.cprofile:
+                with torch.no_grad():
+                    profile_calls(lambda x=x, cm=cm: cm(x), a.cprofile)
         dispatch_cost(cfg.hidden_size, t)
         pairs = torch.zeros(t * 2, cfg.hidden_size, device="cuda", dtype=torch.bfloat16)
         ids = torch.zeros(t, 2, device="cuda", dtype=torch.int64)

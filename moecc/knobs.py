@@ -73,6 +73,9 @@ CUDA_GRAPHS = Knob("MOECC_CUDA_GRAPHS", True, bool, "replay CUDA graphs for smal
 CUDA_GRAPH_MAX_TOKENS = Knob("MOECC_CUDA_GRAPH_MAX_TOKENS", 512, int, "largest token count that uses CUDA graphs")
 CUDA_GRAPH_REPEAT_MAX_TOKENS = Knob("MOECC_CUDA_GRAPH_REPEAT_MAX_TOKENS", 2048, int,
                                    "largest token count that uses CUDA graphs from its second call with that shape")
+CUDA_GRAPH_PROBE_MAX_TOKENS = Knob("MOECC_CUDA_GRAPH_PROBE_MAX_TOKENS", 16384, int,
+                                  "largest token count that uses CUDA graphs from its third call with that shape, "
+                                  "where its second call, timed, found the host's launch path the bound (0: never)")
 CUDA_GRAPH_MAX_GRAPHS = Knob("MOECC_CUDA_GRAPH_MAX_GRAPHS", 32, int, "CUDA graphs kept per compiled program (LRU)")
 TRITON_TMA = Knob("MOECC_TRITON_TMA", "auto", str, "large-tile grouped GEMMs read tiles through TMA descriptors: "
                   "auto (Hopper or newer), on (wherever the tensors allow, also in the interpreter), off")
@@ -91,7 +94,8 @@ TRITON_ROUTER_GEMV = Knob("MOECC_TRITON_ROUTER_GEMV", True, bool, "up to 16 toke
                           "them (off: those routers stay a GEMM of their own; fp32 logits always fuse)")
 
 ALL = (DUMP_DIR, LOGS, VERIFY, CACHE_DIR, CAPTURE_CACHE, WATCH_WEIGHTS, RECOGNIZE_SEARCH_S, AUTOTUNE, CUDA_GRAPHS,
-       CUDA_GRAPH_MAX_TOKENS, CUDA_GRAPH_REPEAT_MAX_TOKENS, CUDA_GRAPH_MAX_GRAPHS, TRITON_TMA, TRITON_WS,
+       CUDA_GRAPH_MAX_TOKENS, CUDA_GRAPH_REPEAT_MAX_TOKENS, CUDA_GRAPH_PROBE_MAX_TOKENS,
+       CUDA_GRAPH_MAX_GRAPHS, TRITON_TMA, TRITON_WS,
        TRITON_WS_GEMM1_MIN_ROWS, TRITON_DECODE_MAX_TOKENS, TRITON_PDL, TRITON_ROUTER_GEMV)
 
 

@@ -160,3 +160,28 @@ def test_replayed_decode_layers_count_arrivals_in_counters_of_their_own(seq):
                                        rtol=2e-4, atol=2e-4)
         (instances,) = cm._entries[-1].graphs.graphs.values()
         assert all(len(i.scratch.buffers) == model.config.num_hidden_layers for i in instances)
+
+
+def test_shapes_above_the_repeat_range_are_captured_where_a_timed_call_was_host_bound(monkeypatch):
+    """Many tiny launches (the host is the bound) are captured from the shape's third call; one long kernel (the
+    GPU is the bound) keeps being launched."""
+    monkeypatch.setenv("MOECC_CUDA_GRAPH_REPEAT_MAX_TOKENS", "2048")
+    monkeypatch.setenv("MOECC_CUDA_GRAPH_PROBE_MAX_TOKENS", "8192")
+
+    def many_small(x):
+        for _ in range(200):
+            x = x + 1
+        return (x,)
+
+    def one_long(x):
+        torch.cuda._sleep(200_000_000)  # about 0.1 s of GPU time
+        return (x * 2,)
+
+    x = torch.zeros(4096, 8, device="cuda")
+    with torch.no_grad():
+        for program, captured in ((many_small, True), (one_long, False)):
+            cache = GraphCache(program)
+            outs = [cache([x])[0].clone() for _ in range(4)]
+            assert bool(cache.graphs) is captured, program.__name__
+            for out in outs:
+                torch.testing.assert_close(out, program(x)[0])

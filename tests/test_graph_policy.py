@@ -1,6 +1,7 @@
 """When ``GraphCache`` captures a shape (CPU: the capture itself is replaced; the CUDA cases are in
 test_cudagraphs.py)."""
 
+import pytest
 import torch
 
 from moecc.runtime import cudagraphs
@@ -29,6 +30,7 @@ def _cache(monkeypatch):
 def test_small_shapes_are_captured_at_once_larger_ones_from_their_second_call(monkeypatch):
     monkeypatch.setenv("MOECC_CUDA_GRAPH_MAX_TOKENS", "512")
     monkeypatch.setenv("MOECC_CUDA_GRAPH_REPEAT_MAX_TOKENS", "4096")
+    monkeypatch.setenv("MOECC_CUDA_GRAPH_PROBE_MAX_TOKENS", "0")
     cache, captured = _cache(monkeypatch)
     small, medium, large = torch.zeros(1, 512, 8), torch.zeros(2, 1000, 8), torch.zeros(1, 4097, 8)
     assert cache([small]) == ("replayed",) and captured == [512]
@@ -49,32 +51,100 @@ def test_shapes_seen_once_are_forgotten_oldest_first(monkeypatch):
     assert cache([c]) == ("replayed",) and captured == [30]
 
 
-def test_replays_admits_the_repeat_range(monkeypatch):
+def test_replays_admits_the_repeat_and_probe_ranges_outside_a_capture_of_the_callers(monkeypatch):
     monkeypatch.setenv("MOECC_CUDA_GRAPH_MAX_TOKENS", "512")
     monkeypatch.setenv("MOECC_CUDA_GRAPH_REPEAT_MAX_TOKENS", "4096")
+    monkeypatch.setenv("MOECC_CUDA_GRAPH_PROBE_MAX_TOKENS", "8192")
     x = torch.zeros(1, 2048, 8)
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    capturing = [False]
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
     with torch.no_grad():
         assert cudagraphs.replays("triton", [x])
-        assert not cudagraphs.replays("triton", [torch.zeros(1, 4097, 8)])
+        assert cudagraphs.replays("triton", [torch.zeros(1, 8192, 8)])
+        assert not cudagraphs.replays("triton", [torch.zeros(1, 8193, 8)])
         assert not cudagraphs.replays("triton", [x], enabled=False)
+        capturing[0] = True  # the caller's graph records moecc's launches
+        assert not cudagraphs.replays("triton", [x])
 
 
-def test_a_failed_capture_restores_the_cuda_generators_and_runs_as_launched(monkeypatch):
-    """A failed capture leaves torch's CUDA generators marked as capturing; the cache restores them before it runs
-    the call as launched (the GPU case is in test_cudagraphs.py)."""
-    restored = []
+def _probed(monkeypatch, verdicts: dict[int, list]):
+    """``host_bound_call`` replaced: the program runs, its verdicts are ``verdicts[tokens]`` in turn; returns the
+    (token count, GPU sleep) of each such call."""
+    timed = []
 
-    def fail(self, tensors):
-        raise RuntimeError("operation not permitted when stream is capturing")
+    def host_bound_call(program, tensors, sleep_s):
+        timed.append((cudagraphs.token_count(tensors), sleep_s))
+        return program(*tensors), verdicts[timed[-1][0]].pop(0)
 
-    monkeypatch.setattr(GraphCache, "_capture", fail)
-    monkeypatch.setattr(cudagraphs, "restore_rng_after_failed_capture", lambda: restored.append(1))
-    cache = GraphCache(lambda x: ("launched",))
-    x = torch.zeros(4, 8)
-    assert cache([x]) == ("launched",) and restored == [1]
-    assert cache([x]) == ("launched",) and restored == [1]  # the shape is not captured again
+    monkeypatch.setattr(cudagraphs, "host_bound_call", host_bound_call)
+    return timed
 
+
+def test_shapes_above_the_repeat_range_are_captured_once_timed_calls_find_the_host_the_bound(monkeypatch):
+    monkeypatch.setenv("MOECC_CUDA_GRAPH_MAX_TOKENS", "512")
+    monkeypatch.setenv("MOECC_CUDA_GRAPH_REPEAT_MAX_TOKENS", "2048")
+    monkeypatch.setenv("MOECC_CUDA_GRAPH_PROBE_MAX_TOKENS", "8192")
+    cache, captured = _cache(monkeypatch)
+    # 6000 tokens: the first sleep ran out before the launches did (0.05 s of them), so it is timed again behind
+    # a longer one
+    timed = _probed(monkeypatch, {4096: [True], 8192: [False], 6000: [0.05, True]})
+    host_bound, device_bound, retried = torch.zeros(1, 4096, 8), torch.zeros(8192, 8), torch.zeros(6000, 8)
+    beyond = torch.zeros(8193, 8)
+    assert [cache([host_bound]) for _ in range(2)] == [("launched",)] * 2 and not captured
+    assert [t for t, _ in timed] == [4096] and 1e-3 <= timed[0][1] < 0.01  # sized by the first call's host time
+    assert [cache([host_bound]) for _ in range(2)] == [("replayed",)] * 2 and captured == [4096]
+    # kernels that outlast the launches: timed, then launched as they are
+    assert [cache([device_bound]) for _ in range(4)] == [("launched",)] * 4 and [t for t, _ in timed] == [4096, 8192]
+    assert [cache([retried]) for _ in range(3)] == [("launched",)] * 3
+    assert timed[-1] == (6000, cudagraphs.SLEEP_MAX_S)  # 2 x 0.05 s + 1 ms, at most SLEEP_MAX_S
+    assert cache([retried]) == ("replayed",) and captured == [4096, 6000]
+    assert [cache([beyond]) for _ in range(3)] == [("launched",)] * 3 and len(timed) == 4
+
+
+@pytest.mark.parametrize(("ran_out", "device_s", "sleep_s", "verdict"), [
+    (False, 0.01, 0.05, True),  # 20 ms of launching, 10 ms of kernels
+    (False, 0.04, 0.05, False),
+    (True, 0.0, 0.05, "host"),  # timed again behind a longer sleep
+    (True, 0.0, cudagraphs.SLEEP_MAX_S, False),
+])
+def test_a_host_bound_call_takes_the_host_about_as_long_to_launch_as_its_kernels_take(
+        monkeypatch, ran_out, device_s, sleep_s, verdict):
+    """``host_bound_call`` with stand-ins for the stream, its events and the GPU sleep."""
+    import time
+
+    slept = []
+
+    class _Event:
+        def __init__(self, enable_timing=False):
+            pass
+
+        def record(self, stream=None):
+            pass
+
+        def query(self):
+            return ran_out
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, other):
+            return device_s * 1e3
+
+    def program(x):
+        time.sleep(0.02)
+        return (x + 1,)
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "Event", _Event)
+    monkeypatch.setattr(torch.cuda, "_sleep", slept.append)
+    x = torch.zeros(3)
+    out, state = cudagraphs.host_bound_call(program, [x], sleep_s)
+    assert torch.equal(out[0], x + 1) and slept == [int(sleep_s * cudagraphs.SLEEP_CYCLES_PER_S)]
+    if verdict == "host":
+        assert isinstance(state, float) and 0.02 <= state < 0.2
+    else:
+        assert state is verdict
 
 
 class _Program:

@@ -15,12 +15,18 @@ Up to ``MOECC_CUDA_GRAPH_MAX_TOKENS`` (512) tokens a shape is captured on its fi
 ``MOECC_CUDA_GRAPH_REPEAT_MAX_TOKENS`` (2048) it is captured on its second: the host's launch path (about 0.7 ms
 per layer call) still bounds layers of small experts at about 1k tokens, but a capture costs more than one call, so a
 prompt length seen once runs as launched and only a shape that repeats (a batch of fixed length, a benchmark loop)
-pays for its graph."""
+pays for its graph. Above that and up to ``MOECC_CUDA_GRAPH_PROBE_MAX_TOKENS`` (16384) a shape's first two calls are
+timed (``timed_call``), the second launched behind a GPU sleep so that its kernels run back to back, and graphs take
+over from its third only where launching it took the host about as long as its kernels took the GPU, or longer.
+That depends on the host's speed as much as on the model (on one H200 host Qwen3-MoE's layer at 4096 tokens took
+1.03 ms to launch against about 0.7 ms of kernels), while a call whose kernels outlast its launching gains nothing
+from a graph, which would hold its memory pool."""
 
 from __future__ import annotations
 
 import copy
 import logging
+import time
 from collections import OrderedDict
 
 import torch
@@ -36,6 +42,12 @@ log = logging.getLogger("moecc.runtime")
 
 INSTANCES = 4  # graphs per input shape whose outputs may be alive at once
 SEEN = 64  # shapes above MOECC_CUDA_GRAPH_MAX_TOKENS remembered from their first call
+# a call is host-bound when launching it takes the host this share of its kernels' time or more: launched calls then
+# leave the GPU waiting (they overlap the previous call's kernels only while the host is the faster), and a replay
+# costs the kernels and two copies
+HOST_BOUND_SHARE = 0.9
+SLEEP_MAX_S = 0.1  # the longest GPU sleep a timed call is launched behind
+SLEEP_CYCLES_PER_S = 2.5e9  # at least as many as a GPU's clock runs, so that a sleep lasts its seconds or more
 # up to here a graph keeps its outputs in a memory pool of its own, saving the copy out (a kernel of about 2 us in
 # a 38 us decode layer); above, pools of their own would hold too much memory for too little gain
 OWN_POOL_MAX_TOKENS = 16
@@ -48,14 +60,54 @@ def token_count(tensors: list[torch.Tensor]) -> int:
 
 
 def replays(backend: str, tensors: list[torch.Tensor], enabled: bool | None = None) -> bool:
-    """Whether a call may replay a CUDA graph: Triton programs on CUDA inputs, inference only, up to
-    ``MOECC_CUDA_GRAPH_MAX_TOKENS`` tokens, or ``MOECC_CUDA_GRAPH_REPEAT_MAX_TOKENS`` for shapes seen before
-    (``GraphCache`` decides); ``enabled`` (the ``cuda_graphs`` option) overrides the knob."""
+    """Whether a call may replay a CUDA graph: Triton programs on CUDA inputs, inference only, outside a capture of
+    the caller's, up to ``MOECC_CUDA_GRAPH_MAX_TOKENS`` tokens, or ``MOECC_CUDA_GRAPH_REPEAT_MAX_TOKENS`` and
+    ``MOECC_CUDA_GRAPH_PROBE_MAX_TOKENS`` for shapes seen before (``GraphCache`` decides); ``enabled`` (the
+    ``cuda_graphs`` option) overrides the knob."""
     if backend != "triton" or not tensors or torch.is_grad_enabled() or not all(t.is_cuda for t in tensors):
         return False
     wanted = knobs.CUDA_GRAPHS.get() if enabled is None else enabled
-    return wanted and token_count(tensors) <= max(knobs.CUDA_GRAPH_MAX_TOKENS.get(),
-                                                  knobs.CUDA_GRAPH_REPEAT_MAX_TOKENS.get())
+    # while the caller captures a graph of its own, that graph records the launches (and no stream may sync)
+    if not wanted or torch.cuda.is_current_stream_capturing():
+        return False
+    return token_count(tensors) <= max(knobs.CUDA_GRAPH_MAX_TOKENS.get(), knobs.CUDA_GRAPH_REPEAT_MAX_TOKENS.get(),
+                                       knobs.CUDA_GRAPH_PROBE_MAX_TOKENS.get())
+
+
+def timed_call(program, tensors: list[torch.Tensor], state: float | None) -> tuple[tuple, bool | float]:
+    """One call of a shape above ``MOECC_CUDA_GRAPH_REPEAT_MAX_TOKENS``, timed: (its outputs, the shape's next
+    state). The first (``state`` None) gives its host seconds, which size the next one's ``host_bound_call``."""
+    if state is None:
+        start = time.perf_counter()
+        out = program(*tensors)
+        return out, time.perf_counter() - start
+    return host_bound_call(program, tensors, min(2 * state + 1e-3, SLEEP_MAX_S))
+
+
+def host_bound_call(program, tensors: list[torch.Tensor], sleep_s: float) -> tuple[tuple, bool | float]:
+    """``program(*tensors)`` launched behind ``sleep_s`` of GPU sleep, so that its kernels queue up and run back
+    to back: (its outputs, whether its launching took the host about as long as its kernels took the GPU, or the
+    host's seconds where the sleep ran out before the launches did and the kernels may have waited on them)."""
+    stream = torch.cuda.current_stream()
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(int(sleep_s * SLEEP_CYCLES_PER_S))
+    begin.record(stream)
+    start = time.perf_counter()
+    out = program(*tensors)
+    host = time.perf_counter() - start
+    end.record(stream)
+    ran_out = begin.query()
+    end.synchronize()
+    shapes = [tuple(t.shape) for t in tensors]
+    if ran_out:
+        log.debug("CUDA graphs for %s: %.3f ms of launching outlasted %.3f ms of GPU sleep", shapes, host * 1e3,
+                  sleep_s * 1e3)
+        return out, False if sleep_s >= SLEEP_MAX_S else host
+    device = begin.elapsed_time(end) / 1e3
+    bound = host >= HOST_BOUND_SHARE * device
+    log.debug("CUDA graphs for %s: launching took %.3f ms, the kernels %.3f ms: %s", shapes, host * 1e3,
+              device * 1e3, "host-bound, captured from the next call" if bound else "launched as they are")
+    return out, bound
 
 
 class _Instance:
@@ -86,7 +138,7 @@ class GraphCache:
         self.program = program
         self.graphs: OrderedDict[tuple, list[_Instance]] = OrderedDict()
         self.failed: set[tuple] = set()
-        self.seen: OrderedDict[tuple, None] = OrderedDict()  # shapes above MAX_TOKENS called once, newest last
+        self.seen: OrderedDict[tuple, bool | float | None] = OrderedDict()  # shapes above MAX_TOKENS, newest last
         self.pool = None
 
     def __deepcopy__(self, memo: dict) -> GraphCache:
@@ -95,7 +147,11 @@ class GraphCache:
 
     def __call__(self, tensors: list[torch.Tensor]):
         key = tuple((t.shape, t.dtype, t.get_device()) for t in tensors)
-        if key in self.failed or not self._graphs_now(key, tensors):
+        now = False if key in self.failed else self._graphs_now(key, tensors)
+        if now is None:
+            out, self.seen[key] = timed_call(self.program, tensors, self.seen.get(key))
+            return out
+        if not now:
             return self.program(*tensors)
         instances = self.graphs.get(key)
         if instances is None:
@@ -118,21 +174,28 @@ class GraphCache:
             return self.program(*tensors)
         return free.run(tensors)
 
-    def _graphs_now(self, key: tuple, tensors: list[torch.Tensor]) -> bool:
+    def _graphs_now(self, key: tuple, tensors: list[torch.Tensor]) -> bool | None:
         """Whether this call goes through graphs: always up to MAX_TOKENS, from a shape's second call up to
-        REPEAT_MAX_TOKENS (the first one is remembered, among the last ``SEEN`` such shapes)."""
+        REPEAT_MAX_TOKENS, and up to PROBE_MAX_TOKENS once its timed calls found it host-bound (None: a timed call,
+        ``timed_call``). Shapes above MAX_TOKENS are remembered in ``seen``, the last ``SEEN`` of them: None once
+        called (in the repeat range), else their state after ``timed_call``."""
         tokens = token_count(tensors)
         if key in self.graphs or tokens <= knobs.CUDA_GRAPH_MAX_TOKENS.get():
             return True
-        if tokens > knobs.CUDA_GRAPH_REPEAT_MAX_TOKENS.get():
+        repeat = tokens <= knobs.CUDA_GRAPH_REPEAT_MAX_TOKENS.get()
+        if not repeat and tokens > knobs.CUDA_GRAPH_PROBE_MAX_TOKENS.get():
             return False
         if key in self.seen:
-            del self.seen[key]
-            return True
+            state = self.seen[key]
+            self.seen.move_to_end(key)
+            if repeat or state is True:
+                del self.seen[key]
+                return True
+            return None if state is not False else False
         self.seen[key] = None
         while len(self.seen) > SEEN:
             self.seen.popitem(last=False)
-        return False
+        return False if repeat else None
 
     def _capture(self, tensors) -> _Instance:
         static_in = [t.clone() for t in tensors]
