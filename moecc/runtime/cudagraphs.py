@@ -70,8 +70,10 @@ def replays(backend: str, tensors: list[torch.Tensor], enabled: bool | None = No
     # while the caller captures a graph of its own, that graph records the launches (and no stream may sync)
     if not wanted or torch.cuda.is_current_stream_capturing():
         return False
-    return token_count(tensors) <= max(knobs.CUDA_GRAPH_MAX_TOKENS.get(), knobs.CUDA_GRAPH_REPEAT_MAX_TOKENS.get(),
-                                       knobs.CUDA_GRAPH_PROBE_MAX_TOKENS.get())
+    tokens = token_count(tensors)
+    # decode's few tokens read one knob (each read is an environment lookup, about 1 us)
+    return tokens <= knobs.CUDA_GRAPH_MAX_TOKENS.get() or tokens <= max(knobs.CUDA_GRAPH_REPEAT_MAX_TOKENS.get(),
+                                                                        knobs.CUDA_GRAPH_PROBE_MAX_TOKENS.get())
 
 
 def timed_call(program, tensors: list[torch.Tensor], state: float | None) -> tuple[tuple, bool | float]:
