@@ -100,13 +100,16 @@ def _library_hook(hook) -> bool:
 def tell_traced(model: nn.Module) -> None:
     """Warn, once per model and set of hooks, that forward hooks run while the model is captured: what they return
     is part of the program, but what else they do (record an activation, print) may not happen at each call."""
-    held = [name or "the model" for name, m in model.named_modules()
-            if any(not _library_hook(h) for d in (m._forward_pre_hooks, m._forward_hooks) for h in d.values())]
+    users = tuple((name, ids) for name, m in model.named_modules()
+                  if (ids := tuple(i for d in (m._forward_pre_hooks, m._forward_hooks) for i, h in d.items()
+                                   if not _library_hook(h))))
+    held = [name or "the model" for name, _ in users]
     if _global_hooks() != ((), ()):
         held.append("every module (global hooks)")
     if not held:
         return
-    seen = (tuple(held), tuple(forward_hooks(m) for _, m in model.named_modules()), _global_hooks())
+    # the user's hooks only: a library's recorders, installed between two captures, are no news
+    seen = (users, _global_hooks())
     if _TOLD.get(model) == seen:
         return
     _TOLD[model] = seen

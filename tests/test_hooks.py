@@ -85,3 +85,27 @@ def test_set_aside_puts_hooks_back_in_order():
         assert calls == []
     lin(torch.ones(2))
     assert calls == ["pre", "a", "b"]
+
+
+def _recorder(module, args, out):
+    return None
+
+
+_recorder.__module__ = "transformers.utils.output_capturing"  # as Hugging Face's output recorders are
+
+
+def test_hooks_are_told_once_per_set_of_the_users_hooks(moecc_warnings):
+    from moecc.hooks import tell_traced
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU())
+    tell_traced(model)  # no hooks: nothing to tell
+    model[0].register_forward_hook(lambda m, a, o: o)
+    tell_traced(model)
+    model[1].register_forward_hook(_recorder)  # a library's recorder, installed between two captures
+    tell_traced(model)
+    told = [r.getMessage() for r in moecc_warnings.records if "has forward hooks on" in r.getMessage()]
+    assert len(told) == 1 and "hooks on 0." in told[0]
+    model[1].register_forward_pre_hook(lambda m, a: None)
+    tell_traced(model)
+    told = [r.getMessage() for r in moecc_warnings.records if "has forward hooks on" in r.getMessage()]
+    assert len(told) == 2 and "hooks on 0, 1." in told[1]
