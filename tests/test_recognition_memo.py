@@ -67,7 +67,7 @@ class _LayerNormExpert(nn.Module):
         return self.mlp(self.norm(x))
 
 
-def test_a_block_left_as_written_is_not_searched_again(analyses):
+def test_a_block_left_as_written_is_not_searched_again_nor_warned_about_again(analyses, moecc_warnings):
     torch.manual_seed(0)
     block = LoopMoE()
     block.experts = nn.ModuleList(_LayerNormExpert() for _ in range(6))
@@ -77,6 +77,8 @@ def test_a_block_left_as_written_is_not_searched_again(analyses):
     _check(cm, model, (1, 1))
     assert cm.captures == 2 and analyses == ["moe"]
     assert not cm.moe_layers[0].fused and "LayerNormExpert" in cm.moe_layers[0].reason
+    told = [r for r in moecc_warnings.records if "left as written" in r.getMessage()]
+    assert len(told) == 1, [r.getMessage() for r in told]
 
 
 def test_a_stamp_changes_with_what_an_analysis_reads():

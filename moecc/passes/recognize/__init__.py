@@ -176,6 +176,7 @@ class Recognize(MoePass):
                 modified = True
                 continue
             failed_key = (key, node.meta.get(REFUSED_ROUTING, ""))  # a block refused canonical routings fails apart
+            told = False  # the block was left as written in an earlier capture, which warned about it
             if failed_key in failed_like:
                 # a search that fails tries every candidate (thousands for a stacked bank routed inline): the
                 # same code over the same shapes fails the same way, and leaving a block as written is always exact;
@@ -191,6 +192,7 @@ class Recognize(MoePass):
                 if result is not None:
                     log.debug("MoE block %s: recognized as in an earlier capture", name)
                     reused += 1
+                    told = not result
                 else:
                     result = self._analyze(name, block, node, own_first)
                     if memo_key is not None:
@@ -207,7 +209,7 @@ class Recognize(MoePass):
                     log.info("MoE block %s is no canonical block (%s); its experts %s may fuse alone", name,
                              result.reason, info.routed_bank)
                 else:
-                    log.warning("MoE block %s left as written: %s", name, result.reason)
+                    (log.info if told else log.warning)("MoE block %s left as written: %s", name, result.reason)
                 continue
             a = result.value
             info.num_experts, info.top_k = a.routing.num_experts, a.routing.top_k
