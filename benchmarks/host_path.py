@@ -50,18 +50,23 @@ def host_ms(fn, calls: int = CALLS) -> float:
     return ms
 
 
-def profile_calls(fn, top: int, calls: int = CALLS) -> None:
-    """cProfile of ``calls`` calls with the GPU busy: each function's own time and count per call."""
-    fn()
-    torch.cuda.synchronize()
-    torch.cuda._sleep(400_000_000)
+def cprofiled(fn, calls: int) -> cProfile.Profile:
+    """cProfile of ``calls`` calls of ``fn``, then a sync."""
     prof = cProfile.Profile()
     prof.enable()
     for _ in range(calls):
         fn()
     prof.disable()
     torch.cuda.synchronize()
-    stats = pstats.Stats(prof).stats
+    return prof
+
+
+def profile_calls(fn, top: int, calls: int = CALLS) -> None:
+    """cProfile of ``calls`` calls with the GPU busy: each function's own time and count per call."""
+    fn()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(400_000_000)
+    stats = pstats.Stats(cprofiled(fn, calls)).stats
     rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
     print(f"   cProfile, own time per call (us), calls per call, function (profiled total "
           f"{sum(v[2] for v in stats.values()) / calls * 1e6:.0f} us per call):")

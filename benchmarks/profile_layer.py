@@ -8,14 +8,14 @@ without CUDA graphs, so that launch gaps (wall minus kernel sum) and the slowest
 from __future__ import annotations
 
 import argparse
-import cProfile
 import io
 import pstats
 import time
 from collections import defaultdict
 
 import torch
-from moe_layer import cuda_time, make_block  # the layer benchmark's helpers, beside this file
+from host_path import cprofiled  # beside this file
+from moe_layer import cuda_time, make_block
 from torch.profiler import ProfilerActivity, profile
 
 import moecc
@@ -78,14 +78,8 @@ def host_profile(fn, calls: int = 50) -> float:
         fn()
     per_call = (time.perf_counter() - start) / calls
     torch.cuda.synchronize()
-    prof = cProfile.Profile()
-    prof.enable()
-    for _ in range(calls):
-        fn()
-    prof.disable()
-    torch.cuda.synchronize()
     buf = io.StringIO()
-    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(18)
+    pstats.Stats(cprofiled(fn, calls), stream=buf).sort_stats("tottime").print_stats(18)
     print("\n".join(line for line in buf.getvalue().splitlines()[6:] if line.strip()))
     return per_call
 
