@@ -92,11 +92,13 @@ TRITON_PDL = Knob("MOECC_TRITON_PDL", True, bool, "launch the decode GEMVs as pr
 TRITON_ROUTER_GEMV = Knob("MOECC_TRITON_ROUTER_GEMV", True, bool, "up to 16 tokens the gating kernel also computes the "
                           "router GEMV for bf16/fp16 logits, rounded to the model's dtype as the eager GEMM rounds "
                           "them (off: those routers stay a GEMM of their own; fp32 logits always fuse)")
+ORT_THREADS = Knob("MOECC_ORT_THREADS", 0, int, "intra-op threads of each ONNX Runtime session moecc opens "
+                   "(0: ONNX Runtime's default, one per physical core)")
 
 ALL = (DUMP_DIR, LOGS, VERIFY, CACHE_DIR, CAPTURE_CACHE, WATCH_WEIGHTS, RECOGNIZE_SEARCH_S, AUTOTUNE, CUDA_GRAPHS,
        CUDA_GRAPH_MAX_TOKENS, CUDA_GRAPH_REPEAT_MAX_TOKENS, CUDA_GRAPH_PROBE_MAX_TOKENS,
        CUDA_GRAPH_MAX_GRAPHS, TRITON_TMA, TRITON_WS,
-       TRITON_WS_GEMM1_MIN_ROWS, TRITON_DECODE_MAX_TOKENS, TRITON_PDL, TRITON_ROUTER_GEMV)
+       TRITON_WS_GEMM1_MIN_ROWS, TRITON_DECODE_MAX_TOKENS, TRITON_PDL, TRITON_ROUTER_GEMV, ORT_THREADS)
 
 
 def cache_dir() -> Path:

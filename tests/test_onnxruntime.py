@@ -239,6 +239,37 @@ def test_a_compiled_model_on_onnxruntime_can_be_deep_copied():
         torch.testing.assert_close(copied(ids), model(ids), rtol=1e-5, atol=1e-5)
 
 
+def test_onnxruntime_sessions_take_their_thread_count_from_the_knob(monkeypatch):
+    """``MOECC_ORT_THREADS`` sets each session's intra-op threads (several processes on one host), in a compile and
+    in a session opened again from its file (a deep copy, as ``moecc.load`` opens one); 0 leaves ONNX Runtime's."""
+    import onnxruntime as ort
+    from user_modules import LoopMoE, TinyModel
+
+    opened = []
+
+    class Recorded(ort.InferenceSession):
+        def __init__(self, path, options=None, **kwargs):
+            opened.append(options.intra_op_num_threads)
+            super().__init__(path, options, **kwargs)
+
+    monkeypatch.setattr(ort, "InferenceSession", Recorded)
+    torch.manual_seed(0)
+    model = TinyModel(LoopMoE()).eval()
+    ids = torch.randint(0, 50, (2, 9))
+    monkeypatch.setenv("MOECC_ORT_THREADS", "1")
+    cm = moecc.compile(model, backend="onnxruntime")
+    with torch.no_grad():
+        torch.testing.assert_close(cm(ids), model(ids), rtol=1e-5, atol=1e-5)
+        assert opened and set(opened) == {1}
+        opened.clear()
+        monkeypatch.setenv("MOECC_ORT_THREADS", "0")
+        copy.deepcopy(cm)
+        assert opened and set(opened) == {0}
+        monkeypatch.setenv("MOECC_ORT_THREADS", "-1")
+        with pytest.raises(ValueError, match="MOECC_ORT_THREADS"):
+            copy.deepcopy(cm)
+
+
 def test_an_empty_batch_runs_with_torch_under_auto(monkeypatch):
     """ONNX Runtime refuses the graph exported for 0 tokens (a reshape of 0 elements with an inferred dim), so
     ``auto`` does not export one; the batch gets its empty output as eager gives it."""

@@ -18,6 +18,7 @@ from moecc.codegen.onnx.ort_moe import (
     ort_moe_onnx,
     ort_qmoe_computes_same,
     ort_qmoe_onnx,
+    session_options,
 )
 from moecc.codegen.onnx.quant import cannot_quantize, quantize
 from moecc.errors import BackendError, first_line
@@ -246,7 +247,7 @@ class OrtModule(nn.Module):
     def _open(self):
         import onnxruntime as ort
 
-        return ort.InferenceSession(self.path, ort.SessionOptions(), providers=[self.provider])
+        return ort.InferenceSession(self.path, session_options(), providers=[self.provider])
 
     def __getstate__(self):
         # a session cannot be pickled (copy.deepcopy of a compiled model pickles it): it is opened again from path

@@ -139,6 +139,21 @@ def _moe_attrs(k, activation_type, normalize, alpha, beta, limit) -> dict:
 LOGIT_SCALES = (0.05, 1.0)  # near-uniform and peaked router logits: an op must match on both
 
 
+def session_options():
+    """ONNX Runtime session options for every session moecc opens: intra-op threads from ``MOECC_ORT_THREADS``."""
+    import onnxruntime as ort
+
+    from moecc import knobs
+
+    options = ort.SessionOptions()
+    threads = knobs.ORT_THREADS.get()
+    if threads < 0:
+        raise ValueError(f"MOECC_ORT_THREADS must be 0 (ONNX Runtime's default) or a thread count, got {threads}")
+    if threads:
+        options.intra_op_num_threads = threads
+    return options
+
+
 def _run_one_node(op: str, input_names: list[str], attrs: dict, inits: dict, feeds: dict, provider: str):
     """Run a single com.microsoft node on ``feeds`` (torch tensors); its output, or the exception ORT raised."""
     import onnxruntime as ort
@@ -152,7 +167,7 @@ def _run_one_node(op: str, input_names: list[str], attrs: dict, inits: dict, fee
     opsets = [helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)]
     try:
         sess = ort.InferenceSession(helper.make_model(graph, opset_imports=opsets).SerializeToString(),
-                                    providers=[provider])
+                                    session_options(), providers=[provider])
         return sess.run(None, {n: v.numpy() for n, v in feeds.items()})[0]
     except Exception as exc:  # noqa: BLE001 - not implemented on this provider: the caller decomposes
         return exc
