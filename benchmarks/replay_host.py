@@ -4,7 +4,8 @@
 
 At decode sizes a replayed layer needs less device time than the host takes to call it, so the host decides the
 layer's time. Prints host microseconds per call of the whole call and of its parts (input copy, replay, the
-output clone the runtime no longer makes, the liveness check and alias it makes instead, pytree and guards),
+output clone the runtime no longer makes, the liveness check and alias it makes instead, pytree and guards, the
+locks and stream check that let callers in several threads and on several streams take turns),
 and the device time of back-to-back replays for comparison."""
 
 from __future__ import annotations
@@ -32,6 +33,12 @@ def host_us(fn, calls: int = 2000) -> float:
     return spent / calls * 1e6
 
 
+def _turns(*locks) -> None:
+    for lock in locks:
+        with lock:
+            pass
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="qwen3_moe")
@@ -55,6 +62,8 @@ def main() -> int:
             "guards, flattened": lambda: entry.matches(flat, spec),
             "guards, positional": lambda: entry.matches_tensors([x]),
             "replays()": lambda: replays("triton", [x], None),
+            "turns: call and graph locks": lambda: _turns(cm._lock, entry.graphs.lock),
+            "turns: stream check": lambda: entry.graphs._follow_stream(x.get_device()),
         }
         print(f"{torch.cuda.get_device_name()}: {args.shape} T={args.tokens}, host us per call")
         for name, fn in parts.items():

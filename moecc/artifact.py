@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import zipfile
 from pathlib import Path
 
@@ -281,6 +282,14 @@ class LoadedModel:
         self.constants = {int(k): v for k, v in manifest["inputs"]["constants"].items()}
         self.graphs = None
         self.keywords = keyword_order(self.in_spec)
+        self._lock = threading.RLock()  # calls from several threads take turns, as a compiled model's do
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_lock"}  # a lock cannot be pickled or copied
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
 
     def _keywords_differ(self, kwargs: dict) -> str:
         if self.keywords is None or set(kwargs) == set(self.keywords):
@@ -304,8 +313,10 @@ class LoadedModel:
                 raise ValueError(f"input #{i} was the constant {c!r} at export, got {flat[i]!r}; re-export for it")
         tensors = [flat[i] for i in self.tensor_pos]
         if not autocast_state():
-            return _rebuild(self.manifest["outputs"]["paths"], list(self._run(tensors)))
-        with contextlib.ExitStack() as stack:  # the program holds its export's casts; autocast would add its own
+            with self._lock:
+                return _rebuild(self.manifest["outputs"]["paths"], list(self._run(tensors)))
+        # the program holds its export's casts; autocast would add its own
+        with contextlib.ExitStack() as stack, self._lock:
             for device in DEVICE_TYPES:
                 stack.enter_context(torch.autocast(device, enabled=False))
             return _rebuild(self.manifest["outputs"]["paths"], list(self._run(tensors)))

@@ -3,6 +3,7 @@ while the caller holds them."""
 
 import pytest
 import torch
+from concurrency import call_together
 
 from moecc.runtime import cudagraphs
 from moecc.runtime.cudagraphs import GraphCache
@@ -33,6 +34,50 @@ def test_replays_hand_out_aliases_and_keep_held_outputs(tokens):
     for x in xs:  # nothing held: one instance serves every call
         torch.testing.assert_close(cache([x])[0], _ref(x))
     assert len(cache.graphs[next(iter(cache.graphs))]) == 2
+
+
+def test_callers_in_several_threads_take_turns():
+    """An instance is chosen free, filled and replayed by one caller at a time: two callers never fill the same
+    static buffers."""
+    cache = GraphCache(_program)
+    xs = [torch.randn(64, 8, device="cuda") for _ in range(6)]
+
+    def call(x):
+        return [cache([x])[0].clone() for _ in range(40)]  # each alias dropped at once: its instance is free again
+
+    for x, outs in zip(xs, call_together(call, xs)):
+        assert not isinstance(outs, Exception), outs
+        for out in outs:
+            torch.testing.assert_close(out, _ref(x))
+
+
+def test_a_call_on_another_stream_waits_for_the_graphs_work_on_the_last():
+    """Graphs of more than 16 tokens share one memory pool, which holds for replays in call order; a call on another
+    stream waits for the work queued on the last call's, or two replays would run at once on the same memory."""
+    w = torch.randn(512, 512, device="cuda") / 23
+
+    def chain(x):
+        for _ in range(40):
+            x = torch.tanh(x @ w)
+        return (x,)
+
+    cache = GraphCache(chain)
+    xs = [torch.randn(64, 512, device="cuda") for _ in range(2)]
+    with torch.no_grad():
+        held = [cache([x])[0] for x in xs]  # two instances, captured while the other is held
+        refs = [chain(x)[0] for x in xs]
+        del held
+        torch.cuda.synchronize()
+        streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+        outs = []
+        for stream, x in zip(streams, xs):
+            with torch.cuda.stream(stream):
+                torch.cuda._sleep(20_000_000)  # both replays queued behind a sleep, so that unordered they overlap
+                outs.append(cache([x])[0])
+        torch.cuda.synchronize()
+    assert len(cache.graphs[next(iter(cache.graphs))]) == 2
+    for out, ref in zip(outs, refs):
+        torch.testing.assert_close(out, ref)
 
 
 class _HandsBack(torch.nn.Module):

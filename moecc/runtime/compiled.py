@@ -6,6 +6,7 @@ import contextlib
 import inspect
 import logging
 import re
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -178,6 +179,17 @@ class CompiledModule(nn.Module):
         self.hints = CaptureHints()
         # a Hugging Face model's calls may carry a KV cache (``kv_cache``)
         self._takes_caches = getattr(model, "config", None) is not None and kv_cache.register()
+        # calls from several threads run one at a time: a capture's tracing state is global, and the program's
+        # caches (captures, CUDA graphs and their static buffers) are shared
+        self._lock = threading.RLock()
+
+    def __getstate__(self):
+        # a lock cannot be pickled (copy.deepcopy of a compiled model pickles it): the copy makes its own
+        return {k: v for k, v in super().__getstate__().items() if k != "_lock"}
+
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        self._lock = threading.RLock()
 
     @property
     def moe_layers(self) -> list[MoELayerInfo]:
@@ -194,13 +206,14 @@ class CompiledModule(nn.Module):
 
     def forward(self, *args, **kwargs):
         if not torch.is_grad_enabled():
-            return self._forward(args, kwargs)
+            with self._lock:
+                return self._forward(args, kwargs)
         if not self._told_no_grad:
             self._told_no_grad = True
             log.warning("moecc programs are for inference: the outputs of %s carry no gradient (its MoE ops have no "
                         "backward). Call it under torch.no_grad() or torch.inference_mode(); to train, call the "
                         "model itself", type(self.original_model).__name__)
-        with torch.no_grad():
+        with torch.no_grad(), self._lock:
             return self._forward(args, kwargs)
 
     def _forward(self, args: tuple, kwargs: dict):

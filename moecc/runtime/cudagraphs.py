@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import threading
 import time
 from collections import OrderedDict
 
@@ -52,6 +53,14 @@ SLEEP_CYCLES_PER_S = 2.5e9  # at least as many as a GPU's clock runs, so that a 
 # a 38 us decode layer); above, pools of their own would hold too much memory for too little gain
 OWN_POOL_MAX_TOKENS = 16
 _use_count = getattr(torch._C, "_storage_Use_Count", None)  # private: without it, outputs are copied out
+
+
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # private (Inductor's launchers call it)
+
+
+def _current_raw_stream(device: int) -> int:
+    """The current CUDA stream's handle on ``device``, without building a ``torch.cuda.Stream`` (about 1 us)."""
+    return _raw_stream(device) if _raw_stream is not None else torch.cuda.current_stream(device).cuda_stream
 
 
 def token_count(tensors: list[torch.Tensor]) -> int:
@@ -142,12 +151,33 @@ class GraphCache:
         self.failed: set[tuple] = set()
         self.seen: OrderedDict[tuple, bool | float | None] = OrderedDict()  # shapes above MAX_TOKENS, newest last
         self.pool = None
+        # callers in several threads take turns: an instance is chosen free and its static buffers filled and
+        # replayed before another caller may choose
+        self.lock = threading.Lock()
+        self.stream: torch.cuda.Stream | None = None  # the stream of the last call, which the graphs' work is on
+        self.raw_stream: int | None = None
 
     def __deepcopy__(self, memo: dict) -> GraphCache:
         # a graph replays the buffers and weights of the program it was captured from: the copy captures its own
         return GraphCache(copy.deepcopy(self.program, memo))
 
     def __call__(self, tensors: list[torch.Tensor]):
+        with self.lock:
+            self._follow_stream(tensors[0].get_device())
+            return self._call(tensors)
+
+    def _follow_stream(self, device: int) -> None:
+        """Graphs share memory (static inputs, the shared pool) across calls, which is safe while their work runs in
+        call order: a call on another stream than the last waits for the work queued on that one."""
+        raw = _current_raw_stream(device)
+        if raw == self.raw_stream:
+            return
+        current = torch.cuda.current_stream(device)
+        if self.stream is not None:
+            current.wait_stream(self.stream)
+        self.stream, self.raw_stream = current, raw
+
+    def _call(self, tensors: list[torch.Tensor]):
         key = tuple((t.shape, t.dtype, t.get_device()) for t in tensors)
         now = False if key in self.failed else self._graphs_now(key, tensors)
         if now is None:
