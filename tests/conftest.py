@@ -10,6 +10,12 @@ sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("MOECC_LOGS", "error")
 # tuned tiles and captures stay inside the test session (compiles of the same tiny model then hit the capture cache)
 os.environ.setdefault("MOECC_CACHE_DIR", tempfile.mkdtemp(prefix="moecc-tests-"))
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    # pytest -n: each worker takes its share of the cores, or torch's and ONNX Runtime's pools spin against each other
+    _THREADS = max(1, (os.cpu_count() or 1) // _WORKERS)
+    torch.set_num_threads(_THREADS)
+    os.environ.setdefault("MOECC_ORT_THREADS", str(_THREADS))
 if not torch.cuda.is_available():
     # Triton kernels run in the interpreter on CPU; must be set before moecc's Triton modules are imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
