@@ -80,6 +80,19 @@ def test_a_call_on_another_stream_waits_for_the_graphs_work_on_the_last():
         torch.testing.assert_close(out, ref)
 
 
+@pytest.mark.parametrize("tokens", [4, 64])
+def test_a_graph_captured_under_inference_mode_serves_calls_outside_it(tokens):
+    cache = GraphCache(_program)
+    xs = [torch.randn(tokens, 8, device="cuda") for _ in range(3)]
+    with torch.inference_mode():
+        torch.testing.assert_close(cache([xs[0]])[0], _ref(xs[0]))
+    with torch.no_grad():
+        torch.testing.assert_close(cache([xs[1]])[0], _ref(xs[1]))
+    with torch.inference_mode():
+        torch.testing.assert_close(cache([xs[2]])[0], _ref(xs[2]))
+    assert len(cache.graphs) == 1
+
+
 class _HandsBack(torch.nn.Module):
     """Returns its input and its weight as they are, beside a new tensor."""
 

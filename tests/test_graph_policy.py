@@ -166,3 +166,15 @@ def test_a_deep_copy_of_the_cache_has_no_graphs_and_the_copied_program():
     assert copied.program is not cache.program and copied.program(None) == ("launched", 1.0)
     copied.program.weight[0] = 2.0
     assert cache.program(None) == ("launched", 1.0)
+
+
+def test_a_graphs_input_buffers_are_no_inference_tensors():
+    """A capture under ``torch.inference_mode()`` must leave buffers that a later call outside it can fill in place
+    (an inference tensor refuses that)."""
+    with torch.inference_mode():
+        x = torch.randn(4, 8)
+        (buffer,) = cudagraphs.static_copies([x])
+    assert x.is_inference() and not buffer.is_inference()
+    with torch.no_grad():
+        buffer.copy_(torch.ones(4, 8))
+    torch.testing.assert_close(buffer, torch.ones(4, 8))

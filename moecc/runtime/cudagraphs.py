@@ -121,6 +121,13 @@ def host_bound_call(program, tensors: list[torch.Tensor], sleep_s: float) -> tup
     return out, bound
 
 
+def static_copies(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """A graph's input buffers, which each replay fills in place: never inference tensors, even when the capture
+    runs under ``torch.inference_mode()``, or a later call outside it could not fill them."""
+    with torch.inference_mode(False):
+        return [t.clone() for t in tensors]
+
+
 class _Instance:
     def __init__(self, graph, static_in: list, outputs: tuple, scratch: GraphScratch) -> None:
         self.graph = graph
@@ -163,7 +170,8 @@ class GraphCache:
 
     def __call__(self, tensors: list[torch.Tensor]):
         with self.lock:
-            self._follow_stream(tensors[0].get_device())
+            if (device := tensors[0].get_device()) >= 0:  # (a CPU test's stand-in program has no stream)
+                self._follow_stream(device)
             return self._call(tensors)
 
     def _follow_stream(self, device: int) -> None:
@@ -230,7 +238,7 @@ class GraphCache:
         return False if repeat else None
 
     def _capture(self, tensors) -> _Instance:
-        static_in = [t.clone() for t in tensors]
+        static_in = static_copies(tensors)
         scratch = GraphScratch()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
