@@ -6,7 +6,8 @@ graph's output buffers rather than copies (on an H100 host a clone of the output
 call). A graph is replayed only while no alias of its outputs is alive (the storages' use counts say so);
 otherwise another instance of it is captured, up to ``INSTANCES``, after which the call runs without graphs. So an
 output the caller keeps is never overwritten. Graphs of more than ``OWN_POOL_MAX_TOKENS`` tokens share one memory
-pool, which is safe because replays run one at a time on one stream, and end by copying their outputs into
+pool, which is safe because replays run one at a time in call order (callers in several threads take turns, and a
+call on another stream than the last waits for the work queued there), and end by copying their outputs into
 buffers of their own outside it; graphs of fewer tokens keep everything in a pool of their own, and their outputs
 where their last kernels write them. The least recently used shape is dropped past
 ``MOECC_CUDA_GRAPH_MAX_GRAPHS``. Each graph also keeps its kernels' zeroed counters (``scratch``).
