@@ -18,6 +18,7 @@ import importlib
 import json
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -244,12 +245,12 @@ def save(key: str, gm: fx.GraphModule, blocks: dict[str, str], model: nn.Module)
         if constants:
             from safetensors.torch import save_file
 
-            tmp = folder / f"{key}.safetensors.{os.getpid()}.tmp"
+            tmp = folder / f"{key}.safetensors.{os.getpid()}.{threading.get_ident()}.tmp"
             save_file({k: v.detach().cpu().contiguous() for k, v in constants.items()}, str(tmp))
             tmp.replace(folder / f"{key}.safetensors")
         entry = {"nodes": nodes, "blocks": blocks, "kinds": kinds,
                  "constants": {k: str(v.device) for k, v in constants.items()}}
-        tmp = folder / f"{key}.json.{os.getpid()}.tmp"
+        tmp = folder / f"{key}.json.{os.getpid()}.{threading.get_ident()}.tmp"
         tmp.write_text(json.dumps(entry))
         tmp.replace(folder / f"{key}.json")
         _prune(folder)
@@ -267,7 +268,7 @@ def save_refusal(key: str, reason: str) -> None:
     folder = _folder()
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f"{key}.json.{os.getpid()}.tmp"
+        tmp = folder / f"{key}.json.{os.getpid()}.{threading.get_ident()}.tmp"
         tmp.write_text(json.dumps({"refused": reason}))
         tmp.replace(folder / f"{key}.json")
         (folder / f"{key}.safetensors").unlink(missing_ok=True)

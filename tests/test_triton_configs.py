@@ -40,6 +40,46 @@ def test_tuned_config_is_stored_found_and_shares_block_m(tmp_path, monkeypatch):
     assert got1 == c1 and got2.block_m == c1.block_m and got2.block_n == c2.block_n
 
 
+def test_a_damaged_tuning_cache_is_ignored_with_a_warning_and_written_anew(tmp_path, monkeypatch, moecc_warnings):
+    pytest.importorskip("triton")
+    monkeypatch.setenv("MOECC_CACHE_DIR", str(tmp_path))
+    (tmp_path / "triton_configs.json").write_text('{"Test GPU (damaged)|triton')  # a write cut short
+    dev = "Test GPU (damaged)"
+    assert configs.lookup(dev, torch.float16, 4, 64, 32, 8, "gemm1") is None
+    assert "cannot be read" in moecc_warnings.text
+    tile = TileConfig(32, 64, 64, 4, 4, 3)
+    configs.store(dev, torch.float16, 4, 64, 32, 8, "gemm1", tile)
+    assert len(json.loads((tmp_path / "triton_configs.json").read_text())) == 1
+    assert configs.lookup(dev, torch.float16, 4, 64, 32, 8, "gemm1") == tile
+
+
+def _store_tiles(cache_dir: str, worker: int) -> None:
+    import os
+
+    os.environ["MOECC_CACHE_DIR"] = cache_dir
+    for bucket in range(1, 9):
+        configs.store(f"Test GPU (worker {worker})", torch.float16, 4, 64, 32, bucket, "gemm1",
+                      TileConfig(32, 64, 64, 4, 4, 3))
+
+
+def test_processes_tuning_at_once_keep_each_others_tiles(tmp_path):
+    """Workers of one server tune into one cache: each store adds its tile to the table as it is on disk then."""
+    pytest.importorskip("triton")
+    import multiprocessing
+
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("needs fork")
+    context = multiprocessing.get_context("fork")
+    workers = [context.Process(target=_store_tiles, args=(str(tmp_path), i)) for i in range(4)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(60)
+    assert [w.exitcode for w in workers] == [0] * 4
+    assert len(json.loads((tmp_path / "triton_configs.json").read_text())) == 4 * 8
+    assert not list(tmp_path.glob("*.tmp"))
+
+
 def test_shipped_configs_cover_h100_and_h200_and_fit():
     table = json.loads(configs.SHIPPED.read_text())
     for device in ("NVIDIA H100 80GB HBM3", "NVIDIA H200"):

@@ -4,11 +4,13 @@ tuned at."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import math
 import os
+import threading
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -136,8 +138,40 @@ _chosen: dict[tuple, tuple[TileConfig, TileConfig]] = {}
 
 def _table(path: Path) -> dict:
     if path not in _tables:
-        _tables[path] = json.loads(path.read_text()) if path.exists() else {}
+        _tables[path] = _read_table(path)
     return _tables[path]
+
+
+def _read_table(path: Path) -> dict:
+    """A table of tiles from disk: empty where there is none, or where it cannot be read (a damaged tuning cache is
+    told about and ignored, and the next tuning writes it anew)."""
+    if not path.exists():
+        return {}
+    try:
+        table = json.loads(path.read_text())
+        if not isinstance(table, dict):
+            raise ValueError(f"a JSON {type(table).__name__}, not a table of tiles")
+        return table
+    except (OSError, ValueError) as exc:
+        log.warning("ignoring the Triton tile table %s, which cannot be read: %s", path, exc)
+        return {}
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """Holds an advisory lock on ``path``'s lock file where the platform has one: processes tuning at once (workers
+    of one server) add their tiles to the table in turn, none dropping another's."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(path.with_name(path.name + ".lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _config(entry: dict) -> TileConfig:
@@ -237,11 +271,12 @@ def store(device_name: str, dtype, e, n, k, bucket, which, cfg: TileConfig, top_
     _chosen.clear()
     path = knobs.cache_dir() / "triton_configs.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    table = json.loads(path.read_text()) if path.exists() else {}
-    table[key] = {**asdict(cfg), **({"top_k": top_k} if top_k else {})}
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(table, indent=1, sort_keys=True))
-    tmp.replace(path)
+    with _locked(path):
+        table = _read_table(path)  # as it is now: another process may have added tiles since this one read it
+        table[key] = {**asdict(cfg), **({"top_k": top_k} if top_k else {})}
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        tmp.write_text(json.dumps(table, indent=1, sort_keys=True))
+        tmp.replace(path)
     _tables[path] = table
 
 
