@@ -53,6 +53,17 @@ def test_a_damaged_tuning_cache_is_ignored_with_a_warning_and_written_anew(tmp_p
     assert configs.lookup(dev, torch.float16, 4, 64, 32, 8, "gemm1") == tile
 
 
+def test_a_tile_that_cannot_be_stored_still_serves_the_process(tmp_path, monkeypatch, moecc_warnings):
+    pytest.importorskip("triton")
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("MOECC_CACHE_DIR", str(tmp_path / "file" / "cache"))  # a folder that cannot be made
+    dev = "Test GPU (read-only)"
+    tile = TileConfig(32, 64, 64, 4, 4, 3)
+    configs.store(dev, torch.float16, 4, 64, 32, 8, "gemm1", tile)
+    assert "could not store" in moecc_warnings.text
+    assert configs.lookup(dev, torch.float16, 4, 64, 32, 8, "gemm1") == tile
+
+
 def _store_tiles(cache_dir: str, worker: int) -> None:
     import os
 

@@ -270,13 +270,18 @@ def store(device_name: str, dtype, e, n, k, bucket, which, cfg: TileConfig, top_
         del _memory[memo]
     _chosen.clear()
     path = knobs.cache_dir() / "triton_configs.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(path):
-        table = _read_table(path)  # as it is now: another process may have added tiles since this one read it
-        table[key] = {**asdict(cfg), **({"top_k": top_k} if top_k else {})}
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        tmp.write_text(json.dumps(table, indent=1, sort_keys=True))
-        tmp.replace(path)
+    entry = {**asdict(cfg), **({"top_k": top_k} if top_k else {})}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with _locked(path):
+            table = _read_table(path)  # as it is now: another process may have added tiles since this one read it
+            table[key] = entry
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+            tmp.write_text(json.dumps(table, indent=1, sort_keys=True))
+            tmp.replace(path)
+    except OSError as exc:  # a read-only or full disk: the tile still serves this process
+        log.warning("could not store a tuned Triton tile in %s (%s): it serves this process only", path, exc)
+        table = {**_table(path), key: entry}
     _tables[path] = table
 
 
