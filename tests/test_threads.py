@@ -54,3 +54,22 @@ def test_a_loaded_artifact_called_from_several_threads(tmp_path):
         for kwargs, out in zip(inputs, got):
             assert isinstance(out, torch.Tensor), out
             torch.testing.assert_close(out, model(**kwargs).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_generates_from_several_threads_take_turns_and_leave_the_model_as_it_was():
+    """``cm.generate`` routes ``model.forward`` through the compiled model while it runs: two at once restored each
+    other's patch (the model stayed patched) and ran the model's own forward during the other's capture."""
+    model = make_model("mixtral")
+    cm = moecc.compile(model, backend="torch")
+    prompts = [make_inputs("mixtral", 1, seq, seed=seq)["input_ids"] for seq in (5, 6)]
+
+    def generate(ids):
+        with torch.no_grad():
+            return cm.generate(ids, max_new_tokens=3, do_sample=False)
+
+    got = call_together(generate, prompts)
+    assert "forward" not in vars(model)
+    with torch.no_grad():
+        for ids, out in zip(prompts, got):
+            assert isinstance(out, torch.Tensor), out
+            torch.testing.assert_close(out, model.generate(ids, max_new_tokens=3, do_sample=False))

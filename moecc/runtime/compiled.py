@@ -328,12 +328,15 @@ class CompiledModule(nn.Module):
         model = self.original_model
         if not hasattr(model, "generate"):
             raise AttributeError(f"{type(model).__name__} has no generate method")
-        with self._forward_compiled():
-            try:
-                return model.generate(*args, **kwargs)
-            except CacheError as exc:
-                log.warning("%s; generate runs uncompiled", exc)
-        return model.generate(*args, **kwargs)
+        # one generate at a time, holding the calls' lock throughout: it patches ``model.forward``, which another
+        # thread's generate would restore under it, and a capture inside it runs the model's own forward
+        with self._lock:
+            with self._forward_compiled():
+                try:
+                    return model.generate(*args, **kwargs)
+                except CacheError as exc:
+                    log.warning("%s; generate runs uncompiled", exc)
+            return model.generate(*args, **kwargs)
 
     @contextlib.contextmanager
     def _forward_compiled(self):
