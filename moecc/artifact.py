@@ -313,21 +313,20 @@ class LoadedModel:
                 raise ValueError(f"input #{i} was the constant {c!r} at export, got {flat[i]!r}; re-export for it")
         tensors = [flat[i] for i in self.tensor_pos]
         if not autocast_state():
-            with self._lock:
-                return _rebuild(self.manifest["outputs"]["paths"], list(self._run(tensors)))
-        # the program holds its export's casts; autocast would add its own
-        with contextlib.ExitStack() as stack, self._lock:
+            return _rebuild(self.manifest["outputs"]["paths"], list(self._run(tensors)))
+        with contextlib.ExitStack() as stack:  # the program holds its export's casts; autocast would add its own
             for device in DEVICE_TYPES:
                 stack.enter_context(torch.autocast(device, enabled=False))
             return _rebuild(self.manifest["outputs"]["paths"], list(self._run(tensors)))
 
     def _run(self, tensors: list):
-        if not getattr(self.program, "writes", None) and replays(self.manifest["backend"], tensors):
-            if self.graphs is None:
-                self.graphs = GraphCache(self.program)
-            return self.graphs(tensors)
-        with torch.no_grad():  # the moecc ops have no backward: no output carries a gradient
-            return self.program(*tensors)
+        with self._lock:
+            if not getattr(self.program, "writes", None) and replays(self.manifest["backend"], tensors):
+                if self.graphs is None:
+                    self.graphs = GraphCache(self.program)
+                return self.graphs(tensors)
+            with torch.no_grad():  # the moecc ops have no backward: no output carries a gradient
+                return self.program(*tensors)
 
 
 def _load_device(path: Path, exported: str, wanted: str | None) -> str:
