@@ -33,6 +33,7 @@ from moecc.logs import stderr_to_debug
 from moecc.runtime import kv_cache
 from moecc.runtime.cudagraphs import GraphCache, replays
 from moecc.runtime.keywords import in_order, keyword_order
+from moecc.runtime.turns import runs_alone
 from moecc.runtime.weights import storage_of
 
 log = logging.getLogger("moecc.artifact")
@@ -320,13 +321,19 @@ class LoadedModel:
             return _rebuild(self.manifest["outputs"]["paths"], list(self._run(tensors)))
 
     def _run(self, tensors: list):
+        writes = getattr(self.program, "writes", None)
         with self._lock:
-            if not getattr(self.program, "writes", None) and replays(self.manifest["backend"], tensors):
+            if not writes and replays(self.manifest["backend"], tensors):
                 if self.graphs is None:
                     self.graphs = GraphCache(self.program)
                 return self.graphs(tensors)
-            with torch.no_grad():  # the moecc ops have no backward: no output carries a gradient
-                return self.program(*tensors)
+            if not runs_alone(self.manifest["backend"], writes, tensors):
+                return self._call_program(tensors)
+        return self._call_program(tensors)  # outside the lock: calls from several threads overlap (``turns``)
+
+    def _call_program(self, tensors: list):
+        with torch.no_grad():  # the moecc ops have no backward: no output carries a gradient
+            return self.program(*tensors)
 
 
 def _load_device(path: Path, exported: str, wanted: str | None) -> str:

@@ -33,6 +33,7 @@ from moecc.runtime.cudagraphs import GraphCache, graphed_ops, replays
 from moecc.runtime.direct import direct_calls
 from moecc.runtime.keywords import in_order, keyword_order
 from moecc.runtime.localize import capture_to_blame, verify_leaving_blocks
+from moecc.runtime.turns import runs_alone
 from moecc.runtime.verify import tie_breaking_ops, verify
 from moecc.runtime.weights import WeightWatch
 
@@ -205,21 +206,23 @@ class CompiledModule(nn.Module):
         return self._blockwise_calls[-1][2] if self._blockwise_calls else None
 
     def forward(self, *args, **kwargs):
-        if not torch.is_grad_enabled():
-            with self._lock:
-                return self._forward(args, kwargs)
-        if not self._told_no_grad:
+        if torch.is_grad_enabled() and not self._told_no_grad:
             self._told_no_grad = True
             log.warning("moecc programs are for inference: the outputs of %s carry no gradient (its MoE ops have no "
                         "backward). Call it under torch.no_grad() or torch.inference_mode(); to train, call the "
                         "model itself", type(self.original_model).__name__)
-        with torch.no_grad(), self._lock:
-            return self._forward(args, kwargs)
+        with torch.no_grad():
+            with self._lock:
+                finish = self._forward(args, kwargs)
+            return finish()
 
     def _forward(self, args: tuple, kwargs: dict):
+        """What the call returns, as a function to call once the lock is released: the program of a call that
+        shares nothing with others (``turns.runs_alone``) runs there, so that calls from several threads overlap in it;
+        everything else (lookup, capture, checks, CUDA graphs, caches, blockwise calls) runs here, under the lock."""
         kwargs.update(cache_defaults(self._cache_arg, args, kwargs))
         if self._blockwise_calls and (blockwise := self._blockwise_for(args, kwargs)) is not None:
-            return self._run_blockwise(blockwise, args, kwargs)
+            return _done(self._run_blockwise(blockwise, args, kwargs))
         try:
             entry, tensors, caches = self._entry_for(args, kwargs)
         except ExportError as exc:
@@ -228,7 +231,7 @@ class CompiledModule(nn.Module):
             self._blockwise_calls.append((spec, [None if isinstance(v, torch.Tensor) else v for v in flat],
                                           blockwise))
             self._latest = blockwise
-            return self._run_blockwise(blockwise, args, kwargs)
+            return _done(self._run_blockwise(blockwise, args, kwargs))
         if (changed := entry.weights.changed()) is not None:
             why = ("the program ran the hooks there were when it was captured"
                    if changed.startswith(("forward hooks", "global forward hooks")) else
@@ -239,14 +242,14 @@ class CompiledModule(nn.Module):
             entry, tensors, caches = self._entry_for(args, kwargs)
         if caches:
             outs = self._run_with_cache(entry, tensors)
-        elif not entry.writes and replays(entry.backend, tensors, self.options.get("cuda_graphs")):
+            return _done(kv_cache.write_back(caches, pytree.tree_unflatten(list(outs), entry.out_spec)))
+        if not entry.writes and replays(entry.backend, tensors, self.options.get("cuda_graphs")):
             if entry.graphs is None:
                 entry.graphs = GraphCache(entry.runner)
-            outs = entry.graphs(tensors)
-        else:
-            outs = entry.runner(*tensors)
-        result = pytree.tree_unflatten(list(outs), entry.out_spec)
-        return kv_cache.write_back(caches, result) if caches else result
+            return _done(pytree.tree_unflatten(list(entry.graphs(tensors)), entry.out_spec))
+        if runs_alone(entry.backend, entry.writes, tensors):
+            return lambda: pytree.tree_unflatten(list(entry.runner(*tensors)), entry.out_spec)
+        return _done(pytree.tree_unflatten(list(entry.runner(*tensors)), entry.out_spec))
 
     def _blockwise(self, exc: ExportError) -> Blockwise:
         """The model run as written with each MoE block compiled alone (``blockwise``), once ``torch.export``
@@ -417,6 +420,10 @@ class CompiledModule(nn.Module):
         self._entries.append(entry)
         self._latest = entry
         return entry
+
+
+def _done(result):
+    return lambda: result
 
 
 def torch_instead(model: nn.Module, exc: DisagreementError, info: BuildInfo, requested: str,
