@@ -3,7 +3,7 @@
 Calls take turns under a lock (``CompiledModule``, ``LoadedModel``): a capture's tracing state is global, and a
 program's caches (captures, CUDA graphs and their static buffers, scratch counters) are shared. Once a call has
 found its program, though, running it often shares nothing: such a program runs after the lock is released, so
-that a server's threads overlap in it (two threads on two cores ran a tiny Mixtral on ONNX Runtime 1.9x as fast as
+that a server's threads overlap in it (two threads on two cores ran tiny-moe-stdlib on ONNX Runtime 1.9x as fast as
 one, each session on one thread, ``MOECC_ORT_THREADS=1``)."""
 
 from __future__ import annotations
