@@ -206,15 +206,17 @@ class CompiledModule(nn.Module):
         return self._blockwise_calls[-1][2] if self._blockwise_calls else None
 
     def forward(self, *args, **kwargs):
-        if torch.is_grad_enabled() and not self._told_no_grad:
-            self._told_no_grad = True
-            log.warning("moecc programs are for inference: the outputs of %s carry no gradient (its MoE ops have no "
-                        "backward). Call it under torch.no_grad() or torch.inference_mode(); to train, call the "
-                        "model itself", type(self.original_model).__name__)
-        with torch.no_grad():
-            with self._lock:
-                finish = self._forward(args, kwargs)
-            return finish()
+        if torch.is_grad_enabled():
+            if not self._told_no_grad:
+                self._told_no_grad = True
+                log.warning("moecc programs are for inference: the outputs of %s carry no gradient (its MoE ops have "
+                            "no backward). Call it under torch.no_grad() or torch.inference_mode(); to train, call the "
+                            "model itself", type(self.original_model).__name__)
+            with torch.no_grad():
+                return self.forward(*args, **kwargs)
+        with self._lock:
+            finish = self._forward(args, kwargs)
+        return finish()
 
     def _forward(self, args: tuple, kwargs: dict):
         """What the call returns, as a function to call once the lock is released: the program of a call that
