@@ -249,9 +249,10 @@ class CompiledModule(nn.Module):
             if entry.graphs is None:
                 entry.graphs = GraphCache(entry.runner)
             return _done(pytree.tree_unflatten(list(entry.graphs(tensors)), entry.out_spec))
-        if runs_alone(entry.backend, entry.writes, tensors):
-            return lambda: pytree.tree_unflatten(list(entry.runner(*tensors)), entry.out_spec)
-        return _done(pytree.tree_unflatten(list(entry.runner(*tensors)), entry.out_spec))
+        def run():
+            return pytree.tree_unflatten(list(entry.runner(*tensors)), entry.out_spec)
+
+        return run if runs_alone(entry.backend, entry.writes, tensors) else _done(run())
 
     def _blockwise(self, exc: ExportError) -> Blockwise:
         """The model run as written with each MoE block compiled alone (``blockwise``), once ``torch.export``
