@@ -17,8 +17,6 @@ from __future__ import annotations
 import importlib
 import json
 import logging
-import os
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +24,7 @@ import torch
 from torch import fx, nn
 
 from moecc import knobs
+from moecc.files import replace_whole
 
 log = logging.getLogger("moecc.capture")
 
@@ -245,14 +244,11 @@ def save(key: str, gm: fx.GraphModule, blocks: dict[str, str], model: nn.Module)
         if constants:
             from safetensors.torch import save_file
 
-            tmp = folder / f"{key}.safetensors.{os.getpid()}.{threading.get_ident()}.tmp"
-            save_file({k: v.detach().cpu().contiguous() for k, v in constants.items()}, str(tmp))
-            tmp.replace(folder / f"{key}.safetensors")
+            tensors = {k: v.detach().cpu().contiguous() for k, v in constants.items()}
+            replace_whole(folder / f"{key}.safetensors", lambda tmp: save_file(tensors, str(tmp)))
         entry = {"nodes": nodes, "blocks": blocks, "kinds": kinds,
                  "constants": {k: str(v.device) for k, v in constants.items()}}
-        tmp = folder / f"{key}.json.{os.getpid()}.{threading.get_ident()}.tmp"
-        tmp.write_text(json.dumps(entry))
-        tmp.replace(folder / f"{key}.json")
+        replace_whole(folder / f"{key}.json", lambda tmp: tmp.write_text(json.dumps(entry)))
         _prune(folder)
     except OSError as exc:
         log.warning("could not write the capture cache in %s: %s", folder, exc)
@@ -268,9 +264,7 @@ def save_refusal(key: str, reason: str) -> None:
     folder = _folder()
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f"{key}.json.{os.getpid()}.{threading.get_ident()}.tmp"
-        tmp.write_text(json.dumps({"refused": reason}))
-        tmp.replace(folder / f"{key}.json")
+        replace_whole(folder / f"{key}.json", lambda tmp: tmp.write_text(json.dumps({"refused": reason})))
         (folder / f"{key}.safetensors").unlink(missing_ok=True)
         _prune(folder)
     except OSError as exc:

@@ -249,6 +249,7 @@ class CompiledModule(nn.Module):
             if entry.graphs is None:
                 entry.graphs = GraphCache(entry.runner)
             return _done(pytree.tree_unflatten(list(entry.graphs(tensors)), entry.out_spec))
+
         def run():
             return pytree.tree_unflatten(list(entry.runner(*tensors)), entry.out_spec)
 

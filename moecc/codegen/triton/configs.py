@@ -10,13 +10,13 @@ import json
 import logging
 import math
 import os
-import threading
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
 from moecc import knobs
+from moecc.files import replace_whole
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's interpreter runs the kernels (CPU tests)
 
@@ -276,9 +276,7 @@ def store(device_name: str, dtype, e, n, k, bucket, which, cfg: TileConfig, top_
         with _locked(path):
             table = _read_table(path)  # as it is now: another process may have added tiles since this one read it
             table[key] = entry
-            tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-            tmp.write_text(json.dumps(table, indent=1, sort_keys=True))
-            tmp.replace(path)
+            replace_whole(path, lambda tmp: tmp.write_text(json.dumps(table, indent=1, sort_keys=True)))
     except OSError as exc:  # a read-only or full disk: the tile still serves this process
         log.warning("could not store a tuned Triton tile in %s (%s): it serves this process only", path, exc)
         table = {**_table(path), key: entry}
