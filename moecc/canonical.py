@@ -12,7 +12,7 @@ from torch import nn
 
 import moecc.ops  # noqa: F401 - registers torch.ops.moecc
 from moecc import routing
-from moecc.ir import CapacitySpec, ExpertSpec, ExpertWeights, RoutingSpec, SharedExpert
+from moecc.ir import CapacitySpec, ExpertPost, ExpertSpec, ExpertWeights, RoutingSpec, SharedExpert
 
 
 @dataclass
@@ -56,6 +56,10 @@ class BlockAnalysis:
     expert_scale: torch.Tensor | None = None  # [E]: routing.has_expert_scale's factors
     # ``router_program`` was read off the block's own forward (``recognize/inline_routing.py``), no router module
     own_routing: bool = False
+    # a module the bank applies to each (token, slot) pair's expert output before weighting it (a post-expert norm;
+    # ``recognize/expert_post.py``): the fused experts then compute one unweighted row per pair, and the module's
+    # output rows are weighted and summed here, in fp32
+    expert_post: ExpertPost | None = None
 
     @property
     def expert_pre(self) -> nn.Module | None:
@@ -90,6 +94,7 @@ class CanonicalMoE(nn.Module):
         self.logits_program = a.logits_program
         self.post = a.post
         self.pre = a.pre
+        self.expert_post = None if a.expert_post is None else a.expert_post.module
         self.router_weight = _maybe(a.router_weight)
         self.router_bias = _maybe(a.router_bias)
         self.selection_bias = _maybe(a.selection_bias)
@@ -146,6 +151,10 @@ class CanonicalMoE(nn.Module):
             # it, routed to its one expert with weight 1; the k rows of a token are then summed
             moe_in = (x2.unsqueeze(1) * weights.to(x2.dtype).unsqueeze(-1)).reshape(-1, hidden)
             moe_ids, moe_weights = ids.reshape(-1, 1), torch.ones_like(weights).reshape(-1, 1)
+        elif self.expert_post is not None:
+            # one row per (token, slot) pair, routed to its one expert with weight 1: the rows the module reads
+            moe_in = x2.unsqueeze(1).expand(-1, ids.shape[-1], -1).reshape(-1, hidden)
+            moe_ids, moe_weights = ids.reshape(-1, 1), torch.ones_like(weights).reshape(-1, 1)
         else:
             moe_in, moe_ids, moe_weights = x2, ids, weights
         bank = r.num_experts - a.extra_experts
@@ -157,6 +166,13 @@ class CanonicalMoE(nn.Module):
         y = torch.ops.moecc.combine(ys, order, moe_weights)
         if r.weights_on_inputs and k > 1:
             y = y.reshape(-1, k, y.shape[-1]).float().sum(1).to(y.dtype)
+        elif self.expert_post is not None:
+            pair_ids = ids.reshape(-1)
+            live = ((pair_ids >= 0) & (pair_ids < bank)).unsqueeze(-1)
+            rows = self.expert_post(y, pair_ids.clamp(0, bank - 1)) if a.expert_post.takes_ids \
+                else self.expert_post(y)
+            rows = torch.where(live, rows.float(), 0.0).reshape(-1, ids.shape[-1], hidden)
+            y = (rows * weights.float().unsqueeze(-1)).sum(1).to(y.dtype)
         for i, s in enumerate(a.shared):
             sy = torch.ops.moecc.shared_ffn(x2, getattr(self, f"shared{i}_w_up"), getattr(self, f"shared{i}_w_down"),
                                             getattr(self, f"shared{i}_b_up"), getattr(self, f"shared{i}_b_down"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 import torch
+from torch import nn
 
 from moecc.activations import describe as describe_activation
 
@@ -71,6 +72,25 @@ class ExpertSpec:
         elif self.limit > 0:
             kind += f" clamp {self.limit:g}"
         return kind + (" +bias" if self.has_bias else "")
+
+
+@dataclass(frozen=True)
+class ExpertPost:
+    """A module an expert bank applies to each expert's output rows before it weights them (a post-expert norm,
+    ``moecc/passes/recognize/expert_post.py``)."""
+
+    module: nn.Module
+    takes_ids: bool  # called as ``module(rows, expert ids [rows])``
+
+    def __call__(self, rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return self.module(rows, ids) if self.takes_ids else self.module(rows)
+
+    def on_expert(self, rows: torch.Tensor, e: int) -> torch.Tensor:
+        """The module on rows that expert ``e`` computed."""
+        return self(rows, torch.full(rows.shape[:1], e, dtype=torch.long, device=rows.device))
+
+    def describe(self) -> str:
+        return f"{type(self.module).__name__}{' per expert' if self.takes_ids else ''} on each expert's output"
 
 
 @dataclass

@@ -13,7 +13,7 @@ NOT_ONNX_EXPORTABLE = ("llama4_text", "deepseek_v2")  # complex-valued rotary em
 
 # families that some transformers 5.x releases lack (5.17 has neither), by the class that shows they are there
 NEWER_FAMILIES = {"kolibri1": "Kolibri1Config", "deepseek_v4": "DeepseekV4Config", "gemma4": "Gemma4TextConfig",
-                  "inkling": "InklingTextConfig"}
+                  "inkling": "InklingTextConfig", "ergo": "ErgoConfig", "muse_spark": "MuseSparkTextConfig"}
 
 _COMMON = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                max_position_embeddings=64)
@@ -103,6 +103,13 @@ def make_config(family: str):
                                     intermediate_size=48, moe_intermediate_size=24, n_routed_experts=6,
                                     num_experts_per_tok=2, n_shared_experts=1,
                                     layer_types=["sliding_attention", "full_attention"])
+    if family == "ergo":  # each route's expert output RMS-normalized with a weight per expert, before weighting
+        return tf.ErgoConfig(**_COMMON, first_dense_intermediate_size=48, num_dense_blocks=1, moe_intermediate_size=24,
+                             shared_intermediate_size=24, num_experts=6, num_experts_per_tok=2, sliding_window=16)
+    if family == "muse_spark":  # experts in a width of their own, projected in and out; a post-expert norm
+        return tf.MuseSparkTextConfig(**_COMMON, intermediate_size=48, head_dim=8, moe_intermediate_size=16,
+                                      num_local_experts=6, num_experts_per_tok=2, moe_hidden_size=24,
+                                      sliding_window=16, bos_token_id=None, eos_token_id=None)
     if family == "switch_transformers":
         return tf.SwitchTransformersConfig(vocab_size=97, d_model=32, d_kv=8, d_ff=48, num_layers=2,
                                            num_decoder_layers=2, num_heads=4, num_experts=4, expert_capacity=6,
@@ -127,6 +134,7 @@ def make_model(family: str, experts_implementation: str = "eager", seed: int = 0
         "switch_transformers": "SwitchTransformersForConditionalGeneration", "kolibri1": "Kolibri1ForCausalLM",
         "deepseek_v4": "DeepseekV4ForCausalLM", "jetmoe": "JetMoeForCausalLM",
         "longcat_flash": "LongcatFlashForCausalLM", "gemma4": "Gemma4ForCausalLM", "inkling": "InklingForCausalLM",
+        "ergo": "ErgoForCausalLM", "muse_spark": "MuseSparkTextModel",
     }[family])
     model = cls(cfg)
     with torch.no_grad():

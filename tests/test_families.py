@@ -84,6 +84,22 @@ def test_deepseek_v4_hash_and_top_k_layers_are_fused():
     _matches_eager_on_fresh_shapes("deepseek_v4", model, cm)
 
 
+@pytest.mark.parametrize("family,norm", [("ergo", "ErgoExpertNorm per expert"),
+                                         ("muse_spark", "MuseSparkTextInputScaledRMSNorm")])
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_experts_with_a_post_expert_norm_are_fused(family, norm, backend):
+    """Ergo's experts RMS-normalize each route's output with a weight per expert (an [E, H] weight, once taken for
+    a router, which made the experts module a block of its own); Muse Spark's scale and normalize it, and read a
+    projection of the block's input. Their experts fuse alone, the norm running on their unweighted pair rows."""
+    model = make_model(family)
+    cm = moecc.compile(model, backend=backend)
+    cm(**make_inputs(family, 2, 8))
+    layers = cm.moe_layers
+    assert layers and all(layer.fused and layer.activation.endswith(f"then {norm} on each expert's output")
+                          for layer in layers), [(layer.activation, layer.reason) for layer in layers]
+    _matches_eager_on_fresh_shapes(family, model, cm)
+
+
 def test_selection_bias_on_the_logits_before_the_scores_of_the_chosen_ones():
     model = make_model("kolibri1")
     cm = moecc.compile(model)

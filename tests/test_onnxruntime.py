@@ -390,6 +390,29 @@ def test_attention_lowered_for_onnx_is_torchs_where_a_query_sees_no_key(form, tm
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("eps", [1e-12, 1e-6, None])
+def test_a_tiny_epsilon_survives_the_onnx_export(eps, tmp_path):
+    """onnxscript's optimizer drops an Add of a constant within 1e-8 of zero, so an RMSNorm's epsilon of 1e-12
+    (Ergo's) was lost and a row of zeros (a left-padded position) normalized to NaN, and one of 1e-8 (Muse Spark's
+    post-expert norm) changed rows of values near 1e-4 by percents. Both forms a model writes, ``F.rms_norm`` and
+    by hand, now give torch's numbers; other epsilons export as before."""
+    from moecc.codegen.onnx.lower import OrtModule, decompose, to_onnx
+
+    class Norms(torch.nn.Module):
+        def forward(self, x, weight):
+            rows = x * (x[..., :1] > 0) * torch.where(x[..., 1:2] > 0, 1.0, 1e-4)  # zero rows and tiny ones
+            by_hand = rows * torch.rsqrt(rows.pow(2).mean(-1, keepdim=True) + (eps or 1e-8))
+            return torch.nn.functional.rms_norm(rows, (x.shape[-1],), weight, eps) + by_hand
+
+    x, weight = torch.randn(3, 5, 8, generator=torch.Generator().manual_seed(0)), torch.rand(8) + 0.5
+    want = Norms()(x, weight)
+    assert (want == 0).all(-1).any() and want.isfinite().all()
+    gm = torch.export.export(Norms(), (x, weight)).module()
+    decompose(gm)
+    got = OrtModule(to_onnx(gm, [x, weight], str(tmp_path / "norms.onnx")))(x, weight)[0]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def _tied_topk_model():
     from user_modules import LoopMoE, TiedTopkModel
 

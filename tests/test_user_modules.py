@@ -1106,20 +1106,26 @@ def test_a_block_handed_a_container_no_leaf_can_rebuild_fuses_its_experts_alone(
 
 
 def test_a_search_no_candidate_fits_stops_at_its_budget(monkeypatch):
-    """A routed bank whose per-expert output norm weight is shaped like a router ([E, H], Ergo's): every routing
-    of that decoy fails against every expert form, which took minutes to try in full. The search stops at
+    """A routed bank whose per-expert output norm weight is shaped like a router ([E, H], Ergo's) and whose routing
+    arguments have defaults, so that it is taken for a MoE block and the weight for its router: every routing of
+    that decoy fails against every expert form, which took minutes to try in full. The search stops at
     ``MOECC_RECOGNIZE_SEARCH_S`` and the bank runs as written, with the reason."""
-    from user_modules import InlineRoutedLayer, NormedRoutedExperts
+    from user_modules import DefaultedNormedRoutedExperts, InlineRoutedLayer, NormedRoutedExperts
 
     monkeypatch.setenv("MOECC_RECOGNIZE_SEARCH_S", "1")
     torch.manual_seed(0)
-    model = TinyModel(InlineRoutedLayer(NormedRoutedExperts(), routing="softmax")).eval()
+    model = TinyModel(InlineRoutedLayer(DefaultedNormedRoutedExperts(), routing="softmax")).eval()
     start = time.monotonic()
     cm, layer = compile_on_ids(model, backend="torch")
     assert time.monotonic() - start < 60
     assert not layer.fused and "the search stopped after 1 s (MOECC_RECOGNIZE_SEARCH_S)" in layer.reason
     x = torch.randint(0, 50, (3, 7))
     torch.testing.assert_close(cm(x), model(x))
+    # needing its routing, the same bank is no block: no decoy router, no search, and the reason is its experts'
+    torch.manual_seed(0)
+    model = TinyModel(InlineRoutedLayer(NormedRoutedExperts(), routing="softmax")).eval()
+    cm, layer = compile_on_ids(model, backend="torch")
+    assert not layer.fused and "NormedRoutedExperts: the expert function matches no canonical expert" in layer.reason
 
 
 @pytest.mark.parametrize("backend", ["torch", "onnxruntime", "triton"])
@@ -1213,3 +1219,38 @@ def test_experts_alone_that_cannot_be_captured_leave_their_block_as_written():
     assert "its experts alone could not be captured" in layer.reason, layer.reason
     x = torch.randint(0, 50, (3, 7))
     torch.testing.assert_close(cm(x), model(x))
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime", "triton"])
+@pytest.mark.parametrize("per_expert,project", [(True, False), (False, True)])
+def test_experts_with_a_post_expert_norm_fuse(per_expert, project, backend):
+    """A bank that puts each pair's expert output through a module of its own before weighting it (a post-expert
+    norm: Ergo's RMSNorm with a weight per expert, called with the rows' expert ids; Muse Spark's scale-then-
+    normalize) fuses: the fused experts compute one unweighted row per (token, slot) pair, the module runs on those
+    rows as graph ops, and the rows are weighted and summed after it. The bank's [E, H] norm weight is no router,
+    and a block whose experts read a projection of its input fuses its experts alone."""
+    from user_modules import PostNormedMoE
+
+    device = _device(backend)
+    torch.manual_seed(0)
+    model = TinyModel(PostNormedMoE(per_expert=per_expert, project=project)).eval().to(device)
+    cm, layer = compile_on_ids(model, backend=backend, device=device)
+    assert layer.fused and layer.name == "moe.experts" and layer.block == "moe", (layer.name, layer.reason)
+    norm = "ExpertOutputNorm per expert" if per_expert else "ScaleThenNorm"
+    assert layer.activation == f"relu2, then {norm} on each expert's output", layer.activation
+    for shape in ((3, 11), (1, 1), (2, 5)):
+        x = torch.randint(0, 50, shape, device=device)
+        torch.testing.assert_close(cm(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_an_expert_bank_handed_its_routing_is_no_moe_block():
+    """A bank that holds its experts' weights and is called with its routing is not a MoE block, even with an
+    [E, H] weight inside (Ergo's per-expert norm is shaped like a router): discovery takes the block around it."""
+    from user_modules import PostNormedMoE, PostNormedRoutedExperts
+
+    from moecc.discover import find_moe_blocks
+    from moecc.passes.recognize.block import is_moe_block
+
+    assert not is_moe_block(PostNormedRoutedExperts())
+    model = TinyModel(PostNormedMoE(project=False))
+    assert [name for name, _ in find_moe_blocks(model)] == ["moe"]

@@ -1302,6 +1302,83 @@ class NormedRoutedExperts(nn.Module):
         return out
 
 
+class DefaultedNormedRoutedExperts(NormedRoutedExperts):
+    """``NormedRoutedExperts`` whose routing arguments have defaults: by its signature, it could be a block."""
+
+    def forward(self, x, ids=None, weights=None):
+        return super().forward(x, ids, weights)
+
+
+class ExpertOutputNorm(nn.Module):
+    """RMSNorm of expert output rows with a weight per expert ([E, H]), called with the rows' expert ids (Ergo's
+    ``post_expert_norm``)."""
+
+    def __init__(self, hidden, num_experts, eps=1e-12):
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(num_experts, hidden) + 0.5)
+        self.eps = eps
+
+    def forward(self, rows, expert_ids):
+        return (F.rms_norm(rows.float(), (rows.shape[-1],), eps=self.eps) * self.weight[expert_ids]).to(rows.dtype)
+
+
+class ScaleThenNorm(nn.Module):
+    """Scales rows by ``1 + weight``, then RMS-normalizes them, by hand (Muse Spark's ``post_expert_norm``)."""
+
+    def __init__(self, hidden, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(hidden) * 0.3)
+        self.eps = eps
+
+    def forward(self, rows):
+        scaled = rows.float() * (1.0 + self.weight.float())
+        return (scaled * torch.rsqrt(scaled.pow(2).mean(-1, keepdim=True) + self.eps)).to(rows.dtype)
+
+
+class PostNormedRoutedExperts(nn.Module):
+    """Stacked squared-ReLU experts a caller routes, ``experts(x, ids, weights)``, each pair's output put through a
+    module of the bank before it is weighted: ``per_expert`` an RMSNorm with a weight per expert (Ergo's), else a
+    scale-then-normalize shared by all (Muse Spark's)."""
+
+    def __init__(self, hidden=24, inter=40, num_experts=6, per_expert=True):
+        super().__init__()
+        self.up = nn.Parameter(torch.randn(num_experts, hidden, inter) * hidden ** -0.5)
+        self.down = nn.Parameter(torch.randn(num_experts, inter, hidden) * inter ** -0.5)
+        self.post_norm = ExpertOutputNorm(hidden, num_experts) if per_expert else ScaleThenNorm(hidden)
+        self.per_expert = per_expert
+
+    def forward(self, x, ids, weights):
+        out = torch.zeros_like(x)
+        for e in range(self.up.shape[0]):
+            token, slot = torch.where(ids == e)
+            y = F.relu(x[token] @ self.up[e]).square() @ self.down[e]
+            y = self.post_norm(y, torch.full_like(token, e)) if self.per_expert else self.post_norm(y)
+            out.index_add_(0, token, y * weights[token, slot, None].to(x.dtype))
+        return out
+
+
+class PostNormedMoE(nn.Module):
+    """A block whose router reads its input and whose experts read a projection of it into their own width, back
+    out after (Muse Spark's layout), or the input itself (``project=False``, Ergo's)."""
+
+    def __init__(self, hidden=24, width=16, num_experts=6, top_k=2, per_expert=True, project=True):
+        super().__init__()
+        self.top_k = top_k
+        self.gate = nn.Linear(hidden, num_experts, bias=False)
+        width = width if project else hidden
+        self.pre_expert_proj = nn.Linear(hidden, width, bias=False) if project else nn.Identity()
+        self.experts = PostNormedRoutedExperts(width, num_experts=num_experts, per_expert=per_expert)
+        self.post_expert_proj = nn.Linear(width, hidden, bias=False) if project else nn.Identity()
+
+    def forward(self, x):
+        flat = x.reshape(-1, x.shape[-1])
+        scores = self.gate(flat).sigmoid()
+        weights, ids = torch.topk(scores, self.top_k, dim=-1)
+        weights = weights / weights.sum(-1, keepdim=True)
+        y = self.post_expert_proj(self.experts(self.pre_expert_proj(flat), ids, weights))
+        return y.reshape(x.shape)
+
+
 class InputWeightedRoutedExperts(RoutedExperts):
     """Each routing weight scales its expert's input (Llama 4's experts)."""
 

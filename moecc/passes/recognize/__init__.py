@@ -215,6 +215,8 @@ class Recognize(MoePass):
             info.num_experts, info.top_k = a.routing.num_experts, a.routing.top_k
             info.hidden_size, info.intermediate_size = a.expert.hidden_size, a.expert.intermediate_size
             info.routing, info.activation = a.routing.describe(), a.expert.describe()
+            if a.expert_post is not None:
+                info.activation += f", then {a.expert_post.describe()}"
             info.num_experts -= a.extra_experts
             info.routing += a.describe_extra()
             if node.meta.get(REFUSED_ROUTING):

@@ -122,9 +122,22 @@ def _bank_skip(block: nn.Module, bank: nn.Module, experts: list[nn.Module] | Non
 
 
 def is_moe_block(module: nn.Module) -> bool:
-    """A module that owns an expert bank and a router for it (checked by structure only)."""
+    """A module that owns an expert bank and a router for it (checked by structure only). A module that holds its
+    experts' weights itself and must be handed more than its hidden states (``experts(x, ids, weights)``) is a bank
+    its caller routes: an ``[E, H]`` weight in it is no router (Ergo's per-expert output norm)."""
     bank = find_bank(module)
-    return bank is not None and find_router(module, bank[1], None, _bank_skip(module, bank[0], bank[2])) is not None
+    if bank is None or bank[0] is module and _required_inputs(module) >= 3:
+        return False
+    return find_router(module, bank[1], None, _bank_skip(module, bank[0], bank[2])) is not None
+
+
+def _required_inputs(module: nn.Module) -> int:
+    """How many positional arguments ``module.forward`` needs (those without defaults)."""
+    try:
+        params = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError):
+        return 0
+    return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty for p in params)
 
 
 def _bank_probe(bank: nn.Module, hidden: int, like: torch.Tensor):
@@ -196,14 +209,15 @@ def _expert_fn(spec: ExpertSpec, w: ExpertWeights, e: int, x: torch.Tensor) -> t
 
 
 def stacked_winner(bank: nn.Module, hidden: int, num_experts: int, x: torch.Tensor, refs: list[torch.Tensor],
-                   wide: tuple[torch.Tensor, torch.Tensor] | None = None):
+                   wide: tuple[torch.Tensor, torch.Tensor] | None = None, post=None):
     """``best_layout`` of the bank's layouts under the plain activations; under the others too where none of those
     is within a quarter of the dtype's rounding, one of them then taken only where it halves the error (bf16's
     probe bound admits silu for mish, its rounding gelu for quick GELU). In fp32 the common case searches no more
-    than before the others existed."""
-    found = common_or_rival(best_layout(stacked.candidates(bank, hidden, num_experts), x, refs, wide),
+    than before the others existed. ``post(y, e)``: what the bank does to expert ``e``'s output rows ``y`` before
+    it weights them (a post-expert norm), applied to each candidate's."""
+    found = common_or_rival(best_layout(stacked.candidates(bank, hidden, num_experts), x, refs, wide, post),
                             lambda: best_layout(stacked.candidates(bank, hidden, num_experts, more=True), x, refs,
-                                                wide), x.dtype)
+                                                wide, post), x.dtype)
     return None if found is None else found[0]
 
 
@@ -218,7 +232,7 @@ def wide_probe(expert_fn, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] 
 
 
 def best_layout(cands, x: torch.Tensor, refs: list[torch.Tensor],
-                wide: tuple[torch.Tensor, torch.Tensor] | None = None):
+                wide: tuple[torch.Tensor, torch.Tensor] | None = None, post=None):
     """(candidate, error on expert 0) of the stacked-bank candidate that fits the probed expert functions best.
     One within the dtype's own rounding on
     expert 0 and proven on every expert is taken at once (most banks: the first layouts tried); otherwise every
@@ -228,14 +242,18 @@ def best_layout(cands, x: torch.Tensor, refs: list[torch.Tensor],
     probe (``wide_probe``), which a winner must reproduce too."""
     tight = tolerance(x.dtype)
 
+    def expert(c, e: int, v: torch.Tensor) -> torch.Tensor:
+        y = _expert_fn(c.spec, c.build(slice(e, e + 1)), 0, v)
+        return y if post is None else post(y, e)
+
     def proven(c) -> bool:
-        if wide is not None and not close(_expert_fn(c.spec, c.build(slice(0, 1)), 0, wide[0]), wide[1]):
+        if wide is not None and not close(expert(c, 0, wide[0]), wide[1]):
             return False
-        return all(close(_expert_fn(c.spec, c.build(slice(e, e + 1)), 0, x), refs[e]) for e in range(1, len(refs)))
+        return all(close(expert(c, e, x), refs[e]) for e in range(1, len(refs)))
 
     ranked = []
     for c in cands:
-        y0 = _expert_fn(c.spec, c.build(slice(0, 1)), 0, x)
+        y0 = expert(c, 0, x)
         if not close(y0, refs[0]):
             continue
         err = rel_err(y0, refs[0])

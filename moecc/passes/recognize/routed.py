@@ -20,7 +20,7 @@ from torch.utils import _pytree as pytree
 from moecc.canonical import BlockAnalysis, CanonicalMoE
 from moecc.ir import RoutingSpec
 from moecc.match import MatchResult
-from moecc.passes.recognize import stacked
+from moecc.passes.recognize import expert_post, stacked
 from moecc.passes.recognize.block import (
     bank_and_ancestors,
     find_bank,
@@ -76,10 +76,12 @@ def routed_bank(block: nn.Module) -> str | None:
     like = next(bank_mod.parameters(), None)
     if like is None or bank_mod is block:
         return None
-    # the hidden size a router reads, else each size of the bank's weights
+    # the hidden size a router reads, then each size of the bank's weights (the experts may read a projection of
+    # what the router reads: Muse Spark's)
     router = find_router(block, num_experts, None, {id(m) for m in bank_mod.modules()})
-    sizes = [int(router.weight.shape[1])] if router is not None else \
-        sorted({int(d) for p in bank_mod.parameters() if p.dim() >= 2 for d in p.shape[-2:]})
+    sizes = sorted({int(d) for p in bank_mod.parameters() if p.dim() >= 2 for d in p.shape[-2:]})
+    if router is not None:
+        sizes = [int(router.weight.shape[1]), *(d for d in sizes if d != router.weight.shape[1])]
     path = {id(m): name for name, m in block.named_modules()}
     for mod in bank_and_ancestors(block, bank_mod):
         if isinstance(mod, (nn.ModuleList, nn.ModuleDict)):
@@ -156,7 +158,7 @@ def _read_experts(bank: nn.Module, caller: _Caller, hidden: int, like: torch.Ten
     listed = find_expert_list(bank)
     if listed is not None:
         r = stack_mlps(listed[1], hidden)
-        return r if not r else MatchResult.success((r.value, len(listed[1])))
+        return r if not r else MatchResult.success(((*r.value, None), len(listed[1])))
     found = find_bank(bank)
     if found is None:
         return MatchResult.fail("no expert bank: neither a ModuleList of MLPs nor stacked [E, ., .] weights")
@@ -173,11 +175,19 @@ def _read_experts(bank: nn.Module, caller: _Caller, hidden: int, like: torch.Ten
     expert0 = lambda v: caller(v.reshape(x.shape), torch.zeros(one.shape, dtype=caller.ids.dtype,  # noqa: E731
                                                                  device=like.device), one).reshape(-1, hidden)
     flat = x.reshape(-1, hidden)
-    winner = stacked_winner(bank_mod, hidden, num_experts, flat, refs, wide_probe(expert0, flat))
+    wide = wide_probe(expert0, flat)
+    winner, post = stacked_winner(bank_mod, hidden, num_experts, flat, refs, wide), None
+    for module in expert_post.candidates(bank, num_experts) if winner is None else ():
+        post = expert_post.how_called(module, hidden, like)
+        if post is not None:
+            winner = stacked_winner(bank_mod, hidden, num_experts, flat, refs, wide, post.on_expert)
+            if winner is not None:
+                break
     if winner is None:
         return MatchResult.fail(f"{type(bank_mod).__name__}: the expert function matches no canonical expert "
-                                "(layouts, activations and clamps tried)")
-    return MatchResult.success(((winner.spec, winner.build(slice(None))), num_experts))
+                                "(layouts, activations and clamps tried, with and without each module that may "
+                                "follow the experts)")
+    return MatchResult.success(((winner.spec, winner.build(slice(None)), post), num_experts))
 
 
 def analyze_routed_bank(bank: nn.Module, call: tuple | None) -> MatchResult[BlockAnalysis]:
@@ -200,13 +210,14 @@ def analyze_routed_bank(bank: nn.Module, call: tuple | None) -> MatchResult[Bloc
     found = _expert_candidates(bank, caller, hidden, like)
     if not found:
         return MatchResult.fail(f"experts not recognized: {found.reason}")
-    (spec, weights), num_experts = found.value
+    (spec, weights, post), num_experts = found.value
     if caller.top_k > num_experts:
         return MatchResult.fail(f"it is handed {caller.top_k} experts per token, more than its {num_experts}")
     a = BlockAnalysis(RoutingSpec(num_experts, caller.top_k, "given"), None, None, None, spec, weights,
-                      other_positions=positions, token_dims=caller.x.dim() - 1, routing_given=True)
+                      other_positions=positions, token_dims=caller.x.dim() - 1, routing_given=True,
+                      expert_post=post)
     on_outputs = _proven(bank, caller, a, hidden, like)
-    if on_outputs:
+    if on_outputs or post is not None:
         return on_outputs
     # each weight may scale its expert's input rather than its output (Llama 4's), the same only for linear experts
     on_inputs = _proven(bank, caller, replace(a, routing=replace(a.routing, weights_on_inputs=True)), hidden, like)
