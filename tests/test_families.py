@@ -97,6 +97,9 @@ def test_experts_with_a_post_expert_norm_are_fused(family, norm, backend):
     layers = cm.moe_layers
     assert layers and all(layer.fused and layer.activation.endswith(f"then {norm} on each expert's output")
                           for layer in layers), [(layer.activation, layer.reason) for layer in layers]
+    if family == "ergo":  # its router's ops (sigmoid, selection bias, renorm, scale) lift into moecc's route
+        assert layers[0].routing.startswith("sigmoid->top2 renorm selection-bias x2.8"), layers[0].routing
+        assert layers[0].routing.endswith("lifted from the model's own routing ops"), layers[0].routing
     _matches_eager_on_fresh_shapes(family, model, cm)
 
 

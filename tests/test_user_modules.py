@@ -1238,6 +1238,8 @@ def test_experts_with_a_post_expert_norm_fuse(per_expert, project, backend):
     assert layer.fused and layer.name == "moe.experts" and layer.block == "moe", (layer.name, layer.reason)
     norm = "ExpertOutputNorm per expert" if per_expert else "ScaleThenNorm"
     assert layer.activation == f"relu2, then {norm} on each expert's output", layer.activation
+    # the block's routing ops lift into moecc's route, which then feeds the pair rows and their weighting
+    assert layer.routing == "sigmoid->top2 renorm, lifted from the model's own routing ops", layer.routing
     for shape in ((3, 11), (1, 1), (2, 5)):
         x = torch.randint(0, 50, shape, device=device)
         torch.testing.assert_close(cm(x), model(x), rtol=1e-4, atol=1e-5)

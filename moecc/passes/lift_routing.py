@@ -104,6 +104,11 @@ def lift_one(gm: fx.GraphModule, dispatch: fx.Node, combine: fx.Node) -> MatchRe
     """Feed ``dispatch`` and ``combine`` from a canonical route proven equal to the model's routing ops above them;
     the routing's description."""
     (ids_in, ids_chain), (weights_in, weights_chain) = _source(dispatch.args[1]), _source(combine.args[2])
+    per_pair = _unit_weights_of(weights_in)  # experts with a post-expert norm: rows weighted after the combine
+    if per_pair is not None:
+        weights_in, weights_chain = _source(per_pair)
+        if not ids_chain or not weights_chain:
+            return MatchResult.fail("the pair rows' routing is read without the canonical module's reshapes")
     if _from_route(ids_in) or _from_route(weights_in):
         return MatchResult.fail(ALREADY_ROUTED)
     if "val" not in ids_in.meta or "val" not in weights_in.meta:
@@ -177,10 +182,24 @@ def lift_one(gm: fx.GraphModule, dispatch: fx.Node, combine: fx.Node) -> MatchRe
             spec.topk_group, spec.scale, *optional_route_args(spec.group_top, scale_node)))
         new_w = gm.graph.call_function(operator.getitem, (route, 0))
         new_ids = gm.graph.call_function(operator.getitem, (route, 1))
+    if per_pair is not None:
+        # the canonical module reads ids and weights in more places than dispatch and combine (the pair rows, their
+        # weighting): each of its chains of reshapes and casts now starts from the route
+        ids_chain[-1].update_arg(0, new_ids)
+        weights_chain[-1].update_arg(0, new_w)
+        return MatchResult.success(spec.describe())
     # the route gives [T, k] fp32 weights and int64 ids, what the canonical reshapes and casts made of the model's
     dispatch.update_arg(1, new_ids)
     combine.update_arg(2, new_w)
     return MatchResult.success(spec.describe())
+
+
+def _unit_weights_of(node: fx.Node) -> fx.Node | None:
+    """The routing weights whose ones ``node`` is (``torch.ones_like(weights)``, inlined by the canonical module of
+    experts with a post-expert norm, which weights each pair's rows after the combine), else None."""
+    if "val" in node.meta or node.op != "call_function" or node.target is not torch.ones_like:
+        return None
+    return node.args[0] if isinstance(node.args[0], fx.Node) else None
 
 
 def _per_expert(gm: fx.GraphModule, target: str | None, num_experts: int) -> fx.Node | None:
