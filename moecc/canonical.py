@@ -169,8 +169,7 @@ class CanonicalMoE(nn.Module):
         elif self.expert_post is not None:
             pair_ids = ids.reshape(-1)
             live = ((pair_ids >= 0) & (pair_ids < bank)).unsqueeze(-1)
-            rows = self.expert_post(y, pair_ids.clamp(0, bank - 1)) if a.expert_post.takes_ids \
-                else self.expert_post(y)
+            rows = a.expert_post(y, pair_ids.clamp(0, bank - 1))  # self.expert_post: its parameters' home
             rows = torch.where(live, rows.float(), 0.0).reshape(-1, ids.shape[-1], hidden)
             y = (rows * weights.float().unsqueeze(-1)).sum(1).to(y.dtype)
         for i, s in enumerate(a.shared):
