@@ -413,6 +413,46 @@ def test_a_tiny_epsilon_survives_the_onnx_export(eps, tmp_path):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+SCALAR_FORMS = {  # written in the graph as an ATen op, or as Python's operator where modules are inlined
+    "x + c": lambda x, c: x + c, "c + x": lambda x, c: c + x, "torch.add(x, c, alpha=2)": lambda x, c: torch.add(
+        x, c, alpha=2), "x - c": lambda x, c: x - c, "x * c": lambda x, c: x * c, "c * x": lambda x, c: c * x,
+    "x / c": lambda x, c: x / c, "RMSNorm(eps=c)": None,  # a module of the model
+}
+
+
+@pytest.mark.parametrize(("form", "c"), [("x + c", 5e-9), ("c + x", 5e-9), ("torch.add(x, c, alpha=2)", 4e-9),
+                                         ("x - c", 5e-9), ("x * c", 1 + 5e-6), ("c * x", 1 - 5e-6),
+                                         ("x / c", 1 + 5e-6), ("x * c", 1.0), ("x - c", 0.0),
+                                         ("RMSNorm(eps=c)", 5e-9)])
+@pytest.mark.parametrize("traced", ["export", "fx"])
+def test_a_scalar_constant_near_zero_or_one_survives_the_onnx_export(form, c, traced, tmp_path):
+    """onnxscript's no-op rules drop ``x + c``, ``x - c``, ``x * c`` and ``x / c`` for a scalar within 1e-8 of 0,
+    or 1e-5 relative of 1 (``1 / sqrt(1 + 1e-5)``, a norm folded into a scale): rows near 1e-4 moved by 5e-5, or
+    5e-6 everywhere, where the ONNX program must give torch's numbers to the bit. The rewrite works on the exported
+    ONNX graph, so it also reaches a constant computed from others (``alpha * c``) and a module that the graph
+    calls whole, which the export traces itself (FX tracing keeps ``nn.RMSNorm``, as moecc keeps a block left as
+    written)."""
+    from moecc.codegen.onnx.lower import OrtModule, decompose, to_onnx
+
+    class Scalar(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = torch.nn.RMSNorm(8, eps=c)  # a module FX tracing keeps whole, which the export traces
+
+        def forward(self, x):
+            return self.norm(x) if form.startswith("RMSNorm") else SCALAR_FORMS[form](x, c)
+
+    x = torch.rand(4, 8, generator=torch.Generator().manual_seed(0)) * 1e-3 + 1e-4
+    want = Scalar()(x)
+    gm = torch.export.export(Scalar(), (x,)).module() if traced == "export" else torch.fx.symbolic_trace(Scalar())
+    decompose(gm)
+    got = OrtModule(to_onnx(gm, [x], str(tmp_path / "scalar.onnx")))(x)[0]
+    if form.startswith("RMSNorm"):  # ONNX writes rsqrt as Sqrt and Reciprocal: an ulp apart, the epsilon's 5 %
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    else:
+        assert torch.equal(got, want), float(((got - want) / want).abs().max())
+
+
 def _tied_topk_model():
     from user_modules import LoopMoE, TiedTopkModel
 

@@ -4,8 +4,6 @@ attention, whose translation by torch.onnx is not torch's for a query that atten
 
 from __future__ import annotations
 
-import operator
-
 import torch
 from torch import Tensor
 
@@ -85,49 +83,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     return out.transpose(1, 2).contiguous().transpose(1, 2) if out.dim() == 4 else out
 
 
-# onnxscript's optimizer, which torch.onnx runs, takes an Add of a constant within 1e-8 of zero for no Add (its
-# ``x + 0`` rule): an epsilon of 1e-12 under a square root is dropped, and a row of zeros (a left-padded position)
-# normalizes to NaN where torch gives zeros (Ergo's RMSNorm, eps 1e-12); one of 1e-8 changes rows of values near
-# 1e-4 by percents (Muse Spark's post-expert norm). Such an add is made 2**40 times larger, which is exact in binary
-# floating point short of overflow (|x| > 3e26 in fp32).
-DROPPED_BELOW = 1e-8
-_SCALE = 2.0 ** 40
-
-
-def add(x, other, *, alpha=1):
-    """``x + alpha * other`` (``torch.add``, or Python's ``+`` where the graph writes it: inlined modules do), whose
-    tiny constant survives the export."""
-    if isinstance(x, Tensor):
-        tensor, c = x, other * alpha if _number(other) else None
-    elif isinstance(other, Tensor) and alpha == 1:
-        tensor, c = other, x if _number(x) else None
-    else:
-        return x + other * alpha  # sizes and numbers
-    if c is not None and 0 < abs(c) <= DROPPED_BELOW and tensor.dtype in (torch.float32, torch.float64):
-        return (tensor * _SCALE + c * _SCALE) * (1 / _SCALE)
-    return torch.add(x, other, alpha=alpha) if isinstance(x, Tensor) else x + other
-
-
-def _number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def rms_norm(x, normalized_shape, weight=None, eps=None):
-    """``torch.rms_norm``, as torch computes it (in fp32 for 16-bit inputs, cast back, then weighted), with an
-    epsilon that survives the export (``add``)."""
-    eps = torch.finfo(x.dtype).eps if eps is None else eps
-    if eps > DROPPED_BELOW:
-        return torch.rms_norm(x, normalized_shape, weight, eps)
-    wide = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-    dims = tuple(range(-len(normalized_shape), 0))
-    out = (wide * torch.rsqrt(add(wide.pow(2).mean(dims, keepdim=True), eps))).to(x.dtype)
-    return out if weight is None else out * weight
-
-
 DECOMPOSITIONS = {
-    torch.ops.aten.add.Tensor: add,
-    operator.add: add,
-    torch.ops.aten.rms_norm.default: rms_norm,
     torch.ops.aten.scaled_dot_product_attention.default: scaled_dot_product_attention,
     torch.ops.moecc.fused_route.default: fused_route_reference,
     torch.ops.moecc.route.default: route_reference,

@@ -9,6 +9,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 
+import onnxscript.optimizer
 import torch
 from torch import fx, nn
 
@@ -21,6 +22,7 @@ from moecc.codegen.onnx.ort_moe import (
     session_options,
 )
 from moecc.codegen.onnx.quant import cannot_quantize, quantize
+from moecc.codegen.onnx.scalar_constants import keep_scalar_constants
 from moecc.errors import BackendError, first_line
 from moecc.experts import to_canonical
 from moecc.logs import quiet, stderr_to_debug
@@ -207,10 +209,14 @@ def to_onnx(gm: fx.GraphModule, example: list[torch.Tensor], path: str) -> str:
     with warnings.catch_warnings(), stderr_to_debug(log, "torch.onnx.export"), quiet(ONNX_REGISTRY_LOGGER):
         # the graph's ops are fixed by now; an exported program's module refuses eval(), so it stays in train mode
         warnings.filterwarnings("ignore", message="Exporting a model while it is in training mode")
-        prog = torch.onnx.export(gm, tuple(example), dynamo=True, dynamic_shapes=tuple(shapes), optimize=True,
+        prog = torch.onnx.export(gm, tuple(example), dynamo=True, dynamic_shapes=tuple(shapes), optimize=False,
                                  custom_translation_table={torch.ops.moecc.ort_moe.default: ort_moe_onnx,
                                                            torch.ops.moecc.ort_qmoe.default: ort_qmoe_onnx},
                                  verbose=False)
+        onnxscript.optimizer.fold_constants(prog.model)  # a constant computed from others (``alpha * c``)
+        if rewritten := keep_scalar_constants(prog.model):
+            log.debug("%d ops of a scalar constant near 0 or 1 written to survive the optimizer", rewritten)
+        prog.optimize()
     signature = prog.exported_program.graph_signature  # what the export made of writes program_writes missed
     if (why := _writes(list(signature.user_inputs_to_mutate.values()),
                        list(signature.buffers_to_mutate.values()))) is not None:
