@@ -472,6 +472,26 @@ def test_an_onnx_program_that_breaks_ties_its_own_way_is_refused_naming_the_op()
     assert "topk in indexer" in message and "moecc bug" not in message
 
 
+def test_an_expert_choice_block_left_as_written_is_named_where_onnx_breaks_its_ties(moecc_warnings):
+    """Expert-choice routing is no token-choice form: the block is left as written, and the export traces it whole.
+    Repeated token ids tie in each expert's top-k over tokens, which ONNX breaks its own way: ``onnxruntime``
+    refuses, naming the block; ``auto`` runs the torch program, equal to eager."""
+    from user_modules import ExpertChoiceMoE, TinyModel
+
+    torch.manual_seed(0)
+    model = TinyModel(ExpertChoiceMoE()).eval()
+    ids = torch.randint(0, 50, (2, 16))
+    with pytest.raises(moecc.MoeccError) as info:
+        moecc.compile(model, backend="onnxruntime")(ids)
+    assert "MoE blocks left as written (moe)" in str(info.value) and "moecc bug" not in str(info.value)
+    cm = moecc.compile(model)
+    for shape in [(2, 16), (3, 5), (1, 1)]:
+        ids = torch.randint(0, 50, shape)
+        torch.testing.assert_close(cm(ids), model(ids))
+    (layer,) = cm.moe_layers
+    assert not layer.fused and "expert ids" in layer.reason
+
+
 def test_auto_runs_an_onnx_program_that_breaks_ties_its_own_way_with_torch(moecc_warnings, tmp_path):
     model, ids = _tied_topk_model()
     cm = moecc.compile(model)

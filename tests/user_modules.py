@@ -1215,6 +1215,23 @@ class InlineGroupsMoE(LoopMoE):
         return out.reshape(shape)
 
 
+class ExpertChoiceMoE(LoopMoE):
+    """Experts choose their tokens (expert-choice routing): each expert takes the ``capacity`` tokens of its best
+    scores, so a token may reach any number of experts. No token-choice form computes it; equal tokens (an id
+    repeated in a batch) tie in each expert's top-k over tokens."""
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        scores = self.gate(x).softmax(-1)
+        capacity = max(1, x.shape[0] * self.top_k // len(self.experts))
+        weights, tokens = scores.t().topk(min(capacity, x.shape[0]), dim=-1)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            out.index_add_(0, tokens[e], expert(x[tokens[e]]) * weights[e, :, None])
+        return out.reshape(shape)
+
+
 class PreNormBareRouterMoE(LoopMoE):
     """A pre-norm inside the block and a router weight the block holds itself, read through ``F.linear``: no
     router module call shows what the router reads, the experts' inputs do."""

@@ -453,6 +453,12 @@ def torch_instead(model: nn.Module, exc: DisagreementError, info: BuildInfo, req
     if ties:
         why += (f". Ops that pick among equal values ({', '.join(ties[:4])}) are the usual cause: ONNX takes the "
                 "lower index where torch promises none")
+    as_written = [n.meta["moecc_block"] for n in info.captured.gm.graph.nodes
+                  if n.op == "call_module" and "moecc_block" in n.meta]
+    if as_written:
+        why += (f". The MoE blocks left as written ({', '.join(as_written[:4])}) are traced whole by the export, "
+                "their ops unseen here: one that picks among equal values (a top-k over tied scores) or an expert "
+                "loop may be the cause")
     if requested == "auto":
         log.warning("%s; backend='auto' runs it with torch", why)
         return built
