@@ -14,6 +14,10 @@ SHAPES = {
               "OlmoeSparseMoeBlock", "OlmoeConfig"),
     "mixtral_small": ("mixtral", dict(hidden_size=1024, intermediate_size=3584, num_local_experts=8,
                                       num_experts_per_tok=2), "MixtralSparseMoeBlock", "MixtralConfig"),
+    # sigmoid scores, a selection bias, group-limited top-k and a shared expert: ONNX Runtime is handed the routing
+    "deepseek_small": ("deepseek_v3", dict(hidden_size=1024, moe_intermediate_size=512, n_routed_experts=64,
+                                           num_experts_per_tok=6, n_group=8, topk_group=4, n_shared_experts=1,
+                                           routed_scaling_factor=2.5), "DeepseekV3MoE", "DeepseekV3Config"),
 }
 
 
@@ -28,6 +32,9 @@ def _block(shape: str):
     with torch.no_grad():
         for p in block.parameters():
             p.normal_(0, 0.02)
+        for name, b in block.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # zeros at init; a trained model's are not
+                b.normal_(0, 0.01)
     return block.eval(), cfg
 
 

@@ -15,10 +15,11 @@ from hf_models import FAMILIES, NOT_ONNX_EXPORTABLE, make_inputs, make_model, sw
 
 import moecc
 
-# Where com.microsoft.MoE computes exactly the block's function on the CPU provider, and where it cannot.
-USES_MOE_OP = {"mixtral": True, "qwen2_moe": True, "qwen3_moe": True, "olmoe": True, "gpt_oss": True,
-               "deepseek_v3": False, "switch_transformers": False, "afmoe": False, "cohere2_moe": True,
-               "dbrx": True, "ernie4_5_moe": False}
+# Where com.microsoft.MoE computes the block's routing itself on the CPU provider, and where it is handed moecc's
+# (sigmoid scores, a selection bias, group-limited top-k, a capacity: ``ort_routed``).
+ROUTES_ITSELF = {"mixtral": True, "qwen2_moe": True, "qwen3_moe": True, "olmoe": True, "gpt_oss": True,
+                 "deepseek_v3": False, "switch_transformers": False, "afmoe": False, "cohere2_moe": True,
+                 "dbrx": True, "ernie4_5_moe": False}
 ONNX_FAMILIES = [f for f in FAMILIES if f not in NOT_ONNX_EXPORTABLE]
 
 LOAD_AND_CHECK = textwrap.dedent("""
@@ -55,12 +56,13 @@ def test_export_then_load_in_fresh_process(family, tmp_path):
     moe_ops = [n for n in graph.node if n.domain == "com.microsoft" and n.op_type == "MoE"]
     manifest = json.loads((path / "manifest.json").read_text())
     layers = manifest["moe_layers"]
+    assert len(moe_ops) == len(layers)
     # Switch's capacity binds in transformers after 5.17 only (and com.microsoft.MoE has none)
-    if USES_MOE_OP[family] or (family == "switch_transformers" and not switch_drops_past_capacity(model)):
-        assert len(moe_ops) == len(layers) and all(layer["lowering"] == "com.microsoft.MoE" for layer in layers)
-    else:
-        assert not moe_ops and all(layer["lowering"].startswith("decomposed: ") for layer in layers)
-        assert {"TopK", "MatMul"} <= {n.op_type for n in graph.node}
+    if ROUTES_ITSELF[family] or (family == "switch_transformers" and not switch_drops_past_capacity(model)):
+        assert all(layer["lowering"] == "com.microsoft.MoE" for layer in layers)
+    else:  # the routing's top-k is an op of the graph, beside the MoE op
+        assert all(layer["lowering"].startswith("com.microsoft.MoE given moecc's routing (") for layer in layers)
+        assert "TopK" in {n.op_type for n in graph.node}
 
 
 @pytest.mark.parametrize("family", NOT_ONNX_EXPORTABLE)
@@ -451,6 +453,57 @@ def test_a_scalar_constant_near_zero_or_one_survives_the_onnx_export(form, c, tr
         torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
     else:
         assert torch.equal(got, want), float(((got - want) / want).abs().max())
+
+
+@pytest.mark.parametrize("capacity", [-1, 5])
+def test_routing_handed_to_the_moe_op_as_logits_gives_the_weighted_experts(capacity, tmp_path):
+    """A routing com.microsoft.MoE cannot compute is handed to it as the logs of the weights (``ort_routed``), its
+    output scaled by their sum. Exported and run by ONNX Runtime, that equals ``fused_moe`` for weights summing to
+    other than 1, a slot of no expert, a token of none, an expert repeated in one token's slots, and pairs past a
+    capacity."""
+    from moecc.codegen.onnx.lower import OrtModule, to_onnx
+    from moecc.codegen.onnx.ort_routed import ort_moe_given_logits, routing_as_logits, weighted_by_total
+
+    g = torch.Generator().manual_seed(0)
+    t, h, inter, e, k = 24, 16, 12, 6, 3
+    x = torch.randn(t, h, generator=g)
+    w_up, w_down = torch.randn(e, inter, h, generator=g) * 0.3, torch.randn(e, h, inter, generator=g) * 0.3
+    ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)])
+    ids[:6, -1] = e  # no expert
+    ids[6] = e  # a token of none
+    ids[7, 1] = ids[7, 0]  # one expert twice
+    weights = torch.sigmoid(torch.randn(t, k, generator=g)) * 2.5
+    capacity_args = (capacity, 0.0, 0, 0, "token")
+    want = torch.ops.moecc.fused_moe(x, weights, ids, w_up, w_down, None, None, "relu", False, 1.0, 0.0,
+                                     *capacity_args, "oi", "ceil")
+
+    class Given(torch.nn.Module):
+        def forward(self, x, weights, ids):
+            logits, total = routing_as_logits(weights, ids, e, *capacity_args, "ceil")
+            return weighted_by_total(ort_moe_given_logits(x, logits, w_up, None, w_down, None, k, "relu", 1.0, 0.0,
+                                                          0.0), total)
+
+    torch.testing.assert_close(Given()(x, weights, ids), want, rtol=1e-5, atol=1e-6)  # the op's reference
+    assert (want[6] == 0).all() and (capacity < 0 or not torch.equal(want, torch.ops.moecc.fused_moe(
+        x, weights, ids, w_up, w_down, None, None, "relu", False, 1.0, 0.0, -1, 0.0, 0, 0, "token", "oi", "ceil")))
+    gm = torch.export.export(Given(), (x, weights, ids)).module()
+    path = to_onnx(gm, [x, weights, ids], str(tmp_path / "given.onnx"))
+    assert [n.op_type for n in onnx.load(path).graph.node if n.domain == "com.microsoft"] == ["MoE"]
+    torch.testing.assert_close(OrtModule(path)(x, weights, ids)[0], want, rtol=1e-5, atol=1e-6)
+
+
+def test_weights_that_may_be_negative_are_not_handed_as_logits():
+    """A negative routed scaling factor makes every weight negative, which has no logarithm: the block stays
+    decomposed, says why, and computes eager's numbers."""
+    model = make_model("deepseek_v3", routed_scaling_factor=-2.5)
+    cm = moecc.compile(model, backend="onnxruntime")
+    with torch.no_grad():
+        cm(**make_inputs("deepseek_v3", 2, 9))
+        fresh = make_inputs("deepseek_v3", 3, 5, seed=4)
+        torch.testing.assert_close(cm(**fresh).logits, model(**fresh).logits, rtol=1e-4, atol=1e-5)
+    (layer,) = cm.moe_layers
+    assert layer.lowering.startswith("decomposed: ") and "the routing scale -2.5 makes the weights negative" in \
+        layer.lowering, layer.lowering
 
 
 def _tied_topk_model():

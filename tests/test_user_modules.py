@@ -776,7 +776,10 @@ def test_a_router_module_that_scores_by_code_of_its_own_feeds_canonical_routing(
     assert layer.fused, layer.reason
     assert layer.routing == ("softmax->top2 renorm" if returns == "routing" else "softmax->top2"), layer.routing
     if backend == "onnxruntime":  # a route fused with the router's last Linear: com.microsoft.MoE where it computes
-        expected = _ort_swiglu_lowering(returns == "routing", 6) if kind == "mlp" else "decomposed"
+        # the cosine router's scores are no softmax: ONNX Runtime is handed moecc's routing
+        expected = _ort_swiglu_lowering(returns == "routing", 6) if kind == "mlp" else \
+            "com.microsoft.MoE given moecc's routing" if _ort_swiglu_lowering(False, 6) == "com.microsoft.MoE" \
+            else "decomposed"
         assert layer.lowering.startswith(expected), layer.lowering
     for shape in ((3, 11), (1, 1), (2, 33)):
         x = torch.randint(0, 50, shape, device=device)
@@ -1147,13 +1150,20 @@ def test_routing_written_beside_routed_experts_is_lifted_into_moecc_ops(routing,
     assert layer.fused and layer.routing == f"{described}, lifted from the model's own routing ops", layer.routing
     if backend == "onnxruntime":
         from moecc.codegen.onnx.ort_moe import ort_computes_same
+        from moecc.codegen.onnx.ort_routed import ort_takes_weights_as_logits
 
         # an onnxruntime whose com.microsoft.MoE computes otherwise (1.30's swiglu) gets the decomposed experts
         ort_moe = "com.microsoft.MoE" if ort_computes_same("swiglu", True, 2, False, 1.0, 0.0, 0.0, 6) else \
             "decomposed: the installed onnxruntime's com.microsoft.MoE(swiglu) does not match on probe data"
+        # a sigmoid routing is handed to it
+        given = "com.microsoft.MoE given moecc's routing" if ort_takes_weights_as_logits(
+            "swiglu", 2, False, 1.0, 0.0, 0.0, 6) else ""
         assert layer.lowering == {
             "softmax": ort_moe,
-            "sigmoid_bias": "decomposed: com.microsoft.MoE routes with softmax, this block with sigmoid",
+            "sigmoid_bias": f"{given} (com.microsoft.MoE routes with softmax, this block with sigmoid)"
+                            if given else "decomposed: com.microsoft.MoE routes with softmax, this block with "
+                            "sigmoid; the installed onnxruntime's com.microsoft.MoE(swiglu) does not match when "
+                            "handed the routing weights as logits",
             "softmax_expert_scale": ort_moe,  # each expert's factor folds into its copy of the down projection
             "softmax_fp32": ort_moe,
         }[routing], layer.lowering

@@ -21,6 +21,7 @@ from moecc.codegen.onnx.ort_moe import (
     ort_qmoe_onnx,
     session_options,
 )
+from moecc.codegen.onnx.ort_routed import ort_moe_given_logits_onnx
 from moecc.codegen.onnx.quant import cannot_quantize, quantize
 from moecc.codegen.onnx.scalar_constants import keep_scalar_constants
 from moecc.errors import BackendError, first_line
@@ -48,21 +49,29 @@ class OrtForm:
 def ort_form(r: dict, m: dict) -> MatchResult[OrtForm]:
     """The com.microsoft.MoE attributes that compute exactly this (route, experts) pair, given as their calls'
     ``op_arguments``, or why none do."""
-    score, act, gated, alpha, limit = r["score"], m["activation"], m["gated"], m["alpha"], m["limit"]
+    score = r["score"]
     if score != "softmax":
         return MatchResult.fail(f"com.microsoft.MoE routes with softmax, this block with {score}")
     if r["selection_bias"] is not None or r["n_group"] > 1:
         return MatchResult.fail("com.microsoft.MoE has no selection bias or group-limited top-k")
     if m["capacity"] >= 0 or m["capacity_factor"] > 0:
         return MatchResult.fail("com.microsoft.MoE is dropless, this block has a capacity")
-    # top-k then softmax over the chosen == softmax, top-k, renormalise
-    normalize = bool(r["renormalize"] or r["topk_first"])
+    experts = ort_experts_form(m)
+    if experts:  # top-k then softmax over the chosen == softmax, top-k, renormalise
+        experts.value.normalize = bool(r["renormalize"] or r["topk_first"])
+    return experts
+
+
+def ort_experts_form(m: dict) -> MatchResult[OrtForm]:
+    """The com.microsoft.MoE activation attributes that compute these experts (``fused_moe``'s ``op_arguments``),
+    its routing aside (``normalize`` left False), or why none does."""
+    act, gated, alpha, limit = m["activation"], m["gated"], m["alpha"], m["limit"]
     if gated and act == "silu":
-        return MatchResult.success(OrtForm("swiglu", normalize, 1.0, 0.0, limit))
+        return MatchResult.success(OrtForm("swiglu", False, 1.0, 0.0, limit))
     if gated and act == "swiglu_oai":
-        return MatchResult.success(OrtForm("swiglu", normalize, alpha, 1.0, limit))
+        return MatchResult.success(OrtForm("swiglu", False, alpha, 1.0, limit))
     if not gated and act in ("silu", "gelu", "relu", "identity") and limit <= 0:
-        return MatchResult.success(OrtForm(act, normalize))
+        return MatchResult.success(OrtForm(act, False))
     return MatchResult.fail(f"no com.microsoft.MoE activation computes {'gated ' if gated else ''}{act}")
 
 
@@ -78,102 +87,28 @@ def _canonical(gm, m: dict):
 
 def use_ort_moe(gm: fx.GraphModule, quant=None) -> dict[str, str]:
     """Swap (fused_route, fused_moe) pairs for moecc::ort_moe (or ort_qmoe when ``quant`` is a QuantSpec) where
-    ORT computes the same; say why elsewhere."""
+    ORT computes the same; a fused_moe whose routing ORT cannot compute for moecc::ort_moe_given_logits where it
+    computes the experts (``ort_routed``); say why elsewhere."""
     import moecc.codegen.onnx.ort_moe  # noqa: F401 - registers moecc::ort_moe
+    import moecc.codegen.onnx.ort_routed  # noqa: F401 - registers moecc::ort_moe_given_logits
 
     lowering = {}
     owner = {info.graph_prefix: info for info in layers_of(gm).values()}
     for moe in [n for n in gm.graph.nodes if n.target is torch.ops.moecc.fused_moe.default]:
         m = op_arguments(moe)
         prefix = m["w_up"].target.rsplit(".", 1)[0] if m["w_up"].op == "get_attr" else ""
-        weights = m["weights"]
-        route = weights.args[0] if weights.target is operator.getitem else None
-        if route is None or route.target is not torch.ops.moecc.fused_route.default:
-            lowering[prefix] = "decomposed: routing is not a fused moecc route"
+        routed_by_op = _use_ort_moe(gm, moe, m, prefix, quant, owner)
+        if routed_by_op:
+            lowering[prefix] = routed_by_op.value
             continue
-        r = op_arguments(route)
-        form = ort_form(r, m)
-        w_up, w_down, b_up, b_down = _canonical(gm, m)
-        router_b = _param(gm, r["router_bias"])
-        f = form.value
-        num_experts = int(w_up.shape[0])
-        router_w_node = parameter_through_casts(r["router_weight"])  # ORT scores in fp32 whatever the cast
-        router_w = _param(gm, router_w_node)
-        if form and router_w is not None and int(router_w.shape[0]) != num_experts:
-            form = MatchResult.fail(f"the router scores {int(router_w.shape[0])} experts and the bank holds "
-                                    f"{num_experts}: com.microsoft.MoE has no experts that compute nothing")
-        if form and not ort_computes_same(f.activation_type, f.normalize, int(r["top_k"]),
-                                          b_up is not None or b_down is not None, f.alpha, f.beta, f.limit,
-                                          num_experts):
-            form = MatchResult.fail(f"the installed onnxruntime's com.microsoft.MoE({form.value.activation_type}) "
-                                    "does not match on probe data")
-        per_expert = r["expert_scale"]
-        per_expert_value = _param(gm, per_expert)
-        if form and per_expert is not None and per_expert_value is None:
-            form = MatchResult.fail("the per-expert scale of the routing weights is computed in the graph")
-        if not form or router_w_node is None or (r["router_bias"] is not None and router_b is None):
-            lowering[prefix] = f"decomposed: {form.reason or 'router weights are not constants'}"
-            continue
-        f = form.value
-        scale = float(r["scale"])
-        unfit = None if quant is None else cannot_quantize(quant, w_up, w_down)
-        if unfit is not None and prefix in owner:
-            owner[prefix].quantization = f"none: {unfit}"
-        use_q = quant is not None and unfit is None and ort_qmoe_computes_same(
-            f.activation_type, f.normalize, int(r["top_k"]), b_up is not None or b_down is not None, f.alpha,
-            f.beta, f.limit, quant.bits, quant.block_size, quant.int8_activations, num_experts)
-        if quant is not None and unfit is None and not use_q and prefix in owner:
-            owner[prefix].quantization = f"none: com.microsoft.QMoE({f.activation_type}) does not match on probe data"
-        fc1, fc1_b = w_up, b_up
-        if f.activation_type == "swiglu":  # canonical [gate | up] rows -> ORT's interleaved [g0, u0, g1, u1, ...]
-            inter = w_up.shape[1] // 2
-            fc1 = torch.stack([w_up[:, :inter], w_up[:, inter:]], 2).reshape(w_up.shape)
-            fc1_b = None if b_up is None else torch.stack([b_up[:, :inter], b_up[:, inter:]], 2).reshape(b_up.shape)
-        # the routed scaling factor, and each expert's own (Gemma 4's), fold into the second projection, which ORT
-        # holds in a copy of its own anyway: sum_j s_e(j)*w_j*f_e(j)(x) = sum_j w_j*(s_e(j)*f_e(j)(x))
-        if per_expert_value is not None:  # one pass over the projection, both factors at once
-            factor = scale * per_expert_value.detach().float().reshape(num_experts)
-            fc2 = w_down.float() * factor[:, None, None]
-            fc2_b = None if b_down is None else b_down.float() * factor[:, None]
+        given = _use_given_routing(gm, moe, m, prefix)
+        if given:
+            lowering[prefix] = f"com.microsoft.MoE given moecc's routing ({routed_by_op.reason})"
+            if quant is not None and prefix in owner:
+                owner[prefix].quantization = ("none: com.microsoft.QMoE is not handed moecc's routing, so this "
+                                              "block's experts stay float")
         else:
-            fc2, fc2_b = (w_down, b_down) if scale == 1.0 else (w_down * scale,
-                                                                 None if b_down is None else b_down * scale)
-        module = gm.get_submodule(prefix)
-        names = {}
-        tensors = [("ort_router_w_t", router_w.t()), ("ort_router_b", router_b)]
-        if use_q:
-            fc1_q, fc1_s = quantize(fc1.detach(), quant)
-            fc2_q, fc2_s = quantize(fc2.detach(), quant)
-            tensors += [("ort_fc1_q", fc1_q), ("ort_fc1_s", fc1_s), ("ort_fc1_b", fc1_b), ("ort_fc2_q", fc2_q),
-                        ("ort_fc2_s", fc2_s), ("ort_fc2_b", fc2_b)]
-        else:
-            tensors += [("ort_fc1", fc1), ("ort_fc1_b", fc1_b), ("ort_fc2", fc2), ("ort_fc2_b", fc2_b)]
-        for name, value in tensors:
-            if value is None:
-                names[name] = None
-                continue
-            value = value.detach().contiguous()
-            module.register_buffer(name, value if value.dtype == torch.uint8 else value.float())
-            with gm.graph.inserting_before(moe):
-                names[name] = gm.graph.get_attr(f"{prefix}.{name}")
-        # the router may read other tokens than the experts (a norm of its input alone)
-        router_x = () if r["x"] is m["x"] else (r["x"],)
-        common = (int(r["top_k"]), f.activation_type, f.normalize, f.alpha, f.beta, f.limit)
-        with gm.graph.inserting_before(moe):
-            if use_q:
-                new = gm.graph.call_function(torch.ops.moecc.ort_qmoe.default, (
-                    m["x"], names["ort_router_w_t"], names["ort_router_b"], names["ort_fc1_q"],
-                    names["ort_fc1_s"], names["ort_fc1_b"], names["ort_fc2_q"], names["ort_fc2_s"],
-                    names["ort_fc2_b"], *common, quant.bits, quant.block_size, quant.int8_activations, *router_x))
-            else:
-                new = gm.graph.call_function(torch.ops.moecc.ort_moe.default, (
-                    m["x"], names["ort_router_w_t"], names["ort_router_b"], names["ort_fc1"],
-                    names["ort_fc1_b"], names["ort_fc2"], names["ort_fc2_b"], *common, *router_x))
-        moe.replace_all_uses_with(new)
-        gm.graph.erase_node(moe)
-        lowering[prefix] = "com.microsoft.QMoE" if use_q else "com.microsoft.MoE"
-        if use_q and prefix in owner:
-            owner[prefix].quantization = quant.describe()
+            lowering[prefix] = f"decomposed: {routed_by_op.reason}; {given.reason}"
     eliminate_dead_code(gm.graph)
     for prefix, how in lowering.items():
         if prefix in owner:
@@ -186,12 +121,202 @@ def use_ort_moe(gm: fx.GraphModule, quant=None) -> dict[str, str]:
     return lowering
 
 
+def _use_ort_moe(gm: fx.GraphModule, moe: fx.Node, m: dict, prefix: str, quant, owner: dict) -> MatchResult[str]:
+    """Swap ``moe`` and its fused_route for moecc::ort_moe or ort_qmoe: the lowering, or why ORT does not route
+    this block itself."""
+    weights = m["weights"]
+    route = weights.args[0] if weights.target is operator.getitem else None
+    if route is None or route.target is not torch.ops.moecc.fused_route.default:
+        return MatchResult.fail("routing is not a fused moecc route")
+    r = op_arguments(route)
+    form = ort_form(r, m)
+    w_up, w_down, b_up, b_down = _canonical(gm, m)
+    router_b = _param(gm, r["router_bias"])
+    f = form.value
+    num_experts = int(w_up.shape[0])
+    router_w_node = parameter_through_casts(r["router_weight"])  # ORT scores in fp32 whatever the cast
+    router_w = _param(gm, router_w_node)
+    if form and router_w is not None and int(router_w.shape[0]) != num_experts:
+        form = MatchResult.fail(f"the router scores {int(router_w.shape[0])} experts and the bank holds "
+                                f"{num_experts}: com.microsoft.MoE has no experts that compute nothing")
+    if form and not ort_computes_same(f.activation_type, f.normalize, int(r["top_k"]),
+                                      b_up is not None or b_down is not None, f.alpha, f.beta, f.limit,
+                                      num_experts):
+        form = MatchResult.fail(f"the installed onnxruntime's com.microsoft.MoE({form.value.activation_type}) "
+                                "does not match on probe data")
+    per_expert = r["expert_scale"]
+    per_expert_value = _param(gm, per_expert)
+    if form and per_expert is not None and per_expert_value is None:
+        form = MatchResult.fail("the per-expert scale of the routing weights is computed in the graph")
+    if not form or router_w_node is None or (r["router_bias"] is not None and router_b is None):
+        return MatchResult.fail(form.reason or "router weights are not constants")
+    f = form.value
+    scale = float(r["scale"])
+    unfit = None if quant is None else cannot_quantize(quant, w_up, w_down)
+    if unfit is not None and prefix in owner:
+        owner[prefix].quantization = f"none: {unfit}"
+    use_q = quant is not None and unfit is None and ort_qmoe_computes_same(
+        f.activation_type, f.normalize, int(r["top_k"]), b_up is not None or b_down is not None, f.alpha,
+        f.beta, f.limit, quant.bits, quant.block_size, quant.int8_activations, num_experts)
+    if quant is not None and unfit is None and not use_q and prefix in owner:
+        owner[prefix].quantization = f"none: com.microsoft.QMoE({f.activation_type}) does not match on probe data"
+    fc1, fc1_b = _ort_fc1(w_up, b_up, f.activation_type)
+    # the routed scaling factor, and each expert's own (Gemma 4's), fold into the second projection, which ORT
+    # holds in a copy of its own anyway: sum_j s_e(j)*w_j*f_e(j)(x) = sum_j w_j*(s_e(j)*f_e(j)(x))
+    if per_expert_value is not None:  # one pass over the projection, both factors at once
+        factor = scale * per_expert_value.detach().float().reshape(num_experts)
+        fc2 = w_down.float() * factor[:, None, None]
+        fc2_b = None if b_down is None else b_down.float() * factor[:, None]
+    else:
+        fc2, fc2_b = (w_down, b_down) if scale == 1.0 else (w_down * scale,
+                                                             None if b_down is None else b_down * scale)
+    tensors = [("ort_router_w_t", router_w.t()), ("ort_router_b", router_b)]
+    if use_q:
+        fc1_q, fc1_s = quantize(fc1.detach(), quant)
+        fc2_q, fc2_s = quantize(fc2.detach(), quant)
+        tensors += [("ort_fc1_q", fc1_q), ("ort_fc1_s", fc1_s), ("ort_fc1_b", fc1_b), ("ort_fc2_q", fc2_q),
+                    ("ort_fc2_s", fc2_s), ("ort_fc2_b", fc2_b)]
+    else:
+        tensors += [("ort_fc1", fc1), ("ort_fc1_b", fc1_b), ("ort_fc2", fc2), ("ort_fc2_b", fc2_b)]
+    names = _held(gm, moe, prefix, tensors)
+    # the router may read other tokens than the experts (a norm of its input alone)
+    router_x = () if r["x"] is m["x"] else (r["x"],)
+    common = (int(r["top_k"]), f.activation_type, f.normalize, f.alpha, f.beta, f.limit)
+    with gm.graph.inserting_before(moe):
+        if use_q:
+            new = gm.graph.call_function(torch.ops.moecc.ort_qmoe.default, (
+                m["x"], names["ort_router_w_t"], names["ort_router_b"], names["ort_fc1_q"],
+                names["ort_fc1_s"], names["ort_fc1_b"], names["ort_fc2_q"], names["ort_fc2_s"],
+                names["ort_fc2_b"], *common, quant.bits, quant.block_size, quant.int8_activations, *router_x))
+        else:
+            new = gm.graph.call_function(torch.ops.moecc.ort_moe.default, (
+                m["x"], names["ort_router_w_t"], names["ort_router_b"], names["ort_fc1"],
+                names["ort_fc1_b"], names["ort_fc2"], names["ort_fc2_b"], *common, *router_x))
+    moe.replace_all_uses_with(new)
+    gm.graph.erase_node(moe)
+    if use_q and prefix in owner:
+        owner[prefix].quantization = quant.describe()
+    return MatchResult.success("com.microsoft.QMoE" if use_q else "com.microsoft.MoE")
+
+
+def _use_given_routing(gm: fx.GraphModule, moe: fx.Node, m: dict, prefix: str) -> MatchResult[None]:
+    """Swap ``moe`` for moecc::ort_moe_given_logits, its routing kept as graph ops (``ort_routed``), or say why
+    not."""
+    from moecc.codegen.onnx.ort_routed import ort_takes_weights_as_logits, routing_as_logits, weighted_by_total
+
+    form = ort_experts_form(m)
+    if not form:
+        return form
+    if (why := _may_be_negative(gm, m["weights"])) is not None:
+        return MatchResult.fail(why)
+    w_up, w_down, b_up, b_down = _canonical(gm, m)
+    if w_up is None or w_down is None or (m["b_up"] is not None and b_up is None) or (
+            m["b_down"] is not None and b_down is None):
+        return MatchResult.fail("the expert weights are not constants")
+    top_k, num_experts = _top_k(m["ids"]), int(w_up.shape[0])
+    if not isinstance(top_k, int) or not 0 < top_k <= num_experts:
+        return MatchResult.fail(f"the routing's top-k ({top_k}) is no fixed count of at most {num_experts} experts")
+    f = form.value
+    if not ort_takes_weights_as_logits(f.activation_type, top_k, b_up is not None or b_down is not None, f.alpha,
+                                       f.beta, f.limit, num_experts):
+        return MatchResult.fail(f"the installed onnxruntime's com.microsoft.MoE({f.activation_type}) does not match "
+                                "when handed the routing weights as logits")
+    fc1, fc1_b = _ort_fc1(w_up, b_up, f.activation_type)
+    names = _held(gm, moe, prefix, [("ort_fc1", fc1), ("ort_fc1_b", fc1_b), ("ort_fc2", w_down),
+                                    ("ort_fc2_b", b_down)])
+    capacity = [m[a] for a in ("capacity", "capacity_factor", "capacity_min", "group_size", "priority", "rounding")]
+    with gm.graph.inserting_before(moe):
+        route = gm.graph.call_function(routing_as_logits, (m["weights"], m["ids"], num_experts, *capacity))
+        logits = gm.graph.call_function(operator.getitem, (route, 0))
+        total = gm.graph.call_function(operator.getitem, (route, 1))
+        y = gm.graph.call_function(torch.ops.moecc.ort_moe_given_logits.default, (
+            m["x"], logits, names["ort_fc1"], names["ort_fc1_b"], names["ort_fc2"], names["ort_fc2_b"], top_k,
+            f.activation_type, f.alpha, f.beta, f.limit))
+        new = gm.graph.call_function(weighted_by_total, (y, total))
+    moe.replace_all_uses_with(new)
+    gm.graph.erase_node(moe)
+    return MatchResult.success(None)
+
+
+def _top_k(ids) -> int | None:
+    """The width of the expert ids ``ids`` [T, k] (a node): from its value, the route it is read from, or the
+    reshape that makes it (``ids.reshape(-1, 1)``, the pairs of experts with a post-expert norm); else None."""
+    if not isinstance(ids, fx.Node):
+        return None
+    if (val := ids.meta.get("val")) is not None:
+        return val.shape[-1] if val.dim() == 2 and isinstance(val.shape[-1], int) else None
+    if ids.target is operator.getitem and ids.args[1] == 1 and ids.args[0].target in (
+            torch.ops.moecc.fused_route.default, torch.ops.moecc.route.default):
+        return int(op_arguments(ids.args[0])["top_k"])
+    shape = ids.args[1:] if ids.op == "call_method" and ids.target in ("reshape", "view") else ()
+    shape = shape[0] if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
+    return shape[-1] if len(shape) == 2 and isinstance(shape[-1], int) and shape[-1] > 0 else None
+
+
+# ops that keep their input's values, only its shape, layout or float type
+_VALUE_KEEPING = {"reshape", "view", "contiguous", "float", "to", "flatten", "squeeze", "unsqueeze", "clone"}
+
+
+def _may_be_negative(gm: fx.GraphModule, weights) -> str | None:
+    """Why the routing weights ``weights`` (a node) may be negative, or None where the graph shows they are not:
+    the weights of a moecc route (every score is), times its scale and a per-expert scale that are not negative;
+    or ones (the pairs of experts with a post-expert norm)."""
+    node = weights
+    while isinstance(node, fx.Node) and node.op in ("call_method", "call_function") and (
+            str(getattr(node.target, "__name__", node.target)).split(".")[0] in _VALUE_KEEPING):
+        node = node.args[0]
+    if not isinstance(node, fx.Node):
+        return "the routing weights are no value of the graph"
+    if node.op == "call_function" and node.target in (torch.ones_like, torch.ops.aten.ones_like.default):
+        return None
+    route = node.args[0] if node.target is operator.getitem and node.args[1] == 0 else None
+    if route is None or route.target not in (torch.ops.moecc.fused_route.default, torch.ops.moecc.route.default):
+        return "the routing weights are computed by the model's own ops, which may make them negative"
+    r = op_arguments(route)
+    if float(r["scale"]) < 0:
+        return f"the routing scale {r['scale']} makes the weights negative"
+    if r["expert_scale"] is not None:
+        per_expert = _param(gm, r["expert_scale"])
+        if per_expert is None:
+            return "the per-expert scale of the routing weights is computed in the graph"
+        if bool((per_expert < 0).any()):
+            return "a per-expert scale of the routing weights is negative"
+    return None
+
+
+def _ort_fc1(w_up: torch.Tensor, b_up, activation_type: str):
+    """The first projection as ORT reads it: canonical [gate | up] rows -> interleaved [g0, u0, g1, u1, ...] for
+    swiglu."""
+    if activation_type != "swiglu":
+        return w_up, b_up
+    inter = w_up.shape[1] // 2
+    fc1 = torch.stack([w_up[:, :inter], w_up[:, inter:]], 2).reshape(w_up.shape)
+    return fc1, None if b_up is None else torch.stack([b_up[:, :inter], b_up[:, inter:]], 2).reshape(b_up.shape)
+
+
+def _held(gm: fx.GraphModule, moe: fx.Node, prefix: str, tensors: list) -> dict:
+    """Register each (name, tensor) as a buffer of the block's module (fp32, but packed uint8), and read it into
+    the graph before ``moe``: name -> get_attr node, or None for a tensor that is None."""
+    module = gm.get_submodule(prefix)
+    names = {}
+    for name, value in tensors:
+        if value is None:
+            names[name] = None
+            continue
+        value = value.detach().contiguous()
+        module.register_buffer(name, value if value.dtype == torch.uint8 else value.float())
+        with gm.graph.inserting_before(moe):
+            names[name] = gm.graph.get_attr(f"{prefix}.{name}")
+    return names
+
+
 def decompose(gm: fx.GraphModule) -> None:
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target in DECOMPOSITIONS:
             node.target = DECOMPOSITIONS[node.target]
         elif node.op == "call_function" and str(node.target).startswith("moecc."):
-            if node.target not in (torch.ops.moecc.ort_moe.default, torch.ops.moecc.ort_qmoe.default):
+            if node.target not in (torch.ops.moecc.ort_moe.default, torch.ops.moecc.ort_qmoe.default,
+                                   torch.ops.moecc.ort_moe_given_logits.default):
                 raise ValueError(f"the ONNX backend cannot lower {node.target} (node {node.name})")
     gm.recompile()
 
@@ -211,7 +336,9 @@ def to_onnx(gm: fx.GraphModule, example: list[torch.Tensor], path: str) -> str:
         warnings.filterwarnings("ignore", message="Exporting a model while it is in training mode")
         prog = torch.onnx.export(gm, tuple(example), dynamo=True, dynamic_shapes=tuple(shapes), optimize=False,
                                  custom_translation_table={torch.ops.moecc.ort_moe.default: ort_moe_onnx,
-                                                           torch.ops.moecc.ort_qmoe.default: ort_qmoe_onnx},
+                                                           torch.ops.moecc.ort_qmoe.default: ort_qmoe_onnx,
+                                                           torch.ops.moecc.ort_moe_given_logits.default:
+                                                               ort_moe_given_logits_onnx},
                                  verbose=False)
         onnxscript.optimizer.fold_constants(prog.model)  # a constant computed from others (``alpha * c``)
         if rewritten := keep_scalar_constants(prog.model):

@@ -42,11 +42,21 @@ def ort_moe(x: Tensor, router_w_t: Tensor, router_b: Tensor | None, fc1_w: Tenso
     are fp32 (the dtype the probes prove the op in): an x of another dtype is computed in fp32, as the ONNX
     translation does. ``router_x`` [T, H]: what the router reads, where it is not ``x`` (a norm of the router's
     input alone)."""
-    dtype = x.dtype
-    x = x.to(router_w_t.dtype)
-    logits = (x if router_x is None else router_x.to(router_w_t.dtype)) @ router_w_t
+    x32 = x.to(router_w_t.dtype)
+    logits = (x32 if router_x is None else router_x.to(router_w_t.dtype)) @ router_w_t
     if router_b is not None:
         logits = logits + router_b
+    return experts_by_logits(x, logits, fc1_w, fc1_b, fc2_w, fc2_b, k, activation_type, normalize, alpha, beta,
+                             limit)
+
+
+def experts_by_logits(x: Tensor, logits: Tensor, fc1_w: Tensor, fc1_b: Tensor | None, fc2_w: Tensor,
+                      fc2_b: Tensor | None, k: int, activation_type: str, normalize: bool, alpha: float, beta: float,
+                      limit: float) -> Tensor:
+    """The op past its router: softmax of ``logits``, top-k, optional renormalisation, the weighted experts; in the
+    weights' dtype, cast back to ``x``'s."""
+    dtype = x.dtype
+    x = x.to(fc1_w.dtype)
     probs = torch.softmax(logits.float(), -1)
     w, ids = torch.topk(probs, k, dim=-1)
     if normalize:
@@ -56,14 +66,19 @@ def ort_moe(x: Tensor, router_w_t: Tensor, router_b: Tensor | None, fc1_w: Tenso
         tok, slot = torch.where(ids == e)
         if tok.numel() == 0:
             continue
-        h = x[tok] @ fc1_w[e].t()
-        if fc1_b is not None:
-            h = h + fc1_b[e]
-        y = _act(h, activation_type, alpha, beta, limit) @ fc2_w[e].t()
-        if fc2_b is not None:
-            y = y + fc2_b[e]
+        y = expert_ffn(x[tok], e, fc1_w, fc1_b, fc2_w, fc2_b, activation_type, alpha, beta, limit)
         out.index_add_(0, tok, y.float() * w[tok, slot, None])
     return out.to(dtype)
+
+
+def expert_ffn(xs: Tensor, e: int, fc1_w: Tensor, fc1_b: Tensor | None, fc2_w: Tensor, fc2_b: Tensor | None,
+               activation_type: str, alpha: float, beta: float, limit: float) -> Tensor:
+    """Expert ``e`` of the op on rows ``xs``."""
+    h = xs @ fc1_w[e].t()
+    if fc1_b is not None:
+        h = h + fc1_b[e]
+    y = _act(h, activation_type, alpha, beta, limit) @ fc2_w[e].t()
+    return y if fc2_b is None else y + fc2_b[e]
 
 
 @ort_moe.register_fake
