@@ -481,7 +481,7 @@ def test_routing_handed_to_the_moe_op_as_logits_gives_the_weighted_experts(capac
         def forward(self, x, weights, ids):
             logits, total = routing_as_logits(weights, ids, e, *capacity_args, "ceil")
             return weighted_by_total(ort_moe_given_logits(x, logits, w_up, None, w_down, None, k, "relu", 1.0, 0.0,
-                                                          0.0), total)
+                                                          0.0), total, x)
 
     torch.testing.assert_close(Given()(x, weights, ids), want, rtol=1e-5, atol=1e-6)  # the op's reference
     assert (want[6] == 0).all() and (capacity < 0 or not torch.equal(want, torch.ops.moecc.fused_moe(

@@ -232,7 +232,7 @@ def _use_given_routing(gm: fx.GraphModule, moe: fx.Node, m: dict, prefix: str) -
         y = gm.graph.call_function(torch.ops.moecc.ort_moe_given_logits.default, (
             m["x"], logits, names["ort_fc1"], names["ort_fc1_b"], names["ort_fc2"], names["ort_fc2_b"], top_k,
             f.activation_type, f.alpha, f.beta, f.limit))
-        new = gm.graph.call_function(weighted_by_total, (y, total))
+        new = gm.graph.call_function(weighted_by_total, (y, total, m["x"]))
     moe.replace_all_uses_with(new)
     gm.graph.erase_node(moe)
     return MatchResult.success(None)

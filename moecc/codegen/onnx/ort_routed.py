@@ -22,7 +22,6 @@ from torch import Tensor
 
 from moecc.codegen.onnx.decompose import _kept_pairs
 from moecc.codegen.onnx.ort_moe import (
-    _back,
     _in_fp32,
     _moe_attrs,
     _rel_error,
@@ -58,13 +57,15 @@ def ort_moe_given_logits(x: Tensor, logits: Tensor, fc1_w: Tensor, fc1_b: Tensor
                          fc2_b: Tensor | None, k: int, activation_type: str, alpha: float, beta: float,
                          limit: float) -> Tensor:
     """``com.microsoft.MoE`` with renormalised routing on the ``logits`` [T, E] it is handed (``ort_moe``'s
-    semantics past its router matmul); weights fp32, as for ``ort_moe``."""
-    return experts_by_logits(x, logits, fc1_w, fc1_b, fc2_w, fc2_b, k, activation_type, True, alpha, beta, limit)
+    semantics past its router matmul). Weights, and the output, are fp32: ``weighted_by_total`` scales it before
+    the one cast back to ``x``'s dtype, as the combine of ``fused_moe`` sums in fp32."""
+    return experts_by_logits(x.float(), logits, fc1_w, fc1_b, fc2_w, fc2_b, k, activation_type, True, alpha, beta,
+                             limit)
 
 
 @ort_moe_given_logits.register_fake
 def _ort_moe_given_logits_fake(x, *args):
-    return torch.empty_like(x)
+    return torch.empty(x.shape, dtype=torch.float32, device=x.device)
 
 
 def ort_moe_given_logits_onnx(x, logits, fc1_w, fc1_b, fc2_w, fc2_b, k, activation_type, alpha, beta, limit):
@@ -73,15 +74,15 @@ def ort_moe_given_logits_onnx(x, logits, fc1_w, fc1_b, fc2_w, fc2_b, k, activati
     from onnxscript import opset18 as op
 
     moe_op = onnxscript.values.Op(onnxscript.values.Opset("com.microsoft", 1), "MoE", contrib_schema("MoE"))
-    x_in, x = x, _in_fp32(op, x, fc1_w)
-    inputs = [x, logits, fc1_w, fc1_b, fc2_w, fc2_b]
+    inputs = [_in_fp32(op, x, fc1_w), logits, fc1_w, fc1_b, fc2_w, fc2_b]
     while inputs[-1] is None:
         inputs.pop()
-    return _back(op, moe_op(*inputs, **_moe_attrs(k, activation_type, True, alpha, beta, limit)), x_in, x)
+    return moe_op(*inputs, **_moe_attrs(k, activation_type, True, alpha, beta, limit))
 
 
-def weighted_by_total(y: Tensor, total: Tensor) -> Tensor:
-    return (y.float() * total).to(y.dtype)
+def weighted_by_total(y: Tensor, total: Tensor, like: Tensor) -> Tensor:
+    """The op's fp32 output ``y`` times each token's sum of weights, in the dtype of ``like`` (the block's input)."""
+    return (y * total).to(like.dtype)
 
 
 @functools.lru_cache(maxsize=None)
