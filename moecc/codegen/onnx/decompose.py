@@ -11,7 +11,7 @@ from moecc.experts import expert_activation, shared_ffn_reference, to_canonical
 from moecc.routing import fused_route_reference, route_reference
 
 
-def _kept_pairs(ids: Tensor, num_experts: int, capacity: int, capacity_factor: float, capacity_min: int,
+def kept_pairs(ids: Tensor, num_experts: int, capacity: int, capacity_factor: float, capacity_min: int,
                 group_size, priority: str, rounding: str = "ceil") -> Tensor:
     """[T, k] mask of the pairs that do compute: real experts within capacity, as a dense cumsum."""
     valid = (ids >= 0) & (ids < num_experts)
@@ -46,7 +46,7 @@ def fused_moe(x, weights, ids, w_up, w_down, b_up, b_down, activation, gated, al
     y = torch.matmul(h, w_down.transpose(1, 2).to(h.dtype))
     if b_down is not None:
         y = y + b_down.unsqueeze(1).to(y.dtype)
-    keep = _kept_pairs(ids, num_experts, capacity, capacity_factor, capacity_min, group_size, priority, rounding)
+    keep = kept_pairs(ids, num_experts, capacity, capacity_factor, capacity_min, group_size, priority, rounding)
     w = torch.where(keep, weights.float(), 0.0)
     slot = torch.where(keep, ids, num_experts)
     dense = torch.zeros(ids.shape[0], num_experts + 1, dtype=torch.float32, device=x.device)

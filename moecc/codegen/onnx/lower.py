@@ -7,13 +7,13 @@ import operator
 import os
 import tempfile
 import warnings
-from dataclasses import dataclass
 
 import onnxscript.optimizer
 import torch
 from torch import fx, nn
 
 from moecc.codegen.onnx.decompose import DECOMPOSITIONS
+from moecc.codegen.onnx.ort_forms import canonical_experts, held_buffers, ort_fc1, ort_form, param_of
 from moecc.codegen.onnx.ort_moe import (
     ort_computes_same,
     ort_moe_onnx,
@@ -21,68 +21,19 @@ from moecc.codegen.onnx.ort_moe import (
     ort_qmoe_onnx,
     session_options,
 )
-from moecc.codegen.onnx.ort_routed import ort_moe_given_logits_onnx
+from moecc.codegen.onnx.ort_routed import ort_moe_given_logits_onnx, use_given_routing
 from moecc.codegen.onnx.quant import cannot_quantize, quantize
 from moecc.codegen.onnx.scalar_constants import keep_scalar_constants
 from moecc.errors import BackendError, first_line
-from moecc.experts import to_canonical
 from moecc.logs import quiet, stderr_to_debug
 from moecc.match import MatchResult
 from moecc.module_state import program_writes
 from moecc.passes.base import layers_of
-from moecc.passes.graph_utils import attr_of, eliminate_dead_code, op_arguments, parameter_through_casts
+from moecc.passes.graph_utils import eliminate_dead_code, op_arguments, parameter_through_casts
 
 log = logging.getLogger("moecc.codegen.onnx")
 PROVIDER = "CPUExecutionProvider"
 ONNX_REGISTRY_LOGGER = "torch.onnx._internal.exporter._registration"
-
-
-@dataclass
-class OrtForm:
-    activation_type: str
-    normalize: bool
-    alpha: float = 1.0
-    beta: float = 0.0
-    limit: float = 0.0
-
-
-def ort_form(r: dict, m: dict) -> MatchResult[OrtForm]:
-    """The com.microsoft.MoE attributes that compute exactly this (route, experts) pair, given as their calls'
-    ``op_arguments``, or why none do."""
-    score = r["score"]
-    if score != "softmax":
-        return MatchResult.fail(f"com.microsoft.MoE routes with softmax, this block with {score}")
-    if r["selection_bias"] is not None or r["n_group"] > 1:
-        return MatchResult.fail("com.microsoft.MoE has no selection bias or group-limited top-k")
-    if m["capacity"] >= 0 or m["capacity_factor"] > 0:
-        return MatchResult.fail("com.microsoft.MoE is dropless, this block has a capacity")
-    experts = ort_experts_form(m)
-    if experts:  # top-k then softmax over the chosen == softmax, top-k, renormalise
-        experts.value.normalize = bool(r["renormalize"] or r["topk_first"])
-    return experts
-
-
-def ort_experts_form(m: dict) -> MatchResult[OrtForm]:
-    """The com.microsoft.MoE activation attributes that compute these experts (``fused_moe``'s ``op_arguments``),
-    its routing aside (``normalize`` left False), or why none does."""
-    act, gated, alpha, limit = m["activation"], m["gated"], m["alpha"], m["limit"]
-    if gated and act == "silu":
-        return MatchResult.success(OrtForm("swiglu", False, 1.0, 0.0, limit))
-    if gated and act == "swiglu_oai":
-        return MatchResult.success(OrtForm("swiglu", False, alpha, 1.0, limit))
-    if not gated and act in ("silu", "gelu", "relu", "identity") and limit <= 0:
-        return MatchResult.success(OrtForm(act, False))
-    return MatchResult.fail(f"no com.microsoft.MoE activation computes {'gated ' if gated else ''}{act}")
-
-
-def _param(gm: fx.GraphModule, node) -> torch.Tensor | None:
-    return None if node is None or node.op != "get_attr" else attr_of(gm, node)
-
-
-def _canonical(gm, m: dict):
-    w_up, w_down, b_up = to_canonical(_param(gm, m["w_up"]), _param(gm, m["w_down"]), _param(gm, m["b_up"]),
-                                      m["weight_layout"])
-    return w_up, w_down, b_up, _param(gm, m["b_down"])
 
 
 def use_ort_moe(gm: fx.GraphModule, quant=None) -> dict[str, str]:
@@ -101,7 +52,7 @@ def use_ort_moe(gm: fx.GraphModule, quant=None) -> dict[str, str]:
         if routed_by_op:
             lowering[prefix] = routed_by_op.value
             continue
-        given = _use_given_routing(gm, moe, m, prefix)
+        given = use_given_routing(gm, moe, m, prefix)
         if given:
             lowering[prefix] = f"com.microsoft.MoE given moecc's routing ({routed_by_op.reason})"
             if quant is not None and prefix in owner:
@@ -130,12 +81,12 @@ def _use_ort_moe(gm: fx.GraphModule, moe: fx.Node, m: dict, prefix: str, quant, 
         return MatchResult.fail("routing is not a fused moecc route")
     r = op_arguments(route)
     form = ort_form(r, m)
-    w_up, w_down, b_up, b_down = _canonical(gm, m)
-    router_b = _param(gm, r["router_bias"])
+    w_up, w_down, b_up, b_down = canonical_experts(gm, m)
+    router_b = param_of(gm, r["router_bias"])
     f = form.value
     num_experts = int(w_up.shape[0])
     router_w_node = parameter_through_casts(r["router_weight"])  # ORT scores in fp32 whatever the cast
-    router_w = _param(gm, router_w_node)
+    router_w = param_of(gm, router_w_node)
     if form and router_w is not None and int(router_w.shape[0]) != num_experts:
         form = MatchResult.fail(f"the router scores {int(router_w.shape[0])} experts and the bank holds "
                                 f"{num_experts}: com.microsoft.MoE has no experts that compute nothing")
@@ -145,7 +96,7 @@ def _use_ort_moe(gm: fx.GraphModule, moe: fx.Node, m: dict, prefix: str, quant, 
         form = MatchResult.fail(f"the installed onnxruntime's com.microsoft.MoE({form.value.activation_type}) "
                                 "does not match on probe data")
     per_expert = r["expert_scale"]
-    per_expert_value = _param(gm, per_expert)
+    per_expert_value = param_of(gm, per_expert)
     if form and per_expert is not None and per_expert_value is None:
         form = MatchResult.fail("the per-expert scale of the routing weights is computed in the graph")
     if not form or router_w_node is None or (r["router_bias"] is not None and router_b is None):
@@ -160,7 +111,7 @@ def _use_ort_moe(gm: fx.GraphModule, moe: fx.Node, m: dict, prefix: str, quant, 
         f.beta, f.limit, quant.bits, quant.block_size, quant.int8_activations, num_experts)
     if quant is not None and unfit is None and not use_q and prefix in owner:
         owner[prefix].quantization = f"none: com.microsoft.QMoE({f.activation_type}) does not match on probe data"
-    fc1, fc1_b = _ort_fc1(w_up, b_up, f.activation_type)
+    fc1, fc1_b = ort_fc1(w_up, b_up, f.activation_type)
     # the routed scaling factor, and each expert's own (Gemma 4's), fold into the second projection, which ORT
     # holds in a copy of its own anyway: sum_j s_e(j)*w_j*f_e(j)(x) = sum_j w_j*(s_e(j)*f_e(j)(x))
     if per_expert_value is not None:  # one pass over the projection, both factors at once
@@ -178,7 +129,7 @@ def _use_ort_moe(gm: fx.GraphModule, moe: fx.Node, m: dict, prefix: str, quant, 
                     ("ort_fc2_s", fc2_s), ("ort_fc2_b", fc2_b)]
     else:
         tensors += [("ort_fc1", fc1), ("ort_fc1_b", fc1_b), ("ort_fc2", fc2), ("ort_fc2_b", fc2_b)]
-    names = _held(gm, moe, prefix, tensors)
+    names = held_buffers(gm, moe, prefix, tensors)
     # the router may read other tokens than the experts (a norm of its input alone)
     router_x = () if r["x"] is m["x"] else (r["x"],)
     common = (int(r["top_k"]), f.activation_type, f.normalize, f.alpha, f.beta, f.limit)
@@ -197,117 +148,6 @@ def _use_ort_moe(gm: fx.GraphModule, moe: fx.Node, m: dict, prefix: str, quant, 
     if use_q and prefix in owner:
         owner[prefix].quantization = quant.describe()
     return MatchResult.success("com.microsoft.QMoE" if use_q else "com.microsoft.MoE")
-
-
-def _use_given_routing(gm: fx.GraphModule, moe: fx.Node, m: dict, prefix: str) -> MatchResult[None]:
-    """Swap ``moe`` for moecc::ort_moe_given_logits, its routing kept as graph ops (``ort_routed``), or say why
-    not."""
-    from moecc.codegen.onnx.ort_routed import ort_takes_weights_as_logits, routing_as_logits, weighted_by_total
-
-    form = ort_experts_form(m)
-    if not form:
-        return form
-    if (why := _may_be_negative(gm, m["weights"])) is not None:
-        return MatchResult.fail(why)
-    w_up, w_down, b_up, b_down = _canonical(gm, m)
-    if w_up is None or w_down is None or (m["b_up"] is not None and b_up is None) or (
-            m["b_down"] is not None and b_down is None):
-        return MatchResult.fail("the expert weights are not constants")
-    top_k, num_experts = _top_k(m["ids"]), int(w_up.shape[0])
-    if not isinstance(top_k, int) or not 0 < top_k <= num_experts:
-        return MatchResult.fail(f"the routing's top-k ({top_k}) is no fixed count of at most {num_experts} experts")
-    f = form.value
-    if not ort_takes_weights_as_logits(f.activation_type, top_k, b_up is not None or b_down is not None, f.alpha,
-                                       f.beta, f.limit, num_experts):
-        return MatchResult.fail(f"the installed onnxruntime's com.microsoft.MoE({f.activation_type}) does not match "
-                                "when handed the routing weights as logits")
-    fc1, fc1_b = _ort_fc1(w_up, b_up, f.activation_type)
-    names = _held(gm, moe, prefix, [("ort_fc1", fc1), ("ort_fc1_b", fc1_b), ("ort_fc2", w_down),
-                                    ("ort_fc2_b", b_down)])
-    capacity = [m[a] for a in ("capacity", "capacity_factor", "capacity_min", "group_size", "priority", "rounding")]
-    with gm.graph.inserting_before(moe):
-        route = gm.graph.call_function(routing_as_logits, (m["weights"], m["ids"], num_experts, *capacity))
-        logits = gm.graph.call_function(operator.getitem, (route, 0))
-        total = gm.graph.call_function(operator.getitem, (route, 1))
-        y = gm.graph.call_function(torch.ops.moecc.ort_moe_given_logits.default, (
-            m["x"], logits, names["ort_fc1"], names["ort_fc1_b"], names["ort_fc2"], names["ort_fc2_b"], top_k,
-            f.activation_type, f.alpha, f.beta, f.limit))
-        new = gm.graph.call_function(weighted_by_total, (y, total, m["x"]))
-    moe.replace_all_uses_with(new)
-    gm.graph.erase_node(moe)
-    return MatchResult.success(None)
-
-
-def _top_k(ids) -> int | None:
-    """The width of the expert ids ``ids`` [T, k] (a node): from its value, the route it is read from, or the
-    reshape that makes it (``ids.reshape(-1, 1)``, the pairs of experts with a post-expert norm); else None."""
-    if not isinstance(ids, fx.Node):
-        return None
-    if (val := ids.meta.get("val")) is not None:
-        return val.shape[-1] if val.dim() == 2 and isinstance(val.shape[-1], int) else None
-    if ids.target is operator.getitem and ids.args[1] == 1 and ids.args[0].target in (
-            torch.ops.moecc.fused_route.default, torch.ops.moecc.route.default):
-        return int(op_arguments(ids.args[0])["top_k"])
-    shape = ids.args[1:] if ids.op == "call_method" and ids.target in ("reshape", "view") else ()
-    shape = shape[0] if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
-    return shape[-1] if len(shape) == 2 and isinstance(shape[-1], int) and shape[-1] > 0 else None
-
-
-# ops that keep their input's values, only its shape, layout or float type
-_VALUE_KEEPING = {"reshape", "view", "contiguous", "float", "to", "flatten", "squeeze", "unsqueeze", "clone"}
-
-
-def _may_be_negative(gm: fx.GraphModule, weights) -> str | None:
-    """Why the routing weights ``weights`` (a node) may be negative, or None where the graph shows they are not:
-    the weights of a moecc route (every score is), times its scale and a per-expert scale that are not negative;
-    or ones (the pairs of experts with a post-expert norm)."""
-    node = weights
-    while isinstance(node, fx.Node) and node.op in ("call_method", "call_function") and (
-            str(getattr(node.target, "__name__", node.target)).split(".")[0] in _VALUE_KEEPING):
-        node = node.args[0]
-    if not isinstance(node, fx.Node):
-        return "the routing weights are no value of the graph"
-    if node.op == "call_function" and node.target in (torch.ones_like, torch.ops.aten.ones_like.default):
-        return None
-    route = node.args[0] if node.target is operator.getitem and node.args[1] == 0 else None
-    if route is None or route.target not in (torch.ops.moecc.fused_route.default, torch.ops.moecc.route.default):
-        return "the routing weights are computed by the model's own ops, which may make them negative"
-    r = op_arguments(route)
-    if float(r["scale"]) < 0:
-        return f"the routing scale {r['scale']} makes the weights negative"
-    if r["expert_scale"] is not None:
-        per_expert = _param(gm, r["expert_scale"])
-        if per_expert is None:
-            return "the per-expert scale of the routing weights is computed in the graph"
-        if bool((per_expert < 0).any()):
-            return "a per-expert scale of the routing weights is negative"
-    return None
-
-
-def _ort_fc1(w_up: torch.Tensor, b_up, activation_type: str):
-    """The first projection as ORT reads it: canonical [gate | up] rows -> interleaved [g0, u0, g1, u1, ...] for
-    swiglu."""
-    if activation_type != "swiglu":
-        return w_up, b_up
-    inter = w_up.shape[1] // 2
-    fc1 = torch.stack([w_up[:, :inter], w_up[:, inter:]], 2).reshape(w_up.shape)
-    return fc1, None if b_up is None else torch.stack([b_up[:, :inter], b_up[:, inter:]], 2).reshape(b_up.shape)
-
-
-def _held(gm: fx.GraphModule, moe: fx.Node, prefix: str, tensors: list) -> dict:
-    """Register each (name, tensor) as a buffer of the block's module (fp32, but packed uint8), and read it into
-    the graph before ``moe``: name -> get_attr node, or None for a tensor that is None."""
-    module = gm.get_submodule(prefix)
-    names = {}
-    for name, value in tensors:
-        if value is None:
-            names[name] = None
-            continue
-        value = value.detach().contiguous()
-        module.register_buffer(name, value if value.dtype == torch.uint8 else value.float())
-        with gm.graph.inserting_before(moe):
-            names[name] = gm.graph.get_attr(f"{prefix}.{name}")
-    return names
 
 
 def decompose(gm: fx.GraphModule) -> None:

@@ -6,7 +6,7 @@ expert ids computed by moecc's routing, as graph ops. Given ``log(w)`` for each 
 low logit for the others, the op chooses those experts and weighs them ``w / sum(w)``. Its output times ``sum(w)``
 is then ``sum(w * expert(x))``, the block's output: the combine is linear.
 
-This holds for weights that are not negative (a negative one has no logarithm), which is what ``lower.use_ort_moe``
+This holds for weights that are not negative (a negative one has no logarithm), which ``use_given_routing``
 proves of the graph before it takes this form. Slots of no expert (ids out of the bank, pairs past a capacity) get
 no logit; a token left with none at all gets zeros, so that the op's softmax stays finite, and its sum of 0 then
 gives the block's zero row. Without this form such a block was decomposed: every expert on every token, ``E / k``
@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import functools
 import logging
+import operator
 
 import torch
-from torch import Tensor
+from torch import Tensor, fx
 
-from moecc.codegen.onnx.decompose import _kept_pairs
+from moecc.codegen.onnx.decompose import kept_pairs
+from moecc.codegen.onnx.ort_forms import canonical_experts, held_buffers, ort_experts_form, ort_fc1, param_of
 from moecc.codegen.onnx.ort_moe import (
     _in_fp32,
     _moe_attrs,
@@ -30,6 +32,8 @@ from moecc.codegen.onnx.ort_moe import (
     expert_ffn,
     experts_by_logits,
 )
+from moecc.match import MatchResult
+from moecc.passes.graph_utils import op_arguments
 
 log = logging.getLogger("moecc.codegen.onnx")
 
@@ -41,7 +45,7 @@ def routing_as_logits(weights: Tensor, ids: Tensor, num_experts: int, capacity: 
     """(logits [T, E] that make the op choose and weigh each token's experts as ``weights`` does, the sum of each
     token's weights [T, 1]), in fp32; plain torch, which the export translates. Repeated ids of one token add up,
     as the combine adds their outputs."""
-    keep = _kept_pairs(ids, num_experts, capacity, capacity_factor, capacity_min, group_size, priority, rounding)
+    keep = kept_pairs(ids, num_experts, capacity, capacity_factor, capacity_min, group_size, priority, rounding)
     slot = torch.where(keep, ids, num_experts)
     w = torch.where(keep, weights.float(), 0.0)
     dense = torch.zeros(ids.shape[0], num_experts + 1, dtype=torch.float32, device=weights.device)
@@ -120,3 +124,86 @@ def ort_takes_weights_as_logits(activation_type: str, k: int, has_bias: bool, al
     log.info("com.microsoft.MoE(%s, k=%d, bias=%s) on %s given weights as logits: relative error %.1e -> %s",
              activation_type, k, has_bias, provider, err, "used" if same else "decomposed")
     return same
+
+
+def use_given_routing(gm: fx.GraphModule, moe: fx.Node, m: dict, prefix: str) -> MatchResult[None]:
+    """Swap ``moe`` for moecc::ort_moe_given_logits, its routing kept as graph ops (``ort_routed``), or say why
+    not."""
+    form = ort_experts_form(m)
+    if not form:
+        return form
+    if (why := _may_be_negative(gm, m["weights"])) is not None:
+        return MatchResult.fail(why)
+    w_up, w_down, b_up, b_down = canonical_experts(gm, m)
+    if w_up is None or w_down is None or (m["b_up"] is not None and b_up is None) or (
+            m["b_down"] is not None and b_down is None):
+        return MatchResult.fail("the expert weights are not constants")
+    top_k, num_experts = _top_k(m["ids"]), int(w_up.shape[0])
+    if not isinstance(top_k, int) or not 0 < top_k <= num_experts:
+        return MatchResult.fail(f"the routing's top-k ({top_k}) is no fixed count of at most {num_experts} experts")
+    f = form.value
+    if not ort_takes_weights_as_logits(f.activation_type, top_k, b_up is not None or b_down is not None, f.alpha,
+                                       f.beta, f.limit, num_experts):
+        return MatchResult.fail(f"the installed onnxruntime's com.microsoft.MoE({f.activation_type}) does not match "
+                                "when handed the routing weights as logits")
+    fc1, fc1_b = ort_fc1(w_up, b_up, f.activation_type)
+    names = held_buffers(gm, moe, prefix, [("ort_fc1", fc1), ("ort_fc1_b", fc1_b), ("ort_fc2", w_down),
+                                    ("ort_fc2_b", b_down)])
+    capacity = [m[a] for a in ("capacity", "capacity_factor", "capacity_min", "group_size", "priority", "rounding")]
+    with gm.graph.inserting_before(moe):
+        route = gm.graph.call_function(routing_as_logits, (m["weights"], m["ids"], num_experts, *capacity))
+        logits = gm.graph.call_function(operator.getitem, (route, 0))
+        total = gm.graph.call_function(operator.getitem, (route, 1))
+        y = gm.graph.call_function(torch.ops.moecc.ort_moe_given_logits.default, (
+            m["x"], logits, names["ort_fc1"], names["ort_fc1_b"], names["ort_fc2"], names["ort_fc2_b"], top_k,
+            f.activation_type, f.alpha, f.beta, f.limit))
+        new = gm.graph.call_function(weighted_by_total, (y, total, m["x"]))
+    moe.replace_all_uses_with(new)
+    gm.graph.erase_node(moe)
+    return MatchResult.success(None)
+
+
+def _top_k(ids) -> int | None:
+    """The width of the expert ids ``ids`` [T, k] (a node): from its value, the route it is read from, or the
+    reshape that makes it (``ids.reshape(-1, 1)``, the pairs of experts with a post-expert norm); else None."""
+    if not isinstance(ids, fx.Node):
+        return None
+    if (val := ids.meta.get("val")) is not None:
+        return val.shape[-1] if val.dim() == 2 and isinstance(val.shape[-1], int) else None
+    if ids.target is operator.getitem and ids.args[1] == 1 and ids.args[0].target in (
+            torch.ops.moecc.fused_route.default, torch.ops.moecc.route.default):
+        return int(op_arguments(ids.args[0])["top_k"])
+    shape = ids.args[1:] if ids.op == "call_method" and ids.target in ("reshape", "view") else ()
+    shape = shape[0] if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
+    return shape[-1] if len(shape) == 2 and isinstance(shape[-1], int) and shape[-1] > 0 else None
+
+
+# ops that keep their input's values, only its shape, layout or float type
+_VALUE_KEEPING = {"reshape", "view", "contiguous", "float", "to", "flatten", "squeeze", "unsqueeze", "clone"}
+
+
+def _may_be_negative(gm: fx.GraphModule, weights) -> str | None:
+    """Why the routing weights ``weights`` (a node) may be negative, or None where the graph shows they are not:
+    the weights of a moecc route (every score is), times its scale and a per-expert scale that are not negative;
+    or ones (the pairs of experts with a post-expert norm)."""
+    node = weights
+    while isinstance(node, fx.Node) and node.op in ("call_method", "call_function") and (
+            str(getattr(node.target, "__name__", node.target)).split(".")[0] in _VALUE_KEEPING):
+        node = node.args[0]
+    if not isinstance(node, fx.Node):
+        return "the routing weights are no value of the graph"
+    if node.op == "call_function" and node.target in (torch.ones_like, torch.ops.aten.ones_like.default):
+        return None
+    route = node.args[0] if node.target is operator.getitem and node.args[1] == 0 else None
+    if route is None or route.target not in (torch.ops.moecc.fused_route.default, torch.ops.moecc.route.default):
+        return "the routing weights are computed by the model's own ops, which may make them negative"
+    r = op_arguments(route)
+    if float(r["scale"]) < 0:
+        return f"the routing scale {r['scale']} makes the weights negative"
+    if r["expert_scale"] is not None:
+        per_expert = param_of(gm, r["expert_scale"])
+        if per_expert is None:
+            return "the per-expert scale of the routing weights is computed in the graph"
+        if bool((per_expert < 0).any()):
+            return "a per-expert scale of the routing weights is negative"
+    return None
