@@ -150,6 +150,22 @@ def test_quantization_is_opt_in_and_reported():
         moecc.compile(model, backend="torch", quantize="int8")(**kwargs)
 
 
+def test_a_block_routed_otherwise_than_by_softmax_is_quantized_handed_its_routing():
+    """DeepSeek-V3's block (sigmoid scores, a selection bias, groups) goes to com.microsoft.QMoE with moecc's
+    routing as graph ops, handed as the op's selection logits and mixing weights (``router_weights``)."""
+    model = make_model("deepseek_v3")
+    kwargs, fresh = make_inputs("deepseek_v3", 2, 8), make_inputs("deepseek_v3", 3, 5, 1)
+    ref = model(**fresh).logits
+    cm = moecc.compile(model, backend="onnxruntime", quantize="int8")
+    cm(**kwargs)
+    (layer,) = cm.moe_layers
+    assert layer.lowering == "com.microsoft.QMoE given moecc's routing (com.microsoft.MoE routes with softmax, " \
+        "this block with sigmoid)", layer.lowering
+    assert layer.quantization.startswith("int8"), layer.quantization
+    err = ((cm(**fresh).logits - ref).norm() / ref.norm()).item()
+    assert 1e-6 < err < 5e-3
+
+
 def test_fp16_model_runs_the_moe_op_in_fp32():
     """The MoE ops' weights are fp32 (the dtype their probes prove them in): an fp16 model's hidden states are cast
     to fp32 around each op, where they used to meet fp32 weights in a MatMul ONNX Runtime refused to load."""

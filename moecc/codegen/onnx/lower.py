@@ -21,7 +21,11 @@ from moecc.codegen.onnx.ort_moe import (
     ort_qmoe_onnx,
     session_options,
 )
-from moecc.codegen.onnx.ort_routed import ort_moe_given_logits_onnx, use_given_routing
+from moecc.codegen.onnx.ort_routed import (
+    ort_moe_given_logits_onnx,
+    ort_qmoe_given_routing_onnx,
+    use_given_routing,
+)
 from moecc.codegen.onnx.quant import cannot_quantize, quantize
 from moecc.codegen.onnx.scalar_constants import keep_scalar_constants
 from moecc.errors import BackendError, first_line
@@ -52,12 +56,12 @@ def use_ort_moe(gm: fx.GraphModule, quant=None) -> dict[str, str]:
         if routed_by_op:
             lowering[prefix] = routed_by_op.value
             continue
-        given = use_given_routing(gm, moe, m, prefix)
+        given = use_given_routing(gm, moe, m, prefix, quant)
         if given:
-            lowering[prefix] = f"com.microsoft.MoE given moecc's routing ({routed_by_op.reason})"
+            op, float_why = given.value
+            lowering[prefix] = f"{op} given moecc's routing ({routed_by_op.reason})"
             if quant is not None and prefix in owner:
-                owner[prefix].quantization = ("none: com.microsoft.QMoE is not handed moecc's routing, so this "
-                                              "block's experts stay float")
+                owner[prefix].quantization = f"none: {float_why}" if float_why else quant.describe()
         else:
             lowering[prefix] = f"decomposed: {routed_by_op.reason}; {given.reason}"
     eliminate_dead_code(gm.graph)
@@ -156,7 +160,8 @@ def decompose(gm: fx.GraphModule) -> None:
             node.target = DECOMPOSITIONS[node.target]
         elif node.op == "call_function" and str(node.target).startswith("moecc."):
             if node.target not in (torch.ops.moecc.ort_moe.default, torch.ops.moecc.ort_qmoe.default,
-                                   torch.ops.moecc.ort_moe_given_logits.default):
+                                   torch.ops.moecc.ort_moe_given_logits.default,
+                                   torch.ops.moecc.ort_qmoe_given_routing.default):
                 raise ValueError(f"the ONNX backend cannot lower {node.target} (node {node.name})")
     gm.recompile()
 
@@ -178,7 +183,9 @@ def to_onnx(gm: fx.GraphModule, example: list[torch.Tensor], path: str) -> str:
                                  custom_translation_table={torch.ops.moecc.ort_moe.default: ort_moe_onnx,
                                                            torch.ops.moecc.ort_qmoe.default: ort_qmoe_onnx,
                                                            torch.ops.moecc.ort_moe_given_logits.default:
-                                                               ort_moe_given_logits_onnx},
+                                                               ort_moe_given_logits_onnx,
+                                                           torch.ops.moecc.ort_qmoe_given_routing.default:
+                                                               ort_qmoe_given_routing_onnx},
                                  verbose=False)
         onnxscript.optimizer.fold_constants(prog.model)  # a constant computed from others (``alpha * c``)
         if rewritten := keep_scalar_constants(prog.model):

@@ -55,12 +55,19 @@ def experts_by_logits(x: Tensor, logits: Tensor, fc1_w: Tensor, fc1_b: Tensor | 
                       limit: float) -> Tensor:
     """The op past its router: softmax of ``logits``, top-k, optional renormalisation, the weighted experts; in the
     weights' dtype, cast back to ``x``'s."""
-    dtype = x.dtype
-    x = x.to(fc1_w.dtype)
     probs = torch.softmax(logits.float(), -1)
     w, ids = torch.topk(probs, k, dim=-1)
     if normalize:
         w = w / w.sum(-1, keepdim=True)
+    return experts_by_ids(x, ids, w, fc1_w, fc1_b, fc2_w, fc2_b, activation_type, alpha, beta, limit)
+
+
+def experts_by_ids(x: Tensor, ids: Tensor, w: Tensor, fc1_w: Tensor, fc1_b: Tensor | None, fc2_w: Tensor,
+                   fc2_b: Tensor | None, activation_type: str, alpha: float, beta: float, limit: float) -> Tensor:
+    """Each token's experts ``ids`` [T, k] weighted by ``w`` [T, k] and summed, in the weights' dtype, cast back
+    to ``x``'s."""
+    dtype = x.dtype
+    x = x.to(fc1_w.dtype)
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     for e in range(fc1_w.shape[0]):
         tok, slot = torch.where(ids == e)

@@ -6,11 +6,15 @@ expert ids computed by moecc's routing, as graph ops. Given ``log(w)`` for each 
 low logit for the others, the op chooses those experts and weighs them ``w / sum(w)``. Its output times ``sum(w)``
 is then ``sum(w * expert(x))``, the block's output: the combine is linear.
 
-This holds for weights that are not negative (a negative one has no logarithm), which ``use_given_routing``
-proves of the graph before it takes this form. Slots of no expert (ids out of the bank, pairs past a capacity) get
-no logit; a token left with none at all gets zeros, so that the op's softmax stays finite, and its sum of 0 then
-gives the block's zero row. Without this form such a block was decomposed: every expert on every token, ``E / k``
-times the work (a DeepSeek-V3-shaped layer on the CPU was 5x slower than Hugging Face's eager loop)."""
+With quantized experts, ``com.microsoft.QMoE`` takes the mixing weights as an input of their own
+(``router_weights``): the logits then only choose the experts, and no sum is scaled back.
+
+Both hold for weights that are not negative (a negative one has no logarithm; QMoE mixes by negative weights
+otherwise than it is handed them), which ``use_given_routing`` proves of the graph before it takes either form.
+Slots of no expert (ids out of the bank, pairs past a capacity) get no logit; a token left with none at all gets
+zeros, so that the op's softmax stays finite, and its sum of 0 then gives the block's zero row. Without this form
+such a block was decomposed: every expert on every token, ``E / k`` times the work (a DeepSeek-V3-shaped layer on
+the CPU was 5x slower than Hugging Face's eager loop)."""
 
 from __future__ import annotations
 
@@ -26,12 +30,15 @@ from moecc.codegen.onnx.ort_forms import canonical_experts, held_buffers, ort_ex
 from moecc.codegen.onnx.ort_moe import (
     _in_fp32,
     _moe_attrs,
+    _qmoe_attrs,
     _rel_error,
     _run_one_node,
     contrib_schema,
     expert_ffn,
+    experts_by_ids,
     experts_by_logits,
 )
+from moecc.codegen.onnx.quant import cannot_quantize, quantize
 from moecc.match import MatchResult
 from moecc.passes.graph_utils import op_arguments
 
@@ -43,17 +50,24 @@ UNCHOSEN_LOGIT = -1.0e4  # exp() of it is 0 in fp32, next to any log of a weight
 def routing_as_logits(weights: Tensor, ids: Tensor, num_experts: int, capacity: int, capacity_factor: float,
                       capacity_min: int, group_size, priority: str, rounding: str) -> tuple[Tensor, Tensor]:
     """(logits [T, E] that make the op choose and weigh each token's experts as ``weights`` does, the sum of each
-    token's weights [T, 1]), in fp32; plain torch, which the export translates. Repeated ids of one token add up,
-    as the combine adds their outputs."""
-    keep = kept_pairs(ids, num_experts, capacity, capacity_factor, capacity_min, group_size, priority, rounding)
-    slot = torch.where(keep, ids, num_experts)
-    w = torch.where(keep, weights.float(), 0.0)
-    dense = torch.zeros(ids.shape[0], num_experts + 1, dtype=torch.float32, device=weights.device)
-    dense = dense.scatter_add(1, slot, w)[:, :num_experts]
+    token's weights [T, 1]), in fp32; plain torch, which the export translates."""
+    dense = _dense_weights(weights, ids, num_experts, capacity, capacity_factor, capacity_min, group_size, priority,
+                           rounding)
     total = dense.sum(-1, keepdim=True)
     chosen = dense > 0
     logits = torch.where(chosen, torch.log(torch.where(chosen, dense, 1.0)), UNCHOSEN_LOGIT)
     return torch.where(total > 0, logits, 0.0), total
+
+
+def _dense_weights(weights: Tensor, ids: Tensor, num_experts: int, capacity: int, capacity_factor: float,
+                   capacity_min: int, group_size, priority: str, rounding: str) -> Tensor:
+    """Each token's weight of each expert [T, E] in fp32: zero for experts it does not choose, for slots of no
+    expert and for pairs past a capacity; an expert repeated in a token's slots adds up, as the combine adds its
+    outputs."""
+    keep = kept_pairs(ids, num_experts, capacity, capacity_factor, capacity_min, group_size, priority, rounding)
+    slot = torch.where(keep, ids, num_experts)
+    dense = torch.zeros(ids.shape[0], num_experts + 1, dtype=torch.float32, device=weights.device)
+    return dense.scatter_add(1, slot, torch.where(keep, weights.float(), 0.0))[:, :num_experts]
 
 
 @torch.library.custom_op("moecc::ort_moe_given_logits", mutates_args=())
@@ -84,9 +98,10 @@ def ort_moe_given_logits_onnx(x, logits, fc1_w, fc1_b, fc2_w, fc2_b, k, activati
     return moe_op(*inputs, **_moe_attrs(k, activation_type, True, alpha, beta, limit))
 
 
-def weighted_by_total(y: Tensor, total: Tensor, like: Tensor) -> Tensor:
-    """The op's fp32 output ``y`` times each token's sum of weights, in the dtype of ``like`` (the block's input)."""
-    return (y * total).to(like.dtype)
+def weighted_by_total(y: Tensor, total: Tensor | None, like: Tensor) -> Tensor:
+    """The op's fp32 output ``y`` times each token's sum of weights (None: mixed already), in the dtype of ``like``
+    (the block's input)."""
+    return (y if total is None else y * total).to(like.dtype)
 
 
 @functools.lru_cache(maxsize=None)
@@ -126,14 +141,102 @@ def ort_takes_weights_as_logits(activation_type: str, k: int, has_bias: bool, al
     return same
 
 
-def use_given_routing(gm: fx.GraphModule, moe: fx.Node, m: dict, prefix: str) -> MatchResult[None]:
-    """Swap ``moe`` for moecc::ort_moe_given_logits, its routing kept as graph ops (``ort_routed``), or say why
-    not."""
+def routing_as_mixing(weights: Tensor, ids: Tensor, num_experts: int, capacity: int, capacity_factor: float,
+                      capacity_min: int, group_size, priority: str, rounding: str) -> tuple[Tensor, Tensor]:
+    """(logits [T, E] that make the op choose each token's experts, their weights [T, E]) in fp32, for
+    com.microsoft.QMoE, which mixes by weights it is handed (``router_weights``): no renormalisation to undo. It
+    mixes by negative weights otherwise than it is handed them (seen on ONNX Runtime 1.32, CPU): weights must not
+    be negative here either."""
+    dense = _dense_weights(weights, ids, num_experts, capacity, capacity_factor, capacity_min, group_size, priority,
+                           rounding)
+    chosen = dense > 0
+    logits = torch.where(chosen, torch.log(torch.where(chosen, dense, 1.0)), UNCHOSEN_LOGIT)
+    return torch.where(chosen.any(-1, keepdim=True), logits, 0.0), dense
+
+
+@torch.library.custom_op("moecc::ort_qmoe_given_routing", mutates_args=())
+def ort_qmoe_given_routing(x: Tensor, logits: Tensor, mixing: Tensor, fc1_q: Tensor, fc1_scales: Tensor,
+                           fc1_b: Tensor | None, fc2_q: Tensor, fc2_scales: Tensor, fc2_b: Tensor | None, k: int,
+                           activation_type: str, alpha: float, beta: float, limit: float, bits: int, block_size: int,
+                           int8_activations: bool) -> Tensor:
+    """``com.microsoft.QMoE`` choosing the top-k of ``logits`` [T, E] and mixing them by ``mixing`` [T, E]; the
+    experts dequantized (ORT also rounds int8 activations, which this does not model); fp32 out."""
+    from moecc.codegen.onnx.quant import QuantSpec, dequantize
+
+    spec = QuantSpec(bits, block_size, int8_activations)
+    fc1 = dequantize(fc1_q, fc1_scales, spec, x.shape[-1])
+    fc2 = dequantize(fc2_q, fc2_scales, spec, fc1.shape[1] // (2 if activation_type == "swiglu" else 1))
+    ids = torch.topk(logits.float(), k, dim=-1)[1]
+    return experts_by_ids(x.float(), ids, mixing.float().gather(1, ids), fc1, fc1_b, fc2, fc2_b, activation_type,
+                          alpha, beta, limit)
+
+
+@ort_qmoe_given_routing.register_fake
+def _ort_qmoe_given_routing_fake(x, *args):
+    return torch.empty(x.shape, dtype=torch.float32, device=x.device)
+
+
+def ort_qmoe_given_routing_onnx(x, logits, mixing, fc1_q, fc1_scales, fc1_b, fc2_q, fc2_scales, fc2_b, k,
+                                activation_type, alpha, beta, limit, bits, block_size, int8_activations):
+    """The translation torch.onnx uses for ``moecc::ort_qmoe_given_routing``."""
+    import onnxscript
+    from onnxscript import opset18 as op
+
+    qmoe = onnxscript.values.Op(onnxscript.values.Opset("com.microsoft", 1), "QMoE", contrib_schema("QMoE"))
+    inputs = [_in_fp32(op, x, mixing), logits, fc1_q, fc1_scales, fc1_b, fc2_q, fc2_scales, fc2_b,
+              *[None] * 6, mixing]
+    return qmoe(*inputs, **_qmoe_attrs(k, activation_type, False, alpha, beta, limit, bits, block_size,
+                                       int8_activations))
+
+
+@functools.lru_cache(maxsize=None)
+def ort_qmoe_takes_given_routing(activation_type: str, k: int, has_bias: bool, alpha: float, beta: float,
+                                 limit: float, bits: int, block_size: int, int8_activations: bool, num_experts: int,
+                                 provider: str = "CPUExecutionProvider") -> bool:
+    """Run one com.microsoft.QMoE node on ``routing_as_mixing`` of random weights (sigmoid-sized, some pairs of no
+    expert, a token of none) and compare it with ``ort_qmoe_given_routing``'s dequantized reference."""
+    from moecc.codegen.onnx.quant import QuantSpec, quantize
+
+    spec = QuantSpec(bits, block_size, int8_activations)
+    g = torch.Generator().manual_seed(13)
+    t, h, inter, e = 48, 64, 32, max(num_experts, k + 1)
+    fusion = 2 if activation_type == "swiglu" else 1
+    x = torch.randn(t, h, generator=g)
+    fc1_q, fc1_s = quantize(torch.randn(e, fusion * inter, h, generator=g) * 0.2, spec)
+    fc2_q, fc2_s = quantize(torch.randn(e, h, inter, generator=g) * 0.2, spec)
+    b1 = torch.randn(e, fusion * inter, generator=g) if has_bias else None
+    b2 = torch.randn(e, h, generator=g) if has_bias else None
+    ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)])
+    ids[: t // 4, -1] = e
+    ids[0] = e
+    weights = torch.sigmoid(torch.randn(t, k, generator=g) * 3) * 2.5
+    logits, mixing = routing_as_mixing(weights, ids, e, -1, 0.0, 0, 0, "token", "ceil")
+    ref = ort_qmoe_given_routing(x, logits, mixing, fc1_q, fc1_s, b1, fc2_q, fc2_s, b2, k, activation_type, alpha,
+                                 beta, limit, bits, block_size, int8_activations)
+    names = ["x", "logits", "fc1", "s1", "b1" if has_bias else "", "fc2", "s2", "b2" if has_bias else "",
+             *[""] * 6, "rw"]
+    y = _run_one_node("QMoE", names, _qmoe_attrs(k, activation_type, False, alpha, beta, limit, bits, block_size,
+                                                 int8_activations),
+                      {"fc1": fc1_q, "fc2": fc2_q, "s1": fc1_s, "s2": fc2_s, "b1": b1, "b2": b2},
+                      {"x": x, "logits": logits, "rw": mixing}, provider)
+    if isinstance(y, Exception):
+        log.info("com.microsoft.QMoE(int%d) not usable on %s: %s", bits, provider, y)
+        return False
+    err = _rel_error(y, ref)
+    same = err < (3e-2 if int8_activations else 1e-4) and bool(abs(y[0]).max() == 0)
+    log.info("com.microsoft.QMoE(%s, int%d, block %d) on %s handed the routing: relative error %.1e -> %s",
+             activation_type, bits, block_size, provider, err, "used" if same else "float op")
+    return same
+
+
+def use_given_routing(gm: fx.GraphModule, moe: fx.Node, m: dict, prefix: str,
+                      quant=None) -> MatchResult[tuple[str, str]]:
+    """Swap ``moe`` for com.microsoft.QMoE handed its routing (``quant``, a QuantSpec, where it quantizes these
+    experts and computes them on probe data), else for moecc::ort_moe_given_logits, the routing kept as graph ops:
+    (the op, why the experts stay float where ``quant`` asked otherwise, else ""), or why neither."""
     form = ort_experts_form(m)
     if not form:
         return form
-    if (why := _may_be_negative(gm, m["weights"])) is not None:
-        return MatchResult.fail(why)
     w_up, w_down, b_up, b_down = canonical_experts(gm, m)
     if w_up is None or w_down is None or (m["b_up"] is not None and b_up is None) or (
             m["b_down"] is not None and b_down is None):
@@ -141,15 +244,40 @@ def use_given_routing(gm: fx.GraphModule, moe: fx.Node, m: dict, prefix: str) ->
     top_k, num_experts = _top_k(m["ids"]), int(w_up.shape[0])
     if not isinstance(top_k, int) or not 0 < top_k <= num_experts:
         return MatchResult.fail(f"the routing's top-k ({top_k}) is no fixed count of at most {num_experts} experts")
+    if (why := _may_be_negative(gm, m["weights"])) is not None:
+        return MatchResult.fail(why)
     f = form.value
-    if not ort_takes_weights_as_logits(f.activation_type, top_k, b_up is not None or b_down is not None, f.alpha,
-                                       f.beta, f.limit, num_experts):
+    has_bias = b_up is not None or b_down is not None
+    fc1, fc1_b = ort_fc1(w_up, b_up, f.activation_type)
+    capacity = [m[a] for a in ("capacity", "capacity_factor", "capacity_min", "group_size", "priority", "rounding")]
+    float_why = ""
+    if quant is not None:
+        float_why = cannot_quantize(quant, w_up, w_down) or (
+            "" if ort_qmoe_takes_given_routing(f.activation_type, top_k, has_bias, f.alpha, f.beta, f.limit,
+                                               quant.bits, quant.block_size, quant.int8_activations, num_experts)
+            else f"com.microsoft.QMoE({f.activation_type}) handed the routing does not match on probe data")
+        if not float_why:
+            fc1_q, fc1_s = quantize(fc1.detach(), quant)
+            fc2_q, fc2_s = quantize(w_down.detach(), quant)
+            names = held_buffers(gm, moe, prefix, [("ort_fc1_q", fc1_q), ("ort_fc1_s", fc1_s), ("ort_fc1_b", fc1_b),
+                                                   ("ort_fc2_q", fc2_q), ("ort_fc2_s", fc2_s), ("ort_fc2_b", b_down)])
+            with gm.graph.inserting_before(moe):
+                route = gm.graph.call_function(routing_as_mixing, (m["weights"], m["ids"], num_experts, *capacity))
+                y = gm.graph.call_function(torch.ops.moecc.ort_qmoe_given_routing.default, (
+                    m["x"], gm.graph.call_function(operator.getitem, (route, 0)),
+                    gm.graph.call_function(operator.getitem, (route, 1)), names["ort_fc1_q"], names["ort_fc1_s"],
+                    names["ort_fc1_b"], names["ort_fc2_q"], names["ort_fc2_s"], names["ort_fc2_b"], top_k,
+                    f.activation_type, f.alpha, f.beta, f.limit, quant.bits, quant.block_size,
+                    quant.int8_activations))
+                new = gm.graph.call_function(weighted_by_total, (y, None, m["x"]))
+            moe.replace_all_uses_with(new)
+            gm.graph.erase_node(moe)
+            return MatchResult.success(("com.microsoft.QMoE", ""))
+    if not ort_takes_weights_as_logits(f.activation_type, top_k, has_bias, f.alpha, f.beta, f.limit, num_experts):
         return MatchResult.fail(f"the installed onnxruntime's com.microsoft.MoE({f.activation_type}) does not match "
                                 "when handed the routing weights as logits")
-    fc1, fc1_b = ort_fc1(w_up, b_up, f.activation_type)
     names = held_buffers(gm, moe, prefix, [("ort_fc1", fc1), ("ort_fc1_b", fc1_b), ("ort_fc2", w_down),
-                                    ("ort_fc2_b", b_down)])
-    capacity = [m[a] for a in ("capacity", "capacity_factor", "capacity_min", "group_size", "priority", "rounding")]
+                                           ("ort_fc2_b", b_down)])
     with gm.graph.inserting_before(moe):
         route = gm.graph.call_function(routing_as_logits, (m["weights"], m["ids"], num_experts, *capacity))
         logits = gm.graph.call_function(operator.getitem, (route, 0))
@@ -160,7 +288,7 @@ def use_given_routing(gm: fx.GraphModule, moe: fx.Node, m: dict, prefix: str) ->
         new = gm.graph.call_function(weighted_by_total, (y, total, m["x"]))
     moe.replace_all_uses_with(new)
     gm.graph.erase_node(moe)
-    return MatchResult.success(None)
+    return MatchResult.success(("com.microsoft.MoE", float_why))
 
 
 def _top_k(ids) -> int | None:
