@@ -237,13 +237,21 @@ def ort_qmoe(x: Tensor, router_w_t: Tensor, router_b: Tensor | None, fc1_q: Tens
              block_size: int, int8_activations: bool, router_x: Tensor | None = None) -> Tensor:
     """``com.microsoft.QMoE``: ``ort_moe`` with weights dequantized from packed uint8 (with int8 activations ORT
     also rounds the activations, which this reference does not model)."""
+    fc1, fc2 = dequantized_experts(fc1_q, fc1_scales, fc2_q, fc2_scales, x.shape[-1], activation_type, bits,
+                                   block_size, int8_activations)
+    return ort_moe(x, router_w_t, router_b, fc1, fc1_b, fc2, fc2_b, k, activation_type, normalize, alpha, beta, limit,
+                   router_x)
+
+
+def dequantized_experts(fc1_q: Tensor, fc1_scales: Tensor, fc2_q: Tensor, fc2_scales: Tensor, hidden: int,
+                        activation_type: str, bits: int, block_size: int,
+                        int8_activations: bool) -> tuple[Tensor, Tensor]:
+    """The float first and second projections of packed QMoE experts."""
     from moecc.codegen.onnx.quant import QuantSpec, dequantize
 
     spec = QuantSpec(bits, block_size, int8_activations)
-    fc1 = dequantize(fc1_q, fc1_scales, spec, x.shape[-1])
-    fc2 = dequantize(fc2_q, fc2_scales, spec, fc1.shape[1] // (2 if activation_type == "swiglu" else 1))
-    return ort_moe(x, router_w_t, router_b, fc1, fc1_b, fc2, fc2_b, k, activation_type, normalize, alpha, beta, limit,
-                   router_x)
+    fc1 = dequantize(fc1_q, fc1_scales, spec, hidden)
+    return fc1, dequantize(fc2_q, fc2_scales, spec, fc1.shape[1] // (2 if activation_type == "swiglu" else 1))
 
 
 @ort_qmoe.register_fake

@@ -34,6 +34,7 @@ from moecc.codegen.onnx.ort_moe import (
     _rel_error,
     _run_one_node,
     contrib_schema,
+    dequantized_experts,
     expert_ffn,
     experts_by_ids,
     experts_by_logits,
@@ -53,10 +54,15 @@ def routing_as_logits(weights: Tensor, ids: Tensor, num_experts: int, capacity: 
     token's weights [T, 1]), in fp32; plain torch, which the export translates."""
     dense = _dense_weights(weights, ids, num_experts, capacity, capacity_factor, capacity_min, group_size, priority,
                            rounding)
-    total = dense.sum(-1, keepdim=True)
+    return _choice_logits(dense), dense.sum(-1, keepdim=True)
+
+
+def _choice_logits(dense: Tensor) -> Tensor:
+    """The log of each positive weight of ``dense`` [T, E], ``UNCHOSEN_LOGIT`` elsewhere; zeros in a row of none,
+    whose softmax must stay finite."""
     chosen = dense > 0
     logits = torch.where(chosen, torch.log(torch.where(chosen, dense, 1.0)), UNCHOSEN_LOGIT)
-    return torch.where(total > 0, logits, 0.0), total
+    return torch.where(chosen.any(-1, keepdim=True), logits, 0.0)
 
 
 def _dense_weights(weights: Tensor, ids: Tensor, num_experts: int, capacity: int, capacity_factor: float,
@@ -104,6 +110,15 @@ def weighted_by_total(y: Tensor, total: Tensor | None, like: Tensor) -> Tensor:
     return (y if total is None else y * total).to(like.dtype)
 
 
+def _probe_routing(g: torch.Generator, t: int, k: int, e: int) -> tuple[Tensor, Tensor]:
+    """Expert ids [t, k] of ``e`` experts with slots of no expert (id ``e``) and a token of none, and positive
+    weights that do not sum to 1: what a probe of a given routing feeds its op."""
+    ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)])
+    ids[: t // 4, -1] = e
+    ids[0] = e
+    return ids, torch.sigmoid(torch.randn(t, k, generator=g) * 3) * 2.5
+
+
 @functools.lru_cache(maxsize=None)
 def ort_takes_weights_as_logits(activation_type: str, k: int, has_bias: bool, alpha: float, beta: float,
                                 limit: float, num_experts: int, provider: str = "CPUExecutionProvider") -> bool:
@@ -117,10 +132,7 @@ def ort_takes_weights_as_logits(activation_type: str, k: int, has_bias: bool, al
     fc2 = torch.randn(e, h, inter, generator=g) * 0.3
     b1 = torch.randn(e, fusion * inter, generator=g) if has_bias else None
     b2 = torch.randn(e, h, generator=g) if has_bias else None
-    ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)])
-    ids[: t // 4, -1] = e  # a slot of no expert
-    ids[0] = e  # a token of none
-    weights = torch.sigmoid(torch.randn(t, k, generator=g) * 3) * 2.5
+    ids, weights = _probe_routing(g, t, k, e)
     logits, total = routing_as_logits(weights, ids, e, -1, 0.0, 0, 0, "token", "ceil")
     ref = torch.zeros(t, h)
     for expert in range(e):
@@ -149,9 +161,7 @@ def routing_as_mixing(weights: Tensor, ids: Tensor, num_experts: int, capacity: 
     be negative here either."""
     dense = _dense_weights(weights, ids, num_experts, capacity, capacity_factor, capacity_min, group_size, priority,
                            rounding)
-    chosen = dense > 0
-    logits = torch.where(chosen, torch.log(torch.where(chosen, dense, 1.0)), UNCHOSEN_LOGIT)
-    return torch.where(chosen.any(-1, keepdim=True), logits, 0.0), dense
+    return _choice_logits(dense), dense
 
 
 @torch.library.custom_op("moecc::ort_qmoe_given_routing", mutates_args=())
@@ -161,11 +171,8 @@ def ort_qmoe_given_routing(x: Tensor, logits: Tensor, mixing: Tensor, fc1_q: Ten
                            int8_activations: bool) -> Tensor:
     """``com.microsoft.QMoE`` choosing the top-k of ``logits`` [T, E] and mixing them by ``mixing`` [T, E]; the
     experts dequantized (ORT also rounds int8 activations, which this does not model); fp32 out."""
-    from moecc.codegen.onnx.quant import QuantSpec, dequantize
-
-    spec = QuantSpec(bits, block_size, int8_activations)
-    fc1 = dequantize(fc1_q, fc1_scales, spec, x.shape[-1])
-    fc2 = dequantize(fc2_q, fc2_scales, spec, fc1.shape[1] // (2 if activation_type == "swiglu" else 1))
+    fc1, fc2 = dequantized_experts(fc1_q, fc1_scales, fc2_q, fc2_scales, x.shape[-1], activation_type, bits,
+                                   block_size, int8_activations)
     ids = torch.topk(logits.float(), k, dim=-1)[1]
     return experts_by_ids(x.float(), ids, mixing.float().gather(1, ids), fc1, fc1_b, fc2, fc2_b, activation_type,
                           alpha, beta, limit)
@@ -206,10 +213,7 @@ def ort_qmoe_takes_given_routing(activation_type: str, k: int, has_bias: bool, a
     fc2_q, fc2_s = quantize(torch.randn(e, h, inter, generator=g) * 0.2, spec)
     b1 = torch.randn(e, fusion * inter, generator=g) if has_bias else None
     b2 = torch.randn(e, h, generator=g) if has_bias else None
-    ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)])
-    ids[: t // 4, -1] = e
-    ids[0] = e
-    weights = torch.sigmoid(torch.randn(t, k, generator=g) * 3) * 2.5
+    ids, weights = _probe_routing(g, t, k, e)
     logits, mixing = routing_as_mixing(weights, ids, e, -1, 0.0, 0, 0, "token", "ceil")
     ref = ort_qmoe_given_routing(x, logits, mixing, fc1_q, fc1_s, b1, fc2_q, fc2_s, b2, k, activation_type, alpha,
                                  beta, limit, bits, block_size, int8_activations)
