@@ -30,6 +30,7 @@ from moecc import module_state
 from moecc.autocast import DEVICE_TYPES, autocast_state
 from moecc.errors import ArtifactError, DisagreementError, first_line
 from moecc.logs import stderr_to_debug
+from moecc.passes.graph_utils import blocks_left_as_written
 from moecc.runtime import kv_cache
 from moecc.runtime.cudagraphs import GraphCache, replays
 from moecc.runtime.keywords import in_order, keyword_order
@@ -187,7 +188,7 @@ def _save_torch_program(entry, folder: Path) -> None:
             ep = torch.export.export(_WeightsAsInputs(entry.gm, names), tuple(weights + example),
                                      dynamic_shapes=(shapes,), strict=False)
     except Exception as exc:
-        as_written = [n.meta.get("moecc_block", n.target) for n in entry.gm.graph.nodes if n.op == "call_module"]
+        as_written = blocks_left_as_written(entry.gm)
         why = "; ".join(f"{name}: {entry.layers[name].reason}" for name in as_written
                         if name in entry.layers and entry.layers[name].reason)
         blocks = (f" It holds MoE blocks left as written ({', '.join(as_written)}), whose Python code is traced into "

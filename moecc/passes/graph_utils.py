@@ -85,6 +85,12 @@ def parameter_through_casts(node) -> fx.Node | None:
     return node if isinstance(node, fx.Node) and node.op == "get_attr" else None
 
 
+def blocks_left_as_written(gm: fx.GraphModule) -> list[str]:
+    """The MoE blocks the graph still calls as modules (recognition left them as written), by their paths in the
+    model: exports trace their Python code, which the graph does not show."""
+    return [n.meta.get("moecc_block", n.target) for n in gm.graph.nodes if n.op == "call_module"]
+
+
 def nodes_calling(gm: fx.GraphModule, op) -> list[fx.Node]:
     return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is op]
 

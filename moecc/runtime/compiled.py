@@ -24,6 +24,7 @@ from moecc.ir import MoELayerInfo
 from moecc.logs import quiet
 from moecc.passes import DumpIR, PassManager, Recognize, Timing, default_pipeline
 from moecc.passes.base import layers_of
+from moecc.passes.graph_utils import blocks_left_as_written
 from moecc.passes.recognize import REFUSED_ROUTING
 from moecc.passes.recognize.routed import forget_reads
 from moecc.report import graph_summary
@@ -453,8 +454,7 @@ def torch_instead(model: nn.Module, exc: DisagreementError, info: BuildInfo, req
     if ties:
         why += (f". Ops that pick among equal values ({', '.join(ties[:4])}) are the usual cause: ONNX takes the "
                 "lower index where torch promises none")
-    as_written = [n.meta["moecc_block"] for n in info.captured.gm.graph.nodes
-                  if n.op == "call_module" and "moecc_block" in n.meta]
+    as_written = blocks_left_as_written(info.captured.gm)
     if as_written:
         why += (f". The MoE blocks left as written ({', '.join(as_written[:4])}) are traced whole by the export, "
                 "their ops unseen here: one that picks among equal values (a top-k over tied scores) or an expert "

@@ -33,7 +33,12 @@ from moecc.logs import quiet, stderr_to_debug
 from moecc.match import MatchResult
 from moecc.module_state import program_writes
 from moecc.passes.base import layers_of
-from moecc.passes.graph_utils import eliminate_dead_code, op_arguments, parameter_through_casts
+from moecc.passes.graph_utils import (
+    blocks_left_as_written,
+    eliminate_dead_code,
+    op_arguments,
+    parameter_through_casts,
+)
 
 log = logging.getLogger("moecc.codegen.onnx")
 PROVIDER = "CPUExecutionProvider"
@@ -45,7 +50,6 @@ def use_ort_moe(gm: fx.GraphModule, quant=None) -> dict[str, str]:
     ORT computes the same; a fused_moe whose routing ORT cannot compute for moecc::ort_moe_given_logits where it
     computes the experts (``ort_routed``); say why elsewhere."""
     import moecc.codegen.onnx.ort_moe  # noqa: F401 - registers moecc::ort_moe
-    import moecc.codegen.onnx.ort_routed  # noqa: F401 - registers moecc::ort_moe_given_logits
 
     lowering = {}
     owner = {info.graph_prefix: info for info in layers_of(gm).values()}
@@ -271,7 +275,7 @@ def lower_to_ort(gm: fx.GraphModule, example: list[torch.Tensor], folder: str | 
     decompose(gm)
     Cleanup()(gm)  # the canonical weights ort_moe replaced must not travel into the ONNX export
     folder = folder or tempfile.mkdtemp(prefix="moecc_onnx_")
-    as_written = [n.meta.get("moecc_block", n.target) for n in gm.graph.nodes if n.op == "call_module"]
+    as_written = blocks_left_as_written(gm)
     try:
         path = to_onnx(gm, example, os.path.join(folder, "model.onnx"))
     except BackendError:

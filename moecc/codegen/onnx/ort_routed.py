@@ -252,7 +252,6 @@ def use_given_routing(gm: fx.GraphModule, moe: fx.Node, m: dict, prefix: str,
         return MatchResult.fail(why)
     f = form.value
     has_bias = b_up is not None or b_down is not None
-    fc1, fc1_b = ort_fc1(w_up, b_up, f.activation_type)
     capacity = [m[a] for a in ("capacity", "capacity_factor", "capacity_min", "group_size", "priority", "rounding")]
     float_why = ""
     if quant is not None:
@@ -261,6 +260,7 @@ def use_given_routing(gm: fx.GraphModule, moe: fx.Node, m: dict, prefix: str,
                                                quant.bits, quant.block_size, quant.int8_activations, num_experts)
             else f"com.microsoft.QMoE({f.activation_type}) handed the routing does not match on probe data")
         if not float_why:
+            fc1, fc1_b = ort_fc1(w_up, b_up, f.activation_type)
             fc1_q, fc1_s = quantize(fc1.detach(), quant)
             fc2_q, fc2_s = quantize(w_down.detach(), quant)
             names = held_buffers(gm, moe, prefix, [("ort_fc1_q", fc1_q), ("ort_fc1_s", fc1_s), ("ort_fc1_b", fc1_b),
@@ -280,6 +280,7 @@ def use_given_routing(gm: fx.GraphModule, moe: fx.Node, m: dict, prefix: str,
     if not ort_takes_weights_as_logits(f.activation_type, top_k, has_bias, f.alpha, f.beta, f.limit, num_experts):
         return MatchResult.fail(f"the installed onnxruntime's com.microsoft.MoE({f.activation_type}) does not match "
                                 "when handed the routing weights as logits")
+    fc1, fc1_b = ort_fc1(w_up, b_up, f.activation_type)
     names = held_buffers(gm, moe, prefix, [("ort_fc1", fc1), ("ort_fc1_b", fc1_b), ("ort_fc2", w_down),
                                            ("ort_fc2_b", b_down)])
     with gm.graph.inserting_before(moe):
