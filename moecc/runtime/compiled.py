@@ -506,6 +506,21 @@ def _routed_banks(model: nn.Module, layers: dict[str, MoELayerInfo], hints: Capt
     return found
 
 
+def _dense_on_ort(gm):
+    """Why the torch program of ``gm`` should run rather than ONNX Runtime's (a ``DenseWork``), or None: ORT
+    decomposes blocks its MoE op cannot run into every expert on every token, and past
+    ``MOECC_AUTO_MAX_DENSE_WORK`` times the torch program's weight reads per token that costs more than ORT's
+    faster kernels gain (``dense_work``). The pipeline laid the experts out for ORT; the torch kernels read that
+    layout as well."""
+    limit = knobs.AUTO_MAX_DENSE_WORK.get()
+    if limit <= 0:
+        return None
+    from moecc.codegen.onnx.dense_work import dense_work
+
+    work = dense_work(gm)
+    return work if work.decomposed and work.ratio > limit else None
+
+
 def build(model: nn.Module, args, kwargs, backend: str, options: dict, dump_folder: Path | None,
           program_folder: str | None = None, calibration: tuple | None = None,
           hints: CaptureHints | None = None) -> tuple[_Entry, BuildInfo]:
@@ -597,6 +612,14 @@ def build(model: nn.Module, args, kwargs, backend: str, options: dict, dump_fold
     load = expert_load(gm, batch)
     for info in layers.values():
         info.expert_load = load.get(info.graph_prefix, [])
+    if requested == "auto" and backend == "onnxruntime" and quant is None and (work := _dense_on_ort(gm)):
+        log.info("backend='auto' runs this program with torch: %s", work.describe())
+        backend = "torch"
+        for name, (ratio, why) in work.decomposed.items():
+            if name in layers:
+                layers[name].lowering = (f"torch kernels: ONNX Runtime would run every expert on every token, "
+                                         f"{ratio:.1f}x the routed work ({why}); the whole program "
+                                         f"{work.ratio:.1f}x torch's weight reads per token")
     try:
         start = time.perf_counter()
         program = lower(gm, backend, cap.tensor_inputs, program_folder, quant)

@@ -80,9 +80,10 @@ def use_ort_moe(gm: fx.GraphModule, quant=None) -> dict[str, str]:
     return lowering
 
 
-def _use_ort_moe(gm: fx.GraphModule, moe: fx.Node, m: dict, prefix: str, quant, owner: dict) -> MatchResult[str]:
-    """Swap ``moe`` and its fused_route for moecc::ort_moe or ort_qmoe: the lowering, or why ORT does not route
-    this block itself."""
+def ort_routing(gm: fx.GraphModule, m: dict) -> MatchResult[tuple]:
+    """Whether com.microsoft.MoE routes the fused_moe call of ``op_arguments`` ``m`` itself and computes its experts
+    (a probe of the installed ORT): (route arguments, OrtForm, router weight, router bias, per-expert scale,
+    canonical experts), or why not. Changes nothing."""
     weights = m["weights"]
     route = weights.args[0] if weights.target is operator.getitem else None
     if route is None or route.target is not torch.ops.moecc.fused_route.default:
@@ -109,7 +110,17 @@ def _use_ort_moe(gm: fx.GraphModule, moe: fx.Node, m: dict, prefix: str, quant, 
         form = MatchResult.fail("the per-expert scale of the routing weights is computed in the graph")
     if not form or router_w_node is None or (r["router_bias"] is not None and router_b is None):
         return MatchResult.fail(form.reason or "router weights are not constants")
-    f = form.value
+    return MatchResult.success((r, form.value, router_w, router_b, per_expert_value, (w_up, w_down, b_up, b_down)))
+
+
+def _use_ort_moe(gm: fx.GraphModule, moe: fx.Node, m: dict, prefix: str, quant, owner: dict) -> MatchResult[str]:
+    """Swap ``moe`` and its fused_route for moecc::ort_moe or ort_qmoe: the lowering, or why ORT does not route
+    this block itself."""
+    routing = ort_routing(gm, m)
+    if not routing:
+        return MatchResult.fail(routing.reason)
+    r, f, router_w, router_b, per_expert_value, (w_up, w_down, b_up, b_down) = routing.value
+    num_experts = int(w_up.shape[0])
     scale = float(r["scale"])
     unfit = None if quant is None else cannot_quantize(quant, w_up, w_down)
     if unfit is not None and prefix in owner:

@@ -238,19 +238,11 @@ def use_given_routing(gm: fx.GraphModule, moe: fx.Node, m: dict, prefix: str,
     """Swap ``moe`` for com.microsoft.QMoE handed its routing (``quant``, a QuantSpec, where it quantizes these
     experts and computes them on probe data), else for moecc::ort_moe_given_logits, the routing kept as graph ops:
     (the op, why the experts stay float where ``quant`` asked otherwise, else ""), or why neither."""
-    form = ort_experts_form(m)
-    if not form:
-        return form
-    w_up, w_down, b_up, b_down = canonical_experts(gm, m)
-    if w_up is None or w_down is None or (m["b_up"] is not None and b_up is None) or (
-            m["b_down"] is not None and b_down is None):
-        return MatchResult.fail("the expert weights are not constants")
-    top_k, num_experts = _top_k(m["ids"]), int(w_up.shape[0])
-    if not isinstance(top_k, int) or not 0 < top_k <= num_experts:
-        return MatchResult.fail(f"the routing's top-k ({top_k}) is no fixed count of at most {num_experts} experts")
-    if (why := _may_be_negative(gm, m["weights"])) is not None:
-        return MatchResult.fail(why)
-    f = form.value
+    given = given_routing_form(gm, m)
+    if not given:
+        return MatchResult.fail(given.reason)
+    f, (w_up, w_down, b_up, b_down), top_k = given.value
+    num_experts = int(w_up.shape[0])
     has_bias = b_up is not None or b_down is not None
     capacity = [m[a] for a in ("capacity", "capacity_factor", "capacity_min", "group_size", "priority", "rounding")]
     float_why = ""
@@ -277,9 +269,8 @@ def use_given_routing(gm: fx.GraphModule, moe: fx.Node, m: dict, prefix: str,
             moe.replace_all_uses_with(new)
             gm.graph.erase_node(moe)
             return MatchResult.success(("com.microsoft.QMoE", ""))
-    if not ort_takes_weights_as_logits(f.activation_type, top_k, has_bias, f.alpha, f.beta, f.limit, num_experts):
-        return MatchResult.fail(f"the installed onnxruntime's com.microsoft.MoE({f.activation_type}) does not match "
-                                "when handed the routing weights as logits")
+    if not (logits := _logits_probe(f, top_k, has_bias, num_experts)):
+        return MatchResult.fail(logits.reason)
     fc1, fc1_b = ort_fc1(w_up, b_up, f.activation_type)
     names = held_buffers(gm, moe, prefix, [("ort_fc1", fc1), ("ort_fc1_b", fc1_b), ("ort_fc2", w_down),
                                            ("ort_fc2_b", b_down)])
@@ -294,6 +285,41 @@ def use_given_routing(gm: fx.GraphModule, moe: fx.Node, m: dict, prefix: str,
     moe.replace_all_uses_with(new)
     gm.graph.erase_node(moe)
     return MatchResult.success(("com.microsoft.MoE", float_why))
+
+
+def given_routing_form(gm: fx.GraphModule, m: dict) -> MatchResult[tuple]:
+    """Whether the experts of the fused_moe call of ``op_arguments`` ``m`` can be handed its routing: (OrtForm,
+    canonical experts, top-k), or why not. Changes nothing and probes nothing."""
+    form = ort_experts_form(m)
+    if not form:
+        return MatchResult.fail(form.reason)
+    w_up, w_down, b_up, b_down = canonical_experts(gm, m)
+    if w_up is None or w_down is None or (m["b_up"] is not None and b_up is None) or (
+            m["b_down"] is not None and b_down is None):
+        return MatchResult.fail("the expert weights are not constants")
+    top_k, num_experts = _top_k(m["ids"]), int(w_up.shape[0])
+    if not isinstance(top_k, int) or not 0 < top_k <= num_experts:
+        return MatchResult.fail(f"the routing's top-k ({top_k}) is no fixed count of at most {num_experts} experts")
+    if (why := _may_be_negative(gm, m["weights"])) is not None:
+        return MatchResult.fail(why)
+    return MatchResult.success((form.value, (w_up, w_down, b_up, b_down), top_k))
+
+
+def takes_given_routing(gm: fx.GraphModule, m: dict) -> MatchResult[None]:
+    """Whether ``use_given_routing`` hands com.microsoft.MoE this call's routing (no quantization), or why not.
+    Changes nothing."""
+    given = given_routing_form(gm, m)
+    if not given:
+        return MatchResult.fail(given.reason)
+    f, (w_up, _, b_up, b_down), top_k = given.value
+    return _logits_probe(f, top_k, b_up is not None or b_down is not None, int(w_up.shape[0]))
+
+
+def _logits_probe(f, top_k: int, has_bias: bool, num_experts: int) -> MatchResult[None]:
+    if ort_takes_weights_as_logits(f.activation_type, top_k, has_bias, f.alpha, f.beta, f.limit, num_experts):
+        return MatchResult.success(None)
+    return MatchResult.fail(f"the installed onnxruntime's com.microsoft.MoE({f.activation_type}) does not match "
+                            "when handed the routing weights as logits")
 
 
 def _top_k(ids) -> int | None:
