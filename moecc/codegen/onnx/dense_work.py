@@ -3,9 +3,9 @@
 A fused MoE block that com.microsoft.MoE neither routes nor takes handed its routing is decomposed into plain ONNX
 ops that run every expert on every token (``decompose.fused_moe``): E/k times the routed work. The torch program
 runs only the chosen experts. ``backend="auto"`` weighs the two by the weights each reads per token (a GEMM reads
-its weight once per token; attention over the context and elementwise work are left out): on this project's CPU
-(RESULTS.md, session 44) ORT's decomposition at twice the routed work still beat torch at 1-16 tokens and lost from
-128 on; at four times it lost or tied everywhere, 2.4x at 512 tokens."""
+its weight once per token; attention over the context and elementwise work are left out). On this project's CPU
+(RESULTS.md, session 44, a 4-layer model) ORT's program at 1.7x torch's reads still beat torch at 1-16 tokens and
+lost from 128 on; at 3.0x it tied at 1 token and lost from 16 on, 1.8x at 512 tokens."""
 
 from __future__ import annotations
 
