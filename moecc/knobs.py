@@ -94,6 +94,9 @@ TRITON_ROUTER_GEMV = Knob("MOECC_TRITON_ROUTER_GEMV", True, bool, "up to 16 toke
                           "them (off: those routers stay a GEMM of their own; fp32 logits always fuse)")
 ORT_THREADS = Knob("MOECC_ORT_THREADS", 0, int, "intra-op threads of each ONNX Runtime session moecc opens "
                    "(0: ONNX Runtime's default, one per physical core)")
+ORT_SPIN = Knob("MOECC_ORT_SPIN", True, bool, "ONNX Runtime's intra-op threads spin-wait for more work after each "
+               "run (ONNX Runtime's default: quicker back-to-back calls); 0: they sleep, and torch work in the same "
+               "process between calls gets the cores they would hold")
 AUTO_MAX_DENSE_WORK = Knob("MOECC_AUTO_MAX_DENSE_WORK", 2.0, float, "backend='auto' on the CPU runs the torch program "
                            "where ONNX Runtime's would read more than this many times its weights per token (MoE "
                            "blocks ONNX Runtime's MoE op cannot run, decomposed into every expert on every token); "
@@ -103,7 +106,7 @@ ALL = (DUMP_DIR, LOGS, VERIFY, CACHE_DIR, CAPTURE_CACHE, WATCH_WEIGHTS, RECOGNIZ
        CUDA_GRAPH_MAX_TOKENS, CUDA_GRAPH_REPEAT_MAX_TOKENS, CUDA_GRAPH_PROBE_MAX_TOKENS,
        CUDA_GRAPH_MAX_GRAPHS, TRITON_TMA, TRITON_WS,
        TRITON_WS_GEMM1_MIN_ROWS, TRITON_DECODE_MAX_TOKENS, TRITON_PDL, TRITON_ROUTER_GEMV, ORT_THREADS,
-       AUTO_MAX_DENSE_WORK)
+       ORT_SPIN, AUTO_MAX_DENSE_WORK)
 
 
 def cache_dir() -> Path:

@@ -288,6 +288,21 @@ def test_onnxruntime_sessions_take_their_thread_count_from_the_knob(monkeypatch)
             copy.deepcopy(cm)
 
 
+@pytest.mark.parametrize("spin,entry", [("1", None), ("0", "0")])
+def test_onnxruntime_sessions_spin_after_a_run_unless_the_knob_says_not(spin, entry, monkeypatch):
+    """``MOECC_ORT_SPIN=0`` lets the threads of each session moecc opens sleep after a run (torch work between
+    calls gets the cores); by default ONNX Runtime's own choice, spinning, stays."""
+    from moecc.codegen.onnx.ort_moe import session_options
+
+    monkeypatch.setenv("MOECC_ORT_SPIN", spin)
+    options = session_options()
+    if entry is None:
+        with pytest.raises(RuntimeError, match="does not have configuration"):
+            options.get_session_config_entry("session.intra_op.allow_spinning")
+    else:
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == entry
+
+
 def test_an_empty_batch_runs_with_torch_under_auto(monkeypatch):
     """ONNX Runtime refuses the graph exported for 0 tokens (a reshape of 0 elements with an inferred dim), so
     ``auto`` does not export one; the batch gets its empty output as eager gives it."""

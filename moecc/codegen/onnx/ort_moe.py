@@ -162,7 +162,10 @@ LOGIT_SCALES = (0.05, 1.0)  # near-uniform and peaked router logits: an op must 
 
 
 def session_options():
-    """ONNX Runtime session options for every session moecc opens: intra-op threads from ``MOECC_ORT_THREADS``."""
+    """ONNX Runtime session options for every session moecc opens: intra-op threads from ``MOECC_ORT_THREADS``,
+    spin-waiting after a run from ``MOECC_ORT_SPIN``. Spinning threads took a torch matmul run right after an ORT
+    call to twice its time, while a generate loop (little torch work between calls) was 8 % faster with them
+    (RESULTS.md, session 44)."""
     import onnxruntime as ort
 
     from moecc import knobs
@@ -173,6 +176,8 @@ def session_options():
         raise ValueError(f"MOECC_ORT_THREADS must be 0 (ONNX Runtime's default) or a thread count, got {threads}")
     if threads:
         options.intra_op_num_threads = threads
+    if not knobs.ORT_SPIN.get():
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
 
