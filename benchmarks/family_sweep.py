@@ -245,9 +245,12 @@ def sweep(family: str, backend: str, device: str = "cpu", dtype: torch.dtype = t
     routing = "; ".join(sorted({f"{info.routing}, shared {info.shared_experts}" for info in layers if info.fused}))
     reasons = "; ".join(sorted({info.reason[:120] for info in layers if not info.fused}))
     backends = ",".join(sorted({e.backend for e in cm._entries}))
+    # how the fused blocks were lowered, up to the first detail: "com.microsoft.MoE given moecc's routing", ...
+    lowered = "; ".join(sorted({info.lowering.split(" (")[0].split(":")[0] for info in layers
+                                if info.fused and info.lowering}))
     return (f"{family:<18} {len(layers)} blocks, {sum(info.fused for info in layers)} fused, max rel. err "
             f"{worst:.1e}, {cm.captures} captures ({backends}), {time.time() - start:.0f} s | {routing}"
-            + (f" | left as written: {reasons}" if reasons else ""))
+            + (f" | lowered: {lowered}" if lowered else "") + (f" | left as written: {reasons}" if reasons else ""))
 
 
 def compare_dtypes(family: str, dtype: torch.dtype) -> str:

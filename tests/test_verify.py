@@ -237,3 +237,40 @@ def test_rounding_sensitivity_is_the_widest_of_several_noise_draws():
              for seed in range(99, 99 + v.SENSITIVITY_DRAWS)]
     assert v.SENSITIVITY_DRAWS >= 3 and len(set(draws)) > 1, draws
     assert v.rounding_sensitivity(model, ["moe"], lambda: ((ids,), {}), ref) == max(draws) > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_program_closer_to_the_model_in_fp32_than_eager_is_not_wrong(dtype):
+    """A router whose scores round to ties in low precision (a saturated sigmoid: 1.0 for several experts) makes
+    eager's top-k pick by index, far from the model computed exactly. A program whose gating scores in fp32 picks
+    the model's own choice and disagrees with eager by far more than the low-precision bound: it is checked against
+    the model in fp32 and passes, as close to it as the rounding of its output allows. A program that is wrong
+    there too still fails, saying how far each is from the exact model."""
+    import copy
+    from types import SimpleNamespace
+
+    from torch.utils import _pytree as pytree
+    from user_modules import PostNormedMoE
+
+    from moecc.runtime.verify import _disagreement
+
+    torch.manual_seed(0)
+    exact = TinyModel(PostNormedMoE(per_expert=True, project=False)).eval()
+    with torch.no_grad():
+        exact.moe.gate.weight.mul_(30)  # logits of tens: sigmoid rounds to 1.0 in bf16 and fp16
+    model = copy.deepcopy(exact).to(dtype)
+    ids = torch.randint(0, 50, (4, 64))
+    flat, spec = pytree.tree_flatten(((ids,), {}))
+    with torch.no_grad():
+        assert _rel(model(ids).float(), exact(ids)) > 0.05  # eager itself strays past the bound
+    close = SimpleNamespace(in_spec=spec, tensor_pos=[0], layers={},
+                            runner=lambda t: [exact(t).to(dtype)])
+    assert _disagreement(model, close, flat, None) is None
+    wrong = SimpleNamespace(in_spec=spec, tensor_pos=[0], layers={},
+                            runner=lambda t: [(exact(t) * 1.5).to(dtype)])
+    why = _disagreement(model, wrong, flat, None)
+    assert why is not None and "from the model computed in fp32, where eager in" in why, why
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
