@@ -16,7 +16,7 @@ from torch import fx, nn
 
 from moecc.codegen.onnx.lower import ort_routing
 from moecc.codegen.onnx.ort_forms import param_of
-from moecc.codegen.onnx.ort_routed import _top_k, takes_given_routing
+from moecc.codegen.onnx.ort_routed import ids_width, takes_given_routing
 from moecc.passes.base import layers_of
 from moecc.passes.graph_utils import op_arguments
 
@@ -77,7 +77,7 @@ def dense_work(gm: fx.GraphModule) -> DenseWork:
             continue
         moe_weights.update((m["w_up"], m["w_down"]))
         num_experts = int(w_up.shape[0])
-        top_k = _top_k(m["ids"]) or num_experts
+        top_k = ids_width(m["ids"]) or num_experts
         per_expert = (w_up.numel() + w_down.numel()) / num_experts
         torch_reads += top_k * per_expert
         routing = ort_routing(gm, m)

@@ -297,7 +297,7 @@ def given_routing_form(gm: fx.GraphModule, m: dict) -> MatchResult[tuple]:
     if w_up is None or w_down is None or (m["b_up"] is not None and b_up is None) or (
             m["b_down"] is not None and b_down is None):
         return MatchResult.fail("the expert weights are not constants")
-    top_k, num_experts = _top_k(m["ids"]), int(w_up.shape[0])
+    top_k, num_experts = ids_width(m["ids"]), int(w_up.shape[0])
     if not isinstance(top_k, int) or not 0 < top_k <= num_experts:
         return MatchResult.fail(f"the routing's top-k ({top_k}) is no fixed count of at most {num_experts} experts")
     if (why := _may_be_negative(gm, m["weights"])) is not None:
@@ -322,7 +322,7 @@ def _logits_probe(f, top_k: int, has_bias: bool, num_experts: int) -> MatchResul
                             "when handed the routing weights as logits")
 
 
-def _top_k(ids) -> int | None:
+def ids_width(ids) -> int | None:
     """The width of the expert ids ``ids`` [T, k] (a node): from its value, the route it is read from, or the
     reshape that makes it (``ids.reshape(-1, 1)``, the pairs of experts with a post-expert norm); else None."""
     if not isinstance(ids, fx.Node):
