@@ -81,13 +81,13 @@ def dense_work(gm: fx.GraphModule) -> DenseWork:
         per_expert = (w_up.numel() + w_down.numel()) / num_experts
         torch_reads += top_k * per_expert
         routing = ort_routing(gm, m)
-        given = routing or takes_given_routing(gm, m)
-        if routing or given:
+        runs_op = routing or takes_given_routing(gm, m)  # ORT's MoE op routes it, or is handed its routing
+        if runs_op:
             ort += top_k * per_expert
             continue
         ort += num_experts * per_expert
         prefix = m["w_up"].target.rsplit(".", 1)[0]
-        why = routing.reason if routing.reason == given.reason else f"{routing.reason}; {given.reason}"
+        why = routing.reason if routing.reason == runs_op.reason else f"{routing.reason}; {runs_op.reason}"
         decomposed[names.get(prefix, prefix)] = (num_experts / top_k, why)
     rest = _gemm_weights(gm, moe_weights)
     return DenseWork(ort + rest, torch_reads + rest, decomposed)
