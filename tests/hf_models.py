@@ -8,8 +8,6 @@ FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_os
             "ernie4_5_moe", "llama4_text", "switch_transformers")
 EXPERTS_IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm")
 EAGER_EXPERTS_ONLY = ("dbrx", "llama4_text", "switch_transformers")  # no experts_implementation to switch
-# their attention is more than torch.onnx converts (Llama 4's rotary embedding is complex-valued)
-NOT_ONNX_EXPORTABLE = ("llama4_text", "deepseek_v2")  # complex-valued rotary embeddings
 
 # families that some transformers 5.x releases lack (5.17 has neither), by the class that shows they are there
 NEWER_FAMILIES = {"kolibri1": "Kolibri1Config", "deepseek_v4": "DeepseekV4Config", "gemma4": "Gemma4TextConfig",

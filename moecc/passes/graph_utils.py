@@ -74,13 +74,14 @@ def op_arguments(node: fx.Node) -> dict:
     return values
 
 
-_CASTS = (torch.ops.aten.to.dtype, torch.ops.aten._to_copy.default, torch.ops.aten.to.dtype_layout)
+# the aten ops that change a tensor's dtype and nothing else
+DTYPE_CASTS = (torch.ops.aten.to.dtype, torch.ops.aten._to_copy.default, torch.ops.aten.to.dtype_layout)
 
 
 def parameter_through_casts(node) -> fx.Node | None:
     """The ``get_attr`` a value is, directly or through dtype casts (a router that computes its logits in fp32
     casts its weight: Ernie 4.5 VL's ``self.weight.float()``); None where it is computed otherwise."""
-    while isinstance(node, fx.Node) and node.op == "call_function" and node.target in _CASTS:
+    while isinstance(node, fx.Node) and node.op == "call_function" and node.target in DTYPE_CASTS:
         node = node.args[0]
     return node if isinstance(node, fx.Node) and node.op == "get_attr" else None
 

@@ -18,7 +18,7 @@ from moecc.codegen.onnx.lower import ort_routing
 from moecc.codegen.onnx.ort_forms import param_of
 from moecc.codegen.onnx.ort_routed import ids_width, takes_given_routing
 from moecc.passes.base import layers_of
-from moecc.passes.graph_utils import op_arguments
+from moecc.passes.graph_utils import DTYPE_CASTS, op_arguments
 
 _aten = torch.ops.aten
 # ops whose weight operand each token reads whole
@@ -29,8 +29,8 @@ _GEMMS = {_aten.linear.default, _aten.matmul.default, _aten.mm.default, _aten.ad
 _GEMM_METHODS = {"matmul", "__matmul__", "mm", "bmm"}
 # ops a weight passes through unchanged in size on its way to a GEMM
 _VIEWS = {_aten.t.default, _aten.transpose.int, _aten.permute.default, _aten.view.default, _aten.reshape.default,
-          _aten.to.dtype, _aten.to.dtype_layout, _aten._to_copy.default, _aten.contiguous.default,
-          _aten.alias.default, _aten.clone.default, _aten.expand.default, _aten.unsqueeze.default}
+          _aten.contiguous.default, _aten.alias.default, _aten.clone.default, _aten.expand.default,
+          _aten.unsqueeze.default, *DTYPE_CASTS}
 _VIEW_METHODS = {"t", "transpose", "permute", "view", "reshape", "to", "float", "half", "bfloat16", "contiguous",
                  "type_as", "expand", "unsqueeze"}
 

@@ -12,6 +12,7 @@ import onnxscript.optimizer
 import torch
 from torch import fx, nn
 
+from moecc.codegen.onnx.complex_as_real import complex_as_real
 from moecc.codegen.onnx.decompose import DECOMPOSITIONS
 from moecc.codegen.onnx.ort_forms import canonical_experts, held_buffers, ort_fc1, ort_form, param_of
 from moecc.codegen.onnx.ort_moe import (
@@ -284,6 +285,9 @@ def lower_to_ort(gm: fx.GraphModule, example: list[torch.Tensor], folder: str | 
         raise BackendError(why)
     use_ort_moe(gm, quant)
     decompose(gm)
+    as_real = complex_as_real(gm)
+    if as_real.value:
+        log.debug("%d ops on complex values written in real arithmetic", as_real.value)
     Cleanup()(gm)  # the canonical weights ort_moe replaced must not travel into the ONNX export
     folder = folder or tempfile.mkdtemp(prefix="moecc_onnx_")
     as_written = blocks_left_as_written(gm)
@@ -296,6 +300,8 @@ def lower_to_ort(gm: fx.GraphModule, example: list[torch.Tensor], folder: str | 
         hint = (f" MoE blocks left as written ({', '.join(as_written)}) are exported by tracing their Python code, "
                 "which fails for data-dependent expert loops; moecc.compile with backend='torch' runs them as "
                 "written.") if as_written else ""
+        if not as_real:
+            hint += f" Its complex values stayed complex: {as_real.reason}."
         raise BackendError(f"ONNX export failed: {first}.{hint}") from exc
     try:
         module = OrtModule(path)
