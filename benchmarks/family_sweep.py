@@ -3,6 +3,7 @@
     python benchmarks/family_sweep.py [--backend onnxruntime] [--families dbrx jamba ...]
     python benchmarks/family_sweep.py --compare-dtype bfloat16   # recognition in fp32 against bf16
     python benchmarks/family_sweep.py --backend triton --device cuda --dtype bfloat16 --with-tested
+    python benchmarks/family_sweep.py --backend torch --with-tested --hidden 256   # recognition at larger sizes
 
 ``--with-tested`` adds the families the tests build (``tests/hf_models.py``: Mixtral, Qwen3-MoE, GPT-OSS, ...).
 
@@ -139,6 +140,20 @@ def _tested_families() -> tuple[str, ...]:
     return tuple(f for f in hf_models.FAMILIES if f not in FAMILIES)
 
 
+# ``--hidden``: sizes a family's config takes over the tiny ones, where it has them
+SIZES: dict = {}
+
+
+def sizes(hidden: int) -> dict:
+    """Hidden size ``hidden``, four heads, routed experts of width ``hidden / 2`` (a square gate-and-up weight,
+    ``2I == H``, as Llama 4 and others have at full size), dense MLPs and shared experts wider."""
+    return dict(hidden_size=hidden, d_model=hidden, head_dim=hidden // 4, kv_channels=hidden // 4,
+                intermediate_size=3 * hidden // 2, moe_intermediate_size=hidden // 2,
+                expert_ffn_hidden_size=hidden // 2, shared_intermediate_size=hidden,
+                moe_intermediate_size_shared=hidden, first_dense_intermediate_size=3 * hidden // 2,
+                shared_expert_intermediate_size=hidden, intermediate_size_mlp=3 * hidden // 2)
+
+
 def tiny_model(family: str):
     import transformers as tf
 
@@ -146,13 +161,14 @@ def tiny_model(family: str):
         _tested_families()
         import hf_models
 
-        return hf_models.make_model(family).eval()
+        cfg = hf_models.make_config(family)
+        return hf_models.make_model(family, **{k: v for k, v in SIZES.items() if hasattr(cfg, k)}).eval()
 
     config_name, model_name = FAMILIES[family]
     outer = getattr(tf, config_name)(**CONSTRUCTOR.get(config_name, {}))
     # a composite config (a text model inside a multimodal family's) is made tiny where its text model reads it
     cfg = getattr(outer, "text_config", None) or outer
-    for key, value in TINY.items():
+    for key, value in {**TINY, **SIZES}.items():
         try:  # a config may refuse even to read a key (a per-layer attribute read globally)
             if hasattr(cfg, key) and key not in CONSTRUCTOR.get(config_name, {}):
                 setattr(cfg, key, value)
@@ -286,10 +302,13 @@ def main() -> int:
     ap.add_argument("--with-tested", action="store_true", help="also the families tests/hf_models.py builds")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    ap.add_argument("--hidden", type=int, help="models of this hidden size (``sizes``) instead of the tiny ones")
     ap.add_argument("--compare-dtype", choices=["bfloat16", "float16"],
                     help="instead of compiling, recognize each family's first MoE block in fp32 and in this dtype")
     args = ap.parse_args()
     os.environ.setdefault("MOECC_LOGS", "error")
+    if args.hidden:
+        SIZES.update(sizes(args.hidden))
     import transformers
 
     print(f"transformers {transformers.__version__}, torch {torch.__version__}, backend {args.backend}, "

@@ -256,6 +256,40 @@ def test_low_precision_recognition_takes_the_closest_candidate_not_the_first_tha
     torch.testing.assert_close(cm(x)[0], block(x)[0], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("hidden,inter,top_k", [(128, 64, 1), (96, 48, 2)])
+def test_a_bank_called_on_rows_grouped_by_expert_is_probed_alone(monkeypatch, hidden, inter, top_k):
+    """Llama 4's experts take every token once per expert, ``[E * T, H]``, and nothing else, so no probe called
+    them alone: their layouts were searched jointly with the routing, on the block's outputs. Where gate-and-up is
+    square (2I == H) the stored and the transposed readings both fit its shape, and from about H=96 the search ran
+    out of time before the right one (Llama 4 at H 1024, I 512 was left as written). Probed on rows grouped by
+    expert, the bank's layout is found first, in a fraction of the search's budget."""
+    import transformers as tf
+    from transformers.models.llama4.modeling_llama4 import Llama4TextMoe
+
+    from moecc.passes.recognize.block import grouped_rows_probe
+
+    monkeypatch.setenv("MOECC_RECOGNIZE_SEARCH_S", "2")
+    torch.manual_seed(0)
+    cfg = tf.Llama4TextConfig(hidden_size=hidden, intermediate_size=inter, num_local_experts=16,
+                              num_experts_per_tok=top_k)
+    block = Llama4TextMoe(cfg).eval()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.02)
+    probe = grouped_rows_probe(block.experts, hidden, torch.empty(0), 16)
+    x = torch.randn(3, hidden)
+    rows = torch.zeros(16 * 3, hidden)
+    rows[9:12] = x
+    torch.testing.assert_close(probe(3, x), block.experts(rows)[9:12])
+    assert grouped_rows_probe(block, hidden, torch.empty(0), 16) is None  # the block returns a tuple
+    cm = moecc.compile(block, backend="torch")
+    x = torch.randn(2, 7, hidden)
+    with torch.no_grad():
+        torch.testing.assert_close(cm(x)[0], block(x)[0], rtol=1e-5, atol=1e-6)
+    (layer,) = cm.moe_layers
+    assert layer.fused and "weights-on-inputs" in layer.routing, layer.reason
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs CUDA"))])
 @pytest.mark.parametrize("kind,fused", [("ignores_ids", True), ("pad_masked", False), ("hash_routed", True)])

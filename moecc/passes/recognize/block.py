@@ -166,6 +166,39 @@ def _bank_probe(bank: nn.Module, hidden: int, like: torch.Tensor):
     return f if y.shape == x.shape else lambda e, x: f(e, x).reshape(x.shape)
 
 
+def grouped_rows_probe(bank: nn.Module, hidden: int, like: torch.Tensor, num_experts: int):
+    """f(e, x) for a bank called with its hidden states alone, ``[E * n, H]``, whose rows ``e*n:(e+1)*n`` go to
+    expert ``e`` (Llama 4's, handed every token once per expert): ``x`` in expert ``e``'s rows, zeros in the others.
+    None where the bank takes more, or its output rows are not the rows of its input each computed alone. That is a
+    guess at the convention (rows interleaved by expert would pass it as well), which no canonical expert then fits:
+    the caller falls back to the block's probes."""
+    if _required_inputs(bank) != 1:
+        return None
+
+    def f(e: int, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        rows = x.new_zeros((num_experts * n, x.shape[1]))
+        rows[e * n:(e + 1) * n] = x
+        y = _called(bank, rows)
+        if not isinstance(y, torch.Tensor) or y.shape != rows.shape:
+            raise ValueError(f"the bank returned {type(y).__name__} for rows {tuple(rows.shape)}")
+        return y[e * n:(e + 1) * n]
+
+    g = torch.Generator().manual_seed(0)
+    whole = torch.randn(num_experts * 3, hidden, generator=g).to(dtype=like.dtype, device=like.device)
+    try:
+        y = _called(bank, whole)
+        if not isinstance(y, torch.Tensor) or y.shape != whole.shape:
+            return None
+        # each expert's rows alone, the others zeroed: the same outputs
+        for e in (0, num_experts - 1):
+            if not close(f(e, whole[e * 3:(e + 1) * 3]), y[e * 3:(e + 1) * 3]):
+                return None
+    except Exception:  # noqa: BLE001 - another calling convention
+        return None
+    return f
+
+
 def _bank_caller(block: nn.Module, bank: nn.Module, hidden: int, like: torch.Tensor):
     """``_bank_probe`` of the bank module, else of the nearest module above it inside the block that takes
     ``(x, ids, weights)`` (DBRX's weights sit in an MLP called with each expert's slices; the module above it
@@ -817,16 +850,19 @@ def _analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | 
             return MatchResult.fail("no expert bank: neither a ModuleList of MLPs nor stacked [E, ., .] weights")
         bank_mod, num_experts = sb
         probe_fn = _bank_caller(block, bank_mod, hidden, like)
+        by_rows = probe_fn is None and (probe_fn := grouped_rows_probe(bank_mod, hidden, like, num_experts))
+        winner = None
         if probe_fn is not None:
             x = torch.randn(5, hidden, dtype=torch.float64) * stacked.probe_scale(bank_mod, hidden, num_experts)
             x = x.to(dtype=like.dtype, device=like.device)
             refs = [probe_fn(e, x) for e in range(num_experts)]
             winner = stacked_winner(bank_mod, hidden, num_experts, x, refs, wide_probe(partial(probe_fn, 0), x))
-            if winner is None:
+            if winner is None and not by_rows:
                 return MatchResult.fail(f"{type(bank_mod).__name__}: the expert function matches no canonical "
                                         "expert (layouts, activations and clamps tried)")
+        if winner is not None:
             expert_candidates = [(winner.spec, winner.build(slice(None)))]
-        else:
+        else:  # (rows grouped by expert were a guess at the bank's convention: the block's probes decide)
             # the block's probes are the only check of the expert function here: its activation is checked again
             # on inputs that spread the pre-activations (``_refit_experts``)
             input_scale = stacked.probe_scale(bank_mod, hidden, num_experts)
