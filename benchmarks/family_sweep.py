@@ -154,6 +154,13 @@ def sizes(hidden: int) -> dict:
                 shared_expert_intermediate_size=hidden, intermediate_size_mlp=3 * hidden // 2)
 
 
+def _sized(cfg) -> dict:
+    """``SIZES`` that ``cfg`` has; latent attention (DeepSeek's MLA) keeps its head dims, which its rotary sizes
+    follow."""
+    mla = _read(cfg, "kv_lora_rank") is not None
+    return {k: v for k, v in SIZES.items() if hasattr(cfg, k) and not (mla and k == "head_dim")}
+
+
 def tiny_model(family: str):
     import transformers as tf
 
@@ -162,13 +169,13 @@ def tiny_model(family: str):
         import hf_models
 
         cfg = hf_models.make_config(family)
-        return hf_models.make_model(family, **{k: v for k, v in SIZES.items() if hasattr(cfg, k)}).eval()
+        return hf_models.make_model(family, **_sized(cfg)).eval()
 
     config_name, model_name = FAMILIES[family]
     outer = getattr(tf, config_name)(**CONSTRUCTOR.get(config_name, {}))
     # a composite config (a text model inside a multimodal family's) is made tiny where its text model reads it
     cfg = getattr(outer, "text_config", None) or outer
-    for key, value in {**TINY, **SIZES}.items():
+    for key, value in {**TINY, **_sized(cfg)}.items():
         try:  # a config may refuse even to read a key (a per-layer attribute read globally)
             if hasattr(cfg, key) and key not in CONSTRUCTOR.get(config_name, {}):
                 setattr(cfg, key, value)
