@@ -190,19 +190,14 @@ def _dtype_cast(rw: _Rewriter, node: fx.Node) -> tuple[fx.Node, bool]:
     args, kwargs = _args_with(rw, node)
     position = 1 if node.target is _aten.to.dtype else None
     dtype = args[position] if position is not None and len(args) > 1 else kwargs.get("dtype")
-    if src not in rw.real:  # real -> complex
-        real_dtype = _REAL_DTYPE[dtype]
+    if dtype is not None and dtype.is_complex:
         if position is not None:
-            args[position] = real_dtype
+            args[position] = _REAL_DTYPE[dtype]
         else:
-            kwargs["dtype"] = real_dtype
+            kwargs["dtype"] = _REAL_DTYPE[dtype]
+    if src not in rw.real:  # real -> complex
         return rw.stack(rw.graph.call_function(node.target, tuple(args), kwargs), None), True
     if dtype is None or dtype.is_complex:
-        if dtype is not None:
-            if position is not None:
-                args[position] = _REAL_DTYPE[dtype]
-            else:
-                kwargs["dtype"] = _REAL_DTYPE[dtype]
         return rw.graph.call_function(node.target, tuple(args), kwargs), True
     args[0] = rw.part(src, 0)  # complex -> real
     return rw.graph.call_function(node.target, tuple(args), kwargs), False
@@ -251,10 +246,6 @@ def _add_sub(sign: int) -> Rule:
         br, bi = rw.mul(br, alpha), rw.mul(bi, alpha)
         return rw.stack(rw.add(ar, br, sign), rw.add(ai, bi, sign)), True
     return rule
-
-
-def _neg(rw: _Rewriter, node: fx.Node) -> tuple[fx.Node, bool]:
-    return rw.call(_aten.neg.default, rw.real[node.args[0]]), True
 
 
 def _polar(rw: _Rewriter, node: fx.Node) -> tuple[fx.Node, bool]:
@@ -308,7 +299,7 @@ def _exp(rw: _Rewriter, node: fx.Node) -> tuple[fx.Node, bool]:
 RULES: dict = {
     **{op: _same_op for op in (_aten.clone.default, _aten.contiguous.default, _aten.alias.default,
                                _aten.detach.default, _aten.lift_fresh_copy.default, _aten.index.Tensor,
-                               _aten.resolve_conj.default, _aten.resolve_neg.default)},
+                               _aten.resolve_conj.default, _aten.resolve_neg.default, _aten.neg.default)},
     _aten.unsqueeze.default: _dim_at(1),
     _aten.squeeze.dim: _dim_at(1),
     _aten.squeeze.dims: _dims_at(1),
@@ -335,7 +326,6 @@ RULES: dict = {
     _aten.div.Tensor: _div,
     _aten.add.Tensor: _add_sub(1),
     _aten.sub.Tensor: _add_sub(-1),
-    _aten.neg.default: _neg,
     _aten.polar.default: _polar,
     _aten.complex.default: _complex,
     _aten.view_as_complex.default: _view_as_complex,

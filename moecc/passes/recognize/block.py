@@ -850,7 +850,9 @@ def _analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | 
             return MatchResult.fail("no expert bank: neither a ModuleList of MLPs nor stacked [E, ., .] weights")
         bank_mod, num_experts = sb
         probe_fn = _bank_caller(block, bank_mod, hidden, like)
-        by_rows = probe_fn is None and (probe_fn := grouped_rows_probe(bank_mod, hidden, like, num_experts))
+        by_rows = probe_fn is None
+        if by_rows:
+            probe_fn = grouped_rows_probe(bank_mod, hidden, like, num_experts)
         winner = None
         if probe_fn is not None:
             x = torch.randn(5, hidden, dtype=torch.float64) * stacked.probe_scale(bank_mod, hidden, num_experts)
