@@ -168,21 +168,24 @@ def _bank_probe(bank: nn.Module, hidden: int, like: torch.Tensor):
 
 def grouped_rows_probe(bank: nn.Module, hidden: int, like: torch.Tensor, num_experts: int):
     """f(e, x) for a bank called with its hidden states alone, ``[E * n, H]``, whose rows ``e*n:(e+1)*n`` go to
-    expert ``e`` (Llama 4's, handed every token once per expert): ``x`` in expert ``e``'s rows, zeros in the others.
-    None where the bank takes more, or its output rows are not the rows of its input each computed alone. That is a
-    guess at the convention (rows interleaved by expert would pass it as well), which no canonical expert then fits:
-    the caller falls back to the block's probes."""
+    expert ``e`` (Llama 4's, handed every token once per expert): ``x`` in every expert's rows, expert ``e``'s
+    outputs. None where the bank takes more, or its output rows are not the rows of its input each computed alone.
+    That is a guess at the convention (rows interleaved by expert would pass it as well), which no canonical expert
+    then fits: the caller falls back to the block's probes. One call of the bank serves every expert of an ``x``
+    (the bank computes all of them on each call)."""
     if _required_inputs(bank) != 1:
         return None
+    last: list = [None, None]  # the x of the last call, and the bank's output on it
 
     def f(e: int, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
-        rows = x.new_zeros((num_experts * n, x.shape[1]))
-        rows[e * n:(e + 1) * n] = x
-        y = _called(bank, rows)
-        if not isinstance(y, torch.Tensor) or y.shape != rows.shape:
-            raise ValueError(f"the bank returned {type(y).__name__} for rows {tuple(rows.shape)}")
-        return y[e * n:(e + 1) * n]
+        if last[0] is not x:
+            rows = x.repeat(num_experts, 1)
+            y = _called(bank, rows)
+            if not isinstance(y, torch.Tensor) or y.shape != rows.shape:
+                raise ValueError(f"the bank returned {type(y).__name__} for rows {tuple(rows.shape)}")
+            last[:] = [x, y]
+        return last[1][e * n:(e + 1) * n]
 
     g = torch.Generator().manual_seed(0)
     whole = torch.randn(num_experts * 3, hidden, generator=g).to(dtype=like.dtype, device=like.device)
@@ -190,7 +193,7 @@ def grouped_rows_probe(bank: nn.Module, hidden: int, like: torch.Tensor, num_exp
         y = _called(bank, whole)
         if not isinstance(y, torch.Tensor) or y.shape != whole.shape:
             return None
-        # each expert's rows alone, the others zeroed: the same outputs
+        # each expert's rows with other rows beside them: the same outputs
         for e in (0, num_experts - 1):
             if not close(f(e, whole[e * 3:(e + 1) * 3]), y[e * 3:(e + 1) * 3]):
                 return None
