@@ -174,3 +174,20 @@ def test_a_capacity_factor_rounds_as_told_in_every_implementation(rounding):
     torch.testing.assert_close(decomposed(*args), ref, rtol=1e-5, atol=1e-5)
     other = torch.ops.moecc.fused_moe(*args[:-1], "floor" if rounding == "ceil" else "ceil")
     assert not torch.allclose(other, ref)
+
+
+@pytest.mark.parametrize("priority", ["token", "slot"])
+def test_ids_of_no_expert_take_no_place_in_a_capacity(priority):
+    """The export-friendly capacity mask (``kept_pairs``, read by ONNX's decompositions and the routing handed to
+    com.microsoft.MoE) keeps the pairs the reference keeps. It counted a negative id (no expert) toward expert 0's
+    capacity, dropping a pair of expert 0 that the reference kept."""
+    from moecc.codegen.onnx.decompose import kept_pairs
+    from moecc.routing import apply_capacity
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(100):
+        ids = torch.randint(-1, 5, (8, 2), generator=g)
+        capacity = int(torch.randint(1, 4, (), generator=g))
+        for args in ((capacity, 0.0, 0), (-1, 1.5, 1)):
+            kept = apply_capacity(ids, 4, *args, 0, priority)
+            assert torch.equal(kept_pairs(ids, 4, *args, 0, priority), (kept >= 0) & (kept < 4)), ids
