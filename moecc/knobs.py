@@ -99,14 +99,17 @@ ORT_SPIN = Knob("MOECC_ORT_SPIN", True, bool, "ONNX Runtime's intra-op threads s
                "process between calls gets the cores they would hold")
 AUTO_MAX_DENSE_WORK = Knob("MOECC_AUTO_MAX_DENSE_WORK", 2.0, float, "backend='auto' on the CPU runs the torch program "
                            "where ONNX Runtime's would read more than this many times its weights per token (MoE "
-                           "blocks ONNX Runtime's MoE op cannot run, decomposed into every expert on every token); "
-                           "0: never")
+                           "blocks whose expert weights the graph computes, decomposed into every expert on every "
+                           "token); 0: never")
+ORT_MOE_OP = Knob("MOECC_ORT_MOE_OP", True, bool, "float MoE blocks run as com.microsoft.MoE where it computes them; "
+                  "0: every float block is routed in plain ONNX ops instead (a MatMul per expert on its sorted "
+                  "rows); quantized blocks take com.microsoft.QMoE either way")
 
 ALL = (DUMP_DIR, LOGS, VERIFY, CACHE_DIR, CAPTURE_CACHE, WATCH_WEIGHTS, RECOGNIZE_SEARCH_S, AUTOTUNE, CUDA_GRAPHS,
        CUDA_GRAPH_MAX_TOKENS, CUDA_GRAPH_REPEAT_MAX_TOKENS, CUDA_GRAPH_PROBE_MAX_TOKENS,
        CUDA_GRAPH_MAX_GRAPHS, TRITON_TMA, TRITON_WS,
        TRITON_WS_GEMM1_MIN_ROWS, TRITON_DECODE_MAX_TOKENS, TRITON_PDL, TRITON_ROUTER_GEMV, ORT_THREADS,
-       ORT_SPIN, AUTO_MAX_DENSE_WORK)
+       ORT_SPIN, AUTO_MAX_DENSE_WORK, ORT_MOE_OP)
 
 
 def cache_dir() -> Path:

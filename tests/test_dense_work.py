@@ -1,7 +1,6 @@
 """backend='auto' on the CPU weighs ONNX Runtime's program against torch's where ORT would decompose MoE blocks into
-every expert on every token (``moecc.codegen.onnx.dense_work``)."""
-
-import logging
+every expert on every token (``moecc.codegen.onnx.dense_work``): only blocks whose expert weights the graph
+computes; the others ORT runs routed (``sorted_experts``)."""
 
 import pytest
 import torch
@@ -18,59 +17,75 @@ def _compiled(model, family):
     return cm
 
 
-def test_auto_runs_torch_where_ort_would_run_every_expert_on_every_token(monkeypatch):
-    """Gated gelu experts have no com.microsoft.MoE activation: ORT would run all 16 experts for each token where
-    torch runs its 2. auto says so and takes the torch program, which agrees with eager on fresh inputs."""
+def test_auto_keeps_ort_where_its_blocks_are_routed_in_plain_onnx_ops():
+    """Gated gelu experts have no com.microsoft.MoE activation. They used to be decomposed into every expert on every
+    token (8x the routed work here), and auto took torch; now ORT runs them routed (``sorted_experts``), reading
+    the weights torch reads, and auto keeps it."""
     model = make_model("qwen3_moe", hidden_act="gelu", num_experts=16, num_experts_per_tok=2)
-    monkeypatch.setenv("MOECC_LOGS", "info")  # each compile sets the moecc logger's level from it
-    said = []
-    handler = logging.Handler()
-    handler.emit = lambda record: said.append(record.getMessage())
-    logging.getLogger("moecc").addHandler(handler)
-    try:
-        cm = _compiled(model, "qwen3_moe")
-    finally:
-        logging.getLogger("moecc").removeHandler(handler)
-    assert [e.backend for e in cm._entries] == ["torch"]
-    assert all(layer.fused for layer in cm.moe_layers)
-    said = [message for message in said if "ONNX Runtime would run every expert" in message]
-    assert said and "8.0x their routed experts' work" in said[0], said
-    assert "no com.microsoft.MoE activation computes gated gelu" in said[0], said
+    cm = _compiled(model, "qwen3_moe")
+    assert [e.backend for e in cm._entries] == ["onnxruntime"]
     for layer in cm.moe_layers:
-        assert "ONNX Runtime would run every expert on every token" in layer.lowering, layer.lowering
+        assert layer.fused and layer.lowering.startswith("routed in plain ONNX ops"), layer.lowering
     fresh = make_inputs("qwen3_moe", 3, 5, seed=1)
     with torch.no_grad():
         torch.testing.assert_close(cm(**fresh).logits, model(**fresh).logits, rtol=1e-4, atol=1e-5)
 
 
-def test_the_knob_keeps_ort_for_decomposed_blocks():
-    model = make_model("qwen3_moe", hidden_act="gelu", num_experts=16, num_experts_per_tok=2)
-    with knobs.AUTO_MAX_DENSE_WORK.overridden("0"):
-        cm = _compiled(model, "qwen3_moe")
-    assert [e.backend for e in cm._entries] == ["onnxruntime"]
-    assert all(layer.lowering.startswith("decomposed") for layer in cm.moe_layers)
-
-
-@pytest.mark.parametrize("hidden_act,experts,top_k,backend", [
-    ("silu", 16, 2, "onnxruntime"),  # com.microsoft.MoE runs the experts: nothing decomposed
-    ("gelu", 4, 2, "onnxruntime"),  # decomposed at twice the routed work, under the limit
-])
-def test_auto_keeps_ort_where_its_program_reads_little_more(hidden_act, experts, top_k, backend):
+@pytest.mark.parametrize("hidden_act,experts,top_k", [("silu", 16, 2), ("gelu", 4, 2)])
+def test_auto_keeps_ort_where_its_program_reads_no_more(hidden_act, experts, top_k):
     model = make_model("qwen3_moe", hidden_act=hidden_act, num_experts=experts, num_experts_per_tok=top_k)
     cm = _compiled(model, "qwen3_moe")
-    assert [e.backend for e in cm._entries] == [backend]
+    assert [e.backend for e in cm._entries] == ["onnxruntime"]
+
+
+def _pipeline_result(model, computed_weights: bool):
+    """The pipeline's graph of ``model``; with ``computed_weights``, each bank's up projection is computed in the
+    graph (as a dequantization there would be), which no initializer holds."""
+    from moecc.capture import capture
+    from moecc.codegen.onnx.ort_forms import param_of
+    from moecc.passes import PassManager, default_pipeline
+
+    cap = capture(model, (), make_inputs("qwen3_moe", 1, 8))
+    gm = PassManager(default_pipeline("oi"))(cap.gm).graph_module
+    if computed_weights:
+        for moe in [n for n in gm.graph.nodes if n.target is torch.ops.moecc.fused_moe.default]:
+            w_up = moe.args[3]
+            with gm.graph.inserting_before(moe):
+                scaled = gm.graph.call_function(torch.ops.aten.mul.Tensor, (w_up, 1.0))
+            scaled.meta["val"] = param_of(gm, w_up)  # its shape is what dense_work reads
+            moe.update_arg(3, scaled)
+        gm.recompile()
+    return gm
+
+
+def test_a_block_of_computed_weights_is_decomposed_and_auto_weighs_it():
+    """Weights computed in the graph have no initializer to split per expert: the block is decomposed into every
+    expert on every token, the lowering says why, and ``dense_work`` counts E experts on ORT against k on torch, so
+    auto would run torch; ``MOECC_AUTO_MAX_DENSE_WORK=0`` keeps ORT."""
+    from moecc.codegen.onnx.lower import use_ort_moe
+    from moecc.runtime.compiled import _dense_on_ort
+
+    model = make_model("qwen3_moe", hidden_act="gelu", num_experts=16, num_experts_per_tok=2)
+    gm = _pipeline_result(model, computed_weights=True)
+    work = _dense_on_ort(gm)
+    assert work is not None and len(work.decomposed) == model.config.num_hidden_layers
+    assert "8.0x their routed experts' work" in work.describe(), work.describe()
+    with knobs.AUTO_MAX_DENSE_WORK.overridden("0"):
+        assert _dense_on_ort(gm) is None
+    lowering = use_ort_moe(gm)
+    assert lowering and all(how.startswith("decomposed into every expert on every token (its expert weights (w_up) "
+                                           "are computed in the graph)") for how in lowering.values()), lowering
+    assert _dense_on_ort(_pipeline_result(model, computed_weights=False)) is None
 
 
 def test_dense_work_counts_the_weights_each_program_reads_per_token():
-    """The decomposed block reads E experts on ORT and k on torch; every other weight a GEMM or a moecc op reads
-    (attention, the router, the LM head) counts once on both, an embedding lookup not at all."""
-    from moecc.capture import capture
+    """A decomposed block (its weights computed in the graph) reads E experts on ORT and k on torch; every other
+    weight a GEMM or a moecc op reads (attention, the router, the LM head) counts once on both, an embedding lookup
+    not at all."""
     from moecc.codegen.onnx.dense_work import dense_work
-    from moecc.passes import PassManager, default_pipeline
 
     model = make_model("qwen3_moe", hidden_act="gelu", num_experts=16, num_experts_per_tok=2)
-    cap = capture(model, (), make_inputs("qwen3_moe", 1, 8))
-    gm = PassManager(default_pipeline("oi"))(cap.gm).graph_module
+    gm = _pipeline_result(model, computed_weights=True)
     work = dense_work(gm)
     cfg = model.config
     expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size

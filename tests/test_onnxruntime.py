@@ -507,8 +507,8 @@ def test_routing_handed_to_the_moe_op_as_logits_gives_the_weighted_experts(capac
 
 
 def test_weights_that_may_be_negative_are_not_handed_as_logits():
-    """A negative routed scaling factor makes every weight negative, which has no logarithm: the block stays
-    decomposed, says why, and computes eager's numbers."""
+    """A negative routed scaling factor makes every weight negative, which has no logarithm: the block is routed in
+    plain ONNX ops instead (``sorted_experts``), says why, and computes eager's numbers."""
     model = make_model("deepseek_v3", routed_scaling_factor=-2.5)
     cm = moecc.compile(model, backend="onnxruntime")
     with torch.no_grad():
@@ -516,8 +516,8 @@ def test_weights_that_may_be_negative_are_not_handed_as_logits():
         fresh = make_inputs("deepseek_v3", 3, 5, seed=4)
         torch.testing.assert_close(cm(**fresh).logits, model(**fresh).logits, rtol=1e-4, atol=1e-5)
     (layer,) = cm.moe_layers
-    assert layer.lowering.startswith("decomposed: ") and "the routing scale -2.5 makes the weights negative" in \
-        layer.lowering, layer.lowering
+    assert layer.lowering.startswith("routed in plain ONNX ops") and "the routing scale -2.5 makes the weights " \
+        "negative" in layer.lowering, layer.lowering
 
 
 def _tied_topk_model():

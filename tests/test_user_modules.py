@@ -30,14 +30,18 @@ def compiled_on(backend: str, block):
     return layer
 
 
+ORT_ROUTED = "routed in plain ONNX ops, a MatMul per expert on its sorted rows: "
+SWIGLU_MISMATCH = "the installed onnxruntime's com.microsoft.MoE(swiglu) does not match on probe data"
+
+
 def _ort_swiglu_lowering(normalize: bool, num_experts: int, top_k: int = 2) -> str:
     """How the ORT backend lowers a gated-silu block without biases: an onnxruntime whose com.microsoft.MoE
-    computes otherwise (1.30's swiglu) gets the decomposed experts."""
+    computes otherwise (1.30's swiglu) gets its experts routed in plain ONNX ops."""
     from moecc.codegen.onnx.ort_moe import ort_computes_same
 
     if ort_computes_same("swiglu", normalize, top_k, False, 1.0, 0.0, 0.0, num_experts):
         return "com.microsoft.MoE"
-    return "decomposed: the installed onnxruntime's com.microsoft.MoE(swiglu) does not match on probe data"
+    return ORT_ROUTED + SWIGLU_MISMATCH
 
 
 def compile_on_ids(model, low=0, device="cpu", **options):
@@ -511,8 +515,7 @@ def test_a_routers_per_expert_scale_of_its_weights_is_fitted_and_fused(backend, 
         from moecc.codegen.onnx.ort_moe import ort_computes_same
 
         assert layer.lowering == ("com.microsoft.MoE" if ort_computes_same("swiglu", True, 2, False, 1.0, 0.0, 0.0, 6)
-                                  else "decomposed: the installed onnxruntime's com.microsoft.MoE(swiglu) does not "
-                                  "match on probe data"), layer.lowering
+                                  else ORT_ROUTED + SWIGLU_MISMATCH), layer.lowering
     for shape in ((3, 11), (1, 1)):
         x = torch.randint(0, 50, shape, device=device)
         torch.testing.assert_close(cm(x), model(x), rtol=1e-4, atol=1e-5)
@@ -813,7 +816,7 @@ def test_a_router_module_that_scores_by_code_of_its_own_feeds_canonical_routing(
         # the cosine router's scores are no softmax: ONNX Runtime is handed moecc's routing
         expected = _ort_swiglu_lowering(returns == "routing", 6) if kind == "mlp" else \
             "com.microsoft.MoE given moecc's routing" if _ort_swiglu_lowering(False, 6) == "com.microsoft.MoE" \
-            else "decomposed"
+            else "routed in plain ONNX ops"
         assert layer.lowering.startswith(expected), layer.lowering
     for shape in ((3, 11), (1, 1), (2, 33)):
         x = torch.randint(0, 50, shape, device=device)
@@ -1186,16 +1189,16 @@ def test_routing_written_beside_routed_experts_is_lifted_into_moecc_ops(routing,
         from moecc.codegen.onnx.ort_moe import ort_computes_same
         from moecc.codegen.onnx.ort_routed import ort_takes_weights_as_logits
 
-        # an onnxruntime whose com.microsoft.MoE computes otherwise (1.30's swiglu) gets the decomposed experts
+        # an onnxruntime whose com.microsoft.MoE computes otherwise (1.30's swiglu) gets them routed in plain ONNX
         ort_moe = "com.microsoft.MoE" if ort_computes_same("swiglu", True, 2, False, 1.0, 0.0, 0.0, 6) else \
-            "decomposed: the installed onnxruntime's com.microsoft.MoE(swiglu) does not match on probe data"
+            ORT_ROUTED + SWIGLU_MISMATCH
         # a sigmoid routing is handed to it
         given = "com.microsoft.MoE given moecc's routing" if ort_takes_weights_as_logits(
             "swiglu", 2, False, 1.0, 0.0, 0.0, 6) else ""
         assert layer.lowering == {
             "softmax": ort_moe,
             "sigmoid_bias": f"{given} (com.microsoft.MoE routes with softmax, this block with sigmoid)"
-                            if given else "decomposed: com.microsoft.MoE routes with softmax, this block with "
+                            if given else ORT_ROUTED + "com.microsoft.MoE routes with softmax, this block with "
                             "sigmoid; the installed onnxruntime's com.microsoft.MoE(swiglu) does not match when "
                             "handed the routing weights as logits",
             "softmax_expert_scale": ort_moe,  # each expert's factor folds into its copy of the down projection

@@ -1,11 +1,13 @@
 """How much more work ONNX Runtime's program does than the torch program of the same graph.
 
-A fused MoE block that com.microsoft.MoE neither routes nor takes handed its routing is decomposed into plain ONNX
-ops that run every expert on every token (``decompose.fused_moe``): E/k times the routed work. The torch program
-runs only the chosen experts. ``backend="auto"`` weighs the two by the weights each reads per token (a GEMM reads
-its weight once per token; attention over the context and elementwise work are left out). On this project's CPU
-(RESULTS.md, session 44, a 4-layer model) ORT's program at 1.7x torch's reads still beat torch at 1-16 tokens and
-lost from 128 on; at 3.0x it tied at 1 token and lost from 16 on, 1.8x at 512 tokens."""
+A fused MoE block that com.microsoft.MoE neither routes nor takes handed its routing is exported routed, its pairs
+sorted by expert (``sorted_experts``), but where its expert weights are computed in the graph (dequantized or
+merged there): then it is decomposed into plain ONNX ops that run every expert on every token
+(``decompose.fused_moe``), E/k times the routed work. The torch program runs only the chosen experts.
+``backend="auto"`` weighs the two by the weights each reads per token (a GEMM reads its weight once per token;
+attention over the context and elementwise work are left out). On this project's CPU (RESULTS.md, session 44, a
+4-layer model) ORT's program at 1.7x torch's reads still beat torch at 1-16 tokens and lost from 128 on; at 3.0x
+it tied at 1 token and lost from 16 on, 1.8x at 512 tokens."""
 
 from __future__ import annotations
 
@@ -15,8 +17,9 @@ import torch
 from torch import fx, nn
 
 from moecc.codegen.onnx.lower import ort_routing
-from moecc.codegen.onnx.ort_forms import param_of
+from moecc.codegen.onnx.ort_forms import bank_prefix, param_of
 from moecc.codegen.onnx.ort_routed import ids_width, takes_given_routing
+from moecc.codegen.onnx.sorted_experts import sortable
 from moecc.passes.base import layers_of
 from moecc.passes.graph_utils import DTYPE_CASTS, op_arguments
 
@@ -72,7 +75,7 @@ def dense_work(gm: fx.GraphModule) -> DenseWork:
     names = {info.graph_prefix: info.name for info in layers_of(gm).values()}
     for moe in [n for n in gm.graph.nodes if n.target is torch.ops.moecc.fused_moe.default]:
         m = op_arguments(moe)
-        w_up, w_down = param_of(gm, m["w_up"]), param_of(gm, m["w_down"])
+        w_up, w_down = _weight(gm, m["w_up"]), _weight(gm, m["w_down"])
         if w_up is None or w_down is None:
             continue
         moe_weights.update((m["w_up"], m["w_down"]))
@@ -82,15 +85,23 @@ def dense_work(gm: fx.GraphModule) -> DenseWork:
         torch_reads += top_k * per_expert
         routing = ort_routing(gm, m)
         runs_op = routing or takes_given_routing(gm, m)  # ORT's MoE op routes it, or is handed its routing
-        if runs_op:
+        if runs_op or sortable(gm, m):
             ort += top_k * per_expert
             continue
         ort += num_experts * per_expert
-        prefix = m["w_up"].target.rsplit(".", 1)[0]
+        prefix = bank_prefix(m) or moe.name
         why = routing.reason if routing.reason == runs_op.reason else f"{routing.reason}; {runs_op.reason}"
         decomposed[names.get(prefix, prefix)] = (num_experts / top_k, why)
     rest = _gemm_weights(gm, moe_weights)
     return DenseWork(ort + rest, torch_reads + rest, decomposed)
+
+
+def _weight(gm: fx.GraphModule, node):
+    """The tensor a get_attr ``node`` reads, or the value of one the graph computes (its shape is what counts)."""
+    value = param_of(gm, node)
+    if value is None and isinstance(node, fx.Node):
+        value = node.meta.get("val")
+    return value if isinstance(value, torch.Tensor) and all(isinstance(d, int) for d in value.shape) else None
 
 
 def _gemm_weights(gm: fx.GraphModule, skip: set) -> float:

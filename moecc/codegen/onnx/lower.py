@@ -12,9 +12,17 @@ import onnxscript.optimizer
 import torch
 from torch import fx, nn
 
+from moecc import knobs
 from moecc.codegen.onnx.complex_as_real import complex_as_real
 from moecc.codegen.onnx.decompose import DECOMPOSITIONS
-from moecc.codegen.onnx.ort_forms import canonical_experts, held_buffers, ort_fc1, ort_form, param_of
+from moecc.codegen.onnx.ort_forms import (
+    bank_prefix,
+    canonical_experts,
+    held_buffers,
+    ort_fc1,
+    ort_form,
+    param_of,
+)
 from moecc.codegen.onnx.ort_moe import (
     ort_computes_same,
     ort_moe_onnx,
@@ -29,6 +37,7 @@ from moecc.codegen.onnx.ort_routed import (
 )
 from moecc.codegen.onnx.quant import cannot_quantize, quantize
 from moecc.codegen.onnx.scalar_constants import keep_scalar_constants
+from moecc.codegen.onnx.sorted_experts import grouped_matmul_onnx, sort_experts
 from moecc.errors import BackendError, first_line
 from moecc.logs import quiet, stderr_to_debug
 from moecc.match import MatchResult
@@ -56,7 +65,12 @@ def use_ort_moe(gm: fx.GraphModule, quant=None) -> dict[str, str]:
     owner = {info.graph_prefix: info for info in layers_of(gm).values()}
     for moe in [n for n in gm.graph.nodes if n.target is torch.ops.moecc.fused_moe.default]:
         m = op_arguments(moe)
-        prefix = m["w_up"].target.rsplit(".", 1)[0] if m["w_up"].op == "get_attr" else ""
+        prefix = bank_prefix(m)
+        if quant is None and not knobs.ORT_MOE_OP.get():
+            sort = sort_experts(gm, moe, m)
+            lowering[prefix] = ("routed in plain ONNX ops, a MatMul per expert on its sorted rows: MOECC_ORT_MOE_OP=0"
+                                if sort else f"decomposed into every expert on every token ({sort.reason})")
+            continue
         routed_by_op = _use_ort_moe(gm, moe, m, prefix, quant, owner)
         if routed_by_op:
             lowering[prefix] = routed_by_op.value
@@ -68,13 +82,16 @@ def use_ort_moe(gm: fx.GraphModule, quant=None) -> dict[str, str]:
             if quant is not None and prefix in owner:
                 owner[prefix].quantization = f"none: {float_why}" if float_why else quant.describe()
         else:
-            lowering[prefix] = f"decomposed: {routed_by_op.reason}; {given.reason}"
+            why = "; ".join(dict.fromkeys((routed_by_op.reason, given.reason)))
+            sort = sort_experts(gm, moe, m)
+            lowering[prefix] = (f"routed in plain ONNX ops, a MatMul per expert on its sorted rows: {why}" if sort
+                                else f"decomposed into every expert on every token ({sort.reason}): {why}")
     eliminate_dead_code(gm.graph)
     for prefix, how in lowering.items():
         if prefix in owner:
             owner[prefix].lowering = how
             if quant is not None and not owner[prefix].quantization:
-                owner[prefix].quantization = "none: block is decomposed, weights stay float"
+                owner[prefix].quantization = "none: no com.microsoft.QMoE runs this block, weights stay float"
             if quant is not None and owner[prefix].quantization.startswith("none: "):
                 log.warning("MoE block %s is not quantized (%s): %s", owner[prefix].name, quant.describe(),
                             owner[prefix].quantization[len("none: "):])
@@ -92,6 +109,8 @@ def ort_routing(gm: fx.GraphModule, m: dict) -> MatchResult[tuple]:
     r = op_arguments(route)
     form = ort_form(r, m)
     w_up, w_down, b_up, b_down = canonical_experts(gm, m)
+    if w_up is None:
+        return MatchResult.fail("the expert weights are computed in the graph: com.microsoft.MoE takes initializers")
     router_b = param_of(gm, r["router_bias"])
     f = form.value
     num_experts = int(w_up.shape[0])
@@ -201,7 +220,9 @@ def to_onnx(gm: fx.GraphModule, example: list[torch.Tensor], path: str) -> str:
                                                            torch.ops.moecc.ort_moe_given_logits.default:
                                                                ort_moe_given_logits_onnx,
                                                            torch.ops.moecc.ort_qmoe_given_routing.default:
-                                                               ort_qmoe_given_routing_onnx},
+                                                               ort_qmoe_given_routing_onnx,
+                                                           torch.ops.moecc.grouped_matmul.default:
+                                                               grouped_matmul_onnx},
                                  verbose=False)
         onnxscript.optimizer.fold_constants(prog.model)  # a constant computed from others (``alpha * c``)
         if rewritten := keep_scalar_constants(prog.model):

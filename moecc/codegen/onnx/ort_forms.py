@@ -56,11 +56,20 @@ def param_of(gm: fx.GraphModule, node) -> torch.Tensor | None:
     return None if node is None or node.op != "get_attr" else attr_of(gm, node)
 
 
+def bank_prefix(m: dict) -> str:
+    """The module path of a fused_moe call's expert weights (its ``op_arguments`` ``m``): the key of its block in
+    ``layers_of``, from whichever projection the graph reads as a parameter; "" where it computes both."""
+    node = next((n for n in (m["w_up"], m["w_down"]) if isinstance(n, fx.Node) and n.op == "get_attr"), None)
+    return "" if node is None else node.target.rsplit(".", 1)[0]
+
+
 def canonical_experts(gm: fx.GraphModule, m: dict):
     """(w_up, w_down, b_up, b_down) of a fused_moe call (its ``op_arguments``) in the canonical layout, each None
     where the graph computes it."""
-    w_up, w_down, b_up = to_canonical(param_of(gm, m["w_up"]), param_of(gm, m["w_down"]), param_of(gm, m["b_up"]),
-                                      m["weight_layout"])
+    w_up, w_down, b_up = param_of(gm, m["w_up"]), param_of(gm, m["w_down"]), param_of(gm, m["b_up"])
+    if w_up is None or w_down is None:
+        return None, None, None, None
+    w_up, w_down, b_up = to_canonical(w_up, w_down, b_up, m["weight_layout"])
     return w_up, w_down, b_up, param_of(gm, m["b_down"])
 
 
