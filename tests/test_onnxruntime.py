@@ -15,6 +15,14 @@ from hf_models import FAMILIES, make_inputs, make_model, switch_drops_past_capac
 
 import moecc
 
+
+@pytest.fixture(autouse=True)
+def _ort_moe_op(monkeypatch):
+    """These tests check where ONNX Runtime's com.microsoft.MoE runs a block, or is handed its routing: the op is
+    taken only with MOECC_ORT_MOE_OP on (the faster default, the sorted form in plain ops: test_sorted_experts)."""
+    monkeypatch.setenv("MOECC_ORT_MOE_OP", "1")
+
+
 # Where com.microsoft.MoE computes the block's routing itself on the CPU provider, and where it is handed moecc's
 # (sigmoid scores, a selection bias, group-limited top-k, a capacity: ``ort_routed``).
 ROUTES_ITSELF = {"mixtral": True, "qwen2_moe": True, "qwen3_moe": True, "olmoe": True, "gpt_oss": True,

@@ -159,8 +159,8 @@ def test_every_expert_activation_exports_in_the_sorted_form(tmp_path):
 
 
 def test_a_model_of_gated_gelu_experts_runs_routed_on_onnx_runtime():
-    """Gated gelu has no com.microsoft.MoE activation: each block is routed in plain ONNX ops, equal to eager on
-    fresh shapes, and says so."""
+    """Each block is routed in plain ONNX ops (the default, whatever the activation: gated gelu has no
+    com.microsoft.MoE activation), equal to eager on fresh shapes, and says so."""
     model = make_model("qwen3_moe", hidden_act="gelu", num_experts=16, num_experts_per_tok=2)
     cm = moecc.compile(model, backend="onnxruntime")
     with torch.no_grad():
@@ -170,5 +170,18 @@ def test_a_model_of_gated_gelu_experts_runs_routed_on_onnx_runtime():
             torch.testing.assert_close(cm(**fresh).logits, model(**fresh).logits, rtol=1e-4, atol=1e-5)
     for layer in cm.moe_layers:
         assert layer.fused
-        assert layer.lowering == ("routed in plain ONNX ops, a MatMul per expert on its sorted rows: no "
-                                  "com.microsoft.MoE activation computes gated gelu"), layer.lowering
+        assert layer.lowering == "routed in plain ONNX ops, a MatMul per expert on its sorted rows", layer.lowering
+
+
+def test_with_the_moe_op_on_a_block_it_cannot_run_is_routed_and_says_why(monkeypatch):
+    """``MOECC_ORT_MOE_OP=1`` takes com.microsoft.MoE where it computes a block; gated gelu it does not, and the
+    block is routed in plain ops, its lowering naming the reason."""
+    monkeypatch.setenv("MOECC_ORT_MOE_OP", "1")
+    model = make_model("qwen3_moe", hidden_act="gelu", num_experts=8, num_experts_per_tok=2)
+    cm = moecc.compile(model, backend="onnxruntime")
+    with torch.no_grad():
+        fresh = make_inputs("qwen3_moe", 3, 5, seed=1)
+        torch.testing.assert_close(cm(**fresh).logits, model(**fresh).logits, rtol=1e-4, atol=1e-5)
+    assert [layer.lowering for layer in cm.moe_layers] == [
+        "routed in plain ONNX ops, a MatMul per expert on its sorted rows: no com.microsoft.MoE activation computes "
+        "gated gelu"] * len(cm.moe_layers)

@@ -11,6 +11,13 @@ from user_modules import USER_BLOCKS, TinyModel
 import moecc
 
 
+@pytest.fixture(autouse=True)
+def _ort_moe_op(monkeypatch):
+    """These tests check where ONNX Runtime's com.microsoft.MoE runs a block, or is handed its routing: the op is
+    taken only with MOECC_ORT_MOE_OP on (the faster default, the sorted form in plain ops: test_sorted_experts)."""
+    monkeypatch.setenv("MOECC_ORT_MOE_OP", "1")
+
+
 def _device(backend: str) -> str:
     """Where a test of ``backend`` runs: Triton on the GPU, else in its interpreter on the CPU."""
     if backend != "triton":
