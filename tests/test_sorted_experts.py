@@ -185,3 +185,13 @@ def test_with_the_moe_op_on_a_block_it_cannot_run_is_routed_and_says_why(monkeyp
     assert [layer.lowering for layer in cm.moe_layers] == [
         "routed in plain ONNX ops, a MatMul per expert on its sorted rows: no com.microsoft.MoE activation computes "
         "gated gelu"] * len(cm.moe_layers)
+
+
+def test_int32_expert_ids_are_sorted_too():
+    """Ids of another integer dtype than int64 (a model's own routing may give int32) count and sort alike."""
+    g = torch.Generator().manual_seed(3)
+    block = Block(5, 8, 6, "silu", True, False, "oi", (-1, 0.0, 0, 0, "token"), g)
+    gm, _ = _sorted_program(block, 6, 8, 5, 2, g)
+    x = torch.randn(9, 8, generator=g)
+    weights, ids = _routing(9, 5, 2, g)
+    torch.testing.assert_close(gm(x, weights, ids.int()), block(x, weights, ids), rtol=1e-5, atol=1e-5)

@@ -84,7 +84,7 @@ def sorted_fused_moe(x, weights, ids, ups, downs, b_up, b_down, activation, gate
     t, k = ids.shape
     num_experts, pairs = len(ups), t * k
     keep = kept_pairs(ids, num_experts, capacity, capacity_factor, capacity_min, group_size, priority, rounding)
-    flat = torch.where(keep, ids, num_experts).reshape(-1)
+    flat = torch.where(keep, ids, num_experts).reshape(-1).long()  # keys and counts in int64, whatever the ids
     # unique keys: a TopK's order among equal keys is not a stable sort's
     order = torch.argsort(flat * pairs + torch.arange(pairs, device=x.device))
     counts = torch.zeros(num_experts + 1, dtype=flat.dtype, device=x.device).scatter_add(0, flat,
