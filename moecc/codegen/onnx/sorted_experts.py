@@ -1,26 +1,24 @@
-"""A MoE block that ONNX Runtime's MoE op cannot run, exported as routed work in plain ONNX ops.
+"""MoE blocks exported to ONNX as routed work in plain ops: the pairs sorted by expert, a MatMul per expert.
 
-Where ``com.microsoft.MoE`` neither computes a block's experts (an activation it lacks: gated gelu, squared relu,
-...) nor takes its routing, the block was decomposed into every expert on every token (``decompose.fused_moe``):
-``E / k`` times the routed work. Here the pairs (token, slot) are sorted by expert instead, as the torch kernels
-sort them, and each expert multiplies its own rows:
+The form every float block takes on ONNX Runtime (``MOECC_ORT_MOE_OP=1`` takes ``com.microsoft.MoE`` where it
+computes a block). Before it, a block the op could not run (an activation it lacks: gated gelu, squared relu, ...;
+weights that may be negative) was decomposed into every expert on every token (``decompose.fused_moe``): ``E / k``
+times the routed work. Here the (token, slot) pairs are sorted by expert, as the torch kernels sort them:
 
 - the sort and the offsets of each expert's rows are static-shaped torch ops (a ``TopK`` over unique keys and a
   ``ScatterElements`` count), so ``torch.export`` traces them without data-dependent sizes;
-- ``moecc::grouped_matmul`` takes the sorted rows, the offsets and one weight per expert. torch.export sees one op
-  of a known output shape; its ONNX translation splits the rows by the offsets at run time (``Split``) and emits
-  one ``MatMul`` per expert, on that expert's weight held as an initializer of its own (a slice of a stacked
-  initializer would be copied on every call);
+- ``moecc::grouped_matmul`` takes the rows (or the tokens' indices), the offsets and one weight per expert.
+  torch.export sees one op of a known output shape; its ONNX translation splits the indices by the experts' counts
+  at run time (one ``Split``), each expert gathers its own tokens and runs one ``MatMul`` on its weight, held as an
+  initializer of its own (a slice of a stacked initializer would be copied on every call);
 - the activation runs once over all rows, in the ops torch.onnx translates it to, so every expert activation the
   torch program computes exports here as well.
 
-On this project's CPU (a layer of hidden 1024, expert width 512, gated gelu) this form took 0.6-1.4 ms at one token
-and 33-96 ms at 512 tokens, for E 16 to 128; the every-expert form 4-32 and 119-952 ms, the torch kernels 1.0-4.2
-and 48-190 ms."""
+On this project's CPU (RESULTS.md, session 46) it was 7-8x faster than the every-expert form on a model of 64
+gelu experts, and 1.1x-2.5x faster than ``com.microsoft.MoE`` on Mixtral-, DeepSeek- and OLMoE-shaped layers at 1
+to 512 tokens but in one cell of 21."""
 
 from __future__ import annotations
-
-import logging
 
 import torch
 from torch import Tensor, fx
@@ -29,8 +27,6 @@ from moecc.codegen.onnx.decompose import kept_pairs
 from moecc.codegen.onnx.ort_forms import param_of
 from moecc.experts import expert_activation, to_canonical
 from moecc.match import MatchResult
-
-log = logging.getLogger("moecc.codegen.onnx")
 
 
 @torch.library.custom_op("moecc::grouped_matmul", mutates_args=())
