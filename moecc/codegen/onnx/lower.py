@@ -70,26 +70,23 @@ def use_ort_moe(gm: fx.GraphModule, quant=None) -> dict[str, str]:
     for moe in [n for n in gm.graph.nodes if n.target is torch.ops.moecc.fused_moe.default]:
         m = op_arguments(moe)
         prefix = bank_prefix(m)
-        if quant is None and not knobs.ORT_MOE_OP.get():
-            sort = sort_experts(gm, moe, m)
-            lowering[prefix] = (ROUTED_IN_PLAIN_OPS if sort
-                                else f"decomposed into every expert on every token ({sort.reason})")
-            continue
-        routed_by_op = _use_ort_moe(gm, moe, m, prefix, quant, owner)
-        if routed_by_op:
-            lowering[prefix] = routed_by_op.value
-            continue
-        given = use_given_routing(gm, moe, m, prefix, quant)
-        if given:
-            op, float_why = given.value
-            lowering[prefix] = f"{op} given moecc's routing ({routed_by_op.reason})"
-            if quant is not None and prefix in owner:
-                owner[prefix].quantization = f"none: {float_why}" if float_why else quant.describe()
-        else:
-            why = "; ".join(dict.fromkeys((routed_by_op.reason, given.reason)))
-            sort = sort_experts(gm, moe, m)
-            lowering[prefix] = (f"{ROUTED_IN_PLAIN_OPS}: {why}" if sort
-                                else f"decomposed into every expert on every token ({sort.reason}): {why}")
+        reasons = ()  # why com.microsoft.MoE does not run the block, where it was asked to
+        if quant is not None or knobs.ORT_MOE_OP.get():
+            routed_by_op = _use_ort_moe(gm, moe, m, prefix, quant, owner)
+            if routed_by_op:
+                lowering[prefix] = routed_by_op.value
+                continue
+            given = use_given_routing(gm, moe, m, prefix, quant)
+            if given:
+                op, float_why = given.value
+                lowering[prefix] = f"{op} given moecc's routing ({routed_by_op.reason})"
+                if quant is not None and prefix in owner:
+                    owner[prefix].quantization = f"none: {float_why}" if float_why else quant.describe()
+                continue
+            reasons = tuple(dict.fromkeys((routed_by_op.reason, given.reason)))
+        sort = sort_experts(gm, moe, m)
+        how = ROUTED_IN_PLAIN_OPS if sort else f"decomposed into every expert on every token ({sort.reason})"
+        lowering[prefix] = ": ".join((how, "; ".join(reasons))) if reasons else how
     eliminate_dead_code(gm.graph)
     for prefix, how in lowering.items():
         if prefix in owner:

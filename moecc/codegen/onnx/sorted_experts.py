@@ -24,8 +24,8 @@ import torch
 from torch import Tensor, fx
 
 from moecc.codegen.onnx.decompose import kept_pairs
-from moecc.codegen.onnx.ort_forms import param_of
-from moecc.experts import expert_activation, to_canonical
+from moecc.codegen.onnx.ort_forms import canonical_experts, param_of
+from moecc.experts import expert_activation
 from moecc.match import MatchResult
 
 
@@ -106,24 +106,21 @@ def sorted_fused_moe(x, weights, ids, ups, downs, b_up, b_down, activation, gate
 _WEIGHTS = ("w_up", "w_down", "b_up", "b_down")
 
 
-def sortable(gm: fx.GraphModule, m: dict) -> MatchResult[dict]:
-    """Whether ``sort_experts`` can rewrite the fused_moe call of ``op_arguments`` ``m``: its weights by name, or
-    why not (weights computed in the graph, which no initializer holds). Changes nothing."""
-    tensors = {name: param_of(gm, m[name]) for name in _WEIGHTS}
-    computed = [name for name in _WEIGHTS if m[name] is not None and tensors[name] is None]
+def sortable(gm: fx.GraphModule, m: dict) -> MatchResult[None]:
+    """Whether ``sort_experts`` can rewrite the fused_moe call of ``op_arguments`` ``m``, or why not (weights
+    computed in the graph, which no initializer holds). Changes nothing."""
+    computed = [name for name in _WEIGHTS if m[name] is not None and param_of(gm, m[name]) is None]
     if computed:
         return MatchResult.fail(f"its expert weights ({', '.join(computed)}) are computed in the graph")
-    return MatchResult.success(tensors)
+    return MatchResult.success(None)
 
 
 def sort_experts(gm: fx.GraphModule, moe: fx.Node, m: dict) -> MatchResult[str]:
     """Replace the fused_moe call ``moe`` (its ``op_arguments`` ``m``) with ``sorted_fused_moe``, each expert's
     weights registered as buffers of their own beside the block's; or why not (``sortable``)."""
-    found = sortable(gm, m)
-    if not found:
+    if not (found := sortable(gm, m)):
         return MatchResult.fail(found.reason)
-    tensors = found.value
-    w_up, w_down, b_up = to_canonical(tensors["w_up"], tensors["w_down"], tensors["b_up"], m["weight_layout"])
+    w_up, w_down, b_up, _ = canonical_experts(gm, m)
     # named after the bank's weight: two banks held by one module keep theirs apart
     prefix, _, base = m["w_up"].target.rpartition(".")
     module = gm.get_submodule(prefix)
