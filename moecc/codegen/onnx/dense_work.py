@@ -1,8 +1,8 @@
 """How much more work ONNX Runtime's program does than the torch program of the same graph.
 
-A fused MoE block that com.microsoft.MoE neither routes nor takes handed its routing is exported routed, its pairs
-sorted by expert (``sorted_experts``), but where its expert weights are computed in the graph (dequantized or
-merged there): then it is decomposed into plain ONNX ops that run every expert on every token
+A fused MoE block is exported routed, by com.microsoft.MoE or its pairs sorted by expert (``sorted_experts``), but
+where its expert weights are computed in the graph (dequantized or merged there), which both need as initializers:
+then it is decomposed into plain ONNX ops that run every expert on every token
 (``decompose.fused_moe``), E/k times the routed work. The torch program runs only the chosen experts.
 ``backend="auto"`` weighs the two by the weights each reads per token (a GEMM reads its weight once per token;
 attention over the context and elementwise work are left out). On this project's CPU (RESULTS.md, session 44, a
@@ -16,9 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-from moecc.codegen.onnx.lower import ort_routing
 from moecc.codegen.onnx.ort_forms import bank_prefix, param_of
-from moecc.codegen.onnx.ort_routed import ids_width, takes_given_routing
+from moecc.codegen.onnx.ort_routed import ids_width
 from moecc.codegen.onnx.sorted_experts import sortable
 from moecc.passes.base import layers_of
 from moecc.passes.graph_utils import DTYPE_CASTS, op_arguments
@@ -41,7 +40,7 @@ _VIEW_METHODS = {"t", "transpose", "permute", "view", "reshape", "to", "float", 
 @dataclass
 class DenseWork:
     """Weights read per token: by ONNX Runtime's program and by the torch program, and the decomposed blocks
-    (name -> (E / k, why com.microsoft.MoE does not run them))."""
+    (name -> (E / k, why they are not routed))."""
 
     ort: float
     torch: float
@@ -67,8 +66,7 @@ class DenseWork:
 
 def dense_work(gm: fx.GraphModule) -> DenseWork:
     """The weights each program of ``gm`` (a pipeline result in the ``oi`` layout, before lowering) reads per
-    token, and the blocks ONNX Runtime would decompose. Runs the probes of the lowering (cached); changes
-    nothing."""
+    token, and the blocks ONNX Runtime would decompose. Changes nothing."""
     moe_weights = set()
     ort = torch_reads = 0.0
     decomposed = {}
@@ -83,15 +81,13 @@ def dense_work(gm: fx.GraphModule) -> DenseWork:
         top_k = ids_width(m["ids"]) or num_experts
         per_expert = (w_up.numel() + w_down.numel()) / num_experts
         torch_reads += top_k * per_expert
-        routing = ort_routing(gm, m)
-        runs_op = routing or takes_given_routing(gm, m)  # ORT's MoE op routes it, or is handed its routing
-        if runs_op or sortable(gm, m):
+        # routed, in the sorted form or by ORT's MoE op, wherever initializers hold the weights, as both need
+        if sorted_form := sortable(gm, m):
             ort += top_k * per_expert
             continue
         ort += num_experts * per_expert
         prefix = bank_prefix(m) or moe.name
-        why = routing.reason if routing.reason == runs_op.reason else f"{routing.reason}; {runs_op.reason}"
-        decomposed[names.get(prefix, prefix)] = (num_experts / top_k, why)
+        decomposed[names.get(prefix, prefix)] = (num_experts / top_k, sorted_form.reason)
     rest = _gemm_weights(gm, moe_weights)
     return DenseWork(ort + rest, torch_reads + rest, decomposed)
 
