@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import threading
 import zipfile
 from pathlib import Path
@@ -29,6 +28,7 @@ from torch.utils import _pytree as pytree
 from moecc import module_state
 from moecc.autocast import DEVICE_TYPES, autocast_state
 from moecc.errors import ArtifactError, DisagreementError, first_line
+from moecc.files import OwnedFolder
 from moecc.logs import stderr_to_debug
 from moecc.passes.graph_utils import blocks_left_as_written
 from moecc.runtime import kv_cache
@@ -60,12 +60,8 @@ def export(model: nn.Module, args, path, kwargs: dict | None = None, backend: st
     """Capture, compile and write ``model`` for the example ``args``/``kwargs`` to ``path`` (a folder, or a single
     file when ``path`` ends in ``.moecc``). ``calibration=(args, kwargs)``: the batch whose per-expert load the
     manifest records (default: the example). Returns the path written."""
-    from moecc import __version__
-    from moecc.api import OPTIONS, _check_args
-    from moecc.capture import CaptureHints
-    from moecc.runtime.compiled import build, cache_argument, cache_defaults, torch_instead
-    from moecc.runtime.localize import verify_leaving_blocks
-    from moecc.runtime.verify import verify
+    from moecc.api import _check_args
+    from moecc.runtime.compiled import cache_argument, cache_defaults
 
     _check_args(model, backend, None, options)
     if not isinstance(args, tuple):
@@ -78,8 +74,32 @@ def export(model: nn.Module, args, path, kwargs: dict | None = None, backend: st
                             "use_cache=False and no cache (generation with a cache runs through moecc.compile(model)"
                             ".generate)")
     path = Path(path)
-    single = path.suffix == ".moecc"
-    folder = Path(tempfile.mkdtemp(prefix="moecc_export_")) if single else path
+    if path.suffix != ".moecc":
+        _export_to(path, model, args, kwargs, defaults, backend, progress, calibration, options)
+    else:
+        staging = OwnedFolder("moecc_export_")  # removed whether the export ends well or not
+        try:
+            folder = _export_to(Path(staging.path), model, args, kwargs, defaults, backend, progress, calibration,
+                                options)
+            with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+                for p in folder.iterdir():
+                    z.write(p, p.name)
+        finally:
+            staging.remove()
+    (progress or (lambda msg: log.info(msg)))(f"wrote {path}")
+    return path
+
+
+def _export_to(folder: Path, model: nn.Module, args: tuple, kwargs: dict, defaults: dict, backend: str, progress,
+               calibration, options: dict) -> Path:
+    """``export`` into the artifact folder ``folder``."""
+    from moecc import __version__
+    from moecc.api import OPTIONS
+    from moecc.capture import CaptureHints
+    from moecc.runtime.compiled import build, torch_instead
+    from moecc.runtime.localize import verify_leaving_blocks
+    from moecc.runtime.verify import verify
+
     if folder.exists() and any(folder.iterdir()):
         if not (folder / MANIFEST).exists():
             raise ArtifactError(f"{folder} exists and is not a moecc artifact; refusing to overwrite it")
@@ -143,13 +163,7 @@ def export(model: nn.Module, args, path, kwargs: dict | None = None, backend: st
         "files": files,
     }
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
-    if single:
-        with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
-            for p in folder.iterdir():
-                z.write(p, p.name)
-        shutil.rmtree(folder)
-    step(f"wrote {path}")
-    return path
+    return folder
 
 
 class _WeightsAsInputs(nn.Module):
@@ -277,8 +291,9 @@ def _rebuild(paths: list[str], leaves: list):
 class LoadedModel:
     """A loaded artifact: ``m(*args, **kwargs)`` gives the model's outputs."""
 
-    def __init__(self, folder: Path, manifest: dict, program) -> None:
+    def __init__(self, folder: Path, manifest: dict, program, extracted: OwnedFolder | None = None) -> None:
         self.folder, self.manifest, self.program = folder, manifest, program
+        self.extracted = extracted  # the folder a .moecc file was unpacked to: removed with the model
         self.in_spec = pytree.treespec_loads(manifest["inputs"]["spec"])
         self.tensor_pos = [t["index"] for t in manifest["inputs"]["tensors"]]
         self.constants = {int(k): v for k, v in manifest["inputs"]["constants"].items()}
@@ -351,11 +366,12 @@ def load(path, device: str | None = None) -> LoadedModel:
     path = Path(path)
     if not path.exists():
         raise ArtifactError(f"no moecc artifact at {path}")
-    folder = path
+    folder, extracted = path, None
     if path.is_file():
         if not zipfile.is_zipfile(path):
             raise ArtifactError(f"{path} is neither an artifact folder nor a .moecc file")
-        folder = Path(tempfile.mkdtemp(prefix="moecc_load_"))
+        extracted = OwnedFolder("moecc_load_")  # removed with the loaded model
+        folder = Path(extracted.path)
         with zipfile.ZipFile(path) as z:
             z.extractall(folder)
     manifest_path = folder / MANIFEST
@@ -382,9 +398,9 @@ def load(path, device: str | None = None) -> LoadedModel:
     if backend == "onnxruntime":
         from moecc.codegen.onnx.lower import OrtModule
 
-        program = OrtModule(os.fspath(folder / "model.onnx"))
+        program = OrtModule(os.fspath(folder / "model.onnx"), folder=extracted)
     elif backend in TORCH_PROGRAM_BACKENDS:
         program = _load_torch_program(folder, backend, _load_device(path, manifest.get("device", "cpu"), device))
     else:
         raise ArtifactError(f"{path} was exported for backend {backend!r}, which this moecc cannot run")
-    return LoadedModel(folder, manifest, program)
+    return LoadedModel(folder, manifest, program, extracted)

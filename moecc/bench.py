@@ -71,12 +71,18 @@ VARIANTS = {
     "ort fp32": {},
     "ort fp32 op": {"knobs": {"ORT_MOE_OP": "1"}},  # com.microsoft.MoE where it computes the block
     "ort int8": {"quantize": "int8"},
+    "ort int8 op": {"quantize": "int8", "knobs": {"ORT_MOE_OP": "1"}},  # com.microsoft.QMoE where it computes
     "ort int4": {"quantize": "int4"},
+    "ort int4 op": {"quantize": "int4", "knobs": {"ORT_MOE_OP": "1"}},
+    "ort int8 a8": {"quantize": "int8", "quant_int8_activations": True},
+    "ort int8 a8 op": {"quantize": "int8", "quant_int8_activations": True, "knobs": {"ORT_MOE_OP": "1"}},
     "ort int4 b32 a8": {"quantize": "int4", "quant_block_size": 32, "quant_int8_activations": True},
+    "ort int4 b32 a8 op": {"quantize": "int4", "quant_block_size": 32, "quant_int8_activations": True,
+                           "knobs": {"ORT_MOE_OP": "1"}},
 }
 
 
-def _variants(module, example, t_values, reps):
+def _variants(module, example, t_values, reps, variants):
     """Times per token count; each moecc variant is compiled, timed and released in turn (large layers)."""
     import contextlib
     import gc
@@ -97,8 +103,8 @@ def _variants(module, example, t_values, reps):
                         m.config._experts_implementation = impl
                 times[t][f"hf {impl}"] = _time(lambda x=x: module(x), reps)
     compile_s = {}
-    for name, opts in VARIANTS.items():
-        opts = dict(opts)
+    for name in variants:
+        opts = dict(VARIANTS[name])
         with contextlib.ExitStack() as stack, torch.no_grad():
             # a knob holds for every call: a new token count may capture and lower again
             for knob, value in opts.pop("knobs", {}).items():
@@ -115,17 +121,23 @@ def _variants(module, example, t_values, reps):
     return [(t, times[t], errs[t]) for t in t_values], compile_s
 
 
-def run_cpu_bench(tokens=(1, 16, 128, 512), reps: int = 10, shapes=("olmoe", "mixtral_small"), layers: int = 4):
+def run_cpu_bench(tokens=(1, 16, 128, 512), reps: int = 10, shapes=("olmoe", "mixtral_small"), layers: int = 4,
+                  variants=None):
+    """``variants``: names of ``VARIANTS`` (default all). ONNX Runtime's threads spin a while after each run, so
+    timings meant to be compared closely are best taken one variant per process."""
+    variants = list(variants or VARIANTS)
+    if unknown := [v for v in variants if v not in VARIANTS]:
+        raise ValueError(f"unknown variants {unknown}: pick from {list(VARIANTS)}")
     torch.set_grad_enabled(False)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}; times in ms (median of {reps})")
-    cols = ["hf eager", "hf grouped_mm", *VARIANTS]
+    cols = ["hf eager", "hf grouped_mm", *variants]
     for shape in shapes:
         block, cfg = _block(shape)
         targets = [(f"{shape} layer", block)]
         if layers:
             targets.append((f"{shape} x{layers} model", Stack(shape, layers).eval()))
         for label, module in targets:
-            rows, compile_s = _variants(module, torch.randn(1, 8, cfg.hidden_size), tokens, reps)
+            rows, compile_s = _variants(module, torch.randn(1, 8, cfg.hidden_size), tokens, reps, variants)
             print(f"\n{label} (H {cfg.hidden_size}); compile s: " +
                   ", ".join(f"{k} {v:.0f}" for k, v in compile_s.items()))
             print(f"{'T':>5} " + " ".join(f"{c:>16}" for c in cols))

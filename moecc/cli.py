@@ -100,7 +100,7 @@ def cmd_run(a) -> int:
 def cmd_bench(a) -> int:
     from moecc.bench import run_cpu_bench
 
-    run_cpu_bench(tokens=a.tokens, reps=a.reps, shapes=a.shapes, layers=a.layers)
+    run_cpu_bench(tokens=a.tokens, reps=a.reps, shapes=a.shapes, layers=a.layers, variants=a.variants)
     return 0
 
 
@@ -131,6 +131,7 @@ def main(argv=None) -> int:
     b.add_argument("--reps", type=int, default=10)
     b.add_argument("--shapes", nargs="+", default=["olmoe", "mixtral_small"])
     b.add_argument("--layers", type=int, default=4, help="layers of the end-to-end model (0: skip it)")
+    b.add_argument("--variants", nargs="+", help="moecc variants to time (default: all; names as the columns)")
     b.set_defaults(func=cmd_bench)
     a = ap.parse_args(argv)
     try:

@@ -1,9 +1,12 @@
+import json
 import os
 import subprocess
 import sys
 
 import torch
 from hf_models import make_inputs
+
+from moecc.codegen.onnx.lower import ROUTED_QUANTIZED
 
 HERE = os.path.dirname(__file__)
 
@@ -50,14 +53,20 @@ def test_cli_inspect_dump_folder_and_errors(tmp_path):
     assert run.returncode == 2 and "no moecc artifact" in run.stderr
 
 
-def test_cli_quantized_export_says_why_a_layer_stays_float(tmp_path):
-    # the tiny Mixtral's down projection reads 48 features: blocks of 32 do not tile them (the export used to fail)
-    run = moecc_cli("export", "cli_factory:tiny_mixtral", "-o", str(tmp_path / "art"), "--quantize", "int4",
-                    "--block-size", "32", cwd=HERE)
-    assert run.returncode == 0, run.stderr
-    run = moecc_cli("inspect", str(tmp_path / "art"), cwd=tmp_path)
-    assert run.returncode == 0, run.stderr
-    assert "[none: block size 32 does not divide the expert input size 48]" in run.stdout, run.stdout
+def test_cli_quantized_export_says_how_each_layer_is_quantized(tmp_path):
+    # the tiny Mixtral's down projection reads 48 features: blocks of 32 do not tile them. MatMulNBits pads the last
+    # block (int4 takes the sorted form first); int8 with float activations tries com.microsoft.QMoE first, which
+    # cannot, and says so
+    for bits, why in (("int4", ""), ("int8", ": block size 32 does not divide the expert input size 48")):
+        art = tmp_path / f"art_{bits}"
+        run = moecc_cli("export", "cli_factory:tiny_mixtral", "-o", str(art), "--quantize", bits, "--block-size",
+                        "32", cwd=HERE)
+        assert run.returncode == 0, run.stderr
+        layers = json.loads((art / "manifest.json").read_text())["moe_layers"]
+        assert [(la["lowering"], la["quantization"]) for la in layers] == [(ROUTED_QUANTIZED + why,
+                                                                            f"{bits} block 32")] * 2
+        run = moecc_cli("inspect", str(art), cwd=tmp_path)
+        assert run.returncode == 0 and f"[{bits} block 32]" in run.stdout, run.stderr
 
 
 def test_cli_inspect_a_blockwise_dump_folder_shows_each_block(tmp_path):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import operator
 import os
-import tempfile
 import warnings
 
 import onnxscript.optimizer
@@ -15,6 +14,7 @@ from torch import fx, nn
 from moecc import knobs
 from moecc.codegen.onnx.complex_as_real import complex_as_real
 from moecc.codegen.onnx.decompose import DECOMPOSITIONS
+from moecc.codegen.onnx.grouped_nbits import grouped_matmul_nbits_onnx
 from moecc.codegen.onnx.ort_forms import (
     bank_prefix,
     canonical_experts,
@@ -37,8 +37,9 @@ from moecc.codegen.onnx.ort_routed import (
 )
 from moecc.codegen.onnx.quant import cannot_quantize, quantize
 from moecc.codegen.onnx.scalar_constants import keep_scalar_constants
-from moecc.codegen.onnx.sorted_experts import grouped_matmul_onnx, sort_experts
+from moecc.codegen.onnx.sorted_experts import grouped_matmul_onnx, nbits_fit, sort_experts, sortable
 from moecc.errors import BackendError, first_line
+from moecc.files import OwnedFolder
 from moecc.logs import quiet, stderr_to_debug
 from moecc.match import MatchResult
 from moecc.module_state import program_writes
@@ -54,49 +55,94 @@ log = logging.getLogger("moecc.codegen.onnx")
 PROVIDER = "CPUExecutionProvider"
 ONNX_REGISTRY_LOGGER = "torch.onnx._internal.exporter._registration"
 ROUTED_IN_PLAIN_OPS = "routed in plain ONNX ops, a MatMul per expert on its sorted rows"
+ROUTED_QUANTIZED = "routed in plain ONNX ops, a com.microsoft.MatMulNBits per expert on its sorted rows"
 
 
 def use_ort_moe(gm: fx.GraphModule, quant=None) -> dict[str, str]:
-    """Swap (fused_route, fused_moe) pairs for moecc::ort_moe (or ort_qmoe when ``quant`` is a QuantSpec) where
-    ORT computes the same; a fused_moe whose routing ORT cannot compute for moecc::ort_moe_given_logits where it
-    computes the experts (``ort_routed``); the others for the sorted, routed form in plain ops (``sorted_experts``),
-    saying why. Float blocks take the sorted form first unless ``MOECC_ORT_MOE_OP`` is on: on this project's CPU it
-    was 1.1x-2.5x faster than com.microsoft.MoE at 1 to 512 tokens but in one cell of 21 (0.95x), three layer
-    shapes (RESULTS.md, session 46)."""
+    """Swap each fused_moe for the sorted, routed form in plain ops (``sorted_experts``; with ``quant``, a
+    QuantSpec, a MatMulNBits per expert), or for com.microsoft.MoE / QMoE (``ort_moe``, ``ort_routed``) where ORT
+    computes the same and ``ops_first`` says they go first, saying why a form did not take a block. A block is
+    quantized wherever one of the forms can."""
     import moecc.codegen.onnx.ort_moe  # noqa: F401 - registers moecc::ort_moe
 
     lowering = {}
     owner = {info.graph_prefix: info for info in layers_of(gm).values()}
+    op_first = ops_first(quant)
     for moe in [n for n in gm.graph.nodes if n.target is torch.ops.moecc.fused_moe.default]:
         m = op_arguments(moe)
         prefix = bank_prefix(m)
-        reasons = ()  # why com.microsoft.MoE does not run the block, where it was asked to
-        if quant is not None or knobs.ORT_MOE_OP.get():
-            routed_by_op = _use_ort_moe(gm, moe, m, prefix, quant, owner)
+        if not (found := sortable(gm, m)):  # every routed form, op or not, reads the weights as initializers
+            lowering[prefix] = f"decomposed into every expert on every token ({found.reason})"
+            if quant is not None and prefix in owner:
+                owner[prefix].quantization = f"none: {found.reason}; weights stay float"
+            continue
+        reasons = []  # why the forms tried first did not take the block
+        if quant is not None and not op_first:
+            if (sort := _sort_quantized(gm, moe, m, prefix, quant, owner)):
+                lowering[prefix] = sort.value
+                continue
+            reasons.append(sort.reason)
+        if quant is not None or op_first:
+            # with quant, a float op only where no form holds the block quantized
+            float_ok = quant is None or not op_first or not _quantized_sort_fit(gm, m, quant)
+            routed_by_op = _use_ort_moe(gm, moe, m, prefix, quant, owner, float_ok)
             if routed_by_op:
                 lowering[prefix] = routed_by_op.value
                 continue
-            given = use_given_routing(gm, moe, m, prefix, quant)
+            given = use_given_routing(gm, moe, m, prefix, quant, float_ok)
             if given:
                 op, float_why = given.value
                 lowering[prefix] = f"{op} given moecc's routing ({routed_by_op.reason})"
                 if quant is not None and prefix in owner:
                     owner[prefix].quantization = f"none: {float_why}" if float_why else quant.describe()
                 continue
-            reasons = tuple(dict.fromkeys((routed_by_op.reason, given.reason)))
-        sort = sort_experts(gm, moe, m)
-        how = ROUTED_IN_PLAIN_OPS if sort else f"decomposed into every expert on every token ({sort.reason})"
-        lowering[prefix] = ": ".join((how, "; ".join(reasons))) if reasons else how
+            reasons += [routed_by_op.reason, given.reason]
+        if quant is not None and op_first:
+            if (sort := _sort_quantized(gm, moe, m, prefix, quant, owner)):
+                lowering[prefix] = f"{sort.value}: {'; '.join(dict.fromkeys(reasons))}"
+                continue
+            reasons.append(sort.reason)
+        reasons = list(dict.fromkeys(reasons))
+        sort_experts(gm, moe, m)
+        lowering[prefix] = ": ".join((ROUTED_IN_PLAIN_OPS, "; ".join(reasons))) if reasons else ROUTED_IN_PLAIN_OPS
+        if quant is not None and prefix in owner and not owner[prefix].quantization:
+            owner[prefix].quantization = f"none: {'; '.join(reasons)}; weights stay float"
     eliminate_dead_code(gm.graph)
     for prefix, how in lowering.items():
         if prefix in owner:
             owner[prefix].lowering = how
-            if quant is not None and not owner[prefix].quantization:
-                owner[prefix].quantization = "none: no com.microsoft.QMoE runs this block, weights stay float"
             if quant is not None and owner[prefix].quantization.startswith("none: "):
                 log.warning("MoE block %s is not quantized (%s): %s", owner[prefix].name, quant.describe(),
                             owner[prefix].quantization[len("none: "):])
     return lowering
+
+
+def ops_first(quant) -> bool:
+    """Whether com.microsoft.MoE / QMoE are tried before the sorted form. On this project's CPU (RESULTS.md,
+    sessions 46-47) the sorted form was 1.1x-2.5x faster than com.microsoft.MoE in 20 of 21 cells, and its
+    MatMulNBits form 4x-7x faster than QMoE for int4 weights and 2x-13x with int8 activations; but ONNX Runtime
+    has no float-activation kernel for int8 MatMulNBits (it dequantizes each call), where QMoE was 1.2x-2.6x
+    faster: int8 weights with float activations go to QMoE first. ``MOECC_ORT_MOE_OP=1``: the ops first."""
+    if knobs.ORT_MOE_OP.get():
+        return True
+    return quant is not None and quant.bits == 8 and not quant.int8_activations
+
+
+def _quantized_sort_fit(gm: fx.GraphModule, m: dict, quant) -> MatchResult[None]:
+    """Whether the sorted form holds this (``sortable``) block's experts quantized as ``quant``, or why not.
+    Changes nothing."""
+    w_up, w_down, _, _ = canonical_experts(gm, m)
+    return nbits_fit(quant, w_up, w_down)
+
+
+def _sort_quantized(gm: fx.GraphModule, moe: fx.Node, m: dict, prefix: str, quant, owner: dict) -> MatchResult[str]:
+    """The sorted form with experts quantized as ``quant`` (a MatMulNBits per expert): the lowering, or why not."""
+    if not (fit := _quantized_sort_fit(gm, m, quant)):
+        return MatchResult.fail(fit.reason)
+    sort_experts(gm, moe, m, quant)
+    if prefix in owner:
+        owner[prefix].quantization = quant.describe()
+    return MatchResult.success(ROUTED_QUANTIZED)
 
 
 def ort_routing(gm: fx.GraphModule, m: dict) -> MatchResult[tuple]:
@@ -134,9 +180,10 @@ def ort_routing(gm: fx.GraphModule, m: dict) -> MatchResult[tuple]:
     return MatchResult.success((r, form.value, router_w, router_b, per_expert_value, (w_up, w_down, b_up, b_down)))
 
 
-def _use_ort_moe(gm: fx.GraphModule, moe: fx.Node, m: dict, prefix: str, quant, owner: dict) -> MatchResult[str]:
-    """Swap ``moe`` and its fused_route for moecc::ort_moe or ort_qmoe: the lowering, or why ORT does not route
-    this block itself."""
+def _use_ort_moe(gm: fx.GraphModule, moe: fx.Node, m: dict, prefix: str, quant, owner: dict,
+                 float_ok: bool = True) -> MatchResult[str]:
+    """Swap ``moe`` and its fused_route for moecc::ort_moe or ort_qmoe (the float op where ``quant`` asked for
+    quantized experts only with ``float_ok``): the lowering, or why ORT does not route this block itself."""
     routing = ort_routing(gm, m)
     if not routing:
         return MatchResult.fail(routing.reason)
@@ -144,13 +191,15 @@ def _use_ort_moe(gm: fx.GraphModule, moe: fx.Node, m: dict, prefix: str, quant, 
     num_experts = int(w_up.shape[0])
     scale = float(r["scale"])
     unfit = None if quant is None else cannot_quantize(quant, w_up, w_down)
-    if unfit is not None and prefix in owner:
-        owner[prefix].quantization = f"none: {unfit}"
     use_q = quant is not None and unfit is None and ort_qmoe_computes_same(
         f.activation_type, f.normalize, int(r["top_k"]), b_up is not None or b_down is not None, f.alpha,
         f.beta, f.limit, quant.bits, quant.block_size, quant.int8_activations, num_experts)
-    if quant is not None and unfit is None and not use_q and prefix in owner:
-        owner[prefix].quantization = f"none: com.microsoft.QMoE({f.activation_type}) does not match on probe data"
+    if quant is not None and not use_q:
+        float_why = unfit or f"com.microsoft.QMoE({f.activation_type}) does not match on probe data"
+        if not float_ok:
+            return MatchResult.fail(float_why)
+        if prefix in owner:
+            owner[prefix].quantization = f"none: {float_why}"
     fc1, fc1_b = ort_fc1(w_up, b_up, f.activation_type)
     # the routed scaling factor, and each expert's own (Gemma 4's), fold into the second projection, which ORT
     # holds in a copy of its own anyway: sum_j s_e(j)*w_j*f_e(j)(x) = sum_j w_j*(s_e(j)*f_e(j)(x))
@@ -223,7 +272,9 @@ def to_onnx(gm: fx.GraphModule, example: list[torch.Tensor], path: str) -> str:
                                                            torch.ops.moecc.ort_qmoe_given_routing.default:
                                                                ort_qmoe_given_routing_onnx,
                                                            torch.ops.moecc.grouped_matmul.default:
-                                                               grouped_matmul_onnx},
+                                                               grouped_matmul_onnx,
+                                                           torch.ops.moecc.grouped_matmul_nbits.default:
+                                                               grouped_matmul_nbits_onnx},
                                  verbose=False)
         onnxscript.optimizer.fold_constants(prog.model)  # a constant computed from others (``alpha * c``)
         if rewritten := keep_scalar_constants(prog.model):
@@ -255,9 +306,10 @@ def _writes(inputs: list[str], buffers: list[str]) -> str | None:
 class OrtModule(nn.Module):
     """Runs an ONNX file with ONNX Runtime; inputs and outputs are torch tensors, in the graph's flat order."""
 
-    def __init__(self, path: str, provider: str = PROVIDER) -> None:
+    def __init__(self, path: str, provider: str = PROVIDER, folder: OwnedFolder | None = None) -> None:
         super().__init__()
         self.path = path
+        self.folder = folder  # where ``path`` lies, when this module alone reads it: removed with the last copy
         self.provider = provider
         self.session = self._open()
         self.input_names = [i.name for i in self.session.get_inputs()]
@@ -311,7 +363,17 @@ def lower_to_ort(gm: fx.GraphModule, example: list[torch.Tensor], folder: str | 
     if as_real.value:
         log.debug("%d ops on complex values written in real arithmetic", as_real.value)
     Cleanup()(gm)  # the canonical weights ort_moe replaced must not travel into the ONNX export
-    folder = folder or tempfile.mkdtemp(prefix="moecc_onnx_")
+    owned = None if folder else OwnedFolder("moecc_onnx_")
+    try:
+        return _export_and_open(gm, example, folder or owned.path, owned, as_real)
+    except BaseException:
+        if owned is not None:
+            owned.remove()
+        raise
+
+
+def _export_and_open(gm: fx.GraphModule, example: list[torch.Tensor], folder: str, owned: OwnedFolder | None,
+                     as_real: MatchResult) -> OrtModule:
     as_written = blocks_left_as_written(gm)
     try:
         path = to_onnx(gm, example, os.path.join(folder, "model.onnx"))
@@ -326,7 +388,7 @@ def lower_to_ort(gm: fx.GraphModule, example: list[torch.Tensor], folder: str | 
             hint += f" Its complex values stayed complex: {as_real.reason}."
         raise BackendError(f"ONNX export failed: {first}.{hint}") from exc
     try:
-        module = OrtModule(path)
+        module = OrtModule(path, folder=owned)
     except Exception as exc:  # an op ONNX Runtime has no kernel for in this dtype (Softplus in bf16 on the CPU)
         raise BackendError(f"ONNX Runtime cannot load the exported graph: {first_line(exc)}") from exc
     takes = sum(1 for n in gm.graph.nodes if n.op == "placeholder")

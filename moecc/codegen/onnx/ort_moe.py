@@ -181,15 +181,17 @@ def session_options():
     return options
 
 
-def _run_one_node(op: str, input_names: list[str], attrs: dict, inits: dict, feeds: dict, provider: str):
-    """Run a single com.microsoft node on ``feeds`` (torch tensors); its output, or the exception ORT raised."""
+def _run_one_node(op: str, input_names: list[str], attrs: dict, inits: dict, feeds: dict, provider: str,
+                  out_shape: list[int] | None = None):
+    """Run a single com.microsoft node on ``feeds`` (torch tensors); its output (of ``out_shape``, else of x's), or
+    the exception ORT raised."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
     node = helper.make_node(op, input_names, ["y"], domain="com.microsoft", **attrs)
     graph = helper.make_graph(
         [node], "probe", [helper.make_tensor_value_info(n, TensorProto.FLOAT, list(v.shape)) for n, v in feeds.items()],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(feeds["x"].shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape or list(feeds["x"].shape))],
         [numpy_helper.from_array(v.numpy(), n) for n, v in inits.items() if v is not None])
     opsets = [helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)]
     try:

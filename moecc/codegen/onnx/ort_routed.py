@@ -233,11 +233,12 @@ def ort_qmoe_takes_given_routing(activation_type: str, k: int, has_bias: bool, a
     return same
 
 
-def use_given_routing(gm: fx.GraphModule, moe: fx.Node, m: dict, prefix: str,
-                      quant=None) -> MatchResult[tuple[str, str]]:
+def use_given_routing(gm: fx.GraphModule, moe: fx.Node, m: dict, prefix: str, quant=None,
+                      float_ok: bool = True) -> MatchResult[tuple[str, str]]:
     """Swap ``moe`` for com.microsoft.QMoE handed its routing (``quant``, a QuantSpec, where it quantizes these
-    experts and computes them on probe data), else for moecc::ort_moe_given_logits, the routing kept as graph ops:
-    (the op, why the experts stay float where ``quant`` asked otherwise, else ""), or why neither."""
+    experts and computes them on probe data), else (where ``quant`` is None or ``float_ok``) for
+    moecc::ort_moe_given_logits, the routing kept as graph ops: (the op, why the experts stay float where ``quant``
+    asked otherwise, else ""), or why neither."""
     given = given_routing_form(gm, m)
     if not given:
         return MatchResult.fail(given.reason)
@@ -269,6 +270,8 @@ def use_given_routing(gm: fx.GraphModule, moe: fx.Node, m: dict, prefix: str,
             moe.replace_all_uses_with(new)
             gm.graph.erase_node(moe)
             return MatchResult.success(("com.microsoft.QMoE", ""))
+        if not float_ok:
+            return MatchResult.fail(float_why)
     if not (logits := _logits_probe(f, top_k, has_bias, num_experts)):
         return MatchResult.fail(logits.reason)
     fc1, fc1_b = ort_fc1(w_up, b_up, f.activation_type)

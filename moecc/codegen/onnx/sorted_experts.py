@@ -24,7 +24,9 @@ import torch
 from torch import Tensor, fx
 
 from moecc.codegen.onnx.decompose import kept_pairs
+from moecc.codegen.onnx.grouped_nbits import accuracy_level, grouped_matmul_nbits, matmul_nbits_computes_same
 from moecc.codegen.onnx.ort_forms import canonical_experts, param_of
+from moecc.codegen.onnx.quant import QuantSpec, nbits_block, pack_nbits
 from moecc.experts import expert_activation
 from moecc.match import MatchResult
 
@@ -48,13 +50,11 @@ def _grouped_matmul_fake(x, offsets, weights, rows=None):
     return x.new_empty(((x if rows is None else rows).shape[0], weights[0].shape[1]))
 
 
-def grouped_matmul_onnx(x, offsets, weights, rows=None):
-    """The translation torch.onnx uses for ``moecc::grouped_matmul``: one Split of the rows (or of their indices,
-    each expert then gathering its own rows of ``x``: no sorted copy), a MatMul per expert, zeros for the rows of
-    no expert."""
+def split_by_expert(x, offsets, experts: int, rows=None):
+    """In an ONNX translation: the rows of each of ``experts`` experts (one Split of the rows, or of their indices
+    ``rows``, each expert then gathering its own rows of ``x``: no sorted copy), and a function of an output width
+    giving the zeros of the rows of no expert."""
     from onnxscript import opset18 as op
-
-    experts = len(weights)
 
     def ints(*values):
         return op.Constant(value_ints=list(values))
@@ -66,17 +66,32 @@ def grouped_matmul_onnx(x, offsets, weights, rows=None):
     parts = op.Split(source, op.Concat(op.Sub(ends, starts), rest, axis=0), axis=0, num_outputs=experts + 1)
     # torch.onnx's builder counts a Split's outputs by this attribute; ONNX forbids it beside the sizes input
     parts[0].producer().attributes.pop("num_outputs", None)
+    parts = list(parts[:experts])
     if rows is not None:
-        parts = [op.Gather(x, part, axis=0) for part in parts[:experts]]
-    width = op.Shape(weights[0], start=1, end=2)
-    zeros = op.Expand(op.CastLike(op.Constant(value_float=0.0), x), op.Concat(rest, width, axis=0))
-    return op.Concat(*[op.MatMul(part, w) for part, w in zip(parts, weights)], zeros, axis=0)
+        parts = [op.Gather(x, part, axis=0) for part in parts]
+
+    def zeros(width):
+        return op.Expand(op.CastLike(op.Constant(value_float=0.0), x), op.Concat(rest, ints(width), axis=0))
+
+    return parts, zeros
+
+
+def grouped_matmul_onnx(x, offsets, weights, rows=None):
+    """The translation torch.onnx uses for ``moecc::grouped_matmul``: ``split_by_expert``, a MatMul per expert,
+    zeros for the rows of no expert."""
+    from onnxscript import opset18 as op
+
+    parts, zeros = split_by_expert(x, offsets, len(weights), rows)
+    width = weights[0].shape[1]
+    return op.Concat(*[op.MatMul(part, w) for part, w in zip(parts, weights)], zeros(width), axis=0)
 
 
 def sorted_fused_moe(x, weights, ids, ups, downs, b_up, b_down, activation, gated, alpha, limit, capacity,
-                     capacity_factor, capacity_min, group_size, priority, rounding="ceil"):
+                     capacity_factor, capacity_min, group_size, priority, rounding="ceil", up_scales=None,
+                     down_scales=None, bits=0, accuracy=0):
     """``moecc::fused_moe`` in export-friendly torch ops, routed: ``ups`` / ``downs`` are each expert's weights
-    laid out [in, out]; ``b_up`` [E, 2I or I] and ``b_down`` [E, H] canonical or None."""
+    laid out [in, out], or with ``bits`` packed by ``pack_nbits`` (scales ``up_scales`` / ``down_scales``,
+    MatMulNBits' ``accuracy``); ``b_up`` [E, 2I or I] and ``b_down`` [E, H] canonical or None."""
     t, k = ids.shape
     num_experts, pairs = len(ups), t * k
     keep = kept_pairs(ids, num_experts, capacity, capacity_factor, capacity_min, group_size, priority, rounding)
@@ -89,11 +104,19 @@ def sorted_fused_moe(x, weights, ids, ups, downs, b_up, b_down, activation, gate
     sorted_ids = flat[order]
     expert_of_row = sorted_ids.clamp(max=num_experts - 1)
     tokens = torch.div(order, k, rounding_mode="floor")
-    h = grouped_matmul(x, offsets, [w if w.dtype == x.dtype else w.to(x.dtype) for w in ups], tokens)
+
+    def project(rows_in, ws, scales, rows=None):
+        if bits:  # MatMulNBits computes in float32 (the scales' dtype) on the CPU
+            return grouped_matmul_nbits(rows_in.float(), offsets, ws, scales, bits, accuracy,
+                                        rows).to(rows_in.dtype)
+        return grouped_matmul(rows_in, offsets, [w if w.dtype == rows_in.dtype else w.to(rows_in.dtype)
+                                                 for w in ws], rows)
+
+    h = project(x, ups, up_scales, tokens)
     if b_up is not None:
         h = h + b_up.to(h.dtype)[expert_of_row]
     h = expert_activation(h, activation, gated, alpha, limit)
-    y = grouped_matmul(h, offsets, [w if w.dtype == h.dtype else w.to(h.dtype) for w in downs])
+    y = project(h, downs, down_scales)
     if b_down is not None:
         y = y + b_down.to(y.dtype)[expert_of_row]
     # a row of no expert is finite (zeros, or a bias's activation): its weight of 0 makes it 0
@@ -115,9 +138,21 @@ def sortable(gm: fx.GraphModule, m: dict) -> MatchResult[None]:
     return MatchResult.success(None)
 
 
-def sort_experts(gm: fx.GraphModule, moe: fx.Node, m: dict) -> MatchResult[str]:
+def nbits_fit(spec: QuantSpec, w_up: Tensor, w_down: Tensor) -> MatchResult[None]:
+    """Whether the installed ONNX Runtime's MatMulNBits runs experts of these weights ([E, N, K] each) quantized as
+    ``spec``, or why not."""
+    for w in (w_up, w_down):
+        block = nbits_block(spec, int(w.shape[-1]))
+        if not matmul_nbits_computes_same(spec.bits, block, accuracy_level(spec)):
+            return MatchResult.fail(f"the installed onnxruntime's com.microsoft.MatMulNBits(int{spec.bits}, block "
+                                    f"{block}) does not match on probe data")
+    return MatchResult.success(None)
+
+
+def sort_experts(gm: fx.GraphModule, moe: fx.Node, m: dict, quant: QuantSpec | None = None) -> MatchResult[str]:
     """Replace the fused_moe call ``moe`` (its ``op_arguments`` ``m``) with ``sorted_fused_moe``, each expert's
-    weights registered as buffers of their own beside the block's; or why not (``sortable``)."""
+    weights registered as buffers of their own beside the block's, quantized as ``quant`` where it is given (the
+    caller asks ``nbits_fit`` first); or why not (``sortable``)."""
     if not (found := sortable(gm, m)):
         return MatchResult.fail(found.reason)
     w_up, w_down, b_up, _ = canonical_experts(gm, m)
@@ -131,16 +166,24 @@ def sort_experts(gm: fx.GraphModule, moe: fx.Node, m: dict) -> MatchResult[str]:
 
     x_val = m["x"].meta.get("val") if isinstance(m["x"], fx.Node) else None
     dtype = getattr(x_val, "dtype", None) or w_up.dtype
-    ups, downs = [], []
+    ups, downs, up_scales, down_scales = [], [], [], []
     with gm.graph.inserting_before(moe):
         for e in range(int(w_up.shape[0])):
-            ups.append(read(f"{base}_sorted_up_{e}", w_up[e].t().to(dtype)))
-            downs.append(read(f"{base}_sorted_down_{e}", w_down[e].t().to(dtype)))
+            if quant is None:
+                ups.append(read(f"{base}_sorted_up_{e}", w_up[e].t().to(dtype)))
+                downs.append(read(f"{base}_sorted_down_{e}", w_down[e].t().to(dtype)))
+                continue
+            for kind, w, packed, scales in (("up", w_up, ups, up_scales), ("down", w_down, downs, down_scales)):
+                q, s = pack_nbits(w[e].detach(), quant)
+                packed.append(read(f"{base}_sorted_{kind}_{e}_q", q))
+                scales.append(read(f"{base}_sorted_{kind}_{e}_scales", s))
         bias_up = None if b_up is None else read(f"{base}_sorted_b_up", b_up)
+        extra = {} if quant is None else dict(up_scales=up_scales, down_scales=down_scales, bits=quant.bits,
+                                              accuracy=accuracy_level(quant))
         new = gm.graph.call_function(sorted_fused_moe, (
             m["x"], m["weights"], m["ids"], ups, downs, bias_up, m["b_down"], m["activation"], m["gated"],
             m["alpha"], m["limit"], m["capacity"], m["capacity_factor"], m["capacity_min"], m["group_size"],
-            m["priority"], m["rounding"]))
+            m["priority"], m["rounding"]), extra)
     new.meta.update(moe.meta)
     moe.replace_all_uses_with(new)
     gm.graph.erase_node(moe)
