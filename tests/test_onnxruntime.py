@@ -601,3 +601,23 @@ def test_a_fallback_to_torch_says_once_why_capture_left_a_block_as_written(moecc
     assert cm._entries[-1].backend == "torch"
     told = [r.getMessage() for r in moecc_warnings.records if "left as written" in r.getMessage()]
     assert len(told) == 1, told
+
+
+def test_probes_write_an_ir_version_older_onnxruntimes_read(monkeypatch):
+    """The installed onnx writes its newest IR version unless told; ONNX Runtime 1.30 refused IR 14, so every probe
+    failed there and no MoE op (or MatMulNBits) ran. Probes write IR 10, as torch.onnx's exports."""
+    import onnxruntime as ort
+
+    from moecc.codegen.onnx.grouped_nbits import matmul_nbits_computes_same
+
+    seen = []
+    real = ort.InferenceSession
+
+    def session(model, *args, **kwargs):
+        if isinstance(model, bytes):
+            seen.append(onnx.load_from_string(model).ir_version)
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(ort, "InferenceSession", session)
+    assert matmul_nbits_computes_same.__wrapped__(4, 32, 0)
+    assert seen == [10]

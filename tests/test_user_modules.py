@@ -43,7 +43,7 @@ SWIGLU_MISMATCH = "the installed onnxruntime's com.microsoft.MoE(swiglu) does no
 
 def _ort_swiglu_lowering(normalize: bool, num_experts: int, top_k: int = 2) -> str:
     """How the ORT backend lowers a gated-silu block without biases: an onnxruntime whose com.microsoft.MoE
-    computes otherwise (1.30's swiglu) gets its experts routed in plain ONNX ops."""
+    computes otherwise gets its experts routed in plain ONNX ops."""
     from moecc.codegen.onnx.ort_moe import ort_computes_same
 
     if ort_computes_same("swiglu", normalize, top_k, False, 1.0, 0.0, 0.0, num_experts):
@@ -1196,7 +1196,7 @@ def test_routing_written_beside_routed_experts_is_lifted_into_moecc_ops(routing,
         from moecc.codegen.onnx.ort_moe import ort_computes_same
         from moecc.codegen.onnx.ort_routed import ort_takes_weights_as_logits
 
-        # an onnxruntime whose com.microsoft.MoE computes otherwise (1.30's swiglu) gets them routed in plain ONNX
+        # an onnxruntime whose com.microsoft.MoE computes otherwise gets them routed in plain ONNX ops
         ort_moe = "com.microsoft.MoE" if ort_computes_same("swiglu", True, 2, False, 1.0, 0.0, 0.0, 6) else \
             ORT_ROUTED + SWIGLU_MISMATCH
         # a sigmoid routing is handed to it

@@ -181,6 +181,9 @@ def session_options():
     return options
 
 
+PROBE_IR_VERSION = 10
+
+
 def _run_one_node(op: str, input_names: list[str], attrs: dict, inits: dict, feeds: dict, provider: str,
                   out_shape: list[int] | None = None):
     """Run a single com.microsoft node on ``feeds`` (torch tensors); its output (of ``out_shape``, else of x's), or
@@ -195,7 +198,10 @@ def _run_one_node(op: str, input_names: list[str], attrs: dict, inits: dict, fee
         [numpy_helper.from_array(v.numpy(), n) for n, v in inits.items() if v is not None])
     opsets = [helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)]
     try:
-        sess = ort.InferenceSession(helper.make_model(graph, opset_imports=opsets).SerializeToString(),
+        # the installed onnx writes its newest IR version by default, which an older ORT refuses (IR 14 on ORT
+        # 1.30: every probe failed there, and no MoE op ran); opset 18 needs IR 8
+        model = helper.make_model(graph, opset_imports=opsets, ir_version=PROBE_IR_VERSION)
+        sess = ort.InferenceSession(model.SerializeToString(),
                                     session_options(), providers=[provider])
         return sess.run(None, {n: v.numpy() for n, v in feeds.items()})[0]
     except Exception as exc:  # noqa: BLE001 - not implemented on this provider: the caller decomposes
