@@ -18,6 +18,7 @@ MODEL = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "models", 
 VARIANTS = {
     "moecc ort fp32": {},
     "moecc ort int8": {"quantize": "int8"},
+    "moecc ort int8 int8-act": {"quantize": "int8", "quant_int8_activations": True},
     "moecc ort int4": {"quantize": "int4"},
     "moecc ort int4 block32": {"quantize": "int4", "quant_block_size": 32},
     "moecc ort int4 block32 int8-act": {"quantize": "int4", "quant_block_size": 32, "quant_int8_activations": True},
@@ -32,17 +33,19 @@ def main():
     torch.set_grad_enabled(False)  # moecc programs are for inference; eager gets the same footing
     model = MixtralForCausalLM.from_pretrained(a.model).eval()
     example = torch.randint(0, 256, (16, 128))
-    rows = [("eager fp32", perplexity(lambda x: model(input_ids=x, use_cache=False).logits, a.batches), 0.0)]
+    rows = [("eager fp32", perplexity(lambda x: model(input_ids=x, use_cache=False).logits, a.batches), 0.0, "")]
     for name, opts in VARIANTS.items():
         cm = moecc.compile(model, backend="onnxruntime", **opts)
         cm(input_ids=example, use_cache=False)
+        forms = sorted({layer.lowering.split(":")[0] for layer in cm.moe_layers})
         start = time.perf_counter()
         ppl = perplexity(lambda x, cm=cm: cm(input_ids=x, use_cache=False).logits, a.batches)
-        rows.append((name, ppl, time.perf_counter() - start))
+        rows.append((name, ppl, time.perf_counter() - start, "; ".join(forms)))
+        del cm
     base = rows[0][1]
-    print(f"{'variant':34} {'perplexity':>10} {'change':>8} {'eval s':>7}")
-    for name, ppl, secs in rows:
-        print(f"{name:34} {ppl:10.4f} {100 * (ppl / base - 1):7.2f}% {secs:7.1f}")
+    print(f"{'variant':34} {'perplexity':>10} {'change':>8} {'eval s':>7}  lowering")
+    for name, ppl, secs, forms in rows:
+        print(f"{name:34} {ppl:10.4f} {100 * (ppl / base - 1):7.2f}% {secs:7.1f}  {forms}")
 
 
 if __name__ == "__main__":
