@@ -104,7 +104,8 @@ AUTO_MAX_DENSE_WORK = Knob("MOECC_AUTO_MAX_DENSE_WORK", 2.0, float, "backend='au
 ORT_MOE_OP = Knob("MOECC_ORT_MOE_OP", False, bool, "1: MoE blocks run as com.microsoft.MoE / QMoE where it computes "
                   "them (or is handed their routing); default 0: blocks are routed in plain ONNX ops, a MatMul (or, "
                   "quantized, a com.microsoft.MatMulNBits) per expert on its sorted rows, 1.1x-2.5x faster on the "
-                  "CPU (4x-7x for int4), but for int8 weights with float activations, which take QMoE first")
+                  "CPU (1.7x-7x against QMoE for int4), but for int8 weights with float activations, which take "
+                  "QMoE first")
 
 ALL = (DUMP_DIR, LOGS, VERIFY, CACHE_DIR, CAPTURE_CACHE, WATCH_WEIGHTS, RECOGNIZE_SEARCH_S, AUTOTUNE, CUDA_GRAPHS,
        CUDA_GRAPH_MAX_TOKENS, CUDA_GRAPH_REPEAT_MAX_TOKENS, CUDA_GRAPH_PROBE_MAX_TOKENS,

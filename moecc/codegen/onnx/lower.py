@@ -120,8 +120,8 @@ def use_ort_moe(gm: fx.GraphModule, quant=None) -> dict[str, str]:
 def ops_first(quant) -> bool:
     """Whether com.microsoft.MoE / QMoE are tried before the sorted form. On this project's CPU (RESULTS.md,
     sessions 46-47) the sorted form was 1.1x-2.5x faster than com.microsoft.MoE in 20 of 21 cells, and its
-    MatMulNBits form 4x-7x faster than QMoE for int4 weights and 2x-13x with int8 activations; but ONNX Runtime
-    has no float-activation kernel for int8 MatMulNBits (it dequantizes each call), where QMoE was 1.2x-2.6x
+    MatMulNBits form 1.7x-7x faster than QMoE for int4 weights and 2x-15x with int8 activations; but ONNX Runtime
+    has no float-activation kernel for int8 MatMulNBits (it dequantizes each call), where QMoE was 1.2x-4x
     faster: int8 weights with float activations go to QMoE first. ``MOECC_ORT_MOE_OP=1``: the ops first."""
     if knobs.ORT_MOE_OP.get():
         return True
