@@ -189,3 +189,18 @@ def test_a_block_of_computed_weights_stays_float_and_says_why():
     lowering = use_ort_moe(gm, QuantSpec(4))
     assert list(lowering.values()) == ["decomposed into every expert on every token (its expert weights (w_up) are "
                                        "computed in the graph)"] * model.config.num_hidden_layers
+
+
+def test_a_quantized_sorted_artifact_loads_and_gives_the_compiled_numbers(tmp_path):
+    """The packed weights and scales travel as the artifact's initializers; the loaded program computes what the
+    compiled one does."""
+    model = make_model("qwen3_moe", hidden_act="gelu", num_experts=8, num_experts_per_tok=2)
+    example = make_inputs("qwen3_moe", 2, 8)
+    path = moecc.export(model, (), tmp_path / "int4.moecc", kwargs=example, backend="onnxruntime", quantize="int4",
+                        quant_block_size=16)
+    loaded = moecc.load(path)
+    assert [layer["quantization"] for layer in loaded.moe_layers] == ["int4 block 16"] * len(loaded.moe_layers)
+    cm = moecc.compile(model, backend="onnxruntime", quantize="int4", quant_block_size=16)
+    fresh = make_inputs("qwen3_moe", 3, 5, seed=2)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**fresh).logits, cm(**fresh).logits, rtol=1e-5, atol=1e-6)
