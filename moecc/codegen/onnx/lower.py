@@ -77,14 +77,15 @@ def use_ort_moe(gm: fx.GraphModule, quant=None) -> dict[str, str]:
                 owner[prefix].quantization = f"none: {found.reason}; weights stay float"
             continue
         reasons = []  # why the forms tried first did not take the block
+        fits = None if quant is None else _quantized_sort_fit(gm, m, quant)
         if quant is not None and not op_first:
-            if (sort := _sort_quantized(gm, moe, m, prefix, quant, owner)):
-                lowering[prefix] = sort.value
+            if fits:
+                lowering[prefix] = _sort_quantized(gm, moe, m, prefix, quant, owner)
                 continue
-            reasons.append(sort.reason)
+            reasons.append(fits.reason)
         if quant is not None or op_first:
             # with quant, a float op only where no form holds the block quantized
-            float_ok = quant is None or not op_first or not _quantized_sort_fit(gm, m, quant)
+            float_ok = quant is None or not fits
             routed_by_op = _use_ort_moe(gm, moe, m, prefix, quant, owner, float_ok)
             if routed_by_op:
                 lowering[prefix] = routed_by_op.value
@@ -98,10 +99,11 @@ def use_ort_moe(gm: fx.GraphModule, quant=None) -> dict[str, str]:
                 continue
             reasons += [routed_by_op.reason, given.reason]
         if quant is not None and op_first:
-            if (sort := _sort_quantized(gm, moe, m, prefix, quant, owner)):
-                lowering[prefix] = f"{sort.value}: {'; '.join(dict.fromkeys(reasons))}"
+            if fits:
+                how = _sort_quantized(gm, moe, m, prefix, quant, owner)
+                lowering[prefix] = f"{how}: {'; '.join(dict.fromkeys(reasons))}"
                 continue
-            reasons.append(sort.reason)
+            reasons.append(fits.reason)
         reasons = list(dict.fromkeys(reasons))
         sort_experts(gm, moe, m)
         lowering[prefix] = ": ".join((ROUTED_IN_PLAIN_OPS, "; ".join(reasons))) if reasons else ROUTED_IN_PLAIN_OPS
@@ -135,14 +137,13 @@ def _quantized_sort_fit(gm: fx.GraphModule, m: dict, quant) -> MatchResult[None]
     return nbits_fit(quant, w_up, w_down)
 
 
-def _sort_quantized(gm: fx.GraphModule, moe: fx.Node, m: dict, prefix: str, quant, owner: dict) -> MatchResult[str]:
-    """The sorted form with experts quantized as ``quant`` (a MatMulNBits per expert): the lowering, or why not."""
-    if not (fit := _quantized_sort_fit(gm, m, quant)):
-        return MatchResult.fail(fit.reason)
+def _sort_quantized(gm: fx.GraphModule, moe: fx.Node, m: dict, prefix: str, quant, owner: dict) -> str:
+    """The sorted form with experts quantized as ``quant`` (a MatMulNBits per expert), where
+    ``_quantized_sort_fit`` said it fits: the lowering."""
     sort_experts(gm, moe, m, quant)
     if prefix in owner:
         owner[prefix].quantization = quant.describe()
-    return MatchResult.success(ROUTED_QUANTIZED)
+    return ROUTED_QUANTIZED
 
 
 # On onnxruntime 1.30 and 1.31, com.microsoft.MoE with normalize_routing_weights=0 matched its reference on probe
@@ -183,9 +184,9 @@ def ort_routing(gm: fx.GraphModule, m: dict) -> MatchResult[tuple]:
                                       num_experts):
         form = MatchResult.fail(f"the installed onnxruntime's com.microsoft.MoE({form.value.activation_type}) "
                                 "does not match on probe data")
-    if form and not f.normalize and ort_version() < UNNORMALIZED_MOE_FROM:
+    if form and not f.normalize and (version := ort_version()) < UNNORMALIZED_MOE_FROM:
         form = MatchResult.fail(
-            f"onnxruntime {'.'.join(map(str, ort_version()))}'s com.microsoft.MoE without renormalisation gave other "
+            f"onnxruntime {'.'.join(map(str, version))}'s com.microsoft.MoE without renormalisation gave other "
             "numbers inside whole models than on its probe (seen on 1.30 and 1.31; 1.32 agrees)")
     per_expert = r["expert_scale"]
     per_expert_value = param_of(gm, per_expert)
