@@ -41,7 +41,7 @@ class OwnedFolder:
         return self
 
     def __reduce__(self):
-        return _borrowed, (self.path,)
+        return _Borrowed, (self.path,)
 
 
 class _Borrowed:
@@ -50,7 +50,3 @@ class _Borrowed:
 
     def remove(self) -> None:
         pass
-
-
-def _borrowed(path: str) -> _Borrowed:
-    return _Borrowed(path)

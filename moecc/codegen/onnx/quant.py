@@ -87,27 +87,19 @@ def nbits_block(spec: QuantSpec, k: int) -> int:
 
 def pack_nbits(w: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
     """w [N, K] float -> com.microsoft.MatMulNBits' (packed uint8 [N, blocks, block * bits / 8], scales [N * blocks]
-    float32): the codes of ``quantize`` (a per-channel scale repeated over the blocks), the input padded to whole
-    blocks with the zero point's code (a dequantized 0), which also lets int4 take an odd input size."""
+    float32): ``quantize``'s codes of the input padded with zeros to whole blocks (the padding dequantizes to 0 and
+    has no say in a scale, and lets int4 take an odd input size); a per-channel scale repeats over the blocks."""
     n, k = w.shape
     block = nbits_block(spec, k)
     blocks = -(-k // block)
     padded = torch.nn.functional.pad(w.float(), (0, blocks * block - k))
-    qmax = spec.zero_point - 1
-    if spec.block_size:
-        scale = padded.reshape(n, blocks, block).abs().amax(-1).clamp(min=1e-12) / qmax  # padding reads 0: no say
-    else:
-        scale = (w.float().abs().amax(-1, keepdim=True).clamp(min=1e-12) / qmax).expand(n, blocks)
-    q = torch.clamp(torch.round(padded.reshape(n, blocks, block) / scale.unsqueeze(-1)), -qmax - 1, qmax)
-    q = (q + spec.zero_point).to(torch.uint8)
-    if spec.bits == 4:
-        q = q[..., 0::2] | (q[..., 1::2] << 4)  # low nibble first
-    return q.contiguous(), scale.reshape(-1).contiguous()
+    q, scale = quantize(padded[None], QuantSpec(spec.bits, spec.block_size and block))
+    scale = scale[0] if spec.block_size else scale[0, :, None].expand(n, blocks)
+    return q[0].reshape(n, blocks, -1).contiguous(), scale.reshape(-1).contiguous()
 
 
 def unpack_nbits(packed: Tensor, scales: Tensor, bits: int, k: int) -> Tensor:
     """The float [N, K] weight ``pack_nbits`` packed (``bits`` 4 or 8, ``k`` input features before padding)."""
     n, blocks, blob = packed.shape
-    q = torch.stack([packed & 0xF, packed >> 4], -1).reshape(n, blocks, -1) if bits == 4 else packed
-    w = (q.float() - (1 << (bits - 1))) * scales.reshape(n, blocks, 1)
-    return w.reshape(n, -1)[:, :k]
+    block = blob * 8 // bits
+    return dequantize(packed.reshape(n, -1), scales.reshape(n, blocks), QuantSpec(bits, block), blocks * block)[:, :k]
