@@ -28,7 +28,14 @@ def _ort_moe_op(monkeypatch):
 ROUTES_ITSELF = {"mixtral": True, "qwen2_moe": True, "qwen3_moe": True, "olmoe": True, "gpt_oss": True,
                  "deepseek_v3": False, "switch_transformers": False, "afmoe": False, "cohere2_moe": True,
                  "dbrx": True, "ernie4_5_moe": False, "llama4_text": False, "deepseek_v2": False}
-UNNORMALIZED = ("qwen2_moe", "olmoe")  # top-k of a softmax, not renormalised: the op's own only from onnxruntime 1.32
+# top-k of a softmax, not renormalised: the op routes these itself only from onnxruntime 1.32 (lower.ort_routing)
+UNNORMALIZED = ("qwen2_moe", "olmoe", "switch_transformers")
+
+
+def unnormalized_routing_runs_in_the_op() -> bool:
+    from moecc.codegen.onnx.lower import UNNORMALIZED_MOE_FROM, ort_version
+
+    return ort_version() >= UNNORMALIZED_MOE_FROM
 ONNX_FAMILIES = [*FAMILIES, "deepseek_v2"]  # DeepSeek-V2's and Llama 4's rotary embeddings are complex-valued
 
 LOAD_AND_CHECK = textwrap.dedent("""
@@ -67,10 +74,8 @@ def test_export_then_load_in_fresh_process(family, tmp_path):
     layers = manifest["moe_layers"]
     assert len(moe_ops) == len(layers)
     # Switch's capacity binds in transformers after 5.17 only (and com.microsoft.MoE has none)
-    from moecc.codegen.onnx.lower import UNNORMALIZED_MOE_FROM, ort_version
-
-    routes_itself = ROUTES_ITSELF[family] and (family not in UNNORMALIZED or ort_version() >= UNNORMALIZED_MOE_FROM)
-    if routes_itself or (family == "switch_transformers" and not switch_drops_past_capacity(model)):
+    routes_itself = ROUTES_ITSELF[family] or (family == "switch_transformers" and not switch_drops_past_capacity(model))
+    if routes_itself and (family not in UNNORMALIZED or unnormalized_routing_runs_in_the_op()):
         assert all(layer["lowering"] == "com.microsoft.MoE" for layer in layers)
     else:  # the routing's top-k is an op of the graph, beside the MoE op
         assert all(layer["lowering"].startswith("com.microsoft.MoE given moecc's routing (") for layer in layers)
@@ -186,7 +191,11 @@ def test_many_experts_top8_uses_the_moe_op():
     for q in (None, "int4"):
         cm = moecc.compile(model, backend="onnxruntime", quantize=q, quant_block_size=16 if q else 0)
         cm(**make_inputs("qwen3_moe", 2, 8))
-        assert cm.moe_layers[0].lowering == ("com.microsoft.QMoE" if q else "com.microsoft.MoE")
+        op = "com.microsoft.QMoE" if q else "com.microsoft.MoE"
+        if unnormalized_routing_runs_in_the_op():
+            assert cm.moe_layers[0].lowering == op
+        else:  # norm_topk_prob=False: below onnxruntime 1.32 the op is handed moecc's routing
+            assert cm.moe_layers[0].lowering.startswith(f"{op} given moecc's routing (onnxruntime 1.3")
         fresh = make_inputs("qwen3_moe", 3, 5, 1)
         err = ((cm(**fresh).logits - model(**fresh).logits).norm() / model(**fresh).logits.norm()).item()
         assert err < (5e-2 if q else 1e-5)
@@ -639,5 +648,5 @@ def test_onnxruntime_before_1_32_is_handed_the_routing_of_blocks_that_do_not_ren
     with torch.no_grad():
         torch.testing.assert_close(cm(**fresh).logits, model(**fresh).logits, rtol=1e-4, atol=1e-5)
     assert [layer.lowering for layer in cm.moe_layers] == [
-        "com.microsoft.MoE given moecc's routing (onnxruntime 1.31's com.microsoft.MoE without renormalisation gave "
-        "other numbers inside whole models than on its probe (seen on 1.30 and 1.31; 1.32 agrees))"] * 2
+        "com.microsoft.MoE given moecc's routing (onnxruntime 1.31's MoE ops without renormalisation can give other "
+        "numbers inside whole models than on their probes (com.microsoft.MoE on 1.30 and 1.31; 1.32 agrees))"] * 2

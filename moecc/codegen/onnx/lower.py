@@ -186,8 +186,8 @@ def ort_routing(gm: fx.GraphModule, m: dict) -> MatchResult[tuple]:
                                 "does not match on probe data")
     if form and not f.normalize and (version := ort_version()) < UNNORMALIZED_MOE_FROM:
         form = MatchResult.fail(
-            f"onnxruntime {'.'.join(map(str, version))}'s com.microsoft.MoE without renormalisation gave other "
-            "numbers inside whole models than on its probe (seen on 1.30 and 1.31; 1.32 agrees)")
+            f"onnxruntime {'.'.join(map(str, version))}'s MoE ops without renormalisation can give other numbers "
+            "inside whole models than on their probes (com.microsoft.MoE on 1.30 and 1.31; 1.32 agrees)")
     per_expert = r["expert_scale"]
     per_expert_value = param_of(gm, per_expert)
     if form and per_expert is not None and per_expert_value is None:
