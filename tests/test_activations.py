@@ -157,11 +157,15 @@ HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 
 @pytest.mark.parametrize("gated", [True, False])
 @pytest.mark.parametrize("act", MORE_ACTIVATIONS)
 def test_warp_specialized_gemms_compute_each_activation(act, gated, monkeypatch):
-    from moecc.codegen.triton import ws_gemm
+    from moecc.codegen.triton import moe, ws_gemm
+    from moecc.codegen.triton.configs import TileConfig
     from moecc.codegen.triton.moe import fused_moe_triton
 
     monkeypatch.setenv("MOECC_TRITON_WS", "on")
     monkeypatch.setenv("MOECC_TRITON_DECODE_MAX_TOKENS", "0")
+    # the warp-specialized kernels take 128-row blocks; an H100's shipped tiles for this shape have 64
+    rows_128 = TileConfig(block_m=128, block_n=128, block_k=64)
+    monkeypatch.setattr(moe, "pick_configs", lambda *a: (rows_128, rows_128))
     calls = []
     gemm1 = ws_gemm.gemm1
     monkeypatch.setattr(ws_gemm, "gemm1", lambda *a, **kw: calls.append(1) or gemm1(*a, **kw))

@@ -15,6 +15,7 @@ from moecc import knobs
 from moecc.codegen.onnx.complex_as_real import complex_as_real
 from moecc.codegen.onnx.decompose import DECOMPOSITIONS
 from moecc.codegen.onnx.grouped_nbits import grouped_matmul_nbits_onnx
+from moecc.codegen.onnx.optimize import optimize
 from moecc.codegen.onnx.ort_forms import (
     bank_prefix,
     canonical_experts,
@@ -296,7 +297,7 @@ def to_onnx(gm: fx.GraphModule, example: list[torch.Tensor], path: str) -> str:
         onnxscript.optimizer.fold_constants(prog.model)  # a constant computed from others (``alpha * c``)
         if rewritten := keep_scalar_constants(prog.model):
             log.debug("%d ops of a scalar constant near 0 or 1 written to survive the optimizer", rewritten)
-        prog.optimize()
+        optimize(prog)
     signature = prog.exported_program.graph_signature  # what the export made of writes program_writes missed
     if (why := _writes(list(signature.user_inputs_to_mutate.values()),
                        list(signature.buffers_to_mutate.values()))) is not None:
