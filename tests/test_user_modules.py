@@ -43,12 +43,16 @@ SWIGLU_MISMATCH = "the installed onnxruntime's com.microsoft.MoE(swiglu) does no
 
 def _ort_swiglu_lowering(normalize: bool, num_experts: int, top_k: int = 2) -> str:
     """How the ORT backend lowers a gated-silu block without biases: an onnxruntime whose com.microsoft.MoE
-    computes otherwise gets its experts routed in plain ONNX ops."""
+    computes otherwise gets its experts routed in plain ONNX ops; one before 1.32 hands the op moecc's routing where
+    the block does not renormalise."""
+    from moecc.codegen.onnx.lower import UNNORMALIZED_MOE_FROM, ort_version, unnormalized_moe_refused
     from moecc.codegen.onnx.ort_moe import ort_computes_same
 
-    if ort_computes_same("swiglu", normalize, top_k, False, 1.0, 0.0, 0.0, num_experts):
+    if not ort_computes_same("swiglu", normalize, top_k, False, 1.0, 0.0, 0.0, num_experts):
+        return ORT_ROUTED + SWIGLU_MISMATCH
+    if normalize or ort_version() >= UNNORMALIZED_MOE_FROM:
         return "com.microsoft.MoE"
-    return ORT_ROUTED + SWIGLU_MISMATCH
+    return f"com.microsoft.MoE given moecc's routing ({unnormalized_moe_refused()})"
 
 
 def compile_on_ids(model, low=0, device="cpu", **options):
@@ -821,9 +825,9 @@ def test_a_router_module_that_scores_by_code_of_its_own_feeds_canonical_routing(
     assert layer.routing == ("softmax->top2 renorm" if returns == "routing" else "softmax->top2"), layer.routing
     if backend == "onnxruntime":  # a route fused with the router's last Linear: com.microsoft.MoE where it computes
         # the cosine router's scores are no softmax: ONNX Runtime is handed moecc's routing
+        op_computes = _ort_swiglu_lowering(False, 6).startswith("com.microsoft.MoE")
         expected = _ort_swiglu_lowering(returns == "routing", 6) if kind == "mlp" else \
-            "com.microsoft.MoE given moecc's routing" if _ort_swiglu_lowering(False, 6) == "com.microsoft.MoE" \
-            else "routed in plain ONNX ops"
+            "com.microsoft.MoE given moecc's routing" if op_computes else "routed in plain ONNX ops"
         assert layer.lowering.startswith(expected), layer.lowering
     for shape in ((3, 11), (1, 1), (2, 33)):
         x = torch.randint(0, 50, shape, device=device)

@@ -159,6 +159,12 @@ def ort_version() -> tuple[int, ...]:
     return tuple(int(p) for p in onnxruntime.__version__.split(".")[:2] if p.isdigit())
 
 
+def unnormalized_moe_refused() -> str:
+    """Why the installed onnxruntime's MoE ops do not route a block that does not renormalise (below 1.32)."""
+    return (f"onnxruntime {'.'.join(map(str, ort_version()))}'s MoE ops without renormalisation can give other "
+            "numbers inside whole models than on their probes (com.microsoft.MoE on 1.30 and 1.31; 1.32 agrees)")
+
+
 def ort_routing(gm: fx.GraphModule, m: dict) -> MatchResult[tuple]:
     """Whether com.microsoft.MoE routes the fused_moe call of ``op_arguments`` ``m`` itself and computes its experts
     (a probe of the installed ORT): (route arguments, OrtForm, router weight, router bias, per-expert scale,
@@ -185,10 +191,8 @@ def ort_routing(gm: fx.GraphModule, m: dict) -> MatchResult[tuple]:
                                       num_experts):
         form = MatchResult.fail(f"the installed onnxruntime's com.microsoft.MoE({form.value.activation_type}) "
                                 "does not match on probe data")
-    if form and not f.normalize and (version := ort_version()) < UNNORMALIZED_MOE_FROM:
-        form = MatchResult.fail(
-            f"onnxruntime {'.'.join(map(str, version))}'s MoE ops without renormalisation can give other numbers "
-            "inside whole models than on their probes (com.microsoft.MoE on 1.30 and 1.31; 1.32 agrees)")
+    if form and not f.normalize and ort_version() < UNNORMALIZED_MOE_FROM:
+        form = MatchResult.fail(unnormalized_moe_refused())
     per_expert = r["expert_scale"]
     per_expert_value = param_of(gm, per_expert)
     if form and per_expert is not None and per_expert_value is None:
