@@ -14,6 +14,7 @@ import torch
 from hf_models import FAMILIES, make_inputs, make_model, switch_drops_past_capacity
 
 import moecc
+from moecc.codegen.onnx.lower import unnormalized_moe_refused, unnormalized_moe_trusted
 
 
 @pytest.fixture(autouse=True)
@@ -30,12 +31,6 @@ ROUTES_ITSELF = {"mixtral": True, "qwen2_moe": True, "qwen3_moe": True, "olmoe":
                  "dbrx": True, "ernie4_5_moe": False, "llama4_text": False, "deepseek_v2": False}
 # top-k of a softmax, not renormalised: the op routes these itself only from onnxruntime 1.32 (lower.ort_routing)
 UNNORMALIZED = ("qwen2_moe", "olmoe", "switch_transformers")
-
-
-def unnormalized_routing_runs_in_the_op() -> bool:
-    from moecc.codegen.onnx.lower import UNNORMALIZED_MOE_FROM, ort_version
-
-    return ort_version() >= UNNORMALIZED_MOE_FROM
 ONNX_FAMILIES = [*FAMILIES, "deepseek_v2"]  # DeepSeek-V2's and Llama 4's rotary embeddings are complex-valued
 
 LOAD_AND_CHECK = textwrap.dedent("""
@@ -75,7 +70,7 @@ def test_export_then_load_in_fresh_process(family, tmp_path):
     assert len(moe_ops) == len(layers)
     # Switch's capacity binds in transformers after 5.17 only (and com.microsoft.MoE has none)
     routes_itself = ROUTES_ITSELF[family] or (family == "switch_transformers" and not switch_drops_past_capacity(model))
-    if routes_itself and (family not in UNNORMALIZED or unnormalized_routing_runs_in_the_op()):
+    if routes_itself and (family not in UNNORMALIZED or unnormalized_moe_trusted()):
         assert all(layer["lowering"] == "com.microsoft.MoE" for layer in layers)
     else:  # the routing's top-k is an op of the graph, beside the MoE op
         assert all(layer["lowering"].startswith("com.microsoft.MoE given moecc's routing (") for layer in layers)
@@ -192,10 +187,9 @@ def test_many_experts_top8_uses_the_moe_op():
         cm = moecc.compile(model, backend="onnxruntime", quantize=q, quant_block_size=16 if q else 0)
         cm(**make_inputs("qwen3_moe", 2, 8))
         op = "com.microsoft.QMoE" if q else "com.microsoft.MoE"
-        if unnormalized_routing_runs_in_the_op():
-            assert cm.moe_layers[0].lowering == op
-        else:  # norm_topk_prob=False: below onnxruntime 1.32 the op is handed moecc's routing
-            assert cm.moe_layers[0].lowering.startswith(f"{op} given moecc's routing (onnxruntime 1.3")
+        # norm_topk_prob=False: below onnxruntime 1.32 the op is handed moecc's routing
+        assert cm.moe_layers[0].lowering == (op if unnormalized_moe_trusted() else
+                                             f"{op} given moecc's routing ({unnormalized_moe_refused()})")
         fresh = make_inputs("qwen3_moe", 3, 5, 1)
         err = ((cm(**fresh).logits - model(**fresh).logits).norm() / model(**fresh).logits.norm()).item()
         assert err < (5e-2 if q else 1e-5)

@@ -45,12 +45,12 @@ def _ort_swiglu_lowering(normalize: bool, num_experts: int, top_k: int = 2) -> s
     """How the ORT backend lowers a gated-silu block without biases: an onnxruntime whose com.microsoft.MoE
     computes otherwise gets its experts routed in plain ONNX ops; one before 1.32 hands the op moecc's routing where
     the block does not renormalise."""
-    from moecc.codegen.onnx.lower import UNNORMALIZED_MOE_FROM, ort_version, unnormalized_moe_refused
+    from moecc.codegen.onnx.lower import unnormalized_moe_refused, unnormalized_moe_trusted
     from moecc.codegen.onnx.ort_moe import ort_computes_same
 
     if not ort_computes_same("swiglu", normalize, top_k, False, 1.0, 0.0, 0.0, num_experts):
         return ORT_ROUTED + SWIGLU_MISMATCH
-    if normalize or ort_version() >= UNNORMALIZED_MOE_FROM:
+    if normalize or unnormalized_moe_trusted():
         return "com.microsoft.MoE"
     return f"com.microsoft.MoE given moecc's routing ({unnormalized_moe_refused()})"
 

@@ -159,6 +159,11 @@ def ort_version() -> tuple[int, ...]:
     return tuple(int(p) for p in onnxruntime.__version__.split(".")[:2] if p.isdigit())
 
 
+def unnormalized_moe_trusted() -> bool:
+    """Whether the installed onnxruntime's MoE ops may route a block that does not renormalise (1.32 on)."""
+    return ort_version() >= UNNORMALIZED_MOE_FROM
+
+
 def unnormalized_moe_refused() -> str:
     """Why the installed onnxruntime's MoE ops do not route a block that does not renormalise (below 1.32)."""
     return (f"onnxruntime {'.'.join(map(str, ort_version()))}'s MoE ops without renormalisation can give other "
@@ -191,7 +196,7 @@ def ort_routing(gm: fx.GraphModule, m: dict) -> MatchResult[tuple]:
                                       num_experts):
         form = MatchResult.fail(f"the installed onnxruntime's com.microsoft.MoE({form.value.activation_type}) "
                                 "does not match on probe data")
-    if form and not f.normalize and ort_version() < UNNORMALIZED_MOE_FROM:
+    if form and not f.normalize and not unnormalized_moe_trusted():
         form = MatchResult.fail(unnormalized_moe_refused())
     per_expert = r["expert_scale"]
     per_expert_value = param_of(gm, per_expert)
