@@ -25,7 +25,7 @@ PY
     compile) export TRITON_CACHE_DIR=/tmp/moecc_triton_cold; rm -rf "$TRITON_CACHE_DIR" "$MOECC_CACHE_DIR/captures"
              for run in cold warm; do
                MOECC_LOGS=info timeout 200 python3 benchmarks/model_e2e.py compile-time 2>&1 \
-                 | grep -E "compile-time|capture|lowering|check on|recognize" | sed "s/^/$run: /" | tee -a "$OUT/compile.txt"
+                 | grep -E "compile-time|captur|lowering|checking on|recognize" | sed "s/^/$run: /" | tee -a "$OUT/compile.txt"
              done;;
   esac
 done

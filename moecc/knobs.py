@@ -68,6 +68,10 @@ RECOGNIZE_SEARCH_S = Knob("MOECC_RECOGNIZE_SEARCH_S", 60.0, float, "seconds reco
                           "routing and expert candidates of one MoE block that none fits yet; past them the block "
                           "runs as written, with the reason")
 
+SLOW_STEP_S = Knob("MOECC_SLOW_STEP_S", 30.0, float, "a compile step (capture, lowering, the check on fresh inputs) "
+                   "that runs longer than this many seconds warns that it is still running, and again each time "
+                   "its time doubles (0: never)")
+
 AUTOTUNE = Knob("MOECC_AUTOTUNE", False, bool, "tune Triton MoE tiles on first use of a shape (cached on disk)")
 CUDA_GRAPHS = Knob("MOECC_CUDA_GRAPHS", True, bool, "replay CUDA graphs for small token counts (Triton backend)")
 CUDA_GRAPH_MAX_TOKENS = Knob("MOECC_CUDA_GRAPH_MAX_TOKENS", 512, int, "largest token count that uses CUDA graphs")
@@ -111,11 +115,10 @@ ORT_MOE_OP = Knob("MOECC_ORT_MOE_OP", False, bool, "1: MoE blocks run as com.mic
                   "CPU (1.7x-7x against QMoE for int4), but for int8 weights with float activations, which take "
                   "QMoE first")
 
-ALL = (DUMP_DIR, LOGS, VERIFY, CACHE_DIR, CAPTURE_CACHE, WATCH_WEIGHTS, RECOGNIZE_SEARCH_S, AUTOTUNE, CUDA_GRAPHS,
-       CUDA_GRAPH_MAX_TOKENS, CUDA_GRAPH_REPEAT_MAX_TOKENS, CUDA_GRAPH_PROBE_MAX_TOKENS,
-       CUDA_GRAPH_MAX_GRAPHS, TRITON_TMA, TRITON_WS,
-       TRITON_WS_GEMM1_MIN_ROWS, TRITON_COMBINE, TRITON_DECODE_MAX_TOKENS, TRITON_PDL, TRITON_ROUTER_GEMV, ORT_THREADS,
-       ORT_SPIN, AUTO_MAX_DENSE_WORK, ORT_MOE_OP)
+ALL = (DUMP_DIR, LOGS, VERIFY, CACHE_DIR, CAPTURE_CACHE, WATCH_WEIGHTS, RECOGNIZE_SEARCH_S, SLOW_STEP_S, AUTOTUNE,
+       CUDA_GRAPHS, CUDA_GRAPH_MAX_TOKENS, CUDA_GRAPH_REPEAT_MAX_TOKENS, CUDA_GRAPH_PROBE_MAX_TOKENS,
+       CUDA_GRAPH_MAX_GRAPHS, TRITON_TMA, TRITON_WS, TRITON_WS_GEMM1_MIN_ROWS, TRITON_COMBINE,
+       TRITON_DECODE_MAX_TOKENS, TRITON_PDL, TRITON_ROUTER_GEMV, ORT_THREADS, ORT_SPIN, AUTO_MAX_DENSE_WORK, ORT_MOE_OP)
 
 
 def cache_dir() -> Path:

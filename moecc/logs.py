@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import threading
+import time
 
 from moecc import knobs
 
@@ -60,3 +62,47 @@ def stderr_to_debug(logger: logging.Logger, what: str):
     finally:
         if buffer.getvalue().strip():
             logger.debug("%s printed:\n%s", what, buffer.getvalue())
+
+
+_steps = threading.local()  # the slow_step blocks a thread is inside, innermost last
+
+
+def _seconds(elapsed: float) -> str:
+    return f"{elapsed:.0f} s" if elapsed >= 10 else f"{elapsed:.1f} s"
+
+
+@contextlib.contextmanager
+def slow_step(logger: logging.Logger, what: str):
+    """A step that may run for minutes (capture, lowering a large graph, the check on fresh inputs) says so: past
+    ``MOECC_SLOW_STEP_S`` seconds a warning that it is still running, again each time its time doubles, and one
+    with its total when it ends; a quick step logs its time at info level only. Of steps inside each other, the
+    innermost speaks for them."""
+    after = knobs.SLOW_STEP_S.get()
+    start = time.perf_counter()
+    done = threading.Event()
+    announced = []
+    stack = _steps.__dict__.setdefault("stack", [])
+    token = object()
+
+    def watch() -> None:
+        wait = after
+        while not done.wait(wait):
+            elapsed = time.perf_counter() - start
+            if stack and stack[-1] is token:
+                logger.warning("still %s after %s", what, _seconds(elapsed))
+                announced.append(elapsed)
+            wait = elapsed
+
+    watcher = threading.Thread(target=watch, name="moecc-slow-step", daemon=True) if after > 0 else None
+    stack.append(token)
+    if watcher is not None:
+        watcher.start()
+    try:
+        yield
+    finally:
+        stack.remove(token)
+        done.set()
+        if watcher is not None:
+            watcher.join()
+        logger.log(logging.WARNING if announced else logging.INFO, "%s: %s", what,
+                   _seconds(time.perf_counter() - start))

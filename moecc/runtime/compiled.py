@@ -7,7 +7,6 @@ import inspect
 import logging
 import re
 import threading
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from moecc.capture import CaptureHints, capture, forget_calls
 from moecc.codegen.lower import EXPERT_LAYOUT, lower, resolve_backend
 from moecc.errors import BackendError, CacheError, CaptureError, DisagreementError, ExportError, MoeccError
 from moecc.ir import MoELayerInfo
-from moecc.logs import quiet
+from moecc.logs import quiet, slow_step
 from moecc.passes import DumpIR, PassManager, Recognize, Timing, default_pipeline
 from moecc.passes.base import layers_of
 from moecc.passes.graph_utils import blocks_left_as_written
@@ -395,7 +394,6 @@ class CompiledModule(nn.Module):
         if self.verify:
             # quantized experts are approximate by design: the check then only catches gross errors
             tolerance = 0.25 if self.options.get("quantize") else None
-            start = time.perf_counter()
 
             def rebuild(left: dict[str, str], refused: dict[str, str]):
                 # what the check found holds for every later capture too
@@ -409,19 +407,20 @@ class CompiledModule(nn.Module):
                 with quiet("moecc.passes.recognize", "moecc.capture"):
                     return capture(self.original_model, args, kwargs, hints=self.hints)
 
-            try:
+            with slow_step(log, "checking on fresh inputs"):
                 try:
-                    entry, info = verify_leaving_blocks(self.original_model, entry, info, tolerance, rebuild, verify)
+                    try:
+                        entry, info = verify_leaving_blocks(self.original_model, entry, info, tolerance, rebuild,
+                                                            verify)
+                    except DisagreementError as exc:
+                        if entry.backend != "onnxruntime" or tolerance is not None:
+                            raise
+                        entry, _ = torch_instead(self.original_model, exc, info, self.backend, lambda: build(
+                            self.original_model, args, kwargs, "torch", self.options, None, hints=self.hints))
                 except DisagreementError as exc:
-                    if entry.backend != "onnxruntime" or tolerance is not None:
-                        raise
-                    entry, _ = torch_instead(self.original_model, exc, info, self.backend, lambda: build(
-                        self.original_model, args, kwargs, "torch", self.options, None, hints=self.hints))
-            except DisagreementError as exc:
-                if (refused := capture_to_blame(self.original_model, exc, recapture, tolerance)) is not None:
-                    raise refused from exc
-                raise
-            log.info("check on fresh inputs: %.2f s", time.perf_counter() - start)
+                    if (refused := capture_to_blame(self.original_model, exc, recapture, tolerance)) is not None:
+                        raise refused from exc
+                    raise
         self._entries.append(entry)
         self._latest = entry
         return entry
@@ -530,9 +529,8 @@ def build(model: nn.Module, args, kwargs, backend: str, options: dict, dump_fold
     hints = hints or CaptureHints()
     quant = quant_spec(options.get("quantize"), options.get("quant_block_size", 0),
                        options.get("quant_int8_activations", False))
-    start = time.perf_counter()
-    cap = capture(model, args, kwargs, fuse=options.get("fuse", True), hints=hints)
-    log.info("capture: %.2f s", time.perf_counter() - start)
+    with slow_step(log, f"capturing {type(model).__name__}"):
+        cap = capture(model, args, kwargs, fuse=options.get("fuse", True), hints=hints)
     for node in cap.gm.graph.nodes:
         if node.op == "call_module" and "moecc_block" in node.meta:
             node.meta.pop(REFUSED_ROUTING, None)
@@ -621,9 +619,8 @@ def build(model: nn.Module, args, kwargs, backend: str, options: dict, dump_fold
                                          f"{ratio:.1f}x the routed work ({why}); the whole program "
                                          f"{work.ratio:.1f}x torch's weight reads per token")
     try:
-        start = time.perf_counter()
-        program = lower(gm, backend, cap.tensor_inputs, program_folder, quant)
-        log.info("lowering to %s: %.2f s", backend, time.perf_counter() - start)
+        with slow_step(log, f"lowering to {backend}"):
+            program = lower(gm, backend, cap.tensor_inputs, program_folder, quant)
     except BackendError as exc:
         if requested != "auto" or quant is not None:
             raise

@@ -41,7 +41,7 @@ from moecc.codegen.onnx.scalar_constants import keep_scalar_constants
 from moecc.codegen.onnx.sorted_experts import grouped_matmul_onnx, nbits_fit, sort_experts, sortable
 from moecc.errors import BackendError, first_line
 from moecc.files import OwnedFolder
-from moecc.logs import quiet, stderr_to_debug
+from moecc.logs import quiet, slow_step, stderr_to_debug
 from moecc.match import MatchResult
 from moecc.module_state import program_writes
 from moecc.passes.base import layers_of
@@ -288,7 +288,9 @@ def to_onnx(gm: fx.GraphModule, example: list[torch.Tensor], path: str) -> str:
         val = node.meta.get("val")
         symbolic = [] if val is None else [i for i, d in enumerate(val.shape) if not isinstance(d, int)]
         shapes.append({i: torch.export.Dim.AUTO for i in symbolic})
-    with warnings.catch_warnings(), stderr_to_debug(log, "torch.onnx.export"), quiet(ONNX_REGISTRY_LOGGER):
+    ops = sum(1 for n in gm.graph.nodes if n.op == "call_function")
+    with warnings.catch_warnings(), stderr_to_debug(log, "torch.onnx.export"), quiet(ONNX_REGISTRY_LOGGER), \
+            slow_step(log, f"exporting {ops} ops to ONNX (torch.onnx.export)"):
         # the graph's ops are fixed by now; an exported program's module refuses eval(), so it stays in train mode
         warnings.filterwarnings("ignore", message="Exporting a model while it is in training mode")
         prog = torch.onnx.export(gm, tuple(example), dynamo=True, dynamic_shapes=tuple(shapes), optimize=False,
@@ -303,6 +305,8 @@ def to_onnx(gm: fx.GraphModule, example: list[torch.Tensor], path: str) -> str:
                                                            torch.ops.moecc.grouped_matmul_nbits.default:
                                                                grouped_matmul_nbits_onnx},
                                  verbose=False)
+    with warnings.catch_warnings(), stderr_to_debug(log, "the ONNX optimizer"), quiet(ONNX_REGISTRY_LOGGER), \
+            slow_step(log, f"optimizing an ONNX graph of {len(prog.model.graph)} nodes"):
         onnxscript.optimizer.fold_constants(prog.model)  # a constant computed from others (``alpha * c``)
         if rewritten := keep_scalar_constants(prog.model):
             log.debug("%d ops of a scalar constant near 0 or 1 written to survive the optimizer", rewritten)
@@ -311,7 +315,8 @@ def to_onnx(gm: fx.GraphModule, example: list[torch.Tensor], path: str) -> str:
     if (why := _writes(list(signature.user_inputs_to_mutate.values()),
                        list(signature.buffers_to_mutate.values()))) is not None:
         raise BackendError(why)
-    prog.save(path, external_data=True)
+    with slow_step(log, f"writing {path}"):
+        prog.save(path, external_data=True)
     return path
 
 
@@ -415,7 +420,8 @@ def _export_and_open(gm: fx.GraphModule, example: list[torch.Tensor], folder: st
             hint += f" Its complex values stayed complex: {as_real.reason}."
         raise BackendError(f"ONNX export failed: {first}.{hint}") from exc
     try:
-        module = OrtModule(path, folder=owned)
+        with slow_step(log, "opening an ONNX Runtime session"):
+            module = OrtModule(path, folder=owned)
     except Exception as exc:  # an op ONNX Runtime has no kernel for in this dtype (Softplus in bf16 on the CPU)
         raise BackendError(f"ONNX Runtime cannot load the exported graph: {first_line(exc)}") from exc
     takes = sum(1 for n in gm.graph.nodes if n.op == "placeholder")
