@@ -5,7 +5,9 @@ pairs dropped by a capacity, biases, shared experts and k = 1."""
 
 import pytest
 import torch
+from hf_models import make_inputs, make_model
 
+import moecc
 from moecc.experts import from_canonical
 from moecc.routing import route_reference
 
@@ -157,3 +159,15 @@ def test_atomic_rows_in_bf16_on_the_gpu(t, ws, monkeypatch):
     assert ((atomic - ref).norm() / ref.norm()).item() < 1e-2
     assert ((atomic - pairs).norm() / ref.norm()).item() < 1e-2
     assert grouped_gemm.combine_mode() == "atomic"
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])  # many experts; shared experts folded in
+def test_whole_model_with_atomic_rows(family, no_combine_launch):
+    model = make_model(family).to(DEVICE)
+    cm = moecc.compile(model, backend="triton")
+    on_device = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in make_inputs(family, 2, 8).items()}
+    cm(**on_device)
+    assert all(layer.fused for layer in cm.moe_layers)
+    fresh = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in make_inputs(family, 3, 5, 1).items()}
+    ref, got = model(**fresh).logits, cm(**fresh).logits
+    assert ((got - ref).norm() / ref.norm()).item() < 1e-4
