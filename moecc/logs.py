@@ -72,11 +72,11 @@ def _seconds(elapsed: float) -> str:
 
 
 @contextlib.contextmanager
-def slow_step(logger: logging.Logger, what: str):
+def slow_step(logger: logging.Logger, what: str, hint: str = ""):
     """A step that may run for minutes (capture, lowering a large graph, the check on fresh inputs) says so: past
     ``MOECC_SLOW_STEP_S`` seconds a warning that it is still running, again each time its time doubles, and one
     with its total when it ends; a quick step logs its time at info level only. Of steps inside each other, the
-    innermost speaks for them."""
+    innermost speaks for them. ``hint``, when given, ends the first warning (what a user can do instead)."""
     after = knobs.SLOW_STEP_S.get()
     start = time.perf_counter()
     done = threading.Event()
@@ -89,7 +89,8 @@ def slow_step(logger: logging.Logger, what: str):
         while not done.wait(wait):
             elapsed = time.perf_counter() - start
             if stack and stack[-1] is token:
-                logger.warning("still %s after %s", what, _seconds(elapsed))
+                logger.warning("still %s after %s%s", what, _seconds(elapsed),
+                               f" ({hint})" if hint and not announced else "")
                 announced.append(elapsed)
             wait = elapsed
 

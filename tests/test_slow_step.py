@@ -24,7 +24,7 @@ def test_a_long_step_warns_while_it_runs_and_when_it_ends(moecc_warnings, monkey
         time.sleep(0.4)
     said = _messages(moecc_warnings)
     still = [m for m in said if m.startswith("still waiting after")]
-    assert 2 <= len(still) <= 4  # at 0.05, 0.1, 0.2 s: again each time its time doubles
+    assert 1 <= len(still) <= 4  # at 0.05, 0.1, 0.2 s (later on a busy machine): each time its time doubles
     assert said[-1].startswith("waiting: 0.")
 
 
@@ -52,11 +52,19 @@ def test_zero_turns_the_warnings_off(moecc_warnings, monkeypatch):
     assert _messages(moecc_warnings) == []
 
 
+def test_the_first_warning_carries_the_hint(moecc_warnings, monkeypatch):
+    monkeypatch.setenv("MOECC_SLOW_STEP_S", "0.05")
+    with slow_step(log, "waiting", "do something else"):
+        time.sleep(0.25)
+    still = [m for m in _messages(moecc_warnings) if m.startswith("still waiting")]
+    assert still[0].endswith("(do something else)") and not any("do something" in m for m in still[1:])
+
+
 def test_a_step_that_raises_still_ends_its_watch(moecc_warnings, monkeypatch):
     monkeypatch.setenv("MOECC_SLOW_STEP_S", "0.05")
     try:
         with slow_step(log, "failing"):
-            time.sleep(0.1)
+            time.sleep(0.3)
             raise RuntimeError("boom")
     except RuntimeError:
         pass
@@ -72,5 +80,6 @@ def test_a_lowering_to_onnx_runtime_names_its_slow_stage(moecc_warnings, monkeyp
     with torch.no_grad():
         cm(**make_inputs("mixtral", 2, 8))
     said = _messages(moecc_warnings)
-    assert any(m.startswith("still exporting") and "ops to ONNX (torch.onnx.export)" in m for m in said)
+    still = [m for m in said if m.startswith("still exporting") and "ops to ONNX (torch.onnx.export)" in m]
+    assert still and "backend='torch'" in still[0]
     assert any(m.startswith("lowering to onnxruntime: ") for m in said)
