@@ -143,12 +143,7 @@ def test_atomic_rows_in_bf16_on_the_gpu(t, ws, monkeypatch):
     a float64 reference and against the pair rows' combine, which rounds each pair row to bf16 first."""
     monkeypatch.setenv("MOECC_TRITON_WS", ws)
     monkeypatch.setenv("MOECC_TRITON_DECODE_MAX_TOKENS", "0")
-    g = torch.Generator().manual_seed(t)
-    e, k, h, inter = 32, 4, 512, 384
-    x = torch.randn(t, h, generator=g)
-    w, ids = route_reference(torch.randn(t, e, generator=g), None, k, "softmax", False, True, 1, 1, 1.0)
-    w_up, w_down = torch.randn(e, 2 * inter, h, generator=g) * 0.05, torch.randn(e, h, inter, generator=g) * 0.05
-    args = [x, w, ids, w_up, w_down, None, None, "silu", True, 1.0, 0.0, -1, 0.0, 0, 0, "token", "oi"]
+    args = _args((t, 32, 4, 512, 384, True, "silu", False, -1), t)
     ref = torch.ops.moecc.fused_moe(*[a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
                                       for a in args]).float()
     dev = _placed(_on_device(args, torch.bfloat16), "oi_gu")
