@@ -1,7 +1,14 @@
 """GEMM 2 adding each weighted row into its token's fp32 row (``MOECC_TRITON_COMBINE=atomic``) instead of writing
 pair rows for a combine launch: against the reference op on every GEMM 2 kernel (pointer and TMA in the
 interpreter, the warp-specialized Gluon kernel compiled for sm_90 here and run on a Hopper GPU), with null experts,
-pairs dropped by a capacity, biases, shared experts and k = 1."""
+pairs dropped by a capacity, biases, shared experts and k = 1; both GPU kernels' reductions compiled for sm_90."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -133,6 +140,50 @@ def test_warp_specialized_gemm2_adds_its_rows_atomically():
     ptx = kernel.asm["ptx"]
     assert "wgmma.mma_async" in ptx and ("red.global" in ptx or "atom.global" in ptx)
     assert kernel.metadata.shared <= 227 * 1024
+
+
+_COMPILE_TMA_GEMM2 = textwrap.dedent("""
+    import json, sys
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from moecc.codegen.triton import grouped_gemm
+
+    bm, bn, warps, stages, atomic = map(int, sys.argv[1:])
+    sig = dict(h_desc=f"tensordesc<bf16[{bm}, 64]>", w_desc=f"tensordesc<bf16[{bn}, 64]>",
+               ws_desc=f"tensordesc<bf16[{bn}, 64]>", b_ptr="*bf16", out_ptr="*fp32" if atomic else "*bf16",
+               weights_ptr="*fp32",
+               sorted_ptr="*i32", block_expert_ptr="*i32", total_ptr="*i32", n_pairs="i32", num_routed="i32",
+               top_k="i32", N="i32", K="i32", stride_be="i32", stride_om="i32", ATOMIC="constexpr",
+               HAS_BIAS="constexpr", HAS_SHARED="constexpr", PRECISION="constexpr", BLOCK_M="constexpr",
+               BLOCK_N="constexpr", BLOCK_K="constexpr", GROUP_M="constexpr")
+    constexprs = dict(ATOMIC=bool(atomic), HAS_BIAS=True, HAS_SHARED=True, PRECISION="tf32", BLOCK_M=bm,
+                      BLOCK_N=bn, BLOCK_K=64, GROUP_M=8)
+    names = list(sig)
+    attrs = {(names.index(n),): [["tt.divisibility", 16]]
+             for n in ("out_ptr", "weights_ptr", "sorted_ptr", "N", "K", "stride_om")}
+    kernel = triton.compile(ASTSource(grouped_gemm._gemm2_tma_kernel, sig, constexprs=constexprs, attrs=attrs),
+                            target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+    ptx = kernel.asm["ptx"]
+    print(json.dumps(dict(v4="red.global.gpu.relaxed.add.v4.f32" in ptx, reds="red.global" in ptx,
+                          stores="st.global" in ptx, shared=kernel.metadata.shared)))
+""")
+
+
+@pytest.mark.parametrize("atomic", [True, False])
+@pytest.mark.parametrize("tile", [(64, 128, 4, 4), (64, 256, 8, 3), (128, 256, 8, 4)])  # m, n, warps, stages
+def test_tma_gemm2_compiles_for_hopper_with_either_combine(tile, atomic):
+    """The ``tl.dot`` TMA GEMM 2 (Qwen3-MoE's at every T) compiles for sm_90 within an H100's shared memory at the
+    tiles the shipped configs use: adding its rows as ``red.global...add.v4.f32``, or storing pair rows. Compiled in
+    a process of its own: the tests' interpreter (``TRITON_INTERPRET=1``) has no compiler."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(moecc.__file__).parents[1]), env.get("PYTHONPATH", "")])
+    run = subprocess.run([sys.executable, "-c", _COMPILE_TMA_GEMM2, *map(str, tile), str(int(atomic))],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    assert got["shared"] <= 227 * 1024
+    assert (got["v4"], got["stores"]) == (True, False) if atomic else (got["reds"], got["stores"]) == (False, True)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
