@@ -619,8 +619,11 @@ def build(model: nn.Module, args, kwargs, backend: str, options: dict, dump_fold
                                          f"{ratio:.1f}x the routed work ({why}); the whole program "
                                          f"{work.ratio:.1f}x torch's weight reads per token")
     try:
-        hint = "moecc.compile(..., backend='torch') runs the captured program without it" if (
-            backend == "onnxruntime") else ""
+        hint = ""
+        if backend == "onnxruntime":
+            from moecc.codegen.onnx.lower import SKIP_LOWERING
+
+            hint = SKIP_LOWERING
         with slow_step(log, f"lowering to {backend}", hint):
             program = lower(gm, backend, cap.tensor_inputs, program_folder, quant)
     except BackendError as exc:

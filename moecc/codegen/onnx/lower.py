@@ -278,7 +278,7 @@ def decompose(gm: fx.GraphModule) -> None:
     gm.recompile()
 
 
-_NO_LOWERING = "moecc.compile(..., backend='torch') runs the captured program without it"
+SKIP_LOWERING = "moecc.compile(..., backend='torch') runs the captured program without it"
 
 
 def to_onnx(gm: fx.GraphModule, example: list[torch.Tensor], path: str) -> str:
@@ -293,7 +293,7 @@ def to_onnx(gm: fx.GraphModule, example: list[torch.Tensor], path: str) -> str:
         shapes.append({i: torch.export.Dim.AUTO for i in symbolic})
     ops = sum(1 for n in gm.graph.nodes if n.op == "call_function")
     with warnings.catch_warnings(), stderr_to_debug(log, "torch.onnx.export"), quiet(ONNX_REGISTRY_LOGGER), \
-            slow_step(log, f"exporting {ops} ops to ONNX (torch.onnx.export)", _NO_LOWERING):
+            slow_step(log, f"exporting {ops} ops to ONNX (torch.onnx.export)", SKIP_LOWERING):
         # the graph's ops are fixed by now; an exported program's module refuses eval(), so it stays in train mode
         warnings.filterwarnings("ignore", message="Exporting a model while it is in training mode")
         prog = torch.onnx.export(gm, tuple(example), dynamo=True, dynamic_shapes=tuple(shapes), optimize=False,
@@ -309,7 +309,7 @@ def to_onnx(gm: fx.GraphModule, example: list[torch.Tensor], path: str) -> str:
                                                                grouped_matmul_nbits_onnx},
                                  verbose=False)
     with warnings.catch_warnings(), stderr_to_debug(log, "the ONNX optimizer"), quiet(ONNX_REGISTRY_LOGGER), \
-            slow_step(log, f"optimizing an ONNX graph of {len(prog.model.graph)} nodes", _NO_LOWERING):
+            slow_step(log, f"optimizing an ONNX graph of {len(prog.model.graph)} nodes", SKIP_LOWERING):
         onnxscript.optimizer.fold_constants(prog.model)  # a constant computed from others (``alpha * c``)
         if rewritten := keep_scalar_constants(prog.model):
             log.debug("%d ops of a scalar constant near 0 or 1 written to survive the optimizer", rewritten)
