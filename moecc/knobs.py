@@ -14,6 +14,7 @@ class Knob:
     default: object
     kind: type
     doc: str
+    choices: tuple[str, ...] = ()  # a str knob's allowed values, when it has a fixed set
 
     @contextmanager
     def overridden(self, value: str):
@@ -48,6 +49,10 @@ class Knob:
                 return float(raw)
             except ValueError:
                 raise ValueError(f"{self.name} must be a number, got {raw!r}") from None
+        if self.choices and raw not in self.choices:
+            *rest, last = self.choices
+            allowed = f"{', '.join(rest)} or {last}" if rest else last
+            raise ValueError(f"{self.name} must be {allowed}, got {raw!r}")
         return raw
 
 
@@ -82,16 +87,17 @@ CUDA_GRAPH_PROBE_MAX_TOKENS = Knob("MOECC_CUDA_GRAPH_PROBE_MAX_TOKENS", 16384, i
                                   "where its second call, timed, found the host's launch path the bound (0: never)")
 CUDA_GRAPH_MAX_GRAPHS = Knob("MOECC_CUDA_GRAPH_MAX_GRAPHS", 32, int, "CUDA graphs kept per compiled program (LRU)")
 TRITON_TMA = Knob("MOECC_TRITON_TMA", "auto", str, "large-tile grouped GEMMs read tiles through TMA descriptors: "
-                  "auto (Hopper or newer), on (wherever the tensors allow, also in the interpreter), off")
+                  "auto (Hopper or newer), on (wherever the tensors allow, also in the interpreter), off",
+                  ("auto", "on", "off"))
 TRITON_WS = Knob("MOECC_TRITON_WS", "auto", str, "warp-specialized Gluon kernels for 128-row blocks (bf16/fp16, "
                  "sm_90): auto (GEMM 1 from 128 pairs per expert, GEMM 2 with K >= 4096: where they measured "
-                 "faster), on (both GEMMs), off")
+                 "faster), on (both GEMMs), off", ("auto", "on", "off"))
 TRITON_WS_GEMM1_MIN_ROWS = Knob("MOECC_TRITON_WS_GEMM1_MIN_ROWS", 128, int, "with MOECC_TRITON_WS=auto, GEMM 1 takes "
                                 "the warp-specialized kernel from this many pairs per expert on average")
 TRITON_COMBINE = Knob("MOECC_TRITON_COMBINE", "pairs", str, "how GEMM 2's rows reach each token: pairs (each "
                       "pair's row written, then a token's k rows summed in slot order: the same bits every run), "
                       "atomic (GEMM 2 adds each row into an fp32 token row as it computes it: no pair buffer, but the "
-                      "order of the sums, and so the last bit, can change from run to run)")
+                      "order of the sums, and so the last bit, can change from run to run)", ("pairs", "atomic"))
 TRITON_DECODE_MAX_TOKENS = Knob("MOECC_TRITON_DECODE_MAX_TOKENS", 4, int, "up to this many tokens the Triton experts "
                                 "run as two pair-wise GEMV launches, without align or a combine launch, where their "
                                 "pairs would read few experts twice (0: never)")

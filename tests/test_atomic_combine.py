@@ -15,11 +15,11 @@ import torch
 from hf_models import make_inputs, make_model
 
 import moecc
+from moecc import knobs
 from moecc.experts import from_canonical
 from moecc.routing import route_reference
 
 triton = pytest.importorskip("triton")
-from moecc.codegen.triton import grouped_gemm  # noqa: E402
 from moecc.codegen.triton import moe as moe_module  # noqa: E402
 from moecc.codegen.triton.moe import fused_moe_shared_triton, fused_moe_triton  # noqa: E402
 
@@ -204,7 +204,7 @@ def test_atomic_rows_in_bf16_on_the_gpu(t, ws, monkeypatch):
     atomic = fused_moe_triton(*dev).float().cpu()
     assert ((atomic - ref).norm() / ref.norm()).item() < 1e-2
     assert ((atomic - pairs).norm() / ref.norm()).item() < 1e-2
-    assert grouped_gemm.combine_mode() == "atomic"
+    assert knobs.TRITON_COMBINE.get() == "atomic"
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])  # many experts; shared experts folded in

@@ -13,7 +13,7 @@ from moecc.codegen.triton import configs, decode
 from moecc.codegen.triton.align import align
 from moecc.codegen.triton.configs import INTERPRET
 from moecc.codegen.triton.gating import GEMV_MAX_TOKENS, fused_gating, gating
-from moecc.codegen.triton.grouped_gemm import combine, combine_mode, gemm1, gemm2
+from moecc.codegen.triton.grouped_gemm import combine, gemm1, gemm2
 from moecc.experts import to_canonical
 from moecc.routing import apply_capacity, router_logits
 
@@ -70,7 +70,7 @@ def run_experts(x, weights, ids, w_up, w_down, b_up, b_down, activation, gated, 
     aligned = align(ids, num_experts, cfg1.block_m)
     h = gemm1(x, w_up, w_up if shared_up is None else shared_up, b_up, aligned, n_pairs, k, gated, activation,
               alpha, limit, cfg1, interleaved)
-    atomic = combine_mode() == "atomic"
+    atomic = knobs.TRITON_COMBINE.get() == "atomic"
     out = gemm2(h, w_down, w_down if shared_down is None else shared_down, b_down, weights.reshape(-1), aligned,
                 n_pairs, cfg2, k, atomic)
     return out.to(x.dtype) if atomic else combine(out, ids, num_experts)
