@@ -20,9 +20,6 @@ PY
          cp "$MOECC_CACHE_DIR/triton_configs.json" "$OUT/" ;;
     bench) timeout 300 python3 benchmarks/moe_layer.py --json "$OUT/moe_layer.json" 2>&1 | grep -v Warning | tee "$OUT/moe_layer.txt";;
     bench-quick) python3 benchmarks/moe_layer.py --no-compile 2>&1 | grep -v Warning | tee "$OUT/moe_layer_quick.txt";;
-    combine) timeout 150 python3 -m pytest -q tests/test_atomic_combine.py 2>&1 | tail -3
-             python3 benchmarks/knob_ab.py --knob MOECC_TRITON_COMBINE --values pairs atomic --shapes qwen3_moe mixtral \
-               --tokens 512 4096 16384 2>&1 | grep -v Warning | tee "$OUT/combine_ab.txt";;
     profile) python3 benchmarks/profile_layer.py --tokens 1 64 512 4096 16384 --host 1 512 2>&1 | grep -v Warning | tee "$OUT/profile.txt";;
     e2e) python3 benchmarks/model_e2e.py e2e 2>&1 | grep -v Warning | tee "$OUT/e2e.txt";;
     compile) export TRITON_CACHE_DIR=/tmp/moecc_triton_cold; rm -rf "$TRITON_CACHE_DIR" "$MOECC_CACHE_DIR/captures"

@@ -94,10 +94,6 @@ TRITON_WS = Knob("MOECC_TRITON_WS", "auto", str, "warp-specialized Gluon kernels
                  "faster), on (both GEMMs), off", ("auto", "on", "off"))
 TRITON_WS_GEMM1_MIN_ROWS = Knob("MOECC_TRITON_WS_GEMM1_MIN_ROWS", 128, int, "with MOECC_TRITON_WS=auto, GEMM 1 takes "
                                 "the warp-specialized kernel from this many pairs per expert on average")
-TRITON_COMBINE = Knob("MOECC_TRITON_COMBINE", "pairs", str, "how GEMM 2's rows reach each token: pairs (each "
-                      "pair's row written, then a token's k rows summed in slot order: the same bits every run), "
-                      "atomic (GEMM 2 adds each row into an fp32 token row as it computes it: no pair buffer, but the "
-                      "order of the sums, and so the last bit, can change from run to run)", ("pairs", "atomic"))
 TRITON_DECODE_MAX_TOKENS = Knob("MOECC_TRITON_DECODE_MAX_TOKENS", 4, int, "up to this many tokens the Triton experts "
                                 "run as two pair-wise GEMV launches, without align or a combine launch, where their "
                                 "pairs would read few experts twice (0: never)")
@@ -123,7 +119,7 @@ ORT_MOE_OP = Knob("MOECC_ORT_MOE_OP", False, bool, "1: MoE blocks run as com.mic
 
 ALL = (DUMP_DIR, LOGS, VERIFY, CACHE_DIR, CAPTURE_CACHE, WATCH_WEIGHTS, RECOGNIZE_SEARCH_S, SLOW_STEP_S, AUTOTUNE,
        CUDA_GRAPHS, CUDA_GRAPH_MAX_TOKENS, CUDA_GRAPH_REPEAT_MAX_TOKENS, CUDA_GRAPH_PROBE_MAX_TOKENS,
-       CUDA_GRAPH_MAX_GRAPHS, TRITON_TMA, TRITON_WS, TRITON_WS_GEMM1_MIN_ROWS, TRITON_COMBINE,
+       CUDA_GRAPH_MAX_GRAPHS, TRITON_TMA, TRITON_WS, TRITON_WS_GEMM1_MIN_ROWS,
        TRITON_DECODE_MAX_TOKENS, TRITON_PDL, TRITON_ROUTER_GEMV, ORT_THREADS, ORT_SPIN, AUTO_MAX_DENSE_WORK, ORT_MOE_OP)
 
 

@@ -344,6 +344,16 @@ def test_a_knob_overridden_reads_its_value_inside_and_the_old_one_after(monkeypa
     assert knobs.TRITON_WS.get() == "on"
 
 
+def test_a_knob_with_a_fixed_set_of_values_refuses_others_where_it_is_read(monkeypatch):
+    from moecc import knobs
+
+    monkeypatch.setenv("MOECC_TRITON_TMA", "yes")
+    with pytest.raises(ValueError, match="MOECC_TRITON_TMA must be auto, on or off, got 'yes'"):
+        knobs.TRITON_TMA.get()
+    monkeypatch.setenv("MOECC_TRITON_TMA", "off")
+    assert knobs.TRITON_TMA.get() == "off"
+
+
 def test_calls_under_autocast_and_outside_it_get_captures_of_their_own():
     """torch.export traces autocast's casts into the program: a capture made under autocast ran for a call outside
     it and failed on a dtype mismatch (and one made outside would leave out the casts eager makes under it). Each

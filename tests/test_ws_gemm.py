@@ -67,10 +67,10 @@ def test_gemm1_compiles_each_activation(act):
 def test_gemm2_compiles_for_hopper(bias, shared, dtype):
     sig = dict(h_desc=_desc([128, 64], dtype), w_desc=_desc([256, 64], dtype), ws_desc=_desc([256, 64], dtype),
                b_ptr=f"*{dtype}", out_ptr=f"*{dtype}", weights_ptr="*fp32", sorted_ptr="*i32",
-               block_expert_ptr="*i32", total_ptr="*i32", n_pairs="i32", num_routed="i32", top_k="i32", N="i32",
-               K="i32", stride_be="i32", stride_om="i32", ATOMIC="constexpr", HAS_BIAS="constexpr",
-               HAS_SHARED="constexpr", STAGES="constexpr", GROUP="constexpr", num_warps="constexpr")
-    constexprs = dict(ATOMIC=False, HAS_BIAS=bias, HAS_SHARED=shared, STAGES=ws_gemm.GEMM2_STAGES, GROUP=16,
+               block_expert_ptr="*i32", total_ptr="*i32", n_pairs="i32", num_routed="i32", N="i32", K="i32",
+               stride_be="i32", stride_om="i32", HAS_BIAS="constexpr", HAS_SHARED="constexpr", STAGES="constexpr",
+               GROUP="constexpr", num_warps="constexpr")
+    constexprs = dict(HAS_BIAS=bias, HAS_SHARED=shared, STAGES=ws_gemm.GEMM2_STAGES, GROUP=16,
                       num_warps=ws_gemm.CONSUMER_WARPS)
     kernel = _compile(ws_gemm._gemm2_ws_kernel, sig, constexprs,
                       ("b_ptr", "out_ptr", "weights_ptr", "sorted_ptr", "block_expert_ptr", "total_ptr"))

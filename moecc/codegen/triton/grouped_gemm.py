@@ -3,9 +3,7 @@
 GEMM 1 gathers each row's token straight from ``x`` (no permuted copy), computes the gate and up tiles of the same
 output columns in one program and applies the (gated) activation, biases and GPT-OSS clamp in the epilogue.
 GEMM 2 multiplies by the down projection, adds its bias and the routing weight, and writes each pair's row in pair
-order, so the combine that follows is a plain, deterministic sum over the k slots (no atomics). With
-``MOECC_TRITON_COMBINE=atomic`` GEMM 2 instead adds each row into its token's fp32 row (``tl.atomic_add``): no pair
-rows go to memory and back, and the sums' order follows the programs' (the last bit can change between runs).
+order, so the combine that follows is a plain, deterministic sum over the k slots (no atomics).
 
 Two kernel families share those contracts. The pointer kernels load every tile with masked loads and serve small
 row blocks (decode) and GPUs before Hopper. The TMA kernels (row blocks of 64 and more, Hopper and newer; knob
@@ -192,23 +190,11 @@ def _gemm1_kernel(x_ptr, w_ptr, ws_ptr, b_ptr, h_ptr, sorted_ptr, block_expert_p
     tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=live[:, None] & n_ok[None, :])
 
 
-@triton.jit
-def _write_rows(out_ptr, pair, live, offs_n, n_ok, acc, stride_om, top_k, ATOMIC: tl.constexpr):
-    """GEMM 2's weighted rows: each to its pair's row, or (``ATOMIC``) added into its token's fp32 row."""
-    mask = live[:, None] & n_ok[None, :]
-    if ATOMIC:
-        o_ptrs = out_ptr + (pair // top_k)[:, None].to(tl.int64) * stride_om + offs_n[None, :]
-        tl.atomic_add(o_ptrs, acc, mask=mask, sem="relaxed")
-    else:
-        o_ptrs = out_ptr + pair[:, None].to(tl.int64) * stride_om + offs_n[None, :]
-        tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit(do_not_specialize=["n_pairs", "num_routed", "top_k"])
+@triton.jit(do_not_specialize=["n_pairs", "num_routed"])
 def _gemm2_kernel(h_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, weights_ptr, sorted_ptr, block_expert_ptr, total_ptr,
-                  n_pairs, num_routed, top_k, N, K, stride_hm, stride_we, stride_wn, stride_wk, stride_be, stride_om,
-                  ATOMIC: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                  n_pairs, num_routed, N, K, stride_hm, stride_we, stride_wn, stride_wk, stride_be, stride_om,
+                  HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     pid_m, pid_n, live_tile = _tile(total_ptr, N, BLOCK_M, BLOCK_N, GROUP_M)
     if not live_tile:
         return
@@ -230,7 +216,8 @@ def _gemm2_kernel(h_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, weights_ptr, sorted_ptr,
     if HAS_BIAS:
         acc += tl.load(b_ptr + e * stride_be + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     acc = acc * tl.load(weights_ptr + pair, mask=live, other=0.0).to(tl.float32)[:, None]
-    _write_rows(out_ptr, pair, live, offs_n, n_ok, acc, stride_om, top_k, ATOMIC)
+    o_ptrs = out_ptr + pair[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+    tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=live[:, None] & n_ok[None, :])
 
 
 @triton.jit
@@ -342,9 +329,9 @@ def _tma_dot(a_desc, a_row, w_desc, w_row, K, acc, PRECISION: tl.constexpr, BLOC
     return acc
 
 
-@triton.jit(do_not_specialize=["n_pairs", "num_routed", "top_k"])
+@triton.jit(do_not_specialize=["n_pairs", "num_routed"])
 def _gemm2_tma_kernel(h_desc, w_desc, ws_desc, b_ptr, out_ptr, weights_ptr, sorted_ptr, block_expert_ptr, total_ptr,
-                      n_pairs, num_routed, top_k, N, K, stride_be, stride_om, ATOMIC: tl.constexpr,
+                      n_pairs, num_routed, N, K, stride_be, stride_om,
                       HAS_BIAS: tl.constexpr, HAS_SHARED: tl.constexpr, PRECISION: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """GEMM 2 with both operands through TMA: the aligned rows of h are contiguous. Padding rows of h were never
@@ -365,7 +352,8 @@ def _gemm2_tma_kernel(h_desc, w_desc, ws_desc, b_ptr, out_ptr, weights_ptr, sort
     if HAS_BIAS:
         acc += tl.load(b_ptr + e * stride_be + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     acc = acc * tl.load(weights_ptr + pair, mask=live, other=0.0).to(tl.float32)[:, None]
-    _write_rows(out_ptr, pair, live, offs_n, n_ok, acc, stride_om, top_k, ATOMIC)
+    o_ptrs = out_ptr + pair[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+    tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=live[:, None] & n_ok[None, :])
 
 
 @triton.jit
@@ -524,41 +512,34 @@ def gemm1(x, w_up, shared_up, b_up, aligned, n_pairs: int, top_k: int, gated: bo
     return h
 
 
-def gemm2(h, w_down, shared_down, b_down, weights, aligned, n_pairs: int, cfg, top_k: int = 1,
-          atomic: bool = False) -> torch.Tensor:
-    """pairs [T*k, H]: weight * (h @ down^T + bias), each aligned row written to its pair's row. ``atomic``: tokens
-    [T, H] in fp32 instead (``T = n_pairs / top_k``), each row added into its token's row as it is computed, so that
-    no pair rows are written and read back; the sums' order is the order the programs run in."""
+def gemm2(h, w_down, shared_down, b_down, weights, aligned, n_pairs: int, cfg) -> torch.Tensor:
+    """pairs [T*k, H]: weight * (h @ down^T + bias), each aligned row written to its pair's row."""
     sorted_ids, block_expert, total = aligned
     num_routed, hidden, inter = w_down.shape
-    if atomic:
-        out = torch.zeros((n_pairs // top_k, hidden), dtype=torch.float32, device=h.device)
-    else:
-        out = torch.empty((n_pairs, hidden), dtype=h.dtype, device=h.device)
     if _warp_specialized(cfg, 2, inter, h, w_down, shared_down, row_elems=(inter,)):
         from moecc.codegen.triton import ws_gemm
 
-        ws_gemm.gemm2(h, w_down, shared_down, b_down, weights, aligned, n_pairs, out, top_k, atomic, cfg.group_m)
-        return out
+        return ws_gemm.gemm2(h, w_down, shared_down, b_down, weights, aligned, n_pairs, cfg.group_m)
+    pairs = torch.empty((n_pairs, hidden), dtype=h.dtype, device=h.device)
     cfg = within_registers(_fit(cfg, h, 1), 1)
     bias = b_down if b_down is not None else w_down
-    common = dict(ATOMIC=atomic, HAS_BIAS=b_down is not None, PRECISION=_precision(h))
     if use_tma(cfg, h, w_down, shared_down):
         def launch(c):
             return (TensorDescriptor.from_tensor(h, [c.block_m, c.block_k]),
                     _descriptor(w_down, c.block_n, c.block_k), _descriptor(shared_down, c.block_n, c.block_k))
 
         _launch(_gemm2_tma_kernel, lambda c: _grid(block_expert.numel(), hidden, c), cfg, launch,
-                bias, out, weights, sorted_ids, block_expert, total, n_pairs, num_routed, top_k, hidden, inter,
-                b_down.stride(0) if b_down is not None else 0, out.stride(0), HAS_SHARED=shared_down is not w_down,
-                **common)
-        return out
+                bias, pairs, weights, sorted_ids, block_expert, total, n_pairs, num_routed, hidden, inter,
+                b_down.stride(0) if b_down is not None else 0, pairs.stride(0), HAS_BIAS=b_down is not None,
+                HAS_SHARED=shared_down is not w_down, PRECISION=_precision(h))
+        return pairs
     _launch(
         _gemm2_kernel, lambda c: _grid(block_expert.numel(), hidden, c), cfg, None,
-        h, w_down, shared_down, bias, out, weights, sorted_ids, block_expert,
-        total, n_pairs, num_routed, top_k, hidden, inter, h.stride(0), w_down.stride(0), w_down.stride(1),
-        w_down.stride(2), b_down.stride(0) if b_down is not None else 0, out.stride(0), **common)
-    return out
+        h, w_down, shared_down, bias, pairs, weights, sorted_ids, block_expert,
+        total, n_pairs, num_routed, hidden, inter, h.stride(0), w_down.stride(0), w_down.stride(1),
+        w_down.stride(2), b_down.stride(0) if b_down is not None else 0, pairs.stride(0),
+        HAS_BIAS=b_down is not None, PRECISION=_precision(h))
+    return pairs
 
 
 def combine(pairs: torch.Tensor, ids: torch.Tensor, num_experts: int) -> torch.Tensor:

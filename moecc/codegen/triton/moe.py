@@ -49,10 +49,9 @@ def _maybe_tune(x: Tensor, num_experts: int, hidden: int, inter: int, top_k: int
 
 def run_experts(x, weights, ids, w_up, w_down, b_up, b_down, activation, gated, alpha, limit, cfg1, cfg2,
                 shared_up=None, shared_down=None, interleaved: bool = False):
-    """The launches after gating: align, GEMM 1 (+activation), GEMM 2 (+weights), combine (or GEMM 2 adding into
-    token rows, ``MOECC_TRITON_COMBINE=atomic``); for a few tokens the two pair-wise GEMVs of ``decode`` instead.
-    Ids ``>= E`` address ``shared_up``/``shared_down`` (same per-expert shapes, strides and layout) when given.
-    ``interleaved``: gated up weights in the ``oi_gu`` layout."""
+    """The launches after gating: align, GEMM 1 (+activation), GEMM 2 (+weights), combine; for a few tokens the
+    two pair-wise GEMVs of ``decode`` instead. Ids ``>= E`` address ``shared_up``/``shared_down`` (same per-expert
+    shapes, strides and layout) when given. ``interleaved``: gated up weights in the ``oi_gu`` layout."""
     t, k = ids.shape
     x = x.contiguous()
     b_up, b_down = (None if b is None else b.contiguous() for b in (b_up, b_down))  # read along rows, stride 1
@@ -70,10 +69,9 @@ def run_experts(x, weights, ids, w_up, w_down, b_up, b_down, activation, gated, 
     aligned = align(ids, num_experts, cfg1.block_m)
     h = gemm1(x, w_up, w_up if shared_up is None else shared_up, b_up, aligned, n_pairs, k, gated, activation,
               alpha, limit, cfg1, interleaved)
-    atomic = knobs.TRITON_COMBINE.get() == "atomic"
-    out = gemm2(h, w_down, w_down if shared_down is None else shared_down, b_down, weights.reshape(-1), aligned,
-                n_pairs, cfg2, k, atomic)
-    return out.to(x.dtype) if atomic else combine(out, ids, num_experts)
+    pairs = gemm2(h, w_down, w_down if shared_down is None else shared_down, b_down, weights.reshape(-1), aligned,
+                  n_pairs, cfg2)
+    return combine(pairs, ids, num_experts)
 
 
 @torch.library.custom_op("moecc::fused_moe_triton", mutates_args=())

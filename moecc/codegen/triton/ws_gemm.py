@@ -10,8 +10,7 @@ Mixtral's shapes reaches 578–624 TFLOP/s through ``tl.dot`` and 733–754 thro
 
 GEMM 1's token rows are gathered (Hopper's TMA cannot gather rows), so its loader is four warps issuing
 ``cp.async`` copies that arrive on the stage's barrier when they land; the weight tiles come through TMA. GEMM 2
-reads both operands through TMA and scatters each row, weighted, to its pair's row (or, with
-``MOECC_TRITON_COMBINE=atomic``, adds it into its token's fp32 row)."""
+reads both operands through TMA and scatters each row, weighted, to its pair's row."""
 
 from __future__ import annotations
 
@@ -290,8 +289,8 @@ def _gemm2_loader(h_desc, w_desc, ws_desc, block_expert_ptr, total_ptr, a_bufs, 
 
 @gluon.jit
 def _gemm2_consumer(b_ptr, out_ptr, weights_ptr, sorted_ptr, block_expert_ptr, total_ptr, a_bufs, b_bufs, ready,
-                    empty, n_pairs, top_k, N, K, stride_be, stride_om, ATOMIC: gl.constexpr, HAS_BIAS: gl.constexpr,
-                    GROUP: gl.constexpr, num_warps: gl.constexpr):
+                    empty, n_pairs, N, K, stride_be, stride_om, HAS_BIAS: gl.constexpr, GROUP: gl.constexpr,
+                    num_warps: gl.constexpr):
     BM: gl.constexpr = a_bufs.shape[1]
     layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                      instr_shape=[16, B_ROWS, 16])
@@ -313,24 +312,17 @@ def _gemm2_consumer(b_ptr, out_ptr, weights_ptr, sorted_ptr, block_expert_ptr, t
             y = _add_expert_bias(y, b_ptr, block_expert_ptr, pid_m, pid_n * B_ROWS + offs_n, N, stride_be)
         pair = gl.load(sorted_ptr + pid_m * BM + offs_m)
         y = y * gl.load(weights_ptr + pair, mask=pair < n_pairs, other=0.0)[:, None]
-        if ATOMIC:
-            # added in the accumulator's layout: an fp32 tile through shared memory would not fit beside the ring
-            cols = pid_n * B_ROWS + offs_n
-            ptrs = out_ptr + (pair // top_k).to(gl.int64)[:, None] * stride_om + cols[None, :]
-            gl.atomic_add(ptrs, y, mask=(pair < n_pairs)[:, None] & (cols < N)[None, :], sem="relaxed")
-        else:
-            y = gl.convert_layout(y.to(out_ptr.dtype.element_ty), out_layout)
-            pair = gl.load(sorted_ptr + pid_m * BM + out_m)
-            cols = pid_n * B_ROWS + out_n
-            ptrs = out_ptr + pair.to(gl.int64)[:, None] * stride_om + cols[None, :]
-            gl.store(ptrs, y, mask=(pair < n_pairs)[:, None] & (cols < N)[None, :])
+        y = gl.convert_layout(y.to(out_ptr.dtype.element_ty), out_layout)
+        pair = gl.load(sorted_ptr + pid_m * BM + out_m)
+        cols = pid_n * B_ROWS + out_n
+        ptrs = out_ptr + pair.to(gl.int64)[:, None] * stride_om + cols[None, :]
+        gl.store(ptrs, y, mask=(pair < n_pairs)[:, None] & (cols < N)[None, :])
 
 
 @gluon.jit
 def _gemm2_ws_kernel(h_desc, w_desc, ws_desc, b_ptr, out_ptr, weights_ptr, sorted_ptr, block_expert_ptr, total_ptr,
-                     n_pairs, num_routed, top_k, N, K, stride_be, stride_om, ATOMIC: gl.constexpr,
-                     HAS_BIAS: gl.constexpr, HAS_SHARED: gl.constexpr, STAGES: gl.constexpr, GROUP: gl.constexpr,
-                     num_warps: gl.constexpr):
+                     n_pairs, num_routed, N, K, stride_be, stride_om, HAS_BIAS: gl.constexpr,
+                     HAS_SHARED: gl.constexpr, STAGES: gl.constexpr, GROUP: gl.constexpr, num_warps: gl.constexpr):
     dtype: gl.constexpr = w_desc.dtype
     a_bufs = gl.allocate_shared_memory(dtype, [STAGES] + h_desc.block_type.shape, h_desc.layout)
     b_bufs = gl.allocate_shared_memory(dtype, [STAGES] + w_desc.block_type.shape, w_desc.layout)
@@ -341,7 +333,7 @@ def _gemm2_ws_kernel(h_desc, w_desc, ws_desc, b_ptr, out_ptr, weights_ptr, sorte
         mbarrier.init(empty.index(i), count=1)
     gl.warp_specialize([
         (_gemm2_consumer, (b_ptr, out_ptr, weights_ptr, sorted_ptr, block_expert_ptr, total_ptr, a_bufs, b_bufs, ready,
-                           empty, n_pairs, top_k, N, K, stride_be, stride_om, ATOMIC, HAS_BIAS, GROUP, num_warps)),
+                           empty, n_pairs, N, K, stride_be, stride_om, HAS_BIAS, GROUP, num_warps)),
         (_gemm2_loader, (h_desc, w_desc, ws_desc, block_expert_ptr, total_ptr, a_bufs, b_bufs, ready, empty,
                          num_routed, N, K, HAS_SHARED, GROUP)),
     ], [1], [40])
@@ -391,18 +383,19 @@ def gemm1(x, w_up, shared_up, b_up, aligned, n_pairs: int, top_k: int, gated: bo
     return h
 
 
-def gemm2(h, w_down, shared_down, b_down, weights, aligned, n_pairs: int, out: torch.Tensor, top_k: int = 1,
-          atomic: bool = False, group_m: int = 8) -> None:
-    """``grouped_gemm.gemm2`` for 128-row blocks, into ``out`` (pair rows, or with ``atomic`` fp32 token rows)."""
+def gemm2(h, w_down, shared_down, b_down, weights, aligned, n_pairs: int, group_m: int = 8) -> torch.Tensor:
+    """``grouped_gemm.gemm2`` for 128-row blocks."""
     sorted_ids, block_expert, total = aligned
     num_routed, hidden, inter = w_down.shape
+    pairs = torch.empty((n_pairs, hidden), dtype=h.dtype, device=h.device)
     grid = _grid(h, block_expert.numel(), triton.cdiv(hidden, TILE_B))
     _gemm2_ws_kernel[grid](
         _descriptor(h, [TILE_M, TILE_K]), _descriptor(w_down, [TILE_B, TILE_K]),
-        _descriptor(shared_down, [TILE_B, TILE_K]), b_down if b_down is not None else h, out, weights, sorted_ids,
-        block_expert, total, n_pairs, num_routed, top_k, hidden, inter,
-        b_down.stride(0) if b_down is not None else 0, out.stride(0), ATOMIC=atomic, HAS_BIAS=b_down is not None,
-        HAS_SHARED=shared_down is not w_down, STAGES=GEMM2_STAGES, GROUP=group_m, num_warps=CONSUMER_WARPS)
+        _descriptor(shared_down, [TILE_B, TILE_K]), b_down if b_down is not None else h, pairs, weights, sorted_ids,
+        block_expert, total, n_pairs, num_routed, hidden, inter, b_down.stride(0) if b_down is not None else 0,
+        pairs.stride(0), HAS_BIAS=b_down is not None, HAS_SHARED=shared_down is not w_down, STAGES=GEMM2_STAGES,
+        GROUP=group_m, num_warps=CONSUMER_WARPS)
+    return pairs
 
 
 @functools.cache
