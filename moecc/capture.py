@@ -26,14 +26,13 @@ from moecc.capture_key import fingerprint
 from moecc.capture_recorded import RecordingBlock, recordable, run_forward_hooks
 from moecc.discover import expert_owners, find_moe_blocks
 from moecc.errors import CaptureError, ExportError
-from moecc.logs import quiet, stderr_to_debug
+from moecc.logs import EXPORT_LOGGERS, quiet, stderr_to_debug
+from moecc.module_casts import idle_module_casts
 from moecc.passes.graph_utils import fresh_container, output_leaves
 from moecc.passes.recognize.memo import RecognitionMemo
 from moecc.runtime.weights import storage_of
 
 log = logging.getLogger("moecc.capture")
-# torch.export warns about every 0/1-specialized dim; moecc handles that by re-capturing per bucket
-EXPORT_LOGGERS = ("torch._export.non_strict_utils", "torch.fx.experimental.symbolic_shapes", "torch.export")
 
 _LEAVES: dict[str, list[tuple]] = {}  # key -> output templates, read by the fake function
 _counter = itertools.count()
@@ -436,7 +435,7 @@ def _export(model, wrapper: _FlatCall, flat_inputs: list, blocks, examples,
     try:
         # a block's leaf runs it as ``block(...)``, its own hooks with it: traced around the leaf they would run twice
         with _blocks_as_leaves(blocks, examples, recorded), hooks.set_aside(b for _, b in blocks), torch.no_grad(), \
-                quiet(*EXPORT_LOGGERS), stderr_to_debug(log, "torch.export"):
+                quiet(*EXPORT_LOGGERS), stderr_to_debug(log, "torch.export"), idle_module_casts():
             ep = torch.export.export(wrapper, tuple(tensors), dynamic_shapes=(_dynamic_shapes(tensors, dynamic_dims),),
                                      strict=False)
     except CaptureError:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from moecc.passes.recognize.block import experts_of_one_kind, is_moe_block
+from moecc.passes.recognize.block import experts_of_one_kind, is_moe_block, listed_experts
 from moecc.passes.recognize.mlp import dense_mlps
 from moecc.passes.recognize.stacked import stacked_params
 
@@ -30,7 +30,7 @@ def _bank_size(module: nn.Module) -> int:
     stacked = min(stacked_sizes) if len(stacked_sizes) >= 2 else 0
     if stacked or not isinstance(module, (nn.ModuleList, nn.ModuleDict)):
         return stacked
-    kids = list(module.children())
+    kids = listed_experts(module)
     if len(kids) < MIN_LISTED_EXPERTS:
         return 0
     # experts of one type: the first stands for all

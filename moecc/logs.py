@@ -29,6 +29,10 @@ def configure() -> None:
         _configured = True
 
 
+# torch's loggers that warn while torch.export traces (unbacked symbols, real-tensor propagation): noise to a user
+EXPORT_LOGGERS = ("torch._export.non_strict_utils", "torch.fx.experimental.symbolic_shapes", "torch.export")
+
+
 @contextlib.contextmanager
 def quiet(*names: str):
     """Other libraries' loggers ``names`` held at ERROR inside the block, unless moecc logs at debug level: what they

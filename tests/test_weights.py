@@ -4,6 +4,7 @@
 import pytest
 import torch
 from hf_models import make_model
+from torch import nn
 
 import moecc
 
@@ -207,3 +208,54 @@ def test_settings_of_a_block_changed_after_compile_are_seen():
     assert cm.captures == 2
     model.train()
     assert cm._entries[-1].weights.changed() == "training"
+
+
+def _self_counting_moe():
+    """A block no canonical form computes (a LayerNorm in each expert) that counts its calls and reads ``top_k``."""
+    from user_modules import LoopMoE
+
+    class SelfCountingMoE(LoopMoE):
+        calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            return super().forward(x)
+
+    block = SelfCountingMoE()
+    for i, expert in enumerate(block.experts):
+        block.experts[i] = nn.Sequential(nn.LayerNorm(24), expert)
+    return block
+
+
+def test_settings_of_a_block_a_torch_program_calls_as_written_are_read_live():
+    """Such a block runs as the module it is, reading its settings when it runs: a change (its own call count,
+    NLLB-MoE's capacity written on every call, or ``top_k`` set by the user) compiles nothing again."""
+    from user_modules import TinyModel
+
+    torch.manual_seed(0)
+    model = TinyModel(_self_counting_moe()).eval()
+    cm = moecc.compile(model, backend="torch")
+    ids = torch.randint(0, 50, (2, 9))
+    with torch.no_grad():
+        cm(ids)
+        (layer,) = cm.moe_layers
+        assert not layer.fused and layer.reason
+        calls = model.moe.calls
+        model.moe.top_k = 1
+        torch.testing.assert_close(cm(ids), model(ids), rtol=1e-5, atol=1e-6)
+    assert cm.captures == 1 and model.moe.calls == calls + 2
+
+
+def test_settings_of_blocks_left_as_written_stay_watched_where_the_program_holds_their_code():
+    """An ONNX program holds a block's code exported, and a Triton one may replay it from a CUDA graph."""
+    from moecc.capture import CaptureHints
+    from moecc.ir import MoELayerInfo
+    from moecc.runtime.compiled import _built_for_settings
+
+    layers = {"fused": MoELayerInfo(name="fused", graph_prefix="moe_block_0_moe", fused=True),
+              "as_written": MoELayerInfo(name="as_written", reason="no canonical form"),
+              "routed_around_its_experts": MoELayerInfo(name="routed_around_its_experts", reason="its router")}
+    hints = CaptureHints(routed_banks={"routed_around_its_experts": ("experts", "why")})
+    assert _built_for_settings(layers, "torch", hints) == ["fused", "routed_around_its_experts"]
+    for backend in ("onnxruntime", "triton"):
+        assert _built_for_settings(layers, backend, hints) == list(layers)

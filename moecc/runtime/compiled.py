@@ -63,6 +63,7 @@ class _Entry:
     runner: object = None  # what calls run: ``gm`` with its moecc ops called directly (``direct_calls``)
     op_graphs: object = None  # ``runner`` with a CUDA graph per moecc op call (``graphed_ops``): calls with a KV cache
     autocast: tuple = ()  # the autocast regions of the calls it was captured for (``autocast_state``)
+    settings_of: list = field(default_factory=list)  # the MoE layers whose settings ``weights`` watches
 
     def __post_init__(self) -> None:
         self.writes = module_state.program_writes(self.gm)  # a program writing its inputs replays no graph
@@ -378,7 +379,7 @@ class CompiledModule(nn.Module):
         finally:
             self._own_forward = False
         # the buffers as they are put back: one the compile's eager calls assigned anew is the model's again
-        entry.weights = WeightWatch(self.original_model, entry.gm, knobs.WATCH_WEIGHTS.get(), list(entry.layers))
+        entry.weights = WeightWatch(self.original_model, entry.gm, knobs.WATCH_WEIGHTS.get(), entry.settings_of)
         return entry
 
     def _capture_and_check(self, args, kwargs) -> _Entry:
@@ -488,6 +489,18 @@ def _bank_path(model: nn.Module, name: str) -> str:
         return routed_bank_path(name, model.get_submodule(name))
     except AttributeError:
         return ""
+
+
+def _built_for_settings(layers: dict[str, MoELayerInfo], backend: str, hints: CaptureHints) -> list[str]:
+    """The MoE layers whose settings (``top_k``, flags) the program was built for, so that a change compiles again:
+    all but the blocks a torch program calls as they are (left as written, no routing of theirs traced around their
+    experts), which read their settings when they run. NLLB-MoE's router writes its capacity on every call. A Triton
+    program may replay such a block from a CUDA graph and an ONNX one holds its code exported, so there every
+    block's settings stay watched."""
+    if backend != "torch":
+        return list(layers)
+    return [name for name, info in layers.items()
+            if info.graph_prefix or info.block or name in hints.routed_banks]
 
 
 def _routed_banks(model: nn.Module, layers: dict[str, MoELayerInfo], hints: CaptureHints) -> dict:
@@ -636,7 +649,8 @@ def build(model: nn.Module, args, kwargs, backend: str, options: dict, dump_fold
     for info in layers.values():
         if not info.fused and not info.reason:
             info.reason = "experts were recognized but not fused (see the fuse_experts pass summary)"
-    weights = WeightWatch(model, program, knobs.WATCH_WEIGHTS.get(), list(layers))
+    settings_of = _built_for_settings(layers, backend, hints)
+    weights = WeightWatch(model, program, knobs.WATCH_WEIGHTS.get(), settings_of)
     if (cost := weights.cost()) > WATCH_COST_WARNING_S:
         log.warning("checking the %d parameters of %s for changes takes %.2f ms before each call; set "
                     "MOECC_WATCH_WEIGHTS=0 if its weights do not change after compile", len(weights),
@@ -644,6 +658,6 @@ def build(model: nn.Module, args, kwargs, backend: str, options: dict, dump_fold
     entry = _Entry(program, cap.in_spec, cap.out_spec, cap.tensor_pos,
                    [None if isinstance(v, torch.Tensor) else v for v in cap.flat_inputs], shapes, symbols,
                    [t.dtype for t in cap.tensor_inputs], layers, backend, cap.flat_inputs, lowest, weights,
-                   autocast=autocast_state())
+                   autocast=autocast_state(), settings_of=settings_of)
     recognized = next((p.canonical for p in pipeline if isinstance(p, Recognize)), {})
     return entry, BuildInfo(cap, timing.records, backend, graph, recognized)

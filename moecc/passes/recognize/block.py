@@ -54,6 +54,12 @@ def _has_linear(m: nn.Module) -> bool:
     return any(isinstance(c, nn.Linear) for c in m.modules())
 
 
+def listed_experts(lst: nn.Module) -> list[nn.Module]:
+    """The modules of a ModuleList or ModuleDict that may be experts: all but dropouts the list holds for itself
+    (NLLB-MoE's bank, a ModuleDict, also registers its token dropout in it). An Identity stays: a null expert."""
+    return [k for k in lst.children() if not isinstance(k, nn.modules.dropout._DropoutNd)]
+
+
 def experts_of_one_kind(kids: list[nn.Module]) -> bool:
     """Whether modules listed together can be the experts of one bank: of one type; or of mixed types (experts
     some of which were swapped for others) when each is a dense MLP or all hold parameters of the same names and
@@ -67,7 +73,7 @@ def find_expert_list(block: nn.Module) -> tuple[nn.Module, list[nn.Module]] | No
     best = None
     for mod in block.modules():
         if isinstance(mod, (nn.ModuleList, nn.ModuleDict)):
-            kids = list(mod.children())
+            kids = listed_experts(mod)
             # a list of bare Linears is one projection of every expert (``stacked.projection_lists``)
             if len(kids) >= 2 and _has_linear(kids[0]) and not isinstance(kids[0], nn.Linear) \
                     and experts_of_one_kind(kids):

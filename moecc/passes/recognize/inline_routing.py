@@ -22,8 +22,9 @@ import torch.fx.experimental._config as fx_config
 from torch import fx, nn
 from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
-from moecc.logs import stderr_to_debug
+from moecc.logs import EXPORT_LOGGERS, quiet, stderr_to_debug
 from moecc.match import MatchResult
+from moecc.module_casts import idle_module_casts
 
 log = logging.getLogger("moecc.passes.recognize")
 
@@ -50,7 +51,8 @@ def _exported(block: nn.Module, rank: int, x: torch.Tensor) -> fx.GraphModule:
     exported again with the example's values deciding such branches, which only the loop after the routing holds:
     the routing's ops, all this module reads, take none (``_clean``), and the probes check every candidate."""
     def export():
-        with torch.no_grad(), stderr_to_debug(log, "torch.export of the block's forward"):
+        with torch.no_grad(), stderr_to_debug(log, "torch.export of the block's forward"), quiet(*EXPORT_LOGGERS), \
+                idle_module_casts():
             return torch.export.export(_OnTokens(block, rank), (x,), dynamic_shapes=({0: torch.export.Dim.AUTO},),
                                        strict=False).run_decompositions({}).module()
 

@@ -12,6 +12,7 @@ from torch import nn
 
 from moecc.ir import CapacitySpec, RoutingSpec
 from moecc.match import MatchResult
+from moecc.module_casts import idle_module_casts
 from moecc.passes.recognize.probe import rel_err, snap, tolerance
 from moecc.routing import SCORES, apply_capacity, route_reference, router_logits
 
@@ -411,7 +412,7 @@ def _export_outputs(router: nn.Module, x2: torch.Tensor, args: tuple, kwargs: di
             return select(leaves_of(call(self.inner, x, *flat)), x.shape[0])
 
     tokens = torch.export.Dim.AUTO if not others else torch.export.Dim("tokens")
-    with torch.no_grad():
+    with torch.no_grad(), idle_module_casts():
         # export nests the *flat of forward in a tuple of its own, and leaves it out when it is empty
         shapes = ({0: tokens}, tuple({0: tokens} for _ in flat_others)) if flat_others else ({0: tokens},)
         ep = torch.export.export(RoutingOf(router), (x2, *flat_others), dynamic_shapes=shapes, strict=False)
