@@ -259,3 +259,33 @@ def test_settings_of_blocks_left_as_written_stay_watched_where_the_program_holds
     assert _built_for_settings(layers, "torch", hints) == ["fused", "routed_around_its_experts"]
     for backend in ("onnxruntime", "triton"):
         assert _built_for_settings(layers, backend, hints) == list(layers)
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_attributes_a_block_writes_on_every_call_are_state_not_settings(backend):
+    """A fused block that records each call's token count (as NLLB-MoE's router sets its capacity from it): an
+    eager call between compiled ones writes it anew, which compiles nothing again; a setting the user changes still
+    does."""
+    from user_modules import LoopMoE, TinyModel
+
+    class RecordingMoE(LoopMoE):
+        tokens_seen = 0
+
+        def forward(self, x):
+            self.tokens_seen = x.shape[0] * x.shape[1]
+            return super().forward(x)
+
+    torch.manual_seed(0)
+    model = TinyModel(RecordingMoE()).eval()
+    cm = moecc.compile(model, backend=backend)
+    with torch.no_grad():
+        cm(torch.randint(0, 50, (2, 9)))
+        assert cm.moe_layers[0].fused
+        for shape in ((3, 7), (2, 5)):
+            ids = torch.randint(0, 50, shape)
+            torch.testing.assert_close(cm(ids), model(ids), rtol=1e-4, atol=1e-5)
+        assert cm.captures == 1
+        model.moe.top_k = 1
+        ids = torch.randint(0, 50, (3, 7))
+        torch.testing.assert_close(cm(ids), model(ids), rtol=1e-4, atol=1e-5)
+    assert cm.captures == 2 and cm.moe_layers[0].top_k == 1

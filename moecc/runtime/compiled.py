@@ -35,7 +35,7 @@ from moecc.runtime.keywords import in_order, keyword_order
 from moecc.runtime.localize import capture_to_blame, verify_leaving_blocks
 from moecc.runtime.turns import runs_alone
 from moecc.runtime.verify import tie_breaking_ops, verify
-from moecc.runtime.weights import WeightWatch
+from moecc.runtime.weights import WeightWatch, plain_attributes, written_by_calls
 
 log = logging.getLogger("moecc.runtime")
 
@@ -373,13 +373,15 @@ class CompiledModule(nn.Module):
         """Capture, lower and check a program for this call. Compiling calls the model many times: its buffers and
         the call's tensors are put back as they were after, so that the call changes them once, as eager does."""
         self._own_forward = True
+        attributes = plain_attributes(self.original_model)
         try:
             with module_state.kept(self.original_model, pytree.tree_leaves((args, kwargs))):
                 entry = self._capture_and_check(args, kwargs)
         finally:
             self._own_forward = False
         # the buffers as they are put back: one the compile's eager calls assigned anew is the model's again
-        entry.weights = WeightWatch(self.original_model, entry.gm, knobs.WATCH_WEIGHTS.get(), entry.settings_of)
+        entry.weights = WeightWatch(self.original_model, entry.gm, knobs.WATCH_WEIGHTS.get(), entry.settings_of,
+                                    written_by_calls(self.original_model, attributes))
         return entry
 
     def _capture_and_check(self, args, kwargs) -> _Entry:

@@ -31,17 +31,20 @@ class WeightWatch:
 
     ``settings_of``: the paths of modules (the MoE blocks) whose settings are watched too: their plain attributes
     (numbers, strings, flags) and their direct children's, as ``block.top_k = 1`` or ``gate.norm_topk_prob = False``
-    change the function the program was recognized and built for; and the model's ``training`` flag."""
+    change the function the program was recognized and built for; and the model's ``training`` flag. Attributes
+    in ``call_state`` (``(id(module), name)``, from ``written_by_calls``) are not settings but what the model's own
+    calls write (NLLB-MoE's router sets its capacity from each call's token count): they are not watched."""
 
     __slots__ = ("_slots", "_settings", "_hooks")
 
-    def __init__(self, model: nn.Module, program: object, enabled: bool = True, settings_of=()) -> None:
+    def __init__(self, model: nn.Module, program: object, enabled: bool = True, settings_of=(),
+                 call_state: frozenset = frozenset()) -> None:
         self._slots = []
         self._settings = []
         self._hooks = None
         if not enabled:
             return
-        self._settings = _settings(model, settings_of)
+        self._settings = _settings(model, settings_of, call_state)
         self._hooks = HookWatch(model)
         held = program_storages(program)
         for prefix, module in model.named_modules(remove_duplicate=False):
@@ -101,7 +104,23 @@ class WeightWatch:
 _SETTING_TYPES = (bool, int, float, str)
 
 
-def _settings(model: nn.Module, paths) -> list[tuple]:
+def plain_attributes(model: nn.Module) -> dict[int, dict[str, object]]:
+    """Each module's plain public attributes (the kinds ``_settings`` watches), by module id."""
+    return {id(m): {n: v for n, v in vars(m).items() if not n.startswith("_") and type(v) in _SETTING_TYPES}
+            for m in model.modules()}
+
+
+def written_by_calls(model: nn.Module, before: dict[int, dict[str, object]]) -> frozenset:
+    """``(id(module), name)`` of the plain attributes that differ from ``before`` (``plain_attributes`` taken
+    before the model was called) or were added since: what the model's calls write themselves."""
+    written = set()
+    for key, attrs in plain_attributes(model).items():
+        old = before.get(key, {})
+        written.update((key, n) for n, v in attrs.items() if n not in old or old[n] != v)
+    return frozenset(written)
+
+
+def _settings(model: nn.Module, paths, call_state: frozenset = frozenset()) -> list[tuple]:
     """Per module (the model, those at ``paths`` and their direct children but for module lists, which hold
     experts): (its attribute dict, a getter of its plain public attributes, their values, their names, its path).
     A getter per module keeps a call's check to one C call per module (about 0.2 us)."""
@@ -120,7 +139,7 @@ def _settings(model: nn.Module, paths) -> list[tuple]:
         seen.add(id(module))
         names = tuple(name for name, value in vars(module).items()
                       if (not name.startswith("_") and type(value) in _SETTING_TYPES
-                          and (module is model or name != "training")))
+                          and (module is model or name != "training") and (id(module), name) not in call_state))
         if names:
             read = operator.itemgetter(*names)
             values = read(vars(module))
