@@ -15,8 +15,6 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-_plain_to = nn.Module.to
-
 
 def _same_device(have: torch.device, want: torch.device) -> bool:
     return have.type == want.type and (want.index is None or have.index == want.index)
@@ -39,15 +37,15 @@ def changes_nothing(module: nn.Module, *args, **kwargs) -> bool:
     return True
 
 
-def _idle_to(self: nn.Module, *args, **kwargs):
-    return self if changes_nothing(self, *args, **kwargs) else _plain_to(self, *args, **kwargs)
-
-
 @contextlib.contextmanager
 def idle_module_casts() -> Iterator[None]:
     """``Module.to`` that would change nothing returns the module untouched inside."""
     before = nn.Module.to
-    nn.Module.to = _idle_to
+
+    def idle_to(self: nn.Module, *args, **kwargs):
+        return self if changes_nothing(self, *args, **kwargs) else before(self, *args, **kwargs)
+
+    nn.Module.to = idle_to
     try:
         yield
     finally:
