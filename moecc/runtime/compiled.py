@@ -496,9 +496,9 @@ def _bank_path(model: nn.Module, name: str) -> str:
 def _built_for_settings(layers: dict[str, MoELayerInfo], backend: str, hints: CaptureHints) -> list[str]:
     """The MoE layers whose settings (``top_k``, flags) the program was built for, so that a change compiles again:
     all but the blocks a torch program calls as they are (left as written, no routing of theirs traced around their
-    experts), which read their settings when they run. NLLB-MoE's router writes its capacity on every call. A Triton
-    program may replay such a block from a CUDA graph and an ONNX one holds its code exported, so there every
-    block's settings stay watched."""
+    experts), which read their settings when they run. A Triton program may replay such a block from a CUDA graph
+    and an ONNX one holds its code exported, so there every block's settings stay watched. (What the model's own
+    calls write, as NLLB-MoE's capacity, is no setting on any backend: ``weights.written_by_calls``.)"""
     if backend != "torch":
         return list(layers)
     return [name for name, info in layers.items()

@@ -104,10 +104,14 @@ class WeightWatch:
 _SETTING_TYPES = (bool, int, float, str)
 
 
+def _plain(name: str, value: object) -> bool:
+    """A public attribute of a kind a setting can be (number, string, flag)."""
+    return not name.startswith("_") and type(value) in _SETTING_TYPES
+
+
 def plain_attributes(model: nn.Module) -> dict[int, dict[str, object]]:
     """Each module's plain public attributes (the kinds ``_settings`` watches), by module id."""
-    return {id(m): {n: v for n, v in vars(m).items() if not n.startswith("_") and type(v) in _SETTING_TYPES}
-            for m in model.modules()}
+    return {id(m): {n: v for n, v in vars(m).items() if _plain(n, v)} for m in model.modules()}
 
 
 def written_by_calls(model: nn.Module, before: dict[int, dict[str, object]]) -> frozenset:
@@ -138,8 +142,8 @@ def _settings(model: nn.Module, paths, call_state: frozenset = frozenset()) -> l
             continue
         seen.add(id(module))
         names = tuple(name for name, value in vars(module).items()
-                      if (not name.startswith("_") and type(value) in _SETTING_TYPES
-                          and (module is model or name != "training") and (id(module), name) not in call_state))
+                      if _plain(name, value) and (module is model or name != "training")
+                      and (id(module), name) not in call_state)
         if names:
             read = operator.itemgetter(*names)
             values = read(vars(module))
