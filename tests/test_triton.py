@@ -416,15 +416,24 @@ def test_bf16_on_gpu(t):
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
                     reason="programmatic dependent launch needs sm_90")
-def test_decode_dependent_launch_matches_plain_launches(monkeypatch):
-    """Gating -> GEMV 1 -> GEMV 2 as programmatic dependent launches (GEMV 2 reads its ids, routing weights and
-    first weight step before it waits): eagerly and replayed from a CUDA graph on fresh inputs, the plain launches'
-    bits."""
-    from moecc.codegen.triton import decode, dependent_launch
+@pytest.mark.parametrize("t,e,k,ws", [
+    (2, 64, 8, "auto"),  # decode: gating -> GEMV 1 -> GEMV 2
+    (48, 64, 8, "auto"),  # prefill on small row blocks (pointer kernels)
+    (1024, 64, 8, "off"),  # prefill on the TMA kernels
+    (2048, 8, 2, "on"),  # prefill on the warp-specialized Gluon kernels
+])
+def test_dependent_launches_match_plain_launches(t, e, k, ws, monkeypatch):
+    """The kernels after gating as programmatic dependent launches (decode: GEMV 2 reads its ids, routing weights
+    and first weight step before it waits; prefill: align, both GEMMs and the combine wait first thing): eagerly
+    and replayed from a CUDA graph on fresh inputs, the plain launches' bits."""
+    from moecc.codegen.triton import dependent_launch
     from moecc.codegen.triton.gating import gating
+    from moecc.codegen.triton.moe import fused_moe_triton
 
+    monkeypatch.setenv("MOECC_AUTOTUNE", "0")
+    monkeypatch.setenv("MOECC_TRITON_WS", ws)
     g = torch.Generator(device="cuda").manual_seed(0)
-    t, e, k, h, inter = 2, 64, 8, 1024, 768
+    h, inter = 1024, 768
     w_up = torch.randn(e, 2 * inter, h, device="cuda", generator=g, dtype=torch.bfloat16) * 0.05
     w_down = torch.randn(e, h, inter, device="cuda", generator=g, dtype=torch.bfloat16) * 0.05
     x = torch.empty(t, h, device="cuda", dtype=torch.bfloat16)
@@ -436,7 +445,8 @@ def test_decode_dependent_launch_matches_plain_launches(monkeypatch):
 
     def run():
         w, ids = gating(logits, None, k, "softmax", False, True, 1, 1, 1.0)
-        return decode.experts(x, w, ids, w_up, w_down, None, None, "silu", True, 1.0, 0.0, w_up, w_down, True)
+        return fused_moe_triton(x, w, ids, w_up, w_down, None, None, "silu", True, 1.0, 0.0, -1, 0.0, 0, 0,
+                                "token", "oi_gu")
 
     def plain():
         monkeypatch.setenv("MOECC_TRITON_PDL", "0")
@@ -449,6 +459,11 @@ def test_decode_dependent_launch_matches_plain_launches(monkeypatch):
     assert dependent_launch.enabled(x)
     fresh_inputs()
     assert torch.equal(run(), plain())
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run()  # allocations and compiles outside the capture
+    torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = run()

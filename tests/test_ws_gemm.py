@@ -34,27 +34,29 @@ def _compile(kernel, signature, constexprs, aligned):
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": ws_gemm.CONSUMER_WARPS})
 
 
-def _compiled_gemm1(gated, bias, shared, dtype, act):
+def _compiled_gemm1(gated, bias, shared, dtype, act, pdl=False):
     out_n = ws_gemm.TILE_B // 2 if gated else ws_gemm.TILE_B
     sig = dict(h_desc=_desc([128, out_n], dtype), w_desc=_desc([256, 64], dtype), ws_desc=_desc([256, 64], dtype),
                x_ptr=f"*{dtype}", b_ptr=f"*{dtype}", sorted_ptr="*i32", block_expert_ptr="*i32", total_ptr="*i32",
                n_pairs="i32", top_k="i32", num_routed="i32", N="i32", K="i32", stride_xm="i32", stride_be="i32",
                alpha="fp32", limit="fp32", GATED="constexpr", ACT="constexpr", HAS_BIAS="constexpr",
-               CLAMP="constexpr", HAS_SHARED="constexpr", STAGES="constexpr", GROUP="constexpr",
+               CLAMP="constexpr", HAS_SHARED="constexpr", STAGES="constexpr", GROUP="constexpr", PDL="constexpr",
                num_warps="constexpr")
     constexprs = dict(GATED=gated, ACT=act, HAS_BIAS=bias, CLAMP=bias, HAS_SHARED=shared,
-                      STAGES=ws_gemm.GEMM1_STAGES[gated], GROUP=8, num_warps=ws_gemm.CONSUMER_WARPS)
+                      STAGES=ws_gemm.GEMM1_STAGES[gated], GROUP=8, PDL=pdl, num_warps=ws_gemm.CONSUMER_WARPS)
     return _compile(ws_gemm._gemm1_ws_kernel, sig, constexprs,
                     ("x_ptr", "b_ptr", "sorted_ptr", "block_expert_ptr", "total_ptr", "N", "K"))
 
 
-@pytest.mark.parametrize("gated,bias,shared,dtype,act", [
-    (True, False, False, "bf16", 0), (False, True, True, "fp16", 4), (True, True, True, "bf16", 4),
-    (True, False, False, "bf16", 6)])  # act 6: the soft-capped swiglu
-def test_gemm1_compiles_for_hopper(gated, bias, shared, dtype, act):
-    kernel = _compiled_gemm1(gated, bias, shared, dtype, act)
+@pytest.mark.parametrize("gated,bias,shared,dtype,act,pdl", [
+    (True, False, False, "bf16", 0, True), (False, True, True, "fp16", 4, False), (True, True, True, "bf16", 4, False),
+    (True, False, False, "bf16", 6, False)])  # act 6: the soft-capped swiglu
+def test_gemm1_compiles_for_hopper(gated, bias, shared, dtype, act, pdl):
+    kernel = _compiled_gemm1(gated, bias, shared, dtype, act, pdl)
     ptx = kernel.asm["ptx"]
     assert "wgmma.mma_async" in ptx and "cp.async" in ptx and "setmaxnreg" in ptx
+    # a programmatic dependent launch waits for the kernel ahead and releases the next (dependent_launch)
+    assert ("griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx) == pdl
     assert kernel.metadata.shared <= 227 * 1024  # an H100's shared memory per block
 
 
@@ -63,18 +65,19 @@ def test_gemm1_compiles_each_activation(act):
     assert "wgmma.mma_async" in _compiled_gemm1(True, False, False, "bf16", TRITON_IDS[act]).asm["ptx"]
 
 
-@pytest.mark.parametrize("bias,shared,dtype", [(False, False, "bf16"), (True, True, "fp16")])
-def test_gemm2_compiles_for_hopper(bias, shared, dtype):
+@pytest.mark.parametrize("bias,shared,dtype,pdl", [(False, False, "bf16", False), (True, True, "fp16", True)])
+def test_gemm2_compiles_for_hopper(bias, shared, dtype, pdl):
     sig = dict(h_desc=_desc([128, 64], dtype), w_desc=_desc([256, 64], dtype), ws_desc=_desc([256, 64], dtype),
                b_ptr=f"*{dtype}", out_ptr=f"*{dtype}", weights_ptr="*fp32", sorted_ptr="*i32",
                block_expert_ptr="*i32", total_ptr="*i32", n_pairs="i32", num_routed="i32", N="i32", K="i32",
                stride_be="i32", stride_om="i32", HAS_BIAS="constexpr", HAS_SHARED="constexpr", STAGES="constexpr",
-               GROUP="constexpr", num_warps="constexpr")
-    constexprs = dict(HAS_BIAS=bias, HAS_SHARED=shared, STAGES=ws_gemm.GEMM2_STAGES, GROUP=16,
+               GROUP="constexpr", PDL="constexpr", num_warps="constexpr")
+    constexprs = dict(HAS_BIAS=bias, HAS_SHARED=shared, STAGES=ws_gemm.GEMM2_STAGES, GROUP=16, PDL=pdl,
                       num_warps=ws_gemm.CONSUMER_WARPS)
     kernel = _compile(ws_gemm._gemm2_ws_kernel, sig, constexprs,
                       ("b_ptr", "out_ptr", "weights_ptr", "sorted_ptr", "block_expert_ptr", "total_ptr"))
     assert "wgmma.mma_async" in kernel.asm["ptx"] and kernel.metadata.shared <= 227 * 1024
+    assert ("griddepcontrol.wait" in kernel.asm["ptx"]) == pdl
 
 
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9

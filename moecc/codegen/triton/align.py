@@ -22,6 +22,9 @@ import torch
 import triton
 import triton.language as tl
 
+from moecc.codegen.triton import dependent_launch
+from moecc.codegen.triton.dependent_launch import follow_previous
+
 CHUNK = 1024  # pair ids a scan program reads at a time
 MAX_SCAN_UNITS = 32  # units of the scan
 # The scan reads every id once per expert, the rank once but at a higher cost per id; on an H100 they tie at
@@ -44,8 +47,9 @@ def _bins(ids, num_experts, E_PAD: tl.constexpr):
 
 @triton.jit
 def _count_kernel(ids_ptr, counts_ptr, n_pairs, num_experts, UNIT: tl.constexpr, CHUNK: tl.constexpr,
-                  E_PAD: tl.constexpr):
+                  E_PAD: tl.constexpr, PDL: tl.constexpr):
     """counts[u, e]: pairs of unit ``u`` per bin (``_bins``)."""
+    follow_previous(PDL)
     u = tl.program_id(0)
     hist = tl.zeros([E_PAD], tl.int32)
     for base in range(u * UNIT, u * UNIT + UNIT, CHUNK):
@@ -59,7 +63,8 @@ def _count_kernel(ids_ptr, counts_ptr, n_pairs, num_experts, UNIT: tl.constexpr,
 @triton.jit
 def _scan_kernel(ids_ptr, counts_ptr, sorted_ptr, block_expert_ptr, total_ptr, n_pairs, num_experts, num_units,
                  BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, U_PAD: tl.constexpr, UNIT: tl.constexpr,
-                 CHUNK: tl.constexpr):
+                 CHUNK: tl.constexpr, PDL: tl.constexpr):
+    follow_previous(PDL)
     e = tl.program_id(0)
     u = tl.program_id(1)
     eo = tl.arange(0, E_PAD)
@@ -91,7 +96,8 @@ def _scan_kernel(ids_ptr, counts_ptr, sorted_ptr, block_expert_ptr, total_ptr, n
 @triton.jit
 def _rank_kernel(ids_ptr, counts_ptr, sorted_ptr, block_expert_ptr, total_ptr, n_pairs, num_experts, num_units,
                  BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, UNIT: tl.constexpr, SUB: tl.constexpr,
-                 ROWS: tl.constexpr, SHARE: tl.constexpr):
+                 ROWS: tl.constexpr, SHARE: tl.constexpr, PDL: tl.constexpr):
+    follow_previous(PDL)
     u = tl.program_id(0)
     eo = tl.arange(0, E_PAD)
     counts = tl.zeros([E_PAD], tl.int32)
@@ -158,13 +164,14 @@ def align(ids: torch.Tensor, num_experts: int, block_m: int):
     sorted_ids = torch.empty(max_rows, dtype=torch.int32, device=dev)
     block_expert = torch.empty(triton.cdiv(max_rows, block_m), dtype=torch.int32, device=dev)
     total = torch.empty(1, dtype=torch.int32, device=dev)
-    _count_kernel[(num_units,)](flat, counts, n_pairs, num_experts, UNIT=unit, CHUNK=chunk, E_PAD=e_pad)
+    launch = dependent_launch.chained(ids)
+    _count_kernel[(num_units,)](flat, counts, n_pairs, num_experts, UNIT=unit, CHUNK=chunk, E_PAD=e_pad, **launch)
     if rank:
         _rank_kernel[(num_units,)](flat, counts, sorted_ids, block_expert, total, n_pairs, num_experts, num_units,
                                    BLOCK_M=block_m, E_PAD=e_pad, UNIT=unit, SUB=chunk,
-                                   ROWS=max(1, COUNT_READ // e_pad), SHARE=SHARE)
+                                   ROWS=max(1, COUNT_READ // e_pad), SHARE=SHARE, **launch)
     else:
         _scan_kernel[(num_experts, num_units)](
             flat, counts, sorted_ids, block_expert, total, n_pairs, num_experts, num_units, BLOCK_M=block_m,
-            E_PAD=e_pad, U_PAD=triton.next_power_of_2(num_units), UNIT=unit, CHUNK=chunk)
+            E_PAD=e_pad, U_PAD=triton.next_power_of_2(num_units), UNIT=unit, CHUNK=chunk, **launch)
     return sorted_ids, block_expert, total

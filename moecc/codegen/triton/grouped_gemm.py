@@ -32,6 +32,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from moecc import knobs
 from moecc.activations import TRITON_IDS
+from moecc.codegen.triton import dependent_launch
 from moecc.codegen.triton.configs import (
     INTERPRET,
     device_index,
@@ -42,6 +43,7 @@ from moecc.codegen.triton.configs import (
     tf32_tensor_cores,
     within_registers,
 )
+from moecc.codegen.triton.dependent_launch import follow_previous
 from moecc.experts import clamps
 
 log = logging.getLogger("moecc.codegen.triton")
@@ -159,7 +161,8 @@ def _gemm1_kernel(x_ptr, w_ptr, ws_ptr, b_ptr, h_ptr, sorted_ptr, block_expert_p
                   alpha, limit,
                   GATED: tl.constexpr, INTERLEAVED: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
                   CLAMP: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                  BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PDL: tl.constexpr):
+    follow_previous(PDL)
     pid_m, pid_n, live_tile = _tile(total_ptr, N, BLOCK_M, BLOCK_N, GROUP_M)
     if not live_tile:
         return
@@ -194,7 +197,8 @@ def _gemm1_kernel(x_ptr, w_ptr, ws_ptr, b_ptr, h_ptr, sorted_ptr, block_expert_p
 def _gemm2_kernel(h_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, weights_ptr, sorted_ptr, block_expert_ptr, total_ptr,
                   n_pairs, num_routed, N, K, stride_hm, stride_we, stride_wn, stride_wk, stride_be, stride_om,
                   HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                  BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PDL: tl.constexpr):
+    follow_previous(PDL)
     pid_m, pid_n, live_tile = _tile(total_ptr, N, BLOCK_M, BLOCK_N, GROUP_M)
     if not live_tile:
         return
@@ -284,11 +288,13 @@ def _gemm1_tma_kernel(w_desc, ws_desc, x_ptr, b_ptr, h_ptr, sorted_ptr, block_ex
                       n_pairs, top_k, num_routed, N, K, stride_xm, stride_be, stride_hm, alpha, limit,
                       GATED: tl.constexpr, INTERLEAVED: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
                       CLAMP: tl.constexpr, HAS_SHARED: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                      PDL: tl.constexpr):
     """GEMM 1 with TMA weight tiles (``_gate_up_dot`` for gated experts, in either layout). Padding rows load
     zeros and store zeros, so that both GEMMs multiply zero rows there: where the power limit sets the clock (large
     T on an H100), a zero row costs the tensor cores less than a copy of a token (measured, ``benchmarks/RESULTS.md``,
     session 14)."""
+    follow_previous(PDL)
     pid_m, pid_n, live_tile = _tile(total_ptr, N, BLOCK_M, BLOCK_N, GROUP_M)
     if not live_tile:
         return
@@ -333,9 +339,11 @@ def _tma_dot(a_desc, a_row, w_desc, w_row, K, acc, PRECISION: tl.constexpr, BLOC
 def _gemm2_tma_kernel(h_desc, w_desc, ws_desc, b_ptr, out_ptr, weights_ptr, sorted_ptr, block_expert_ptr, total_ptr,
                       n_pairs, num_routed, N, K, stride_be, stride_om,
                       HAS_BIAS: tl.constexpr, HAS_SHARED: tl.constexpr, PRECISION: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                      PDL: tl.constexpr):
     """GEMM 2 with both operands through TMA: the aligned rows of h are contiguous. Padding rows of h were never
     written; each only reaches its own output row, which is not stored."""
+    follow_previous(PDL)
     pid_m, pid_n, live_tile = _tile(total_ptr, N, BLOCK_M, BLOCK_N, GROUP_M)
     if not live_tile:
         return
@@ -357,7 +365,9 @@ def _gemm2_tma_kernel(h_desc, w_desc, ws_desc, b_ptr, out_ptr, weights_ptr, sort
 
 
 @triton.jit
-def _combine_kernel(pairs_ptr, ids_ptr, out_ptr, num_experts, H, K: tl.constexpr, BLOCK_H: tl.constexpr):
+def _combine_kernel(pairs_ptr, ids_ptr, out_ptr, num_experts, H, K: tl.constexpr, BLOCK_H: tl.constexpr,
+                    PDL: tl.constexpr):
+    follow_previous(PDL)
     t = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     ok = offs < H
@@ -491,7 +501,7 @@ def gemm1(x, w_up, shared_up, b_up, aligned, n_pairs: int, top_k: int, gated: bo
     h = torch.empty((sorted_ids.numel(), inter), dtype=x.dtype, device=x.device)
     cfg = within_registers(_fit(cfg, x, 2 if gated else 1), 2 if gated else 1)
     common = dict(ACT=ACT_IDS[activation], HAS_BIAS=b_up is not None, CLAMP=clamps(activation, limit),
-                  PRECISION=_precision(x))
+                  PRECISION=_precision(x), **dependent_launch.chained(x))
     bias = b_up if b_up is not None else w_up
     if (2 * cfg.block_n if interleaved else cfg.block_n) <= TMA_BOX and use_tma(cfg, x, w_up, shared_up):
         def launch(c):
@@ -531,14 +541,14 @@ def gemm2(h, w_down, shared_down, b_down, weights, aligned, n_pairs: int, cfg) -
         _launch(_gemm2_tma_kernel, lambda c: _grid(block_expert.numel(), hidden, c), cfg, launch,
                 bias, pairs, weights, sorted_ids, block_expert, total, n_pairs, num_routed, hidden, inter,
                 b_down.stride(0) if b_down is not None else 0, pairs.stride(0), HAS_BIAS=b_down is not None,
-                HAS_SHARED=shared_down is not w_down, PRECISION=_precision(h))
+                HAS_SHARED=shared_down is not w_down, PRECISION=_precision(h), **dependent_launch.chained(h))
         return pairs
     _launch(
         _gemm2_kernel, lambda c: _grid(block_expert.numel(), hidden, c), cfg, None,
         h, w_down, shared_down, bias, pairs, weights, sorted_ids, block_expert,
         total, n_pairs, num_routed, hidden, inter, h.stride(0), w_down.stride(0), w_down.stride(1),
         w_down.stride(2), b_down.stride(0) if b_down is not None else 0, pairs.stride(0),
-        HAS_BIAS=b_down is not None, PRECISION=_precision(h))
+        HAS_BIAS=b_down is not None, PRECISION=_precision(h), **dependent_launch.chained(h))
     return pairs
 
 
@@ -548,5 +558,6 @@ def combine(pairs: torch.Tensor, ids: torch.Tensor, num_experts: int) -> torch.T
     hidden = pairs.shape[1]
     out = torch.empty((t, hidden), dtype=pairs.dtype, device=pairs.device)
     block_h = min(1024, triton.next_power_of_2(hidden))
-    _combine_kernel[(t, triton.cdiv(hidden, block_h))](pairs, ids, out, num_experts, hidden, K=k, BLOCK_H=block_h)
+    _combine_kernel[(t, triton.cdiv(hidden, block_h))](pairs, ids, out, num_experts, hidden, K=k, BLOCK_H=block_h,
+                                                       **dependent_launch.chained(pairs))
     return out

@@ -29,7 +29,9 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from moecc.codegen.triton import dependent_launch
 from moecc.codegen.triton.grouped_gemm import ACT_IDS
 from moecc.experts import clamps
 
@@ -241,7 +243,8 @@ def _gemm1_consumer(h_desc, b_ptr, block_expert_ptr, total_ptr, a_bufs, b_bufs, 
 def _gemm1_ws_kernel(h_desc, w_desc, ws_desc, x_ptr, b_ptr, sorted_ptr, block_expert_ptr, total_ptr,
                      n_pairs, top_k, num_routed, N, K, stride_xm, stride_be, alpha, limit,
                      GATED: gl.constexpr, ACT: gl.constexpr, HAS_BIAS: gl.constexpr, CLAMP: gl.constexpr,
-                     HAS_SHARED: gl.constexpr, STAGES: gl.constexpr, GROUP: gl.constexpr, num_warps: gl.constexpr):
+                     HAS_SHARED: gl.constexpr, STAGES: gl.constexpr, GROUP: gl.constexpr, PDL: gl.constexpr,
+                     num_warps: gl.constexpr):
     dtype: gl.constexpr = w_desc.dtype
     a_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=dtype.primitive_bitwidth,
                                                   rank=2)
@@ -255,6 +258,9 @@ def _gemm1_ws_kernel(h_desc, w_desc, ws_desc, x_ptr, b_ptr, sorted_ptr, block_ex
         mbarrier.init(a_ready.index(i), count=LOADER_WARPS * 32)  # one cp.async arrival per loader thread
         mbarrier.init(b_ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=1)
+    if PDL:  # see dependent_launch.follow_previous (a Gluon kernel calls no @triton.jit function)
+        gdc_wait()
+        gdc_launch_dependents()
     gl.warp_specialize([
         (_gemm1_consumer, (h_desc, b_ptr, block_expert_ptr, total_ptr, a_bufs, b_bufs, a_ready, b_ready, empty, c_smem,
                            N, K, stride_be, alpha, limit, GATED, ACT, HAS_BIAS, CLAMP, GROUP, num_warps)),
@@ -322,7 +328,8 @@ def _gemm2_consumer(b_ptr, out_ptr, weights_ptr, sorted_ptr, block_expert_ptr, t
 @gluon.jit
 def _gemm2_ws_kernel(h_desc, w_desc, ws_desc, b_ptr, out_ptr, weights_ptr, sorted_ptr, block_expert_ptr, total_ptr,
                      n_pairs, num_routed, N, K, stride_be, stride_om, HAS_BIAS: gl.constexpr,
-                     HAS_SHARED: gl.constexpr, STAGES: gl.constexpr, GROUP: gl.constexpr, num_warps: gl.constexpr):
+                     HAS_SHARED: gl.constexpr, STAGES: gl.constexpr, GROUP: gl.constexpr, PDL: gl.constexpr,
+                     num_warps: gl.constexpr):
     dtype: gl.constexpr = w_desc.dtype
     a_bufs = gl.allocate_shared_memory(dtype, [STAGES] + h_desc.block_type.shape, h_desc.layout)
     b_bufs = gl.allocate_shared_memory(dtype, [STAGES] + w_desc.block_type.shape, w_desc.layout)
@@ -331,6 +338,9 @@ def _gemm2_ws_kernel(h_desc, w_desc, ws_desc, b_ptr, out_ptr, weights_ptr, sorte
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=1)
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     gl.warp_specialize([
         (_gemm2_consumer, (b_ptr, out_ptr, weights_ptr, sorted_ptr, block_expert_ptr, total_ptr, a_bufs, b_bufs, ready,
                            empty, n_pairs, N, K, stride_be, stride_om, HAS_BIAS, GROUP, num_warps)),
@@ -379,7 +389,7 @@ def gemm1(x, w_up, shared_up, b_up, aligned, n_pairs: int, top_k: int, gated: bo
         total, n_pairs, top_k, num_routed, inter, hidden, x.stride(0), b_up.stride(0) if b_up is not None else 0,
         float(alpha), float(limit), GATED=gated, ACT=ACT_IDS[activation], HAS_BIAS=b_up is not None,
         CLAMP=clamps(activation, limit), HAS_SHARED=shared_up is not w_up, STAGES=GEMM1_STAGES[gated], GROUP=group_m,
-        num_warps=CONSUMER_WARPS)
+        num_warps=CONSUMER_WARPS, **dependent_launch.chained(x))
     return h
 
 
@@ -394,7 +404,7 @@ def gemm2(h, w_down, shared_down, b_down, weights, aligned, n_pairs: int, group_
         _descriptor(shared_down, [TILE_B, TILE_K]), b_down if b_down is not None else h, pairs, weights, sorted_ids,
         block_expert, total, n_pairs, num_routed, hidden, inter, b_down.stride(0) if b_down is not None else 0,
         pairs.stride(0), HAS_BIAS=b_down is not None, HAS_SHARED=shared_down is not w_down, STAGES=GEMM2_STAGES,
-        GROUP=group_m, num_warps=CONSUMER_WARPS)
+        GROUP=group_m, num_warps=CONSUMER_WARPS, **dependent_launch.chained(h))
     return pairs
 
 
