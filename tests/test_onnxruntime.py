@@ -175,6 +175,61 @@ def test_fp16_model_runs_the_moe_op_in_fp32():
         assert ((got.float() - want.float()).norm() / want.float().norm()).item() < 5e-3
 
 
+def test_fp16_router_logits_round_once_as_eager_rounds_them(tmp_path):
+    """The ONNX form of an fp16 router rounds its logits once, bias added first, as torch's GEMM does: ONNX's MatMul
+    then Add rounded twice, one last bit away from eager in about a quarter of the logits, which moves the routing
+    weights and can swap two experts a bit apart."""
+    import onnxruntime as ort
+
+    from moecc.codegen.onnx.decompose import DECOMPOSITIONS
+
+    route = DECOMPOSITIONS[torch.ops.moecc.fused_route.default]
+
+    class Router(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.router = torch.nn.Linear(24, 8).half()
+
+        def forward(self, x):
+            return route(x, self.router.weight, self.router.bias, None, 2, "softmax", False, False, 1, 1, 1.0, False)
+
+    torch.manual_seed(0)
+    model = Router()
+    x = torch.randn(256, 24, dtype=torch.float16) * 4
+    path = str(tmp_path / "router.onnx")
+    torch.onnx.export(model, (x,), dynamo=True).save(path)
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    weights, ids = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    want_weights, want_ids = torch.ops.moecc.fused_route(x, model.router.weight, model.router.bias, None, 2,
+                                                         "softmax", False, False, 1, 1, 1.0, False)
+    assert torch.equal(torch.from_numpy(ids), want_ids)
+    torch.testing.assert_close(torch.from_numpy(weights), want_weights, rtol=1e-6, atol=1e-7)
+
+
+def test_fp16_routing_on_onnxruntime_agrees_with_eager_wherever_eager_has_no_tie():
+    """Experts whose router rows are nearly alike: many tokens' two best experts are a last bit apart, or tie.
+    Every token but the tied ones reaches eager's expert. Where eager's own fp16 logits tie exactly, torch.topk's
+    choice is its own (by no rule: neither always the lower nor the higher index) and ONNX's TopK takes the lower
+    index, so those tokens are left out."""
+    from user_modules import LoopMoE, TinyModel
+
+    torch.manual_seed(0)
+    block = LoopMoE(num_experts=8, top_k=1)
+    block.gate = torch.nn.Linear(24, 8)
+    with torch.no_grad():
+        block.gate.weight.copy_(torch.randn(1, 24) * 2 + torch.randn(8, 24) * 0.02)
+    model = TinyModel(block, vocab=2000).eval().half()
+    cm = moecc.compile(model, backend="onnxruntime")
+    ids = torch.randint(0, 2000, (16, 128))
+    with torch.no_grad():
+        got, want = cm(ids).float(), model(ids).float()
+        best = block.gate(model.norm(model.embed(ids))).float().topk(2, -1).values
+    untied = best[..., 0] != best[..., 1]
+    assert 0 < int(untied.logical_not().sum()) < 0.1 * untied.numel()
+    per_token = (got - want).abs().amax(-1) / want.abs().amax()
+    assert per_token[untied].max().item() < 5e-3, per_token[untied].max().item()
+
+
 def test_many_experts_top8_uses_the_moe_op():
     import transformers as tf
 

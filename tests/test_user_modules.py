@@ -355,6 +355,18 @@ def test_a_block_with_nan_weights_runs_as_written_and_says_why():
     torch.testing.assert_close(cm(x), model(x), equal_nan=True)
 
 
+def test_a_gate_over_the_whole_output_runs_as_written_and_says_it_found_no_shared_expert():
+    from user_modules import OutputGateMoE
+
+    torch.manual_seed(0)
+    model = TinyModel(OutputGateMoE()).eval()
+    cm, layer = compile_on_ids(model)
+    assert not layer.fused and "'out_gate' (Linear 24 -> 1) read as gates" in layer.reason, layer.reason
+    assert "holds no shared expert" in layer.reason, layer.reason
+    x = torch.randint(0, 50, (3, 11))
+    torch.testing.assert_close(cm(x), model(x))
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_a_block_that_adds_its_input_to_its_output_is_fused_with_the_addition(backend):
     from user_modules import ResidualInsideMoE

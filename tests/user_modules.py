@@ -204,6 +204,17 @@ class InputScaledMoE(LoopMoE):
         return expert(x * weight)
 
 
+class OutputGateMoE(LoopMoE):
+    """A sigmoid gate of each token over the whole output of the block, and no shared expert: no canonical form."""
+
+    def __init__(self, hidden=24, **kw):
+        super().__init__(hidden, **kw)
+        self.out_gate = nn.Linear(hidden, 1)
+
+    def forward(self, x):
+        return super().forward(x) * torch.sigmoid(self.out_gate(x))
+
+
 class TinyModel(nn.Module):
     """Embedding, a norm and a residual around a user MoE block: a whole model, not a bare block."""
 

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from moecc.experts import expert_activation, shared_ffn_reference, to_canonical
-from moecc.routing import fused_route_reference, route_reference
+from moecc.routing import route_reference, router_logits
 
 
 def kept_pairs(ids: Tensor, num_experts: int, capacity: int, capacity_factor: float, capacity_min: int,
@@ -97,9 +97,20 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     return out.transpose(1, 2).contiguous().transpose(1, 2) if out.dim() == 4 else out
 
 
+def fused_route(x, router_weight, router_bias, selection_bias, top_k, score, topk_first, renormalize, n_group,
+                topk_group, scale, logits_fp32, group_top=2, expert_scale=None):
+    """``moecc::fused_route`` with 16-bit logits rounded once, as torch's GEMM rounds them (its bias added before
+    the rounding): ONNX's MatMul then Add would round twice, a last-bit difference from eager in about a quarter of
+    the logits, which breaks ties between experts the other way."""
+    once = not logits_fp32 and x.element_size() < 4
+    logits = router_logits(x, router_weight, router_bias, logits_fp32 or once)
+    return route_reference(logits.to(x.dtype) if once else logits, selection_bias, top_k, score, topk_first,
+                           renormalize, n_group, topk_group, scale, group_top, expert_scale)
+
+
 DECOMPOSITIONS = {
     torch.ops.aten.scaled_dot_product_attention.default: scaled_dot_product_attention,
-    torch.ops.moecc.fused_route.default: fused_route_reference,
+    torch.ops.moecc.fused_route.default: fused_route,
     torch.ops.moecc.route.default: route_reference,
     torch.ops.moecc.fused_moe.default: fused_moe,
     torch.ops.moecc.shared_ffn.default: shared_ffn_reference,
