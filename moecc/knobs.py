@@ -97,8 +97,9 @@ TRITON_WS_GEMM1_MIN_ROWS = Knob("MOECC_TRITON_WS_GEMM1_MIN_ROWS", 128, int, "wit
 TRITON_DECODE_MAX_TOKENS = Knob("MOECC_TRITON_DECODE_MAX_TOKENS", 4, int, "up to this many tokens the Triton experts "
                                 "run as two pair-wise GEMV launches, without align or a combine launch, where their "
                                 "pairs would read few experts twice (0: never)")
-TRITON_PDL = Knob("MOECC_TRITON_PDL", True, bool, "launch the decode GEMVs as programmatic dependents of the kernel "
-                  "before each (sm_90 or newer): the second streams its weights while the first still runs")
+TRITON_PDL = Knob("MOECC_TRITON_PDL", True, bool, "launch the Triton experts' kernels as programmatic dependents of "
+                  "the kernel before each (sm_90 or newer): the decode GEMVs (the second streams its weights while "
+                  "the first still runs), and align, both GEMMs and the combine of prefill")
 TRITON_ROUTER_GEMV = Knob("MOECC_TRITON_ROUTER_GEMV", True, bool, "up to 16 tokens the gating kernel also computes the "
                           "router GEMV for bf16/fp16 logits, rounded to the model's dtype as the eager GEMM rounds "
                           "them (off: those routers stay a GEMM of their own; fp32 logits always fuse)")
