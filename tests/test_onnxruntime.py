@@ -230,6 +230,33 @@ def test_fp16_routing_on_onnxruntime_agrees_with_eager_wherever_eager_has_no_tie
     assert per_token[untied].max().item() < 5e-3, per_token[untied].max().item()
 
 
+def test_a_kernel_onnx_runtime_lacks_for_a_type_falls_back_under_auto_and_says_so_otherwise():
+    """ONNX Runtime loads a graph whose kernel it lacks for a type (the CPU provider's ScatterND with reduction add
+    has no fp16) and fails only when it runs: under ``auto`` the check's run makes the capture a torch program,
+    with a warning; with ``backend='onnxruntime'`` moecc says why, as a BackendError."""
+    from user_modules import LoopMoE, TinyModel
+
+    class ScatterAddModel(TinyModel):
+        def __init__(self):
+            super().__init__(LoopMoE())
+            self.register_buffer("idx", torch.tensor([0, 0, 5, 7]))
+
+        def forward(self, ids):
+            h = self.embed(ids)
+            h = h.index_add(-1, self.idx, h[..., :4])  # exported as ScatterND(reduction="add")
+            return self.head(h + self.moe(self.norm(h)))
+
+    torch.manual_seed(0)
+    model = ScatterAddModel().eval().half()
+    x = torch.randint(0, 50, (2, 9))
+    cm = moecc.compile(model, backend="auto")
+    with torch.no_grad():
+        torch.testing.assert_close(cm(x), model(x), rtol=5e-3, atol=5e-3)
+    assert cm._entries[-1].backend == "torch" and cm.moe_layers[0].fused
+    with pytest.raises(moecc.BackendError, match="ONNX Runtime could not run the exported program: .*ScatterND"):
+        moecc.compile(model, backend="onnxruntime")(x)
+
+
 def test_many_experts_top8_uses_the_moe_op():
     import transformers as tf
 

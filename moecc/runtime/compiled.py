@@ -420,6 +420,14 @@ class CompiledModule(nn.Module):
                             raise
                         entry, _ = torch_instead(self.original_model, exc, info, self.backend, lambda: build(
                             self.original_model, args, kwargs, "torch", self.options, None, hints=self.hints))
+                    except BackendError as exc:
+                        if entry.backend != "onnxruntime" or self.backend != "auto":
+                            raise
+                        log.warning("%s; backend='auto' runs it with torch", exc)
+                        with quiet("moecc.passes.recognize", "moecc.capture"):
+                            entry, _ = build(self.original_model, args, kwargs, "torch", self.options, None,
+                                             hints=self.hints)
+                        verify(self.original_model, entry, tolerance)
                 except DisagreementError as exc:
                     if (refused := capture_to_blame(self.original_model, exc, recapture, tolerance)) is not None:
                         raise refused from exc

@@ -364,7 +364,16 @@ class OrtModule(nn.Module):
 
     def forward(self, *tensors):
         feeds = {n: t.detach().cpu().numpy() for n, t in zip(self.input_names, tensors)}
-        return tuple(torch.from_numpy(o) for o in self.session.run(None, feeds))
+        try:
+            outputs = self.session.run(None, feeds)
+        except Exception as exc:
+            if not type(exc).__module__.startswith("onnxruntime"):
+                raise
+            # a kernel the provider lacks for a type (fp16 ScatterND with reduction add on the CPU, say) fails only
+            # when the graph runs, not when it loads
+            raise BackendError(f"ONNX Runtime could not run the exported program: {first_line(exc)}. "
+                               f"{SKIP_LOWERING}") from exc
+        return tuple(torch.from_numpy(o) for o in outputs)
 
 
 def unsupported(gm: fx.GraphModule, example: list[torch.Tensor]) -> str | None:
