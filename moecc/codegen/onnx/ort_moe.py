@@ -165,12 +165,16 @@ def session_options():
     """ONNX Runtime session options for every session moecc opens: intra-op threads from ``MOECC_ORT_THREADS``,
     spin-waiting after a run from ``MOECC_ORT_SPIN``. Spinning threads took a torch matmul run right after an ORT
     call to twice its time, while a generate loop (little torch work between calls) was 8 % faster with them
-    (RESULTS.md, session 44)."""
+    (RESULTS.md, session 44). ONNX Runtime's own log prints fatal errors only, unless moecc's log is at debug: a
+    run that fails raises its status as an exception, which moecc reports or acts on (a probe, ``auto``'s torch
+    program), so the error ONNX Runtime also prints would stand beside a compile that went on."""
     import onnxruntime as ort
 
     from moecc import knobs
 
     options = ort.SessionOptions()
+    if not logging.getLogger("moecc").isEnabledFor(logging.DEBUG):
+        options.log_severity_level = 4
     threads = knobs.ORT_THREADS.get()
     if threads < 0:
         raise ValueError(f"MOECC_ORT_THREADS must be 0 (ONNX Runtime's default) or a thread count, got {threads}")
