@@ -313,13 +313,12 @@ def best_layout(cands, x: torch.Tensor, refs: list[torch.Tensor],
 
 
 def _shared_experts(block: nn.Module, used: set[int], hidden: int) -> MatchResult[list[SharedExpert]]:
-    shared, gates, gate_names = [], [], []
+    shared, gates = [], {}
     for name, child in block.named_children():
         if id(child) in used:
             continue
         if isinstance(child, nn.Linear) and child.out_features == 1 and child.in_features == hidden:
-            gates.append(child.weight)
-            gate_names.append(repr(name))
+            gates[name] = child.weight
             continue
         if isinstance(child, (nn.Dropout, nn.Identity)) or not _has_linear(child):
             continue
@@ -333,10 +332,10 @@ def _shared_experts(block: nn.Module, used: set[int], hidden: int) -> MatchResul
     if len(gates) > 1 or (gates and len(shared) != 1):
         held = "no shared expert" if not shared else f"{len(shared)} shared experts"
         return MatchResult.fail(f"shared-expert gates do not pair with exactly one shared expert: sub-module(s) "
-                                f"{', '.join(gate_names)} (Linear {hidden} -> 1) read as gates, and the block holds "
-                                f"{held} (a gate over the whole output of the block is no canonical form)")
+                                f"{', '.join(map(repr, gates))} (Linear {hidden} -> 1) read as gates, and the block "
+                                f"holds {held} (a gate over the whole output of the block is no canonical form)")
     if gates:
-        shared[0].gate_weight = gates[0].detach()
+        shared[0].gate_weight = next(iter(gates.values())).detach()
     return MatchResult.success(shared)
 
 
