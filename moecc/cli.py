@@ -14,7 +14,7 @@ import torch
 def _factory(spec: str):
     """``pkg.module:factory`` or ``path/to/file.py:factory``."""
     if ":" not in spec:
-        raise SystemExit(f"moecc: expected MODULE:FACTORY, got {spec!r}")
+        raise SystemExit(f"moecc: expected a model folder or MODULE:FACTORY, got {spec!r}")
     module_name, attr = spec.rsplit(":", 1)
     if module_name.endswith(".py") or "/" in module_name:
         path = Path(module_name).resolve()
@@ -29,6 +29,36 @@ def _factory(spec: str):
         return getattr(module, attr)
     except AttributeError:
         raise SystemExit(f"moecc: {module_name} has no {attr!r}") from None
+
+
+def _pretrained(folder: Path, batch: int, seq_len: int):
+    """A Hugging Face model saved in ``folder`` (``config.json`` beside its weights), loaded from there alone, in
+    eval mode, and an example of random token ids ``[batch, seq_len]``. A causal LM when its config names one."""
+    try:
+        import transformers
+    except ImportError:
+        raise SystemExit("moecc: exporting a model folder needs transformers (pip install transformers)") from None
+    config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+    causal = type(config) in transformers.AutoModelForCausalLM._model_mapping
+    auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
+    model = auto.from_pretrained(folder, local_files_only=True).eval()
+    vocab = getattr(config.get_text_config(), "vocab_size", None)
+    if not vocab:
+        raise SystemExit(f"moecc: {folder}'s config gives no vocab_size to draw example token ids from; pass a "
+                         "MODULE:FACTORY that returns (model, example) instead")
+    ids = torch.randint(0, vocab, (batch, seq_len), generator=torch.Generator().manual_seed(0))
+    return model, {"input_ids": ids}
+
+
+def _model_and_example(spec: str, batch: int, seq_len: int):
+    """(model, example) of ``moecc export``'s first argument: a model folder, or a factory."""
+    folder = Path(spec)
+    if folder.is_dir():
+        if not (folder / "config.json").is_file():
+            raise SystemExit(f"moecc: {spec} is a folder without config.json: expected a Hugging Face model folder "
+                             "or MODULE:FACTORY")
+        return _pretrained(folder, batch, seq_len)
+    return _factory(spec)()
 
 
 def _split_example(example):
@@ -49,7 +79,7 @@ def cmd_export(a) -> int:
     import moecc
 
     console = Console(stderr=True)
-    model, example = _factory(a.factory)()
+    model, example = _model_and_example(a.model, a.batch, a.seq_len)
     args, kwargs = _split_example(example)
     options = {"verify": not a.no_verify}
     if a.quantize:
@@ -108,7 +138,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="moecc", description="moecc: a compiler for Mixture-of-Experts inference")
     sub = ap.add_subparsers(dest="cmd", required=True)
     e = sub.add_parser("export", help="compile a model and write an artifact")
-    e.add_argument("factory", help="MODULE:FACTORY; the factory returns (model, example_args)")
+    e.add_argument("model", help="a Hugging Face model folder (config.json and weights), or MODULE:FACTORY: a "
+                   "function that returns (model, example inputs)")
+    e.add_argument("--batch", type=int, default=2, help="a model folder's example: sequences of random token ids")
+    e.add_argument("--seq-len", type=int, default=16, help="a model folder's example: tokens per sequence")
     e.add_argument("-o", "--output", required=True, help="artifact folder, or a file ending in .moecc")
     e.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "torch", "reference"])
     e.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantized experts (onnxruntime)")

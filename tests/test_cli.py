@@ -36,6 +36,31 @@ def test_cli_export_inspect_run(tmp_path):
     assert torch.load(tmp_path / "out.pt")["logits"].shape == (1, 6, 97)
 
 
+def test_cli_exports_a_hugging_face_model_folder_with_random_token_ids_as_its_example(tmp_path):
+    from hf_models import make_model
+
+    model = make_model("qwen3_moe")
+    model.save_pretrained(tmp_path / "model")
+    run = moecc_cli("export", str(tmp_path / "model"), "-o", str(tmp_path / "art"), "--batch", "3", "--seq-len", "5",
+                    cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    manifest = json.loads((tmp_path / "art" / "manifest.json").read_text())
+    assert [la["fused"] for la in manifest["moe_layers"]] == [True] * model.config.num_hidden_layers
+
+    inputs = make_inputs("qwen3_moe", 2, 9, seed=3)
+    torch.save(inputs, tmp_path / "in.pt")
+    run = moecc_cli("run", str(tmp_path / "art"), "--input", str(tmp_path / "in.pt"), "--output",
+                    str(tmp_path / "out.pt"), cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    with torch.no_grad():
+        expected = model.eval()(**inputs).logits
+    torch.testing.assert_close(torch.load(tmp_path / "out.pt")["logits"], expected, rtol=1e-4, atol=1e-5)
+
+    (tmp_path / "empty").mkdir()
+    run = moecc_cli("export", str(tmp_path / "empty"), "-o", str(tmp_path / "art2"), cwd=tmp_path)
+    assert run.returncode != 0 and "folder without config.json" in run.stderr
+
+
 def test_cli_inspect_dump_folder_and_errors(tmp_path):
     from user_modules import LoopMoE, TinyModel
 
