@@ -31,9 +31,10 @@ def _factory(spec: str):
         raise SystemExit(f"moecc: {module_name} has no {attr!r}") from None
 
 
-def _pretrained(folder: Path, batch: int, seq_len: int):
+def _pretrained(folder: Path, batch: int, seq_len: int, device: str | None, dtype: str | None):
     """A Hugging Face model saved in ``folder`` (``config.json`` beside its weights), loaded from there alone, in
-    eval mode, and an example of random token ids ``[batch, seq_len]``. A causal LM when its config names one."""
+    eval mode, on ``device`` in ``dtype`` (default: the checkpoint's), and an example of random token ids
+    ``[batch, seq_len]``. A causal LM when its config names one."""
     try:
         import transformers
     except ImportError:
@@ -41,23 +42,24 @@ def _pretrained(folder: Path, batch: int, seq_len: int):
     config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
     causal = type(config) in transformers.AutoModelForCausalLM._model_mapping
     auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
-    model = auto.from_pretrained(folder, local_files_only=True).eval()
+    model = auto.from_pretrained(folder, local_files_only=True, dtype=getattr(torch, dtype) if dtype else "auto")
+    model = model.to(device).eval() if device else model.eval()
     vocab = getattr(config.get_text_config(), "vocab_size", None)
     if not vocab:
         raise SystemExit(f"moecc: {folder}'s config gives no vocab_size to draw example token ids from; pass a "
                          "MODULE:FACTORY that returns (model, example) instead")
     ids = torch.randint(0, vocab, (batch, seq_len), generator=torch.Generator().manual_seed(0))
-    return model, {"input_ids": ids}
+    return model, {"input_ids": ids.to(device) if device else ids}
 
 
-def _model_and_example(spec: str, batch: int, seq_len: int):
+def _model_and_example(spec: str, batch: int, seq_len: int, device: str | None = None, dtype: str | None = None):
     """(model, example) of ``moecc export``'s first argument: a model folder, or a factory."""
     folder = Path(spec)
     if folder.is_dir():
         if not (folder / "config.json").is_file():
             raise SystemExit(f"moecc: {spec} is a folder without config.json: expected a Hugging Face model folder "
                              "or MODULE:FACTORY")
-        return _pretrained(folder, batch, seq_len)
+        return _pretrained(folder, batch, seq_len, device, dtype)
     return _factory(spec)()
 
 
@@ -79,7 +81,7 @@ def cmd_export(a) -> int:
     import moecc
 
     console = Console(stderr=True)
-    model, example = _model_and_example(a.model, a.batch, a.seq_len)
+    model, example = _model_and_example(a.model, a.batch, a.seq_len, a.device, a.dtype)
     args, kwargs = _split_example(example)
     options = {"verify": not a.no_verify}
     if a.quantize:
@@ -142,8 +144,11 @@ def main(argv=None) -> int:
                    "function that returns (model, example inputs)")
     e.add_argument("--batch", type=int, default=2, help="a model folder's example: sequences of random token ids")
     e.add_argument("--seq-len", type=int, default=16, help="a model folder's example: tokens per sequence")
+    e.add_argument("--device", help="a model folder's device (cuda for the triton backend); default: cpu")
+    e.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+                   help="a model folder's dtype; default: its checkpoint's")
     e.add_argument("-o", "--output", required=True, help="artifact folder, or a file ending in .moecc")
-    e.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "torch", "reference"])
+    e.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "torch", "triton", "reference"])
     e.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantized experts (onnxruntime)")
     e.add_argument("--block-size", type=int, default=0, help="quantization block size (0: per channel)")
     e.add_argument("--no-verify", action="store_true", help="skip the check against eager on fresh inputs")
