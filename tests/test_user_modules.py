@@ -268,7 +268,10 @@ def test_low_precision_recognition_takes_the_closest_candidate_not_the_first_tha
     assert result and result.value.routing.weights_on_inputs, result.reason or result.value.routing.describe()
     cm = moecc.compile(block, backend="reference")
     x = torch.randn(1, 40, 256, dtype=torch.bfloat16)
-    torch.testing.assert_close(cm(x)[0], block(x)[0], rtol=0, atol=0)
+    # equal up to bf16's rounding (the other candidate is 9 % off): the block's bmm over every expert and the
+    # reference lowering's per-expert matmuls gave equal bits on earlier CI machines, and on an AVX2-only CPU 7 of
+    # 10240 outputs one last bit apart
+    torch.testing.assert_close(cm(x)[0], block(x)[0], rtol=2 ** -7, atol=2 ** -12)
 
 
 @pytest.mark.parametrize("hidden,inter,top_k", [(128, 64, 1), (96, 48, 2)])
