@@ -391,7 +391,7 @@ def test_model_weights_are_copied_only_when_allowed_and_cheap(monkeypatch):
     free = place._free_bytes
     for copy, free_bytes, layout in ((False, None, "oi"), (True, 0, "oi_gu"), (None, None, "oi_gu"), (None, 1, "oi")):
         monkeypatch.setattr(place, "_free_bytes", free if free_bytes is None else lambda device, b=free_bytes: b)
-        cm = moecc.compile(model, backend="triton", copy_expert_weights=copy)
+        cm = moecc.compile(model, backend="triton", copy_expert_weights=copy, verify=False)  # compared below
         got = cm(**inputs).logits
         assert {layer.placement["layout"] for layer in cm.moe_layers} == {layout}
         assert ((got - ref).norm() / ref.norm()).item() < 1e-4

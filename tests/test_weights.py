@@ -22,7 +22,8 @@ def test_changed_weights_are_seen(backend):
     model = make_model("mixtral").to(DEVICE if backend == "triton" else "cpu")
     tol = dict(rtol=2e-3, atol=2e-3) if backend == "triton" and DEVICE == "cuda" else dict(rtol=1e-5, atol=1e-5)
     ids = torch.randint(0, 97, (2, 6))
-    cm = moecc.compile(model, backend=backend)
+    # each check below compares with eager itself: the interpreter's own check of each capture would double them
+    cm = moecc.compile(model, backend=backend, verify=backend != "triton")
     torch.testing.assert_close(_logits(cm, ids), _logits(model, ids), **tol)
     watched = cm._entries[-1].weights
     assert len(watched) > 0 and watched.changed() is None
