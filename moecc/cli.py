@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.utils._pytree as pytree
 
 
 def _factory(spec: str):
@@ -114,8 +115,11 @@ def cmd_inspect(a) -> int:
 def cmd_run(a) -> int:
     import moecc
 
-    model = moecc.load(a.path)
-    example = torch.load(a.input, weights_only=False)
+    model = moecc.load(a.path, device=a.device)
+    example = torch.load(a.input, weights_only=False, map_location="cpu")
+    # saved inputs run where the program's weights are (those of an artifact exported on a GPU, there)
+    device = a.device or model.manifest.get("device", "cpu")
+    example = pytree.tree_map_only(torch.Tensor, lambda t: t.to(device), example)
     args, kwargs = _split_example(example)
     out = model(*args, **kwargs)
     leaves = out.items() if isinstance(out, dict) else enumerate(out if isinstance(out, tuple) else (out,))
@@ -124,7 +128,8 @@ def cmd_run(a) -> int:
             print(f"{name}: {tuple(value.shape)} {str(value.dtype).replace('torch.', '')} "
                   f"mean {value.float().mean().item():.6g} std {value.float().std().item():.6g}")
     if a.output:
-        torch.save(out if not isinstance(out, dict) else dict(out), a.output)
+        out = out if not isinstance(out, dict) else dict(out)
+        torch.save(pytree.tree_map_only(torch.Tensor, lambda t: t.cpu(), out), a.output)  # readable anywhere
         print(f"wrote {a.output}")
     return 0
 
@@ -163,6 +168,8 @@ def main(argv=None) -> int:
     r.add_argument("path")
     r.add_argument("--input", required=True, help="a .pt file: a tuple of args, a dict of kwargs, or (args, kwargs)")
     r.add_argument("--output", help="save the outputs here")
+    r.add_argument("--device", help="where to run the program (torch and Triton programs); default: where it was "
+                   "exported")
     r.set_defaults(func=cmd_run)
     b = sub.add_parser("bench", help="CPU benchmark: HF eager and grouped_mm against moecc ORT fp32/int8/int4")
     b.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 128, 512])

@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from hf_models import make_inputs
 
@@ -12,7 +13,8 @@ HERE = os.path.dirname(__file__)
 
 
 def moecc_cli(*args, cwd):
-    env = {**os.environ, "PYTHONPATH": HERE}
+    # the tests' helpers beside moecc (a source tree on PYTHONPATH, as on the GPU machine, or an install)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (HERE, os.environ.get("PYTHONPATH")) if p)}
     return subprocess.run([sys.executable, "-m", "moecc.cli", *args], cwd=cwd, capture_output=True, text=True,
                           env=env)
 
@@ -59,6 +61,28 @@ def test_cli_exports_a_hugging_face_model_folder_with_random_token_ids_as_its_ex
     (tmp_path / "empty").mkdir()
     run = moecc_cli("export", str(tmp_path / "empty"), "-o", str(tmp_path / "art2"), cwd=tmp_path)
     assert run.returncode != 0 and "folder without config.json" in run.stderr
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cli_exports_a_model_folder_for_triton_on_the_gpu_and_runs_inputs_saved_on_the_cpu(tmp_path):
+    from hf_models import make_model
+
+    make_model("qwen3_moe").save_pretrained(tmp_path / "model")
+    run = moecc_cli("export", str(tmp_path / "model"), "-o", str(tmp_path / "art"), "--device", "cuda", "--dtype",
+                    "bfloat16", "--backend", "triton", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert json.loads((tmp_path / "art" / "manifest.json").read_text())["device"] == "cuda"
+    inputs = make_inputs("qwen3_moe", 2, 9, seed=3)
+    torch.save(inputs, tmp_path / "in.pt")
+    run = moecc_cli("run", str(tmp_path / "art"), "--input", str(tmp_path / "in.pt"), "--output",
+                    str(tmp_path / "out.pt"), cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    got = torch.load(tmp_path / "out.pt")["logits"]
+    assert got.device.type == "cpu"
+    model = make_model("qwen3_moe").to("cuda", torch.bfloat16).eval()
+    with torch.no_grad():
+        expected = model(**{k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}).logits
+    assert ((got.float() - expected.float().cpu()).norm() / expected.float().norm()).item() < 2e-2
 
 
 def test_cli_inspect_dump_folder_and_errors(tmp_path):
