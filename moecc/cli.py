@@ -35,13 +35,13 @@ def _factory(spec: str):
 def _pretrained(folder: Path, batch: int, seq_len: int, device: str | None, dtype: str | None):
     """A Hugging Face model saved in ``folder`` (``config.json`` beside its weights), loaded from there alone, in
     eval mode, on ``device`` in ``dtype`` (default: the checkpoint's), and an example of random token ids
-    ``[batch, seq_len]``. A causal LM when its config names one."""
+    ``[batch, seq_len]``. A causal LM where transformers has one for its config, else the bare model."""
     try:
         import transformers
     except ImportError:
         raise SystemExit("moecc: exporting a model folder needs transformers (pip install transformers)") from None
     config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
-    causal = type(config) in transformers.AutoModelForCausalLM._model_mapping
+    causal = type(config) in transformers.MODEL_FOR_CAUSAL_LM_MAPPING
     auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
     model = auto.from_pretrained(folder, local_files_only=True, dtype=getattr(torch, dtype) if dtype else "auto")
     model = model.to(device).eval() if device else model.eval()
