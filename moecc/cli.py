@@ -43,14 +43,15 @@ def _pretrained(folder: Path, batch: int, seq_len: int, device: str | None, dtyp
     config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
     causal = type(config) in transformers.MODEL_FOR_CAUSAL_LM_MAPPING
     auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
+    device = device or "cpu"
     model = auto.from_pretrained(folder, local_files_only=True, dtype=getattr(torch, dtype) if dtype else "auto")
-    model = model.to(device).eval() if device else model.eval()
+    model = model.to(device).eval()
     vocab = getattr(config.get_text_config(), "vocab_size", None)
     if not vocab:
         raise SystemExit(f"moecc: {folder}'s config gives no vocab_size to draw example token ids from; pass a "
                          "MODULE:FACTORY that returns (model, example) instead")
     ids = torch.randint(0, vocab, (batch, seq_len), generator=torch.Generator().manual_seed(0))
-    return model, {"input_ids": ids.to(device) if device else ids}
+    return model, {"input_ids": ids.to(device)}
 
 
 def _model_and_example(spec: str, batch: int, seq_len: int, device: str | None = None, dtype: str | None = None):

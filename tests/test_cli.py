@@ -38,25 +38,30 @@ def test_cli_export_inspect_run(tmp_path):
     assert torch.load(tmp_path / "out.pt")["logits"].shape == (1, 6, 97)
 
 
-def test_cli_exports_a_hugging_face_model_folder_with_random_token_ids_as_its_example(tmp_path):
+def _folder_exported_and_run(tmp_path, *export_options):
+    """A tiny Qwen3-MoE saved as a model folder, exported from it with ``export_options``, and run by ``moecc run``
+    on ids saved on the CPU: (the model, those inputs, the artifact's manifest, the logits it saved)."""
     from hf_models import make_model
 
     model = make_model("qwen3_moe")
     model.save_pretrained(tmp_path / "model")
-    run = moecc_cli("export", str(tmp_path / "model"), "-o", str(tmp_path / "art"), "--batch", "3", "--seq-len", "5",
-                    cwd=tmp_path)
+    run = moecc_cli("export", str(tmp_path / "model"), "-o", str(tmp_path / "art"), *export_options, cwd=tmp_path)
     assert run.returncode == 0, run.stderr
-    manifest = json.loads((tmp_path / "art" / "manifest.json").read_text())
-    assert [la["fused"] for la in manifest["moe_layers"]] == [True] * model.config.num_hidden_layers
-
     inputs = make_inputs("qwen3_moe", 2, 9, seed=3)
     torch.save(inputs, tmp_path / "in.pt")
     run = moecc_cli("run", str(tmp_path / "art"), "--input", str(tmp_path / "in.pt"), "--output",
                     str(tmp_path / "out.pt"), cwd=tmp_path)
     assert run.returncode == 0, run.stderr
+    manifest = json.loads((tmp_path / "art" / "manifest.json").read_text())
+    return model.eval(), inputs, manifest, torch.load(tmp_path / "out.pt")["logits"]
+
+
+def test_cli_exports_a_hugging_face_model_folder_with_random_token_ids_as_its_example(tmp_path):
+    model, inputs, manifest, got = _folder_exported_and_run(tmp_path, "--batch", "3", "--seq-len", "5")
+    assert [la["fused"] for la in manifest["moe_layers"]] == [True] * model.config.num_hidden_layers
     with torch.no_grad():
-        expected = model.eval()(**inputs).logits
-    torch.testing.assert_close(torch.load(tmp_path / "out.pt")["logits"], expected, rtol=1e-4, atol=1e-5)
+        expected = model(**inputs).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
     (tmp_path / "empty").mkdir()
     run = moecc_cli("export", str(tmp_path / "empty"), "-o", str(tmp_path / "art2"), cwd=tmp_path)
@@ -65,21 +70,10 @@ def test_cli_exports_a_hugging_face_model_folder_with_random_token_ids_as_its_ex
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cli_exports_a_model_folder_for_triton_on_the_gpu_and_runs_inputs_saved_on_the_cpu(tmp_path):
-    from hf_models import make_model
-
-    make_model("qwen3_moe").save_pretrained(tmp_path / "model")
-    run = moecc_cli("export", str(tmp_path / "model"), "-o", str(tmp_path / "art"), "--device", "cuda", "--dtype",
-                    "bfloat16", "--backend", "triton", cwd=tmp_path)
-    assert run.returncode == 0, run.stderr
-    assert json.loads((tmp_path / "art" / "manifest.json").read_text())["device"] == "cuda"
-    inputs = make_inputs("qwen3_moe", 2, 9, seed=3)
-    torch.save(inputs, tmp_path / "in.pt")
-    run = moecc_cli("run", str(tmp_path / "art"), "--input", str(tmp_path / "in.pt"), "--output",
-                    str(tmp_path / "out.pt"), cwd=tmp_path)
-    assert run.returncode == 0, run.stderr
-    got = torch.load(tmp_path / "out.pt")["logits"]
-    assert got.device.type == "cpu"
-    model = make_model("qwen3_moe").to("cuda", torch.bfloat16).eval()
+    model, inputs, manifest, got = _folder_exported_and_run(tmp_path, "--device", "cuda", "--dtype", "bfloat16",
+                                                            "--backend", "triton")
+    assert manifest["device"] == "cuda" and got.device.type == "cpu"
+    model = model.to("cuda", torch.bfloat16)
     with torch.no_grad():
         expected = model(**{k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}).logits
     assert ((got.float() - expected.float().cpu()).norm() / expected.float().norm()).item() < 2e-2
