@@ -29,6 +29,7 @@ from moecc.errors import CaptureError, ExportError
 from moecc.logs import EXPORT_LOGGERS, quiet, stderr_to_debug
 from moecc.module_casts import idle_module_casts
 from moecc.passes.graph_utils import fresh_container, output_leaves
+from moecc.passes.recognize.block import OFFLOADED, offloaded_weights
 from moecc.passes.recognize.memo import RecognitionMemo
 from moecc.runtime.weights import storage_of
 
@@ -315,6 +316,7 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, fuse: bool = True,
         log.info("expert banks captured without their blocks, routed by the model's own ops: %s",
                  ", ".join(routed.values()))
     blocks = [(routed[n], model.get_submodule(routed[n])) if n in routed else (n, b) for n, b in blocks]
+    offloaded = {n: OFFLOADED for n, b in blocks if offloaded_weights(b)}
     flat_inputs, in_spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
     hooks.tell_traced(model)
     try:
@@ -323,7 +325,7 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, fuse: bool = True,
     except Exception as exc:
         raise CaptureError(f"{type(model).__name__} failed on the example inputs before capture: {exc}") from exc
     # one sub-module's output the model returns travels as more outputs of the block's call (``RecordingBlock``)
-    recorded, unfused = {}, {}
+    recorded, unfused = {}, offloaded
     for name, block in blocks:
         if (call := EXAMPLE_CALLS.get(block)) is not None and (why := _uncarried(call)) is not None:
             unfused[name] = why

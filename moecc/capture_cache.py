@@ -244,13 +244,15 @@ def save(key: str, gm: fx.GraphModule, blocks: dict[str, str], model: nn.Module)
         if constants:
             from safetensors.torch import save_file
 
-            tensors = {k: v.detach().cpu().contiguous() for k, v in constants.items()}
+            # copies: constants may share storage (tensors a hook swapped in, lifted under two names), which
+            # safetensors refuses to write
+            tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in constants.items()}
             replace_whole(folder / f"{key}.safetensors", lambda tmp: save_file(tensors, str(tmp)))
         entry = {"nodes": nodes, "blocks": blocks, "kinds": kinds,
                  "constants": {k: str(v.device) for k, v in constants.items()}}
         replace_whole(folder / f"{key}.json", lambda tmp: tmp.write_text(json.dumps(entry)))
         _prune(folder)
-    except OSError as exc:
+    except Exception as exc:  # noqa: BLE001 - a capture that cannot be cached still runs
         log.warning("could not write the capture cache in %s: %s", folder, exc)
 
 
@@ -267,7 +269,7 @@ def save_refusal(key: str, reason: str) -> None:
         replace_whole(folder / f"{key}.json", lambda tmp: tmp.write_text(json.dumps({"refused": reason})))
         (folder / f"{key}.safetensors").unlink(missing_ok=True)
         _prune(folder)
-    except OSError as exc:
+    except Exception as exc:  # noqa: BLE001 - a capture that cannot be cached still runs
         log.warning("could not write the capture cache in %s: %s", folder, exc)
 
 

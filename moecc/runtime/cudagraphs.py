@@ -38,7 +38,7 @@ from torch.utils import _pytree as pytree
 from moecc import knobs
 from moecc.codegen.triton.scratch import GraphScratch, graph_scratch
 from moecc.runtime.direct import retargeted
-from moecc.runtime.weights import program_storages
+from moecc.runtime.weights import program_devices, program_storages
 
 log = logging.getLogger("moecc.runtime")
 
@@ -164,6 +164,10 @@ class GraphCache:
         self.lock = threading.Lock()
         self.stream: torch.cuda.Stream | None = None  # the stream of the last call, which the graphs' work is on
         self.raw_stream: int | None = None
+        # a graph records the work of one device's stream; a program whose weights sit on several GPUs (a model split
+        # over them) would replay without the work of the others, so it runs as launched
+        self.devices = program_devices(program)
+        self.spans_devices = False
 
     def __deepcopy__(self, memo: dict) -> GraphCache:
         # a graph replays the buffers and weights of the program it was captured from: the copy captures its own
@@ -171,9 +175,26 @@ class GraphCache:
 
     def __call__(self, tensors: list[torch.Tensor]):
         with self.lock:
-            if (device := tensors[0].get_device()) >= 0:  # (a CPU test's stand-in program has no stream)
+            if (device := tensors[0].get_device()) < 0:  # (a CPU test's stand-in program has no stream)
+                return self._call(tensors)
+            if self._on_several_devices(device, tensors):
+                return self.program(*tensors)
+            if device == torch.cuda.current_device():
                 self._follow_stream(device)
-            return self._call(tensors)
+                return self._call(tensors)
+            # graphs capture and replay on the current device's streams: the one the inputs are on
+            with torch.cuda.device(device):
+                self._follow_stream(device)
+                return self._call(tensors)
+
+    def _on_several_devices(self, device: int, tensors: list[torch.Tensor]) -> bool:
+        if (self.devices and self.devices != {device}) or any(t.get_device() != device for t in tensors):
+            if not self.spans_devices:
+                self.spans_devices = True
+                log.info("no CUDA graphs for a program on CUDA devices %s: a graph records one device's work",
+                         sorted(self.devices | {t.get_device() for t in tensors}))
+            return True
+        return False
 
     def _follow_stream(self, device: int) -> None:
         """Graphs share memory (static inputs, the shared pool) across calls, which is safe while their work runs in

@@ -167,12 +167,21 @@ def storage_of(t: torch.Tensor) -> int | None:
     return storage.data_ptr() if storage.nbytes() else None
 
 
-def program_storages(program: object) -> set[int]:
-    """The storages of every tensor a program module holds: parameters, buffers and tensor attributes its graph
-    reads."""
+def program_devices(program: object) -> set[int]:
+    """The CUDA devices of the tensors a program module holds (``program_tensors``), by index."""
+    return {t.get_device() for t in program_tensors(program) if t.is_cuda}
+
+
+def program_tensors(program: object) -> list[torch.Tensor]:
+    """Every tensor a program module holds: parameters, buffers and tensor attributes its graph reads."""
     if not isinstance(program, nn.Module):
-        return set()
+        return []
     tensors = [*program.parameters(), *program.buffers()]
     for module in program.modules():
         tensors += [v for v in vars(module).values() if isinstance(v, torch.Tensor)]
-    return {s for s in map(storage_of, tensors) if s}
+    return tensors
+
+
+def program_storages(program: object) -> set[int]:
+    """The storages of every tensor a program module holds (``program_tensors``)."""
+    return {s for s in map(storage_of, program_tensors(program)) if s}

@@ -74,7 +74,25 @@ def run_experts(x, weights, ids, w_up, w_down, b_up, b_down, activation, gated, 
     return combine(pairs, ids, num_experts)
 
 
+def on_the_device_of_x(body):
+    """``body`` run with the CUDA device of its first argument ``x`` current. Triton launches on the current device
+    and its current stream, whatever device the tensors are on: a model moved to ``cuda:1``, or split over GPUs,
+    had its kernels launched on ``cuda:0`` (one thread's default) against memory of another GPU, on a stream
+    ordered with none of that GPU's work."""
+
+    @functools.wraps(body)
+    def launch(*args, **kwargs):
+        x = args[0] if args else kwargs["x"]
+        if x.is_cuda and x.get_device() != torch.cuda.current_device():
+            with torch.cuda.device(x.device):
+                return body(*args, **kwargs)
+        return body(*args, **kwargs)
+
+    return launch
+
+
 @torch.library.custom_op("moecc::fused_moe_triton", mutates_args=())
+@on_the_device_of_x
 def fused_moe_triton(
     x: Tensor, weights: Tensor, ids: Tensor, w_up: Tensor, w_down: Tensor, b_up: Tensor | None,
     b_down: Tensor | None, activation: str, gated: bool, alpha: float, limit: float, capacity: int,
@@ -113,6 +131,7 @@ LOW_PRECISION_GEMV_MAX_TOKENS = 16
 
 
 @torch.library.custom_op("moecc::fused_route_triton", mutates_args=())
+@on_the_device_of_x
 def fused_route_triton(
     x: Tensor, router_weight: Tensor, router_bias: Tensor | None, selection_bias: Tensor | None, top_k: int,
     score: str, topk_first: bool, renormalize: bool, n_group: int, topk_group: int, scale: float, logits_fp32: bool,
@@ -142,6 +161,7 @@ def _fused_route_triton_fake(x, router_weight, router_bias, selection_bias, top_
 
 
 @torch.library.custom_op("moecc::fused_moe_shared_triton", mutates_args=())
+@on_the_device_of_x
 def fused_moe_shared_triton(
     x: Tensor, weights: Tensor, ids: Tensor, w_up: Tensor, w_down: Tensor, activation: str, gated: bool,
     alpha: float, limit: float, shared_up: Tensor, shared_down: Tensor, shared_gate: Tensor | None,

@@ -796,10 +796,21 @@ def unfit_parameters(block: nn.Module) -> str | None:
                 f"matmuls to {cast} while its parameters are {like.dtype}: the canonical ops compute in the "
                 f"parameters' dtype. Cast the model to {cast} (model.to(dtype)) rather than autocast, or call it "
                 "outside autocast")
+    if offloaded_weights(block):
+        return OFFLOADED
     if (bad := _non_finite_parameter(block)) is not None:
         return (f"parameter {bad} holds NaN or inf (a module built without initializing its weights?): probes of "
                 "such a block tell nothing about its function")
     return None
+
+
+OFFLOADED = ("its weights are offloaded (on the meta device, loaded for each call by hooks such as accelerate's "
+             "offloading): a fused block reads weights that stay in memory")
+
+
+def offloaded_weights(block: nn.Module) -> bool:
+    """Weights on the meta device in a model that runs: hooks swap them in for each call and out again."""
+    return any(t.is_meta for t in itertools.chain(block.parameters(), block.buffers()))
 
 
 def _non_finite_parameter(block: nn.Module) -> str | None:

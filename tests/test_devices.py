@@ -1,0 +1,113 @@
+"""Models whose weights are not all on one device: blocks offloaded to the meta device, a model on a second GPU, a
+model split over two GPUs."""
+
+import pytest
+import torch
+from hf_models import make_inputs, make_model
+from torch import nn
+
+import moecc
+from moecc.routing import route_reference
+
+two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+
+
+def offload(block: nn.Module) -> None:
+    """``block``'s parameters kept on the meta device between calls and swapped in for each call, as accelerate's
+    offloading hooks do."""
+    store = {name: p.detach().clone() for name, p in block.named_parameters()}
+
+    def swap(to_meta: bool):
+        for name, t in store.items():
+            owner, _, leaf = name.rpartition(".")
+            block.get_submodule(owner)._parameters[leaf] = nn.Parameter(t.to("meta") if to_meta else t,
+                                                                      requires_grad=False)
+
+    swap(True)
+    block.register_forward_pre_hook(lambda module, args: swap(False))
+    block.register_forward_hook(lambda module, args, out: swap(True))
+
+
+@pytest.mark.parametrize("offloader", ["hooks", "accelerate"])
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_blocks_with_offloaded_weights_run_as_written_and_say_why(backend, offloader):
+    """A compiled block holds its weights; an offloaded one has none between calls (they were the first thing a
+    fused block's probes read, and its compile failed on "Tensor.item() cannot be called on meta tensors")."""
+    model = make_model("mixtral").eval()
+    if offloader == "accelerate":
+        pytest.importorskip("accelerate").cpu_offload(model.model.layers[1].mlp, execution_device="cpu")
+    else:
+        offload(model.model.layers[1].mlp)
+    cm = moecc.compile(model, backend=backend)
+    with torch.no_grad():
+        for seed, (batch, seq) in enumerate([(2, 8), (3, 5), (1, 1)]):
+            kwargs = make_inputs("mixtral", batch, seq, seed)
+            torch.testing.assert_close(cm(**kwargs).logits, model(**kwargs).logits, rtol=1e-4, atol=1e-5)
+    layers = {layer.name: layer for layer in cm.moe_layers}
+    assert layers["model.layers.0.mlp"].fused, layers["model.layers.0.mlp"].reason
+    offloaded = layers["model.layers.1.mlp"]
+    assert not offloaded.fused and "offloaded (on the meta device" in offloaded.reason, offloaded
+
+
+def _moe_args(t: int, device: str) -> list:
+    g = torch.Generator().manual_seed(t)
+    e, k, h, inter = 8, 2, 64, 48
+    x = torch.randn(t, h, generator=g)
+    w, ids = route_reference(torch.randn(t, e, generator=g), None, k, "softmax", False, True, 1, 1, 1.0)
+    w_up, w_down = torch.randn(e, 2 * inter, h, generator=g) * 0.2, torch.randn(e, h, inter, generator=g) * 0.2
+    args = [x, w, ids, w_up, w_down, None, None, "silu", True, 1.702, 0.0, -1, 0.0, 0, 0, "token", "oi"]
+    return [a.to(device) if isinstance(a, torch.Tensor) else a for a in args]
+
+
+@two_gpus
+@pytest.mark.parametrize("tokens", [1, 7, 300])
+def test_triton_ops_launch_on_the_device_of_their_inputs(tokens):
+    """Triton launches on the current device: inputs on cuda:1 while cuda:0 is current ran against another GPU's
+    memory, on a stream ordered with none of its work."""
+    from moecc.codegen.triton.moe import fused_moe_triton, fused_route_triton
+
+    assert torch.cuda.current_device() == 0
+    args = _moe_args(tokens, "cuda:1")
+    ref = torch.ops.moecc.fused_moe(*args)
+    got = fused_moe_triton(*args)
+    assert got.device == torch.device("cuda:1")
+    assert ((got - ref).norm() / ref.norm()).item() < 1e-4
+    x, router = args[0], torch.randn(8, args[0].shape[1], device="cuda:1")
+    route = (x, router, None, None, 2, "softmax", False, True, 1, 1, 1.0, True)
+    ref_w, ref_ids = torch.ops.moecc.fused_route(*route)
+    got_w, got_ids = fused_route_triton(*route)
+    assert torch.equal(got_ids, ref_ids)
+    torch.testing.assert_close(got_w, ref_w)
+
+
+def _matches_eager(cm, model, device: str, shapes) -> None:
+    with torch.no_grad():
+        for seed, (batch, seq) in enumerate(shapes):
+            kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v
+                      for k, v in make_inputs("qwen3_moe", batch, seq, seed).items()}
+            for _ in range(2):  # the second call of a small shape replays a CUDA graph
+                ref, got = model(**kwargs).logits.float(), cm(**kwargs).logits.float()
+                assert ((got - ref).norm() / ref.norm()).item() < 2e-2, (batch, seq)
+
+
+@two_gpus
+def test_a_model_on_the_second_gpu_compiles_for_triton_and_matches_eager():
+    model = make_model("qwen3_moe").eval().to("cuda:1", torch.bfloat16)
+    cm = moecc.compile(model, backend="triton")
+    _matches_eager(cm, model, "cuda:1", [(2, 8), (1, 1), (3, 40), (2, 300)])
+    assert all(layer.fused for layer in cm.moe_layers), cm.moe_layers
+
+
+@two_gpus
+def test_a_model_split_over_two_gpus_matches_eager():
+    """Layers on two GPUs, as ``device_map="auto"`` places them (accelerate moves the activations between them). No
+    CUDA graph is captured for a program on two devices: a graph records the work of one device's stream."""
+    accelerate = pytest.importorskip("accelerate")
+    model = make_model("qwen3_moe").eval().to(torch.bfloat16)
+    device_map = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0, "model.layers.1": 1,
+                  "model.norm": 1, "lm_head": 1}
+    model = accelerate.dispatch_model(model, device_map=device_map)
+    cm = moecc.compile(model, backend="triton")
+    _matches_eager(cm, model, "cuda:0", [(2, 8), (1, 1), (3, 40), (2, 300)])
+    layers = cm.moe_layers
+    assert len(layers) == 2 and all(layer.fused for layer in layers), layers
