@@ -111,3 +111,27 @@ def test_a_model_split_over_two_gpus_matches_eager():
     _matches_eager(cm, model, "cuda:0", [(2, 8), (1, 1), (3, 40), (2, 300)])
     layers = cm.moe_layers
     assert len(layers) == 2 and all(layer.fused for layer in layers), layers
+
+
+class _OnDevice:
+    """Stands in for a CUDA tensor on one device: all the graph cache asks of its inputs."""
+
+    def __init__(self, index: int):
+        self.index = index
+
+    def get_device(self) -> int:
+        return self.index
+
+
+@pytest.mark.parametrize("weights,inputs,several", [({1}, [1, 1], False), ({0, 1}, [0], True), ({0}, [0, 1], True),
+                                                    ({1}, [0], True), (set(), [1], False)])
+def test_graph_caches_refuse_programs_on_several_gpus(weights, inputs, several):
+    """Which calls a graph cache runs without graphs: a program whose weights or inputs span GPUs (its CPU half;
+    the GPU tests above run it)."""
+    from moecc.runtime.cudagraphs import GraphCache
+
+    cache = GraphCache(lambda *tensors: tensors)
+    cache.devices = weights
+    tensors = [_OnDevice(i) for i in inputs]
+    assert cache._on_several_devices(inputs[0], tensors) is several
+    assert cache.spans_devices is several
