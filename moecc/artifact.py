@@ -171,7 +171,10 @@ class _WeightsAsInputs(nn.Module):
 
     def __init__(self, gm: nn.Module, names: list[str]):
         super().__init__()
-        self.gm, self.names = gm, names
+        # not a submodule: torch.export would lift its parameters into the .pt2's state_dict, a second copy of every
+        # weight in the artifact although the graph reads the inputs in their place
+        self.__dict__["gm"] = gm
+        self.names = names
 
     def forward(self, *args):
         n = len(self.names)
@@ -236,7 +239,25 @@ def _shared_once(names: list[str], weights: list[torch.Tensor]) -> tuple[dict[st
     return stored, aliases
 
 
-def _load_torch_program(folder: Path, backend: str, device: str):
+def _moved(ep: torch.export.ExportedProgram, exported: str, device: str) -> torch.export.ExportedProgram:
+    """``ep`` with the devices of type ``exported`` that its ops name (``arange(device=...)``, checks of their
+    outputs' devices) made ``device``: a program traced on one device creates its tensors there, whatever device its
+    weights are loaded to."""
+    from torch.export.passes import move_to_device_pass
+
+    target = torch.device(device)
+    if target.type == "cuda" and target.index is None:
+        target = torch.device("cuda", torch.cuda.current_device())
+    named = set()
+    for node in ep.graph.nodes:
+        if (d := node.kwargs.get("device")) is not None:
+            named.add(torch.device(d))
+        named.update(v.device for v in pytree.tree_leaves(node.meta.get("val")) if isinstance(v, torch.Tensor))
+    moves = {str(d): str(target) for d in named if d.type == exported and d != target}
+    return move_to_device_pass(ep, moves) if moves else ep
+
+
+def _load_torch_program(folder: Path, backend: str, exported: str, device: str):
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -255,7 +276,8 @@ def _load_torch_program(folder: Path, backend: str, device: str):
         aliases = json.loads(f.metadata().get("aliases", "{}"))
     tensors = load_file(folder / "weights.safetensors", device=device)
     weights = [tensors[aliases.get(n, n)] for n in names]
-    module = direct_calls(torch.export.load(folder / "program.pt2").module(), in_place=True)
+    program = _moved(torch.export.load(folder / "program.pt2"), exported, device)
+    module = direct_calls(program.module(), in_place=True)
 
     def program(*inputs):
         return module(*weights, *inputs)
@@ -400,7 +422,8 @@ def load(path, device: str | None = None) -> LoadedModel:
 
         program = OrtModule(os.fspath(folder / "model.onnx"), folder=extracted)
     elif backend in TORCH_PROGRAM_BACKENDS:
-        program = _load_torch_program(folder, backend, _load_device(path, manifest.get("device", "cpu"), device))
+        exported = manifest.get("device", "cpu")
+        program = _load_torch_program(folder, backend, exported, _load_device(path, exported, device))
     else:
         raise ArtifactError(f"{path} was exported for backend {backend!r}, which this moecc cannot run")
     return LoadedModel(folder, manifest, program, extracted)

@@ -135,3 +135,43 @@ def test_graph_caches_refuse_programs_on_several_gpus(weights, inputs, several):
     tensors = [_OnDevice(i) for i in inputs]
     assert cache._on_several_devices(inputs[0], tensors) is several
     assert cache.spans_devices is several
+
+
+def test_an_artifact_holds_each_weight_once(tmp_path):
+    """The program file holds code: its weights are inputs, stored once in weights.safetensors (torch.export lifted
+    the wrapped program's parameters into the .pt2's state_dict as well, a second copy of every weight)."""
+    model = make_model("mixtral").eval()
+    moecc.export(model, (), tmp_path / "art", kwargs=make_inputs("mixtral", 2, 8), backend="torch")
+    program = torch.export.load(tmp_path / "art" / "program.pt2")
+    assert not program.state_dict and not program.constants
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert (tmp_path / "art" / "weights.safetensors").stat().st_size < 1.1 * weight_bytes
+
+
+def _exported_and_loaded_elsewhere(tmp_path, backend: str, exported_on: str, loaded_on: str) -> None:
+    model = make_model("qwen3_moe").eval().to(exported_on)
+    example = {k: v.to(exported_on) if isinstance(v, torch.Tensor) else v
+               for k, v in make_inputs("qwen3_moe", 2, 8).items()}
+    moecc.export(model, (), tmp_path / "art", kwargs=example, backend=backend)
+    loaded = moecc.load(tmp_path / "art", device=loaded_on)
+    model = model.to(loaded_on)
+    with torch.no_grad():
+        for seed, (batch, seq) in enumerate([(3, 5), (1, 1)]):
+            kwargs = {k: v.to(loaded_on) if isinstance(v, torch.Tensor) else v
+                      for k, v in make_inputs("qwen3_moe", batch, seq, seed).items()}
+            got, ref = loaded(**kwargs).logits, model(**kwargs).logits
+            assert got.device == ref.device
+            torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("exported_on,loaded_on", [("cpu", "cuda"), ("cuda", "cpu")])
+def test_an_artifact_loaded_to_another_device_runs_there(tmp_path, exported_on, loaded_on):
+    """``moecc.load(path, device=...)``: the program traced on one device named it in its ops (``arange``, checks of
+    outputs' devices), which now follow the weights to the device asked for."""
+    _exported_and_loaded_elsewhere(tmp_path, "torch", exported_on, loaded_on)
+
+
+@two_gpus
+def test_a_triton_artifact_exported_on_one_gpu_runs_on_another(tmp_path):
+    _exported_and_loaded_elsewhere(tmp_path, "triton", "cuda:0", "cuda:1")
