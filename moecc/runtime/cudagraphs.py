@@ -25,6 +25,7 @@ from a graph, which would hold its memory pool."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import threading
@@ -179,11 +180,8 @@ class GraphCache:
                 return self._call(tensors)
             if self._on_several_devices(device, tensors):
                 return self.program(*tensors)
-            if device == torch.cuda.current_device():
-                self._follow_stream(device)
-                return self._call(tensors)
             # graphs capture and replay on the current device's streams: the one the inputs are on
-            with torch.cuda.device(device):
+            with contextlib.nullcontext() if device == torch.cuda.current_device() else torch.cuda.device(device):
                 self._follow_stream(device)
                 return self._call(tensors)
 

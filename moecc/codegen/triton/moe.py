@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -83,10 +84,9 @@ def on_the_device_of_x(body):
     @functools.wraps(body)
     def launch(*args, **kwargs):
         x = args[0] if args else kwargs["x"]
-        if x.is_cuda and x.get_device() != torch.cuda.current_device():
-            with torch.cuda.device(x.device):
-                return body(*args, **kwargs)
-        return body(*args, **kwargs)
+        elsewhere = x.is_cuda and x.get_device() != torch.cuda.current_device()
+        with torch.cuda.device(x.device) if elsewhere else contextlib.nullcontext():
+            return body(*args, **kwargs)
 
     return launch
 
