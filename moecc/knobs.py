@@ -60,9 +60,12 @@ DUMP_DIR = Knob("MOECC_DUMP_DIR", None, str, "folder for numbered pass dumps (of
 LOGS = Knob("MOECC_LOGS", "warning", str, "log level of the moecc loggers: debug, info, warning, error")
 VERIFY = Knob("MOECC_VERIFY", True, bool, "after each capture, compare the compiled model with eager on fresh inputs")
 CACHE_DIR = Knob("MOECC_CACHE_DIR", None, str,
-                 "folder for persistent caches (tuning, captures); default: user cache dir")
+                 "folder for persistent caches (tuning, captures, ONNX exports); default: user cache dir")
 CAPTURE_CACHE = Knob("MOECC_CAPTURE_CACHE", True, bool, "reuse a stored capture of the same model code, structure and "
                      "example shapes instead of running torch.export again")
+ONNX_CACHE = Knob("MOECC_ONNX_CACHE", True, bool, "reuse a stored ONNX export of the same lowered program (its code, "
+                  "input shapes and tensors) instead of running torch.onnx.export and the ONNX optimizer again; "
+                  "an entry holds the graph, not the weights, which come from the program")
 WATCH_WEIGHTS = Knob("MOECC_WATCH_WEIGHTS", True, bool, "before each call, check whether the model's parameters, "
                      "buffers, MoE block settings (top_k) or forward hooks changed since compile (compiling again "
                      "if so); off: "
@@ -118,8 +121,8 @@ ORT_MOE_OP = Knob("MOECC_ORT_MOE_OP", False, bool, "1: MoE blocks run as com.mic
                   "CPU (1.7x-7x against QMoE for int4), but for int8 weights with float activations, which take "
                   "QMoE first")
 
-ALL = (DUMP_DIR, LOGS, VERIFY, CACHE_DIR, CAPTURE_CACHE, WATCH_WEIGHTS, RECOGNIZE_SEARCH_S, SLOW_STEP_S, AUTOTUNE,
-       CUDA_GRAPHS, CUDA_GRAPH_MAX_TOKENS, CUDA_GRAPH_REPEAT_MAX_TOKENS, CUDA_GRAPH_PROBE_MAX_TOKENS,
+ALL = (DUMP_DIR, LOGS, VERIFY, CACHE_DIR, CAPTURE_CACHE, ONNX_CACHE, WATCH_WEIGHTS, RECOGNIZE_SEARCH_S, SLOW_STEP_S,
+       AUTOTUNE, CUDA_GRAPHS, CUDA_GRAPH_MAX_TOKENS, CUDA_GRAPH_REPEAT_MAX_TOKENS, CUDA_GRAPH_PROBE_MAX_TOKENS,
        CUDA_GRAPH_MAX_GRAPHS, TRITON_TMA, TRITON_WS, TRITON_WS_GEMM1_MIN_ROWS,
        TRITON_DECODE_MAX_TOKENS, TRITON_PDL, TRITON_ROUTER_GEMV, ORT_THREADS, ORT_SPIN, AUTO_MAX_DENSE_WORK, ORT_MOE_OP)
 

@@ -75,6 +75,7 @@ def test_a_step_that_raises_still_ends_its_watch(moecc_warnings, monkeypatch):
 
 def test_a_lowering_to_onnx_runtime_names_its_slow_stage(moecc_warnings, monkeypatch):
     monkeypatch.setenv("MOECC_SLOW_STEP_S", "0.01")
+    monkeypatch.setenv("MOECC_ONNX_CACHE", "0")  # an earlier test's export of this model would be read back
     model = make_model("mixtral").eval()
     cm = moecc.compile(model, backend="onnxruntime", verify=False)
     with torch.no_grad():

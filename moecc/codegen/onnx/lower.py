@@ -12,6 +12,7 @@ import torch
 from torch import fx, nn
 
 from moecc import knobs
+from moecc.codegen.onnx import export_cache
 from moecc.codegen.onnx.complex_as_real import complex_as_real
 from moecc.codegen.onnx.decompose import DECOMPOSITIONS
 from moecc.codegen.onnx.grouped_nbits import grouped_matmul_nbits_onnx
@@ -286,6 +287,9 @@ def to_onnx(gm: fx.GraphModule, example: list[torch.Tensor], path: str) -> str:
     from moecc.capture import unaliased
 
     example = unaliased(example)
+    cached = export_cache.lookup(gm, example, path)
+    if cached is not None and export_cache.restore(cached, path):
+        return path
     shapes = []
     for node in [n for n in gm.graph.nodes if n.op == "placeholder"]:
         val = node.meta.get("val")
@@ -320,6 +324,8 @@ def to_onnx(gm: fx.GraphModule, example: list[torch.Tensor], path: str) -> str:
         raise BackendError(why)
     with slow_step(log, f"writing {path}"):
         prog.save(path, external_data=True)
+    if cached is not None:
+        export_cache.store(cached, path)
     return path
 
 

@@ -1,0 +1,315 @@
+"""A persistent cache of ONNX exports, so that lowering the same program again skips ``torch.onnx.export``.
+
+The export and the ONNX optimizer are most of a compile for ONNX Runtime (a 32-layer model on this project's CPU:
+70 of 82 s), and a capture-cache hit skips only ``torch.export``. An entry keeps the exported graph file and a map
+of its external data file: each region of it is either the bytes of one of the program's tensors, by name (so an
+entry never holds a second copy of the weights), or bytes the entry keeps (a constant the optimizer computed). A
+hit writes the graph file and rebuilds the data file from the program's own tensors, byte for byte.
+
+The key covers what the export reads: the lowered program's code, the modules and Python functions it calls, its
+inputs (shapes with their symbolic dims, dtypes, and which symbolic dims the example has at size 0 or 1, which
+export specializes), moecc's own source, the versions of torch, onnx, onnxscript and onnxruntime, and every tensor
+the program holds, by content. Two models of one architecture with different weights never share an entry, so a
+constant the optimizer folded from a weight is never stale.
+
+Knobs: ``MOECC_ONNX_CACHE`` (on by default), ``MOECC_CACHE_DIR`` (``onnx/`` under it). The newest ``MAX_ENTRIES``
+entries are kept (a hit counts as new)."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import mmap
+import os
+import shutil
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import fx, nn
+
+from moecc import knobs
+from moecc.logs import slow_step
+
+log = logging.getLogger("moecc.codegen.onnx")
+
+FORMAT = 1
+MAX_ENTRIES = 32
+MAX_KEPT_BYTES = 1 << 28  # constants of the export's own past this, and the entry is not worth its disk
+_ENTRY_FILES = ("graph.onnx", "regions.json", "kept.bin")
+
+
+class Unkeyable(Exception):
+    """The program holds something the key cannot describe, so its export is not cached."""
+
+
+@dataclass
+class Lookup:
+    """A program's key and its tensors by name (what a hit rebuilds the data file from)."""
+    key: str
+    tensors: dict[str, torch.Tensor]
+    digests: dict[str, str]
+
+
+def folder() -> Path:
+    return knobs.cache_dir() / "onnx"
+
+
+def lookup(gm: fx.GraphModule, example: list, path: str) -> Lookup | None:
+    """The key of exporting ``gm`` for ``example`` to ``path``, or None where the cache is off or the program
+    cannot be keyed (said at info level)."""
+    if not knobs.ONNX_CACHE.get():
+        return None
+    try:
+        tensors = _program_tensors(gm)
+        size = sum(t.numel() * t.element_size() for t in tensors.values())
+        with slow_step(log, f"keying the ONNX export cache ({size / 2**20:.0f} MB of tensors)"):
+            # hashlib lets go of the GIL on large buffers: the tensors hash on every core at once
+            with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+                digests = dict(zip(tensors, pool.map(_digest, tensors.values())))
+            h = hashlib.sha256()
+            for part in _parts(gm, example, path, tensors, digests):
+                h.update(repr(part).encode())
+                h.update(b"\0")
+    except Unkeyable as exc:
+        log.info("the ONNX export is not cached: %s", exc)
+        return None
+    return Lookup(h.hexdigest(), tensors, digests)
+
+
+def restore(found: Lookup, path: str) -> bool:
+    """Write the stored export of ``found`` to ``path`` (and its data file beside it); False on a miss, or on an
+    entry that cannot be used (which is then ignored, with a warning)."""
+    entry = folder() / found.key
+    if not (entry / "regions.json").exists():
+        return False
+    try:
+        with slow_step(log, f"writing the ONNX graph from the cache ({found.key[:12]})"):
+            meta = json.loads((entry / "regions.json").read_text())
+            if meta.get("format") != FORMAT:
+                raise ValueError(f"format {meta.get('format')}, not {FORMAT}")
+            _write_data(meta, found.tensors, entry / "kept.bin", Path(path).parent)
+            shutil.copyfile(entry / "graph.onnx", path)
+        os.utime(entry / "regions.json")
+    except Exception as exc:  # noqa: BLE001 - a damaged or foreign entry must never fail a compile
+        log.warning("ignoring the ONNX export cache entry %s: %s", entry, exc)
+        shutil.rmtree(entry, ignore_errors=True)  # the export that follows stores a good one in its place
+        return False
+    return True
+
+
+def store(found: Lookup, path: str) -> None:
+    """Keep the export just written to ``path`` under ``found``'s key. Never raises: a failure to cache is
+    logged and the compile goes on."""
+    root = folder()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".writing-", dir=root))
+        try:
+            with slow_step(log, f"keeping the ONNX export in the cache ({found.key[:12]})"):
+                meta = _map_data(path, found, tmp / "kept.bin")
+            if meta is None:
+                return
+            shutil.copyfile(path, tmp / "graph.onnx")
+            (tmp / "regions.json").write_text(json.dumps(meta))
+            try:
+                tmp.rename(root / found.key)  # whole or not at all: another process may be writing the same entry
+            except OSError:
+                pass
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        _prune(root)
+    except Exception as exc:  # noqa: BLE001 - an export that cannot be cached still runs
+        log.warning("could not write the ONNX export cache in %s: %s", root, exc)
+
+
+def _map_data(path: str, found: Lookup, kept_path: Path) -> dict | None:
+    """Where each external region of the graph at ``path`` comes from: a tensor of the program by name, or bytes
+    written to ``kept_path``. None (said at info level) where the export holds too many bytes of its own."""
+    import onnx
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    by_digest = {}
+    for name, digest in found.digests.items():
+        by_digest.setdefault(digest, name)
+    model = onnx.load(path, load_external_data=False)
+    regions, files, kept = [], {}, 0
+    base = Path(path).parent
+    views = {}
+    try:
+        with open(kept_path, "wb") as out:
+            for tensor in _get_all_tensors(model):
+                if not uses_external_data(tensor):
+                    continue
+                info = {e.key: e.value for e in tensor.external_data}
+                location, offset = info["location"], int(info.get("offset", 0))
+                if location not in views:
+                    data = base / location
+                    files[location] = data.stat().st_size
+                    with open(data, "rb") as f:
+                        views[location] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if files[location] else b""
+                length = int(info["length"]) if "length" in info else files[location] - offset
+                chunk = memoryview(views[location])[offset:offset + length]
+                name = by_digest.get(hashlib.sha256(chunk).hexdigest())
+                if name is not None and _nbytes(found.tensors[name]) == length:
+                    regions.append([location, offset, length, name, None])
+                else:
+                    regions.append([location, offset, length, None, kept])
+                    out.write(chunk)
+                    kept += length
+                chunk.release()
+    finally:
+        for view in views.values():
+            if isinstance(view, mmap.mmap):
+                view.close()
+    if kept > MAX_KEPT_BYTES:
+        log.info("the ONNX export is not cached: it holds %d MB of constants of its own", kept >> 20)
+        return None
+    return {"format": FORMAT, "files": files, "regions": regions}
+
+
+def _write_data(meta: dict, tensors: dict[str, torch.Tensor], kept_path: Path, base: Path) -> None:
+    by_file: dict[str, list] = {}
+    for region in meta["regions"]:
+        by_file.setdefault(region[0], []).append(region)
+    with open(kept_path, "rb") as kept_file:
+        kept = mmap.mmap(kept_file.fileno(), 0, access=mmap.ACCESS_READ) if os.fstat(kept_file.fileno()).st_size \
+            else b""
+        try:
+            for location, size in meta["files"].items():
+                if os.path.isabs(location) or ".." in Path(location).parts:
+                    raise ValueError(f"data file {location!r} outside the graph's folder")
+                with open(base / location, "wb") as out:
+                    out.truncate(size)
+                    for _, offset, length, name, at in sorted(by_file.get(location, []), key=lambda r: r[1]):
+                        if name is not None:
+                            data = _bytes(tensors[name])
+                        else:
+                            data = kept[at:at + length]
+                        if len(data) != length:
+                            raise ValueError(f"region at {offset} of {location} is {length} bytes, its source "
+                                             f"{len(data)}")
+                        out.seek(offset)
+                        out.write(data)
+        finally:
+            if isinstance(kept, mmap.mmap):
+                kept.close()
+
+
+def _prune(root: Path) -> None:
+    entries = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    entries.sort(key=lambda p: (p / "regions.json").stat().st_mtime if (p / "regions.json").exists() else 0)
+    for old in entries[:max(0, len(entries) - MAX_ENTRIES)]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _program_tensors(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
+    tensors = dict(gm.named_parameters(remove_duplicate=False))
+    tensors.update(gm.named_buffers(remove_duplicate=False))
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and node.target not in tensors:
+            value = _attr(gm, node.target)
+            if isinstance(value, torch.Tensor):
+                tensors[node.target] = value
+    for name, t in tensors.items():
+        if type(t) not in (torch.Tensor, nn.Parameter) or t.is_meta or t.layout != torch.strided:
+            raise Unkeyable(f"tensor {name} is a {type(t).__name__} ({t.layout}, {t.device}), not plain bytes")
+    return tensors
+
+
+def _attr(gm: nn.Module, target: str):
+    value = gm
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _bytes(t: torch.Tensor):
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _digest(t: torch.Tensor) -> str:
+    return hashlib.sha256(_bytes(t)).hexdigest()
+
+
+@functools.cache
+def _versions() -> tuple:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = []
+    for package in ("torch", "onnx", "onnxscript", "onnx-ir", "onnxruntime", "transformers"):
+        try:
+            out.append((package, version(package)))
+        except PackageNotFoundError:
+            out.append((package, None))
+    return tuple(out)
+
+
+@functools.cache
+def _moecc_source() -> str:
+    """One digest of every source file of moecc: its ops, decompositions and ONNX translations decide the export."""
+    import moecc
+
+    root = Path(moecc.__file__).parent
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def _parts(gm: fx.GraphModule, example: list, path: str, tensors: dict, digests: dict):
+    yield ("moecc onnx export", FORMAT, sys.version_info[:2], _versions(), _moecc_source(), os.path.basename(path))
+    yield from _graph_parts(gm, "")
+    for t in example:
+        if isinstance(t, torch.Tensor):  # size 0 and 1 specialize a symbolic dim when exported
+            yield ("example", str(t.dtype), tuple(min(int(d), 2) for d in t.shape), t.device.type)
+        else:
+            yield ("example constant", repr(t))
+    for name in sorted(tensors):
+        t = tensors[name]
+        yield ("tensor", name, str(t.dtype), tuple(t.shape), digests[name])
+
+
+def _graph_parts(gm: fx.GraphModule, prefix: str):
+    """The graph node by node, with nodes named by position (a capture read back from the capture cache names
+    them otherwise than a fresh one) and symbolic dims by first appearance (export numbers its symbols per run):
+    the export sees neither name."""
+    from moecc.capture_key import _class_sources, _code_digest, _module_entry
+
+    index, symbols = {}, {}
+    for i, node in enumerate(gm.graph.nodes):
+        index[node] = i
+        args = fx.node.map_arg((node.args, node.kwargs), lambda n: ("%", index[n]))
+        if node.op == "placeholder":
+            val = node.meta.get("val")
+            shape = None if val is None else (str(val.dtype), tuple(
+                int(d) if isinstance(d, int) else symbols.setdefault(str(d), f"s{len(symbols)}")
+                for d in val.shape))
+            yield (prefix, i, "input", repr(args), shape)
+        elif node.op == "call_module":
+            sub = gm.get_submodule(node.target)
+            yield (prefix, i, "module", node.target, repr(args))
+            if isinstance(sub, fx.GraphModule):
+                yield from _graph_parts(sub, f"{prefix}{node.target}.")
+                continue
+            yield (prefix, i, tuple(_module_entry(n, m) for n, m in sub.named_modules(remove_duplicate=False)),
+                   tuple(tuple(_class_sources(type(m))) for _, m in sub.named_modules()))
+        elif node.op == "call_function":
+            target = node.target
+            if isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+                yield (prefix, i, "op", str(target), repr(args))
+            else:
+                name = f"{getattr(target, '__module__', '')}.{getattr(target, '__qualname__', repr(target))}"
+                yield (prefix, i, "function", name, _code_digest(target), repr(args))
+        else:
+            yield (prefix, i, node.op, str(node.target), repr(args))

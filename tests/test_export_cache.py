@@ -1,0 +1,144 @@
+"""The ONNX export cache (``moecc/codegen/onnx/export_cache.py``): a program lowered again reads its export back
+instead of running torch.onnx.export, holds no second copy of the weights, and never serves another program."""
+
+import copy
+
+import pytest
+import torch
+import transformers as tf
+from hf_models import make_inputs, make_model
+from torch import fx
+
+import moecc
+from moecc.codegen.onnx import export_cache
+
+
+@pytest.fixture
+def exports(monkeypatch, tmp_path):
+    """A fresh cache folder, and the count of ONNX exports run."""
+    monkeypatch.setenv("MOECC_CACHE_DIR", str(tmp_path / "cache"))
+    count = []
+    real = torch.onnx.export
+    monkeypatch.setattr(torch.onnx, "export", lambda *a, **k: count.append(1) or real(*a, **k))
+    return count
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def logits(cm, model, batch, seq, seed):
+    inputs = make_inputs("mixtral", batch, seq, seed)
+    with torch.no_grad():
+        return cm(**inputs).logits, model(**inputs).logits
+
+
+def compiled(model):
+    cm = moecc.compile(model, backend="onnxruntime")
+    logits(cm, model, 2, 8, 0)
+    return cm
+
+
+def wide_mixtral():
+    """Experts large enough that the weights outweigh the graph."""
+    torch.manual_seed(0)
+    config = tf.MixtralConfig(vocab_size=97, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, max_position_embeddings=64, intermediate_size=512,
+                              num_local_experts=8, num_experts_per_tok=2)
+    return tf.MixtralForCausalLM(config).eval()
+
+
+def test_the_same_program_lowered_again_reads_its_export_back(exports):
+    model = make_model("mixtral").eval()
+    first = compiled(model)
+    assert len(exports) == 1
+    second = compiled(model)
+    assert len(exports) == 1, "the second compile exported again"
+    for batch, seq, seed in [(3, 5, 1), (1, 11, 2)]:
+        got, ref = logits(second, model, batch, seq, seed)
+        assert torch.equal(got, logits(first, model, batch, seq, seed)[0])
+        assert rel(got, ref) < 1e-5
+    assert all(layer.fused for layer in second.moe_layers)
+
+
+def test_an_entry_holds_the_graph_and_not_the_weights(exports, tmp_path):
+    model = wide_mixtral()
+    compiled(model)
+    entry, = (p for p in export_cache.folder().iterdir() if not p.name.startswith("."))
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    kept = (entry / "kept.bin").stat().st_size + (entry / "graph.onnx").stat().st_size
+    assert kept < weights / 4, (kept, weights)
+
+
+def test_other_weights_of_the_same_architecture_export_their_own(exports):
+    model = make_model("mixtral").eval()
+    compiled(model)
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in other.model.layers[1].mlp.parameters():
+            p.mul_(1.5)
+    cm = compiled(other)
+    assert len(exports) == 2
+    got, ref = logits(cm, other, 3, 6, 4)
+    assert rel(got, ref) < 1e-5
+    assert rel(got, model(**make_inputs("mixtral", 3, 6, 4)).logits) > 1e-3
+
+
+@pytest.mark.parametrize("damage", ["kept", "regions", "graph"])
+def test_a_damaged_entry_is_exported_again_with_a_warning(exports, moecc_warnings, damage):
+    model = wide_mixtral()
+    compiled(model)
+    entry, = (p for p in export_cache.folder().iterdir() if not p.name.startswith("."))
+    if damage == "kept":
+        (entry / "kept.bin").write_bytes(b"")
+    elif damage == "regions":
+        (entry / "regions.json").write_text("{")
+    else:
+        (entry / "graph.onnx").unlink()
+    cm = moecc.compile(model, backend="onnxruntime")
+    got, ref = logits(cm, model, 2, 7, 3)
+    assert len(exports) == 2
+    assert rel(got, ref) < 1e-5
+    assert any("ignoring the ONNX export cache entry" in r.getMessage() for r in moecc_warnings.records)
+    logits(moecc.compile(model, backend="onnxruntime"), model, 2, 8, 0)  # the export stored a good entry again
+    assert len(exports) == 2
+
+
+def test_the_knob_turns_the_cache_off(exports, monkeypatch):
+    monkeypatch.setenv("MOECC_ONNX_CACHE", "0")
+    model = make_model("mixtral").eval()
+    compiled(model)
+    compiled(model)
+    assert len(exports) == 2
+    assert not export_cache.folder().exists() or not any(export_cache.folder().iterdir())
+
+
+def _key(gm, example):
+    return export_cache.lookup(gm, example, "/x/model.onnx").key
+
+
+def test_the_key_follows_what_the_export_specializes_and_calls(exports):
+    def f(x):
+        return torch.relu(x) * 2
+
+    def g(x):
+        return torch.sigmoid(x) * 2
+
+    gm = fx.symbolic_trace(f)
+    one, three, five = torch.randn(1, 4), torch.randn(3, 4), torch.randn(5, 4)
+    # torch.export specializes a dim the example has at size 1: a batch of one is another export
+    assert _key(gm, [one]) != _key(gm, [three]) == _key(gm, [five])
+    assert _key(gm, [three]) != _key(gm, [three.double()])
+    assert _key(gm, [three]) != _key(fx.symbolic_trace(g), [three])
+    assert _key(gm, [three]) != export_cache.lookup(gm, [three], "/x/other.onnx").key
+
+    class Scaled(torch.nn.Module):
+        def __init__(self, scale):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.full((4,), scale))
+
+        def forward(self, x):
+            return x * self.weight
+
+    assert _key(fx.symbolic_trace(Scaled(1.0)), [three]) != _key(fx.symbolic_trace(Scaled(2.0)), [three])
+    assert _key(fx.symbolic_trace(Scaled(1.0)), [three]) == _key(fx.symbolic_trace(Scaled(1.0)), [three])
