@@ -35,6 +35,7 @@ from torch import fx, nn
 
 from moecc import knobs
 from moecc.logs import slow_step
+from moecc.passes.graph_utils import attr_of
 
 log = logging.getLogger("moecc.codegen.onnx")
 
@@ -213,20 +214,13 @@ def _program_tensors(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
     tensors.update(gm.named_buffers(remove_duplicate=False))
     for node in gm.graph.nodes:
         if node.op == "get_attr" and node.target not in tensors:
-            value = _attr(gm, node.target)
+            value = attr_of(gm, node)
             if isinstance(value, torch.Tensor):
                 tensors[node.target] = value
     for name, t in tensors.items():
         if type(t) not in (torch.Tensor, nn.Parameter) or t.is_meta or t.layout != torch.strided:
             raise Unkeyable(f"tensor {name} is a {type(t).__name__} ({t.layout}, {t.device}), not plain bytes")
     return tensors
-
-
-def _attr(gm: nn.Module, target: str):
-    value = gm
-    for part in target.split("."):
-        value = getattr(value, part)
-    return value
 
 
 def _bytes(t: torch.Tensor):
