@@ -142,3 +142,18 @@ def test_the_key_follows_what_the_export_specializes_and_calls(exports):
 
     assert _key(fx.symbolic_trace(Scaled(1.0)), [three]) != _key(fx.symbolic_trace(Scaled(2.0)), [three])
     assert _key(fx.symbolic_trace(Scaled(1.0)), [three]) == _key(fx.symbolic_trace(Scaled(1.0)), [three])
+
+
+def test_a_tensor_written_into_a_call_is_keyed_by_its_values(exports):
+    def graph_adding(constant):
+        graph = fx.Graph()
+        x = graph.placeholder("x")
+        graph.output(graph.call_function(torch.add, (x, constant)))
+        return fx.GraphModule(torch.nn.Module(), graph)
+
+    big = torch.zeros(4096)
+    other = big.clone()
+    other[2000] = 1.0  # the two print alike: repr elides the middle of a large tensor
+    assert repr(big) == repr(other)
+    x = torch.randn(3, 4096)
+    assert _key(graph_adding(big), [x]) != _key(graph_adding(other), [x])

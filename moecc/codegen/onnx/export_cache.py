@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 from torch import fx, nn
+from torch.utils import _pytree as pytree
 
 from moecc import knobs
 from moecc.logs import slow_step
@@ -284,6 +285,8 @@ def _graph_parts(gm: fx.GraphModule, prefix: str):
     for i, node in enumerate(gm.graph.nodes):
         index[node] = i
         args = fx.node.map_arg((node.args, node.kwargs), lambda n: ("%", index[n]))
+        # a tensor written into the arguments: its repr elides the values of a large one
+        args = pytree.tree_map_only(torch.Tensor, lambda t: ("tensor", str(t.dtype), tuple(t.shape), _digest(t)), args)
         if node.op == "placeholder":
             val = node.meta.get("val")
             shape = None if val is None else (str(val.dtype), tuple(
