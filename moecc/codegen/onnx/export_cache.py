@@ -43,7 +43,6 @@ log = logging.getLogger("moecc.codegen.onnx")
 FORMAT = 1
 MAX_ENTRIES = 32
 MAX_KEPT_BYTES = 1 << 28  # constants of the export's own past this, and the entry is not worth its disk
-_ENTRY_FILES = ("graph.onnx", "regions.json", "kept.bin")
 
 
 class Unkeyable(Exception):
@@ -69,7 +68,7 @@ def lookup(gm: fx.GraphModule, example: list, path: str) -> Lookup | None:
         return None
     try:
         tensors = _program_tensors(gm)
-        size = sum(t.numel() * t.element_size() for t in tensors.values())
+        size = sum(_nbytes(t) for t in tensors.values())
         with slow_step(log, f"keying the ONNX export cache ({size / 2**20:.0f} MB of tensors)"):
             # hashlib lets go of the GIL on large buffers: the tensors hash on every core at once
             with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
