@@ -66,6 +66,9 @@ CAPTURE_CACHE = Knob("MOECC_CAPTURE_CACHE", True, bool, "reuse a stored capture 
 ONNX_CACHE = Knob("MOECC_ONNX_CACHE", True, bool, "reuse a stored ONNX export of the same lowered program (its code, "
                   "input shapes and tensors) instead of running torch.onnx.export and the ONNX optimizer again; "
                   "an entry holds the graph, not the weights, which come from the program")
+ONNX_REPEATS = Knob("MOECC_ONNX_REPEATS", True, bool, "export each distinct layer of a model to ONNX once and copy "
+                    "its graph for the layers alike it, instead of exporting every layer (a deep model's cold export "
+                    "then takes about the time of its distinct layers)")
 WATCH_WEIGHTS = Knob("MOECC_WATCH_WEIGHTS", True, bool, "before each call, check whether the model's parameters, "
                      "buffers, MoE block settings (top_k) or forward hooks changed since compile (compiling again "
                      "if so); off: "

@@ -12,7 +12,7 @@ import torch
 from torch import fx, nn
 
 from moecc import knobs
-from moecc.codegen.onnx import export_cache
+from moecc.codegen.onnx import export_cache, repeated_layers
 from moecc.codegen.onnx.complex_as_real import complex_as_real
 from moecc.codegen.onnx.decompose import DECOMPOSITIONS
 from moecc.codegen.onnx.grouped_nbits import grouped_matmul_nbits_onnx
@@ -40,6 +40,7 @@ from moecc.codegen.onnx.ort_routed import (
 from moecc.codegen.onnx.quant import cannot_quantize, quantize
 from moecc.codegen.onnx.scalar_constants import keep_scalar_constants
 from moecc.codegen.onnx.sorted_experts import grouped_matmul_onnx, nbits_fit, sort_experts, sortable
+from moecc.codegen.onnx.stitch import stitch
 from moecc.errors import BackendError, first_line
 from moecc.files import OwnedFolder
 from moecc.logs import quiet, slow_step, stderr_to_debug
@@ -290,17 +291,34 @@ def to_onnx(gm: fx.GraphModule, example: list[torch.Tensor], path: str) -> str:
     cached = export_cache.lookup(gm, example, path)
     if cached is not None and export_cache.restore(cached, path):
         return path
+    prog = _export_by_layers(gm, example) if knobs.ONNX_REPEATS.get() else None
+    if prog is None:
+        prog = _export(gm, example, f"{_ops(gm)} ops")
+        _optimize(prog)
+        if (why := _program_writes(prog)) is not None:
+            raise BackendError(why)
+    with slow_step(log, f"writing {path}"):
+        prog.save(path, external_data=True)
+    if cached is not None:
+        export_cache.store(cached, path)
+    return path
+
+
+def _ops(gm: fx.GraphModule) -> int:
+    return sum(1 for n in gm.graph.nodes if n.op == "call_function")
+
+
+def _export(gm: fx.GraphModule, example: list, what: str) -> torch.onnx.ONNXProgram:
     shapes = []
     for node in [n for n in gm.graph.nodes if n.op == "placeholder"]:
         val = node.meta.get("val")
         symbolic = [] if val is None else [i for i, d in enumerate(val.shape) if not isinstance(d, int)]
         shapes.append({i: torch.export.Dim.AUTO for i in symbolic})
-    ops = sum(1 for n in gm.graph.nodes if n.op == "call_function")
     with warnings.catch_warnings(), stderr_to_debug(log, "torch.onnx.export"), quiet(ONNX_REGISTRY_LOGGER), \
-            slow_step(log, f"exporting {ops} ops to ONNX (torch.onnx.export)", SKIP_LOWERING):
+            slow_step(log, f"exporting {what} to ONNX (torch.onnx.export)", SKIP_LOWERING):
         # the graph's ops are fixed by now; an exported program's module refuses eval(), so it stays in train mode
         warnings.filterwarnings("ignore", message="Exporting a model while it is in training mode")
-        prog = torch.onnx.export(gm, tuple(example), dynamo=True, dynamic_shapes=tuple(shapes), optimize=False,
+        return torch.onnx.export(gm, tuple(example), dynamo=True, dynamic_shapes=tuple(shapes), optimize=False,
                                  custom_translation_table={torch.ops.moecc.ort_moe.default: ort_moe_onnx,
                                                            torch.ops.moecc.ort_qmoe.default: ort_qmoe_onnx,
                                                            torch.ops.moecc.ort_moe_given_logits.default:
@@ -312,21 +330,49 @@ def to_onnx(gm: fx.GraphModule, example: list[torch.Tensor], path: str) -> str:
                                                            torch.ops.moecc.grouped_matmul_nbits.default:
                                                                grouped_matmul_nbits_onnx},
                                  verbose=False)
+
+
+def _optimize(prog: torch.onnx.ONNXProgram) -> None:
     with warnings.catch_warnings(), stderr_to_debug(log, "the ONNX optimizer"), quiet(ONNX_REGISTRY_LOGGER), \
             slow_step(log, f"optimizing an ONNX graph of {len(prog.model.graph)} nodes", SKIP_LOWERING):
         onnxscript.optimizer.fold_constants(prog.model)  # a constant computed from others (``alpha * c``)
         if rewritten := keep_scalar_constants(prog.model):
             log.debug("%d ops of a scalar constant near 0 or 1 written to survive the optimizer", rewritten)
         optimize(prog)
-    signature = prog.exported_program.graph_signature  # what the export made of writes program_writes missed
-    if (why := _writes(list(signature.user_inputs_to_mutate.values()),
-                       list(signature.buffers_to_mutate.values()))) is not None:
-        raise BackendError(why)
-    with slow_step(log, f"writing {path}"):
-        prog.save(path, external_data=True)
-    if cached is not None:
-        export_cache.store(cached, path)
-    return path
+
+
+def _program_writes(prog: torch.onnx.ONNXProgram) -> str | None:
+    """What the export made of writes ``program_writes`` missed, as ``_writes`` says it."""
+    signature = prog.exported_program.graph_signature
+    return _writes(list(signature.user_inputs_to_mutate.values()), list(signature.buffers_to_mutate.values()))
+
+
+def _export_by_layers(gm: fx.GraphModule, example: list) -> torch.onnx.ONNXProgram | None:
+    """The program exported one distinct segment at a time and stitched together (``repeated_layers``), or None
+    where it does not repeat enough to pay, or cannot be cut (said at debug or info level)."""
+    try:
+        found = repeated_layers.plan(gm)
+    except repeated_layers.NotRepeated as exc:
+        log.debug("exporting the whole program: %s", exc)
+        return None
+    try:
+        examples = repeated_layers.segment_examples(gm, example, found)
+        exports = {}
+        for n, (signature, sub) in enumerate(found.programs.items()):
+            prog = _export(sub, examples[signature], f"distinct segment {n + 1} of {len(found.programs)} "
+                                                     f"({_ops(sub)} ops, {len(found.segments)} segments in all)")
+            _optimize(prog)
+            if (why := _program_writes(prog)) is not None:
+                raise repeated_layers.NotRepeated(why)
+            exports[signature] = prog.model
+        with slow_step(log, f"stitching {len(found.segments)} segments into one ONNX graph"):
+            model = stitch(gm, found, exports)
+    except Exception as exc:  # noqa: BLE001 - a shortcut: the whole export below is the one that must work
+        log.info("exporting the whole program, not layer by layer: %s", first_line(exc))
+        return None
+    log.debug("exported %d distinct segments for %d, %d ops not exported again", len(found.programs),
+              len(found.segments), found.ops_saved)
+    return torch.onnx.ONNXProgram(model, None)
 
 
 def _writes(inputs: list[str], buffers: list[str]) -> str | None:

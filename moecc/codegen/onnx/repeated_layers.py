@@ -1,0 +1,226 @@
+"""Export a program whose layers repeat by exporting each distinct layer once.
+
+``torch.onnx.export`` costs about 30 ms per op on a small CPU, so a 32-layer model spends a minute exporting 32
+copies of one layer. Here the program is cut into segments, runs of nodes that ran in one layer (the outermost
+``<container>.<index>`` module of each node's ``moecc_module``; nodes a pass created, which have no module,
+join the segment before them) and the runs between layers. A segment's tensors from outside (the program's
+inputs, its weights, earlier segments' values) become its inputs, so two layers of one code differ only in the
+tensors they are given. Segments alike node for node are exported and optimized once; the ONNX graph is then
+put together from copies of those exports, each wired to its own weights (initializers) and to the values
+before it.
+
+A size (a ``SymInt``) that crosses from one segment to the next is read again, inside the segment, from a dim
+of one of its inputs (or of a program input with that dim). Where anything stands in the way (a size computed
+from others, a value that is not a tensor, a higher-order op, a segment that writes into its inputs, a dtype
+NumPy cannot carry), the caller exports the whole program as before: this is a shortcut, never a second
+semantics. ``MOECC_ONNX_REPEATS`` turns it off."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx, nn
+
+log = logging.getLogger("moecc.codegen.onnx")
+
+# below this many ops saved, the extra exports' fixed cost (about a second each) eats the gain
+MIN_OPS_SAVED = 100
+
+
+class NotRepeated(Exception):
+    """Why the program is exported whole."""
+
+
+@dataclass
+class Segment:
+    key: object                                           # (container, index) of a layer, or "outer"
+    nodes: list[fx.Node]
+    inputs: list[fx.Node] = field(default_factory=list)   # tensors from outside, in order of first use
+    sizes: dict = field(default_factory=dict)             # SymInt node from outside -> (input position, dim)
+    outputs: list[fx.Node] = field(default_factory=list)  # its values used after it
+    signature: str = ""
+
+
+def _outer_index(path: str) -> tuple[str, int] | None:
+    parts = path.split(".")
+    for j, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[:j]), int(part)
+    return None
+
+
+def _containers(gm: fx.GraphModule) -> set[str]:
+    """Module lists with two members or more that some node ran in."""
+    seen: dict[str, set[int]] = {}
+    for node in gm.graph.nodes:
+        found = _outer_index(node.meta.get("moecc_module") or "")
+        if found is not None:
+            seen.setdefault(found[0], set()).add(found[1])
+    return {c for c, members in seen.items() if len(members) >= 2}
+
+
+def _runs(gm: fx.GraphModule) -> list[Segment]:
+    containers = _containers(gm)
+    if not containers:
+        raise NotRepeated("no node ran in a numbered layer")
+    runs: list[Segment] = []
+    key = "outer"
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "get_attr", "output"):
+            continue
+        path = node.meta.get("moecc_module")
+        if path is not None:  # a node a pass made has no module: it stays with the nodes before it
+            found = _outer_index(path)
+            key = found if found is not None and found[0] in containers else "outer"
+        if not runs or runs[-1].key != key:
+            runs.append(Segment(key, []))
+        runs[-1].nodes.append(node)
+    return runs
+
+
+def _symbol(value) -> str | None:
+    return str(value) if isinstance(value, torch.SymInt) or type(value).__name__ == "SymbolicDim" else None
+
+
+def _dims(node: fx.Node) -> list:
+    val = node.meta.get("val")
+    return list(getattr(val, "shape", None) or [])
+
+
+def _is_tensor(node: fx.Node) -> bool:
+    val = node.meta.get("val")
+    return val is not None and hasattr(val, "shape") and hasattr(val, "dtype")
+
+
+def _wire(gm: fx.GraphModule, runs: list[Segment]) -> None:
+    """Fill each segment's inputs, sizes and outputs; raise NotRepeated where a value cannot cross."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    for seg in runs:
+        own = set(seg.nodes)
+        for node in seg.nodes:
+            for arg in node.all_input_nodes:
+                if arg in own or arg in seg.inputs or arg in seg.sizes:
+                    continue
+                if arg.op == "get_attr" or _is_tensor(arg):  # plan() saw that every get_attr is a tensor
+                    seg.inputs.append(arg)
+                elif _symbol(arg.meta.get("val")) is None:
+                    raise NotRepeated(f"{node.name} takes {arg.name}, which is neither a tensor nor a size")
+                else:
+                    seg.sizes[arg] = None
+            if any(user not in own for user in node.users):
+                if not _is_tensor(node) and any(u is output for u in node.users):
+                    raise NotRepeated(f"the program returns {node.name}, which is not a tensor")
+                if _is_tensor(node):
+                    seg.outputs.append(node)
+        for size in seg.sizes:
+            seg.sizes[size] = _find_dim(str(size.meta["val"]), seg, placeholders)
+    for node in output.all_input_nodes:
+        if not _is_tensor(node):
+            raise NotRepeated(f"the program returns {node.name}, which is not a tensor")
+
+
+def _find_dim(symbol: str, seg: Segment, placeholders: list[fx.Node]) -> tuple[int, int]:
+    for candidates in (seg.inputs, placeholders):
+        for node in candidates:
+            for d, dim in enumerate(_dims(node)):
+                if _symbol(dim) == symbol:
+                    if node not in seg.inputs:
+                        seg.inputs.append(node)
+                    return seg.inputs.index(node), d
+    raise NotRepeated(f"the size {symbol} is no input's dim")
+
+
+def subprogram(gm: fx.GraphModule, seg: Segment) -> fx.GraphModule:
+    """The segment as a program of its own: its outside tensors are placeholders, sizes read from them."""
+    graph, env = fx.Graph(), {}
+    for i, node in enumerate(seg.inputs):
+        env[node] = graph.placeholder(f"in_{i}")
+        env[node].meta["val"] = _attr(gm, node.target) if node.op == "get_attr" else node.meta.get("val")
+    for size, (pos, d) in seg.sizes.items():
+        env[size] = graph.call_function(torch.ops.aten.sym_size.int, (env[seg.inputs[pos]], d))
+        env[size].meta["val"] = size.meta.get("val")
+    root = nn.Module()
+    for node in seg.nodes:
+        if node.op == "call_module":
+            _place(root, node.target, gm.get_submodule(node.target))
+        env[node] = graph.node_copy(node, lambda a: env[a])
+    graph.output(tuple(env[n] for n in seg.outputs))
+    return fx.GraphModule(root, graph)
+
+
+def _place(root: nn.Module, target: str, module: nn.Module) -> None:
+    *owners, name = target.split(".")
+    for part in owners:
+        if not hasattr(root, part):
+            root.add_module(part, nn.Module())
+        root = getattr(root, part)
+    root.add_module(name, module)
+
+
+def _signature(sub: fx.GraphModule, seg: Segment) -> str:
+    from moecc.codegen.onnx.export_cache import _graph_parts
+
+    parts = list(_graph_parts(sub, ""))
+    # a module called as written bakes its own weights into the export: such a segment is alike only itself
+    modules = [id(sub.get_submodule(n.target)) for n in sub.graph.nodes if n.op == "call_module"]
+    return repr((parts, modules))
+
+
+@dataclass
+class Plan:
+    segments: list[Segment]
+    programs: dict[str, fx.GraphModule]   # signature -> the first segment's program
+    ops_saved: int
+
+
+def plan(gm: fx.GraphModule) -> Plan:
+    """Segments and their distinct programs; NotRepeated where exporting by layers would not pay or cannot be
+    done."""
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and not isinstance(_attr(gm, node.target), torch.Tensor):
+            raise NotRepeated(f"{node.target} is a {type(_attr(gm, node.target)).__name__}, not a tensor")
+    segments = _runs(gm)
+    _wire(gm, segments)
+    segments = [s for s in segments if s.outputs]  # a run of sizes only: read again where they are used
+    programs: dict[str, fx.GraphModule] = {}
+    saved = 0
+    for seg in segments:
+        sub = subprogram(gm, seg)
+        seg.signature = _signature(sub, seg)
+        if seg.signature in programs:
+            saved += len(seg.nodes)
+        else:
+            programs[seg.signature] = sub
+    if saved < MIN_OPS_SAVED:
+        raise NotRepeated(f"repeated layers would save {saved} ops of export, fewer than {MIN_OPS_SAVED}")
+    return Plan(segments, programs, saved)
+
+
+def _attr(gm: fx.GraphModule, target: str):
+    owner = gm
+    for part in target.split("."):
+        owner = getattr(owner, part)
+    return owner
+
+
+def segment_examples(gm: fx.GraphModule, example: list, found: Plan) -> dict[str, list[torch.Tensor]]:
+    """The inputs each distinct program sees when ``gm`` runs on ``example``."""
+    first = {}
+    for seg in found.segments:
+        first.setdefault(seg.signature, seg)
+    wanted = {n for seg in first.values() for n in seg.inputs}
+    values = {}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if n in wanted:
+                values[n] = out.detach() if isinstance(out, torch.Tensor) else out
+            return out
+
+    with torch.no_grad():
+        Recorder(gm).run(*example)
+    return {sig: [values[n] for n in seg.inputs] for sig, seg in first.items()}
