@@ -132,3 +132,14 @@ def test_a_stitch_that_fails_falls_back_to_the_whole_export(exports, onnx_logs, 
     assert "not layer by layer: a stitch broken on purpose" in onnx_logs.text
     assert len(exports) == 3 + 1  # the distinct segments, then the whole program
     assert rel(got, want) < 1e-5
+
+
+def test_an_artifact_of_a_deep_model_holds_the_stitched_graph(exports, tmp_path):
+    model = make_model("olmoe", num_hidden_layers=4)
+    path = moecc.export(model, (), tmp_path / "art", kwargs=make_inputs("olmoe", 2, 8), backend="onnxruntime")
+    assert len(exports) == 3
+    loaded = moecc.load(path)
+    for batch, seq, seed in [(2, 8, 0), (3, 5, 1)]:
+        inputs = make_inputs("olmoe", batch, seq, seed)
+        with torch.no_grad():
+            assert rel(loaded(**inputs).logits, model(**inputs).logits) < 1e-5

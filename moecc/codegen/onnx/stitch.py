@@ -44,7 +44,7 @@ def _attr_value(gm: fx.GraphModule, target: str):
 
 def stitch(gm: fx.GraphModule, found: Plan, exports: dict[str, ir.Model]) -> ir.Model:
     """The program ``gm`` as one ONNX model, from ``exports`` (one per distinct segment program)."""
-    graph_inputs, initializers, nodes, values = [], {}, [], {}
+    graph_inputs, initializers, nodes, values, held = [], {}, [], {}, {}
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             val = node.meta.get("val")
@@ -53,7 +53,11 @@ def stitch(gm: fx.GraphModule, found: Plan, exports: dict[str, ir.Model]) -> ir.
             values[node] = ir.Value(name=node.name, shape=_shape(val), type=ir.TensorType(onnx_dtype(val.dtype)))
             graph_inputs.append(values[node])
         elif node.op == "get_attr":
-            values[node] = initializers[node.target] = _initializer(node.target, _attr_value(gm, node.target))
+            tensor = _attr_value(gm, node.target)
+            same = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride())
+            if same not in held:  # one tensor under two names (tied embeddings): one initializer
+                held[same] = initializers[node.target] = _initializer(node.target, tensor)
+            values[node] = held[same]
     shared: dict[tuple[str, str], ir.Value] = {}
     opsets: dict[str, int] = {}
     functions: dict = {}
@@ -68,12 +72,12 @@ def stitch(gm: fx.GraphModule, found: Plan, exports: dict[str, ir.Model]) -> ir.
         for name, init in g.initializers.items():
             key = (seg.signature, name)
             if key not in shared:
-                shared[key] = ir.Value(name=f"c{len(shared)}.{name}", shape=init.shape, type=init.type,
+                shared[key] = ir.Value(name=f"const{len(shared)}/{name}", shape=init.shape, type=init.type,
                                        const_value=init.const_value)
                 initializers[shared[key].name] = shared[key]
             env[init] = shared[key]
         for node in g:
-            nodes.append(_copy(node, env, f"s{i}."))
+            nodes.append(_copy(node, env, f"segment{i}/"))  # "/": no weight is named so
         for out, node in zip(g.outputs, seg.outputs):
             values[node] = env[out]
         for domain, version in {**model.opset_imports, **g.opset_imports}.items():
