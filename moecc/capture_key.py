@@ -74,11 +74,20 @@ def _const_repr(value) -> object:
     return repr(value)
 
 
-def _tensor_digest(t: torch.Tensor) -> str:
+def tensor_bytes(t: torch.Tensor):
+    """The tensor's bytes as a NumPy array (no copy where it is contiguous on the CPU)."""
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
+def tensor_digest(t: torch.Tensor) -> str | None:
+    """The sha256 of the tensor's bytes, or None where they are out of reach or do not say it all (a meta or
+    sparse tensor; a quantized one, whose integers leave out its scale)."""
+    if t.is_meta or t.is_quantized or t.layout != torch.strided:
+        return None
     try:
-        data = t.detach().reshape(-1).contiguous().cpu().view(torch.uint8).numpy().tobytes()
-    except (RuntimeError, TypeError):
-        return f"object {id(t)}"  # bytes out of reach (quantized, say): unique to this object, never stale
+        data = tensor_bytes(t)
+    except (RuntimeError, TypeError, NotImplementedError):
+        return None
     return hashlib.sha256(data).hexdigest()
 
 
@@ -94,7 +103,9 @@ def describe(value, depth: int = 0):
                                             and not isinstance(value, nn.Parameter)):
         return ("tensor", str(value.dtype), value.dim(), str(value.device.type))  # fake, meta or a subclass
     if isinstance(value, torch.Tensor):  # a plain tensor attribute: export bakes its values in as a constant
-        return ("tensor", str(value.dtype), tuple(value.shape), str(value.device), _tensor_digest(value))
+        return ("tensor", str(value.dtype), tuple(value.shape), str(value.device),
+                # bytes out of reach: unique to this object, never stale
+                tensor_digest(value) or f"object {id(value)}")
     if isinstance(value, (list, tuple)):
         return (type(value).__name__, *[describe(v, depth + 1) for v in value])
     if isinstance(value, (set, frozenset)):

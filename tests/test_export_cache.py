@@ -157,3 +157,16 @@ def test_a_tensor_written_into_a_call_is_keyed_by_its_values(exports):
     assert repr(big) == repr(other)
     x = torch.randn(3, 4096)
     assert _key(graph_adding(big), [x]) != _key(graph_adding(other), [x])
+
+
+def test_a_tensor_whose_bytes_are_out_of_reach_leaves_the_export_uncached():
+    """A quantized tensor has no plain bytes: the cache declines to key it (the compile exports as usual) and
+    the capture key names the object, so that neither ever serves another tensor's entry."""
+    from moecc.capture_key import describe
+
+    q = torch.quantize_per_tensor(torch.randn(4), 0.1, 0, torch.qint8)
+    with pytest.raises(export_cache.Unkeyable, match="out of reach"):
+        export_cache._digest(q)
+    assert describe(q)[-1] == f"object {id(q)}"
+    plain = torch.arange(4.0)
+    assert export_cache._digest(plain) == describe(plain)[-1]

@@ -35,6 +35,7 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from moecc import knobs
+from moecc.capture_key import tensor_bytes, tensor_digest
 from moecc.logs import slow_step
 from moecc.passes.graph_utils import attr_of
 
@@ -189,7 +190,7 @@ def _write_data(meta: dict, tensors: dict[str, torch.Tensor], kept_path: Path, b
                     out.truncate(size)
                     for _, offset, length, name, at in sorted(by_file.get(location, []), key=lambda r: r[1]):
                         if name is not None:
-                            data = _bytes(tensors[name])
+                            data = tensor_bytes(tensors[name])
                         else:
                             data = kept[at:at + length]
                         if len(data) != length:
@@ -223,16 +224,14 @@ def _program_tensors(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _bytes(t: torch.Tensor):
-    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-
-
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
 def _digest(t: torch.Tensor) -> str:
-    return hashlib.sha256(_bytes(t)).hexdigest()
+    if (digest := tensor_digest(t)) is None:
+        raise Unkeyable(f"a {type(t).__name__} ({t.dtype}, {t.layout}, {t.device}) whose bytes are out of reach")
+    return digest
 
 
 @functools.cache
