@@ -143,3 +143,58 @@ def test_an_artifact_of_a_deep_model_holds_the_stitched_graph(exports, tmp_path)
         inputs = make_inputs("olmoe", batch, seq, seed)
         with torch.no_grad():
             assert rel(loaded(**inputs).logits, model(**inputs).logits) < 1e-5
+
+
+class SlicedLayers(torch.nn.Module):
+    """Three layers alike after a slice: the layers see two tokens fewer than the input (the dim ``s - 2``), and
+    each residual is code outside the layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(8, 8) for _ in range(3))
+
+    def forward(self, x):
+        h = x[:, 2:]
+        for layer in self.layers:
+            h = h + layer(h).relu()
+        return h
+
+
+def sliced_program():
+    """SlicedLayers exported as a capture has it: symbolic batch and sequence, each node's module path."""
+    torch.manual_seed(0)
+    dims = ({0: torch.export.Dim.AUTO, 1: torch.export.Dim.AUTO},)
+    gm = torch.export.export(SlicedLayers(), (torch.randn(2, 5, 8),), dynamic_shapes=dims).module()
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and node.target == "_guards_fn":
+            gm.graph.erase_node(node)
+            continue
+        paths = [path for path, _ in (node.meta.get("nn_module_stack") or {}).values()]
+        if paths:
+            node.meta["moecc_module"] = paths[-1]
+    gm.recompile()
+    return gm
+
+
+def test_code_after_a_layer_joins_it_and_the_stitched_graph_keeps_derived_dims(tmp_path, monkeypatch):
+    monkeypatch.setattr(repeated_layers, "MIN_OPS_SAVED", 0)
+    monkeypatch.setenv("MOECC_ONNX_CACHE", "0")
+    gm = sliced_program()
+    found = repeated_layers.plan(gm)
+    assert [seg.key for seg in found.segments] == ["outer", *[("layers", i) for i in range(3)]]
+    assert len(found.programs) == 2  # the slice, and one layer with the residual after it
+    ort = lower.OrtModule(lower.to_onnx(gm, [torch.randn(2, 5, 8)], str(tmp_path / "model.onnx")))
+    for shape in [(2, 5, 8), (3, 9, 8)]:
+        x = torch.randn(shape)
+        (got,) = ort(x)
+        torch.testing.assert_close(got, gm(x), rtol=1e-5, atol=1e-6)
+
+
+def test_a_segment_that_would_see_a_symbolic_dim_at_size_one_is_not_cut(monkeypatch):
+    """Exported on its own, a layer would take a size of 1 for a constant, where the whole program keeps it
+    symbolic (``s - 2`` at three tokens)."""
+    monkeypatch.setattr(repeated_layers, "MIN_OPS_SAVED", 0)
+    gm = sliced_program()
+    found = repeated_layers.plan(gm)
+    with pytest.raises(repeated_layers.NotRepeated, match="s.* - 2 at size 1 in this example"):
+        repeated_layers.segment_examples(gm, [torch.randn(2, 3, 8)], found)

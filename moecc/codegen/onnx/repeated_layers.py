@@ -3,7 +3,8 @@
 ``torch.onnx.export`` costs about 30 ms per op on a small CPU, so a 32-layer model spends a minute exporting 32
 copies of one layer. Here the program is cut into segments, runs of nodes that ran in one layer (the outermost
 ``<container>.<index>`` module of each node's ``moecc_module``; nodes a pass created, which have no module,
-join the segment before them) and the runs between layers. A segment's tensors from outside (the program's
+join the segment before them, as does code outside the layers that runs after a layer) and the nodes before
+the first layer. A segment's tensors from outside (the program's
 inputs, its weights, earlier segments' values) become its inputs, so two layers of one code differ only in the
 tensors they are given. Segments alike node for node are exported and optimized once; the ONNX graph is then
 put together from copies of those exports, each wired to its own weights (initializers) and to the values
@@ -73,7 +74,11 @@ def _runs(gm: fx.GraphModule) -> list[Segment]:
         path = node.meta.get("moecc_module")
         if path is not None:  # a node a pass made has no module: it stays with the nodes before it
             found = _outer_index(path)
-            key = found if found is not None and found[0] in containers else "outer"
+            if found is not None and found[0] in containers:
+                key = found
+            elif key == "outer" or not runs:
+                key = "outer"
+            # else code outside the layers after a layer (a residual around a block held in a list) stays with it
         if not runs or runs[-1].key != key:
             runs.append(Segment(key, []))
         runs[-1].nodes.append(node)
@@ -81,7 +86,10 @@ def _runs(gm: fx.GraphModule) -> list[Segment]:
 
 
 def _symbol(value) -> str | None:
-    return str(value) if isinstance(value, torch.SymInt) or type(value).__name__ == "SymbolicDim" else None
+    """The symbolic size's expression, or None for a size that is not symbolic (a SymInt of a constant)."""
+    if isinstance(value, torch.SymInt):
+        return None if value.node.maybe_as_int() is not None else str(value)
+    return str(value) if type(value).__name__ == "SymbolicDim" else None
 
 
 def _dims(node: fx.Node) -> list:
@@ -223,4 +231,10 @@ def segment_examples(gm: fx.GraphModule, example: list, found: Plan) -> dict[str
 
     with torch.no_grad():
         Recorder(gm).run(*example)
+    for node in wanted:
+        for dim, size in zip(_dims(node), getattr(values[node], "shape", ())):
+            if _symbol(dim) is not None and size < 2:
+                # exported on its own, the segment would take this size for a constant (export specializes 0
+                # and 1), where the whole program keeps it symbolic
+                raise NotRepeated(f"{node.name} has the symbolic dim {dim} at size {size} in this example")
     return {sig: [values[n] for n in seg.inputs] for sig, seg in first.items()}
