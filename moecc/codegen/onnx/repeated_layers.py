@@ -11,8 +11,9 @@ put together from copies of those exports, each wired to its own weights (initia
 before it.
 
 A size (a ``SymInt``) that crosses from one segment to the next is read again, inside the segment, from a dim
-of one of its inputs (or of a program input with that dim). Where anything stands in the way (a size computed
-from others, a value that is not a tensor, a higher-order op, a segment that writes into its inputs, a dtype
+of one of its inputs (or of a program input with that dim), or computed again from the dims its symbols are
+(``segment_sizes``). Where anything stands in the way (a size of no
+dim, a value that is not a tensor, a higher-order op, a segment that writes into its inputs, a dtype
 NumPy cannot carry), the caller exports the whole program as before: this is a shortcut, never a second
 semantics. ``MOECC_ONNX_REPEATS`` turns it off."""
 
@@ -23,6 +24,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import fx, nn
+
+from moecc.codegen.onnx import segment_sizes
 
 log = logging.getLogger("moecc.codegen.onnx")
 
@@ -124,13 +127,13 @@ def _wire(gm: fx.GraphModule, runs: list[Segment]) -> None:
                 if _is_tensor(node):
                     seg.outputs.append(node)
         for size in seg.sizes:
-            seg.sizes[size] = _find_dim(str(size.meta["val"]), seg, placeholders)
+            seg.sizes[size] = _size_recipe(str(size.meta["val"]), seg, placeholders)
     for node in output.all_input_nodes:
         if not _is_tensor(node):
             raise NotRepeated(f"the program returns {node.name}, which is not a tensor")
 
 
-def _find_dim(symbol: str, seg: Segment, placeholders: list[fx.Node]) -> tuple[int, int]:
+def _find_dim(symbol: str, seg: Segment, placeholders: list[fx.Node]) -> tuple[int, int] | None:
     for candidates in (seg.inputs, placeholders):
         for node in candidates:
             for d, dim in enumerate(_dims(node)):
@@ -138,7 +141,24 @@ def _find_dim(symbol: str, seg: Segment, placeholders: list[fx.Node]) -> tuple[i
                     if node not in seg.inputs:
                         seg.inputs.append(node)
                     return seg.inputs.index(node), d
-    raise NotRepeated(f"the size {symbol} is no input's dim")
+    return None
+
+
+def _size_recipe(text: str, seg: Segment, placeholders: list[fx.Node]) -> tuple:
+    """How the segment reads a size again: ("dim", position, dim) of an input that has it, else ("expr", the
+    expression, {symbol: (position, dim)}) computed from the dims its symbols are."""
+    if (found := _find_dim(text, seg, placeholders)) is not None:
+        return ("dim", *found)
+    try:
+        expr = segment_sizes.parse(text)
+    except segment_sizes.Unwritable as exc:
+        raise NotRepeated(str(exc)) from None
+    dims = {}
+    for name in segment_sizes.symbols(expr):
+        if (found := _find_dim(name, seg, placeholders)) is None:
+            raise NotRepeated(f"the size {text} is no input's dim, nor is its {name}")
+        dims[name] = found
+    return ("expr", expr, dims)
 
 
 def subprogram(gm: fx.GraphModule, seg: Segment) -> fx.GraphModule:
@@ -147,9 +167,17 @@ def subprogram(gm: fx.GraphModule, seg: Segment) -> fx.GraphModule:
     for i, node in enumerate(seg.inputs):
         env[node] = graph.placeholder(f"in_{i}")
         env[node].meta["val"] = _attr(gm, node.target) if node.op == "get_attr" else node.meta.get("val")
-    for size, (pos, d) in seg.sizes.items():
-        env[size] = graph.call_function(torch.ops.aten.sym_size.int, (env[seg.inputs[pos]], d))
-        env[size].meta["val"] = size.meta.get("val")
+    for size, recipe in seg.sizes.items():
+        if recipe[0] == "dim":
+            env[size] = graph.call_function(torch.ops.aten.sym_size.int, (env[seg.inputs[recipe[1]]], recipe[2]))
+            continue
+        _, expr, where = recipe
+        dims = {name: graph.call_function(torch.ops.aten.sym_size.int, (env[seg.inputs[pos]], d))
+                for name, (pos, d) in where.items()}
+        try:
+            env[size] = segment_sizes.emit(graph, expr, dims)
+        except segment_sizes.Unwritable as exc:
+            raise NotRepeated(str(exc)) from None
     root = nn.Module()
     for node in seg.nodes:
         if node.op == "call_module":
