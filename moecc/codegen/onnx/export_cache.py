@@ -262,7 +262,7 @@ def _moecc_source() -> str:
 
 def _parts(gm: fx.GraphModule, example: list, path: str, tensors: dict, digests: dict):
     yield ("moecc onnx export", FORMAT, sys.version_info[:2], _versions(), _moecc_source(), os.path.basename(path))
-    yield from _graph_parts(gm, "")
+    yield from graph_parts(gm, "")
     for t in example:
         if isinstance(t, torch.Tensor):  # size 0 and 1 specialize a symbolic dim when exported
             yield ("example", str(t.dtype), tuple(min(int(d), 2) for d in t.shape), t.device.type)
@@ -273,7 +273,7 @@ def _parts(gm: fx.GraphModule, example: list, path: str, tensors: dict, digests:
         yield ("tensor", name, str(t.dtype), tuple(t.shape), digests[name])
 
 
-def _graph_parts(gm: fx.GraphModule, prefix: str):
+def graph_parts(gm: fx.GraphModule, prefix: str):
     """The graph node by node, with nodes named by position (a capture read back from the capture cache names
     them otherwise than a fresh one) and symbolic dims by first appearance (export numbers its symbols per run):
     the export sees neither name."""
@@ -295,7 +295,7 @@ def _graph_parts(gm: fx.GraphModule, prefix: str):
             sub = gm.get_submodule(node.target)
             yield (prefix, i, "module", node.target, repr(args))
             if isinstance(sub, fx.GraphModule):
-                yield from _graph_parts(sub, f"{prefix}{node.target}.")
+                yield from graph_parts(sub, f"{prefix}{node.target}.")
                 continue
             yield (prefix, i, tuple(_module_entry(n, m) for n, m in sub.named_modules(remove_duplicate=False)),
                    tuple(tuple(_class_sources(type(m))) for _, m in sub.named_modules()))

@@ -42,7 +42,7 @@ class Segment:
     key: object                                           # (container, index) of a layer, or "outer"
     nodes: list[fx.Node]
     inputs: list[fx.Node] = field(default_factory=list)   # tensors from outside, in order of first use
-    sizes: dict = field(default_factory=dict)             # SymInt node from outside -> (input position, dim)
+    sizes: dict = field(default_factory=dict)             # SymInt node from outside -> how it is read again
     outputs: list[fx.Node] = field(default_factory=list)  # its values used after it
     signature: str = ""
 
@@ -197,9 +197,9 @@ def _place(root: nn.Module, target: str, module: nn.Module) -> None:
 
 
 def _signature(sub: fx.GraphModule, seg: Segment) -> str:
-    from moecc.codegen.onnx.export_cache import _graph_parts
+    from moecc.codegen.onnx.export_cache import graph_parts
 
-    parts = list(_graph_parts(sub, ""))
+    parts = list(graph_parts(sub, ""))
     # a module called as written bakes its own weights into the export: such a segment is alike only itself
     modules = [id(sub.get_submodule(n.target)) for n in sub.graph.nodes if n.op == "call_module"]
     return repr((parts, modules))
