@@ -170,3 +170,15 @@ def test_a_tensor_whose_bytes_are_out_of_reach_leaves_the_export_uncached():
     assert describe(q)[-1] == f"object {id(q)}"
     plain = torch.arange(4.0)
     assert export_cache._digest(plain) == describe(plain)[-1]
+
+
+def test_exporting_whole_or_by_layers_are_two_entries(exports, monkeypatch):
+    """``MOECC_ONNX_REPEATS=0`` exports whole even where an export by layers is in the cache."""
+    from hf_models import make_model
+
+    model = make_model("mixtral", num_hidden_layers=4)
+    compiled(model)
+    by_layers = len(exports)
+    monkeypatch.setenv("MOECC_ONNX_REPEATS", "0")
+    compiled(model)
+    assert len(exports) == by_layers + 1

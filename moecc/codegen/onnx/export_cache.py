@@ -262,6 +262,7 @@ def _moecc_source() -> str:
 
 def _parts(gm: fx.GraphModule, example: list, path: str, tensors: dict, digests: dict):
     yield ("moecc onnx export", FORMAT, sys.version_info[:2], _versions(), _moecc_source(), os.path.basename(path))
+    yield ("by layers", knobs.ONNX_REPEATS.get())  # turned off, it must not read back a stitched graph
     yield from graph_parts(gm, "")
     for t in example:
         if isinstance(t, torch.Tensor):  # size 0 and 1 specialize a symbolic dim when exported
