@@ -47,8 +47,9 @@ def rel(a, b):
 
 
 def test_a_deep_model_exports_each_distinct_segment_once(exports, monkeypatch):
-    """Six Mixtral layers alike: three exports (the embedding and masks, one layer, the head), the numbers of the
-    whole export and of eager on other shapes; a second compile reads the stitched graph from the export cache."""
+    """Six Mixtral layers alike: three exports (the embedding and masks, a layer, the last layer with the head),
+    the numbers of the whole export and of eager on other shapes; a second compile reads the stitched graph from
+    the export cache."""
     model = make_model("mixtral", num_hidden_layers=6)
     cm = moecc.compile(model, backend="onnxruntime")
     got, want = outputs(cm, model, "mixtral", 2, 8, 0)
@@ -81,7 +82,7 @@ def test_layers_that_differ_are_exported_apart(exports, onnx_logs):
     cm = moecc.compile(model, backend="onnxruntime")
     got, want = outputs(cm, model, "deepseek_v3", 2, 8, 0)
     assert len(exports) == 4
-    assert "exported 4 distinct segments for 6" in onnx_logs.text
+    assert "exported 4 distinct segments for 5" in onnx_logs.text  # the last layer holds the head
     assert rel(got, want) < 1e-5
     got, want = outputs(cm, model, "deepseek_v3", 3, 7, 1)
     assert rel(got, want) < 1e-5
@@ -198,3 +199,16 @@ def test_a_segment_that_would_see_a_symbolic_dim_at_size_one_is_not_cut(monkeypa
     found = repeated_layers.plan(gm)
     with pytest.raises(repeated_layers.NotRepeated, match="s.* - 2 at size 1 in this example"):
         repeated_layers.segment_examples(gm, [torch.randn(2, 3, 8)], found)
+
+
+def test_a_cut_that_fails_unexpectedly_exports_whole(exports, onnx_logs, monkeypatch):
+    def broken(gm, seg):
+        raise RuntimeError("a cut broken on purpose")
+
+    monkeypatch.setattr(repeated_layers, "subprogram", broken)
+    model = make_model("mixtral", num_hidden_layers=4)
+    cm = moecc.compile(model, backend="onnxruntime")
+    got, want = outputs(cm, model, "mixtral", 2, 8, 0)
+    assert "not layer by layer: a cut broken on purpose" in onnx_logs.text
+    assert len(exports) == 1
+    assert rel(got, want) < 1e-5

@@ -355,6 +355,9 @@ def _export_by_layers(gm: fx.GraphModule, example: list) -> torch.onnx.ONNXProgr
     except repeated_layers.NotRepeated as exc:
         log.debug("exporting the whole program: %s", exc)
         return None
+    except Exception as exc:  # noqa: BLE001 - a graph the cut does not know must still export whole
+        log.info("exporting the whole program, not layer by layer: %s", first_line(exc))
+        return None
     try:
         examples = repeated_layers.segment_examples(gm, example, found)
         exports = {}
