@@ -65,3 +65,14 @@ def moecc_warnings(caplog, monkeypatch):
         logger.removeHandler(caplog.handler)
         logger.setLevel(level)
         logger.propagate = propagate
+
+
+@pytest.fixture
+def exports(monkeypatch, tmp_path):
+    """A fresh cache folder (so that every lowering for ONNX Runtime exports), and the count of
+    ``torch.onnx.export`` calls made."""
+    monkeypatch.setenv("MOECC_CACHE_DIR", str(tmp_path / "cache"))
+    count = []
+    real = torch.onnx.export
+    monkeypatch.setattr(torch.onnx, "export", lambda *a, **k: count.append(1) or real(*a, **k))
+    return count

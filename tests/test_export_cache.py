@@ -13,16 +13,6 @@ import moecc
 from moecc.codegen.onnx import export_cache
 
 
-@pytest.fixture
-def exports(monkeypatch, tmp_path):
-    """A fresh cache folder, and the count of ONNX exports run."""
-    monkeypatch.setenv("MOECC_CACHE_DIR", str(tmp_path / "cache"))
-    count = []
-    real = torch.onnx.export
-    monkeypatch.setattr(torch.onnx, "export", lambda *a, **k: count.append(1) or real(*a, **k))
-    return count
-
-
 def rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 

@@ -12,16 +12,6 @@ from moecc.codegen.onnx import lower, repeated_layers
 
 
 @pytest.fixture
-def exports(monkeypatch, tmp_path):
-    """A fresh cache folder (so that every lowering exports), and the count of ONNX exports run."""
-    monkeypatch.setenv("MOECC_CACHE_DIR", str(tmp_path / "cache"))
-    count = []
-    real = torch.onnx.export
-    monkeypatch.setattr(torch.onnx, "export", lambda *a, **k: count.append(1) or real(*a, **k))
-    return count
-
-
-@pytest.fixture
 def onnx_logs(caplog):
     """caplog with the ONNX lowering's debug and info lines in it (moecc's loggers do not propagate)."""
     logger = logging.getLogger("moecc.codegen.onnx")
