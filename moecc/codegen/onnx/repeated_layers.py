@@ -26,6 +26,7 @@ import torch
 from torch import fx, nn
 
 from moecc.codegen.onnx import segment_sizes
+from moecc.passes.graph_utils import attr_of
 
 log = logging.getLogger("moecc.codegen.onnx")
 
@@ -166,7 +167,7 @@ def subprogram(gm: fx.GraphModule, seg: Segment) -> fx.GraphModule:
     graph, env = fx.Graph(), {}
     for i, node in enumerate(seg.inputs):
         env[node] = graph.placeholder(f"in_{i}")
-        env[node].meta["val"] = _attr(gm, node.target) if node.op == "get_attr" else node.meta.get("val")
+        env[node].meta["val"] = attr_of(gm, node) if node.op == "get_attr" else node.meta.get("val")
     for size, recipe in seg.sizes.items():
         if recipe[0] == "dim":
             env[size] = graph.call_function(torch.ops.aten.sym_size.int, (env[seg.inputs[recipe[1]]], recipe[2]))
@@ -216,8 +217,8 @@ def plan(gm: fx.GraphModule) -> Plan:
     """Segments and their distinct programs; NotRepeated where exporting by layers would not pay or cannot be
     done."""
     for node in gm.graph.nodes:
-        if node.op == "get_attr" and not isinstance(_attr(gm, node.target), torch.Tensor):
-            raise NotRepeated(f"{node.target} is a {type(_attr(gm, node.target)).__name__}, not a tensor")
+        if node.op == "get_attr" and not isinstance(attr_of(gm, node), torch.Tensor):
+            raise NotRepeated(f"{node.target} is a {type(attr_of(gm, node)).__name__}, not a tensor")
     segments = _runs(gm)
     _wire(gm, segments)
     segments = [s for s in segments if s.outputs]  # a run of sizes only: read again where they are used
@@ -233,13 +234,6 @@ def plan(gm: fx.GraphModule) -> Plan:
     if saved < MIN_OPS_SAVED:
         raise NotRepeated(f"repeated layers would save {saved} ops of export, fewer than {MIN_OPS_SAVED}")
     return Plan(segments, programs, saved)
-
-
-def _attr(gm: fx.GraphModule, target: str):
-    owner = gm
-    for part in target.split("."):
-        owner = getattr(owner, part)
-    return owner
 
 
 def segment_examples(gm: fx.GraphModule, example: list, found: Plan) -> dict[str, list[torch.Tensor]]:

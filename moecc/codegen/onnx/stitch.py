@@ -15,6 +15,7 @@ from torch import fx
 from torch.utils import _pytree as pytree
 
 from moecc.codegen.onnx.repeated_layers import NotRepeated, Plan
+from moecc.passes.graph_utils import attr_of
 
 
 def onnx_dtype(dtype: torch.dtype) -> ir.DataType:
@@ -35,13 +36,6 @@ def _initializer(name: str, tensor: torch.Tensor) -> ir.Value:
                     const_value=ir.Tensor(array, dtype, name=name))
 
 
-def _attr_value(gm: fx.GraphModule, target: str):
-    owner = gm
-    for part in target.split("."):
-        owner = getattr(owner, part)
-    return owner
-
-
 def stitch(gm: fx.GraphModule, found: Plan, exports: dict[str, ir.Model]) -> ir.Model:
     """The program ``gm`` as one ONNX model, from ``exports`` (one per distinct segment program)."""
     graph_inputs, initializers, nodes, values, held = [], {}, [], {}, {}
@@ -53,7 +47,7 @@ def stitch(gm: fx.GraphModule, found: Plan, exports: dict[str, ir.Model]) -> ir.
             values[node] = ir.Value(name=node.name, shape=_shape(val), type=ir.TensorType(onnx_dtype(val.dtype)))
             graph_inputs.append(values[node])
         elif node.op == "get_attr":
-            tensor = _attr_value(gm, node.target)
+            tensor = attr_of(gm, node)
             same = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride())
             if same not in held:  # one tensor under two names (tied embeddings): one initializer
                 held[same] = initializers[node.target] = _initializer(node.target, tensor)
