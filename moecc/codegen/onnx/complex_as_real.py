@@ -19,6 +19,7 @@ import torch
 from torch import fx
 
 from moecc.match import MatchResult
+from moecc.passes.graph_utils import attr_of
 
 _aten = torch.ops.aten
 _REAL_DTYPE = {torch.complex64: torch.float32, torch.complex128: torch.float64, torch.complex32: torch.float16}
@@ -33,11 +34,6 @@ def _value_dtype(node: fx.Node) -> torch.dtype | None:
 def _is_complex_val(node: fx.Node) -> bool:
     dtype = _value_dtype(node)
     return dtype is not None and dtype.is_complex
-
-
-def _attr(gm: fx.GraphModule, target: str):
-    owner, _, name = target.rpartition(".")
-    return getattr(gm.get_submodule(owner) if owner else gm, name)
 
 
 class _Rewriter:
@@ -368,7 +364,7 @@ def complex_nodes(gm: fx.GraphModule) -> MatchResult[list[fx.Node]]:
     ordered = []
     for node in gm.graph.nodes:
         if node.op == "get_attr":
-            value = _attr(gm, node.target)
+            value = attr_of(gm, node)
             if isinstance(value, torch.Tensor) and value.dtype.is_complex:
                 complex_values.add(node)
                 ordered.append(node)
@@ -405,7 +401,7 @@ def complex_as_real(gm: fx.GraphModule) -> MatchResult[int]:
         for node in nodes:
             if node.op == "get_attr":
                 name = f"{node.target.replace('.', '_')}_as_real"
-                gm.register_buffer(name, torch.view_as_real(_attr(gm, node.target)).clone(), persistent=False)
+                gm.register_buffer(name, torch.view_as_real(attr_of(gm, node)).clone(), persistent=False)
                 buffers.append(name)
                 with gm.graph.inserting_after(node):
                     rw.real[node] = gm.graph.get_attr(name)
