@@ -81,6 +81,10 @@ FAMILIES = {
     "ergo": ("ErgoConfig", "ErgoForCausalLM"),
     "kolibri1_1": ("Kolibri1_1Config", "Kolibri1_1ForCausalLM"),
     "minicpm5_moe": ("MiniCPM5MoeConfig", "MiniCPM5MoeForCausalLM"),
+    # configs of their own over another family's modeling code (the causal LM transformers' auto classes map them to)
+    "sarvam_moe": ("SarvamMoEConfig", "Glm4MoeForCausalLM"),
+    "param2moe": ("Param2MoeConfig", "Glm4MoeForCausalLM"),
+    "sarvam_mla": ("SarvamMLAConfig", "DeepseekV3ForCausalLM"),
     # the text models of multimodal families (no causal LM of their own)
     "glm5_next": ("Glm5NextTextConfig", "Glm5NextTextModel"),
     "mistral_large4": ("MistralLarge4TextConfig", "MistralLarge4TextModel"),
