@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from moecc.passes.recognize.block import experts_of_one_kind, is_moe_block, listed_experts
+from moecc.passes.recognize.bank import experts_of_one_kind, is_moe_block, listed_experts
 from moecc.passes.recognize.mlp import dense_mlps
 from moecc.passes.recognize.stacked import stacked_params
 

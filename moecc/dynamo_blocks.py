@@ -25,7 +25,7 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from moecc.passes.recognize.block import is_moe_block
+from moecc.passes.recognize.bank import is_moe_block
 
 log = logging.getLogger("moecc.dynamo")
 

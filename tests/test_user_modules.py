@@ -284,7 +284,7 @@ def test_a_bank_called_on_rows_grouped_by_expert_is_probed_alone(monkeypatch, hi
     import transformers as tf
     from transformers.models.llama4.modeling_llama4 import Llama4TextMoe
 
-    from moecc.passes.recognize.block import grouped_rows_probe
+    from moecc.passes.recognize.bank import grouped_rows_probe
 
     monkeypatch.setenv("MOECC_RECOGNIZE_SEARCH_S", "2")
     torch.manual_seed(0)
@@ -1324,7 +1324,7 @@ def test_an_expert_bank_handed_its_routing_is_no_moe_block():
     from user_modules import PostNormedMoE, PostNormedRoutedExperts
 
     from moecc.discover import find_moe_blocks
-    from moecc.passes.recognize.block import is_moe_block
+    from moecc.passes.recognize.bank import is_moe_block
 
     assert not is_moe_block(PostNormedRoutedExperts())
     model = TinyModel(PostNormedMoE(project=False))

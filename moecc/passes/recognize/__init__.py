@@ -18,7 +18,8 @@ from moecc.match import MatchResult
 from moecc.passes.base import MoePass, PassResult, layers_of
 from moecc.passes.graph_utils import inline_module, output_leaves
 from moecc.passes.recognize import inline_routing
-from moecc.passes.recognize.block import analyze_block, is_moe_block, unfit_parameters
+from moecc.passes.recognize.bank import is_moe_block
+from moecc.passes.recognize.block import analyze_block, unfit_parameters
 from moecc.passes.recognize.memo import RecognitionMemo
 from moecc.passes.recognize.other_args import OtherArgs, independent_of_other_args
 from moecc.passes.recognize.routed import analyze_routed_bank, routed_bank, routing_positions

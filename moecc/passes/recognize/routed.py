@@ -21,15 +21,8 @@ from moecc.canonical import BlockAnalysis, CanonicalMoE
 from moecc.ir import RoutingSpec
 from moecc.match import MatchResult
 from moecc.passes.recognize import expert_post, stacked
-from moecc.passes.recognize.block import (
-    bank_and_ancestors,
-    find_bank,
-    find_expert_list,
-    is_moe_block,
-    stacked_winner,
-    unfit_parameters,
-    wide_probe,
-)
+from moecc.passes.recognize.bank import bank_and_ancestors, find_bank, find_expert_list, is_moe_block
+from moecc.passes.recognize.block import stacked_winner, unfit_parameters, wide_probe
 from moecc.passes.recognize.mlp import stack_mlps
 from moecc.passes.recognize.probe import close, rel_err, tolerance
 from moecc.passes.recognize.router import find_router
