@@ -96,7 +96,7 @@ def _export_to(folder: Path, model: nn.Module, args: tuple, kwargs: dict, defaul
     from moecc import __version__
     from moecc.api import OPTIONS
     from moecc.capture import CaptureHints
-    from moecc.runtime.compiled import build, torch_instead
+    from moecc.runtime.compiled import build, say_if_no_block, torch_instead
     from moecc.runtime.localize import verify_leaving_blocks
     from moecc.runtime.verify import verify
 
@@ -134,6 +134,8 @@ def _export_to(folder: Path, model: nn.Module, args: tuple, kwargs: dict, defaul
                     raise
                 entry, info = torch_instead(model, exc, info, backend, lambda: rebuild("torch"))
         info.canonical = {}  # the analyses hold expert weights the program has its own copies of
+    if options.get("fuse", True):
+        say_if_no_block(model, entry)
     step(f"writing the {entry.backend} program")
     if entry.backend in TORCH_PROGRAM_BACKENDS:
         _save_torch_program(entry, folder)

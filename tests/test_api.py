@@ -400,3 +400,31 @@ def test_a_loaded_artifact_runs_its_program_as_exported_under_autocast(tmp_path)
         inside = loaded(**inputs).logits
     assert inside.dtype == torch.float32
     torch.testing.assert_close(inside, outside, rtol=0, atol=0)
+
+
+def test_a_model_without_an_moe_block_says_nothing_is_fused(moecc_warnings, tmp_path):
+    """A dense model (or one whose blocks moecc cannot find) runs as captured, and compile and export say once that
+    no MoE block was found; a model with blocks does not hear it."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=61, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=1, intermediate_size=48, max_position_embeddings=64)
+    model = tf.LlamaForCausalLM(cfg).eval()
+    cm = moecc.compile(model, backend="torch")
+    for shape in [(2, 9), (1, 1)]:
+        ids = torch.randint(0, 61, shape)
+        with torch.no_grad():
+            torch.testing.assert_close(cm(input_ids=ids, use_cache=False).logits,
+                                       model(input_ids=ids, use_cache=False).logits)
+    told = [r.getMessage() for r in moecc_warnings.records if "found no MoE block" in r.getMessage()]
+    assert len(told) == 1 and "LlamaForCausalLM" in told[0] and "with torch" in told[0]
+    assert cm.captures == 2 and cm.moe_layers == []
+
+    moecc.export(model, (), tmp_path / "dense", {"input_ids": torch.randint(0, 61, (2, 9)), "use_cache": False},
+                 backend="torch")
+    assert sum("found no MoE block" in r.getMessage() for r in moecc_warnings.records) == 2
+
+    moe = TinyModel(BmmMoE()).eval()
+    moecc.compile(moe, backend="torch")(torch.randint(0, 50, (2, 9)))
+    assert sum("found no MoE block" in r.getMessage() for r in moecc_warnings.records) == 2

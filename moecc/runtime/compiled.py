@@ -432,9 +432,20 @@ class CompiledModule(nn.Module):
                     if (refused := capture_to_blame(self.original_model, exc, recapture, tolerance)) is not None:
                         raise refused from exc
                     raise
+        if self.captures == 1 and self.options.get("fuse", True):
+            say_if_no_block(self.original_model, entry)
         self._entries.append(entry)
         self._latest = entry
         return entry
+
+
+def say_if_no_block(model: nn.Module, entry: _Entry) -> None:
+    """Warn where a program has no MoE block at all: a model moecc compiles for its MoE blocks, none of which was
+    found, would otherwise run unfused without a word (blocks found and left as written say why on their own)."""
+    if not entry.layers:
+        log.warning("moecc found no MoE block in %s, so nothing is fused: it runs as captured, with %s. A block is "
+                    "a module that holds a bank of experts (two or more stacked [E, ., .] weights, or a ModuleList "
+                    "of MLPs) and a router over them", type(model).__name__, entry.backend)
 
 
 def _done(result):
