@@ -9,6 +9,7 @@ written (a fused block would not run them)."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import weakref
 from collections.abc import Iterable, Iterator
@@ -33,16 +34,37 @@ def _global_hooks() -> tuple[tuple, tuple]:
     return tuple(module_mod._global_forward_pre_hooks), tuple(module_mod._global_forward_hooks)
 
 
+RECORDER_MODULE = "transformers.utils.output_capturing"
+
+
+def recording_hook(hook) -> bool:
+    """A Hugging Face output recorder: it appends a module's output to the model's collection of outputs (hidden
+    states, router logits) during a call that asks for them, and does nothing at any other time."""
+    return getattr(hook, "__module__", None) == RECORDER_MODULE
+
+
+def own_hooks(module: nn.Module) -> tuple[list, list]:
+    """``module``'s forward pre-hooks and forward hooks other than output recorders: those a fused block would not
+    run. A recorder stays in what capture traces around the block's leaf, so the program records what it records;
+    at run time, with no collection asked for, the one the leaf's call runs does nothing."""
+    pre, post = forward_hooks(module)
+    return ([i for i in pre if not recording_hook(module._forward_pre_hooks[i])],
+            [i for i in post if not recording_hook(module._forward_hooks[i])])
+
+
 @contextlib.contextmanager
 def set_aside(modules: Iterable[nn.Module]) -> Iterator[None]:
-    """Run the body with these modules' forward hooks and pre-hooks removed, then put them back in their order."""
+    """Run the body with these modules' forward hooks and pre-hooks removed, but output recorders (``own_hooks``),
+    then put them back in their order."""
     kept = []
     for module in {id(m): m for m in modules}.values():
+        gone = set(itertools.chain(*own_hooks(module)))
         for name in _DICTS:
             hooks = getattr(module, name, None)
             if hooks:
                 kept.append((hooks, dict(hooks)))
-                hooks.clear()
+                for i in gone & hooks.keys():
+                    del hooks[i]
     try:
         yield
     finally:

@@ -109,3 +109,52 @@ def test_hooks_are_told_once_per_set_of_the_users_hooks(moecc_warnings):
     tell_traced(model)
     told = [r.getMessage() for r in moecc_warnings.records if "has forward hooks on" in r.getMessage()]
     assert len(told) == 2 and "hooks on 0, 1." in told[1]
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_an_output_recorder_on_a_block_leaves_it_fused_and_records_its_output(backend):
+    """Hugging Face's output recorders that sit on the MoE block itself (Llama 4's ``router_logits`` in
+    transformers 5.17, Ernie 4.5 VL's): the recorder is traced around the block's leaf, so the fused program
+    returns what it records, and it does nothing at run time. Set aside with the other hooks, the program lacked
+    the recorded outputs, and compile failed on the output structure."""
+    import transformers.utils.output_capturing as capturing
+    from transformers.models.llama4 import modeling_llama4
+
+    model = make_model("llama4_text").eval()
+    key = str(model.model.__class__)
+    before = dict.get(capturing._CAN_RECORD_REGISTRY, key)
+    dict.__setitem__(capturing._CAN_RECORD_REGISTRY, key, {**before, "router_logits": modeling_llama4.Llama4TextMoe})
+    try:
+        ids = torch.randint(0, 97, (2, 6))
+        with torch.no_grad():
+            model(input_ids=ids, output_router_logits=True, use_cache=False)  # installs the recorders
+        blocks = [layer.feed_forward for layer in model.model.layers]
+        assert all(len(b._forward_hooks) == 1 for b in blocks)
+        cm = moecc.compile(model, backend=backend)
+        for shape in [(2, 6), (3, 5)]:
+            ids = torch.randint(0, 97, shape)
+            with torch.no_grad():
+                out = cm(input_ids=ids, output_router_logits=True)
+                eager = model(input_ids=ids, output_router_logits=True, use_cache=False)
+            assert list(out.keys()) == list(eager.keys()) == ["logits", "router_logits"]
+            torch.testing.assert_close(out.logits, eager.logits, rtol=1e-5, atol=1e-5)
+            assert len(out.router_logits) == len(eager.router_logits) == len(blocks)
+            for mine, theirs in zip(out.router_logits, eager.router_logits):
+                torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
+        assert [layer.fused for layer in cm.moe_layers] == [True] * len(blocks)
+        assert {e.backend for e in cm._entries} == {backend}
+    finally:
+        dict.__setitem__(capturing._CAN_RECORD_REGISTRY, key, before)
+
+
+def test_set_aside_keeps_output_recorders():
+    """``set_aside`` removes a block's own hooks but not Hugging Face's output recorders, and puts all back."""
+    from transformers.utils.output_capturing import install_output_capuring_hook
+
+    block = torch.nn.Linear(4, 4)
+    mine = block.register_forward_hook(_doubled)
+    install_output_capuring_hook(block, "router_logits", 1)
+    ids = list(block._forward_hooks)
+    with set_aside([block]):
+        assert list(block._forward_hooks) == ids[1:]
+    assert list(block._forward_hooks) == ids and mine.id == ids[0]

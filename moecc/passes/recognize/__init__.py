@@ -12,7 +12,7 @@ from torch.utils import _pytree as pytree
 
 from moecc import module_state
 from moecc.canonical import ROUTER_INPUT_SLOTS, CanonicalMoE
-from moecc.hooks import forward_hooks
+from moecc.hooks import own_hooks
 from moecc.ir import MoELayerInfo
 from moecc.match import MatchResult
 from moecc.passes.base import MoePass, PassResult, layers_of
@@ -93,7 +93,7 @@ def _analyze(block: torch.nn.Module, node: fx.Node):
 def _analyze_keeping_state(block: torch.nn.Module, node: fx.Node):
     """``_analyze``, with the block's buffers put back after its probes; a block whose calls update its buffers
     (an expert-load count) is no canonical block: the fused ops would compute its outputs and never update them."""
-    pre, post = forward_hooks(block)
+    pre, post = own_hooks(block)
     if pre or post:
         return MatchResult.fail(f"it has forward {'pre-' if pre and not post else ''}hooks of its own "
                                 f"({len(pre) + len(post)}), which run around it as written and which no fused op "
