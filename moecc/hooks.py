@@ -4,7 +4,7 @@ added or removed after compile.
 ``torch.export`` runs a module's forward hooks while it traces, so what a hook computes becomes part of the program,
 and a hook added or removed later is not. A block's leaf runs the block as ``block(...)``, hooks and all, so the
 capture leaves the block's own hooks out of what it traces (``set_aside``) and recognition leaves such a block as
-written (a fused block would not run them)."""
+written (a fused block would not run them). Hugging Face's output recorders are traced instead (``own_hooks``)."""
 
 from __future__ import annotations
 
