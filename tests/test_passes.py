@@ -148,7 +148,9 @@ def test_dumps_rerun(tmp_path):
         assert run.returncode == 0, run.stdout + run.stderr
         assert "OK" in run.stdout
     # without it, the stage says what it needs
-    bare = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    # (moecc itself stays importable: a source tree run through PYTHONPATH has no installed moecc)
+    moecc_root = os.path.dirname(os.path.dirname(os.path.abspath(moecc.__file__)))
+    bare = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "PYTHONPATH": moecc_root}
     run = subprocess.run([sys.executable, stages[0].name], cwd=tmp_path, capture_output=True, text=True, env=bare)
     assert run.returncode != 0 and "modules of your own code" in run.stderr and "PYTHONPATH" in run.stderr
 
