@@ -136,8 +136,10 @@ def test_an_output_recorder_on_a_block_leaves_it_fused_and_records_its_output(ba
             with torch.no_grad():
                 out = cm(input_ids=ids, output_router_logits=True)
                 eager = model(input_ids=ids, output_router_logits=True, use_cache=False)
-            assert list(out.keys()) == list(eager.keys()) == ["logits", "router_logits"]
+            assert list(out.keys()) == list(eager.keys())
             torch.testing.assert_close(out.logits, eager.logits, rtol=1e-5, atol=1e-5)
+            if "router_logits" not in eager:  # transformers 5.17's Llama 4 records them and returns none
+                continue
             assert len(out.router_logits) == len(eager.router_logits) == len(blocks)
             for mine, theirs in zip(out.router_logits, eager.router_logits):
                 torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
