@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import sys
 import weakref
 from collections.abc import Iterable, Iterator
 
@@ -50,6 +51,55 @@ def own_hooks(module: nn.Module) -> tuple[list, list]:
     pre, post = forward_hooks(module)
     return ([i for i in pre if not recording_hook(module._forward_pre_hooks[i])],
             [i for i in post if not recording_hook(module._forward_hooks[i])])
+
+
+def _collector():
+    """Hugging Face's context variable of the outputs a call records, where transformers is loaded and has one."""
+    collector = getattr(sys.modules.get(RECORDER_MODULE), "_active_collector", None)
+    return collector if all(hasattr(collector, f) for f in ("get", "set", "reset")) else None
+
+
+def _recorded_key(hook) -> str | None:
+    """The output a recorder adds to (``router_logits``), read from its closure; None where it cannot be read."""
+    code, cells = getattr(hook, "__code__", None), getattr(hook, "__closure__", None) or ()
+    names = dict(zip(getattr(code, "co_freevars", ()), cells))
+    try:
+        key = names["key"].cell_contents
+    except (KeyError, ValueError):
+        return None
+    return key if isinstance(key, str) else None
+
+
+def records_inside(module: nn.Module) -> bool:
+    """Whether the running Hugging Face call records an output that a recorder on a module inside ``module`` (not
+    ``module`` itself) adds to: the router's logits of a call with ``output_router_logits=True``, say."""
+    collector = _collector()
+    asked = collector.get() if collector is not None else None
+    if not asked:
+        return False
+    for m in module.modules():
+        if m is module:
+            continue
+        for hook in itertools.chain(m._forward_pre_hooks.values(), m._forward_hooks.values()):
+            if recording_hook(hook) and ((key := _recorded_key(hook)) is None or key in asked):
+                return True
+    return False
+
+
+@contextlib.contextmanager
+def recording_paused() -> Iterator[None]:
+    """Run the body with Hugging Face's output recording off: a compile inside a recording call (a block compiled
+    at its first call, while the model runs as written) calls the block many times, and each call's recorders would
+    add to the call's outputs."""
+    collector = _collector()
+    if collector is None or collector.get() is None:
+        yield
+        return
+    token = collector.set(None)
+    try:
+        yield
+    finally:
+        collector.reset(token)
 
 
 @contextlib.contextmanager

@@ -146,6 +146,28 @@ def test_every_blockwise_call_of_a_hugging_face_model_leaves_the_cache_out():
         torch.testing.assert_close(out.logits, model(input_ids=ids).logits)
 
 
+def test_blockwise_calls_that_record_router_logits_get_eagers_logits():
+    """``output_router_logits=True`` records each router's logits by a hook on the router, inside the block: a
+    call that asks for them runs the block as written (its program does not run the hook), and a block compiled
+    at its first call records nothing from the compile's own calls of it. Before, the first call returned 18
+    router logits for 2 layers (the compile's calls of the blocks added theirs)."""
+    model = checked_mixtral()
+    cm = moecc.compile(model, backend="torch")
+    for shape, record in [((2, 6), True), ((2, 7), False), ((3, 5), True)]:
+        ids = torch.randint(0, 97, shape)
+        with torch.no_grad():
+            out = cm(input_ids=ids, output_router_logits=record, use_cache=False)
+            eager = model(input_ids=ids, output_router_logits=record, use_cache=False)
+        assert list(out.keys()) == list(eager.keys())
+        torch.testing.assert_close(out.logits, eager.logits, rtol=1e-5, atol=1e-6)
+        if record:
+            assert len(out.router_logits) == len(eager.router_logits) == 2
+            for mine, theirs in zip(out.router_logits, eager.router_logits):
+                torch.testing.assert_close(mine, theirs)
+            torch.testing.assert_close(out.aux_loss, eager.aux_loss)
+    assert cm.blockwise is not None and [layer.fused for layer in cm.moe_layers] == [True, True]
+
+
 class CheckedModel(ValueBranchModel):
     """Checks its ids only when asked: calls with ``check=True`` are refused by torch.export, the others are not."""
 

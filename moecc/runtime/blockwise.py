@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 from torch import nn
 
+from moecc import hooks
 from moecc.errors import MoeccError, first_line
 from moecc.ir import MoELayerInfo
 
@@ -45,6 +46,7 @@ class Blockwise:
         self.programs = {name: compile_block(BlockCall(block), name) for name, block in blocks}
         self.unfused = dict(unfused)
         self._inside: set[str] = set()  # blocks whose program is running
+        self._told_recording: set[str] = set()
 
     @contextlib.contextmanager
     def routed(self):
@@ -69,9 +71,19 @@ class Blockwise:
             # written call the block itself
             if program is None or name in self._inside:
                 return own(*args, **kwargs)
+            block = self.blocks[name]
+            if hooks.records_inside(block):
+                # the call records outputs of modules inside the block (its router's logits) by their hooks, which
+                # the block's program does not run: this call runs the block as written
+                if name not in self._told_recording:
+                    self._told_recording.add(name)
+                    log.info("MoE block %s runs as written in calls that record outputs of its modules (Hugging "
+                             "Face's output_router_logits, say): its program does not run their hooks", name)
+                return own(*args, **kwargs)
             self._inside.add(name)
             try:
-                return program(*args, **kwargs)
+                with hooks.recording_paused():  # the compile's calls of the block, and the program's, record nothing
+                    return program(*args, **kwargs)
             except MoeccError as exc:
                 log.warning("MoE block %s runs as written: %s", name, first_line(exc))
                 del self.programs[name]
