@@ -1329,3 +1329,41 @@ def test_an_expert_bank_handed_its_routing_is_no_moe_block():
     assert not is_moe_block(PostNormedRoutedExperts())
     model = TinyModel(PostNormedMoE(project=False))
     assert [name for name, _ in find_moe_blocks(model)] == ["moe"]
+
+
+@pytest.mark.parametrize("name", ["NoisyGateMoE", "SwitchedOffSharedMoE"])
+def test_a_sub_module_the_block_never_reads_takes_no_part(name):
+    """A child whose parameters no call of the block reads (training-only noise, a shared expert switched off) was
+    taken for a shared expert: the noise Linear failed as one ("1 Linear layers"), the unused MLP was added to every
+    candidate and no candidate fit. The block's probe calls now show which children it reads."""
+    import user_modules
+
+    torch.manual_seed(0)
+    model = TinyModel(getattr(user_modules, name)()).eval()
+    cm, layer = compile_on_ids(model)
+    assert layer.fused and layer.shared_experts == 0, layer
+    x = torch.randint(0, 50, (3, 11))
+    torch.testing.assert_close(cm(x), model(x))
+
+
+def test_a_shared_expert_read_only_through_its_weights_still_counts():
+    """Reads are of parameters, not module calls: a shared expert whose weights the block passes to ``F.linear``
+    itself is read, and fused as a shared expert."""
+    from user_modules import MLP, LoopMoE
+
+    class InlineSharedMoE(LoopMoE):
+        def __init__(self):
+            super().__init__()
+            self.shared = MLP(24, 40)
+
+        def forward(self, x):
+            s = self.shared
+            shared = F.linear(F.silu(F.linear(x, s.w1.weight)) * F.linear(x, s.w3.weight), s.w2.weight)
+            return super().forward(x) + shared
+
+    torch.manual_seed(0)
+    model = TinyModel(InlineSharedMoE()).eval()
+    cm, layer = compile_on_ids(model)
+    assert layer.fused and layer.shared_experts == 1, layer
+    x = torch.randint(0, 50, (3, 11))
+    torch.testing.assert_close(cm(x), model(x))

@@ -1564,3 +1564,37 @@ class CacheWritingModel(TinyModel):
         cache[:, : ids.shape[1]] = h
         total += h.sum()
         return self.head(h + self.moe(self.norm(h))) + total.mean()
+
+
+class NoisyGateMoE(LoopMoE):
+    """Noisy top-k gating (Shazeer et al.): a noise projection only training mode reads, so an eval-mode block
+    never touches it."""
+
+    def __init__(self, hidden=24, inter=40, num_experts=6, top_k=2):
+        super().__init__(hidden, inter, num_experts, top_k)
+        self.noise = nn.Linear(hidden, num_experts, bias=False)
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        logits = self.gate(x)
+        if self.training:
+            logits = logits + torch.randn_like(logits) * F.softplus(self.noise(x))
+        weights, chosen = logits.topk(self.top_k, dim=-1)
+        out = weighted_experts(self.experts, x, weights.softmax(-1), chosen)
+        return out.reshape(shape)
+
+
+class SwitchedOffSharedMoE(LoopMoE):
+    """A shared expert a flag turns off (a config read at call time): the block holds its weights and never reads
+    them."""
+
+    use_shared = False
+
+    def __init__(self, hidden=24, inter=40, num_experts=6, top_k=2):
+        super().__init__(hidden, inter, num_experts, top_k)
+        self.shared = MLP(hidden, inter)
+
+    def forward(self, x):
+        out = super().forward(x)
+        return out + self.shared(x) if self.use_shared else out

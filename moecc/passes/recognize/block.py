@@ -38,6 +38,7 @@ from moecc.passes.recognize.logit_affine import affine_router
 from moecc.passes.recognize.mlp import analyze_mlp, stack_mlps
 from moecc.passes.recognize.other_args import OtherArgs
 from moecc.passes.recognize.probe import PROBE_WIDE, close, common_or_rival, rel_err, snap, tensor_leaves, tolerance
+from moecc.passes.recognize.reads import ParameterReads, unread_children
 from moecc.passes.recognize.router import (
     capacity_candidates,
     chosen_by_expert_calls,
@@ -734,10 +735,6 @@ def _analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | 
         used |= {id(m) for m in router.module.modules()}
     elif owner is not None:
         used.add(id(owner))
-    shared = _shared_experts(block, used, hidden)
-    if not shared:
-        return MatchResult.fail(shared.reason)
-
     leftovers = _output_modules(block, used)
     mods = [block] + ([router.module] if router.module is not None else [])
     caps = capacity_candidates(mods)
@@ -752,8 +749,9 @@ def _analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | 
         if bank_list is not None else []
     calls = [others.for_input(x, 100 + i) if others else ((), {}, []) for i, x in enumerate(inputs)]
     router_inputs = [c[2] for c in calls] if others else None
+    reads = ParameterReads()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), reads:
             raw = [block(inputs[0], *calls[0][0], **calls[0][1])]
             for h in expert_hooks:
                 h.remove()
@@ -764,6 +762,9 @@ def _analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | 
         for h in [hook, *expert_hooks]:
             if h is not None:
                 h.remove()
+    shared = _shared_experts(block, used | unread_children(block, reads), hidden)
+    if not shared:
+        return MatchResult.fail(shared.reason)
     refs = [[t if i == 0 or read is None or i in read else None for i, t in enumerate(tensor_leaves(r))]
             for r in raw]
     pre = input_module(inputs[0], router_calls[0][0], leftovers) if router_calls else None
