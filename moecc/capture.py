@@ -298,7 +298,10 @@ def _routed_without_block(model: nn.Module, found: list, hints: CaptureHints) ->
 
 
 def capture(model: nn.Module, args: tuple, kwargs: dict, fuse: bool = True,
-            hints: CaptureHints | None = None) -> Captured:
+            hints: CaptureHints | None = None, holds_all_weights: bool = False) -> Captured:
+    """``holds_all_weights``: the program must hold every weight it reads (an artifact). A block whose weights
+    are offloaded (hooks swap them in for each call) is then traced through, its weights taken as they are at
+    capture; otherwise it stays a leaf that calls the block, hooks and all, so the program holds no copy of them."""
     hints = hints or CaptureHints()
     found = find_moe_blocks(model) if fuse else []  # kept apart from ``blocks``, which gains the expert owners
     alone = _routed_without_block(model, found, hints) if fuse else []
@@ -316,7 +319,6 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, fuse: bool = True,
         log.info("expert banks captured without their blocks, routed by the model's own ops: %s",
                  ", ".join(routed.values()))
     blocks = [(routed[n], model.get_submodule(routed[n])) if n in routed else (n, b) for n, b in blocks]
-    offloaded = {n: OFFLOADED for n, b in blocks if offloaded_weights(b)}
     flat_inputs, in_spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
     hooks.tell_traced(model)
     try:
@@ -325,7 +327,8 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, fuse: bool = True,
     except Exception as exc:
         raise CaptureError(f"{type(model).__name__} failed on the example inputs before capture: {exc}") from exc
     # one sub-module's output the model returns travels as more outputs of the block's call (``RecordingBlock``)
-    recorded, unfused = {}, offloaded
+    recorded = {}
+    unfused = {n: OFFLOADED for n, b in blocks if offloaded_weights(b)} if holds_all_weights else {}
     for name, block in blocks:
         if (call := EXAMPLE_CALLS.get(block)) is not None and (why := _uncarried(call)) is not None:
             unfused[name] = why

@@ -49,6 +49,37 @@ def test_blocks_with_offloaded_weights_run_as_written_and_say_why(backend, offlo
     assert not offloaded.fused and "offloaded (on the meta device" in offloaded.reason, offloaded
 
 
+
+def _held_tensors(module: nn.Module) -> list[torch.Tensor]:
+    """Every tensor a program module holds: parameters, buffers and lifted constants, in it and its sub-modules."""
+    out = []
+    for m in module.modules():
+        out += [t for t in vars(m).values() if isinstance(t, torch.Tensor)]
+        out += [t for t in (*m._parameters.values(), *m._buffers.values()) if t is not None]
+    return out
+
+
+def test_a_compiled_model_holds_no_copy_of_offloaded_weights_and_an_artifact_holds_them(tmp_path):
+    """An offloaded block was traced through, hooks and all, so the program held the weights the hooks swapped in
+    as constants: offloading saved no memory once compiled. It is now a leaf that calls the block. An artifact must
+    hold every weight, so ``moecc.export`` still traces it through."""
+    model = make_model("mixtral").eval()
+    block = model.model.layers[1].mlp
+    weights = [p.detach().clone() for p in block.parameters()]
+    offload(block)
+    kwargs = make_inputs("mixtral", 2, 8, 0)
+    fresh = make_inputs("mixtral", 3, 5, 1)
+    with torch.no_grad():
+        cm = moecc.compile(model, backend="torch")
+        torch.testing.assert_close(cm(**fresh).logits, model(**fresh).logits, rtol=1e-4, atol=1e-5)
+        held = [t for entry in cm._entries for t in _held_tensors(entry.gm) if not t.is_meta]
+        copies = [t for t in held for w in weights if t.shape == w.shape and torch.equal(t, w)]
+        assert not copies, [tuple(t.shape) for t in copies]
+        moecc.export(model, (), tmp_path / "artifact", kwargs=kwargs, backend="torch")
+        loaded = moecc.load(tmp_path / "artifact")
+        torch.testing.assert_close(loaded(**fresh).logits, model(**fresh).logits, rtol=1e-4, atol=1e-5)
+
+
 def _moe_args(t: int, device: str) -> list:
     g = torch.Generator().manual_seed(t)
     e, k, h, inter = 8, 2, 64, 48

@@ -564,7 +564,8 @@ def build(model: nn.Module, args, kwargs, backend: str, options: dict, dump_fold
     quant = quant_spec(options.get("quantize"), options.get("quant_block_size", 0),
                        options.get("quant_int8_activations", False))
     with slow_step(log, f"capturing {type(model).__name__}"):
-        cap = capture(model, args, kwargs, fuse=options.get("fuse", True), hints=hints)
+        cap = capture(model, args, kwargs, fuse=options.get("fuse", True), hints=hints,
+                      holds_all_weights=program_folder is not None)
     for node in cap.gm.graph.nodes:
         if node.op == "call_module" and "moecc_block" in node.meta:
             node.meta.pop(REFUSED_ROUTING, None)

@@ -19,7 +19,7 @@ from moecc.passes.base import MoePass, PassResult, layers_of
 from moecc.passes.graph_utils import inline_module, output_leaves
 from moecc.passes.recognize import inline_routing
 from moecc.passes.recognize.bank import is_moe_block
-from moecc.passes.recognize.block import analyze_block, unfit_parameters
+from moecc.passes.recognize.block import OFFLOADED, analyze_block, offloaded_weights, unfit_parameters
 from moecc.passes.recognize.memo import RecognitionMemo
 from moecc.passes.recognize.other_args import OtherArgs, independent_of_other_args
 from moecc.passes.recognize.routed import analyze_routed_bank, routed_bank, routing_positions
@@ -93,6 +93,8 @@ def _analyze(block: torch.nn.Module, node: fx.Node):
 def _analyze_keeping_state(block: torch.nn.Module, node: fx.Node):
     """``_analyze``, with the block's buffers put back after its probes; a block whose calls update its buffers
     (an expert-load count) is no canonical block: the fused ops would compute its outputs and never update them."""
+    if offloaded_weights(block):
+        return MatchResult.fail(OFFLOADED)
     pre, post = own_hooks(block)
     if pre or post:
         return MatchResult.fail(f"it has forward {'pre-' if pre and not post else ''}hooks of its own "
