@@ -1346,6 +1346,21 @@ def test_a_sub_module_the_block_never_reads_takes_no_part(name):
     torch.testing.assert_close(cm(x), model(x))
 
 
+def test_a_sub_module_read_only_past_many_tokens_is_no_sub_module_to_leave_out():
+    """The probes run on 16 tokens; a shared expert the block adds only past 100 tokens is still found read (a
+    wider call looks again), so the block, which no canonical form reproduces at every size, is not fused without
+    it and the numbers stay eager's at both sizes."""
+    from user_modules import ManyTokensSharedMoE
+
+    torch.manual_seed(0)
+    model = TinyModel(ManyTokensSharedMoE()).eval()
+    cm, layer = compile_on_ids(model)
+    assert not layer.fused, layer
+    for shape in [(3, 11), (2, 60)]:
+        x = torch.randint(0, 50, shape)
+        torch.testing.assert_close(cm(x), model(x))
+
+
 def test_a_shared_expert_read_only_through_its_weights_still_counts():
     """Reads are of parameters, not module calls: a shared expert whose weights the block passes to ``F.linear``
     itself is read, and fused as a shared expert."""

@@ -1598,3 +1598,11 @@ class SwitchedOffSharedMoE(LoopMoE):
     def forward(self, x):
         out = super().forward(x)
         return out + self.shared(x) if self.use_shared else out
+
+
+class ManyTokensSharedMoE(SwitchedOffSharedMoE):
+    """A shared expert only past a token count the recognition probes stay under."""
+
+    def forward(self, x):
+        out = LoopMoE.forward(self, x)
+        return out + self.shared(x) if x.reshape(-1, x.shape[-1]).shape[0] > 100 else out

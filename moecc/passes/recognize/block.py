@@ -154,6 +154,23 @@ def _shared_experts(block: nn.Module, used: set[int], hidden: int) -> MatchResul
     return MatchResult.success(shared)
 
 
+UNREAD_CHECK_TOKENS = 512
+
+
+def _unread_at_scale(block: nn.Module, reads: ParameterReads, x: torch.Tensor, others: OtherArgs | None) -> set[int]:
+    """``unread_children`` once the block has also run on ``UNREAD_CHECK_TOKENS`` tokens: a child some code path
+    reads only past a token count the probes stay under is no child to leave out."""
+    shape = (4, UNREAD_CHECK_TOKENS // 4, x.shape[-1]) if x.dim() == 3 else (UNREAD_CHECK_TOKENS, x.shape[-1])
+    big = torch.randn(shape, generator=torch.Generator().manual_seed(4321)).to(x)
+    args, kwargs, _ = others.for_input(big, 99) if others else ((), {}, [])
+    try:
+        with torch.no_grad(), reads:
+            block(big, *args, **kwargs)
+    except Exception:  # noqa: BLE001 - a block that fails on more tokens keeps what the probes showed
+        pass
+    return unread_children(block, reads)
+
+
 def _output_modules(block: nn.Module, used: set[int]) -> list[nn.Module]:
     """Children left over once router, experts and shared experts are found that hold weights but no Linear (a
     norm): each may be applied to the block's output, which the block check decides."""
@@ -762,7 +779,10 @@ def _analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | 
         for h in [hook, *expert_hooks]:
             if h is not None:
                 h.remove()
-    shared = _shared_experts(block, used | unread_children(block, reads), hidden)
+    unread = unread_children(block, reads)
+    if unread:
+        unread = _unread_at_scale(block, reads, inputs[0], others)
+    shared = _shared_experts(block, used | unread, hidden)
     if not shared:
         return MatchResult.fail(shared.reason)
     refs = [[t if i == 0 or read is None or i in read else None for i, t in enumerate(tensor_leaves(r))]
