@@ -59,10 +59,12 @@ def _held_tensors(module: nn.Module) -> list[torch.Tensor]:
     return out
 
 
-def test_a_compiled_model_holds_no_copy_of_offloaded_weights_and_an_artifact_holds_them(tmp_path):
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_a_compiled_model_holds_no_copy_of_offloaded_weights_and_an_artifact_holds_them(tmp_path, backend):
     """An offloaded block was traced through, hooks and all, so the program held the weights the hooks swapped in
-    as constants: offloading saved no memory once compiled. It is now a leaf that calls the block. An artifact must
-    hold every weight, so ``moecc.export`` still traces it through."""
+    as constants: offloading saved no memory once compiled. It is now a leaf that calls the block, and ``auto``
+    runs such a program on torch (an ONNX graph would hold the weights). An artifact must hold every weight, so
+    ``moecc.export`` still traces it through."""
     model = make_model("mixtral").eval()
     block = model.model.layers[1].mlp
     weights = [p.detach().clone() for p in block.parameters()]
@@ -70,12 +72,13 @@ def test_a_compiled_model_holds_no_copy_of_offloaded_weights_and_an_artifact_hol
     kwargs = make_inputs("mixtral", 2, 8, 0)
     fresh = make_inputs("mixtral", 3, 5, 1)
     with torch.no_grad():
-        cm = moecc.compile(model, backend="torch")
+        cm = moecc.compile(model, backend=backend)
         torch.testing.assert_close(cm(**fresh).logits, model(**fresh).logits, rtol=1e-4, atol=1e-5)
+        assert [entry.backend for entry in cm._entries] == ["torch"]
         held = [t for entry in cm._entries for t in _held_tensors(entry.gm) if not t.is_meta]
         copies = [t for t in held for w in weights if t.shape == w.shape and torch.equal(t, w)]
         assert not copies, [tuple(t.shape) for t in copies]
-        moecc.export(model, (), tmp_path / "artifact", kwargs=kwargs, backend="torch")
+        moecc.export(model, (), tmp_path / "artifact", kwargs=kwargs, backend=backend)
         loaded = moecc.load(tmp_path / "artifact")
         torch.testing.assert_close(loaded(**fresh).logits, model(**fresh).logits, rtol=1e-4, atol=1e-5)
 

@@ -25,6 +25,7 @@ from moecc.passes import DumpIR, PassManager, Recognize, Timing, default_pipelin
 from moecc.passes.base import layers_of
 from moecc.passes.graph_utils import blocks_left_as_written
 from moecc.passes.recognize import REFUSED_ROUTING
+from moecc.passes.recognize.block import offloaded_weights
 from moecc.passes.recognize.routed import forget_reads
 from moecc.report import graph_summary
 from moecc.runtime import kv_cache
@@ -554,6 +555,17 @@ def _dense_on_ort(gm):
     return work if work.decomposed and work.ratio > limit else None
 
 
+def _offloaded_leaves(gm: fx.GraphModule) -> str | None:
+    """Why a program that calls blocks with offloaded weights should run on torch: ONNX Runtime's graph would hold
+    the weights their hooks swap in, where the torch program calls the blocks, hooks and all, and holds none."""
+    names = [n.meta.get("moecc_block", n.target) for n in gm.graph.nodes
+             if n.op == "call_module" and offloaded_weights(gm.get_submodule(n.target))]
+    if not names:
+        return None
+    return (f"the weights of {', '.join(names[:3])}{' and more' if len(names) > 3 else ''} are offloaded, and an "
+            "ONNX graph would hold a copy of them, where the torch program calls the block with its hooks")
+
+
 def build(model: nn.Module, args, kwargs, backend: str, options: dict, dump_folder: Path | None,
           program_folder: str | None = None, calibration: tuple | None = None,
           hints: CaptureHints | None = None) -> tuple[_Entry, BuildInfo]:
@@ -584,7 +596,7 @@ def build(model: nn.Module, args, kwargs, backend: str, options: dict, dump_fold
     if requested == "auto" and backend == "onnxruntime":
         from moecc.codegen.onnx.lower import unsupported
 
-        if (why := unsupported(cap.gm, cap.tensor_inputs)) is not None:
+        if (why := unsupported(cap.gm, cap.tensor_inputs) or _offloaded_leaves(cap.gm)) is not None:
             log.info("backend='auto' runs this program with torch: %s", why)
             backend = "torch"
     for name, why in cap.unfused.items():
