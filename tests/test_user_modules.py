@@ -1331,11 +1331,12 @@ def test_an_expert_bank_handed_its_routing_is_no_moe_block():
     assert [name for name, _ in find_moe_blocks(model)] == ["moe"]
 
 
-@pytest.mark.parametrize("name", ["NoisyGateMoE", "SwitchedOffSharedMoE"])
+@pytest.mark.parametrize("name", ["NoisyGateMoE", "SwitchedOffSharedMoE", "LegacyRouterMoE"])
 def test_a_sub_module_the_block_never_reads_takes_no_part(name):
-    """A child whose parameters no call of the block reads (training-only noise, a shared expert switched off) was
-    taken for a shared expert: the noise Linear failed as one ("1 Linear layers"), the unused MLP was added to every
-    candidate and no candidate fit. The block's probe calls now show which children it reads."""
+    """A child whose parameters no call of the block reads (training-only noise, a shared expert switched off, a
+    leftover router) was taken for a shared expert or the router: the noise Linear failed as a shared expert ("1
+    Linear layers"), the unused MLP was added to every candidate and no candidate fit, the leftover router was
+    found first. Calls of the block on random tokens now show which children it reads."""
     import user_modules
 
     torch.manual_seed(0)

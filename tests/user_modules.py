@@ -1606,3 +1606,15 @@ class ManyTokensSharedMoE(SwitchedOffSharedMoE):
     def forward(self, x):
         out = LoopMoE.forward(self, x)
         return out + self.shared(x) if x.reshape(-1, x.shape[-1]).shape[0] > 100 else out
+
+
+class LegacyRouterMoE(LoopMoE):
+    """A router-shaped Linear the block no longer reads, registered before the router it reads (a checkpoint's
+    leftover): the router search took the first Linear to E outputs."""
+
+    def __init__(self, hidden=24, inter=40, num_experts=6, top_k=2):
+        super().__init__(hidden, inter, num_experts, top_k)
+        gate = self.gate
+        del self.gate
+        self.legacy_gate = nn.Linear(hidden, num_experts, bias=False)
+        self.gate = gate

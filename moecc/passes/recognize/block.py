@@ -157,18 +157,27 @@ def _shared_experts(block: nn.Module, used: set[int], hidden: int) -> MatchResul
 UNREAD_CHECK_TOKENS = 512
 
 
-def _unread_at_scale(block: nn.Module, reads: ParameterReads, x: torch.Tensor, others: OtherArgs | None) -> set[int]:
-    """``unread_children`` once the block has also run on ``UNREAD_CHECK_TOKENS`` tokens: a child some code path
-    reads only past a token count the probes stay under is no child to leave out."""
-    shape = (4, UNREAD_CHECK_TOKENS // 4, x.shape[-1]) if x.dim() == 3 else (UNREAD_CHECK_TOKENS, x.shape[-1])
-    big = torch.randn(shape, generator=torch.Generator().manual_seed(4321)).to(x)
-    args, kwargs, _ = others.for_input(big, 99) if others else ((), {}, [])
-    try:
-        with torch.no_grad(), reads:
-            block(big, *args, **kwargs)
-    except Exception:  # noqa: BLE001 - a block that fails on more tokens keeps what the probes showed
-        pass
-    return unread_children(block, reads)
+def _unread_modules(block: nn.Module, example: torch.Tensor, like: torch.Tensor, others: OtherArgs | None) -> set[int]:
+    """Ids of the modules inside the block's children whose parameters the block does not read, on 16 random
+    tokens and then, where some child went unread, on ``UNREAD_CHECK_TOKENS`` (``reads``): a child some code path
+    reads only past a token count is no child to leave out. None of them is router, shared expert or norm."""
+    reads = ParameterReads()
+    g = torch.Generator().manual_seed(4321)
+    hidden = example.shape[-1]
+    unread: set[int] = set()
+    for tokens in (16, UNREAD_CHECK_TOKENS):
+        shape = (4, tokens // 4, hidden) if example.dim() == 3 else (tokens, hidden)
+        x = torch.randn(shape, generator=g).to(like)
+        args, kwargs, _ = others.for_input(x, 99) if others else ((), {}, [])
+        try:
+            with torch.no_grad(), reads:
+                block(x, *args, **kwargs)
+        except Exception:  # noqa: BLE001 - a block that fails here fails its probes too, and says why there
+            return set()
+        unread = unread_children(block, reads)
+        if not unread:
+            return set()
+    return {id(m) for child in block.children() if id(child) in unread for m in child.modules()}
 
 
 def _output_modules(block: nn.Module, used: set[int]) -> list[nn.Module]:
@@ -731,6 +740,7 @@ def _analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | 
             expert_candidates = all_candidates()
 
     used = bank_skip(block, bank_mod, experts if bank_list is not None else None)
+    used |= _unread_modules(block, example, like, others)
     router = find_router(block, num_experts, hidden, used)
     bank_experts = num_experts
     if router is None:
@@ -766,9 +776,8 @@ def _analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | 
         if bank_list is not None else []
     calls = [others.for_input(x, 100 + i) if others else ((), {}, []) for i, x in enumerate(inputs)]
     router_inputs = [c[2] for c in calls] if others else None
-    reads = ParameterReads()
     try:
-        with torch.no_grad(), reads:
+        with torch.no_grad():
             raw = [block(inputs[0], *calls[0][0], **calls[0][1])]
             for h in expert_hooks:
                 h.remove()
@@ -779,10 +788,7 @@ def _analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | 
         for h in [hook, *expert_hooks]:
             if h is not None:
                 h.remove()
-    unread = unread_children(block, reads)
-    if unread:
-        unread = _unread_at_scale(block, reads, inputs[0], others)
-    shared = _shared_experts(block, used | unread, hidden)
+    shared = _shared_experts(block, used, hidden)
     if not shared:
         return MatchResult.fail(shared.reason)
     refs = [[t if i == 0 or read is None or i in read else None for i, t in enumerate(tensor_leaves(r))]
