@@ -86,10 +86,17 @@ def parameter_through_casts(node) -> fx.Node | None:
     return node if isinstance(node, fx.Node) and node.op == "get_attr" else None
 
 
+def module_calls(gm: fx.GraphModule) -> list[tuple[str, torch.nn.Module]]:
+    """(path in the model, module) of each module the graph still calls: the MoE blocks recognition left as
+    written."""
+    return [(n.meta.get("moecc_block", n.target), gm.get_submodule(n.target)) for n in gm.graph.nodes
+            if n.op == "call_module"]
+
+
 def blocks_left_as_written(gm: fx.GraphModule) -> list[str]:
     """The MoE blocks the graph still calls as modules (recognition left them as written), by their paths in the
     model: exports trace their Python code, which the graph does not show."""
-    return [n.meta.get("moecc_block", n.target) for n in gm.graph.nodes if n.op == "call_module"]
+    return [path for path, _ in module_calls(gm)]
 
 
 def nodes_calling(gm: fx.GraphModule, op) -> list[fx.Node]:

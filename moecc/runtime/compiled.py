@@ -23,7 +23,7 @@ from moecc.ir import MoELayerInfo
 from moecc.logs import quiet, slow_step
 from moecc.passes import DumpIR, PassManager, Recognize, Timing, default_pipeline
 from moecc.passes.base import layers_of
-from moecc.passes.graph_utils import blocks_left_as_written
+from moecc.passes.graph_utils import blocks_left_as_written, module_calls
 from moecc.passes.recognize import REFUSED_ROUTING
 from moecc.passes.recognize.block import offloaded_weights
 from moecc.passes.recognize.routed import forget_reads
@@ -558,8 +558,7 @@ def _dense_on_ort(gm):
 def _offloaded_leaves(gm: fx.GraphModule) -> str | None:
     """Why a program that calls blocks with offloaded weights should run on torch: ONNX Runtime's graph would hold
     the weights their hooks swap in, where the torch program calls the blocks, hooks and all, and holds none."""
-    names = [n.meta.get("moecc_block", n.target) for n in gm.graph.nodes
-             if n.op == "call_module" and offloaded_weights(gm.get_submodule(n.target))]
+    names = [path for path, block in module_calls(gm) if offloaded_weights(block)]
     if not names:
         return None
     return (f"the weights of {', '.join(names[:3])}{' and more' if len(names) > 3 else ''} are offloaded, and an "

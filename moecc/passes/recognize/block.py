@@ -38,7 +38,7 @@ from moecc.passes.recognize.logit_affine import affine_router
 from moecc.passes.recognize.mlp import analyze_mlp, stack_mlps
 from moecc.passes.recognize.other_args import OtherArgs
 from moecc.passes.recognize.probe import PROBE_WIDE, close, common_or_rival, rel_err, snap, tensor_leaves, tolerance
-from moecc.passes.recognize.reads import ParameterReads, unread_children
+from moecc.passes.recognize.reads import ParameterReads, unread_modules
 from moecc.passes.recognize.router import (
     capacity_candidates,
     chosen_by_expert_calls,
@@ -174,10 +174,10 @@ def _unread_modules(block: nn.Module, example: torch.Tensor, like: torch.Tensor,
                 block(x, *args, **kwargs)
         except Exception:  # noqa: BLE001 - a block that fails here fails its probes too, and says why there
             return set()
-        unread = unread_children(block, reads)
+        unread = unread_modules(block, reads)
         if not unread:
-            return set()
-    return {id(m) for child in block.children() if id(child) in unread for m in child.modules()}
+            break
+    return unread
 
 
 def _output_modules(block: nn.Module, used: set[int]) -> list[nn.Module]:
@@ -762,6 +762,10 @@ def _analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | 
         used |= {id(m) for m in router.module.modules()}
     elif owner is not None:
         used.add(id(owner))
+    shared = _shared_experts(block, used, hidden)
+    if not shared:
+        return MatchResult.fail(shared.reason)
+
     leftovers = _output_modules(block, used)
     mods = [block] + ([router.module] if router.module is not None else [])
     caps = capacity_candidates(mods)
@@ -788,9 +792,6 @@ def _analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | 
         for h in [hook, *expert_hooks]:
             if h is not None:
                 h.remove()
-    shared = _shared_experts(block, used, hidden)
-    if not shared:
-        return MatchResult.fail(shared.reason)
     refs = [[t if i == 0 or read is None or i in read else None for i, t in enumerate(tensor_leaves(r))]
             for r in raw]
     pre = input_module(inputs[0], router_calls[0][0], leftovers) if router_calls else None

@@ -26,7 +26,8 @@ class ParameterReads(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def unread_children(block: nn.Module, reads: ParameterReads) -> set[int]:
-    """Ids of the block's children that hold parameters none of which ``reads`` saw."""
-    return {id(child) for child in block.children()
-            if (params := list(child.parameters())) and not any(id(p) in reads.seen for p in params)}
+def unread_modules(block: nn.Module, reads: ParameterReads) -> set[int]:
+    """Ids of the modules inside each child of the block that holds parameters none of which ``reads`` saw."""
+    return {id(m) for child in block.children()
+            if (params := list(child.parameters())) and not any(id(p) in reads.seen for p in params)
+            for m in child.modules()}
