@@ -68,6 +68,9 @@ class _Entry:
 
     def __post_init__(self) -> None:
         self.writes = module_state.program_writes(self.gm)  # a program writing its inputs replays no graph
+        # nor does one calling a block whose weights its hooks load at each call: a graph replays no host work
+        self.calls_offloaded = isinstance(self.gm, fx.GraphModule) and any(
+            offloaded_weights(block) for _, block in module_calls(self.gm))
         if self.runner is None:
             self.runner = direct_calls(self.gm)
         # positional tensors only: calls are matched without flattening (pytree's flatten took 9 us of a 79 us
@@ -247,7 +250,8 @@ class CompiledModule(nn.Module):
         if caches:
             outs = self._run_with_cache(entry, tensors)
             return _done(kv_cache.write_back(caches, pytree.tree_unflatten(list(outs), entry.out_spec)))
-        if not entry.writes and replays(entry.backend, tensors, self.options.get("cuda_graphs")):
+        if not entry.writes and not entry.calls_offloaded and replays(entry.backend, tensors,
+                                                                      self.options.get("cuda_graphs")):
             if entry.graphs is None:
                 entry.graphs = GraphCache(entry.runner)
             return _done(pytree.tree_unflatten(list(entry.graphs(tensors)), entry.out_spec))
@@ -555,16 +559,6 @@ def _dense_on_ort(gm):
     return work if work.decomposed and work.ratio > limit else None
 
 
-def _offloaded_leaves(gm: fx.GraphModule) -> str | None:
-    """Why a program that calls blocks with offloaded weights should run on torch: ONNX Runtime's graph would hold
-    the weights their hooks swap in, where the torch program calls the blocks, hooks and all, and holds none."""
-    names = [path for path, block in module_calls(gm) if offloaded_weights(block)]
-    if not names:
-        return None
-    return (f"the weights of {', '.join(names[:3])}{' and more' if len(names) > 3 else ''} are offloaded, and an "
-            "ONNX graph would hold a copy of them, where the torch program calls the block with its hooks")
-
-
 def build(model: nn.Module, args, kwargs, backend: str, options: dict, dump_folder: Path | None,
           program_folder: str | None = None, calibration: tuple | None = None,
           hints: CaptureHints | None = None) -> tuple[_Entry, BuildInfo]:
@@ -595,7 +589,7 @@ def build(model: nn.Module, args, kwargs, backend: str, options: dict, dump_fold
     if requested == "auto" and backend == "onnxruntime":
         from moecc.codegen.onnx.lower import unsupported
 
-        if (why := unsupported(cap.gm, cap.tensor_inputs) or _offloaded_leaves(cap.gm)) is not None:
+        if (why := unsupported(cap.gm, cap.tensor_inputs)) is not None:
             log.info("backend='auto' runs this program with torch: %s", why)
             backend = "torch"
     for name, why in cap.unfused.items():

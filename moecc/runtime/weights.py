@@ -18,7 +18,7 @@ import operator
 import time
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from moecc.hooks import HookWatch
 
@@ -47,7 +47,12 @@ class WeightWatch:
         self._settings = _settings(model, settings_of, call_state)
         self._hooks = HookWatch(model)
         held = program_storages(program)
+        # an offloaded block the program calls as written has its weights assigned anew by its hooks at every call,
+        # and reads them as it runs (no CUDA graph replays it): no change to compile for
+        called = {id(m) for m in offloaded_calls(program)}
         for prefix, module in model.named_modules(remove_duplicate=False):
+            if id(module) in called:
+                continue
             for tensors in (module._parameters, module._buffers):
                 for name, param in tensors.items():
                     if param is not None:
@@ -165,6 +170,24 @@ def storage_of(t: torch.Tensor) -> int | None:
     except (RuntimeError, NotImplementedError):
         return None
     return storage.data_ptr() if storage.nbytes() else None
+
+
+def offloaded_calls(program: object) -> list[nn.Module]:
+    """The blocks with offloaded weights that a program calls as modules, and every module inside them."""
+    from moecc.passes.recognize.block import offloaded_weights
+
+    if not isinstance(program, nn.Module):
+        return []
+    out = []
+    for gm in program.modules():
+        if isinstance(gm, fx.GraphModule):
+            for node in gm.graph.nodes:
+                if node.op != "call_module":
+                    continue
+                block = gm.get_submodule(node.target)
+                if not isinstance(block, fx.GraphModule) and offloaded_weights(block):
+                    out += block.modules()
+    return out
 
 
 def program_devices(program: object) -> set[int]:

@@ -16,6 +16,7 @@ from moecc.codegen.onnx import export_cache, repeated_layers
 from moecc.codegen.onnx.complex_as_real import complex_as_real
 from moecc.codegen.onnx.decompose import DECOMPOSITIONS
 from moecc.codegen.onnx.grouped_nbits import grouped_matmul_nbits_onnx
+from moecc.codegen.onnx.islands import blocks_on_torch
 from moecc.codegen.onnx.optimize import optimize
 from moecc.codegen.onnx.ort_forms import (
     bank_prefix,
@@ -48,11 +49,11 @@ from moecc.match import MatchResult
 from moecc.module_state import program_writes
 from moecc.passes.base import layers_of
 from moecc.passes.graph_utils import (
-    blocks_left_as_written,
     eliminate_dead_code,
     op_arguments,
     parameter_through_casts,
 )
+from moecc.passes.recognize.block import offloaded_weights
 
 log = logging.getLogger("moecc.codegen.onnx")
 PROVIDER = "CPUExecutionProvider"
@@ -472,20 +473,50 @@ def lower_to_ort(gm: fx.GraphModule, example: list[torch.Tensor], folder: str | 
 
 
 def _export_and_open(gm: fx.GraphModule, example: list[torch.Tensor], folder: str, owned: OwnedFolder | None,
-                     as_real: MatchResult) -> OrtModule:
-    as_written = blocks_left_as_written(gm)
+                     as_real: MatchResult) -> nn.Module:
+    """One ONNX Runtime session for the program; or, for a compile (``owned``), sessions for the parts between
+    the blocks left as written that cannot go into an ONNX graph, which torch runs (``islands``)."""
+    as_written = [n for n in gm.graph.nodes if n.op == "call_module"]
+    offloaded = [n for n in as_written if offloaded_weights(gm.get_submodule(n.target))]
+    if offloaded and owned is not None:
+        # their export would copy the weights their hooks swap in into the graph
+        return _blocks_on_torch(gm, example, folder, owned, offloaded, "their weights are offloaded")
     try:
-        path = to_onnx(gm, example, os.path.join(folder, "model.onnx"))
+        return _open(gm, example, os.path.join(folder, "model.onnx"), owned)
     except BackendError:
         raise
     except Exception as exc:
         first = first_line(exc)
-        hint = (f" MoE blocks left as written ({', '.join(as_written)}) are exported by tracing their Python code, "
+        if as_written and owned is not None:
+            try:
+                return _blocks_on_torch(gm, example, folder, owned, as_written, f"the whole export failed: {first}")
+            except Exception as again:  # noqa: BLE001 - the first failure is the one to report
+                log.debug("the program split at its blocks left as written did not lower either: %s",
+                          first_line(again))
+        names = [n.meta.get("moecc_block", n.target) for n in as_written]
+        hint = (f" MoE blocks left as written ({', '.join(names)}) are exported by tracing their Python code, "
                 "which fails for data-dependent expert loops; moecc.compile with backend='torch' runs them as "
                 "written.") if as_written else ""
         if not as_real:
             hint += f" Its complex values stayed complex: {as_real.reason}."
         raise BackendError(f"ONNX export failed: {first}.{hint}") from exc
+
+
+def _blocks_on_torch(gm: fx.GraphModule, example: list, folder: str, owned: OwnedFolder, calls: list[fx.Node],
+                     why: str) -> nn.Module:
+    names = [n.meta.get("moecc_block", n.target) for n in calls]
+    log.info("%s run on torch between ONNX Runtime graphs: %s", ", ".join(names), why)
+    program = blocks_on_torch(gm, example, calls, folder, lambda part, args, path: _open(part, args, path, owned))
+    layers = layers_of(gm)
+    for name in names:
+        if name in layers:
+            layers[name].lowering = f"torch, between ONNX Runtime graphs ({why})"
+    return program
+
+
+def _open(gm: fx.GraphModule, example: list, path: str, owned: OwnedFolder | None) -> OrtModule:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    path = to_onnx(gm, example, path)
     try:
         with slow_step(log, "opening an ONNX Runtime session"):
             module = OrtModule(path, folder=owned)

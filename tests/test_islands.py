@@ -1,0 +1,50 @@
+"""Programs whose blocks left as written cannot go into an ONNX graph: ONNX Runtime runs the graph between them and
+torch runs the blocks (``moecc/codegen/onnx/islands.py``), where the whole program ran on torch before."""
+
+import pytest
+import torch
+from hf_models import make_inputs, make_model
+
+import moecc
+from moecc.codegen.onnx.lower import OrtModule
+
+
+def _sessions(cm) -> int:
+    (entry,) = cm._entries
+    return sum(isinstance(m, OrtModule) for m in entry.gm.modules())
+
+
+@pytest.mark.parametrize("backend", ["auto", "onnxruntime"])
+def test_a_block_whose_export_fails_runs_on_torch_between_onnx_graphs(backend):
+    """An expert loop over ``torch.where`` defeats the ONNX export: the block runs on torch, the embedding, norm and
+    head on ONNX Runtime, and the program matches eager on shapes it was not captured for."""
+    from user_modules import AuxModel, AuxOutputsMoE
+
+    torch.manual_seed(0)
+    model = AuxModel(AuxOutputsMoE(), "aux").eval()  # the loss it reads keeps the block as written
+    cm = moecc.compile(model, backend=backend)
+    with torch.no_grad():
+        for shape in ((2, 16), (3, 11), (4, 7)):
+            x = torch.randint(0, 50, shape)
+            for r, g in zip(torch.utils._pytree.tree_leaves(model(x)), torch.utils._pytree.tree_leaves(cm(x))):
+                torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
+    assert [e.backend for e in cm._entries] == ["onnxruntime"] and cm.captures == 1
+    assert _sessions(cm) == 2
+    (layer,) = cm.moe_layers
+    assert not layer.fused and layer.lowering.startswith("torch, between ONNX Runtime graphs (the whole export failed")
+
+
+def test_a_hugging_face_block_left_as_written_runs_on_torch_between_onnx_graphs():
+    """A hook on Mixtral's experts leaves its block as written; its experts' ops have no ONNX function, so
+    ``backend="onnxruntime"`` raised a BackendError. The other layer stays fused on ONNX Runtime."""
+    model = make_model("mixtral").eval()
+    model.model.layers[1].mlp.experts.register_forward_hook(lambda module, args, out: out * 2)
+    cm = moecc.compile(model, backend="onnxruntime")
+    with torch.no_grad():
+        for seed, (batch, seq) in enumerate([(2, 8), (3, 5), (4, 9)]):
+            kwargs = make_inputs("mixtral", batch, seq, seed)
+            torch.testing.assert_close(cm(**kwargs).logits, model(**kwargs).logits, rtol=1e-4, atol=1e-5)
+    assert cm.captures == 1 and _sessions(cm) == 2
+    layers = {layer.name: layer for layer in cm.moe_layers}
+    assert layers["model.layers.0.mlp"].fused
+    assert layers["model.layers.1.mlp"].lowering.startswith("torch, between ONNX Runtime graphs")
