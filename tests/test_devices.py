@@ -124,6 +124,36 @@ def test_a_model_with_an_offloaded_block_compiles_once(backend, offloader):
     assert entry.backend == backend and entry.calls_offloaded
 
 
+def test_calls_through_an_offloaded_block_take_turns():
+    """Its hooks swap the block's weights in and out around each call, so two threads in it at once would read
+    the other's meta weights: such a program runs under the compiled model's lock."""
+    import threading
+
+    model = make_model("mixtral").eval()
+    offload(model.model.layers[1].mlp)
+    cm = moecc.compile(model, backend="onnxruntime")
+    kwargs = make_inputs("mixtral", 4, 16, 0)
+    with torch.no_grad():
+        ref = model(**kwargs).logits
+        cm(**kwargs)
+    failures = []
+
+    def work():
+        try:
+            with torch.no_grad():
+                for _ in range(8):
+                    torch.testing.assert_close(cm(**kwargs).logits, ref, rtol=1e-4, atol=1e-5)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            failures.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures, failures
+
+
 def _moe_args(t: int, device: str) -> list:
     g = torch.Generator().manual_seed(t)
     e, k, h, inter = 8, 2, 64, 48

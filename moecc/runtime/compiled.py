@@ -68,7 +68,8 @@ class _Entry:
 
     def __post_init__(self) -> None:
         self.writes = module_state.program_writes(self.gm)  # a program writing its inputs replays no graph
-        # nor does one calling a block whose weights its hooks load at each call: a graph replays no host work
+        # nor does one calling a block whose weights its hooks load at each call: a graph replays no host work (and
+        # such calls take turns, ``_forward``)
         self.calls_offloaded = isinstance(self.gm, fx.GraphModule) and any(
             offloaded_weights(block) for _, block in module_calls(self.gm))
         if self.runner is None:
@@ -259,7 +260,8 @@ class CompiledModule(nn.Module):
         def run():
             return pytree.tree_unflatten(list(entry.runner(*tensors)), entry.out_spec)
 
-        return run if runs_alone(entry.backend, entry.writes, tensors) else _done(run())
+        # offloading hooks swap a block's weights in and out around each call: two calls must not overlap there
+        return run if runs_alone(entry.backend, entry.writes or entry.calls_offloaded, tensors) else _done(run())
 
     def _blockwise(self, exc: ExportError) -> Blockwise:
         """The model run as written with each MoE block compiled alone (``blockwise``), once ``torch.export``
