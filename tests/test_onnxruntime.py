@@ -404,10 +404,17 @@ def test_an_empty_batch_runs_with_torch_under_auto(monkeypatch):
     assert len(exports) == 1 and cm._entries[-1].backend == "torch"
 
 
-def test_a_fallback_to_torch_says_once_why_a_block_is_left_as_written():
-    """``auto`` falls back when the ONNX export of a block left as written fails; recognizing again for torch
-    does not repeat the warning."""
+@pytest.mark.parametrize("split", [True, False])
+def test_a_fallback_to_torch_says_once_why_a_block_is_left_as_written(split, monkeypatch):
+    """Where the ONNX export of a block left as written fails, the block runs on torch between ONNX Runtime graphs
+    (``islands``); where that fails too, ``auto`` falls back to torch, and recognizing again for torch does not
+    repeat the warning."""
     from user_modules import MLPRoutedMoE, TinyModel
+
+    import moecc.codegen.onnx.lower as onnx_lower
+
+    if not split:
+        monkeypatch.setattr(onnx_lower, "blocks_on_torch", lambda *args: 1 / 0)
 
     seen = []
     handler = logging.Handler()
@@ -426,7 +433,7 @@ def test_a_fallback_to_torch_says_once_why_a_block_is_left_as_written():
     finally:
         recognize_log.removeHandler(handler)
         recognize_log.setLevel(level)
-    assert cm._entries[-1].backend == "torch"
+    assert cm._entries[-1].backend == ("onnxruntime" if split else "torch")
     assert len([m for m in seen if "left as written" in m]) == 1, seen
 
 

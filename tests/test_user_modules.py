@@ -680,7 +680,8 @@ def test_a_failed_onnx_export_prints_no_graph(capfd):
     model = AuxModel(AuxOutputsMoE(), "aux").eval()  # its block stays as written: an expert loop ONNX cannot trace
     cm = moecc.compile(model)
     cm(torch.randint(0, 50, (2, 16)))
-    assert cm.moe_layers[0].lowering == "" and not cm.moe_layers[0].fused
+    assert not cm.moe_layers[0].fused
+    assert cm.moe_layers[0].lowering.startswith("torch, between ONNX Runtime graphs (the whole export failed")
     assert "def forward" not in capfd.readouterr().err
 
 

@@ -54,7 +54,27 @@ def _parts(gm: fx.GraphModule, on_torch: set[fx.Node]) -> dict[fx.Node, int]:
             part[node] = max(containers)
         else:
             part[node] = current
+    for node in reversed(gm.graph.nodes):
+        # a value no ONNX graph can carry (a dict the blocks share), made where no block runs: made in the part of
+        # its first reader instead, when that is a block's (torch parts pass any Python value on)
+        users = [part[u] for u in node.users if u in part]
+        if node in part and part[node] % 2 == 0 and _container(node) and users and min(users) % 2:
+            if all(part[a] <= min(users) for a in node.all_input_nodes if a in part):
+                part[node] = min(users)
     return part
+
+
+class NotSplit(Exception):
+    """The program cannot be split so that only tensors cross into and out of its ONNX Runtime parts."""
+
+
+def _tensors_only(sub: fx.GraphModule, name: str) -> None:
+    out = next(n for n in sub.graph.nodes if n.op == "output").args[0]
+    values = [n for n in sub.graph.nodes if n.op == "placeholder"]
+    values += [v for v in (out if isinstance(out, (tuple, list)) else (out,))]
+    for value in values:
+        if not isinstance(value, fx.Node) or not isinstance(value.meta.get("val"), (torch.Tensor, ValueInfo)):
+            raise NotSplit(f"{name} would take or give {value!r}, which is no tensor")
 
 
 def _scalars_in_place(gm: fx.GraphModule, part: dict[fx.Node, int]) -> None:
@@ -123,6 +143,7 @@ def blocks_on_torch(gm: fx.GraphModule, example: list, on_torch: list[fx.Node], 
             continue
         if not any(n.op == "call_function" for n in sub.graph.nodes):
             continue  # it only passes values on
+        _tensors_only(sub, name)
         out = next(n for n in sub.graph.nodes if n.op == "output").args[0]
         what = f"part {lowered + 1} of the program between blocks run by torch"
         with slow_step(log, f"exporting {what}"):
