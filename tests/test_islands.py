@@ -48,3 +48,36 @@ def test_a_hugging_face_block_left_as_written_runs_on_torch_between_onnx_graphs(
     layers = {layer.name: layer for layer in cm.moe_layers}
     assert layers["model.layers.0.mlp"].fused
     assert layers["model.layers.1.mlp"].lowering.startswith("torch, between ONNX Runtime graphs")
+
+
+class _FlatBlockModel(torch.nn.Module):
+    """Takes the batch and sequence sizes before its MoE block and reads them again after it, so that the sizes
+    computed in one ONNX Runtime part are needed in the next."""
+
+    def __init__(self):
+        super().__init__()
+        from user_modules import LoopMoE
+
+        self.embed = torch.nn.Embedding(50, 24)
+        self.moe = LoopMoE()
+        self.head = torch.nn.Linear(24, 50)
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        batch, seq, hidden = h.shape
+        y = self.moe(h.reshape(batch * seq, hidden))
+        return self.head(h + y.reshape(batch, seq, hidden) * (seq / 4))
+
+
+def test_sizes_read_on_both_sides_of_a_block_are_computed_in_each_part():
+    """An ONNX graph takes and gives tensors only: the sizes the graph after the block reads are computed there
+    again, and the program follows new batch and sequence sizes."""
+    torch.manual_seed(0)
+    model = _FlatBlockModel().eval()
+    model.moe.register_forward_hook(lambda module, args, out: out + 1)  # left as written; its loop does not export
+    cm = moecc.compile(model, backend="onnxruntime")
+    with torch.no_grad():
+        for shape in ((2, 9), (3, 5), (4, 12)):
+            x = torch.randint(0, 50, shape)
+            torch.testing.assert_close(cm(x), model(x), rtol=1e-5, atol=1e-5)
+    assert cm.captures == 1 and _sessions(cm) == 2
