@@ -54,8 +54,9 @@ def main() -> None:
               f"{times['torch'] / times['onnxruntime']:.2f} | {times['eager'] / times['onnxruntime']:.2f} | "
               f"{err:.1e} |")
     for backend, cm in compiled.items():
-        print(backend, [(e.backend, e.captures if hasattr(e, "captures") else "") for e in cm._entries],
-              {layer.name: layer.lowering or ("fused" if layer.fused else layer.reason[:40]) for layer in cm.moe_layers})
+        lowering = {layer.name: (layer.lowering or ("fused" if layer.fused else layer.reason))[:60]
+                    for layer in cm.moe_layers}
+        print(f"moecc {backend}: captures {cm.captures}, programs {[e.backend for e in cm._entries]}, {lowering}")
 
 
 if __name__ == "__main__":

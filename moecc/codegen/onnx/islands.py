@@ -21,6 +21,7 @@ from torch.fx.passes.split_module import split_module
 
 from moecc.capture_cache import SymbolicDim, ValueInfo
 from moecc.logs import slow_step
+from moecc.passes.graph_utils import attr_of
 
 log = logging.getLogger("moecc.codegen.onnx")
 _SCALARS = (int, float, bool, torch.SymInt, torch.SymFloat, torch.SymBool, SymbolicDim)
@@ -102,6 +103,37 @@ def _scalars_in_place(gm: fx.GraphModule, part: dict[fx.Node, int]) -> None:
     gm.recompile()
 
 
+def _attributes_inside(split: fx.GraphModule) -> None:
+    """Each part reads the model's tensors as attributes of its own, as the whole program did: ``split_module``
+    hands them in as arguments, which an ONNX graph would take as inputs on every call (no initializers for ONNX
+    Runtime to fold or pre-pack)."""
+    for call in [n for n in split.graph.nodes if n.op == "call_module"]:
+        sub = split.get_submodule(call.target)
+        if not isinstance(sub, fx.GraphModule):
+            continue
+        placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
+        first = next(n for n in sub.graph.nodes if n.op != "placeholder")
+        kept = []
+        for arg, placeholder in zip(call.args, placeholders):
+            if not (isinstance(arg, fx.Node) and arg.op == "get_attr"):
+                kept.append(arg)
+                continue
+            tensor = attr_of(split, arg)
+            if isinstance(tensor, nn.Parameter):
+                sub.register_parameter(placeholder.target, tensor)
+            else:
+                sub.register_buffer(placeholder.target, tensor)
+            with sub.graph.inserting_before(first):
+                read = sub.graph.get_attr(placeholder.target)
+            read.meta = placeholder.meta
+            placeholder.replace_all_uses_with(read)
+            sub.graph.erase_node(placeholder)
+        call.args = tuple(kept)
+        sub.recompile()
+    split.graph.eliminate_dead_code()
+    split.recompile()
+
+
 class _OrtPart(nn.Module):
     """One part of the split program on ONNX Runtime, giving what its graph module gave: a value or a tuple."""
 
@@ -132,7 +164,8 @@ def blocks_on_torch(gm: fx.GraphModule, example: list, on_torch: list[fx.Node], 
     to a module that runs an ONNX file with ONNX Runtime."""
     part = _parts(gm, set(on_torch))
     _scalars_in_place(gm, part)
-    split = split_module(gm, None, lambda node: part[node], keep_original_order=True)
+    split = split_module(gm, gm, lambda node: part[node], keep_original_order=True)
+    _attributes_inside(split)
     recorder = _PartInputs(split)
     with torch.no_grad():
         recorder.run(*example)

@@ -397,18 +397,20 @@ def _writes(inputs: list[str], buffers: list[str]) -> str | None:
 class OrtModule(nn.Module):
     """Runs an ONNX file with ONNX Runtime; inputs and outputs are torch tensors, in the graph's flat order."""
 
-    def __init__(self, path: str, provider: str = PROVIDER, folder: OwnedFolder | None = None) -> None:
+    def __init__(self, path: str, provider: str = PROVIDER, folder: OwnedFolder | None = None,
+                 spin: bool = True) -> None:
         super().__init__()
         self.path = path
         self.folder = folder  # where ``path`` lies, when this module alone reads it: removed with the last copy
         self.provider = provider
+        self.spin = spin  # ``session_options``
         self.session = self._open()
         self.input_names = [i.name for i in self.session.get_inputs()]
 
     def _open(self):
         import onnxruntime as ort
 
-        return ort.InferenceSession(self.path, session_options(), providers=[self.provider])
+        return ort.InferenceSession(self.path, session_options(self.spin), providers=[self.provider])
 
     def __getstate__(self):
         # a session cannot be pickled (copy.deepcopy of a compiled model pickles it): it is opened again from path
@@ -506,7 +508,9 @@ def _blocks_on_torch(gm: fx.GraphModule, example: list, folder: str, owned: Owne
                      why: str) -> nn.Module:
     names = [n.meta.get("moecc_block", n.target) for n in calls]
     log.info("%s run on torch between ONNX Runtime graphs: %s", ", ".join(names), why)
-    program = blocks_on_torch(gm, example, calls, folder, lambda part, args, path: _open(part, args, path, owned))
+    # torch runs after each part: ONNX Runtime's threads spinning for more work would hold the cores it needs
+    program = blocks_on_torch(gm, example, calls, folder,
+                              lambda part, args, path: _open(part, args, path, owned, spin=False))
     layers = layers_of(gm)
     for name in names:
         if name in layers:
@@ -514,12 +518,12 @@ def _blocks_on_torch(gm: fx.GraphModule, example: list, folder: str, owned: Owne
     return program
 
 
-def _open(gm: fx.GraphModule, example: list, path: str, owned: OwnedFolder | None) -> OrtModule:
+def _open(gm: fx.GraphModule, example: list, path: str, owned: OwnedFolder | None, spin: bool = True) -> OrtModule:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     path = to_onnx(gm, example, path)
     try:
         with slow_step(log, "opening an ONNX Runtime session"):
-            module = OrtModule(path, folder=owned)
+            module = OrtModule(path, folder=owned, spin=spin)
     except Exception as exc:  # an op ONNX Runtime has no kernel for in this dtype (Softplus in bf16 on the CPU)
         raise BackendError(f"ONNX Runtime cannot load the exported graph: {first_line(exc)}") from exc
     takes = sum(1 for n in gm.graph.nodes if n.op == "placeholder")

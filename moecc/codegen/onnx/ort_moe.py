@@ -161,13 +161,14 @@ def _moe_attrs(k, activation_type, normalize, alpha, beta, limit) -> dict:
 LOGIT_SCALES = (0.05, 1.0)  # near-uniform and peaked router logits: an op must match on both
 
 
-def session_options():
+def session_options(spin: bool = True):
     """ONNX Runtime session options for every session moecc opens: intra-op threads from ``MOECC_ORT_THREADS``,
     spin-waiting after a run from ``MOECC_ORT_SPIN``. Spinning threads took a torch matmul run right after an ORT
     call to twice its time, while a generate loop (little torch work between calls) was 8 % faster with them
     (RESULTS.md, session 44). ONNX Runtime's own log prints fatal errors only, unless moecc's log is at debug: a
     run that fails raises its status as an exception, which moecc reports or acts on (a probe, ``auto``'s torch
-    program), so the error ONNX Runtime also prints would stand beside a compile that went on."""
+    program), so the error ONNX Runtime also prints would stand beside a compile that went on. ``spin=False``:
+    never spin, whatever the knob (a session that torch work follows at every call)."""
     import onnxruntime as ort
 
     from moecc import knobs
@@ -180,7 +181,7 @@ def session_options():
         raise ValueError(f"MOECC_ORT_THREADS must be 0 (ONNX Runtime's default) or a thread count, got {threads}")
     if threads:
         options.intra_op_num_threads = threads
-    if not knobs.ORT_SPIN.get():
+    if not spin or not knobs.ORT_SPIN.get():
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
