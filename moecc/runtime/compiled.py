@@ -23,9 +23,8 @@ from moecc.ir import MoELayerInfo
 from moecc.logs import quiet, slow_step
 from moecc.passes import DumpIR, PassManager, Recognize, Timing, default_pipeline
 from moecc.passes.base import layers_of
-from moecc.passes.graph_utils import blocks_left_as_written, module_calls
+from moecc.passes.graph_utils import blocks_left_as_written
 from moecc.passes.recognize import REFUSED_ROUTING
-from moecc.passes.recognize.block import offloaded_weights
 from moecc.passes.recognize.routed import forget_reads
 from moecc.report import graph_summary
 from moecc.runtime import kv_cache
@@ -36,7 +35,7 @@ from moecc.runtime.keywords import in_order, keyword_order
 from moecc.runtime.localize import capture_to_blame, verify_leaving_blocks
 from moecc.runtime.turns import runs_alone
 from moecc.runtime.verify import tie_breaking_ops, verify
-from moecc.runtime.weights import WeightWatch, plain_attributes, written_by_calls
+from moecc.runtime.weights import WeightWatch, offloaded_calls, plain_attributes, written_by_calls
 
 log = logging.getLogger("moecc.runtime")
 
@@ -70,8 +69,7 @@ class _Entry:
         self.writes = module_state.program_writes(self.gm)  # a program writing its inputs replays no graph
         # nor does one calling a block whose weights its hooks load at each call: a graph replays no host work (and
         # such calls take turns, ``_forward``)
-        self.calls_offloaded = isinstance(self.gm, fx.GraphModule) and any(
-            offloaded_weights(block) for _, block in module_calls(self.gm))
+        self.calls_offloaded = bool(offloaded_calls(self.gm))
         if self.runner is None:
             self.runner = direct_calls(self.gm)
         # positional tensors only: calls are matched without flattening (pytree's flatten took 9 us of a 79 us

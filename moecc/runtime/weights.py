@@ -174,6 +174,7 @@ def storage_of(t: torch.Tensor) -> int | None:
 
 def offloaded_calls(program: object) -> list[nn.Module]:
     """The blocks with offloaded weights that a program calls as modules, and every module inside them."""
+    from moecc.passes.graph_utils import module_calls
     from moecc.passes.recognize.block import offloaded_weights
 
     if not isinstance(program, nn.Module):
@@ -181,12 +182,8 @@ def offloaded_calls(program: object) -> list[nn.Module]:
     out = []
     for gm in program.modules():
         if isinstance(gm, fx.GraphModule):
-            for node in gm.graph.nodes:
-                if node.op != "call_module":
-                    continue
-                block = gm.get_submodule(node.target)
-                if not isinstance(block, fx.GraphModule) and offloaded_weights(block):
-                    out += block.modules()
+            out += [m for _, block in module_calls(gm) if not isinstance(block, fx.GraphModule)
+                    and offloaded_weights(block) for m in block.modules()]
     return out
 
 
