@@ -11,6 +11,7 @@ from torch import fx
 
 import moecc
 from moecc.codegen.onnx import export_cache
+from moecc.errors import BackendError
 
 
 def rel(a, b):
@@ -172,3 +173,81 @@ def test_exporting_whole_or_by_layers_are_two_entries(exports, monkeypatch):
     monkeypatch.setenv("MOECC_ONNX_REPEATS", "0")
     compiled(model)
     assert len(exports) == by_layers + 1
+
+
+def _failing_export(monkeypatch, error):
+    from moecc.codegen.onnx import lower
+
+    calls = []
+
+    def fail(gm, example):
+        calls.append(1)
+        raise error
+
+    monkeypatch.setattr(lower, "_exported", fail)
+    return calls
+
+
+@pytest.mark.parametrize("error", [RuntimeError("Could not guard on data-dependent expression u0 > 0\nmore"),
+                                   BackendError("the program writes into its x in place")])
+def test_a_failed_export_fails_again_at_once_with_its_error(exports, monkeypatch, tmp_path, error):
+    from moecc.codegen.onnx.lower import to_onnx
+
+    gm, x = fx.symbolic_trace(lambda x: torch.relu(x) * 2), torch.randn(3, 4)
+    calls = _failing_export(monkeypatch, error)
+    with pytest.raises(type(error)):
+        to_onnx(gm, [x], str(tmp_path / "a" / "model.onnx"))
+    with pytest.raises(BackendError if isinstance(error, BackendError) else export_cache.FailedBefore,
+                       match=f"^{str(error).splitlines()[0]}$"):
+        to_onnx(gm, [x], str(tmp_path / "b" / "model.onnx"))
+    assert len(calls) == 1, "the second lowering exported again"
+    with pytest.raises(type(error)):  # another program is no failure of this one's
+        to_onnx(gm, [torch.randn(3, 5, 4)], str(tmp_path / "c" / "model.onnx"))
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("error", [MemoryError(), OSError(28, "No space left on device"), KeyboardInterrupt()])
+def test_errors_of_the_machine_are_not_remembered(exports, monkeypatch, tmp_path, error):
+    from moecc.codegen.onnx.lower import to_onnx
+
+    gm, x = fx.symbolic_trace(lambda x: torch.relu(x) * 2), torch.randn(3, 4)
+    calls = _failing_export(monkeypatch, error)
+    for attempt in range(2):
+        with pytest.raises(type(error)):
+            to_onnx(gm, [x], str(tmp_path / str(attempt) / "model.onnx"))
+    assert len(calls) == 2
+
+
+def test_a_damaged_failure_record_costs_one_export(exports, monkeypatch, tmp_path, moecc_warnings):
+    from moecc.codegen.onnx.lower import to_onnx
+
+    gm, x = fx.symbolic_trace(lambda x: torch.relu(x) * 2), torch.randn(3, 4)
+    calls = _failing_export(monkeypatch, RuntimeError("no ONNX function"))
+    with pytest.raises(RuntimeError):
+        to_onnx(gm, [x], str(tmp_path / "a" / "model.onnx"))
+    (record,) = export_cache.folder().glob("*/failed.json")
+    record.write_text("{")
+    with pytest.raises(RuntimeError, match="no ONNX function"):
+        to_onnx(gm, [x], str(tmp_path / "b" / "model.onnx"))
+    assert len(calls) == 2
+    assert any("record of a failure" in r.getMessage() for r in moecc_warnings.records)
+
+
+def test_a_program_split_at_a_block_that_does_not_export_skips_the_whole_export_next_time(exports):
+    """The split (``islands``) comes after a failed whole export: compiled again, the program neither exports
+    whole again nor its parts, and says the same why."""
+    from user_modules import AuxModel, AuxOutputsMoE
+
+    torch.manual_seed(0)
+    model = AuxModel(AuxOutputsMoE(), "aux").eval()
+    x = torch.randint(0, 50, (2, 16))
+    first = moecc.compile(model, backend="onnxruntime")
+    first(x)
+    paid = len(exports)
+    second = moecc.compile(model, backend="onnxruntime")
+    with torch.no_grad():
+        for r, g in zip(torch.utils._pytree.tree_leaves(model(x)), torch.utils._pytree.tree_leaves(second(x))):
+            torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
+    assert len(exports) == paid, "the second compile exported again"
+    assert [layer.lowering for layer in second.moe_layers] == [layer.lowering for layer in first.moe_layers]
+    assert second.moe_layers[0].lowering.startswith("torch, between ONNX Runtime graphs (the whole export failed")

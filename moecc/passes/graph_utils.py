@@ -86,11 +86,15 @@ def parameter_through_casts(node) -> fx.Node | None:
     return node if isinstance(node, fx.Node) and node.op == "get_attr" else None
 
 
+def block_path(call: fx.Node) -> str:
+    """The path in the model of the block a ``call_module`` node calls (its target may be a name capture gave)."""
+    return call.meta.get("moecc_block", call.target)
+
+
 def module_calls(gm: fx.GraphModule) -> list[tuple[str, torch.nn.Module]]:
     """(path in the model, module) of each module the graph still calls: the MoE blocks recognition left as
     written."""
-    return [(n.meta.get("moecc_block", n.target), gm.get_submodule(n.target)) for n in gm.graph.nodes
-            if n.op == "call_module"]
+    return [(block_path(n), gm.get_submodule(n.target)) for n in gm.graph.nodes if n.op == "call_module"]
 
 
 def blocks_left_as_written(gm: fx.GraphModule) -> list[str]:

@@ -12,6 +12,12 @@ export specializes), moecc's own source, the versions of torch, onnx, onnxscript
 the program holds, by content. Two models of one architecture with different weights never share an entry, so a
 constant the optimizer folded from a weight is never stale.
 
+An export that failed is remembered too (``failed.json``: its error, and whether it was a ``BackendError``): the
+same program lowered again fails at once with that error instead of paying the export again, and a compile goes on
+to what it does after a failed export (the split of ``islands``, or the torch fallback of ``auto``). The key covers
+all the export reads, so the same key fails the same way; errors of the machine (out of memory, a full disk) are
+never remembered.
+
 Knobs: ``MOECC_ONNX_CACHE`` (on by default), ``MOECC_CACHE_DIR`` (``onnx/`` under it). The newest ``MAX_ENTRIES``
 entries are kept (a hit counts as new)."""
 
@@ -36,6 +42,7 @@ from torch.utils import _pytree as pytree
 
 from moecc import knobs
 from moecc.capture_key import tensor_bytes, tensor_digest
+from moecc.errors import first_line
 from moecc.logs import slow_step
 from moecc.passes.graph_utils import attr_of
 
@@ -48,6 +55,10 @@ MAX_KEPT_BYTES = 1 << 28  # constants of the export's own past this, and the ent
 
 class Unkeyable(Exception):
     """The program holds something the key cannot describe, so its export is not cached."""
+
+
+class FailedBefore(Exception):
+    """The export of this program failed before, with this error (``failed.json`` of its entry)."""
 
 
 @dataclass
@@ -103,6 +114,48 @@ def restore(found: Lookup, path: str) -> bool:
         shutil.rmtree(entry, ignore_errors=True)  # the export that follows stores a good one in its place
         return False
     return True
+
+
+def failure(found: Lookup) -> tuple[str, bool] | None:
+    """The first line of the error a former export of ``found`` failed with, and whether that error was a
+    ``BackendError``; None where none failed (or the record cannot be read, which is then ignored)."""
+    record = folder() / found.key / "failed.json"
+    if not record.exists():
+        return None
+    try:
+        meta = json.loads(record.read_text())
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"format {meta.get('format')}, not {FORMAT}")
+        error, backend = str(meta["error"]), bool(meta["backend_error"])
+        os.utime(record)
+    except Exception as exc:  # noqa: BLE001 - a damaged record costs one export, never a compile
+        log.warning("ignoring the ONNX export cache's record of a failure %s: %s", record, exc)
+        shutil.rmtree(record.parent, ignore_errors=True)
+        return None
+    return error, backend
+
+
+def remember_failure(found: Lookup, exc: BaseException, backend_error: bool) -> None:
+    """Keep the first line of the error the export of ``found`` failed with. Errors of the machine, not of the
+    program (memory, files, an interrupt), are not kept. Never raises."""
+    if not isinstance(exc, Exception) or isinstance(exc, (MemoryError, OSError)):
+        return
+    root = folder()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".writing-", dir=root))
+        try:
+            (tmp / "failed.json").write_text(json.dumps({"format": FORMAT, "error": first_line(exc),
+                                                         "backend_error": backend_error}))
+            try:
+                tmp.rename(root / found.key)
+            except OSError:
+                pass
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        _prune(root)
+    except Exception as err:  # noqa: BLE001 - a failure not remembered is only exported again
+        log.warning("could not write the ONNX export cache in %s: %s", root, err)
 
 
 def store(found: Lookup, path: str) -> None:
@@ -205,9 +258,16 @@ def _write_data(meta: dict, tensors: dict[str, torch.Tensor], kept_path: Path, b
 
 def _prune(root: Path) -> None:
     entries = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
-    entries.sort(key=lambda p: (p / "regions.json").stat().st_mtime if (p / "regions.json").exists() else 0)
+    entries.sort(key=_last_used)
     for old in entries[:max(0, len(entries) - MAX_ENTRIES)]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _last_used(entry: Path) -> float:
+    for record in ("regions.json", "failed.json"):
+        if (entry / record).exists():
+            return (entry / record).stat().st_mtime
+    return 0
 
 
 def _program_tensors(gm: fx.GraphModule) -> dict[str, torch.Tensor]:

@@ -49,6 +49,7 @@ from moecc.match import MatchResult
 from moecc.module_state import program_writes
 from moecc.passes.base import layers_of
 from moecc.passes.graph_utils import (
+    block_path,
     eliminate_dead_code,
     op_arguments,
     parameter_through_casts,
@@ -290,19 +291,34 @@ def to_onnx(gm: fx.GraphModule, example: list[torch.Tensor], path: str) -> str:
 
     example = unaliased(example)
     cached = export_cache.lookup(gm, example, path)
-    if cached is not None and export_cache.restore(cached, path):
-        return path
+    if cached is not None:
+        if export_cache.restore(cached, path):
+            return path
+        if (failed := export_cache.failure(cached)) is not None:
+            error, backend_error = failed
+            log.info("not exporting to ONNX again: the export of this program failed before (%s)", error)
+            raise (BackendError if backend_error else export_cache.FailedBefore)(error)
+    try:
+        prog = _exported(gm, example)
+    except Exception as exc:
+        if cached is not None:
+            export_cache.remember_failure(cached, exc, isinstance(exc, BackendError))
+        raise
+    with slow_step(log, f"writing {path}"):
+        prog.save(path, external_data=True)
+    if cached is not None:
+        export_cache.store(cached, path)
+    return path
+
+
+def _exported(gm: fx.GraphModule, example: list) -> torch.onnx.ONNXProgram:
     prog = _export_by_layers(gm, example) if knobs.ONNX_REPEATS.get() else None
     if prog is None:
         prog = _export(gm, example, f"{_ops(gm)} ops")
         _optimize(prog)
         if (why := _program_writes(prog)) is not None:
             raise BackendError(why)
-    with slow_step(log, f"writing {path}"):
-        prog.save(path, external_data=True)
-    if cached is not None:
-        export_cache.store(cached, path)
-    return path
+    return prog
 
 
 def _ops(gm: fx.GraphModule) -> int:
@@ -495,7 +511,7 @@ def _export_and_open(gm: fx.GraphModule, example: list[torch.Tensor], folder: st
             except Exception as again:  # noqa: BLE001 - the first failure is the one to report
                 log.debug("the program split at its blocks left as written did not lower either: %s",
                           first_line(again))
-        names = [n.meta.get("moecc_block", n.target) for n in as_written]
+        names = [block_path(n) for n in as_written]
         hint = (f" MoE blocks left as written ({', '.join(names)}) are exported by tracing their Python code, "
                 "which fails for data-dependent expert loops; moecc.compile with backend='torch' runs them as "
                 "written.") if as_written else ""
@@ -506,7 +522,7 @@ def _export_and_open(gm: fx.GraphModule, example: list[torch.Tensor], folder: st
 
 def _blocks_on_torch(gm: fx.GraphModule, example: list, folder: str, owned: OwnedFolder, calls: list[fx.Node],
                      why: str) -> nn.Module:
-    names = [n.meta.get("moecc_block", n.target) for n in calls]
+    names = [block_path(n) for n in calls]
     log.info("%s run on torch between ONNX Runtime graphs: %s", ", ".join(names), why)
     # torch runs after each part: ONNX Runtime's threads spinning for more work would hold the cores it needs
     program = blocks_on_torch(gm, example, calls, folder,
