@@ -140,47 +140,50 @@ def remember_failure(found: Lookup, exc: BaseException, backend_error: bool) -> 
     program (memory, files, an interrupt), are not kept. Never raises."""
     if not isinstance(exc, Exception) or isinstance(exc, (MemoryError, OSError)):
         return
-    root = folder()
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".writing-", dir=root))
-        try:
-            (tmp / "failed.json").write_text(json.dumps({"format": FORMAT, "error": first_line(exc),
-                                                         "backend_error": backend_error}))
-            try:
-                tmp.rename(root / found.key)
-            except OSError:
-                pass
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        _prune(root)
-    except Exception as err:  # noqa: BLE001 - a failure not remembered is only exported again
-        log.warning("could not write the ONNX export cache in %s: %s", root, err)
+
+    def write(entry: Path) -> bool:
+        (entry / "failed.json").write_text(json.dumps({"format": FORMAT, "error": first_line(exc),
+                                                       "backend_error": backend_error}))
+        return True
+
+    _write_entry(found.key, write, "a failure not remembered is only exported again")
 
 
 def store(found: Lookup, path: str) -> None:
     """Keep the export just written to ``path`` under ``found``'s key. Never raises: a failure to cache is
     logged and the compile goes on."""
+
+    def write(entry: Path) -> bool:
+        with slow_step(log, f"keeping the ONNX export in the cache ({found.key[:12]})"):
+            meta = _map_data(path, found, entry / "kept.bin")
+        if meta is None:
+            return False
+        shutil.copyfile(path, entry / "graph.onnx")
+        (entry / "regions.json").write_text(json.dumps(meta))
+        return True
+
+    _write_entry(found.key, write, "an export that cannot be cached still runs")
+
+
+def _write_entry(key: str, write, why_go_on: str) -> None:
+    """Make the entry ``key`` from what ``write`` puts in a fresh folder (False: keep nothing), whole or not at all:
+    another process may be writing the same entry."""
     root = folder()
     try:
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".writing-", dir=root))
         try:
-            with slow_step(log, f"keeping the ONNX export in the cache ({found.key[:12]})"):
-                meta = _map_data(path, found, tmp / "kept.bin")
-            if meta is None:
+            if not write(tmp):
                 return
-            shutil.copyfile(path, tmp / "graph.onnx")
-            (tmp / "regions.json").write_text(json.dumps(meta))
             try:
-                tmp.rename(root / found.key)  # whole or not at all: another process may be writing the same entry
+                tmp.rename(root / key)
             except OSError:
                 pass
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         _prune(root)
-    except Exception as exc:  # noqa: BLE001 - an export that cannot be cached still runs
-        log.warning("could not write the ONNX export cache in %s: %s", root, exc)
+    except Exception as exc:  # noqa: BLE001 - see why_go_on
+        log.warning("could not write the ONNX export cache in %s (%s): %s", root, why_go_on, exc)
 
 
 def _map_data(path: str, found: Lookup, kept_path: Path) -> dict | None:
