@@ -296,7 +296,8 @@ def to_onnx(gm: fx.GraphModule, example: list[torch.Tensor], path: str) -> str:
             return path
         if (failed := export_cache.failure(cached)) is not None:
             error, backend_error = failed
-            log.info("not exporting to ONNX again: the export of this program failed before (%s)", error)
+            log.info("not exporting to ONNX again: the export of this program failed before (%s); "
+                     "MOECC_ONNX_CACHE=0 exports it again", error)
             raise (BackendError if backend_error else export_cache.FailedBefore)(error)
     try:
         prog = _exported(gm, example)
