@@ -42,7 +42,7 @@ from torch.utils import _pytree as pytree
 
 from moecc import knobs
 from moecc.capture_key import tensor_bytes, tensor_digest
-from moecc.errors import first_line
+from moecc.errors import BackendError, first_line
 from moecc.logs import slow_step
 from moecc.passes.graph_utils import attr_of
 
@@ -135,7 +135,7 @@ def failure(found: Lookup) -> tuple[str, bool] | None:
     return error, backend
 
 
-def remember_failure(found: Lookup, exc: BaseException, backend_error: bool) -> None:
+def remember_failure(found: Lookup, exc: BaseException) -> None:
     """Keep the first line of the error the export of ``found`` failed with. Errors of the machine, not of the
     program (memory, files, an interrupt), are not kept. Never raises."""
     if not isinstance(exc, Exception) or isinstance(exc, (MemoryError, OSError)):
@@ -143,7 +143,7 @@ def remember_failure(found: Lookup, exc: BaseException, backend_error: bool) -> 
 
     def write(entry: Path) -> bool:
         (entry / "failed.json").write_text(json.dumps({"format": FORMAT, "error": first_line(exc),
-                                                       "backend_error": backend_error}))
+                                                       "backend_error": isinstance(exc, BackendError)}))
         return True
 
     _write_entry(found.key, write, "a failure not remembered is only exported again")

@@ -303,7 +303,7 @@ def to_onnx(gm: fx.GraphModule, example: list[torch.Tensor], path: str) -> str:
         prog = _exported(gm, example)
     except Exception as exc:
         if cached is not None:
-            export_cache.remember_failure(cached, exc, isinstance(exc, BackendError))
+            export_cache.remember_failure(cached, exc)
         raise
     with slow_step(log, f"writing {path}"):
         prog.save(path, external_data=True)
