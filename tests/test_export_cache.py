@@ -233,11 +233,17 @@ def test_a_damaged_failure_record_costs_one_export(exports, monkeypatch, tmp_pat
     assert any("record of a failure" in r.getMessage() for r in moecc_warnings.records)
 
 
-def test_a_program_split_at_a_block_that_does_not_export_skips_the_whole_export_next_time(exports):
-    """The split (``islands``) comes after a failed whole export: compiled again, the program neither exports
-    whole again nor its parts, and says the same why."""
+@pytest.mark.parametrize("probed", [True, False])
+def test_a_program_split_at_a_block_that_does_not_export_exports_nothing_next_time(exports, monkeypatch, probed):
+    """The split (``islands``) follows a failed export of the block alone (``block_probe``), or of the whole
+    program where the probe passed: compiled again, the program exports neither that nor its parts, and says the
+    same why."""
     from user_modules import AuxModel, AuxOutputsMoE
 
+    from moecc.codegen.onnx import lower
+
+    if not probed:
+        monkeypatch.setattr(lower, "block_that_does_not_export", lambda *args: None)
     torch.manual_seed(0)
     model = AuxModel(AuxOutputsMoE(), "aux").eval()
     x = torch.randint(0, 50, (2, 16))
@@ -250,4 +256,5 @@ def test_a_program_split_at_a_block_that_does_not_export_skips_the_whole_export_
             torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
     assert len(exports) == paid, "the second compile exported again"
     assert [layer.lowering for layer in second.moe_layers] == [layer.lowering for layer in first.moe_layers]
-    assert second.moe_layers[0].lowering.startswith("torch, between ONNX Runtime graphs (the whole export failed")
+    why = "moe does not export to ONNX alone" if probed else "the whole export failed"
+    assert second.moe_layers[0].lowering.startswith(f"torch, between ONNX Runtime graphs ({why}")

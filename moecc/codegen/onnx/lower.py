@@ -13,6 +13,7 @@ from torch import fx, nn
 
 from moecc import knobs
 from moecc.codegen.onnx import export_cache, repeated_layers
+from moecc.codegen.onnx.block_probe import block_that_does_not_export
 from moecc.codegen.onnx.complex_as_real import complex_as_real
 from moecc.codegen.onnx.decompose import DECOMPOSITIONS
 from moecc.codegen.onnx.grouped_nbits import grouped_matmul_nbits_onnx
@@ -315,15 +316,17 @@ def to_onnx(gm: fx.GraphModule, example: list[torch.Tensor], path: str) -> str:
 def _exported(gm: fx.GraphModule, example: list) -> torch.onnx.ONNXProgram:
     prog = _export_by_layers(gm, example) if knobs.ONNX_REPEATS.get() else None
     if prog is None:
-        prog = _export(gm, example, f"{_ops(gm)} ops")
+        prog = _export(gm, example, _ops(gm))
         _optimize(prog)
         if (why := _program_writes(prog)) is not None:
             raise BackendError(why)
     return prog
 
 
-def _ops(gm: fx.GraphModule) -> int:
-    return sum(1 for n in gm.graph.nodes if n.op == "call_function")
+def _ops(gm: fx.GraphModule) -> str:
+    ops = sum(1 for n in gm.graph.nodes if n.op == "call_function")
+    calls = sum(1 for n in gm.graph.nodes if n.op == "call_module")
+    return f"{ops} ops" + (f" and {calls} block call(s)" if calls else "")
 
 
 def _export(gm: fx.GraphModule, example: list, what: str) -> torch.onnx.ONNXProgram:
@@ -381,7 +384,7 @@ def _export_by_layers(gm: fx.GraphModule, example: list) -> torch.onnx.ONNXProgr
         exports = {}
         for n, (signature, sub) in enumerate(found.programs.items()):
             prog = _export(sub, examples[signature], f"distinct segment {n + 1} of {len(found.programs)} "
-                                                     f"({_ops(sub)} ops, {len(found.segments)} segments in all)")
+                                                     f"({_ops(sub)}, {len(found.segments)} segments in all)")
             _optimize(prog)
             if (why := _program_writes(prog)) is not None:
                 raise repeated_layers.NotRepeated(why)
@@ -500,13 +503,21 @@ def _export_and_open(gm: fx.GraphModule, example: list[torch.Tensor], folder: st
     if offloaded and owned is not None:
         # their export would copy the weights their hooks swap in into the graph
         return _blocks_on_torch(gm, example, folder, owned, offloaded, "their weights are offloaded")
+    split = bool(as_written) and owned is not None
+    if split and (why := block_that_does_not_export(gm, example, as_written, folder, to_onnx)) is not None:
+        try:
+            return _blocks_on_torch(gm, example, folder, owned, as_written, why)
+        except Exception as exc:  # noqa: BLE001 - the whole export is the last resort, and its failure the one told
+            log.debug("the program split at its blocks left as written did not lower: %s; exporting it whole",
+                      first_line(exc))
+            split = False
     try:
         return _open(gm, example, os.path.join(folder, "model.onnx"), owned)
     except BackendError:
         raise
     except Exception as exc:
         first = first_line(exc)
-        if as_written and owned is not None:
+        if split:
             try:
                 return _blocks_on_torch(gm, example, folder, owned, as_written, f"the whole export failed: {first}")
             except Exception as again:  # noqa: BLE001 - the first failure is the one to report
