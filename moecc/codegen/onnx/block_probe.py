@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
+import tempfile
 from collections.abc import Callable
 
 import torch
@@ -70,8 +70,8 @@ def probed_calls(gm: fx.GraphModule, calls: list[fx.Node]) -> list[fx.Node]:
 def block_that_does_not_export(gm: fx.GraphModule, example: list, calls: list[fx.Node], folder: str,
                                export: Callable[[fx.GraphModule, list, str], str]) -> str | None:
     """Why one of the blocks ``calls`` cannot go into an ONNX graph, found by ``export(program, example, path)``
-    of each probed block alone (into ``folder``, removed after); None where each exports or none can be cut out
-    alone."""
+    of each probed block alone (in a folder inside ``folder``, removed after); None where each exports or none
+    can be cut out alone."""
     programs = {call: program for call in probed_calls(gm, calls)
                 if (program := block_program(gm, call)) is not None}
     if not programs:
@@ -86,17 +86,14 @@ def block_that_does_not_export(gm: fx.GraphModule, example: list, calls: list[fx
         log.debug("the blocks left as written were not probed: the program failed on its example (%s)",
                   first_line(exc))
         return None
-    try:
+    with tempfile.TemporaryDirectory(prefix="probe_", dir=folder) as probes:
         for i, (call, program) in enumerate(programs.items()):
-            os.makedirs(os.path.join(folder, f"probe_{i}"), exist_ok=True)
+            os.makedirs(os.path.join(probes, str(i)))
             try:
-                export(program, recorder.inputs[call], os.path.join(folder, f"probe_{i}", "model.onnx"))
+                export(program, recorder.inputs[call], os.path.join(probes, str(i), "model.onnx"))
             except (OSError, MemoryError):
                 raise  # the machine's, not the block's
             except Exception as exc:  # noqa: BLE001 - any other failure of the block alone is the reason to split
                 return f"{block_path(call)} does not export to ONNX alone: {first_line(exc)}"
             log.debug("%s exports to ONNX alone", block_path(call))
-    finally:
-        for i in range(len(programs)):
-            shutil.rmtree(os.path.join(folder, f"probe_{i}"), ignore_errors=True)
     return None

@@ -503,21 +503,21 @@ def _export_and_open(gm: fx.GraphModule, example: list[torch.Tensor], folder: st
     if offloaded and owned is not None:
         # their export would copy the weights their hooks swap in into the graph
         return _blocks_on_torch(gm, example, folder, owned, offloaded, "their weights are offloaded")
-    split = bool(as_written) and owned is not None
-    if split and (why := block_that_does_not_export(gm, example, as_written, folder, to_onnx)) is not None:
+    may_split = bool(as_written) and owned is not None
+    if may_split and (why := block_that_does_not_export(gm, example, as_written, folder, to_onnx)) is not None:
         try:
             return _blocks_on_torch(gm, example, folder, owned, as_written, why)
         except Exception as exc:  # noqa: BLE001 - the whole export is the last resort, and its failure the one told
             log.debug("the program split at its blocks left as written did not lower: %s; exporting it whole",
                       first_line(exc))
-            split = False
+            may_split = False
     try:
         return _open(gm, example, os.path.join(folder, "model.onnx"), owned)
     except BackendError:
         raise
     except Exception as exc:
         first = first_line(exc)
-        if split:
+        if may_split:
             try:
                 return _blocks_on_torch(gm, example, folder, owned, as_written, f"the whole export failed: {first}")
             except Exception as again:  # noqa: BLE001 - the first failure is the one to report
