@@ -84,3 +84,20 @@ def test_sizes_read_on_both_sides_of_a_block_are_computed_in_each_part():
             x = torch.randint(0, 50, shape)
             torch.testing.assert_close(cm(x), model(x), rtol=1e-5, atol=1e-5)
     assert cm.captures == 1 and _sessions(cm) == 2
+
+
+def test_the_split_leaves_the_program_it_was_handed_as_it_was(tmp_path):
+    """The split computes sizes again in each part that reads them, in a copy: a compile whose split fails exports
+    the program whole, and that must be the program as captured."""
+    from moecc.capture import capture
+    from moecc.codegen.onnx.islands import blocks_on_torch
+
+    torch.manual_seed(0)
+    model = _FlatBlockModel().eval()
+    example = [torch.randint(0, 50, (2, 9))]
+    gm = capture(model, tuple(example), {}).gm
+    code = gm.code
+    calls = [n for n in gm.graph.nodes if n.op == "call_module"]
+    split = blocks_on_torch(gm, example, calls, str(tmp_path), lambda part, args, path: part)
+    assert sum(1 for n in split.graph.nodes if n.op == "call_module") == 3  # before, the block, after
+    assert gm.code == code and [n for n in gm.graph.nodes if n.op == "call_module"] == calls

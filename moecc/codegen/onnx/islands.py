@@ -12,6 +12,7 @@ it, since an ONNX graph takes and gives tensors only."""
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 
@@ -161,7 +162,11 @@ class _PartInputs(fx.Interpreter):
 
 def blocks_on_torch(gm: fx.GraphModule, example: list, on_torch: list[fx.Node], folder: str, open_part) -> nn.Module:
     """``gm`` split at the calls ``on_torch``, its other parts each lowered by ``open_part(part, example, path)``
-    to a module that runs an ONNX file with ONNX Runtime."""
+    to a module that runs an ONNX file with ONNX Runtime. ``gm`` is left as it was: a caller whose split fails
+    goes on to export it whole."""
+    graph = copy.deepcopy(gm.graph)  # the parts' own size computations go into the copy
+    copies = dict(zip(gm.graph.nodes, graph.nodes))
+    gm, on_torch = fx.GraphModule(gm, graph), [copies[call] for call in on_torch]
     part = _parts(gm, set(on_torch))
     _scalars_in_place(gm, part)
     split = split_module(gm, gm, lambda node: part[node], keep_original_order=True)
