@@ -87,6 +87,12 @@ def _registered(w: ExpertWeights) -> ExpertWeights:
     return ExpertWeights(*(_maybe(t) for t in _tensors(w)))
 
 
+def _items(result, n: int) -> tuple:
+    """The ``n`` items of an op's result. Unpacking an fx Proxy reads the calling function's bytecode to learn how
+    many items it takes, which costs more than tracing the rest of ``forward``: indexing does not."""
+    return tuple(result[i] for i in range(n))
+
+
 class CanonicalMoE(nn.Module):
     def __init__(self, a: BlockAnalysis):
         super().__init__()
@@ -141,9 +147,10 @@ class CanonicalMoE(nn.Module):
         else:
             logits = torch.nn.functional.linear(r2, self.router_weight, self.router_bias)
         if self.router_program is None and not a.routing_given:
-            weights, ids = torch.ops.moecc.route(logits, self.selection_bias, r.top_k, r.score, r.topk_first,
-                                                 r.renormalize, r.n_group, r.topk_group, r.scale,
-                                                 *routing.optional_route_args(r.group_top, self.expert_scale))
+            weights, ids = _items(torch.ops.moecc.route(logits, self.selection_bias, r.top_k, r.score, r.topk_first,
+                                                        r.renormalize, r.n_group, r.topk_group, r.scale,
+                                                        *routing.optional_route_args(r.group_top, self.expert_scale)),
+                                  2)
         group = x.shape[-2] if c.group == "sequence" else 0
         k = r.top_k
         if r.weights_on_inputs:
@@ -158,9 +165,9 @@ class CanonicalMoE(nn.Module):
         else:
             moe_in, moe_ids, moe_weights = x2, ids, weights
         bank = r.num_experts - a.extra_experts
-        xs, order, offsets = torch.ops.moecc.dispatch(moe_in, moe_ids, bank, c.capacity, c.capacity_factor,
-                                                      c.capacity_min, group, c.priority,
-                                                      *(() if c.rounding == "ceil" else (c.rounding,)))
+        xs, order, offsets = _items(torch.ops.moecc.dispatch(moe_in, moe_ids, bank, c.capacity, c.capacity_factor,
+                                                             c.capacity_min, group, c.priority,
+                                                             *(() if c.rounding == "ceil" else (c.rounding,))), 3)
         ys = torch.ops.moecc.expert_ffn(xs, offsets, self.w_up, self.w_down, self.b_up, self.b_down,
                                         e.activation, e.gated, e.alpha, e.limit)
         y = torch.ops.moecc.combine(ys, order, moe_weights)
