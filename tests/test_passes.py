@@ -131,6 +131,56 @@ def test_failing_pass_is_named_and_input_saved(tmp_path):
     assert "001_failed_boom_input" in str(info.value)
 
 
+def test_the_pipeline_regenerates_code_once_when_nothing_reads_it_between_passes(monkeypatch):
+    model, x, cap = _captured()
+    gm = cap.gm
+    calls = []
+    real = type(gm).recompile
+    monkeypatch.setattr(type(gm), "recompile", lambda self: calls.append(self) or real(self))
+    result = PassManager(moecc.passes.default_pipeline(), [Timing()])(gm)
+    assert result.modified and calls == [gm]
+    assert gm.code == gm.graph.python_code("self").src  # the code is the graph the last pass left
+    _same(model, gm, x)
+    _same(model, gm, torch.randint(0, 50, (3, 5)))
+
+
+def test_an_instrument_that_runs_the_module_sees_each_pass_s_code():
+    class RunsEachStage(moecc.passes.manager.Instrument):
+        def __init__(self):
+            self.stale = []
+
+        def after_pass(self, index, p, result, seconds):
+            gm = result.graph_module
+            if gm.code != gm.graph.python_code("self").src:
+                self.stale.append(p.name)
+
+    _, _, cap = _captured()
+    runs = RunsEachStage()
+    PassManager(moecc.passes.default_pipeline(), [Timing(), runs])(cap.gm)
+    assert runs.stale == []
+
+
+def test_a_pass_run_alone_leaves_its_code_current():
+    model, x, cap = _captured()
+    assert Recognize()(cap.gm).modified
+    assert cap.gm.code == cap.gm.graph.python_code("self").src
+    _same(model, cap.gm, x)
+
+
+def test_the_repro_of_a_failing_pass_holds_what_it_left_of_the_graph(tmp_path):
+    class HalfDone(Recognize):
+        name = "half_done"
+
+        def run(self, gm):
+            super().run(gm)
+            raise RuntimeError("stopped after recognizing")
+
+    _, _, cap = _captured()
+    with pytest.raises(moecc.PassError, match="half_done"):
+        PassManager([HalfDone()], [Timing()], repro_dir=tmp_path)(cap.gm)
+    assert "moecc.route" in (tmp_path / "001_failed_half_done_input.py").read_text()
+
+
 def test_dumps_rerun(tmp_path):
     torch.manual_seed(0)
     model = TinyModel(LoopMoE()).eval()

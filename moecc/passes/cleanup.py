@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import fx
 
 from moecc.passes.base import MoePass, PassResult
-from moecc.passes.graph_utils import eliminate_dead_code
+from moecc.passes.graph_utils import eliminate_dead_code, recompile
 
 
 class Cleanup(MoePass):
@@ -28,6 +28,6 @@ class Cleanup(MoePass):
                     removed += 1
         changed = gm.delete_all_unused_submodules() or changed or removed > 0
         gm.graph.lint()
-        gm.recompile()
+        recompile(gm)
         self.stats = {"nodes_removed": before - len(gm.graph.nodes), "weights_dropped": removed}
         return PassResult(gm, bool(changed) or before != len(gm.graph.nodes))

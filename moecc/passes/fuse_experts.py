@@ -9,7 +9,7 @@ from torch import fx
 
 from moecc.match import MatchResult
 from moecc.passes.base import MoePass, PassResult, layers_of
-from moecc.passes.graph_utils import eliminate_dead_code, nodes_calling, op_arguments
+from moecc.passes.graph_utils import eliminate_dead_code, nodes_calling, op_arguments, recompile
 
 
 def _item(node, source: fx.Node, index: int) -> bool:
@@ -58,7 +58,7 @@ class FuseExperts(MoePass):
         self.stats = {"fused": fused, "not_fused": reasons}
         if fused:
             eliminate_dead_code(gm.graph)
-            gm.recompile()
+            recompile(gm)
             _mark_fused(gm)
         return PassResult(gm, fused > 0)
 

@@ -7,7 +7,7 @@ from torch import fx
 
 from moecc.match import MatchResult
 from moecc.passes.base import MoePass, PassResult
-from moecc.passes.graph_utils import attr_of, eliminate_dead_code, nodes_calling
+from moecc.passes.graph_utils import attr_of, eliminate_dead_code, nodes_calling, recompile
 
 _LINEAR = (torch._C._nn.linear, torch.nn.functional.linear, torch.ops.aten.linear.default)
 
@@ -94,5 +94,5 @@ class FuseGating(MoePass):
         self.stats = {"fused": fused, "not_fused": reasons}
         if fused:
             eliminate_dead_code(gm.graph)
-            gm.recompile()
+            recompile(gm)
         return PassResult(gm, fused > 0)

@@ -3,10 +3,37 @@
 from __future__ import annotations
 
 import copy
+import weakref
+from contextlib import contextmanager
 
 import torch
 from torch import fx
 from torch.utils import _pytree as pytree
+
+# graph modules whose code a PassManager regenerates once, after its last pass: -> whether a pass changed the graph
+_STALE_CODE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def recompile(gm: fx.GraphModule) -> None:
+    """What a pass calls once it changed ``gm``'s graph. While a PassManager defers it (``recompile_once``), this
+    only notes the change: regenerating a whole model's Python code takes a quarter of a second or more, and no one
+    reads the code between two passes unless an instrument (a dump) does."""
+    if gm in _STALE_CODE:
+        _STALE_CODE[gm] = True
+    else:
+        gm.recompile()
+
+
+@contextmanager
+def recompile_once(gm: fx.GraphModule):
+    """Within it, ``recompile(gm)`` is put off; on leaving (a failure too), ``gm`` is recompiled if a pass changed
+    it."""
+    _STALE_CODE[gm] = False
+    try:
+        yield
+    finally:
+        if _STALE_CODE.pop(gm, False):
+            gm.recompile()
 
 
 def attr_of(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:

@@ -20,7 +20,7 @@ from torch import fx
 
 from moecc.match import MatchResult
 from moecc.passes.base import MoePass, PassResult, layers_of
-from moecc.passes.graph_utils import attr_of, eliminate_dead_code, nodes_calling, parameter_through_casts
+from moecc.passes.graph_utils import attr_of, eliminate_dead_code, nodes_calling, parameter_through_casts, recompile
 from moecc.passes.recognize.probe import tolerance
 from moecc.passes.recognize.router import Observed, Router, fit_routing
 from moecc.routing import optional_route_args, route_reference, router_logits
@@ -245,7 +245,7 @@ class LiftRouting(MoePass):
         if lifted:
             _drop_orphan_asserts(gm)
             eliminate_dead_code(gm.graph)
-            gm.recompile()
+            recompile(gm)
         return PassResult(gm, lifted > 0)
 
 

@@ -6,6 +6,7 @@ import json
 import logging
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 from torch import fx
@@ -13,17 +14,25 @@ from torch import fx
 from moecc.dump import TensorStore, write_sample, write_stage
 from moecc.errors import PassError
 from moecc.passes.base import MoePass, PassResult
+from moecc.passes.graph_utils import recompile_once
 
 log = logging.getLogger("moecc.passes")
 
 
 class Instrument:
+    """``runs_module``: it calls each pass's output module or reads its ``code``, which the passes then regenerate
+    after each pass rather than once after the last. An instrument that reads only the graph says False."""
+
+    runs_module = True
+
     def on_start(self, gm: fx.GraphModule) -> None: ...
     def after_pass(self, index: int, p: MoePass, result: PassResult, seconds: float) -> None: ...
     def on_finish(self, gm: fx.GraphModule) -> None: ...
 
 
 class Timing(Instrument):
+    runs_module = False
+
     def __init__(self) -> None:
         self.records: list[dict] = []
 
@@ -36,6 +45,8 @@ class Timing(Instrument):
 
 class DumpIR(Instrument):
     """``000_capture.py``, ``001_<pass>.py``, ... plus ``passes.json``; weights shared in one file."""
+
+    runs_module = False  # a stage's code is written from its graph
 
     def __init__(self, folder: str | Path, inputs: list, reference: list, timing: Timing) -> None:
         self.folder = Path(folder)
@@ -76,19 +87,21 @@ class PassManager:
         for ins in self.instruments:
             ins.on_start(gm)
         modified = False
-        for index, p in enumerate(self.passes, start=1):
-            start = time.perf_counter()
-            try:
-                result = p(gm)
-            except Exception as exc:
-                path = self._save_repro(index, p, gm)
-                raise PassError(f"pass {index:03d} {p.name!r} failed: {exc}\n"
-                                f"Its input graph is saved at {path} for a repro.") from exc
-            seconds = time.perf_counter() - start
-            gm = result.graph_module
-            modified |= result.modified
-            for ins in self.instruments:
-                ins.after_pass(index, p, result, seconds)
+        # no one reads the code between passes: it is regenerated once, after the last
+        with nullcontext() if any(ins.runs_module for ins in self.instruments) else recompile_once(gm):
+            for index, p in enumerate(self.passes, start=1):
+                start = time.perf_counter()
+                try:
+                    result = p(gm)
+                except Exception as exc:
+                    path = self._save_repro(index, p, gm)
+                    raise PassError(f"pass {index:03d} {p.name!r} failed: {exc}\n"
+                                    f"Its input graph is saved at {path} for a repro.") from exc
+                seconds = time.perf_counter() - start
+                gm = result.graph_module
+                modified |= result.modified
+                for ins in self.instruments:
+                    ins.after_pass(index, p, result, seconds)
         for ins in self.instruments:
             ins.on_finish(gm)
         return PassResult(gm, modified)
@@ -101,5 +114,6 @@ class PassManager:
             store.save(folder)
         except Exception:  # noqa: BLE001 - the repro is best effort; the pass error matters more
             path = folder / f"{index:03d}_failed_{p.name}_input.txt"
+            gm.recompile()  # the code may be older than the graph the failing pass left
             path.write_text(gm.code)
         return path

@@ -23,7 +23,7 @@ from torch import fx
 
 from moecc.experts import WEIGHT_LAYOUTS, from_canonical, to_canonical
 from moecc.passes.base import MoePass, PassResult, layers_of
-from moecc.passes.graph_utils import attr_of, nodes_calling
+from moecc.passes.graph_utils import attr_of, nodes_calling, recompile
 
 log = logging.getLogger("moecc.passes")
 
@@ -112,7 +112,7 @@ class PlaceExperts(MoePass):
             for why in kept:
                 log.info("place_experts: %s", why)
         if modified:
-            gm.recompile()
+            recompile(gm)
         return PassResult(gm, modified)
 
 

@@ -10,7 +10,7 @@ import torch
 from torch import fx
 
 from moecc.passes.base import MoePass, PassResult, layers_of
-from moecc.passes.graph_utils import nodes_calling, op_arguments
+from moecc.passes.graph_utils import nodes_calling, op_arguments, recompile
 
 T = sympy.Symbol("T", positive=True, integer=True)  # tokens in the batch
 S = sympy.Symbol("S", positive=True, integer=True)  # tokens in one sequence (a capacity group)
@@ -54,7 +54,7 @@ class SpecializeCapacity(MoePass):
             formulas[node.name] = str(expr)
         self.stats = {"capacity": formulas}
         if modified:
-            gm.recompile()
+            recompile(gm)
         return PassResult(gm, modified)
 
 

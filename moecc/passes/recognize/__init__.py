@@ -16,7 +16,7 @@ from moecc.hooks import own_hooks
 from moecc.ir import MoELayerInfo
 from moecc.match import MatchResult
 from moecc.passes.base import MoePass, PassResult, layers_of
-from moecc.passes.graph_utils import inline_module, output_leaves
+from moecc.passes.graph_utils import inline_module, output_leaves, recompile
 from moecc.passes.recognize import inline_routing
 from moecc.passes.recognize.bank import is_moe_block
 from moecc.passes.recognize.block import OFFLOADED, analyze_block, offloaded_weights, unfit_parameters
@@ -247,7 +247,7 @@ class Recognize(MoePass):
         self.stats = {"matched": matched, "left_as_written": failed, "reused": reused}
         if modified:
             gm.graph.lint()
-            gm.recompile()
+            recompile(gm)
         return PassResult(gm, modified)
 
     @staticmethod
