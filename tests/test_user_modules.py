@@ -358,6 +358,23 @@ def test_a_block_with_nan_weights_runs_as_written_and_says_why():
     torch.testing.assert_close(cm(x), model(x), equal_nan=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_all_finite_finds_each_non_finite_value_and_no_other(dtype):
+    from moecc.passes.recognize.block import all_finite
+
+    t = torch.randn(64, 33).to(dtype)
+    assert all_finite(t) and all_finite(t[:0])
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        u = t.clone()
+        u[5, 7] = bad
+        assert not all_finite(u)
+    both = t.clone()
+    both[0, 0], both[1, 1] = float("inf"), -float("inf")  # a NaN sum
+    assert not all_finite(both)
+    big = torch.full((64, 33), torch.finfo(dtype).max / 2, dtype=dtype)  # its sum overflows, its values are finite
+    assert not torch.isfinite(big.sum()) and all_finite(big)
+
+
 def test_a_gate_over_the_whole_output_runs_as_written_and_says_it_found_no_shared_expert():
     from user_modules import OutputGateMoE
 
