@@ -17,7 +17,7 @@ _STALE_CODE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def recompile(gm: fx.GraphModule) -> None:
     """What a pass calls once it changed ``gm``'s graph. While a PassManager defers it (``recompile_once``), this
     only notes the change: regenerating a whole model's Python code takes a quarter of a second or more, and no one
-    reads the code between two passes unless an instrument (a dump) does."""
+    reads the code between two passes unless an instrument runs the module (``Instrument.runs_module``)."""
     if gm in _STALE_CODE:
         _STALE_CODE[gm] = True
     else:
