@@ -87,7 +87,7 @@ class PassManager:
         for ins in self.instruments:
             ins.on_start(gm)
         modified = False
-        # no one reads the code between passes: it is regenerated once, after the last
+        # unless an instrument runs each pass's module, the code is regenerated once, after the last pass
         with nullcontext() if any(ins.runs_module for ins in self.instruments) else recompile_once(gm):
             for index, p in enumerate(self.passes, start=1):
                 start = time.perf_counter()
