@@ -7,6 +7,7 @@ import io
 import logging
 import threading
 import time
+import warnings
 
 from moecc import knobs
 
@@ -27,6 +28,14 @@ def configure() -> None:
         logger.addHandler(handler)
         logger.propagate = False
         _configured = True
+
+
+def hush_torch_deprecations() -> None:
+    """Inside a ``warnings.catch_warnings()`` block: ignore what torch warns about its own code. torch 2.13's
+    ``run_decompositions`` (and so ``torch.onnx.export``) deep-copies pytree leaf specs, whose class it has
+    deprecated, and warns the caller of every export about it."""
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                            category=FutureWarning)
 
 
 # torch's loggers that warn while torch.export traces (unbacked symbols, real-tensor propagation): noise to a user

@@ -3,6 +3,8 @@ experts fuse, fed by the block's own routing ops (``moecc/passes/recognize/inlin
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -54,8 +56,17 @@ def _second_masked_in_place(block, logits, x):
     return w / w.sum(-1, keepdim=True), ids
 
 
-ROUTINGS = {"softplus": _softplus, "threshold": _threshold, "centroids": _centroids, "cosine": _cosine,
-            "temperature_buffer": _temperature_buffer, "sorted": _sorted,
+def _nucleus(block, logits, x):
+    """Experts until their probabilities reach one half, at most k + 1: a constant written in place, which the
+    export lifts into an attribute the block does not hold."""
+    w, order = logits.softmax(-1).sort(-1, descending=True)
+    keep = (w.cumsum(-1) - w) < 0.5
+    keep[:, TOP_K + 1:] = False
+    return (w * keep)[:, :TOP_K + 1], order[:, :TOP_K + 1]
+
+
+ROUTINGS = {"softplus": _softplus, "nucleus": _nucleus, "threshold": _threshold, "centroids": _centroids,
+            "cosine": _cosine, "temperature_buffer": _temperature_buffer, "sorted": _sorted,
             "second_masked_in_place": _second_masked_in_place}
 
 
@@ -175,6 +186,19 @@ def test_a_write_into_the_weights_is_part_of_the_routing_read_off_the_code():
     assert k == TOP_K
     torch.testing.assert_close(ids, want_ids)
     torch.testing.assert_close(w, want_w)
+
+
+def test_compiling_a_blocks_own_routing_passes_on_no_warning_of_torchs_own_code():
+    """torch 2.13 warns, at each ``run_decompositions`` (the routing's export, ``torch.onnx.export``), that its own
+    code copies a deprecated class: nothing the user can act on."""
+    torch.manual_seed(0)
+    model = TinyModel(OwnRoutingMoE("nucleus")).eval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cm, layer = _compiled(model, "onnxruntime", "cpu")
+    assert layer.fused, layer.reason
+    assert not [w for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))], \
+        [str(w.message) for w in caught]
 
 
 class BatchCentredMoE(OwnRoutingMoE):

@@ -45,7 +45,7 @@ from moecc.codegen.onnx.sorted_experts import grouped_matmul_onnx, nbits_fit, so
 from moecc.codegen.onnx.stitch import stitch
 from moecc.errors import BackendError, first_line
 from moecc.files import OwnedFolder
-from moecc.logs import quiet, slow_step, stderr_to_debug
+from moecc.logs import hush_torch_deprecations, quiet, slow_step, stderr_to_debug
 from moecc.match import MatchResult
 from moecc.module_state import program_writes
 from moecc.passes.base import layers_of
@@ -339,6 +339,7 @@ def _export(gm: fx.GraphModule, example: list, what: str) -> torch.onnx.ONNXProg
             slow_step(log, f"exporting {what} to ONNX (torch.onnx.export)", SKIP_LOWERING):
         # the graph's ops are fixed by now; an exported program's module refuses eval(), so it stays in train mode
         warnings.filterwarnings("ignore", message="Exporting a model while it is in training mode")
+        hush_torch_deprecations()
         return torch.onnx.export(gm, tuple(example), dynamo=True, dynamic_shapes=tuple(shapes), optimize=False,
                                  custom_translation_table={torch.ops.moecc.ort_moe.default: ort_moe_onnx,
                                                            torch.ops.moecc.ort_qmoe.default: ort_qmoe_onnx,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -22,7 +23,7 @@ import torch.fx.experimental._config as fx_config
 from torch import fx, nn
 from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
-from moecc.logs import EXPORT_LOGGERS, quiet, stderr_to_debug
+from moecc.logs import EXPORT_LOGGERS, hush_torch_deprecations, quiet, stderr_to_debug
 from moecc.match import MatchResult
 from moecc.module_casts import idle_module_casts
 
@@ -52,7 +53,8 @@ def _exported(block: nn.Module, rank: int, x: torch.Tensor) -> fx.GraphModule:
     the routing's ops, all this module reads, take none (``_clean``), and the probes check every candidate."""
     def export():
         with torch.no_grad(), stderr_to_debug(log, "torch.export of the block's forward"), quiet(*EXPORT_LOGGERS), \
-                idle_module_casts():
+                idle_module_casts(), warnings.catch_warnings():
+            hush_torch_deprecations()
             return torch.export.export(_OnTokens(block, rank), (x,), dynamic_shapes=({0: torch.export.Dim.AUTO},),
                                        strict=False).run_decompositions({}).module()
 
@@ -110,23 +112,40 @@ def _clean(nodes: set[fx.Node]) -> bool:
     return True
 
 
-def _graph(gm: fx.GraphModule, x: fx.Node, weights: fx.Node, ids: fx.Node, k: int) -> fx.Graph:
+def _graph(gm: fx.GraphModule, x: fx.Node, weights: fx.Node, ids: fx.Node, k: int,
+           held: set[str]) -> tuple[fx.Graph, dict[str, torch.Tensor]]:
+    """The ops above ``weights`` and ``ids`` as a graph of the tokens, and the constants it reads: attributes of the
+    export that are not among ``held``, the block's own parameters and buffers (as the export names them)."""
     inside = _ancestors([weights, ids])
     graph = fx.Graph()
     env = {x: graph.placeholder("x")}
+    constants: dict[str, torch.Tensor] = {}
     for node in gm.graph.nodes:
         if node in inside and node is not x:
-            env[node] = graph.node_copy(node, lambda n: env[n])
+            env[node] = copied = graph.node_copy(node, lambda n: env[n])
+            if node.op == "get_attr" and node.target not in held:
+                name = f"_constant_{len(constants)}"
+                constants[name] = _attribute(gm, node.target)
+                copied.target = name
     w = graph.call_method("float", (graph.call_method("reshape", (env[weights], -1, k)),))
     i = graph.call_method("long", (graph.call_method("reshape", (env[ids], -1, k)),))
     graph.output((w, i))
-    return graph
+    return graph, constants
 
 
-# (block structure) -> the candidates' graphs and k: a block of the same code and parameter shapes (the next layer)
-# reads the same ops off its code, over its own parameters, without an export of its own (seconds for a block of
-# many experts, whose loop export traces). Cleared after each recognize pass (``forget``).
-_READ: dict[tuple, list[tuple[fx.Graph, int]]] = {}
+def _attribute(gm: fx.GraphModule, target: str) -> torch.Tensor:
+    owner, _, name = target.rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, name)
+
+
+# A candidate read off a block's export: its graph, its k, and the tensors the block's code makes (``keep[:, 3:] =
+# False`` lifts a constant), which the graph reads as attributes of its own since the block does not hold them.
+_Read = tuple[fx.Graph, int, dict[str, torch.Tensor]]
+
+# (block structure) -> the candidates read: a block of the same code and parameter shapes (the next layer) reads
+# the same ops off its code, over its own parameters, without an export of its own (seconds for a block of many
+# experts, whose loop export traces). Cleared after each recognize pass (``forget``).
+_READ: dict[tuple, list[_Read]] = {}
 
 
 def forget() -> None:
@@ -139,12 +158,14 @@ def _structure(block: nn.Module, like: torch.Tensor, rank: int, hidden: int, num
             like.dtype, like.device.type, rank, hidden, num_experts)
 
 
-def _rooted(block: nn.Module, rank: int, read: list[tuple[fx.Graph, int]]) -> list[tuple[fx.GraphModule, int]] | None:
+def _rooted(block: nn.Module, rank: int, read: list[_Read]) -> list[tuple[fx.GraphModule, int]] | None:
     """The graphs read off a block of the same structure, over ``block``'s own parameters and buffers; None where
-    one reads a constant of that block's export, which this block has not."""
-    root = _OnTokens(block, rank)
+    one reads an attribute this block has not."""
     out = []
-    for graph, k in read:
+    for graph, k, constants in read:
+        root = _OnTokens(block, rank)
+        for name, value in constants.items():
+            root.register_buffer(name, value, persistent=False)
         copy = fx.Graph()
         copy.output(copy.graph_copy(graph, {}))
         try:
@@ -164,12 +185,15 @@ def routing_programs(block: nn.Module, like: torch.Tensor, rank: int, hidden: in
     read = _read_off(block, like, rank, hidden, num_experts)
     if not read:
         return read
+    rooted = _rooted(block, rank, read.value)
+    if rooted is None:
+        return MatchResult.fail("a candidate read off its forward reads an attribute the block does not hold")
     _READ[key] = read.value
-    return MatchResult.success(iter(_rooted(block, rank, read.value)))
+    return MatchResult.success(iter(rooted))
 
 
 def _read_off(block: nn.Module, like: torch.Tensor, rank: int, hidden: int,
-              num_experts: int) -> MatchResult[list[tuple[fx.Graph, int]]]:
+              num_experts: int) -> MatchResult[list[_Read]]:
     """The candidates' graphs (``routing_programs``), from an export of the block's forward."""
     n = next(t for t in _TOKENS if t not in (hidden, num_experts))
     g = torch.Generator().manual_seed(31)
@@ -182,6 +206,8 @@ def _read_off(block: nn.Module, like: torch.Tensor, rank: int, hidden: int,
         return MatchResult.fail(f"exporting its forward failed: {first}")
     placeholder = next(nd for nd in gm.graph.nodes if nd.op == "placeholder")
     order = {nd: i for i, nd in enumerate(gm.graph.nodes)}
+    held = {f"block.{name}" for name, _ in [*block.named_parameters(remove_duplicate=False),
+                                             *block.named_buffers(remove_duplicate=False)]}
 
     def pairs_of(floating: bool) -> list[tuple[fx.Node, int]]:
         found = []
@@ -208,7 +234,8 @@ def _read_off(block: nn.Module, like: torch.Tensor, rank: int, hidden: int,
             continue
         inside = _ancestors([w, i])
         if placeholder in inside and _clean(inside):
-            graphs.append((_graph(gm, placeholder, w, i, ki), ki))
+            graph, constants = _graph(gm, placeholder, w, i, ki, held)
+            graphs.append((graph, ki, constants))
             if len(graphs) >= MAX_PROGRAMS:
                 break
     if not graphs:
