@@ -1129,13 +1129,79 @@ class SharedRoutingModel(nn.Module):
         return self.head(h)
 
 
+class SortedTopkMoE(LoopMoE):
+    """The top k read off a descending sort of the probabilities, not ``torch.topk``."""
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        probs, order = F.softmax(self.gate(x), dim=-1).sort(-1, descending=True)
+        weights, chosen = probs[:, :self.top_k], order[:, :self.top_k]
+        return weighted_experts(self.experts, x, weights / weights.sum(-1, keepdim=True), chosen).reshape(shape)
+
+
+class ArgmaxMoE(LoopMoE):
+    """Top-1 by ``argmax``, its probability gathered, each expert's rows written by index (``out[t] = ...``)."""
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        probs = F.softmax(self.gate(x), dim=-1)
+        chosen = probs.argmax(-1)
+        weight = probs.gather(1, chosen[:, None])
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            token = torch.nonzero(chosen == e).squeeze(1)
+            out[token] = expert(x[token]) * weight[token]
+        return out.reshape(shape)
+
+
+class GatheredWeightsMoE(nn.Module):
+    """Each token's experts' weights gathered by index (``w_in[ids]``, ``[T, k, ., .]``) and applied by einsum: no
+    loop over experts."""
+
+    def __init__(self, hidden=24, inter=40, num_experts=6, top_k=2):
+        super().__init__()
+        self.top_k = top_k
+        self.router = nn.Linear(hidden, num_experts, bias=False)
+        self.w_in = nn.Parameter(torch.randn(num_experts, 2 * inter, hidden) / hidden ** 0.5)
+        self.w_out = nn.Parameter(torch.randn(num_experts, hidden, inter) / inter ** 0.5)
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        logits, ids = self.router(x).topk(self.top_k, -1)
+        gate, up = torch.einsum("tkoh,th->tko", self.w_in[ids], x).chunk(2, -1)
+        y = torch.einsum("tkhi,tki->tkh", self.w_out[ids], F.silu(gate) * up)
+        return (y * logits.softmax(-1)[..., None]).sum(1).reshape(shape)
+
+
+class LowRankMoE(LoopMoE):
+    """Experts of two Linear layers and no activation between them (low-rank adapters as experts)."""
+
+    def __init__(self, hidden=24, rank=4, num_experts=6, top_k=2):
+        super().__init__(hidden, rank, num_experts, top_k)
+        self.experts = nn.ModuleList(nn.Sequential(nn.Linear(hidden, rank, bias=False),
+                                                   nn.Linear(rank, hidden, bias=False)) for _ in range(num_experts))
+
+
+class EveryExpertMoE(LoopMoE):
+    """k = E: every expert on every token, weighted by the softmax."""
+
+    renormalize = False
+
+    def __init__(self):
+        super().__init__(num_experts=4, top_k=4)
+
+
 USER_BLOCKS = {"loop": LoopMoE, "scaled_output": ScaledOutputMoE, "gshard": GShardMoE, "bmm": BmmMoE,
                "block_bias": BlockBiasMoE, "input_scaled": InputScaledMoE, "squared_relu": SquaredReluMoE,
                "post_norm": PostNormMoE, "sequential_gelu": SequentialGeluMoE,
                "projection_lists": ProjectionListsMoE, "residual_inside": ResidualInsideMoE,
                "post_norm_residual": PostNormResidualMoE,
                "dense_gate": DenseGateMoE, "dense_einsum": DenseEinsumMoE, "uneven_width": UnevenWidthMoE,
-               "scaled_experts": ScaledExpertsMoE}
+               "scaled_experts": ScaledExpertsMoE, "sorted_topk": SortedTopkMoE, "argmax": ArgmaxMoE,
+               "gathered_weights": GatheredWeightsMoE, "low_rank": LowRankMoE, "every_expert": EveryExpertMoE}
 
 
 class OtherOutputsMoE(LoopMoE):
