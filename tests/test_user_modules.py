@@ -358,6 +358,19 @@ def test_a_block_with_nan_weights_runs_as_written_and_says_why():
     torch.testing.assert_close(cm(x), model(x), equal_nan=True)
 
 
+def test_a_block_called_channels_first_runs_as_written_and_says_where_its_hidden_size_is():
+    from user_modules import ChannelsFirstModel, ChannelsFirstMoE
+
+    torch.manual_seed(0)
+    model = ChannelsFirstModel(ChannelsFirstMoE()).eval()
+    cm, layer = compile_on_ids(model, backend="torch")
+    assert not layer.fused
+    assert "holds 24 at dim 1: moecc fuses blocks whose input holds the hidden size last" in layer.reason, \
+        layer.reason
+    x = torch.randint(0, 50, (3, 11))
+    torch.testing.assert_close(cm(x), model(x))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_all_finite_finds_each_non_finite_value_and_no_other(dtype):
     from moecc.passes.recognize.block import all_finite

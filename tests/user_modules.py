@@ -1194,6 +1194,20 @@ class EveryExpertMoE(LoopMoE):
         super().__init__(num_experts=4, top_k=4)
 
 
+
+class ChannelsFirstMoE(LoopMoE):
+    """Called on ``[B, H, L]`` (a convolutional model's layout), moving the hidden size last inside."""
+
+    def forward(self, x):
+        return super().forward(x.transpose(1, 2)).transpose(1, 2)
+
+
+class ChannelsFirstModel(TinyModel):
+    def forward(self, ids):
+        h = self.embed(ids)
+        h = h + self.moe(self.norm(h).transpose(1, 2)).transpose(1, 2)
+        return self.head(h)
+
 USER_BLOCKS = {"loop": LoopMoE, "scaled_output": ScaledOutputMoE, "gshard": GShardMoE, "bmm": BmmMoE,
                "block_bias": BlockBiasMoE, "input_scaled": InputScaledMoE, "squared_relu": SquaredReluMoE,
                "post_norm": PostNormMoE, "sequential_gelu": SequentialGeluMoE,

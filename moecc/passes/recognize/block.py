@@ -605,6 +605,8 @@ def analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | N
     """The canonical form of ``block`` (``_analyze_block``), with a clamp limit the bank does not name proven on
     probes that pass it (``clamp``)."""
     r = _analyze_block(block, example, others, read, refused=refused, own_first=own_first)
+    if not r and (where := hidden_not_last(block, example)):
+        return MatchResult.fail(f"{r.reason}; {where}")
     if not r or r.value.expert.limit <= 0:
         return r
     bank, _, experts = find_bank(block)
@@ -615,6 +617,21 @@ def analyze_block(block: nn.Module, example: torch.Tensor, others: OtherArgs | N
     if clamp.proven_clamp(block, r.value, inputs, others):
         return r
     return MatchResult.fail(f"{limit}, but the clamp at {r.value.expert.limit:g} does not fit probes that pass it")
+
+
+def hidden_not_last(block: nn.Module, example: torch.Tensor) -> str | None:
+    """Where the block's input holds its hidden size elsewhere than last (channels first, ``[B, H, L]``), which
+    canonical forms do not read, the reason to add to why it was not fused; else None. The hidden size is a size
+    of its parameters (the router's ``[E, H]``) that the input's last dim is not."""
+    sizes = {d for p in block.parameters() for d in p.shape}
+    shape = list(example.shape)
+    if len(shape) < 2 or shape[-1] in sizes:
+        return None
+    at = [i for i, d in enumerate(shape[:-1]) if d > 1 and d in sizes]
+    if not at:
+        return None
+    return (f"its input {shape} ends in a size none of its parameters has, and holds {shape[at[-1]]} at dim "
+            f"{at[-1]}: moecc fuses blocks whose input holds the hidden size last (move it last around the block)")
 
 
 def _autocast_to(like: torch.Tensor) -> torch.dtype | None:
