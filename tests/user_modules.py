@@ -1194,7 +1194,6 @@ class EveryExpertMoE(LoopMoE):
         super().__init__(num_experts=4, top_k=4)
 
 
-
 class ChannelsFirstMoE(LoopMoE):
     """Called on ``[B, H, L]`` (a convolutional model's layout), moving the hidden size last inside."""
 
@@ -1207,6 +1206,7 @@ class ChannelsFirstModel(TinyModel):
         h = self.embed(ids)
         h = h + self.moe(self.norm(h).transpose(1, 2)).transpose(1, 2)
         return self.head(h)
+
 
 USER_BLOCKS = {"loop": LoopMoE, "scaled_output": ScaledOutputMoE, "gshard": GShardMoE, "bmm": BmmMoE,
                "block_bias": BlockBiasMoE, "input_scaled": InputScaledMoE, "squared_relu": SquaredReluMoE,

@@ -26,6 +26,7 @@ from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 from moecc.logs import EXPORT_LOGGERS, hush_torch_deprecations, quiet, stderr_to_debug
 from moecc.match import MatchResult
 from moecc.module_casts import idle_module_casts
+from moecc.passes.graph_utils import attr_of, copy_graph
 
 log = logging.getLogger("moecc.passes.recognize")
 
@@ -125,17 +126,12 @@ def _graph(gm: fx.GraphModule, x: fx.Node, weights: fx.Node, ids: fx.Node, k: in
             env[node] = copied = graph.node_copy(node, lambda n: env[n])
             if node.op == "get_attr" and node.target not in held:
                 name = f"_constant_{len(constants)}"
-                constants[name] = _attribute(gm, node.target)
+                constants[name] = attr_of(gm, node)
                 copied.target = name
     w = graph.call_method("float", (graph.call_method("reshape", (env[weights], -1, k)),))
     i = graph.call_method("long", (graph.call_method("reshape", (env[ids], -1, k)),))
     graph.output((w, i))
     return graph, constants
-
-
-def _attribute(gm: fx.GraphModule, target: str) -> torch.Tensor:
-    owner, _, name = target.rpartition(".")
-    return getattr(gm.get_submodule(owner) if owner else gm, name)
 
 
 # A candidate read off a block's export: its graph, its k, and the tensors the block's code makes (``keep[:, 3:] =
@@ -166,10 +162,8 @@ def _rooted(block: nn.Module, rank: int, read: list[_Read]) -> list[tuple[fx.Gra
         root = _OnTokens(block, rank)
         for name, value in constants.items():
             root.register_buffer(name, value, persistent=False)
-        copy = fx.Graph()
-        copy.output(copy.graph_copy(graph, {}))
         try:
-            out.append((fx.GraphModule(root, copy), k))
+            out.append((fx.GraphModule(root, copy_graph(graph)), k))
         except AttributeError:
             return None
     return out
