@@ -34,6 +34,52 @@ def _language_snapshot():
     return [(space, dict(vars(space))) for space in spaces if space is not None]
 
 
+def _patch_each_language_once_per_kernel():
+    """Triton's interpreter patches triton.language's namespaces for a kernel's run, then again on every call of a
+    ``@jit`` device function inside it (3.9: ``InterpretedFunction.__call__`` -> ``_patch_lang``, each an
+    ``inspect.getmembers`` of four namespaces): a third of the interpreter's time in moecc's kernels, whose helpers
+    are called per tile. Within one run a namespace already patched is patched the same way again, so those calls
+    are skipped; a device function whose module sees another namespace (``triton.language.core`` from
+    ``tl.sum``) still patches it, as before. Without these internals the interpreter is left as it is."""
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    real_patch, executor = getattr(interpreter, "_patch_lang", None), getattr(interpreter, "GridExecutor", None)
+    if real_patch is None or executor is None or not hasattr(interpreter, "_LangPatchScope"):
+        return
+    import triton.language as tl
+
+    patched_in_run = []  # one set of namespace ids per kernel run in progress
+    langs_of_module = {}
+
+    def patch_lang(fn):
+        key = id(fn.__globals__)
+        if key not in langs_of_module:
+            langs_of_module[key] = frozenset(id(v) for v in fn.__globals__.values() if v is tl or v is tl.core)
+        langs = langs_of_module[key]
+        if patched_in_run and langs <= patched_in_run[-1]:
+            return interpreter._LangPatchScope()
+        scope = real_patch(fn)
+        if patched_in_run:
+            patched_in_run[-1].update(langs)
+        return scope
+
+    real_call = executor.__call__
+
+    def run_kernel(self, *args, **kwargs):
+        patched_in_run.append(set())
+        try:
+            return real_call(self, *args, **kwargs)
+        finally:
+            patched_in_run.pop()
+
+    interpreter._patch_lang = patch_lang
+    executor.__call__ = run_kernel
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _patch_each_language_once_per_kernel()
 _LANGUAGE = _language_snapshot()
 _MISSING = object()
 
