@@ -6,7 +6,6 @@ reference outputs saved at capture (exit 0 only on a match)."""
 
 from __future__ import annotations
 
-import copy
 import json
 import pickle
 import re
@@ -15,6 +14,8 @@ from pathlib import Path
 
 import torch
 from torch import fx
+
+from moecc.logs import quiet_deepcopy
 
 WEIGHTS = "weights.safetensors"
 MODULES = "modules.pt"
@@ -62,7 +63,7 @@ class TensorStore:
 
 def _picklable(module: torch.nn.Module) -> torch.nn.Module:
     """A copy without hooks (libraries install hooks that are local functions, which pickle cannot save)."""
-    copy_ = copy.deepcopy(module)
+    copy_ = quiet_deepcopy(module)
     for m in copy_.modules():
         for hooks in ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
                       "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import logging
 import threading
@@ -36,6 +37,14 @@ def hush_torch_deprecations() -> None:
     deprecated, and warns the caller of every export about it."""
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
                             category=FutureWarning)
+
+
+def quiet_deepcopy(obj, memo: dict | None = None):
+    """``copy.deepcopy(obj, memo)`` without torch's warning about its own code: a program ``torch.export`` made holds
+    pytree leaf specs, whose copy torch 2.13 warns about (``hush_torch_deprecations``)."""
+    with warnings.catch_warnings():
+        hush_torch_deprecations()
+        return copy.deepcopy(obj, memo)
 
 
 # torch's loggers that warn while torch.export traces (unbacked symbols, real-tensor propagation): noise to a user

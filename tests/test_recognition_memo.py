@@ -138,3 +138,25 @@ def test_a_router_program_reused_is_a_copy_that_no_capture_changed(backend, anal
     for shape in ((2, 16), (1, 1), (1, 5), (3, 11)):
         _check(cm, model, shape)
     assert cm.captures == 3 and analyses == ["moe"]
+
+
+def test_copies_of_programs_torch_exported_pass_on_no_warning_of_torchs_own_code():
+    """A router program torch.export made holds pytree leaf specs, whose copy torch 2.13 warns about: a capture
+    taking its copy of the kept program, and a user's ``copy.deepcopy`` of the compiled model, pass that on."""
+    import copy
+    import warnings
+
+    from user_modules import ScoringModuleMoE
+
+    torch.manual_seed(0)
+    model = TinyModel(ScoringModuleMoE("mlp", 24, "logits")).eval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cm = moecc.compile(model, backend="torch")
+        for shape in ((2, 16), (1, 1)):
+            _check(cm, model, shape)
+        twin = copy.deepcopy(cm)
+        _check(twin, model, (1, 5))
+    assert cm.captures == 2
+    assert not [w for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))], \
+        [str(w.message) for w in caught]

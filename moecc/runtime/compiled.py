@@ -20,7 +20,7 @@ from moecc.capture import CaptureHints, capture, forget_calls
 from moecc.codegen.lower import EXPERT_LAYOUT, lower, resolve_backend
 from moecc.errors import BackendError, CacheError, CaptureError, DisagreementError, ExportError, MoeccError
 from moecc.ir import MoELayerInfo
-from moecc.logs import quiet, slow_step
+from moecc.logs import quiet, quiet_deepcopy, slow_step
 from moecc.passes import DumpIR, PassManager, Recognize, Timing, default_pipeline
 from moecc.passes.base import layers_of
 from moecc.passes.graph_utils import blocks_left_as_written
@@ -195,6 +195,14 @@ class CompiledModule(nn.Module):
     def __setstate__(self, state) -> None:
         super().__setstate__(state)
         self._lock = threading.RLock()
+
+    def __deepcopy__(self, memo: dict) -> CompiledModule:
+        # what copy.deepcopy does for a class with __getstate__, where torch's warning about copying the pytree
+        # specs of its own programs is hushed
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__setstate__(quiet_deepcopy(self.__getstate__(), memo))
+        return new
 
     @property
     def moe_layers(self) -> list[MoELayerInfo]:

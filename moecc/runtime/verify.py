@@ -19,6 +19,7 @@ from torch.utils import _pytree as pytree
 
 from moecc import module_state
 from moecc.errors import DisagreementError, MoeccError
+from moecc.logs import quiet_deepcopy
 
 log = logging.getLogger("moecc.runtime")
 
@@ -181,10 +182,8 @@ def _in_fp32(model: nn.Module, flat: list, in_spec) -> list | None:
     than a compiled program does (a near tie of bf16 scores, which torch's top-k breaks by index, where moecc's
     gating scores in fp32 pick the larger): a program as close to this reference as eager is, or within the bound,
     is not wrong."""
-    import copy
-
     try:
-        exact = copy.deepcopy(model).float()
+        exact = quiet_deepcopy(model).float()
         cast = [v.float() if isinstance(v, torch.Tensor) and v.dtype in (torch.bfloat16, torch.float16) else v
                 for v in flat]
         args, kwargs = pytree.tree_unflatten(cast, in_spec)

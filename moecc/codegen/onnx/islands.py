@@ -12,7 +12,6 @@ it, since an ONNX graph takes and gives tensors only."""
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 
@@ -21,7 +20,7 @@ from torch import fx, nn
 from torch.fx.passes.split_module import split_module
 
 from moecc.capture_cache import SymbolicDim, ValueInfo
-from moecc.logs import slow_step
+from moecc.logs import quiet_deepcopy, slow_step
 from moecc.passes.graph_utils import attr_of
 
 log = logging.getLogger("moecc.codegen.onnx")
@@ -164,7 +163,7 @@ def blocks_on_torch(gm: fx.GraphModule, example: list, on_torch: list[fx.Node], 
     """``gm`` split at the calls ``on_torch``, its other parts each lowered by ``open_part(part, example, path)``
     to a module that runs an ONNX file with ONNX Runtime. ``gm`` is left as it was: a caller whose split fails
     goes on to export it whole."""
-    graph = copy.deepcopy(gm.graph)  # the parts' own size computations go into the copy
+    graph = quiet_deepcopy(gm.graph)  # the parts' own size computations go into the copy
     copies = dict(zip(gm.graph.nodes, graph.nodes))
     gm, on_torch = fx.GraphModule(gm, graph), [copies[call] for call in on_torch]
     part = _parts(gm, set(on_torch))

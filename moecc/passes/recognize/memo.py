@@ -9,11 +9,11 @@ call the recognizer keys its work by."""
 
 from __future__ import annotations
 
-import copy
 from dataclasses import replace
 
 from torch import Tensor, nn
 
+from moecc.logs import quiet_deepcopy
 from moecc.match import MatchResult
 
 _SETTING_TYPES = (bool, int, float, str)
@@ -93,5 +93,5 @@ def _fresh(result: MatchResult) -> MatchResult:
     a = result.value if result else None
     if a is None or (a.router_program is None and a.logits_program is None):
         return result
-    return MatchResult.success(replace(a, router_program=copy.deepcopy(a.router_program),
-                                      logits_program=copy.deepcopy(a.logits_program)))
+    return MatchResult.success(replace(a, router_program=quiet_deepcopy(a.router_program),
+                                      logits_program=quiet_deepcopy(a.logits_program)))
