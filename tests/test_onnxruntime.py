@@ -6,6 +6,7 @@ import logging
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import onnx
@@ -15,6 +16,7 @@ from hf_models import FAMILIES, make_inputs, make_model, switch_drops_past_capac
 
 import moecc
 from moecc.codegen.onnx.lower import unnormalized_moe_refused, unnormalized_moe_trusted
+from moecc.logs import hush_torch_deprecations
 
 
 @pytest.fixture(autouse=True)
@@ -197,7 +199,9 @@ def test_fp16_router_logits_round_once_as_eager_rounds_them(tmp_path):
     model = Router()
     x = torch.randn(256, 24, dtype=torch.float16) * 4
     path = str(tmp_path / "router.onnx")
-    torch.onnx.export(model, (x,), dynamo=True).save(path)
+    with warnings.catch_warnings():
+        hush_torch_deprecations()  # torch's warning about its own code, which moecc's exports hush too
+        torch.onnx.export(model, (x,), dynamo=True).save(path)
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     weights, ids = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     want_weights, want_ids = torch.ops.moecc.fused_route(x, model.router.weight, model.router.bias, None, 2,
