@@ -512,6 +512,35 @@ def test_experts_of_bare_parameters_are_a_bank(backend, kind):
     assert ("+bias" in layer.activation) == kind.get("bias", False), layer
 
 
+@pytest.mark.parametrize("bank", ["modules", "projection_lists", "bare_parameters"])
+def test_router_slots_that_share_an_expert_are_fused_with_its_weights_in_each_slot(bank):
+    """Experts merged after training: a list holds one module at several entries. ``children()`` lists it once,
+    which read five experts for a six-way router, and the block ran as written with a reason that named no cause.
+    The slots take the shared weights, and an update of them after the compile reaches every slot."""
+    from user_modules import MergedExpertsMoE, ParameterExpertsMoE, ProjectionListsMoE, tie_experts
+
+    torch.manual_seed(0)
+    if bank == "modules":
+        block = MergedExpertsMoE()
+        shared = block.experts[1].w1.weight
+    elif bank == "projection_lists":
+        block = ProjectionListsMoE()
+        tie_experts([block.w1, block.w3, block.w2], {3: 1, 5: 0})
+        shared = block.w1[1].weight
+    else:
+        block = ParameterExpertsMoE()
+        tie_experts([block.experts], {3: 1, 5: 0})
+        shared = block.experts[1].w_in
+    model = TinyModel(block).eval()
+    cm, layer = compile_on_ids(model, backend="torch")
+    assert layer.fused and layer.num_experts == 6, layer
+    x = torch.randint(0, 50, (4, 32))
+    with torch.no_grad():
+        torch.testing.assert_close(cm(x), model(x), rtol=1e-4, atol=1e-5)
+        shared.mul_(1.5)
+        torch.testing.assert_close(cm(x), model(x), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("scale,shift,after_topk", [(1 / 0.7, False, False), (1.0, True, False), (0.5, True, False),
                                                     (1 / 0.7, False, True), (3.0, False, True)])

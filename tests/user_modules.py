@@ -1208,6 +1208,22 @@ class ChannelsFirstModel(TinyModel):
         return self.head(h)
 
 
+def tie_experts(lists: list[nn.ModuleList], pairs: dict[int, int]) -> None:
+    """Entry ``e`` of each list becomes the module at ``pairs[e]``: experts merged after training (the router keeps
+    its slots, several of them sharing one expert's weights)."""
+    for lst in lists:
+        for e, other in pairs.items():
+            lst[e] = lst[other]
+
+
+class MergedExpertsMoE(LoopMoE):
+    """``LoopMoE`` whose router slots 3 and 5 share the experts of slots 1 and 0."""
+
+    def __init__(self):
+        super().__init__()
+        tie_experts([self.experts], {3: 1, 5: 0})
+
+
 USER_BLOCKS = {"loop": LoopMoE, "scaled_output": ScaledOutputMoE, "gshard": GShardMoE, "bmm": BmmMoE,
                "block_bias": BlockBiasMoE, "input_scaled": InputScaledMoE, "squared_relu": SquaredReluMoE,
                "post_norm": PostNormMoE, "sequential_gelu": SequentialGeluMoE,
@@ -1215,7 +1231,8 @@ USER_BLOCKS = {"loop": LoopMoE, "scaled_output": ScaledOutputMoE, "gshard": GSha
                "post_norm_residual": PostNormResidualMoE,
                "dense_gate": DenseGateMoE, "dense_einsum": DenseEinsumMoE, "uneven_width": UnevenWidthMoE,
                "scaled_experts": ScaledExpertsMoE, "sorted_topk": SortedTopkMoE, "argmax": ArgmaxMoE,
-               "gathered_weights": GatheredWeightsMoE, "low_rank": LowRankMoE, "every_expert": EveryExpertMoE}
+               "gathered_weights": GatheredWeightsMoE, "low_rank": LowRankMoE, "every_expert": EveryExpertMoE,
+               "merged_experts": MergedExpertsMoE}
 
 
 class OtherOutputsMoE(LoopMoE):

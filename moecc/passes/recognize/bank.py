@@ -22,7 +22,7 @@ def has_linear(m: nn.Module) -> bool:
 def listed_experts(lst: nn.Module) -> list[nn.Module]:
     """The modules of a ModuleList or ModuleDict that may be experts: all but dropouts the list holds for itself
     (NLLB-MoE's bank, a ModuleDict, also registers its token dropout in it). An Identity stays: a null expert."""
-    return [k for k in lst.children() if not isinstance(k, nn.modules.dropout._DropoutNd)]
+    return [k for k in stacked.entries(lst) if not isinstance(k, nn.modules.dropout._DropoutNd)]
 
 
 def experts_of_one_kind(kids: list[nn.Module]) -> bool:
@@ -179,7 +179,7 @@ def bank_caller(block: nn.Module, bank: nn.Module, hidden: int, like: torch.Tens
     takes the routing)."""
     lists = list(stacked.parameter_lists(bank).values())
     if len(lists) == 1:  # experts of bare parameters: each one is called alone
-        experts = list(lists[0].children())
+        experts = stacked.entries(lists[0])
         f = lambda e, x: called(experts[e], x)  # noqa: E731
         try:
             y = f(0, torch.randn(4, hidden, dtype=like.dtype, device=like.device))

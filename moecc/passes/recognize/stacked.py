@@ -31,6 +31,12 @@ class Candidate:
     build: Callable[[slice], ExpertWeights]  # canonical weights of the experts in the slice
 
 
+def entries(lst: nn.Module) -> list[nn.Module]:
+    """The modules a ModuleList or ModuleDict holds, in order, one tied to another repeated (``children()`` lists
+    a module once): a bank whose router slots share an expert (merged experts) has one entry per slot."""
+    return [m for m in lst._modules.values() if m is not None]
+
+
 def _stacked(named, num_experts: int | None) -> dict[str, torch.Tensor]:
     """The ``[E, ., .]`` weights of ``named``. For a known E, also the first E experts of a weight that holds more,
     beside one of exactly E (LongCat-Flash's up projections also count its identity experts, which compute
@@ -60,7 +66,7 @@ def stacked_params(module: nn.Module, num_experts: int | None = None,
     if not found:
         lists = projection_lists(module)
         if lists and (num_experts is None or len(next(iter(lists.values()))) == num_experts):
-            found = {f"{name}.weight": _stack([lin.weight for lin in lst.children()], materialize)
+            found = {f"{name}.weight": _stack([lin.weight for lin in entries(lst)], materialize)
                      for name, lst in lists.items()}
     if not found:
         found = {n: w for n, w in _parameter_list_weights(module, materialize, 2).items()
@@ -80,7 +86,7 @@ def parameter_lists(module: nn.Module) -> dict[str, nn.Module]:
     matrices. A bank like ``projection_lists``, one module per expert."""
     lists = {}
     for name, child in module.named_children():
-        kids = list(child.children()) if isinstance(child, (nn.ModuleList, nn.ModuleDict)) else []
+        kids = entries(child) if isinstance(child, (nn.ModuleList, nn.ModuleDict)) else []
         if len(kids) < 2 or any(isinstance(m, nn.Linear) for k in kids for m in k.modules()):
             continue
         shapes = parameter_shapes(kids)
@@ -94,7 +100,7 @@ def _parameter_list_weights(module: nn.Module, materialize: bool, dim: int) -> d
     (a copy)."""
     out = {}
     for name, lst in parameter_lists(module).items():
-        kids = list(lst.children())
+        kids = entries(lst)
         for pname, p in kids[0].named_parameters():
             if p.dim() == dim:
                 out[f"{name}.{pname}"] = _stack([k.get_parameter(pname) for k in kids], materialize)
@@ -126,7 +132,7 @@ def projection_lists(module: nn.Module) -> dict[str, nn.Module]:
     per projection rather than one module per expert. Two or more lists of one length, each of one weight shape."""
     by_length: dict[int, dict[str, nn.Module]] = {}
     for name, child in module.named_children():
-        kids = list(child.children()) if isinstance(child, (nn.ModuleList, nn.ModuleDict)) else []
+        kids = entries(child) if isinstance(child, (nn.ModuleList, nn.ModuleDict)) else []
         if len(kids) >= 2 and all(isinstance(k, nn.Linear) for k in kids) \
                 and len({(k.weight.shape, k.bias is None) for k in kids}) == 1:
             by_length.setdefault(len(kids), {})[name] = child
@@ -142,7 +148,7 @@ def _stack(tensors: list[torch.Tensor], materialize: bool) -> torch.Tensor:
 
 def _listed_biases(module: nn.Module, num_experts: int) -> dict[str, torch.Tensor]:
     """The biases of ``projection_lists``, stacked ``[E, out]``."""
-    return {f"{name}.bias": _stack([lin.bias for lin in lst.children()], True)
+    return {f"{name}.bias": _stack([lin.bias for lin in entries(lst)], True)
             for name, lst in projection_lists(module).items()
             if len(lst) == num_experts and next(iter(lst.children())).bias is not None}
 
