@@ -116,7 +116,7 @@ def probe_scale(module: nn.Module, hidden: int, num_experts: int) -> float:
     norm of their rows (or columns) over H. 1.0 when the module holds none."""
     lists = projection_lists(module)
     # expert 0 alone: stacking a bank kept as lists would copy all of it
-    banks = [next(iter(lst.children())).weight[None] for lst in lists.values()] if lists else \
+    banks = [entries(lst)[0].weight[None] for lst in lists.values()] if lists else \
         list(stacked_params(module, num_experts).values())
     norms = []
     for w in banks:
@@ -150,7 +150,7 @@ def _listed_biases(module: nn.Module, num_experts: int) -> dict[str, torch.Tenso
     """The biases of ``projection_lists``, stacked ``[E, out]``."""
     return {f"{name}.bias": _stack([lin.bias for lin in entries(lst)], True)
             for name, lst in projection_lists(module).items()
-            if len(lst) == num_experts and next(iter(lst.children())).bias is not None}
+            if len(lst) == num_experts and entries(lst)[0].bias is not None}
 
 
 def flat_params(module: nn.Module, num_experts: int, width: int | None = None) -> dict[str, torch.Tensor]:
