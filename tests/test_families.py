@@ -250,6 +250,27 @@ def test_experts_probed_through_the_module_that_takes_the_routing(monkeypatch):
     assert len(calls) < 200 * len(cm.moe_layers)
 
 
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_flat_experts_routed_in_tokens_flattened_fuse_alone_under_a_routing_no_canonical_form_has(backend):
+    """DBRX's routing renormalizes its top-k weights by their L``p`` norm, ``moe_normalize_expert_weights``: 1 in
+    released models, which is canonical. Any other ``p`` is not, so the block stays as written; its experts still
+    fuse alone, called as ``experts(x, ids, weights)``. Two things kept them apart: their expert count, read before
+    off a router beside the flat ``[E*F, H]`` weights, and the bank holds none (now its ``num_experts``, proven on
+    probes), and its routing, handed over flattened to ``[tokens, k]`` beside hidden states ``[B, S, H]``."""
+    model = make_model("dbrx", "eager")
+    for block in model.transformer.blocks:
+        block.ffn.moe_normalize_expert_weights = 2.0
+    cm = moecc.compile(model, backend=backend)
+    cm(**make_inputs("dbrx", 2, 8))
+    layers = cm.moe_layers
+    assert [layer.name for layer in layers] == [f"transformer.blocks.{i}.ffn.experts" for i in range(2)]
+    for i, layer in enumerate(layers):
+        assert layer.fused and layer.block == f"transformer.blocks.{i}.ffn", (layer.name, layer.reason)
+        assert layer.routing == "top2 ids and weights computed by the model's own ops, handed to the experts"
+        assert (layer.num_experts, layer.top_k, layer.activation) == (5, 2, "gated-silu")
+    _matches_eager_on_fresh_shapes("dbrx", model, cm)
+
+
 @pytest.mark.parametrize("family,act,expected", [("mixtral", "gelu", {"gated-gelu"}),
                                                  ("mixtral", "silu", {"gated-silu"}),
                                                  ("qwen3_moe", "gelu_pytorch_tanh", {"gated-gelu_tanh", "gated-gelu"}),

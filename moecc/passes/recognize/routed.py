@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import math
 import weakref
 from dataclasses import replace
 
@@ -30,7 +31,8 @@ from moecc.passes.recognize.router import find_router
 
 def routing_positions(call: tuple) -> tuple[int, int] | None:
     """(weights, ids) places among the flat leaves of a call's ``(args[1:], kwargs)``: its only two tensors, one
-    floating and one integer, both shaped ``[*token dims, k]`` of the hidden states ``args[0]``."""
+    floating and one integer, both shaped ``[*token dims, k]`` of the hidden states ``args[0]``, or ``[tokens, k]``
+    (DBRX routes the tokens flattened and hands its experts the hidden states as they came)."""
     args, kwargs = call
     if not args or not isinstance(args[0], torch.Tensor):
         return None
@@ -40,7 +42,7 @@ def routing_positions(call: tuple) -> tuple[int, int] | None:
     if len(tensors) != 2:
         return None
     a, b = (leaves[i] for i in tensors)
-    if a.shape != b.shape or a.dim() != len(lead) + 1 or tuple(a.shape[:-1]) != lead:
+    if a.shape != b.shape or tuple(a.shape[:-1]) not in (lead, (math.prod(lead),)):
         return None
     if a.is_floating_point() == b.is_floating_point() or a.dtype == torch.bool or b.dtype == torch.bool:
         return None
@@ -117,7 +119,7 @@ class _Caller:
         """Fresh (ids, weights) for ``x``: k distinct experts per token and positive weights, in the example's
         dtypes and ranks."""
         g = torch.Generator().manual_seed(seed)
-        lead = x.shape[:-1]
+        lead = x.shape[:-1] if self.ids.dim() == self.x.dim() else (math.prod(x.shape[:-1]),)
         k = min(self.top_k, num_experts)
         ids = torch.rand(*lead, num_experts, generator=g).argsort(-1)[..., :k]
         weights = torch.rand(*lead, k, generator=g) + 0.1
@@ -152,10 +154,10 @@ def _read_experts(bank: nn.Module, caller: _Caller, hidden: int, like: torch.Ten
     if listed is not None:
         r = stack_mlps(listed[1], hidden)
         return r if not r else MatchResult.success(((*r.value, None), len(listed[1])))
-    found = find_bank(bank)
+    found = find_bank(bank) or _counted_flat_bank(bank, hidden)
     if found is None:
         return MatchResult.fail("no expert bank: neither a ModuleList of MLPs nor stacked [E, ., .] weights")
-    bank_mod, num_experts, _ = found
+    bank_mod, num_experts = found[:2]
     x = torch.randn(5, hidden, dtype=torch.float64) * stacked.probe_scale(bank_mod, hidden, num_experts)
     x = x.to(dtype=like.dtype, device=like.device).reshape(*([1] * (caller.x.dim() - 2)), 5, hidden)
     one = torch.ones(*x.shape[:-1], 1, dtype=caller.weights.dtype, device=like.device)
@@ -181,6 +183,20 @@ def _read_experts(bank: nn.Module, caller: _Caller, hidden: int, like: torch.Ten
                                 "(layouts, activations and clamps tried, with and without each module that may "
                                 "follow the experts)")
     return MatchResult.success(((winner.spec, winner.build(slice(None)), post), num_experts))
+
+
+def _counted_flat_bank(bank: nn.Module, hidden: int) -> tuple[nn.Module, int] | None:
+    """(module, E) of flat ``[E*F, hidden]`` weights (DBRX's) in a bank that holds no router to read E off: E from
+    an integer setting of the bank's modules whose name counts experts (``num_experts``). Only a candidate: the
+    experts read with it are proven on probes."""
+    counts = sorted({value for m in bank.modules() for name, value in vars(m).items()
+                     if "expert" in name.lower() and type(value) is int and value >= 2})
+    for mod in bank.modules():
+        for num_experts in counts:
+            flat = stacked.flat_params(mod, num_experts, hidden)
+            if len(flat) >= 2 and len({p.shape for p in flat.values()}) == 1:
+                return mod, num_experts
+    return None
 
 
 def analyze_routed_bank(bank: nn.Module, call: tuple | None) -> MatchResult[BlockAnalysis]:
