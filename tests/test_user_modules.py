@@ -1108,6 +1108,7 @@ def test_export_of_blocks_that_share_their_weights(backend, reused, tmp_path):
 
 def _routed_experts(kind: str):
     from user_modules import (
+        FlatRoutedExperts,
         InlineRoutedLayer,
         InputWeightedRoutedExperts,
         StackedRoutedExperts,
@@ -1115,17 +1116,18 @@ def _routed_experts(kind: str):
     )
 
     torch.manual_seed(0)
-    experts = {"list": None, "int32_ids": None, "stacked": StackedRoutedExperts,
+    experts = {"list": None, "int32_ids": None, "stacked": StackedRoutedExperts, "flat": FlatRoutedExperts,
                "on_inputs": InputWeightedRoutedExperts, "unweighted": UnweightedRoutedExperts}[kind]
     return InlineRoutedLayer(None if experts is None else experts(),
                              ids_dtype=torch.int32 if kind == "int32_ids" else torch.long)
 
 
 @pytest.mark.parametrize("backend", ["torch", "onnxruntime", "triton"])
-@pytest.mark.parametrize("kind", ["list", "stacked", "int32_ids", "on_inputs"])
+@pytest.mark.parametrize("kind", ["list", "stacked", "int32_ids", "on_inputs", "flat"])
 def test_experts_routed_by_their_caller_are_fused_alone(kind, backend):
     """A layer that mixes tokens and routes inline is no canonical MoE block; the experts it calls as
-    ``experts(x, ids, weights)`` are captured alone, its routing runs as graph ops, and the experts are fused."""
+    ``experts(x, ids, weights)`` are captured alone, its routing runs as graph ops, and the experts are fused.
+    Flat ``[E*F, H]`` experts are counted by their settings, there being no router beside them."""
     device = _device(backend)
     model = TinyModel(_routed_experts(kind)).eval().to(device)
     cm, layer = compile_on_ids(model, backend=backend, device=device)
@@ -1157,6 +1159,9 @@ def test_routing_arguments_are_told_by_dtype_and_shape():
     assert routing_positions(((x, ids, w, torch.ones(5)), {})) is None  # a third tensor: not routing alone
     assert routing_positions(((x, ids, ids), {})) is None
     assert routing_positions(((x, ids[:4], w[:4]), {})) is None  # not one row per token
+    # the tokens flattened for routing beside hidden states [B, S, H] (DBRX's experts are called so)
+    assert routing_positions(((x.reshape(1, 5, 8), ids, w), {})) == (1, 0)
+    assert routing_positions(((torch.randn(2, 5, 8), ids, w), {})) is None
     assert routing_positions(((x, ids.bool(), w), {})) is None
 
 

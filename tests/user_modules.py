@@ -1406,6 +1406,28 @@ class StackedRoutedExperts(nn.Module):
         return out
 
 
+class FlatRoutedExperts(nn.Module):
+    """Experts a caller routes, ``experts(x, ids, weights)``, their weights stored flat, ``[E*F, H]`` (DBRX's
+    layout), with no router beside them to count them: only settings do (``num_experts``, and a per-token count
+    that is no expert count)."""
+
+    def __init__(self, hidden=24, inter=40, num_experts=6, top_k=2):
+        super().__init__()
+        self.num_experts, self.num_experts_per_tok, self.inter = num_experts, top_k, inter
+        self.w_gate = nn.Parameter(torch.randn(num_experts * inter, hidden) * hidden ** -0.5)
+        self.w_up = nn.Parameter(torch.randn(num_experts * inter, hidden) * hidden ** -0.5)
+        self.w_down = nn.Parameter(torch.randn(num_experts * inter, hidden) * inter ** -0.5)
+
+    def forward(self, x, ids, weights):
+        out = torch.zeros_like(x)
+        for e in range(self.num_experts):
+            token, slot = torch.where(ids == e)
+            rows = slice(e * self.inter, (e + 1) * self.inter)
+            h = F.silu(x[token] @ self.w_gate[rows].T) * (x[token] @ self.w_up[rows].T)
+            out.index_add_(0, token, (h @ self.w_down[rows]) * weights[token, slot, None].to(x.dtype))
+        return out
+
+
 class NormedRoutedExperts(nn.Module):
     """Stacked experts a caller routes, ``experts(x, ids, weights)``, each expert's output RMS-normalized and
     scaled by a weight of its own ([E, H], shaped like a router; Ergo's post-expert norm): no canonical expert, and a

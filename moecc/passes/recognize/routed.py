@@ -154,10 +154,21 @@ def _read_experts(bank: nn.Module, caller: _Caller, hidden: int, like: torch.Ten
     if listed is not None:
         r = stack_mlps(listed[1], hidden)
         return r if not r else MatchResult.success(((*r.value, None), len(listed[1])))
-    found = find_bank(bank) or _counted_flat_bank(bank, hidden)
-    if found is None:
+    found = find_bank(bank)
+    banks = [found[:2]] if found is not None else _counted_flat_banks(bank, hidden)
+    if not banks:
         return MatchResult.fail("no expert bank: neither a ModuleList of MLPs nor stacked [E, ., .] weights")
-    bank_mod, num_experts = found[:2]
+    for bank_mod, num_experts in banks:
+        read = _read_stacked(bank, bank_mod, num_experts, caller, hidden, like)
+        if read:
+            break
+    return read
+
+
+def _read_stacked(bank: nn.Module, bank_mod: nn.Module, num_experts: int, caller: _Caller, hidden: int,
+                  like: torch.Tensor):
+    """The experts of ``bank`` whose weights ``bank_mod`` holds for ``num_experts`` experts, each read by routing
+    probe tokens to it through ``caller``."""
     x = torch.randn(5, hidden, dtype=torch.float64) * stacked.probe_scale(bank_mod, hidden, num_experts)
     x = x.to(dtype=like.dtype, device=like.device).reshape(*([1] * (caller.x.dim() - 2)), 5, hidden)
     one = torch.ones(*x.shape[:-1], 1, dtype=caller.weights.dtype, device=like.device)
@@ -185,18 +196,19 @@ def _read_experts(bank: nn.Module, caller: _Caller, hidden: int, like: torch.Ten
     return MatchResult.success(((winner.spec, winner.build(slice(None)), post), num_experts))
 
 
-def _counted_flat_bank(bank: nn.Module, hidden: int) -> tuple[nn.Module, int] | None:
+def _counted_flat_banks(bank: nn.Module, hidden: int) -> list[tuple[nn.Module, int]]:
     """(module, E) of flat ``[E*F, hidden]`` weights (DBRX's) in a bank that holds no router to read E off: E from
-    an integer setting of the bank's modules whose name counts experts (``num_experts``). Only a candidate: the
-    experts read with it are proven on probes."""
+    the integer settings of the bank's modules whose names speak of experts (``num_experts``; also
+    ``num_experts_per_tok``, so the largest first). Only candidates: the experts read with each are proven."""
     counts = sorted({value for m in bank.modules() for name, value in vars(m).items()
-                     if "expert" in name.lower() and type(value) is int and value >= 2})
-    for mod in bank.modules():
-        for num_experts in counts:
+                     if "expert" in name.lower() and type(value) is int and value >= 2}, reverse=True)
+    found = []
+    for num_experts in counts:
+        for mod in bank.modules():
             flat = stacked.flat_params(mod, num_experts, hidden)
             if len(flat) >= 2 and len({p.shape for p in flat.values()}) == 1:
-                return mod, num_experts
-    return None
+                found.append((mod, num_experts))
+    return found
 
 
 def analyze_routed_bank(bank: nn.Module, call: tuple | None) -> MatchResult[BlockAnalysis]:
