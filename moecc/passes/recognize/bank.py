@@ -67,9 +67,8 @@ def find_stacked_bank(block: nn.Module) -> tuple[nn.Module, int] | None:
                    if isinstance(m, nn.Linear) and m.out_features >= 2}
         for mod in block.modules():
             for e, hidden in routers:
-                flat = stacked.flat_params(mod, e, hidden)
-                if len(flat) >= 2 and len({p.shape for p in flat.values()}) == 1 \
-                        and (best is None or len(flat) > best[2]):
+                flat = stacked.flat_bank(mod, e, hidden)
+                if flat and (best is None or len(flat) > best[2]):
                     best = (mod, e, len(flat))
     return None if best is None else (best[0], best[1])
 

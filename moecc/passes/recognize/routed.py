@@ -202,13 +202,8 @@ def _counted_flat_banks(bank: nn.Module, hidden: int) -> list[tuple[nn.Module, i
     ``num_experts_per_tok``, so the largest first). Only candidates: the experts read with each are proven."""
     counts = sorted({value for m in bank.modules() for name, value in vars(m).items()
                      if "expert" in name.lower() and type(value) is int and value >= 2}, reverse=True)
-    found = []
-    for num_experts in counts:
-        for mod in bank.modules():
-            flat = stacked.flat_params(mod, num_experts, hidden)
-            if len(flat) >= 2 and len({p.shape for p in flat.values()}) == 1:
-                found.append((mod, num_experts))
-    return found
+    return [(mod, num_experts) for num_experts in counts for mod in bank.modules()
+            if stacked.flat_bank(mod, num_experts, hidden)]
 
 
 def analyze_routed_bank(bank: nn.Module, call: tuple | None) -> MatchResult[BlockAnalysis]:

@@ -161,6 +161,13 @@ def flat_params(module: nn.Module, num_experts: int, width: int | None = None) -
             and (width is None or p.shape[1] == width)}
 
 
+def flat_bank(module: nn.Module, num_experts: int, hidden: int) -> dict[str, torch.Tensor]:
+    """``flat_params`` of ``num_experts`` experts that read or write ``hidden`` when they can be a bank: two or
+    more, all of one shape; else none."""
+    flat = flat_params(module, num_experts, hidden)
+    return flat if len(flat) >= 2 and len({p.shape for p in flat.values()}) == 1 else {}
+
+
 def _orient(w: torch.Tensor, in_dim: int, as_stored: bool = False) -> list[torch.Tensor]:
     """[E, out, in] views of ``w``: as stored, and transposed when it may be stored [E, in, out] (never for
     ``as_stored``: Linear weights stacked from ``projection_lists``)."""
