@@ -23,6 +23,7 @@ from torch.utils import _pytree as pytree
 
 from moecc import capture_cache, capture_check, hooks, knobs
 from moecc.capture_key import fingerprint
+from moecc.capture_reads import Read, recording
 from moecc.capture_recorded import RecordingBlock, recordable, run_forward_hooks
 from moecc.discover import expert_owners, find_moe_blocks
 from moecc.errors import CaptureError, ExportError
@@ -93,6 +94,7 @@ class Captured:
     flat_reference: list = field(default_factory=list)
     tensor_pos: list = field(default_factory=list)  # where the graph's inputs sit among flat_inputs
     unfused: dict[str, str] = field(default_factory=dict)  # module path -> why capture traced the block as written
+    reads: list[Read] = field(default_factory=list)  # the plain settings the model's code read (``capture_reads``)
 
     @property
     def tensor_inputs(self) -> list[torch.Tensor]:
@@ -235,8 +237,9 @@ def _other_outputs(out) -> list[str]:
 
 
 def _record_examples(model, blocks, args, kwargs):
-    """Each block's first call (its hidden states and output), the model's output, and the blocks whose internals
-    the model returns (``observed``: block -> {sub-module path: its output in the block's first call})."""
+    """Each block's first call (its hidden states and output), the model's output, the blocks whose internals
+    the model returns (``observed``: block -> {sub-module path: its output in the block's first call}), and the
+    plain settings the call read (``capture_reads``)."""
     examples, handles, inside, sub_outputs = {}, [], {}, {}
     for name, block in blocks:
         first = _first_parameter(block)
@@ -257,8 +260,20 @@ def _record_examples(model, blocks, args, kwargs):
                     sub_outputs.setdefault((_name, _sub), out)
                 handles.append(sub.register_forward_hook(sub_hook))
     try:
-        with torch.no_grad():
-            ref = model(*args, **kwargs)
+        try:
+            with torch.no_grad(), recording(model) as reads:
+                ref = model(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - the call again as it is: if it fails too, that is the error
+            # code that dynamo traces as it runs (torch.cond, a part under torch.compile) cannot trace the recording
+            # classes' __getattribute__
+            log.info("the settings %s reads were not recorded (%s): a change to them after compile will not be "
+                     "seen", type(model).__name__, str(exc).strip().splitlines()[0][:200] if str(exc).strip() else
+                     type(exc).__name__)
+            for found in (examples, inside, sub_outputs):
+                found.clear()
+            with torch.no_grad():
+                ref = model(*args, **kwargs)
+            reads = []
     finally:
         for h in handles:
             h.remove()
@@ -274,7 +289,7 @@ def _record_examples(model, blocks, args, kwargs):
                           if key in returned and key not in own and alive() is returned[key]})
         if escaped:
             observed[name] = {sub: sub_outputs[(name, sub)] for sub in escaped}
-    return examples, ref, observed
+    return examples, ref, observed, reads
 
 
 def forget_calls() -> None:
@@ -323,7 +338,8 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, fuse: bool = True,
     hooks.tell_traced(model)
     try:
         # on a copy of the call's containers: eager updates a KV cache it is given in place
-        examples, reference, observed = _record_examples(model, blocks, *pytree.tree_unflatten(flat_inputs, in_spec))
+        examples, reference, observed, reads = _record_examples(model, blocks,
+                                                                *pytree.tree_unflatten(flat_inputs, in_spec))
     except Exception as exc:
         raise CaptureError(f"{type(model).__name__} failed on the example inputs before capture: {exc}") from exc
     # one sub-module's output the model returns travels as more outputs of the block's call (``RecordingBlock``)
@@ -399,7 +415,7 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, fuse: bool = True,
         if key:
             capture_cache.save(key, gm, targets, model)
     return Captured(gm, in_spec, out_spec, targets, flat_inputs, flat_ref, wrapper.tensor_pos,
-                    {**hints.unfused, **unfused})
+                    {**hints.unfused, **unfused}, reads)
 
 
 def _for_lack_of_memory(exc: BaseException) -> bool:

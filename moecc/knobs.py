@@ -70,8 +70,8 @@ ONNX_REPEATS = Knob("MOECC_ONNX_REPEATS", True, bool, "export each distinct laye
                     "its graph for the layers alike it, instead of exporting every layer (a deep model's cold export "
                     "then takes about the time of its distinct layers)")
 WATCH_WEIGHTS = Knob("MOECC_WATCH_WEIGHTS", True, bool, "before each call, check whether the model's parameters, "
-                     "buffers, MoE block settings (top_k) or forward hooks changed since compile (compiling again "
-                     "if so); off: "
+                     "buffers, settings (MoE blocks' top_k, plain values its code read: a norm's eps, "
+                     "config.sliding_window) or forward hooks changed since compile (compiling again if so); off: "
                      "the copies the program made (expert banks; every weight on ONNX Runtime) keep the values they "
                      "were built with")
 

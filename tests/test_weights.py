@@ -290,3 +290,69 @@ def test_attributes_a_block_writes_on_every_call_are_state_not_settings(backend)
         ids = torch.randint(0, 50, (3, 7))
         torch.testing.assert_close(cm(ids), model(ids), rtol=1e-4, atol=1e-5)
     assert cm.captures == 2 and cm.moe_layers[0].top_k == 1
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_settings_the_program_holds_compile_again_wherever_they_live(backend):
+    """torch.export bakes every plain value the traced code reads: a norm's ``eps`` outside any MoE block, a class
+    attribute the user then sets on the instance. Eager reads them anew at each call; the program did not, and
+    gave the old function without a word."""
+    import copy
+
+    from user_modules import LoopMoE, TinyModel
+
+    torch.manual_seed(0)
+    model = TinyModel(LoopMoE()).eval()
+    cm = moecc.compile(model, backend=backend)
+    ids = torch.randint(0, 50, (3, 7))
+    with torch.no_grad():
+        cm(ids)
+        copied = copy.deepcopy(cm)
+        model.norm.eps = 0.5
+        assert cm._entries[-1].weights.changed() == "norm.eps"
+        torch.testing.assert_close(cm(ids), model(ids), rtol=1e-4, atol=1e-5)
+        assert cm.captures == 2
+        model.moe.renormalize = False  # LoopMoE's class attribute, now shadowed
+        torch.testing.assert_close(cm(ids), model(ids), rtol=1e-4, atol=1e-5)
+        for _ in range(2):
+            cm(ids)
+        assert cm.captures == 3
+        # the copy watches its own model
+        assert copied._entries[-1].weights.changed() is None
+        copied.original_model.norm.eps = 0.25
+        assert copied._entries[-1].weights.changed() == "norm.eps"
+
+
+def test_a_config_value_read_at_each_call_compiles_again_when_changed():
+    """Hugging Face models read some settings from their config in ``forward`` (Mixtral's sliding window)."""
+    torch.manual_seed(0)
+    model = make_model("mixtral").eval()
+    ids = torch.randint(0, 97, (2, 40))
+    cm = moecc.compile(model, backend="torch")
+    _logits(cm, ids)
+    model.config.sliding_window = 8
+    torch.testing.assert_close(_logits(cm, ids), _logits(model, ids), rtol=1e-5, atol=1e-5)
+    assert cm.captures == 2
+    _logits(cm, ids)
+    assert cm.captures == 2
+
+
+def test_a_counter_the_model_reads_and_bumps_is_no_setting():
+    """What each call writes over after reading it is state: the compiled calls do not compile again."""
+    from user_modules import LoopMoE, TinyModel
+
+    class CountingModel(TinyModel):
+        calls = 0
+
+        def forward(self, ids):
+            self.calls += 1
+            return super().forward(ids)
+
+    torch.manual_seed(0)
+    model = CountingModel(LoopMoE()).eval()
+    cm = moecc.compile(model, backend="torch")
+    with torch.no_grad():
+        for shape in ((2, 9), (2, 9), (3, 9)):
+            ids = torch.randint(0, 50, shape)
+            torch.testing.assert_close(cm(ids), model(ids), rtol=1e-4, atol=1e-5)
+    assert cm.captures == 1

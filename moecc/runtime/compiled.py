@@ -17,6 +17,7 @@ from torch.utils import _pytree as pytree
 from moecc import knobs, module_state
 from moecc.autocast import autocast_state
 from moecc.capture import CaptureHints, capture, forget_calls
+from moecc.capture_reads import Read, baked
 from moecc.codegen.lower import EXPERT_LAYOUT, lower, resolve_backend
 from moecc.errors import BackendError, CacheError, CaptureError, DisagreementError, ExportError, MoeccError
 from moecc.ir import MoELayerInfo
@@ -35,7 +36,13 @@ from moecc.runtime.keywords import in_order, keyword_order
 from moecc.runtime.localize import capture_to_blame, verify_leaving_blocks
 from moecc.runtime.turns import runs_alone
 from moecc.runtime.verify import tie_breaking_ops, verify
-from moecc.runtime.weights import WeightWatch, offloaded_calls, plain_attributes, written_by_calls
+from moecc.runtime.weights import (
+    WeightWatch,
+    called_live,
+    offloaded_calls,
+    plain_attributes,
+    written_by_calls,
+)
 
 log = logging.getLogger("moecc.runtime")
 
@@ -64,6 +71,7 @@ class _Entry:
     op_graphs: object = None  # ``runner`` with a CUDA graph per moecc op call (``graphed_ops``): calls with a KV cache
     autocast: tuple = ()  # the autocast regions of the calls it was captured for (``autocast_state``)
     settings_of: list = field(default_factory=list)  # the MoE layers whose settings ``weights`` watches
+    reads: list[Read] = field(default_factory=list)  # the plain settings the capture's eager call read
 
     def __post_init__(self) -> None:
         self.writes = module_state.program_writes(self.gm)  # a program writing its inputs replays no graph
@@ -387,14 +395,18 @@ class CompiledModule(nn.Module):
         the call's tensors are put back as they were after, so that the call changes them once, as eager does."""
         self._own_forward = True
         attributes = plain_attributes(self.original_model)
+        watch = knobs.WATCH_WEIGHTS.get()
         try:
             with module_state.kept(self.original_model, pytree.tree_leaves((args, kwargs))):
                 entry = self._capture_and_check(args, kwargs)
         finally:
             self._own_forward = False
+        state = written_by_calls(self.original_model, attributes)
+        live = {id(m) for m in called_live(entry.gm)} if entry.backend == "torch" else set()
         # the buffers as they are put back: one the compile's eager calls assigned anew is the model's again
-        entry.weights = WeightWatch(self.original_model, entry.gm, knobs.WATCH_WEIGHTS.get(), entry.settings_of,
-                                    written_by_calls(self.original_model, attributes))
+        entry.weights = WeightWatch(self.original_model, entry.gm, watch, entry.settings_of, state,
+                                    baked(entry.reads, live, state))
+        entry.reads = []  # the watch holds those it needs
         return entry
 
     def _capture_and_check(self, args, kwargs) -> _Entry:
@@ -693,6 +705,6 @@ def build(model: nn.Module, args, kwargs, backend: str, options: dict, dump_fold
     entry = _Entry(program, cap.in_spec, cap.out_spec, cap.tensor_pos,
                    [None if isinstance(v, torch.Tensor) else v for v in cap.flat_inputs], shapes, symbols,
                    [t.dtype for t in cap.tensor_inputs], layers, backend, cap.flat_inputs, lowest, weights,
-                   autocast=autocast_state(), settings_of=settings_of)
+                   autocast=autocast_state(), settings_of=settings_of, reads=cap.reads)
     recognized = next((p.canonical for p in pipeline if isinstance(p, Recognize)), {})
     return entry, BuildInfo(cap, timing.records, backend, graph, recognized)

@@ -9,11 +9,13 @@ turns the check off). Buffers are watched alike: a buffer assigned anew (``model
 updated in place where the program holds a copy of it (ONNX Runtime's initializers). Edits through ``param.data``
 bypass the version counter that this reads and are not seen, nor are in-place edits of parameters made under
 ``torch.inference_mode()``, which have no version counter. Forward hooks added or removed after compile are watched
-too: ``torch.export`` traced the hooks there were into the program."""
+too: ``torch.export`` traced the hooks there were into the program; and so are the plain values the model's code
+read, which it baked in as constants (``capture_reads``)."""
 
 from __future__ import annotations
 
 import copy
+import itertools
 import operator
 import time
 
@@ -33,32 +35,61 @@ class WeightWatch:
     (numbers, strings, flags) and their direct children's, as ``block.top_k = 1`` or ``gate.norm_topk_prob = False``
     change the function the program was recognized and built for; and the model's ``training`` flag. Attributes
     in ``call_state`` (``(id(module), name)``, from ``written_by_calls``) are not settings but what the model's own
-    calls write (NLLB-MoE's router sets its capacity from each call's token count): they are not watched."""
+    calls write (NLLB-MoE's router sets its capacity from each call's token count): they are not watched.
 
-    __slots__ = ("_slots", "_settings", "_hooks")
+    ``reads``: the plain values the program holds as constants, wherever the model's code read them
+    (``capture_reads.baked``): a norm's ``eps``, ``config.sliding_window``."""
+
+    __slots__ = ("_slots", "_settings", "_reads", "_hooks", "_held", "_stamped", "_in_dicts", "_got")
 
     def __init__(self, model: nn.Module, program: object, enabled: bool = True, settings_of=(),
-                 call_state: frozenset = frozenset()) -> None:
+                 call_state: frozenset = frozenset(), reads=()) -> None:
         self._slots = []
         self._settings = []
+        self._reads = ([], [], [], [])  # objects, names, values, where: the ``reads`` flat
         self._hooks = None
-        if not enabled:
-            return
-        self._settings = _settings(model, settings_of, call_state)
-        self._hooks = HookWatch(model)
-        held = program_storages(program)
-        # an offloaded block the program calls as written has its weights assigned anew by its hooks at every call,
-        # and reads them as it runs (no CUDA graph replays it): no change to compile for
-        called = {id(m) for m in offloaded_calls(program)}
-        for prefix, module in model.named_modules(remove_duplicate=False):
-            if id(module) in called:
-                continue
-            for tensors in (module._parameters, module._buffers):
-                for name, param in tensors.items():
-                    if param is not None:
-                        # the data pointer: ``model.half()`` and ``.to()`` swap a tensor's data and keep its version
-                        stamp = None if storage_of(param) in held else _stamp(param)
-                        self._slots.append((tensors, name, param, stamp, f"{prefix}.{name}" if prefix else name))
+        if enabled:
+            self._settings = _settings(model, settings_of, call_state)
+            watched = {(id(attrs), name) for attrs, _, _, names, _ in self._settings for name in names}
+            for read in reads:
+                for name, value in read.values.items():
+                    if (id(getattr(read.obj, "__dict__", None)), name) not in watched:
+                        for column, item in zip(self._reads, (read.obj, name, value, read.path)):
+                            column.append(item)
+            self._hooks = HookWatch(model)
+            held = program_storages(program)
+            # an offloaded block the program calls as written has its weights assigned anew by its hooks at every
+            # call, and reads them as it runs (no CUDA graph replays it): no change to compile for
+            called = {id(m) for m in offloaded_calls(program)}
+            for prefix, module in model.named_modules(remove_duplicate=False):
+                if id(module) in called:
+                    continue
+                for tensors in (module._parameters, module._buffers):
+                    for name, param in tensors.items():
+                        if param is not None:
+                            # the data pointer: ``model.half()`` and ``.to()`` swap a tensor's data and keep its
+                            # version
+                            stamp = None if storage_of(param) in held else _stamp(param)
+                            self._slots.append((tensors, name, param, stamp, f"{prefix}.{name}" if prefix else name))
+        self._index()
+
+    def _index(self) -> None:
+        """The slots as columns, which ``changed`` compares in C loops (``map``): a call of a model of many layers
+        checks thousands of them."""
+        self._held = tuple(list(column) for column in zip(*[slot[:3] for slot in self._slots])) or ([], [], [])
+        stamped = [(param, stamp) for _, _, param, stamp, _ in self._slots if stamp is not None]
+        versioned = [(p, s) for p, s in stamped if not p.is_inference()]
+        unversioned = [(p, s) for p, s in stamped if p.is_inference()]
+        self._stamped = ([p for p, _ in versioned], [s[0] for _, s in versioned], [s[1] for _, s in versioned],
+                         [p for p, _ in unversioned], [s[1] for _, s in unversioned])
+        # a read found in its object's ``vars`` is looked up there (twice as fast as ``getattr``); the others (a
+        # class attribute, a config's mapped name, a property) through ``getattr``
+        objects, names, values, _ = self._reads
+        in_dict = [name in getattr(obj, "__dict__", ()) for obj, name in zip(objects, names)]
+        dicts = [vars(obj) if found else None for obj, found in zip(objects, in_dict)]
+        self._in_dicts = tuple([item for item, found in zip(column, in_dict) if found]
+                               for column in (dicts, names, values))
+        self._got = tuple([item for item, found in zip(column, in_dict) if not found] for column in self._reads[:3])
 
     def cost(self) -> float:
         """Seconds one ``changed`` takes (a model with many small parameters, such as a ``ModuleList`` of experts
@@ -81,29 +112,53 @@ class WeightWatch:
         new = WeightWatch.__new__(WeightWatch)
         new._slots = []
         new._settings = [(copy.deepcopy(attrs, memo), *rest) for attrs, *rest in self._settings]
+        objects, *rest = self._reads
+        new._reads = ([copy.deepcopy(obj, memo) for obj in objects], *map(list, rest))
         new._hooks = copy.deepcopy(self._hooks, memo)
         for params, name, param, stamp, qualified in self._slots:
             params_copy, param_copy = copy.deepcopy(params, memo), copy.deepcopy(param, memo)
             if stamp is not None:
                 stamp = _stamp(param_copy) if stamp == _stamp(param) else (-2, -2)
             new._slots.append((params_copy, name, param_copy, stamp, qualified))
+        new._index()
         return new
 
     def changed(self) -> str | None:
         """The name of a parameter or buffer assigned anew, or of a copied one updated in place or converted, of a
         setting changed, or where forward hooks were added or removed (``hooks.HookWatch``), since compile; else
         None."""
-        for params, name, param, stamp, qualified in self._slots:
-            if params.get(name) is not param or (stamp is not None and stamp != _stamp(param)):
-                return qualified
+        dicts, names, params = self._held
+        versioned, versions, pointers, unversioned, unversioned_pointers = self._stamped
+        if (any(map(operator.is_not, map(dict.get, dicts, names), params))
+                or list(map(_VERSION, versioned)) != versions or list(map(_POINTER, versioned)) != pointers
+                or list(map(_POINTER, unversioned)) != unversioned_pointers):
+            return next(qualified for params, name, param, stamp, qualified in self._slots
+                        if params.get(name) is not param or (stamp is not None and stamp != _stamp(param)))
         for attrs, read, values, names, where in self._settings:
             try:
                 now = read(attrs)
-            except KeyError:
-                return where
+            except KeyError:  # deleted
+                missing = next(n for n in names if n not in attrs)
+                return f"{where}.{missing}" if where else missing
             if now != values:
                 return next((f"{where}.{n}" if where else n for n, v, w in zip(names, values, now) if v != w), where)
+        (dicts, names, values), (objects, got_names, got_values) = self._in_dicts, self._got
+        try:
+            same = (list(map(dict.get, dicts, names, itertools.repeat(_DELETED))) == values
+                    and list(map(getattr, objects, got_names)) == got_values)
+        except AttributeError:  # deleted
+            same = False
+        if not same:
+            objects, names, values, wheres = self._reads
+            return next(f"{where}.{name}" if where else name
+                        for obj, name, value, where in zip(objects, names, values, wheres)
+                        if getattr(obj, name, _DELETED) != value)
         return None if self._hooks is None else self._hooks.changed()
+
+
+_VERSION = operator.attrgetter("_version")
+_POINTER = torch.Tensor.data_ptr
+_DELETED = object()
 
 
 _SETTING_TYPES = (bool, int, float, str)
@@ -170,6 +225,17 @@ def storage_of(t: torch.Tensor) -> int | None:
     except (RuntimeError, NotImplementedError):
         return None
     return storage.data_ptr() if storage.nbytes() else None
+
+
+def called_live(program: object) -> list[nn.Module]:
+    """The modules a program calls as they are (blocks left as written), and every module inside them: their code
+    runs at each call, reading the model's settings as it does."""
+    from moecc.passes.graph_utils import module_calls
+
+    if not isinstance(program, nn.Module):
+        return []
+    return [m for gm in program.modules() if isinstance(gm, fx.GraphModule)
+            for _, block in module_calls(gm) if not isinstance(block, fx.GraphModule) for m in block.modules()]
 
 
 def offloaded_calls(program: object) -> list[nn.Module]:
