@@ -2,6 +2,8 @@
 torch._grouped_mm (CUTLASS) on tokens sorted by expert.
 
     python benchmarks/gemm_variants.py --cases mixtral:4096,mixtral:16384,qwen3:16384
+    python benchmarks/gemm_variants.py --cases qwen3:4096 --routing balanced   # no padded rows where T*k/E
+                                                                             # is a multiple of the row block
 
 GEMM 1: pointer loads with gate and up rows apart (``oi``, two dots), pointer loads on interleaved rows
 (``oi_gu``), TMA weight tiles on interleaved rows (one ``tl.dot``), and the warp-specialized Gluon kernel (what
@@ -43,7 +45,12 @@ def grouped_mm_pair(x, w_up, w_down, ids, top_k):
     return torch._grouped_mm(torch.nn.functional.silu(gate) * up, w_down.transpose(1, 2), offs=offs)
 
 
-def run_case(name: str, t: int) -> None:
+def balanced_ids(t: int, e: int, k: int, device) -> torch.Tensor:
+    """Token i takes experts i*k .. i*k+k-1 (mod E): every expert gets T*k/E pairs, give or take one."""
+    return (torch.arange(t, device=device)[:, None] * k + torch.arange(k, device=device)) % e
+
+
+def run_case(name: str, t: int, routing: str = "random") -> None:
     e, hidden, inter, k = SHAPES[name]
     dev = torch.device("cuda")
     torch.manual_seed(0)
@@ -52,6 +59,8 @@ def run_case(name: str, t: int) -> None:
     w_gu = interleave_gate_up(w_up)
     w_down = torch.randn(e, hidden, inter, device=dev, dtype=torch.bfloat16) * 0.02
     weights, ids = torch.randn(t, e, device=dev).softmax(-1).topk(k, -1)
+    if routing == "balanced":
+        ids = balanced_ids(t, e, k, dev)
     weights = weights.reshape(-1).contiguous()
     n_pairs = t * k
     flops1, flops2 = 2 * n_pairs * hidden * 2 * inter, 2 * n_pairs * inter * hidden
@@ -90,7 +99,9 @@ def run_case(name: str, t: int) -> None:
                           return_mode="median"), flops1 + flops2, 0.0))
     os.environ.pop("MOECC_TRITON_TMA", None)
     os.environ.pop("MOECC_TRITON_WS", None)
-    print(f"\n## {name} T={t} ({torch.cuda.get_device_name()}): gemm1 {cfg1}, gemm2 {cfg2}")
+    padded = int(aligned[2].item()) if torch.is_tensor(aligned[2]) else int(aligned[2])
+    print(f"\n## {name} T={t}, {routing} routing ({torch.cuda.get_device_name()}): gemm1 {cfg1}, gemm2 {cfg2}; "
+          f"{n_pairs} pairs in {padded} block rows ({padded / n_pairs - 1:.1%} padding)")
     print(f"{'variant':<40} {'ms':>8} {'TFLOP/s':>8} {'err':>8}")
     for label, ms, flops, err in rows:
         print(f"{label:<40} {ms:8.3f} {flops / ms / 1e9:8.0f} {err:8.1e}", flush=True)
@@ -99,9 +110,13 @@ def run_case(name: str, t: int) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--cases", default="mixtral:4096,mixtral:16384,qwen3:4096,qwen3:16384")
-    for case in ap.parse_args().cases.split(","):
+    ap.add_argument("--routing", nargs="+", choices=["random", "balanced"], default=["random"],
+                    help="random: top-k of random scores; balanced: every expert the same number of pairs")
+    a = ap.parse_args()
+    for case in a.cases.split(","):
         name, t = case.split(":")
-        run_case(name, int(t))
+        for routing in a.routing:
+            run_case(name, int(t), routing)
     return 0
 
 
