@@ -1,16 +1,19 @@
-"""The plain settings (numbers, strings, flags, None) a model's call reads, wherever they live.
+"""The plain settings (numbers, strings, flags, None) and plain tensor attributes a model's call reads, wherever
+they live.
 
 ``torch.export`` bakes every value the traced Python code reads into the program as a constant: a norm's
 ``eps``, an attention's ``scaling``, a Hugging Face config read in ``forward`` (``config.sliding_window``), a
-class attribute a block reads (``renormalize``) and the user later sets on the instance. The eager model reads them
+class attribute a block reads (``renormalize``) and the user later sets on the instance, a tensor held as a plain
+attribute rather than a buffer (``torch.export`` lifts it as a constant). The eager model reads them
 anew at each call, so a change after compile must compile again, as ``torch.compile`` guards on them
 (``runtime.weights.WeightWatch``).
 
 The eager call every capture makes on the example inputs records them (``recording``): for its length each module
 of the model, and each object that a read reaches through a module's attribute (a config, its sub-configs), is
 given a subclass of its own class whose ``__getattribute__`` notes the plain values read (as FSDP2 gives modules
-classes of its own). Private names are not recorded. What the call writes itself (a counter it reads and bumps) is
-state, not a setting: a value that differs at the end of the call from what was read first is left out."""
+classes of its own). Private names are not recorded. What the call writes itself (a counter it reads and bumps, a
+tensor it keeps) is state, not a setting: a name the call assigns, or whose value differs at the end of the call
+from what was read first, is left out."""
 
 from __future__ import annotations
 
@@ -47,6 +50,7 @@ class Read:
     path: str
     values: dict[str, object] = field(default_factory=dict)
     readers: dict[str, set[int]] = field(default_factory=dict)
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # plain tensor attributes (no buffers)
 
 
 class _Recorder:
@@ -55,6 +59,7 @@ class _Recorder:
         self.paths: dict[int, str] = {}
         self.swapped: list[tuple[object, type, _Recorder | None]] = []  # and the recorder it had
         self.classes: dict[type, type] = {}  # not kept past the call: GraphModules have a class each
+        self.written: set[tuple[int, str]] = set()  # (id(obj), name) the call assigned: its state
         self.calls = threading.local()  # the ids of the modules being called, innermost last
 
     def stack(self) -> list[int]:
@@ -81,15 +86,24 @@ class _Recorder:
         stack = self.stack()
         reader = stack[-1] if stack else id(obj)
         if plain(value):
-            read = self.reads.get(id(obj))
-            if read is None:
-                read = self.reads[id(obj)] = Read(obj, self.paths[id(obj)])
+            read = self._read(obj)
             # a copy of a list: the live one may be changed in place
             read.values.setdefault(name, list(value) if type(value) is list else value)
             read.readers.setdefault(name, set()).add(reader)
+        elif isinstance(value, torch.Tensor):
+            if name in _own_dict(obj):  # not a property's result (a module's parameters and buffers are not seen)
+                read = self._read(obj)
+                read.tensors.setdefault(name, value)
+                read.readers.setdefault(name, set()).add(reader)
         elif not isinstance(value, _NOT_FOLLOWED) and hasattr(value, "__dict__") and not callable(value):
             path = self.paths[id(obj)]
             self.follow(value, f"{path}.{name}" if path else name)
+
+    def _read(self, obj: object) -> Read:
+        read = self.reads.get(id(obj))
+        if read is None:
+            read = self.reads[id(obj)] = Read(obj, self.paths[id(obj)])
+        return read
 
     def restore(self) -> None:
         for obj, cls, outer in reversed(self.swapped):
@@ -116,7 +130,14 @@ def _recording_class(cls: type) -> type:
             recorder.saw(self, name, value)
         return value
 
-    namespace = {"__getattribute__": __getattribute__, "__module__": cls.__module__,
+    base_set = cls.__setattr__
+
+    def __setattr__(self, name, value):
+        base_set(self, name, value)
+        if (recorder := _RECORDERS.get(id(self))) is not None:
+            recorder.written.add((id(self), name))
+
+    namespace = {"__getattribute__": __getattribute__, "__setattr__": __setattr__, "__module__": cls.__module__,
                  "__qualname__": cls.__qualname__, "__slots__": ()}
     if issubclass(cls, nn.Module):
         base_call = cls._call_impl
@@ -152,10 +173,21 @@ def recording(model: nn.Module) -> Iterator[list[Read]]:
     finally:
         recorder.restore()
         _LOCK.release()
-    for read in recorder.reads.values():  # what the call wrote over after reading it is its state
-        for name in [n for n, v in read.values.items() if not _same(getattr(read.obj, n, _MISSING), v)]:
+    for read in recorder.reads.values():  # what the call assigned, or changed after reading it, is its state
+        for name in [n for n, v in read.values.items() if (id(read.obj), n) in recorder.written
+                     or not _same(getattr(read.obj, n, _MISSING), v)]:
             del read.values[name], read.readers[name]
-    found.extend(read for read in recorder.reads.values() if read.values)
+        for name in [n for n, t in read.tensors.items() if (id(read.obj), n) in recorder.written
+                     or _own_dict(read.obj).get(n) is not t]:
+            del read.tensors[name], read.readers[name]
+    found.extend(read for read in recorder.reads.values() if read.values or read.tensors)
+
+
+def _own_dict(obj: object) -> dict:
+    try:
+        return object.__getattribute__(obj, "__dict__")
+    except AttributeError:
+        return {}
 
 
 _MISSING = object()
@@ -171,9 +203,12 @@ def baked(reads: list[Read], live: set[int], state: frozenset = frozenset()) -> 
     (``weights.written_by_calls``), with values that still hold (the compile's other calls wrote the others)."""
     out = []
     for read in reads:
+        kept = {name for name, readers in read.readers.items()
+                if (id(read.obj), name) not in state and not readers <= live}
         values = {name: value for name, value in read.values.items()
-                  if (id(read.obj), name) not in state and not read.readers[name] <= live
-                  and _same(getattr(read.obj, name, _MISSING), value)}
-        if values:
-            out.append(Read(read.obj, read.path, values, {n: read.readers[n] for n in values}))
+                  if name in kept and _same(getattr(read.obj, name, _MISSING), value)}
+        tensors = {name: t for name, t in read.tensors.items()
+                   if name in kept and _own_dict(read.obj).get(name) is t}
+        if values or tensors:
+            out.append(Read(read.obj, read.path, values, {n: read.readers[n] for n in (*values, *tensors)}, tensors))
     return out

@@ -43,9 +43,12 @@ class Outer(nn.Module):
         self.inner = Inner(self.config)
         self.eps = 1e-6
         self.kinds = ["a", "b"]
+        self.table = torch.ones(3)
+        self.register_buffer("offset", torch.zeros(1))
 
     def forward(self, x):
-        return self.inner(x) + self.eps * self.inner.shift * len(self.kinds)
+        self.last = x.sum()  # state: a tensor each call assigns
+        return self.inner(x * self.table) + self.eps * self.inner.shift * len(self.kinds) + self.offset + self.last * 0
 
 
 def recorded_reads(model, *args):
@@ -66,6 +69,12 @@ def test_a_call_records_the_plain_values_read_on_modules_and_objects_they_hold()
                                "inner.config.scale": 2.0}
     # private names, values never read (config.unused) and the counter the call bumps are not settings
     assert model.inner.calls == 1
+
+
+def test_plain_tensor_attributes_are_recorded_and_buffers_and_state_are_not():
+    model = Outer()
+    (outer,) = [r for r in recorded_reads(model, torch.ones(2, 3)) if r.obj is model]
+    assert list(outer.tensors) == ["table"] and outer.tensors["table"] is model.table
 
 
 def test_recording_gives_every_object_its_own_class_back():

@@ -317,8 +317,12 @@ def test_settings_the_program_holds_compile_again_wherever_they_live(backend):
         for _ in range(2):
             cm(ids)
         assert cm.captures == 3
-        # the copy watches its own model
+        # the copy watches its own model, its block's settings too (it watched the dicts of the original's copy,
+        # which no copied module reads)
         assert copied._entries[-1].weights.changed() is None
+        copied.original_model.moe.top_k = 1
+        assert copied._entries[-1].weights.changed() == "moe.top_k"
+        copied.original_model.moe.top_k = 2
         copied.original_model.norm.eps = 0.25
         assert copied._entries[-1].weights.changed() == "norm.eps"
 
@@ -356,3 +360,37 @@ def test_a_counter_the_model_reads_and_bumps_is_no_setting():
             ids = torch.randint(0, 50, shape)
             torch.testing.assert_close(cm(ids), model(ids), rtol=1e-4, atol=1e-5)
     assert cm.captures == 1
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_a_plain_tensor_attribute_the_code_reads_is_watched(backend):
+    """A tensor held as a plain attribute (no buffer) is a constant of the program: torch's reads the tensor itself,
+    so one assigned anew went unseen; ONNX Runtime's holds a copy, so an update in place went unseen too."""
+    import copy
+
+    from user_modules import LoopMoE, TinyModel
+
+    class TableModel(TinyModel):
+        def __init__(self, block):
+            super().__init__(block)
+            self.table = torch.ones(24)
+
+        def forward(self, ids):
+            return super().forward(ids) * self.table[: self.head.out_features].sum()
+
+    torch.manual_seed(0)
+    model = TableModel(LoopMoE()).eval()
+    cm = moecc.compile(model, backend=backend)
+    ids = torch.randint(0, 50, (2, 9))
+    with torch.no_grad():
+        cm(ids)
+        copied = copy.deepcopy(cm)
+        model.table.mul_(2)
+        torch.testing.assert_close(cm(ids), model(ids), rtol=1e-4, atol=1e-5)
+        assert cm.captures == (1 if backend == "torch" else 2)
+        model.table = torch.full((24,), 3.0)
+        torch.testing.assert_close(cm(ids), model(ids), rtol=1e-4, atol=1e-5)
+        assert cm.captures == (2 if backend == "torch" else 3)
+        assert copied._entries[-1].weights.changed() is None
+        copied.original_model.table = torch.zeros(24)
+        assert copied._entries[-1].weights.changed() == "table"

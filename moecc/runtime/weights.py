@@ -50,7 +50,7 @@ class WeightWatch:
         self._hooks = None
         if enabled:
             self._settings = _settings(model, settings_of, call_state)
-            watched = {(id(attrs), name) for attrs, _, _, names, _ in self._settings for name in names}
+            watched = {(id(attrs), name) for _, attrs, _, _, names, _ in self._settings for name in names}
             for read in reads:
                 for name, value in read.values.items():
                     if (id(getattr(read.obj, "__dict__", None)), name) not in watched:
@@ -71,12 +71,19 @@ class WeightWatch:
                             # version
                             stamp = None if storage_of(param) in held else _stamp(param)
                             self._slots.append((tensors, name, param, stamp, f"{prefix}.{name}" if prefix else name))
+            # plain tensor attributes the code read, which torch.export lifts as constants: held by the object
+            # itself (``_index`` looks them up in its ``vars``)
+            for read in reads:
+                for name, tensor in read.tensors.items():
+                    stamp = None if storage_of(tensor) in held else _stamp(tensor)
+                    self._slots.append((read.obj, name, tensor, stamp, f"{read.path}.{name}" if read.path else name))
         self._index()
 
     def _index(self) -> None:
         """The slots as columns, which ``changed`` compares in C loops (``map``): a call of a model of many layers
         checks thousands of them."""
-        self._held = tuple(list(column) for column in zip(*[slot[:3] for slot in self._slots])) or ([], [], [])
+        self._held = ([holder if isinstance(holder, dict) else vars(holder) for holder, *_ in self._slots],
+                      [name for _, name, *_ in self._slots], [param for _, _, param, *_ in self._slots])
         stamped = [(param, stamp) for _, _, param, stamp, _ in self._slots if stamp is not None]
         versioned = [(p, s) for p, s in stamped if not p.is_inference()]
         unversioned = [(p, s) for p, s in stamped if p.is_inference()]
@@ -111,15 +118,18 @@ class WeightWatch:
         copy is still seen)."""
         new = WeightWatch.__new__(WeightWatch)
         new._slots = []
-        new._settings = [(copy.deepcopy(attrs, memo), *rest) for attrs, *rest in self._settings]
+        # the copy's own ``vars``: a deep copy of the dict is not the one the copied module reads (``nn.Module``'s
+        # ``__setstate__`` fills a dict of its own)
+        new._settings = [(owner, vars(owner), *rest) for owner, _, *rest in
+                         ((copy.deepcopy(owner, memo), *rest) for owner, *rest in self._settings)]
         objects, *rest = self._reads
         new._reads = ([copy.deepcopy(obj, memo) for obj in objects], *map(list, rest))
         new._hooks = copy.deepcopy(self._hooks, memo)
-        for params, name, param, stamp, qualified in self._slots:
-            params_copy, param_copy = copy.deepcopy(params, memo), copy.deepcopy(param, memo)
+        for holder, name, param, stamp, qualified in self._slots:
+            holder_copy, param_copy = copy.deepcopy(holder, memo), copy.deepcopy(param, memo)
             if stamp is not None:
                 stamp = _stamp(param_copy) if stamp == _stamp(param) else (-2, -2)
-            new._slots.append((params_copy, name, param_copy, stamp, qualified))
+            new._slots.append((holder_copy, name, param_copy, stamp, qualified))
         new._index()
         return new
 
@@ -132,9 +142,9 @@ class WeightWatch:
         if (any(map(operator.is_not, map(dict.get, dicts, names), params))
                 or list(map(_VERSION, versioned)) != versions or list(map(_POINTER, versioned)) != pointers
                 or list(map(_POINTER, unversioned)) != unversioned_pointers):
-            return next(qualified for params, name, param, stamp, qualified in self._slots
-                        if params.get(name) is not param or (stamp is not None and stamp != _stamp(param)))
-        for attrs, read, values, names, where in self._settings:
+            return next(qualified for held, (_, name, param, stamp, qualified) in zip(dicts, self._slots)
+                        if held.get(name) is not param or (stamp is not None and stamp != _stamp(param)))
+        for _, attrs, read, values, names, where in self._settings:
             try:
                 now = read(attrs)
             except KeyError:  # deleted
@@ -186,7 +196,8 @@ def written_by_calls(model: nn.Module, before: dict[int, dict[str, object]]) -> 
 
 def _settings(model: nn.Module, paths, call_state: frozenset = frozenset()) -> list[tuple]:
     """Per module (the model, those at ``paths`` and their direct children but for module lists, which hold
-    experts): (its attribute dict, a getter of its plain public attributes, their values, their names, its path).
+    experts): (the module, its attribute dict, a getter of its plain public attributes, their values, their names,
+    its path).
     A getter per module keeps a call's check to one C call per module (about 0.2 us)."""
     modules = [("", model)]
     for path in paths:
@@ -207,7 +218,7 @@ def _settings(model: nn.Module, paths, call_state: frozenset = frozenset()) -> l
         if names:
             read = operator.itemgetter(*names)
             values = read(vars(module))
-            out.append((vars(module), (lambda d, r=read: (r(d),)) if len(names) == 1 else read,
+            out.append((module, vars(module), (lambda d, r=read: (r(d),)) if len(names) == 1 else read,
                         (values,) if len(names) == 1 else values, names, where))
     return out
 
