@@ -394,3 +394,29 @@ def test_a_plain_tensor_attribute_the_code_reads_is_watched(backend):
         assert copied._entries[-1].weights.changed() is None
         copied.original_model.table = torch.zeros(24)
         assert copied._entries[-1].weights.changed() == "table"
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_a_module_replaced_after_compile_compiles_again(backend):
+    """A module assigned anew (an expert swapped in its list, a norm, a router) brings parameters of its own, which
+    no watched slot held: the program ran the old ones."""
+    import copy
+
+    from user_modules import MLP, LoopMoE, TinyModel
+
+    torch.manual_seed(0)
+    model = TinyModel(LoopMoE()).eval()
+    cm = moecc.compile(model, backend=backend)
+    ids = torch.randint(0, 50, (2, 9))
+    with torch.no_grad():
+        cm(ids)
+        copied = copy.deepcopy(cm)
+        for captures, replace in enumerate((lambda: model.moe.experts.__setitem__(0, MLP(24, 40)),
+                                            lambda: setattr(model, "norm", nn.LayerNorm(24, eps=0.3)),
+                                            lambda: setattr(model.moe, "gate", nn.Linear(24, 6, bias=False))), 2):
+            replace()
+            torch.testing.assert_close(cm(ids), model(ids), rtol=1e-4, atol=1e-5)
+            assert cm.captures == captures
+        assert copied._entries[-1].weights.changed() is None
+        copied.original_model.moe.experts[1] = MLP(24, 40)
+        assert copied._entries[-1].weights.changed() == "moe.experts.1"

@@ -40,7 +40,8 @@ class WeightWatch:
     ``reads``: the plain values the program holds as constants, wherever the model's code read them
     (``capture_reads.baked``): a norm's ``eps``, ``config.sliding_window``."""
 
-    __slots__ = ("_slots", "_settings", "_reads", "_hooks", "_held", "_stamped", "_in_dicts", "_got")
+    __slots__ = ("_slots", "_settings", "_reads", "_hooks", "_held", "_stamped", "_in_dicts", "_got", "_children",
+                 "_children_ids")
 
     def __init__(self, model: nn.Module, program: object, enabled: bool = True, settings_of=(),
                  call_state: frozenset = frozenset(), reads=()) -> None:
@@ -48,7 +49,15 @@ class WeightWatch:
         self._settings = []
         self._reads = ([], [], [], [])  # objects, names, values, where: the ``reads`` flat
         self._hooks = None
+        self._children = ([], [], [], [])  # each module's ``_modules``, a child's name, the child, its path
         if enabled:
+            # a module replaced (``model.norm = LayerNorm(...)``, an expert swapped in a ModuleList) brings its own
+            # parameters, which no slot below holds
+            for prefix, module in model.named_modules(remove_duplicate=False):
+                for name, child in module._modules.items():
+                    for column, item in zip(self._children, (module._modules, name, child,
+                                                             f"{prefix}.{name}" if prefix else name)):
+                        column.append(item)
             self._settings = _settings(model, settings_of, call_state)
             watched = {(id(attrs), name) for _, attrs, _, _, names, _ in self._settings for name in names}
             for read in reads:
@@ -82,8 +91,11 @@ class WeightWatch:
     def _index(self) -> None:
         """The slots as columns, which ``changed`` compares in C loops (``map``): a call of a model of many layers
         checks thousands of them."""
+        # by ``id``: a list of ints compares in one C loop, and no tensor's ``__eq__`` runs (the slots keep every
+        # object alive, so no id is reused)
         self._held = ([holder if isinstance(holder, dict) else vars(holder) for holder, *_ in self._slots],
-                      [name for _, name, *_ in self._slots], [param for _, _, param, *_ in self._slots])
+                      [name for _, name, *_ in self._slots], [id(param) for _, _, param, *_ in self._slots])
+        self._children_ids = [id(child) for child in self._children[2]]
         stamped = [(param, stamp) for _, _, param, stamp, _ in self._slots if stamp is not None]
         versioned = [(p, s) for p, s in stamped if not p.is_inference()]
         unversioned = [(p, s) for p, s in stamped if p.is_inference()]
@@ -125,6 +137,8 @@ class WeightWatch:
         objects, *rest = self._reads
         new._reads = ([copy.deepcopy(obj, memo) for obj in objects], *map(list, rest))
         new._hooks = copy.deepcopy(self._hooks, memo)
+        new._children = tuple([copy.deepcopy(item, memo) for item in column] for column in self._children[:3]) + (
+            list(self._children[3]),)
         for holder, name, param, stamp, qualified in self._slots:
             holder_copy, param_copy = copy.deepcopy(holder, memo), copy.deepcopy(param, memo)
             if stamp is not None:
@@ -135,15 +149,18 @@ class WeightWatch:
 
     def changed(self) -> str | None:
         """The name of a parameter or buffer assigned anew, or of a copied one updated in place or converted, of a
-        setting changed, or where forward hooks were added or removed (``hooks.HookWatch``), since compile; else
-        None."""
-        dicts, names, params = self._held
+        module replaced, of a setting changed, or where forward hooks were added or removed (``hooks.HookWatch``),
+        since compile; else None."""
+        dicts, names, param_ids = self._held
         versioned, versions, pointers, unversioned, unversioned_pointers = self._stamped
-        if (any(map(operator.is_not, map(dict.get, dicts, names), params))
+        if (list(map(id, map(dict.get, dicts, names))) != param_ids
                 or list(map(_VERSION, versioned)) != versions or list(map(_POINTER, versioned)) != pointers
                 or list(map(_POINTER, unversioned)) != unversioned_pointers):
             return next(qualified for held, (_, name, param, stamp, qualified) in zip(dicts, self._slots)
                         if held.get(name) is not param or (stamp is not None and stamp != _stamp(param)))
+        modules, children_names, _, _ = self._children
+        if list(map(id, map(dict.get, modules, children_names))) != self._children_ids:
+            return next(path for held, name, child, path in zip(*self._children) if held.get(name) is not child)
         for _, attrs, read, values, names, where in self._settings:
             try:
                 now = read(attrs)
