@@ -52,6 +52,12 @@ class Read:
     readers: dict[str, set[int]] = field(default_factory=dict)
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # plain tensor attributes (no buffers)
 
+    def holds(self, name: str) -> bool:
+        """Whether the attribute still has the value read (a tensor: the very tensor)."""
+        if name in self.tensors:
+            return _own_dict(self.obj).get(name) is self.tensors[name]
+        return _same(getattr(self.obj, name, _MISSING), self.values[name])
+
 
 class _Recorder:
     def __init__(self) -> None:
@@ -174,12 +180,10 @@ def recording(model: nn.Module) -> Iterator[list[Read]]:
         recorder.restore()
         _LOCK.release()
     for read in recorder.reads.values():  # what the call assigned, or changed after reading it, is its state
-        for name in [n for n, v in read.values.items() if (id(read.obj), n) in recorder.written
-                     or not _same(getattr(read.obj, n, _MISSING), v)]:
-            del read.values[name], read.readers[name]
-        for name in [n for n, t in read.tensors.items() if (id(read.obj), n) in recorder.written
-                     or _own_dict(read.obj).get(n) is not t]:
-            del read.tensors[name], read.readers[name]
+        for name in [n for n in read.readers if (id(read.obj), n) in recorder.written or not read.holds(n)]:
+            read.values.pop(name, None)
+            read.tensors.pop(name, None)
+            del read.readers[name]
     found.extend(read for read in recorder.reads.values() if read.values or read.tensors)
 
 
@@ -204,11 +208,9 @@ def baked(reads: list[Read], live: set[int], state: frozenset = frozenset()) -> 
     out = []
     for read in reads:
         kept = {name for name, readers in read.readers.items()
-                if (id(read.obj), name) not in state and not readers <= live}
-        values = {name: value for name, value in read.values.items()
-                  if name in kept and _same(getattr(read.obj, name, _MISSING), value)}
-        tensors = {name: t for name, t in read.tensors.items()
-                   if name in kept and _own_dict(read.obj).get(name) is t}
+                if (id(read.obj), name) not in state and not readers <= live and read.holds(name)}
+        values = {name: value for name, value in read.values.items() if name in kept}
+        tensors = {name: t for name, t in read.tensors.items() if name in kept}
         if values or tensors:
             out.append(Read(read.obj, read.path, values, {n: read.readers[n] for n in (*values, *tensors)}, tensors))
     return out

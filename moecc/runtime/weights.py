@@ -255,30 +255,27 @@ def storage_of(t: torch.Tensor) -> int | None:
     return storage.data_ptr() if storage.nbytes() else None
 
 
-def called_live(program: object) -> list[nn.Module]:
-    """The modules a program calls as they are (blocks left as written), and every module inside them: their code
-    runs at each call, reading the model's settings as it does."""
+def _called_blocks(program: object) -> list[nn.Module]:
+    """The modules a program's graphs call as they are (blocks left as written)."""
     from moecc.passes.graph_utils import module_calls
 
     if not isinstance(program, nn.Module):
         return []
-    return [m for gm in program.modules() if isinstance(gm, fx.GraphModule)
-            for _, block in module_calls(gm) if not isinstance(block, fx.GraphModule) for m in block.modules()]
+    return [block for gm in program.modules() if isinstance(gm, fx.GraphModule)
+            for _, block in module_calls(gm) if not isinstance(block, fx.GraphModule)]
+
+
+def called_live(program: object) -> list[nn.Module]:
+    """The modules a program calls as they are, and every module inside them: their code runs at each call, reading
+    the model's settings as it does."""
+    return [m for block in _called_blocks(program) for m in block.modules()]
 
 
 def offloaded_calls(program: object) -> list[nn.Module]:
     """The blocks with offloaded weights that a program calls as modules, and every module inside them."""
-    from moecc.passes.graph_utils import module_calls
     from moecc.passes.recognize.block import offloaded_weights
 
-    if not isinstance(program, nn.Module):
-        return []
-    out = []
-    for gm in program.modules():
-        if isinstance(gm, fx.GraphModule):
-            out += [m for _, block in module_calls(gm) if not isinstance(block, fx.GraphModule)
-                    and offloaded_weights(block) for m in block.modules()]
-    return out
+    return [m for block in _called_blocks(program) if offloaded_weights(block) for m in block.modules()]
 
 
 def program_devices(program: object) -> set[int]:
